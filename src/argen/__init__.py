@@ -1,0 +1,12 @@
+"""argen: one engine for autoregressive generation."""
+
+from argen.api import Generator, load
+from argen.engine import Event, Result, Stats
+from argen.errors import ArgenError, InvalidRequestError, ModelNotFoundError
+from argen.sampling import SamplingParams
+from argen.strategies import REGISTRY as STRATEGIES
+from argen.strategies import Strategy
+
+__all__ = ["STRATEGIES", "ArgenError", "Event", "Generator", "InvalidRequestError", "ModelNotFoundError",
+           "Result", "SamplingParams", "Stats", "Strategy", "load"]  # fmt: skip
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from argen.cache.kv import KVCache
+
+__all__ = ["KVCache"]

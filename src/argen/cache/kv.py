@@ -1,0 +1,88 @@
+"""A preallocated KV cache: one tensor for keys and one for values, rows = sequences.
+
+Each row has its own length, so sequences of different lengths decode together. Rolling back a
+rejected draft is just `truncate`: slots past a row's length are never read.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(
+        self,
+        n_layers: int,
+        batch_size: int,
+        n_kv_heads: int,
+        head_dim: int,
+        max_len: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        shape = (n_layers, batch_size, n_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.lengths = [0] * batch_size
+        self.peak_length = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def length(self) -> int:
+        """The length of a single-sequence cache."""
+        if len(self.lengths) != 1:
+            raise ValueError("length is ambiguous for a batched cache; use lengths[row]")
+        return self.lengths[0]
+
+    def truncate(self, n: int, row: int | None = None) -> None:
+        """Forget everything past the first `n` positions (of one row, or of every row)."""
+        rows = range(len(self.lengths)) if row is None else [row]
+        for r in rows:
+            if n > self.lengths[r]:
+                raise ValueError(f"cannot truncate row {r} of length {self.lengths[r]} to {n}")
+            self.lengths[r] = n
+
+    def reserve(self, new_tokens: int) -> None:
+        longest = max(self.lengths) + new_tokens
+        if longest > self.max_len:
+            raise ValueError(f"KV cache overflow: {longest} positions needed, {self.max_len} allocated")
+        self.peak_length = max(self.peak_length, longest)
+
+    def select(self, rows: list[int]) -> None:
+        """Keep (and reorder, or repeat) the given rows: beams and finished batch rows use this."""
+        index = torch.tensor(rows, dtype=torch.long, device=self.k.device)
+        self.k = self.k.index_select(1, index)
+        self.v = self.v.index_select(1, index)
+        self.lengths = [self.lengths[r] for r in rows]
+
+    def row(self, r: int) -> KVCache:
+        """A single-row cache sharing storage with row `r` (write back `lengths` after use)."""
+        view = KVCache.__new__(KVCache)
+        view.k, view.v = self.k[:, r : r + 1], self.v[:, r : r + 1]
+        view.lengths = [self.lengths[r]]
+        view.peak_length = view.lengths[0]
+        return view
+
+    def bytes_per_position(self) -> int:
+        n_layers, _, heads, _, dim = self.k.shape
+        return 2 * n_layers * heads * dim * self.k.element_size()
+
+    @property
+    def allocated_bytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(self.lengths) * self.bytes_per_position()
+
+    @property
+    def peak_bytes(self) -> int:
+        """Bytes of keys and values held at the longest point, per row, times the rows."""
+        return self.peak_length * self.batch_size * self.bytes_per_position()

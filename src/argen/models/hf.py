@@ -1,0 +1,107 @@
+"""The Hugging Face adapter runtime: the ModelRuntime interface over any AutoModelForCausalLM.
+
+Slower than the native runtime but universal (GPT-2, Phi, Gemma, ...). Tree masks are passed to
+the model as a 4D additive attention mask; layer plans need the native runtime.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from argen.models.runtime import ModelInfo, Plan
+
+
+class HFCache:
+    """A single-sequence cache over transformers' DynamicCache with argen's KVCache interface."""
+
+    def __init__(self, bytes_per_position: int, max_len: int) -> None:
+        from transformers import DynamicCache
+
+        self.dynamic = DynamicCache()
+        self.lengths = [0]
+        self.peak_length = 0
+        self.max_len = max_len
+        self._bytes_per_position = bytes_per_position
+
+    @property
+    def length(self) -> int:
+        return self.lengths[0]
+
+    def reserve(self, new_tokens: int) -> None:
+        longest = self.lengths[0] + new_tokens
+        if longest > self.max_len:
+            raise ValueError(f"KV cache overflow: {longest} positions needed, {self.max_len} allowed")
+        self.peak_length = max(self.peak_length, longest)
+
+    def truncate(self, n: int, row: int | None = None) -> None:
+        if n > self.lengths[0]:
+            raise ValueError(f"cannot truncate a cache of length {self.lengths[0]} to {n}")
+        self.dynamic.crop(n)
+        self.lengths[0] = n
+
+    def bytes_per_position(self) -> int:
+        return self._bytes_per_position
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.peak_length * self._bytes_per_position
+
+
+class HFRuntime:
+    def __init__(self, model) -> None:
+        self.model = model.eval()
+        config = model.config
+        self.config = config
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        n_heads = getattr(config, "num_attention_heads", None) or config.n_head
+        hidden = getattr(config, "hidden_size", None) or config.n_embd
+        n_kv = getattr(config, "num_key_value_heads", None) or n_heads
+        head_dim = getattr(config, "head_dim", None) or hidden // n_heads
+        n_layers = getattr(config, "num_hidden_layers", None) or config.n_layer
+        max_pos = getattr(config, "max_position_embeddings", None) or config.n_positions
+        self.info = ModelInfo(n_layers, n_heads, n_kv, head_dim, hidden, config.vocab_size, max_pos)
+
+    def new_cache(self, batch_size: int = 1, max_len: int | None = None) -> HFCache:
+        if batch_size != 1:
+            raise ValueError(
+                "the Hugging Face adapter decodes one sequence at a time; use the native runtime"
+            )
+        info = self.info
+        per_position = 2 * info.n_layers * info.n_kv_heads * info.head_dim * self.dtype.itemsize
+        return HFCache(per_position, max_len or info.max_positions)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        cache: HFCache,
+        mask: torch.Tensor | None = None,
+        plan: Plan | None = None,
+        num_logits: int | None = None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        if plan is not None and not plan.is_full:
+            raise ValueError("layer plans (layer skipping) need the native runtime")
+        n_new = tokens.shape[1]
+        cache.reserve(n_new)
+        start = cache.lengths[0]
+        attention_mask = None
+        if mask is not None:
+            allowed = torch.ones(n_new, start + n_new, dtype=torch.bool, device=self.device)
+            allowed[:, start:] = mask.to(self.device, torch.bool).reshape(n_new, n_new)
+            attention_mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
+            attention_mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
+            attention_mask = attention_mask[None, None]
+        out = self.model(
+            input_ids=tokens.to(self.device),
+            position_ids=positions.to(self.device),
+            attention_mask=attention_mask,
+            past_key_values=cache.dynamic,
+            use_cache=True,
+            output_hidden_states=True,
+            logits_to_keep=num_logits or 0,
+        )
+        cache.lengths[0] += n_new
+        logits = None if num_logits == 0 else out.logits
+        return logits, out.hidden_states[-1]

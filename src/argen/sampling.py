@@ -1,0 +1,140 @@
+"""Sampling: a chain of logits processors and one way to draw, Gumbel-max with replayable noise.
+
+The noise for output position t of a request is drawn from a generator seeded by (seed, t), so a
+sample can be replayed exactly (counterfactual generation) and speculative sampling can share the
+plain sampler's noise. Temperature 0 means greedy: argmax, no noise.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from argen.errors import InvalidRequestError
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+    banned_token_ids: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        checks = [
+            (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1, "max_new_tokens must be an integer >= 1"),
+            (self.temperature >= 0, "temperature must be >= 0 (0 means greedy)"),
+            (isinstance(self.top_k, int) and self.top_k >= 0, "top_k must be an integer >= 0 (0 turns it off)"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (0 <= self.min_p < 1, "min_p must be in [0, 1)"),
+            (self.repetition_penalty > 0, "repetition_penalty must be > 0 (1 turns it off)"),
+            (self.seed is None or (isinstance(self.seed, int) and self.seed >= 0), "seed must be an integer >= 0"),
+            (all(isinstance(s, str) and s for s in self.stop), "stop must be a list of non-empty strings"),
+        ]  # fmt: skip
+        for ok, message in checks:
+            if not ok:
+                raise InvalidRequestError(f"invalid sampling parameter: {message}")
+        if self.seed is None:
+            # A concrete seed is always recorded, so any sampled output can be replayed.
+            self.seed = random.SystemRandom().randrange(2**31)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def apply_repetition_penalty(logits: torch.Tensor, context: Sequence[int], penalty: float) -> torch.Tensor:
+    """CTRL's penalty, as HF applies it: divide positive logits of seen tokens, multiply negative ones."""
+    if penalty == 1.0 or not context:
+        return logits
+    ids = torch.tensor(sorted(set(context)), device=logits.device)
+    seen = logits.index_select(-1, ids)
+    logits = logits.clone()
+    logits.index_copy_(-1, ids, torch.where(seen > 0, seen / penalty, seen * penalty))
+    return logits
+
+
+def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Temperature, then top-k, top-p and min-p filtering (filtered entries become -inf)."""
+    logits = logits.float() / params.temperature
+    neg_inf = torch.finfo(logits.dtype).min
+    if params.top_k and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, neg_inf)
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        # Drop a token when the tokens before it already cover top_p; always keep the best one.
+        drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= params.top_p
+        drop_sorted[..., 0] = False
+        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), neg_inf)
+    if params.min_p > 0.0:
+        probs = logits.softmax(-1)
+        threshold = params.min_p * probs.max(-1, keepdim=True).values
+        logits = logits.masked_fill(probs < threshold, neg_inf)
+    return logits
+
+
+def position_seed(seed: int, position: int, stream: int = 0) -> int:
+    # A fixed mixing of (seed, position, stream): independent-looking streams, stable across runs.
+    return (seed * 0x9E3779B1 + position * 0x85EBCA77 + stream * 0xC2B2AE3D) % (2**63 - 1)
+
+
+def gumbel_noise(seed: int, position: int, size: int, device="cpu") -> torch.Tensor:
+    gen = torch.Generator().manual_seed(position_seed(seed, position))
+    u = torch.rand(size, generator=gen, dtype=torch.float64).clamp_(1e-20, 1.0 - 1e-16)
+    return (-torch.log(-torch.log(u))).float().to(device)
+
+
+def uniform(seed: int, position: int, stream: int) -> float:
+    gen = torch.Generator().manual_seed(position_seed(seed, position, stream))
+    return torch.rand(1, generator=gen, dtype=torch.float64).item()
+
+
+class Sampler:
+    """Turns one row of logits into one token for a request, given the context so far."""
+
+    def __init__(self, params: SamplingParams) -> None:
+        self.params = params
+
+    def process(self, logits: torch.Tensor, context: Sequence[int]) -> torch.Tensor:
+        """Logits after every processor (float32, filtered to -inf); divide-by-temperature included
+        unless greedy."""
+        p = self.params
+        logits = apply_repetition_penalty(logits, context, p.repetition_penalty)
+        if p.banned_token_ids:
+            logits = logits.float().index_fill(
+                -1, torch.tensor(p.banned_token_ids, device=logits.device), float("-inf")
+            )
+        return logits.float() if p.greedy else filter_logits(logits, p)
+
+    def probs(self, logits: torch.Tensor, context: Sequence[int]) -> torch.Tensor:
+        """The distribution the sampler draws from (one-hot at the argmax when greedy)."""
+        processed = self.process(logits, context)
+        if self.params.greedy:
+            return torch.nn.functional.one_hot(processed.argmax(-1), processed.shape[-1]).float()
+        return processed.softmax(-1)
+
+    def choose(self, processed: torch.Tensor, position: int) -> int:
+        """Draw from already-processed logits at output position `position`."""
+        if self.params.greedy:
+            return int(processed.argmax(-1))
+        noise = gumbel_noise(self.params.seed, position, processed.shape[-1], processed.device)
+        return int((processed + noise).argmax(-1))
+
+    def sample(self, logits: torch.Tensor, context: Sequence[int], position: int) -> int:
+        return self.choose(self.process(logits, context), position)

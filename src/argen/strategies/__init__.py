@@ -1,0 +1,60 @@
+"""Strategy registry: names -> classes, and `make_strategy` for the name / dict / object forms."""
+
+from __future__ import annotations
+
+import inspect
+
+from argen.errors import InvalidRequestError
+from argen.strategies.base import DecodeState, Strategy
+from argen.strategies.plain import Plain
+
+REGISTRY: dict[str, type[Strategy]] = {}
+
+
+def register(cls: type[Strategy]) -> type[Strategy]:
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+register(Plain)
+
+
+def strategy_options(cls: type[Strategy]) -> dict[str, object]:
+    """Option name -> default, read from the constructor's signature."""
+    params = inspect.signature(cls.__init__).parameters
+    kinds = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return {n: p.default for n, p in params.items() if n != "self" and p.kind in kinds}
+
+
+def make_strategy(spec) -> Strategy:
+    """A strategy from a name (`"plain"`), a dict (`{"name": "prompt-lookup", "max_draft": 8}`) or
+    an object (returned as is)."""
+    if isinstance(spec, Strategy):
+        return spec
+    if isinstance(spec, str):
+        spec = {"name": spec}
+    if not isinstance(spec, dict) or "name" not in spec:
+        raise InvalidRequestError(
+            f"a strategy is a name, a dict with 'name' and its options, or a Strategy object; got {spec!r}"
+        )
+    options = {k: v for k, v in spec.items() if k != "name"}
+    name = spec["name"]
+    if name not in REGISTRY:
+        raise InvalidRequestError(
+            f"unknown strategy {name!r}; valid strategies: {', '.join(sorted(REGISTRY))}"
+        )
+    cls = REGISTRY[name]
+    valid = strategy_options(cls)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        listed = ", ".join(f"{k} (default {v!r})" for k, v in valid.items()) or "none"
+        raise InvalidRequestError(
+            f"unknown option(s) {', '.join(unknown)} for strategy {name!r}; valid: {listed}"
+        )
+    try:
+        return cls(**options)
+    except (TypeError, ValueError) as exc:
+        raise InvalidRequestError(f"bad option for strategy {name!r}: {exc}") from exc
+
+
+__all__ = ["REGISTRY", "DecodeState", "Strategy", "make_strategy", "register", "strategy_options"]
