@@ -38,9 +38,7 @@ class Generator:
 
     def _chat_ids(self, messages: list[dict]) -> list[int]:
         if not getattr(self.tokenizer, "chat_template", None):
-            raise InvalidRequestError(
-                f"model {self.name!r} has no chat template; pass chat=False (--no-chat)"
-            )
+            raise InvalidRequestError(f"model {self.name!r} has no chat template; pass chat=False (--no-chat)")
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 

@@ -92,9 +92,7 @@ class Result:
 class _Sequence:
     """Per-request bookkeeping around a DecodeState: text, stop conditions, stats."""
 
-    def __init__(
-        self, index: int, request: Request, state: DecodeState, tokenizer, eos_ids: set[int]
-    ) -> None:
+    def __init__(self, index: int, request: Request, state: DecodeState, tokenizer, eos_ids: set[int]) -> None:
         self.index, self.request, self.state = index, request, state
         self.text = TextStream(tokenizer, request.params.stop)
         self.eos_ids = set() if request.params.ignore_eos else eos_ids
@@ -155,9 +153,7 @@ class Engine:
         vocab = self.runtime.info.vocab_size
         bad = [t for t in request.prompt_ids if not 0 <= t < vocab]
         if bad:
-            raise InvalidRequestError(
-                f"prompt token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})"
-            )
+            raise InvalidRequestError(f"prompt token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})")
 
     def _start(self, index: int, request: Request, cache=None) -> _Sequence:
         """Prefill all prompt tokens but the last into a fresh cache (or the given one)."""

@@ -64,9 +64,7 @@ class HFRuntime:
 
     def new_cache(self, batch_size: int = 1, max_len: int | None = None) -> HFCache:
         if batch_size != 1:
-            raise ValueError(
-                "the Hugging Face adapter decodes one sequence at a time; use the native runtime"
-            )
+            raise ValueError("the Hugging Face adapter decodes one sequence at a time; use the native runtime")
         info = self.info
         per_position = 2 * info.n_layers * info.n_kv_heads * info.head_dim * self.dtype.itemsize
         return HFCache(per_position, max_len or info.max_positions)

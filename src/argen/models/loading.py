@@ -30,9 +30,7 @@ def parse_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ArgenError(
-            f"device {device!r} was asked for but this machine has no CUDA GPU; use --device cpu"
-        )
+        raise ArgenError(f"device {device!r} was asked for but this machine has no CUDA GPU; use --device cpu")
     if device != "cpu" and not device.startswith("cuda"):
         raise ArgenError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto")
     return torch.device(device)
@@ -73,9 +71,7 @@ def _make_runtime(hf_model, runtime: str, device: torch.device, dtype: torch.dty
     return HFRuntime(hf_model.to(device=device, dtype=dtype))
 
 
-def load_model(
-    name: str = "default", runtime: str = "auto", device: str = "cpu", dtype="float32"
-) -> LoadedModel:
+def load_model(name: str = "default", runtime: str = "auto", device: str = "cpu", dtype="float32") -> LoadedModel:
     if runtime not in RUNTIMES:
         raise ArgenError(f"unknown runtime {runtime!r}; use one of {', '.join(RUNTIMES)}")
     torch_device, torch_dtype = parse_device(device), parse_dtype(dtype)

@@ -28,9 +28,7 @@ class Plan:
     def skipping(cls, n_layers: int, layers=(), ffn_only=()) -> Plan:
         """Skip whole `layers`, and only the FFN of the layers in `ffn_only`."""
         skip, skip_ffn = set(layers), set(layers) | set(ffn_only)
-        return cls(
-            tuple(i not in skip for i in range(n_layers)), tuple(i not in skip_ffn for i in range(n_layers))
-        )
+        return cls(tuple(i not in skip for i in range(n_layers)), tuple(i not in skip_ffn for i in range(n_layers)))
 
     @property
     def is_full(self) -> bool:

@@ -74,9 +74,7 @@ def parse_source(name: str) -> Source:
             )
         return Source("dir", path.name, path.resolve())
     supported = "; ".join(f"{k}: {v}" for k, v in describe_sources())
-    raise ModelNotFoundError(
-        f"unknown model {name!r}: no such file or directory. Supported sources: {supported}"
-    )
+    raise ModelNotFoundError(f"unknown model {name!r}: no such file or directory. Supported sources: {supported}")
 
 
 def default_gguf_path(progress: bool = True) -> Path:

@@ -40,17 +40,13 @@ def make_strategy(spec) -> Strategy:
     options = {k: v for k, v in spec.items() if k != "name"}
     name = spec["name"]
     if name not in REGISTRY:
-        raise InvalidRequestError(
-            f"unknown strategy {name!r}; valid strategies: {', '.join(sorted(REGISTRY))}"
-        )
+        raise InvalidRequestError(f"unknown strategy {name!r}; valid strategies: {', '.join(sorted(REGISTRY))}")
     cls = REGISTRY[name]
     valid = strategy_options(cls)
     unknown = sorted(set(options) - set(valid))
     if unknown:
         listed = ", ".join(f"{k} (default {v!r})" for k, v in valid.items()) or "none"
-        raise InvalidRequestError(
-            f"unknown option(s) {', '.join(unknown)} for strategy {name!r}; valid: {listed}"
-        )
+        raise InvalidRequestError(f"unknown option(s) {', '.join(unknown)} for strategy {name!r}; valid: {listed}")
     try:
         return cls(**options)
     except (TypeError, ValueError) as exc:
