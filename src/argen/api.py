@@ -74,17 +74,28 @@ class Generator:
         results = self.engine.run(self._requests(prompts, chat, strategy, options))
         return results if batched else results[0]
 
-    def stream(self, prompt, *, strategy="plain", chat: bool = True, **options) -> Iterator[Event]:
-        """Yield Events (token ids and text delta) for one prompt as they are generated; the last
-        one has a finish_reason, and `stream.result` holds the Result afterwards."""
+    def stream(self, prompt, *, strategy="plain", chat: bool = True, **options) -> Stream:
+        """Events (token ids and text delta) for one prompt as they are generated; the last one
+        has a finish_reason, and the returned Stream's `.result` holds the Result afterwards."""
         prompts, batched = self._as_batch(prompt)
         if batched:
             raise InvalidRequestError("stream() takes one prompt; call it once per prompt")
-        for item in self.engine.stream(self._requests(prompts, chat, strategy, options)):
+        return Stream(self.engine.stream(self._requests(prompts, chat, strategy, options)))
+
+
+class Stream:
+    """Iterates over a request's Events; `.result` is set once the last one has been read."""
+
+    def __init__(self, items: Iterator[Event | Result]) -> None:
+        self._items = items
+        self.result: Result | None = None
+
+    def __iter__(self) -> Iterator[Event]:
+        for item in self._items:
             if isinstance(item, Event):
                 yield item
             else:
-                self.last_result = item
+                self.result = item
 
 
 def load(model: str = "default", *, runtime: str = "auto", device: str = "cpu", dtype="float32") -> Generator:

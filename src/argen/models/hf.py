@@ -36,7 +36,8 @@ class HFCache:
     def truncate(self, n: int, row: int | None = None) -> None:
         if n > self.lengths[0]:
             raise ValueError(f"cannot truncate a cache of length {self.lengths[0]} to {n}")
-        self.dynamic.crop(n)
+        if n < self.lengths[0]:
+            self.dynamic.crop(n - self.lengths[0])  # negative = drop that many (the form every version takes)
         self.lengths[0] = n
 
     def bytes_per_position(self) -> int:

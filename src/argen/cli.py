@@ -1,0 +1,192 @@
+"""The `argen` command line: `generate`, `models` and `bench`.
+
+Errors caused by the user's input are printed as one line, `argen: error: ...`, with exit code 2;
+a traceback means a bug. Only the completion (or its JSON) goes to stdout; everything else goes to
+stderr, so `--json` output stays parseable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import NoReturn
+
+from argen.errors import ArgenError
+
+PROG = "argen"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with our one-line error format (argparse's own prints the usage block too)."""
+
+    def error(self, message: str) -> NoReturn:
+        _print_error(f"{message} (see '{self.prog} --help')")
+        raise SystemExit(2)
+
+
+def _print_error(message: str) -> None:
+    print(f"{PROG}: error: {' '.join(message.split())}", file=sys.stderr)
+
+
+# -- generate ----------------------------------------------------------------------------------
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate a completion for a prompt", description="Generate a completion.")
+    p.add_argument("prompt", help="the prompt text (sent as a user chat message unless --no-chat)")
+    p.add_argument("--model", default="default", help="model source; see 'argen models' (default: %(default)s)")
+    p.add_argument("--runtime", default="auto", choices=("auto", "native", "hf"))
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--max-new-tokens", type=int, default=128, help="default: %(default)s")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy (default: %(default)s)")
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--min-p", type=float)
+    p.add_argument("--repetition-penalty", type=float)
+    p.add_argument("--seed", type=int, help="sampling seed; a random one is drawn and reported if omitted")
+    p.add_argument("--stop", action="append", default=[], metavar="STR", help="stop string (repeatable)")
+    p.add_argument("--strategy", default="plain", help="decoding strategy; see 'argen models' (default: %(default)s)")
+    p.add_argument("--strategy-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="strategy option (repeatable); VALUE is read as JSON, else as a string")  # fmt: skip
+    p.add_argument("--no-chat", action="store_true", help="feed the prompt as raw text, without the chat template")
+    p.add_argument("--json", action="store_true", help="print one JSON object (text, token ids, stats) instead")
+    p.set_defaults(handler=_generate)
+
+
+def parse_strategy_opts(pairs: list[str]) -> dict[str, object]:
+    opts: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ArgenError(f"--strategy-opt takes KEY=VALUE (for example max_draft=8); got {pair!r}")
+        if key == "name":
+            raise ArgenError("choose the strategy with --strategy NAME, not --strategy-opt name=...")
+        try:
+            opts[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            opts[key] = raw  # plain strings need no JSON quotes
+    return opts
+
+
+def _sampling_options(args: argparse.Namespace) -> dict[str, object]:
+    """SamplingParams fields the user set; the rest keep SamplingParams' defaults."""
+    given = {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "min_p": args.min_p,
+        "repetition_penalty": args.repetition_penalty,
+        "seed": args.seed,
+        "stop": args.stop,
+    }
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from argen.api import load
+    from argen.sampling import SamplingParams
+    from argen.strategies import make_strategy
+
+    options = _sampling_options(args)
+    strategy = {"name": args.strategy, **parse_strategy_opts(args.strategy_opt)}
+    # Check the options before loading the model, which can take a while (or a download).
+    try:
+        SamplingParams(**options)
+        make_strategy(strategy)
+    except ValueError as exc:
+        raise ArgenError(str(exc)) from exc
+
+    gen = load(args.model, runtime=args.runtime, device=args.device, dtype=args.dtype)
+    chat = not args.no_chat
+    if args.json:
+        result = gen.generate(args.prompt, strategy=strategy, chat=chat, **options)
+        print(json.dumps(result.as_dict()))
+        return 0
+
+    stream = gen.stream(args.prompt, strategy=strategy, chat=chat, **options)
+    for event in stream:
+        sys.stdout.write(event.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    result = stream.result
+    if result is not None:
+        s = result.stats
+        print(f"[{s.new_tokens} tokens, {s.tokens_per_s:.1f} tok/s, finish: {result.finish_reason}, "
+              f"seed: {result.seed}]", file=sys.stderr)  # fmt: skip
+    return 0
+
+
+# -- models ------------------------------------------------------------------------------------
+def _add_models(sub) -> None:
+    p = sub.add_parser("models", help="list model sources and decoding strategies")
+    p.set_defaults(handler=_models)
+
+
+def _models(args: argparse.Namespace) -> int:
+    from argen.models import sources
+    from argen.strategies import REGISTRY, strategy_options
+
+    print("Model sources (--model):")
+    for name, description in sources.describe_sources():
+        print(f"  {name:<26} {description}")
+    print(f"\nModel cache: {sources.cache_dir()}")
+    print("  (downloaded and converted models; delete the directory to clear it, or set ARGEN_CACHE_DIR)")
+    print("\nStrategies (--strategy NAME, options with --strategy-opt KEY=VALUE):")
+    for name, cls in sorted(REGISTRY.items()):
+        kind = "exact" if cls.exact else "lossy"
+        opts = ", ".join(f"{k}={v!r}" for k, v in strategy_options(cls).items()) or "no options"
+        print(f"  {name:<26} {kind}; {opts}")
+    return 0
+
+
+# -- bench -------------------------------------------------------------------------------------
+def _add_bench(sub) -> None:
+    # The bench's own parser is built only when it runs, so `argen generate` never imports it.
+    p = sub.add_parser("bench", help="benchmark strategies (see 'argen bench --help')", add_help=False)
+    p.set_defaults(handler=_bench)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    try:
+        from argen.bench import add_arguments, run
+    except ImportError as exc:
+        raise ArgenError(f"the benchmark suite is not available in this install ({exc})") from exc
+    parser = _Parser(prog=f"{PROG} bench", description="Benchmark decoding strategies.")
+    add_arguments(parser)
+    return run(parser.parse_args(args.bench_args))
+
+
+# -- main --------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="One engine for autoregressive generation.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,models,bench}",
+                                parser_class=_Parser)  # fmt: skip
+    _add_generate(sub)
+    _add_models(sub)
+    _add_bench(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args, extra = parser.parse_known_args(argv)
+        # Only `bench` takes arguments this parser does not know: they belong to the bench's parser.
+        if extra and args.command != "bench":
+            _print_error(f"unrecognized arguments: {' '.join(extra)} (see '{PROG} {args.command} --help')")
+            return 2
+        args.bench_args = extra
+        return args.handler(args)
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2), already printed
+        return exc.code if isinstance(exc.code, int) else 2
+    except ArgenError as exc:
+        _print_error(str(exc))
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

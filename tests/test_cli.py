@@ -1,0 +1,135 @@
+"""The `argen` command line, run in-process on the tiny random model (plus one real subprocess)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import types
+
+import pytest
+
+from argen.cli import main, parse_strategy_opts
+
+TINY = ["--model", "tiny-random", "--device", "cpu"]
+GREEDY = ["generate", "Hello there", *TINY, "--max-new-tokens", "12"]
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_stream_matches_json(capsys):
+    code, streamed, _ = run_cli(capsys, *GREEDY)
+    assert code == 0
+    code, out, _ = run_cli(capsys, *GREEDY, "--json")
+    assert code == 0
+    result = json.loads(out)
+    assert streamed == result["text"] + "\n"
+
+
+def test_json_has_the_result_fields(capsys):
+    code, out, _ = run_cli(capsys, *GREEDY, "--json", "--temperature", "0.8", "--seed", "7", "--top-k", "50")
+    assert code == 0
+    result = json.loads(out)  # exactly one JSON object on stdout
+    assert set(result) == {"text", "token_ids", "prompt_ids", "finish_reason", "seed", "strategy", "stats"}
+    assert result["seed"] == 7 and result["strategy"] == "plain"
+    assert len(result["token_ids"]) <= 12 and result["stats"]["new_tokens"] == len(result["token_ids"])
+
+
+def test_no_chat_feeds_raw_text(capsys):
+    _, out, _ = run_cli(capsys, *GREEDY, "--json", "--no-chat")
+    _, chat_out, _ = run_cli(capsys, *GREEDY, "--json")
+    assert len(json.loads(out)["prompt_ids"]) < len(json.loads(chat_out)["prompt_ids"])
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["generate", "hi", "--model", "/nonexistent"],
+        ["generate", "hi", *TINY, "--max-new-tokens", "-3"],
+        ["generate", "a" * 3000, *TINY],
+        ["generate", "hi", *TINY, "--strategy", "no-such-strategy"],
+        ["generate", "hi", *TINY, "--strategy-opt", "max_draft"],
+        ["generate", "hi", *TINY, "--strategy-opt", "no_such_option=1"],
+        ["generate", "hi", *TINY, "--max-new-tokens", "abc"],
+        ["generate", "hi", *TINY, "--bogus"],
+        [],
+    ],
+    ids=[
+        "bad-model",
+        "negative-max",
+        "prompt-too-long",
+        "unknown-strategy",
+        "opt-no-equals",
+        "unknown-opt",
+        "not-an-int",
+        "unknown-flag",
+        "no-command",
+    ],  # fmt: skip
+)
+def test_errors_are_one_line(capsys, argv):
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2
+    assert out == ""
+    assert err.count("\n") == 1 and err.startswith("argen: error:"), err
+    assert "Traceback" not in err
+
+
+def test_error_messages_say_what_to_do(capsys):
+    _, _, err = run_cli(capsys, "generate", "a" * 3000, *TINY)
+    assert "context is 2048" in err and "shorten the prompt" in err
+    _, _, err = run_cli(capsys, "generate", "hi", *TINY, "--max-new-tokens", "-3")
+    assert "max_new_tokens must be an integer >= 1" in err
+
+
+def test_strategy_opt_values_are_json_or_strings():
+    assert parse_strategy_opts(["n=8", "p=0.5", "flag=true", "mode=fast", "xs=[1,2]"]) == {
+        "n": 8, "p": 0.5, "flag": True, "mode": "fast", "xs": [1, 2]
+    }  # fmt: skip
+
+
+def test_keyboard_interrupt_exits_130_quietly(capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("argen.api.load", interrupted)
+    code, out, err = run_cli(capsys, *GREEDY)
+    assert code == 130 and "Traceback" not in err
+
+
+def test_models_lists_sources_cache_and_strategies(capsys):
+    code, out, err = run_cli(capsys, "models")
+    assert code == 0
+    assert "tiny-random" in out and "default" in out and "plain" in out
+    assert "delete" in out and err == ""
+
+
+def test_bench_is_delegated_to_the_bench_package(capsys, monkeypatch):
+    seen = {}
+
+    def run(args) -> int:
+        seen["rounds"] = args.rounds
+        return 0
+
+    fake = types.ModuleType("argen.bench")
+    fake.add_arguments = lambda parser: parser.add_argument("--rounds", type=int, default=1)
+    fake.run = run
+    monkeypatch.setitem(sys.modules, "argen.bench", fake)
+    assert main(["bench", "--rounds", "3"]) == 0
+    assert seen == {"rounds": 3}
+
+
+def test_bench_missing_is_one_line(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "argen.bench", None)  # makes the import fail
+    code, _, err = run_cli(capsys, "bench")
+    assert code == 2 and err.count("\n") == 1 and err.startswith("argen: error:")
+
+
+def test_module_entry_point():
+    cmd = [sys.executable, "-m", "argen.cli", *GREEDY, "--json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["finish_reason"] in ("stop", "length")

@@ -1,0 +1,94 @@
+"""The sampler draws from softmax(filtered logits / T), replayably."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from argen.errors import InvalidRequestError
+from argen.sampling import Sampler, SamplingParams, apply_repetition_penalty
+
+
+def reference_distribution(logits: torch.Tensor, t: float, top_k: int, top_p: float, min_p: float) -> np.ndarray:
+    """A slow, independent reading of the documented order: temperature, top-k, top-p, min-p."""
+    z = logits.double().numpy() / t
+    keep = np.ones_like(z, dtype=bool)
+    if top_k:
+        keep &= z >= np.sort(z)[-top_k]
+
+    def renorm():
+        p = np.where(keep, np.exp(z - z[keep].max()), 0.0)
+        return p / p.sum()
+
+    if top_p < 1:
+        p = renorm()
+        covered = 0.0
+        for i in np.argsort(-p, kind="stable"):
+            if covered >= top_p:
+                keep[i] = False
+            covered += p[i]
+    if min_p > 0:
+        p = renorm()
+        keep &= p >= min_p * p.max()
+    return renorm()
+
+
+@pytest.fixture(scope="module")
+def logits(tiny) -> torch.Tensor:
+    ids = tiny.encode("Sampling test")
+    cache = tiny.runtime.new_cache(1, 64)
+    out, _ = tiny.runtime.forward(torch.tensor([ids]), torch.arange(len(ids))[None], cache, num_logits=1)
+    return out[0, -1] / 3  # flatten a little so many tokens carry mass
+
+
+@pytest.mark.parametrize(
+    "t, top_k, top_p, min_p",
+    [(1.0, 0, 1.0, 0.0), (0.7, 0, 1.0, 0.0), (1.0, 12, 1.0, 0.0), (1.3, 0, 0.8, 0.0), (1.0, 0, 1.0, 0.1),
+     (0.9, 40, 0.9, 0.02)],
+)  # fmt: skip
+def test_sampler_draws_from_filtered_softmax(logits, t, top_k, top_p, min_p):
+    expected = reference_distribution(logits, t, top_k, top_p, min_p)
+    n = 12000
+    counts = np.zeros_like(expected)
+    for seed in range(n):
+        sampler = Sampler(SamplingParams(temperature=t, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed))
+        counts[sampler.sample(logits, [], position=0)] += 1
+    assert counts[expected == 0].sum() == 0, "sampled a token the filters removed"
+    # Chi-square over bins with enough expected mass; the rare tail pooled into one bin.
+    big = expected * n >= 5
+    obs = np.append(counts[big], counts[~big].sum())
+    exp = np.append(expected[big], expected[~big].sum()) * n
+    obs, exp = obs[exp > 0], exp[exp > 0]
+    assert chisquare(obs, exp).pvalue > 1e-3
+
+
+def test_same_seed_same_sample_and_positions_differ(logits):
+    params = SamplingParams(temperature=1.0, seed=7)
+    a = [Sampler(params).sample(logits, [], p) for p in range(50)]
+    b = [Sampler(SamplingParams(temperature=1.0, seed=7)).sample(logits, [], p) for p in range(50)]
+    c = [Sampler(SamplingParams(temperature=1.0, seed=8)).sample(logits, [], p) for p in range(50)]
+    assert a == b and a != c and len(set(a)) > 1
+
+
+def test_greedy_is_argmax(logits):
+    assert Sampler(SamplingParams(temperature=0)).sample(logits, [], 0) == int(logits.argmax())
+
+
+def test_repetition_penalty_matches_hf(logits):
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    context = [3, 5, 5, 100, 200]
+    ours = apply_repetition_penalty(logits, context, 1.3)
+    theirs = RepetitionPenaltyLogitsProcessor(1.3)(torch.tensor([context]), logits[None].clone())[0]
+    assert torch.allclose(ours, theirs)
+
+
+@pytest.mark.parametrize(
+    "bad", [{"temperature": -1}, {"top_p": 0}, {"top_p": 1.5}, {"top_k": -2}, {"min_p": 1.0},
+            {"max_new_tokens": 0}, {"repetition_penalty": 0}, {"seed": -1}, {"stop": [""]}],
+)  # fmt: skip
+def test_invalid_parameters_are_rejected_with_a_reason(bad):
+    with pytest.raises(InvalidRequestError, match="invalid sampling parameter"):
+        SamplingParams(**bad)
