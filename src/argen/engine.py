@@ -31,7 +31,8 @@ class Request:
 class Stats:
     new_tokens: int = 0
     prompt_tokens: int = 0
-    forward_passes: int = 0
+    forward_passes: int = 0  # target passes, the prefill's included
+    prefill_passes: int = 0
     draft_passes: int = 0
     draft_tokens_proposed: int = 0
     draft_tokens_accepted: int = 0
@@ -47,7 +48,7 @@ class Stats:
     @property
     def tokens_per_forward(self) -> float:
         """New tokens per target forward pass after the prefill (1.0 for plain decoding)."""
-        decode_passes = self.forward_passes - 1
+        decode_passes = self.forward_passes - self.prefill_passes
         return self.new_tokens / decode_passes if decode_passes > 0 else float(self.new_tokens)
 
     def as_dict(self) -> dict:
@@ -176,6 +177,7 @@ class Engine:
             state.forward(prompt[:-1], num_logits=0)
         request.strategy.start(state)
         seq.stats.prefill_seconds = time.perf_counter() - t0
+        seq.stats.prefill_passes = state.counters.forward_passes
         return seq
 
     def stream(self, requests: list[Request]) -> Iterator[Event | Result]:

@@ -49,6 +49,14 @@ class KVCache:
                 raise ValueError(f"cannot truncate row {r} of length {self.lengths[r]} to {n}")
             self.lengths[r] = n
 
+    def move_slots(self, src: list[int], dst_start: int, row: int = 0) -> None:
+        """Copy the keys/values at slots `src` to `dst_start, dst_start + 1, ...` (the accepted path
+        of a draft tree is compacted this way before the rest is truncated)."""
+        index = torch.tensor(src, device=self.k.device)
+        dst = slice(dst_start, dst_start + len(src))
+        self.k[:, row, :, dst] = self.k[:, row, :, index]
+        self.v[:, row, :, dst] = self.v[:, row, :, index]
+
     def reserve(self, new_tokens: int) -> None:
         longest = max(self.lengths) + new_tokens
         if longest > self.max_len:

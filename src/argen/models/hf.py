@@ -40,6 +40,12 @@ class HFCache:
             self.dynamic.crop(n - self.lengths[0])  # negative = drop that many (the form every version takes)
         self.lengths[0] = n
 
+    def move_slots(self, src: list[int], dst_start: int, row: int = 0) -> None:
+        index = torch.tensor(src)
+        for layer in self.dynamic.layers:
+            for t in (layer.keys, layer.values):
+                t[:, :, dst_start : dst_start + len(src)] = t[:, :, index.to(t.device)]
+
     def bytes_per_position(self) -> int:
         return self._bytes_per_position
 

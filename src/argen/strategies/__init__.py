@@ -19,11 +19,21 @@ def register(cls: type[Strategy]) -> type[Strategy]:
 register(Plain)
 
 
+def _register_builtin() -> None:
+    from argen.strategies.speculative import PromptLookup
+
+    for cls in (PromptLookup,):
+        register(cls)
+
+
 def strategy_options(cls: type[Strategy]) -> dict[str, object]:
     """Option name -> default, read from the constructor's signature."""
     params = inspect.signature(cls.__init__).parameters
     kinds = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     return {n: p.default for n, p in params.items() if n != "self" and p.kind in kinds}
+
+
+_register_builtin()
 
 
 def make_strategy(spec) -> Strategy:

@@ -1,0 +1,201 @@
+"""`argen bench`: Spec-Bench questions through argen's strategies and through Hugging Face
+`generate()` on the same weights, greedy, batch 1, interleaved in one process; tokens/s, speed
+ratios, tokens per forward pass and token identity per category, written as results.json,
+report.md and chart.png.
+
+`add_arguments(parser)` and `run(args)` are what the CLI wires into `argen bench`;
+`python -m argen.bench ...` runs the same thing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from argen.errors import ArgenError
+
+DEFAULT_OUT = "bench-out"
+
+
+def _csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", default="default", help="model to load (as for `argen generate`); default: %(default)s"
+    )
+    parser.add_argument("--questions", metavar="FILE", default=None,
+                        help="questions JSONL (question_id, category, turns); default: "
+                             "shared/benchmarks/spec_bench/question.jsonl found in the current directory's parents")  # fmt: skip
+    parser.add_argument("--categories", metavar="A,B", type=_csv, default=None, help="only these categories")
+    parser.add_argument("--limit", metavar="N", type=int, default=None, help="at most N questions per category")
+    parser.add_argument("--max-new-tokens", metavar="N", type=int, default=128, help="default: %(default)s")
+    parser.add_argument("--strategies", metavar="S,S", type=_csv, default=["plain"],
+                        help="argen strategies to measure, comma-separated; each `name` or "
+                             "`name:key=value:key=value`; default: plain")  # fmt: skip
+    parser.add_argument("--dtypes", "--dtype", metavar="D,D", type=_csv, default=["float32"],
+                        help="float32 always runs; each extra dtype (e.g. bfloat16) loads a second argen model "
+                             "and measures its plain decoding against float32 plain; default: float32")  # fmt: skip
+    parser.add_argument("--hf-prompt-lookup", metavar="N", type=int, default=0,
+                        help="also run HF generate(prompt_lookup_num_tokens=N) as a second peer; 0: off")  # fmt: skip
+    parser.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
+                        help="one short untimed generation per system first (default: on)")  # fmt: skip
+    parser.add_argument("--threads", metavar="N", type=int, default=0,
+                        help="torch CPU threads for every system (0: torch's default); on a CPU shared with "
+                             "other work, 1 avoids threads waiting on each other")  # fmt: skip
+    parser.add_argument("--out", metavar="DIR", default=DEFAULT_OUT, help="output directory; default: %(default)s")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The run's command with every option spelled out, so it reproduces the run whatever the defaults
+    become."""
+    parts = ["argen", "bench", "--model", args.model]
+    if args.questions:
+        parts += ["--questions", str(args.questions)]
+    if args.categories:
+        parts += ["--categories", ",".join(args.categories)]
+    if args.limit is not None:
+        parts += ["--limit", str(args.limit)]
+    parts += ["--max-new-tokens", str(args.max_new_tokens), "--strategies", ",".join(args.strategies)]
+    parts += ["--dtypes", ",".join(args.dtypes), "--hf-prompt-lookup", str(args.hf_prompt_lookup)]
+    if args.threads:
+        parts += ["--threads", str(args.threads)]
+    parts += ["--warmup" if args.warmup else "--no-warmup", "--out", str(args.out)]
+    return shlex.join(parts)
+
+
+def machine_info() -> dict:
+    import torch
+    import transformers
+
+    import argen
+
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "argen": argen.__version__,
+    }
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=Path(__file__).parent)  # fmt: skip
+        if commit.returncode == 0:
+            info["git_commit"] = commit.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    info["date"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return info
+
+
+def _check(args: argparse.Namespace) -> None:
+    if args.max_new_tokens < 1:
+        raise ArgenError("--max-new-tokens must be at least 1")
+    if args.hf_prompt_lookup < 0:
+        raise ArgenError("--hf-prompt-lookup must be >= 0 (0 turns it off)")
+    if args.threads < 0:
+        raise ArgenError("--threads must be >= 0 (0: torch's default)")
+    if not args.strategies:
+        raise ArgenError("--strategies needs at least one strategy, e.g. --strategies plain")
+
+
+def build_systems(args, generator, specs: list[dict], extra_dtypes: list[str]):
+    from argen import load
+    from argen.bench.systems import HF, ArgenSystem, HFSystem
+
+    tokenizer = generator.tokenizer
+    eos = generator.model.eos_ids
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
+    hf_model = generator.model.hf_model
+    systems = [HFSystem(hf_model, eos, pad)]
+    systems += [ArgenSystem(generator, spec) for spec in specs]
+    reference = "plain" if any(s.name == "plain" for s in systems) else HF
+    for dtype in extra_dtypes:
+        systems.append(ArgenSystem(load(args.model, dtype=dtype), {"name": "plain"}, dtype, reference))
+    if args.hf_prompt_lookup:
+        systems.append(HFSystem(hf_model, eos, pad, prompt_lookup=args.hf_prompt_lookup))
+    names = [s.name for s in systems]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ArgenError(f"--strategies names {', '.join(duplicates)} more than once")
+    return systems, hf_model
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the bench described by `args` (see `add_arguments`), print the tables, write the report."""
+    import torch
+
+    threads = torch.get_num_threads()
+    if getattr(args, "threads", 0):
+        torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args: argparse.Namespace) -> int:
+    import torch
+
+    from argen import load
+    from argen.bench import report, runner
+    from argen.bench.questions import find_questions_file, read_questions, select_questions
+    from argen.bench.systems import parse_strategy
+    from argen.models.loading import parse_dtype
+
+    _check(args)
+    specs = [parse_strategy(s) for s in args.strategies]
+    dtypes = [str(parse_dtype(d)).removeprefix("torch.") for d in args.dtypes]
+    extra_dtypes = [d for d in dict.fromkeys(dtypes) if d != "float32"]
+    questions_path = Path(args.questions) if args.questions else find_questions_file()
+    questions = select_questions(read_questions(questions_path), args.categories, args.limit)
+    out = Path(args.out)
+
+    print(f"argen bench: loading {args.model!r}", file=sys.stderr)
+    generator = load(args.model)
+    systems, hf_model = build_systems(args, generator, specs, extra_dtypes)
+    n_categories = len({q.category for q in questions})
+    print(f"argen bench: {len(questions)} questions in {n_categories} categories × {len(systems)} systems "
+          f"({', '.join(s.name for s in systems)}), up to {args.max_new_tokens} new tokens", file=sys.stderr)  # fmt: skip
+
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = out / "records.partial.jsonl"  # per-question records as they finish; removed at the end
+    log_path.unlink(missing_ok=True)
+    records = runner.run_questions(
+        questions,
+        lambda prompt: generator.encode(prompt, chat=True),
+        systems,
+        args.max_new_tokens,
+        tie_model=hf_model,
+        warmup=args.warmup,
+        progress=args.progress,
+        log_path=log_path,
+    )
+    described = [s.describe() for s in systems]
+    summary = report.summarize(records, described)
+    settings = {"model": args.model, "questions": str(questions_path), "questions_count": len(questions),
+                "categories": {c: sum(q.category == c for q in questions) for c in dict.fromkeys(q.category for q in questions)},
+                "limit": args.limit,
+                "max_new_tokens": args.max_new_tokens, "strategies": specs, "dtypes": ["float32", *extra_dtypes],
+                "hf_prompt_lookup": args.hf_prompt_lookup, "warmup": args.warmup, "threads": torch.get_num_threads(),
+                "greedy": True, "batch_size": 1}  # fmt: skip
+    paths = report.write_all(out, command_line(args), list(sys.argv), machine_info(), settings, described, records,
+                             summary)  # fmt: skip
+    log_path.unlink(missing_ok=True)
+    report.print_summary(summary, records)
+    print(f"\nargen bench: report written to {paths['markdown']} (also {paths['json'].name}, {paths['chart'].name})")
+    return 0
+
+
+__all__ = ["add_arguments", "command_line", "run"]

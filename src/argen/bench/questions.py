@@ -1,0 +1,85 @@
+"""The question set: Spec-Bench's `question.jsonl` (one JSON object a line: question_id, category,
+turns), found next to the project or given by path, filtered by category and limited per category."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from argen.errors import ArgenError
+
+DEFAULT_QUESTIONS = Path("shared/benchmarks/spec_bench/question.jsonl")
+
+
+@dataclass(frozen=True)
+class Question:
+    question_id: int | str
+    category: str
+    prompt: str  # the first user turn
+
+
+def find_questions_file(start: Path | None = None) -> Path:
+    """`shared/benchmarks/spec_bench/question.jsonl` in the current directory or one of its
+    parents (the project keeps `shared/` next to its root), else next to this source tree."""
+    start = Path.cwd() if start is None else Path(start)
+    here = Path(__file__).resolve()
+    for directory in [start, *start.resolve().parents, *here.parents]:
+        candidate = directory / DEFAULT_QUESTIONS
+        if candidate.is_file():
+            return candidate
+    raise ArgenError(
+        f"could not find the Spec-Bench questions ({DEFAULT_QUESTIONS}) in {str(start)!r} or its parents; "
+        "pass --questions FILE (a JSONL file with question_id, category and turns on each line)"
+    )
+
+
+def read_questions(path: Path | str) -> list[Question]:
+    path = Path(path)
+    if not path.is_file():
+        raise ArgenError(f"questions file {str(path)!r} does not exist; pass --questions FILE")
+    questions = []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+                turns = item["turns"]
+                if not isinstance(turns, list) or not turns or not isinstance(turns[0], str):
+                    raise ValueError("'turns' must be a non-empty list of strings")
+                questions.append(Question(item.get("question_id", number), str(item["category"]), turns[0]))
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+                raise ArgenError(
+                    f"{path}:{number}: not a question ({exc}); each line is a JSON object with "
+                    "'question_id', 'category' and 'turns' (a list of user turns)"
+                ) from exc
+    if not questions:
+        raise ArgenError(f"questions file {str(path)!r} holds no questions")
+    return questions
+
+
+def select_questions(
+    questions: list[Question], categories: list[str] | None = None, limit: int | None = None
+) -> list[Question]:
+    """The first `limit` questions of each category (all if None), categories in file order (or
+    the given subset). The result interleaves the categories round-robin, so slow drift of the
+    machine's load while the bench runs is spread over every category instead of hitting one."""
+    by_category: dict[str, list[Question]] = {}
+    for q in questions:
+        by_category.setdefault(q.category, []).append(q)
+    if categories:
+        unknown = [c for c in categories if c not in by_category]
+        if unknown:
+            raise ArgenError(
+                f"unknown categor{'y' if len(unknown) == 1 else 'ies'} {', '.join(unknown)}; "
+                f"the questions file has: {', '.join(by_category)}"
+            )
+        by_category = {c: by_category[c] for c in by_category if c in categories}
+    if limit is not None:
+        if limit < 1:
+            raise ArgenError("--limit must be at least 1 (questions per category)")
+        by_category = {c: qs[:limit] for c, qs in by_category.items()}
+    groups = list(by_category.values())
+    longest = max(len(g) for g in groups)
+    return [g[i] for i in range(longest) for g in groups if i < len(g)]

@@ -1,0 +1,129 @@
+"""The measuring loop: every question through every system, interleaved, in one process; then each
+system's tokens compared with its reference's, and every divergence of an exact system checked for a
+floating-point near-tie."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from argen.bench.questions import Question
+from argen.bench.systems import System
+
+NEAR_TIE = 1e-4  # top-2 logit gap under which a greedy choice is a floating-point coin flip
+WARMUP_TOKENS = 8
+
+
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    """The first position where two token lists differ (a length mismatch counts), None if equal."""
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+@torch.inference_mode()
+def top2_at(model, prompt_ids: list[int], prefix: list[int]) -> tuple[list[int], list[float]]:
+    """The HF model's two best next tokens (and their logits) after prompt + prefix, one forward."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([list(prompt_ids) + list(prefix)], device=device)
+    logits = model(input_ids=ids, use_cache=False).logits[0, -1].float()
+    top = torch.topk(logits, 2)
+    return top.indices.tolist(), top.values.tolist()
+
+
+def divergence(model, prompt_ids: list[int], tokens: list[int], ref: list[int], position: int) -> dict:
+    """Why two greedy outputs part at `position`: a near-tie when the HF model's top-2 logits there
+    are within NEAR_TIE and the two tokens chosen are those two; anything else is a real divergence."""
+    ids, values = top2_at(model, prompt_ids, ref[:position])
+    mine = tokens[position] if position < len(tokens) else None
+    theirs = ref[position] if position < len(ref) else None
+    gap = values[0] - values[1]
+    near = gap <= NEAR_TIE and mine in ids and theirs in ids
+    return {"position": position, "token": mine, "reference_token": theirs, "top2": ids, "top2_logits": values,
+            "gap": gap, "near_tie": near}  # fmt: skip
+
+
+def run_questions(
+    questions: list[Question],
+    encode: Callable[[str], list[int]],
+    systems: list[System],
+    max_new_tokens: int,
+    tie_model,
+    warmup: bool = True,
+    progress: bool = True,
+    log_path: Path | None = None,
+) -> list[dict]:
+    """Measure every question on every system. The order of the systems alternates per question
+    (forward, then reversed), so a slow drift of the machine's speed favours no system; ratios are
+    taken per question, between calls made seconds apart. Returns one record per question."""
+    if warmup and questions:
+        ids = encode(questions[0].prompt)
+        for system in systems:
+            system.generate(ids, min(WARMUP_TOKENS, max_new_tokens))
+    bar = tqdm(total=len(questions) * len(systems), desc="bench", unit="run", disable=not progress, dynamic_ncols=True)
+    records = []
+    try:
+        for qi, question in enumerate(questions):
+            ids = encode(question.prompt)
+            order = systems if qi % 2 == 0 else systems[::-1]
+            outputs = {}
+            for system in order:
+                bar.set_postfix_str(f"{question.category} #{question.question_id} {system.name}", refresh=False)
+                outputs[system.name] = system.generate(ids, max_new_tokens)
+                bar.update()
+            record = judge(question, ids, order, systems, outputs, tie_model)
+            for name, row in record["systems"].items():
+                d = row.get("divergence")
+                if d and row["exact"] and not d["near_tie"]:
+                    bar.write(loud_divergence(question, name, row, d))
+            records.append(record)
+            if log_path is not None:
+                with log_path.open("a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
+    finally:
+        bar.close()
+    return records
+
+
+def judge(question: Question, ids: list[int], order, systems, outputs: dict, tie_model) -> dict:
+    rows = {}
+    for system in systems:
+        out = outputs[system.name]
+        row = {
+            "new_tokens": out.new_tokens,
+            "seconds": out.seconds,
+            "tokens_per_s": out.new_tokens / out.seconds if out.seconds > 0 else 0.0,
+            "tokens_per_forward": out.tokens_per_forward,
+            "finish_reason": out.finish_reason,
+            "reference": system.reference,
+            "exact": system.exact,
+            "token_ids": out.token_ids,
+        }
+        if system.reference is not None:
+            ref = outputs[system.reference].token_ids
+            position = first_difference(out.token_ids, ref)
+            row["identical"] = position is None
+            # Agreement: the share of the longer output produced before the first difference.
+            longest = max(len(out.token_ids), len(ref), 1)
+            row["agreement"] = 1.0 if position is None else position / longest
+            row["divergence"] = None
+            if position is not None and system.exact:
+                row["divergence"] = divergence(tie_model, ids, out.token_ids, ref, position)
+            elif position is not None:
+                row["divergence"] = {"position": position, "near_tie": None}
+        rows[system.name] = row
+    return {"question_id": question.question_id, "category": question.category, "prompt_tokens": len(ids),
+            "order": [s.name for s in order], "systems": rows}  # fmt: skip
+
+
+def loud_divergence(question: Question, name: str, row: dict, d: dict) -> str:
+    return (
+        f"!!! REAL DIVERGENCE (a bug): {name} vs {row['reference']} on {question.category} "
+        f"#{question.question_id} at new token {d['position']}: {d['token']} vs {d['reference_token']}; "
+        f"HF top-2 there {d['top2']} with logit gap {d['gap']:.3g} (> {NEAR_TIE:g})"
+    )

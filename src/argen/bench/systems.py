@@ -1,0 +1,143 @@
+"""The systems a bench compares: argen with a strategy (at some dtype) and Hugging Face `generate()`
+on the same weights. Each one turns prompt ids into new token ids and the seconds the whole call
+took (prefill included), measured with `time.perf_counter()`."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from argen.errors import ArgenError
+from argen.strategies import REGISTRY, make_strategy
+
+HF = "hf"  # the name of the reference system: HF generate(), greedy, fp32
+
+
+@dataclass
+class Output:
+    token_ids: list[int]  # new tokens, cut after the first EOS (inclusive)
+    seconds: float
+    new_tokens: int  # tokens the call produced (for tokens/s)
+    tokens_per_forward: float | None = None  # argen only: new tokens per target forward pass
+    finish_reason: str | None = None
+
+
+def cut_at_eos(token_ids: list[int], eos_ids: set[int]) -> list[int]:
+    for i, t in enumerate(token_ids):
+        if t in eos_ids:
+            return token_ids[: i + 1]
+    return token_ids
+
+
+def parse_value(text: str):
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered == "none":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_strategy(text: str) -> dict:
+    """`name` or `name:key=value:key=value` -> a strategy spec dict, checked against the registry."""
+    name, *options = text.strip().split(":")
+    spec: dict = {"name": name.strip()}
+    for option in options:
+        key, sep, value = option.partition("=")
+        if not sep or not key.strip():
+            raise ArgenError(f"bad strategy {text!r}: options are written name:key=value:key=value")
+        spec[key.strip()] = parse_value(value.strip())
+    make_strategy(dict(spec))  # raises an InvalidRequestError naming the valid strategies / options
+    return spec
+
+
+def strategy_label(spec: dict) -> str:
+    return ":".join([spec["name"], *(f"{k}={v}" for k, v in spec.items() if k != "name")])
+
+
+class System:
+    name: str
+    kind: str  # "hf" | "argen"
+    dtype: str = "float32"
+    exact: bool = True  # greedy output must equal the reference's (else it is measured, not judged)
+    reference: str | None = HF  # whose tokens this system's are compared with
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int) -> Output:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "dtype": self.dtype, "exact": self.exact,
+                "reference": self.reference}  # fmt: skip
+
+
+class HFSystem(System):
+    """`model.generate()`: greedy, batch 1, `max_new_tokens` (no `min_new_tokens`), stopping on the
+    same EOS ids as argen; with `prompt_lookup` > 0, HF's own prompt-lookup decoding."""
+
+    kind = "hf"
+
+    def __init__(self, model, eos_ids: set[int], pad_token_id: int, prompt_lookup: int = 0) -> None:
+        self.model = model.eval()
+        self.eos_ids = set(eos_ids)
+        self.pad_token_id = pad_token_id
+        self.prompt_lookup = prompt_lookup
+        self.name = HF if not prompt_lookup else f"hf-prompt-lookup:{prompt_lookup}"
+        self.reference = None if not prompt_lookup else HF
+        self.dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+
+    def generate_kwargs(self, max_new_tokens: int) -> dict:
+        kwargs = dict(do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=self.pad_token_id,
+                      eos_token_id=sorted(self.eos_ids))  # fmt: skip
+        if self.prompt_lookup:
+            kwargs["prompt_lookup_num_tokens"] = self.prompt_lookup
+        return kwargs
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int) -> Output:
+        device = next(self.model.parameters()).device
+        ids = torch.tensor([prompt_ids], device=device)
+        kwargs = self.generate_kwargs(max_new_tokens)
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+            seconds = time.perf_counter() - t0
+        new = out[0, len(prompt_ids) :].tolist()
+        return Output(cut_at_eos(new, self.eos_ids), seconds, len(new))
+
+    def describe(self) -> dict:
+        return super().describe() | {"generate_kwargs": self.generate_kwargs(0) | {"max_new_tokens": "N"}}
+
+
+class ArgenSystem(System):
+    """`Generator.generate(prompt_ids, strategy=spec, max_new_tokens=N)`, greedy."""
+
+    kind = "argen"
+
+    def __init__(self, generator, spec: dict, dtype: str = "float32", reference: str | None = HF) -> None:
+        self.generator = generator
+        self.spec = dict(spec)
+        self.dtype = dtype
+        self.label = strategy_label(spec)
+        self.name = self.label if dtype == "float32" else f"{self.label}@{dtype}"
+        self.reference = reference
+        # A lossy strategy, or any strategy at a lower precision, is compared but not judged.
+        self.exact = REGISTRY[spec["name"]].exact and dtype == "float32"
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int) -> Output:
+        t0 = time.perf_counter()
+        result = self.generator.generate(prompt_ids, strategy=dict(self.spec), max_new_tokens=max_new_tokens)
+        seconds = time.perf_counter() - t0
+        if result.prompt_ids != list(prompt_ids):
+            raise RuntimeError(f"argen changed the prompt ids ({len(prompt_ids)} -> {len(result.prompt_ids)})")
+        stats = result.stats
+        return Output(list(result.token_ids), seconds, len(result.token_ids), stats.tokens_per_forward,
+                      result.finish_reason)  # fmt: skip
+
+    def describe(self) -> dict:
+        return super().describe() | {"strategy": self.spec}

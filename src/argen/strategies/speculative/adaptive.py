@@ -1,0 +1,102 @@
+"""Adaptive draft length: draft as many tokens as pay for themselves, down to none.
+
+Each step picks the draft length k maximising expected tokens per second:
+    E[tokens](k) / (cost of verifying 1 + k tokens + cost of drafting k tokens),
+with E[tokens](k) = (1 - a^(k+1)) / (1 - a) for a per-token acceptance rate a (tracked online
+with exponential forgetting) and costs measured on this runtime (a one-off calibration, refined by
+timing every verification). On text where drafts fail, a falls, k drops to 0 and the step is a
+plain one; a drifts back to its prior while idle, so drafting is re-tried now and then.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+
+
+class CostModel:
+    """Seconds per target forward pass as a function of the number of tokens fed (one per runtime)."""
+
+    def __init__(self, runtime) -> None:
+        self.seconds = dict(zip(BUCKETS, self._calibrate(runtime)))
+
+    @staticmethod
+    def _calibrate(runtime) -> list[float]:
+        context = 64
+        cache = runtime.new_cache(1, context + max(BUCKETS) + 1)
+        ids = torch.arange(context + max(BUCKETS))[None] % runtime.info.vocab_size
+        runtime.forward(ids[:, :context], torch.arange(context)[None], cache, num_logits=0)
+        out = []
+        for t in BUCKETS:
+            times = []
+            for _ in range(3):
+                start = time.perf_counter()
+                runtime.forward(ids[:, context : context + t], torch.arange(context, context + t)[None], cache)
+                times.append(time.perf_counter() - start)
+                cache.truncate(context)
+            out.append(sorted(times)[1])
+        # Cost never falls with more tokens: flatten timing noise.
+        for i in range(1, len(out)):
+            out[i] = max(out[i], out[i - 1])
+        return out
+
+    @staticmethod
+    def for_runtime(runtime) -> CostModel:
+        model = getattr(runtime, "_argen_cost_model", None)
+        if model is None:
+            model = CostModel(runtime)
+            runtime._argen_cost_model = model
+        return model
+
+    def __call__(self, n_tokens: int) -> float:
+        for b in BUCKETS:
+            if n_tokens <= b:
+                return self.seconds[b]
+        return self.seconds[BUCKETS[-1]] * n_tokens / BUCKETS[-1]
+
+    def observe(self, n_tokens: int, seconds: float) -> None:
+        b = next((b for b in BUCKETS if n_tokens <= b), None)
+        if b is not None:
+            self.seconds[b] = 0.9 * self.seconds[b] + 0.1 * seconds
+
+
+class DraftLength:
+    """Chooses each step's draft length from the acceptance rate and the cost model."""
+
+    def __init__(self, max_draft: int, cost: CostModel, prior: float = 0.6, forget: float = 0.8) -> None:
+        self.max_draft = max_draft
+        self.cost = cost
+        self.prior = prior
+        self.forget = forget
+        self.accepted, self.rejected = prior, 1 - prior  # decayed counts
+        self.draft_seconds = 0.0  # drafting cost per token (0 for lookup proposers)
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / (self.accepted + self.rejected)
+
+    def choose(self, limit: int) -> int:
+        a = min(self.acceptance, 0.999)
+        best_k, best_rate = 0, 1.0 / self.cost(1)
+        for k in range(1, min(self.max_draft, limit) + 1):
+            expected = (1 - a ** (k + 1)) / (1 - a)
+            rate = expected / (self.cost(1 + k) + k * self.draft_seconds)
+            if rate > best_rate:
+                best_k, best_rate = k, rate
+        return best_k
+
+    def update(self, drafted: int, accepted: int) -> None:
+        if drafted == 0:
+            # Idle: forget slowly towards the prior, so that drafting is tried again later.
+            self.accepted = 0.95 * self.accepted + 0.05 * self.prior
+            self.rejected = 0.95 * self.rejected + 0.05 * (1 - self.prior)
+            return
+        self.accepted = self.forget * self.accepted + accepted
+        self.rejected = self.forget * self.rejected + (1 if accepted < drafted else 0)
+
+    def observe_draft_time(self, n_tokens: int, seconds: float) -> None:
+        if n_tokens:
+            self.draft_seconds = 0.8 * self.draft_seconds + 0.2 * seconds / n_tokens

@@ -1,0 +1,126 @@
+"""The one Verifier every proposer shares: score a draft tree in a single target forward pass,
+accept the longest valid path plus one bonus token, and roll the KV cache back to it.
+
+Acceptance rules (exact: greedy output equals plain greedy; sampled output has the target's
+distribution):
+- greedy: follow the child equal to the target's argmax;
+- deterministic drafts under sampling: the speculative-sampling rule with q one-hot (accept x with
+  probability p(x), else draw from norm(p without x)), realised by drawing the target's token with
+  the same per-position Gumbel noise plain sampling uses and following the child that equals it.
+  So an exact strategy with a seed emits exactly what plain sampling with that seed emits;
+- stochastic drafts (a draft model sampling q): SpecTr's k-sequential rule over the children,
+  which is Leviathan/Chen speculative sampling (accept with min(1, p/q), else norm(max(0, p - q)))
+  when a node has one child.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from argen.sampling import gumbel_noise, uniform
+from argen.strategies.base import DecodeState
+from argen.strategies.speculative.tree import DraftTree
+
+NEAR_TIE = 1e-4
+
+
+@dataclass
+class Verdict:
+    tokens: list[int]  # accepted draft tokens followed by the bonus token
+    accepted: int  # how many draft tokens were accepted
+
+
+def spectr_rho(p: torch.Tensor, q: torch.Tensor, k: int, iters: int = 30) -> float:
+    """The smallest rho in [1, k] with (1 - (1 - beta)^k) / beta <= rho, where
+    beta = sum min(q, p / rho) is one draft's acceptance probability (SpecTr, k-SEQ)."""
+    if k == 1:
+        return 1.0
+
+    def ok(rho: float) -> bool:
+        beta = torch.minimum(q, p / rho).sum().item()
+        return beta <= 0 or (1 - (1 - beta) ** k) / beta <= rho + 1e-12
+
+    lo, hi = 1.0, float(k)
+    if ok(lo):
+        return lo
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if ok(mid) else (mid, hi)
+    return hi
+
+
+def spectr_select(
+    p: torch.Tensor, q: torch.Tensor, drafts: list[int], seed: int, position: int
+) -> tuple[int | None, int]:
+    """SpecTr k-sequential selection among i.i.d. drafts ~ q. Returns (index of the accepted draft
+    or None, the token emitted). Exact: the emitted token is distributed as p."""
+    k = len(drafts)
+    rho = spectr_rho(p, q, k)
+    for i, x in enumerate(drafts):
+        ratio = (p[x] / (rho * q[x])).item() if q[x] > 0 else 0.0
+        if uniform(seed, position, stream=1 + i) < min(1.0, ratio):
+            return i, x
+    beta = torch.minimum(q, p / rho).sum().clamp_min(1e-30)
+    accepted_mass = torch.minimum(q, p / rho) * (1 - (1 - beta) ** k) / beta
+    residual = (p - accepted_mass).clamp_min(0)
+    if residual.sum() <= 0:
+        residual = p
+    noise = gumbel_noise(seed, position, residual.shape[-1], residual.device)
+    return None, int((residual.log() + noise).argmax())
+
+
+def verify(state: DecodeState, tree: DraftTree, logits: torch.Tensor) -> Verdict:
+    """Walk the tree with the target's logits ([1 + n, V]: row 0 is the pending root)."""
+    sampler = state.sampler
+    greedy = sampler.params.greedy
+    node, row, path = -1, 0, []
+    while True:
+        index = state.n_generated + len(path)  # output position of the token being decided
+        context = state.tokens + [tree.tokens[i] for i in path]
+        processed = sampler.process(logits[row], context)
+        kids = tree.children(node)
+        if greedy or tree.draft_probs is None or not kids:
+            token = sampler.choose(processed, index)
+            nxt = next((c for c in kids if tree.tokens[c] == token), None)
+            if greedy and nxt is not None:
+                top = processed.topk(2).values
+                if (top[0] - top[1]).item() < NEAR_TIE:
+                    state.counters.near_ties += 1
+        else:
+            p = processed.softmax(-1)
+            q = tree.draft_probs[kids[0]]  # siblings share q(. | path)
+            chosen, token = spectr_select(p, q, [tree.tokens[c] for c in kids], sampler.params.seed, index)
+            nxt = None if chosen is None else kids[chosen]
+        if nxt is None:
+            return Verdict([tree.tokens[i] for i in path] + [token], len(path))
+        path.append(nxt)
+        node, row = nxt, nxt + 1
+
+
+def score_and_verify(state: DecodeState, tree: DraftTree) -> Verdict:
+    """One target pass over pending + tree, then accept and fix up the cache so that it holds
+    everything but the new pending (bonus) token."""
+    start = state.cache.lengths[0]
+    depths = torch.tensor([0] + tree.depths())
+    positions = (depths + start + state.position_shift)[None].to(state.runtime.device)
+    mask = None if tree.is_chain else tree.attention_mask()
+    logits, _ = state.forward([state.tokens[-1]] + tree.tokens, mask=mask, positions=positions)
+    verdict = verify(state, tree, logits[0])
+    state.counters.draft_proposed += len(tree)
+    state.counters.draft_accepted += verdict.accepted
+    # Keep the root and the accepted nodes, in path order, right after the old length.
+    kept = _accepted_slots(tree, verdict, start)
+    if kept != list(range(start + 1, start + 1 + len(kept))):
+        state.cache.move_slots(kept, start + 1)
+    state.cache.truncate(start + 1 + verdict.accepted)
+    return verdict
+
+
+def _accepted_slots(tree: DraftTree, verdict: Verdict, start: int) -> list[int]:
+    node, slots = -1, []
+    for token in verdict.tokens[: verdict.accepted]:
+        node = tree.child(node, token)
+        slots.append(start + 1 + node)
+    return slots

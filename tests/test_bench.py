@@ -1,0 +1,135 @@
+"""The bench harness end to end on tiny-random, and its small parts."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from argen.bench import add_arguments, command_line, run
+from argen.bench.questions import Question, find_questions_file, read_questions, select_questions
+from argen.bench.runner import NEAR_TIE, first_difference, judge, top2_at
+from argen.bench.systems import Output, cut_at_eos, parse_strategy, strategy_label
+from argen.errors import ArgenError
+from argen.models.tiny import tiny_llama
+
+QUESTIONS = [
+    {"question_id": 1, "category": "writing", "turns": ["Write a haiku about rain.", "Now another."]},
+    {"question_id": 2, "category": "writing", "turns": ["Describe a cat in one sentence."]},
+    {"question_id": 3, "category": "writing", "turns": ["Not selected: over the limit."]},
+    {"question_id": 10, "category": "qa", "turns": ["What is the capital of France?"]},
+    {"question_id": 11, "category": "qa", "turns": ["Who wrote Hamlet? Answer: Hamlet was written by"]},
+]
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="argen bench")
+    add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+@pytest.fixture
+def questions_file(tmp_path):
+    path = tmp_path / "question.jsonl"
+    path.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS), encoding="utf-8")
+    return path
+
+
+def test_bench_end_to_end_tiny_random(tmp_path, questions_file, capsys):
+    out = tmp_path / "out"
+    args = parse(["--model", "tiny-random", "--questions", str(questions_file), "--limit", "2",
+                  "--max-new-tokens", "8", "--strategies", "plain", "--out", str(out), "--threads", "1",
+                  "--no-progress"])  # fmt: skip
+    assert run(args) == 0
+
+    for name in ("results.json", "report.md", "chart.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0
+    assert not (out / "records.partial.jsonl").exists()
+    assert "--limit 2` is per category" not in (out / "report.md").read_text()
+    assert (out / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    results = json.loads((out / "results.json").read_text())
+    assert results["command"].startswith("argen bench --model tiny-random")
+    assert {"torch", "cpu_count", "platform"} <= set(results["machine"])
+    assert [r["question_id"] for r in results["records"]] == [1, 10, 2, 11]  # categories interleaved
+    summary = results["summary"]
+    assert summary["categories"] == ["writing", "qa", "all"]
+    rows = {(r["category"], r["system"]): r for r in summary["rows"]}
+    for category, n in (("writing", 2), ("qa", 2), ("all", 4)):
+        plain, hf = rows[(category, "plain")], rows[(category, "hf")]
+        assert plain["n"] == hf["n"] == n
+        # On tiny-random argen plain greedy is HF greedy, token for token.
+        assert plain["identical"] == n and plain["real_divergences"] == 0
+        assert plain["tokens_per_s"] > 0 and hf["tokens_per_s"] > 0 and plain["ratio_vs_hf"] > 0
+        assert plain["tokens_per_forward"] == pytest.approx(1.0)
+    for record in results["records"]:
+        plain = record["systems"]["plain"]
+        assert plain["identical"] is True
+        assert plain["token_ids"] == record["systems"]["hf"]["token_ids"]
+        assert 1 <= plain["new_tokens"] <= 8
+
+    report = (out / "report.md").read_text()
+    assert results["command"] in report
+    assert "| category |" in report and "| HF tok/s |" in report and "plain ×HF" in report
+    assert "| all " in report and "chart.png" in report
+    printed = capsys.readouterr().out
+    assert "plain ×HF" in printed and "report written to" in printed
+
+
+def test_questions_selection(questions_file, tmp_path):
+    questions = read_questions(questions_file)
+    assert questions[0].prompt == "Write a haiku about rain."  # the first turn only
+    picked = select_questions(questions, categories=["qa"], limit=1)
+    assert [q.question_id for q in picked] == [10]
+    with pytest.raises(ArgenError, match="unknown category nope"):
+        select_questions(questions, categories=["nope"])
+    nested = tmp_path / "a" / "b"
+    nested.mkdir(parents=True)
+    target = tmp_path / "shared" / "benchmarks" / "spec_bench" / "question.jsonl"
+    target.parent.mkdir(parents=True)
+    target.write_text(questions_file.read_text())
+    assert find_questions_file(nested) == target
+
+
+def test_strategy_specs_and_helpers():
+    assert parse_strategy("plain") == {"name": "plain"}
+    with pytest.raises(ArgenError, match="unknown strategy"):
+        parse_strategy("no-such-strategy")
+    with pytest.raises(ArgenError, match="unknown option"):
+        parse_strategy("plain:depth=3")
+    with pytest.raises(ArgenError, match="key=value"):
+        parse_strategy("plain:oops")
+    assert strategy_label({"name": "x", "k": 4, "b": True}) == "x:k=4:b=True"
+    assert cut_at_eos([5, 2, 7], {2}) == [5, 2]
+    assert first_difference([1, 2, 3], [1, 2, 3]) is None
+    assert first_difference([1, 2, 3], [1, 4, 3]) == 1
+    assert first_difference([1, 2], [1, 2, 3]) == 2
+    assert command_line(parse(["--limit", "3", "--dtypes", "float32,bfloat16"])) == (
+        "argen bench --model default --limit 3 --max-new-tokens 128 --strategies plain "
+        "--dtypes float32,bfloat16 --hf-prompt-lookup 0 --warmup --out bench-out"
+    )
+
+
+def test_judge_flags_real_divergences_and_measures_lossy_drift():
+    model = tiny_llama(0)
+    prompt = [257, 72, 105, 258, 10]
+    ref = []
+    for _ in range(4):  # the model's own greedy continuation
+        ref.append(top2_at(model, prompt, ref)[0][0])
+    ids, values = top2_at(model, prompt, ref[:2])
+    assert values[0] - values[1] > NEAR_TIE  # tiny-random has clear winners
+    wrong = ref[:2] + [ids[1], ref[3]]  # picks the runner-up at token 2: a real divergence
+    systems = [SimpleNamespace(name="hf", reference=None, exact=True),
+               SimpleNamespace(name="exact", reference="hf", exact=True),
+               SimpleNamespace(name="lossy", reference="hf", exact=False)]  # fmt: skip
+    outputs = {"hf": Output(ref, 1.0, 4), "exact": Output(wrong, 0.5, 4), "lossy": Output(wrong, 2.0, 4)}
+    record = judge(Question(7, "qa", "x"), prompt, systems, systems, outputs, model)
+    exact, lossy = record["systems"]["exact"], record["systems"]["lossy"]
+    assert exact["identical"] is False and exact["agreement"] == 0.5 and exact["tokens_per_s"] == 8.0
+    d = exact["divergence"]
+    assert d["position"] == 2 and d["near_tie"] is False and d["top2"] == ids
+    assert d["token"] == ids[1] and d["reference_token"] == ids[0]
+    assert lossy["divergence"] == {"position": 2, "near_tie": None}  # measured, not judged
+    assert "identical" not in record["systems"]["hf"]
