@@ -40,6 +40,7 @@ class HFCache:
             self.dynamic.crop(n - self.lengths[0])  # negative = drop that many (the form every version takes)
         self.lengths[0] = n
 
+    @torch.inference_mode()  # DynamicCache tensors are inference tensors: edit them in that mode
     def move_slots(self, src: list[int], dst_start: int, row: int = 0) -> None:
         index = torch.tensor(src)
         for layer in self.dynamic.layers:
