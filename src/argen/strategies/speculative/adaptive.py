@@ -71,15 +71,18 @@ class DraftLength:
         self.cost = cost
         self.prior = prior
         self.forget = forget
-        self.accepted, self.rejected = prior, 1 - prior  # decayed counts
+        self.counts: dict[object, list[float]] = {}  # draft key -> decayed [accepted, rejected]
         self.draft_seconds = 0.0  # drafting cost per token (0 for lookup proposers)
 
-    @property
-    def acceptance(self) -> float:
-        return self.accepted / (self.accepted + self.rejected)
+    def _counts(self, key) -> list[float]:
+        return self.counts.setdefault(key, [self.prior, 1 - self.prior])
 
-    def choose(self, limit: int) -> int:
-        a = min(self.acceptance, 0.999)
+    def acceptance(self, key=None) -> float:
+        accepted, rejected = self._counts(key)
+        return accepted / (accepted + rejected)
+
+    def choose(self, limit: int, key=None) -> int:
+        a = min(self.acceptance(key), 0.999)
         best_k, best_rate = 0, 1.0 / self.cost(1)
         for k in range(1, min(self.max_draft, limit) + 1):
             expected = (1 - a ** (k + 1)) / (1 - a)
@@ -88,14 +91,16 @@ class DraftLength:
                 best_k, best_rate = k, rate
         return best_k
 
-    def update(self, drafted: int, accepted: int) -> None:
+    def update(self, drafted: int, accepted: int, key=None) -> None:
+        counts = self._counts(key)
         if drafted == 0:
-            # Idle: forget slowly towards the prior, so that drafting is tried again later.
-            self.accepted = 0.95 * self.accepted + 0.05 * self.prior
-            self.rejected = 0.95 * self.rejected + 0.05 * (1 - self.prior)
+            # A draft was available but not worth verifying: forget slowly towards the prior,
+            # so that drafting is tried again later.
+            counts[0] = 0.95 * counts[0] + 0.05 * self.prior
+            counts[1] = 0.95 * counts[1] + 0.05 * (1 - self.prior)
             return
-        self.accepted = self.forget * self.accepted + accepted
-        self.rejected = self.forget * self.rejected + (1 if accepted < drafted else 0)
+        counts[0] = self.forget * counts[0] + accepted
+        counts[1] = self.forget * counts[1] + (1 if accepted < drafted else 0)
 
     def observe_draft_time(self, n_tokens: int, seconds: float) -> None:
         if n_tokens:

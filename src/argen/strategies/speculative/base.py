@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import ClassVar
 
 from argen.strategies.base import DecodeState, Strategy
 from argen.strategies.speculative.adaptive import CostModel, DraftLength
@@ -15,6 +16,9 @@ class Speculative(Strategy):
     override `observe(state, tokens)` to learn from what was emitted."""
 
     exact = True
+    # Lookup proposers draft for free: propose first, then let the controller cut the draft by
+    # what its kind (tree.key) has earned. Costly proposers are told the length before drafting.
+    cheap_drafts: ClassVar[bool] = False
 
     def __init__(self, max_draft: int = 8, adaptive: bool = True) -> None:
         if not isinstance(max_draft, int) or max_draft < 1:
@@ -32,22 +36,28 @@ class Speculative(Strategy):
     def observe(self, state: DecodeState, tokens: list[int]) -> None:
         """Called with each step's emitted tokens before they join `state.tokens`."""
 
-    def draft_budget(self, state: DecodeState) -> int:
+    def _draft(self, state: DecodeState) -> tuple[DraftTree, bool]:
+        """(the tree to verify, whether a draft was available at all)."""
         room = state.cache.max_len - state.cache.lengths[0] - 1
-        limit = min(state.remaining - 1, room)
-        return self._length.choose(limit) if self._length else max(0, min(self.max_draft, limit))
+        limit = max(0, min(self.max_draft, state.remaining - 1, room))
+        if self._length is None:
+            return (self.propose(state, limit) if limit else DraftTree()), limit > 0
+        if self.cheap_drafts:
+            tree = self.propose(state, limit) if limit else DraftTree()
+            return tree.limited(self._length.choose(max(tree.depths(), default=0), tree.key)), len(tree) > 0
+        k = self._length.choose(limit)
+        t0 = time.perf_counter()
+        tree = self.propose(state, k) if k else DraftTree()
+        self._length.observe_draft_time(len(tree), time.perf_counter() - t0)
+        return tree, limit > 0
 
     def step(self, state: DecodeState) -> list[int]:
-        k = self.draft_budget(state)
+        tree, available = self._draft(state)
         t0 = time.perf_counter()
-        tree = self.propose(state, k) if k > 0 else DraftTree()
-        t1 = time.perf_counter()
         verdict = score_and_verify(state, tree)
-        t2 = time.perf_counter()
         if self._length is not None:
-            depth = max(tree.depths(), default=0)
-            self._length.update(depth, verdict.accepted)
-            self._length.observe_draft_time(len(tree), t1 - t0)
-            self._cost.observe(1 + len(tree), t2 - t1)
+            if available:
+                self._length.update(max(tree.depths(), default=0), verdict.accepted, tree.key)
+            self._cost.observe(1 + len(tree), time.perf_counter() - t0)
         self.observe(state, verdict.tokens)
         return verdict.tokens

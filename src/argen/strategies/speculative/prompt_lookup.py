@@ -14,6 +14,11 @@ from argen.strategies.speculative.tree import DraftTree
 
 def find_continuation(tokens: list[int], min_ngram: int, max_ngram: int, k: int) -> list[int]:
     """Tokens that followed the most recent earlier occurrence of the longest matching suffix."""
+    return find_match(tokens, min_ngram, max_ngram, k)[0]
+
+
+def find_match(tokens: list[int], min_ngram: int, max_ngram: int, k: int) -> tuple[list[int], int]:
+    """(continuation, length of the n-gram that matched; 0 if none)."""
     n_tokens = len(tokens)
     for n in range(min(max_ngram, n_tokens - 1), min_ngram - 1, -1):
         suffix = tokens[n_tokens - n :]
@@ -22,12 +27,13 @@ def find_continuation(tokens: list[int], min_ngram: int, max_ngram: int, k: int)
             if tokens[start : start + n] == suffix:
                 follow = tokens[start + n : start + n + k]
                 if follow:
-                    return follow
-    return []
+                    return follow, n
+    return [], 0
 
 
 class PromptLookup(Speculative):
     name = "prompt-lookup"
+    cheap_drafts = True
 
     def __init__(self, max_draft: int = 10, min_ngram: int = 1, max_ngram: int = 3, adaptive: bool = True) -> None:
         super().__init__(max_draft, adaptive)
@@ -36,4 +42,7 @@ class PromptLookup(Speculative):
         self.min_ngram, self.max_ngram = min_ngram, max_ngram
 
     def propose(self, state: DecodeState, k: int) -> DraftTree:
-        return DraftTree.chain(find_continuation(state.tokens, self.min_ngram, self.max_ngram, k))
+        follow, n = find_match(state.tokens, self.min_ngram, self.max_ngram, k)
+        tree = DraftTree.chain(follow)
+        tree.key = n  # longer matches are accepted more often: track them apart
+        return tree

@@ -17,6 +17,8 @@ class DraftTree:
     parents: list[int] = field(default_factory=list)
     # Draft probabilities q(token | path) per node, for stochastic proposers (None = deterministic).
     draft_probs: list[torch.Tensor] | None = None
+    # What kind of draft this is (e.g. the matched n-gram length): acceptance is tracked per key.
+    key: object = None
 
     @classmethod
     def chain(cls, tokens: list[int]) -> DraftTree:
@@ -56,6 +58,14 @@ class DraftTree:
             if p >= 0:
                 mask[row] |= mask[p + 1]
         return mask
+
+    def limited(self, depth: int) -> DraftTree:
+        """The nodes at most `depth` deep (parents come first, so indices stay valid)."""
+        keep = [i for i, d in enumerate(self.depths()) if d <= depth]
+        if len(keep) == len(self.tokens):
+            return self
+        probs = None if self.draft_probs is None else [self.draft_probs[i] for i in keep]
+        return DraftTree([self.tokens[i] for i in keep], [self.parents[i] for i in keep], probs, self.key)
 
     @property
     def is_chain(self) -> bool:
