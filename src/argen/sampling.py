@@ -94,8 +94,8 @@ def position_seed(seed: int, position: int, stream: int = 0) -> int:
     return (seed * 0x9E3779B1 + position * 0x85EBCA77 + stream * 0xC2B2AE3D) % (2**63 - 1)
 
 
-def gumbel_noise(seed: int, position: int, size: int, device="cpu") -> torch.Tensor:
-    gen = torch.Generator().manual_seed(position_seed(seed, position))
+def gumbel_noise(seed: int, position: int, size: int, device="cpu", stream: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(position_seed(seed, position, stream))
     u = torch.rand(size, generator=gen, dtype=torch.float64).clamp_(1e-20, 1.0 - 1e-16)
     return (-torch.log(-torch.log(u))).float().to(device)
 

@@ -111,3 +111,8 @@ class HFRuntime:
         cache.lengths[0] += n_new
         logits = None if num_logits == 0 else out.logits
         return logits, out.hidden_states[-1]
+
+    @torch.inference_mode()
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits for final hidden states [..., H] (the model's output embedding)."""
+        return self.model.get_output_embeddings()(hidden)

@@ -175,10 +175,14 @@ class LlamaRuntime:
         hidden = rms_norm(x, self.norm, self.eps)
         if num_logits == 0:
             return None, hidden
-        h = hidden if num_logits is None else hidden[:, -num_logits:]
-        if self.lm_head_t is not None and h.shape[0] * h.shape[1] == 1:
-            return h @ self.lm_head_t, hidden
-        return F.linear(h, self.lm_head), hidden
+        return self.head(hidden if num_logits is None else hidden[:, -num_logits:]), hidden
+
+    @torch.inference_mode()
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits for final hidden states [..., H]."""
+        if self.lm_head_t is not None and hidden.numel() == hidden.shape[-1]:
+            return hidden @ self.lm_head_t
+        return F.linear(hidden, self.lm_head)
 
     def _attention_mask(self, starts: list[int], n_new: int, mask: torch.Tensor | None):
         """(attn_mask, is_causal, number of key slots) for SDPA. The common cases (one sequence,

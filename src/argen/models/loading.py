@@ -10,6 +10,7 @@ import torch
 
 from argen.errors import ArgenError, ModelNotFoundError
 from argen.models import sources, tiny
+from argen.models.calibration import calibration_ids
 from argen.models.hf import HFRuntime
 from argen.models.llama import SUPPORTED_ARCHITECTURES, LlamaRuntime
 
@@ -47,6 +48,11 @@ class LoadedModel:
     @cached_property
     def hf_model(self):
         return self.hf_model_loader()
+
+    def __post_init__(self) -> None:
+        # Sample text for strategies that calibrate on the model; below the Engine nothing else
+        # sees the tokenizer, so the ids travel with the runtime.
+        self.runtime.calibration_ids = calibration_ids(self.tokenizer)
 
 
 def _eos_ids(tokenizer, config) -> set[int]:

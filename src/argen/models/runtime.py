@@ -67,3 +67,9 @@ class ModelRuntime(Protocol):
         (default: causal); every token sees the whole cached prefix. Returns logits [B, T', V] for the
         last `num_logits` tokens (all if None, no logits if 0) and the final hidden states [B, T, H]."""
         ...
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits for final hidden states [..., H] as `forward` returns them. Verifiers use it to
+        compute only the rows they examine: on CPU the vocabulary projection is the largest matmul
+        of a step, and a draft row that is never reached needs no logits."""
+        ...

@@ -20,9 +20,9 @@ register(Plain)
 
 
 def _register_builtin() -> None:
-    from argen.strategies.speculative import PromptLookup
+    from argen.strategies.speculative import DraftModel, Jacobi, LayerSkip, NGram, PromptLookup
 
-    for cls in (PromptLookup,):
+    for cls in (PromptLookup, NGram, Jacobi, LayerSkip, DraftModel):
         register(cls)
 
 

@@ -2,6 +2,8 @@
 
 Each step picks the draft length k maximising expected tokens per second:
     E[tokens](k) / (cost of verifying 1 + k tokens + cost of drafting k tokens),
+where verifying costs the transformer body over 1 + k tokens plus the vocabulary projection for
+the E[tokens](k) rows the verifier walks (the verifier computes no other row's logits),
 with E[tokens](k) = (1 - a^(k+1)) / (1 - a) for a per-token acceptance rate a (tracked online
 with exponential forgetting) and costs measured on this runtime (a one-off calibration, refined by
 timing every verification). On text where drafts fail, a falls, k drops to 0 and the step is a
@@ -18,30 +20,38 @@ BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 
 
 class CostModel:
-    """Seconds per target forward pass as a function of the number of tokens fed (one per runtime)."""
+    """Seconds per target forward pass: the transformer body as a function of the number of tokens
+    fed, plus the vocabulary projection per row whose logits are used (one model per runtime)."""
 
     def __init__(self, runtime) -> None:
-        self.seconds = dict(zip(BUCKETS, self._calibrate(runtime)))
+        body, self.head_seconds = self._calibrate(runtime)
+        self.seconds = dict(zip(BUCKETS, body))
 
     @staticmethod
-    def _calibrate(runtime) -> list[float]:
+    def _calibrate(runtime) -> tuple[list[float], float]:
         context = 64
         cache = runtime.new_cache(1, context + max(BUCKETS) + 1)
         ids = torch.arange(context + max(BUCKETS))[None] % runtime.info.vocab_size
-        runtime.forward(ids[:, :context], torch.arange(context)[None], cache, num_logits=0)
+        _, hidden = runtime.forward(ids[:, :context], torch.arange(context)[None], cache, num_logits=0)
         out = []
         for t in BUCKETS:
             times = []
             for _ in range(3):
                 start = time.perf_counter()
-                runtime.forward(ids[:, context : context + t], torch.arange(context, context + t)[None], cache)
+                runtime.forward(ids[:, context : context + t], torch.arange(context, context + t)[None], cache,
+                                num_logits=0)  # fmt: skip
                 times.append(time.perf_counter() - start)
                 cache.truncate(context)
             out.append(sorted(times)[1])
         # Cost never falls with more tokens: flatten timing noise.
         for i in range(1, len(out)):
             out[i] = max(out[i], out[i - 1])
-        return out
+        head = []
+        for _ in range(3):
+            start = time.perf_counter()
+            runtime.head(hidden[0, -1])
+            head.append(time.perf_counter() - start)
+        return out, sorted(head)[1]
 
     @staticmethod
     def for_runtime(runtime) -> CostModel:
@@ -51,16 +61,21 @@ class CostModel:
             runtime._argen_cost_model = model
         return model
 
-    def __call__(self, n_tokens: int) -> float:
+    def body(self, n_tokens: int) -> float:
         for b in BUCKETS:
             if n_tokens <= b:
                 return self.seconds[b]
         return self.seconds[BUCKETS[-1]] * n_tokens / BUCKETS[-1]
 
-    def observe(self, n_tokens: int, seconds: float) -> None:
+    def __call__(self, n_tokens: int, rows: float = 1.0) -> float:
+        """A pass feeding `n_tokens` whose logits are used for `rows` of them."""
+        return self.body(n_tokens) + rows * self.head_seconds
+
+    def observe(self, n_tokens: int, rows: int, seconds: float) -> None:
         b = next((b for b in BUCKETS if n_tokens <= b), None)
         if b is not None:
-            self.seconds[b] = 0.9 * self.seconds[b] + 0.1 * seconds
+            body = max(seconds - rows * self.head_seconds, 0.0)
+            self.seconds[b] = 0.9 * self.seconds[b] + 0.1 * body
 
 
 class DraftLength:
@@ -86,7 +101,7 @@ class DraftLength:
         best_k, best_rate = 0, 1.0 / self.cost(1)
         for k in range(1, min(self.max_draft, limit) + 1):
             expected = (1 - a ** (k + 1)) / (1 - a)
-            rate = expected / (self.cost(1 + k) + k * self.draft_seconds)
+            rate = expected / (self.cost(1 + k, rows=expected) + k * self.draft_seconds)
             if rate > best_rate:
                 best_k, best_rate = k, rate
         return best_k
@@ -105,3 +120,18 @@ class DraftLength:
     def observe_draft_time(self, n_tokens: int, seconds: float) -> None:
         if n_tokens:
             self.draft_seconds = 0.8 * self.draft_seconds + 0.2 * seconds / n_tokens
+
+
+def best_tree_size(path_probs: list[float], cost: CostModel, draft_seconds: float = 0.0) -> int:
+    """For tree proposers: nodes are offered best first with their estimated probability of being
+    accepted (the product of the acceptance estimates along their path). Keep the first n nodes
+    that maximise expected tokens per second, (1 + sum of their probabilities) / cost(1 + n); n = 0
+    (a plain step) when no draft pays for its verification."""
+    best_n, best_rate = 0, 1.0 / cost(1)
+    expected = 1.0
+    for n, p in enumerate(path_probs, start=1):
+        expected += p
+        rate = expected / (cost(1 + n, rows=expected) + n * draft_seconds)
+        if rate > best_rate:
+            best_n, best_rate = n, rate
+    return best_n

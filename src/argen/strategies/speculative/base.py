@@ -8,17 +8,20 @@ from typing import ClassVar
 from argen.strategies.base import DecodeState, Strategy
 from argen.strategies.speculative.adaptive import CostModel, DraftLength
 from argen.strategies.speculative.tree import DraftTree
-from argen.strategies.speculative.verify import score_and_verify
+from argen.strategies.speculative.verify import Verdict, score_and_verify
 
 
 class Speculative(Strategy):
     """Subclasses implement `propose(state, k) -> DraftTree` (at most k tokens deep) and may
-    override `observe(state, tokens)` to learn from what was emitted."""
+    override `observe(state, verdict)` to learn from what the verifier accepted."""
 
     exact = True
     # Lookup proposers draft for free: propose first, then let the controller cut the draft by
     # what its kind (tree.key) has earned. Costly proposers are told the length before drafting.
     cheap_drafts: ClassVar[bool] = False
+    # Tree proposers weigh each node's acceptance estimate against the cost model themselves
+    # (`best_tree_size`); the per-key chain-length controller is then not used.
+    sizes_own_drafts: ClassVar[bool] = False
 
     def __init__(self, max_draft: int = 8, adaptive: bool = True) -> None:
         if not isinstance(max_draft, int) or max_draft < 1:
@@ -33,15 +36,15 @@ class Speculative(Strategy):
     def propose(self, state: DecodeState, k: int) -> DraftTree:
         raise NotImplementedError
 
-    def observe(self, state: DecodeState, tokens: list[int]) -> None:
-        """Called with each step's emitted tokens before they join `state.tokens`."""
+    def observe(self, state: DecodeState, verdict: Verdict) -> None:
+        """Called after each verification, before the emitted tokens join `state.tokens`."""
 
     def _draft(self, state: DecodeState) -> tuple[DraftTree, bool]:
         """(the tree to verify, whether a draft was available at all)."""
         room = state.cache.max_len - state.cache.lengths[0] - 1
         limit = max(0, min(self.max_draft, state.remaining - 1, room))
-        if self._length is None:
-            return (self.propose(state, limit) if limit else DraftTree()), limit > 0
+        if self._length is None or self.sizes_own_drafts:
+            return (self.propose(state, limit) if limit else DraftTree()), limit > 0 and not self.sizes_own_drafts
         if self.cheap_drafts:
             tree = self.propose(state, limit) if limit else DraftTree()
             return tree.limited(self._length.choose(max(tree.depths(), default=0), tree.key)), len(tree) > 0
@@ -53,11 +56,12 @@ class Speculative(Strategy):
 
     def step(self, state: DecodeState) -> list[int]:
         tree, available = self._draft(state)
+        self._last_tree = tree
         t0 = time.perf_counter()
         verdict = score_and_verify(state, tree)
         if self._length is not None:
             if available:
                 self._length.update(max(tree.depths(), default=0), verdict.accepted, tree.key)
-            self._cost.observe(1 + len(tree), time.perf_counter() - t0)
-        self.observe(state, verdict.tokens)
+            self._cost.observe(1 + len(tree), 1 + verdict.accepted, time.perf_counter() - t0)
+        self.observe(state, verdict)
         return verdict.tokens

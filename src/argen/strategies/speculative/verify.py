@@ -15,7 +15,8 @@ distribution):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
@@ -30,6 +31,8 @@ NEAR_TIE = 1e-4
 class Verdict:
     tokens: list[int]  # accepted draft tokens followed by the bonus token
     accepted: int  # how many draft tokens were accepted
+    path: list[int] = field(default_factory=list)  # the accepted tree nodes, root first
+    hidden: torch.Tensor | None = None  # the target's final hidden states over root + nodes ([1 + n, H])
 
 
 def spectr_rho(p: torch.Tensor, q: torch.Tensor, k: int, iters: int = 30) -> float:
@@ -71,15 +74,16 @@ def spectr_select(
     return None, int((residual.log() + noise).argmax())
 
 
-def verify(state: DecodeState, tree: DraftTree, logits: torch.Tensor) -> Verdict:
-    """Walk the tree with the target's logits ([1 + n, V]: row 0 is the pending root)."""
+def verify(state: DecodeState, tree: DraftTree, row_logits: Callable[[int], torch.Tensor]) -> Verdict:
+    """Walk the tree with the target's logits; `row_logits(r)` gives row r's ([V]; row 0 is the
+    pending root, row i + 1 node i). Only the rows on the walked path are asked for."""
     sampler = state.sampler
     greedy = sampler.params.greedy
     node, row, path = -1, 0, []
     while True:
         index = state.n_generated + len(path)  # output position of the token being decided
         context = state.tokens + [tree.tokens[i] for i in path]
-        processed = sampler.process(logits[row], context)
+        processed = sampler.process(row_logits(row), context)
         kids = tree.children(node)
         if greedy or tree.draft_probs is None or not kids:
             token = sampler.choose(processed, index)
@@ -94,7 +98,7 @@ def verify(state: DecodeState, tree: DraftTree, logits: torch.Tensor) -> Verdict
             chosen, token = spectr_select(p, q, [tree.tokens[c] for c in kids], sampler.params.seed, index)
             nxt = None if chosen is None else kids[chosen]
         if nxt is None:
-            return Verdict([tree.tokens[i] for i in path] + [token], len(path))
+            return Verdict([tree.tokens[i] for i in path] + [token], len(path), path)
         path.append(nxt)
         node, row = nxt, nxt + 1
 
@@ -106,21 +110,16 @@ def score_and_verify(state: DecodeState, tree: DraftTree) -> Verdict:
     depths = torch.tensor([0] + tree.depths())
     positions = (depths + start + state.position_shift)[None].to(state.runtime.device)
     mask = None if tree.is_chain else tree.attention_mask()
-    logits, _ = state.forward([state.tokens[-1]] + tree.tokens, mask=mask, positions=positions)
-    verdict = verify(state, tree, logits[0])
+    # Hidden states for every node, logits only for the rows the walk reaches: a rejected draft
+    # then costs its share of the transformer body but not the vocabulary projection.
+    _, hidden = state.forward([state.tokens[-1]] + tree.tokens, mask=mask, positions=positions, num_logits=0)
+    verdict = verify(state, tree, lambda row: state.runtime.head(hidden[0, row]))
+    verdict.hidden = hidden[0]
     state.counters.draft_proposed += len(tree)
     state.counters.draft_accepted += verdict.accepted
     # Keep the root and the accepted nodes, in path order, right after the old length.
-    kept = _accepted_slots(tree, verdict, start)
+    kept = [start + 1 + node for node in verdict.path]
     if kept != list(range(start + 1, start + 1 + len(kept))):
         state.cache.move_slots(kept, start + 1)
     state.cache.truncate(start + 1 + verdict.accepted)
     return verdict
-
-
-def _accepted_slots(tree: DraftTree, verdict: Verdict, start: int) -> list[int]:
-    node, slots = -1, []
-    for token in verdict.tokens[: verdict.accepted]:
-        node = tree.child(node, token)
-        slots.append(start + 1 + node)
-    return slots

@@ -1,0 +1,122 @@
+"""Jacobi / lookahead decoding (Santilli et al.; Fu et al.): iterate a window of guessed future
+tokens in parallel with verification, and draft from n-grams harvested from the iterations.
+
+Each step feeds one tree to the target: the pending token, then two kinds of branches from it:
+- the lookahead branch: the current window of W guesses g_1..g_W for the next positions. The
+  target's outputs over it are one Jacobi iteration: the output after g_j is the new guess for the
+  position after it. (The branch is also verified like any draft: Jacobi decoding proper.)
+- verification branches: up to `candidates` chains drawn from an n-gram pool harvested from
+  earlier iterations. The output after g_j was computed from the window prefix g_1..g_j, so
+  (g_{j-n+2}, ..., g_j) -> output is an n-gram the model vouches for; chains follow the longest
+  known context (backing off to shorter ones), alternatives branch at the first token.
+
+Both are scored in the one pass and the verifier accepts the longest valid path, so the output is
+exactly plain decoding's. On a machine where the extra tokens cost more than they return (a CPU
+runs a wider pass slower), the strategy measures its own gain and falls back to plain steps,
+retrying the iteration now and then.
+"""
+
+from __future__ import annotations
+
+import time
+
+from argen.strategies.base import DecodeState
+from argen.strategies.speculative.base import Speculative
+from argen.strategies.speculative.tree import DraftTree
+
+POOL_PER_KEY = 2  # next tokens kept per context, most recent first
+
+
+class Jacobi(Speculative):
+    name = "jacobi"
+    sizes_own_drafts = True
+
+    def __init__(self, window: int = 4, ngram: int = 4, candidates: int = 2, adaptive: bool = True) -> None:
+        super().__init__(max_draft=max(window, ngram - 1), adaptive=adaptive)
+        if window < 1 or ngram < 2 or candidates < 0:
+            raise ValueError("need window >= 1, ngram >= 2 and candidates >= 0")
+        self.window, self.ngram, self.candidates = window, ngram, candidates
+
+    def start(self, state: DecodeState) -> None:
+        super().start(state)
+        # Initial guesses: tokens of the prompt (lookahead decoding starts from random vocabulary).
+        self._guesses = list(state.tokens[-self.window :]) * self.window
+        self._guesses = self._guesses[: self.window]
+        self._pool: dict[tuple[int, ...], list[int]] = {}
+        self._window_nodes: list[int] = []
+        self._gain, self._cost_ratio = 1.0, 1.0  # EMA of tokens per step and of step cost / plain cost
+        self._cooldown, self._backoff = 0, 4
+
+    def propose(self, state: DecodeState, k: int) -> DraftTree:
+        tree = DraftTree()
+        self._window_nodes = []
+        if k == 0 or self._cooldown > 0:
+            self._cooldown = max(0, self._cooldown - 1)
+            return tree
+        self._window_nodes = _insert(tree, self._guesses[:k], merge=False)
+        for first in self._next(state.tokens)[: self.candidates]:
+            chain = [first]
+            while len(chain) < k and (following := self._next(state.tokens + chain)):
+                chain.append(following[0])
+            _insert(tree, chain, merge=True)
+        return tree
+
+    def _next(self, context: list[int]) -> list[int]:
+        """Tokens the pool has seen after the longest matching suffix of `context`."""
+        for n in range(self.ngram - 1, 0, -1):
+            found = self._pool.get(tuple(context[-n:]))
+            if found:
+                return found
+        return []
+
+    def step(self, state: DecodeState) -> list[int]:
+        t0 = time.perf_counter()
+        self._window_nodes = []  # set by propose when this step runs an iteration
+        tokens = super().step(state)
+        if self._length is not None:
+            self._learn(len(tokens), time.perf_counter() - t0)
+        return tokens
+
+    def _learn(self, n_tokens: int, seconds: float) -> None:
+        """Compare the measured rate of lookahead steps with plain steps' (from the cost model)."""
+        if not self._window_nodes:
+            return
+        self._gain = 0.7 * self._gain + 0.3 * n_tokens
+        self._cost_ratio = 0.7 * self._cost_ratio + 0.3 * seconds / self._cost(1)
+        if self._gain / self._cost_ratio < 1.0:
+            self._cooldown, self._backoff = self._backoff, min(64, 2 * self._backoff)
+        else:
+            self._backoff = 4
+
+    def observe(self, state: DecodeState, verdict) -> None:
+        if not self._window_nodes:
+            return
+        # One Jacobi iteration: outputs after the root and after each guess.
+        rows = [0] + [node + 1 for node in self._window_nodes]
+        outputs = state.runtime.head(verdict.hidden[rows]).argmax(-1).tolist()
+        guesses = [state.tokens[-1]] + self._guesses[: len(self._window_nodes)]
+        # Harvest: the output after guess j was computed from everything before it in the window.
+        for j in range(len(guesses)):
+            for n in range(1, self.ngram):
+                if j - n + 1 < 0:
+                    break
+                kept = self._pool.setdefault(tuple(guesses[j - n + 1 : j + 1]), [])
+                if outputs[j] in kept:
+                    kept.remove(outputs[j])
+                kept.insert(0, outputs[j])
+                del kept[POOL_PER_KEY:]
+        # The next window starts after the new pending token: shift by what was emitted.
+        shift = len(verdict.tokens)
+        fresh = outputs[shift:] if shift < len(outputs) else []
+        filler = fresh[-1:] or outputs[-1:]
+        self._guesses = (fresh + filler * self.window)[: self.window]
+
+
+def _insert(tree: DraftTree, tokens: list[int], merge: bool) -> list[int]:
+    """Add a chain from the root (sharing existing nodes if `merge`); returns its node ids."""
+    parent, nodes = -1, []
+    for token in tokens:
+        node = tree.child(parent, token) if merge else None
+        parent = tree.add(token, parent) if node is None else node
+        nodes.append(parent)
+    return nodes

@@ -1,0 +1,158 @@
+"""The five proposers (prompt-lookup, ngram, jacobi, layer-skip, draft-model) through the shared
+verifier: greedy output equals plain greedy where drafts fail (tiny-random: its text never repeats)
+and where they succeed (a tiny model without attention: its greedy output falls into a cycle),
+same-seed sampling identity for deterministic drafts, an unchanged distribution for drawn ones,
+and a cache that holds exactly what a fresh prefill would after every step."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import chi2_contingency
+
+from argen.api import Generator
+from argen.engine import Request
+from argen.models import tiny as tiny_models
+from argen.models.llama import LlamaRuntime
+from argen.models.loading import LoadedModel
+from argen.sampling import SamplingParams
+from argen.strategies import make_strategy
+from argen.strategies.speculative import skip_calibration
+from argen.strategies.speculative.ngram import NGramTable
+
+STRATEGIES = [
+    {"name": "prompt-lookup"},
+    {"name": "ngram"},
+    {"name": "jacobi"},
+    {"name": "layer-skip", "skip_layers": [1], "skip_ffn": [2]},
+    {"name": "draft-model", "draft": "tiny-random@1"},
+    {"name": "draft-model", "draft": "tiny-random@1", "num_drafts": 3},
+]
+IDS = ["prompt-lookup", "ngram", "jacobi", "layer-skip", "draft-model", "multi-draft"]
+
+
+@pytest.fixture(scope="module")
+def looping():
+    """tiny-random with every attention output zeroed: the next token depends on the current one
+    only, so greedy decoding enters a cycle that lookup drafts then predict."""
+    model = tiny_models.tiny_llama(0)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+    runtime = LlamaRuntime(model.config, model.state_dict())
+    return Generator(LoadedModel("tiny-looping", runtime, tiny_models.byte_tokenizer(), lambda: model, {258}))
+
+
+@pytest.mark.parametrize("adaptive", [True, False])
+@pytest.mark.parametrize("spec", STRATEGIES, ids=IDS)
+def test_greedy_equals_plain_where_drafts_fail(tiny, spec, adaptive):
+    for prompt in ("no repeats here!", "abc abc abc abc abc abc"):
+        plain = tiny.generate(prompt, max_new_tokens=40, ignore_eos=True)
+        out = tiny.generate(prompt, max_new_tokens=40, ignore_eos=True, strategy=spec | {"adaptive": adaptive})
+        assert out.token_ids == plain.token_ids
+
+
+@pytest.mark.parametrize("spec", STRATEGIES, ids=IDS)
+def test_greedy_equals_plain_where_drafts_succeed(looping, spec):
+    plain = looping.generate("hello", max_new_tokens=60, ignore_eos=True)
+    assert len(set(plain.token_ids)) < 30, "the looping model should cycle"
+    if spec["name"] == "draft-model":
+        spec = spec | {"draft": looping}  # a draft that agrees: every draft accepted
+    out = looping.generate("hello", max_new_tokens=60, ignore_eos=True, strategy=spec | {"adaptive": False})
+    assert out.token_ids == plain.token_ids
+    assert out.stats.draft_tokens_accepted > 0
+    assert out.stats.forward_passes < plain.stats.forward_passes
+
+
+@pytest.mark.parametrize("spec", STRATEGIES[:3], ids=IDS[:3])
+def test_deterministic_drafts_sample_exactly_what_plain_samples(looping, spec):
+    for seed in range(3):
+        plain = looping.generate("hello", max_new_tokens=40, temperature=0.8, seed=seed, ignore_eos=True)
+        out = looping.generate("hello", max_new_tokens=40, temperature=0.8, seed=seed, ignore_eos=True,
+                               strategy=spec | {"adaptive": False})  # fmt: skip
+        assert out.token_ids == plain.token_ids
+
+
+def _pairs(gen, spec, seeds) -> list[tuple[int, ...]]:
+    return [tuple(gen.generate("ab ab ab", max_new_tokens=2, temperature=1.0, seed=s, ignore_eos=True,
+                               strategy=spec).token_ids) for s in seeds]  # fmt: skip
+
+
+@pytest.mark.parametrize("spec", [STRATEGIES[3], {"name": "draft-model", "draft": "tiny-random@1"},
+                                  {"name": "draft-model", "draft": "tiny-random@1", "num_drafts": 3}],
+                         ids=["layer-skip", "draft-model", "multi-draft"])  # fmt: skip
+def test_drawn_drafts_leave_the_distribution_unchanged(tiny, spec):
+    """Speculative sampling (one drawn draft) and SpecTr (three): the first two tokens over many
+    seeds are distributed as under plain sampling (chi-square on the first token and on pairs)."""
+    plain = _pairs(tiny, "plain", range(400))
+    spec_out = _pairs(tiny, spec | {"adaptive": False, "max_draft": 2}, range(10_000, 10_400))
+    for key in (lambda t: t[0], lambda t: t):
+        values = sorted({key(t) for t in plain + spec_out})
+        a = np.array([sum(key(t) == v for t in plain) for v in values], dtype=float)
+        b = np.array([sum(key(t) == v for t in spec_out) for v in values], dtype=float)
+        keep = (a + b) >= 10
+        table = np.vstack([np.append(a[keep], a[~keep].sum()), np.append(b[keep], b[~keep].sum())])
+        assert chi2_contingency(table[:, table.sum(0) > 0]).pvalue > 1e-3
+
+
+@pytest.mark.parametrize("spec", STRATEGIES, ids=IDS)
+def test_cache_after_every_step_equals_a_fresh_prefill(looping, tiny, spec):
+    """Up to float32 kernel-order error: even plain decoding differs from a one-pass prefill by ~3e-5."""
+    for gen in (tiny, looping):
+        strategy = make_strategy(spec | {"adaptive": False})
+        prompt = gen.encode("hello")
+        seq = gen.engine._start(0, Request(prompt, SamplingParams(max_new_tokens=40, ignore_eos=True), strategy))
+        while seq.finish_reason is None:
+            seq.accept(strategy.step(seq.state))
+            n = seq.state.cache.lengths[0]
+            assert n == len(seq.state.tokens) - 1
+        fresh = gen.runtime.new_cache(1, n + 1)
+        gen.runtime.forward(torch.tensor([seq.state.tokens[:-1]]), torch.arange(n)[None], fresh, num_logits=0)
+        assert torch.allclose(seq.state.cache.k[:, :, :, :n], fresh.k[:, :, :, :n], atol=1e-4)
+        assert torch.allclose(seq.state.cache.v[:, :, :, :n], fresh.v[:, :, :, :n], atol=1e-4)
+
+
+def test_ngram_table_counts_at_least_trigrams():
+    table = NGramTable(min_n=3, max_n=4)
+    table.update([1, 2, 3, 1, 2, 4, 1, 2, 3])
+    used, nxt = table.next_tokens([7, 1, 2], width=3)
+    assert used == (1, 2) and dict(nxt) == {3: 2 / 3, 4: 1 / 3}
+    used, nxt = table.next_tokens([2, 3, 1], width=3)
+    assert used == (2, 3, 1) and dict(nxt) == {2: 1.0}
+    assert table.next_tokens([9, 9, 9], width=3) == ((), [])
+
+
+def test_layer_skip_calibration_picks_valid_blocks_and_caches_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("ARGEN_CACHE_DIR", str(tmp_path))
+    gen = Generator(LoadedModel("t", LlamaRuntime(tiny_models.tiny_llama(3).config, tiny_models.tiny_llama(3).state_dict()),
+                                tiny_models.byte_tokenizer(), None, {258}))  # fmt: skip
+    from argen.strategies.speculative.adaptive import CostModel
+
+    blocks = skip_calibration.skipped_blocks(gen.runtime, CostModel.for_runtime(gen.runtime), 4)
+    n = gen.runtime.info.n_layers
+    assert all(kind in ("attn", "ffn") and 0 < i < n - 1 for kind, i in blocks)
+    assert list(tmp_path.glob("calibration/layer-skip-*.json"))
+    out = gen.generate("hello", max_new_tokens=20, strategy="layer-skip")
+    assert out.token_ids == gen.generate("hello", max_new_tokens=20).token_ids
+
+
+def test_strategy_option_errors_name_the_fix(tiny):
+    from argen.errors import InvalidRequestError
+
+    with pytest.raises(InvalidRequestError, match="draft=SOURCE"):
+        tiny.generate("x", strategy="draft-model")
+    with pytest.raises(InvalidRequestError, match="vocabulary"):
+        tiny.generate("x", strategy={"name": "draft-model", "draft": _Vocab()})
+    with pytest.raises(InvalidRequestError, match="min_n"):
+        tiny.generate("x", strategy={"name": "ngram", "min_n": 2})
+    gpt2 = __import__("argen").load("tiny-random-gpt2")
+    with pytest.raises(InvalidRequestError, match="native runtime"):
+        gpt2.generate("x", strategy={"name": "layer-skip", "skip_layers": [1]})
+
+
+class _Vocab:
+    """A stand-in draft runtime with another vocabulary size."""
+
+    class info:  # noqa: N801
+        vocab_size = 7
