@@ -6,9 +6,10 @@ from __future__ import annotations
 import torch
 
 from argen.cache import KVCache
-from argen.engine import DecodeBatch, Event, Request, Result
+from argen.engine import DecodeBatch, Event, Failure, Request, Result
 from argen.sampling import SamplingParams
 from argen.strategies import make_strategy
+from argen.strategies.plain import Plain
 
 
 def _fill(cache: KVCache, row: int, n: int, value: float) -> None:
@@ -87,3 +88,46 @@ def test_removing_a_sequence_leaves_the_others_unchanged(tiny):
             batch.remove([drop])
         out += [t for item in batch.step() if isinstance(item, Event) and item.index == 0 for t in item.token_ids]
     assert out == alone and keep.finish_reason == "length" and not batch.sequences
+
+
+def _drain(batch: DecodeBatch) -> tuple[dict[int, list[int]], list[Failure]]:
+    out: dict[int, list[int]] = {}
+    failures = []
+    while batch:
+        for item in batch.step():
+            if isinstance(item, Event):
+                out.setdefault(item.index, []).extend(item.token_ids)
+            elif isinstance(item, Failure):
+                failures.append(item)
+    return out, failures
+
+
+class _Broken(Plain):
+    """A strategy that fails on its third step (stands for any one request's bug)."""
+
+    name = "broken"
+    batchable = False
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def step(self, state):
+        self.steps += 1
+        if self.steps == 3:
+            raise RuntimeError("boom")
+        return super().step(state)
+
+
+def test_unbatchable_strategies_step_alongside_the_batch_and_fail_alone(tiny):
+    text = "abc abc abc abc abc"
+    lookup = Request(tiny.encode(text, chat=False), SamplingParams(max_new_tokens=20), make_strategy("prompt-lookup"))
+    broken = Request(tiny.encode("x", chat=False), SamplingParams(max_new_tokens=20), _Broken())
+    batch = DecodeBatch(tiny.engine)
+    batch.admit(0, _request(tiny, "plain one", 20))
+    batch.admit(1, lookup)
+    batch.admit(2, broken)
+    assert len(batch.sequences) == 1 and len(batch.solo) == 2
+    out, failures = _drain(batch)
+    assert out[0] == tiny.generate("plain one", chat=False, max_new_tokens=20).token_ids
+    assert out[1] == tiny.generate(text, chat=False, max_new_tokens=20).token_ids
+    assert [(f.index, str(f.error)) for f in failures] == [(2, "boom")] and len(out[2]) == 2

@@ -196,8 +196,11 @@ class Engine:
             batch = DecodeBatch(self)
             for i, request in enumerate(requests):
                 batch.admit(i, request)
-            while batch.sequences:
-                yield from batch.step()
+            while batch:
+                for item in batch.step():
+                    if isinstance(item, Failure):
+                        raise item.error
+                    yield item
             return
         for i, request in enumerate(requests):
             seq = self._start(i, request)
@@ -210,18 +213,35 @@ class Engine:
         return sorted(results, key=lambda r: r.index)
 
 
+@dataclass
+class Failure:
+    """A sequence of a DecodeBatch that raised: it has left the batch; the others go on."""
+
+    index: int
+    error: Exception
+
+
 class DecodeBatch:
-    """Plain decoding of a changing set of sequences, one forward pass per step for all of them.
-    Sequences join between steps (`admit` prefills the prompt into a new cache row) and leave when
-    they finish or are `remove`d, so a server can batch requests that arrive at any time."""
+    """A changing set of sequences decoding together. Plain sequences share one forward pass per
+    step (a cache row each); others (speculative strategies, the HF adapter) take one step of their
+    own per step. Sequences join between steps (`admit` prefills the prompt) and leave when they
+    finish or are `remove`d, so a server can batch requests that arrive at any time."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self.cache = engine.runtime.new_cache(0, 1)
-        self.sequences: list[_Sequence] = []
+        self.cache = engine.runtime.new_cache(0, 1) if hasattr(engine.runtime, "layers") else None
+        self.sequences: list[_Sequence] = []  # batched, in cache-row order
+        self.solo: list[_Sequence] = []  # each with its own cache
+
+    def __len__(self) -> int:
+        return len(self.sequences) + len(self.solo)
 
     def admit(self, index: int, request: Request) -> _Sequence:
-        """Prefill `request` into a new row; it decodes with the others from the next `step`."""
+        """Prefill `request`; it decodes with the others from the next `step`."""
+        if not self.engine.batchable(request):
+            seq = self.engine._start(index, request)
+            self.solo.append(seq)
+            return seq
         self.engine.validate(request)
         [r] = self.cache.add_rows(1, len(request.prompt_ids) + self.engine.budget(request) + 1)
         row = self.cache.row(r)
@@ -236,7 +256,8 @@ class DecodeBatch:
         return seq
 
     def remove(self, drop: list[_Sequence]) -> None:
-        """Drop sequences (finished or cancelled) and their cache rows."""
+        """Drop sequences (finished, failed or cancelled) and their caches."""
+        self.solo = [s for s in self.solo if s not in drop]
         keep = [r for r, seq in enumerate(self.sequences) if seq not in drop]
         if len(keep) == len(self.sequences):
             return
@@ -246,21 +267,42 @@ class DecodeBatch:
         else:  # idle: give the memory back (a long request may have grown every row)
             self.cache = self.engine.runtime.new_cache(0, 1)
 
-    def step(self) -> list[Event | Result]:
-        """One forward pass for every sequence: an Event each, then the Results of those that finished."""
-        device = self.engine.runtime.device
-        active = self.sequences
-        tokens = torch.tensor([[s.state.tokens[-1]] for s in active], device=device)
-        positions = torch.tensor([[len(s.state.tokens) - 1 + s.state.position_shift] for s in active], device=device)
-        logits, _ = self.engine.runtime.forward(tokens, positions, self.cache, num_logits=1)
-        items: list[Event | Result] = []
-        done = []
-        for r, seq in enumerate(active):
-            seq.state.counters.forward_passes += 1
-            items.append(seq.accept([seq.state.sample(logits[r, -1], seq.state.n_generated)]))
-            if seq.finish_reason is not None:
-                seq.stats.peak_kv_bytes = self.cache.bytes_per_position() * len(seq.state.tokens)
-                items.append(seq.result(seq.request.strategy))
+    def step(self) -> list[Event | Result | Failure]:
+        """One step of every sequence: an Event each, a Result for each that finished, a Failure
+        for each that raised (one sequence's error never stops the others)."""
+        items: list[Event | Result | Failure] = []
+        done: list[_Sequence] = []
+
+        def accept(seq: _Sequence, new_ids) -> None:
+            try:
+                items.append(seq.accept(new_ids() if callable(new_ids) else new_ids))
+                if seq.finish_reason is not None:
+                    if seq in self.sequences:
+                        seq.stats.peak_kv_bytes = self.cache.bytes_per_position() * len(seq.state.tokens)
+                    items.append(seq.result(seq.request.strategy))
+                    done.append(seq)
+            except Exception as exc:
+                items.append(Failure(seq.index, exc))
                 done.append(seq)
+
+        if self.sequences:
+            try:
+                logits = self._forward()
+            except Exception as exc:  # the shared pass failed: every batched sequence fails with it
+                items += [Failure(seq.index, exc) for seq in self.sequences]
+                done += self.sequences
+            else:
+                for r, seq in enumerate(self.sequences):
+                    seq.state.counters.forward_passes += 1
+                    accept(seq, lambda r=r, seq=seq: [seq.state.sample(logits[r, -1], seq.state.n_generated)])
+        for seq in self.solo:
+            accept(seq, lambda seq=seq: seq.request.strategy.step(seq.state))
         self.remove(done)
         return items
+
+    def _forward(self) -> torch.Tensor:
+        device, active = self.engine.runtime.device, self.sequences
+        tokens = torch.tensor([[s.state.tokens[-1]] for s in active], device=device)
+        positions = torch.tensor([[len(s.state.tokens) - 1] for s in active], device=device)
+        logits, _ = self.engine.runtime.forward(tokens, positions, self.cache, num_logits=1)
+        return logits
