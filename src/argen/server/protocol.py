@@ -199,4 +199,6 @@ def dump(model: BaseModel) -> dict[str, Any]:
     for choice in data.get("choices", []):
         if choice.get("token_ids") is None:
             choice.pop("token_ids", None)
+        if "delta" in choice:
+            choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
     return data
