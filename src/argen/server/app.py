@@ -16,7 +16,6 @@ from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from sse_starlette import EventSourceResponse
@@ -42,6 +41,11 @@ ERROR_RESPONSES = {
                          (503, "the server is shutting down")]
 }  # fmt: skip
 DISCONNECT_POLL_S = 0.5
+SSE_EVENT = {  # one server-sent event of a stream
+    "type": "object", "required": ["data"],
+    "properties": {"data": {"type": "string", "description": "a JSON chunk (chat.completion.chunk or text_completion; "
+                            "an error object if generation fails), or [DONE] at the end"}},
+}  # fmt: skip
 
 
 def create_app(gen: Generator, *, model_id: str | None = None, max_batch: int = 32, max_queue: int = 128,
@@ -93,7 +97,7 @@ def create_app(gen: Generator, *, model_id: str | None = None, max_batch: int = 
     def completion_responses(model) -> dict:
         ok = {"model": model, "description": "the completion, or with stream=true server-sent events "
               "(one JSON chunk per `data:` line, then `data: [DONE]`)",
-              "content": {"text/event-stream": {"schema": {"type": "string"}}}}  # fmt: skip
+              "content": {"text/event-stream": {"schema": SSE_EVENT}}}  # fmt: skip
         return {200: ok, **ERROR_RESPONSES}
 
     @app.post("/v1/completions", response_model=None, responses=completion_responses(p.CompletionResponse))
@@ -194,14 +198,16 @@ def create_app(gen: Generator, *, model_id: str | None = None, max_batch: int = 
     original_openapi = app.openapi
 
     def openapi() -> dict:
-        """The generated schema, plus what only this server knows: the model id it accepts."""
-        if app.openapi_schema is None:
-            schema = get_openapi(title=app.title, version=app.version, description=app.description,
-                                 routes=app.routes)  # fmt: skip
-            for name in ("CompletionRequest", "ChatCompletionRequest"):
-                schema["components"]["schemas"][name]["properties"]["model"]["enum"] = [model_id]
-            app.openapi_schema = schema
-        return original_openapi()
+        """The generated schema (cached by FastAPI), plus what only this server knows: the model id
+        and the max_tokens limit."""
+        schema = original_openapi()
+        for name in ("CompletionRequest", "ChatCompletionRequest"):
+            properties = schema["components"]["schemas"][name]["properties"]
+            properties["model"]["enum"] = [model_id]
+            for field in ("max_tokens", "max_completion_tokens"):
+                if field in properties:
+                    properties[field]["anyOf"][0]["maximum"] = limit
+        return schema
 
     app.openapi = openapi
     return app

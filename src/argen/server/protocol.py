@@ -11,6 +11,10 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 SEED_MAX = 2**63 - 1
+# What the schema advertises for OpenAI fields argen does not implement. The models still accept any
+# value of the field's type, so that a value out of range gets a 400 saying what to do instead.
+ONLY_0 = {"minimum": 0, "maximum": 0}
+ONLY_1 = {"minimum": 1, "maximum": 1}
 
 
 class _Body(BaseModel):
@@ -37,14 +41,17 @@ class _Sampling(_Body):
     )
     temperature: Annotated[float, Field(ge=0, le=2)] = Field(1.0, description="0 means greedy")
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
-    n: Annotated[int, Field(ge=1)] = Field(1, description="only 1 is supported")
+    n: Annotated[int, Field(ge=1)] = Field(1, description="only 1 is supported", json_schema_extra=ONLY_1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
+    stop: Annotated[str, Field(min_length=1)] | list[Annotated[str, Field(min_length=1)]] | None = None
     seed: Annotated[int, Field(ge=0, le=SEED_MAX)] | None = None
-    presence_penalty: float = Field(0.0, description="not supported: only 0 (use repetition_penalty)")
-    frequency_penalty: float = Field(0.0, description="not supported: only 0 (use repetition_penalty)")
-    logit_bias: dict[str, float] | None = Field(None, description="not supported: only null or {}")
+    presence_penalty: float = Field(0.0, description="not supported: only 0 (use repetition_penalty)",
+                                    json_schema_extra=ONLY_0)
+    frequency_penalty: float = Field(0.0, description="not supported: only 0 (use repetition_penalty)",
+                                     json_schema_extra=ONLY_0)
+    logit_bias: dict[str, float] | None = Field(None, description="not supported: only null or {}",
+                                                json_schema_extra={"maxProperties": 0})
     user: str | None = None
     # argen extensions
     top_k: Annotated[int, Field(ge=0)] = Field(0, description="argen extension: 0 turns it off")
@@ -62,10 +69,10 @@ class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]] = Field(
         description="one prompt: text (tokenized as it is, no chat template) or token ids"
     )
-    echo: bool = Field(False, description="not supported: only false")
-    logprobs: int | None = Field(None, description="not supported: only null")
-    suffix: str | None = Field(None, description="not supported: only null")
-    best_of: int | None = Field(None, description="not supported: only null or 1")
+    echo: bool = Field(False, description="not supported: only false", json_schema_extra={"enum": [False]})
+    logprobs: int | None = Field(None, description="not supported: only null", json_schema_extra={"type": "null"})
+    suffix: str | None = Field(None, description="not supported: only null", json_schema_extra={"type": "null"})
+    best_of: int | None = Field(None, description="not supported: only null or 1", json_schema_extra=ONLY_1)
 
 
 class TextPart(_Body):
@@ -82,8 +89,8 @@ class ChatMessage(_Body):
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = Field(None, description="same as max_tokens")
-    logprobs: bool = Field(False, description="not supported: only false")
-    top_logprobs: int | None = Field(None, description="not supported: only null")
+    logprobs: bool = Field(False, description="not supported: only false", json_schema_extra={"enum": [False]})
+    top_logprobs: int | None = Field(None, description="not supported: only null", json_schema_extra={"type": "null"})
 
 
 # -- responses ---------------------------------------------------------------------------------
