@@ -150,6 +150,20 @@ def test_disconnect_mid_stream_frees_the_slot(small_server):
     assert tokens < 1500, "the disconnected request ran to the end"
 
 
+def test_abandoned_non_streaming_request_is_cancelled(small_server):
+    url, _ = small_server
+    before = httpx.get(f"{url}/metrics").text
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+        httpx.post(f"{url}/v1/completions", timeout=1.0,
+                   json={"model": MODEL, "prompt": "slow", "max_tokens": 2000, "ignore_eos": True})  # fmt: skip
+    out = client(url).completions.create(model=MODEL, prompt="next", max_tokens=4, temperature=0)
+    assert out.usage.completion_tokens == 4
+    after = httpx.get(f"{url}/metrics").text
+    assert metric(after, "argen_generation_tokens_total") - metric(before, "argen_generation_tokens_total") < 2000
+    cancelled = metric(after, "argen_requests_total", endpoint="completions", outcome="cancelled")
+    assert cancelled - metric(before, "argen_requests_total", endpoint="completions", outcome="cancelled") == 1
+
+
 def test_full_queue_answers_429_with_retry_after(small_server):
     url, _ = small_server
     c = client(url)

@@ -149,20 +149,25 @@ def create_app(gen: Generator, *, model_id: str | None = None, max_batch: int = 
         return JSONResponse(shape.response(result))
 
     async def collect(ticket: Ticket, request: HTTPRequest) -> Result:
-        """Wait for the Result; a client that hangs up cancels the generation."""
+        """Wait for the Result; a client that hangs up cancels the generation (checked every
+        DISCONNECT_POLL_S, whether or not tokens are arriving)."""
+        loop = asyncio.get_running_loop()
+        next_check = loop.time() + DISCONNECT_POLL_S
         try:
             while True:
                 try:
-                    item = await asyncio.wait_for(ticket.queue.get(), DISCONNECT_POLL_S)
+                    item = await asyncio.wait_for(ticket.queue.get(), max(0.01, next_check - loop.time()))
                 except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        scheduler.cancel(ticket)
-                        raise APIError(499, "client closed the request", code="client_closed") from None
-                    continue
+                    item = None
                 if isinstance(item, Result):
                     return item
                 if isinstance(item, Exception):
                     raise _generation_error(item)
+                if loop.time() >= next_check:
+                    next_check = loop.time() + DISCONNECT_POLL_S
+                    if await request.is_disconnected():
+                        scheduler.cancel(ticket)
+                        raise APIError(499, "client closed the request", code="client_closed")
         except asyncio.CancelledError:
             scheduler.cancel(ticket)
             raise
