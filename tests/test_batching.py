@@ -131,3 +131,15 @@ def test_unbatchable_strategies_step_alongside_the_batch_and_fail_alone(tiny):
     assert out[0] == tiny.generate("plain one", chat=False, max_new_tokens=20).token_ids
     assert out[1] == tiny.generate(text, chat=False, max_new_tokens=20).token_ids
     assert [(f.index, str(f.error)) for f in failures] == [(2, "boom")] and len(out[2]) == 2
+
+
+def test_hf_adapter_sequences_step_one_by_one_in_a_batch(tiny_gpt2):
+    prompts = [("first", 12), ("a second prompt", 7)]
+    batch = DecodeBatch(tiny_gpt2.engine)
+    for i, (p, n) in enumerate(prompts):
+        batch.admit(i, _request(tiny_gpt2, p, n))
+    assert batch.cache is None and len(batch.solo) == 2
+    out, failures = _drain(batch)
+    assert not failures
+    for i, (p, n) in enumerate(prompts):
+        assert out[i] == tiny_gpt2.generate(p, chat=False, max_new_tokens=n).token_ids

@@ -309,3 +309,12 @@ def test_sigterm_drains_in_flight_requests_then_exits_0():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_serve_command_rejects_bad_options_before_loading(capsys):
+    from argen.cli import main
+
+    assert main(["serve", "--max-batch", "0"]) == 2
+    assert "--max-batch and --max-tokens must be >= 1" in capsys.readouterr().err
+    assert main(["serve", "--port", "70000"]) == 2
+    assert "--port must be in 0..65535" in capsys.readouterr().err
