@@ -328,3 +328,24 @@ def test_serve_command_rejects_bad_options_before_loading(capsys):
     assert "--max-batch and --max-tokens must be >= 1" in capsys.readouterr().err
     assert main(["serve", "--port", "70000"]) == 2
     assert "--port must be in 0..65535" in capsys.readouterr().err
+
+
+@pytest.mark.real
+def test_real_model_concurrent_chat_matches_running_alone(real, spec_bench_questions):
+    prompts = [q["turns"][0] for q in spec_bench_questions if len(q["turns"][0]) < 400][:6]
+    want = [real.generate(p, max_new_tokens=24) for p in prompts]
+    got: list = [None] * len(prompts)
+    with running_server(real, model_id="default") as (url, _):
+        def run(i: int) -> None:
+            out = client(url).chat.completions.create(model="default", temperature=0, max_tokens=24,
+                                                      messages=[{"role": "user", "content": prompts[i]}],
+                                                      extra_body={"return_token_ids": True})  # fmt: skip
+            got[i] = out.choices[0].token_ids
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+    for ids, ref in zip(got, want):
+        assert_same_or_near_tie(real.model.hf_model, ref.prompt_ids, ids, ref.token_ids)
