@@ -143,3 +143,27 @@ def test_hf_adapter_sequences_step_one_by_one_in_a_batch(tiny_gpt2):
     assert not failures
     for i, (p, n) in enumerate(prompts):
         assert out[i] == tiny_gpt2.generate(p, chat=False, max_new_tokens=n).token_ids
+
+
+def test_ragged_decode_step_matches_each_row_alone(tiny):
+    """One token per row at different cache lengths: each row attends over its own keys only
+    (LlamaRuntime._ragged_attention) and gets the logits it would get alone."""
+    runtime = tiny.runtime
+    prompts = [list(range(1, 6)), list(range(10, 40)), list(range(50, 62))]
+    batch = runtime.new_cache(0, 1)
+    batch.add_rows(len(prompts), 64)
+    alone = []
+    for r, ids in enumerate(prompts):
+        row = batch.row(r)
+        runtime.forward(torch.tensor([ids[:-1]]), torch.arange(len(ids) - 1)[None], row, num_logits=0)
+        batch.lengths[r] = row.lengths[0]
+        solo = runtime.new_cache(1, 64)
+        runtime.forward(torch.tensor([ids[:-1]]), torch.arange(len(ids) - 1)[None], solo, num_logits=0)
+        logits, _ = runtime.forward(torch.tensor([[ids[-1]]]), torch.tensor([[len(ids) - 1]]), solo, num_logits=1)
+        alone.append(logits[0, -1])
+    tokens = torch.tensor([[ids[-1]] for ids in prompts])
+    positions = torch.tensor([[len(ids) - 1] for ids in prompts])
+    logits, _ = runtime.forward(tokens, positions, batch, num_logits=1)
+    for r, want in enumerate(alone):
+        torch.testing.assert_close(logits[r, -1], want, rtol=1e-5, atol=1e-5)
+    assert batch.lengths == [len(ids) for ids in prompts]
