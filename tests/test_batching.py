@@ -145,7 +145,7 @@ def test_hf_adapter_sequences_step_one_by_one_in_a_batch(tiny_gpt2):
         assert out[i] == tiny_gpt2.generate(p, chat=False, max_new_tokens=n).token_ids
 
 
-def test_ragged_decode_step_matches_each_row_alone(tiny):
+def test_ragged_decode_step_matches_each_row_alone(tiny, monkeypatch):
     """One token per row at different cache lengths: each row attends over its own keys only
     (LlamaRuntime._ragged_attention) and gets the logits it would get alone."""
     runtime = tiny.runtime
@@ -163,7 +163,11 @@ def test_ragged_decode_step_matches_each_row_alone(tiny):
         alone.append(logits[0, -1])
     tokens = torch.tensor([[ids[-1]] for ids in prompts])
     positions = torch.tensor([[len(ids) - 1] for ids in prompts])
+    calls = []
+    ragged = runtime._ragged_attention
+    monkeypatch.setattr(runtime, "_ragged_attention", lambda *a: calls.append(1) or ragged(*a))
     logits, _ = runtime.forward(tokens, positions, batch, num_logits=1)
+    assert len(calls) == runtime.info.n_layers
     for r, want in enumerate(alone):
         torch.testing.assert_close(logits[r, -1], want, rtol=1e-4, atol=1e-4)  # batched matmuls: last bits
         assert int(logits[r, -1].argmax()) == int(want.argmax())
