@@ -1,4 +1,4 @@
-"""The `argen` command line: `generate`, `models` and `bench`.
+"""The `argen` command line: `generate`, `models`, `bench` and `serve`.
 
 Errors caused by the user's input are printed as one line, `argen: error: ...`, with exit code 2;
 a traceback means a bug. Only the completion (or its JSON) goes to stdout; everything else goes to
@@ -158,14 +158,50 @@ def _bench(args: argparse.Namespace) -> int:
     return run(parser.parse_args(args.bench_args))
 
 
+# -- serve -------------------------------------------------------------------------------------
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
+                       description="Serve a model over an OpenAI-compatible HTTP API with continuous batching.")  # fmt: skip
+    p.add_argument("--model", default="default", help="model source; see 'argen models' (default: %(default)s)")
+    p.add_argument("--host", default="127.0.0.1", help="default: %(default)s")
+    p.add_argument("--port", type=int, default=8000, help="default: %(default)s")
+    p.add_argument("--runtime", default="auto", choices=("auto", "native", "hf"))
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--max-batch", type=int, default=32, help="requests decoding at once (default: %(default)s)")
+    p.add_argument("--max-queue", type=int, default=128,
+                   help="requests waiting for a slot before new ones get 429 (default: %(default)s)")  # fmt: skip
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="largest max_tokens a request may ask for (default: the model's context)")  # fmt: skip
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    p.set_defaults(handler=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    if args.max_batch < 1 or args.max_queue < 0 or (args.max_tokens is not None and args.max_tokens < 1):
+        raise ArgenError("--max-batch and --max-tokens must be >= 1 and --max-queue >= 0")
+    if not 0 <= args.port <= 65535:
+        raise ArgenError(f"--port must be in 0..65535; got {args.port}")
+    try:
+        from argen.server.serve import serve
+    except ImportError as exc:
+        raise ArgenError(f"the server needs fastapi, uvicorn, sse-starlette and prometheus-client ({exc})") from exc
+    from argen.api import load
+
+    gen = load(args.model, runtime=args.runtime, device=args.device, dtype=args.dtype)
+    return serve(gen, args.host, args.port, max_batch=args.max_batch, max_queue=args.max_queue,
+                 max_tokens_limit=args.max_tokens, log_level=args.log_level, model_id=args.model)  # fmt: skip
+
+
 # -- main --------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="One engine for autoregressive generation.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,models,bench}",
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,models,bench,serve}",
                                 parser_class=_Parser)  # fmt: skip
     _add_generate(sub)
     _add_models(sub)
     _add_bench(sub)
+    _add_serve(sub)
     return parser
 
 

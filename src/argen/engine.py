@@ -156,12 +156,20 @@ class Engine:
         if bad:
             raise InvalidRequestError(f"prompt token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})")
 
+    def budget(self, request: Request) -> int:
+        """How many tokens the request may generate: max_new_tokens, capped by the context."""
+        return min(request.params.max_new_tokens, self.runtime.info.max_positions - len(request.prompt_ids))
+
+    def batchable(self, request: Request) -> bool:
+        """Whether the request can decode in a shared batch (plain decoding on the native runtime)."""
+        return request.strategy.batchable and request.prompt_positions is None and hasattr(self.runtime, "layers")
+
     def _start(self, index: int, request: Request, cache=None) -> _Sequence:
         """Prefill all prompt tokens but the last into a fresh cache (or the given one)."""
         self.validate(request)
         prompt = request.prompt_ids
         context = self.runtime.info.max_positions
-        budget = min(request.params.max_new_tokens, context - len(prompt))
+        budget = self.budget(request)
         if cache is None:
             cache = self.runtime.new_cache(1, min(context, len(prompt) + budget + DRAFT_SLACK))
         state = DecodeState(self.runtime, cache, Sampler(request.params), list(prompt), len(prompt), budget)
@@ -184,9 +192,15 @@ class Engine:
         """Yield token Events as they are produced and each request's Result when it finishes."""
         for r in requests:
             self.validate(r)
-        batchable = all(r.strategy.batchable and r.prompt_positions is None for r in requests)
-        if len(requests) > 1 and batchable and hasattr(self.runtime, "layers"):
-            yield from self._stream_batched(requests)
+        if len(requests) > 1 and all(self.batchable(r) for r in requests):
+            batch = DecodeBatch(self)
+            for i, request in enumerate(requests):
+                batch.admit(i, request)
+            while batch:
+                for item in batch.step():
+                    if isinstance(item, Failure):
+                        raise item.error
+                    yield item
             return
         for i, request in enumerate(requests):
             seq = self._start(i, request)
@@ -194,35 +208,101 @@ class Engine:
                 yield seq.accept(request.strategy.step(seq.state))
             yield seq.result(request.strategy)
 
-    def _stream_batched(self, requests: list[Request]) -> Iterator[Event | Result]:
-        """Plain decoding of many sequences in one forward pass per step; finished rows leave."""
-        context = self.runtime.info.max_positions
-        longest = max(len(r.prompt_ids) + r.params.max_new_tokens for r in requests)
-        cache = self.runtime.new_cache(len(requests), min(context, longest + 1))
-        active: list[_Sequence] = []
-        for i, request in enumerate(requests):
-            row = cache.row(i)
-            seq = self._start(i, request, cache=row)
-            cache.lengths[i] = row.lengths[0]
-            seq.state.cache = cache
-            active.append(seq)
-        while active:
-            tokens = torch.tensor([[s.state.tokens[-1]] for s in active], device=self.runtime.device)
-            positions = torch.tensor([[len(s.state.tokens) - 1] for s in active], device=self.runtime.device)
-            logits, _ = self.runtime.forward(tokens, positions, cache, num_logits=1)
-            still = []
-            for r, seq in enumerate(active):
-                seq.state.counters.forward_passes += 1
-                yield seq.accept([seq.state.sample(logits[r, -1], seq.state.n_generated)])
-                if seq.finish_reason is None:
-                    still.append(r)
-                else:
-                    seq.stats.peak_kv_bytes = cache.bytes_per_position() * len(seq.state.tokens)
-                    yield seq.result(seq.request.strategy)
-            if len(still) < len(active):
-                cache.select(still)
-                active = [active[r] for r in still]
-
     def run(self, requests: list[Request]) -> list[Result]:
         results = [item for item in self.stream(requests) if isinstance(item, Result)]
         return sorted(results, key=lambda r: r.index)
+
+
+@dataclass
+class Failure:
+    """A sequence of a DecodeBatch that raised: it has left the batch; the others go on."""
+
+    index: int
+    error: Exception
+
+
+class DecodeBatch:
+    """A changing set of sequences decoding together. Plain sequences share one forward pass per
+    step (a cache row each); others (speculative strategies, the HF adapter) take one step of their
+    own per step. Sequences join between steps (`admit` prefills the prompt) and leave when they
+    finish or are `remove`d, so a server can batch requests that arrive at any time."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.cache = engine.runtime.new_cache(0, 1) if hasattr(engine.runtime, "layers") else None
+        self.sequences: list[_Sequence] = []  # batched, in cache-row order
+        self.solo: list[_Sequence] = []  # each with its own cache
+
+    def __len__(self) -> int:
+        return len(self.sequences) + len(self.solo)
+
+    def admit(self, index: int, request: Request) -> _Sequence:
+        """Prefill `request`; it decodes with the others from the next `step`."""
+        if not self.engine.batchable(request):
+            seq = self.engine._start(index, request)
+            self.solo.append(seq)
+            return seq
+        self.engine.validate(request)
+        [r] = self.cache.add_rows(1, len(request.prompt_ids) + self.engine.budget(request) + 1)
+        row = self.cache.row(r)
+        try:
+            seq = self.engine._start(index, request, cache=row)
+        except BaseException:
+            self.cache.select(list(range(r)))
+            raise
+        self.cache.lengths[r] = row.lengths[0]
+        seq.state.cache = self.cache
+        self.sequences.append(seq)
+        return seq
+
+    def remove(self, drop: list[_Sequence]) -> None:
+        """Drop sequences (finished, failed or cancelled) and their caches."""
+        self.solo = [s for s in self.solo if s not in drop]
+        keep = [r for r, seq in enumerate(self.sequences) if seq not in drop]
+        if len(keep) == len(self.sequences):
+            return
+        self.sequences = [self.sequences[r] for r in keep]
+        if self.sequences:
+            self.cache.select(keep)
+        else:  # idle: give the memory back (a long request may have grown every row)
+            self.cache = self.engine.runtime.new_cache(0, 1)
+
+    def step(self) -> list[Event | Result | Failure]:
+        """One step of every sequence: an Event each, a Result for each that finished, a Failure
+        for each that raised (one sequence's error never stops the others)."""
+        items: list[Event | Result | Failure] = []
+        done: list[_Sequence] = []
+
+        def accept(seq: _Sequence, new_ids) -> None:
+            try:
+                items.append(seq.accept(new_ids() if callable(new_ids) else new_ids))
+                if seq.finish_reason is not None:
+                    if seq in self.sequences:
+                        seq.stats.peak_kv_bytes = self.cache.bytes_per_position() * len(seq.state.tokens)
+                    items.append(seq.result(seq.request.strategy))
+                    done.append(seq)
+            except Exception as exc:
+                items.append(Failure(seq.index, exc))
+                done.append(seq)
+
+        if self.sequences:
+            try:
+                logits = self._forward()
+            except Exception as exc:  # the shared pass failed: every batched sequence fails with it
+                items += [Failure(seq.index, exc) for seq in self.sequences]
+                done += self.sequences
+            else:
+                for r, seq in enumerate(self.sequences):
+                    seq.state.counters.forward_passes += 1
+                    accept(seq, lambda r=r, seq=seq: [seq.state.sample(logits[r, -1], seq.state.n_generated)])
+        for seq in self.solo:
+            accept(seq, lambda seq=seq: seq.request.strategy.step(seq.state))
+        self.remove(done)
+        return items
+
+    def _forward(self) -> torch.Tensor:
+        device, active = self.engine.runtime.device, self.sequences
+        tokens = torch.tensor([[s.state.tokens[-1]] for s in active], device=device)
+        positions = torch.tensor([[len(s.state.tokens) - 1] for s in active], device=device)
+        logits, _ = self.engine.runtime.forward(tokens, positions, self.cache, num_logits=1)
+        return logits

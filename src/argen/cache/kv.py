@@ -63,8 +63,44 @@ class KVCache:
             raise ValueError(f"KV cache overflow: {longest} positions needed, {self.max_len} allocated")
         self.peak_length = max(self.peak_length, longest)
 
+    def add_rows(self, n: int, max_len: int | None = None) -> list[int]:
+        """Append `n` empty rows and grow every row to hold at least `max_len` positions; returns
+        the new rows' indices. A serving loop admits requests one at a time, so storage is
+        reallocated only when it is too small, and then with room to spare (rows rounded up to a
+        power of two, length to a multiple of 64): the rows in use are a view of it, and `select` compacts in place."""
+        rows, length = self.batch_size + n, max(self.max_len, max_len or 0)
+        store = getattr(self, "_store", None)
+        fits = (
+            store is not None
+            and self.k.data_ptr() == store[0].data_ptr()
+            and store[0].shape[1] >= rows
+            and store[0].shape[3] >= length
+        )
+        if not fits:
+            n_layers, _, heads, _, dim = self.k.shape
+            shape = (n_layers, 1 << (rows - 1).bit_length(), heads, -(-length // 64) * 64, dim)
+            store = tuple(torch.zeros(shape, dtype=self.k.dtype, device=self.k.device) for _ in range(2))
+            for new, old in zip(store, (self.k, self.v)):
+                new[:, : self.batch_size, :, : self.max_len] = old
+            self._store = store
+        first = self.batch_size
+        self.k, self.v = self._store[0][:, :rows], self._store[1][:, :rows]
+        self.lengths += [0] * n
+        return list(range(first, rows))
+
     def select(self, rows: list[int]) -> None:
         """Keep (and reorder, or repeat) the given rows: beams and finished batch rows use this."""
+        store = getattr(self, "_store", None)
+        if store is not None and self.k.data_ptr() == store[0].data_ptr() and rows == sorted(set(rows)):
+            # Rows dropped from storage grown by add_rows: move the later rows up, used slots only.
+            for j, r in enumerate(rows):
+                if j != r:
+                    n = self.lengths[r]
+                    for t in store:
+                        t[:, j, :, :n] = t[:, r, :, :n]
+            self.k, self.v = store[0][:, : len(rows)], store[1][:, : len(rows)]
+            self.lengths = [self.lengths[r] for r in rows]
+            return
         index = torch.tensor(rows, dtype=torch.long, device=self.k.device)
         self.k = self.k.index_select(1, index)
         self.v = self.v.index_select(1, index)

@@ -147,7 +147,10 @@ class LlamaRuntime:
         x = F.embedding(tokens, self.embed)
         cos = self.cos[positions].unsqueeze(1)  # [B, 1, T, D]
         sin = self.sin[positions].unsqueeze(1)
-        attn_mask, is_causal, n_keys = self._attention_mask(starts, n_new, mask)
+        # One new token per row and rows of different lengths (continuous batching): each row
+        # attends over its own keys only, instead of every row over the longest row's length.
+        ragged = n_new == 1 and mask is None and len(set(starts)) > 1
+        attn_mask, is_causal, n_keys = (None, False, 0) if ragged else self._attention_mask(starts, n_new, mask)
         write = self._cache_writer(starts, n_new)
         info = self.info
         for i, layer in enumerate(self.layers):
@@ -161,10 +164,13 @@ class LlamaRuntime:
                 q = q * cos + rotate_half(q) * sin
                 k = k * cos + rotate_half(k) * sin
                 keys, values = write(cache.k[i], cache.v[i], k, v)
-                out = F.scaled_dot_product_attention(
-                    q, keys[:, :, :n_keys], values[:, :, :n_keys],
-                    attn_mask=attn_mask, is_causal=is_causal, enable_gqa=info.n_kv_heads != info.n_heads,
-                )  # fmt: skip
+                if ragged:
+                    out = self._ragged_attention(q, keys, values, starts)
+                else:
+                    out = F.scaled_dot_product_attention(
+                        q, keys[:, :, :n_keys], values[:, :, :n_keys],
+                        attn_mask=attn_mask, is_causal=is_causal, enable_gqa=info.n_kv_heads != info.n_heads,
+                    )  # fmt: skip
                 x = x + F.linear(out.transpose(1, 2).reshape(batch, n_new, self.q_size), layer.wo)
             if plan is None or plan.ffn[i]:
                 h = rms_norm(x, layer.ffn_norm, self.eps)
@@ -183,6 +189,16 @@ class LlamaRuntime:
         if self.lm_head_t is not None and hidden.numel() == hidden.shape[-1]:
             return hidden @ self.lm_head_t
         return F.linear(hidden, self.lm_head)
+
+    def _ragged_attention(self, q, keys, values, starts: list[int]) -> torch.Tensor:
+        """Decode attention for rows of different lengths, row by row. A padded mask makes every
+        row read the cache up to the longest row (measured: 1.5x slower steps for 16 Spec-Bench
+        prompts of 40..769 tokens); and each row makes the very call a lone sequence makes, so a
+        batched row computes what it would alone."""
+        gqa = self.info.n_kv_heads != self.info.n_heads
+        return torch.cat([F.scaled_dot_product_attention(q[r : r + 1], keys[r : r + 1, :, : s + 1],
+                                                         values[r : r + 1, :, : s + 1], enable_gqa=gqa)
+                          for r, s in enumerate(starts)])  # fmt: skip
 
     def _attention_mask(self, starts: list[int], n_new: int, mask: torch.Tensor | None):
         """(attn_mask, is_causal, number of key slots) for SDPA. The common cases (one sequence,

@@ -1,0 +1,266 @@
+"""The HTTP layer: OpenAI-compatible routes over the Scheduler, errors in OpenAI's shape.
+
+Handlers only parse, check and translate: `params.build_request` turns a body into an argen
+Request (every 400 comes from there, before anything is queued), the Scheduler runs it, and the
+handler turns the Events it receives into a JSON response or server-sent events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi import Request as HTTPRequest
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from sse_starlette import EventSourceResponse
+from sse_starlette.sse import AppStatus
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import argen
+from argen.api import Generator
+from argen.engine import Event, Result
+from argen.errors import ArgenError
+from argen.server import protocol as p
+from argen.server.errors import APIError, validation_message
+from argen.server.metrics import Metrics
+from argen.server.params import build_request
+from argen.server.scheduler import Draining, QueueFull, Scheduler, Ticket
+
+log = logging.getLogger("argen.server")
+ERROR_RESPONSES = {
+    status: {"model": p.ErrorResponse, "description": text}
+    for status, text in [(400, "a parameter is invalid or unsupported (the message says which)"),
+                         (404, "the model is not served here"), (422, "the body does not match the schema"),
+                         (429, "the queue is full; retry after Retry-After seconds"),
+                         (503, "the server is shutting down")]
+}  # fmt: skip
+DISCONNECT_POLL_S = 0.5
+SSE_EVENT = {  # one server-sent event of a stream
+    "type": "object", "required": ["data"],
+    "properties": {"data": {"type": "string", "description": "a JSON chunk (chat.completion.chunk or text_completion; "
+                            "an error object if generation fails), or [DONE] at the end"}},
+}  # fmt: skip
+
+
+def create_app(gen: Generator, *, model_id: str | None = None, max_batch: int = 32, max_queue: int = 128,
+               max_tokens_limit: int | None = None) -> FastAPI:  # fmt: skip
+    """A FastAPI app serving `gen`. Its scheduler thread starts with the app (or on the first
+    request) and, at shutdown, finishes the requests in flight before it stops."""
+    model_id = model_id or gen.name
+    context = gen.runtime.info.max_positions
+    limit = min(max_tokens_limit or context, context)
+    metrics = Metrics()
+    scheduler = Scheduler(gen.engine, metrics, max_batch=max_batch, max_queue=max_queue)
+    # sse-starlette would cut every stream on SIGTERM; we drain them instead (uvicorn waits for them).
+    AppStatus.disable_automatic_graceful_drain()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        scheduler.start()
+        yield
+        await asyncio.to_thread(scheduler.stop)
+
+    app = FastAPI(title="argen", version=argen.__version__,
+                  description="OpenAI-compatible API over argen, with continuous batching.", lifespan=lifespan)  # fmt: skip
+    app.state.scheduler, app.state.metrics, app.state.generator = scheduler, metrics, gen
+
+    # -- errors --------------------------------------------------------------------------------
+    @app.exception_handler(APIError)
+    async def _api_error(request: HTTPRequest, exc: APIError):
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: HTTPRequest, exc: RequestValidationError):
+        message, param = validation_message(jsonable_encoder(exc.errors()))
+        metrics.requests.labels(_endpoint(request), "rejected_422").inc()
+        return APIError(422, message, param=param, code="invalid_body").response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: HTTPRequest, exc: StarletteHTTPException):
+        message = {404: f"no route {request.method} {request.url.path}; see /docs for the API",
+                   405: f"{request.method} is not allowed on {request.url.path}; see /docs"}.get(exc.status_code, str(exc.detail))  # fmt: skip
+        return APIError(exc.status_code, message, code="not_found" if exc.status_code == 404 else None,
+                        headers=getattr(exc, "headers", None)).response()  # fmt: skip
+
+    @app.exception_handler(Exception)
+    async def _internal(request: HTTPRequest, exc: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        return APIError(500, f"internal error: {exc!r}", code="internal_error").response()
+
+    # -- routes --------------------------------------------------------------------------------
+    def completion_responses(model) -> dict:
+        ok = {"model": model, "description": "the completion, or with stream=true server-sent events "
+              "(one JSON chunk per `data:` line, then `data: [DONE]`)",
+              "content": {"text/event-stream": {"schema": SSE_EVENT}}}  # fmt: skip
+        return {200: ok, **ERROR_RESPONSES}
+
+    @app.post("/v1/completions", response_model=None, responses=completion_responses(p.CompletionResponse))
+    async def completions(body: p.CompletionRequest, request: HTTPRequest) -> Response:
+        return await generate(body, request, "completions")
+
+    @app.post("/v1/chat/completions", response_model=None,
+              responses=completion_responses(p.ChatCompletionResponse))  # fmt: skip
+    async def chat_completions(body: p.ChatCompletionRequest, request: HTTPRequest) -> Response:
+        return await generate(body, request, "chat")
+
+    @app.get("/v1/models", response_model=p.ModelList)
+    async def models() -> p.ModelList:
+        return p.ModelList(data=[p.ModelCard(id=model_id, created=p.now(), context_length=context)])
+
+    @app.get("/health", response_model=p.Health, responses={503: {"model": p.Health}})
+    async def health() -> JSONResponse:
+        status = "draining" if scheduler.draining else "ok"
+        body = p.Health(status=status, model=model_id, running=scheduler.n_running, waiting=scheduler.n_waiting)
+        return JSONResponse(p.dump(body), status_code=503 if scheduler.draining else 200)
+
+    @app.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    # -- generation ----------------------------------------------------------------------------
+    async def generate(body, request: HTTPRequest, endpoint: str) -> Response:
+        try:
+            if scheduler.draining:
+                raise Draining()
+            ticket = scheduler.submit(build_request(gen, model_id, body, limit), endpoint)
+        except APIError as exc:
+            metrics.requests.labels(endpoint, f"rejected_{exc.status}").inc()
+            raise
+        except QueueFull:
+            metrics.requests.labels(endpoint, "rejected_429").inc()
+            wait = scheduler.retry_after()
+            raise APIError(429, f"the server is busy ({max_batch} requests running, {max_queue} waiting); "
+                           f"retry in {wait} s", code="queue_full", headers={"Retry-After": str(wait)}) from None  # fmt: skip
+        except Draining:
+            metrics.requests.labels(endpoint, "rejected_503").inc()
+            raise APIError(503, "the server is shutting down and takes no new requests; retry elsewhere or later",
+                           code="shutting_down") from None  # fmt: skip
+        shape = _Shape(endpoint, model_id, body.return_token_ids)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return EventSourceResponse(stream(ticket, shape, include_usage), sep="\n")
+        result = await collect(ticket, request)
+        return JSONResponse(shape.response(result))
+
+    async def collect(ticket: Ticket, request: HTTPRequest) -> Result:
+        """Wait for the Result; a client that hangs up cancels the generation (checked every
+        DISCONNECT_POLL_S, whether or not tokens are arriving)."""
+        loop = asyncio.get_running_loop()
+        next_check = loop.time() + DISCONNECT_POLL_S
+        try:
+            while True:
+                try:
+                    item = await asyncio.wait_for(ticket.queue.get(), max(0.01, next_check - loop.time()))
+                except asyncio.TimeoutError:
+                    item = None
+                if isinstance(item, Result):
+                    return item
+                if isinstance(item, Exception):
+                    raise _generation_error(item)
+                if loop.time() >= next_check:
+                    next_check = loop.time() + DISCONNECT_POLL_S
+                    if await request.is_disconnected():
+                        scheduler.cancel(ticket)
+                        raise APIError(499, "client closed the request", code="client_closed")
+        except asyncio.CancelledError:
+            scheduler.cancel(ticket)
+            raise
+
+    async def stream(ticket: Ticket, shape: _Shape, include_usage: bool):
+        """Server-sent events; if the client disconnects, sse-starlette cancels this generator and
+        the `finally` takes the sequence out of the batch."""
+        finished = False
+        try:
+            if shape.chat:
+                yield json.dumps(shape.chunk(p.Delta(role="assistant", content=""), None, None))
+            while True:
+                item = await ticket.queue.get()
+                if isinstance(item, Event):
+                    ids = item.token_ids if shape.token_ids else None
+                    if item.text or ids or item.finish_reason:
+                        content = p.Delta(content=item.text) if shape.chat else item.text
+                        yield json.dumps(shape.chunk(content, item.finish_reason, ids))
+                elif isinstance(item, Result):
+                    finished = True
+                    if include_usage:
+                        yield json.dumps(shape.usage_chunk(item))
+                    break
+                else:
+                    finished = True
+                    yield json.dumps(_generation_error(item).body())
+                    break
+            yield "[DONE]"
+        finally:
+            if not finished:
+                scheduler.cancel(ticket)
+
+    original_openapi = app.openapi
+
+    def openapi() -> dict:
+        """The generated schema (cached by FastAPI), plus what only this server knows: the model id
+        and the max_tokens limit."""
+        schema = original_openapi()
+        for name in ("CompletionRequest", "ChatCompletionRequest"):
+            properties = schema["components"]["schemas"][name]["properties"]
+            properties["model"]["enum"] = [model_id]
+            for field in ("max_tokens", "max_completion_tokens"):
+                if field in properties:
+                    properties[field]["anyOf"][0]["maximum"] = limit
+        return schema
+
+    app.openapi = openapi
+    return app
+
+
+def _endpoint(request: HTTPRequest) -> str:
+    path = request.url.path
+    return "chat" if path.endswith("/chat/completions") else "completions" if path.endswith("/completions") else "other"
+
+
+def _generation_error(exc: Exception) -> APIError:
+    if isinstance(exc, ArgenError):
+        return APIError(400, str(exc))
+    return APIError(500, f"generation failed: {exc!r}", code="internal_error")
+
+
+class _Shape:
+    """Builds the OpenAI response bodies of one endpoint (text completion or chat)."""
+
+    def __init__(self, endpoint: str, model_id: str, token_ids: bool) -> None:
+        self.chat, self.model, self.token_ids = endpoint == "chat", model_id, token_ids
+        self.id, self.created = p.new_id("chatcmpl" if self.chat else "cmpl"), p.now()
+
+    @staticmethod
+    def usage(result: Result) -> p.Usage:
+        n_prompt, n_out = len(result.prompt_ids), len(result.token_ids)
+        return p.Usage(prompt_tokens=n_prompt, completion_tokens=n_out, total_tokens=n_prompt + n_out)
+
+    def response(self, result: Result) -> dict:
+        ids = result.token_ids if self.token_ids else None
+        if self.chat:
+            choice = p.ChatChoice(message=p.AssistantMessage(content=result.text), finish_reason=result.finish_reason,
+                                  token_ids=ids)  # fmt: skip
+            body = p.ChatCompletionResponse(id=self.id, created=self.created, model=self.model, choices=[choice],
+                                            usage=self.usage(result))  # fmt: skip
+        else:
+            choice = p.CompletionChoice(text=result.text, finish_reason=result.finish_reason, token_ids=ids)
+            body = p.CompletionResponse(id=self.id, created=self.created, model=self.model, choices=[choice],
+                                        usage=self.usage(result))  # fmt: skip
+        return p.dump(body)
+
+    def chunk(self, content, finish_reason: str | None, ids: list[int] | None) -> dict:
+        if self.chat:
+            choice = p.ChatChunkChoice(delta=content, finish_reason=finish_reason, token_ids=ids)
+            return p.dump(p.ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[choice]))
+        choice = p.CompletionChoice(text=content, finish_reason=finish_reason, token_ids=ids)
+        return p.dump(p.CompletionResponse(id=self.id, created=self.created, model=self.model, choices=[choice]))
+
+    def usage_chunk(self, result: Result) -> dict:
+        cls = p.ChatCompletionChunk if self.chat else p.CompletionResponse
+        return p.dump(cls(id=self.id, created=self.created, model=self.model, choices=[], usage=self.usage(result)))

@@ -1,0 +1,35 @@
+"""Prometheus metrics for GET /metrics. Each server has its own registry, so several can live in
+one process (tests) without clashing; the scheduler thread updates them (prometheus_client is
+thread-safe)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
+BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 128)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("argen_requests", "Generation requests by endpoint and outcome "
+                                "(stop, length, cancelled, error, rejected_4xx code)", ["endpoint", "outcome"],
+                                registry=r)  # fmt: skip
+        self.prompt_tokens = Counter("argen_prompt_tokens", "Prompt tokens of admitted requests", registry=r)
+        self.generation_tokens = Counter("argen_generation_tokens", "Tokens generated", registry=r)
+        self.waiting = Gauge("argen_queue_depth", "Requests waiting to join the running batch", registry=r)
+        self.running = Gauge("argen_running_requests", "Requests in the running batch", registry=r)
+        self.batch_size = Histogram("argen_batch_size", "Sequences per scheduler step", buckets=BATCH_BUCKETS,
+                                    registry=r)  # fmt: skip
+        self.step_seconds = Histogram("argen_step_seconds", "Wall time of one scheduler step (all sequences)",
+                                      buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
+        self.queue_seconds = Histogram("argen_queue_seconds", "Time from arrival to admission (prefill start)",
+                                       buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
+        self.ttft_seconds = Histogram("argen_time_to_first_token_seconds", "Time from arrival to the first token",
+                                      buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
+        self.latency_seconds = Histogram("argen_request_latency_seconds", "Time from arrival to the last token",
+                                         buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

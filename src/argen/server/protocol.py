@@ -1,0 +1,211 @@
+"""The OpenAI API's request and response bodies, as pydantic models (they also make the OpenAPI
+schema). Fields OpenAI defines but argen does not implement are accepted only at their neutral
+value, so a request never silently means something else; unknown fields are rejected (422)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SEED_MAX = 2**63 - 1
+# What the schema advertises for OpenAI fields argen does not implement. The models still accept any
+# value of the field's type, so that a value out of range gets a 400 saying what to do instead.
+ONLY_0 = {"minimum": 0, "maximum": 0}
+ONLY_1 = {"minimum": 1, "maximum": 1}
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class StrategySpec(BaseModel):
+    """An argen decoding strategy: its name plus its options (see `argen models`)."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+
+
+class _Sampling(_Body):
+    """Fields shared by /v1/completions and /v1/chat/completions."""
+
+    model: str = Field(description="the served model's id (GET /v1/models)")
+    max_tokens: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="new tokens at most (default 256, capped by the context); over the server's limit: 400"
+    )
+    temperature: Annotated[float, Field(ge=0, le=2)] = Field(1.0, description="0 means greedy")
+    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    n: Annotated[int, Field(ge=1)] = Field(1, description="only 1 is supported", json_schema_extra=ONLY_1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: Annotated[str, Field(min_length=1)] | list[Annotated[str, Field(min_length=1)]] | None = None
+    seed: Annotated[int, Field(ge=0, le=SEED_MAX)] | None = None
+    presence_penalty: float = Field(0.0, description="not supported: only 0 (use repetition_penalty)",
+                                    json_schema_extra=ONLY_0)
+    frequency_penalty: float = Field(0.0, description="not supported: only 0 (use repetition_penalty)",
+                                     json_schema_extra=ONLY_0)
+    logit_bias: dict[str, float] | None = Field(None, description="not supported: only null or {}",
+                                                json_schema_extra={"maxProperties": 0})
+    user: str | None = None
+    # argen extensions
+    top_k: Annotated[int, Field(ge=0)] = Field(0, description="argen extension: 0 turns it off")
+    min_p: Annotated[float, Field(ge=0, lt=1)] = Field(0.0, description="argen extension")
+    repetition_penalty: Annotated[float, Field(gt=0)] = Field(1.0, description="argen extension: 1 turns it off")
+    ignore_eos: bool = Field(False, description="argen extension: keep generating past the end-of-sequence token")
+    strategy: str | StrategySpec = Field(
+        "plain",
+        description='argen extension: a decoding strategy, a name or {"name": ..., option: value, ...}',
+    )
+    return_token_ids: bool = Field(False, description="argen extension: add token ids to the choices")
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="one prompt: text (tokenized as it is, no chat template) or token ids"
+    )
+    echo: bool = Field(False, description="not supported: only false", json_schema_extra={"enum": [False]})
+    logprobs: int | None = Field(None, description="not supported: only null", json_schema_extra={"type": "null"})
+    suffix: str | None = Field(None, description="not supported: only null", json_schema_extra={"type": "null"})
+    best_of: int | None = Field(None, description="not supported: only null or 1", json_schema_extra=ONLY_1)
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = Field(None, description="same as max_tokens")
+    logprobs: bool = Field(False, description="not supported: only false", json_schema_extra={"enum": [False]})
+    top_logprobs: int | None = Field(None, description="not supported: only null", json_schema_extra={"type": "null"})
+
+
+# -- responses ---------------------------------------------------------------------------------
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"] | None
+    token_ids: list[int] | None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"]
+    token_ids: list[int] | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class Delta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int = 0
+    delta: Delta
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"] | None = None
+    token_ids: list[int] | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "argen"
+    context_length: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class Health(BaseModel):
+    status: Literal["ok", "draining"]
+    model: str
+    running: int
+    waiting: int
+
+
+def dump(model: BaseModel) -> dict[str, Any]:
+    """JSON-ready dict without the argen-only fields nobody asked for (token_ids: None)."""
+    data = model.model_dump(mode="json")
+    for choice in data.get("choices", []):
+        if choice.get("token_ids") is None:
+            choice.pop("token_ids", None)
+        if "delta" in choice:
+            choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
+    return data

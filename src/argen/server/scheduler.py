@@ -1,0 +1,202 @@
+"""Continuous batching: one worker thread owns the model and loops over a DecodeBatch.
+
+Each iteration it drops cancelled requests (their cache rows go with them), admits waiting ones
+(prefill into a new row) while there is room, and runs one step: one forward pass for all plain
+sequences, one strategy step for each of the others. Every token event is handed to its request's
+asyncio queue with `call_soon_threadsafe`, so the HTTP side never blocks on the model and the model
+never waits for a slow client. Requests join and leave between steps (Orca-style iteration-level
+scheduling: the temporal fusion of decode steps across in-flight requests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from argen.engine import DecodeBatch, Engine, Event, Failure, Request, Result
+from argen.server.metrics import Metrics
+
+log = logging.getLogger("argen.server")
+
+
+class QueueFull(Exception):
+    pass
+
+
+class Draining(Exception):
+    pass
+
+
+@dataclass(eq=False)
+class Ticket:
+    """One request's passage through the scheduler; its queue receives Events, then a Result or
+    an exception."""
+
+    id: int
+    request: Request
+    loop: asyncio.AbstractEventLoop
+    endpoint: str
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    arrived: float = field(default_factory=time.perf_counter)
+    first_token: float | None = None
+    cancelled: bool = False
+    done: bool = False
+
+
+class Scheduler:
+    def __init__(self, engine: Engine, metrics: Metrics, max_batch: int = 32, max_queue: int = 128) -> None:
+        if max_batch < 1 or max_queue < 0:
+            raise ValueError("max_batch must be >= 1 and max_queue >= 0")
+        self.engine, self.metrics = engine, metrics
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.batch = DecodeBatch(engine)
+        self._waiting: deque[Ticket] = deque()
+        self._running: dict[int, Ticket] = {}
+        self._cond = threading.Condition()
+        self._ids = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self.draining = False
+        self.step_seconds = 0.0  # moving average, for Retry-After
+
+    # -- called from the event loop ------------------------------------------------------------
+    def start(self) -> None:
+        with self._cond:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="argen-scheduler", daemon=True)
+                self._thread.start()
+
+    def submit(self, request: Request, endpoint: str) -> Ticket:
+        self.start()
+        with self._cond:
+            if self.draining:
+                raise Draining()
+            if len(self._running) + len(self._waiting) >= self.max_batch + self.max_queue:
+                raise QueueFull()  # every slot is taken and max_queue requests already wait for one
+            ticket = Ticket(next(self._ids), request, asyncio.get_running_loop(), endpoint)
+            self._waiting.append(ticket)
+            self.metrics.waiting.set(len(self._waiting))
+            self._cond.notify()
+        return ticket
+
+    def cancel(self, ticket: Ticket) -> None:
+        """The client went away: the sequence leaves the batch at the next step."""
+        if not ticket.done:
+            ticket.cancelled = True
+            with self._cond:
+                self._cond.notify()
+
+    def retry_after(self) -> int:
+        """Seconds until a slot is likely free: a rough guess from the step time and the queue."""
+        per_request = max(self.step_seconds, 0.01) * 64
+        return max(1, min(60, round(per_request * (len(self._waiting) + 1) / self.max_batch)))
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Refuse new requests, finish the ones in flight, then end the worker."""
+        with self._cond:
+            self.draining = self._stop = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def n_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def n_waiting(self) -> int:
+        return len(self._waiting)
+
+    # -- the worker thread ---------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._waiting and not self._running and not self._stop:
+                    self._cond.wait()
+                if not self._waiting and not self._running:
+                    return
+                free = self.max_batch - len(self._running)
+                admit = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+                self.metrics.waiting.set(len(self._waiting))
+            try:
+                self._iteration(admit)
+            except Exception:  # a bug in the loop itself: fail what is running, keep serving
+                log.exception("scheduler iteration failed")
+                for ticket in list(self._running.values()):
+                    self._finish(ticket, RuntimeError("internal error in the scheduler"), "error")
+                self.batch = DecodeBatch(self.engine)
+
+    def _iteration(self, admit: list[Ticket]) -> None:
+        self._drop_cancelled()
+        for ticket in admit:
+            if ticket.cancelled:
+                self._count(ticket, "cancelled")
+                continue
+            self.metrics.queue_seconds.observe(time.perf_counter() - ticket.arrived)
+            self._running[ticket.id] = ticket
+            try:
+                self.batch.admit(ticket.id, ticket.request)
+            except Exception as exc:
+                self._finish(ticket, exc, "error")
+                continue
+            self.metrics.prompt_tokens.inc(len(ticket.request.prompt_ids))
+        self.metrics.running.set(len(self._running))
+        if not len(self.batch):
+            return
+        t0 = time.perf_counter()
+        self.metrics.batch_size.observe(len(self.batch))
+        items = self.batch.step()
+        elapsed = time.perf_counter() - t0
+        self.metrics.step_seconds.observe(elapsed)
+        self.step_seconds = 0.9 * self.step_seconds + 0.1 * elapsed if self.step_seconds else elapsed
+        for item in items:
+            ticket = self._running.get(item.index)
+            if ticket is None:
+                continue
+            if isinstance(item, Event):
+                if item.token_ids:
+                    self.metrics.generation_tokens.inc(len(item.token_ids))
+                    if ticket.first_token is None:
+                        ticket.first_token = time.perf_counter()
+                        self.metrics.ttft_seconds.observe(ticket.first_token - ticket.arrived)
+                self._send(ticket, item)
+            elif isinstance(item, Result):
+                self.metrics.latency_seconds.observe(time.perf_counter() - ticket.arrived)
+                self._finish(ticket, item, item.finish_reason)
+            elif isinstance(item, Failure):
+                log.error("request %s failed: %r", ticket.id, item.error)
+                self._finish(ticket, item.error, "error")
+        self.metrics.running.set(len(self._running))
+
+    def _drop_cancelled(self) -> None:
+        gone = [t for t in self._running.values() if t.cancelled]
+        if not gone:
+            return
+        ids = {t.id for t in gone}
+        self.batch.remove([s for s in self.batch.sequences + self.batch.solo if s.index in ids])
+        for ticket in gone:
+            del self._running[ticket.id]
+            self._count(ticket, "cancelled")
+
+    def _finish(self, ticket: Ticket, item: Result | Exception, outcome: str) -> None:
+        self._running.pop(ticket.id, None)
+        if isinstance(item, Exception):
+            self.batch.remove([s for s in self.batch.sequences + self.batch.solo if s.index == ticket.id])
+        self._send(ticket, item)
+        ticket.done = True
+        self._count(ticket, outcome)
+
+    def _count(self, ticket: Ticket, outcome: str) -> None:
+        self.metrics.requests.labels(ticket.endpoint, outcome).inc()
+
+    @staticmethod
+    def _send(ticket: Ticket, item) -> None:
+        try:
+            ticket.loop.call_soon_threadsafe(ticket.queue.put_nowait, item)
+        except RuntimeError:  # the event loop is gone (server stopped): nobody is listening
+            ticket.cancelled = True
