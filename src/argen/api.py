@@ -66,9 +66,9 @@ class Generator:
             params = SamplingParams(**options)
             layout = self.encode_layout(prompt, chat)
             made = make_strategy(strategy)
-            check = getattr(made, "check_tokenizer", None)  # strategies that tokenize text of their own
-            if check is not None:
-                check(self.tokenizer)
+            prepare = getattr(made, "prepare", None)  # e.g. guided: load the guide, check its tokenizer
+            if prepare is not None:
+                prepare(self.model)
             requests.append(Request(layout.ids, params, made, layout.positions, layout.mask, forced=forced))
         return requests
 

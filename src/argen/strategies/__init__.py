@@ -20,9 +20,10 @@ register(Plain)
 
 
 def _register_builtin() -> None:
+    from argen.strategies.guided import Guided
     from argen.strategies.speculative import PromptLookup
 
-    for cls in (PromptLookup,):
+    for cls in (PromptLookup, Guided):
         register(cls)
 
 
