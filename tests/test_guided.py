@@ -17,8 +17,9 @@ WORDS = ["apple", "river", "stone", "cloud", "music", "paper", "glass", "tiger",
 PROMPTS = [f"Prompt {i}: {w}" for i, w in enumerate(WORDS)]
 
 
-def spec(omega: float, guide=GUIDE) -> dict:
-    return {"name": "guided", "guide_model": guide, "omega": omega, "positive_prefix": POS, "negative_prefix": NEG}
+def spec(omega: float, guide=GUIDE, rule="gedi") -> dict:
+    return {"name": "guided", "guide_model": guide, "omega": omega, "positive_prefix": POS, "negative_prefix": NEG,
+            "rule": rule}  # fmt: skip
 
 
 @pytest.mark.parametrize("options", [dict(), dict(temperature=0.9, top_p=0.95, seed=4, repetition_penalty=1.2)])
@@ -26,16 +27,18 @@ def test_omega_zero_is_plain(tiny, tiny_gpt2, options):
     for gen, guide in ((tiny, GUIDE), (tiny_gpt2, "tiny-random-gpt2@1")):
         for prompt in PROMPTS[:4]:
             plain = gen.generate(prompt, max_new_tokens=24, **options)
-            guided = gen.generate(prompt, max_new_tokens=24, strategy=spec(0.0, guide), **options)
-            assert guided.token_ids == plain.token_ids
+            for rule in ("gedi", "genarm"):
+                guided = gen.generate(prompt, max_new_tokens=24, strategy=spec(0.0, guide, rule), **options)
+                assert guided.token_ids == plain.token_ids
 
 
-def test_guidance_raises_the_class_log_prob(tiny):
+@pytest.mark.parametrize(("rule", "omega"), [("gedi", 4.0), ("genarm", 1.0)])
+def test_guidance_raises_the_class_log_prob(tiny, rule, omega):
     """Over 20 prompts, the guide's log P(positive | output) is higher for guided outputs than for plain ones."""
     scorer = make_strategy(spec(0.0))
     scorer.prepare(tiny.model)
     plain = [scorer.class_log_prob(tiny.generate(p, max_new_tokens=24).token_ids) for p in PROMPTS]
-    guided_runs = [tiny.generate(p, max_new_tokens=24, strategy=spec(4.0)) for p in PROMPTS]
+    guided_runs = [tiny.generate(p, max_new_tokens=24, strategy=spec(omega, rule=rule)) for p in PROMPTS]
     guided = [scorer.class_log_prob(r.token_ids) for r in guided_runs]
     assert len(PROMPTS) == 20
     assert sum(guided) / 20 > sum(plain) / 20 + 0.1, (sum(plain) / 20, sum(guided) / 20)
@@ -69,7 +72,7 @@ def test_guide_object_forms(tiny):
 
 
 @pytest.mark.parametrize("bad", [{"omega": -1}, {"omega": "x"}, {"positive_prefix": ""}, {"negative_prefix": 3},
-                                 {"guide_model": 12}])
+                                 {"guide_model": 12}, {"rule": "nope"}])
 def test_bad_options(bad):
     with pytest.raises(InvalidRequestError):
         make_strategy(spec(1.0) | bad)

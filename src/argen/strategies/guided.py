@@ -12,8 +12,11 @@ The division by t is GeDi's length normalisation (its eq. 5 with the scale alpha
 is not trained as a discriminator). The step adds omega * log P(pos | x_<t, v) to the base model's
 logits (equivalently to its log-probabilities: the shift is constant per step), and the usual sampler
 (greedy or sampled, with every processor) draws from the result: GeDi's weighted posterior
-p_LM(v) * P(pos | v)^omega. With omega = 0 the logits are the base model's exactly, so the output is
-plain decoding's token for token. The guide runs one forward pass per step over both rows at once
+p_LM(v) * P(pos | v)^omega. Because of the 1/t, a token's pull fades as the output grows, which is why
+GeDi's weights are large (omega ~ 20-30; default 20). `rule="genarm"` instead adds
+omega * (log p_pos(v) - log p_neg(v)), the token-level log-ratio of the two conditionals used as an
+autoregressive reward (GenARM-style; omega ~ 1-3), whose pull does not fade. With omega = 0 the
+logits are the base model's exactly, so the output is plain decoding's token for token. The guide runs one forward pass per step over both rows at once
 (a 2-row batch on the native runtime; two passes on the Hugging Face adapter), counted as draft passes.
 """
 
@@ -25,6 +28,7 @@ import torch.nn.functional as F
 from argen.errors import InvalidRequestError
 from argen.strategies.base import DecodeState, Strategy
 
+RULES = ("gedi", "genarm")
 PROBE = "The quick brown fox, 42 cafés & naïve résumés!\n"
 _GUIDES: dict[tuple, object] = {}  # (source, device, dtype) -> LoadedModel: each guide is loaded once
 
@@ -98,11 +102,13 @@ class Guided(Strategy):
     name = "guided"
     exact = False
 
-    def __init__(self, guide_model="default", omega: float = 1.0,
-                 positive_prefix: str = "The following text is cheerful, warm and positive:\n",
-                 negative_prefix: str = "The following text is gloomy, bitter and negative:\n") -> None:  # fmt: skip
+    def __init__(self, guide_model="default", omega: float = 20.0,
+                 positive_prefix: str = "The following text is cheerful and positive:\n",
+                 negative_prefix: str = "The following text is gloomy and negative:\n", rule: str = "gedi") -> None:  # fmt: skip
         if not isinstance(omega, (int, float)) or isinstance(omega, bool) or omega < 0:
             raise ValueError(f"omega must be a number >= 0 (0 is plain decoding); got {omega!r}")
+        if rule not in RULES:
+            raise ValueError(f"rule must be one of {', '.join(RULES)}; got {rule!r}")
         for label, text in (("positive_prefix", positive_prefix), ("negative_prefix", negative_prefix)):
             if not isinstance(text, str) or not text:
                 raise ValueError(f"{label} must be a non-empty string (the guide's control prefix)")
@@ -111,6 +117,7 @@ class Guided(Strategy):
                              "or a Generator")  # fmt: skip
         self.guide_model, self.omega = guide_model, float(omega)
         self.positive_prefix, self.negative_prefix = positive_prefix, negative_prefix
+        self.rule = rule
         self._guide = None
 
     # -- setup ---------------------------------------------------------------------------------
@@ -170,7 +177,8 @@ class Guided(Strategy):
         guide = self._pair.step().to(base.device)  # [2, V]
         index = state.n_generated
         scores = class_log_prob(self._sums[:, None] + guide, index + 1)  # per candidate token
-        token = state.sample(base + self.omega * scores, index)
+        steer = scores if self.rule == "gedi" else guide[0] - guide[1]
+        token = state.sample(base + self.omega * steer, index)
         self._sums = self._sums + guide[:, token]
         self._pair.pending = [token, token]
         state.extras["guided"]["class_log_prob"] = float(scores[token])  # of the output so far
