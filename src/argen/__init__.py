@@ -4,9 +4,10 @@ from argen.api import Generator, load
 from argen.engine import Event, Result, Stats
 from argen.errors import ArgenError, InvalidRequestError, ModelNotFoundError
 from argen.sampling import SamplingParams
+from argen.setprompt import SetPrompt
 from argen.strategies import REGISTRY as STRATEGIES
 from argen.strategies import Strategy
 
 __all__ = ["STRATEGIES", "ArgenError", "Event", "Generator", "InvalidRequestError", "ModelNotFoundError",
-           "Result", "SamplingParams", "Stats", "Strategy", "load"]  # fmt: skip
+           "Result", "SamplingParams", "SetPrompt", "Stats", "Strategy", "load"]  # fmt: skip
 __version__ = "0.1.0"

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from argen.counterfactual import check_interventions, counterfactual
 from argen.engine import Engine, Event, Request, Result
 from argen.errors import InvalidRequestError
 from argen.models import LoadedModel, load_model
 from argen.sampling import SamplingParams
+from argen.setprompt import PromptLayout, SetPrompt, is_set_prompt, set_prompt_layout
 from argen.strategies import make_strategy
 
 SAMPLING_FIELDS = set(SamplingParams.__dataclass_fields__)
@@ -23,7 +25,10 @@ class Generator:
 
     # -- prompts -------------------------------------------------------------------------------
     def encode(self, prompt, chat: bool = True) -> list[int]:
-        """Token ids fed to the model for a prompt: a string, a list of chat messages, or ids."""
+        """Token ids fed to the model for a prompt: a string, a list of chat messages, ids, or a SetPrompt
+        (whose positions and mask `encode_layout` gives)."""
+        if is_set_prompt(prompt):
+            return self.encode_layout(prompt, chat).ids
         if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt) and prompt:
             return list(prompt)
         if isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt) and prompt:
@@ -36,29 +41,43 @@ class Generator:
             return self._chat_ids([{"role": "user", "content": prompt}])
         return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
 
+    def encode_layout(self, prompt, chat: bool = True) -> PromptLayout:
+        """Ids plus, for a set prompt (a SetPrompt or its JSON dict form), positions and attention mask."""
+        if is_set_prompt(prompt):
+            sp = prompt if isinstance(prompt, SetPrompt) else SetPrompt.from_json(prompt)
+            return set_prompt_layout(self.tokenizer, sp, chat)
+        return PromptLayout(self.encode(prompt, chat))
+
     def _chat_ids(self, messages: list[dict]) -> list[int]:
         if not getattr(self.tokenizer, "chat_template", None):
             raise InvalidRequestError(f"model {self.name!r} has no chat template; pass chat=False (--no-chat)")
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
-    def _requests(self, prompts: list, chat: bool, strategy, options: dict) -> list[Request]:
+    def _requests(self, prompts: list, chat: bool, strategy, options: dict, intervene=None) -> list[Request]:
         unknown = sorted(set(options) - SAMPLING_FIELDS)
         if unknown:
             raise InvalidRequestError(
                 f"unknown generation option(s) {', '.join(unknown)}; valid: {', '.join(sorted(SAMPLING_FIELDS))}"
             )
+        forced = check_interventions(intervene, None, self.runtime.info.vocab_size) if intervene else None
         requests = []
         for prompt in prompts:
             params = SamplingParams(**options)
-            requests.append(Request(self.encode(prompt, chat), params, make_strategy(strategy)))
+            layout = self.encode_layout(prompt, chat)
+            made = make_strategy(strategy)
+            prepare = getattr(made, "prepare", None)  # e.g. guided: load the guide, check its tokenizer
+            if prepare is not None:
+                prepare(self.model)
+            requests.append(Request(layout.ids, params, made, layout.positions, layout.mask, forced=forced))
         return requests
 
     @staticmethod
     def _as_batch(prompt) -> tuple[list, bool]:
-        single = isinstance(prompt, str) or (
-            isinstance(prompt, list) and prompt and all(isinstance(x, (int, dict)) for x in prompt)
-        )
+        single = isinstance(prompt, (str, SetPrompt, dict)) or (
+            isinstance(prompt, list) and prompt and all(isinstance(x, (int, dict)) and not is_set_prompt(x)
+                                                        for x in prompt)
+        )  # fmt: skip
         if single:
             return [prompt], False
         if isinstance(prompt, (list, tuple)) and prompt:
@@ -66,21 +85,30 @@ class Generator:
         raise InvalidRequestError("give a prompt string or a non-empty list of prompts")
 
     # -- generation ----------------------------------------------------------------------------
-    def generate(self, prompt, *, strategy="plain", chat: bool = True, **options) -> Result | list[Result]:
+    def generate(self, prompt, *, strategy="plain", chat: bool = True, intervene: dict[int, int] | None = None,
+                 **options) -> Result | list[Result]:  # fmt: skip
         """Generate for one prompt (returns a Result) or a list of prompts (returns a list).
         Options are SamplingParams fields: max_new_tokens, temperature, top_k, top_p, min_p,
-        repetition_penalty, seed, stop, ignore_eos."""
+        repetition_penalty, seed, stop, ignore_eos. `intervene` ({output position: token id}) forces
+        those tokens, every other position keeping its seeded noise: the counterfactual, generated
+        from scratch (`counterfactual` gets the same output from a Result, decoding only after t)."""
         prompts, batched = self._as_batch(prompt)
-        results = self.engine.run(self._requests(prompts, chat, strategy, options))
+        results = self.engine.run(self._requests(prompts, chat, strategy, options, intervene))
         return results if batched else results[0]
 
-    def stream(self, prompt, *, strategy="plain", chat: bool = True, **options) -> Stream:
+    def counterfactual(self, result: Result, intervene: dict[int, int] | None = None, **overrides) -> Result:
+        """`result` regenerated under do(x_t = v) for each {t: v} in `intervene`, with the same noise at
+        every other position (Gumbel-max SCM); no intervention reproduces `result`. See counterfactual.py."""
+        return counterfactual(self, result, intervene, **overrides)
+
+    def stream(self, prompt, *, strategy="plain", chat: bool = True, intervene: dict[int, int] | None = None,
+               **options) -> Stream:  # fmt: skip
         """Events (token ids and text delta) for one prompt as they are generated; the last one
         has a finish_reason, and the returned Stream's `.result` holds the Result afterwards."""
         prompts, batched = self._as_batch(prompt)
         if batched:
             raise InvalidRequestError("stream() takes one prompt; call it once per prompt")
-        return Stream(self.engine.stream(self._requests(prompts, chat, strategy, options)))
+        return Stream(self.engine.stream(self._requests(prompts, chat, strategy, options, intervene)))
 
 
 class Stream:

@@ -32,7 +32,7 @@ def _print_error(message: str) -> None:
 # -- generate ----------------------------------------------------------------------------------
 def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate a completion for a prompt", description="Generate a completion.")
-    p.add_argument("prompt", help="the prompt text (sent as a user chat message unless --no-chat)")
+    p.add_argument("prompt", nargs="?", help="the prompt text (sent as a user chat message unless --no-chat)")
     p.add_argument("--model", default="default", help="model source; see 'argen models' (default: %(default)s)")
     p.add_argument("--runtime", default="auto", choices=("auto", "native", "hf"))
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
@@ -49,6 +49,12 @@ def _add_generate(sub) -> None:
     p.add_argument("--strategy-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="strategy option (repeatable); VALUE is read as JSON, else as a string")  # fmt: skip
     p.add_argument("--no-chat", action="store_true", help="feed the prompt as raw text, without the chat template")
+    p.add_argument("--set-prompt-json", metavar="FILE_OR_JSON",
+                   help='instead of PROMPT: {"set_prompt": {"prefix": ..., "members": [...], "suffix": ...}}, '
+                        "members seen as an unordered set (set-based prompting)")  # fmt: skip
+    p.add_argument("--intervene", action="append", default=[], metavar="POS=TOKEN",
+                   help="counterfactual: force output token POS (0-based) to TOKEN (a token id, or text that is "
+                        "one token), same sampling noise everywhere else; repeatable")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print one JSON object (text, token ids, stats) instead")
     p.set_defaults(handler=_generate)
 
@@ -67,6 +73,31 @@ def parse_strategy_opts(pairs: list[str]) -> dict[str, object]:
         except json.JSONDecodeError:
             opts[key] = raw  # plain strings need no JSON quotes
     return opts
+
+
+def parse_interventions(pairs: list[str], tokenizer) -> dict[int, int]:
+    """`POS=TOKEN` pairs -> {position: token id}; TOKEN is an id, or text that encodes to one token."""
+    forced: dict[int, int] = {}
+    for pair in pairs:
+        pos, sep, token = pair.partition("=")
+        if not sep or not pos.strip().isdigit() or not token:
+            raise ArgenError(f"--intervene takes POS=TOKEN (for example 5=1234 or 5=' the'); got {pair!r}")
+        if token.strip().isdigit():
+            forced[int(pos)] = int(token)
+            continue
+        ids = tokenizer(token, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise ArgenError(f"--intervene {pair!r}: {token!r} is {len(ids)} tokens ({ids}); give one token or its id")
+        forced[int(pos)] = ids[0]
+    return forced
+
+
+def _prompt(args: argparse.Namespace):
+    from argen.setprompt import SetPrompt
+
+    if (args.prompt is None) == (args.set_prompt_json is None):
+        raise ArgenError("give either a PROMPT or --set-prompt-json (exactly one)")
+    return args.prompt if args.set_prompt_json is None else SetPrompt.from_json(args.set_prompt_json)
 
 
 def _sampling_options(args: argparse.Namespace) -> dict[str, object]:
@@ -93,6 +124,7 @@ def _generate(args: argparse.Namespace) -> int:
     strategy = {"name": args.strategy, **parse_strategy_opts(args.strategy_opt)}
     # Check the options before loading the model, which can take a while (or a download).
     try:
+        prompt = _prompt(args)
         SamplingParams(**options)
         make_strategy(strategy)
     except ValueError as exc:
@@ -100,12 +132,13 @@ def _generate(args: argparse.Namespace) -> int:
 
     gen = load(args.model, runtime=args.runtime, device=args.device, dtype=args.dtype)
     chat = not args.no_chat
+    intervene = parse_interventions(args.intervene, gen.tokenizer) or None
     if args.json:
-        result = gen.generate(args.prompt, strategy=strategy, chat=chat, **options)
-        print(json.dumps(result.as_dict()))
+        result = gen.generate(prompt, strategy=strategy, chat=chat, intervene=intervene, **options)
+        print(json.dumps(result.as_dict() | ({"intervene": intervene} if intervene else {})))
         return 0
 
-    stream = gen.stream(args.prompt, strategy=strategy, chat=chat, **options)
+    stream = gen.stream(prompt, strategy=strategy, chat=chat, intervene=intervene, **options)
     for event in stream:
         sys.stdout.write(event.text)
         sys.stdout.flush()

@@ -25,6 +25,11 @@ class Request:
     # Optional explicit prompt layout (set-based prompting): positions and a [T, T] attention mask.
     prompt_positions: list[int] | None = None
     prompt_mask: torch.Tensor | None = None
+    # Counterfactual replay: output tokens taken as already generated (prefilled with the prompt, so
+    # sampling resumes at output index len(output_prefix)), and do(x_t = v) interventions applied by
+    # the sampler at output index t (see counterfactual.py).
+    output_prefix: list[int] = field(default_factory=list)
+    forced: dict[int, int] | None = None
 
 
 @dataclass
@@ -100,6 +105,7 @@ class _Sequence:
         self.finish_reason: str | None = None
         self.stats = Stats(prompt_tokens=len(request.prompt_ids))
         self.started = time.perf_counter()
+        self.first_event: Event | None = None  # the output prefix of a replay, emitted before any step
 
     def accept(self, new_ids: list[int]) -> Event:
         """Append a step's tokens, cut at EOS / max tokens / a stop string, and make the event."""
@@ -124,7 +130,8 @@ class _Sequence:
 
     def result(self, strategy: Strategy) -> Result:
         c, s = self.state.counters, self.stats
-        s.new_tokens = self.state.n_generated
+        # Tokens decoded by this call: a replay's output prefix was prefilled, not decoded.
+        s.new_tokens = max(0, self.state.n_generated - len(self.request.output_prefix))
         s.forward_passes, s.draft_passes = c.forward_passes, c.draft_passes
         s.draft_tokens_proposed, s.draft_tokens_accepted, s.near_ties = (
             c.draft_proposed,
@@ -133,8 +140,18 @@ class _Sequence:
         )
         s.wall_seconds = time.perf_counter() - self.started
         s.peak_kv_bytes = s.peak_kv_bytes or self.state.cache.peak_bytes
-        return Result(self.text.text, self.state.output, list(self.request.prompt_ids), self.finish_reason or "length",
-                      s, self.request.params.seed, strategy.name, self.state.extras, self.index)  # fmt: skip
+        r = self.request
+        # Everything a replay needs: the noise is a function of (seed, output position), so the seed,
+        # the sampling parameters, the strategy and the prompt layout record it completely.
+        self.state.extras["replay"] = {
+            "params": r.params.as_dict(),
+            "strategy": {"name": strategy.name, **strategy.options()},  # constructor options: a fresh copy
+            "prompt_positions": r.prompt_positions,
+            "prompt_mask": r.prompt_mask,
+            "forced": dict(r.forced or {}),
+        }
+        return Result(self.text.text, self.state.output, list(r.prompt_ids), self.finish_reason or "length",
+                      s, r.params.seed, strategy.name, self.state.extras, self.index)  # fmt: skip
 
 
 class Engine:
@@ -155,6 +172,12 @@ class Engine:
         bad = [t for t in request.prompt_ids if not 0 <= t < vocab]
         if bad:
             raise InvalidRequestError(f"prompt token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})")
+        forced = list(request.output_prefix) + list((request.forced or {}).values())
+        bad = [t for t in forced if not (isinstance(t, int) and 0 <= t < vocab)]
+        if bad:
+            raise InvalidRequestError(f"forced token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})")
+        if request.output_prefix and n + len(request.output_prefix) >= context:
+            raise InvalidRequestError("the prompt plus the replayed output fills the model's context")
 
     def budget(self, request: Request) -> int:
         """How many tokens the request may generate: max_new_tokens, capped by the context."""
@@ -162,7 +185,8 @@ class Engine:
 
     def batchable(self, request: Request) -> bool:
         """Whether the request can decode in a shared batch (plain decoding on the native runtime)."""
-        return request.strategy.batchable and request.prompt_positions is None and hasattr(self.runtime, "layers")
+        return (request.strategy.batchable and request.prompt_positions is None and not request.output_prefix
+                and hasattr(self.runtime, "layers"))  # fmt: skip
 
     def _start(self, index: int, request: Request, cache=None) -> _Sequence:
         """Prefill all prompt tokens but the last into a fresh cache (or the given one)."""
@@ -172,17 +196,29 @@ class Engine:
         budget = self.budget(request)
         if cache is None:
             cache = self.runtime.new_cache(1, min(context, len(prompt) + budget + DRAFT_SLACK))
-        state = DecodeState(self.runtime, cache, Sampler(request.params), list(prompt), len(prompt), budget)
+        state = DecodeState(self.runtime, cache, Sampler(request.params, request.forced), list(prompt), len(prompt),
+                            budget)  # fmt: skip
         seq = _Sequence(index, request, state, self.tokenizer, self.eos_ids)
         t0 = time.perf_counter()
+        fed = list(prompt) + list(request.output_prefix)  # a replay's output prefix is prefilled too
         if request.prompt_positions is not None:
-            positions = torch.tensor([request.prompt_positions], device=self.runtime.device)
-            state.position_shift = request.prompt_positions[-1] - (len(prompt) - 1)
-            if len(prompt) > 1:
-                mask = None if request.prompt_mask is None else request.prompt_mask[:-1, :-1]
-                state.forward(prompt[:-1], mask=mask, positions=positions[:, :-1], num_logits=0)
-        elif len(prompt) > 1:
-            state.forward(prompt[:-1], num_logits=0)
+            # Output-prefix tokens follow the last prompt position and see everything before them.
+            n, extra = len(prompt), len(request.output_prefix)
+            last = request.prompt_positions[-1]
+            positions = torch.tensor([list(request.prompt_positions) + list(range(last + 1, last + 1 + extra))],
+                                     device=self.runtime.device)  # fmt: skip
+            state.position_shift = last - (n - 1)
+            mask = None
+            if request.prompt_mask is not None:
+                mask = torch.ones(n + extra, n + extra, dtype=torch.bool).tril()
+                mask[:n, :n] = request.prompt_mask
+            if len(fed) > 1:
+                state.forward(fed[:-1], mask=None if mask is None else mask[:-1, :-1], positions=positions[:, :-1],
+                              num_logits=0)  # fmt: skip
+        elif len(fed) > 1:
+            state.forward(fed[:-1], num_logits=0)
+        if request.output_prefix:
+            seq.first_event = seq.accept(list(request.output_prefix))
         request.strategy.start(state)
         seq.stats.prefill_seconds = time.perf_counter() - t0
         seq.stats.prefill_passes = state.counters.forward_passes
@@ -204,6 +240,8 @@ class Engine:
             return
         for i, request in enumerate(requests):
             seq = self._start(i, request)
+            if seq.first_event is not None:
+                yield seq.first_event
             while seq.finish_reason is None:
                 yield seq.accept(request.strategy.step(seq.state))
             yield seq.result(request.strategy)
@@ -296,6 +334,13 @@ class DecodeBatch:
                     seq.state.counters.forward_passes += 1
                     accept(seq, lambda r=r, seq=seq: [seq.state.sample(logits[r, -1], seq.state.n_generated)])
         for seq in self.solo:
+            if seq.first_event is not None:  # a replay's output prefix goes out before its first step
+                items.append(seq.first_event)
+                seq.first_event = None
+                if seq.finish_reason is not None:
+                    items.append(seq.result(seq.request.strategy))
+                    done.append(seq)
+                continue
             accept(seq, lambda seq=seq: seq.request.strategy.step(seq.state))
         self.remove(done)
         return items

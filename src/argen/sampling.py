@@ -106,10 +106,15 @@ def uniform(seed: int, position: int, stream: int) -> float:
 
 
 class Sampler:
-    """Turns one row of logits into one token for a request, given the context so far."""
+    """Turns one row of logits into one token for a request, given the context so far.
 
-    def __init__(self, params: SamplingParams) -> None:
+    `forced` maps output positions to tokens: an intervention do(x_t = v) of the Gumbel-max structural
+    causal model. The token at such a position is v whatever the logits and the noise; every other
+    position keeps its own noise, so the rest of the output is the counterfactual one."""
+
+    def __init__(self, params: SamplingParams, forced: dict[int, int] | None = None) -> None:
         self.params = params
+        self.forced = dict(forced or {})
 
     def process(self, logits: torch.Tensor, context: Sequence[int]) -> torch.Tensor:
         """Logits after every processor (float32, filtered to -inf); divide-by-temperature included
@@ -131,6 +136,8 @@ class Sampler:
 
     def choose(self, processed: torch.Tensor, position: int) -> int:
         """Draw from already-processed logits at output position `position`."""
+        if position in self.forced:
+            return self.forced[position]
         if self.params.greedy:
             return int(processed.argmax(-1))
         noise = gumbel_noise(self.params.seed, position, processed.shape[-1], processed.device)

@@ -52,6 +52,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "other work, 1 avoids threads waiting on each other")  # fmt: skip
     parser.add_argument("--out", metavar="DIR", default=DEFAULT_OUT, help="output directory; default: %(default)s")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    control = parser.add_argument_group("control strategies (counterfactual, set prompt, guided; see bench/control.py)")
+    control.add_argument("--control", action="store_true",
+                         help="measure the control strategies instead of comparing with HF generate()")  # fmt: skip
+    control.add_argument("--guide-model", default=None, help="guide for the guided rows (default: --model)")
+    control.add_argument("--omega", type=float, default=20.0, help="guidance weight of the guided row (default: 20)")
 
 
 def command_line(args: argparse.Namespace) -> str:
@@ -140,6 +145,11 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "threads", 0):
         torch.set_num_threads(args.threads)
     try:
+        if getattr(args, "control", False):
+            from argen.bench import control
+
+            _check(args)
+            return control.run(args)
         return _run(args)
     finally:
         torch.set_num_threads(threads)

@@ -20,9 +20,10 @@ register(Plain)
 
 
 def _register_builtin() -> None:
+    from argen.strategies.guided import Guided
     from argen.strategies.speculative import DraftModel, Jacobi, LayerSkip, NGram, PromptLookup
 
-    for cls in (PromptLookup, NGram, Jacobi, LayerSkip, DraftModel):
+    for cls in (PromptLookup, NGram, Jacobi, LayerSkip, DraftModel, Guided):
         register(cls)
 
 

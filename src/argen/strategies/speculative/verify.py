@@ -85,7 +85,8 @@ def verify(state: DecodeState, tree: DraftTree, row_logits: Callable[[int], torc
         context = state.tokens + [tree.tokens[i] for i in path]
         processed = sampler.process(row_logits(row), context)
         kids = tree.children(node)
-        if greedy or tree.draft_probs is None or not kids:
+        # (A forced token, a counterfactual intervention, is decided by the sampler whatever the draft.)
+        if greedy or tree.draft_probs is None or not kids or index in sampler.forced:
             token = sampler.choose(processed, index)
             nxt = next((c for c in kids if tree.tokens[c] == token), None)
             if greedy and nxt is not None:

@@ -1,0 +1,37 @@
+"""`argen bench --control` on the tiny random model: every row and check present, and the checks hold."""
+
+from __future__ import annotations
+
+import json
+
+from argen.bench.control import set_members
+from argen.cli import main
+
+QUESTIONS = [
+    {"question_id": 1, "category": "writing", "turns": ["Write a haiku about rain. Make it sad."]},
+    {"question_id": 10, "category": "qa", "turns": ["Name three fruits:\napples\npears\nplums"]},
+]
+
+
+def test_control_bench_tiny(tmp_path, capsys):
+    questions = tmp_path / "question.jsonl"
+    questions.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
+    out = tmp_path / "out"
+    code = main(["bench", "--control", "--model", "tiny-random", "--guide-model", "tiny-random@1", "--omega", "4",
+                 "--questions", str(questions), "--max-new-tokens", "12", "--threads", "1", "--out", str(out)])  # fmt: skip
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    rows = {r["system"]: r for r in results["summary"]}
+    assert set(rows) == {"plain-sampled", "replay", "counterfactual", "plain", "set-prompt", "guided:omega=0",
+                         "guided:omega=4"}  # fmt: skip
+    assert rows["replay"]["identical"] == "2/2" and rows["counterfactual"]["prefix_kept"] == "2/2"
+    assert rows["set-prompt"]["order_independent"] == "2/2" and rows["guided:omega=0"]["identical_to_plain"] == "2/2"
+    assert rows["guided:omega=4"]["guide_passes_per_token"] > 0 and rows["plain"]["guide_passes_per_token"] == 0
+    assert "argen bench --control" in (out / "report.md").read_text()
+    capsys.readouterr()
+
+
+def test_set_members():
+    assert set_members("a\n\nb\nc") == ["a", "b", "c"]
+    assert set_members("One. Two? Three!") == ["One.", "Two?", "Three!"]
+    assert set_members("Just one") == ["Just one"]
