@@ -166,16 +166,18 @@ class Engine:
             cache = self.runtime.new_cache(1, min(context, len(prompt) + budget + DRAFT_SLACK))
         state = DecodeState(self.runtime, cache, Sampler(request.params), list(prompt), len(prompt), budget)
         seq = _Sequence(index, request, state, self.tokenizer, self.eos_ids)
+        state.eos_ids = frozenset(seq.eos_ids)
         t0 = time.perf_counter()
         if request.prompt_positions is not None:
             positions = torch.tensor([request.prompt_positions], device=self.runtime.device)
             state.position_shift = request.prompt_positions[-1] - (len(prompt) - 1)
             if len(prompt) > 1:
                 mask = None if request.prompt_mask is None else request.prompt_mask[:-1, :-1]
-                state.forward(prompt[:-1], mask=mask, positions=positions[:, :-1], num_logits=0)
+                _, state.prompt_hidden = state.forward(prompt[:-1], mask=mask, positions=positions[:, :-1], num_logits=0)
         elif len(prompt) > 1:
-            state.forward(prompt[:-1], num_logits=0)
+            _, state.prompt_hidden = state.forward(prompt[:-1], num_logits=0)
         request.strategy.start(state)
+        state.prompt_hidden = None
         seq.stats.prefill_seconds = time.perf_counter() - t0
         seq.stats.prefill_passes = state.counters.forward_passes
         return seq

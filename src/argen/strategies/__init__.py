@@ -20,9 +20,10 @@ register(Plain)
 
 
 def _register_builtin() -> None:
+    from argen.strategies.search import Beam, ConditionalBeam, Contrastive
     from argen.strategies.speculative import PromptLookup
 
-    for cls in (PromptLookup,):
+    for cls in (PromptLookup, Beam, ConditionalBeam, Contrastive):
         register(cls)
 
 
