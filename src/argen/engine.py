@@ -173,7 +173,9 @@ class Engine:
             state.position_shift = request.prompt_positions[-1] - (len(prompt) - 1)
             if len(prompt) > 1:
                 mask = None if request.prompt_mask is None else request.prompt_mask[:-1, :-1]
-                _, state.prompt_hidden = state.forward(prompt[:-1], mask=mask, positions=positions[:, :-1], num_logits=0)
+                _, state.prompt_hidden = state.forward(
+                    prompt[:-1], mask=mask, positions=positions[:, :-1], num_logits=0
+                )
         elif len(prompt) > 1:
             _, state.prompt_hidden = state.forward(prompt[:-1], num_logits=0)
         request.strategy.start(state)

@@ -174,4 +174,3 @@ class ConditionalBeam(Beam):
             prefix = output[len(output) - (n - 1) :]
             banned += [output[i + n - 1] for i in range(len(output) - n + 1) if output[i : i + n - 1] == prefix]
         return banned
-

@@ -73,7 +73,9 @@ class Contrastive(Strategy):
         mask[:, 0] = True  # every candidate sees the pending token, and itself
         logits, hidden = state.forward([state.tokens[-1]] + candidates, mask=mask, positions=positions)
         cand_hidden = hidden[0, 1:].float()
-        scores = contrastive_scores(top_p, degeneration_penalty(cand_hidden, self._history).to(top_p.device), self.alpha)
+        scores = contrastive_scores(
+            top_p, degeneration_penalty(cand_hidden, self._history).to(top_p.device), self.alpha
+        )
         scores = scores.masked_fill(~allowed.to(scores.device), float("-inf"))
         best = int(scores.argmax())
         state.cache.truncate(start + 1)  # keep the pending token; the winner becomes the next pending one
