@@ -71,7 +71,8 @@ class Contrastive(Strategy):
         positions = torch.tensor([[start] + [start + 1] * k], device=state.runtime.device) + state.position_shift
         mask = torch.eye(k + 1, dtype=torch.bool)
         mask[:, 0] = True  # every candidate sees the pending token, and itself
-        logits, hidden = state.forward([state.tokens[-1]] + candidates, mask=mask, positions=positions)
+        # Logits for the candidates only: the pending token's are already known (self._logits).
+        logits, hidden = state.forward([state.tokens[-1]] + candidates, mask=mask, positions=positions, num_logits=k)
         cand_hidden = hidden[0, 1:].float()
         scores = contrastive_scores(
             top_p, degeneration_penalty(cand_hidden, self._history).to(top_p.device), self.alpha
@@ -80,5 +81,5 @@ class Contrastive(Strategy):
         best = int(scores.argmax())
         state.cache.truncate(start + 1)  # keep the pending token; the winner becomes the next pending one
         self._history = torch.cat([self._history, cand_hidden[best : best + 1]])
-        self._logits = logits[0, 1 + best]
+        self._logits = logits[0, best]
         return [candidates[best]]
