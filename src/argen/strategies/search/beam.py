@@ -110,7 +110,7 @@ class Beam(Strategy):
             outputs = [outputs[rows[j]] + [toks[j]] for j in nxt]
             scores = top[nxt].clone()
             pending = [toks[j] for j in nxt]
-            _reorder(cache, [rows[j] for j in nxt], start + cur + 1)
+            _reorder(cache, [rows[j] for j in nxt], start, start + cur + 1)
             full = len(finished) == n_beams
             if full:
                 length = limit if (self.early_stopping == "never" and lp > 0) else cur + 1
@@ -133,13 +133,14 @@ class Beam(Strategy):
         return logp
 
 
-def _reorder(cache: KVCache, rows: list[int], length: int) -> None:
-    """Make row i hold what row rows[i] held, copying only the first `length` slots."""
+def _reorder(cache: KVCache, rows: list[int], start: int, end: int) -> None:
+    """Make row i hold what row rows[i] held. Every row holds the same prompt, so only the slots
+    of generated tokens (start..end) are copied: with a long prompt that is most of the saving."""
     if rows == list(range(len(rows))):
         return
     index = torch.tensor(rows, device=cache.k.device)
     for t in (cache.k, cache.v):
-        t[:, :, :, :length] = t[:, :, :, :length].index_select(1, index)
+        t[:, :, :, start:end] = t[:, :, :, start:end].index_select(1, index)
 
 
 class ConditionalBeam(Beam):
