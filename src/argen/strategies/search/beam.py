@@ -50,9 +50,9 @@ class Beam(Strategy):
         _check_common(num_beams, length_penalty, early_stopping)
         self.num_beams = num_beams
         self.length_penalty = float(length_penalty)
-        self.early_stopping = early_stopping
+        self.early_stopping = early_stopping if early_stopping == "never" else bool(early_stopping)
 
-    # Conditional beam search overrides these two: which next tokens a beam may not take.
+    # Conditional beam search overrides this: the next tokens a beam may not take.
     def banned(self, output: list[int], eos_ids: frozenset[int]) -> list[int]:
         return []
 
