@@ -199,6 +199,7 @@ class Engine:
         state = DecodeState(self.runtime, cache, Sampler(request.params, request.forced), list(prompt), len(prompt),
                             budget)  # fmt: skip
         seq = _Sequence(index, request, state, self.tokenizer, self.eos_ids)
+        state.eos_ids = frozenset(seq.eos_ids)
         t0 = time.perf_counter()
         fed = list(prompt) + list(request.output_prefix)  # a replay's output prefix is prefilled too
         if request.prompt_positions is not None:
@@ -213,13 +214,14 @@ class Engine:
                 mask = torch.ones(n + extra, n + extra, dtype=torch.bool).tril()
                 mask[:n, :n] = request.prompt_mask
             if len(fed) > 1:
-                state.forward(fed[:-1], mask=None if mask is None else mask[:-1, :-1], positions=positions[:, :-1],
-                              num_logits=0)  # fmt: skip
+                _, state.prompt_hidden = state.forward(fed[:-1], mask=None if mask is None else mask[:-1, :-1],
+                                                       positions=positions[:, :-1], num_logits=0)  # fmt: skip
         elif len(fed) > 1:
-            state.forward(fed[:-1], num_logits=0)
+            _, state.prompt_hidden = state.forward(fed[:-1], num_logits=0)
         if request.output_prefix:
             seq.first_event = seq.accept(list(request.output_prefix))
         request.strategy.start(state)
+        state.prompt_hidden = None
         seq.stats.prefill_seconds = time.perf_counter() - t0
         seq.stats.prefill_passes = state.counters.forward_passes
         return seq

@@ -21,9 +21,10 @@ register(Plain)
 
 def _register_builtin() -> None:
     from argen.strategies.guided import Guided
+    from argen.strategies.search import Beam, ConditionalBeam, Contrastive
     from argen.strategies.speculative import DraftModel, Jacobi, LayerSkip, NGram, PromptLookup
 
-    for cls in (PromptLookup, NGram, Jacobi, LayerSkip, DraftModel, Guided):
+    for cls in (PromptLookup, NGram, Jacobi, LayerSkip, DraftModel, Beam, ConditionalBeam, Contrastive, Guided):
         register(cls)
 
 

@@ -36,6 +36,10 @@ class DecodeState:
     position_shift: int = 0  # position of token i is i + shift (non-zero after a set prompt)
     counters: StepCounters = field(default_factory=StepCounters)
     extras: dict = field(default_factory=dict)  # strategy-specific records, returned with the Result
+    eos_ids: frozenset[int] = frozenset()  # tokens that end the sequence (empty under ignore_eos)
+    # Final hidden states [1, T, H] of the prefilled prompt tokens (all but the last); set by the
+    # Engine for `start()` only (contrastive search needs them), then dropped.
+    prompt_hidden: torch.Tensor | None = None
 
     @property
     def n_generated(self) -> int:
