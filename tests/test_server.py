@@ -194,7 +194,7 @@ LONG = "x" * 2100  # the tiny model's context is 2048 positions; one byte = one 
     ("chat/completions", {"messages": [{"role": "user", "content": LONG}]}, 400, "messages", "shorten it"),
     ("completions", {"prompt": "hi", "max_tokens": 5000}, 400, "max_tokens", "at most 2048"),
     ("completions", {"prompt": "y" * 2000, "max_tokens": 100}, 400, "max_tokens", "at most 48"),
-    ("completions", {"prompt": "hi", "strategy": "nope"}, 400, "strategy", "valid strategies: plain"),
+    ("completions", {"prompt": "hi", "strategy": "nope"}, 400, "strategy", "valid strategies: beam"),
     ("completions", {"prompt": "hi", "strategy": {"name": "prompt-lookup", "bad": 1}}, 400, "strategy",
      "unknown option(s) bad"),
     ("completions", {"prompt": "hi", "n": 2}, 400, "n", "n must be 1"),
