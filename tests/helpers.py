@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from argen.strategies.plain import Plain
+
 NEAR_TIE = 1e-4
 
 
@@ -35,3 +37,19 @@ def assert_same_or_near_tie(hf_model, prompt_ids, got: list[int], want: list[int
     gap = top2_gap(hf_model, prompt_ids + want[:n])
     assert gap < NEAR_TIE, f"diverged at new token {n} ({got[n : n + 3]} vs {want[n : n + 3]}) with top-2 gap {gap:.2e}"
     return True
+
+
+class BrokenOnThirdStep(Plain):
+    """Plain decoding that raises on its third step: stands for a bug only one request hits."""
+
+    name = "test-broken"
+    batchable = False
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def step(self, state):
+        self.steps += 1
+        if self.steps == 3:
+            raise RuntimeError("boom")
+        return super().step(state)

@@ -4,12 +4,12 @@ requests into a running batch with outputs identical to running each alone."""
 from __future__ import annotations
 
 import torch
+from helpers import BrokenOnThirdStep
 
 from argen.cache import KVCache
 from argen.engine import DecodeBatch, Event, Failure, Request, Result
 from argen.sampling import SamplingParams
 from argen.strategies import make_strategy
-from argen.strategies.plain import Plain
 
 
 def _fill(cache: KVCache, row: int, n: int, value: float) -> None:
@@ -101,27 +101,10 @@ def _drain(batch: DecodeBatch) -> tuple[dict[int, list[int]], list[Failure]]:
                 failures.append(item)
     return out, failures
 
-
-class _Broken(Plain):
-    """A strategy that fails on its third step (stands for any one request's bug)."""
-
-    name = "broken"
-    batchable = False
-
-    def __init__(self) -> None:
-        self.steps = 0
-
-    def step(self, state):
-        self.steps += 1
-        if self.steps == 3:
-            raise RuntimeError("boom")
-        return super().step(state)
-
-
 def test_unbatchable_strategies_step_alongside_the_batch_and_fail_alone(tiny):
     text = "abc abc abc abc abc"
     lookup = Request(tiny.encode(text, chat=False), SamplingParams(max_new_tokens=20), make_strategy("prompt-lookup"))
-    broken = Request(tiny.encode("x", chat=False), SamplingParams(max_new_tokens=20), _Broken())
+    broken = Request(tiny.encode("x", chat=False), SamplingParams(max_new_tokens=20), BrokenOnThirdStep())
     batch = DecodeBatch(tiny.engine)
     batch.admit(0, _request(tiny, "plain one", 20))
     batch.admit(1, lookup)

@@ -16,12 +16,11 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from helpers import assert_same_or_near_tie
+from helpers import BrokenOnThirdStep, assert_same_or_near_tie
 from server_helpers import metric, running_server
 
 import argen
 from argen.strategies import REGISTRY, register
-from argen.strategies.plain import Plain
 
 MODEL = "tiny-random"
 
@@ -226,26 +225,9 @@ def test_malformed_body_and_unknown_route(server):
         client(url).completions.create(model=MODEL, prompt="hi", max_tokens=5000)
     assert "at most 2048" in info.value.body["message"]
 
-
-class _Broken(Plain):
-    """Fails on its third step, like a bug that only one request hits."""
-
-    name = "test-broken"
-    batchable = False
-
-    def __init__(self) -> None:
-        self.steps = 0
-
-    def step(self, state):
-        self.steps += 1
-        if self.steps == 3:
-            raise RuntimeError("boom")
-        return super().step(state)
-
-
 def test_one_failing_request_leaves_the_others_alone(server, tiny):
     url, _ = server
-    register(_Broken)
+    register(BrokenOnThirdStep)
     try:
         want = tiny.generate("survivor", chat=False, max_new_tokens=30).text
         results: dict = {}
@@ -259,7 +241,7 @@ def test_one_failing_request_leaves_the_others_alone(server, tiny):
         out = client(url).completions.create(model=MODEL, prompt="survivor", max_tokens=30, temperature=0)
         thread.join(60)
     finally:
-        del REGISTRY[_Broken.name]
+        del REGISTRY[BrokenOnThirdStep.name]
     assert out.choices[0].text == want
     r = results["broken"]
     assert r.status_code == 500 and "boom" in r.json()["error"]["message"]
