@@ -65,6 +65,18 @@ def test_greedy_equals_plain_where_drafts_succeed(looping, spec):
     assert out.stats.forward_passes < plain.stats.forward_passes
 
 
+@pytest.mark.parametrize("spec", STRATEGIES, ids=IDS)
+def test_every_budget_length_including_steps_with_no_room_to_draft(looping, spec):
+    """The last token of a budget leaves no room for a draft: the step after a drafting one must
+    still work (a stale draft record once broke it)."""
+    if spec["name"] == "draft-model":
+        spec = spec | {"draft": looping}
+    for n in range(1, 40):
+        plain = looping.generate("hello", max_new_tokens=n, ignore_eos=True)
+        out = looping.generate("hello", max_new_tokens=n, ignore_eos=True, strategy=spec | {"adaptive": False})
+        assert out.token_ids == plain.token_ids
+
+
 @pytest.mark.parametrize("spec", STRATEGIES[:3], ids=IDS[:3])
 def test_deterministic_drafts_sample_exactly_what_plain_samples(looping, spec):
     for seed in range(3):

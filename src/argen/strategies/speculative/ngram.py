@@ -126,7 +126,9 @@ class NGram(Speculative):
     def observe(self, state: DecodeState, verdict) -> None:
         tree_parents = self._last_tree.parents
         accepted = set(verdict.path)
-        for node, (context, token, prob) in enumerate(self._node_keys):
+        # Keys of this step's draft; none when no draft was asked for (the last token of a budget).
+        keys, self._node_keys = self._node_keys, []
+        for node, (context, token, prob) in enumerate(keys):
             parent = tree_parents[node]
             if parent < 0 or parent in accepted:
                 hit = node in accepted
