@@ -79,10 +79,18 @@ def _summary(runs: list[dict], wall: float) -> dict:
 def run(args: argparse.Namespace) -> dict:
     import torch
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)  # a library call leaves the process as it found it
+
+
+def _run(args: argparse.Namespace) -> dict:
     import argen
     from argen.server.serve import make_server
 
-    torch.set_num_threads(args.threads)
     questions = select_questions(read_questions(args.questions or find_questions_file()))[: args.clients]
     gen = argen.load(args.model)
     server = make_server(gen, "127.0.0.1", 0, max_batch=args.clients, log_level="warning", model_id=args.model)
