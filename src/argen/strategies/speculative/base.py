@@ -31,7 +31,9 @@ class Speculative(Strategy):
 
     def start(self, state: DecodeState) -> None:
         self._cost = CostModel.for_runtime(state.runtime) if self.adaptive else None
-        self._length = DraftLength(self.max_draft, self._cost) if self.adaptive else None
+        # The chain-length controller; tree proposers that size their own drafts need none.
+        chains = self.adaptive and not self.sizes_own_drafts
+        self._length = DraftLength(self.max_draft, self._cost) if chains else None
 
     def propose(self, state: DecodeState, k: int) -> DraftTree:
         raise NotImplementedError
@@ -40,11 +42,12 @@ class Speculative(Strategy):
         """Called after each verification, before the emitted tokens join `state.tokens`."""
 
     def _draft(self, state: DecodeState) -> tuple[DraftTree, bool]:
-        """(the tree to verify, whether a draft was available at all)."""
+        """(the tree to verify, whether the chain controller should learn from it: a draft was
+        available at all)."""
         room = state.cache.max_len - state.cache.lengths[0] - 1
         limit = max(0, min(self.max_draft, state.remaining - 1, room))
-        if self._length is None or self.sizes_own_drafts:
-            return (self.propose(state, limit) if limit else DraftTree()), limit > 0 and not self.sizes_own_drafts
+        if self._length is None:
+            return (self.propose(state, limit) if limit else DraftTree()), False
         if self.cheap_drafts:
             tree = self.propose(state, limit) if limit else DraftTree()
             return tree.limited(self._length.choose(max(tree.depths(), default=0), tree.key)), len(tree) > 0
@@ -59,9 +62,9 @@ class Speculative(Strategy):
         self._last_tree = tree
         t0 = time.perf_counter()
         verdict = score_and_verify(state, tree)
-        if self._length is not None:
-            if available:
-                self._length.update(max(tree.depths(), default=0), verdict.accepted, tree.key)
+        if self._cost is not None:
             self._cost.observe(1 + len(tree), 1 + verdict.accepted, time.perf_counter() - t0)
+        if available:
+            self._length.update(max(tree.depths(), default=0), verdict.accepted, tree.key)
         self.observe(state, verdict)
         return verdict.tokens

@@ -73,7 +73,7 @@ class Jacobi(Speculative):
         t0 = time.perf_counter()
         self._window_nodes = []  # set by propose when this step runs an iteration
         tokens = super().step(state)
-        if self._length is not None:
+        if self._cost is not None:  # adaptive
             self._learn(len(tokens), time.perf_counter() - t0)
         return tokens
 

@@ -95,12 +95,11 @@ class NGram(Speculative):
 
     def propose(self, state: DecodeState, k: int) -> DraftTree:
         tree, keys, probs = DraftTree(), [], []
-        # Max-heap of (-priority, tie, parent node, its context tokens, its path probability).
-        heap = [(-1.0, 0, -1, state.tokens, 1.0)]
+        # Max-heap of (-priority, tie, parent node, its depth, its context tokens, its path probability).
+        heap = [(-1.0, 0, -1, 0, state.tokens, 1.0)]
         tie = 1
         while heap and len(tree) < min(self.max_nodes, 4 * k):
-            _, _, parent, context, path_prob = heapq.heappop(heap)
-            depth = 0 if parent < 0 else tree.depths()[parent]
+            _, _, parent, depth, context, path_prob = heapq.heappop(heap)
             if depth >= k:
                 continue
             used, candidates = self._table.next_tokens(context[-(self.max_n - 1) :], self.width)
@@ -111,10 +110,10 @@ class NGram(Speculative):
                 node = tree.add(token, parent)
                 keys.append((used, token, prob))
                 probs.append(path_prob * value)
-                heapq.heappush(heap, (-path_prob * priority, tie, node, list(context[-(self.max_n - 1) :]) + [token],
-                                      path_prob * value))  # fmt: skip
+                heapq.heappush(heap, (-path_prob * priority, tie, node, depth + 1,
+                                      list(context[-(self.max_n - 1) :]) + [token], path_prob * value))  # fmt: skip
                 tie += 1
-        if self._length is not None:
+        if self._cost is not None:  # adaptive
             # Keep the best nodes (by acceptance estimate; parents score at least their children).
             order = sorted(range(len(tree)), key=lambda i: -probs[i])
             n = best_tree_size([probs[i] for i in order], self._cost)
