@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from argen.cache import KVCache
+from argen.models.matmul import Matmul
 from argen.models.runtime import ModelInfo, Plan
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
@@ -21,12 +22,11 @@ SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 @dataclass
 class _Layer:
     attn_norm: torch.Tensor
-    wqkv: torch.Tensor
-    bqkv: torch.Tensor | None
-    wo: torch.Tensor
+    qkv: Matmul
+    o: Matmul
     ffn_norm: torch.Tensor
-    w_gate_up: torch.Tensor
-    w_down: torch.Tensor
+    gate_up: Matmul
+    down: Matmul
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -89,12 +89,12 @@ class LlamaRuntime:
             self.layers.append(
                 _Layer(
                     attn_norm=w(p + "input_layernorm.weight"),
-                    wqkv=torch.cat([w(p + f"self_attn.{x}_proj.weight") for x in "qkv"]),
-                    bqkv=torch.cat(biases) if biases[0] is not None else None,
-                    wo=w(p + "self_attn.o_proj.weight"),
+                    qkv=Matmul(torch.cat([w(p + f"self_attn.{x}_proj.weight") for x in "qkv"]),
+                               torch.cat(biases) if biases[0] is not None else None),
+                    o=Matmul(w(p + "self_attn.o_proj.weight")),
                     ffn_norm=w(p + "post_attention_layernorm.weight"),
-                    w_gate_up=torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")]),
-                    w_down=w(p + "mlp.down_proj.weight"),
+                    gate_up=Matmul(torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")])),
+                    down=Matmul(w(p + "mlp.down_proj.weight")),
                 )
             )
         self.embed = w("model.embed_tokens.weight")
@@ -111,9 +111,9 @@ class LlamaRuntime:
     @property
     def weight_bytes(self) -> int:
         tensors = [self.embed, self.norm] + ([] if self.lm_head is self.embed else [self.lm_head])
-        for layer in self.layers:
-            tensors += [t for t in vars(layer).values() if t is not None]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        matmuls = [m for layer in self.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+        tensors += [t for layer in self.layers for t in (layer.attn_norm, layer.ffn_norm)]
+        return sum(t.numel() * t.element_size() for t in tensors) + sum(m.nbytes for m in matmuls)
 
     def new_cache(self, batch_size: int = 1, max_len: int | None = None) -> KVCache:
         info = self.info
@@ -156,7 +156,7 @@ class LlamaRuntime:
         for i, layer in enumerate(self.layers):
             if plan is None or plan.attn[i]:
                 h = rms_norm(x, layer.attn_norm, self.eps)
-                qkv = F.linear(h, layer.wqkv, layer.bqkv)
+                qkv = layer.qkv(h)
                 q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
                 q = q.view(batch, n_new, info.n_heads, info.head_dim).transpose(1, 2)
                 k = k.view(batch, n_new, info.n_kv_heads, info.head_dim).transpose(1, 2)
@@ -171,11 +171,11 @@ class LlamaRuntime:
                         q, keys[:, :, :n_keys], values[:, :, :n_keys],
                         attn_mask=attn_mask, is_causal=is_causal, enable_gqa=info.n_kv_heads != info.n_heads,
                     )  # fmt: skip
-                x = x + F.linear(out.transpose(1, 2).reshape(batch, n_new, self.q_size), layer.wo)
+                x = x + layer.o(out.transpose(1, 2).reshape(batch, n_new, self.q_size))
             if plan is None or plan.ffn[i]:
                 h = rms_norm(x, layer.ffn_norm, self.eps)
-                gate, up = F.linear(h, layer.w_gate_up).chunk(2, dim=-1)
-                x = x + F.linear(F.silu(gate) * up, layer.w_down)
+                gate, up = layer.gate_up(h).chunk(2, dim=-1)
+                x = x + layer.down(F.silu(gate) * up)
         for r in range(batch):
             cache.lengths[r] += n_new
         hidden = rms_norm(x, self.norm, self.eps)

@@ -31,7 +31,7 @@ def fingerprint(runtime) -> str:
     info = runtime.info
     digest = hashlib.sha1(repr(info).encode())
     digest.update(runtime.embed[:4].float().cpu().numpy().tobytes())
-    digest.update(runtime.layers[len(runtime.layers) // 2].w_down[:4].float().cpu().numpy().tobytes())
+    digest.update(runtime.layers[len(runtime.layers) // 2].down.weight[:4].float().cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
@@ -50,7 +50,7 @@ def _logits(runtime, ids: torch.Tensor, plan: Plan | None) -> torch.Tensor:
 
 def block_bytes(runtime, block: Block) -> int:
     layer = runtime.layers[block[1]]
-    tensors = [layer.wqkv, layer.wo] if block[0] == "attn" else [layer.w_gate_up, layer.w_down]
+    tensors = [layer.qkv.weight, layer.o.weight] if block[0] == "attn" else [layer.gate_up.weight, layer.down.weight]
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
