@@ -9,7 +9,15 @@ from types import SimpleNamespace
 import pytest
 
 from argen.bench import add_arguments, command_line, run
-from argen.bench.questions import Question, find_questions_file, read_questions, select_questions
+from argen.bench.questions import (
+    MT_BENCH,
+    MT_BENCH_CATEGORIES,
+    Question,
+    bench_questions,
+    find_questions_file,
+    read_questions,
+    select_questions,
+)
 from argen.bench.runner import NEAR_TIE, first_difference, judge, top2_at
 from argen.bench.systems import Output, cut_at_eos, parse_strategy, strategy_label
 from argen.errors import ArgenError
@@ -93,6 +101,21 @@ def test_questions_selection(questions_file, tmp_path):
     assert find_questions_file(nested) == target
 
 
+def test_mt_bench_grouped_as_spec_bench_reports_it():
+    path = find_questions_file()
+    grouped = bench_questions(path, None, 20, mt_bench_as_one=True)
+    by_category: dict[str, list[Question]] = {}
+    for q in grouped:
+        by_category.setdefault(q.category, []).append(q)
+    assert list(by_category)[0] == MT_BENCH and not set(by_category) & set(MT_BENCH_CATEGORIES)
+    assert {len(qs) for qs in by_category.values()} == {20}  # 6 categories of 20, every one full
+    original = {q.question_id: q.category for q in read_questions(path)}
+    # The first 20 of mt_bench sample all eight MT-bench categories, not just the first two.
+    assert {original[q.question_id] for q in by_category[MT_BENCH]} == set(MT_BENCH_CATEGORIES)
+    everything = bench_questions(path, [MT_BENCH], None, mt_bench_as_one=True)
+    assert len(everything) == 80 and {q.category for q in everything} == {MT_BENCH}
+
+
 def test_strategy_specs_and_helpers():
     assert parse_strategy("plain") == {"name": "plain"}
     with pytest.raises(ArgenError, match="unknown strategy"):
@@ -133,3 +156,29 @@ def test_judge_flags_real_divergences_and_measures_lossy_drift():
     assert d["token"] == ids[1] and d["reference_token"] == ids[0]
     assert lossy["divergence"] == {"position": 2, "near_tie": None}  # measured, not judged
     assert "identical" not in record["systems"]["hf"]
+
+
+def test_merge_runs_split_by_category(tmp_path, questions_file, capsys):
+    parts = []
+    for category in ("writing", "qa"):
+        out = tmp_path / category
+        args = parse(["--model", "tiny-random", "--questions", str(questions_file), "--categories", category,
+                      "--max-new-tokens", "4", "--out", str(out), "--threads", "1", "--no-progress",
+                      "--no-warmup"])  # fmt: skip
+        assert run(args) == 0
+        parts.append(out)
+    merged = tmp_path / "merged"
+    assert run(parse(["--merge", *map(str, parts), "--out", str(merged)])) == 0
+    results = json.loads((merged / "results.json").read_text())
+    writing = [q["question_id"] for q in QUESTIONS if q["category"] == "writing"]
+    assert sorted(r["question_id"] for r in results["records"]) == sorted(q["question_id"] for q in QUESTIONS)
+    assert results["settings"]["categories"] == {"writing": len(writing), "qa": 2}
+    rows = {(r["category"], r["system"]): r for r in results["summary"]["rows"]}
+    assert rows[("all", "plain")]["n"] == len(QUESTIONS) and rows[("qa", "plain")]["n"] == 2
+    report = (merged / "report.md").read_text()
+    assert "--categories writing" in report and "--categories qa" in report and "argen bench --merge" in report
+
+    with pytest.raises(ArgenError, match="more than one of the runs"):
+        run(parse(["--merge", str(parts[0]), str(parts[0]), "--out", str(tmp_path / "twice")]))
+    with pytest.raises(ArgenError, match="does not exist"):
+        run(parse(["--merge", str(parts[0]), str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]))

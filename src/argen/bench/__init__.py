@@ -36,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "shared/benchmarks/spec_bench/question.jsonl found in the current directory's parents")  # fmt: skip
     parser.add_argument("--categories", metavar="A,B", type=_csv, default=None, help="only these categories")
     parser.add_argument("--limit", metavar="N", type=int, default=None, help="at most N questions per category")
+    parser.add_argument("--group-mt-bench", action="store_true",
+                        help="count MT-bench's eight categories (10 questions each) as one, mt_bench, as "
+                             "Spec-Bench's tables do; --limit then samples all eight round-robin")  # fmt: skip
     parser.add_argument("--max-new-tokens", metavar="N", type=int, default=128, help="default: %(default)s")
     parser.add_argument("--strategies", metavar="S,S", type=_csv, default=["plain"],
                         help="argen strategies to measure, comma-separated; each `name` or "
@@ -52,6 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "other work, 1 avoids threads waiting on each other")  # fmt: skip
     parser.add_argument("--out", metavar="DIR", default=DEFAULT_OUT, help="output directory; default: %(default)s")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    parser.add_argument("--merge", metavar="DIR", nargs="+", default=None,
+                        help="write one report (to --out) from finished runs over disjoint questions, e.g. "
+                             "categories split over processes; nothing is measured")  # fmt: skip
     control = parser.add_argument_group("control strategies (counterfactual, set prompt, guided; see bench/control.py)")
     control.add_argument("--control", action="store_true",
                          help="measure the control strategies instead of comparing with HF generate()")  # fmt: skip
@@ -69,6 +75,8 @@ def command_line(args: argparse.Namespace) -> str:
         parts += ["--categories", ",".join(args.categories)]
     if args.limit is not None:
         parts += ["--limit", str(args.limit)]
+    if getattr(args, "group_mt_bench", False):
+        parts.append("--group-mt-bench")
     parts += ["--max-new-tokens", str(args.max_new_tokens), "--strategies", ",".join(args.strategies)]
     parts += ["--dtypes", ",".join(args.dtypes), "--hf-prompt-lookup", str(args.hf_prompt_lookup)]
     if args.threads:
@@ -141,6 +149,12 @@ def run(args: argparse.Namespace) -> int:
     """Run the bench described by `args` (see `add_arguments`), print the tables, write the report."""
     import torch
 
+    if getattr(args, "merge", None):
+        from argen.bench.merge import merge
+
+        paths = merge([Path(d) for d in args.merge], Path(args.out))
+        print(f"\nargen bench: merged report written to {paths['markdown']}")
+        return 0
     threads = torch.get_num_threads()
     if getattr(args, "threads", 0):
         torch.set_num_threads(args.threads)
@@ -160,7 +174,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from argen import load
     from argen.bench import report, runner
-    from argen.bench.questions import find_questions_file, read_questions, select_questions
+    from argen.bench.questions import bench_questions, find_questions_file
     from argen.bench.systems import parse_strategy
     from argen.models.loading import parse_dtype
 
@@ -169,7 +183,7 @@ def _run(args: argparse.Namespace) -> int:
     dtypes = [str(parse_dtype(d)).removeprefix("torch.") for d in args.dtypes]
     extra_dtypes = [d for d in dict.fromkeys(dtypes) if d != "float32"]
     questions_path = Path(args.questions) if args.questions else find_questions_file()
-    questions = select_questions(read_questions(questions_path), args.categories, args.limit)
+    questions = bench_questions(questions_path, args.categories, args.limit, args.group_mt_bench)
     out = Path(args.out)
 
     print(f"argen bench: loading {args.model!r}", file=sys.stderr)
@@ -196,7 +210,7 @@ def _run(args: argparse.Namespace) -> int:
     summary = report.summarize(records, described)
     settings = {"model": args.model, "questions": str(questions_path), "questions_count": len(questions),
                 "categories": {c: sum(q.category == c for q in questions) for c in dict.fromkeys(q.category for q in questions)},
-                "limit": args.limit,
+                "limit": args.limit, "group_mt_bench": args.group_mt_bench,
                 "max_new_tokens": args.max_new_tokens, "strategies": specs, "dtypes": ["float32", *extra_dtypes],
                 "hf_prompt_lookup": args.hf_prompt_lookup, "warmup": args.warmup, "threads": torch.get_num_threads(),
                 "greedy": True, "batch_size": 1}  # fmt: skip

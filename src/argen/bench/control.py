@@ -32,6 +32,8 @@ def command_line(args) -> str:
         parts += ["--categories", ",".join(args.categories)]
     if args.limit is not None:
         parts += ["--limit", str(args.limit)]
+    if getattr(args, "group_mt_bench", False):
+        parts.append("--group-mt-bench")
     parts += ["--max-new-tokens", str(args.max_new_tokens), "--guide-model", args.guide_model or args.model,
               "--omega", str(args.omega)]  # fmt: skip
     if args.threads:
@@ -153,11 +155,11 @@ def run(args) -> int:
     import torch
 
     from argen import load
-    from argen.bench.questions import find_questions_file, read_questions, select_questions
+    from argen.bench.questions import bench_questions, find_questions_file
     from argen.strategies import make_strategy
 
     questions_path = Path(args.questions) if args.questions else find_questions_file()
-    questions = select_questions(read_questions(questions_path), args.categories, args.limit)
+    questions = bench_questions(questions_path, args.categories, args.limit, args.group_mt_bench)
     gen = load(args.model)
     guided_spec = {"name": "guided", "guide_model": args.guide_model or args.model, "omega": args.omega}
     scorer = make_strategy(guided_spec)

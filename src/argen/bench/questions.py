@@ -10,6 +10,9 @@ from pathlib import Path
 from argen.errors import ArgenError
 
 DEFAULT_QUESTIONS = Path("shared/benchmarks/spec_bench/question.jsonl")
+# Spec-Bench's tables count MT-bench's eight categories (10 questions each) as one, "mt_bench".
+MT_BENCH = "mt_bench"
+MT_BENCH_CATEGORIES = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,27 @@ def read_questions(path: Path | str) -> list[Question]:
     return questions
 
 
+def group_mt_bench(questions: list[Question]) -> list[Question]:
+    """The questions with MT-bench's eight categories relabelled `mt_bench`, as Spec-Bench reports
+    them, and reordered round-robin over the eight so that the first N of `mt_bench` sample every
+    one of them. The group takes the place of its first question; other categories keep theirs."""
+    subgroups: dict[str, list[Question]] = {}
+    for q in questions:
+        if q.category in MT_BENCH_CATEGORIES:
+            subgroups.setdefault(q.category, []).append(q)
+    longest = max((len(g) for g in subgroups.values()), default=0)
+    mixed = [Question(g[i].question_id, MT_BENCH, g[i].prompt)
+             for i in range(longest) for g in subgroups.values() if i < len(g)]  # fmt: skip
+    out: list[Question] = []
+    for q in questions:
+        if q.category not in MT_BENCH_CATEGORIES:
+            out.append(q)
+        elif mixed:
+            out += mixed
+            mixed = []
+    return out
+
+
 def select_questions(
     questions: list[Question], categories: list[str] | None = None, limit: int | None = None
 ) -> list[Question]:
@@ -83,3 +107,11 @@ def select_questions(
     groups = list(by_category.values())
     longest = max(len(g) for g in groups)
     return [g[i] for i in range(longest) for g in groups if i < len(g)]
+
+
+def bench_questions(
+    path: Path | str, categories: list[str] | None, limit: int | None, mt_bench_as_one: bool = False
+) -> list[Question]:
+    """What a bench run asks: read, optionally group MT-bench, then select (see above)."""
+    questions = read_questions(path)
+    return select_questions(group_mt_bench(questions) if mt_bench_as_one else questions, categories, limit)

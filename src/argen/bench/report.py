@@ -114,6 +114,26 @@ def headline_table(summary: dict) -> str:
     return markdown_table(header, rows)
 
 
+def speedup_table(summary: dict) -> str | None:
+    """Rows: categories; columns: each argen strategy's speed-up over argen plain, and each other
+    HF system's over HF generate(): every engine against its own plain decoding, as speculative
+    decoding papers report it. None when there is nothing to compare."""
+    by_key = {(r["category"], r["system"]): r for r in summary["rows"]}
+    ours = [s for s in summary["systems"] if by_key[(ALL, s)]["speedup_vs_plain"] is not None]
+    theirs = [s for s in summary["systems"] if s != HF and by_key[(ALL, s)]["kind"] == "hf"]
+    if not ours:
+        return None
+    header = ["category", "n", *(f"{s} ×plain" for s in ours), *(f"{s} ×HF" for s in theirs), "best argen"]
+    rows = []
+    for category in summary["categories"]:
+        speedups = {s: by_key[(category, s)]["speedup_vs_plain"] for s in ours}
+        best = max(speedups, key=lambda s: speedups[s] or 0.0)
+        cells = [category, str(by_key[(category, ours[0])]["n"]), *(_fmt(v) for v in speedups.values())]
+        cells += [_fmt(by_key[(category, s)]["ratio_vs_hf"]) for s in theirs]
+        rows.append([*cells, best])
+    return markdown_table(header, rows, text_columns=1)
+
+
 def detail_table(summary: dict) -> str:
     """Rows: (category, system); every measured figure."""
     header = ["category", "system", "n", "new tok", "tok/s", "×HF", "×plain", "tok/fwd", "identical",
@@ -176,6 +196,9 @@ def render_markdown(command: str, machine: dict, settings: dict, summary: dict, 
         "Machine: " + ", ".join(f"{k} {v}" for k, v in machine.items()) + ".",
         "",
     ]
+    if settings.get("merged_from"):
+        parts += [f"Merged from {len(settings['merged_from'])} runs over disjoint questions (the commands above, "
+                  "one process each); every ratio is still taken within one process, per question.", ""]  # fmt: skip
     short = {c: n for c, n in settings["categories"].items() if settings["limit"] and n < settings["limit"]}
     if short:
         listed = ", ".join(f"{c} {n}" for c, n in short.items())
@@ -188,6 +211,13 @@ def render_markdown(command: str, machine: dict, settings: dict, summary: dict, 
         "",
         "![argen speed relative to HF generate()](chart.png)",
         "",
+    ]
+    speedups = speedup_table(summary)
+    if speedups:
+        parts += ["## Speed-up over each engine's own plain decoding", "",
+                  "argen strategies ÷ argen `plain`; other Hugging Face systems ÷ HF `generate()`.", "",
+                  speedups, ""]  # fmt: skip
+    parts += [
         "## Every category and system",
         "",
         detail_table(summary),
