@@ -45,12 +45,6 @@ class Matmul:
             self.weight_t = None
             self.weight = weight
 
-    @property
-    def nbytes(self) -> int:
-        stored = self.weight_t if self.weight_t is not None else self.weight
-        total = stored.numel() * stored.element_size()
-        return total + (0 if self.bias is None else self.bias.numel() * self.bias.element_size())
-
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is None:
             return F.linear(x, self.weight, self.bias)
