@@ -180,5 +180,7 @@ def test_merge_runs_split_by_category(tmp_path, questions_file, capsys):
 
     with pytest.raises(ArgenError, match="more than one of the runs"):
         run(parse(["--merge", str(parts[0]), str(parts[0]), "--out", str(tmp_path / "twice")]))
+    with pytest.raises(ArgenError, match="cannot go with --control"):
+        run(parse(["--merge", *map(str, parts), "--control", "--out", str(tmp_path / "y")]))
     with pytest.raises(ArgenError, match="does not exist"):
         run(parse(["--merge", str(parts[0]), str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]))

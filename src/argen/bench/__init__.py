@@ -152,6 +152,8 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "merge", None):
         from argen.bench.merge import merge
 
+        if getattr(args, "control", False):
+            raise ArgenError("--merge measures nothing, so it cannot go with --control; give one of them")
         paths = merge([Path(d) for d in args.merge], Path(args.out))
         print(f"\nargen bench: merged report written to {paths['markdown']}")
         return 0

@@ -1,7 +1,7 @@
 """`argen bench --merge DIR DIR ... --out DIR`: one report from runs over disjoint questions.
 
-Why: one process decodes at one token at a time, so a big bench is split by category over
-several processes (one CPU core each) and its parts merged. Ratios stay honest because every
+Why: a bench process runs on one CPU core (`--threads 1`, see the README), so a big bench is
+split by category over several processes and its parts merged. Ratios stay honest because every
 ratio is taken per question between systems run back to back in the same process; only the
 per-category means combine records from different processes.
 """

@@ -25,6 +25,7 @@ from argen.strategies.speculative.base import Speculative
 from argen.strategies.speculative.tree import DraftTree
 
 POOL_PER_KEY = 2  # next tokens kept per context, most recent first
+MIN_BACKOFF, MAX_BACKOFF = 4, 512  # plain steps between lookahead tries after one that did not pay
 
 
 class Jacobi(Speculative):
@@ -45,7 +46,11 @@ class Jacobi(Speculative):
         self._pool: dict[tuple[int, ...], list[int]] = {}
         self._window_nodes: list[int] = []
         self._gain, self._cost_ratio = 1.0, 1.0  # EMA of tokens per step and of step cost / plain cost
-        self._cooldown, self._backoff = 0, 4
+        # The back-off carries over between requests on one runtime: where lookahead does not pay
+        # (on a CPU a wider pass costs much more), a new request does not pay for the lesson again.
+        self._runtime = state.runtime
+        self._backoff = getattr(state.runtime, "_argen_jacobi_backoff", MIN_BACKOFF)
+        self._cooldown = 0 if self._backoff <= MIN_BACKOFF else self._backoff
 
     def propose(self, state: DecodeState, k: int) -> DraftTree:
         tree = DraftTree()
@@ -84,9 +89,10 @@ class Jacobi(Speculative):
         self._gain = 0.7 * self._gain + 0.3 * n_tokens
         self._cost_ratio = 0.7 * self._cost_ratio + 0.3 * seconds / self._cost(1)
         if self._gain / self._cost_ratio < 1.0:
-            self._cooldown, self._backoff = self._backoff, min(64, 2 * self._backoff)
+            self._cooldown, self._backoff = self._backoff, min(MAX_BACKOFF, 2 * self._backoff)
         else:
-            self._backoff = 4
+            self._backoff = MIN_BACKOFF
+        self._runtime._argen_jacobi_backoff = self._backoff
 
     def observe(self, state: DecodeState, verdict) -> None:
         if not self._window_nodes:
