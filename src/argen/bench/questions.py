@@ -70,9 +70,7 @@ def group_mt_bench(questions: list[Question]) -> list[Question]:
     for q in questions:
         if q.category in MT_BENCH_CATEGORIES:
             subgroups.setdefault(q.category, []).append(q)
-    longest = max((len(g) for g in subgroups.values()), default=0)
-    mixed = [Question(g[i].question_id, MT_BENCH, g[i].prompt)
-             for i in range(longest) for g in subgroups.values() if i < len(g)]  # fmt: skip
+    mixed = [Question(q.question_id, MT_BENCH, q.prompt) for q in _round_robin(list(subgroups.values()))]
     out: list[Question] = []
     for q in questions:
         if q.category not in MT_BENCH_CATEGORIES:
@@ -104,8 +102,12 @@ def select_questions(
         if limit < 1:
             raise ArgenError("--limit must be at least 1 (questions per category)")
         by_category = {c: qs[:limit] for c, qs in by_category.items()}
-    groups = list(by_category.values())
-    longest = max(len(g) for g in groups)
+    return _round_robin(list(by_category.values()))
+
+
+def _round_robin(groups: list[list[Question]]) -> list[Question]:
+    """The first of each group, then the second of each, and so on."""
+    longest = max((len(g) for g in groups), default=0)
     return [g[i] for i in range(longest) for g in groups if i < len(g)]
 
 

@@ -46,10 +46,8 @@ class Matmul:
             self.weight = weight
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is None:
-            return F.linear(x, self.weight, self.bias)
         rows = x.numel() // x.shape[-1]
-        if rows > PACKED_MAX_ROWS:
+        if self.packed is None or rows > PACKED_MAX_ROWS:
             return F.linear(x, self.weight, self.bias)
         if rows == 1:
             y = x @ self.weight_t

@@ -48,7 +48,6 @@ class Jacobi(Speculative):
         self._gain, self._cost_ratio = 1.0, 1.0  # EMA of tokens per step and of step cost / plain cost
         # The back-off carries over between requests on one runtime: where lookahead does not pay
         # (on a CPU a wider pass costs much more), a new request does not pay for the lesson again.
-        self._runtime = state.runtime
         self._backoff = getattr(state.runtime, "_argen_jacobi_backoff", MIN_BACKOFF)
         self._cooldown = 0 if self._backoff <= MIN_BACKOFF else self._backoff
 
@@ -79,10 +78,10 @@ class Jacobi(Speculative):
         self._window_nodes = []  # set by propose when this step runs an iteration
         tokens = super().step(state)
         if self._cost is not None:  # adaptive
-            self._learn(len(tokens), time.perf_counter() - t0)
+            self._learn(state.runtime, len(tokens), time.perf_counter() - t0)
         return tokens
 
-    def _learn(self, n_tokens: int, seconds: float) -> None:
+    def _learn(self, runtime, n_tokens: int, seconds: float) -> None:
         """Compare the measured rate of lookahead steps with plain steps' (from the cost model)."""
         if not self._window_nodes:
             return
@@ -92,7 +91,7 @@ class Jacobi(Speculative):
             self._cooldown, self._backoff = self._backoff, min(MAX_BACKOFF, 2 * self._backoff)
         else:
             self._backoff = MIN_BACKOFF
-        self._runtime._argen_jacobi_backoff = self._backoff
+        runtime._argen_jacobi_backoff = self._backoff
 
     def observe(self, state: DecodeState, verdict) -> None:
         if not self._window_nodes:
