@@ -2,13 +2,14 @@
 
 Why not just `F.linear`: on CPU its small-M GEMMs repack the weight on every call, so feeding a
 speculative verifier 2-8 tokens cost 1.7-2x feeding one (SmolLM2-135M, fp32, one thread) even
-though the pass is bound by reading the weights once. Measured per forward pass, body only:
+though the pass is bound by reading the weights once. Body time per forward pass
+(`benchmarks/pass_cost/report.md`):
 
-    rows            1      2      4      8     16
-    F.linear      52 ms  87 ms  97 ms 106 ms 152 ms
-    this module   46 ms  71 ms  75 ms  90 ms 128 ms
+    tokens fed      1      2      4      8     16
+    F.linear      55 ms  91 ms  84 ms  98 ms 118 ms
+    this module   40 ms  66 ms  74 ms  88 ms 110 ms
 
-One row uses W^T stored contiguously (MKL's GEMV on that layout is ~10% faster than on W); two
+One row uses W^T stored contiguously (MKL's GEMV on that layout beats it on W: 40 vs 55 ms above); two
 or more rows use oneDNN with the weight reordered once at load time, the packing torch.compile's
 CPU "freezing" pass applies. Elsewhere (GPU, bf16, no oneDNN) it is plain `F.linear`.
 """
