@@ -178,6 +178,13 @@ def test_strategy_option_errors_name_the_fix(tiny):
         tiny.generate("x", strategy={"name": "draft-model", "draft": _Vocab()})
     with pytest.raises(InvalidRequestError, match="min_n"):
         tiny.generate("x", strategy={"name": "ngram", "min_n": 2})
+    with pytest.raises(InvalidRequestError, match="max_ngram of strategy 'prompt-lookup' must be an integer"):
+        tiny.generate("x", strategy={"name": "prompt-lookup", "max_ngram": 2.5})
+    with pytest.raises(InvalidRequestError, match="adaptive of strategy 'ngram' must be true or false"):
+        tiny.generate("x", strategy={"name": "ngram", "adaptive": 3})
+    with pytest.raises(InvalidRequestError, match="explore of strategy 'ngram' must be a number"):
+        tiny.generate("x", strategy={"name": "ngram", "explore": "high"})
+    assert tiny.generate("x", strategy={"name": "ngram", "explore": 1}, max_new_tokens=2).token_ids  # int for float
     gpt2 = __import__("argen").load("tiny-random-gpt2")
     with pytest.raises(InvalidRequestError, match="native runtime"):
         gpt2.generate("x", strategy={"name": "layer-skip", "skip_layers": [1]})

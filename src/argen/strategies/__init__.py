@@ -59,10 +59,31 @@ def make_strategy(spec) -> Strategy:
     if unknown:
         listed = ", ".join(f"{k} (default {v!r})" for k, v in valid.items()) or "none"
         raise InvalidRequestError(f"unknown option(s) {', '.join(unknown)} for strategy {name!r}; valid: {listed}")
+    annotations = inspect.signature(cls.__init__).parameters
+    for key, value in options.items():
+        problem = _type_problem(value, annotations[key].annotation)
+        if problem:
+            raise InvalidRequestError(
+                f"option {key} of strategy {name!r} must be {problem} (default {valid[key]!r}); got {value!r}"
+            )
     try:
         return cls(**options)
     except (TypeError, ValueError) as exc:
         raise InvalidRequestError(f"bad option for strategy {name!r}: {exc}") from exc
+
+
+def _type_problem(value, annotation) -> str | None:
+    """What `value` should be, judged by the option's annotation when it is a plain int, float or
+    bool, or None if it fits. Options from the CLI or JSON arrive as JSON values: 2.5 for an integer
+    option must not reach `range()` as a traceback, and 3 for a flag must not silently mean True."""
+    is_bool = isinstance(value, bool)
+    if annotation in ("bool", bool):
+        return None if is_bool else "true or false"
+    if annotation in ("int", int):
+        return None if isinstance(value, int) and not is_bool else "an integer"
+    if annotation in ("float", float):
+        return None if isinstance(value, int | float) and not is_bool else "a number"
+    return None  # unions, lists, objects: the constructor checks those
 
 
 __all__ = ["REGISTRY", "DecodeState", "Strategy", "make_strategy", "register", "strategy_options"]
