@@ -52,7 +52,7 @@ def measured_costs(runtime, threads: int) -> CostModel:
     return median
 
 
-def prompt_lookup_accepts(context: list[int], future: list[int]) -> int:
+def prompt_lookup_accepts(context: list[int], future: list[int], seen: set) -> int:
     draft, _ = find_match(context, 1, 3, 10)
     return next(
         (i for i, (d, f) in enumerate(zip(draft, future, strict=False)) if d != f), min(len(draft), len(future))
@@ -68,12 +68,11 @@ def trigram_chain_accepts(context: list[int], future: list[int], seen: set[tuple
     return min(len(future), CAP)
 
 
-def copy_anywhere_accepts(context: list[int], future: list[int]) -> int:
-    text = context
+def copy_anywhere_accepts(context: list[int], future: list[int], seen: set) -> int:
     best = 0
     for length in range(1, min(CAP, len(future)) + 1):
         span = future[:length]
-        if not any(text[j : j + length] == span for j in range(len(text) - length + 1)):
+        if not any(context[j : j + length] == span for j in range(len(context) - length + 1)):
             break
         best = length
     return best
@@ -81,14 +80,15 @@ def copy_anywhere_accepts(context: list[int], future: list[int]) -> int:
 
 def replay(prompt: list[int], output: list[int], accepts: Callable, cost: CostModel) -> tuple[int, float]:
     """(target passes, seconds) for `output` with oracle-sized drafts under `cost`."""
-    context, seen, i, passes, seconds = list(prompt), set(), 0, 0, 0.0
+    context, i, passes, seconds = list(prompt), 0, 0, 0.0
+    seen: set[tuple[int, int, int]] = set()  # the sequence's trigrams so far (the trigram-chain drafter's)
     seen.update(zip(context, context[1:], context[2:], strict=False))
     plain_rate = 1 / cost(1)
     while i < len(output):
         # Drafts guess output[i:]; the verifier accepts a prefix and adds one token of its own, so
         # at most len(output) - i - 1 draft tokens can count.
         future = output[i : len(output) - 1]
-        accepted = accepts(context, future, seen) if accepts is trigram_chain_accepts else accepts(context, future)
+        accepted = accepts(context, future, seen)
         k = accepted if (accepted + 1) / cost(1 + accepted, rows=accepted + 1) > plain_rate else 0
         step = output[i : i + k + 1]
         passes, seconds = passes + 1, seconds + cost(1 + k, rows=k + 1)
