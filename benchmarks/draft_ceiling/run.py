@@ -20,16 +20,29 @@ Drafters:
 
 Pass costs are argen's own `CostModel` (the one adaptive drafting uses), the median of five
 calibrations at one and at two threads, alternated. Writes `report.md` and `ceiling.png` here.
+
+Two more views, at one thread, put the ceiling beside what argen measures:
+- `argen's policy`: the real `prompt-lookup` and `ngram` strategies replayed against the same
+  outputs and costs, with an oracle verifier (`policy.py`): what their adaptive draft sizing gets
+  out of the same drafts when it must guess how much of each draft will be accepted.
+- `with prefill`: the bench's figure is wall time of the whole call, prefill included, and a long
+  prompt's prefill is a fixed cost that no drafting shortens (a summarization prompt of 700 tokens
+  takes about as long as 50 decoding steps). Prefill seconds are calibrated at a few prompt
+  lengths and interpolated; the speed-up is then the geometric mean over questions of
+  (prefill + plain decode) / (prefill + replayed decode), as the bench averages it.
 """
 
 from __future__ import annotations
 
 import json
 import statistics
+import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
+from policy import STRATEGIES, replay_policy
 
 import argen
 from argen.bench.questions import find_questions_file, group_mt_bench, read_questions
@@ -40,6 +53,7 @@ HERE = Path(__file__).parent
 RESULTS = HERE.parent / "speculative" / "results.json"
 CAP = 16  # the most draft tokens a step may verify (ngram's default tree holds 16 nodes)
 TARGETS = {"summarization": 1.8, "rag": 1.5, "all": 1.25}
+PREFILL_LENGTHS = (32, 128, 512, 1400)  # Spec-Bench prompts here are 39..1376 tokens
 
 
 def measured_costs(runtime, threads: int) -> CostModel:
@@ -50,6 +64,21 @@ def measured_costs(runtime, threads: int) -> CostModel:
     median.seconds = {b: statistics.median(m.seconds[b] for m in models) for b in BUCKETS}
     median.head_seconds = statistics.median(m.head_seconds for m in models)
     return median
+
+
+def measured_prefill(runtime, threads: int) -> Callable[[int], float]:
+    """Seconds to prefill a prompt of n tokens: the median of 3 at a few lengths, interpolated."""
+    torch.set_num_threads(threads)
+    seconds = []
+    for n in PREFILL_LENGTHS:
+        times = []
+        for _ in range(3):
+            cache = runtime.new_cache(1, n)
+            start = time.perf_counter()
+            runtime.forward(torch.arange(n)[None] % runtime.info.vocab_size, torch.arange(n)[None], cache, num_logits=0)
+            times.append(time.perf_counter() - start)
+        seconds.append(statistics.median(times))
+    return lambda n: float(np.interp(n, PREFILL_LENGTHS, seconds))
 
 
 def prompt_lookup_accepts(context: list[int], future: list[int], seen: set) -> int:
@@ -101,6 +130,8 @@ def replay(prompt: list[int], output: list[int], accepts: Callable, cost: CostMo
 
 DRAFTERS = {"prompt-lookup": prompt_lookup_accepts, "trigram chain": trigram_chain_accepts,
             "copy anywhere": copy_anywhere_accepts}  # fmt: skip
+# The policy table's rows: argen's strategies by name, each with the drafter that bounds it.
+ORACLES = {"prompt-lookup": prompt_lookup_accepts, "ngram": trigram_chain_accepts, "copy anywhere": copy_anywhere_accepts}
 
 
 def measured_best(summary: dict) -> dict[str, tuple[str, float]]:
@@ -142,11 +173,38 @@ def main() -> None:
                     t[0], t[1], t[2] = t[0] + len(output), t[1] + passes, t[2] + seconds
             for c, (tokens, passes, seconds) in totals.items():
                 table[(name, c, threads)] = (tokens / passes, tokens * cost(1) / seconds)
-    write_report(table, categories, costs, measured_best(results["summary"]))
-    write_chart(table, categories, measured_best(results["summary"]))
+    prefill = measured_prefill(gen.runtime, 1)
+    policy = policy_table(runs, costs[1], prefill)
+    best = measured_best(results["summary"])
+    write_report(table, categories, costs, best, policy, prefill)
+    write_chart(table, categories, best, policy)
 
 
-def write_report(table, categories, costs, best) -> None:
+def policy_table(runs, cost: CostModel, prefill: Callable[[int], float]) -> dict[tuple[str, str, str], tuple]:
+    """(strategy, category, "oracle" or "policy") -> (tok/pass, x plain decode, x plain with prefill)
+    at one thread, for argen's two lookup strategies and their oracle-sized counterparts."""
+    categories = list(dict.fromkeys(c for c, _, _ in runs)) + ["all"]
+    out = {}
+    for name in ORACLES:
+        for how in ("oracle", "policy") if name in STRATEGIES else ("oracle",):
+            # per category: tokens, passes, plain decode seconds, decode seconds, log speed-ups with prefill
+            sums = {c: [0, 0, 0.0, 0.0, []] for c in categories}
+            for category, prompt, output in runs:
+                if how == "oracle":
+                    passes, seconds = replay(prompt, output, ORACLES[name], cost)
+                else:
+                    passes, seconds = replay_policy(STRATEGIES[name](), prompt, output, cost)
+                plain, fixed = len(output) * cost(1), prefill(len(prompt) - 1)
+                for c in (category, "all"):
+                    t = sums[c]
+                    t[0], t[1], t[2], t[3] = t[0] + len(output), t[1] + passes, t[2] + plain, t[3] + seconds
+                    t[4].append(np.log((fixed + plain) / (fixed + seconds)))
+            for c, (tokens, passes, plain, seconds, logs) in sums.items():
+                out[(name, c, how)] = (tokens / passes, plain / seconds, float(np.exp(np.mean(logs))))
+    return out
+
+
+def write_report(table, categories, costs, best, policy, prefill) -> None:
     lines = ["# A ceiling for exact speculative decoding on this machine", "",
              "```", "python benchmarks/draft_ceiling/run.py", "```", "",
              f"torch {torch.__version__}, {torch.get_num_threads()} threads available. How it is computed: the "
@@ -170,33 +228,57 @@ def write_report(table, categories, costs, best) -> None:
         target = f"{TARGETS[c]:.2f}" if c in TARGETS else ""
         system, speedup = best.get(c, ("", float("nan")))
         lines.append(f"| {c} | {target} | {speedup:.2f} ({system}) | " + " | ".join(cells) + " |")
+    measured = {(row["system"], row["category"]): row for row in json.loads(RESULTS.read_text())["summary"]["rows"]}
+    lines += ["", "## argen's drafting policy beside the ceiling, and the prefill (one thread)", "",
+              "Prefill, from the same runtime: " + ", ".join(f"{n} tokens {prefill(n) * 1e3:.0f} ms" for n in PREFILL_LENGTHS)
+              + f"; one plain decoding step costs {costs[1](1) * 1e3:.0f} ms. `oracle`: sized knowing the future (the "
+              "table above; `ngram`'s oracle is the trigram chain). `policy`: argen's strategy with its own adaptive "
+              "sizing (`policy.py`). `measured`: the committed bench (wall time, one thread, two processes side by side).",
+              "", "| category | strategy | oracle tok/pass | policy tok/pass | measured tok/pass | oracle ×plain | "
+              "policy ×plain | oracle ×plain with prefill | policy ×plain with prefill | measured ×plain |",
+              "| --- | --- | --: | --: | --: | --: | --: | --: | --: | --: |"]  # fmt: skip
+    for c in categories:
+        for name in ORACLES:
+            o, p, m = policy[(name, c, "oracle")], policy.get((name, c, "policy")), measured.get((name, c))
+            # copy anywhere is a bound only: no strategy to replay, nothing measured
+            p = [f"{v:.2f}" for v in p] if p else ["—"] * 3
+            m = [f"{m['tokens_per_forward']:.2f}", f"{m['speedup_vs_plain']:.2f}"] if m else ["—"] * 2
+            lines.append(f"| {c} | {name} | {o[0]:.2f} | {p[0]} | {m[0]} | {o[1]:.2f} | {p[1]} | {o[2]:.2f} | {p[2]} "
+                         f"| {m[1]} |")  # fmt: skip
     (HERE / "report.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
-def write_chart(table, categories, best) -> None:
+def write_chart(table, categories, best, policy) -> None:
+    """Left: the decode-only ceiling of each drafter. Right: wall time with prefill at one thread,
+    the ceiling against argen's policy replayed and against the bench."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(9, 5))
+    fig = Figure(figsize=(14, 5))
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    bars = [(n, t) for n in DRAFTERS for t in (1, 2)]
-    width = 0.8 / len(bars)
-    for j, (name, threads) in enumerate(bars):
-        xs = [i + (j - (len(bars) - 1) / 2) * width for i in range(len(categories))]
-        ax.bar(xs, [table[(name, c, threads)][1] for c in categories], width, label=f"{name}, {threads} thr")
-    for i, c in enumerate(categories):
-        if c in TARGETS:
-            ax.hlines(TARGETS[c], i - 0.45, i + 0.45, colors="black", linestyles="dashed")
+    left, right = fig.subplots(1, 2, sharey=True)
+    bars_left = [(f"{n}, {t} thr", [table[(n, c, t)][1] for c in categories]) for n in DRAFTERS for t in (1, 2)]
+    bars_right = [(f"{n}, {how}", [policy[(n, c, how)][2] for c in categories])
+                  for n in ORACLES for how in ("oracle", "policy") if (n, "all", how) in policy]  # fmt: skip
+    panels = ((left, bars_left, "decoding only: drafts sized knowing the future"),
+              (right, bars_right, "with prefill, 1 thread: knowing the future vs argen's policy"))  # fmt: skip
     measured = [(i, best[c][1]) for i, c in enumerate(categories) if c in best]
-    ax.scatter([i for i, _ in measured], [v for _, v in measured], marker="x", color="black", zorder=3,
-               label="measured best, 1 thr (with prefill)")  # fmt: skip
-    ax.axhline(1.0, color="grey", linewidth=0.8)
-    ax.set_xticks(range(len(categories)), categories, fontsize=8)
-    ax.set_ylabel("ceiling, × plain decoding")
-    ax.set_title("Exact speculative decoding ceiling on this CPU (dashed: issue targets)")
-    ax.legend(fontsize=7, ncol=3, loc="upper left")
+    for ax, bars, title in panels:
+        width = 0.8 / len(bars)
+        for j, (label, values) in enumerate(bars):
+            ax.bar([i + (j - (len(bars) - 1) / 2) * width for i in range(len(categories))], values, width, label=label)
+        for i, c in enumerate(categories):
+            if c in TARGETS:
+                ax.hlines(TARGETS[c], i - 0.45, i + 0.45, colors="black", linestyles="dashed")
+        ax.scatter([i for i, _ in measured], [v for _, v in measured], marker="x", color="black", zorder=3,
+                   label="measured best, 1 thr (with prefill)")  # fmt: skip
+        ax.axhline(1.0, color="grey", linewidth=0.8)
+        ax.set_xticks(range(len(categories)), categories, fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=7, ncol=2, loc="upper left")
+    left.set_ylabel("× plain decoding (dashed: issue targets)")
+    fig.suptitle("Exact speculative decoding on this CPU: how far drafts could go, and how far argen gets")
     fig.tight_layout()
     fig.savefig(HERE / "ceiling.png", dpi=110)
 
