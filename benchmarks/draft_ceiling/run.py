@@ -19,7 +19,7 @@ Drafters:
   (prompt lookup with any match rule, retrieval of the context).
 
 Pass costs are argen's own `CostModel` (the one adaptive drafting uses), the median of five
-calibrations at one and at two threads, alternated. Writes `report.md` and `ceiling.png` here.
+calibrations at one and at two threads. Writes `report.md` and `ceiling.png` here.
 
 Two more views, at one thread, put the ceiling beside what argen measures:
 - `argen's policy`: the real `prompt-lookup` and `ngram` strategies replayed against the same
@@ -130,8 +130,8 @@ def replay(prompt: list[int], output: list[int], accepts: Callable, cost: CostMo
 
 DRAFTERS = {"prompt-lookup": prompt_lookup_accepts, "trigram chain": trigram_chain_accepts,
             "copy anywhere": copy_anywhere_accepts}  # fmt: skip
-# The policy table's rows: argen's strategies by name, each with the drafter that bounds it.
-ORACLES = {"prompt-lookup": prompt_lookup_accepts, "ngram": trigram_chain_accepts, "copy anywhere": copy_anywhere_accepts}
+# The argen strategy each drafter bounds ("copy anywhere" bounds them all and is no strategy).
+STRATEGY_OF = {"prompt-lookup": "prompt-lookup", "trigram chain": "ngram"}
 
 
 def measured_best(summary: dict) -> dict[str, tuple[str, float]]:
@@ -158,53 +158,45 @@ def main() -> None:
             raise SystemExit(f"question {record['question_id']}: prompt re-encodes to {len(prompt)} tokens, "
                              f"the run had {record['prompt_tokens']}")  # fmt: skip
         runs.append((record["category"], prompt, record["systems"]["plain"]["token_ids"]))
-    costs = {1: None, 2: None}
-    for threads in costs:
-        costs[threads] = measured_costs(gen.runtime, threads)
+    costs = {threads: measured_costs(gen.runtime, threads) for threads in (1, 2)}
+    prefill = measured_prefill(gen.runtime, 1)
     categories = list(dict.fromkeys(c for c, _, _ in runs)) + ["all"]
-    table: dict[tuple[str, str, int], tuple[float, float]] = {}  # (drafter, category, threads) -> (tok/pass, x plain)
+    # (drafter, category, threads) -> summary of the future-knowing replay
+    table: dict[tuple[str, str, int], tuple[float, float, float]] = {}
     for name, accepts in DRAFTERS.items():
         for threads, cost in costs.items():
-            totals: dict[str, list[float]] = {c: [0, 0, 0.0] for c in categories}
-            for category, prompt, output in runs:
-                passes, seconds = replay(prompt, output, accepts, cost)
-                for c in (category, "all"):
-                    t = totals[c]
-                    t[0], t[1], t[2] = t[0] + len(output), t[1] + passes, t[2] + seconds
-            for c, (tokens, passes, seconds) in totals.items():
-                table[(name, c, threads)] = (tokens / passes, tokens * cost(1) / seconds)
-    prefill = measured_prefill(gen.runtime, 1)
-    policy = policy_table(runs, costs[1], prefill)
+            replayed = [replay(prompt, output, accepts, cost) for _, prompt, output in runs]
+            for c, row in summarize(runs, replayed, cost, prefill if threads == 1 else None).items():
+                table[(name, c, threads)] = row
+    # (drafter, category) -> summary of the strategy it bounds, replayed with its own sizing (one thread)
+    policy: dict[tuple[str, str], tuple[float, float, float]] = {}
+    for name, strategy in STRATEGY_OF.items():
+        replayed = [replay_policy(STRATEGIES[strategy](), prompt, output, costs[1]) for _, prompt, output in runs]
+        for c, row in summarize(runs, replayed, costs[1], prefill).items():
+            policy[(name, c)] = row
     best = measured_best(results["summary"])
-    write_report(table, categories, costs, best, policy, prefill)
-    write_chart(table, categories, best, policy)
+    write_report(table, policy, categories, costs, prefill, best, results["summary"])
+    write_chart(table, policy, categories, best)
 
 
-def policy_table(runs, cost: CostModel, prefill: Callable[[int], float]) -> dict[tuple[str, str, str], tuple]:
-    """(strategy, category, "oracle" or "policy") -> (tok/pass, x plain decode, x plain with prefill)
-    at one thread, for argen's two lookup strategies and their oracle-sized counterparts."""
-    categories = list(dict.fromkeys(c for c, _, _ in runs)) + ["all"]
-    out = {}
-    for name in ORACLES:
-        for how in ("oracle", "policy") if name in STRATEGIES else ("oracle",):
-            # per category: tokens, passes, plain decode seconds, decode seconds, log speed-ups with prefill
-            sums = {c: [0, 0, 0.0, 0.0, []] for c in categories}
-            for category, prompt, output in runs:
-                if how == "oracle":
-                    passes, seconds = replay(prompt, output, ORACLES[name], cost)
-                else:
-                    passes, seconds = replay_policy(STRATEGIES[name](), prompt, output, cost)
-                plain, fixed = len(output) * cost(1), prefill(len(prompt) - 1)
-                for c in (category, "all"):
-                    t = sums[c]
-                    t[0], t[1], t[2], t[3] = t[0] + len(output), t[1] + passes, t[2] + plain, t[3] + seconds
-                    t[4].append(np.log((fixed + plain) / (fixed + seconds)))
-            for c, (tokens, passes, plain, seconds, logs) in sums.items():
-                out[(name, c, how)] = (tokens / passes, plain / seconds, float(np.exp(np.mean(logs))))
-    return out
+def summarize(runs, replayed: list[tuple[int, float]], cost: CostModel,
+              prefill: Callable[[int], float] | None) -> dict[str, tuple[float, float, float]]:  # fmt: skip
+    """Per category and "all", from each question's replayed (passes, seconds): (tokens per pass,
+    x plain decoding, x plain with prefill). The last is the geometric mean over questions of
+    (prefill + plain decode) / (prefill + replayed decode), as the bench averages; nan without `prefill`."""
+    sums: dict[str, list] = {}  # category -> [tokens, passes, seconds, log speed-ups with prefill]
+    for (category, prompt, output), (passes, seconds) in zip(runs, replayed, strict=True):
+        plain = len(output) * cost(1)
+        fixed = prefill(len(prompt) - 1) if prefill else float("nan")
+        for c in (category, "all"):
+            t = sums.setdefault(c, [0, 0, 0.0, []])
+            t[0], t[1], t[2] = t[0] + len(output), t[1] + passes, t[2] + seconds
+            t[3].append(np.log((fixed + plain) / (fixed + seconds)))
+    return {c: (tokens / passes, tokens * cost(1) / seconds, float(np.exp(np.mean(logs))))
+            for c, (tokens, passes, seconds, logs) in sums.items()}  # fmt: skip
 
 
-def write_report(table, categories, costs, best, policy, prefill) -> None:
+def write_report(table, policy, categories, costs, prefill, best, summary: dict) -> None:
     lines = ["# A ceiling for exact speculative decoding on this machine", "",
              "```", "python benchmarks/draft_ceiling/run.py", "```", "",
              f"torch {torch.__version__}, {torch.get_num_threads()} threads available. How it is computed: the "
@@ -228,28 +220,29 @@ def write_report(table, categories, costs, best, policy, prefill) -> None:
         target = f"{TARGETS[c]:.2f}" if c in TARGETS else ""
         system, speedup = best.get(c, ("", float("nan")))
         lines.append(f"| {c} | {target} | {speedup:.2f} ({system}) | " + " | ".join(cells) + " |")
-    measured = {(row["system"], row["category"]): row for row in json.loads(RESULTS.read_text())["summary"]["rows"]}
+    measured = {(row["system"], row["category"]): row for row in summary["rows"]}
     lines += ["", "## argen's drafting policy beside the ceiling, and the prefill (one thread)", "",
               "Prefill, from the same runtime: " + ", ".join(f"{n} tokens {prefill(n) * 1e3:.0f} ms" for n in PREFILL_LENGTHS)
-              + f"; one plain decoding step costs {costs[1](1) * 1e3:.0f} ms. `oracle`: sized knowing the future (the "
-              "table above; `ngram`'s oracle is the trigram chain). `policy`: argen's strategy with its own adaptive "
-              "sizing (`policy.py`). `measured`: the committed bench (wall time, one thread, two processes side by side).",
-              "", "| category | strategy | oracle tok/pass | policy tok/pass | measured tok/pass | oracle ×plain | "
+              + f"; one plain decoding step costs {costs[1](1) * 1e3:.0f} ms. `oracle`: the drafter sized knowing the "
+              "future (the table above). `policy`: the argen strategy it bounds, with its own adaptive sizing "
+              "(`policy.py`). `measured`: that strategy in the committed bench (wall time, one thread, two processes "
+              "side by side).",
+              "", "| category | drafter | strategy | oracle tok/pass | policy tok/pass | measured tok/pass | oracle ×plain | "
               "policy ×plain | oracle ×plain with prefill | policy ×plain with prefill | measured ×plain |",
-              "| --- | --- | --: | --: | --: | --: | --: | --: | --: | --: |"]  # fmt: skip
+              "| --- | --- | --- | --: | --: | --: | --: | --: | --: | --: | --: |"]  # fmt: skip
     for c in categories:
-        for name in ORACLES:
-            o, p, m = policy[(name, c, "oracle")], policy.get((name, c, "policy")), measured.get((name, c))
-            # copy anywhere is a bound only: no strategy to replay, nothing measured
+        for name in DRAFTERS:
+            strategy = STRATEGY_OF.get(name)  # copy anywhere is a bound only: nothing to replay or measure
+            o, p, m = table[(name, c, 1)], policy.get((name, c)), measured.get((strategy, c))
             p = [f"{v:.2f}" for v in p] if p else ["—"] * 3
             m = [f"{m['tokens_per_forward']:.2f}", f"{m['speedup_vs_plain']:.2f}"] if m else ["—"] * 2
-            lines.append(f"| {c} | {name} | {o[0]:.2f} | {p[0]} | {m[0]} | {o[1]:.2f} | {p[1]} | {o[2]:.2f} | {p[2]} "
-                         f"| {m[1]} |")  # fmt: skip
+            lines.append(f"| {c} | {name} | {strategy or '—'} | {o[0]:.2f} | {p[0]} | {m[0]} | {o[1]:.2f} | {p[1]} | "
+                         f"{o[2]:.2f} | {p[2]} | {m[1]} |")  # fmt: skip
     (HERE / "report.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
-def write_chart(table, categories, best, policy) -> None:
+def write_chart(table, policy, categories, best) -> None:
     """Left: the decode-only ceiling of each drafter. Right: wall time with prefill at one thread,
     the ceiling against argen's policy replayed and against the bench."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -259,8 +252,11 @@ def write_chart(table, categories, best, policy) -> None:
     FigureCanvasAgg(fig)
     left, right = fig.subplots(1, 2, sharey=True)
     bars_left = [(f"{n}, {t} thr", [table[(n, c, t)][1] for c in categories]) for n in DRAFTERS for t in (1, 2)]
-    bars_right = [(f"{n}, {how}", [policy[(n, c, how)][2] for c in categories])
-                  for n in ORACLES for how in ("oracle", "policy") if (n, "all", how) in policy]  # fmt: skip
+    bars_right = []
+    for name in DRAFTERS:
+        bars_right.append((f"{name}, oracle", [table[(name, c, 1)][2] for c in categories]))
+        if name in STRATEGY_OF:
+            bars_right.append((f"{STRATEGY_OF[name]}, policy", [policy[(name, c)][2] for c in categories]))
     panels = ((left, bars_left, "decoding only: drafts sized knowing the future"),
               (right, bars_right, "with prefill, 1 thread: knowing the future vs argen's policy"))  # fmt: skip
     measured = [(i, best[c][1]) for i, c in enumerate(categories) if c in best]
