@@ -184,3 +184,68 @@ def test_merge_runs_split_by_category(tmp_path, questions_file, capsys):
         run(parse(["--merge", *map(str, parts), "--control", "--out", str(tmp_path / "y")]))
     with pytest.raises(ArgenError, match="does not exist"):
         run(parse(["--merge", str(parts[0]), str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]))
+
+
+class FakeLlama:
+    """Stands in for llama_cpp.Llama: 'generates' greedily with the tiny model through HF, so the
+    peer's protocol (reset, generate with temp=0, time to first token) is exercised without a build."""
+
+    def __init__(self, model_path, n_ctx, n_threads, n_threads_batch, n_batch, verbose):
+        self.model_path, self.threads, self.model = model_path, n_threads, object()
+        self.hf = tiny_llama(0)
+
+    def reset(self):
+        self.resets = getattr(self, "resets", 0) + 1
+
+    def generate(self, tokens, temp, top_k, top_p, min_p, repeat_penalty, reset):
+        import torch
+
+        assert temp == 0.0 and top_k == 1 and reset
+        ids = list(tokens)
+        while True:
+            with torch.inference_mode():
+                token = int(self.hf(torch.tensor([ids])).logits[0, -1].argmax())
+            ids.append(token)
+            yield token
+
+
+def test_bench_quant_paths_and_a_llama_cpp_peer(tmp_path, questions_file, monkeypatch):
+    import sys
+
+    from argen.models import sources
+
+    fake = SimpleNamespace(Llama=FakeLlama, __version__="0.0-fake", llama_model_size=lambda model: 1234)
+    monkeypatch.setitem(sys.modules, "llama_cpp", fake)
+    gguf = tmp_path / "model.gguf"
+    monkeypatch.setattr(sources, "gguf_file", lambda source: gguf)
+    out = tmp_path / "out"
+    args = parse(["--model", "tiny-random", "--questions", str(questions_file), "--limit", "1",
+                  "--max-new-tokens", "6", "--quants", "none,q8_0", "--systems", "llama-cpp",
+                  "--reference", "plain@none", "--out", str(out), "--threads", "1", "--no-progress"])  # fmt: skip
+    assert run(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    rows = {r["system"]: r for r in results["summary"]["rows"] if r["category"] == "all"}
+    assert set(rows) == {"hf", "plain", "plain@none", "plain@q8_0", "llama.cpp"}
+    assert rows["plain@none"]["reference"] == "hf" and rows["plain"]["reference"] == "plain@none"
+    assert rows["llama.cpp"]["reference"] == "plain@none" and not rows["llama.cpp"]["exact"]
+    assert rows["llama.cpp"]["identical"] == 2  # the fake peer decodes the same weights greedily
+    assert rows["plain@q8_0"]["exact"] is False and rows["plain@q8_0"]["weight_bytes"] < rows["plain"]["weight_bytes"]
+    for name in ("plain", "llama.cpp"):
+        assert rows[name]["prefill_tokens_per_s"] > 0 and rows[name]["decode_tokens_per_s"] > 0
+    assert rows["llama.cpp"]["weight_bytes"] == 1234
+    assert "Decode and prefill speed" in (out / "report.md").read_text()
+    assert "--systems llama-cpp" in results["command"] and "--reference plain@none" in results["command"]
+
+
+def test_bench_peer_and_reference_errors_say_what_to_do(tmp_path, questions_file, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # not installed
+    base = ["--model", "tiny-random", "--questions", str(questions_file), "--limit", "1", "--max-new-tokens", "2",
+            "--out", str(tmp_path / "o"), "--no-progress"]  # fmt: skip
+    with pytest.raises(ArgenError, match="unknown --systems vllm"):
+        run(parse([*base, "--systems", "vllm"]))
+    with pytest.raises(ArgenError, match="GGUF"):
+        run(parse([*base, "--systems", "llama-cpp"]))
+    with pytest.raises(ArgenError, match="--reference 'nope' is not among"):
+        run(parse([*base, "--reference", "nope"]))

@@ -19,6 +19,7 @@ class Generator:
     def __init__(self, model: LoadedModel) -> None:
         self.model = model
         self.name = model.name
+        self.quant = model.quant
         self.runtime = model.runtime
         self.tokenizer = model.tokenizer
         self.engine = Engine(model.runtime, model.tokenizer, model.eos_ids)
@@ -126,7 +127,11 @@ class Stream:
                 self.result = item
 
 
-def load(model: str = "default", *, runtime: str = "auto", device: str = "cpu", dtype="float32") -> Generator:
+def load(model: str = "default", *, runtime: str = "auto", device: str = "cpu", dtype="float32",
+         quant: str = "auto") -> Generator:  # fmt: skip
     """Load a model: "default" (bundled SmolLM2-135M-Instruct), a Hugging Face directory, a .gguf
-    file, or "tiny-random" / "tiny-random-gpt2" (tiny random models for tests)."""
-    return Generator(load_model(model, runtime=runtime, device=device, dtype=dtype))
+    file, or "tiny-random" / "tiny-random-gpt2" (tiny random models for tests). `quant` picks how
+    the native runtime holds the weights on CPU: "auto" (a GGUF's own quantized blocks when argen's
+    kernels build here, else fp32), "exact" (the GGUF's blocks, fp32 activations), "none" (fp32,
+    dequantized), or "q8_0" / "q4_1" / "q4_0" (quantize fp32 weights at load)."""
+    return Generator(load_model(model, runtime=runtime, device=device, dtype=dtype, quant=quant))

@@ -13,6 +13,8 @@ import sys
 from typing import NoReturn
 
 from argen.errors import ArgenError
+from argen.models.kernels import describe_cpu
+from argen.models.quant_paths import QUANTS
 
 PROG = "argen"
 
@@ -37,6 +39,10 @@ def _add_generate(sub) -> None:
     p.add_argument("--runtime", default="auto", choices=("auto", "native", "hf"))
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--quant", default="auto", choices=QUANTS,
+                   help="how the weights are held on CPU: auto (a GGUF's own quantized blocks where argen's kernels "
+                        "build, else fp32), exact (those blocks, fp32 activations), none (fp32), q8_0/q4_1/q4_0 "
+                        "(quantize fp32 weights at load) (default: %(default)s)")  # fmt: skip
     p.add_argument("--max-new-tokens", type=int, default=128, help="default: %(default)s")
     p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy (default: %(default)s)")
     p.add_argument("--top-p", type=float)
@@ -130,7 +136,7 @@ def _generate(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise ArgenError(str(exc)) from exc
 
-    gen = load(args.model, runtime=args.runtime, device=args.device, dtype=args.dtype)
+    gen = load(args.model, runtime=args.runtime, device=args.device, dtype=args.dtype, quant=args.quant)
     chat = not args.no_chat
     intervene = parse_interventions(args.intervene, gen.tokenizer) or None
     if args.json:
@@ -164,6 +170,7 @@ def _models(args: argparse.Namespace) -> int:
     print("Model sources (--model):")
     for name, description in sources.describe_sources():
         print(f"  {name:<26} {description}")
+    print("\nWeight paths (--quant): " + ", ".join(QUANTS) + f"; CPU: {describe_cpu()}")
     print(f"\nModel cache: {sources.cache_dir()}")
     print("  (downloaded and converted models; delete the directory to clear it, or set ARGEN_CACHE_DIR)")
     print("\nStrategies (--strategy NAME, options with --strategy-opt KEY=VALUE):")
@@ -201,6 +208,10 @@ def _add_serve(sub) -> None:
     p.add_argument("--runtime", default="auto", choices=("auto", "native", "hf"))
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--quant", default="auto", choices=QUANTS,
+                   help="how the weights are held on CPU: auto (a GGUF's own quantized blocks where argen's kernels "
+                        "build, else fp32), exact (those blocks, fp32 activations), none (fp32), q8_0/q4_1/q4_0 "
+                        "(quantize fp32 weights at load) (default: %(default)s)")  # fmt: skip
     p.add_argument("--max-batch", type=int, default=32, help="requests decoding at once (default: %(default)s)")
     p.add_argument("--max-queue", type=int, default=128,
                    help="requests waiting for a slot before new ones get 429 (default: %(default)s)")  # fmt: skip
@@ -221,7 +232,7 @@ def _serve(args: argparse.Namespace) -> int:
         raise ArgenError(f"the server needs fastapi, uvicorn, sse-starlette and prometheus-client ({exc})") from exc
     from argen.api import load
 
-    gen = load(args.model, runtime=args.runtime, device=args.device, dtype=args.dtype)
+    gen = load(args.model, runtime=args.runtime, device=args.device, dtype=args.dtype, quant=args.quant)
     return serve(gen, args.host, args.port, max_batch=args.max_batch, max_queue=args.max_queue,
                  max_tokens_limit=args.max_tokens, log_level=args.log_level, model_id=args.model)  # fmt: skip
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from argen.errors import ArgenError
 
 DEFAULT_OUT = "bench-out"
+PEERS = ("llama-cpp",)
 
 
 def _csv(text: str) -> list[str]:
@@ -46,6 +47,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtypes", "--dtype", metavar="D,D", type=_csv, default=["float32"],
                         help="float32 always runs; each extra dtype (e.g. bfloat16) loads a second argen model "
                              "and measures its plain decoding against float32 plain; default: float32")  # fmt: skip
+    parser.add_argument("--quant", default="auto",
+                        help="how the model's weights are held (as `argen generate --quant`); default: %(default)s")
+    parser.add_argument("--quants", metavar="Q,Q", type=_csv, default=[],
+                        help="each extra quant path (e.g. none,exact) loads a second argen model and measures its "
+                             "plain decoding; default: none")  # fmt: skip
+    parser.add_argument("--systems", metavar="S,S", type=_csv, default=[],
+                        help="optional peers on the same weights: llama-cpp (llama-cpp-python on the same GGUF "
+                             "file, same threads; `pip install llama-cpp-python`); default: none")  # fmt: skip
+    parser.add_argument("--reference", default="hf",
+                        help="the system whose tokens argen's systems and the peers are compared with: hf (HF "
+                             "generate(), fp32) or an argen system's name, e.g. plain@none (argen fp32); "
+                             "default: %(default)s")  # fmt: skip
     parser.add_argument("--hf-prompt-lookup", metavar="N", type=int, default=0,
                         help="also run HF generate(prompt_lookup_num_tokens=N) as a second peer; 0: off")  # fmt: skip
     parser.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
@@ -79,6 +92,14 @@ def command_line(args: argparse.Namespace) -> str:
         parts.append("--group-mt-bench")
     parts += ["--max-new-tokens", str(args.max_new_tokens), "--strategies", ",".join(args.strategies)]
     parts += ["--dtypes", ",".join(args.dtypes), "--hf-prompt-lookup", str(args.hf_prompt_lookup)]
+    if getattr(args, "quant", "auto") != "auto":
+        parts += ["--quant", args.quant]
+    if getattr(args, "quants", None):
+        parts += ["--quants", ",".join(args.quants)]
+    if getattr(args, "systems", None):
+        parts += ["--systems", ",".join(args.systems)]
+    if getattr(args, "reference", "hf") != "hf":
+        parts += ["--reference", args.reference]
     if args.threads:
         parts += ["--threads", str(args.threads)]
     parts += ["--warmup" if args.warmup else "--no-warmup", "--out", str(args.out)]
@@ -90,10 +111,11 @@ def machine_info() -> dict:
     import transformers
 
     import argen
+    from argen.models.kernels import describe_cpu
 
     info = {
         "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
+        "cpu": describe_cpu(),
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
@@ -121,9 +143,14 @@ def _check(args: argparse.Namespace) -> None:
         raise ArgenError("--threads must be >= 0 (0: torch's default)")
     if not args.strategies:
         raise ArgenError("--strategies needs at least one strategy, e.g. --strategies plain")
+    unknown = sorted(set(getattr(args, "systems", [])) - set(PEERS))
+    if unknown:
+        raise ArgenError(f"unknown --systems {', '.join(unknown)}; available: {', '.join(PEERS)}")
 
 
 def build_systems(args, generator, specs: list[dict], extra_dtypes: list[str]):
+    import torch
+
     from argen import load
     from argen.bench.systems import HF, ArgenSystem, HFSystem
 
@@ -136,12 +163,30 @@ def build_systems(args, generator, specs: list[dict], extra_dtypes: list[str]):
     reference = "plain" if any(s.name == "plain" for s in systems) else HF
     for dtype in extra_dtypes:
         systems.append(ArgenSystem(load(args.model, dtype=dtype), {"name": "plain"}, dtype, reference))
+    for quant in getattr(args, "quants", []):
+        other = load(args.model, quant=quant)
+        systems.append(ArgenSystem(other, {"name": "plain"}, reference=HF, suffix=f"@{other.quant}"))
+    if "llama-cpp" in getattr(args, "systems", []):
+        from argen.bench.systems import LlamaCppSystem
+        from argen.models import sources
+
+        gguf_file = sources.gguf_file(sources.parse_source(args.model))
+        if gguf_file is None:
+            raise ArgenError("--systems llama-cpp runs llama.cpp on the model's GGUF file; this model has none")
+        systems.append(LlamaCppSystem(gguf_file, torch.get_num_threads(), eos))
     if args.hf_prompt_lookup:
         systems.append(HFSystem(hf_model, eos, pad, prompt_lookup=args.hf_prompt_lookup))
     names = [s.name for s in systems]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ArgenError(f"--strategies names {', '.join(duplicates)} more than once")
+    chosen = getattr(args, "reference", "hf")
+    if chosen != HF:
+        if chosen not in names:
+            raise ArgenError(f"--reference {chosen!r} is not among the systems ({', '.join(names)})")
+        for system in systems:  # argen's and the peers' outputs are compared with (exact ones: judged by) it
+            if system.name != chosen and system.kind != "hf":
+                system.reference = chosen
     return systems, hf_model
 
 
@@ -189,7 +234,7 @@ def _run(args: argparse.Namespace) -> int:
     out = Path(args.out)
 
     print(f"argen bench: loading {args.model!r}", file=sys.stderr)
-    generator = load(args.model)
+    generator = load(args.model, quant=getattr(args, "quant", "auto"))
     systems, hf_model = build_systems(args, generator, specs, extra_dtypes)
     n_categories = len({q.category for q in questions})
     print(f"argen bench: {len(questions)} questions in {n_categories} categories × {len(systems)} systems "
@@ -215,6 +260,7 @@ def _run(args: argparse.Namespace) -> int:
                 "limit": args.limit, "group_mt_bench": args.group_mt_bench,
                 "max_new_tokens": args.max_new_tokens, "strategies": specs, "dtypes": ["float32", *extra_dtypes],
                 "hf_prompt_lookup": args.hf_prompt_lookup, "warmup": args.warmup, "threads": torch.get_num_threads(),
+                "quant": generator.quant, "quants": getattr(args, "quants", []), "peers": getattr(args, "systems", []),
                 "greedy": True, "batch_size": 1}  # fmt: skip
     paths = report.write_all(out, command_line(args), list(sys.argv), machine_info(), settings, described, records,
                              summary)  # fmt: skip

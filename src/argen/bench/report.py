@@ -70,7 +70,14 @@ def _row(category: str, system: dict, group: list[dict], baseline: str | None) -
             "near_ties": sum(bool(d["near_tie"]) for d in divergences),
             "real_divergences": sum(d["near_tie"] is False for d in divergences) if system["exact"] else None,
             "agreement": mean([x["agreement"] for x in runs]),
+            "tokens_before_divergence": mean([x.get("tokens_before_divergence") for x in runs]),
+            "nll_gap": mean([x.get("nll_gap") for x in runs]),
         }
+    row |= {
+        "decode_tokens_per_s": mean([x.get("decode_tokens_per_s") for x in runs]),
+        "prefill_tokens_per_s": mean([x.get("prefill_tokens_per_s") for x in runs]),
+        "weight_bytes": system.get("weight_bytes"),
+    }
     return row
 
 
@@ -134,6 +141,36 @@ def speedup_table(summary: dict) -> str | None:
     return markdown_table(header, rows, text_columns=1)
 
 
+PEER = "llama.cpp"
+
+
+def fast_path_table(summary: dict) -> str | None:
+    """Rows: systems (all questions); decode and prefill speed (and their ratio to llama.cpp's, when it
+    ran), fidelity against each system's reference, and the weights held. None when no system told
+    its prefill apart from its decoding."""
+    by_key = {(r["category"], r["system"]): r for r in summary["rows"]}
+    rows = [by_key[(ALL, s)] for s in summary["systems"]]
+    if not any(r["prefill_tokens_per_s"] for r in rows):
+        return None
+    peer = by_key.get((ALL, PEER))
+    header = ["system", "decode tok/s", "prefill tok/s"]
+    header += ["decode ×llama.cpp", "prefill ×llama.cpp"] if peer else []
+    header += ["vs", "identical", "tokens before divergence", "agreement", "NLL gap", "weights MB"]
+    lines = []
+    for r in rows:
+        judged = r["reference"] is not None
+        cells = [r["system"], _fmt(r["decode_tokens_per_s"], ".1f"), _fmt(r["prefill_tokens_per_s"], ".0f")]
+        if peer:
+            ratio = [None if not (r[k] and peer[k]) else r[k] / peer[k] for k in ("decode_tokens_per_s",
+                                                                                  "prefill_tokens_per_s")]  # fmt: skip
+            cells += [_fmt(ratio[0]), _fmt(ratio[1])]
+        cells += [r["reference"] or "—", f"{r['identical']}/{r['n']}" if judged else "ref",
+                  _fmt(r.get("tokens_before_divergence"), ".1f"), _fmt(r.get("agreement"), ".1%"),
+                  _fmt(r.get("nll_gap"), "+.4f"), _fmt(r["weight_bytes"] and r["weight_bytes"] / 1e6, ".0f")]  # fmt: skip
+        lines.append(cells)
+    return markdown_table(header, lines)
+
+
 def detail_table(summary: dict) -> str:
     """Rows: (category, system); every measured figure."""
     header = ["category", "system", "n", "new tok", "tok/s", "×HF", "×plain", "tok/fwd", "identical",
@@ -168,6 +205,10 @@ def divergence_notes(records: list[dict]) -> tuple[list[str], list[str]]:
 def print_summary(summary: dict, records: list[dict]) -> None:
     print()
     print(headline_table(summary))
+    fast = fast_path_table(summary)
+    if fast:
+        print()
+        print(fast)
     print()
     print(detail_table(summary))
     near, real = divergence_notes(records)
@@ -212,6 +253,17 @@ def render_markdown(command: str, machine: dict, settings: dict, summary: dict, 
         "![argen speed relative to HF generate()](chart.png)",
         "",
     ]
+    fast = fast_path_table(summary)
+    if fast:
+        parts += ["## Decode and prefill speed, fidelity and weight memory", "",
+                  "All questions. **decode tok/s**: new tokens ÷ the seconds after the prompt is processed; "
+                  "**prefill tok/s**: prompt tokens ÷ the seconds to process them (argen: its prefill; llama.cpp: "
+                  "until its first token); mean over questions. **tokens before divergence** (mean) and "
+                  "**agreement** against the system named in **vs**; **NLL gap**: the fp32 reference model's mean "
+                  "negative log-likelihood per token of this system's output minus that of the **vs** system's "
+                  "output (0 when identical; positive: the reference model finds this output less likely). "
+                  "**weights MB**: the weights the system holds in memory.", "",
+                  fast, ""]  # fmt: skip
     speedups = speedup_table(summary)
     if speedups:
         parts += ["## Speed-up over each engine's own plain decoding", "",

@@ -36,6 +36,18 @@ def top2_at(model, prompt_ids: list[int], prefix: list[int]) -> tuple[list[int],
     return top.indices.tolist(), top.values.tolist()
 
 
+@torch.inference_mode()
+def mean_nll(model, prompt_ids: list[int], continuation: list[int]) -> float | None:
+    """The HF (fp32 reference) model's mean negative log-likelihood of `continuation` after the prompt."""
+    if not continuation:
+        return None
+    device = next(model.parameters()).device
+    ids = torch.tensor([list(prompt_ids) + list(continuation)], device=device)
+    logits = model(input_ids=ids, use_cache=False).logits[0, len(prompt_ids) - 1 : -1].float()
+    picked = torch.log_softmax(logits, -1).gather(-1, ids[0, len(prompt_ids) :, None])
+    return float(-picked.mean())
+
+
 def divergence(model, prompt_ids: list[int], tokens: list[int], ref: list[int], position: int) -> dict:
     """Why two greedy outputs part at `position`: a near-tie when the HF model's top-2 logits there
     are within NEAR_TIE and the two tokens chosen are those two; anything else is a real divergence."""
@@ -94,10 +106,16 @@ def judge(question: Question, ids: list[int], order, systems, outputs: dict, tie
     rows = {}
     for system in systems:
         out = outputs[system.name]
+        decode_seconds = None if out.prefill_seconds is None else out.seconds - out.prefill_seconds
         row = {
             "new_tokens": out.new_tokens,
             "seconds": out.seconds,
             "tokens_per_s": out.new_tokens / out.seconds if out.seconds > 0 else 0.0,
+            "prefill_seconds": out.prefill_seconds,
+            # Decode speed: tokens per second after the prompt is in (argen's first step and llama.cpp's
+            # first sample are on either side of that line, by one token; see systems.Output).
+            "decode_tokens_per_s": out.new_tokens / decode_seconds if decode_seconds else None,
+            "prefill_tokens_per_s": len(ids) / out.prefill_seconds if out.prefill_seconds else None,
             "tokens_per_forward": out.tokens_per_forward,
             "finish_reason": out.finish_reason,
             "reference": system.reference,
@@ -111,7 +129,10 @@ def judge(question: Question, ids: list[int], order, systems, outputs: dict, tie
             # Agreement: the share of the longer output produced before the first difference.
             longest = max(len(out.token_ids), len(ref), 1)
             row["agreement"] = 1.0 if position is None else position / longest
+            row["tokens_before_divergence"] = min(len(out.token_ids), len(ref)) if position is None else position
             row["divergence"] = None
+            # How much worse the reference model finds this output than the reference system's.
+            row["nll_gap"] = 0.0 if position is None else _nll_gap(tie_model, ids, out.token_ids, ref)
             if position is not None and system.exact:
                 row["divergence"] = divergence(tie_model, ids, out.token_ids, ref, position)
             elif position is not None:
@@ -119,6 +140,11 @@ def judge(question: Question, ids: list[int], order, systems, outputs: dict, tie
         rows[system.name] = row
     return {"question_id": question.question_id, "category": question.category, "prompt_tokens": len(ids),
             "order": [s.name for s in order], "systems": rows}  # fmt: skip
+
+
+def _nll_gap(model, ids: list[int], tokens: list[int], ref: list[int]) -> float | None:
+    mine, theirs = mean_nll(model, ids, tokens), mean_nll(model, ids, ref)
+    return None if mine is None or theirs is None else mine - theirs
 
 
 def loud_divergence(question: Question, name: str, row: dict, d: dict) -> str:

@@ -22,6 +22,9 @@ class Output:
     new_tokens: int  # tokens the call produced (for tokens/s)
     tokens_per_forward: float | None = None  # argen only: new tokens per target forward pass
     finish_reason: str | None = None
+    # Time to process the prompt, where the system tells it apart from decoding (argen: its prefill;
+    # llama.cpp: until the first token). Decode tok/s is then the rest of the call's tokens per second.
+    prefill_seconds: float | None = None
 
 
 def cut_at_eos(token_ids: list[int], eos_ids: set[int]) -> list[int]:
@@ -64,7 +67,7 @@ def strategy_label(spec: dict) -> str:
 
 class System:
     name: str
-    kind: str  # "hf" | "argen"
+    kind: str  # "hf" | "argen" | "llama.cpp"
     dtype: str = "float32"
     exact: bool = True  # greedy output must equal the reference's (else it is measured, not judged)
     reference: str | None = HF  # whose tokens this system's are compared with
@@ -119,15 +122,17 @@ class ArgenSystem(System):
 
     kind = "argen"
 
-    def __init__(self, generator, spec: dict, dtype: str = "float32", reference: str | None = HF) -> None:
+    def __init__(self, generator, spec: dict, dtype: str = "float32", reference: str | None = HF,
+                 suffix: str = "") -> None:  # fmt: skip
         self.generator = generator
         self.spec = dict(spec)
         self.dtype = dtype
         self.label = strategy_label(spec)
-        self.name = self.label if dtype == "float32" else f"{self.label}@{dtype}"
+        self.name = (self.label if dtype == "float32" else f"{self.label}@{dtype}") + suffix
         self.reference = reference
-        # A lossy strategy, or any strategy at a lower precision, is compared but not judged.
-        self.exact = REGISTRY[spec["name"]].exact and dtype == "float32"
+        # A lossy strategy, or any strategy at a lower precision or a second quantization, is compared
+        # but not judged. The "exact" quant path keeps the model's own weights, so it is judged.
+        self.exact = REGISTRY[spec["name"]].exact and dtype == "float32" and getattr(generator, "quant", "none") in ("none", "exact")
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int) -> Output:
         t0 = time.perf_counter()
@@ -137,7 +142,54 @@ class ArgenSystem(System):
             raise RuntimeError(f"argen changed the prompt ids ({len(prompt_ids)} -> {len(result.prompt_ids)})")
         stats = result.stats
         return Output(list(result.token_ids), seconds, len(result.token_ids), stats.tokens_per_forward,
-                      result.finish_reason)  # fmt: skip
+                      result.finish_reason, stats.prefill_seconds)  # fmt: skip
 
     def describe(self) -> dict:
-        return super().describe() | {"strategy": self.spec}
+        runtime = self.generator.runtime
+        weights = getattr(runtime, "weight_bytes", None)
+        quant = getattr(self.generator, "quant", "none")
+        return super().describe() | {"strategy": self.spec, "quant": quant, "weight_bytes": weights}
+
+
+class LlamaCppSystem(System):
+    """llama.cpp (llama-cpp-python) on the same GGUF file: greedy, batch 1, the same threads. An
+    optional peer (`pip install llama-cpp-python`, built from source). It quantizes activations to
+    8 bits in its matmuls, so its output is measured against argen's, not judged."""
+
+    kind = "llama.cpp"
+    exact = False
+
+    def __init__(self, gguf_file, threads: int, eos_ids: set[int], reference: str | None = HF,
+                 n_ctx: int = 4096) -> None:  # fmt: skip
+        try:
+            import llama_cpp
+        except ImportError as exc:
+            raise ArgenError("--systems llama-cpp needs llama-cpp-python: `pip install llama-cpp-python` (it builds "
+                             "llama.cpp from source, about 5 minutes)") from exc  # fmt: skip
+        self.version = llama_cpp.__version__
+        self.llm = llama_cpp.Llama(model_path=str(gguf_file), n_ctx=n_ctx, n_threads=threads,
+                                   n_threads_batch=threads, n_batch=512, verbose=False)  # fmt: skip
+        self.eos_ids, self.reference, self.threads = set(eos_ids), reference, threads
+        self.name = "llama.cpp"
+        self.weight_bytes = int(llama_cpp.llama_model_size(self.llm.model))
+        self.dtype = "gguf"
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int) -> Output:
+        self.llm.reset()  # no prefix reuse from the previous call
+        out: list[int] = []
+        t0 = time.perf_counter()
+        first = None
+        for token in self.llm.generate(list(prompt_ids), temp=0.0, top_k=1, top_p=1.0, min_p=0.0,
+                                       repeat_penalty=1.0, reset=True):  # fmt: skip
+            if first is None:
+                first = time.perf_counter()
+            out.append(int(token))
+            if token in self.eos_ids or len(out) >= max_new_tokens:
+                break
+        seconds = time.perf_counter() - t0
+        return Output(out, seconds, len(out), None, "stop" if out and out[-1] in self.eos_ids else "length",
+                      (first or t0) - t0)  # fmt: skip
+
+    def describe(self) -> dict:
+        return super().describe() | {"llama_cpp_python": self.version, "threads": self.threads,
+                                     "weight_bytes": self.weight_bytes}  # fmt: skip

@@ -13,20 +13,26 @@ import torch
 import torch.nn.functional as F
 
 from argen.cache import KVCache
+from argen.models.fused import MAX_NEW_TOKENS as FUSED_MAX_NEW_TOKENS
+from argen.models.fused import FusedForward
 from argen.models.matmul import Matmul
+from argen.models.quant import QuantMatmul, QuantWeight
 from argen.models.runtime import ModelInfo, Plan
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 
 
+Linear = Matmul | QuantMatmul
+
+
 @dataclass
 class _Layer:
     attn_norm: torch.Tensor
-    qkv: Matmul
-    o: Matmul
+    qkv: Linear
+    o: Linear
     ffn_norm: torch.Tensor
-    gate_up: Matmul
-    down: Matmul
+    gate_up: Linear
+    down: Linear
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -77,10 +83,19 @@ class LlamaRuntime:
         self.eps = config.rms_norm_eps
 
         def w(name: str) -> torch.Tensor:
-            return state_dict[name].to(device=self.device, dtype=dtype).contiguous()
+            value = state_dict[name]
+            value = value.dequantize() if isinstance(value, QuantWeight) else value
+            return value.to(device=self.device, dtype=dtype).contiguous()
 
         def maybe(name: str) -> torch.Tensor | None:
             return w(name) if name in state_dict else None
+
+        def linear(names: list[str], bias: torch.Tensor | None = None) -> Linear:
+            """One fused linear layer: block-quantized if every part is (same format), else dense."""
+            parts = [state_dict[n] for n in names]
+            if all(isinstance(x, QuantWeight) for x in parts) and len({x.fmt for x in parts}) == 1:
+                return QuantMatmul(QuantWeight.cat(parts), bias)
+            return Matmul(torch.cat([w(n) for n in names]), bias)
 
         self.layers: list[_Layer] = []
         for i in range(self.info.n_layers):
@@ -89,25 +104,31 @@ class LlamaRuntime:
             self.layers.append(
                 _Layer(
                     attn_norm=w(p + "input_layernorm.weight"),
-                    qkv=Matmul(torch.cat([w(p + f"self_attn.{x}_proj.weight") for x in "qkv"]),
+                    qkv=linear([p + f"self_attn.{x}_proj.weight" for x in "qkv"],
                                torch.cat(biases) if biases[0] is not None else None),
-                    o=Matmul(w(p + "self_attn.o_proj.weight")),
+                    o=linear([p + "self_attn.o_proj.weight"]),
                     ffn_norm=w(p + "post_attention_layernorm.weight"),
-                    gate_up=Matmul(torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")])),
-                    down=Matmul(w(p + "mlp.down_proj.weight")),
+                    gate_up=linear([p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]),
+                    down=linear([p + "mlp.down_proj.weight"]),
                 )
             )
-        self.embed = w("model.embed_tokens.weight")
+        embed = state_dict["model.embed_tokens.weight"]
+        # A quantized vocabulary matrix stays quantized: rows are dequantized as tokens are looked up.
+        self.embed_q = embed if isinstance(embed, QuantWeight) else None
+        self.embed = None if self.embed_q is not None else w("model.embed_tokens.weight")
         self.norm = w("model.norm.weight")
-        lm_head = w("lm_head.weight") if "lm_head.weight" in state_dict else self.embed
         # The vocabulary projection through Matmul too: for one row its GEMV on W^T runs ~1.8x faster
         # than F.linear (8 vs 15 ms for SmolLM2's 49k x 576 head), and batched rows (the server,
-        # beams, guides) skip MKL's repacking of a 113 MB weight. Tied weights keep `embed` for lookups.
-        self.lm_head = Matmul(lm_head)
+        # beams, guides) skip MKL's repacking of a 113 MB weight. Tied weights share the embedding.
+        head = "lm_head.weight" if "lm_head.weight" in state_dict else "model.embed_tokens.weight"
+        self.lm_head = linear([head])
         cos, sin = rope_tables(config, self.info.max_positions)
-        self.cos, self.sin = cos.to(self.device, dtype), sin.to(self.device, dtype)
+        self.cos, self.sin = cos.to(self.device, dtype).contiguous(), sin.to(self.device, dtype).contiguous()
         self.q_size = n_heads * head_dim
         self.kv_size = n_kv * head_dim
+        # Quantized weights throughout: short feeds take the fused C forward (models/fused.py).
+        matmuls = [m for layer in self.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+        self.fused = FusedForward(self) if all(isinstance(m, QuantMatmul) for m in matmuls) else None
 
     def new_cache(self, batch_size: int = 1, max_len: int | None = None) -> KVCache:
         info = self.info
@@ -138,7 +159,14 @@ class LlamaRuntime:
             )
         cache.reserve(n_new)
         starts = list(cache.lengths)
-        x = F.embedding(tokens, self.embed)
+        x = self.embed_tokens(tokens)
+        if self.fused is not None and n_new <= FUSED_MAX_NEW_TOKENS:
+            hidden = self.fused(x, positions, starts, cache, mask, plan)
+            for r in range(batch):
+                cache.lengths[r] += n_new
+            if num_logits == 0:
+                return None, hidden
+            return self.head(hidden if num_logits is None else hidden[:, -num_logits:]), hidden
         cos = self.cos[positions].unsqueeze(1)  # [B, 1, T, D]
         sin = self.sin[positions].unsqueeze(1)
         # One new token per row and rows of different lengths (continuous batching): each row
@@ -176,6 +204,28 @@ class LlamaRuntime:
         if num_logits == 0:
             return None, hidden
         return self.head(hidden if num_logits is None else hidden[:, -num_logits:]), hidden
+
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Input embeddings [B, T, H] for token ids [B, T]."""
+        if self.embed_q is not None:
+            return self.embed_q.embedding(tokens).to(self.dtype)
+        return F.embedding(tokens, self.embed)
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of weights the runtime holds (quantized blocks at their stored size)."""
+        tensors = [self.norm, self.embed, *(self.embed_q.tensors() if self.embed_q else ()), *self.lm_head.tensors()]
+        for layer in self.layers:
+            tensors += [layer.attn_norm, layer.ffn_norm]
+            tensors += [t for m in (layer.qkv, layer.o, layer.gate_up, layer.down) for t in m.tensors()]
+        # Keyed by storage, as a tied head shares the embedding's; oneDNN's packed copies have none.
+        unique = {t.data_ptr() if t.layout == torch.strided else id(t): t for t in tensors if t is not None}
+        return sum(t.numel() * t.element_size() for t in unique.values())
+
+    def weight_digest(self) -> bytes:
+        """A few bytes that identify these weights and their format (calibration caches key on them)."""
+        return self.embed_tokens(torch.arange(2)[None]).float().numpy().tobytes() + \
+            self.layers[len(self.layers) // 2].down.digest_bytes()
 
     @torch.inference_mode()
     def head(self, hidden: torch.Tensor) -> torch.Tensor:

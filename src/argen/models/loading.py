@@ -9,10 +9,13 @@ from pathlib import Path
 import torch
 
 from argen.errors import ArgenError, ModelNotFoundError
-from argen.models import sources, tiny
+from argen.models import kernels, sources, tiny
 from argen.models.calibration import calibration_ids
+from argen.models.gguf_weights import read_gguf
 from argen.models.hf import HFRuntime
 from argen.models.llama import SUPPORTED_ARCHITECTURES, LlamaRuntime
+from argen.models.quant import QK, quantize
+from argen.models.quant_paths import QUANTS
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
@@ -44,6 +47,7 @@ class LoadedModel:
     tokenizer: object
     hf_model_loader: object  # () -> a Hugging Face model with the same weights, for parity and the bench peer
     eos_ids: set[int]
+    quant: str = "none"  # the weight path the runtime uses (see QUANTS); never "auto"
 
     @cached_property
     def hf_model(self):
@@ -65,7 +69,7 @@ def _eos_ids(tokenizer, config) -> set[int]:
     return ids
 
 
-def _make_runtime(hf_model, runtime: str, device: torch.device, dtype: torch.dtype):
+def _make_runtime(hf_model, runtime: str, device: torch.device, dtype: torch.dtype, quant: str = "none"):
     arch = hf_model.config.model_type
     if runtime == "native" and arch not in SUPPORTED_ARCHITECTURES:
         raise ArgenError(
@@ -73,11 +77,39 @@ def _make_runtime(hf_model, runtime: str, device: torch.device, dtype: torch.dty
             "Use runtime='hf' (--runtime hf) for other architectures"
         )
     if runtime != "hf" and arch in SUPPORTED_ARCHITECTURES:
-        return LlamaRuntime(hf_model.config, hf_model.state_dict(), device=device, dtype=dtype)
+        state = hf_model.state_dict()
+        if quant not in ("none", "exact"):
+            state = {k: quantize(v, quant) if _quantizable(k, v) else v for k, v in state.items()}
+        return LlamaRuntime(hf_model.config, state, device=device, dtype=dtype)
     return HFRuntime(hf_model.to(device=device, dtype=dtype))
 
 
-def load_model(name: str = "default", runtime: str = "auto", device: str = "cpu", dtype="float32") -> LoadedModel:
+def resolve_quant(quant: str, gguf_file: Path | None, runtime: str, arch: str | None, device: torch.device,
+                  dtype: torch.dtype) -> str:
+    """The weight path for this load: "auto" resolved, and any path this model or machine cannot
+    take refused with what to do instead."""
+    if quant not in QUANTS:
+        raise ArgenError(f"unknown quant {quant!r}; use one of {', '.join(QUANTS)}")
+    native = runtime != "hf" and arch in SUPPORTED_ARCHITECTURES
+    fits = native and device.type == "cpu" and dtype == torch.float32
+    if quant == "auto":
+        return "exact" if fits and gguf_file is not None and kernels.library() is not None else "none"
+    if quant == "none":
+        return quant
+    if not fits:
+        raise ArgenError(f"quant={quant!r} needs the native runtime (llama, mistral, qwen2) on the CPU in float32; "
+                         "use quant='none' for this model, device or dtype")  # fmt: skip
+    if quant == "exact" and gguf_file is None:
+        raise ArgenError("quant='exact' keeps a GGUF file's own quantized weights, and this model is not a GGUF "
+                         "file; use quant='none', or 'q8_0' / 'q4_1' to quantize it")  # fmt: skip
+    if kernels.library() is None:
+        raise ArgenError(f"quant={quant!r} needs argen's CPU kernels, which need a C compiler (gcc or clang); "
+                         "install one or use quant='none'")  # fmt: skip
+    return quant
+
+
+def load_model(name: str = "default", runtime: str = "auto", device: str = "cpu", dtype="float32",
+               quant: str = "auto") -> LoadedModel:  # fmt: skip
     if runtime not in RUNTIMES:
         raise ArgenError(f"unknown runtime {runtime!r}; use one of {', '.join(RUNTIMES)}")
     torch_device, torch_dtype = parse_device(device), parse_dtype(dtype)
@@ -86,16 +118,43 @@ def load_model(name: str = "default", runtime: str = "auto", device: str = "cpu"
         factory = tiny.tiny_llama if source.name == "tiny-random" else tiny.tiny_gpt2
         hf_model = factory(source.seed)
         tokenizer = tiny.byte_tokenizer()
-        loaded = LoadedModel(name, _make_runtime(hf_model, runtime, torch_device, torch_dtype), tokenizer,
-                             lambda: factory(source.seed), _eos_ids(tokenizer, hf_model.config))  # fmt: skip
-        return loaded
+        quant = resolve_quant(quant, None, runtime, hf_model.config.model_type, torch_device, torch_dtype)
+        run = _make_runtime(hf_model, runtime, torch_device, torch_dtype, quant)
+        return LoadedModel(name, run, tokenizer, lambda: factory(source.seed), _eos_ids(tokenizer, hf_model.config),
+                           quant)  # fmt: skip
     directory = sources.local_dir(source)
+    gguf_file = sources.gguf_file(source)
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(directory)
+    quant = resolve_quant(quant, gguf_file, runtime, config.model_type, torch_device, torch_dtype)
+    if quant == "exact":
+        # The file's own blocks: the fp32 copy in the cache is never read (it is for the HF reference).
+        tokenizer = _load_tokenizer(directory)
+        run = LlamaRuntime(config, read_gguf(gguf_file, config), device=torch_device, dtype=torch_dtype)
+        return LoadedModel(name, run, tokenizer, lambda: _load_hf_dir(directory)[0], _eos_ids(tokenizer, config),
+                           quant)  # fmt: skip
     hf_model, tokenizer = _load_hf_dir(directory)
-    run = _make_runtime(hf_model, runtime, torch_device, torch_dtype)
+    run = _make_runtime(hf_model, runtime, torch_device, torch_dtype, quant)
     keep = hf_model if isinstance(run, HFRuntime) else None
     # The HF copy is dropped after conversion (it doubles memory) and re-read only if asked for.
     return LoadedModel(name, run, tokenizer, (lambda: keep) if keep else (lambda: _load_hf_dir(directory)[0]),
-                       _eos_ids(tokenizer, hf_model.config))  # fmt: skip
+                       _eos_ids(tokenizer, hf_model.config), quant)  # fmt: skip
+
+
+def _quantizable(name: str, value: torch.Tensor) -> bool:
+    """Matrices of the decoder and the vocabulary matrix, when their input size is whole blocks."""
+    return value.dim() == 2 and value.shape[1] % QK == 0 and (name.endswith("proj.weight") or "embed" in name
+                                                                or name.startswith("lm_head"))  # fmt: skip
+
+
+def _load_tokenizer(directory: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelNotFoundError(f"could not load the tokenizer from {str(directory)!r}: {exc}") from exc
 
 
 def _load_hf_dir(directory: Path):

@@ -46,6 +46,15 @@ class Matmul:
             self.weight_t = None
             self.weight = weight
 
+    def tensors(self) -> list[torch.Tensor]:
+        """What this layer holds in memory (the packed copy included)."""
+        return [t for t in (self.weight_t if self.packed is not None else self.weight, self.packed, self.bias)
+                if t is not None]
+
+    def digest_bytes(self) -> bytes:
+        """A few bytes that identify the weight (calibration caches key on them)."""
+        return self.weight[:4].float().cpu().numpy().tobytes()
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
         if self.packed is None or rows > PACKED_MAX_ROWS:

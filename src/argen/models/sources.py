@@ -140,6 +140,13 @@ def dequantized_dir(gguf: Path, name: str) -> Path:
     return out
 
 
+def gguf_file(source: Source) -> Path | None:
+    """The GGUF file a source's weights come from (None for a Hugging Face directory or tiny-random)."""
+    if source.kind == "default":
+        return default_gguf_path()
+    return source.path if source.kind == "gguf" else None
+
+
 def local_dir(source: Source) -> Path:
     if source.kind == "default":
         return dequantized_dir(default_gguf_path(), DEFAULT_NAME)

@@ -30,8 +30,7 @@ Block = tuple[str, int]  # ("attn" | "ffn", layer index)
 def fingerprint(runtime) -> str:
     info = runtime.info
     digest = hashlib.sha1(repr(info).encode())
-    digest.update(runtime.embed[:4].float().cpu().numpy().tobytes())
-    digest.update(runtime.layers[len(runtime.layers) // 2].down.weight[:4].float().cpu().numpy().tobytes())
+    digest.update(runtime.weight_digest())
     return digest.hexdigest()[:16]
 
 
@@ -50,8 +49,8 @@ def _logits(runtime, ids: torch.Tensor, plan: Plan | None) -> torch.Tensor:
 
 def block_bytes(runtime, block: Block) -> int:
     layer = runtime.layers[block[1]]
-    tensors = [layer.qkv.weight, layer.o.weight] if block[0] == "attn" else [layer.gate_up.weight, layer.down.weight]
-    return sum(t.numel() * t.element_size() for t in tensors)
+    matmuls = [layer.qkv, layer.o] if block[0] == "attn" else [layer.gate_up, layer.down]
+    return sum(t.numel() * t.element_size() for m in matmuls for t in m.tensors())
 
 
 def expected_speed(acceptance: float, draft_seconds: float, cost, max_draft: int) -> float:

@@ -1,0 +1,165 @@
+"""argen's CPU kernels (`cpu_kernels.c`), compiled for this machine's CPU on first use.
+
+The C source is built with the system C compiler into `<cache dir>/kernels/<key>/`, where the key
+hashes the source, the compiler and the flags, so a later start only loads it (a build takes about
+a second). The instruction set is chosen at run time from the CPU's features (AVX-512, else AVX2,
+else portable C), since the machines argen runs on differ. Without a C compiler, `library()`
+returns None and the runtime keeps the weights in fp32 (`quant="none"`), saying why.
+
+Why C through ctypes rather than a torch C++ extension: the torch headers take a minute to compile
+against, and these kernels need nothing from torch but pointers to its tensors' memory.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("argen.kernels")
+HERE = Path(__file__).parent
+SOURCES = [HERE / "cpu_kernels.c", HERE / "cpu_forward.c"]
+HEADERS = [HERE / "cpu_kernels.h"]
+ISA_FLAGS = {
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"],
+    "avx2": ["-mavx2", "-mfma", "-mf16c"],
+    "scalar": [],
+}
+# -ffp-contract=off: the kernels spell out every fused multiply-add; the compiler must not add its own.
+BASE_FLAGS = ["-O3", "-std=gnu11", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off"]
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux names them (/proc/cpuinfo), empty where unknown."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def pick_isa(flags: frozenset[str] | None = None) -> str:
+    flags = cpu_flags() if flags is None else flags
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return "scalar"
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "f16c", "fma"} <= flags:
+        return "avx512"
+    if {"avx2", "fma", "f16c"} <= flags:
+        return "avx2"
+    return "scalar"
+
+
+def describe_cpu() -> str:
+    """One line for reports: the CPU, the features that matter here, and the kernels' instruction set."""
+    wanted = ["avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16"]
+    have = [f for f in wanted if f in cpu_flags()]
+    return f"{cpu_name()} ({os.cpu_count()} CPUs; {' '.join(have) or 'no AVX2'}); argen kernels: {pick_isa()}"
+
+
+@dataclass
+class KernelLibrary:
+    lib: ctypes.CDLL
+    isa: str
+    path: Path
+
+    def __post_init__(self) -> None:
+        p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        self.lib.argen_qmatmul.argtypes = [p, i32, p, i64, i64, p, i64]
+        self.lib.argen_qmatmul.restype = None
+        self.lib.argen_dequantize.argtypes = [i32, i32, i64, p, p, p, i64, p]
+        self.lib.argen_dequantize.restype = None
+        self.lib.argen_forward.argtypes = [p, i32, i64, i64, p, p, p, p, p, p, p, p, i64, p, p]
+        self.lib.argen_forward.restype = ctypes.c_int
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def build(isa: str, cc: str, out_dir: Path) -> Path:
+    """Compile the kernels for `isa` into `out_dir` (atomically: a crash leaves no half-written .so)."""
+    out = out_dir / "libargen_cpu.so"
+    if out.is_file():
+        return out
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+        partial = Path(tmp) / out.name
+        cmd = [cc, *BASE_FLAGS, *ISA_FLAGS[isa], *map(str, SOURCES), "-o", str(partial), "-lm"]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"compiling argen's CPU kernels failed ({' '.join(cmd)}):\n{result.stderr[-2000:]}")
+        partial.replace(out)
+    return out
+
+
+@functools.cache
+def library(isa: str | None = None) -> KernelLibrary | None:
+    """The compiled kernels for this CPU (or for `isa`), built on first use; None without a compiler."""
+    from argen.models.sources import cache_dir
+
+    isa = isa or pick_isa()
+    cc = _compiler()
+    if cc is None:
+        log.warning("no C compiler found (cc, gcc, clang or $CC): argen's quantized CPU kernels are off, "
+                    "weights stay in fp32; install gcc to enable them")  # fmt: skip
+        return None
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
+    code = [f.read_bytes() for f in SOURCES + HEADERS]
+    key = hashlib.sha1(repr((code, version, BASE_FLAGS, ISA_FLAGS[isa])).encode()).hexdigest()[:12]
+    try:
+        path = build(isa, cc, cache_dir() / "kernels" / f"{isa}-{key}")
+    except (RuntimeError, OSError) as exc:
+        log.warning("argen's CPU kernels are off, weights stay in fp32: %s", exc)
+        return None
+    import torch  # noqa: F401  (torch's OpenMP runtime first, so the kernels share its threads)
+
+    return KernelLibrary(ctypes.CDLL(str(path)), isa, path)
+
+
+class QWeightStruct(ctypes.Structure):
+    """cpu_kernels.h's argen_qweight."""
+
+    _fields_ = [("fmt", ctypes.c_int32), ("pad", ctypes.c_int32), ("n", ctypes.c_int64), ("k", ctypes.c_int64),
+                ("qs", ctypes.c_void_p), ("d", ctypes.c_void_p), ("m", ctypes.c_void_p), ("bias", ctypes.c_void_p)]  # fmt: skip
+
+
+class LayerStruct(ctypes.Structure):
+    """cpu_forward.c's argen_layer."""
+
+    _fields_ = [("attn_norm", ctypes.c_void_p), ("ffn_norm", ctypes.c_void_p), ("qkv", QWeightStruct),
+                ("o", QWeightStruct), ("gate_up", QWeightStruct), ("down", QWeightStruct)]  # fmt: skip
+
+
+class ModelStruct(ctypes.Structure):
+    """cpu_forward.c's argen_model."""
+
+    _fields_ = [(name, ctypes.c_int32) for name in ("n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden",
+                                                     "inter")] + [  # fmt: skip
+        ("eps", ctypes.c_float), ("pad", ctypes.c_int32), ("rope_cos", ctypes.c_void_p),
+        ("rope_sin", ctypes.c_void_p), ("final_norm", ctypes.c_void_p), ("layers", ctypes.POINTER(LayerStruct)),
+    ]

@@ -1,0 +1,169 @@
+"""Block-quantized weights (GGUF's Q4_0, Q4_1 and Q8_0) and the linear layer that applies them.
+
+A `QuantWeight` holds a weight [N, K] the way a GGUF file does: blocks of 32 weights along K, each
+with an fp16 scale `d` (and, for Q4_1, an fp16 minimum `m`) and 4- or 8-bit codes. Dequantized,
+w = d * q + m (Q4_1), d * (q - 8) (Q4_0) or d * q (Q8_0), each exact in fp32, so these weights
+are bit for bit those of the fp32 model that gguf-py's dequantizer makes from the same file.
+
+`QuantMatmul` applies one with argen's CPU kernels (`kernels/cpu_kernels.c`): up to
+`KERNEL_MAX_ROWS` rows of activations are multiplied block by block, dequantizing in registers,
+in fp32; larger inputs (prefills) dequantize the weight to fp32 once per call and use torch's
+GEMM, which is faster there.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+
+from argen.models.kernels import KernelLibrary, QWeightStruct, library
+
+QK = 32  # weights per block
+FORMATS = {"q4_0": 0, "q4_1": 1, "q8_0": 2}
+# Above this many rows, dequantize + GEMM beats the block kernel (benchmarks/fast_path: kernel_rows).
+KERNEL_MAX_ROWS = 16
+
+
+@dataclass
+class QuantWeight:
+    fmt: str  # "q4_0" | "q4_1" | "q8_0"
+    qs: torch.Tensor  # codes: uint8 [N, K/2] (two 4-bit codes a byte) or int8 [N, K]
+    d: torch.Tensor  # fp16 [N, K/32]
+    m: torch.Tensor | None = None  # fp16 [N, K/32], Q4_1 only
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.d.shape[0], self.d.shape[1] * QK
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.qs, self.d, self.m) if t is not None]
+
+    def rows(self, index) -> QuantWeight:
+        """The weight's rows `index` (a permutation or a selection): whole rows move, blocks unchanged."""
+        return replace(self, qs=self.qs[index].contiguous(), d=self.d[index].contiguous(),
+                       m=None if self.m is None else self.m[index].contiguous())  # fmt: skip
+
+    @staticmethod
+    def cat(weights: list[QuantWeight]) -> QuantWeight:
+        """Stack weights with the same K and format along N (fused QKV and gate/up projections)."""
+        if len(weights) == 1:
+            return weights[0]  # no copy: a tied vocabulary head shares the embedding's blocks
+        fmt = weights[0].fmt
+        if any(w.fmt != fmt for w in weights):
+            raise ValueError("cannot fuse weights of different formats: " + ", ".join(w.fmt for w in weights))
+        m = None if fmt != "q4_1" else torch.cat([w.m for w in weights])
+        return QuantWeight(fmt, torch.cat([w.qs for w in weights]), torch.cat([w.d for w in weights]), m)
+
+    def dequantize(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """fp32 [N, K], exactly as gguf-py dequantizes (kernels if built, else torch: also exact)."""
+        n, k = self.shape
+        out = torch.empty(n, k) if out is None else out
+        lib = library()
+        if lib is not None:
+            m = self.m.data_ptr() if self.m is not None else None
+            lib.lib.argen_dequantize(FORMATS[self.fmt], torch.get_num_threads(), k, self.qs.data_ptr(),
+                                     self.d.data_ptr(), m, n, out.data_ptr())  # fmt: skip
+            return out
+        return out.copy_(self._dequantize_torch())
+
+    def _dequantize_torch(self) -> torch.Tensor:
+        n, k = self.shape
+        d = self.d.float()[..., None]
+        if self.fmt == "q8_0":
+            return (self.qs.view(n, -1, QK).float() * d).view(n, k)
+        q = self.qs.view(n, -1, QK // 2)
+        q = torch.cat([q & 0x0F, q >> 4], dim=-1).float()  # byte j: weight j (low nibble), j + 16 (high)
+        if self.fmt == "q4_0":
+            return ((q - 8) * d).view(n, k)
+        return (q * d + self.m.float()[..., None]).view(n, k)  # d * q is exact: one rounding, as fma
+
+    def embedding(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` dequantized: the token embedding of a quantized (tied) vocabulary matrix."""
+        flat = ids.reshape(-1)
+        return self.rows(flat)._dequantize_torch().view(*ids.shape, self.shape[1])
+
+
+def quantize(weight: torch.Tensor, fmt: str) -> QuantWeight:
+    """Quantize an fp32 weight [N, K] (K a multiple of 32) the way llama.cpp's reference quantizers do.
+    For tests and for `quant="q8_0"` / `"q4_1"` on models that come as fp32 checkpoints."""
+    n, k = weight.shape
+    if k % QK:
+        raise ValueError(f"block quantization needs the input size to be a multiple of {QK}; got {k}")
+    blocks = weight.detach().float().reshape(n, k // QK, QK)
+    if fmt == "q8_0":
+        amax = blocks.abs().amax(-1)
+        d = (amax / 127).half()
+        inv = torch.where(d.float() > 0, 1 / d.float(), torch.zeros(()))
+        q = (blocks * inv[..., None]).round().clamp(-128, 127).to(torch.int8)
+        return QuantWeight(fmt, q.reshape(n, k), d)
+    if fmt == "q4_1":
+        lo, hi = blocks.amin(-1), blocks.amax(-1)
+        d, m = ((hi - lo) / 15).half(), lo.half()
+        inv = torch.where(d.float() > 0, 1 / d.float(), torch.zeros(()))
+        q = ((blocks - m.float()[..., None]) * inv[..., None]).round().clamp(0, 15).to(torch.uint8)
+    elif fmt == "q4_0":
+        idx = blocks.abs().argmax(-1, keepdim=True)
+        peak = blocks.gather(-1, idx)[..., 0]  # signed value of largest magnitude, as ggml does
+        d = (peak / -8).half()
+        inv = torch.where(d.float() != 0, 1 / d.float(), torch.zeros(()))
+        q = (blocks * inv[..., None] + 8).round().clamp(0, 15).to(torch.uint8)
+        m = None
+    else:
+        raise ValueError(f"unknown block format {fmt!r}; use one of {', '.join(FORMATS)}")
+    packed = q[..., : QK // 2] | (q[..., QK // 2 :] << 4)
+    return QuantWeight(fmt, packed.reshape(n, k // 2).contiguous(), d, m)
+
+
+_local = threading.local()
+
+
+def _scratch(n: int, k: int) -> torch.Tensor:
+    """One fp32 buffer per weight shape (and thread) for dequantized prefills: reused, so it stays in
+    cache, and never shared between threads that run models at once."""
+    buffers = _local.__dict__.setdefault("buffers", {})
+    if (n, k) not in buffers:
+        buffers[(n, k)] = torch.empty(n, k)
+    return buffers[(n, k)]
+
+
+class QuantMatmul:
+    """`x @ W^T (+ bias)` for a QuantWeight W [N, K], fp32 activations and accumulation."""
+
+    def __init__(self, weight: QuantWeight, bias: torch.Tensor | None = None, lib: KernelLibrary | None = None):
+        self.qweight, self.bias = weight, bias
+        self.lib = lib or library()
+        if self.lib is None:
+            raise RuntimeError("QuantMatmul needs argen's CPU kernels (a C compiler); use quant='none'")
+        self.out_features, self.in_features = weight.shape
+        self.struct = QWeightStruct(FORMATS[weight.fmt], 0, self.out_features, self.in_features, weight.qs.data_ptr(),
+                                    weight.d.data_ptr(), None if weight.m is None else weight.m.data_ptr(),
+                                    None if bias is None else bias.data_ptr())  # fmt: skip
+
+    def tensors(self) -> list[torch.Tensor]:
+        return self.qweight.tensors() + ([] if self.bias is None else [self.bias])
+
+    def digest_bytes(self) -> bytes:
+        """A few bytes that identify the weight (calibration caches key on them)."""
+        return self.qweight.qs[:4].numpy().tobytes() + self.qweight.d[:4].numpy().tobytes()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        k, n = self.in_features, self.out_features
+        rows = x.numel() // k
+        if rows > KERNEL_MAX_ROWS:
+            w = self.qweight.dequantize(_scratch(n, k))
+            return F.linear(x, w, self.bias)
+        flat = x.reshape(rows, k)
+        if flat.dtype != torch.float32 or not flat.is_contiguous():
+            flat = flat.float().contiguous()
+        y = torch.empty(rows, n)
+        self.lib.lib.argen_qmatmul(ctypes.byref(self.struct), torch.get_num_threads(), flat.data_ptr(), rows, k,
+                                   y.data_ptr(), n)  # fmt: skip
+        return y.view(*x.shape[:-1], n)
