@@ -12,9 +12,11 @@ import torch
 
 from argen.models.kernels import LayerStruct, ModelStruct, library
 
-# Per sequence, at most this many new tokens take the fused path; longer feeds (prefills) take
-# torch's, whose GEMMs and attention kernels are faster there.
+# At most this many new tokens per sequence, and rows in all, take the fused path; longer feeds
+# (prefills) take torch's, whose GEMMs (on weights dequantized per call) are faster there: the block
+# kernels cost about as much as dequantize + GEMM at 32 rows (SmolLM2's shapes, one thread).
 MAX_NEW_TOKENS = 32
+MAX_ROWS = 64
 
 
 class FusedForward:

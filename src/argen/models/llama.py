@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from argen.cache import KVCache
 from argen.models.fused import MAX_NEW_TOKENS as FUSED_MAX_NEW_TOKENS
+from argen.models.fused import MAX_ROWS as FUSED_MAX_ROWS
 from argen.models.fused import FusedForward
 from argen.models.matmul import Matmul
 from argen.models.quant import QuantMatmul, QuantWeight
@@ -160,7 +161,7 @@ class LlamaRuntime:
         cache.reserve(n_new)
         starts = list(cache.lengths)
         x = self.embed_tokens(tokens)
-        if self.fused is not None and n_new <= FUSED_MAX_NEW_TOKENS:
+        if self.fused is not None and n_new <= FUSED_MAX_NEW_TOKENS and batch * n_new <= FUSED_MAX_ROWS:
             hidden = self.fused(x, positions, starts, cache, mask, plan)
             for r in range(batch):
                 cache.lengths[r] += n_new

@@ -24,8 +24,10 @@ from argen.models.kernels import KernelLibrary, QWeightStruct, library
 
 QK = 32  # weights per block
 FORMATS = {"q4_0": 0, "q4_1": 1, "q8_0": 2}
-# Above this many rows, dequantize + GEMM beats the block kernel (benchmarks/fast_path: kernel_rows).
-KERNEL_MAX_ROWS = 16
+# Above this many rows, dequantizing the weight and torch's GEMM beat the block kernel (measured on
+# SmolLM2's shapes, one thread: even at 32 rows, 64 for the vocabulary matrix, whose dequantized copy
+# does not stay in cache).
+KERNEL_MAX_ROWS = 32
 
 
 @dataclass
