@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -96,6 +97,21 @@ def load_model(name: str = "default", runtime: str = "auto", device: str = "cpu"
     # The HF copy is dropped after conversion (it doubles memory) and re-read only if asked for.
     return LoadedModel(name, run, tokenizer, (lambda: keep) if keep else (lambda: _load_hf_dir(directory)[0]),
                        _eos_ids(tokenizer, hf_model.config))  # fmt: skip
+
+
+_SHARED: dict[tuple, LoadedModel] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_model(name: str, runtime: str = "auto", device: str = "cpu", dtype="float32") -> LoadedModel:
+    """`load_model`, once per process for each (canonical source, runtime, device, dtype): companion
+    models (draft and guide models) that many requests name, under any spelling of the same path,
+    share one copy."""
+    key = (sources.canonical_source(name), runtime, str(parse_device(str(device))), str(parse_dtype(dtype)))
+    with _SHARED_LOCK:  # one load at a time: two threads asking for one model load it once
+        if key not in _SHARED:
+            _SHARED[key] = load_model(name, runtime=runtime, device=str(device), dtype=dtype)
+        return _SHARED[key]
 
 
 def _load_hf_dir(directory: Path):

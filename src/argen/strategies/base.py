@@ -84,6 +84,16 @@ class Strategy:
     exact: ClassVar[bool] = True
     batchable: ClassVar[bool] = False  # plain decoding can run many sequences in one forward pass
 
+    def check(self, runtime, prompt_len: int, params) -> None:
+        """Raise InvalidRequestError if this request (`prompt_len` tokens, SamplingParams `params`)
+        cannot run on `runtime`. The Engine calls it when it validates a request, before any work
+        (the server: before the request is queued)."""
+
+    def kv_slack(self) -> int:
+        """KV-cache positions a step may use beyond prompt + max_new_tokens (a draft tree being
+        verified, contrastive candidates). The Engine allocates them, so no step overflows."""
+        return 0
+
     def start(self, state: DecodeState) -> None:
         """Called once after the prompt is in the cache."""
 
