@@ -83,6 +83,9 @@ class Strategy:
     name: ClassVar[str] = ""
     exact: ClassVar[bool] = True
     batchable: ClassVar[bool] = False  # plain decoding can run many sequences in one forward pass
+    # Options that name another model, by the kind of model ("draft" or "guide"): the Python API
+    # takes a model source there, a server only the names of models its operator loaded.
+    companion_options: ClassVar[dict[str, str]] = {}
 
     def check(self, runtime, prompt_len: int, params) -> None:
         """Raise InvalidRequestError if this request (`prompt_len` tokens, SamplingParams `params`)

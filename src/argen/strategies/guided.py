@@ -100,6 +100,7 @@ def class_log_prob(sums: torch.Tensor, n_tokens: int) -> torch.Tensor:
 class Guided(Strategy):
     name = "guided"
     exact = False
+    companion_options = {"guide_model": "guide"}
 
     def __init__(self, guide_model="default", omega: float = 20.0,
                  positive_prefix: str = "The following text is cheerful and positive:\n",

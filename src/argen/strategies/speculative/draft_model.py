@@ -30,6 +30,7 @@ def draft_runtime(source, device) -> object:
 
 class DraftModel(Speculative):
     name = "draft-model"
+    companion_options = {"draft": "draft"}
 
     def __init__(self, draft: object = None, max_draft: int = 4, num_drafts: int = 1, adaptive: bool = True) -> None:
         super().__init__(max_draft, adaptive)
