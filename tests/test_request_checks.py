@@ -68,6 +68,14 @@ def test_checks_run_before_any_work(tiny):
     assert calls == []
 
 
+def test_guide_must_have_room_for_its_prefix_and_the_output(tiny):
+    """The guide reads a control prefix before the output: both must fit its context."""
+    spec = {"name": "guided", "guide_model": "tiny-random@2", "positive_prefix": "p" * 1900}
+    with pytest.raises(InvalidRequestError, match="shorten positive_prefix / negative_prefix or ask for fewer tokens"):
+        tiny.generate("x", strategy=spec, max_new_tokens=200)
+    assert len(tiny.generate("x", strategy=spec, max_new_tokens=20, ignore_eos=True).token_ids) == 20
+
+
 def test_draft_model_with_many_drafts_fits_the_cache(tiny):
     """Issue 13: 24 drafts of 4 tokens, sampled, 64 tokens, used to overflow the 64 spare slots."""
     spec = {"name": "draft-model", "draft": "tiny-random@1", "num_drafts": 24, "adaptive": False}

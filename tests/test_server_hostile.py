@@ -218,6 +218,8 @@ def test_other_500s_from_issue_13_are_400s(server):
     assert_error(post(url, strategy({"name": "beam", "length_penalty": 1e308})), 400, "length_penalty must be a finite number in [-20, 20]")
     assert_error(post(url, strategy({"name": "draft-model", "draft": 5})), 400, "must name one of this server's draft models")
     assert_error(post(url, strategy({"name": "beam"}, temperature=0.7)), 400, "use temperature 0")
+    long_prefix = {"name": "guided", "guide_model": "g", "positive_prefix": "p" * 1900}
+    assert_error(post(url, strategy(long_prefix, max_tokens=200)), 400, "shorten positive_prefix")
 
 
 def test_oversized_bodies_and_prompts_are_refused_cheaply(server):
