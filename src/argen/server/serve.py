@@ -2,8 +2,8 @@
 at once, uvicorn stops accepting connections and waits for the open ones, the scheduler finishes
 what is in flight, and the process exits 0 (a second SIGINT forces it).
 
-Connections are guarded (`connections.py`: idle and request timeouts, a connection cap), request
-heads are limited to `MAX_HEAD_BYTES` (h11's own limit, made explicit), and the noisy loggers are
+Connections are guarded (`connections.py`: idle and request timeouts, a connection cap), h11
+buffers at most `MAX_HEAD_BYTES` of an incomplete request head, and the noisy loggers are
 rate-limited (`logs.py`)."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from argen.server.connections import connection_cap, guarded_protocol
 from argen.server.logs import rate_limit_logs
 from argen.server.scheduler import Scheduler
 
-MAX_HEAD_BYTES = 16 * 1024  # request line + headers; larger gets 400 (h11's default, made explicit)
+MAX_HEAD_BYTES = 16 * 1024  # a request head still incomplete past this gets 400 (h11's default, made explicit)
 
 
 class DrainingServer(uvicorn.Server):
