@@ -182,7 +182,7 @@ def test_strategy_option_errors_name_the_fix(tiny):
         tiny.generate("x", strategy={"name": "prompt-lookup", "max_ngram": 2.5})
     with pytest.raises(InvalidRequestError, match="adaptive of strategy 'ngram' must be true or false"):
         tiny.generate("x", strategy={"name": "ngram", "adaptive": 3})
-    with pytest.raises(InvalidRequestError, match="explore of strategy 'ngram' must be a number"):
+    with pytest.raises(InvalidRequestError, match="explore of strategy 'ngram' must be a finite number"):
         tiny.generate("x", strategy={"name": "ngram", "explore": "high"})
     assert tiny.generate("x", strategy={"name": "ngram", "explore": 1}, max_new_tokens=2).token_ids  # int for float
     gpt2 = __import__("argen").load("tiny-random-gpt2")

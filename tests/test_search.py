@@ -226,6 +226,9 @@ def test_beam_needs_the_native_runtime(tiny_gpt2):
         tiny_gpt2.generate("hi", strategy="beam", max_new_tokens=4)
 
 
-def test_contrastive_top_k_must_fit_the_cache(tiny):
-    with pytest.raises(InvalidRequestError, match="top_k"):
-        tiny.generate("hi", strategy={"name": "contrastive", "top_k": 100}, max_new_tokens=4)
+def test_contrastive_candidates_get_room_in_the_cache_up_to_the_context(tiny):
+    """The Engine allocates the candidates' slots (kv_slack) even where the sequence reaches the
+    end of the context: the cache may hold more slots than the model has positions."""
+    prompt = list(range(1, 256)) * 8  # 2040 of the tiny model's 2048 positions
+    out = tiny.generate(prompt, strategy={"name": "contrastive", "top_k": 100}, max_new_tokens=8, ignore_eos=True)
+    assert len(out.token_ids) == 8

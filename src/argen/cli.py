@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import NoReturn
 
@@ -217,6 +218,28 @@ def _add_serve(sub) -> None:
                    help="requests waiting for a slot before new ones get 429 (default: %(default)s)")  # fmt: skip
     p.add_argument("--max-tokens", type=int, default=None,
                    help="largest max_tokens a request may ask for (default: the model's context)")  # fmt: skip
+    p.add_argument("--draft-model", action="append", default=[], metavar="NAME=SOURCE",
+                   help="a draft model requests may name (strategy draft-model, option draft=NAME); loaded at start; "
+                        "repeatable. The served model is always available under its --model name")  # fmt: skip
+    p.add_argument("--guide-model", action="append", default=[], metavar="NAME=SOURCE",
+                   help="a guide model requests may name (strategy guided, option guide_model=NAME); loaded at start; "
+                        "repeatable")  # fmt: skip
+    p.add_argument("--limit", action="append", default=[], metavar="NAME=VALUE",
+                   help="raise or lower a cap on a strategy option, e.g. num_beams=16 (repeatable; see SECURITY.md)")
+    p.add_argument("--api-key", default=os.environ.get("ARGEN_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on every route but /health and the API description "
+                        "(default: $ARGEN_API_KEY, which keeps the key out of the process list; none: open)")  # fmt: skip
+    p.add_argument("--allowed-host", action="append", default=[], metavar="HOST",
+                   help="accept only requests whose Host header is one of these (repeatable; '*.example.com' "
+                        "patterns work); default: any")  # fmt: skip
+    p.add_argument("--max-body-bytes", type=int, default=None,
+                   help="larger request bodies get 413 (default: 2 MiB, 2097152)")
+    p.add_argument("--max-connections", type=int, default=512,
+                   help="open connections at most; one more closes the longest-idle one (default: %(default)s)")
+    p.add_argument("--timeout-keep-alive", type=float, default=5.0,
+                   help="seconds an idle connection stays open (default: %(default)s)")
+    p.add_argument("--request-timeout", type=float, default=30.0,
+                   help="seconds a request's head and body may take to arrive (default: %(default)s)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.set_defaults(handler=_serve)
 
@@ -226,15 +249,29 @@ def _serve(args: argparse.Namespace) -> int:
         raise ArgenError("--max-batch and --max-tokens must be >= 1 and --max-queue >= 0")
     if not 0 <= args.port <= 65535:
         raise ArgenError(f"--port must be in 0..65535; got {args.port}")
+    if (args.max_body_bytes is not None and args.max_body_bytes < 1024) or args.max_connections < 1:
+        raise ArgenError("--max-body-bytes must be >= 1024 and --max-connections >= 1")
+    if not (args.timeout_keep_alive > 0 and args.request_timeout > 0):
+        raise ArgenError("--timeout-keep-alive and --request-timeout must be > 0 seconds")
+    if args.api_key is not None and not args.api_key.strip():
+        raise ArgenError("--api-key (or ARGEN_API_KEY) is empty; give a key, or unset it to serve without one")
     try:
+        from argen.server.companions import Companions
+        from argen.server.guards import DEFAULT_MAX_BODY_BYTES
+        from argen.server.limits import Limits
         from argen.server.serve import serve
     except ImportError as exc:
         raise ArgenError(f"the server needs fastapi, uvicorn, sse-starlette and prometheus-client ({exc})") from exc
     from argen.api import load
 
+    limits = Limits.parse(args.limit)  # checked before the (slow) model load
     gen = load(args.model, runtime=args.runtime, device=args.device, dtype=args.dtype, quant=args.quant)
+    companions = Companions.load(gen, args.model, args.draft_model, args.guide_model)
     return serve(gen, args.host, args.port, max_batch=args.max_batch, max_queue=args.max_queue,
-                 max_tokens_limit=args.max_tokens, log_level=args.log_level, model_id=args.model)  # fmt: skip
+                 max_tokens_limit=args.max_tokens, log_level=args.log_level, model_id=args.model, limits=limits,
+                 companions=companions, api_key=args.api_key, allowed_hosts=args.allowed_host or None,
+                 max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY_BYTES, max_connections=args.max_connections,
+                 timeout_keep_alive=args.timeout_keep_alive, request_timeout=args.request_timeout)  # fmt: skip
 
 
 # -- main --------------------------------------------------------------------------------------

@@ -14,8 +14,6 @@ from argen.sampling import Sampler, SamplingParams
 from argen.strategies import DecodeState, Strategy
 from argen.textstream import TextStream
 
-DRAFT_SLACK = 64  # cache positions reserved past max_new_tokens for drafts being verified
-
 
 @dataclass
 class Request:
@@ -178,6 +176,7 @@ class Engine:
             raise InvalidRequestError(f"forced token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})")
         if request.output_prefix and n + len(request.output_prefix) >= context:
             raise InvalidRequestError("the prompt plus the replayed output fills the model's context")
+        request.strategy.check(self.runtime, n, request.params)
 
     def budget(self, request: Request) -> int:
         """How many tokens the request may generate: max_new_tokens, capped by the context."""
@@ -192,10 +191,11 @@ class Engine:
         """Prefill all prompt tokens but the last into a fresh cache (or the given one)."""
         self.validate(request)
         prompt = request.prompt_ids
-        context = self.runtime.info.max_positions
         budget = self.budget(request)
         if cache is None:
-            cache = self.runtime.new_cache(1, min(context, len(prompt) + budget + DRAFT_SLACK))
+            # Room for the whole sequence plus the strategy's worst case beyond it (a draft tree being
+            # verified may take more slots than positions: the cache may be longer than the context).
+            cache = self.runtime.new_cache(1, len(prompt) + budget + request.strategy.kv_slack())
         state = DecodeState(self.runtime, cache, Sampler(request.params, request.forced), list(prompt), len(prompt),
                             budget)  # fmt: skip
         seq = _Sequence(index, request, state, self.tokenizer, self.eos_ids)

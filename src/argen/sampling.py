@@ -13,7 +13,14 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from argen.checks import finite_number
 from argen.errors import InvalidRequestError
+
+FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty")
+
+
+def _integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass
@@ -32,18 +39,22 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        # Numbers must be finite (NaN fails every comparison; infinity would pass some); each check
+        # is a function so that a value of the wrong type fails its own check, not with a TypeError.
+        temperature, top_p, min_p, penalty = (finite_number(getattr(self, f)) for f in FLOAT_FIELDS)
         checks = [
-            (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1, "max_new_tokens must be an integer >= 1"),
-            (self.temperature >= 0, "temperature must be >= 0 (0 means greedy)"),
-            (isinstance(self.top_k, int) and self.top_k >= 0, "top_k must be an integer >= 0 (0 turns it off)"),
-            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-            (0 <= self.min_p < 1, "min_p must be in [0, 1)"),
-            (self.repetition_penalty > 0, "repetition_penalty must be > 0 (1 turns it off)"),
-            (self.seed is None or (isinstance(self.seed, int) and self.seed >= 0), "seed must be an integer >= 0"),
-            (all(isinstance(s, str) and s for s in self.stop), "stop must be a list of non-empty strings"),
+            (lambda: _integer(self.max_new_tokens) and self.max_new_tokens >= 1, "max_new_tokens must be an integer >= 1"),
+            (lambda: temperature is not None and temperature >= 0, "temperature must be a finite number >= 0 (0 means greedy)"),
+            (lambda: _integer(self.top_k) and self.top_k >= 0, "top_k must be an integer >= 0 (0 turns it off)"),
+            (lambda: top_p is not None and 0 < top_p <= 1, "top_p must be a number in (0, 1]"),
+            (lambda: min_p is not None and 0 <= min_p < 1, "min_p must be a number in [0, 1)"),
+            (lambda: penalty is not None and penalty > 0, "repetition_penalty must be a finite number > 0 (1 turns it off)"),
+            (lambda: self.seed is None or (_integer(self.seed) and self.seed >= 0), "seed must be an integer >= 0"),
+            (lambda: isinstance(self.stop, list) and all(isinstance(s, str) and s for s in self.stop),
+             "stop must be a list of non-empty strings"),
         ]  # fmt: skip
         for ok, message in checks:
-            if not ok:
+            if not ok():
                 raise InvalidRequestError(f"invalid sampling parameter: {message}")
         if self.seed is None:
             # A concrete seed is always recorded, so any sampled output can be replayed.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -155,6 +156,21 @@ def _load_tokenizer(directory: Path):
         return AutoTokenizer.from_pretrained(directory)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelNotFoundError(f"could not load the tokenizer from {str(directory)!r}: {exc}") from exc
+
+
+_SHARED: dict[tuple, LoadedModel] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_model(name: str, runtime: str = "auto", device: str = "cpu", dtype="float32") -> LoadedModel:
+    """`load_model`, once per process for each (canonical source, runtime, device, dtype): companion
+    models (draft and guide models) that many requests name, under any spelling of the same path,
+    share one copy."""
+    key = (sources.canonical_source(name), runtime, str(parse_device(str(device))), str(parse_dtype(dtype)))
+    with _SHARED_LOCK:  # one load at a time: two threads asking for one model load it once
+        if key not in _SHARED:
+            _SHARED[key] = load_model(name, runtime=runtime, device=str(device), dtype=dtype)
+        return _SHARED[key]
 
 
 def _load_hf_dir(directory: Path):

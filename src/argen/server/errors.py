@@ -3,17 +3,29 @@ a message that says what to fix."""
 
 from __future__ import annotations
 
+import json
+
 from fastapi.responses import JSONResponse
 
 STATUS_TYPES = {
     400: "invalid_request_error",
+    401: "invalid_request_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    413: "invalid_request_error",
     422: "invalid_request_error",
     429: "rate_limit_error",
     500: "internal_error",
     503: "service_unavailable",
 }
+
+
+class ErrorJSON(JSONResponse):
+    """JSON with non-ASCII escaped: a message that quotes a client's string stays valid even if that
+    string holds a lone surrogate (which UTF-8 cannot encode)."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
 
 
 class APIError(Exception):
@@ -28,7 +40,7 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+        return ErrorJSON(self.body(), status_code=self.status, headers=self.headers)
 
 
 def bad_request(message: str, param: str | None = None, code: str = "invalid_value") -> APIError:

@@ -1,26 +1,55 @@
 """An OpenAI request body -> an argen Request (prompt ids, SamplingParams, strategy), with every
-check that can fail done here, before the request is queued: errors are 400s that say what to fix."""
+check that can fail done here, before the request is queued: errors are 400s that say what to fix.
+
+`build_request` tokenizes, so the app runs it in a worker thread, off the event loop. The cheap
+checks come first: text that is not valid Unicode, and a prompt whose characters could not fit the
+context even if every token were the vocabulary's longest, are refused before tokenizing."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pydantic import BaseModel
 
 from argen.api import Generator
 from argen.engine import Request
 from argen.errors import InvalidRequestError
 from argen.sampling import SamplingParams
+from argen.server.companions import Companions
 from argen.server.errors import APIError, bad_request
+from argen.server.limits import Limits
 from argen.server.protocol import ChatCompletionRequest, CompletionRequest
-from argen.strategies import make_strategy
+from argen.strategies import REGISTRY, make_strategy
 
 DEFAULT_MAX_TOKENS = 256
 
 
-def build_request(gen: Generator, model_id: str, body: CompletionRequest | ChatCompletionRequest,
-                  max_tokens_limit: int) -> Request:  # fmt: skip
-    if body.model != model_id:
-        raise APIError(404, f"model {body.model!r} is not served here; this server serves {model_id!r} "
+@dataclass(frozen=True)
+class Policy:
+    """What this server allows a request (built once by `create_app`)."""
+
+    model_id: str
+    max_tokens: int  # the largest max_tokens a request may ask for
+    limits: Limits
+    companions: Companions
+    max_chars: int  # more characters of prompt text than this cannot fit the context
+
+
+def max_prompt_chars(gen: Generator) -> int:
+    """Characters of text beyond which a prompt is longer than the context for sure: the context
+    times the longest token's length (vocabulary entries are at least as long as the text they
+    stand for: byte-level entries spell each byte as one character)."""
+    longest = max(map(len, gen.tokenizer.get_vocab()), default=1)
+    return gen.runtime.info.max_positions * max(1, longest)
+
+
+def build_request(gen: Generator, body: CompletionRequest | ChatCompletionRequest, policy: Policy) -> Request:
+    _check_text(body)
+    if body.model != policy.model_id:
+        raise APIError(404, f"model {body.model!r} is not served here; this server serves {policy.model_id!r} "
                        "(GET /v1/models)", param="model", code="model_not_found")  # fmt: skip
     _check_unsupported(body)
-    prompt_ids = _prompt_ids(gen, body)
+    prompt_ids = _prompt_ids(gen, body, policy.max_chars)
     context = gen.runtime.info.max_positions
     where = "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
     if not prompt_ids:
@@ -31,8 +60,8 @@ def build_request(gen: Generator, model_id: str, body: CompletionRequest | ChatC
     asked = body.max_tokens
     if isinstance(body, ChatCompletionRequest) and body.max_completion_tokens is not None:
         asked = body.max_completion_tokens
-    if asked is not None and asked > max_tokens_limit:
-        raise bad_request(f"max_tokens is {asked} but this server allows at most {max_tokens_limit}; ask for fewer",
+    if asked is not None and asked > policy.max_tokens:
+        raise bad_request(f"max_tokens is {asked} but this server allows at most {policy.max_tokens}; ask for fewer",
                           "max_tokens")  # fmt: skip
     room = context - len(prompt_ids)
     if asked is not None and asked > room:
@@ -41,16 +70,16 @@ def build_request(gen: Generator, model_id: str, body: CompletionRequest | ChatC
                           code="context_length_exceeded")  # fmt: skip
     try:
         params = SamplingParams(
-            max_new_tokens=asked or min(DEFAULT_MAX_TOKENS, max_tokens_limit, room),
+            max_new_tokens=asked or min(DEFAULT_MAX_TOKENS, policy.max_tokens, room),
             temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
             repetition_penalty=body.repetition_penalty, seed=body.seed, ignore_eos=body.ignore_eos,
             stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or []),
         )  # fmt: skip
     except InvalidRequestError as exc:
         raise bad_request(str(exc)) from exc
-    spec = body.strategy if isinstance(body.strategy, str) else {"name": body.strategy.name, **body.strategy.model_extra}
+    strategy = _strategy(gen, body, policy)
     try:
-        strategy = make_strategy(spec)
+        strategy.check(gen.runtime, len(prompt_ids), params)
     except InvalidRequestError as exc:
         raise bad_request(str(exc), "strategy") from exc
     request = Request(prompt_ids, params, strategy)
@@ -59,6 +88,55 @@ def build_request(gen: Generator, model_id: str, body: CompletionRequest | ChatC
     except InvalidRequestError as exc:
         raise bad_request(str(exc), where) from exc
     return request
+
+
+def _strategy(gen: Generator, body, policy: Policy):
+    """The strategy, its companion models named (not loaded: the server loaded them at start),
+    its options within the server's limits, prepared (guided: its tokenizer checked)."""
+    spec = body.strategy if isinstance(body.strategy, str) else {"name": body.strategy.name, **body.strategy.model_extra}
+    spec = {"name": spec} if isinstance(spec, str) else spec
+    try:
+        cls = REGISTRY.get(spec["name"])
+        if cls is not None and cls.companion_options:
+            spec = {"name": spec["name"], **policy.companions.resolve(cls, {k: v for k, v in spec.items() if k != "name"})}
+        strategy = make_strategy(spec)
+        if (over := policy.limits.check(strategy)) is not None:
+            raise bad_request(over, "strategy", code="limit_exceeded")
+        prepare = getattr(strategy, "prepare", None)
+        if prepare is not None:
+            prepare(gen.model)
+    except InvalidRequestError as exc:
+        raise bad_request(str(exc), "strategy") from exc
+    return strategy
+
+
+def _check_text(body: BaseModel) -> None:
+    """Strings that are not valid Unicode (a lone UTF-16 surrogate such as "\\ud800", which JSON
+    allows) break the tokenizer and any message that quotes them: a 400 naming the field."""
+    for name, value in body.model_dump().items():
+        if (index := _bad_text(value)) is not None:
+            raise bad_request(f"{name} holds text that is not valid Unicode (a lone surrogate such as \\ud800, "
+                              f"{index}); send UTF-8 text, or surrogates only in valid pairs", name,
+                              code="invalid_text")  # fmt: skip
+
+
+def _bad_text(value) -> str | None:
+    """Where in `value` (strings in nested lists and dicts, keys included) a lone surrogate is."""
+    if isinstance(value, str):
+        if value.isascii():
+            return None
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return f"at character {exc.start}"
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        if (where := _bad_text(key) if isinstance(key, str) else None) is not None:
+            return f"in a field name, {where}"
+        if (where := _bad_text(item)) is not None:
+            return where
+    return None
 
 
 def _check_unsupported(body) -> None:
@@ -88,12 +166,20 @@ def _check_unsupported(body) -> None:
             raise bad_request(message, param, code="unsupported_parameter")
 
 
-def _prompt_ids(gen: Generator, body) -> list[int]:
+def _too_long(where: str, chars: int, max_chars: int, context: int) -> APIError:
+    return bad_request(f"the {where} has {chars} characters, more than any {context}-token context can hold "
+                       f"(at most {max_chars}); shorten it", where, code="context_length_exceeded")  # fmt: skip
+
+
+def _prompt_ids(gen: Generator, body, max_chars: int) -> list[int]:
+    context = gen.runtime.info.max_positions
     if isinstance(body, ChatCompletionRequest):
         messages = []
         for m in body.messages:
             text = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)
             messages.append({"role": "system" if m.role == "developer" else m.role, "content": text})
+        if (chars := sum(len(m["content"]) for m in messages)) > max_chars:
+            raise _too_long("messages", chars, max_chars, context)
         try:
             return gen.encode(messages)
         except InvalidRequestError as exc:
@@ -107,4 +193,6 @@ def _prompt_ids(gen: Generator, body) -> list[int]:
         prompt = prompt[0]
     if isinstance(prompt, list):
         return list(prompt)
+    if len(prompt) > max_chars:
+        raise _too_long("prompt", len(prompt), max_chars, context)
     return gen.encode(prompt, chat=False) if prompt else []

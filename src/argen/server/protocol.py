@@ -1,6 +1,10 @@
 """The OpenAI API's request and response bodies, as pydantic models (they also make the OpenAPI
 schema). Fields OpenAI defines but argen does not implement are accepted only at their neutral
-value, so a request never silently means something else; unknown fields are rejected (422)."""
+value, so a request never silently means something else; unknown fields are rejected (422).
+
+Request bodies are strict: a JSON value must have the field's type ("8" is not an integer, "yes"
+and 1 are not booleans, true is not a token id), except that a JSON integer is a number (1 for a
+temperature); NaN and Infinity, which Python's JSON reader accepts, are not numbers here (422)."""
 
 from __future__ import annotations
 
@@ -17,8 +21,12 @@ ONLY_0 = {"minimum": 0, "maximum": 0}
 ONLY_1 = {"minimum": 1, "maximum": 1}
 
 
+STRICT = ConfigDict(strict=True, allow_inf_nan=False)
+MAX_STOP = 4  # as OpenAI's API: each stop string is searched for after every token
+
+
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", **STRICT)
 
 
 class StreamOptions(_Body):
@@ -28,7 +36,7 @@ class StreamOptions(_Body):
 class StrategySpec(BaseModel):
     """An argen decoding strategy: its name plus its options (see `argen models`)."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", **STRICT)  # the options are checked by make_strategy
     name: str
 
 
@@ -44,7 +52,8 @@ class _Sampling(_Body):
     n: Annotated[int, Field(ge=1)] = Field(1, description="only 1 is supported", json_schema_extra=ONLY_1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: Annotated[str, Field(min_length=1)] | list[Annotated[str, Field(min_length=1)]] | None = None
+    stop: Annotated[str, Field(min_length=1)] | Annotated[list[Annotated[str, Field(min_length=1)]], Field(
+        max_length=MAX_STOP)] | None = Field(None, description=f"a string, or a list of at most {MAX_STOP}")
     seed: Annotated[int, Field(ge=0, le=SEED_MAX)] | None = None
     presence_penalty: float = Field(0.0, description="not supported: only 0 (use repetition_penalty)",
                                     json_schema_extra=ONLY_0)

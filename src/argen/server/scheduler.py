@@ -19,6 +19,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from argen.engine import DecodeBatch, Engine, Event, Failure, Request, Result
+from argen.errors import ArgenError
 from argen.server.metrics import Metrics
 
 log = logging.getLogger("argen.server")
@@ -142,6 +143,7 @@ class Scheduler:
             try:
                 self.batch.admit(ticket.id, ticket.request)
             except Exception as exc:
+                _log_failure(ticket, exc, "at admission")
                 self._finish(ticket, exc, "error")
                 continue
             self.metrics.prompt_tokens.inc(len(ticket.request.prompt_ids))
@@ -164,12 +166,13 @@ class Scheduler:
                     if ticket.first_token is None:
                         ticket.first_token = time.perf_counter()
                         self.metrics.ttft_seconds.observe(ticket.first_token - ticket.arrived)
-                self._send(ticket, item)
+                if item.token_ids or item.text or item.finish_reason:  # a beam search step emits nothing
+                    self._send(ticket, item)
             elif isinstance(item, Result):
                 self.metrics.latency_seconds.observe(time.perf_counter() - ticket.arrived)
                 self._finish(ticket, item, item.finish_reason)
             elif isinstance(item, Failure):
-                log.error("request %s failed: %r", ticket.id, item.error)
+                _log_failure(ticket, item.error, "while decoding")
                 self._finish(ticket, item.error, "error")
         self.metrics.running.set(len(self._running))
 
@@ -200,3 +203,11 @@ class Scheduler:
             ticket.loop.call_soon_threadsafe(ticket.queue.put_nowait, item)
         except RuntimeError:  # the event loop is gone (server stopped): nobody is listening
             ticket.cancelled = True
+
+
+def _log_failure(ticket: Ticket, exc: Exception, when: str) -> None:
+    """One line for a request the client caused to fail (its 400 says why), a traceback for a bug."""
+    if isinstance(exc, ArgenError):
+        log.warning("request %s rejected %s: %s", ticket.id, when, exc)
+    else:
+        log.error("request %s failed %s: %r", ticket.id, when, exc, exc_info=exc)

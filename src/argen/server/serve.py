@@ -1,6 +1,10 @@
 """Running the app under uvicorn, with a graceful drain on SIGTERM / SIGINT: new requests get 503
 at once, uvicorn stops accepting connections and waits for the open ones, the scheduler finishes
-what is in flight, and the process exits 0 (a second SIGINT forces it)."""
+what is in flight, and the process exits 0 (a second SIGINT forces it).
+
+Connections are guarded (`connections.py`: idle and request timeouts, a connection cap), h11
+buffers at most `MAX_HEAD_BYTES` of an incomplete request head, and the noisy loggers are
+rate-limited (`logs.py`)."""
 
 from __future__ import annotations
 
@@ -12,7 +16,11 @@ import uvicorn
 
 from argen.api import Generator
 from argen.server.app import create_app
+from argen.server.connections import connection_cap, guarded_protocol
+from argen.server.logs import rate_limit_logs
 from argen.server.scheduler import Scheduler
+
+MAX_HEAD_BYTES = 16 * 1024  # a request head still incomplete past this gets 400 (h11's default, made explicit)
 
 
 class DrainingServer(uvicorn.Server):
@@ -39,12 +47,17 @@ class DrainingServer(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
-def make_server(gen: Generator, host: str = "127.0.0.1", port: int = 8000, *, max_batch: int = 32,
-                max_queue: int = 128, max_tokens_limit: int | None = None, log_level: str = "info",
-                model_id: str | None = None) -> DrainingServer:  # fmt: skip
-    app = create_app(gen, model_id=model_id, max_batch=max_batch, max_queue=max_queue,
-                     max_tokens_limit=max_tokens_limit)  # fmt: skip
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on")
+def make_server(gen: Generator, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "info",
+                max_connections: int = 512, timeout_keep_alive: float = 5.0, request_timeout: float = 30.0,
+                **app_options) -> DrainingServer:  # fmt: skip
+    """A uvicorn server for `create_app(gen, **app_options)`: at most `max_connections` open
+    connections (fewer if the open-files limit says so), idle ones closed after
+    `timeout_keep_alive` seconds, each request given `request_timeout` seconds to arrive."""
+    app = create_app(gen, **app_options)
+    protocol = guarded_protocol(request_timeout, connection_cap(max_connections))
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on", http=protocol,
+                            timeout_keep_alive=timeout_keep_alive, h11_max_incomplete_event_size=MAX_HEAD_BYTES)  # fmt: skip
+    rate_limit_logs()  # after uvicorn.Config, which configures the logging
     return DrainingServer(config, app.state.scheduler)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 
+from argen.checks import finite_number
 from argen.errors import InvalidRequestError
 from argen.strategies.base import DecodeState, Strategy
 from argen.strategies.plain import Plain
@@ -75,14 +76,15 @@ def make_strategy(spec) -> Strategy:
 def _type_problem(value, annotation) -> str | None:
     """What `value` should be, judged by the option's annotation when it is a plain int, float or
     bool, or None if it fits. Options from the CLI or JSON arrive as JSON values: 2.5 for an integer
-    option must not reach `range()` as a traceback, and 3 for a flag must not silently mean True."""
+    option must not reach `range()` as a traceback, 3 for a flag must not silently mean True, and
+    NaN or Infinity (which Python's JSON reader accepts) must not reach the arithmetic."""
     is_bool = isinstance(value, bool)
     if annotation in ("bool", bool):
         return None if is_bool else "true or false"
     if annotation in ("int", int):
         return None if isinstance(value, int) and not is_bool else "an integer"
     if annotation in ("float", float):
-        return None if isinstance(value, int | float) and not is_bool else "a number"
+        return None if finite_number(value) is not None else "a finite number"
     return None  # unions, lists, objects: the constructor checks those
 
 

@@ -83,6 +83,19 @@ class Strategy:
     name: ClassVar[str] = ""
     exact: ClassVar[bool] = True
     batchable: ClassVar[bool] = False  # plain decoding can run many sequences in one forward pass
+    # Options that name another model, by the kind of model ("draft" or "guide"): the Python API
+    # takes a model source there, a server only the names of models its operator loaded.
+    companion_options: ClassVar[dict[str, str]] = {}
+
+    def check(self, runtime, prompt_len: int, params) -> None:
+        """Raise InvalidRequestError if this request (`prompt_len` tokens, SamplingParams `params`)
+        cannot run on `runtime`. The Engine calls it when it validates a request, before any work
+        (the server: before the request is queued)."""
+
+    def kv_slack(self) -> int:
+        """KV-cache positions a step may use beyond prompt + max_new_tokens (a draft tree being
+        verified, contrastive candidates). The Engine allocates them, so no step overflows."""
+        return 0
 
     def start(self, state: DecodeState) -> None:
         """Called once after the prompt is in the cache."""

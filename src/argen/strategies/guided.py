@@ -25,24 +25,23 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from argen.checks import number_option
 from argen.errors import InvalidRequestError
 from argen.strategies.base import DecodeState, Strategy
 
 RULES = ("gedi", "genarm")
 PROBE = "The quick brown fox, 42 cafés & naïve résumés!\n"
-_GUIDES: dict[tuple, object] = {}  # (source, device, dtype) -> LoadedModel: each guide is loaded once
+OMEGA_MAX = 1000.0  # GeDi uses 20-30, GenARM-style 1-3; far beyond, the steering swamps the logits
 
 
 def load_guide(source, device="cpu", dtype=torch.float32):
-    """A LoadedModel for a guide given as a model source string, a LoadedModel or a Generator."""
+    """A LoadedModel for a guide given as a model source string (loaded once per process and
+    device and dtype, `shared_model`), a LoadedModel or a Generator."""
     if not isinstance(source, str):
         return getattr(source, "model", source)  # Generator -> its LoadedModel
-    key = (source, str(device), str(dtype))
-    if key not in _GUIDES:
-        from argen.models import load_model
+    from argen.models import shared_model
 
-        _GUIDES[key] = load_model(source, device=str(device), dtype=dtype)
-    return _GUIDES[key]
+    return shared_model(source, device=str(device), dtype=dtype)
 
 
 class GuidePair:
@@ -101,12 +100,12 @@ def class_log_prob(sums: torch.Tensor, n_tokens: int) -> torch.Tensor:
 class Guided(Strategy):
     name = "guided"
     exact = False
+    companion_options = {"guide_model": "guide"}
 
     def __init__(self, guide_model="default", omega: float = 20.0,
                  positive_prefix: str = "The following text is cheerful and positive:\n",
                  negative_prefix: str = "The following text is gloomy and negative:\n", rule: str = "gedi") -> None:  # fmt: skip
-        if not isinstance(omega, (int, float)) or isinstance(omega, bool) or omega < 0:
-            raise ValueError(f"omega must be a number >= 0 (0 is plain decoding); got {omega!r}")
+        omega = number_option("omega", omega, 0, OMEGA_MAX, " (0 is plain decoding; GeDi uses about 20)")
         if rule not in RULES:
             raise ValueError(f"rule must be one of {', '.join(RULES)}; got {rule!r}")
         for label, text in (("positive_prefix", positive_prefix), ("negative_prefix", negative_prefix)):
@@ -115,10 +114,14 @@ class Guided(Strategy):
         if not isinstance(guide_model, str) and not hasattr(guide_model, "runtime") and not hasattr(guide_model, "model"):
             raise ValueError("guide_model must be a model source (e.g. 'default', 'tiny-random@1'), a LoadedModel "
                              "or a Generator")  # fmt: skip
-        self.guide_model, self.omega = guide_model, float(omega)
+        self.guide_model, self.omega = guide_model, omega
         self.positive_prefix, self.negative_prefix = positive_prefix, negative_prefix
         self.rule = rule
         self._guide = None
+
+    def options(self) -> dict:
+        guide = self.guide_model  # a loaded model is recorded by its name
+        return super().options() | {"guide_model": guide if isinstance(guide, str) else getattr(guide, "name", "?")}
 
     # -- setup ---------------------------------------------------------------------------------
     def prepare(self, base) -> None:
@@ -136,6 +139,19 @@ class Guided(Strategy):
         if probe[0] != probe[1]:
             raise InvalidRequestError("the guide model's tokenizer splits text differently from the base model's; "
                                       "guided decoding needs two models that share a tokenizer")  # fmt: skip
+
+    def check(self, runtime, prompt_len: int, params) -> None:
+        if self._guide is not None:  # else not prepared yet (no Generator): start() checks
+            self._check_room(min(params.max_new_tokens, runtime.info.max_positions - prompt_len))
+
+    def _check_room(self, new: int) -> None:
+        context = self._guide.runtime.info.max_positions
+        longest = max(len(ids) for ids in self.control_ids())
+        if longest + new > context:
+            raise InvalidRequestError(
+                f"the guide reads its control prefix ({longest} tokens) before the output ({new} tokens), but its "
+                f"context is {context} tokens; shorten positive_prefix / negative_prefix or ask for fewer tokens"
+            )
 
     def control_ids(self) -> list[list[int]]:
         tok = self._guide.tokenizer
@@ -165,6 +181,7 @@ class Guided(Strategy):
             self._guide = load_guide(self.guide_model, state.runtime.device, state.runtime.dtype)
             if self._guide.runtime.info.vocab_size != state.runtime.info.vocab_size:
                 raise InvalidRequestError("the guide model's vocabulary differs from the base model's")
+        self._check_room(state.max_new_tokens)
         # A counterfactual replay starts with part of the output already there: the guide reads it too.
         self._pair, sums = self._read(state.output, state.max_new_tokens + 2, state.counters)
         self._sums = sums.to(state.runtime.device)

@@ -19,26 +19,32 @@ Bookkeeping follows Hugging Face `generate(num_beams=...)` (transformers 5), so 
 
 from __future__ import annotations
 
+from collections.abc import Generator
+
 import torch
 
 from argen.cache import KVCache
+from argen.checks import number_option
 from argen.errors import InvalidRequestError
 from argen.strategies.base import DecodeState, Strategy
 
 NEG = -1.0e9  # HF's "impossible" score: finite, so sums and comparisons stay well defined
 
 
+LENGTH_PENALTY_MAX = 20.0  # scores divide by length ** length_penalty, which must stay a finite float
+
+
 def _check_common(num_beams: int, length_penalty: float, early_stopping) -> None:
     if not isinstance(num_beams, int) or num_beams < 1:
         raise ValueError("num_beams must be an integer >= 1")
-    if not isinstance(length_penalty, (int, float)):
-        raise ValueError("length_penalty must be a number (0: sum of log-probs; 1: mean log-prob per token)")
-    if early_stopping not in (True, False, "never"):
+    number_option("length_penalty", length_penalty, -LENGTH_PENALTY_MAX, LENGTH_PENALTY_MAX,
+                  " (0: sum of log-probs; 1: mean log-prob per token)")  # fmt: skip
+    if not (isinstance(early_stopping, bool) or early_stopping == "never"):  # 1 is not True here
         raise ValueError("early_stopping must be true, false or 'never'")
 
 
-def require_greedy(state: DecodeState, name: str) -> None:
-    if not state.sampler.params.greedy:
+def require_greedy(params, name: str) -> None:
+    if not params.greedy:
         raise InvalidRequestError(f"{name} is deterministic; use temperature 0 (or a sampling strategy)")
 
 
@@ -56,25 +62,42 @@ class Beam(Strategy):
     def banned(self, output: list[int], eos_ids: frozenset[int]) -> list[int]:
         return []
 
-    def start(self, state: DecodeState) -> None:
-        require_greedy(state, f"{self.name} search")
-        if not isinstance(state.cache, KVCache):
+    def check(self, runtime, prompt_len: int, params) -> None:
+        require_greedy(params, f"{self.name} search")
+        if not hasattr(runtime, "layers"):
             raise InvalidRequestError(
                 f"{self.name} search keeps its beams as rows of a KV cache, which needs the native runtime "
                 "(load the model with runtime='native'; Llama-family models only)"
             )
-        self._done = False
+
+    def start(self, state: DecodeState) -> None:
+        self._search = self.searching(state)
 
     def step(self, state: DecodeState) -> list[int]:
-        if self._done:
-            raise RuntimeError("beam search emits its whole output in one step; the sequence should have ended")
-        self._done = True
-        tokens, logprob, score = self.search(state)
-        state.extras.update(beam_score=score, beam_logprob=logprob)
-        return tokens
+        """One forward pass of the search per step, so that a long search does not hold up the other
+        sequences of a batch; no tokens until the search ends, then the best hypothesis at once."""
+        if self._search is None:
+            raise RuntimeError("beam search has emitted its output; the sequence should have ended")
+        try:
+            next(self._search)
+        except StopIteration as done:
+            self._search = None
+            tokens, logprob, score = done.value
+            state.extras.update(beam_score=score, beam_logprob=logprob)
+            return tokens
+        return []
 
     def search(self, state: DecodeState) -> tuple[list[int], float, float]:
-        """Returns the best hypothesis: (output tokens, sum of log-probs, score)."""
+        """The whole search at once: the best hypothesis (output tokens, sum of log-probs, score)."""
+        steps = self.searching(state)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
+
+    def searching(self, state: DecodeState) -> Generator[None, None, tuple[list[int], float, float]]:
+        """The search, pausing after each forward pass; returns what `search` returns."""
         n_beams, cache, runtime = self.num_beams, state.cache, state.runtime
         eos, limit, lp = state.eos_ids, state.remaining, self.length_penalty
         keep = (1 + max(1, len(eos))) * n_beams  # enough continuations to always refill the beams
@@ -117,6 +140,7 @@ class Beam(Strategy):
                 improvable = improvable and scores[0].item() / length**lp > finished[-1][0]
             if not improvable or (full and self.early_stopping is True):
                 break
+            yield
         if not finished:  # every continuation was banned (a vocabulary smaller than the bans)
             raise InvalidRequestError(f"{self.name} search found no allowed hypothesis; relax its options")
         score, logprob, best = finished[0]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from argen.errors import InvalidRequestError
+from argen.checks import number_option
 from argen.strategies.base import DecodeState, Strategy
 from argen.strategies.search.beam import require_greedy
 
@@ -40,17 +40,18 @@ class Contrastive(Strategy):
     def __init__(self, top_k: int = 4, alpha: float = 0.6) -> None:
         if not isinstance(top_k, int) or top_k < 1:
             raise ValueError("top_k must be an integer >= 1 (the candidates compared at each step)")
-        if not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
-            raise ValueError("alpha must be in [0, 1] (0 is greedy; the paper uses 0.5-0.6)")
         self.top_k = top_k
-        self.alpha = float(alpha)
+        self.alpha = number_option("alpha", alpha, 0, 1, " (0 is greedy; the paper uses 0.5-0.6)")
+
+    def check(self, runtime, prompt_len: int, params) -> None:
+        require_greedy(params, "contrastive search")
+
+    def kv_slack(self) -> int:
+        # A step feeds the pending token and the top_k candidates after the sequence.
+        return 1 + self.top_k
 
     def start(self, state: DecodeState) -> None:
-        require_greedy(state, "contrastive search")
         cache = state.cache
-        room = cache.max_len - (len(state.tokens) - 1 + state.remaining)
-        if self.top_k > room:
-            raise InvalidRequestError(f"top_k={self.top_k} candidates do not fit in the KV cache; use top_k <= {room}")
         # The pending (last prompt) token's logits and hidden state; then drop its keys/values again.
         length = cache.lengths[0]
         logits, hidden = state.forward([state.tokens[-1]], num_logits=1)

@@ -29,6 +29,14 @@ class Speculative(Strategy):
         self.max_draft = max_draft
         self.adaptive = adaptive
 
+    def max_tree_nodes(self) -> int:
+        """The most nodes `propose` may return (a chain: its length)."""
+        return self.max_draft
+
+    def kv_slack(self) -> int:
+        # Verification writes the pending token and every node of the tree after the sequence.
+        return 1 + self.max_tree_nodes()
+
     def start(self, state: DecodeState) -> None:
         self._cost = CostModel.for_runtime(state.runtime) if self.adaptive else None
         # The chain-length controller; tree proposers that size their own drafts need none.

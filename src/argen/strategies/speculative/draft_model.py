@@ -17,42 +17,49 @@ from argen.strategies.speculative.base import Speculative
 from argen.strategies.speculative.drafting import draw_chain
 from argen.strategies.speculative.tree import DraftTree
 
-_DRAFT_MODELS: dict[str, object] = {}  # source name -> runtime, loaded once per process
-
 
 def draft_runtime(source, device) -> object:
+    """The draft's runtime: a source is loaded once per process (`shared_model`); a Generator, a
+    LoadedModel or a runtime is used as it is."""
     if not isinstance(source, str):
-        return getattr(source, "runtime", source)  # a Generator, a LoadedModel or a runtime
-    if source not in _DRAFT_MODELS:
-        from argen.models import load_model
+        return getattr(source, "runtime", source)
+    from argen.models import shared_model
 
-        _DRAFT_MODELS[source] = load_model(source, device=str(device)).runtime
-    return _DRAFT_MODELS[source]
+    return shared_model(source, device=str(device)).runtime
 
 
 class DraftModel(Speculative):
     name = "draft-model"
+    companion_options = {"draft": "draft"}
 
     def __init__(self, draft: object = None, max_draft: int = 4, num_drafts: int = 1, adaptive: bool = True) -> None:
         super().__init__(max_draft, adaptive)
         if draft is None:
             raise ValueError("give the draft model: draft=SOURCE (a model source such as a directory or 'tiny-random')")
+        if not isinstance(draft, str) and not any(hasattr(draft, a) for a in ("runtime", "info")):
+            raise ValueError("draft must be a model source (e.g. 'tiny-random@1' or a directory), a Generator, a "
+                             f"LoadedModel or a runtime; got {type(draft).__name__}")  # fmt: skip
         if not isinstance(num_drafts, int) or num_drafts < 1:
             raise ValueError("num_drafts must be an integer >= 1")
         self.draft, self.num_drafts = draft, num_drafts
 
     def options(self) -> dict:
-        return super().options() | {"draft": self.draft if isinstance(self.draft, str) else type(self.draft).__name__}
+        draft = self.draft  # a loaded model is recorded by its name
+        return super().options() | {
+            "draft": draft if isinstance(draft, str) else getattr(draft, "name", type(draft).__name__)
+        }
+
+    def max_tree_nodes(self) -> int:
+        return self.max_draft * self.num_drafts
+
+    def check(self, runtime, prompt_len: int, params) -> None:
+        if not isinstance(self.draft, str):  # a source is loaded (and then checked) by start()
+            _check_vocab(runtime, draft_runtime(self.draft, runtime.device))
 
     def start(self, state: DecodeState) -> None:
         super().start(state)
         self._runtime = draft_runtime(self.draft, state.runtime.device)
-        target, drafter = state.runtime.info.vocab_size, self._runtime.info.vocab_size
-        if target != drafter:
-            raise InvalidRequestError(
-                f"the draft model's vocabulary ({drafter} tokens) differs from the target's ({target}); "
-                "use a draft model with the same tokenizer"
-            )
+        _check_vocab(state.runtime, self._runtime)
         self._cache = self._runtime.new_cache(1, state.cache.max_len)
 
     def _feed(self, tokens: list[int]) -> torch.Tensor:
@@ -90,3 +97,11 @@ class DraftModel(Speculative):
     def observe(self, state: DecodeState, verdict) -> None:
         # Keep what the draft cache holds of the new sequence: the old tokens (pending included).
         self._cache.truncate(min(self._cache.lengths[0], len(state.tokens)))
+
+
+def _check_vocab(target, drafter) -> None:
+    if target.info.vocab_size != drafter.info.vocab_size:
+        raise InvalidRequestError(
+            f"the draft model's vocabulary ({drafter.info.vocab_size} tokens) differs from the target's "
+            f"({target.info.vocab_size}); use a draft model with the same tokenizer"
+        )

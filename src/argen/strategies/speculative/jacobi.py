@@ -38,6 +38,10 @@ class Jacobi(Speculative):
             raise ValueError("need window >= 1, ngram >= 2 and candidates >= 0")
         self.window, self.ngram, self.candidates = window, ngram, candidates
 
+    def max_tree_nodes(self) -> int:
+        # The window (at most max_draft guesses) plus `candidates` chains of at most max_draft.
+        return self.max_draft * (1 + self.candidates)
+
     def start(self, state: DecodeState) -> None:
         super().start(state)
         # Initial guesses: tokens of the prompt (lookahead decoding starts from random vocabulary).
@@ -46,9 +50,11 @@ class Jacobi(Speculative):
         self._pool: dict[tuple[int, ...], list[int]] = {}
         self._window_nodes: list[int] = []
         self._gain, self._cost_ratio = 1.0, 1.0  # EMA of tokens per step and of step cost / plain cost
-        # The back-off carries over between requests on one runtime: where lookahead does not pay
-        # (on a CPU a wider pass costs much more), a new request does not pay for the lesson again.
-        self._backoff = getattr(state.runtime, "_argen_jacobi_backoff", MIN_BACKOFF)
+        # The back-off carries over between adaptive requests on one runtime: where lookahead does
+        # not pay (on a CPU a wider pass costs much more), a new request does not pay for the lesson
+        # again. adaptive=False always iterates, whatever earlier requests learnt.
+        memo = getattr(state.runtime, "_argen_jacobi_backoff", MIN_BACKOFF)
+        self._backoff = memo if self.adaptive else MIN_BACKOFF
         self._cooldown = 0 if self._backoff <= MIN_BACKOFF else self._backoff
 
     def propose(self, state: DecodeState, k: int) -> DraftTree:

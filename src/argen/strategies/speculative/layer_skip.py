@@ -29,10 +29,15 @@ class LayerSkip(Speculative):
                 raise ValueError("skip_layers and skip_ffn are lists of layer indices")
         self.skip_layers, self.skip_ffn = skip_layers, skip_ffn
 
-    def start(self, state: DecodeState) -> None:
-        runtime = state.runtime
+    def check(self, runtime, prompt_len: int, params) -> None:
         if not hasattr(runtime, "layers"):
             raise InvalidRequestError("layer-skip needs the native runtime (Llama-family models); use another strategy")
+        n_layers = runtime.info.n_layers
+        if any(i >= n_layers for i in (self.skip_layers or []) + (self.skip_ffn or [])):
+            raise InvalidRequestError(f"skip_layers / skip_ffn must be below the model's {n_layers} layers")
+
+    def start(self, state: DecodeState) -> None:
+        runtime = state.runtime
         super().start(state)
         n_layers = runtime.info.n_layers
         if self.skip_layers is None and self.skip_ffn is None:
@@ -43,8 +48,6 @@ class LayerSkip(Speculative):
             blocks = [("attn", i) for i in self.skip_layers or []] + [
                 ("ffn", i) for i in (self.skip_layers or []) + (self.skip_ffn or [])
             ]
-            if any(i >= n_layers for _, i in blocks):
-                raise InvalidRequestError(f"skip_layers / skip_ffn must be below the model's {n_layers} layers")
         self.blocks = sorted(set(blocks))
         self._plan = plan_skipping(n_layers, self.blocks)
 

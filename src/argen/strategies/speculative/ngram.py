@@ -21,6 +21,7 @@ import heapq
 import math
 from collections import Counter, defaultdict
 
+from argen.checks import number_option
 from argen.strategies.base import DecodeState
 from argen.strategies.speculative.adaptive import best_tree_size
 from argen.strategies.speculative.base import Speculative
@@ -67,9 +68,13 @@ class NGram(Speculative):
         super().__init__(max_draft, adaptive)
         if not 3 <= min_n <= max_n:
             raise ValueError("need 3 <= min_n <= max_n (drafts are conditioned on at least two tokens)")
-        if max_nodes < 1 or width < 1 or explore < 0:
-            raise ValueError("max_nodes and width must be >= 1 and explore >= 0")
+        if max_nodes < 1 or width < 1:
+            raise ValueError("max_nodes and width must be >= 1")
+        explore = number_option("explore", explore, low=0, hint=" (the exploration bonus; 0 turns it off)")
         self.max_nodes, self.width, self.min_n, self.max_n, self.explore = max_nodes, width, min_n, max_n, explore
+
+    def max_tree_nodes(self) -> int:
+        return self.max_nodes
 
     def start(self, state: DecodeState) -> None:
         super().start(state)

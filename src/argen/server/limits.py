@@ -1,0 +1,75 @@
+"""Server-side caps on the strategy options that scale a request's work or memory.
+
+Over HTTP a client chooses the strategy and its options, and some options multiply what one
+request costs everyone else: beams are rows of the KV cache and of every forward pass, a draft
+tree is fed whole to each verification pass, an n-gram length is work per token. The Python API
+and the CLI take any value (the caller pays); the server refuses a request over a cap with a 400
+before anything is queued. The defaults keep every step within a few times a plain step on a CPU;
+`argen serve --limit NAME=VALUE` changes one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from argen.errors import ArgenError
+from argen.strategies import Strategy, strategy_options
+
+# name -> (default cap, what it bounds). Lists and strings are capped by their length.
+OPTION_LIMITS: dict[str, tuple[int, str]] = {
+    "num_beams": (8, "beam, conditional-beam: beams, each a KV-cache row in every forward pass"),
+    "loop_ngram": (16, "conditional-beam: the n-gram that may not repeat, checked over each beam's output every step"),
+    "max_draft": (16, "prompt-lookup, ngram, layer-skip, draft-model: draft tokens per verification pass"),
+    "num_drafts": (4, "draft-model: chains drafted per step under sampling"),
+    "max_nodes": (32, "ngram: draft-tree nodes per verification pass"),
+    "width": (8, "ngram: continuations tried per tree node"),
+    "max_n": (8, "ngram: the longest n-gram counted (table work per token)"),
+    "max_ngram": (8, "prompt-lookup: the longest n-gram matched (search work per step)"),
+    "window": (8, "jacobi: guesses iterated per pass"),
+    "ngram": (8, "jacobi: the longest n-gram harvested"),
+    "candidates": (4, "jacobi: n-gram branches verified per pass"),
+    "top_k": (16, "contrastive: candidates fed per step"),
+    "skip_layers": (64, "layer-skip: entries of the list"),
+    "skip_ffn": (64, "layer-skip: entries of the list"),
+    "positive_prefix": (2000, "guided: characters of the control prefix the guide reads"),
+    "negative_prefix": (2000, "guided: characters of the control prefix the guide reads"),
+}
+
+
+def default_option_limits() -> dict[str, int]:
+    return {name: cap for name, (cap, _) in OPTION_LIMITS.items()}
+
+
+@dataclass(frozen=True)
+class Limits:
+    options: dict[str, int] = field(default_factory=default_option_limits)
+
+    @classmethod
+    def parse(cls, pairs: list[str]) -> Limits:
+        """From `NAME=VALUE` pairs (`--limit`), over the defaults."""
+        options = default_option_limits()
+        for pair in pairs:
+            name, sep, raw = pair.partition("=")
+            name = name.strip()
+            if name not in OPTION_LIMITS:
+                raise ArgenError(f"--limit {pair!r}: unknown limit {name!r}; limits: {', '.join(OPTION_LIMITS)}")
+            if not sep or not raw.strip().isdigit() or int(raw) < 1:
+                raise ArgenError(f"--limit takes NAME=VALUE with a whole number >= 1 (e.g. num_beams=16); got {pair!r}")
+            options[name] = int(raw)
+        return cls(options)
+
+    def check(self, strategy: Strategy) -> str | None:
+        """What is over a cap in `strategy`'s options (a message saying what to ask for), or None."""
+        given = strategy_options(type(strategy))  # constructor options, not derived attributes
+        for name, value in strategy.options().items():
+            cap = self.options.get(name)
+            if cap is None or name not in given or isinstance(value, bool) or value is None:
+                continue
+            if isinstance(value, int) and value > cap:
+                return (f"option {name} of strategy {strategy.name!r} is {value}, but this server allows at most {cap} "
+                        f"({OPTION_LIMITS[name][1]}); ask for {cap} or less")  # fmt: skip
+            if isinstance(value, str | list | tuple) and len(value) > cap:
+                unit = "characters" if isinstance(value, str) else "entries"
+                return (f"option {name} of strategy {strategy.name!r} has {len(value)} {unit}, but this server allows at "
+                        f"most {cap}; shorten it")  # fmt: skip
+        return None
