@@ -9,8 +9,8 @@ import json
 import math
 from pathlib import Path
 
-from argen.bench.runner import NEAR_TIE
 from argen.bench.systems import HF
+from argen.neartie import NEAR_TIE
 
 BASELINE = "plain"  # argen plain, fp32: what speed-ups of other strategies are measured against
 ALL = "all"
