@@ -1,4 +1,4 @@
-"""Test helpers: reference greedy decoding with Hugging Face, and the near-tie check."""
+"""Test helpers: reference greedy decoding with Hugging Face, the near-tie check, test strategies."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import torch
 
 from argen.neartie import divergence, first_difference
 from argen.strategies.plain import Plain
+from argen.strategies.speculative import DraftTree, Speculative
 
 
 def hf_greedy(hf_model, prompt_ids: list[int], max_new_tokens: int, eos_ids: set[int]) -> list[int]:
@@ -46,3 +47,30 @@ class BrokenOnThirdStep(Plain):
         if self.steps == 3:
             raise RuntimeError("boom")
         return super().step(state)
+
+
+class Oracle(Speculative):
+    """Drafts from a known continuation, with chosen positions corrupted, as a chain or as a tree
+    whose correct branch is not the first: drafts that succeed and fail exactly where we say."""
+
+    name = "oracle"
+
+    def __init__(self, truth: list[int], wrong_every: int = 4, tree: bool = False, max_draft: int = 6) -> None:
+        super().__init__(max_draft=max_draft, adaptive=False)
+        self.truth, self.wrong_every, self.tree = truth, wrong_every, tree
+
+    def propose(self, state, k):
+        done = state.n_generated
+        draft = list(self.truth[done : done + k])
+        for i in range(len(draft)):
+            if (done + i) % self.wrong_every == self.wrong_every - 1:
+                draft[i] = (draft[i] + 1) % 250
+        if not self.tree or not draft:
+            return DraftTree.chain(draft)
+        t = DraftTree()
+        decoy = t.add((draft[0] + 7) % 250, -1)  # a wrong first branch, scored in the same pass
+        t.add((draft[0] + 3) % 250, decoy)
+        parent = -1
+        for token in draft:
+            parent = t.add(token, parent)
+        return t

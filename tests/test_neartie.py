@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import assert_same_or_near_tie
+from helpers import Oracle, assert_same_or_near_tie
 
 from argen.api import Generator
 from argen.bench.questions import Question
@@ -79,8 +79,6 @@ def test_what_is_not_a_near_tie(case):
 @pytest.mark.parametrize("gap, counted", [(0.5 * NEAR_TIE, True), (5 * NEAR_TIE, False)])
 def test_the_verifier_counts_near_ties_by_the_same_rule(gap, counted):
     """`Stats.near_ties` counts accepted greedy drafts at a near-tie with the same threshold."""
-    from test_speculative import Oracle
-
     model, ref, _, _ = tied_model(gap)
     gen = Generator(LoadedModel("tied", LlamaRuntime(model.config, model.state_dict()), byte_tokenizer(),
                                 lambda: model, {258}))  # fmt: skip

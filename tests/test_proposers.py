@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from checks import check_cache_matches_prefill, check_greedy_identical
 
 from argen.api import Generator
-from argen.engine import Request
 from argen.models import tiny as tiny_models
 from argen.models.llama import LlamaRuntime
 from argen.models.loading import LoadedModel
-from argen.sampling import SamplingParams
-from argen.strategies import make_strategy
 from argen.strategies.speculative import skip_calibration
 from argen.strategies.speculative.ngram import NGramTable
 
@@ -46,9 +44,7 @@ def looping():
 @pytest.mark.parametrize("spec", STRATEGIES, ids=IDS)
 def test_greedy_equals_plain_where_drafts_fail(tiny, spec, adaptive):
     for prompt in ("no repeats here!", "abc abc abc abc abc abc"):
-        plain = tiny.generate(prompt, max_new_tokens=40, ignore_eos=True)
-        out = tiny.generate(prompt, max_new_tokens=40, ignore_eos=True, strategy=spec | {"adaptive": adaptive})
-        assert out.token_ids == plain.token_ids
+        check_greedy_identical(tiny, prompt, spec | {"adaptive": adaptive})
 
 
 @pytest.mark.parametrize("spec", STRATEGIES, ids=IDS)
@@ -57,8 +53,7 @@ def test_greedy_equals_plain_where_drafts_succeed(looping, spec):
     assert len(set(plain.token_ids)) < 30, "the looping model should cycle"
     if spec["name"] == "draft-model":
         spec = spec | {"draft": looping}  # a draft that agrees: every draft accepted
-    out = looping.generate("hello", max_new_tokens=60, ignore_eos=True, strategy=spec | {"adaptive": False})
-    assert out.token_ids == plain.token_ids
+    out = check_greedy_identical(looping, "hello", spec | {"adaptive": False}, max_new_tokens=60)
     assert out.stats.draft_tokens_accepted > 0
     assert out.stats.forward_passes < plain.stats.forward_passes
 
@@ -94,19 +89,11 @@ def test_deterministic_drafts_sample_exactly_what_plain_samples(looping, spec):
 
 @pytest.mark.parametrize("spec", STRATEGIES, ids=IDS)
 def test_cache_after_every_step_equals_a_fresh_prefill(looping, tiny, spec):
-    """Up to float32 kernel-order error: even plain decoding differs from a one-pass prefill by ~3e-5."""
+    accepted = 0
     for gen in (tiny, looping):
-        strategy = make_strategy(spec | {"adaptive": False})
-        prompt = gen.encode("hello")
-        seq = gen.engine._start(0, Request(prompt, SamplingParams(max_new_tokens=40, ignore_eos=True), strategy))
-        while seq.finish_reason is None:
-            seq.accept(strategy.step(seq.state))
-            n = seq.state.cache.lengths[0]
-            assert n == len(seq.state.tokens) - 1
-        fresh = gen.runtime.new_cache(1, n + 1)
-        gen.runtime.forward(torch.tensor([seq.state.tokens[:-1]]), torch.arange(n)[None], fresh, num_logits=0)
-        assert torch.allclose(seq.state.cache.k[:, :, :, :n], fresh.k[:, :, :, :n], atol=1e-4)
-        assert torch.allclose(seq.state.cache.v[:, :, :, :n], fresh.v[:, :, :, :n], atol=1e-4)
+        draft = {"draft": looping} if spec["name"] == "draft-model" and gen is looping else {}
+        accepted += check_cache_matches_prefill(gen, "hello", spec | draft | {"adaptive": False})
+    assert accepted > 0  # the looping model accepts drafts: compaction and truncation both ran
 
 
 def test_ngram_table_counts_at_least_trigrams():

@@ -4,70 +4,31 @@ from __future__ import annotations
 
 import pytest
 import torch
+from checks import check_cache_matches_prefill, check_greedy_identical
 from exact import Enumerator, assert_same_distribution
+from helpers import Oracle
 
-from argen.strategies.speculative import DraftTree, Speculative
 from argen.strategies.speculative.prompt_lookup import find_continuation
-
-
-class Oracle(Speculative):
-    """Drafts from a known continuation, with chosen positions corrupted, as a chain or as a tree
-    whose correct branch is not the first: drafts that succeed and fail exactly where we say."""
-
-    name = "oracle"
-
-    def __init__(self, truth: list[int], wrong_every: int = 4, tree: bool = False, max_draft: int = 6) -> None:
-        super().__init__(max_draft=max_draft, adaptive=False)
-        self.truth, self.wrong_every, self.tree = truth, wrong_every, tree
-
-    def propose(self, state, k):
-        done = state.n_generated
-        draft = list(self.truth[done : done + k])
-        for i in range(len(draft)):
-            if (done + i) % self.wrong_every == self.wrong_every - 1:
-                draft[i] = (draft[i] + 1) % 250
-        if not self.tree or not draft:
-            return DraftTree.chain(draft)
-        t = DraftTree()
-        decoy = t.add((draft[0] + 7) % 250, -1)  # a wrong first branch, scored in the same pass
-        t.add((draft[0] + 3) % 250, decoy)
-        parent = -1
-        for token in draft:
-            parent = t.add(token, parent)
-        return t
 
 
 @pytest.mark.parametrize("tree", [False, True])
 @pytest.mark.parametrize("model", ["tiny", "tiny_gpt2"])
 def test_verifier_reproduces_plain_greedy(model, tree, request):
     gen = request.getfixturevalue(model)
-    plain = gen.generate("Speculate", max_new_tokens=40)
-    out = gen.generate("Speculate", max_new_tokens=40, strategy=Oracle(plain.token_ids, tree=tree))
-    assert out.token_ids == plain.token_ids
+    plain = gen.generate("Speculate", max_new_tokens=40, ignore_eos=True)
+    out = check_greedy_identical(gen, "Speculate", Oracle(plain.token_ids, tree=tree))
     s = out.stats
     assert 0 < s.draft_tokens_accepted < s.draft_tokens_proposed
     assert s.forward_passes < plain.stats.forward_passes  # accepted drafts saved passes
 
 
 def test_cache_after_rejection_equals_never_extending(tiny):
-    plain = tiny.generate("Roll back", max_new_tokens=30)
+    """Every step leaves exactly tokens[:-1] in the cache, as a fresh prefill would, also after a
+    tree whose accepted branch is not the first (its slots are compacted behind the root)."""
+    plain = tiny.generate("Roll back", max_new_tokens=30, ignore_eos=True)
     strategy = Oracle(plain.token_ids, wrong_every=3, tree=True)
-    # Step by hand to inspect the cache: every step leaves exactly tokens[:-1] in it.
-    from argen.engine import Request
-    from argen.sampling import SamplingParams
-
-    seq = tiny.engine._start(0, Request(plain.prompt_ids, SamplingParams(max_new_tokens=30), strategy))
-    for _ in range(6):
-        seq.accept(strategy.step(seq.state))
-    state = seq.state
-    state_cache = state.cache
-    n = state_cache.lengths[0]
-    assert n == len(state.tokens) - 1
-    fresh = tiny.runtime.new_cache(1, n + 1)
-    tiny.runtime.forward(torch.tensor([state.tokens[:-1]]), torch.arange(n)[None], fresh, num_logits=0)
-    assert torch.allclose(state_cache.k[:, :, :, :n], fresh.k[:, :, :, :n], atol=1e-5)
-    assert torch.allclose(state_cache.v[:, :, :, :n], fresh.v[:, :, :, :n], atol=1e-5)
-    assert strategy._length is None and state.counters.draft_accepted > 0
+    assert check_cache_matches_prefill(tiny, "Roll back", strategy, max_new_tokens=30, atol=1e-5) > 0
+    assert strategy._length is None
 
 
 @pytest.mark.parametrize("prompt", ["abc abc abc abc abc abc abc", "no repeats here!", "x y x y x y x y"])
