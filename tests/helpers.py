@@ -1,12 +1,12 @@
-"""Test helpers: reference greedy decoding with Hugging Face, and the near-tie check."""
+"""Test helpers: reference greedy decoding with Hugging Face, the near-tie check, test strategies."""
 
 from __future__ import annotations
 
 import torch
 
+from argen.neartie import divergence, first_difference
 from argen.strategies.plain import Plain
-
-NEAR_TIE = 1e-4
+from argen.strategies.speculative import DraftTree, Speculative
 
 
 def hf_greedy(hf_model, prompt_ids: list[int], max_new_tokens: int, eos_ids: set[int]) -> list[int]:
@@ -20,22 +20,16 @@ def hf_greedy(hf_model, prompt_ids: list[int], max_new_tokens: int, eos_ids: set
     return new
 
 
-def top2_gap(hf_model, ids: list[int]) -> float:
-    """Gap between the two largest next-token logits after `ids`, per the HF model."""
-    with torch.inference_mode():
-        logits = hf_model(torch.tensor([ids])).logits[0, -1].float()
-    top = logits.topk(2).values
-    return float(top[0] - top[1])
-
-
 def assert_same_or_near_tie(hf_model, prompt_ids, got: list[int], want: list[int]) -> bool:
-    """Equal token for token, or diverging first where the reference's top-2 logits are within
-    NEAR_TIE (a floating-point flip, allowed by the design); returns True if a near-tie occurred."""
-    if got == want:
+    """Equal token for token, or diverging first at a near-tie by the one rule the bench uses too
+    (`argen.neartie`: HF's top-2 logits within NEAR_TIE there, and the two tokens chosen are those
+    two); returns True if a near-tie occurred."""
+    n = first_difference(got, want)
+    if n is None:
         return False
-    n = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
-    gap = top2_gap(hf_model, prompt_ids + want[:n])
-    assert gap < NEAR_TIE, f"diverged at new token {n} ({got[n : n + 3]} vs {want[n : n + 3]}) with top-2 gap {gap:.2e}"
+    d = divergence(hf_model, prompt_ids, got, want, n)
+    assert d["near_tie"], (f"diverged at new token {n} ({got[n : n + 3]} vs {want[n : n + 3]}): HF top-2 {d['top2']}, "
+                           f"gap {d['gap']:.2e}; not a near-tie")  # fmt: skip
     return True
 
 
@@ -53,3 +47,30 @@ class BrokenOnThirdStep(Plain):
         if self.steps == 3:
             raise RuntimeError("boom")
         return super().step(state)
+
+
+class Oracle(Speculative):
+    """Drafts from a known continuation, with chosen positions corrupted, as a chain or as a tree
+    whose correct branch is not the first: drafts that succeed and fail exactly where we say."""
+
+    name = "oracle"
+
+    def __init__(self, truth: list[int], wrong_every: int = 4, tree: bool = False, max_draft: int = 6) -> None:
+        super().__init__(max_draft=max_draft, adaptive=False)
+        self.truth, self.wrong_every, self.tree = truth, wrong_every, tree
+
+    def propose(self, state, k):
+        done = state.n_generated
+        draft = list(self.truth[done : done + k])
+        for i in range(len(draft)):
+            if (done + i) % self.wrong_every == self.wrong_every - 1:
+                draft[i] = (draft[i] + 1) % 250
+        if not self.tree or not draft:
+            return DraftTree.chain(draft)
+        t = DraftTree()
+        decoy = t.add((draft[0] + 7) % 250, -1)  # a wrong first branch, scored in the same pass
+        t.add((draft[0] + 3) % 250, decoy)
+        parent = -1
+        for token in draft:
+            parent = t.add(token, parent)
+        return t

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 from argen.bench import add_arguments, command_line, run
+from argen.bench.provenance import git_state
 from argen.bench.questions import (
     MT_BENCH,
     MT_BENCH_CATEGORIES,
@@ -23,6 +25,7 @@ from argen.bench.systems import Output, cut_at_eos, parse_strategy, strategy_lab
 from argen.errors import ArgenError
 from argen.models.tiny import tiny_llama
 
+REPO = Path(__file__).resolve().parents[1]
 QUESTIONS = [
     {"question_id": 1, "category": "writing", "turns": ["Write a haiku about rain.", "Now another."]},
     {"question_id": 2, "category": "writing", "turns": ["Describe a cat in one sentence."]},
@@ -49,7 +52,7 @@ def test_bench_end_to_end_tiny_random(tmp_path, questions_file, capsys):
     out = tmp_path / "out"
     args = parse(["--model", "tiny-random", "--questions", str(questions_file), "--limit", "2",
                   "--max-new-tokens", "8", "--strategies", "plain", "--out", str(out), "--threads", "1",
-                  "--no-progress"])  # fmt: skip
+                  "--no-progress", "--allow-dirty"])  # fmt: skip
     assert run(args) == 0
 
     for name in ("results.json", "report.md", "chart.png"):
@@ -60,7 +63,12 @@ def test_bench_end_to_end_tiny_random(tmp_path, questions_file, capsys):
 
     results = json.loads((out / "results.json").read_text())
     assert results["command"].startswith("argen bench --model tiny-random")
-    assert {"torch", "cpu_count", "platform"} <= set(results["machine"])
+    assert {"git_commit", "git_dirty", "argen", "torch", "transformers", "python", "cpu_model", "cpu_count",
+            "platform"} <= set(results["machine"])  # fmt: skip
+    assert results["machine"]["git_commit"] == git_state()["git_commit"]
+    for text in ((out / "results.json").read_text(), (out / "report.md").read_text()):
+        assert str(tmp_path) not in text and str(REPO) not in text  # paths relative to the repository
+    assert "Provenance: commit " + results["machine"]["git_commit"] in (out / "report.md").read_text()
     assert [r["question_id"] for r in results["records"]] == [1, 10, 2, 11]  # categories interleaved
     summary = results["summary"]
     assert summary["categories"] == ["writing", "qa", "all"]
@@ -164,11 +172,11 @@ def test_merge_runs_split_by_category(tmp_path, questions_file, capsys):
         out = tmp_path / category
         args = parse(["--model", "tiny-random", "--questions", str(questions_file), "--categories", category,
                       "--max-new-tokens", "4", "--out", str(out), "--threads", "1", "--no-progress",
-                      "--no-warmup"])  # fmt: skip
+                      "--no-warmup", "--allow-dirty"])  # fmt: skip
         assert run(args) == 0
         parts.append(out)
     merged = tmp_path / "merged"
-    assert run(parse(["--merge", *map(str, parts), "--out", str(merged)])) == 0
+    assert run(parse(["--merge", *map(str, parts), "--out", str(merged), "--allow-dirty"])) == 0
     results = json.loads((merged / "results.json").read_text())
     writing = [q["question_id"] for q in QUESTIONS if q["category"] == "writing"]
     assert sorted(r["question_id"] for r in results["records"]) == sorted(q["question_id"] for q in QUESTIONS)
@@ -179,9 +187,21 @@ def test_merge_runs_split_by_category(tmp_path, questions_file, capsys):
     assert "--categories writing" in report and "--categories qa" in report and "argen bench --merge" in report
 
     with pytest.raises(ArgenError, match="more than one of the runs"):
-        run(parse(["--merge", str(parts[0]), str(parts[0]), "--out", str(tmp_path / "twice")]))
+        run(parse(["--merge", str(parts[0]), str(parts[0]), "--out", str(tmp_path / "twice"), "--allow-dirty"]))
     with pytest.raises(ArgenError, match="cannot go with --control"):
         run(parse(["--merge", *map(str, parts), "--control", "--out", str(tmp_path / "y")]))
+    for key, value, error in (("git_commit", "0000000", "measured at commit 0000000"),
+                              ("git_dirty", True, "uncommitted changes")):  # fmt: skip
+        part = json.loads((parts[1] / "results.json").read_text())
+        part["machine"] = part["machine"] | {"git_dirty": False} | {key: value}
+        (tmp_path / "other").mkdir(exist_ok=True)
+        (tmp_path / "other" / "results.json").write_text(json.dumps(part))
+        first = json.loads((parts[0] / "results.json").read_text())
+        first["machine"]["git_dirty"] = False
+        (tmp_path / "clean").mkdir(exist_ok=True)
+        (tmp_path / "clean" / "results.json").write_text(json.dumps(first))
+        with pytest.raises(ArgenError, match=error):
+            run(parse(["--merge", str(tmp_path / "clean"), str(tmp_path / "other"), "--out", str(tmp_path / "m2")]))
     with pytest.raises(ArgenError, match="does not exist"):
         run(parse(["--merge", str(parts[0]), str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]))
 

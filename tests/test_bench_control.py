@@ -18,16 +18,20 @@ def test_control_bench_tiny(tmp_path, capsys):
     questions.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
     out = tmp_path / "out"
     code = main(["bench", "--control", "--model", "tiny-random", "--guide-model", "tiny-random@1", "--omega", "4",
-                 "--questions", str(questions), "--max-new-tokens", "12", "--threads", "1", "--out", str(out)])  # fmt: skip
+                 "--questions", str(questions), "--max-new-tokens", "12", "--threads", "1", "--out", str(out),
+                 "--allow-dirty"])  # fmt: skip
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     rows = {r["system"]: r for r in results["summary"]}
     assert set(rows) == {"plain-sampled", "replay", "counterfactual", "plain", "set-prompt", "guided:omega=0",
                          "guided:omega=4"}  # fmt: skip
     assert rows["replay"]["identical"] == "2/2" and rows["counterfactual"]["prefix_kept"] == "2/2"
-    assert rows["set-prompt"]["order_independent"] == "2/2" and rows["guided:omega=0"]["identical_to_plain"] == "2/2"
+    # Sorted, both orders are one input; kept as given, only the mask makes them agree.
+    assert rows["set-prompt"]["sorted_same_input"] == "2/2" and rows["set-prompt"]["order_independent"] == "2/2"
+    assert rows["guided:omega=0"]["identical_to_plain"] == "2/2"
     assert rows["guided:omega=4"]["guide_passes_per_token"] > 0 and rows["plain"]["guide_passes_per_token"] == 0
-    assert "argen bench --control" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "argen bench --control" in report and "Provenance: commit" in report and str(tmp_path) not in report
     capsys.readouterr()
 
 

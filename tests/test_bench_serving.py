@@ -14,7 +14,7 @@ def test_serving_benchmark_writes_its_report(tmp_path):
                                  enumerate([("a", "Hi there"), ("b", "Two plus two?"), ("c", "A cat story.")])))  # fmt: skip
     out = tmp_path / "out"
     assert serving.main(["--model", "tiny-random", "--clients", "3", "--max-tokens", "6", "--threads", "1",
-                         "--questions", str(questions), "--out", str(out)]) == 0  # fmt: skip
+                         "--questions", str(questions), "--out", str(out), "--allow-dirty"]) == 0  # fmt: skip
     results = json.loads((out / "results.json").read_text())
     for mode in ("sequential", "concurrent"):
         assert results[mode]["completion_tokens"] == 18 and results[mode]["throughput_tok_s"] > 0
@@ -23,3 +23,5 @@ def test_serving_benchmark_writes_its_report(tmp_path):
     assert (out / "latency.png").stat().st_size > 0
     report = (out / "report.md").read_text()
     assert "python -m argen.bench.serving --model tiny-random" in report and "one after another" in report
+    assert "Provenance: commit" in report and str(tmp_path) not in report + (out / "results.json").read_text()
+    assert {"git_commit", "git_dirty", "torch", "transformers", "argen", "python", "cpu_model"} <= set(results["machine"])

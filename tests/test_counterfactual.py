@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from checks import check_counterfactual, teacher_forced_logits
 
 import argen
 from argen.cli import main
@@ -19,14 +20,6 @@ OPTS = dict(max_new_tokens=24, temperature=1.0, top_k=50, seed=11)
 @pytest.fixture(scope="module")
 def original(tiny):
     return tiny.generate(PROMPT, **OPTS)
-
-
-def teacher_forced_logits(gen, prompt_ids: list[int], output: list[int]) -> torch.Tensor:
-    """The model's next-token logits before each output token ([len(output), V]), in one pass."""
-    ids = prompt_ids + output
-    cache = gen.runtime.new_cache(1, len(ids))
-    logits, _ = gen.runtime.forward(torch.tensor([ids]), torch.arange(len(ids))[None], cache)
-    return logits[0, len(prompt_ids) - 1 : len(ids) - 1]
 
 
 def test_replay_without_intervention_is_identical(tiny, original):
@@ -53,15 +46,8 @@ def test_recorded_seed_is_the_noise(tiny, original):
 def test_intervention_keeps_prefix_and_noise(tiny, original):
     t = 7
     new = (original.token_ids[t] + 1) % 256
-    cf = tiny.counterfactual(original, {t: new})
-    assert cf.token_ids[:t] == original.token_ids[:t] and cf.token_ids[t] == new
+    cf = check_counterfactual(tiny, original, t, new)  # prefix kept, later tokens drawn with the original noise
     assert cf.token_ids != original.token_ids
-    # Later tokens are drawn with the original noise under the new context.
-    sampler = Sampler(SamplingParams(**original.extras["replay"]["params"]))
-    logits = teacher_forced_logits(tiny, cf.prompt_ids, cf.token_ids)
-    for i in range(t + 1, len(cf.token_ids)):
-        processed = sampler.process(logits[i], cf.prompt_ids + cf.token_ids[:i])
-        assert int((processed + gumbel_noise(original.seed, i, processed.shape[-1])).argmax()) == cf.token_ids[i]
     # Cost: one prefill, then one pass per decoded token.
     assert cf.stats.new_tokens == len(cf.token_ids) - (t + 1)
     assert cf.stats.forward_passes == 1 + cf.stats.new_tokens

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from checks import check_order_independent, next_logits, set_layouts
 
 import argen
 from argen.cli import main
@@ -18,16 +19,6 @@ from argen.setprompt import SetPrompt, set_prompt_layout
 MEMBERS = ["apples and pears", "a kiwi", "three bananas, ripe"]
 
 
-def next_logits(gen, layout) -> torch.Tensor:
-    """Logits after the whole prompt, fed the way the Engine feeds it (masked prefill + pending token)."""
-    n = len(layout.ids)
-    cache = gen.runtime.new_cache(1, n)
-    ids, pos = torch.tensor([layout.ids]), torch.tensor([layout.positions])
-    gen.runtime.forward(ids[:, :-1], pos[:, :-1], cache, mask=layout.mask[:-1, :-1], num_logits=0)
-    logits, _ = gen.runtime.forward(ids[:, -1:], pos[:, -1:], cache, num_logits=1)
-    return logits[0, -1]
-
-
 def float64_twin(gen) -> SimpleNamespace:
     """The same weights in a float64 native runtime: there float rounding is far below any tolerance, so a
     layout that is not canonicalised must agree to ~1e-12, which only the mask can make true."""
@@ -36,9 +27,7 @@ def float64_twin(gen) -> SimpleNamespace:
 
 
 def layouts(gen, members, canonical: bool, chat: bool = True):
-    for perm in itertools.permutations(members):
-        sp = SetPrompt(prefix="Here is a list:", members=list(perm), suffix=" Which is the sweetest?")
-        yield set_prompt_layout(gen.tokenizer, sp, chat=chat, canonical=canonical)
+    return set_layouts(gen.tokenizer, "Here is a list:", members, " Which is the sweetest?", canonical, chat)
 
 
 def test_layout_positions_and_mask(tiny):
@@ -56,17 +45,16 @@ def test_layout_positions_and_mask(tiny):
 
 @pytest.mark.parametrize("chat", [True, False])
 def test_order_independent_on_tiny(tiny, chat):
-    exact = [next_logits(tiny, lay) for lay in layouts(tiny, MEMBERS, canonical=True, chat=chat)]
-    loose = [next_logits(tiny, lay) for lay in layouts(tiny, MEMBERS, canonical=False, chat=chat)]
-    assert all(torch.equal(exact[0], x) for x in exact)
-    assert all(torch.allclose(exact[0], x, atol=1e-4, rtol=0) for x in loose)  # float32 rounding only
+    exact = [next_logits(tiny.runtime, lay) for lay in layouts(tiny, MEMBERS, canonical=True, chat=chat)]
+    assert all(torch.equal(exact[0], x) for x in exact)  # sorted: the same input, so this alone proves nothing
+    # Members kept in the given order: only the mask can make the permutations agree.
+    check_order_independent(tiny.runtime, layouts(tiny, MEMBERS, canonical=False, chat=chat), atol=1e-4)  # float32
     twin = float64_twin(tiny)
-    loose64 = [next_logits(twin, lay) for lay in layouts(tiny, MEMBERS, canonical=False, chat=chat)]
-    assert all(torch.allclose(loose64[0], x, atol=1e-9, rtol=0) for x in loose64)
+    check_order_independent(twin.runtime, layouts(tiny, MEMBERS, canonical=False, chat=chat), atol=1e-9)
     # The same members as plain text do depend on their order: the mask is what removes it.
     plain = [tiny.encode("Here is a list:" + "".join(p) + " Which is the sweetest?")
              for p in itertools.permutations(MEMBERS)]
-    logits = [next_logits(tiny, argen.setprompt.PromptLayout(ids, list(range(len(ids))),
+    logits = [next_logits(tiny.runtime, argen.setprompt.PromptLayout(ids, list(range(len(ids))),
                                                             torch.ones(len(ids), len(ids), dtype=torch.bool).tril()))
               for ids in plain]  # fmt: skip
     assert not all(torch.allclose(logits[0], x, atol=1e-3) for x in logits)
@@ -132,18 +120,18 @@ def test_cli_set_prompt(capsys, tmp_path):
 @pytest.mark.real
 def test_identical_logits_for_every_permutation_on_the_default_model(real):
     members = ["The Eiffel Tower is in Paris.", "Bananas are yellow.", "Water boils at 100 degrees Celsius."]
-    exact = [next_logits(real, lay) for lay in layouts(real, members, canonical=True)]
-    loose = [next_logits(real, lay) for lay in layouts(real, members, canonical=False)]
+    exact = [next_logits(real.runtime, lay) for lay in layouts(real, members, canonical=True)]
+    loose = [next_logits(real.runtime, lay) for lay in layouts(real, members, canonical=False)]
     assert len(exact) == 6 and all(torch.equal(exact[0], x) for x in exact)  # canonical order: bitwise
     # Members in the given order: equal up to float32 rounding (measured ~4e-5 on logits up to ~30, the
     # size of the float32-vs-float64 error itself), and within 1e-5 (measured 0) computed in float64.
     assert max((exact[0] - x).abs().max().item() for x in loose) <= 1e-4
     twin = float64_twin(real)
-    loose64 = [next_logits(twin, lay) for lay in layouts(real, members, canonical=False)]
-    assert max((loose64[0] - x).abs().max().item() for x in loose64) <= 1e-5
-    assert (loose64[0] - exact[0].double()).abs().max().item() <= 1e-3
+    loose64 = layouts(real, members, canonical=False)
+    check_order_independent(twin.runtime, loose64, atol=1e-5)
+    assert (next_logits(twin.runtime, loose64[0]) - exact[0].double()).abs().max().item() <= 1e-3
     # Plain concatenation of the same members is order dependent: the mask is what removes the order.
-    concat = [next_logits(twin, argen.setprompt.PromptLayout(ids, list(range(len(ids))),
+    concat = [next_logits(twin.runtime, argen.setprompt.PromptLayout(ids, list(range(len(ids))),
                                                              torch.ones(len(ids), len(ids), dtype=torch.bool).tril()))
               for ids in (real.encode("Here is a list:" + " ".join(p) + " Which is the sweetest?")
                           for p in (members, members[::-1]))]  # fmt: skip

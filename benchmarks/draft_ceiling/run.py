@@ -1,7 +1,7 @@
 """How fast could exact speculative decoding be on this machine? A ceiling, from the outputs of the
 committed Spec-Bench run (`benchmarks/speculative/results.json`, plain greedy, 120 questions).
 
-    python benchmarks/draft_ceiling/run.py
+    python benchmarks/draft_ceiling/run.py [--allow-dirty]
 
 Each question's plain greedy output is replayed step by step against three drafters, with the
 draft size at every step chosen *knowing the future*: a step drafts exactly the tokens the verifier
@@ -34,6 +34,7 @@ Two more views, at one thread, put the ceiling beside what argen measures:
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import time
@@ -45,6 +46,7 @@ import torch
 from policy import STRATEGIES, replay_policy
 
 import argen
+from argen.bench.provenance import describe, git_state, provenance, require_clean
 from argen.bench.questions import find_questions_file, group_mt_bench, read_questions
 from argen.strategies.speculative.adaptive import BUCKETS, CostModel
 from argen.strategies.speculative.prompt_lookup import find_match
@@ -148,6 +150,10 @@ def measured_best(summary: dict) -> dict[str, tuple[str, float]]:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--allow-dirty", action="store_true", help="run from a tree with uncommitted changes (recorded)")
+    state = git_state()
+    require_clean(state, parser.parse_args().allow_dirty)
     results = json.loads(RESULTS.read_text())
     gen = argen.load("default")
     questions = {q.question_id: q for q in group_mt_bench(read_questions(find_questions_file()))}
@@ -175,7 +181,7 @@ def main() -> None:
         for c, row in summarize(runs, replayed, costs[1], prefill).items():
             policy[(name, c)] = row
     best = measured_best(results["summary"])
-    write_report(table, policy, categories, costs, prefill, best, results["summary"])
+    write_report(table, policy, categories, costs, prefill, best, results["summary"], provenance(state))
     write_chart(table, policy, categories, best)
 
 
@@ -196,10 +202,11 @@ def summarize(runs, replayed: list[tuple[int, float]], cost: CostModel,
             for c, (tokens, passes, seconds, logs) in sums.items()}  # fmt: skip
 
 
-def write_report(table, policy, categories, costs, prefill, best, summary: dict) -> None:
+def write_report(table, policy, categories, costs, prefill, best, summary: dict, machine: dict) -> None:
     lines = ["# A ceiling for exact speculative decoding on this machine", "",
-             "```", "python benchmarks/draft_ceiling/run.py", "```", "",
-             f"torch {torch.__version__}, {torch.get_num_threads()} threads available. How it is computed: the "
+             "```", "python benchmarks/draft_ceiling/run.py", "```", "", describe(machine), "",
+             f"torch {machine['torch']}, transformers {machine['transformers']}, python {machine['python']}, "
+             f"{machine['cpu_model']}, {machine['cpu_count']} CPUs. How it is computed: the "
              "docstring of `run.py`. Inputs: the plain greedy outputs of `benchmarks/speculative/` "
              "(120 Spec-Bench questions, 128 tokens).", "",
              "## Measured pass cost (argen's `CostModel`, median of 5 calibrations), ms", "",

@@ -9,6 +9,7 @@ are timed alternately per row count.
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from unittest import mock
@@ -16,6 +17,7 @@ from unittest import mock
 import torch
 
 import argen
+from argen.bench.provenance import describe, git_state, provenance, require_clean
 from argen.models import matmul
 from argen.models.llama import LlamaRuntime
 
@@ -35,6 +37,10 @@ def body_ms(runtime, ids: list[int], rows: int, reps: int = 15) -> float:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--allow-dirty", action="store_true", help="run from a tree with uncommitted changes (recorded)")
+    state = git_state()
+    require_clean(state, parser.parse_args().allow_dirty)
     torch.set_num_threads(1)
     gen = argen.load("default")
     hf = gen.model.hf_model
@@ -44,7 +50,10 @@ def main() -> None:
     results = {rows: (body_ms(plain_linear, ids, rows), body_ms(gen.runtime, ids, rows)) for rows in ROWS}
     print("# Forward-pass cost by tokens fed (SmolLM2-135M, fp32, 1 thread, body only)\n")
     print("```\npython benchmarks/pass_cost/run.py > benchmarks/pass_cost/report.md\n```\n")
-    print(f"Prompt {len(ids)} tokens, torch {torch.__version__}.\n")
+    machine = provenance(state)
+    print(describe(machine) + "\n")
+    print(f"Prompt {len(ids)} tokens, torch {machine['torch']}, transformers {machine['transformers']}, "
+          f"python {machine['python']}, {machine['cpu_model']}.\n")
     print("| tokens fed | F.linear ms | Matmul ms | Matmul ÷ its 1-token pass |")
     print("| --: | --: | --: | --: |")
     for rows, (linear, ours) in results.items():

@@ -10,14 +10,11 @@ report.md and chart.png.
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
+from argen.bench.provenance import git_state, portable_argv, portable_path, provenance, require_clean
 from argen.errors import ArgenError
 
 DEFAULT_OUT = "bench-out"
@@ -68,6 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "other work, 1 avoids threads waiting on each other")  # fmt: skip
     parser.add_argument("--out", metavar="DIR", default=DEFAULT_OUT, help="output directory; default: %(default)s")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    parser.add_argument("--allow-dirty", action="store_true",
+                        help="write the report even though the working tree has uncommitted changes (it is "
+                             "recorded as dirty); by default a report must be reproducible from its commit")  # fmt: skip
     parser.add_argument("--merge", metavar="DIR", nargs="+", default=None,
                         help="write one report (to --out) from finished runs over disjoint questions, e.g. "
                              "categories split over processes; nothing is measured")  # fmt: skip
@@ -83,7 +83,7 @@ def command_line(args: argparse.Namespace) -> str:
     become."""
     parts = ["argen", "bench", "--model", args.model]
     if args.questions:
-        parts += ["--questions", str(args.questions)]
+        parts += ["--questions", portable_path(args.questions)]
     if args.categories:
         parts += ["--categories", ",".join(args.categories)]
     if args.limit is not None:
@@ -102,36 +102,18 @@ def command_line(args: argparse.Namespace) -> str:
         parts += ["--reference", args.reference]
     if args.threads:
         parts += ["--threads", str(args.threads)]
-    parts += ["--warmup" if args.warmup else "--no-warmup", "--out", str(args.out)]
+    parts += ["--warmup" if args.warmup else "--no-warmup", "--out", portable_path(args.out)]
+    if getattr(args, "allow_dirty", False):
+        parts.append("--allow-dirty")
     return shlex.join(parts)
 
 
-def machine_info() -> dict:
-    import torch
-    import transformers
-
-    import argen
+def machine_info(state: dict | None = None) -> dict:
+    """The commit (with its dirty flag), package versions and machine (see `provenance.py`), and the
+    CPU features and kernels argen's fast path runs on."""
     from argen.models.kernels import describe_cpu
 
-    info = {
-        "platform": platform.platform(),
-        "cpu": describe_cpu(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "argen": argen.__version__,
-    }
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                                cwd=Path(__file__).parent)  # fmt: skip
-        if commit.returncode == 0:
-            info["git_commit"] = commit.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    info["date"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return info
+    return provenance(state) | {"cpu": describe_cpu()}
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -199,9 +181,12 @@ def run(args: argparse.Namespace) -> int:
 
         if getattr(args, "control", False):
             raise ArgenError("--merge measures nothing, so it cannot go with --control; give one of them")
-        paths = merge([Path(d) for d in args.merge], Path(args.out))
+        paths = merge([Path(d) for d in args.merge], Path(args.out), getattr(args, "allow_dirty", False))
         print(f"\nargen bench: merged report written to {paths['markdown']}")
         return 0
+    # Before anything is measured: a report must be reproducible from the commit it records.
+    args.git_state = git_state()
+    require_clean(args.git_state, getattr(args, "allow_dirty", False))
     threads = torch.get_num_threads()
     if getattr(args, "threads", 0):
         torch.set_num_threads(args.threads)
@@ -255,15 +240,15 @@ def _run(args: argparse.Namespace) -> int:
     )
     described = [s.describe() for s in systems]
     summary = report.summarize(records, described)
-    settings = {"model": args.model, "questions": str(questions_path), "questions_count": len(questions),
+    settings = {"model": args.model, "questions": portable_path(questions_path.resolve()), "questions_count": len(questions),
                 "categories": {c: sum(q.category == c for q in questions) for c in dict.fromkeys(q.category for q in questions)},
                 "limit": args.limit, "group_mt_bench": args.group_mt_bench,
                 "max_new_tokens": args.max_new_tokens, "strategies": specs, "dtypes": ["float32", *extra_dtypes],
                 "hf_prompt_lookup": args.hf_prompt_lookup, "warmup": args.warmup, "threads": torch.get_num_threads(),
                 "quant": generator.quant, "quants": getattr(args, "quants", []), "peers": getattr(args, "systems", []),
                 "greedy": True, "batch_size": 1}  # fmt: skip
-    paths = report.write_all(out, command_line(args), list(sys.argv), machine_info(), settings, described, records,
-                             summary)  # fmt: skip
+    paths = report.write_all(out, command_line(args), portable_argv(sys.argv), machine_info(args.git_state), settings,
+                             described, records, summary)  # fmt: skip
     log_path.unlink(missing_ok=True)
     report.print_summary(summary, records)
     print(f"\nargen bench: report written to {paths['markdown']} (also {paths['json'].name}, {paths['chart'].name})")

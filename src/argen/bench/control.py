@@ -6,7 +6,10 @@ Per question, all in one process, batch 1:
   intervention (must be identical) and with one at the middle of the output (the prefix must be kept);
   the replay decodes only after the intervention, after a single prefill;
 - set-prompt: the question's lines (or sentences) as an unordered set, in the given and in the reversed
-  order (the outputs must be identical), against plain greedy decoding of the question;
+  order, against plain greedy decoding of the question. argen sorts members canonically, so the two
+  orders are the same input by construction (`sorted_same_input`, which cannot fail); the check that
+  can fail decodes both orders with the members kept as given (`canonical=False`), where only the
+  attention mask makes the outputs agree (`order_independent`);
 - guided: the guide model under two sentiment prefixes, omega = 0 (must equal plain greedy) and
   omega = W; the guide's class log-probability of the outputs, plain vs guided.
 Rows report tokens/s (decoded tokens / wall seconds, prefill included), target forward passes per
@@ -21,9 +24,15 @@ import shlex
 import sys
 from pathlib import Path
 
-from argen.setprompt import SetPrompt
+from argen.bench.provenance import describe, portable_path
+from argen.engine import Request
+from argen.neartie import first_difference
+from argen.sampling import SamplingParams
+from argen.setprompt import SetPrompt, set_prompt_layout
+from argen.strategies import make_strategy
 
 INTERVENTION = " However"  # the forced token's text (its first token)
+CHECKS = ("identical", "prefix_kept", "sorted_same_input", "order_independent", "identical_to_plain")
 
 
 def command_line(args) -> str:
@@ -38,7 +47,10 @@ def command_line(args) -> str:
               "--omega", str(args.omega)]  # fmt: skip
     if args.threads:
         parts += ["--threads", str(args.threads)]
-    return shlex.join([*parts, "--out", str(args.out)])
+    parts += ["--out", portable_path(args.out)]
+    if getattr(args, "allow_dirty", False):
+        parts.append("--allow-dirty")
+    return shlex.join(parts)
 
 
 def set_members(prompt: str) -> list[str]:
@@ -74,8 +86,11 @@ def run_question(gen, question, max_new: int, guided_spec: dict, scorer, token: 
     rows["plain"] = _row(greedy)
     members = set_members(question.prompt)
     given = gen.generate(SetPrompt("", members, ""), max_new_tokens=max_new)
-    flipped = gen.generate(SetPrompt("", members[::-1], ""), max_new_tokens=max_new)
-    rows["set-prompt"] = _row(given) | {"members": len(members), "order_independent": given.token_ids == flipped.token_ids}
+    sorted_same = gen.encode(SetPrompt("", members[::-1], "")) == given.prompt_ids
+    unsorted = [_greedy_unsorted(gen, order, max_new) for order in (members, members[::-1])]
+    differ = first_difference(*unsorted)
+    rows["set-prompt"] = _row(given) | {"members": len(members), "sorted_same_input": sorted_same,
+                                        "order_independent": differ is None, "first_difference": differ}  # fmt: skip
     off = gen.generate(ids, max_new_tokens=max_new, strategy=guided_spec | {"omega": 0.0})
     rows["guided:omega=0"] = _row(off) | {"identical_to_plain": off.token_ids == greedy.token_ids}
     on = gen.generate(ids, max_new_tokens=max_new, strategy=dict(guided_spec))
@@ -84,6 +99,14 @@ def run_question(gen, question, max_new: int, guided_spec: dict, scorer, token: 
             greedy.token_ids)}  # fmt: skip
     return {"question_id": question.question_id, "category": question.category, "prompt_tokens": len(ids),
             "systems": rows}  # fmt: skip
+
+
+def _greedy_unsorted(gen, members: list[str], max_new: int) -> list[int]:
+    """Greedy output for a set prompt whose members keep the order given (not sorted canonically)."""
+    layout = set_prompt_layout(gen.tokenizer, SetPrompt("", members, ""), chat=True, canonical=False)
+    request = Request(layout.ids, SamplingParams(max_new_tokens=max_new), make_strategy("plain"), layout.positions,
+                      layout.mask)  # fmt: skip
+    return gen.engine.run([request])[0].token_ids
 
 
 def summarize(records: list[dict]) -> list[dict]:
@@ -101,7 +124,7 @@ def summarize(records: list[dict]) -> list[dict]:
                "speed_vs_baseline": _geomean(ratios) if name != base else None,
                "passes_per_token": _mean(x["passes_per_token"] for x in runs),
                "guide_passes_per_token": _mean(x["guide_passes_per_token"] for x in runs)}  # fmt: skip
-        for check in ("identical", "prefix_kept", "order_independent", "identical_to_plain"):
+        for check in CHECKS:
             if check in runs[0]:
                 row[check] = f"{sum(x[check] for x in runs)}/{len(runs)}"
         if "class_log_prob" in runs[0]:
@@ -124,28 +147,31 @@ def _geomean(values: list[float]) -> float | None:
     return math.exp(sum(math.log(v) for v in values) / len(values)) if values else None
 
 
-def write_report(out: Path, command: str, settings: dict, rows: list[dict], records: list[dict]) -> Path:
-    from argen.bench import machine_info
-
+def write_report(out: Path, command: str, settings: dict, rows: list[dict], records: list[dict],
+                 machine: dict) -> Path:  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"command": command, "settings": settings, "machine": machine_info(),
+    (out / "results.json").write_text(json.dumps({"command": command, "settings": settings, "machine": machine,
                                                   "summary": rows, "records": records}, indent=1))  # fmt: skip
     f = lambda v, spec=".2f": "" if v is None else format(v, spec)  # noqa: E731
-    lines = ["# argen control strategies", "", f"`{command}`", "", f"{settings['questions_count']} questions, "
+    lines = ["# argen control strategies", "", f"`{command}`", "", describe(machine), "",
+             f"{settings['questions_count']} questions, "
              f"up to {settings['max_new_tokens']} new tokens, batch 1, float32, torch threads "
              f"{settings['threads']}. Guide: `{settings['guided']}`.", "",
              "| system | vs | tok/s | speed vs | target passes/token | guide passes/token | checks |",
              "|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
-        checks = [f"{k} {r[k]}" for k in ("identical", "prefix_kept", "order_independent", "identical_to_plain", "raised")
-                  if k in r]  # fmt: skip
+        checks = [f"{k} {r[k]}" for k in (*CHECKS, "raised") if k in r]
         if "class_log_prob" in r:
             checks.append(f"class log-prob {r['plain_class_log_prob']:.3f} (plain) -> {r['class_log_prob']:.3f}")
         lines.append(f"| {r['system']} | {r['baseline'] or ''} | {f(r['tokens_per_s'])} | {f(r['speed_vs_baseline'])} | "
                      f"{f(r['passes_per_token'])} | {f(r['guide_passes_per_token'])} | {'; '.join(checks)} |")  # fmt: skip
     lines += ["", "tok/s: decoded tokens / wall seconds of the call, prefill included (a counterfactual decodes only "
               "the tokens after the intervention). Passes per token: forward passes of the call (prefill included) "
-              "per decoded token. Speed vs: geometric mean over questions of tok/s relative to the `vs` row.", ""]
+              "per decoded token. Speed vs: geometric mean over questions of tok/s relative to the `vs` row.", "",
+              "Set prompt: `sorted_same_input` counts questions whose two member orders are the same prompt once "
+              "argen sorts the members canonically (true by construction: it cannot fail); `order_independent` "
+              "counts those whose two orders, decoded greedily with the members kept as given, agree token for "
+              "token, which only the attention mask can make true.", ""]
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path
@@ -171,9 +197,12 @@ def run(args) -> int:
         print(f"argen bench --control: {i + 1}/{len(questions)} {q.category} #{q.question_id}", file=sys.stderr)
         records.append(run_question(gen, q, args.max_new_tokens, guided_spec, scorer, token))
     rows = summarize(records)
-    settings = {"model": args.model, "questions": str(questions_path), "questions_count": len(questions),
+    settings = {"model": args.model, "questions": portable_path(questions_path.resolve()), "questions_count": len(questions),
                 "max_new_tokens": args.max_new_tokens, "threads": torch.get_num_threads(), "guided": guided_spec,
                 "intervention_token": token}  # fmt: skip
-    path = write_report(Path(args.out), command_line(args), settings, rows, records)
+    from argen.bench import machine_info
+
+    path = write_report(Path(args.out), command_line(args), settings, rows, records,
+                        machine_info(getattr(args, "git_state", None)))  # fmt: skip
     print(path.read_text())
     return 0

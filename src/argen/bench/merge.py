@@ -9,10 +9,10 @@ per-category means combine records from different processes.
 from __future__ import annotations
 
 import json
-import shlex
 import sys
 from pathlib import Path
 
+from argen.bench.provenance import portable_argv, portable_command, portable_path
 from argen.errors import ArgenError
 
 # Settings that must agree for records to be comparable.
@@ -26,7 +26,7 @@ def _load(directory: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def merge(directories: list[Path], out: Path) -> dict[str, Path]:
+def merge(directories: list[Path], out: Path, allow_dirty: bool = False) -> dict[str, Path]:
     from argen.bench import report
 
     if len(directories) < 2:
@@ -40,6 +40,13 @@ def merge(directories: list[Path], out: Path) -> dict[str, Path]:
                                  f"not {first['settings'].get(key)!r} as in {directories[0]}")  # fmt: skip
         if [s["name"] for s in part["systems"]] != [s["name"] for s in first["systems"]]:
             raise ArgenError(f"cannot merge {directory}: it ran other systems than {directories[0]}")
+        if part["machine"].get("git_commit") != first["machine"].get("git_commit"):
+            raise ArgenError(f"cannot merge {directory}: it was measured at commit {part['machine'].get('git_commit')}, "
+                             f"{directories[0]} at {first['machine'].get('git_commit')}")  # fmt: skip
+    unclean = [str(d) for d, p in zip(directories, parts) if p["machine"].get("git_dirty") is not False]
+    if unclean and not allow_dirty:
+        raise ArgenError(f"{', '.join(unclean)}: measured from a working tree with uncommitted changes (or not "
+                         "recorded); pass --allow-dirty to merge them anyway, recorded as dirty")  # fmt: skip
     seen: set[tuple] = set()
     records = []
     for directory, part in zip(directories, parts):
@@ -54,12 +61,15 @@ def merge(directories: list[Path], out: Path) -> dict[str, Path]:
         for category, n in part["settings"]["categories"].items():
             categories[category] = categories.get(category, 0) + n
     settings = first["settings"] | {"questions_count": len(records), "categories": categories,
-                                    "merged_from": [str(d) for d in directories]}  # fmt: skip
+                                    "merged_from": [portable_path(Path(d).resolve()) for d in directories]}  # fmt: skip
     systems = first["systems"]
     summary = report.summarize(records, systems)
-    merge_command = shlex.join(["argen", "bench", "--merge", *map(str, directories), "--out", str(out)])
+    merge_command = portable_command(["argen", "bench", "--merge", *(str(Path(d).resolve()) for d in directories),
+                                      "--out", str(out.resolve()), *(["--allow-dirty"] if allow_dirty else [])])  # fmt: skip
     command = "\n".join([*(p["command"] for p in parts), merge_command])
     machine = first["machine"] | {"merged_runs": len(parts)}
-    paths = report.write_all(out, command, list(sys.argv), machine, settings, systems, records, summary)
+    if unclean:
+        machine["git_dirty"] = True
+    paths = report.write_all(out, command, portable_argv(sys.argv), machine, settings, systems, records, summary)
     report.print_summary(summary, records)
     return paths

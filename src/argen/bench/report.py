@@ -9,8 +9,9 @@ import json
 import math
 from pathlib import Path
 
-from argen.bench.runner import NEAR_TIE
+from argen.bench.provenance import describe
 from argen.bench.systems import HF
+from argen.neartie import NEAR_TIE
 
 BASELINE = "plain"  # argen plain, fp32: what speed-ups of other strategies are measured against
 ALL = "all"
@@ -234,7 +235,9 @@ def render_markdown(command: str, machine: dict, settings: dict, summary: dict, 
         f"(first turn, chat template), greedy, batch 1, up to {settings['max_new_tokens']} new tokens, "
         f"systems interleaved per question in one process (order alternating per question).",
         "",
-        "Machine: " + ", ".join(f"{k} {v}" for k, v in machine.items()) + ".",
+        describe(machine),
+        "",
+        "Machine: " + ", ".join(f"{k} {v}" for k, v in machine.items() if k != "dirty_files") + ".",
         "",
     ]
     if settings.get("merged_from"):

@@ -1,6 +1,6 @@
 """The measuring loop: every question through every system, interleaved, in one process; then each
 system's tokens compared with its reference's, and every divergence of an exact system checked for a
-floating-point near-tie."""
+floating-point near-tie (the one rule in `argen.neartie`)."""
 
 from __future__ import annotations
 
@@ -13,27 +13,9 @@ from tqdm import tqdm
 
 from argen.bench.questions import Question
 from argen.bench.systems import System
+from argen.neartie import NEAR_TIE, divergence, first_difference, top2_at
 
-NEAR_TIE = 1e-4  # top-2 logit gap under which a greedy choice is a floating-point coin flip
 WARMUP_TOKENS = 8
-
-
-def first_difference(a: list[int], b: list[int]) -> int | None:
-    """The first position where two token lists differ (a length mismatch counts), None if equal."""
-    for i, (x, y) in enumerate(zip(a, b, strict=False)):
-        if x != y:
-            return i
-    return None if len(a) == len(b) else min(len(a), len(b))
-
-
-@torch.inference_mode()
-def top2_at(model, prompt_ids: list[int], prefix: list[int]) -> tuple[list[int], list[float]]:
-    """The HF model's two best next tokens (and their logits) after prompt + prefix, one forward."""
-    device = next(model.parameters()).device
-    ids = torch.tensor([list(prompt_ids) + list(prefix)], device=device)
-    logits = model(input_ids=ids, use_cache=False).logits[0, -1].float()
-    top = torch.topk(logits, 2)
-    return top.indices.tolist(), top.values.tolist()
 
 
 @torch.inference_mode()
@@ -46,18 +28,6 @@ def mean_nll(model, prompt_ids: list[int], continuation: list[int]) -> float | N
     logits = model(input_ids=ids, use_cache=False).logits[0, len(prompt_ids) - 1 : -1].float()
     picked = torch.log_softmax(logits, -1).gather(-1, ids[0, len(prompt_ids) :, None])
     return float(-picked.mean())
-
-
-def divergence(model, prompt_ids: list[int], tokens: list[int], ref: list[int], position: int) -> dict:
-    """Why two greedy outputs part at `position`: a near-tie when the HF model's top-2 logits there
-    are within NEAR_TIE and the two tokens chosen are those two; anything else is a real divergence."""
-    ids, values = top2_at(model, prompt_ids, ref[:position])
-    mine = tokens[position] if position < len(tokens) else None
-    theirs = ref[position] if position < len(ref) else None
-    gap = values[0] - values[1]
-    near = gap <= NEAR_TIE and mine in ids and theirs in ids
-    return {"position": position, "token": mine, "reference_token": theirs, "top2": ids, "top2_logits": values,
-            "gap": gap, "near_tie": near}  # fmt: skip
 
 
 def run_questions(
@@ -151,5 +121,9 @@ def loud_divergence(question: Question, name: str, row: dict, d: dict) -> str:
     return (
         f"!!! REAL DIVERGENCE (a bug): {name} vs {row['reference']} on {question.category} "
         f"#{question.question_id} at new token {d['position']}: {d['token']} vs {d['reference_token']}; "
-        f"HF top-2 there {d['top2']} with logit gap {d['gap']:.3g} (> {NEAR_TIE:g})"
+        f"HF top-2 there {d['top2']} with logit gap {d['gap']:.3g}: not a near-tie (that needs a gap <= {NEAR_TIE:g} "
+        "and the two tokens to be HF's top two)"
     )
+
+
+__all__ = ["NEAR_TIE", "divergence", "first_difference", "judge", "run_questions", "top2_at"]

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import sys
 import threading
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from argen.bench import machine_info
+from argen.bench.provenance import describe, git_state, portable_command, require_clean
 from argen.bench.questions import find_questions_file, read_questions, select_questions
 
 
@@ -127,7 +127,8 @@ def _run(args: argparse.Namespace) -> dict:
     steps = after["argen_batch_size_count"] - before["argen_batch_size_count"]
     results = {
         "command": args.command, "model": args.model, "clients": len(questions), "max_tokens": args.max_tokens,
-        "threads": args.threads, "machine": machine_info() | {"load_average": os.getloadavg()},
+        "threads": args.threads,
+        "machine": machine_info(getattr(args, "git_state", None)) | {"load_average": os.getloadavg()},
         "sequential": _summary(sequential, seq_wall), "concurrent": _summary(concurrent, conc_wall),
         "concurrent_mean_batch": (after["argen_batch_size_sum"] - before["argen_batch_size_sum"]) / steps,
         "concurrent_steps": steps,
@@ -147,7 +148,7 @@ def write_report(results: dict, out: Path) -> None:
     _plot(results, out / "latency.png")
     s, c = results["sequential"], results["concurrent"]
     machine = ", ".join(f"{k} {' / '.join(f'{x:.2f}' for x in v) if isinstance(v, (list, tuple)) else v}"
-                        for k, v in results["machine"].items())  # fmt: skip
+                        for k, v in results["machine"].items() if k != "dirty_files")  # fmt: skip
     rows = [("total throughput (new tok/s)", "throughput_tok_s", "{:.1f}"), ("wall time (s)", "wall_s", "{:.1f}"),
             ("latency p50 (s)", "latency_p50_s", "{:.2f}"), ("latency p99 (s)", "latency_p99_s", "{:.2f}"),
             ("time to first token p50 (s)", "ttft_p50_s", "{:.2f}"),
@@ -162,6 +163,8 @@ def write_report(results: dict, out: Path) -> None:
 ```
 {results["command"]}
 ```
+
+{describe(results["machine"])}
 
 Model `{results["model"]}`, {n} different Spec-Bench first-turn prompts (the first of each category,
 round-robin; chat endpoint, streaming), greedy, exactly {results["max_tokens"]} new tokens each
@@ -230,10 +233,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
     parser.add_argument("--questions", help="Spec-Bench question.jsonl (default: found next to the project)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/serving"))
+    parser.add_argument("--allow-dirty", action="store_true",
+                        help="write the report even though the working tree has uncommitted changes (recorded)")
     args = parser.parse_args(argv)
     if args.clients < 1 or args.max_tokens < 1 or args.threads < 1:
         parser.error("--clients, --max-tokens and --threads must be >= 1")
-    args.command = shlex.join(["python", "-m", "argen.bench.serving", *(sys.argv[1:] if argv is None else argv)])
+    args.git_state = git_state()
+    require_clean(args.git_state, args.allow_dirty)
+    args.command = portable_command(["python", "-m", "argen.bench.serving", *(sys.argv[1:] if argv is None else argv)])
     results = run(args)
     write_report(results, args.out)
     print(f"{results['speedup']:.2f}x: {results['concurrent']['throughput_tok_s']:.1f} vs "

@@ -20,11 +20,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from argen.neartie import gap_is_near_tie
 from argen.sampling import gumbel_noise, uniform
 from argen.strategies.base import DecodeState
 from argen.strategies.speculative.tree import DraftTree
-
-NEAR_TIE = 1e-4
 
 
 @dataclass
@@ -91,7 +90,7 @@ def verify(state: DecodeState, tree: DraftTree, row_logits: Callable[[int], torc
             nxt = next((c for c in kids if tree.tokens[c] == token), None)
             if greedy and nxt is not None:
                 top = processed.topk(2).values
-                if (top[0] - top[1]).item() < NEAR_TIE:
+                if gap_is_near_tie((top[0] - top[1]).item()):
                     state.counters.near_ties += 1
         else:
             p = processed.softmax(-1)

@@ -1,0 +1,128 @@
+"""What makes a report reproducible from the repository: the commit it was measured at and whether
+the working tree had uncommitted changes, the package versions and the machine; paths written
+relative to the repository, never as absolute machine paths.
+
+Every report writer (`argen bench`, `python -m argen.bench.serving`, `benchmarks/*/run.py`) calls
+`provenance()` before measuring, refuses a dirty tree unless told (`--allow-dirty`), and records
+the result. Report outputs (anything under `benchmarks/` but its `.py` scripts) do not make a
+tree dirty: a run may rewrite the report it regenerates.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import shlex
+import subprocess
+from pathlib import Path
+
+from argen.errors import ArgenError
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def _git(*args: str, cwd: Path) -> str | None:
+    try:
+        done = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, cwd=cwd)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
+def repo_root() -> Path | None:
+    """The git checkout argen runs from; None when argen is an installed package."""
+    top = _git("rev-parse", "--show-toplevel", cwd=_PACKAGE_DIR)
+    if not top:
+        return None
+    root = Path(top.strip())
+    # An installed copy inside some other checkout (a venv in a repository) is not that checkout.
+    return root if (root / "src" / "argen").resolve() == _PACKAGE_DIR.parent else None
+
+
+def _is_report_output(path: str) -> bool:
+    return path.startswith("benchmarks/") and not path.endswith(".py")
+
+
+def git_state(root: Path | None = None) -> dict:
+    """{"git_commit": short hash, "git_dirty": bool, "dirty_files": [...]}; None values outside a checkout."""
+    root = root or repo_root()
+    commit = _git("rev-parse", "--short", "HEAD", cwd=root) if root else None
+    status = _git("status", "--porcelain", "--untracked-files=all", cwd=root) if root else None
+    if commit is None or status is None:
+        return {"git_commit": None, "git_dirty": None, "dirty_files": []}
+    changed = [line[3:].split(" -> ")[-1].strip('"') for line in status.splitlines() if line.strip()]
+    dirty = sorted(p for p in changed if not _is_report_output(p))
+    return {"git_commit": commit.strip(), "git_dirty": bool(dirty), "dirty_files": dirty[:20]}
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def provenance(state: dict | None = None) -> dict:
+    """The commit (with its dirty flag), package versions and machine, for a report's header."""
+    import torch
+    import transformers
+
+    import argen
+
+    return (state or git_state()) | {
+        "argen": argen.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def require_clean(state: dict, allow_dirty: bool) -> None:
+    """Refuse to measure for a report that could not be reproduced from its commit."""
+    if state["git_dirty"] and not allow_dirty:
+        files = ", ".join(state["dirty_files"][:5]) + (" ..." if len(state["dirty_files"]) > 5 else "")
+        raise ArgenError(f"the working tree has uncommitted changes ({files}): a report from it could not be "
+                         "reproduced from its commit; commit them, or pass --allow-dirty to record them as dirty")  # fmt: skip
+
+
+def describe(state: dict) -> str:
+    """One line for a report: which commit, and whether the tree was clean."""
+    if state.get("git_commit") is None:
+        return "Provenance: not measured from a git checkout (argen " + str(state.get("argen", "?")) + ")."
+    if state.get("git_dirty") is None:
+        return f"Provenance: commit {state['git_commit']}, working tree state not recorded."
+    if state["git_dirty"]:
+        return (f"Provenance: commit {state['git_commit']} **with uncommitted changes** "
+                f"({', '.join(state['dirty_files'])}): not reproducible from the commit alone.")  # fmt: skip
+    return f"Provenance: commit {state['git_commit']}, clean working tree."
+
+
+def portable_path(path: str | os.PathLike) -> str:
+    """`path` relative to the repository root (`../shared/...` for the Spec-Bench questions next to
+    it; the current directory stands in outside a checkout). A path outside the repository's parent
+    directory says nothing on another machine: only its name is kept, as `<outside>/NAME`."""
+    text = str(path)
+    if not os.path.isabs(text):
+        return text
+    relative = os.path.relpath(text, repo_root() or Path.cwd())
+    return f"<outside>/{Path(text).name}" if relative.startswith(os.path.join("..", "..")) else relative
+
+
+def portable_argv(argv: list[str]) -> list[str]:
+    """argv with the interpreter or script reduced to its name and absolute paths made portable."""
+    if not argv:
+        return []
+    return [os.path.basename(argv[0]), *(portable_path(a) if os.path.isabs(a) else a for a in argv[1:])]
+
+
+def portable_command(parts: list[str]) -> str:
+    return shlex.join(portable_path(p) if os.path.isabs(p) else p for p in parts)

@@ -1,0 +1,217 @@
+"""Exact sampling, computed exactly: every speculative strategy's output distribution over the first
+three tokens equals plain sampling's, on a model with a three-token vocabulary where every random
+draw can be enumerated (`exact.py`), through the real `generate()` (Engine, proposer, `drafting.py`,
+`verify.py`, cache bookkeeping between steps). Positive controls: small deliberate biases in the
+rules, which the same check must catch.
+
+Power: the distributions are computed, not sampled, so the check has no sampling error. It
+requires every next-token probability, after every prefix (the first token, pairs and triples),
+to agree with the model's own within 0.1% relative (float32 kernels differ by ~1e-4 relative here).
+A 5% relative shift in any of them is 50 times that: it fails with certainty (power 1), and a
+correct strategy passes with certainty (α = 0: the check is deterministic).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from exact import Enumerator, assert_same_distribution, check_keys
+from scipy.stats import norm
+
+import argen.strategies.speculative.draft_model as draft_model
+import argen.strategies.speculative.drafting as drafting
+import argen.strategies.speculative.verify as verify
+from argen.api import Generator
+from argen.models.llama import LlamaRuntime
+from argen.models.loading import LoadedModel
+from argen.models.tiny import byte_tokenizer, tiny_llama
+from argen.sampling import gumbel_noise, position_seed, uniform
+
+V = 3  # vocabulary: small enough to enumerate every draw, large enough for a residual to matter
+PROMPT = [0, 1, 2, 1, 0, 1, 2, 1]  # repeats, so lookup proposers find drafts
+N_TOKENS = 3
+
+
+def tiny_v(seed: int) -> Generator:
+    """A tiny Llama over V tokens; logits scaled so the distributions are far from uniform."""
+    model = tiny_llama(seed, vocab_size=V, hidden_size=32, intermediate_size=64, pad_token_id=None,
+                       bos_token_id=None, eos_token_id=None)  # fmt: skip
+    with torch.no_grad():
+        model.lm_head.weight.mul_(3.0)
+    runtime = LlamaRuntime(model.config, model.state_dict())
+    return Generator(LoadedModel(f"tiny-v{V}@{seed}", runtime, byte_tokenizer(), lambda: model, {V + 1}))
+
+
+@pytest.fixture(scope="module")
+def target() -> Generator:
+    return tiny_v(0)
+
+
+@pytest.fixture(scope="module")
+def drafter() -> Generator:
+    return tiny_v(1)  # another model: its q differs from the target's p, so drafts are also rejected
+
+
+def reference(gen: Generator, temperature: float, top_k: int) -> dict[tuple, float]:
+    """P(first N_TOKENS tokens) straight from the Hugging Face model's logits: softmax(logits / T)
+    over the top_k tokens, multiplied along every sequence. Nothing of argen's sampler is used."""
+    out = {}
+    for seq in itertools.product(range(V), repeat=N_TOKENS):
+        ids = torch.tensor([PROMPT + list(seq)])
+        with torch.inference_mode():
+            logits = gen.model.hf_model(ids).logits[0, len(PROMPT) - 1 : -1].double() / temperature
+        if top_k:
+            logits = logits.masked_fill(logits < logits.topk(top_k, -1).values[:, -1:], float("-inf"))
+        out[seq] = float(np.prod([logits[t].softmax(-1)[tok].item() for t, tok in enumerate(seq)]))
+    return out
+
+
+def exact_outputs(gen: Generator, spec, temperature: float = 1.0, top_k: int = 0):
+    def run():
+        r = gen.generate(PROMPT, max_new_tokens=N_TOKENS, temperature=temperature, top_k=top_k, seed=0,
+                         ignore_eos=True, strategy=spec)  # fmt: skip
+        s = r.stats
+        return tuple(r.token_ids), {"accepted": s.draft_tokens_accepted > 0,
+                                    "rejected": s.draft_tokens_accepted < s.draft_tokens_proposed}  # fmt: skip
+
+    return Enumerator().distribution(run)
+
+
+def check_exact(gen: Generator, spec, temperature: float = 1.0, top_k: int = 0):
+    """The invariant: the strategy's exact output distribution is the model's. Returns the
+    enumeration (for the callers' checks that drafts were both accepted and rejected)."""
+    dist = exact_outputs(gen, spec, temperature, top_k)
+    assert_same_distribution(dist.probs, reference(gen, temperature, top_k))
+    check_keys(dist)
+    return dist
+
+
+def specs(drafter: Generator) -> dict[str, tuple[dict, dict]]:
+    fixed = {"adaptive": False}  # the adaptive controllers time passes: a path would not replay
+    return {
+        "plain": ({"name": "plain"}, {}),
+        "prompt-lookup": ({"name": "prompt-lookup", "max_draft": 2} | fixed, {}),
+        "ngram": ({"name": "ngram", "max_draft": 2} | fixed, {}),
+        "jacobi": ({"name": "jacobi", "window": 2} | fixed, {}),
+        "layer-skip": ({"name": "layer-skip", "skip_layers": [1], "skip_ffn": [2], "max_draft": 2} | fixed, {}),
+        "draft-model": ({"name": "draft-model", "draft": drafter, "max_draft": 2} | fixed, {}),
+        "draft-model top-k": ({"name": "draft-model", "draft": drafter, "max_draft": 2} | fixed,
+                              {"temperature": 0.7, "top_k": 2}),  # fmt: skip
+        "multi-draft": ({"name": "draft-model", "draft": drafter, "max_draft": 1, "num_drafts": 3} | fixed,
+                        {"top_k": 2}),  # fmt: skip
+        "multi-draft tree": ({"name": "draft-model", "draft": drafter, "max_draft": 2, "num_drafts": 2} | fixed,
+                             {"top_k": 2}),  # fmt: skip
+        "multi-draft pair": ({"name": "draft-model", "draft": drafter, "max_draft": 1, "num_drafts": 2} | fixed, {}),
+    }
+
+
+CASES = ["plain", "prompt-lookup", "ngram", "jacobi", "layer-skip", "draft-model", "draft-model top-k", "multi-draft",
+         "multi-draft tree", "multi-draft pair"]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_output_distribution_is_exactly_plain_sampling(target, drafter, case):
+    spec, params = specs(drafter)[case]
+    dist = check_exact(target, spec, **params)
+    if case != "plain":  # both verifier branches carry weight, so both were checked
+        assert dist.expected["accepted"] > 0.05 and dist.expected["rejected"] > 0.05, dist.expected
+
+
+# -- positive controls: the same check, on deliberately broken rules ---------------------------
+
+
+def leviathan(bias: float = 0.0, accept_scale: float = 1.0):
+    """Speculative sampling for one draft (what `spectr_select` does with k = 1), written out so
+    that a control can break it: `bias` adds that share of p to the residual, `accept_scale`
+    scales the acceptance ratio. With neither it must pass the check like the real rule."""
+
+    def select(p, q, drafts, seed, position):
+        (x,) = drafts
+        ratio = accept_scale * (p[x] / q[x]).item() if q[x] > 0 else 0.0
+        if verify.uniform(seed, position, stream=1) < min(1.0, ratio):
+            return 0, x
+        residual = (p - q).clamp_min(0) + bias * p
+        noise = verify.gumbel_noise(seed, position, residual.shape[-1], residual.device)
+        return None, int((residual.log() + noise).argmax())
+
+    return select
+
+
+@pytest.mark.parametrize("broken, fails", [({}, False), ({"bias": 0.02}, True), ({"accept_scale": 1.05}, True)],
+                         ids=["written-out rule passes", "resampler off by 2% of p", "acceptance 5% too generous"])  # fmt: skip
+def test_control_a_biased_rule_fails_the_check(target, drafter, monkeypatch, broken, fails):
+    monkeypatch.setattr(verify, "spectr_select", leviathan(**broken))
+    spec, params = specs(drafter)["draft-model top-k"]
+    if fails:
+        with pytest.raises(AssertionError, match="should be"):
+            check_exact(target, spec, **params)
+    else:
+        check_exact(target, spec, **params)
+
+
+def test_control_a_drafter_that_misreports_q_fails_the_check(target, drafter, monkeypatch):
+    """Drafts drawn from q but reported to the verifier as q sharpened by 5% in log space."""
+
+    def misreporting(*args, **kwargs):
+        drafts, probs = drafting.draw_chain(*args, **kwargs)
+        return drafts, [(q.log() * 1.05).softmax(-1) for q in probs]
+
+    monkeypatch.setattr(draft_model, "draw_chain", misreporting)
+    spec, params = specs(drafter)["draft-model top-k"]
+    with pytest.raises(AssertionError, match="should be"):
+        check_exact(target, spec, **params)
+
+
+def test_control_drafts_on_the_target_noise_stream_fail_the_key_check(target, drafter, monkeypatch):
+    """Drafts drawn with the target's own noise stream are not independent of its decisions."""
+    monkeypatch.setattr(drafting, "DRAFT_STREAM", 0)
+    spec, params = specs(drafter)["draft-model top-k"]
+    with pytest.raises(AssertionError, match="share noise keys"):
+        check_exact(target, spec, **params)
+
+
+# -- what the enumeration assumes of the noise ---------------------------------------------------
+
+
+def test_noise_is_what_the_enumeration_assumes():
+    """The enumeration treats each draw as an ideal one: Gumbel-max picks token i with probability
+    softmax(l)_i, `uniform(...) < t` holds with probability t, and distinct (seed, position, stream)
+    keys give independent draws. Checked here:
+
+    - Gumbel-max, vectorised: n = 60,000 draws argmax(l + g) of `gumbel_noise` (one key, 3 × n values)
+      with softmax(l) = (0.5, 0.3, 0.2), each token's count tested against n·p_i (two-sided z-test,
+      α = 1e-3 Bonferroni over the 3 tokens: z* = 3.59). A 5% relative shift of the smallest
+      probability (0.2 → 0.21) moves the mean by 0.01·n against a standard deviation of
+      sqrt(0.16·n), i.e. 0.01·sqrt(n)/0.4 = 6.12 standard deviations: power Φ(6.12 − 3.59) = 0.994;
+      larger probabilities are detected with more power.
+    - `uniform`: n = 40,000 keys, P(u < t) at t = 0.25, 0.5, 0.75 (α = 1e-3 over the 3): a 5% relative
+      shift at t = 0.25 is 0.0125·sqrt(n)/sqrt(0.1875) = 5.77 standard deviations: power
+      Φ(5.77 − 3.59) = 0.985 (more at larger t).
+    - Independence: every key argen can use for the first 2,048 positions of 64 seeds, over the
+      target's streams (0, the acceptance streams 1..16) and the draft streams, maps to a distinct
+      generator seed (exact; distinct torch generator seeds give independent streams).
+    The powers are computed below from the same numbers and asserted, so the docstring cannot drift.
+    """
+    z_crit = norm.ppf(1 - 1e-3 / 3 / 2)
+    p = np.array([0.5, 0.3, 0.2])
+    n = 60_000
+    assert norm.cdf(0.05 * p.min() * np.sqrt(n) / np.sqrt(p.min() * (1 - p.min())) - z_crit) >= 0.99
+    logits = torch.tensor(np.log(p), dtype=torch.float32)
+    g = gumbel_noise(seed=12345, position=0, size=3 * n).view(n, 3)
+    counts = np.bincount((logits + g).argmax(-1).numpy(), minlength=3)
+    z = (counts - n * p) / np.sqrt(n * p * (1 - p))
+    assert np.all(np.abs(z) < z_crit), z
+
+    m = 40_000
+    assert norm.cdf(0.05 * 0.25 * np.sqrt(m) / np.sqrt(0.25 * 0.75) - z_crit) >= 0.98
+    u = np.array([uniform(seed, 3, stream=1) for seed in range(m)])
+    for t in (0.25, 0.5, 0.75):
+        assert abs(((u < t).sum() - m * t) / np.sqrt(m * t * (1 - t))) < z_crit
+
+    streams = [0, *range(1, 17), *range(drafting.DRAFT_STREAM, drafting.DRAFT_STREAM + 16)]
+    keys = {position_seed(seed, position, stream)
+            for seed in range(64) for position in range(2048) for stream in streams}  # fmt: skip
+    assert len(keys) == 64 * 2048 * len(streams)

@@ -1,0 +1,221 @@
+"""Every committed report names the commit it describes and holds no absolute machine path, and the
+figures README.md quotes from them are the reports' own: each expected sentence below is rebuilt
+from a report's results.json or report.md and must appear in the README word for word."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+README = " ".join((ROOT / "README.md").read_text().split())
+ABSOLUTE = re.compile(r"(?<![\w.])/(?:work|root|tmp|home|Users|usr|opt|private|var)/")
+PROVENANCE = re.compile(r"^Provenance: (?:commit|committed in) ([0-9a-f]{7,40})\b", re.M)
+
+
+def results(name: str) -> dict:
+    return json.loads((BENCH / name / "results.json").read_text())
+
+
+def rows(name: str) -> dict[tuple[str, str], dict]:
+    return {(r["category"], r["system"]): r for r in results(name)["summary"]["rows"]}
+
+
+def f2(value: float) -> str:
+    return f"{value:.2f}"
+
+
+def span(values, spec: str = ".2f") -> str:
+    """'a–b' as the README writes a range (a single value when both ends round alike)."""
+    lo, hi = format(min(values), spec), format(max(values), spec)
+    return lo if lo == hi else f"{lo}–{hi}"
+
+
+def table(name: str, header_start: str) -> list[list[str]]:
+    """The rows of the markdown table in benchmarks/NAME/report.md whose header starts so."""
+    lines = (BENCH / name / "report.md").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
+    out = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        out.append([c.strip() for c in line.strip("|").split("|")])
+    return out
+
+
+def foundation() -> list[str]:
+    plain = rows("foundation")[("all", "plain")]
+    first30 = rows("foundation-first30")[("all", "plain")]
+    return [f"({plain['identical']}/{plain['n']} token-identical; argen plain {f2(plain['ratio_vs_hf'])}× HF overall)",
+            f"({first30['identical']}/{first30['n']} token-identical, {f2(first30['ratio_vs_hf'])}× HF)"]  # fmt: skip
+
+
+def speculative() -> list[str]:
+    r, data = rows("speculative"), results("speculative")
+    exact = [row for (c, _), row in r.items() if c == "all" and row["exact"] and row["reference"]]
+    assert sum(row["near_ties"] for row in exact) == 0
+    records = data["records"]
+    skip_plain = sum(rec["systems"]["layer-skip"]["tokens_per_forward"] == 1.0 for rec in records)
+    jacobi_more = sum(rec["systems"]["jacobi"]["tokens_per_forward"] > 1.0 for rec in records)
+    sp = {s: f2(r[("all", s)]["speedup_vs_plain"]) for s in ("ngram", "prompt-lookup", "layer-skip", "jacobi")}
+    best = {c: f2(max(row["speedup_vs_plain"] for (cat, _), row in r.items() if cat == c and row["speedup_vs_plain"]))
+            for c in ("translation", "summarization", "math_reasoning", "rag", "mt_bench", "qa")}  # fmt: skip
+    assert best["summarization"] == best["math_reasoning"]
+    return [
+        f"{sum(row['identical'] for row in exact)}/{sum(row['n'] for row in exact)} exact outputs token-identical, no near-ties",
+        f"layer-skip made 1.00 tokens per pass on all {skip_plain} questions",
+        f"jacobi more than 1 on {jacobi_more} of {len(records)}",
+        f"ngram {sp['ngram']}×, prompt-lookup {sp['prompt-lookup']}×, layer-skip {sp['layer-skip']}×, jacobi "
+        f"{sp['jacobi']}×; HF prompt lookup {f2(r[('all', 'hf-prompt-lookup:10')]['ratio_vs_hf'])}× over HF `generate()`",
+        f"Best per category: translation {best['translation']}×, summarization and math reasoning "
+        f"{best['summarization']}×, rag {best['rag']}×, mt_bench {best['mt_bench']}×, qa {best['qa']}×",
+        f"argen plain is {f2(r[('all', 'plain')]['ratio_vs_hf'])}× HF `generate()`",
+    ]  # fmt: skip
+
+
+def speculative_2threads() -> list[str]:
+    r, one = rows("speculative-2threads"), rows("speculative")
+    argen = [r[("all", s)] for s in ("plain", "prompt-lookup", "ngram")]
+    hf = r[("all", "hf-prompt-lookup:10")]
+    return [
+        f"{sum(x['identical'] for x in argen)}/{sum(x['n'] for x in argen)} argen outputs and "
+        f"{hf['identical']}/{hf['n']} HF prompt-lookup outputs token-identical to HF",
+        f"summarization ngram {f2(r[('summarization', 'ngram')]['speedup_vs_plain'])}× "
+        f"({f2(one[('summarization', 'ngram')]['speedup_vs_plain'])}× at one thread), rag prompt-lookup "
+        f"{f2(r[('rag', 'prompt-lookup')]['speedup_vs_plain'])}× ({f2(one[('rag', 'prompt-lookup')]['speedup_vs_plain'])}×), "
+        f"both categories together {f2(r[('all', 'ngram')]['speedup_vs_plain'])}× (ngram) and "
+        f"{f2(r[('all', 'prompt-lookup')]['speedup_vs_plain'])}× (prompt-lookup); HF prompt lookup "
+        f"{span([r[(c, 'hf-prompt-lookup:10')]['ratio_vs_hf'] for c in ('summarization', 'rag')])}× over HF "
+        f"`generate()`; argen plain {f2(r[('all', 'plain')]['ratio_vs_hf'])}× HF.",
+    ]  # fmt: skip
+
+
+def jacobi_backoff() -> list[str]:
+    r, before = rows("jacobi-backoff"), rows("speculative")
+    cats = [c for (c, s) in r if s == "jacobi" and c != "all"]
+    j = r[("all", "jacobi")]
+    return [f"{j['identical']}/{j['n']} identical; jacobi {f2(j['speedup_vs_plain'])}× plain overall, "
+            f"{span([r[(c, 'jacobi')]['speedup_vs_plain'] for c in cats])}× per category (it was "
+            f"{span([before[(c, 'jacobi')]['speedup_vs_plain'] for c in cats])}×)."]  # fmt: skip
+
+
+def control() -> list[str]:
+    s = {row["system"]: row for row in results("control")["summary"]}
+    guided, off = s["guided:omega=20"], s["guided:omega=0"]
+    raised, n = guided["raised"].split("/")
+    minus = lambda v: f"{v:.3f}".replace("-", "−")  # noqa: E731
+    return [
+        f"on {raised} of {n} outputs (mean {minus(guided['plain_class_log_prob'])} → {minus(guided['class_log_prob'])})",
+        f"ω = 0 matched plain on {off['identical_to_plain'].replace('/', ' of ')}; speed {f2(guided['speed_vs_baseline'])}× "
+        f"plain ({guided['tokens_per_s']:.1f} vs {s['plain']['tokens_per_s']:.1f} tokens/s), "
+        f"{guided['passes_per_token']:.1f} base and {guided['guide_passes_per_token']:.1f} guide pass per token",
+        f"replay decoded at {f2(s['counterfactual']['speed_vs_baseline'])}× the original's speed per decoded token "
+        f"(one prefill, then {s['counterfactual']['passes_per_token']:.1f} pass per token), every replay without "
+        f"intervention was identical ({s['replay']['identical']}), and set prompts decoded at "
+        f"{f2(s['set-prompt']['speed_vs_baseline'])}× plain",
+    ]  # fmt: skip
+
+
+def serving() -> list[str]:
+    d = results("serving")
+    seq, conc = d["sequential"], d["concurrent"]
+    assert d["identical_outputs"] == d["clients"]
+    return [f"{conc['throughput_tok_s']:.1f} new tokens/s together against {seq['throughput_tok_s']:.1f} one after "
+            f"another ({d['speedup']:.1f}×), outputs token-identical; time to first token p50 goes from "
+            f"{seq['ttft_p50_s']:.1f} s to {conc['ttft_p50_s']:.1f} s"]  # fmt: skip
+
+
+def pass_cost() -> list[str]:
+    ms = {int(r[0]): (float(r[1]), float(r[2])) for r in table("pass_cost", "| tokens fed")}
+    timings = ", ".join(f"{n} token{'s' if n > 1 else ''} {ms[n][0]:.0f} → {ms[n][1]:.0f} ms" for n in (1, 2, 4, 8))
+    return [f"feeding 2–8 tokens cost {span([ms[n][0] / ms[1][0] for n in (2, 4, 8)], '.1f')}× feeding one",
+            f"{timings}. Even so, 8 tokens cost about {ms[8][1] / ms[1][1]:.1f}× one"]  # fmt: skip
+
+
+def draft_ceiling() -> list[str]:
+    ceiling = {r[0]: [float(x) for x in r[3:]] for r in table("draft_ceiling", "| category | target")}
+    policy = {(r[0], r[1]): r[3:] for r in table("draft_ceiling", "| category | drafter")}
+
+    def decode_only(c):  # prompt-lookup and trigram chain, one and two threads
+        return [ceiling[c][i] for i in (1, 2, 4, 5)]
+
+    def col(c, drafter, i):
+        return float(policy[(c, drafter)][i])
+
+    cats = [c for c in ceiling if c != "all"]
+    drafters = ("prompt-lookup", "trigram chain")
+    gaps = [abs(col(c, d, 6) - col(c, d, 7)) for c in cats for d in drafters]
+    text = (BENCH / "draft_ceiling" / "report.md").read_text()
+    prefill = {int(n): float(ms) for n, ms in re.findall(r"(\d+) tokens (\d+) ms", text)}
+    step_ms = float(re.search(r"one plain decoding step costs (\d+) ms", text).group(1))
+    at_700 = np.interp(700, sorted(prefill), [prefill[n] for n in sorted(prefill)])
+    return [
+        f"it is {span(decode_only('summarization'))}× on summarization, {span(decode_only('rag'))}× on rag and "
+        f"{span(decode_only('all'))}× over all categories for prompt-lookup and n-gram drafts (one or two threads), "
+        f"and {span(ceiling['summarization'][7:9])}× on summarization for a drafter that always knew which earlier "
+        "span to copy",
+        f"a 700-token prompt's prefill (about {at_700 / 1000:.1f} s here, some {round(at_700 / step_ms, -1):.0f} decoding steps)",
+        f"the ceiling is {span([col('summarization', d, 5) for d in drafters])}× on summarization, "
+        f"{span([col('rag', d, 5) for d in drafters])}× on rag and {span([col('all', d, 5) for d in drafters])}× "
+        f"overall, and even the copy-anywhere drafter stops at {f2(col('summarization', 'copy anywhere', 5))}× and "
+        f"{f2(col('rag', 'copy anywhere', 5))}×",
+        f"Their adaptive sizing gets {span([col('summarization', d, 6) for d in drafters])}× with prefill on "
+        f"summarization and {span([col('all', d, 6) for d in drafters])}× overall, close to what the bench measured "
+        f"({span([col('summarization', d, 7) for d in drafters])}× and {span([col('all', d, 7) for d in drafters])}×; "
+        f"within {max(gaps):.2f} in every category)",
+    ]  # fmt: skip
+
+
+def layer_skip() -> list[str]:
+    agreement = {int(r[0]): r[1] for r in table("layer_skip", "| blocks skipped")}
+    shares = re.search(r"One block is ([\d.]+)% \(attention\) or ([\d.]+)% \(FFN\)",
+                       (BENCH / "layer_skip" / "report.md").read_text()).groups()  # fmt: skip
+    return [f"agreement falls fast: {agreement[1]} with one block skipped, {agreement[4]} with four, {agreement[8]} "
+            f"with eight, while a block is only {shares[0]}% (attention) or {shares[1]}% (FFN) of the body's weights"]  # fmt: skip
+
+
+CLAIMS = {"foundation": foundation, "speculative": speculative, "speculative-2threads": speculative_2threads,
+          "jacobi-backoff": jacobi_backoff, "control": control, "serving": serving, "pass_cost": pass_cost,
+          "draft_ceiling": draft_ceiling, "layer_skip": layer_skip}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", CLAIMS)
+def test_readme_quotes_the_committed_report(name):
+    for sentence in CLAIMS[name]():
+        assert " ".join(sentence.split()) in README, f"README.md should say, as benchmarks/{name}/ does: {sentence}"
+
+
+def test_control_a_changed_figure_is_caught(monkeypatch):
+    """The check above fails when a report and the README part: one figure off by 0.01."""
+    real = rows("speculative")
+    changed = {k: dict(v) for k, v in real.items()}
+    changed[("all", "ngram")]["speedup_vs_plain"] += 0.01
+    monkeypatch.setitem(globals(), "rows", lambda name: changed if name == "speculative" else real)
+    with pytest.raises(AssertionError, match="README.md should say"):
+        test_readme_quotes_the_committed_report("speculative")
+
+
+def test_every_report_names_its_commit_and_no_machine_path():
+    reports = sorted(BENCH.rglob("report.md"))
+    assert len(reports) >= 15
+    history = subprocess.run(["git", "rev-list", "--all"], cwd=ROOT, capture_output=True, text=True)
+    for report in reports:
+        text = report.read_text()
+        found = PROVENANCE.search(text)
+        assert found, f"{report.relative_to(ROOT)} has no 'Provenance: commit ...' line"
+        if history.returncode == 0 and history.stdout:  # a checkout with history: the commit must be in it
+            assert any(c.startswith(found.group(1)) for c in history.stdout.split()), f"{report}: unknown commit"
+        machine = json.loads((report.parent / "results.json").read_text()).get("machine", {}) \
+            if (report.parent / "results.json").is_file() else {}  # fmt: skip
+        if machine:
+            assert machine["git_commit"] == found.group(1) and "git_dirty" in machine, report
+    for path in sorted(BENCH.rglob("*")):
+        if path.suffix in (".md", ".json", ".py"):
+            match = ABSOLUTE.search(path.read_text())
+            assert match is None, f"{path.relative_to(ROOT)} holds an absolute machine path at {match.group()!r}..."
