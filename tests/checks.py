@@ -10,7 +10,7 @@ import torch
 
 import argen.setprompt
 from argen.engine import Request, Result
-from argen.neartie import first_difference
+from argen.neartie import divergence, first_difference
 from argen.sampling import Sampler, SamplingParams, gumbel_noise
 from argen.setprompt import PromptLayout, SetPrompt
 from argen.strategies import make_strategy
@@ -98,3 +98,19 @@ def check_counterfactual(gen, original: Result, t: int, token: int) -> Result:
         drawn = int((processed + gumbel_noise(original.seed, i, processed.shape[-1])).argmax())
         assert drawn == cf.token_ids[i], f"token {i} of the counterfactual was not drawn with the original noise"
     return cf
+
+
+def check_same_as_plain_and_hf(hf_model, prompt_ids: list[int], out: list[int], plain: list[int], hf: list[int]) -> int:
+    """Greedy output token for token equal to argen plain's and to HF generate()'s on the same prompt,
+    a divergence excused only by the one near-tie rule (`argen.neartie`, judged on HF's logits).
+    Returns how many near-ties excused a divergence."""
+    near_ties = 0
+    for name, reference in (("HF generate()", hf), ("argen plain", plain)):
+        n = first_difference(out, reference)
+        if n is None:
+            continue
+        d = divergence(hf_model, prompt_ids, out, reference, n)
+        assert d["near_tie"], (f"differs from {name} at new token {n} ({out[n : n + 3]} vs {reference[n : n + 3]}), "
+                               f"not at a near-tie: HF top-2 {d['top2']}, logit gap {d['gap']:.2e}")  # fmt: skip
+        near_ties += 1
+    return near_ties

@@ -16,8 +16,12 @@ CPU "freezing" pass applies. Elsewhere (GPU, bf16, no oneDNN) it is plain `F.lin
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
 
 
 def _onednn_pack(weight: torch.Tensor) -> torch.Tensor | None:
@@ -25,7 +29,10 @@ def _onednn_pack(weight: torch.Tensor) -> torch.Tensor | None:
         return None
     try:
         return torch.ops.mkldnn._reorder_linear_weight(weight, 8)  # 8: the batch-size hint for verification
-    except (AttributeError, RuntimeError):  # a torch build without the op: F.linear is still right
+    except (AttributeError, RuntimeError) as e:  # a torch build without the op: F.linear is still right
+        # Said, not silent: verification passes of 2-16 rows then cost F.linear's repacking.
+        log.warning("oneDNN weight packing unavailable (%s: %s); 2-%d-row passes use F.linear",
+                    type(e).__name__, e, PACKED_MAX_ROWS)  # fmt: skip
         return None
 
 
