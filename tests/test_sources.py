@@ -3,6 +3,7 @@ process whatever the spelling (shared_model), through the Python API's strategie
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import pytest
@@ -52,3 +53,18 @@ def test_draft_and_guide_sources_share_one_load(tiny, model_dir):
 def test_unknown_sources_are_errors_before_any_load():
     with pytest.raises(argen.ModelNotFoundError, match="no such file or directory"):
         sources.canonical_source("/nonexistent/model")
+
+
+def test_one_gguf_file_is_dequantized_once_whatever_its_name(tmp_path, monkeypatch):
+    """`default` and the path of the same GGUF file give different names; the conversion is keyed
+    by the file (path, size, time), so a second name finds the first one's directory instead of
+    writing another copy."""
+    monkeypatch.setenv("ARGEN_CACHE_DIR", str(tmp_path / "cache"))
+    gguf = tmp_path / "m.Q4.gguf"
+    gguf.write_bytes(b"never read: only its path, size and time are")
+    stat = gguf.stat()
+    key = hashlib.sha1(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:10]
+    converted = tmp_path / "cache" / "models" / f"name-one-{key}"
+    converted.mkdir(parents=True)
+    (converted / "config.json").write_text("{}")  # as a finished conversion leaves it
+    assert sources.dequantized_dir(gguf, "name-two") == converted

@@ -129,6 +129,10 @@ def dequantized_dir(gguf: Path, name: str) -> Path:
     out = cache_dir() / "models" / f"{name}-{key}"
     if (out / "config.json").is_file():
         return out
+    # The same file converted under another name (`default` and its path): one copy on disk.
+    for done in sorted((cache_dir() / "models").glob(f"*-{key}")):
+        if (done / "config.json").is_file():
+            return done
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
