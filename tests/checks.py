@@ -9,7 +9,7 @@ import itertools
 import torch
 
 import argen.setprompt
-from argen.engine import Request, Result
+from argen.engine import DecodeBatch, Event, Request, Result
 from argen.neartie import divergence, first_difference
 from argen.sampling import Sampler, SamplingParams, gumbel_noise
 from argen.setprompt import PromptLayout, SetPrompt
@@ -28,21 +28,26 @@ def check_greedy_identical(gen, prompt, strategy, max_new_tokens: int = 40) -> R
 def check_cache_matches_prefill(gen, prompt, strategy, max_new_tokens: int = 40, atol: float = 1e-4, **params) -> int:
     """After every step the cache holds exactly the tokens but the pending one, with the keys and
     values a fresh prefill of those tokens computes (up to float32 kernel order: even plain decoding
-    differs from a one-pass prefill by ~3e-5). Returns the number of draft tokens accepted."""
+    differs from a one-pass prefill by ~3e-5). Returns the number of draft tokens accepted. The
+    request runs in the Engine's decode loop, round by round; the cache is looked at whenever a step
+    has just emitted its tokens (the next step's feeds are asked for, not yet run)."""
     strategy = make_strategy(strategy) if not hasattr(strategy, "step") else strategy
     request = Request(gen.encode(prompt), SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True, **params),
                       strategy)  # fmt: skip
-    seq = gen.engine._start(0, request)
-    while seq.finish_reason is None:
-        seq.accept(strategy.step(seq.state))
+    batch = DecodeBatch(gen.engine, prefix_caching=False)
+    seq = batch.admit(0, request)
+    while batch:
+        emitted = any(isinstance(item, Event) and item.token_ids for item in batch.step())
+        if not emitted or seq.finish_reason is not None:
+            continue
         cache, tokens = seq.state.cache, seq.state.tokens
         n = cache.lengths[0]
         assert n == len(tokens) - 1, f"the cache holds {n} positions for {len(tokens) - 1} tokens"
         fresh = gen.runtime.new_cache(1, n + 1)
         gen.runtime.forward(torch.tensor([tokens[:-1]]), torch.arange(n)[None], fresh, num_logits=0)
-        for name in ("k", "v"):
-            got, want = getattr(cache, name)[:, :, :, :n], getattr(fresh, name)[:, :, :, :n]
+        for name, got, want in zip(("k", "v"), cache.gathered(), fresh.gathered()):
             assert torch.allclose(got, want, atol=atol), f"cached {name} differs from a fresh prefill by {(got - want).abs().max():.2e}"
+        fresh.free()
     return seq.state.counters.draft_accepted
 
 
@@ -53,6 +58,7 @@ def next_logits(runtime, layout: PromptLayout) -> torch.Tensor:
     ids, pos = torch.tensor([layout.ids]), torch.tensor([layout.positions])
     runtime.forward(ids[:, :-1], pos[:, :-1], cache, mask=layout.mask[:-1, :-1], num_logits=0)
     logits, _ = runtime.forward(ids[:, -1:], pos[:, -1:], cache, num_logits=1)
+    cache.free()
     return logits[0, -1]
 
 

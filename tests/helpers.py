@@ -37,7 +37,6 @@ class BrokenOnThirdStep(Plain):
     """Plain decoding that raises on its third step: stands for a bug only one request hits."""
 
     name = "test-broken"
-    batchable = False
 
     def __init__(self) -> None:
         self.steps = 0
@@ -46,7 +45,7 @@ class BrokenOnThirdStep(Plain):
         self.steps += 1
         if self.steps == 3:
             raise RuntimeError("boom")
-        return super().step(state)
+        return (yield from super().step(state))
 
 
 class Oracle(Speculative):

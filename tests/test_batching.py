@@ -1,62 +1,97 @@
-"""Continuous batching below the server: KVCache rows that come and go, and DecodeBatch admitting
-requests into a running batch with outputs identical to running each alone."""
+"""The one decode loop below the server: paged KV memory (blocks, forks, prefix caching), and
+DecodeBatch running every strategy's sequences together, joining and leaving, with outputs identical
+to running each alone."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from helpers import BrokenOnThirdStep
 
-from argen.cache import KVCache
+from argen.cache.paged import BlockPool, KVCacheFull, SeqKV
 from argen.engine import DecodeBatch, Event, Failure, Request, Result
 from argen.sampling import SamplingParams
 from argen.strategies import make_strategy
 
 
-def _fill(cache: KVCache, row: int, n: int, value: float) -> None:
-    cache.k[:, row, :, :n] = value
-    cache.v[:, row, :, :n] = -value
-    cache.lengths[row] = n
+def _pool(blocks: int = 8, size: int = 4) -> BlockPool:
+    return BlockPool(n_layers=2, n_kv_heads=1, head_dim=2, max_blocks=blocks, block_size=size)
 
 
-def test_add_rows_keeps_existing_rows_and_grows_length():
-    cache = KVCache(2, 0, 2, 4, max_len=1)
-    assert cache.add_rows(1, max_len=10) == [0]
-    _fill(cache, 0, 10, 1.0)
-    assert cache.add_rows(2, max_len=100) == [1, 2]  # longer rows: storage is reallocated
-    assert cache.batch_size == 3 and cache.max_len >= 100 and cache.lengths == [10, 0, 0]
-    assert torch.all(cache.k[:, 0, :, :10] == 1.0) and torch.all(cache.v[:, 0, :, :10] == -1.0)
-    _fill(cache, 1, 5, 2.0)
-    _fill(cache, 2, 7, 3.0)
-    storage = cache.k.data_ptr()
-    assert cache.add_rows(1) == [3] and cache.k.data_ptr() == storage  # spare room: no copy
-    assert cache.lengths == [10, 5, 7, 0]
+def _write(cache: SeqKV, n: int, value: float) -> None:
+    """Append n positions whose keys are `value` (as a forward pass would, through reserve)."""
+    start = cache.lengths[0]
+    cache.reserve(n)
+    slots = cache.slots(start, n)
+    size = cache.pool.block_size
+    cache.pool.k[:, :, slots // size, slots % size] = value
+    cache.pool.v[:, :, slots // size, slots % size] = -value
+    cache.lengths[0] = start + n
 
 
-def test_select_after_add_rows_compacts_in_place():
-    cache = KVCache(2, 0, 2, 4, max_len=1)
-    cache.add_rows(4, max_len=8)
-    for r in range(4):
-        _fill(cache, r, r + 1, float(r + 1))
-    storage = cache.k.data_ptr()
-    cache.select([1, 3])
-    assert cache.k.data_ptr() == storage and cache.batch_size == 2 and cache.lengths == [2, 4]
-    assert torch.all(cache.k[:, 0, :, :2] == 2.0) and torch.all(cache.k[:, 1, :, :4] == 4.0)
-    assert torch.all(cache.v[:, 1, :, :4] == -4.0)
-    cache.select([1, 0])  # a reordering still works (by copy)
-    assert cache.lengths == [4, 2] and torch.all(cache.k[:, 0, :, :4] == 4.0)
-    assert cache.add_rows(1) == [2] and cache.lengths == [4, 2, 0]
+def _keys(cache: SeqKV) -> torch.Tensor:
+    slots = cache.slots(0, cache.lengths[0])
+    size = cache.pool.block_size
+    return cache.pool.k[0, 0, slots // size, slots % size, 0]
 
 
-def _request(tiny, prompt: str, n: int) -> Request:
+def test_blocks_are_taken_as_needed_and_given_back_on_truncate():
+    pool = _pool()
+    cache = SeqKV(pool, max_len=20)
+    _write(cache, 6, 1.0)
+    assert len(cache.blocks) == 2 and pool.held == 2 and cache.held_bytes == 2 * pool.bytes_per_block()
+    cache.truncate(3)
+    assert len(cache.blocks) == 1 and pool.held == 1 and _keys(cache).tolist() == [1.0] * 3
+    with pytest.raises(ValueError, match="overflow"):
+        cache.reserve(30)
+    cache.free()
+    assert pool.held == 0 and len(pool.free) == pool.max_blocks
+
+
+def test_fork_shares_blocks_until_a_write_copies_them():
+    pool = _pool()
+    a = SeqKV(pool, max_len=20)
+    _write(a, 6, 1.0)  # one full block and half of a second
+    b = a.fork()
+    assert b.blocks == a.blocks and pool.held == 2
+    _write(b, 1, 2.0)  # writes into the shared half-full block: b gets its own copy of it
+    assert b.blocks[0] == a.blocks[0] and b.blocks[1] != a.blocks[1] and pool.held == 3
+    assert _keys(a).tolist() == [1.0] * 6 and _keys(b).tolist() == [1.0] * 6 + [2.0]
+    a.free()
+    assert pool.held == 2 and _keys(b).tolist() == [1.0] * 6 + [2.0]
+
+
+def test_prefix_blocks_are_found_by_hash_and_evicted_least_recently_used():
+    pool = _pool(blocks=4)
+    tokens, positions = list(range(10)), list(range(10))
+    first = SeqKV(pool, max_len=16)
+    _write(first, 9, 5.0)
+    first.register_prefix(tokens, positions)  # two full blocks of 4 become findable
+    second = SeqKV(pool, max_len=16)
+    assert second.attach_prefix(tokens[:9], positions[:9]) == 8 and second.blocks == first.blocks[:2]
+    assert _keys(second).tolist() == [5.0] * 8
+    other = SeqKV(pool, max_len=16)
+    assert other.attach_prefix([9, 9, 9, 9, 9], list(range(5))) == 0  # another prefix: no hit
+    first.free()
+    second.free()  # the cached blocks stay, held by nobody, until space is needed
+    assert pool.held == 0 and len(pool.evictable) == 2
+    taken = [pool.allocate() for _ in range(4)]  # needs every block: the cached ones are evicted
+    assert len(set(taken)) == 4 and not pool.evictable and not pool.by_hash
+    with pytest.raises(KVCacheFull, match="full"):
+        pool.allocate()
+
+
+def _request(tiny, prompt: str, n: int, strategy="plain") -> Request:
     ids = tiny.encode(prompt, chat=False)
-    return Request(ids, SamplingParams(max_new_tokens=n), make_strategy("plain"))
+    return Request(ids, SamplingParams(max_new_tokens=n), make_strategy(strategy))
 
 
 def test_requests_join_a_running_batch_and_match_running_alone(tiny):
     prompts = [("a first prompt", 30), ("second", 12), ("the third one is longer than the others", 20),
                ("4", 25), ("fifth and last", 9)]  # fmt: skip
     alone = [tiny.generate(p, chat=False, max_new_tokens=n).token_ids for p, n in prompts]
-    batch = DecodeBatch(tiny.engine)
+    held_before = tiny.runtime.kv_pool().held  # (the session's model: other tests may hold blocks)
+    batch = DecodeBatch(tiny.engine, prefix_caching=False)
     got: dict[int, list[int]] = {i: [] for i in range(len(prompts))}
     finished = {}
     batch.admit(0, _request(tiny, *prompts[0]))
@@ -74,7 +109,7 @@ def test_requests_join_a_running_batch_and_match_running_alone(tiny):
         steps += 1
     for i, want in enumerate(alone):
         assert got[i] == want == finished[i].token_ids
-    assert batch.cache.batch_size == 0
+    assert tiny.runtime.kv_pool().held == held_before and batch.reserved_blocks == 0  # every block given back
 
 
 def test_removing_a_sequence_leaves_the_others_unchanged(tiny):
@@ -83,7 +118,7 @@ def test_removing_a_sequence_leaves_the_others_unchanged(tiny):
     keep = batch.admit(0, _request(tiny, "keep me", 20))
     drop = batch.admit(1, _request(tiny, "drop me after a few steps", 20))
     out = []
-    for step in range(20):
+    for step in range(25):
         if step == 5:
             batch.remove([drop])
         out += [t for item in batch.step() if isinstance(item, Event) and item.index == 0 for t in item.token_ids]
@@ -101,57 +136,78 @@ def _drain(batch: DecodeBatch) -> tuple[dict[int, list[int]], list[Failure]]:
                 failures.append(item)
     return out, failures
 
-def test_unbatchable_strategies_step_alongside_the_batch_and_fail_alone(tiny):
+
+def test_every_strategy_decodes_in_the_same_passes_and_one_failure_stays_alone(tiny):
     text = "abc abc abc abc abc"
-    lookup = Request(tiny.encode(text, chat=False), SamplingParams(max_new_tokens=20), make_strategy("prompt-lookup"))
-    broken = Request(tiny.encode("x", chat=False), SamplingParams(max_new_tokens=20), BrokenOnThirdStep())
+    specs = ["plain", "prompt-lookup", "ngram", {"name": "jacobi", "adaptive": False}, "contrastive",
+             {"name": "beam", "num_beams": 3}, {"name": "layer-skip", "skip_layers": [1]}]  # fmt: skip
+    held_before = tiny.runtime.kv_pool().held
     batch = DecodeBatch(tiny.engine)
-    batch.admit(0, _request(tiny, "plain one", 20))
-    batch.admit(1, lookup)
-    batch.admit(2, broken)
-    assert len(batch.sequences) == 1 and len(batch.solo) == 2
+    for i, spec in enumerate(specs):
+        batch.admit(i, _request(tiny, text, 16, spec))
+    broken = Request(tiny.encode("x", chat=False), SamplingParams(max_new_tokens=20), BrokenOnThirdStep())
+    batch.admit(len(specs), broken)
     out, failures = _drain(batch)
-    assert out[0] == tiny.generate("plain one", chat=False, max_new_tokens=20).token_ids
-    assert out[1] == tiny.generate(text, chat=False, max_new_tokens=20).token_ids
-    assert [(f.index, str(f.error)) for f in failures] == [(2, "boom")] and len(out[2]) == 2
+    for i, spec in enumerate(specs):
+        assert out[i] == tiny.generate(text, chat=False, max_new_tokens=16, strategy=spec).token_ids, spec
+    assert [(f.index, str(f.error)) for f in failures] == [(len(specs), "boom")] and len(out[len(specs)]) == 2
+    assert tiny.runtime.kv_pool().held == held_before  # beams' forks, drafts' slots: every block given back
 
 
-def test_hf_adapter_sequences_step_one_by_one_in_a_batch(tiny_gpt2):
+def test_hf_adapter_sequences_run_in_one_loop(tiny_gpt2):
     prompts = [("first", 12), ("a second prompt", 7)]
     batch = DecodeBatch(tiny_gpt2.engine)
     for i, (p, n) in enumerate(prompts):
         batch.admit(i, _request(tiny_gpt2, p, n))
-    assert batch.cache is None and len(batch.solo) == 2
     out, failures = _drain(batch)
     assert not failures
     for i, (p, n) in enumerate(prompts):
         assert out[i] == tiny_gpt2.generate(p, chat=False, max_new_tokens=n).token_ids
 
 
-def test_ragged_decode_step_matches_each_row_alone(tiny, monkeypatch):
-    """One token per row at different cache lengths: each row attends over its own keys only
-    (LlamaRuntime._ragged_attention) and gets the logits it would get alone."""
-    runtime = tiny.runtime
-    prompts = [list(range(1, 6)), list(range(10, 40)), list(range(50, 62))]
-    batch = runtime.new_cache(0, 1)
-    batch.add_rows(len(prompts), 64)
-    alone = []
-    for r, ids in enumerate(prompts):
-        row = batch.row(r)
-        runtime.forward(torch.tensor([ids[:-1]]), torch.arange(len(ids) - 1)[None], row, num_logits=0)
-        batch.lengths[r] = row.lengths[0]
-        solo = runtime.new_cache(1, 64)
-        runtime.forward(torch.tensor([ids[:-1]]), torch.arange(len(ids) - 1)[None], solo, num_logits=0)
-        logits, _ = runtime.forward(torch.tensor([[ids[-1]]]), torch.tensor([[len(ids) - 1]]), solo, num_logits=1)
-        alone.append(logits[0, -1])
-    tokens = torch.tensor([[ids[-1]] for ids in prompts])
-    positions = torch.tensor([[len(ids) - 1] for ids in prompts])
-    calls = []
-    ragged = runtime._ragged_attention
-    monkeypatch.setattr(runtime, "_ragged_attention", lambda *a: calls.append(1) or ragged(*a))
-    logits, _ = runtime.forward(tokens, positions, batch, num_logits=1)
-    assert len(calls) == runtime.info.n_layers
-    for r, want in enumerate(alone):
-        torch.testing.assert_close(logits[r, -1], want, rtol=1e-4, atol=1e-4)  # batched matmuls: last bits
-        assert int(logits[r, -1].argmax()) == int(want.argmax())
-    assert batch.lengths == [len(ids) for ids in prompts]
+def test_chunked_prefill_lets_short_prompts_go_first_and_changes_no_output(tiny):
+    long_prompt = "a long prompt " * 30
+    batch = DecodeBatch(tiny.engine, token_budget=64, prefill_chunk=32, prefix_caching=False)
+    batch.admit(0, _request(tiny, long_prompt, 5))
+    batch.admit(1, _request(tiny, "short", 5))
+    first_tokens: dict[int, int] = {}
+    rounds = 0
+    out: dict[int, list[int]] = {}
+    while batch:
+        rounds += 1
+        for item in batch.step():
+            if isinstance(item, Event) and item.token_ids:
+                first_tokens.setdefault(item.index, rounds)
+                out.setdefault(item.index, []).extend(item.token_ids)
+    assert first_tokens[1] < first_tokens[0]  # the short prompt does not wait for the long one's prefill
+    assert first_tokens[0] > len(tiny.encode(long_prompt, chat=False)) // 32  # the long one took chunks
+    assert out[1] == tiny.generate("short", chat=False, max_new_tokens=5).token_ids
+    assert len(out[0]) == 5
+
+
+def test_admission_reserves_the_worst_case_kv(tiny):
+    batch = DecodeBatch(tiny.engine)
+    request = _request(tiny, "how many blocks", 40)
+    need = batch.blocks_needed(request)
+    pool = tiny.runtime.kv_pool()
+    assert need == -(-(len(request.prompt_ids) + 40) // pool.block_size)
+    assert batch.can_admit(request) and not batch.can_admit(request, pending_blocks=pool.max_blocks)
+    batch.admit(0, request)
+    assert batch.reserved_blocks == need
+    _drain(batch)
+    assert batch.reserved_blocks == 0
+
+
+STRATEGIES = ["plain", "prompt-lookup", "ngram", {"name": "jacobi", "adaptive": False}, "layer-skip",
+              {"name": "draft-model", "draft": "tiny-random@1", "num_drafts": 2, "adaptive": False}, "contrastive",
+              {"name": "beam", "num_beams": 3}, {"name": "guided", "guide_model": "tiny-random@1", "omega": 2.0}]  # fmt: skip
+
+
+@pytest.mark.parametrize("spec", STRATEGIES, ids=lambda s: s if isinstance(s, str) else s["name"])
+def test_eight_concurrent_requests_of_a_strategy_equal_running_each_alone(tiny, spec):
+    prompts = [f"request {i}: " + "the cat sat on the mat. " * (1 + i % 3) for i in range(8)]
+    sampled = spec in ("plain", "prompt-lookup") or (isinstance(spec, dict) and spec["name"] == "draft-model")
+    options = {"temperature": 0.8, "seed": 11} if sampled else {}  # sampled too, where the strategy samples
+    alone = [tiny.generate(p, chat=False, max_new_tokens=12, strategy=spec, **options).token_ids for p in prompts]
+    together = tiny.generate(prompts, chat=False, max_new_tokens=12, strategy=spec, **options)
+    assert [r.token_ids for r in together] == alone

@@ -241,7 +241,8 @@ def test_bench_quant_paths_and_a_llama_cpp_peer(tmp_path, questions_file, monkey
     out = tmp_path / "out"
     args = parse(["--model", "tiny-random", "--questions", str(questions_file), "--limit", "1",
                   "--max-new-tokens", "6", "--quants", "none,q8_0", "--systems", "llama-cpp",
-                  "--reference", "plain@none", "--out", str(out), "--threads", "1", "--no-progress"])  # fmt: skip
+                  "--reference", "plain@none", "--out", str(out), "--threads", "1", "--no-progress",
+                  "--allow-dirty"])  # fmt: skip
     assert run(args) == 0
     results = json.loads((out / "results.json").read_text())
     rows = {r["system"]: r for r in results["summary"]["rows"] if r["category"] == "all"}
@@ -262,7 +263,7 @@ def test_bench_peer_and_reference_errors_say_what_to_do(tmp_path, questions_file
 
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # not installed
     base = ["--model", "tiny-random", "--questions", str(questions_file), "--limit", "1", "--max-new-tokens", "2",
-            "--out", str(tmp_path / "o"), "--no-progress"]  # fmt: skip
+            "--out", str(tmp_path / "o"), "--no-progress", "--allow-dirty"]  # fmt: skip
     with pytest.raises(ArgenError, match="unknown --systems vllm"):
         run(parse([*base, "--systems", "vllm"]))
     with pytest.raises(ArgenError, match="GGUF"):

@@ -21,7 +21,7 @@ import argen.sampling
 import argen.setprompt
 import argen.strategies.speculative.base as speculative_base
 import argen.strategies.speculative.verify as verify
-from argen.cache.kv import KVCache
+from argen.cache.paged import SeqKV
 
 MEMBERS = ["apples and pears", "a kiwi", "three bananas, ripe"]
 
@@ -60,7 +60,7 @@ def test_control_skipped_compaction_leaves_stale_slots(tiny, monkeypatch):
     """Without `move_slots`, a tree whose accepted branch is not the first keeps the decoy's keys
     and values where the accepted tokens' belong: the right length, the wrong content."""
     plain = tiny.generate("Roll back", max_new_tokens=30, ignore_eos=True)
-    monkeypatch.setattr(KVCache, "move_slots", lambda self, src, dst_start, row=0: None)
+    monkeypatch.setattr(SeqKV, "move_slots", lambda self, src, dst_start, row=0: None)
     with pytest.raises(AssertionError, match="differs from a fresh prefill"):
         check_cache_matches_prefill(tiny, "Roll back", Oracle(plain.token_ids, wrong_every=3, tree=True), 30, atol=1e-5)
 
@@ -69,7 +69,7 @@ def test_control_a_truncation_keeping_one_stale_slot_fails(tiny, monkeypatch):
     real = speculative_base.score_and_verify
 
     def keeps_one_more(state, tree):
-        verdict = real(state, tree)
+        verdict = yield from real(state, tree)
         if len(tree) > verdict.accepted:  # a rejected draft's slot stays behind
             state.cache.lengths[0] += 1
         return verdict

@@ -156,7 +156,7 @@ def test_control_a_drafter_that_misreports_q_fails_the_check(target, drafter, mo
     """Drafts drawn from q but reported to the verifier as q sharpened by 5% in log space."""
 
     def misreporting(*args, **kwargs):
-        drafts, probs = drafting.draw_chain(*args, **kwargs)
+        drafts, probs = yield from drafting.draw_chain(*args, **kwargs)
         return drafts, [(q.log() * 1.05).softmax(-1) for q in probs]
 
     monkeypatch.setattr(draft_model, "draw_chain", misreporting)

@@ -50,7 +50,7 @@ def test_guidance_raises_the_class_log_prob(tiny, rule, omega):
 def test_guide_passes_are_counted(tiny):
     out = tiny.generate("count", max_new_tokens=10, strategy=spec(1.0))
     assert out.stats.forward_passes == 1 + 10  # the base model: prefill + one per token
-    assert out.stats.draft_passes == 2 + 10  # the guide: a prefill per control prefix, then one 2-row pass a step
+    assert out.stats.draft_passes == 1 + 10  # the guide: both control prefixes in one packed pass, then one a step
     assert out.stats.tokens_per_forward == 1.0
 
 

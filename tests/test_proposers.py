@@ -131,11 +131,11 @@ def test_jacobi_back_off_carries_over_to_the_next_request():
     plain = gen.generate("abc abc", max_new_tokens=40, ignore_eos=True)
     first = gen.generate("abc abc", max_new_tokens=40, ignore_eos=True, strategy="jacobi")
     assert first.stats.draft_tokens_proposed > 0  # a fresh runtime tries lookahead at the first step
-    gen.runtime._argen_jacobi_backoff = 64  # as left by requests where lookahead did not pay
+    gen.runtime.memo.jacobi_backoff = 64  # as left by requests where lookahead did not pay
     second = gen.generate("abc abc", max_new_tokens=40, ignore_eos=True, strategy="jacobi")
     assert second.stats.draft_tokens_proposed == 0  # 64 plain steps of cool-down cover all 40 tokens
     assert first.token_ids == second.token_ids == plain.token_ids
-    gen.runtime._argen_jacobi_backoff = MIN_BACKOFF
+    gen.runtime.memo.jacobi_backoff = MIN_BACKOFF
     third = gen.generate("abc abc", max_new_tokens=40, ignore_eos=True, strategy="jacobi")
     assert third.stats.draft_tokens_proposed > 0
 
@@ -146,7 +146,7 @@ def test_strategy_option_errors_name_the_fix(tiny):
     with pytest.raises(InvalidRequestError, match="draft=SOURCE"):
         tiny.generate("x", strategy="draft-model")
     with pytest.raises(InvalidRequestError, match="vocabulary"):
-        tiny.generate("x", strategy={"name": "draft-model", "draft": _Vocab()})
+        tiny.generate("x", strategy={"name": "draft-model", "draft": _other_vocabulary()})
     with pytest.raises(InvalidRequestError, match="min_n"):
         tiny.generate("x", strategy={"name": "ngram", "min_n": 2})
     with pytest.raises(InvalidRequestError, match="max_ngram of strategy 'prompt-lookup' must be an integer"):
@@ -161,8 +161,7 @@ def test_strategy_option_errors_name_the_fix(tiny):
         gpt2.generate("x", strategy={"name": "layer-skip", "skip_layers": [1]})
 
 
-class _Vocab:
-    """A stand-in draft runtime with another vocabulary size."""
-
-    class info:  # noqa: N801
-        vocab_size = 7
+def _other_vocabulary() -> LlamaRuntime:
+    """A draft runtime whose vocabulary differs from the tiny target's."""
+    model = tiny_models.tiny_llama(0, vocab_size=300)
+    return LlamaRuntime(model.config, model.state_dict())

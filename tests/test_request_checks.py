@@ -129,14 +129,24 @@ def test_every_strategy_fits_the_cache_up_to_the_last_position(tiny, spec):
     assert len(out.token_ids) == 24 or spec["name"] == "beam"
 
 
-def test_beam_search_takes_one_forward_pass_per_step(tiny):
-    """So that a beam request in a server's batch holds up the others for one pass at a time: the
-    steps return no tokens until the search ends, then the whole output."""
-    from argen.engine import Request
+def test_beam_search_takes_one_forward_pass_per_round(tiny):
+    """So that a beam request in a server's batch holds up the others for one pass at a time: each
+    round of the loop runs one packed pass over the beams; no tokens until the search ends, then the
+    whole output in one event."""
+    from argen.engine import DecodeBatch, Event, Request
 
     request = Request(tiny.encode("Beam me up"), SamplingParams(max_new_tokens=12),
                       make_strategy({"name": "beam", "num_beams": 3}))  # fmt: skip
-    events = [e for e in tiny.engine.stream([request]) if not hasattr(e, "stats")]
-    assert len(events) > 2 and all(not e.token_ids for e in events[:-1]) and events[-1].token_ids
+    batch = DecodeBatch(tiny.engine)
+    seq = batch.admit(0, request)
+    rounds, events = 0, []
+    while batch:
+        before = seq.state.counters.forward_passes
+        events += [item for item in batch.step() if isinstance(item, Event)]
+        assert seq.state.counters.forward_passes - before <= 1  # one pass a round
+        rounds += 1
+    assert rounds > 2 and len(events) == 1 and events[0].token_ids
     whole = tiny.generate("Beam me up", strategy={"name": "beam", "num_beams": 3}, max_new_tokens=12)
-    assert events[-1].token_ids == whole.token_ids
+    assert events[0].token_ids == whole.token_ids
+
+

@@ -235,7 +235,7 @@ def test_oversized_bodies_and_prompts_are_refused_cheaply(server):
 
 
 class Exploding(Plain):
-    """Fails at admission (in start, on the scheduler thread) as a bug would."""
+    """Fails as it starts (in start, after the prefill, on the scheduler thread) as a bug would."""
 
     name = "test-exploding"
 
@@ -243,7 +243,7 @@ class Exploding(Plain):
         raise MemoryError("simulated")
 
 
-def test_errors_at_admission_are_logged(server, caplog):
+def test_errors_as_a_request_starts_are_logged(server, caplog):
     from argen.server.logs import RateLimit
 
     url, _ = server
@@ -257,8 +257,8 @@ def test_errors_at_admission_are_logged(server, caplog):
     finally:
         del REGISTRY[Exploding.name]
     assert r.status_code == 500
-    lines = [rec for rec in caplog.records if "at admission" in rec.getMessage()]
-    assert lines and "MemoryError" in lines[0].getMessage() and lines[0].exc_info is not None
+    lines = [rec for rec in caplog.records if "MemoryError" in rec.getMessage()]
+    assert lines and "failed" in lines[0].getMessage() and lines[0].exc_info is not None
 
 
 # -- no stall ----------------------------------------------------------------------------------

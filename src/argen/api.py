@@ -67,9 +67,7 @@ class Generator:
             params = SamplingParams(**options)
             layout = self.encode_layout(prompt, chat)
             made = make_strategy(strategy)
-            prepare = getattr(made, "prepare", None)  # e.g. guided: load the guide, check its tokenizer
-            if prepare is not None:
-                prepare(self.model)
+            made.prepare(self.model)  # e.g. guided: load the guide, check its tokenizer
             requests.append(Request(layout.ids, params, made, layout.positions, layout.mask, forced=forced))
         return requests
 

@@ -25,18 +25,23 @@ from argen.bench.provenance import describe, git_state, portable_command, requir
 from argen.bench.questions import find_questions_file, read_questions, select_questions
 
 
-def _stream_one(url: str, model: str, prompt: str, max_tokens: int) -> dict:
+def _stream_one(url: str, model: str, prompt: str, max_tokens: int, strategy: str = "plain") -> dict:
     """One streaming chat request; client-side timings (perf_counter) and the token ids."""
-    import httpx
-
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
             "temperature": 0, "stream": True, "ignore_eos": True, "return_token_ids": True,
-            "stream_options": {"include_usage": True}}  # fmt: skip
+            "stream_options": {"include_usage": True}, "strategy": strategy}  # fmt: skip
+    return stream_request(url, "/v1/chat/completions", body)
+
+
+def stream_request(url: str, path: str, body: dict) -> dict:
+    """POST a streaming request; client-side timings (perf_counter), the token ids and the usage."""
+    import httpx
+
     ids: list[int] = []
     sent = time.perf_counter()
     first = None
     usage = None
-    with httpx.Client(timeout=None) as client, client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+    with httpx.Client(timeout=None) as client, client.stream("POST", f"{url}{path}", json=body) as r:
         if r.status_code != 200:
             raise RuntimeError(f"HTTP {r.status_code}: {r.read().decode()}")
         for line in r.iter_lines():
@@ -91,8 +96,16 @@ def _run(args: argparse.Namespace) -> dict:
     import argen
     from argen.server.serve import make_server
 
-    questions = select_questions(read_questions(args.questions or find_questions_file()))[: args.clients]
+    all_questions = read_questions(args.questions or find_questions_file())
     gen = argen.load(args.model)
+    if args.case != "concurrency":
+        from argen.bench.serving_cases import run_case
+
+        results = run_case(args.case, gen, args.model, all_questions, args)
+        return results | {"command": args.command, "model": args.model, "threads": args.threads,
+                          "max_tokens": args.max_tokens,
+                          "machine": machine_info(getattr(args, "git_state", None)) | {"load_average": os.getloadavg()}}
+    questions = select_questions(all_questions)[: args.clients]
     server = make_server(gen, "127.0.0.1", 0, max_batch=args.clients, log_level="warning", model_id=args.model)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -100,10 +113,10 @@ def _run(args: argparse.Namespace) -> dict:
         time.sleep(0.05)
     url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
     try:
-        _stream_one(url, args.model, "Hello!", 4)  # warm-up (first-call allocations), not measured
+        _stream_one(url, args.model, "Hello!", 4, args.strategy)  # warm-up (first-call allocations), not measured
         print(f"sequential: {len(questions)} requests one after another", file=sys.stderr)
         t0 = time.perf_counter()
-        sequential = [_stream_one(url, args.model, q.prompt, args.max_tokens) for q in questions]
+        sequential = [_stream_one(url, args.model, q.prompt, args.max_tokens, args.strategy) for q in questions]
         seq_wall = time.perf_counter() - t0
         print(f"concurrent: {len(questions)} requests at once", file=sys.stderr)
         before = _metrics(url)
@@ -112,7 +125,7 @@ def _run(args: argparse.Namespace) -> dict:
 
         def client(i: int) -> None:
             barrier.wait()
-            concurrent[i] = _stream_one(url, args.model, questions[i].prompt, args.max_tokens)
+            concurrent[i] = _stream_one(url, args.model, questions[i].prompt, args.max_tokens, args.strategy)
 
         threads = [threading.Thread(target=client, args=(i,)) for i in range(len(questions))]
         for t in threads:
@@ -127,7 +140,7 @@ def _run(args: argparse.Namespace) -> dict:
     steps = after["argen_batch_size_count"] - before["argen_batch_size_count"]
     results = {
         "command": args.command, "model": args.model, "clients": len(questions), "max_tokens": args.max_tokens,
-        "threads": args.threads,
+        "threads": args.threads, "strategy": args.strategy, "case": "concurrency",
         "machine": machine_info(getattr(args, "git_state", None)) | {"load_average": os.getloadavg()},
         "sequential": _summary(sequential, seq_wall), "concurrent": _summary(concurrent, conc_wall),
         "concurrent_mean_batch": (after["argen_batch_size_sum"] - before["argen_batch_size_sum"]) / steps,
@@ -144,6 +157,12 @@ def _run(args: argparse.Namespace) -> dict:
 
 def write_report(results: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    if results.get("case", "concurrency") != "concurrency":
+        from argen.bench.serving_report import write_case_report
+
+        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        write_case_report(results, out)
+        return
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     _plot(results, out / "latency.png")
     s, c = results["sequential"], results["concurrent"]
@@ -189,9 +208,9 @@ the {s["throughput_tok_s"]:.1f} tokens/s of the same requests sent one after ano
   {step["concurrent"] / step["sequential"]:.1f}× the time for {n}× the tokens. A step of one sequence is bound by reading the
   weights from memory; a step of {n} reads them once for all {n} (and each row attends over its
   own cache only).
-- The concurrent run pays in time to first token: the prompts are prefilled one after another
-  as they join, before the first shared step (time to first token p50: {s["ttft_p50_s"]:.1f} s alone,
-  {c["ttft_p50_s"]:.1f} s together; there is no chunked prefill yet).
+- Time to first token p50: {s["ttft_p50_s"]:.2f} s alone, {c["ttft_p50_s"]:.2f} s together (prompts are prefilled
+  in chunks under each round's token budget, shortest first, beside the others' decoding).
+- Strategy of every request: `{results.get("strategy", "plain")}`.
 
 ![latency and time-to-first-token distributions](latency.png)
 
@@ -228,6 +247,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m argen.bench.serving", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("--model", default="default")
+    parser.add_argument("--case", default="concurrency", choices=["concurrency", "shared-prefix", "burst", "multi-turn"],
+                        help="concurrency: N requests one after another, then at once (default); the others compare "
+                             "two server configurations on the same requests (see argen/bench/serving_cases.py)")
+    parser.add_argument("--strategy", default="plain", help="concurrency: each request's strategy (default: plain)")
+    parser.add_argument("--prefix-tokens", type=int, default=500, help="shared-prefix: system prompt tokens")
+    parser.add_argument("--long", type=int, default=8, help="burst: long prompts (default: %(default)s)")
+    parser.add_argument("--long-tokens", type=int, default=1500, help="burst: tokens per long prompt")
+    parser.add_argument("--turns", type=int, default=4, help="multi-turn: turns per chat (default: %(default)s)")
+    parser.add_argument("--gap", type=float, default=0.25,
+                        help="seconds between requests that arrive one by one (shared-prefix, burst)")
     parser.add_argument("--clients", type=int, default=16, help="requests, and concurrent clients (default: %(default)s)")
     parser.add_argument("--max-tokens", type=int, default=64, help="new tokens per request (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
@@ -243,8 +272,10 @@ def main(argv: list[str] | None = None) -> int:
     args.command = portable_command(["python", "-m", "argen.bench.serving", *(sys.argv[1:] if argv is None else argv)])
     results = run(args)
     write_report(results, args.out)
-    print(f"{results['speedup']:.2f}x: {results['concurrent']['throughput_tok_s']:.1f} vs "
-          f"{results['sequential']['throughput_tok_s']:.1f} tok/s; report in {args.out}/report.md", file=sys.stderr)  # fmt: skip
+    if "speedup" in results:
+        print(f"{results['speedup']:.2f}x: {results['concurrent']['throughput_tok_s']:.1f} vs "
+              f"{results['sequential']['throughput_tok_s']:.1f} tok/s", file=sys.stderr)  # fmt: skip
+    print(f"report in {args.out}/report.md", file=sys.stderr)
     return 0
 
 

@@ -145,8 +145,7 @@ class ArgenSystem(System):
                       result.finish_reason, stats.prefill_seconds)  # fmt: skip
 
     def describe(self) -> dict:
-        runtime = self.generator.runtime
-        weights = getattr(runtime, "weight_bytes", None)
+        weights = self.generator.runtime.weight_bytes
         quant = getattr(self.generator, "quant", "none")
         return super().describe() | {"strategy": self.spec, "quant": quant, "weight_bytes": weights}
 

@@ -1,12 +1,14 @@
-"""The native runtime's fused CPU forward (`kernels/cpu_forward.c`): a whole pass over a few new
-tokens per sequence in one call, for quantized weights. `LlamaRuntime.forward` takes it for decode
-steps, verification passes, beams and batched rows (at most `MAX_NEW_TOKENS` tokens per sequence);
-prefills go through torch. Its results do not depend on what else shares the pass (batch
+"""The native runtime's fused CPU forward (`kernels/cpu_forward.c`): a whole packed pass over a few
+new tokens of several sequences in one call, for quantized weights, reading their keys and values
+from the paged KV memory. `LlamaRuntime.forward_packed` takes it for decode steps, verification
+passes, beams and batched rows (at most `MAX_NEW_TOKENS` tokens per sequence); prefill chunks go
+through torch. Its results do not depend on what else shares the pass (batch
 invariance, see the C file), so exact strategies reproduce plain decoding bit for bit on it."""
 
 from __future__ import annotations
 
 import ctypes
+import itertools
 
 import torch
 
@@ -34,26 +36,40 @@ class FusedForward:
                                  runtime.norm.data_ptr(), structs)  # fmt: skip
         self.hidden = info.hidden_size
 
-    def __call__(self, x: torch.Tensor, positions: torch.Tensor, starts: list[int], cache, mask, plan) -> torch.Tensor:
-        """x: embeddings [B, T, H] (overwritten); returns the final-normed hidden states [B, T, H]."""
-        batch, n_new, _ = x.shape
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor, segments, starts: list[int], plan) -> torch.Tensor:
+        """x: embeddings [N, H] of every segment's new tokens, in order (overwritten); returns the
+        final-normed hidden states [N, H]. The caches already have room (reserved) for the tokens."""
+        pool = segments[0].cache.pool
         x = x.contiguous()
         out = torch.empty_like(x)
-        pos = positions.to(torch.int64).expand(batch, n_new).contiguous()
+        counts = [len(seg.tokens) for seg in segments]
+        cu = torch.tensor([0, *itertools.accumulate(counts)], dtype=torch.int64)
+        tables = [seg.cache.blocks for seg in segments]
+        table_cu = torch.tensor([0, *itertools.accumulate(len(t) for t in tables)], dtype=torch.int64)
+        flat_tables = torch.tensor([b for t in tables for b in t], dtype=torch.int32)
+        masks, mask_at, at = [], [], 0
+        for seg, n in zip(segments, counts, strict=True):
+            if seg.mask is None:
+                mask_at.append(-1)
+            else:
+                masks.append(seg.mask.to(torch.uint8).reshape(-1))
+                mask_at.append(at)
+                at += n * n
+        mask = torch.cat(masks).contiguous() if masks else None
+        k = pool.k
+        strides = torch.tensor([k.stride(0), k.stride(2), k.stride(1), k.stride(3)], dtype=torch.int64)
+        pos = positions.to(torch.int64).contiguous()
         start = torch.tensor(starts, dtype=torch.int64)
-        strides = torch.tensor([cache.k.stride(0), cache.k.stride(1), cache.k.stride(2), cache.k.stride(3)])
-        mask_rows, mask_ptr = 0, None
-        if mask is not None:
-            mask = mask.to(torch.uint8).contiguous()
-            mask_rows = 1 if mask.dim() == 2 else mask.shape[0]
-            mask_ptr = mask.data_ptr()
         attn = ffn = None
         if plan is not None and not plan.is_full:
             attn, ffn = (torch.tensor(flags, dtype=torch.uint8) for flags in (plan.attn, plan.ffn))
+        where = torch.tensor(mask_at, dtype=torch.int64)
         status = self.lib.lib.argen_forward(
-            ctypes.byref(self.model), torch.get_num_threads(), batch, n_new, x.data_ptr(), out.data_ptr(),
-            pos.data_ptr(), start.data_ptr(), cache.k.data_ptr(), cache.v.data_ptr(), strides.data_ptr(), mask_ptr,
-            mask_rows, None if attn is None else attn.data_ptr(), None if ffn is None else ffn.data_ptr(),
+            ctypes.byref(self.model), torch.get_num_threads(), len(segments), cu.data_ptr(), x.data_ptr(),
+            out.data_ptr(), pos.data_ptr(), start.data_ptr(), flat_tables.data_ptr(), table_cu.data_ptr(),
+            pool.block_size, k.data_ptr(), pool.v.data_ptr(), strides.data_ptr(),
+            None if mask is None else mask.data_ptr(), where.data_ptr(),
+            None if attn is None else attn.data_ptr(), None if ffn is None else ffn.data_ptr(),
         )  # fmt: skip
         if status != 0:
             raise MemoryError("the fused CPU forward could not allocate its buffers")

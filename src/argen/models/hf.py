@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from argen.models.runtime import ModelInfo, Plan
+from argen.models.runtime import Capabilities, ModelInfo, Plan, RuntimeMemo, Segment, SegmentOut
 
 
 class HFCache:
@@ -50,6 +50,12 @@ class HFCache:
     def bytes_per_position(self) -> int:
         return self._bytes_per_position
 
+    def free(self) -> None:
+        from transformers import DynamicCache
+
+        self.dynamic = DynamicCache()
+        self.lengths[0] = 0
+
     @property
     def peak_bytes(self) -> int:
         return self.peak_length * self._bytes_per_position
@@ -69,26 +75,46 @@ class HFRuntime:
         n_layers = getattr(config, "num_hidden_layers", None) or config.n_layer
         max_pos = getattr(config, "max_position_embeddings", None) or config.n_positions
         self.info = ModelInfo(n_layers, n_heads, n_kv, head_dim, hidden, config.vocab_size, max_pos)
+        self.capabilities = Capabilities(paged_kv=False, layer_plans=False, kernels="transformers")
+        self.memo = RuntimeMemo()
 
-    def new_cache(self, batch_size: int = 1, max_len: int | None = None) -> HFCache:
-        if batch_size != 1:
-            raise ValueError("the Hugging Face adapter decodes one sequence at a time; use the native runtime")
+    @property
+    def weight_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    def new_cache(self, batch_size: int = 1, max_len: int | None = None) -> HFCache | list[HFCache]:
         info = self.info
         per_position = 2 * info.n_layers * info.n_kv_heads * info.head_dim * self.dtype.itemsize
-        return HFCache(per_position, max_len or info.max_positions)
+        caches = [HFCache(per_position, max_len or info.max_positions) for _ in range(batch_size)]
+        return caches[0] if batch_size == 1 else caches
+
+    def forward_packed(self, segments: list[Segment], plan: Plan | None = None) -> list[SegmentOut]:
+        """Each segment in a pass of its own: transformers' caches hold one sequence each."""
+        outs = []
+        for index, seg in enumerate(segments):
+            tokens = torch.as_tensor(seg.tokens, dtype=torch.long).reshape(1, -1)
+            positions = torch.as_tensor(seg.positions, dtype=torch.long).reshape(1, -1)
+            logits, hidden = self.forward(tokens, positions, seg.cache, seg.mask, plan, seg.num_logits)
+            outs.append(SegmentOut(None if logits is None else logits[0], hidden[0], index))
+        return outs
 
     @torch.inference_mode()
     def forward(
         self,
         tokens: torch.Tensor,
         positions: torch.Tensor,
-        cache: HFCache,
+        cache: HFCache | list[HFCache],
         mask: torch.Tensor | None = None,
         plan: Plan | None = None,
         num_logits: int | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
         if plan is not None and not plan.is_full:
             raise ValueError("layer plans (layer skipping) need the native runtime")
+        if isinstance(cache, list):  # several sequences: one after another
+            outs = [self.forward(tokens[r : r + 1], positions[r : r + 1], c, None if mask is None else
+                                 (mask if mask.dim() == 2 else mask[r]), plan, num_logits) for r, c in enumerate(cache)]
+            logits = None if num_logits == 0 else torch.cat([o[0] for o in outs])
+            return logits, torch.cat([o[1] for o in outs])
         n_new = tokens.shape[1]
         cache.reserve(n_new)
         start = cache.lengths[0]

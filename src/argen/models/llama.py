@@ -12,15 +12,21 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from argen.cache import KVCache
+from argen.cache.paged import BLOCK_SIZE, BlockPool, SeqKV
 from argen.models.fused import MAX_NEW_TOKENS as FUSED_MAX_NEW_TOKENS
 from argen.models.fused import MAX_ROWS as FUSED_MAX_ROWS
 from argen.models.fused import FusedForward
 from argen.models.matmul import Matmul
 from argen.models.quant import QuantMatmul, QuantWeight
-from argen.models.runtime import ModelInfo, Plan
+from argen.models.runtime import Capabilities, ModelInfo, Plan, RuntimeMemo, Segment, SegmentOut
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+# Bytes of KV memory a runtime may use, all sequences together: the pool is reserved at this size but
+# the operating system commits only the blocks written (SmolLM2-135M: 46 KB per position in fp32).
+DEFAULT_KV_MEMORY = 4 << 30
+# On torch's path (no fused kernels), feeds of at most this many tokens share one packed pass
+# (decode steps, drafts, beams): one read of the weights for all of them.
+TORCH_PACKED_MAX_NEW_TOKENS = 32
 
 
 Linear = Matmul | QuantMatmul
@@ -62,7 +68,8 @@ def rope_tables(config, n_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
 class LlamaRuntime:
     """`forward(tokens, positions, cache, mask, plan)` over a Llama-family decoder."""
 
-    def __init__(self, config, state_dict: dict[str, torch.Tensor], device="cpu", dtype=torch.float32):
+    def __init__(self, config, state_dict: dict[str, torch.Tensor], device="cpu", dtype=torch.float32,
+                 kv_memory: int = DEFAULT_KV_MEMORY):  # fmt: skip
         arch = getattr(config, "model_type", None)
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ValueError(f"native runtime supports {', '.join(SUPPORTED_ARCHITECTURES)}, not {arch!r}")
@@ -130,81 +137,157 @@ class LlamaRuntime:
         # Quantized weights throughout: short feeds take the fused C forward (models/fused.py).
         matmuls = [m for layer in self.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down)]
         self.fused = FusedForward(self) if all(isinstance(m, QuantMatmul) for m in matmuls) else None
+        self.kv_memory = kv_memory
+        self.pool: BlockPool | None = None
+        kernels = f"argen {self.fused.lib.isa} block kernels" if self.fused is not None else "torch"
+        self.capabilities = Capabilities(paged_kv=True, layer_plans=True, kernels=kernels)
+        self.memo = RuntimeMemo()
 
-    def new_cache(self, batch_size: int = 1, max_len: int | None = None) -> KVCache:
-        info = self.info
-        return KVCache(
-            info.n_layers,
-            batch_size,
-            info.n_kv_heads,
-            info.head_dim,
-            max_len or info.max_positions,
-            dtype=self.dtype,
-            device=self.device,
-        )
+    # -- KV memory -----------------------------------------------------------------------------
+    def kv_pool(self) -> BlockPool:
+        """The runtime's paged KV memory, shared by every sequence (created on first use)."""
+        if self.pool is None:
+            info = self.info
+            per_block = 2 * info.n_layers * info.n_kv_heads * BLOCK_SIZE * info.head_dim * self.dtype.itemsize
+            # At most `kv_memory`, and no more than 64 full-context sequences could use.
+            blocks = max(8, min(self.kv_memory // per_block, 64 * -(-info.max_positions // BLOCK_SIZE)))
+            self.pool = BlockPool(info.n_layers, info.n_kv_heads, info.head_dim, blocks, BLOCK_SIZE, self.dtype,
+                                  self.device)  # fmt: skip
+        return self.pool
 
+    def new_cache(self, batch_size: int = 1, max_len: int | None = None) -> SeqKV | list[SeqKV]:
+        """An empty cache of at most `max_len` positions (one sequence), or a list of `batch_size`."""
+        pool, max_len = self.kv_pool(), max_len or self.info.max_positions
+        caches = [SeqKV(pool, max_len) for _ in range(batch_size)]
+        return caches[0] if batch_size == 1 else caches
+
+    # -- forward passes --------------------------------------------------------------------------
     @torch.inference_mode()
     def forward(
         self,
         tokens: torch.Tensor,
         positions: torch.Tensor,
-        cache: KVCache,
+        cache: SeqKV | list[SeqKV],
         mask: torch.Tensor | None = None,
         plan: Plan | None = None,
         num_logits: int | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
-        batch, n_new = tokens.shape
-        if positions.max().item() >= self.info.max_positions:
-            raise ValueError(
-                f"position {positions.max().item()} is past the model's context ({self.info.max_positions})"
-            )
-        cache.reserve(n_new)
-        starts = list(cache.lengths)
-        x = self.embed_tokens(tokens)
-        if self.fused is not None and n_new <= FUSED_MAX_NEW_TOKENS and batch * n_new <= FUSED_MAX_ROWS:
-            hidden = self.fused(x, positions, starts, cache, mask, plan)
-            for r in range(batch):
-                cache.lengths[r] += n_new
-            if num_logits == 0:
-                return None, hidden
-            return self.head(hidden if num_logits is None else hidden[:, -num_logits:]), hidden
-        cos = self.cos[positions].unsqueeze(1)  # [B, 1, T, D]
-        sin = self.sin[positions].unsqueeze(1)
-        # One new token per row and rows of different lengths (continuous batching): each row
-        # attends over its own keys only, instead of every row over the longest row's length.
-        ragged = n_new == 1 and mask is None and len(set(starts)) > 1
-        attn_mask, is_causal, n_keys = (None, False, 0) if ragged else self._attention_mask(starts, n_new, mask)
-        write = self._cache_writer(starts, n_new)
-        info = self.info
+        """`tokens` [B, T] of B sequences (one cache each) at `positions` [B, T]; see ModelRuntime."""
+        caches = [cache] if isinstance(cache, SeqKV) else list(cache)
+        masks = [None] * len(caches) if mask is None else [mask] * len(caches) if mask.dim() == 2 else list(mask)
+        segments = [Segment(caches[r], tokens[r], positions[r], masks[r], num_logits) for r in range(len(caches))]
+        outs = self.forward_packed(segments, plan)
+        hidden = torch.stack([o.hidden for o in outs])
+        logits = None if num_logits == 0 else torch.stack([o.logits for o in outs])
+        return logits, hidden
+
+    @torch.inference_mode()
+    def forward_packed(self, segments: list[Segment], plan: Plan | None = None) -> list[SegmentOut]:
+        """One pass over several sequences' new tokens (see ModelRuntime.forward_packed). Short feeds
+        (decode steps, drafts, beams) take the fused C forward when the weights are quantized; longer
+        ones (prefill chunks) take torch's path, in a pass of their own."""
+        for seg in segments:
+            top = int(max(seg.positions)) if len(seg.positions) else 0
+            if top >= self.info.max_positions:
+                raise ValueError(f"position {top} is past the model's context ({self.info.max_positions})")
+        limit = FUSED_MAX_NEW_TOKENS if self.fused is not None else TORCH_PACKED_MAX_NEW_TOKENS
+        short = [i for i, seg in enumerate(segments) if len(seg.tokens) <= limit]
+        long = [i for i in range(len(segments)) if i not in set(short)]
+        outs: list[SegmentOut | None] = [None] * len(segments)
+        self._passes = 0  # numbers the passes of this call (SegmentOut.pass_index)
+        # Short feeds: as many segments as fit in FUSED_MAX_ROWS rows per pass.
+        group: list[int] = []
+        rows = 0
+        for i in short:
+            n = len(segments[i].tokens)
+            if group and rows + n > FUSED_MAX_ROWS:
+                self._run([segments[j] for j in group], plan, self.fused is not None, outs, group)
+                group, rows = [], 0
+            group.append(i)
+            rows += n
+        if group:
+            self._run([segments[j] for j in group], plan, self.fused is not None, outs, group)
+        # Long feeds (prefill chunks) each in a pass of their own: at that size a pass is bound by
+        # arithmetic, so packing saves little, and a GEMM's rounding may depend on its row count, so a
+        # prompt computed alone is computed the same way in a busy batch.
+        for j in long:
+            self._run([segments[j]], plan, False, outs, [j])
+        # Without the fused path, short feeds share one torch pass (the weights are read once for all).
+        return outs  # type: ignore[return-value]
+
+    def _run(self, segments: list[Segment], plan: Plan | None, fused: bool, outs: list, where: list[int]) -> None:
+        starts = []
+        for seg in segments:
+            starts.append(seg.cache.lengths[0])
+            seg.cache.reserve(len(seg.tokens))
+        tokens = torch.cat([torch.as_tensor(seg.tokens, dtype=torch.long).reshape(-1) for seg in segments])
+        positions = torch.cat([torch.as_tensor(seg.positions, dtype=torch.long).reshape(-1) for seg in segments])
+        x = self.embed_tokens(tokens[None])[0]  # [N, H]
+        if fused:
+            hidden = self.fused(x, positions, segments, starts, plan)
+        else:
+            hidden = self._forward_torch(x, positions, segments, starts, plan)
+        offset = 0
+        for i, seg, start in zip(where, segments, starts, strict=True):
+            n = len(seg.tokens)
+            seg.cache.lengths[0] = start + n
+            h = hidden[offset : offset + n]
+            offset += n
+            k = n if seg.num_logits is None else seg.num_logits
+            outs[i] = SegmentOut(self.head(h[n - k :]) if k else None, h, self._passes)
+        self._passes += 1
+
+    def _forward_torch(self, x: torch.Tensor, positions: torch.Tensor, segments: list[Segment], starts: list[int],
+                       plan: Plan | None) -> torch.Tensor:  # fmt: skip
+        """The pass in torch ops: matmuls over every segment's rows at once, attention per segment over
+        its own keys (gathered from its blocks), with the same SDPA call a lone sequence makes."""
+        info, pool = self.info, self.pool
+        n_rows = x.shape[0]
+        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # [N, 1, D]
+        size = pool.block_size
+        slots = torch.cat([seg.cache.slots(start, len(seg.tokens)) for seg, start in zip(segments, starts)])
+        blocks, offsets = slots // size, slots % size
+        plans = [self._attention_plan(seg, start) for seg, start in zip(segments, starts)]
+        gqa = info.n_kv_heads != info.n_heads
         for i, layer in enumerate(self.layers):
             if plan is None or plan.attn[i]:
                 h = rms_norm(x, layer.attn_norm, self.eps)
-                qkv = layer.qkv(h)
-                q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-                q = q.view(batch, n_new, info.n_heads, info.head_dim).transpose(1, 2)
-                k = k.view(batch, n_new, info.n_kv_heads, info.head_dim).transpose(1, 2)
-                v = v.view(batch, n_new, info.n_kv_heads, info.head_dim).transpose(1, 2)
+                q, k, v = layer.qkv(h).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+                q = q.view(n_rows, info.n_heads, info.head_dim)
+                k = k.view(n_rows, info.n_kv_heads, info.head_dim)
                 q = q * cos + rotate_half(q) * sin
                 k = k * cos + rotate_half(k) * sin
-                keys, values = write(cache.k[i], cache.v[i], k, v)
-                if ragged:
-                    out = self._ragged_attention(q, keys, values, starts)
-                else:
-                    out = F.scaled_dot_product_attention(
-                        q, keys[:, :, :n_keys], values[:, :, :n_keys],
-                        attn_mask=attn_mask, is_causal=is_causal, enable_gqa=info.n_kv_heads != info.n_heads,
-                    )  # fmt: skip
-                x = x + layer.o(out.transpose(1, 2).reshape(batch, n_new, self.q_size))
+                pool.k[i][:, blocks, offsets] = k.transpose(0, 1)
+                pool.v[i][:, blocks, offsets] = v.view(n_rows, info.n_kv_heads, info.head_dim).transpose(0, 1)
+                outs, row = [], 0
+                for seg, (n_keys, attn_mask, is_causal) in zip(segments, plans):
+                    n = len(seg.tokens)
+                    table = torch.tensor(seg.cache.blocks, dtype=torch.long, device=self.device)
+                    keys = pool.k[i][:, table].flatten(1, 2)[:, :n_keys]  # [kv heads, keys, D]
+                    values = pool.v[i][:, table].flatten(1, 2)[:, :n_keys]
+                    outs.append(F.scaled_dot_product_attention(
+                        q[row : row + n].transpose(0, 1)[None], keys[None], values[None], attn_mask=attn_mask,
+                        is_causal=is_causal, enable_gqa=gqa)[0].transpose(0, 1))  # fmt: skip
+                    row += n
+                x = x + layer.o(torch.cat(outs).reshape(n_rows, self.q_size))
             if plan is None or plan.ffn[i]:
                 h = rms_norm(x, layer.ffn_norm, self.eps)
                 gate, up = layer.gate_up(h).chunk(2, dim=-1)
                 x = x + layer.down(F.silu(gate) * up)
-        for r in range(batch):
-            cache.lengths[r] += n_new
-        hidden = rms_norm(x, self.norm, self.eps)
-        if num_logits == 0:
-            return None, hidden
-        return self.head(hidden if num_logits is None else hidden[:, -num_logits:]), hidden
+        return rms_norm(x, self.norm, self.eps)
+
+    def _attention_plan(self, seg: Segment, start: int):
+        """(number of keys, attn_mask, is_causal) for one segment's SDPA call; the common cases (one new
+        token, or a causal feed into an empty cache) need no mask tensor."""
+        n = len(seg.tokens)
+        if seg.mask is None and n == 1:
+            return start + 1, None, False
+        if seg.mask is None and start == 0:
+            return n, None, True
+        new = seg.mask if seg.mask is not None else torch.ones(n, n, dtype=torch.bool).tril()
+        full = torch.ones(n, start + n, dtype=torch.bool, device=self.device)
+        full[:, start:] = new.to(device=self.device, dtype=torch.bool)
+        return start + n, full, False
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """Input embeddings [B, T, H] for token ids [B, T]."""
@@ -233,52 +316,3 @@ class LlamaRuntime:
         """Logits for final hidden states [..., H]."""
         return self.lm_head(hidden)
 
-    def _ragged_attention(self, q, keys, values, starts: list[int]) -> torch.Tensor:
-        """Decode attention for rows of different lengths, row by row. A padded mask makes every
-        row read the cache up to the longest row (measured: 1.5x slower steps for 16 Spec-Bench
-        prompts of 40..769 tokens); and each row makes the very call a lone sequence makes, so a
-        batched row computes what it would alone."""
-        gqa = self.info.n_kv_heads != self.info.n_heads
-        return torch.cat([F.scaled_dot_product_attention(q[r : r + 1], keys[r : r + 1, :, : s + 1],
-                                                         values[r : r + 1, :, : s + 1], enable_gqa=gqa)
-                          for r, s in enumerate(starts)])  # fmt: skip
-
-    def _attention_mask(self, starts: list[int], n_new: int, mask: torch.Tensor | None):
-        """(attn_mask, is_causal, number of key slots) for SDPA. The common cases (one sequence,
-        causal) need no mask tensor at all."""
-        n_keys = max(starts) + n_new
-        uniform = all(s == starts[0] for s in starts)
-        if mask is None and uniform:
-            if n_new == 1:
-                return None, False, n_keys
-            if starts[0] == 0:
-                return None, True, n_keys
-        new_mask = mask if mask is not None else torch.ones(n_new, n_new, dtype=torch.bool).tril()
-        new_mask = new_mask.to(device=self.device, dtype=torch.bool)
-        if new_mask.dim() == 2:
-            new_mask = new_mask.expand(len(starts), n_new, n_new)
-        full = torch.zeros(len(starts), n_new, n_keys, dtype=torch.bool, device=self.device)
-        for r, s in enumerate(starts):
-            full[r, :, :s] = True
-            full[r, :, s : s + n_new] = new_mask[r]
-        return full.unsqueeze(1), False, n_keys
-
-    def _cache_writer(self, starts: list[int], n_new: int):
-        if all(s == starts[0] for s in starts):
-            s = starts[0]
-
-            def write_slice(kc, vc, k, v):
-                kc[:, :, s : s + n_new] = k
-                vc[:, :, s : s + n_new] = v
-                return kc, vc
-
-            return write_slice
-        rows = torch.arange(len(starts), device=self.device)[:, None]
-        slots = torch.tensor(starts, device=self.device)[:, None] + torch.arange(n_new, device=self.device)
-
-        def write_rows(kc, vc, k, v):
-            kc[rows, :, slots] = k.transpose(1, 2)
-            vc[rows, :, slots] = v.transpose(1, 2)
-            return kc, vc
-
-        return write_rows

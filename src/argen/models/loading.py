@@ -57,7 +57,7 @@ class LoadedModel:
     def __post_init__(self) -> None:
         # Sample text for strategies that calibrate on the model; below the Engine nothing else
         # sees the tokenizer, so the ids travel with the runtime.
-        self.runtime.calibration_ids = calibration_ids(self.tokenizer)
+        self.runtime.memo.calibration_ids = calibration_ids(self.tokenizer)
 
 
 def _eos_ids(tokenizer, config) -> set[int]:

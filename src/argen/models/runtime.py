@@ -6,8 +6,8 @@ works with either.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 
@@ -35,6 +35,27 @@ class Plan:
         return all(self.attn) and all(self.ffn)
 
 
+@dataclass
+class Segment:
+    """New tokens of one sequence for a packed forward pass: the pass writes their keys/values into
+    `cache` after what it holds. `mask` [T, T] says which new tokens each new token sees (None:
+    causal); every new token sees the whole cached prefix. `num_logits`: logits for the last that many
+    tokens (None: all, 0: none)."""
+
+    cache: object
+    tokens: list[int] | torch.Tensor
+    positions: list[int] | torch.Tensor
+    mask: torch.Tensor | None = None
+    num_logits: int | None = 0
+
+
+@dataclass
+class SegmentOut:
+    logits: torch.Tensor | None  # [num_logits, V]
+    hidden: torch.Tensor  # final hidden states [T, H]
+    pass_index: int = 0  # which forward pass of the packed call computed it (segments may be split)
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     n_layers: int
@@ -46,10 +67,33 @@ class ModelInfo:
     max_positions: int
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What a runtime can do, declared (strategies and the Engine ask this, never the object's type)."""
+
+    paged_kv: bool  # caches are block tables in a shared pool (`kv_pool()`): prefix caching, forks
+    layer_plans: bool  # a Plan may skip attention / FFN sub-blocks (layer-skip drafts)
+    kernels: str = "torch"  # which kernels run the weights (for reports)
+
+
+@dataclass
+class RuntimeMemo:
+    """What strategies learn about a model once and reuse across requests. It lives with the runtime,
+    so every request on that model shares it, and nothing else is attached to a runtime."""
+
+    calibration_ids: list[list[int]] = field(default_factory=list)  # sample text (models/calibration.py)
+    cost_model: Any = None  # seconds per pass (speculative/adaptive.py)
+    layer_skip: dict = field(default_factory=dict)  # max_draft -> calibrated skip set (skip_calibration.py)
+    jacobi_backoff: int | None = None  # plain steps between lookahead tries (speculative/jacobi.py)
+
+
 class ModelRuntime(Protocol):
     info: ModelInfo
     device: torch.device
     dtype: torch.dtype
+    capabilities: Capabilities
+    memo: RuntimeMemo
+    weight_bytes: int  # the weights held in memory (quantized blocks at their stored size)
 
     def new_cache(self, batch_size: int = 1, max_len: int | None = None): ...
 
@@ -66,6 +110,11 @@ class ModelRuntime(Protocol):
         lengths grow by T). `mask` [T, T] (or [B, T, T]) says which new tokens each new token sees
         (default: causal); every token sees the whole cached prefix. Returns logits [B, T', V] for the
         last `num_logits` tokens (all if None, no logits if 0) and the final hidden states [B, T, H]."""
+        ...
+
+    def forward_packed(self, segments: list[Segment], plan: Plan | None = None) -> list[SegmentOut]:
+        """Several sequences' new tokens in one pass (each its own length, positions, mask and cache):
+        the weights are read once for all of them. Results are per segment, in order."""
         ...
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:

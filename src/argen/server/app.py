@@ -36,7 +36,7 @@ from argen.server.guards import DEFAULT_MAX_BODY_BYTES, APIKey, BodyLimit
 from argen.server.limits import Limits
 from argen.server.metrics import Metrics
 from argen.server.params import Policy, build_request, max_prompt_chars
-from argen.server.scheduler import Draining, QueueFull, Scheduler, Ticket
+from argen.server.scheduler import PREFILL_CHUNK, STEP_TOKENS, Draining, QueueFull, Scheduler, Ticket
 
 log = logging.getLogger("argen.server")
 ERROR_RESPONSES = {
@@ -59,7 +59,9 @@ SSE_EVENT = {  # one server-sent event of a stream
 def create_app(gen: Generator, *, model_id: str | None = None, max_batch: int = 32, max_queue: int = 128,
                max_tokens_limit: int | None = None, limits: Limits | None = None,
                companions: Companions | None = None, api_key: str | None = None,
-               allowed_hosts: list[str] | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:  # fmt: skip
+               allowed_hosts: list[str] | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+               prefill_chunk: int | None = PREFILL_CHUNK, step_tokens: int | None = STEP_TOKENS,
+               prefix_caching: bool = True) -> FastAPI:  # fmt: skip
     """A FastAPI app serving `gen`. Its scheduler thread starts with the app (or on the first
     request) and, at shutdown, finishes the requests in flight before it stops. `companions` are
     the draft and guide models requests may name (default: only the served model itself),
@@ -71,7 +73,8 @@ def create_app(gen: Generator, *, model_id: str | None = None, max_batch: int = 
     policy = Policy(model_id, limit, limits or Limits(), companions or Companions(model_id, gen.model),
                     max_prompt_chars(gen))  # fmt: skip
     metrics = Metrics()
-    scheduler = Scheduler(gen.engine, metrics, max_batch=max_batch, max_queue=max_queue)
+    scheduler = Scheduler(gen.engine, metrics, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk,
+                          step_tokens=step_tokens, prefix_caching=prefix_caching)  # fmt: skip
     # sse-starlette would cut every stream on SIGTERM; we drain them instead (uvicorn waits for them).
     AppStatus.disable_automatic_graceful_drain()
 

@@ -17,7 +17,13 @@ class Metrics:
                                 "(stop, length, cancelled, error, rejected_4xx code)", ["endpoint", "outcome"],
                                 registry=r)  # fmt: skip
         self.prompt_tokens = Counter("argen_prompt_tokens", "Prompt tokens of admitted requests", registry=r)
+        self.cached_prompt_tokens = Counter("argen_prompt_tokens_cached", "Prompt tokens whose keys and values "
+                                            "came from the prefix cache (not computed)", registry=r)  # fmt: skip
         self.generation_tokens = Counter("argen_generation_tokens", "Tokens generated", registry=r)
+        self.kv_bytes_held = Gauge("argen_kv_bytes_held", "KV-cache bytes held by running sequences (whole "
+                                   "blocks; blocks shared by several count once)", registry=r)  # fmt: skip
+        self.kv_bytes_used = Gauge("argen_kv_bytes_used", "KV-cache bytes the running sequences' lengths need",
+                                   registry=r)  # fmt: skip
         self.waiting = Gauge("argen_queue_depth", "Requests waiting to join the running batch", registry=r)
         self.running = Gauge("argen_running_requests", "Requests in the running batch", registry=r)
         self.batch_size = Histogram("argen_batch_size", "Sequences per scheduler step", buckets=BATCH_BUCKETS,

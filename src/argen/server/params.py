@@ -102,9 +102,7 @@ def _strategy(gen: Generator, body, policy: Policy):
         strategy = make_strategy(spec)
         if (over := policy.limits.check(strategy)) is not None:
             raise bad_request(over, "strategy", code="limit_exceeded")
-        prepare = getattr(strategy, "prepare", None)
-        if prepare is not None:
-            prepare(gen.model)
+        strategy.prepare(gen.model)
     except InvalidRequestError as exc:
         raise bad_request(str(exc), "strategy") from exc
     return strategy

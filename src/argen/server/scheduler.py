@@ -1,8 +1,10 @@
 """Continuous batching: one worker thread owns the model and loops over a DecodeBatch.
 
-Each iteration it drops cancelled requests (their cache rows go with them), admits waiting ones
-(prefill into a new row) while there is room, and runs one step: one forward pass for all plain
-sequences, one strategy step for each of the others. Every token event is handed to its request's
+Each iteration it drops cancelled requests (their KV blocks go with them), admits waiting ones
+while there is room (a slot under --max-batch, and KV memory for the request's worst case), and
+runs one round of the decode loop: every sequence's feeds in one packed pass, plus prefill chunks
+under the round's token budget (shortest prompt first), so a long prompt never stalls everyone's
+next token. Every token event is handed to its request's
 asyncio queue with `call_soon_threadsafe`, so the HTTP side never blocks on the model and the model
 never waits for a slow client. Requests join and leave between steps (Orca-style iteration-level
 scheduling: the temporal fusion of decode steps across in-flight requests).
@@ -23,6 +25,11 @@ from argen.errors import ArgenError
 from argen.server.metrics import Metrics
 
 log = logging.getLogger("argen.server")
+# Prompt tokens per prefill pass, and tokens per round (decode feeds first, then prefill chunks): on
+# a 2-core CPU a 256-token chunk takes about as long as a few decode rounds, so a burst of long
+# prompts delays everyone's next token by that much, not by whole prefills.
+PREFILL_CHUNK = 256
+STEP_TOKENS = 512
 
 
 class QueueFull(Exception):
@@ -50,12 +57,16 @@ class Ticket:
 
 
 class Scheduler:
-    def __init__(self, engine: Engine, metrics: Metrics, max_batch: int = 32, max_queue: int = 128) -> None:
-        if max_batch < 1 or max_queue < 0:
-            raise ValueError("max_batch must be >= 1 and max_queue >= 0")
+    def __init__(self, engine: Engine, metrics: Metrics, max_batch: int = 32, max_queue: int = 128,
+                 prefill_chunk: int | None = PREFILL_CHUNK, step_tokens: int | None = STEP_TOKENS,
+                 prefix_caching: bool = True) -> None:  # fmt: skip
+        """`prefill_chunk` / `step_tokens` None: whole prompts, no per-round limit (no chunked prefill)."""
+        if max_batch < 1 or max_queue < 0 or (prefill_chunk or 1) < 1 or (step_tokens or 1) < 1:
+            raise ValueError("max_batch, prefill_chunk and step_tokens must be >= 1 and max_queue >= 0")
         self.engine, self.metrics = engine, metrics
         self.max_batch, self.max_queue = max_batch, max_queue
-        self.batch = DecodeBatch(engine)
+        self.prefill_chunk, self.step_tokens, self.prefix_caching = prefill_chunk, step_tokens, prefix_caching
+        self.batch = self._new_batch()
         self._waiting: deque[Ticket] = deque()
         self._running: dict[int, Ticket] = {}
         self._cond = threading.Condition()
@@ -64,6 +75,10 @@ class Scheduler:
         self._stop = False
         self.draining = False
         self.step_seconds = 0.0  # moving average, for Retry-After
+
+    def _new_batch(self) -> DecodeBatch:
+        return DecodeBatch(self.engine, token_budget=self.step_tokens, prefill_chunk=self.prefill_chunk,
+                           prefix_caching=self.prefix_caching)  # fmt: skip
 
     # -- called from the event loop ------------------------------------------------------------
     def start(self) -> None:
@@ -121,8 +136,14 @@ class Scheduler:
                     self._cond.wait()
                 if not self._waiting and not self._running:
                     return
-                free = self.max_batch - len(self._running)
-                admit = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+                admit, blocks = [], 0
+                while self._waiting and len(self._running) + len(admit) < self.max_batch:
+                    # First come, first served: the head waits until KV memory for its worst case is free.
+                    head = self._waiting[0].request
+                    if not self.batch.can_admit(head, blocks) and (self._running or admit):
+                        break
+                    blocks += self.batch.blocks_needed(head)
+                    admit.append(self._waiting.popleft())
                 self.metrics.waiting.set(len(self._waiting))
             try:
                 self._iteration(admit)
@@ -130,7 +151,7 @@ class Scheduler:
                 log.exception("scheduler iteration failed")
                 for ticket in list(self._running.values()):
                     self._finish(ticket, RuntimeError("internal error in the scheduler"), "error")
-                self.batch = DecodeBatch(self.engine)
+                self.batch = self._new_batch()
 
     def _iteration(self, admit: list[Ticket]) -> None:
         self._drop_cancelled()
@@ -153,6 +174,8 @@ class Scheduler:
         t0 = time.perf_counter()
         self.metrics.batch_size.observe(len(self.batch))
         items = self.batch.step()
+        self.metrics.kv_bytes_held.set(self.batch.kv_bytes_held())
+        self.metrics.kv_bytes_used.set(self.batch.kv_bytes_used())
         elapsed = time.perf_counter() - t0
         self.metrics.step_seconds.observe(elapsed)
         self.step_seconds = 0.9 * self.step_seconds + 0.1 * elapsed if self.step_seconds else elapsed
@@ -170,6 +193,7 @@ class Scheduler:
                     self._send(ticket, item)
             elif isinstance(item, Result):
                 self.metrics.latency_seconds.observe(time.perf_counter() - ticket.arrived)
+                self.metrics.cached_prompt_tokens.inc(item.stats.cached_prompt_tokens)
                 self._finish(ticket, item, item.finish_reason)
             elif isinstance(item, Failure):
                 _log_failure(ticket, item.error, "while decoding")
@@ -181,7 +205,7 @@ class Scheduler:
         if not gone:
             return
         ids = {t.id for t in gone}
-        self.batch.remove([s for s in self.batch.sequences + self.batch.solo if s.index in ids])
+        self.batch.remove([s for s in self.batch.sequences if s.index in ids])
         for ticket in gone:
             del self._running[ticket.id]
             self._count(ticket, "cancelled")
@@ -189,7 +213,7 @@ class Scheduler:
     def _finish(self, ticket: Ticket, item: Result | Exception, outcome: str) -> None:
         self._running.pop(ticket.id, None)
         if isinstance(item, Exception):
-            self.batch.remove([s for s in self.batch.sequences + self.batch.solo if s.index == ticket.id])
+            self.batch.remove([s for s in self.batch.sequences if s.index == ticket.id])
         self._send(ticket, item)
         ticket.done = True
         self._count(ticket, outcome)

@@ -1,34 +1,68 @@
-"""The Strategy interface and the per-sequence decoding state it works on.
+"""The Strategy interface, the feeds it asks the Engine to run, and the per-sequence state it works on.
+
+A strategy never calls the model. Its `step(state)` is a generator: it *yields* what to feed (a
+`Feed`, or a list of feeds to run in the same pass) and *receives* what the model returned for it
+(a `SegmentOut`, or a list), as often as it needs, then *returns* the new token ids. The Engine
+gathers every sequence's feeds of a round and runs them in one packed forward pass per runtime, so
+sixteen speculative requests cost one pass a round, not sixteen.
 
 Convention: the cache holds every token of the sequence except the last one, which is "pending";
 a step feeds the pending token (plus any drafts) to the model, so no forward pass is wasted after
 the final token and a verifier can score pending + drafts in one pass.
+
+Per-request state lives in `DecodeState.memo` (set by `start`), never on the strategy object, which
+holds only the request's options.
 """
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
-from argen.models.runtime import Plan
+from argen.models.runtime import Plan, SegmentOut
 from argen.sampling import Sampler
 
 
 @dataclass
 class StepCounters:
-    forward_passes: int = 0  # target-model passes, prefill included
+    forward_passes: int = 0  # target-model passes, prefill included (counted by the Engine)
     draft_passes: int = 0  # passes of a draft (a draft model, or the target with a partial plan)
     draft_proposed: int = 0
     draft_accepted: int = 0
-    near_ties: int = 0  # greedy verification accepted a token whose top-2 logits were within 1e-4
+    near_ties: int = 0  # greedy verification accepted a token whose top-2 logits were a near-tie
+
+
+@dataclass
+class Feed:
+    """Tokens a sequence asks to run: appended to `cache` (default: the sequence's own) on `runtime`
+    (default: the target model) at `positions` (default: right after what the cache holds). `mask`
+    [T, T]: which new tokens each new token sees (None: causal). `plan`: which sub-blocks run (None:
+    all). `num_logits`: logits for the last that many tokens (None: all; 0: none, hidden only).
+    `draft`: the pass drafts or guides (a partial plan, a draft or guide model), and is counted as a
+    draft pass rather than a target pass."""
+
+    tokens: list[int]
+    positions: list[int] | None = None
+    mask: torch.Tensor | None = None
+    plan: Plan | None = None
+    num_logits: int | None = 0
+    cache: Any = None
+    runtime: Any = None
+    draft: bool = False
+
+
+Feeds = Feed | list[Feed]
+Outs = SegmentOut | list[SegmentOut]
+Step = Generator[Feeds, Outs, list[int]]
 
 
 @dataclass
 class DecodeState:
-    runtime: object
-    cache: object
+    runtime: Any
+    cache: Any
     sampler: Sampler
     tokens: list[int]  # prompt + output so far; the last one is not in the cache yet
     prompt_len: int
@@ -37,9 +71,11 @@ class DecodeState:
     counters: StepCounters = field(default_factory=StepCounters)
     extras: dict = field(default_factory=dict)  # strategy-specific records, returned with the Result
     eos_ids: frozenset[int] = frozenset()  # tokens that end the sequence (empty under ignore_eos)
-    # Final hidden states [1, T, H] of the prefilled prompt tokens (all but the last); set by the
-    # Engine for `start()` only (contrastive search needs them), then dropped.
+    # Final hidden states [T, H] of the prefilled prompt tokens (all but the last); set by the Engine
+    # for `start()` of strategies that ask for them (contrastive search), then dropped.
     prompt_hidden: torch.Tensor | None = None
+    memo: Any = None  # the strategy's per-request state (set by its start)
+    caches: list = field(default_factory=list)  # every cache this request holds; freed when it ends
 
     @property
     def n_generated(self) -> int:
@@ -53,22 +89,34 @@ class DecodeState:
     def output(self) -> list[int]:
         return self.tokens[self.prompt_len :]
 
-    def positions(self, start_index: int, n: int) -> torch.Tensor:
+    def positions(self, start_index: int, n: int) -> list[int]:
         first = start_index + self.position_shift
-        return torch.arange(first, first + n, device=self.runtime.device)[None, :]
+        return list(range(first, first + n))
 
-    def forward(self, new_tokens: list[int], mask=None, plan: Plan | None = None, num_logits: int | None = None,
-                positions: torch.Tensor | None = None):  # fmt: skip
-        """Feed tokens that follow what the cache holds; counts target and draft passes."""
-        start = self.cache.lengths[0]
+    def feed(self, tokens: list[int], *, mask=None, plan: Plan | None = None, num_logits: int | None = 0,
+             positions: list[int] | None = None) -> Feed:  # fmt: skip
+        """A feed of tokens that follow what the sequence's own cache holds."""
         if positions is None:
-            positions = self.positions(start, len(new_tokens))
-        ids = torch.tensor([new_tokens], device=self.runtime.device)
-        if plan is None or plan.is_full:
-            self.counters.forward_passes += 1
-        else:
-            self.counters.draft_passes += 1
-        return self.runtime.forward(ids, positions, self.cache, mask=mask, plan=plan, num_logits=num_logits)
+            positions = self.positions(self.cache.lengths[0], len(tokens))
+        draft = plan is not None and not plan.is_full
+        return Feed(list(tokens), positions, mask, plan, num_logits, self.cache, self.runtime, draft)
+
+    def new_cache(self, runtime, max_len: int):
+        """A cache on `runtime` (a draft or guide model) that lives as long as this request."""
+        cache = runtime.new_cache(1, max_len)
+        self.caches.append(cache)
+        return cache
+
+    def fork(self, cache):
+        """A copy of `cache` sharing its memory until written (beams); freed with the request."""
+        copy = cache.fork()
+        self.caches.append(copy)
+        return copy
+
+    def drop(self, cache) -> None:
+        """Give back a cache made by `new_cache` or `fork` before the request ends."""
+        cache.free()
+        self.caches.remove(cache)
 
     def sample(self, logits: torch.Tensor, index: int) -> int:
         """Sample output token number `index` from `logits`, with the context before it."""
@@ -76,16 +124,23 @@ class DecodeState:
 
 
 class Strategy:
-    """One decoding algorithm: `step(state)` returns the next >= 1 token ids and leaves the cache
-    holding all tokens but the last. `exact` strategies reproduce plain decoding (greedy: token for
-    token; sampling: in distribution); lossy ones are measured by the bench."""
+    """One decoding algorithm: `step(state)` yields feeds and returns the next token ids (an empty
+    list while a search is still running), leaving the cache holding all tokens but the last.
+    `exact` strategies reproduce plain decoding (greedy: token for token; sampling: in
+    distribution); lossy ones are measured by the bench."""
 
     name: ClassVar[str] = ""
     exact: ClassVar[bool] = True
-    batchable: ClassVar[bool] = False  # plain decoding can run many sequences in one forward pass
     # Options that name another model, by the kind of model ("draft" or "guide"): the Python API
     # takes a model source there, a server only the names of models its operator loaded.
     companion_options: ClassVar[dict[str, str]] = {}
+    # Whether start() reads the prompt's final hidden states (state.prompt_hidden); such sequences
+    # compute their whole prompt (no prefix caching).
+    needs_prompt_hidden: ClassVar[bool] = False
+
+    def prepare(self, base) -> None:
+        """Called by the Generator with the base LoadedModel before a request is built: a strategy
+        that reads text with its own tokenizer (guided decoding's control prefixes) sets up here."""
 
     def check(self, runtime, prompt_len: int, params) -> None:
         """Raise InvalidRequestError if this request (`prompt_len` tokens, SamplingParams `params`)
@@ -94,14 +149,16 @@ class Strategy:
 
     def kv_slack(self) -> int:
         """KV-cache positions a step may use beyond prompt + max_new_tokens (a draft tree being
-        verified, contrastive candidates). The Engine allocates them, so no step overflows."""
+        verified, contrastive candidates). The Engine allots them, so no step overflows."""
         return 0
 
-    def start(self, state: DecodeState) -> None:
-        """Called once after the prompt is in the cache."""
+    def start(self, state: DecodeState) -> Generator[Feeds, Outs, None] | None:
+        """Called once the prompt is in the cache: sets up `state.memo`. May be a generator that
+        yields feeds (e.g. a first pass, a guide model reading its prefixes)."""
 
-    def step(self, state: DecodeState) -> list[int]:
+    def step(self, state: DecodeState) -> Step:
         raise NotImplementedError
 
     def options(self) -> dict:
         return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+

@@ -16,18 +16,23 @@ p_LM(v) * P(pos | v)^omega. Because of the 1/t, a token's pull fades as the outp
 GeDi's weights are large (omega ~ 20-30; default 20). `rule="genarm"` instead adds
 omega * (log p_pos(v) - log p_neg(v)), the token-level log-ratio of the two conditionals used as an
 autoregressive reward (GenARM-style; omega ~ 1-3), whose pull does not fade. With omega = 0 the
-logits are the base model's exactly, so the output is plain decoding's token for token. The guide runs one forward pass per step over both rows at once
-(a 2-row batch on the native runtime; two passes on the Hugging Face adapter), counted as draft passes.
+logits are the base model's exactly, so the output is plain decoding's token for token. The guide's two rows are feeds the Engine runs in the same round as
+the base model's (in the same packed pass when the guide is the base model), counted as draft passes.
 """
 
 from __future__ import annotations
+
+from collections.abc import Generator
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
 from argen.checks import number_option
 from argen.errors import InvalidRequestError
-from argen.strategies.base import DecodeState, Strategy
+from argen.models.runtime import Segment, SegmentOut
+from argen.strategies.base import DecodeState, Feed, Step, Strategy
+from argen.strategies.companions import loaded_model
 
 RULES = ("gedi", "genarm")
 PROBE = "The quick brown fox, 42 cafés & naïve résumés!\n"
@@ -38,7 +43,7 @@ def load_guide(source, device="cpu", dtype=torch.float32):
     """A LoadedModel for a guide given as a model source string (loaded once per process and
     device and dtype, `shared_model`), a LoadedModel or a Generator."""
     if not isinstance(source, str):
-        return getattr(source, "model", source)  # Generator -> its LoadedModel
+        return loaded_model(source)
     from argen.models import shared_model
 
     return shared_model(source, device=str(device), dtype=dtype)
@@ -46,50 +51,35 @@ def load_guide(source, device="cpu", dtype=torch.float32):
 
 class GuidePair:
     """The guide reading two sequences (control prefix + output) in lockstep, pending-token convention:
-    each cache holds its sequence but the last token."""
+    each cache holds its sequence but the last token. Its passes are feeds on the guide's runtime (the
+    Engine runs them beside the base model's; when the guide is the base model itself, in the very
+    same packed pass)."""
 
-    def __init__(self, runtime, sequences: list[list[int]], room: int, counters) -> None:
-        self.runtime, self.counters = runtime, counters
-        self.batched = hasattr(runtime, "layers")  # the native runtime decodes rows of unequal length together
-        size = max(len(s) for s in sequences) + room
-        self.cache = runtime.new_cache(2, size) if self.batched else None
-        self.caches = [self.cache.row(i) for i in range(2)] if self.batched else [runtime.new_cache(1, size)
-                                                                                  for _ in sequences]  # fmt: skip
+    def __init__(self, runtime, caches: list, sequences: list[list[int]]) -> None:
+        self.runtime, self.caches = runtime, caches
         self.pending = [s[-1] for s in sequences]
 
-    def prefill(self, sequences: list[list[int]], n_scored: int) -> torch.Tensor:
-        """Feed all but each sequence's last token; return the log-probs [2, n_scored, V] of the last
-        `n_scored` tokens of each sequence (those that were generated, for the class scores)."""
-        scored = []
-        for i, seq in enumerate(sequences):
-            logits = None
-            if len(seq) > 1:
-                ids = torch.tensor([seq[:-1]], device=self.runtime.device)
-                positions = torch.arange(len(seq) - 1, device=self.runtime.device)[None]
-                logits, _ = self.runtime.forward(ids, positions, self.caches[i], num_logits=n_scored)
-                self.counters.draft_passes += 1
-            if self.batched:
-                self.cache.lengths[i] = self.caches[i].lengths[0]
-            if n_scored:
-                scored.append(F.log_softmax(logits[0].float(), -1))
-        return torch.stack(scored) if scored else torch.empty(2, 0, 0)
+    def prefill(self, sequences: list[list[int]], n_scored: int) -> list[Feed]:
+        """Feeds of all but each sequence's last token, with logits for the last `n_scored` of them
+        (the generated tokens' predictions, for the class scores)."""
+        return [Feed(seq[:-1], list(range(len(seq) - 1)), num_logits=n_scored, cache=cache, runtime=self.runtime,
+                     draft=True) for seq, cache in zip(sequences, self.caches, strict=True)]  # fmt: skip
 
-    def step(self) -> torch.Tensor:
-        """Feed the pending tokens; return the next-token log-probs [2, V]."""
-        device = self.runtime.device
-        if self.batched:
-            ids = torch.tensor([[t] for t in self.pending], device=device)
-            positions = torch.tensor([[n] for n in self.cache.lengths], device=device)
-            logits, _ = self.runtime.forward(ids, positions, self.cache, num_logits=1)
-            self.counters.draft_passes += 1
-            return F.log_softmax(logits[:, -1].float(), -1)
-        rows = []
-        for cache, token in zip(self.caches, self.pending):
-            positions = torch.tensor([[cache.lengths[0]]], device=device)
-            logits, _ = self.runtime.forward(torch.tensor([[token]], device=device), positions, cache, num_logits=1)
-            self.counters.draft_passes += 1
-            rows.append(logits[0, -1])
-        return F.log_softmax(torch.stack(rows).float(), -1)
+    @staticmethod
+    def scored(outs: list[SegmentOut], n_scored: int) -> torch.Tensor:
+        """The log-probs [2, n_scored, V] the prefill feeds returned."""
+        if not n_scored:
+            return torch.empty(2, 0, 0)
+        return torch.stack([F.log_softmax(o.logits.float(), -1) for o in outs])
+
+    def step(self) -> list[Feed]:
+        """Feeds of the pending tokens, whose logits are the next-token predictions."""
+        return [Feed([t], [c.lengths[0]], num_logits=1, cache=c, runtime=self.runtime, draft=True)
+                for t, c in zip(self.pending, self.caches, strict=True)]  # fmt: skip
+
+    @staticmethod
+    def log_probs(outs: list[SegmentOut]) -> torch.Tensor:
+        return F.log_softmax(torch.stack([o.logits[-1] for o in outs]).float(), -1)  # [2, V]
 
 
 def class_log_prob(sums: torch.Tensor, n_tokens: int) -> torch.Tensor:
@@ -111,7 +101,7 @@ class Guided(Strategy):
         for label, text in (("positive_prefix", positive_prefix), ("negative_prefix", negative_prefix)):
             if not isinstance(text, str) or not text:
                 raise ValueError(f"{label} must be a non-empty string (the guide's control prefix)")
-        if not isinstance(guide_model, str) and not hasattr(guide_model, "runtime") and not hasattr(guide_model, "model"):
+        if not isinstance(guide_model, str) and loaded_model(guide_model) is None:
             raise ValueError("guide_model must be a model source (e.g. 'default', 'tiny-random@1'), a LoadedModel "
                              "or a Generator")  # fmt: skip
         self.guide_model, self.omega = guide_model, omega
@@ -157,46 +147,55 @@ class Guided(Strategy):
         tok = self._guide.tokenizer
         return [list(tok(p, add_special_tokens=True)["input_ids"]) for p in (self.positive_prefix, self.negative_prefix)]
 
-    def _read(self, output: list[int], room: int, counters) -> tuple[GuidePair, torch.Tensor]:
-        """The guide reads control prefix + `output` under both classes: the pair, ready to decode, and
-        the summed log-likelihoods [2] of the output tokens."""
-        sequences = [c + list(output) for c in self.control_ids()]
-        pair = GuidePair(self._guide.runtime, sequences, room, counters)
-        scored = pair.prefill(sequences, len(output))
-        sums = torch.zeros(2)
-        if output:
-            ids = torch.tensor(output, device=scored.device)
-            sums = scored.gather(-1, ids.expand(2, -1)[..., None])[..., 0].sum(-1).cpu()
-        return pair, sums
+    def _sums(self, scored: torch.Tensor, output: list[int]) -> torch.Tensor:
+        """Summed log-likelihoods [2] of the output tokens under the two control prefixes."""
+        if not output:
+            return torch.zeros(2)
+        ids = torch.tensor(output, device=scored.device)
+        return scored.gather(-1, ids.expand(2, -1)[..., None])[..., 0].sum(-1).cpu()
 
     def class_log_prob(self, output: list[int]) -> float:
-        """The guide's log P(positive | output) for a finished output (call `prepare` first)."""
-        from argen.strategies.base import StepCounters
+        """The guide's log P(positive | output) for a finished output (call `prepare` first). A
+        measurement of a finished text, not a request's step: it runs on the guide directly."""
+        runtime = self._guide.runtime
+        sequences = [c + list(output) for c in self.control_ids()]
+        caches = [runtime.new_cache(1, len(s)) for s in sequences]
+        pair = GuidePair(runtime, caches, sequences)
+        feeds = pair.prefill(sequences, len(output))
+        outs = runtime.forward_packed([Segment(f.cache, f.tokens, f.positions, None, f.num_logits) for f in feeds])
+        for cache in caches:
+            cache.free()
+        return float(class_log_prob(self._sums(pair.scored(outs, len(output)), output), len(output)))
 
-        _, sums = self._read(output, 1, StepCounters())
-        return float(class_log_prob(sums, len(output)))
-
-    def start(self, state: DecodeState) -> None:
+    def start(self, state: DecodeState) -> Generator[list[Feed], list[SegmentOut], None]:
         if self._guide is None:  # used without a Generator: no tokenizer check possible
             self._guide = load_guide(self.guide_model, state.runtime.device, state.runtime.dtype)
             if self._guide.runtime.info.vocab_size != state.runtime.info.vocab_size:
                 raise InvalidRequestError("the guide model's vocabulary differs from the base model's")
         self._check_room(state.max_new_tokens)
         # A counterfactual replay starts with part of the output already there: the guide reads it too.
-        self._pair, sums = self._read(state.output, state.max_new_tokens + 2, state.counters)
-        self._sums = sums.to(state.runtime.device)
+        output = state.output
+        sequences = [c + list(output) for c in self.control_ids()]
+        runtime = self._guide.runtime
+        room = max(len(s) for s in sequences) + state.max_new_tokens + 2
+        pair = GuidePair(runtime, [state.new_cache(runtime, room) for _ in sequences], sequences)
+        outs = yield pair.prefill(sequences, len(output))
+        sums = self._sums(pair.scored(outs, len(output)), output)
+        state.memo = SimpleNamespace(pair=pair, sums=sums.to(state.runtime.device))
         state.extras["guided"] = {"class_log_prob": float(class_log_prob(sums, state.n_generated))}
 
     # -- decoding ------------------------------------------------------------------------------
-    def step(self, state: DecodeState) -> list[int]:
-        logits, _ = state.forward([state.tokens[-1]], num_logits=1)
-        base = logits[0, -1].float()
-        guide = self._pair.step().to(base.device)  # [2, V]
+    def step(self, state: DecodeState) -> Step:
+        m = state.memo
+        # The base model's pass and the guide's two rows, in the same round.
+        outs = yield [state.feed([state.tokens[-1]], num_logits=1), *m.pair.step()]
+        base = outs[0].logits[-1].float()
+        guide = m.pair.log_probs(outs[1:]).to(base.device)  # [2, V]
         index = state.n_generated
-        scores = class_log_prob(self._sums[:, None] + guide, index + 1)  # per candidate token
+        scores = class_log_prob(m.sums[:, None] + guide, index + 1)  # per candidate token
         steer = scores if self.rule == "gedi" else guide[0] - guide[1]
         token = state.sample(base + self.omega * steer, index)
-        self._sums = self._sums + guide[:, token]
-        self._pair.pending = [token, token]
+        m.sums = m.sums + guide[:, token]
+        m.pair.pending = [token, token]
         state.extras["guided"]["class_log_prob"] = float(scores[token])  # of the output so far
         return [token]

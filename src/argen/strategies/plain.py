@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from argen.strategies.base import DecodeState, Strategy
+from argen.strategies.base import DecodeState, Step, Strategy
 
 
 class Plain(Strategy):
     name = "plain"
-    batchable = True
 
-    def step(self, state: DecodeState) -> list[int]:
-        logits, _ = state.forward([state.tokens[-1]], num_logits=1)
-        return [state.sample(logits[0, -1], state.n_generated)]
+    def step(self, state: DecodeState) -> Step:
+        out = yield state.feed([state.tokens[-1]], num_logits=1)
+        return [state.sample(out.logits[-1], state.n_generated)]

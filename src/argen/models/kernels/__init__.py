@@ -90,7 +90,7 @@ class KernelLibrary:
         self.lib.argen_qmatmul.restype = None
         self.lib.argen_dequantize.argtypes = [i32, i32, i64, p, p, p, i64, p]
         self.lib.argen_dequantize.restype = None
-        self.lib.argen_forward.argtypes = [p, i32, i64, i64, p, p, p, p, p, p, p, p, i64, p, p]
+        self.lib.argen_forward.argtypes = [p, i32, i64, p, p, p, p, p, p, p, i64, p, p, p, p, p, p, p]
         self.lib.argen_forward.restype = ctypes.c_int
 
 

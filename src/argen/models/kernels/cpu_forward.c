@@ -7,8 +7,9 @@
  *
  * Batch invariance: each token's arithmetic is the same whatever else is in the pass. Matmuls are
  * (see cpu_kernels.c); each (token, head) attention is done by one thread, over the keys it sees
- * in slot order (the cached prefix, then the new tokens the mask lets it see), so a token verified
- * behind drafts gets bit for bit the hidden state that decoding it alone would give.
+ * in position order (the cached prefix, then the new tokens the mask lets it see), so a token
+ * verified behind drafts, or decoded beside other sequences, gets bit for bit the hidden state that
+ * decoding it alone would give.
  *
  * Numerics follow Hugging Face's Llama: RMSNorm as x * 1/sqrt(mean(x^2) + eps) then times the
  * weight, RoPE as q * cos + rotate_half(q) * sin with each product rounded, softmax attention
@@ -133,28 +134,42 @@ static void matmul(const argen_qweight *w, const float *x, int64_t M, float *y, 
     matmul_ld(w, x, M, w->k, y, tid, nt);
 }
 
-/* B sequences x T new tokens each. x [B*T][H]: the embeddings in (overwritten: the residual
- * stream); out [B*T][H]: final-normed hidden states. Token t of sequence b sits at position
- * positions[b*T + t] and goes to cache slot starts[b] + t; it sees slots [0, starts[b]) and the new
- * tokens j with mask[b][t][j] (mask_rows == B), mask[0][t][j] (mask_rows == 1), or j <= t (no mask).
- * kv_strides: the caches' element strides for layer, sequence, kv head and slot. plan_attn /
- * plan_ffn: which sub-blocks run (NULL: all). Returns 0, or -1 if memory ran out. */
-int argen_forward(const argen_model *m, int nthreads, int64_t B, int64_t T, float *x, float *out,
-                  const int64_t *positions, const int64_t *starts, float *kc, float *vc, const int64_t *kv_strides,
-                  const uint8_t *mask, int64_t mask_rows, const uint8_t *plan_attn, const uint8_t *plan_ffn) {
-    const int64_t R = B * T, H = m->hidden, D = m->head_dim, NH = m->n_heads, NKV = m->n_kv_heads;
+/* One packed pass over S segments (a segment: some new tokens of one sequence). Rows (tokens) are
+ * laid out segment after segment: segment s owns rows [cu[s], cu[s + 1]). x [rows][H]: embeddings in
+ * (overwritten: the residual stream); out [rows][H]: final-normed hidden states.
+ *
+ * KV memory is paged: kc / vc [layers][blocks][kv heads][block_size][head_dim] with element strides
+ * kv_strides (layer, block, head, slot). Segment s's block table is tables[table_cu[s] ..
+ * table_cu[s + 1]); its new token j goes to position starts[s] + j, at positions[cu[s] + j] for RoPE.
+ * Each new token sees positions [0, starts[s]) and the new tokens j' with mask[mask_at[s] + j * T + j']
+ * (T = the segment's token count), or j' <= j where mask_at[s] < 0.
+ * plan_attn / plan_ffn: which sub-blocks run (NULL: all). Returns 0, or -1 if memory ran out. */
+static inline float *slot_ptr(float *base, const int32_t *table, int64_t block_size, int64_t bs, int64_t ss,
+                              int64_t position) {
+    return base + table[position / block_size] * bs + (position % block_size) * ss;
+}
+
+int argen_forward(const argen_model *m, int nthreads, int64_t S, const int64_t *cu, float *x, float *out,
+                  const int64_t *positions, const int64_t *starts, const int32_t *tables, const int64_t *table_cu,
+                  int64_t block_size, float *kc, float *vc, const int64_t *kv_strides, const uint8_t *mask,
+                  const int64_t *mask_at, const uint8_t *plan_attn, const uint8_t *plan_ffn) {
+    const int64_t R = cu[S], H = m->hidden, D = m->head_dim, NH = m->n_heads, NKV = m->n_kv_heads;
     const int64_t QKV = (NH + 2 * NKV) * D, I = m->inter, group = NH / NKV;
     const int64_t wide = QKV > 2 * I ? QKV : 2 * I;
     const int64_t ls = kv_strides[0], bs = kv_strides[1], hs = kv_strides[2], ss = kv_strides[3];
-    int64_t max_keys = 0;
-    for (int64_t b = 0; b < B; b++) max_keys = starts[b] + T > max_keys ? starts[b] + T : max_keys;
+    int64_t max_keys = 1;
+    for (int64_t s = 0; s < S; s++) max_keys = starts[s] + cu[s + 1] - cu[s] > max_keys ? starts[s] + cu[s + 1] - cu[s] : max_keys;
+    /* row -> segment, for the loops over rows */
+    int64_t *seg_of = malloc(sizeof(int64_t) * (R > 0 ? R : 1));
     const int64_t heads_out = NH * D > H ? NH * D : H; /* attention output, then the FFN's */
     float *h = malloc(sizeof(float) * R * H), *big = malloc(sizeof(float) * R * wide);
     float *att = malloc(sizeof(float) * R * heads_out), *tmp = malloc(sizeof(float) * R * (H > I ? H : I));
     float *all_scores = malloc(sizeof(float) * (max_keys + 1) * (nthreads > 0 ? nthreads : 1));
-    const int failed = !h || !big || !att || !tmp || !all_scores;
+    const int failed = !seg_of || !h || !big || !att || !tmp || !all_scores;
     const float scale = 1.0f / sqrtf((float)D);
     if (!failed) {
+        for (int64_t s = 0; s < S; s++)
+            for (int64_t r = cu[s]; r < cu[s + 1]; r++) seg_of[r] = s;
 #pragma omp parallel num_threads(nthreads)
         {
             const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
@@ -168,24 +183,32 @@ int argen_forward(const argen_model *m, int nthreads, int64_t B, int64_t T, floa
                     matmul(&L->qkv, h, R, big, tid, nt);
 #pragma omp for schedule(static)
                     for (int64_t r = 0; r < R; r++) {
-                        const int64_t b = r / T, t = r % T, slot = starts[b] + t;
-                        const float *c = m->rope_cos + positions[r] * D, *s = m->rope_sin + positions[r] * D;
+                        const int64_t s = seg_of[r], position = starts[s] + r - cu[s];
+                        const int32_t *table = tables + table_cu[s];
+                        const float *c = m->rope_cos + positions[r] * D, *sn = m->rope_sin + positions[r] * D;
                         float *row = big + r * QKV;
-                        for (int64_t hd = 0; hd < NH + NKV; hd++) rope(row + hd * D, c, s, D);
+                        for (int64_t hd = 0; hd < NH + NKV; hd++) rope(row + hd * D, c, sn, D);
                         for (int64_t g = 0; g < NKV; g++) {
-                            memcpy(kl + b * bs + g * hs + slot * ss, row + (NH + g) * D, sizeof(float) * D);
-                            memcpy(vl + b * bs + g * hs + slot * ss, row + (NH + NKV + g) * D, sizeof(float) * D);
+                            memcpy(slot_ptr(kl + g * hs, table, block_size, bs, ss, position), row + (NH + g) * D,
+                                   sizeof(float) * D);
+                            memcpy(slot_ptr(vl + g * hs, table, block_size, bs, ss, position),
+                                   row + (NH + NKV + g) * D, sizeof(float) * D);
                         }
                     }
 #pragma omp for schedule(static)
                     for (int64_t task = 0; task < R * NH; task++) {
-                        const int64_t r = task / NH, hq = task % NH, b = r / T, t = r % T, g = hq / group;
-                        const float *q = big + r * QKV + hq * D, *kb = kl + b * bs + g * hs, *vb = vl + b * bs + g * hs;
-                        const uint8_t *visible = !mask ? NULL : mask + ((mask_rows == 1 ? 0 : b) * T + t) * T;
+                        const int64_t r = task / NH, hq = task % NH, s = seg_of[r], t = r - cu[s], T = cu[s + 1] - cu[s];
+                        const int64_t g = hq / group, start = starts[s];
+                        const int32_t *table = tables + table_cu[s];
+                        const float *q = big + r * QKV + hq * D;
+                        float *kg = kl + g * hs, *vg = vl + g * hs;
+                        const uint8_t *visible = mask_at[s] < 0 ? NULL : mask + mask_at[s] + t * T;
                         int64_t n = 0;
-                        for (int64_t j = 0; j < starts[b]; j++) scores[n++] = dot(q, kb + j * ss, D) * scale;
+                        for (int64_t j = 0; j < start; j++)
+                            scores[n++] = dot(q, slot_ptr(kg, table, block_size, bs, ss, j), D) * scale;
                         for (int64_t j = 0; j < T; j++)
-                            if (visible ? visible[j] : j <= t) scores[n++] = dot(q, kb + (starts[b] + j) * ss, D) * scale;
+                            if (visible ? visible[j] : j <= t)
+                                scores[n++] = dot(q, slot_ptr(kg, table, block_size, bs, ss, start + j), D) * scale;
                         float mx = -INFINITY, sum = 0.0f;
                         for (int64_t j = 0; j < n; j++) mx = scores[j] > mx ? scores[j] : mx;
                         exp_shifted(scores, n, mx);
@@ -193,9 +216,10 @@ int argen_forward(const argen_model *m, int nthreads, int64_t B, int64_t T, floa
                         float *o = att + r * heads_out + hq * D;
                         memset(o, 0, sizeof(float) * D);
                         n = 0;
-                        for (int64_t j = 0; j < starts[b]; j++) axpy(scores[n++], vb + j * ss, o, D);
+                        for (int64_t j = 0; j < start; j++) axpy(scores[n++], slot_ptr(vg, table, block_size, bs, ss, j), o, D);
                         for (int64_t j = 0; j < T; j++)
-                            if (visible ? visible[j] : j <= t) axpy(scores[n++], vb + (starts[b] + j) * ss, o, D);
+                            if (visible ? visible[j] : j <= t)
+                                axpy(scores[n++], slot_ptr(vg, table, block_size, bs, ss, start + j), o, D);
                         const float inv = 1.0f / sum;
                         for (int64_t d = 0; d < D; d++) o[d] *= inv;
                     }
@@ -220,10 +244,11 @@ int argen_forward(const argen_model *m, int nthreads, int64_t B, int64_t T, floa
             for (int64_t r = 0; r < R; r++) rms_norm(x + r * H, m->final_norm, m->eps, H, out + r * H);
         }
     }
-    free(all_scores);
+    free(seg_of);
     free(h);
     free(big);
     free(att);
     free(tmp);
+    free(all_scores);
     return failed ? -1 : 0;
 }

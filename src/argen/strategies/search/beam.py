@@ -1,9 +1,10 @@
 """Beam search, and conditional beam search (the best output that is not degenerate).
 
 Beam search cannot emit anything before it ends (the best hypothesis is only known then), so the
-whole search runs inside the first `step`, which returns the winning output at once. The beams
-are rows of the sequence's own KV cache: the prompt row is repeated `num_beams` times, every step
-is ONE forward pass over the beams' pending tokens, and rows are reordered as beams are re-ranked.
+whole search runs inside the first `step`, which returns the winning output at once. Each beam
+has its own copy-on-write fork of the prompt's KV cache (they share every block until one writes
+into it); every round is ONE packed pass over the beams' pending tokens, and as beams are re-ranked
+each new beam forks the cache of the beam it continues.
 
 Bookkeeping follows Hugging Face `generate(num_beams=...)` (transformers 5), so the outputs match:
 - score of a running beam: the sum of its tokens' log-probs (log_softmax of fp32 logits after the
@@ -23,10 +24,10 @@ from collections.abc import Generator
 
 import torch
 
-from argen.cache import KVCache
 from argen.checks import number_option
 from argen.errors import InvalidRequestError
-from argen.strategies.base import DecodeState, Strategy
+from argen.models.runtime import SegmentOut
+from argen.strategies.base import DecodeState, Feed, Step, Strategy
 
 NEG = -1.0e9  # HF's "impossible" score: finite, so sums and comparisons stay well defined
 
@@ -64,57 +65,38 @@ class Beam(Strategy):
 
     def check(self, runtime, prompt_len: int, params) -> None:
         require_greedy(params, f"{self.name} search")
-        if not hasattr(runtime, "layers"):
+        if not runtime.capabilities.paged_kv:
             raise InvalidRequestError(
-                f"{self.name} search keeps its beams as rows of a KV cache, which needs the native runtime "
-                "(load the model with runtime='native'; Llama-family models only)"
+                f"{self.name} search forks the KV cache into one copy-on-write cache per beam, which needs the "
+                "native runtime (load the model with runtime='native'; Llama-family models only)"
             )
 
-    def start(self, state: DecodeState) -> None:
-        self._search = self.searching(state)
+    def step(self, state: DecodeState) -> Step:
+        """The whole search, one packed pass over the beams per round (so a long search does not hold
+        up the other sequences of a batch); then the best hypothesis at once."""
+        tokens, logprob, score = yield from self.search(state)
+        state.extras.update(beam_score=score, beam_logprob=logprob)
+        return tokens
 
-    def step(self, state: DecodeState) -> list[int]:
-        """One forward pass of the search per step, so that a long search does not hold up the other
-        sequences of a batch; no tokens until the search ends, then the best hypothesis at once."""
-        if self._search is None:
-            raise RuntimeError("beam search has emitted its output; the sequence should have ended")
-        try:
-            next(self._search)
-        except StopIteration as done:
-            self._search = None
-            tokens, logprob, score = done.value
-            state.extras.update(beam_score=score, beam_logprob=logprob)
-            return tokens
-        return []
-
-    def search(self, state: DecodeState) -> tuple[list[int], float, float]:
-        """The whole search at once: the best hypothesis (output tokens, sum of log-probs, score)."""
-        steps = self.searching(state)
-        while True:
-            try:
-                next(steps)
-            except StopIteration as done:
-                return done.value
-
-    def searching(self, state: DecodeState) -> Generator[None, None, tuple[list[int], float, float]]:
-        """The search, pausing after each forward pass; returns what `search` returns."""
-        n_beams, cache, runtime = self.num_beams, state.cache, state.runtime
+    def search(self, state: DecodeState) -> Generator[list[Feed], list[SegmentOut], tuple[list[int], float, float]]:
+        """The best hypothesis (output tokens, sum of log-probs, score). Each beam is a fork of the
+        prompt's cache (copy-on-write: beams share every block until they write into it)."""
+        n_beams = self.num_beams
         eos, limit, lp = state.eos_ids, state.remaining, self.length_penalty
         keep = (1 + max(1, len(eos))) * n_beams  # enough continuations to always refill the beams
-        start = cache.lengths[0]  # the prompt minus its pending last token
-        cache.select([0] * n_beams)
+        start = state.cache.lengths[0]  # the prompt minus its pending last token
         outputs: list[list[int]] = [[] for _ in range(n_beams)]
         scores = torch.full((n_beams,), NEG)
         scores[0] = 0.0  # the beams start identical: only the first one may expand at step 0
         pending = [state.tokens[-1]] * n_beams
+        caches = [state.fork(state.cache)]  # at step 0 every beam is the same: one row is enough
         finished: list[tuple[float, float, list[int]]] = []  # (score, sum of log-probs, tokens), best first
         improvable = True
         for cur in range(limit):
-            ids = torch.tensor([[t] for t in pending], device=runtime.device)
-            positions = torch.full((n_beams, 1), start + cur + state.position_shift, device=runtime.device)
-            logits, _ = runtime.forward(ids, positions, cache, num_logits=1)
-            state.counters.forward_passes += 1
-            logp = self._log_probs(state, logits[:, -1], outputs)
+            position = [start + cur + state.position_shift]
+            outs = yield [Feed([pending[b]], position, num_logits=1, cache=c) for b, c in enumerate(caches)]
+            logits = torch.stack([o.logits[-1] for o in outs]).expand(n_beams, -1)
+            logp = self._log_probs(state, logits, outputs)
             total = (logp + scores[:, None]).reshape(-1)
             top, index = total.topk(min(keep, total.numel()))
             rows, toks = (index // logp.shape[-1]).tolist(), (index % logp.shape[-1]).tolist()
@@ -133,14 +115,19 @@ class Beam(Strategy):
             outputs = [outputs[rows[j]] + [toks[j]] for j in nxt]
             scores = top[nxt].clone()
             pending = [toks[j] for j in nxt]
-            _reorder(cache, [rows[j] for j in nxt], start, start + cur + 1)
+            # Beam j continues row rows[j]: a fork of that row's cache; the old forks are dropped.
+            forks = [state.fork(caches[min(rows[j], len(caches) - 1)]) for j in nxt]
+            for c in caches:
+                state.drop(c)
+            caches = forks
             full = len(finished) == n_beams
             if full:
                 length = limit if (self.early_stopping == "never" and lp > 0) else cur + 1
                 improvable = improvable and scores[0].item() / length**lp > finished[-1][0]
             if not improvable or (full and self.early_stopping is True):
                 break
-            yield
+        for c in caches:
+            state.drop(c)
         if not finished:  # every continuation was banned (a vocabulary smaller than the bans)
             raise InvalidRequestError(f"{self.name} search found no allowed hypothesis; relax its options")
         score, logprob, best = finished[0]
@@ -155,16 +142,6 @@ class Beam(Strategy):
             if banned:
                 logp[r, banned] = NEG
         return logp
-
-
-def _reorder(cache: KVCache, rows: list[int], start: int, end: int) -> None:
-    """Make row i hold what row rows[i] held. Every row holds the same prompt, so only the slots
-    of generated tokens (start..end) are copied: with a long prompt that is most of the saving."""
-    if rows == list(range(len(rows))):
-        return
-    index = torch.tensor(rows, device=cache.k.device)
-    for t in (cache.k, cache.v):
-        t[:, :, :, start:end] = t[:, :, :, start:end].index_select(1, index)
 
 
 class ConditionalBeam(Beam):

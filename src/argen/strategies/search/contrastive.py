@@ -16,11 +16,15 @@ as the root of the next step's tree), as the pending-token convention requires.
 
 from __future__ import annotations
 
+from collections.abc import Generator
+from types import SimpleNamespace
+
 import torch
 import torch.nn.functional as F
 
 from argen.checks import number_option
-from argen.strategies.base import DecodeState, Strategy
+from argen.models.runtime import SegmentOut
+from argen.strategies.base import DecodeState, Feed, Step, Strategy
 from argen.strategies.search.beam import require_greedy
 
 
@@ -36,6 +40,7 @@ def contrastive_scores(probs: torch.Tensor, penalty: torch.Tensor, alpha: float)
 class Contrastive(Strategy):
     name = "contrastive"
     exact = False
+    needs_prompt_hidden = True
 
     def __init__(self, top_k: int = 4, alpha: float = 0.6) -> None:
         if not isinstance(top_k, int) or top_k < 1:
@@ -50,18 +55,19 @@ class Contrastive(Strategy):
         # A step feeds the pending token and the top_k candidates after the sequence.
         return 1 + self.top_k
 
-    def start(self, state: DecodeState) -> None:
+    def start(self, state: DecodeState) -> Generator[Feed, SegmentOut, None]:
         cache = state.cache
         # The pending (last prompt) token's logits and hidden state; then drop its keys/values again.
         length = cache.lengths[0]
-        logits, hidden = state.forward([state.tokens[-1]], num_logits=1)
+        out = yield state.feed([state.tokens[-1]], num_logits=1)
         cache.truncate(length)
-        prompt_hidden = state.prompt_hidden if state.prompt_hidden is not None else hidden[:, :0]
-        self._history = torch.cat([prompt_hidden[0], hidden[0]]).float()  # [N, H], N = tokens so far
-        self._logits = logits[0, -1]
+        prompt_hidden = state.prompt_hidden if state.prompt_hidden is not None else out.hidden[:0]
+        # history: hidden states [N, H] of the tokens so far; logits: the pending token's next-token logits
+        state.memo = SimpleNamespace(history=torch.cat([prompt_hidden, out.hidden]).float(), logits=out.logits[-1])
 
-    def step(self, state: DecodeState) -> list[int]:
-        processed = state.sampler.process(self._logits, state.tokens)
+    def step(self, state: DecodeState) -> Step:
+        m = state.memo
+        processed = state.sampler.process(m.logits, state.tokens)
         probs = processed.softmax(-1)
         k = min(self.top_k, probs.shape[-1])
         top_p, top_ids = probs.topk(k)
@@ -69,18 +75,16 @@ class Contrastive(Strategy):
         allowed[0] = True
         candidates = top_ids.tolist()
         start = state.cache.lengths[0]
-        positions = torch.tensor([[start] + [start + 1] * k], device=state.runtime.device) + state.position_shift
+        positions = [start + state.position_shift] + [start + 1 + state.position_shift] * k
         mask = torch.eye(k + 1, dtype=torch.bool)
         mask[:, 0] = True  # every candidate sees the pending token, and itself
-        # Logits for the candidates only: the pending token's are already known (self._logits).
-        logits, hidden = state.forward([state.tokens[-1]] + candidates, mask=mask, positions=positions, num_logits=k)
-        cand_hidden = hidden[0, 1:].float()
-        scores = contrastive_scores(
-            top_p, degeneration_penalty(cand_hidden, self._history).to(top_p.device), self.alpha
-        )
+        # Logits for the candidates only: the pending token's are already known (m.logits).
+        out = yield state.feed([state.tokens[-1]] + candidates, mask=mask, positions=positions, num_logits=k)
+        cand_hidden = out.hidden[1:].float()
+        scores = contrastive_scores(top_p, degeneration_penalty(cand_hidden, m.history).to(top_p.device), self.alpha)
         scores = scores.masked_fill(~allowed.to(scores.device), float("-inf"))
         best = int(scores.argmax())
         state.cache.truncate(start + 1)  # keep the pending token; the winner becomes the next pending one
-        self._history = torch.cat([self._history, cand_hidden[best : best + 1]])
-        self._logits = logits[0, best]
+        m.history = torch.cat([m.history, cand_hidden[best : best + 1]])
+        m.logits = out.logits[best]
         return [candidates[best]]

@@ -29,6 +29,7 @@ class CostModel:
 
     @staticmethod
     def _calibrate(runtime) -> tuple[list[float], float]:
+        """Timed passes on the runtime directly (a per-model measurement, not a sequence's step)."""
         context = 64
         cache = runtime.new_cache(1, context + max(BUCKETS) + 1)
         ids = torch.arange(context + max(BUCKETS))[None] % runtime.info.vocab_size
@@ -51,15 +52,15 @@ class CostModel:
             start = time.perf_counter()
             runtime.head(hidden[0, -1])
             head.append(time.perf_counter() - start)
+        cache.free()
         return out, sorted(head)[1]
 
     @staticmethod
     def for_runtime(runtime) -> CostModel:
-        model = getattr(runtime, "_argen_cost_model", None)
-        if model is None:
-            model = CostModel(runtime)
-            runtime._argen_cost_model = model
-        return model
+        """The runtime's cost model, calibrated on first use and kept in its memo."""
+        if runtime.memo.cost_model is None:
+            runtime.memo.cost_model = CostModel(runtime)
+        return runtime.memo.cost_model
 
     def body(self, n_tokens: int) -> float:
         for b in BUCKETS:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Generator
+from types import SimpleNamespace
 from typing import ClassVar
 
-from argen.strategies.base import DecodeState, Strategy
+from argen.strategies.base import DecodeState, Feeds, Outs, Step, Strategy
 from argen.strategies.speculative.adaptive import CostModel, DraftLength
 from argen.strategies.speculative.tree import DraftTree
 from argen.strategies.speculative.verify import Verdict, score_and_verify
@@ -13,7 +15,8 @@ from argen.strategies.speculative.verify import Verdict, score_and_verify
 
 class Speculative(Strategy):
     """Subclasses implement `propose(state, k) -> DraftTree` (at most k tokens deep) and may
-    override `observe(state, verdict)` to learn from what the verifier accepted."""
+    override `observe(state, verdict)` to learn from what the verifier accepted. Per-request state
+    goes in `state.memo` (a namespace `start` creates; subclasses add their fields after super())."""
 
     exact = True
     # Lookup proposers draft for free: propose first, then let the controller cut the draft by
@@ -38,41 +41,52 @@ class Speculative(Strategy):
         return 1 + self.max_tree_nodes()
 
     def start(self, state: DecodeState) -> None:
-        self._cost = CostModel.for_runtime(state.runtime) if self.adaptive else None
+        cost = CostModel.for_runtime(state.runtime) if self.adaptive else None
         # The chain-length controller; tree proposers that size their own drafts need none.
         chains = self.adaptive and not self.sizes_own_drafts
-        self._length = DraftLength(self.max_draft, self._cost) if chains else None
+        state.memo = SimpleNamespace(cost=cost, length=DraftLength(self.max_draft, cost) if chains else None,
+                                     last_tree=None)  # fmt: skip
 
-    def propose(self, state: DecodeState, k: int) -> DraftTree:
+    def propose(self, state: DecodeState, k: int) -> DraftTree | Generator[Feeds, Outs, DraftTree]:
+        """A draft tree at most k deep; costly proposers (a partial plan, a draft model) are generators
+        that yield their drafter's feeds."""
         raise NotImplementedError
 
     def observe(self, state: DecodeState, verdict: Verdict) -> None:
         """Called after each verification, before the emitted tokens join `state.tokens`."""
 
-    def _draft(self, state: DecodeState) -> tuple[DraftTree, bool]:
+    def _proposed(self, state: DecodeState, k: int) -> Generator[Feeds, Outs, DraftTree]:
+        tree = self.propose(state, k) if k else DraftTree()
+        if isinstance(tree, DraftTree):
+            return tree
+        return (yield from tree)
+
+    def _draft(self, state: DecodeState) -> Generator[Feeds, Outs, tuple[DraftTree, bool]]:
         """(the tree to verify, whether the chain controller should learn from it: a draft was
         available at all)."""
+        memo = state.memo
         room = state.cache.max_len - state.cache.lengths[0] - 1
         limit = max(0, min(self.max_draft, state.remaining - 1, room))
-        if self._length is None:
-            return (self.propose(state, limit) if limit else DraftTree()), False
+        if memo.length is None:
+            return (yield from self._proposed(state, limit)), False
         if self.cheap_drafts:
-            tree = self.propose(state, limit) if limit else DraftTree()
-            return tree.limited(self._length.choose(max(tree.depths(), default=0), tree.key)), len(tree) > 0
-        k = self._length.choose(limit)
+            tree = yield from self._proposed(state, limit)
+            return tree.limited(memo.length.choose(max(tree.depths(), default=0), tree.key)), len(tree) > 0
+        k = memo.length.choose(limit)
         t0 = time.perf_counter()
-        tree = self.propose(state, k) if k else DraftTree()
-        self._length.observe_draft_time(len(tree), time.perf_counter() - t0)
+        tree = yield from self._proposed(state, k)
+        memo.length.observe_draft_time(len(tree), time.perf_counter() - t0)
         return tree, limit > 0
 
-    def step(self, state: DecodeState) -> list[int]:
-        tree, available = self._draft(state)
-        self._last_tree = tree
+    def step(self, state: DecodeState) -> Step:
+        memo = state.memo
+        tree, available = yield from self._draft(state)
+        memo.last_tree = tree
         t0 = time.perf_counter()
-        verdict = score_and_verify(state, tree)
-        if self._cost is not None:
-            self._cost.observe(1 + len(tree), 1 + verdict.accepted, time.perf_counter() - t0)
+        verdict = yield from score_and_verify(state, tree)
+        if memo.cost is not None:
+            memo.cost.observe(1 + len(tree), 1 + verdict.accepted, time.perf_counter() - t0)
         if available:
-            self._length.update(max(tree.depths(), default=0), verdict.accepted, tree.key)
+            memo.length.update(max(tree.depths(), default=0), verdict.accepted, tree.key)
         self.observe(state, verdict)
         return verdict.tokens

@@ -9,10 +9,12 @@ logits over the same vocabulary size; sharing a tokenizer is the caller's promis
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Generator
 
 from argen.errors import InvalidRequestError
-from argen.strategies.base import DecodeState
+from argen.models.runtime import SegmentOut
+from argen.strategies.base import DecodeState, Feed
+from argen.strategies.companions import model_runtime
 from argen.strategies.speculative.base import Speculative
 from argen.strategies.speculative.drafting import draw_chain
 from argen.strategies.speculative.tree import DraftTree
@@ -22,7 +24,7 @@ def draft_runtime(source, device) -> object:
     """The draft's runtime: a source is loaded once per process (`shared_model`); a Generator, a
     LoadedModel or a runtime is used as it is."""
     if not isinstance(source, str):
-        return getattr(source, "runtime", source)
+        return model_runtime(source)
     from argen.models import shared_model
 
     return shared_model(source, device=str(device)).runtime
@@ -36,7 +38,7 @@ class DraftModel(Speculative):
         super().__init__(max_draft, adaptive)
         if draft is None:
             raise ValueError("give the draft model: draft=SOURCE (a model source such as a directory or 'tiny-random')")
-        if not isinstance(draft, str) and not any(hasattr(draft, a) for a in ("runtime", "info")):
+        if not isinstance(draft, str) and model_runtime(draft) is None:
             raise ValueError("draft must be a model source (e.g. 'tiny-random@1' or a directory), a Generator, a "
                              f"LoadedModel or a runtime; got {type(draft).__name__}")  # fmt: skip
         if not isinstance(num_drafts, int) or num_drafts < 1:
@@ -58,35 +60,28 @@ class DraftModel(Speculative):
 
     def start(self, state: DecodeState) -> None:
         super().start(state)
-        self._runtime = draft_runtime(self.draft, state.runtime.device)
-        _check_vocab(state.runtime, self._runtime)
-        self._cache = self._runtime.new_cache(1, state.cache.max_len)
+        m = state.memo
+        m.runtime = draft_runtime(self.draft, state.runtime.device)
+        _check_vocab(state.runtime, m.runtime)
+        m.cache = state.new_cache(m.runtime, state.cache.max_len)
 
-    def _feed(self, tokens: list[int]) -> torch.Tensor:
-        start = self._cache.lengths[0]
-        ids = torch.tensor([tokens], device=self._runtime.device)
-        positions = torch.arange(start, start + len(tokens), device=self._runtime.device)[None]
-        logits, _ = self._runtime.forward(ids, positions, self._cache, num_logits=1)
-        return logits[0, -1]
+    @staticmethod
+    def _feed(m, tokens: list[int]) -> Feed:
+        start = m.cache.lengths[0]
+        return Feed(list(tokens), list(range(start, start + len(tokens))), None, None, 1, m.cache, m.runtime, True)
 
-    def propose(self, state: DecodeState, k: int) -> DraftTree:
-        if k == 0:
-            return DraftTree()
+    def propose(self, state: DecodeState, k: int) -> Generator[Feed, SegmentOut, DraftTree]:
+        m = state.memo
         # Catch up: the draft cache holds a prefix of the sequence; feed the rest, pending included.
-        known = self._cache.lengths[0]
-        first = self._feed(state.tokens[known:])
-        state.counters.draft_passes += 1
-        base = self._cache.lengths[0]
+        out = yield self._feed(m, state.tokens[m.cache.lengths[0] :])
+        first = out.logits[-1]
+        base = m.cache.lengths[0]
         chains = 1 if state.sampler.params.greedy else self.num_drafts
         tree = DraftTree()
         for chain in range(chains):
-
-            def feed(token: int) -> torch.Tensor:
-                state.counters.draft_passes += 1
-                return self._feed([token])
-
-            drafts, probs = draw_chain(state, k, feed, chain=chain, first_logits=first)
-            self._cache.truncate(base)  # every chain starts from the same prefix
+            drafts, probs = yield from draw_chain(state, k, lambda token: self._feed(m, [token]), chain=chain,
+                                                  first_logits=first)  # fmt: skip
+            m.cache.truncate(base)  # every chain starts from the same prefix
             parent = -1
             for depth, token in enumerate(drafts):
                 parent = tree.add(token, parent)
@@ -96,7 +91,8 @@ class DraftModel(Speculative):
 
     def observe(self, state: DecodeState, verdict) -> None:
         # Keep what the draft cache holds of the new sequence: the old tokens (pending included).
-        self._cache.truncate(min(self._cache.lengths[0], len(state.tokens)))
+        cache = state.memo.cache
+        cache.truncate(min(cache.lengths[0], len(state.tokens)))
 
 
 def _check_vocab(target, drafter) -> None:

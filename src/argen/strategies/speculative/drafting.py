@@ -8,29 +8,32 @@ sampling (accept with min(1, p/q), else resample from norm(max(0, p - q))).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 
 import torch
 
+from argen.models.runtime import SegmentOut
 from argen.sampling import gumbel_noise
-from argen.strategies.base import DecodeState
+from argen.strategies.base import DecodeState, Feed
 from argen.strategies.speculative.tree import DraftTree
 
 DRAFT_STREAM = 7919  # noise streams for drafts; the target's own sampling uses stream 0
 
 
-def draw_chain(state: DecodeState, k: int, feed: Callable[[int], torch.Tensor], chain: int = 0,
-               first_logits: torch.Tensor | None = None) -> tuple[list[int], list[torch.Tensor]]:  # fmt: skip
-    """k draft tokens after `state.tokens`. `feed(token)` runs the drafter on the next token and
-    returns its logits for the position after it; `first_logits`, if given, are the drafter's
-    logits after the pending token already (so the first call is saved)."""
+def draw_chain(state: DecodeState, k: int, feed: Callable[[int], Feed], chain: int = 0,
+               first_logits: torch.Tensor | None = None) -> Generator[Feed, SegmentOut, tuple[list[int], list]]:  # fmt: skip
+    """k draft tokens after `state.tokens` (a generator: yields the drafter's feeds). `feed(token)` is
+    the drafter's feed of the next token, whose last logits are for the position after it;
+    `first_logits`, if given, are the drafter's logits after the pending token already (so the
+    first feed is saved)."""
     sampler = state.sampler
     drafts: list[int] = []
     probs: list[torch.Tensor] = []
     logits = first_logits
     for j in range(k):
         if logits is None:
-            logits = feed(state.tokens[-1] if j == 0 else drafts[-1])
+            out = yield feed(state.tokens[-1] if j == 0 else drafts[-1])
+            logits = out.logits[-1]
         index = state.n_generated + j
         processed = sampler.process(logits, state.tokens + drafts)
         if sampler.params.greedy:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 
-from argen.strategies.base import DecodeState
+from argen.strategies.base import DecodeState, Step
 from argen.strategies.speculative.base import Speculative
 from argen.strategies.speculative.tree import DraftTree
 
@@ -44,74 +44,77 @@ class Jacobi(Speculative):
 
     def start(self, state: DecodeState) -> None:
         super().start(state)
+        m = state.memo
         # Initial guesses: tokens of the prompt (lookahead decoding starts from random vocabulary).
-        self._guesses = list(state.tokens[-self.window :]) * self.window
-        self._guesses = self._guesses[: self.window]
-        self._pool: dict[tuple[int, ...], list[int]] = {}
-        self._window_nodes: list[int] = []
-        self._gain, self._cost_ratio = 1.0, 1.0  # EMA of tokens per step and of step cost / plain cost
-        # The back-off carries over between adaptive requests on one runtime: where lookahead does
-        # not pay (on a CPU a wider pass costs much more), a new request does not pay for the lesson
-        # again. adaptive=False always iterates, whatever earlier requests learnt.
-        memo = getattr(state.runtime, "_argen_jacobi_backoff", MIN_BACKOFF)
-        self._backoff = memo if self.adaptive else MIN_BACKOFF
-        self._cooldown = 0 if self._backoff <= MIN_BACKOFF else self._backoff
+        m.guesses = (list(state.tokens[-self.window :]) * self.window)[: self.window]
+        m.pool = {}  # n-gram context -> next tokens seen, most recent first
+        m.window_nodes = []
+        m.gain, m.cost_ratio = 1.0, 1.0  # EMA of tokens per step and of step cost / plain cost
+        # The back-off carries over between adaptive requests on one runtime (its memo): where
+        # lookahead does not pay (on a CPU a wider pass costs much more), a new request does not pay
+        # for the lesson again. adaptive=False always iterates, whatever earlier requests learnt.
+        learnt = state.runtime.memo.jacobi_backoff or MIN_BACKOFF
+        m.backoff = learnt if self.adaptive else MIN_BACKOFF
+        m.cooldown = 0 if m.backoff <= MIN_BACKOFF else m.backoff
 
     def propose(self, state: DecodeState, k: int) -> DraftTree:
+        m = state.memo
         tree = DraftTree()
-        self._window_nodes = []
-        if k == 0 or self._cooldown > 0:
-            self._cooldown = max(0, self._cooldown - 1)
+        m.window_nodes = []
+        if k == 0 or m.cooldown > 0:
+            m.cooldown = max(0, m.cooldown - 1)
             return tree
-        self._window_nodes = _insert(tree, self._guesses[:k], merge=False)
-        for first in self._next(state.tokens)[: self.candidates]:
+        m.window_nodes = _insert(tree, m.guesses[:k], merge=False)
+        for first in self._next(m.pool, state.tokens)[: self.candidates]:
             chain = [first]
-            while len(chain) < k and (following := self._next(state.tokens + chain)):
+            while len(chain) < k and (following := self._next(m.pool, state.tokens + chain)):
                 chain.append(following[0])
             _insert(tree, chain, merge=True)
         return tree
 
-    def _next(self, context: list[int]) -> list[int]:
+    def _next(self, pool: dict, context: list[int]) -> list[int]:
         """Tokens the pool has seen after the longest matching suffix of `context`."""
         for n in range(self.ngram - 1, 0, -1):
-            found = self._pool.get(tuple(context[-n:]))
+            found = pool.get(tuple(context[-n:]))
             if found:
                 return found
         return []
 
-    def step(self, state: DecodeState) -> list[int]:
+    def step(self, state: DecodeState) -> Step:
         t0 = time.perf_counter()
-        self._window_nodes = []  # set by propose when this step runs an iteration
-        tokens = super().step(state)
-        if self._cost is not None:  # adaptive
-            self._learn(state.runtime, len(tokens), time.perf_counter() - t0)
+        state.memo.window_nodes = []  # set by propose when this step runs an iteration
+        tokens = yield from super().step(state)
+        if state.memo.cost is not None:  # adaptive
+            self._learn(state, len(tokens), time.perf_counter() - t0)
         return tokens
 
-    def _learn(self, runtime, n_tokens: int, seconds: float) -> None:
+    def _learn(self, state: DecodeState, n_tokens: int, seconds: float) -> None:
         """Compare the measured rate of lookahead steps with plain steps' (from the cost model)."""
-        if not self._window_nodes:
+        m = state.memo
+        if not m.window_nodes:
             return
-        self._gain = 0.7 * self._gain + 0.3 * n_tokens
-        self._cost_ratio = 0.7 * self._cost_ratio + 0.3 * seconds / self._cost(1)
-        if self._gain / self._cost_ratio < 1.0:
-            self._cooldown, self._backoff = self._backoff, min(MAX_BACKOFF, 2 * self._backoff)
+        m.gain = 0.7 * m.gain + 0.3 * n_tokens
+        m.cost_ratio = 0.7 * m.cost_ratio + 0.3 * seconds / m.cost(1)
+        if m.gain / m.cost_ratio < 1.0:
+            m.cooldown, m.backoff = m.backoff, min(MAX_BACKOFF, 2 * m.backoff)
         else:
-            self._backoff = MIN_BACKOFF
-        runtime._argen_jacobi_backoff = self._backoff
+            m.backoff = MIN_BACKOFF
+        state.runtime.memo.jacobi_backoff = m.backoff
 
     def observe(self, state: DecodeState, verdict) -> None:
-        if not self._window_nodes:
+        m = state.memo
+        if not m.window_nodes:
             return
         # One Jacobi iteration: outputs after the root and after each guess.
-        rows = [0] + [node + 1 for node in self._window_nodes]
+        rows = [0] + [node + 1 for node in m.window_nodes]
         outputs = state.runtime.head(verdict.hidden[rows]).argmax(-1).tolist()
-        guesses = [state.tokens[-1]] + self._guesses[: len(self._window_nodes)]
+        guesses = [state.tokens[-1]] + m.guesses[: len(m.window_nodes)]
         # Harvest: the output after guess j was computed from everything before it in the window.
         for j in range(len(guesses)):
             for n in range(1, self.ngram):
                 if j - n + 1 < 0:
                     break
-                kept = self._pool.setdefault(tuple(guesses[j - n + 1 : j + 1]), [])
+                kept = m.pool.setdefault(tuple(guesses[j - n + 1 : j + 1]), [])
                 if outputs[j] in kept:
                     kept.remove(outputs[j])
                 kept.insert(0, outputs[j])
@@ -120,7 +123,7 @@ class Jacobi(Speculative):
         shift = len(verdict.tokens)
         fresh = outputs[shift:] if shift < len(outputs) else []
         filler = fresh[-1:] or outputs[-1:]
-        self._guesses = (fresh + filler * self.window)[: self.window]
+        m.guesses = (fresh + filler * self.window)[: self.window]
 
 
 def _insert(tree: DraftTree, tokens: list[int], merge: bool) -> list[int]:

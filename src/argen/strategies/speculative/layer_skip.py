@@ -10,8 +10,11 @@ the draft survives in it.
 
 from __future__ import annotations
 
+from collections.abc import Generator
+
 from argen.errors import InvalidRequestError
-from argen.strategies.base import DecodeState
+from argen.models.runtime import SegmentOut
+from argen.strategies.base import DecodeState, Feed
 from argen.strategies.speculative.base import Speculative
 from argen.strategies.speculative.drafting import chain_tree, draw_chain
 from argen.strategies.speculative.skip_calibration import plan_skipping, skipped_blocks
@@ -30,7 +33,7 @@ class LayerSkip(Speculative):
         self.skip_layers, self.skip_ffn = skip_layers, skip_ffn
 
     def check(self, runtime, prompt_len: int, params) -> None:
-        if not hasattr(runtime, "layers"):
+        if not runtime.capabilities.layer_plans:
             raise InvalidRequestError("layer-skip needs the native runtime (Llama-family models); use another strategy")
         n_layers = runtime.info.n_layers
         if any(i >= n_layers for i in (self.skip_layers or []) + (self.skip_ffn or [])):
@@ -48,18 +51,18 @@ class LayerSkip(Speculative):
             blocks = [("attn", i) for i in self.skip_layers or []] + [
                 ("ffn", i) for i in (self.skip_layers or []) + (self.skip_ffn or [])
             ]
-        self.blocks = sorted(set(blocks))
-        self._plan = plan_skipping(n_layers, self.blocks)
+        m = state.memo
+        m.blocks = sorted(set(blocks))
+        m.plan = plan_skipping(n_layers, m.blocks)
+        state.extras["layer_skip"] = {"skipped_blocks": m.blocks}
 
-    def propose(self, state: DecodeState, k: int) -> DraftTree:
-        if not self.blocks or k == 0:
+    def propose(self, state: DecodeState, k: int) -> Generator[Feed, SegmentOut, DraftTree]:
+        m = state.memo
+        if not m.blocks or k == 0:
             return DraftTree()  # calibration found no skip set that pays: plain decoding
         start = state.cache.lengths[0]
-
-        def feed(token: int):
-            logits, _ = state.forward([token], plan=self._plan, num_logits=1)
-            return logits[0, -1]
-
-        drafts, probs = draw_chain(state, k, feed)
+        # Drafts run in the target's own cache with the partial plan, and are truncated before the
+        # verification pass overwrites those slots.
+        drafts, probs = yield from draw_chain(state, k, lambda token: state.feed([token], plan=m.plan, num_logits=1))
         state.cache.truncate(start)
         return chain_tree(drafts, probs)

@@ -78,27 +78,29 @@ class NGram(Speculative):
 
     def start(self, state: DecodeState) -> None:
         super().start(state)
-        self._table = NGramTable(self.min_n, self.max_n)
-        self._table.update(state.tokens)
-        self._tried: Counter = Counter()  # (context, token) -> times drafted with its parent accepted
-        self._hits: Counter = Counter()  # ... and accepted
-        self._context_tries: Counter = Counter()  # context -> drafts tried after it
-        self._calibration: dict[int, tuple[float, float]] = {}  # context length -> decayed (hits, predicted)
-        self._node_keys: list[tuple] = []
+        m = state.memo
+        m.table = NGramTable(self.min_n, self.max_n)
+        m.table.update(state.tokens)
+        m.tried = Counter()  # (context, token) -> times drafted with its parent accepted
+        m.hits = Counter()  # ... and accepted
+        m.context_tries = Counter()  # context -> drafts tried after it
+        m.calibration = {}  # context length -> decayed (hits, predicted)
+        m.node_keys = []
 
-    def _value(self, context: tuple, token: int, prob: float) -> tuple[float, float]:
+    def _value(self, m, context: tuple, token: int, prob: float) -> tuple[float, float]:
         """(acceptance estimate, the same plus its exploration bonus)."""
         key = (context, token)
-        tried = self._tried[key]
+        tried = m.tried[key]
         # n-gram frequencies are over-confident (a context seen once predicts with probability 1):
         # scale them by how often drafts from contexts of this length were accepted, as predicted.
-        hits, predicted = self._calibration.get(len(context), (1.0, 1.0))
+        hits, predicted = m.calibration.get(len(context), (1.0, 1.0))
         prior = min(1.0, prob * hits / predicted)
-        value = (self._hits[key] + PRIOR_WEIGHT * prior) / (tried + PRIOR_WEIGHT)
-        bonus = self.explore * math.sqrt(math.log(2 + self._context_tries[context]) / (1 + tried))
+        value = (m.hits[key] + PRIOR_WEIGHT * prior) / (tried + PRIOR_WEIGHT)
+        bonus = self.explore * math.sqrt(math.log(2 + m.context_tries[context]) / (1 + tried))
         return value, min(1.0, value + bonus)
 
     def propose(self, state: DecodeState, k: int) -> DraftTree:
+        m = state.memo
         tree, keys, probs = DraftTree(), [], []
         # Max-heap of (-priority, tie, parent node, its depth, its context tokens, its path probability).
         heap = [(-1.0, 0, -1, 0, state.tokens, 1.0)]
@@ -107,41 +109,42 @@ class NGram(Speculative):
             _, _, parent, depth, context, path_prob = heapq.heappop(heap)
             if depth >= k:
                 continue
-            used, candidates = self._table.next_tokens(context[-(self.max_n - 1) :], self.width)
+            used, candidates = m.table.next_tokens(context[-(self.max_n - 1) :], self.width)
             for token, prob in candidates:
                 if len(tree) >= self.max_nodes:
                     break
-                value, priority = self._value(used, token, prob)
+                value, priority = self._value(m, used, token, prob)
                 node = tree.add(token, parent)
                 keys.append((used, token, prob))
                 probs.append(path_prob * value)
                 heapq.heappush(heap, (-path_prob * priority, tie, node, depth + 1,
                                       list(context[-(self.max_n - 1) :]) + [token], path_prob * value))  # fmt: skip
                 tie += 1
-        if self._cost is not None:  # adaptive
+        if m.cost is not None:  # adaptive
             # Keep the best nodes (by acceptance estimate; parents score at least their children).
             order = sorted(range(len(tree)), key=lambda i: -probs[i])
-            n = best_tree_size([probs[i] for i in order], self._cost)
+            n = best_tree_size([probs[i] for i in order], m.cost)
             keep = sorted(order[:n])
             tree, keys = _subtree(tree, keep), [keys[i] for i in keep]
-        self._node_keys = keys
+        m.node_keys = keys
         return tree
 
     def observe(self, state: DecodeState, verdict) -> None:
-        tree_parents = self._last_tree.parents
+        m = state.memo
+        tree_parents = m.last_tree.parents
         accepted = set(verdict.path)
         # Keys of this step's draft; none when no draft was asked for (the last token of a budget).
-        keys, self._node_keys = self._node_keys, []
+        keys, m.node_keys = m.node_keys, []
         for node, (context, token, prob) in enumerate(keys):
             parent = tree_parents[node]
             if parent < 0 or parent in accepted:
                 hit = node in accepted
-                self._tried[(context, token)] += 1
-                self._context_tries[context] += 1
-                self._hits[(context, token)] += hit
-                hits, predicted = self._calibration.get(len(context), (1.0, 1.0))
-                self._calibration[len(context)] = (CALIBRATION_DECAY * hits + hit, CALIBRATION_DECAY * predicted + prob)
-        self._table.update(state.tokens + verdict.tokens)
+                m.tried[(context, token)] += 1
+                m.context_tries[context] += 1
+                m.hits[(context, token)] += hit
+                hits, predicted = m.calibration.get(len(context), (1.0, 1.0))
+                m.calibration[len(context)] = (CALIBRATION_DECAY * hits + hit, CALIBRATION_DECAY * predicted + prob)
+        m.table.update(state.tokens + verdict.tokens)
 
 
 def _subtree(tree: DraftTree, keep: list[int]) -> DraftTree:

@@ -1,6 +1,6 @@
 """Which blocks a layer-skip draft skips, chosen by calibration rather than by hand.
 
-1. Rank: run the model on a sample text (`runtime.calibration_ids`) once in full, then once per
+1. Rank: run the model on a sample text (`runtime.memo.calibration_ids`) once in full, then once per
    candidate block (the attention or the FFN sub-block of every layer but the first and the
    last) with only that block skipped; a block's damage is how much log-probability the full
    model's argmax tokens lose. Least damaging first.
@@ -41,9 +41,12 @@ def plan_skipping(n_layers: int, blocks: list[Block]) -> Plan:
 
 
 def _logits(runtime, ids: torch.Tensor, plan: Plan | None) -> torch.Tensor:
-    cache = runtime.new_cache(ids.shape[0], ids.shape[1])
+    """Logits of whole sample texts (a measurement of the model, run on it directly)."""
+    caches = runtime.new_cache(ids.shape[0], ids.shape[1])
     positions = torch.arange(ids.shape[1], device=runtime.device).expand(ids.shape[0], -1)
-    logits, _ = runtime.forward(ids.to(runtime.device), positions, cache, plan=plan)
+    logits, _ = runtime.forward(ids.to(runtime.device), positions, caches, plan=plan)
+    for cache in caches if isinstance(caches, list) else [caches]:
+        cache.free()
     return logits.float()
 
 
@@ -64,7 +67,7 @@ def expected_speed(acceptance: float, draft_seconds: float, cost, max_draft: int
 
 
 def calibrate(runtime, cost, max_draft: int, rank_tokens: int = 48, eval_tokens: int = 64) -> list[Block]:
-    samples = [s for s in runtime.calibration_ids if len(s) >= 8]
+    samples = [s for s in runtime.memo.calibration_ids if len(s) >= 8]
     n_layers = runtime.info.n_layers
     candidates = [(kind, i) for i in range(1, n_layers - 1) for kind in ("attn", "ffn")]
     if not samples or not candidates:
@@ -95,8 +98,8 @@ def calibrate(runtime, cost, max_draft: int, rank_tokens: int = 48, eval_tokens:
 
 
 def skipped_blocks(runtime, cost, max_draft: int) -> list[Block]:
-    """The calibrated skip set for this model: from the runtime, the disk cache, or calibration."""
-    cached = getattr(runtime, "_argen_layer_skip", None)
+    """The calibrated skip set for this model: from the runtime's memo, the disk cache, or calibration."""
+    cached = runtime.memo.layer_skip.get(max_draft)
     if cached is not None:
         return cached
     path = cache_dir() / "calibration" / f"layer-skip-{fingerprint(runtime)}.json"
@@ -109,5 +112,5 @@ def skipped_blocks(runtime, cost, max_draft: int) -> list[Block]:
             path.write_text(json.dumps({"skip": blocks}, indent=1))
         except OSError:
             pass  # a read-only cache only costs a re-calibration next time
-    runtime._argen_layer_skip = blocks
+    runtime.memo.layer_skip[max_draft] = blocks
     return blocks

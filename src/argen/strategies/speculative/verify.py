@@ -15,14 +15,15 @@ distribution):
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 
 import torch
 
+from argen.models.runtime import SegmentOut
 from argen.neartie import gap_is_near_tie
 from argen.sampling import gumbel_noise, uniform
-from argen.strategies.base import DecodeState
+from argen.strategies.base import DecodeState, Feed
 from argen.strategies.speculative.tree import DraftTree
 
 
@@ -103,18 +104,19 @@ def verify(state: DecodeState, tree: DraftTree, row_logits: Callable[[int], torc
         node, row = nxt, nxt + 1
 
 
-def score_and_verify(state: DecodeState, tree: DraftTree) -> Verdict:
-    """One target pass over pending + tree, then accept and fix up the cache so that it holds
-    everything but the new pending (bonus) token."""
+def score_and_verify(state: DecodeState, tree: DraftTree) -> Generator[Feed, SegmentOut, Verdict]:
+    """One target pass over pending + tree (yielded as a feed), then accept and fix up the cache so
+    that it holds everything but the new pending (bonus) token."""
     start = state.cache.lengths[0]
-    depths = torch.tensor([0] + tree.depths())
-    positions = (depths + start + state.position_shift)[None].to(state.runtime.device)
+    depths = [0] + tree.depths()
+    positions = [start + state.position_shift + d for d in depths]
     mask = None if tree.is_chain else tree.attention_mask()
     # Hidden states for every node, logits only for the rows the walk reaches: a rejected draft
     # then costs its share of the transformer body but not the vocabulary projection.
-    _, hidden = state.forward([state.tokens[-1]] + tree.tokens, mask=mask, positions=positions, num_logits=0)
-    verdict = verify(state, tree, lambda row: state.runtime.head(hidden[0, row]))
-    verdict.hidden = hidden[0]
+    out = yield state.feed([state.tokens[-1]] + tree.tokens, mask=mask, positions=positions, num_logits=0)
+    hidden = out.hidden
+    verdict = verify(state, tree, lambda row: state.runtime.head(hidden[row]))
+    verdict.hidden = hidden
     state.counters.draft_proposed += len(tree)
     state.counters.draft_accepted += verdict.accepted
     # Keep the root and the accepted nodes, in path order, right after the old length.

@@ -1,0 +1,255 @@
+"""Paged KV memory: fixed-size blocks shared by every sequence of a runtime, a block table per
+sequence, prefix caching, copy-on-write forks (as vLLM's `KVCacheManager` and SGLang's radix cache).
+
+- `BlockPool` owns the storage, `k` and `v` [layers, kv heads, blocks, block size, head dim] (a
+  sequence's keys for one head gather into one contiguous [positions, head dim] view). The
+  tensors are allocated once at their largest (`max_blocks`) with `torch.empty`, so the operating
+  system commits memory only for the blocks written; freed blocks are reused first (a stack), so the
+  blocks in use stay few and compact.
+- `SeqKV` is one sequence's cache: its block table and length. It has the old single-row KVCache's
+  interface (`lengths`, `reserve`, `truncate`, `move_slots`, byte accounting), so strategies see no
+  difference, plus `fork` (beams, drafts that share a prefix) with copy-on-write.
+- Prefix caching: a full block whose tokens follow a known prefix is addressed by a hash of (the
+  previous block's hash, its tokens, its positions). A new sequence with the same prompt start reuses
+  those blocks instead of computing them. Blocks nobody holds stay cached until space is needed, and
+  then the least recently used goes first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+
+import torch
+
+BLOCK_SIZE = 16  # positions per block (vLLM's default): short requests waste at most 15 slots each
+
+
+class KVCacheFull(RuntimeError):
+    """Every block is held by a running sequence."""
+
+
+class BlockPool:
+    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, max_blocks: int, block_size: int = BLOCK_SIZE,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:  # fmt: skip
+        shape = (n_layers, n_kv_heads, max_blocks, block_size, head_dim)
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.block_size, self.max_blocks = block_size, max_blocks
+        self.refs = [0] * max_blocks
+        self.free = list(range(max_blocks - 1, -1, -1))  # a stack: low block ids first
+        self.hash_of: dict[int, bytes] = {}
+        self.by_hash: dict[bytes, int] = {}
+        self.evictable: OrderedDict[int, None] = OrderedDict()  # cached, held by nobody; oldest first
+        self.peak_held = 0
+
+    # -- accounting ----------------------------------------------------------------------------
+    def bytes_per_block(self) -> int:
+        n_layers, heads, _, size, dim = self.k.shape
+        return 2 * n_layers * heads * size * dim * self.k.element_size()
+
+    def bytes_per_position(self) -> int:
+        return self.bytes_per_block() // self.block_size
+
+    @property
+    def held(self) -> int:
+        """Blocks held by some sequence (cached blocks nobody holds are not counted)."""
+        return self.max_blocks - len(self.free) - len(self.evictable)
+
+    @property
+    def held_bytes(self) -> int:
+        return self.held * self.bytes_per_block()
+
+    # -- blocks --------------------------------------------------------------------------------
+    def allocate(self) -> int:
+        if self.free:
+            block = self.free.pop()
+        elif self.evictable:
+            block, _ = self.evictable.popitem(last=False)  # the least recently used cached block
+            del self.by_hash[self.hash_of.pop(block)]
+        else:
+            raise KVCacheFull(f"the KV cache is full: all {self.max_blocks} blocks of {self.block_size} positions "
+                              "are held by running sequences")  # fmt: skip
+        self.refs[block] = 1
+        self.peak_held = max(self.peak_held, self.held)
+        return block
+
+    def retain(self, block: int) -> None:
+        if self.refs[block] == 0:
+            self.evictable.pop(block, None)
+        self.refs[block] += 1
+        self.peak_held = max(self.peak_held, self.held)
+
+    def release(self, block: int) -> None:
+        self.refs[block] -= 1
+        if self.refs[block] == 0:
+            if block in self.hash_of:
+                self.evictable[block] = None  # content kept for prefix hits until space is needed
+            else:
+                self.free.append(block)
+
+    def lookup(self, key: bytes) -> int | None:
+        """A cached block with this prefix hash, retained for the caller; None if not cached."""
+        block = self.by_hash.get(key)
+        if block is not None:
+            self.retain(block)
+            self.evictable.pop(block, None)
+        return block
+
+    def register(self, block: int, key: bytes) -> None:
+        """Make a full block findable by its prefix hash (the first block with a hash keeps it)."""
+        if key in self.by_hash or block in self.hash_of:
+            return
+        self.by_hash[key] = block
+        self.hash_of[block] = key
+
+    def copy_block(self, src: int, dst: int) -> None:
+        self.k[:, :, dst] = self.k[:, :, src]
+        self.v[:, :, dst] = self.v[:, :, src]
+
+
+def block_hash(previous: bytes, tokens: list[int], positions: list[int]) -> bytes:
+    """The prefix-cache key of a full block: it stands for every token and position before it."""
+    data = previous + b"|" + ",".join(map(str, tokens)).encode() + b"|" + ",".join(map(str, positions)).encode()
+    return hashlib.blake2b(data, digest_size=16).digest()
+
+
+class SeqKV:
+    """One sequence's keys and values in a BlockPool: a block table and a length. `max_len` is the
+    most positions the sequence may hold (its request's budget); reserving past it is an error."""
+
+    def __init__(self, pool: BlockPool, max_len: int) -> None:
+        self.pool, self.max_len = pool, max_len
+        self.blocks: list[int] = []
+        self.lengths = [0]  # the KVCache interface: one row
+        self.peak_length = 0
+        self.hashes: list[bytes] = []  # prefix hashes of the leading full blocks that are registered
+
+    @property
+    def length(self) -> int:
+        return self.lengths[0]
+
+    @property
+    def batch_size(self) -> int:
+        return 1
+
+    def reserve(self, new_tokens: int) -> None:
+        """Room for `new_tokens` more positions: blocks are added as needed, and a block shared with
+        another sequence that is about to be written is copied first (copy-on-write)."""
+        length, size = self.lengths[0], self.pool.block_size
+        end = length + new_tokens
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: {end} positions needed, {self.max_len} allotted")
+        first_written = length // size
+        for i in range(first_written, min(len(self.blocks), -(-end // size))):
+            block = self.blocks[i]
+            if self.pool.refs[block] > 1 or block in self.pool.hash_of:
+                fresh = self.pool.allocate()
+                self.pool.copy_block(block, fresh)
+                self.pool.release(block)
+                self.blocks[i] = fresh
+                del self.hashes[i:]
+        while len(self.blocks) * size < end:
+            self.blocks.append(self.pool.allocate())
+        self.peak_length = max(self.peak_length, end)
+
+    def truncate(self, n: int, row: int | None = None) -> None:
+        if n > self.lengths[0]:
+            raise ValueError(f"cannot truncate a cache of length {self.lengths[0]} to {n}")
+        self.lengths[0] = n
+        keep = -(-n // self.pool.block_size)
+        for block in self.blocks[keep:]:
+            self.pool.release(block)
+        del self.blocks[keep:]
+        del self.hashes[n // self.pool.block_size :]
+
+    def slots(self, start: int, n: int) -> torch.Tensor:
+        """Flat slot indices (block * block_size + offset) of positions start .. start + n - 1."""
+        return self.slots_of(torch.arange(start, start + n))
+
+    def slots_of(self, positions: torch.Tensor) -> torch.Tensor:
+        size = self.pool.block_size
+        table = torch.tensor(self.blocks, dtype=torch.long)
+        return table[positions // size] * size + positions % size
+
+    def move_slots(self, src: list[int], dst_start: int, row: int = 0) -> None:
+        """Copy the keys/values at positions `src` to `dst_start, dst_start + 1, ...` (a draft tree's
+        accepted path is compacted this way before the rest is truncated)."""
+        if not src:
+            return
+        size = self.pool.block_size
+        source, target = self.slots_of(torch.tensor(src)), self.slots(dst_start, len(src))
+        for t in (self.pool.k, self.pool.v):
+            t[:, :, target // size, target % size] = t[:, :, source // size, source % size]
+
+    def gathered(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This sequence's keys and values [layers, kv heads, length, head dim], copied out of the blocks
+        (for tests and inspection)."""
+        slots = self.slots(0, self.lengths[0])
+        size = self.pool.block_size
+        return tuple(t[:, :, slots // size, slots % size] for t in (self.pool.k, self.pool.v))  # type: ignore[return-value]
+
+    def fork(self) -> SeqKV:
+        """A second sequence with the same content, sharing every block until one of them writes."""
+        other = SeqKV(self.pool, self.max_len)
+        for block in self.blocks:
+            self.pool.retain(block)
+        other.blocks, other.lengths, other.hashes = list(self.blocks), list(self.lengths), list(self.hashes)
+        other.peak_length = self.peak_length
+        return other
+
+    def free(self) -> None:
+        self.truncate(0)
+
+    def __del__(self) -> None:
+        # The engine frees every cache it makes; this gives back the blocks of one a caller of
+        # `runtime.new_cache` dropped without freeing (or an exception abandoned), so a leak cannot
+        # outlive the object.
+        try:
+            if self.blocks:
+                self.free()
+        except Exception:  # interpreter shutdown: the pool may be gone already
+            pass
+
+    # -- prefix caching ------------------------------------------------------------------------
+    def attach_prefix(self, tokens: list[int], positions: list[int]) -> int:
+        """Take the cached blocks that continue what this cache holds with `tokens` (at `positions`;
+        both from the sequence's start); returns how many tokens are now in the cache. Only a cache
+        whose every block is registered (a fresh one, or one that registered what it computed) can
+        take more."""
+        size = self.pool.block_size
+        if self.lengths[0] != len(self.hashes) * size:
+            return self.lengths[0]
+        for i in range(len(self.hashes), len(tokens) // size):
+            previous = self.hashes[-1] if self.hashes else b""
+            key = block_hash(previous, tokens[i * size : (i + 1) * size], positions[i * size : (i + 1) * size])
+            block = self.pool.lookup(key)
+            if block is None:
+                break
+            self.blocks.append(block)
+            self.hashes.append(key)
+        self.lengths[0] = len(self.blocks) * size
+        self.peak_length = max(self.peak_length, self.lengths[0])
+        return self.lengths[0]
+
+    def register_prefix(self, tokens: list[int], positions: list[int]) -> None:
+        """Register the full blocks now holding `tokens[:length]` for later prefix hits."""
+        size = self.pool.block_size
+        for i in range(len(self.hashes), min(self.lengths[0], len(tokens)) // size):
+            previous = self.hashes[-1] if self.hashes else b""
+            key = block_hash(previous, tokens[i * size : (i + 1) * size], positions[i * size : (i + 1) * size])
+            self.pool.register(self.blocks[i], key)
+            self.hashes.append(key)
+
+    # -- accounting ----------------------------------------------------------------------------
+    def bytes_per_position(self) -> int:
+        return self.pool.bytes_per_position()
+
+    @property
+    def held_bytes(self) -> int:
+        return len(self.blocks) * self.pool.bytes_per_block()
+
+    @property
+    def peak_bytes(self) -> int:
+        size = self.pool.block_size
+        return -(-self.peak_length // size) * self.pool.bytes_per_block()

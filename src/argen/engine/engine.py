@@ -1,0 +1,69 @@
+"""The Engine: checks requests once, and runs them through the one decode loop (batch.py), for
+`generate`, `stream` and (through the server's scheduler) HTTP alike. It is the only layer that
+knows about tokenizer text."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from argen.engine.batch import DecodeBatch
+from argen.engine.request import Event, Failure, Request, Result
+from argen.errors import InvalidRequestError
+
+
+class Engine:
+    def __init__(self, runtime, tokenizer, eos_ids: set[int]) -> None:
+        self.runtime = runtime
+        self.tokenizer = tokenizer
+        self.eos_ids = eos_ids
+
+    def validate(self, request: Request) -> None:
+        """Every check a request gets, done once (a request that passed is marked and not re-checked)."""
+        if request.validated:
+            return
+        n, context = len(request.prompt_ids), self.runtime.info.max_positions
+        if n == 0:
+            raise InvalidRequestError("the prompt is empty; give at least one token of prompt")
+        if n >= context:
+            raise InvalidRequestError(
+                f"the prompt has {n} tokens but the model's context is {context}; shorten the prompt"
+            )
+        vocab = self.runtime.info.vocab_size
+        bad = [t for t in request.prompt_ids if not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(f"prompt token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})")
+        forced = list(request.output_prefix) + list((request.forced or {}).values())
+        bad = [t for t in forced if not (isinstance(t, int) and 0 <= t < vocab)]
+        if bad:
+            raise InvalidRequestError(f"forced token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})")
+        if request.output_prefix and n + len(request.output_prefix) >= context:
+            raise InvalidRequestError("the prompt plus the replayed output fills the model's context")
+        request.strategy.check(self.runtime, n, request.params)
+        request.validated = True
+
+    def budget(self, request: Request) -> int:
+        """How many tokens the request may generate: max_new_tokens, capped by the context."""
+        return min(request.params.max_new_tokens, self.runtime.info.max_positions - len(request.prompt_ids))
+
+    def stream(self, requests: list[Request]) -> Iterator[Event | Result]:
+        """Yield token Events as they are produced and each request's Result when it finishes; all the
+        requests decode together. Every request is checked before any work starts."""
+        for request in requests:
+            self.validate(request)
+        # No prefix caching here: reused blocks were computed in other chunks than a fresh prefill
+        # computes them, which changes the last bits (and so can flip a near-tie); the server uses it.
+        batch = DecodeBatch(self, prefix_caching=False)
+        try:
+            for i, request in enumerate(requests):
+                batch.admit(i, request)
+            while batch:
+                for item in batch.step():
+                    if isinstance(item, Failure):
+                        raise item.error
+                    yield item
+        finally:
+            batch.remove(list(batch.sequences))
+
+    def run(self, requests: list[Request]) -> list[Result]:
+        results = [item for item in self.stream(requests) if isinstance(item, Result)]
+        return sorted(results, key=lambda r: r.index)

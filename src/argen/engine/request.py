@@ -1,0 +1,99 @@
+"""What goes in and out of the Engine: a Request, its token Events, its Result and Stats."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from argen.sampling import SamplingParams
+from argen.strategies import Strategy
+
+
+@dataclass
+class Request:
+    prompt_ids: list[int]
+    params: SamplingParams
+    strategy: Strategy
+    # Optional explicit prompt layout (set-based prompting): positions and a [T, T] attention mask.
+    prompt_positions: list[int] | None = None
+    prompt_mask: torch.Tensor | None = None
+    # Counterfactual replay: output tokens taken as already generated (prefilled with the prompt, so
+    # sampling resumes at output index len(output_prefix)), and do(x_t = v) interventions applied by
+    # the sampler at output index t (see counterfactual.py).
+    output_prefix: list[int] = field(default_factory=list)
+    forced: dict[int, int] | None = None
+    # Set by Engine.validate: a request is checked once, wherever it enters (API, server, batch).
+    validated: bool = field(default=False, repr=False, compare=False)
+
+
+@dataclass
+class Stats:
+    new_tokens: int = 0
+    prompt_tokens: int = 0
+    forward_passes: int = 0  # target passes, the prefill's included
+    prefill_passes: int = 0
+    draft_passes: int = 0
+    draft_tokens_proposed: int = 0
+    draft_tokens_accepted: int = 0
+    near_ties: int = 0
+    prefill_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    peak_kv_bytes: int = 0
+    cached_prompt_tokens: int = 0  # prompt tokens whose keys/values came from the prefix cache
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.wall_seconds if self.wall_seconds > 0 else 0.0
+
+    @property
+    def tokens_per_forward(self) -> float:
+        """New tokens per target forward pass after the prefill (1.0 for plain decoding)."""
+        decode_passes = self.forward_passes - self.prefill_passes
+        return self.new_tokens / decode_passes if decode_passes > 0 else float(self.new_tokens)
+
+    def as_dict(self) -> dict:
+        return asdict(self) | {
+            "tokens_per_s": self.tokens_per_s,
+            "tokens_per_forward": self.tokens_per_forward,
+        }
+
+
+@dataclass
+class Event:
+    index: int  # which request of the batch
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None = None  # "stop" (EOS or stop string) | "length" | None while running
+
+
+@dataclass
+class Result:
+    text: str
+    token_ids: list[int]
+    prompt_ids: list[int]
+    finish_reason: str
+    stats: Stats
+    seed: int
+    strategy: str
+    extras: dict = field(default_factory=dict)  # strategy-specific records (e.g. sampling noise)
+    index: int = 0  # position of the request in its batch
+
+    def as_dict(self) -> dict:
+        return {
+            "text": self.text,
+            "token_ids": self.token_ids,
+            "prompt_ids": self.prompt_ids,
+            "finish_reason": self.finish_reason,
+            "seed": self.seed,
+            "strategy": self.strategy,
+            "stats": self.stats.as_dict(),
+        }
+
+
+@dataclass
+class Failure:
+    """A sequence of a DecodeBatch that raised: it has left the batch; the others go on."""
+
+    index: int
+    error: Exception

@@ -1,0 +1,122 @@
+"""One request's passage through the decode loop: its state, its prefill progress, its strategy's
+step in flight, and the bookkeeping of text, stop conditions and statistics."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Generator
+
+import torch
+
+from argen.cache.paged import SeqKV
+from argen.engine.request import Event, Request, Result, Stats
+from argen.strategies import DecodeState, Strategy
+from argen.textstream import TextStream
+
+
+class Emit:
+    """Yielded by a sequence's driver between feeds: tokens for the Engine to accept."""
+
+    __slots__ = ("tokens",)
+
+    def __init__(self, tokens: list[int]) -> None:
+        self.tokens = tokens
+
+
+class Sequence:
+    def __init__(self, index: int, request: Request, state: DecodeState, tokenizer, eos_ids: set[int],
+                 prefill_positions: list[int], prefill_mask: torch.Tensor | None) -> None:  # fmt: skip
+        self.index, self.request, self.state = index, request, state
+        self.text = TextStream(tokenizer, request.params.stop)
+        self.eos_ids = set() if request.params.ignore_eos else eos_ids
+        self.finish_reason: str | None = None
+        self.stats = Stats(prompt_tokens=len(request.prompt_ids))
+        self.started = time.perf_counter()
+        # Prefill: the prompt (and a replay's output prefix) but the pending last token.
+        self.fed = list(request.prompt_ids) + list(request.output_prefix)
+        self.prefill_positions, self.prefill_mask = prefill_positions, prefill_mask
+        self.prefilled = 0  # tokens of fed[:-1] in the cache
+        self.prompt_hidden: list[torch.Tensor] = []
+        self.driver: Generator | None = None  # start + steps, once the prefill is done
+        self.waiting: list | None = None  # the feeds the driver yielded and awaits outputs for
+        self.waiting_single = False  # whether it yielded one Feed (not a list)
+        self.peak_kv_bytes = 0
+
+    def note_kv(self) -> None:
+        """Track the most KV memory the request held at once (blocks shared by its forks count once)."""
+        caches = [self.state.cache, *self.state.caches]
+        paged = [c for c in caches if isinstance(c, SeqKV)]
+        held = sum(c.peak_bytes for c in caches if not isinstance(c, SeqKV))
+        if paged:
+            blocks = {(id(c.pool), b) for c in paged for b in c.blocks}
+            held += sum(c.pool.bytes_per_block() for c in paged[:1]) * len(blocks)
+        self.peak_kv_bytes = max(self.peak_kv_bytes, held)
+
+    @property
+    def prefilling(self) -> bool:
+        return self.driver is None
+
+    @property
+    def to_prefill(self) -> int:
+        return len(self.fed) - 1 - self.prefilled
+
+    def drive(self) -> Generator:
+        """The strategy's start, then its steps, each step's tokens handed out as an Emit."""
+        strategy: Strategy = self.request.strategy
+        state = self.state
+        started = strategy.start(state)
+        if started is not None:
+            yield from started
+        state.prompt_hidden = None
+        self.stats.prefill_seconds = time.perf_counter() - self.started
+        self.stats.prefill_passes = state.counters.forward_passes
+        while self.finish_reason is None:
+            tokens = yield from strategy.step(state)
+            yield Emit(tokens)
+
+    def accept(self, new_ids: list[int]) -> Event:
+        """Append a step's tokens, cut at EOS / max tokens / a stop string, and make the event."""
+        state = self.state
+        new_ids = new_ids[: state.remaining]
+        for i, t in enumerate(new_ids):
+            if t in self.eos_ids:
+                new_ids, self.finish_reason = new_ids[: i + 1], "stop"
+                break
+        state.tokens.extend(new_ids)
+        if self.finish_reason is None and state.remaining <= 0:
+            self.finish_reason = "length"
+        delta = self.text.push(state.output)
+        if self.text.stopped_at is not None:
+            kept = state.prompt_len + self.text.stopped_at
+            new_ids = new_ids[: max(0, len(new_ids) - (len(state.tokens) - kept))]
+            del state.tokens[kept:]
+            self.finish_reason = "stop"
+        if self.finish_reason is not None:
+            delta += self.text.flush()
+        return Event(self.index, new_ids, delta, self.finish_reason)
+
+    def result(self) -> Result:
+        c, s, state, r = self.state.counters, self.stats, self.state, self.request
+        # Tokens decoded by this call: a replay's output prefix was prefilled, not decoded.
+        s.new_tokens = max(0, state.n_generated - len(r.output_prefix))
+        s.forward_passes, s.draft_passes = c.forward_passes, c.draft_passes
+        s.draft_tokens_proposed, s.draft_tokens_accepted, s.near_ties = c.draft_proposed, c.draft_accepted, c.near_ties
+        s.wall_seconds = time.perf_counter() - self.started
+        s.peak_kv_bytes = self.peak_kv_bytes
+        strategy = r.strategy
+        # Everything a replay needs: the noise is a function of (seed, output position), so the seed,
+        # the sampling parameters, the strategy and the prompt layout record it completely.
+        state.extras["replay"] = {
+            "params": r.params.as_dict(),
+            "strategy": {"name": strategy.name, **strategy.options()},  # constructor options: a fresh copy
+            "prompt_positions": r.prompt_positions,
+            "prompt_mask": r.prompt_mask,
+            "forced": dict(r.forced or {}),
+        }
+        return Result(self.text.text, state.output, list(r.prompt_ids), self.finish_reason or "length", s,
+                      r.params.seed, strategy.name, state.extras, self.index)  # fmt: skip
+
+    def release(self) -> None:
+        """Give back every cache the request holds (its own, a draft model's, beams' forks)."""
+        for cache in [self.state.cache, *self.state.caches]:
+            cache.free()
