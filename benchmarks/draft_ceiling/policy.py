@@ -38,7 +38,7 @@ def frozen(cost: CostModel) -> CostModel:
 def replay_policy(strategy: Speculative, prompt: list[int], output: list[int], cost: CostModel) -> tuple[int, float]:
     """(target passes, seconds) for `strategy` producing `output` after `prompt` under `cost`."""
     cost = frozen(cost)
-    charged = [0.0]
+    charged, passes = [0.0], [0]
 
     def oracle_verify(state: DecodeState, tree) -> Verdict:
         node, path = -1, []
@@ -47,22 +47,33 @@ def replay_policy(strategy: Speculative, prompt: list[int], output: list[int], c
             nxt = next((c for c in tree.children(node) if tree.tokens[c] == token), None)
             if nxt is None:
                 charged[0] += cost(1 + len(tree), rows=1 + len(path))
-                state.counters.forward_passes += 1
+                passes[0] += 1
                 return Verdict([tree.tokens[i] for i in path] + [token], len(path), path)
             path.append(nxt)
             node = nxt
+        yield  # never reached: a generator like the real verifier, which yields its feed
 
-    # `CostModel.for_runtime` finds the cost model cached on the runtime; the oracle needs no model.
-    runtime = SimpleNamespace(_argen_cost_model=cost, device="cpu")
+    # `CostModel.for_runtime` finds the cost model in the runtime's memo; the oracle needs no model.
+    runtime = SimpleNamespace(memo=SimpleNamespace(cost_model=cost), device="cpu")
     cache = SimpleNamespace(max_len=len(prompt) + len(output) + 1, lengths=[len(prompt) - 1])
     state = DecodeState(runtime=runtime, cache=cache, sampler=None, tokens=list(prompt), prompt_len=len(prompt),
                         max_new_tokens=len(output))  # fmt: skip
     with mock.patch.object(speculative_base, "score_and_verify", oracle_verify):
         strategy.start(state)
         while state.n_generated < len(output):
-            tokens = strategy.step(state)
+            tokens = without_feeds(strategy.step(state))
             cache.lengths[0] += len(tokens)
             state.tokens += tokens
     if state.output != output:
         raise AssertionError("the replay left the plain output: the oracle verifier is wrong")
-    return state.counters.forward_passes, charged[0]
+    return passes[0], charged[0]
+
+
+def without_feeds(step):
+    """Run a strategy's step (a generator) that must not feed the model: lookup drafts and the
+    oracle verifier need none."""
+    try:
+        next(step)
+    except StopIteration as done:
+        return done.value
+    raise AssertionError("the step fed the model: only lookup proposers can be replayed without one")

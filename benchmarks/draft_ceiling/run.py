@@ -48,6 +48,7 @@ from policy import STRATEGIES, replay_policy
 import argen
 from argen.bench.provenance import describe, git_state, provenance, require_clean
 from argen.bench.questions import find_questions_file, group_mt_bench, read_questions
+from argen.models import kernels
 from argen.strategies.speculative.adaptive import BUCKETS, CostModel
 from argen.strategies.speculative.prompt_lookup import find_match
 
@@ -181,7 +182,8 @@ def main() -> None:
         for c, row in summarize(runs, replayed, costs[1], prefill).items():
             policy[(name, c)] = row
     best = measured_best(results["summary"])
-    write_report(table, policy, categories, costs, prefill, best, results["summary"], provenance(state))
+    weights = f"the model's `quant={gen.quant}` path, argen kernels {kernels.pick_isa()}"
+    write_report(table, policy, categories, costs, prefill, best, results["summary"], provenance(state) | {"weights": weights})
     write_chart(table, policy, categories, best)
 
 
@@ -206,7 +208,7 @@ def write_report(table, policy, categories, costs, prefill, best, summary: dict,
     lines = ["# A ceiling for exact speculative decoding on this machine", "",
              "```", "python benchmarks/draft_ceiling/run.py", "```", "", describe(machine), "",
              f"torch {machine['torch']}, transformers {machine['transformers']}, python {machine['python']}, "
-             f"{machine['cpu_model']}, {machine['cpu_count']} CPUs. How it is computed: the "
+             f"{machine['cpu_model']}, {machine['cpu_count']} CPUs, {machine['weights']}. How it is computed: the "
              "docstring of `run.py`. Inputs: the plain greedy outputs of `benchmarks/speculative/` "
              "(120 Spec-Bench questions, 128 tokens).", "",
              "## Measured pass cost (argen's `CostModel`, median of 5 calibrations), ms", "",
