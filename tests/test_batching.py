@@ -211,3 +211,32 @@ def test_eight_concurrent_requests_of_a_strategy_equal_running_each_alone(tiny, 
     alone = [tiny.generate(p, chat=False, max_new_tokens=12, strategy=spec, **options).token_ids for p in prompts]
     together = tiny.generate(prompts, chat=False, max_new_tokens=12, strategy=spec, **options)
     assert [r.token_ids for r in together] == alone
+
+
+def test_drafts_are_priced_as_a_share_of_the_batchs_pass():
+    """Alone, a draft whose tokens are likely accepted pays; in a batch of 16 where a pass costs in
+    proportion to its rows (a CPU pass bound by arithmetic), the same draft does not."""
+    from argen.strategies.speculative.adaptive import BUCKETS, CostModel, DraftLength, best_tree_size
+
+    cost = CostModel.__new__(CostModel)  # a cost model without calibration: 10 ms + 4 ms a row
+    cost.seconds, cost.head_seconds = {b: 0.010 + 0.004 * b for b in BUCKETS}, 0.0
+    length = DraftLength(max_draft=4, cost=cost, prior=0.8)
+    assert length.choose(4) >= 2 and length.choose(4, batch=16) == 0
+    assert best_tree_size([0.8, 0.6, 0.4], cost) >= 2 and best_tree_size([0.8, 0.6, 0.4], cost, batch=16) == 0
+    assert cost.shared(1, batch=16) == pytest.approx((0.010 + 0.004 * 16) / 16)
+
+
+def test_strategies_see_how_many_sequences_share_the_round(tiny):
+    seen = []
+    real = make_strategy("prompt-lookup")
+
+    class Recording(type(real)):
+        def step(self, state):
+            seen.append(state.batch_size)
+            return (yield from super().step(state))
+
+    batch = DecodeBatch(tiny.engine, prefix_caching=False)
+    for i in range(3):
+        batch.admit(i, Request(tiny.encode(f"abc abc {i}", chat=False), SamplingParams(max_new_tokens=4), Recording()))
+    _drain(batch)
+    assert max(seen) == 3 and min(seen) >= 1

@@ -25,3 +25,40 @@ def test_serving_benchmark_writes_its_report(tmp_path):
     assert "python -m argen.bench.serving --model tiny-random" in report and "one after another" in report
     assert "Provenance: commit" in report and str(tmp_path) not in report + (out / "results.json").read_text()
     assert {"git_commit", "git_dirty", "torch", "transformers", "argen", "python", "cpu_model"} <= set(results["machine"])
+
+
+def _questions(tmp_path):
+    questions = tmp_path / "q.jsonl"
+    texts = ["Hi there", "Two plus two?", "A cat story.", "Name a colour.",
+             "The history of the river and the towns along it, told slowly, one town after another. " * 3]  # fmt: skip
+    questions.write_text("".join(json.dumps({"question_id": i, "category": "c", "turns": [t]}) + "\n"
+                                 for i, t in enumerate(texts)))  # fmt: skip
+    return questions
+
+
+def test_shared_prefix_case_computes_the_prefix_once_and_each_configuration_starts_cold(tmp_path):
+    out = tmp_path / "out"
+    for _ in range(2):  # a second run in the same process must not find the first run's blocks
+        assert serving.main(["--model", "tiny-random", "--case", "shared-prefix", "--clients", "3", "--max-tokens", "4",
+                             "--prefix-tokens", "96", "--gap", "0.05", "--threads", "1", "--questions",
+                             str(_questions(tmp_path)), "--out", str(out), "--allow-dirty"]) == 0  # fmt: skip
+        results = json.loads((out / "results.json").read_text())
+        cached, uncached = results["configs"]["prefix caching"], results["configs"]["no prefix caching"]
+        assert results["identical_outputs"] == results["requests"] == 3
+        # The 96-token prefix (6 blocks) is computed once with caching, by every request without.
+        assert uncached["prompt_tokens_computed"] - cached["prompt_tokens_computed"] >= 2 * 96
+    report = (out / "report.md").read_text()
+    assert "Prompt tokens computed, prefix caching ÷ no prefix caching" in report
+
+
+def test_a_pool_forgets_its_cached_blocks_on_request():
+    from argen.cache.paged import BlockPool, SeqKV
+
+    pool = BlockPool(1, 1, 4, max_blocks=4, block_size=2)
+    seq = SeqKV(pool, 8)
+    seq.reserve(4)
+    seq.lengths[0] = 4
+    seq.register_prefix([1, 2, 3, 4], [0, 1, 2, 3])
+    seq.free()
+    assert len(pool.evictable) == 2 and pool.held == 0  # kept for prefix hits after the sequence ended
+    assert pool.drop_cached() == 2 and not pool.by_hash and len(pool.free) == 4

@@ -252,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
                              "two server configurations on the same requests (see argen/bench/serving_cases.py)")
     parser.add_argument("--strategy", default="plain", help="concurrency: each request's strategy (default: plain)")
     parser.add_argument("--prefix-tokens", type=int, default=500, help="shared-prefix: system prompt tokens")
+    parser.add_argument("--question-chars", type=int, default=400,
+                        help="shared-prefix: the questions after the system prompt are the first Spec-Bench prompts "
+                             "shorter than this many characters (default: %(default)s)")
     parser.add_argument("--long", type=int, default=8, help="burst: long prompts (default: %(default)s)")
     parser.add_argument("--long-tokens", type=int, default=1500, help="burst: tokens per long prompt")
     parser.add_argument("--turns", type=int, default=4, help="multi-turn: turns per chat (default: %(default)s)")

@@ -129,8 +129,11 @@ def run_case(case: str, gen, model_id: str, questions: list[Question], args) -> 
     """Both configurations of `case` in turn (a warm-up request each first); per configuration its
     measured figures; and whether the outputs agree."""
     out = {"case": case, "configs": {}, "prefix_tokens": args.prefix_tokens, "gap": args.gap, "long": args.long,
-           "long_tokens": args.long_tokens, "turns": args.turns, "clients": args.clients}
+           "long_tokens": args.long_tokens, "turns": args.turns, "clients": args.clients,
+           "question_chars": args.question_chars}
     for label, options in _configs(case):
+        if gen.runtime.capabilities.paged_kv:  # each configuration starts from a cold prefix cache
+            gen.runtime.kv_pool().drop_cached()
         with running_server(gen, model_id, max_batch=max(args.clients, 16), **options) as url:
             chat_once(url, model_id, [{"role": "user", "content": "Hello!"}], 4)  # warm-up, not measured
             before = metrics(url)
@@ -166,7 +169,7 @@ def summarize(runs: list[dict], wall: float) -> dict:
 def shared_prefix(url, model, tokenizer, questions, args) -> list[dict]:
     """N different questions behind one long system prompt, sent a little apart (as users do)."""
     system = long_text(questions, tokenizer, args.prefix_tokens)
-    short = [q for q in questions if len(q.prompt) < 400][: args.clients]
+    short = [q for q in questions if len(q.prompt) < args.question_chars][: args.clients]
     calls = [lambda q=q, i=i: chat_once(url, model, [{"role": "system", "content": system},
                                                      {"role": "user", "content": q.prompt}], args.max_tokens,
                                         delay=i * args.gap) for i, q in enumerate(short)]  # fmt: skip

@@ -7,7 +7,8 @@ from pathlib import Path
 from argen.bench.provenance import describe
 
 WHAT = {
-    "shared-prefix": "{n} different questions behind one {prefix}-token system prompt, arriving {gap} s apart",
+    "shared-prefix": "{n} different questions (the first Spec-Bench prompts under {chars} characters) behind one "
+                     "{prefix}-token system prompt, arriving {gap} s apart",
     "burst": "{long} prompts of {long_tokens} tokens at once, and {short} short requests arriving {gap} s apart "
              "while they are prefilled",
     "multi-turn": "chats of {turns} turns, each turn resending the whole history",
@@ -37,7 +38,15 @@ def write_case_report(results: dict, out: Path) -> None:
     what = WHAT[results["case"]].format(n=results["requests"], prefix=results.get("prefix_tokens", "?"),
                                         gap=results.get("gap", "?"), long=results.get("long", "?"),
                                         long_tokens=results.get("long_tokens", "?"), short=n_short,
-                                        turns=results.get("turns", "?"))  # fmt: skip
+                                        turns=results.get("turns", "?"), chars=results.get("question_chars", "?"))  # fmt: skip
+    a, b = configs[labels[0]], configs[labels[1]]
+    ratios = [f"- Prompt tokens computed, {labels[0]} ÷ {labels[1]}: "
+              f"{a['prompt_tokens_computed'] / max(b['prompt_tokens_computed'], 1):.3f}."]
+    for kind in kinds:
+        ratios.append(f"- Time to first token, {kind}, {labels[1]} ÷ {labels[0]}: p50 "
+                      f"{b['by_kind'][kind]['ttft_p50_s'] / a['by_kind'][kind]['ttft_p50_s']:.2f}×, p99 "
+                      f"{b['by_kind'][kind]['ttft_p99_s'] / a['by_kind'][kind]['ttft_p99_s']:.2f}×.")
+    ratios.append(f"- Decode throughput, {labels[0]} ÷ {labels[1]}: {a['throughput_tok_s'] / b['throughput_tok_s']:.2f}.")
     text = f"""# argen serve: {results["case"]}
 
 ```
@@ -52,6 +61,7 @@ other, on the same requests: **{labels[0]}** (argen's default) and **{labels[1]}
 
 {chr(10).join(rows)}
 
+{chr(10).join(ratios)}
 - Outputs token-identical between the two configurations: {results["identical_outputs"]}/{results["requests"]}.
 - Prompt tokens computed: prompt tokens of all requests minus those whose keys and values came
   from the prefix cache (`argen_prompt_tokens_total - argen_prompt_tokens_cached_total`).

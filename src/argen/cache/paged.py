@@ -103,6 +103,15 @@ class BlockPool:
         self.by_hash[key] = block
         self.hash_of[block] = key
 
+    def drop_cached(self) -> int:
+        """Forget every cached block nobody holds (a cold prefix cache); returns how many."""
+        dropped = len(self.evictable)
+        for block in self.evictable:
+            del self.by_hash[self.hash_of.pop(block)]
+            self.free.append(block)
+        self.evictable.clear()
+        return dropped
+
     def copy_block(self, src: int, dst: int) -> None:
         self.k[:, :, dst] = self.k[:, :, src]
         self.v[:, :, dst] = self.v[:, :, src]

@@ -124,6 +124,9 @@ class DecodeBatch:
         finished, a Failure for each that raised (one sequence's error never stops the others)."""
         items: list[Event | Result | Failure] = []
         done: list[Sequence] = []
+        decoding = sum(not s.prefilling for s in self.sequences)
+        for seq in self.sequences:
+            seq.state.batch_size = max(1, decoding)
         for seq in list(self.sequences):
             if not seq.prefilling and seq.waiting is None:
                 self._advance(seq, None, items, done)

@@ -76,6 +76,9 @@ class DecodeState:
     prompt_hidden: torch.Tensor | None = None
     memo: Any = None  # the strategy's per-request state (set by its start)
     caches: list = field(default_factory=list)  # every cache this request holds; freed when it ends
+    # Sequences decoding in the engine's round (set by the engine): this sequence's feeds share a
+    # forward pass with theirs, which changes what a draft costs (see speculative/adaptive.py).
+    batch_size: int = 1
 
     @property
     def n_generated(self) -> int:

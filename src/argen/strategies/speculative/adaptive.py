@@ -8,6 +8,12 @@ with E[tokens](k) = (1 - a^(k+1)) / (1 - a) for a per-token acceptance rate a (t
 with exponential forgetting) and costs measured on this runtime (a one-off calibration, refined by
 timing every verification). On text where drafts fail, a falls, k drops to 0 and the step is a
 plain one; a drifts back to its prior while idle, so drafting is re-tried now and then.
+
+In a batch of B sequences decoding together, every sequence's rows share one pass, so a draft is
+priced as its share of a pass of B times the rows (`CostModel.shared`: all B drafting alike): on a
+CPU, where a pass of many rows is bound by arithmetic, drafts that pay alone stop paying in a big
+batch (vLLM's answer to the same fact is a batch size above which it stops speculating). The
+timings refine the model only from passes a sequence had to itself.
 """
 
 from __future__ import annotations
@@ -72,6 +78,10 @@ class CostModel:
         """A pass feeding `n_tokens` whose logits are used for `rows` of them."""
         return self.body(n_tokens) + rows * self.head_seconds
 
+    def shared(self, n_tokens: int, rows: float = 1.0, batch: int = 1) -> float:
+        """One sequence's share of a pass where each of `batch` sequences feeds `n_tokens`."""
+        return self.body(batch * n_tokens) / batch + rows * self.head_seconds
+
     def observe(self, n_tokens: int, rows: int, seconds: float) -> None:
         b = next((b for b in BUCKETS if n_tokens <= b), None)
         if b is not None:
@@ -97,12 +107,12 @@ class DraftLength:
         accepted, rejected = self._counts(key)
         return accepted / (accepted + rejected)
 
-    def choose(self, limit: int, key=None) -> int:
+    def choose(self, limit: int, key=None, batch: int = 1) -> int:
         a = min(self.acceptance(key), 0.999)
-        best_k, best_rate = 0, 1.0 / self.cost(1)
+        best_k, best_rate = 0, 1.0 / self.cost.shared(1, batch=batch)
         for k in range(1, min(self.max_draft, limit) + 1):
             expected = (1 - a ** (k + 1)) / (1 - a)
-            rate = expected / (self.cost(1 + k, rows=expected) + k * self.draft_seconds)
+            rate = expected / (self.cost.shared(1 + k, rows=expected, batch=batch) + k * self.draft_seconds)
             if rate > best_rate:
                 best_k, best_rate = k, rate
         return best_k
@@ -123,16 +133,16 @@ class DraftLength:
             self.draft_seconds = 0.8 * self.draft_seconds + 0.2 * seconds / n_tokens
 
 
-def best_tree_size(path_probs: list[float], cost: CostModel, draft_seconds: float = 0.0) -> int:
+def best_tree_size(path_probs: list[float], cost: CostModel, draft_seconds: float = 0.0, batch: int = 1) -> int:
     """For tree proposers: nodes are offered best first with their estimated probability of being
     accepted (the product of the acceptance estimates along their path). Keep the first n nodes
     that maximise expected tokens per second, (1 + sum of their probabilities) / cost(1 + n); n = 0
     (a plain step) when no draft pays for its verification."""
-    best_n, best_rate = 0, 1.0 / cost(1)
+    best_n, best_rate = 0, 1.0 / cost.shared(1, batch=batch)
     expected = 1.0
     for n, p in enumerate(path_probs, start=1):
         expected += p
-        rate = expected / (cost(1 + n, rows=expected) + n * draft_seconds)
+        rate = expected / (cost.shared(1 + n, rows=expected, batch=batch) + n * draft_seconds)
         if rate > best_rate:
             best_n, best_rate = n, rate
     return best_n

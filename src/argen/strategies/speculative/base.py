@@ -71,8 +71,8 @@ class Speculative(Strategy):
             return (yield from self._proposed(state, limit)), False
         if self.cheap_drafts:
             tree = yield from self._proposed(state, limit)
-            return tree.limited(memo.length.choose(max(tree.depths(), default=0), tree.key)), len(tree) > 0
-        k = memo.length.choose(limit)
+            return tree.limited(memo.length.choose(max(tree.depths(), default=0), tree.key, state.batch_size)), len(tree) > 0
+        k = memo.length.choose(limit, batch=state.batch_size)
         t0 = time.perf_counter()
         tree = yield from self._proposed(state, k)
         memo.length.observe_draft_time(len(tree), time.perf_counter() - t0)
@@ -84,7 +84,7 @@ class Speculative(Strategy):
         memo.last_tree = tree
         t0 = time.perf_counter()
         verdict = yield from score_and_verify(state, tree)
-        if memo.cost is not None:
+        if memo.cost is not None and state.batch_size == 1:  # in a batch the time is the shared pass's
             memo.cost.observe(1 + len(tree), 1 + verdict.accepted, time.perf_counter() - t0)
         if available:
             memo.length.update(max(tree.depths(), default=0), verdict.accepted, tree.key)

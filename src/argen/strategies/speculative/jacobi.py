@@ -84,7 +84,7 @@ class Jacobi(Speculative):
         t0 = time.perf_counter()
         state.memo.window_nodes = []  # set by propose when this step runs an iteration
         tokens = yield from super().step(state)
-        if state.memo.cost is not None:  # adaptive
+        if state.memo.cost is not None and state.batch_size == 1:  # adaptive; timed alone
             self._learn(state, len(tokens), time.perf_counter() - t0)
         return tokens
 

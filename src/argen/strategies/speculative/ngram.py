@@ -123,7 +123,7 @@ class NGram(Speculative):
         if m.cost is not None:  # adaptive
             # Keep the best nodes (by acceptance estimate; parents score at least their children).
             order = sorted(range(len(tree)), key=lambda i: -probs[i])
-            n = best_tree_size([probs[i] for i in order], m.cost)
+            n = best_tree_size([probs[i] for i in order], m.cost, batch=state.batch_size)
             keep = sorted(order[:n])
             tree, keys = _subtree(tree, keep), [keys[i] for i in keep]
         m.node_keys = keys
