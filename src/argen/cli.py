@@ -240,6 +240,14 @@ def _add_serve(sub) -> None:
                    help="seconds an idle connection stays open (default: %(default)s)")
     p.add_argument("--request-timeout", type=float, default=30.0,
                    help="seconds a request's head and body may take to arrive (default: %(default)s)")
+    p.add_argument("--prefill-chunk", type=int, default=256,
+                   help="prefill long prompts in chunks of this many tokens beside the others' decode steps; 0: "
+                        "each prompt whole (default: %(default)s)")  # fmt: skip
+    p.add_argument("--step-tokens", type=int, default=512,
+                   help="tokens one scheduler step may run, decode rows and prefill chunks together; 0: no budget "
+                        "(default: %(default)s)")  # fmt: skip
+    p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
+                   help="compute every prompt in full instead of reusing the blocks of a prefix seen before")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.set_defaults(handler=_serve)
 
@@ -253,6 +261,10 @@ def _serve(args: argparse.Namespace) -> int:
         raise ArgenError("--max-body-bytes must be >= 1024 and --max-connections >= 1")
     if not (args.timeout_keep_alive > 0 and args.request_timeout > 0):
         raise ArgenError("--timeout-keep-alive and --request-timeout must be > 0 seconds")
+    if args.prefill_chunk < 0 or args.step_tokens < 0:
+        raise ArgenError("--prefill-chunk and --step-tokens must be >= 0 (0: off)")
+    if args.prefill_chunk and args.step_tokens and args.step_tokens < args.prefill_chunk:
+        raise ArgenError("--step-tokens must be at least --prefill-chunk, or a chunk could never run")
     if args.api_key is not None and not args.api_key.strip():
         raise ArgenError("--api-key (or ARGEN_API_KEY) is empty; give a key, or unset it to serve without one")
     try:
@@ -271,7 +283,9 @@ def _serve(args: argparse.Namespace) -> int:
                  max_tokens_limit=args.max_tokens, log_level=args.log_level, model_id=args.model, limits=limits,
                  companions=companions, api_key=args.api_key, allowed_hosts=args.allowed_host or None,
                  max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY_BYTES, max_connections=args.max_connections,
-                 timeout_keep_alive=args.timeout_keep_alive, request_timeout=args.request_timeout)  # fmt: skip
+                 timeout_keep_alive=args.timeout_keep_alive, request_timeout=args.request_timeout,
+                 prefill_chunk=args.prefill_chunk or None, step_tokens=args.step_tokens or None,
+                 prefix_caching=args.prefix_caching)  # fmt: skip
 
 
 # -- main --------------------------------------------------------------------------------------
