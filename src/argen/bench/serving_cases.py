@@ -134,7 +134,10 @@ def run_case(case: str, gen, model_id: str, questions: list[Question], args) -> 
     for label, options in _configs(case):
         if gen.runtime.capabilities.paged_kv:  # each configuration starts from a cold prefix cache
             gen.runtime.kv_pool().drop_cached()
-        with running_server(gen, model_id, max_batch=max(args.clients, 16), **options) as url:
+        # Room for every request of the case at once (the server's default, 32, or more), so that
+        # what is measured is the scheduling, not a queue for batch slots.
+        everyone = args.clients + (args.long if case == "burst" else 0)
+        with running_server(gen, model_id, max_batch=max(everyone, 32), **options) as url:
             chat_once(url, model_id, [{"role": "user", "content": "Hello!"}], 4)  # warm-up, not measured
             before = metrics(url)
             with KVSampler(url) as kv:
