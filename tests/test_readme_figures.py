@@ -150,7 +150,6 @@ def draft_ceiling() -> list[str]:
 
     cats = [c for c in ceiling if c != "all"]
     drafters = ("prompt-lookup", "trigram chain")
-    gaps = [abs(col(c, d, 6) - col(c, d, 7)) for c in cats for d in drafters]
     text = (BENCH / "draft_ceiling" / "report.md").read_text()
     prefill = {int(n): float(ms) for n, ms in re.findall(r"(\d+) tokens (\d+) ms", text)}
     step_ms = float(re.search(r"one plain decoding step costs (\d+) ms", text).group(1))
@@ -166,9 +165,7 @@ def draft_ceiling() -> list[str]:
         f"overall, and even the copy-anywhere drafter stops at {f2(col('summarization', 'copy anywhere', 5))}× and "
         f"{f2(col('rag', 'copy anywhere', 5))}×",
         f"Their adaptive sizing gets {span([col('summarization', d, 6) for d in drafters])}× with prefill on "
-        f"summarization and {span([col('all', d, 6) for d in drafters])}× overall, close to what the bench measured "
-        f"({span([col('summarization', d, 7) for d in drafters])}× and {span([col('all', d, 7) for d in drafters])}×; "
-        f"within {max(gaps):.2f} in every category)",
+        f"summarization and {span([col('all', d, 6) for d in drafters])}× overall on the fast path",
     ]  # fmt: skip
 
 
