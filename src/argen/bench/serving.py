@@ -255,6 +255,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--question-chars", type=int, default=400,
                         help="shared-prefix: the questions after the system prompt are the first Spec-Bench prompts "
                              "shorter than this many characters (default: %(default)s)")
+    parser.add_argument("--prefill-chunk", type=int, default=None,
+                        help="the cases' first configuration: prefill chunk size (default: the server's)")
+    parser.add_argument("--step-tokens", type=int, default=None,
+                        help="the cases' first configuration: tokens per scheduler step (default: the server's)")
     parser.add_argument("--long", type=int, default=8, help="burst: long prompts (default: %(default)s)")
     parser.add_argument("--long-tokens", type=int, default=1500, help="burst: tokens per long prompt")
     parser.add_argument("--turns", type=int, default=4, help="multi-turn: turns per chat (default: %(default)s)")

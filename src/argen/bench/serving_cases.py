@@ -131,10 +131,12 @@ def long_text(questions: list[Question], tokenizer, n_tokens: int, start: int = 
     return tokenizer.decode(ids)
 
 
-def _configs(case: str) -> list[tuple[str, dict]]:
+def _configs(case: str, args) -> list[tuple[str, dict]]:
+    scheduling = {k: v for k, v in (("prefill_chunk", args.prefill_chunk), ("step_tokens", args.step_tokens))
+                  if v is not None}  # the server's defaults unless given  # fmt: skip
     if case == "burst":
-        return [("chunked prefill", {}), ("whole prompts at once", {"prefill_chunk": None, "step_tokens": None})]
-    return [("prefix caching", {}), ("no prefix caching", {"prefix_caching": False})]
+        return [("chunked prefill", scheduling), ("whole prompts at once", {"prefill_chunk": None, "step_tokens": None})]
+    return [("prefix caching", scheduling), ("no prefix caching", scheduling | {"prefix_caching": False})]
 
 
 def run_case(case: str, gen, model_id: str, questions: list[Question], args) -> dict:
@@ -142,8 +144,8 @@ def run_case(case: str, gen, model_id: str, questions: list[Question], args) -> 
     measured figures; and whether the outputs agree."""
     out = {"case": case, "configs": {}, "prefix_tokens": args.prefix_tokens, "gap": args.gap, "long": args.long,
            "long_tokens": args.long_tokens, "turns": args.turns, "clients": args.clients,
-           "question_chars": args.question_chars}
-    for label, options in _configs(case):
+           "question_chars": args.question_chars, "prefill_chunk": args.prefill_chunk, "step_tokens": args.step_tokens}
+    for label, options in _configs(case, args):
         if gen.runtime.capabilities.paged_kv:  # each configuration starts from a cold prefix cache
             gen.runtime.kv_pool().drop_cached()
         # Room for every request of the case at once (the server's default, 32, or more), so that

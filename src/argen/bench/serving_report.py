@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from argen.bench.provenance import describe
+from argen.server.scheduler import PREFILL_CHUNK, STEP_TOKENS
 
 WHAT = {
     "shared-prefix": "{n} different questions (the first Spec-Bench prompts under {chars} characters) behind one "
@@ -59,7 +60,8 @@ def write_case_report(results: dict, out: Path) -> None:
 
 Model `{results["model"]}`; {what}; greedy, {results["max_tokens"]} new tokens each (`ignore_eos`),
 {results["threads"]} torch threads. Two server configurations in the same process, one after the
-other, on the same requests: **{labels[0]}** (argen's default) and **{labels[1]}**.
+other, on the same requests: **{labels[0]}** (argen's default) and **{labels[1]}**. Prefill chunks
+of {results.get("prefill_chunk") or PREFILL_CHUNK} tokens, {results.get("step_tokens") or STEP_TOKENS} tokens per scheduler step (where chunking is on).
 
 {chr(10).join(rows)}
 
