@@ -240,3 +240,37 @@ def test_strategies_see_how_many_sequences_share_the_round(tiny):
         batch.admit(i, Request(tiny.encode(f"abc abc {i}", chat=False), SamplingParams(max_new_tokens=4), Recording()))
     _drain(batch)
     assert max(seen) == 3 and min(seen) >= 1
+
+
+def _finish(batch: DecodeBatch) -> dict[int, Result]:
+    results = {}
+    while batch:
+        for item in batch.step():
+            if isinstance(item, Result):
+                results[item.index] = item
+    return results
+
+
+def test_a_shared_prefix_is_computed_once_even_when_the_second_request_arrives_mid_prefill(tiny):
+    """Two prompts sharing 80 tokens (5 blocks), prefilled in 32-token chunks, so the chunk of tokens
+    64-95 holds the last shared block and the first tokens of each prompt's own. The second prompt
+    arrives while the first is prefilling: it never computes a block the first is computing, takes
+    all five shared blocks, and decodes exactly what it decodes alone."""
+    shared = [(7 * i) % 250 + 3 for i in range(80)]
+    prompts = [shared + [11 + i for i in range(20)], shared + [40 + i for i in range(24)]]
+    alone = [tiny.generate(p, max_new_tokens=6).token_ids for p in prompts]
+    batch = DecodeBatch(tiny.engine, prefill_chunk=32, token_budget=None)
+    batch.admit(0, Request(prompts[0], SamplingParams(max_new_tokens=6), make_strategy("plain")))
+    batch.step()  # the first computes tokens 0-31
+    batch.admit(1, Request(prompts[1], SamplingParams(max_new_tokens=6), make_strategy("plain")))
+    results = _finish(batch)
+    assert [results[i].token_ids for i in (0, 1)] == alone
+    assert results[0].stats.cached_prompt_tokens == 0 and results[1].stats.cached_prompt_tokens == 80
+
+
+def test_control_without_prefix_caching_nothing_is_taken(tiny):
+    shared = [(7 * i) % 250 + 3 for i in range(80)]
+    batch = DecodeBatch(tiny.engine, prefill_chunk=32, token_budget=None, prefix_caching=False)
+    for i, tail in enumerate(([11, 12], [21, 22])):
+        batch.admit(i, Request(shared + tail, SamplingParams(max_new_tokens=2), make_strategy("plain")))
+    assert all(r.stats.cached_prompt_tokens == 0 for r in _finish(batch).values())

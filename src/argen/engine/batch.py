@@ -209,7 +209,10 @@ class DecodeBatch:
             if budget is not None and chunks and n > budget:
                 continue
             if self._cacheable(seq):
-                key = tuple(seq.fed[:end])
+                # Another sequence computing the same first block of this chunk this round (a shared
+                # prefix, however the two continue) will register it at the round's end: wait a round
+                # and take it, rather than compute it twice.
+                key = tuple(seq.fed[: min(end, start + seq.state.cache.pool.block_size)])
                 if key in computing:
                     continue
                 computing.add(key)
