@@ -148,7 +148,6 @@ def draft_ceiling() -> list[str]:
     def col(c, drafter, i):
         return float(policy[(c, drafter)][i])
 
-    cats = [c for c in ceiling if c != "all"]
     drafters = ("prompt-lookup", "trigram chain")
     text = (BENCH / "draft_ceiling" / "report.md").read_text()
     prefill = {int(n): float(ms) for n, ms in re.findall(r"(\d+) tokens (\d+) ms", text)}
