@@ -135,7 +135,7 @@ def test_module_entry_point():
     assert json.loads(proc.stdout)["finish_reason"] in ("stop", "length")
 
 
-@pytest.mark.parametrize("bad", [["--prefill-chunk", "-1"], ["--step-tokens", "64", "--prefill-chunk", "256"]])
+@pytest.mark.parametrize("bad", [["--prefill-chunk", "-1"], ["--step-tokens", "64", "--prefill-chunk", "512"]])
 def test_serve_scheduling_options_are_checked_before_loading(capsys, monkeypatch, bad):
     monkeypatch.setattr("argen.api.load", lambda *a, **k: pytest.fail("loaded a model for a bad option"))
     code, _, err = run_cli(capsys, "serve", *TINY, *bad)
@@ -146,4 +146,4 @@ def test_serve_passes_the_scheduling_options_to_the_server(capsys, monkeypatch):
     seen = {}
     monkeypatch.setattr("argen.server.serve.serve", lambda gen, host, port, **options: seen.update(options) or 0)
     assert run_cli(capsys, "serve", *TINY, "--prefill-chunk", "0", "--no-prefix-caching")[0] == 0
-    assert seen["prefill_chunk"] is None and seen["step_tokens"] == 512 and seen["prefix_caching"] is False
+    assert seen["prefill_chunk"] is None and seen["step_tokens"] == 1024 and seen["prefix_caching"] is False

@@ -187,7 +187,36 @@ def fast_path() -> list[str]:
             f"the same 16 rows, against the exact path's {cost[16][1]})"]  # fmt: skip
 
 
-CLAIMS = {"fast_path": fast_path, "foundation": foundation, "speculative": speculative, "speculative-2threads": speculative_2threads,
+def speculative_fast() -> list[str]:
+    r = rows("speculative-fast")
+    x = {k: f2(v["speedup_vs_plain"]) for k, v in r.items() if v["speedup_vs_plain"] is not None}
+    identical = sum(r[("all", s)]["identical"] for s in ("prompt-lookup", "ngram", "jacobi", "plain"))
+    cats = [c for c, s in r if c != "all" and s == "plain"]
+    best = [max(r[(c, s)]["speedup_vs_plain"] for s in ("prompt-lookup", "ngram", "jacobi")) for c in cats]
+    worst = min(r[(c, s)]["speedup_vs_plain"] for c in cats for s in ("prompt-lookup", "ngram", "jacobi"))
+    return [f"ngram {x[('all', 'ngram')]}× and prompt-lookup {x[('all', 'prompt-lookup')]}× over fast plain overall, "
+            f"{x[('summarization', 'ngram')]}× and {x[('summarization', 'prompt-lookup')]}× on summarization, jacobi "
+            f"{x[('all', 'jacobi')]}×; {identical}/120 outputs identical to HF",
+            f"No strategy falls below {f2(worst)}× plain in any category; the best per category is {span(best)}×"]  # fmt: skip
+
+
+def serving_cases() -> list[str]:
+    sp = results("serving/shared-prefix-60")
+    on, off = sp["configs"]["prefix caching"], sp["configs"]["no prefix caching"]
+    ttft = on["by_kind"]["all"]["ttft_p50_s"], off["by_kind"]["all"]["ttft_p50_s"]
+    b = results("serving/burst")
+    chunked, whole = b["configs"]["chunked prefill"], b["configs"]["whole prompts at once"]
+    p99 = chunked["by_kind"]["short"]["ttft_p99_s"], whole["by_kind"]["short"]["ttft_p99_s"]
+    return [f"prompt tokens computed {on['prompt_tokens_computed']:.0f} with prefix caching against "
+            f"{off['prompt_tokens_computed']:.0f} without ({on['prompt_tokens_computed'] / off['prompt_tokens_computed']:.3f}), "
+            f"time to first token p50 {ttft[0]:.2f} s against {ttft[1]:.2f} s ({ttft[1] / ttft[0]:.2f}× better), outputs "
+            f"identical {sp['identical_outputs']}/{sp['requests']}",
+            f"short requests' time to first token p99 is {p99[0]:.1f} s against {p99[1]:.1f} s with whole prompts "
+            f"({p99[1] / p99[0]:.1f}× better), at {chunked['throughput_tok_s'] / whole['throughput_tok_s']:.2f} of the decode "
+            f"throughput, outputs identical {b['identical_outputs']}/{b['requests']}"]  # fmt: skip
+
+
+CLAIMS = {"fast_path": fast_path, "serving_cases": serving_cases, "speculative-fast": speculative_fast, "foundation": foundation, "speculative": speculative, "speculative-2threads": speculative_2threads,
           "jacobi-backoff": jacobi_backoff, "control": control, "serving": serving, "pass_cost": pass_cost,
           "draft_ceiling": draft_ceiling, "layer_skip": layer_skip}  # fmt: skip
 

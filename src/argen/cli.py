@@ -240,10 +240,10 @@ def _add_serve(sub) -> None:
                    help="seconds an idle connection stays open (default: %(default)s)")
     p.add_argument("--request-timeout", type=float, default=30.0,
                    help="seconds a request's head and body may take to arrive (default: %(default)s)")
-    p.add_argument("--prefill-chunk", type=int, default=256,
+    p.add_argument("--prefill-chunk", type=int, default=512,
                    help="prefill long prompts in chunks of this many tokens beside the others' decode steps; 0: "
                         "each prompt whole (default: %(default)s)")  # fmt: skip
-    p.add_argument("--step-tokens", type=int, default=512,
+    p.add_argument("--step-tokens", type=int, default=1024,
                    help="tokens one scheduler step may run, decode rows and prefill chunks together; 0: no budget "
                         "(default: %(default)s)")  # fmt: skip
     p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
