@@ -56,29 +56,20 @@ def git_state(root: Path | None = None) -> dict:
     return {"git_commit": commit.strip(), "git_dirty": bool(dirty), "dirty_files": dirty[:20]}
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def provenance(state: dict | None = None) -> dict:
     """The commit (with its dirty flag), package versions and machine, for a report's header."""
     import torch
     import transformers
 
     import argen
+    from argen.models.kernels import cpu_name
 
     return (state or git_state()) | {
         "argen": argen.__version__,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
-        "cpu_model": cpu_model(),
+        "cpu_model": cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(),
