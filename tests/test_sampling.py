@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -92,3 +94,34 @@ def test_repetition_penalty_matches_hf(logits):
 def test_invalid_parameters_are_rejected_with_a_reason(bad):
     with pytest.raises(InvalidRequestError, match="invalid sampling parameter"):
         SamplingParams(**bad)
+
+
+def test_logit_bias_bans_and_forces_tokens(tiny):
+    """OpenAI's logit_bias: -100 keeps a token out, +100 all but forces it; JSON's string keys work."""
+    plain = tiny.generate("hello there", chat=False, max_new_tokens=12).token_ids
+    banned = tiny.generate("hello there", chat=False, max_new_tokens=12, logit_bias={plain[0]: -100}).token_ids
+    assert plain[0] not in banned
+    forced = tiny.generate("hello there", chat=False, max_new_tokens=5, temperature=1.0, logit_bias={"77": 100})
+    assert forced.token_ids == [77] * 5
+
+
+@pytest.mark.parametrize("bias, words", [
+    ({"x": 1}, "token ids"), ({-1: 1}, "token ids"), ({5: 101}, "[-100, 100]"), ({5: float("nan")}, "[-100, 100]"),
+    ({5: "1"}, "[-100, 100]"), ({i: 1 for i in range(1025)}, "at most 1024"), ([5], "map token ids"),
+])  # fmt: skip
+def test_logit_bias_is_checked(bias, words):
+    with pytest.raises(InvalidRequestError, match=re.escape(words)):
+        SamplingParams(logit_bias=bias)
+
+
+def test_logit_bias_outside_the_vocabulary_is_refused(tiny):
+    with pytest.raises(InvalidRequestError, match="outside the vocabulary"):
+        tiny.generate("x", logit_bias={10**6: 5})
+
+
+@pytest.mark.parametrize("strategy", ["prompt-lookup", "ngram", {"name": "jacobi", "adaptive": False}])
+def test_exact_strategies_under_a_logit_bias_equal_plain_under_it(tiny, strategy):
+    bias = {int(t): -100 for t in tiny.encode(" the", chat=False)} | {101: 3.0}
+    options = dict(chat=False, max_new_tokens=40, logit_bias=bias)
+    plain = tiny.generate("abc abc abc the abc abc", **options).token_ids
+    assert tiny.generate("abc abc abc the abc abc", strategy=strategy, **options).token_ids == plain

@@ -331,3 +331,16 @@ def test_real_model_concurrent_chat_matches_running_alone(real, spec_bench_quest
             t.join(300)
     for ids, ref in zip(got, want):
         assert_same_or_near_tie(real.model.hf_model, ref.prompt_ids, ids, ref.token_ids)
+
+
+def test_logit_bias_over_http(server, tiny):
+    url, _ = server
+    want = tiny.generate("Hello there", chat=False, max_new_tokens=8, logit_bias={288: -100, 77: 4.5})
+    out = client(url).completions.create(model=MODEL, prompt="Hello there", max_tokens=8, temperature=0,
+                                         logit_bias={"288": -100, "77": 4.5},
+                                         extra_body={"return_token_ids": True})  # fmt: skip
+    assert out.choices[0].token_ids == want.token_ids and 288 not in want.token_ids
+    for bias, words in (({"abc": 1}, "token ids"), ({"5": 1000}, "[-100, 100]"), ({"999999": 5}, "outside the vocabulary"),
+                        ({str(i): 1 for i in range(2000)}, "at most 1024")):  # fmt: skip
+        r = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "hi", "logit_bias": bias})
+        assert r.status_code == 400 and words in r.json()["error"]["message"], r.json()

@@ -17,6 +17,8 @@ from argen.checks import finite_number
 from argen.errors import InvalidRequestError
 
 FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty")
+LOGIT_BIAS_MAX = 100.0  # OpenAI's range: -100 bans a token in practice, +100 all but forces it
+LOGIT_BIAS_ENTRIES = 1024  # tokens a request may bias
 
 
 def _integer(value) -> bool:
@@ -35,10 +37,14 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
     banned_token_ids: list[int] = field(default_factory=list)
+    # token id -> a number in [-100, 100] added to its logit before any other processing but the
+    # repetition penalty (OpenAI's logit_bias). Keys may be ints or their decimal strings (JSON's).
+    logit_bias: dict[int, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        self.logit_bias = _logit_bias(self.logit_bias)
         # Numbers must be finite (NaN fails every comparison; infinity would pass some); each check
         # is a function so that a value of the wrong type fails its own check, not with a TypeError.
         temperature, top_p, min_p, penalty = (finite_number(getattr(self, f)) for f in FLOAT_FIELDS)
@@ -66,6 +72,26 @@ class SamplingParams:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def _logit_bias(bias) -> dict[int, float]:
+    if not isinstance(bias, dict):
+        raise InvalidRequestError("invalid sampling parameter: logit_bias must map token ids to numbers")
+    if len(bias) > LOGIT_BIAS_ENTRIES:
+        raise InvalidRequestError(f"invalid sampling parameter: logit_bias may bias at most {LOGIT_BIAS_ENTRIES} tokens; "
+                                  f"got {len(bias)}")  # fmt: skip
+    out = {}
+    for key, value in bias.items():
+        token = key if _integer(key) else int(key) if isinstance(key, str) and key.isdigit() and len(key) < 12 else None
+        number = finite_number(value)
+        if token is None or token < 0:
+            raise InvalidRequestError(f"invalid sampling parameter: logit_bias keys must be token ids (integers >= 0); "
+                                      f"got {str(key)[:20]!r}")  # fmt: skip
+        if number is None or not -LOGIT_BIAS_MAX <= number <= LOGIT_BIAS_MAX:
+            raise InvalidRequestError(f"invalid sampling parameter: logit_bias values must be numbers in "
+                                      f"[-{LOGIT_BIAS_MAX:g}, {LOGIT_BIAS_MAX:g}]; token {token} has {str(value)[:20]}")  # fmt: skip
+        out[token] = float(number)
+    return out
 
 
 def apply_repetition_penalty(logits: torch.Tensor, context: Sequence[int], penalty: float) -> torch.Tensor:
@@ -132,6 +158,9 @@ class Sampler:
         unless greedy."""
         p = self.params
         logits = apply_repetition_penalty(logits, context, p.repetition_penalty)
+        if p.logit_bias:
+            ids = torch.tensor(list(p.logit_bias), device=logits.device)
+            logits = logits.float().index_add(-1, ids, torch.tensor(list(p.logit_bias.values()), device=logits.device))
         if p.banned_token_ids:
             logits = logits.float().index_fill(
                 -1, torch.tensor(p.banned_token_ids, device=logits.device), float("-inf")

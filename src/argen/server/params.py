@@ -74,9 +74,10 @@ def build_request(gen: Generator, body: CompletionRequest | ChatCompletionReques
             temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
             repetition_penalty=body.repetition_penalty, seed=body.seed, ignore_eos=body.ignore_eos,
             stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or []),
+            logit_bias=dict(body.logit_bias or {}),
         )  # fmt: skip
     except InvalidRequestError as exc:
-        raise bad_request(str(exc)) from exc
+        raise bad_request(str(exc), "logit_bias" if "logit_bias" in str(exc) else None) from exc
     strategy = _strategy(gen, body, policy)
     try:
         strategy.check(gen.runtime, len(prompt_ids), params)
@@ -145,7 +146,6 @@ def _check_unsupported(body) -> None:
          "presence_penalty is not supported (only 0); use repetition_penalty (an argen extension)"),
         (body.frequency_penalty == 0, "frequency_penalty",
          "frequency_penalty is not supported (only 0); use repetition_penalty (an argen extension)"),
-        (not body.logit_bias, "logit_bias", "logit_bias is not supported; leave it out"),
     ]  # fmt: skip
     if isinstance(body, CompletionRequest):
         checks += [

@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from argen.sampling import LOGIT_BIAS_ENTRIES
+
 SEED_MAX = 2**63 - 1
 # What the schema advertises for OpenAI fields argen does not implement. The models still accept any
 # value of the field's type, so that a value out of range gets a 400 saying what to do instead.
@@ -59,8 +61,9 @@ class _Sampling(_Body):
                                     json_schema_extra=ONLY_0)
     frequency_penalty: float = Field(0.0, description="not supported: only 0 (use repetition_penalty)",
                                      json_schema_extra=ONLY_0)
-    logit_bias: dict[str, float] | None = Field(None, description="not supported: only null or {}",
-                                                json_schema_extra={"maxProperties": 0})
+    logit_bias: dict[str, float] | None = Field(
+        None, description=f"token id (a decimal string) -> a number in [-100, 100] added to its logit before sampling; "
+                          f"at most {LOGIT_BIAS_ENTRIES} tokens", json_schema_extra={"maxProperties": LOGIT_BIAS_ENTRIES})
     user: str | None = None
     # argen extensions
     top_k: Annotated[int, Field(ge=0)] = Field(0, description="argen extension: 0 turns it off")
