@@ -106,7 +106,7 @@ def test_logit_bias_bans_and_forces_tokens(tiny):
 
 
 @pytest.mark.parametrize("bias, words", [
-    ({"x": 1}, "token ids"), ({-1: 1}, "token ids"), ({5: 101}, "[-100, 100]"), ({5: float("nan")}, "[-100, 100]"),
+    ({"x": 1}, "token ids"), ({"²": 1}, "token ids"), ({"٣": 1}, "token ids"), ({-1: 1}, "token ids"), ({5: 101}, "[-100, 100]"), ({5: float("nan")}, "[-100, 100]"),
     ({5: "1"}, "[-100, 100]"), ({i: 1 for i in range(1025)}, "at most 1024"), ([5], "map token ids"),
 ])  # fmt: skip
 def test_logit_bias_is_checked(bias, words):

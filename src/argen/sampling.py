@@ -82,7 +82,9 @@ def _logit_bias(bias) -> dict[int, float]:
                                   f"got {len(bias)}")  # fmt: skip
     out = {}
     for key, value in bias.items():
-        token = key if _integer(key) else int(key) if isinstance(key, str) and key.isdigit() and len(key) < 12 else None
+        # ASCII digits only: str.isdigit() also accepts '²' and other digits int() refuses.
+        decimal = isinstance(key, str) and key.isascii() and key.isdigit() and len(key) < 12
+        token = key if _integer(key) else int(key) if decimal else None
         number = finite_number(value)
         if token is None or token < 0:
             raise InvalidRequestError(f"invalid sampling parameter: logit_bias keys must be token ids (integers >= 0); "
