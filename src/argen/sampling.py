@@ -44,7 +44,7 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        self.logit_bias = _logit_bias(self.logit_bias)
+        self.logit_bias = checked_logit_bias(self.logit_bias)
         # Numbers must be finite (NaN fails every comparison; infinity would pass some); each check
         # is a function so that a value of the wrong type fails its own check, not with a TypeError.
         temperature, top_p, min_p, penalty = (finite_number(getattr(self, f)) for f in FLOAT_FIELDS)
@@ -74,7 +74,8 @@ class SamplingParams:
         return asdict(self)
 
 
-def _logit_bias(bias) -> dict[int, float]:
+def checked_logit_bias(bias) -> dict[int, float]:
+    """`bias` as {token id: float}, or an InvalidRequestError saying what is wrong with it."""
     if not isinstance(bias, dict):
         raise InvalidRequestError("invalid sampling parameter: logit_bias must map token ids to numbers")
     if len(bias) > LOGIT_BIAS_ENTRIES:
@@ -154,19 +155,20 @@ class Sampler:
     def __init__(self, params: SamplingParams, forced: dict[int, int] | None = None) -> None:
         self.params = params
         self.forced = dict(forced or {})
+        # The fixed parts of `process`, as tensors once per request rather than once per token.
+        self._bias_ids = torch.tensor(list(params.logit_bias), dtype=torch.long)
+        self._bias = torch.tensor(list(params.logit_bias.values()), dtype=torch.float32)
+        self._banned = torch.tensor(params.banned_token_ids, dtype=torch.long)
 
     def process(self, logits: torch.Tensor, context: Sequence[int]) -> torch.Tensor:
         """Logits after every processor (float32, filtered to -inf); divide-by-temperature included
         unless greedy."""
         p = self.params
         logits = apply_repetition_penalty(logits, context, p.repetition_penalty)
-        if p.logit_bias:
-            ids = torch.tensor(list(p.logit_bias), device=logits.device)
-            logits = logits.float().index_add(-1, ids, torch.tensor(list(p.logit_bias.values()), device=logits.device))
-        if p.banned_token_ids:
-            logits = logits.float().index_fill(
-                -1, torch.tensor(p.banned_token_ids, device=logits.device), float("-inf")
-            )
+        if len(self._bias_ids):
+            logits = logits.float().index_add(-1, self._bias_ids.to(logits.device), self._bias.to(logits.device))
+        if len(self._banned):
+            logits = logits.float().index_fill(-1, self._banned.to(logits.device), float("-inf"))
         return logits.float() if p.greedy else filter_logits(logits, p)
 
     def probs(self, logits: torch.Tensor, context: Sequence[int]) -> torch.Tensor:

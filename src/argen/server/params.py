@@ -14,7 +14,7 @@ from pydantic import BaseModel
 from argen.api import Generator
 from argen.engine import Request
 from argen.errors import InvalidRequestError
-from argen.sampling import SamplingParams
+from argen.sampling import SamplingParams, checked_logit_bias
 from argen.server.companions import Companions
 from argen.server.errors import APIError, bad_request
 from argen.server.limits import Limits
@@ -74,10 +74,10 @@ def build_request(gen: Generator, body: CompletionRequest | ChatCompletionReques
             temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
             repetition_penalty=body.repetition_penalty, seed=body.seed, ignore_eos=body.ignore_eos,
             stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or []),
-            logit_bias=dict(body.logit_bias or {}),
+            logit_bias=_logit_bias(body),
         )  # fmt: skip
     except InvalidRequestError as exc:
-        raise bad_request(str(exc), "logit_bias" if "logit_bias" in str(exc) else None) from exc
+        raise bad_request(str(exc)) from exc
     strategy = _strategy(gen, body, policy)
     try:
         strategy.check(gen.runtime, len(prompt_ids), params)
@@ -136,6 +136,14 @@ def _bad_text(value) -> str | None:
         if (where := _bad_text(item)) is not None:
             return where
     return None
+
+
+def _logit_bias(body) -> dict[int, float]:
+    """The request's logit_bias, checked (a 400 naming the field if it is not valid)."""
+    try:
+        return checked_logit_bias(body.logit_bias or {})
+    except InvalidRequestError as exc:
+        raise bad_request(str(exc), "logit_bias") from exc
 
 
 def _check_unsupported(body) -> None:
