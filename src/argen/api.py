@@ -55,7 +55,8 @@ class Generator:
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
-    def _requests(self, prompts: list, chat: bool, strategy, options: dict, intervene=None) -> list[Request]:
+    def _requests(self, prompts: list, chat: bool, strategy, options: dict, intervene=None,
+                  n: int | None = None) -> list[Request]:  # fmt: skip
         unknown = sorted(set(options) - SAMPLING_FIELDS)
         if unknown:
             raise InvalidRequestError(
@@ -68,7 +69,8 @@ class Generator:
             layout = self.encode_layout(prompt, chat)
             made = make_strategy(strategy)
             made.prepare(self.model)  # e.g. guided: load the guide, check its tokenizer
-            requests.append(Request(layout.ids, params, made, layout.positions, layout.mask, forced=forced))
+            requests.append(Request(layout.ids, params, made, layout.positions, layout.mask, forced=forced,
+                                    n=1 if n is None else n))  # fmt: skip
         return requests
 
     @staticmethod
@@ -85,14 +87,20 @@ class Generator:
 
     # -- generation ----------------------------------------------------------------------------
     def generate(self, prompt, *, strategy="plain", chat: bool = True, intervene: dict[int, int] | None = None,
-                 **options) -> Result | list[Result]:  # fmt: skip
+                 n: int | None = None, **options) -> Result | list[Result] | list[list[Result]]:  # fmt: skip
         """Generate for one prompt (returns a Result) or a list of prompts (returns a list).
         Options are SamplingParams fields: max_new_tokens, temperature, top_k, top_p, min_p,
         repetition_penalty, seed, stop, ignore_eos. `intervene` ({output position: token id}) forces
         those tokens, every other position keeping its seeded noise: the counterfactual, generated
-        from scratch (`counterfactual` gets the same output from a Result, decoding only after t)."""
+        from scratch (`counterfactual` gets the same output from a Result, decoding only after t).
+        `n`: samples of each prompt, the prompt prefilled once; given (even n=1), each prompt's Result
+        becomes a list of n Results (a list of lists for a list of prompts). Sample i has seed
+        `seed + i` (`Result.seed`), so `generate(prompt, seed=result.seed)` replays it alone. Greedy
+        decoding gives n identical samples."""
         prompts, batched = self._as_batch(prompt)
-        results = self.engine.run(self._requests(prompts, chat, strategy, options, intervene))
+        results = self.engine.run(self._requests(prompts, chat, strategy, options, intervene, n))
+        if n is not None:
+            results = [[r for r in results if r.index == i] for i in range(len(prompts))]
         return results if batched else results[0]
 
     def counterfactual(self, result: Result, intervene: dict[int, int] | None = None, **overrides) -> Result:
@@ -101,28 +109,34 @@ class Generator:
         return counterfactual(self, result, intervene, **overrides)
 
     def stream(self, prompt, *, strategy="plain", chat: bool = True, intervene: dict[int, int] | None = None,
-               **options) -> Stream:  # fmt: skip
+               n: int | None = None, **options) -> Stream:  # fmt: skip
         """Events (token ids and text delta) for one prompt as they are generated; the last one
-        has a finish_reason, and the returned Stream's `.result` holds the Result afterwards."""
+        has a finish_reason, and the returned Stream's `.result` holds the Result afterwards. With
+        `n`, the n samples' Events come interleaved, each with its `sample_index` (each sample ends
+        with its own finish_reason), and `.result` is the list of n Results."""
         prompts, batched = self._as_batch(prompt)
         if batched:
             raise InvalidRequestError("stream() takes one prompt; call it once per prompt")
-        return Stream(self.engine.stream(self._requests(prompts, chat, strategy, options, intervene)))
+        return Stream(self.engine.stream(self._requests(prompts, chat, strategy, options, intervene, n)), n is not None)
 
 
 class Stream:
-    """Iterates over a request's Events; `.result` is set once the last one has been read."""
+    """Iterates over a request's Events; `.result` is set once the last one has been read (the list
+    of the n Results, by sample index, when `n` was given)."""
 
-    def __init__(self, items: Iterator[Event | Result]) -> None:
-        self._items = items
-        self.result: Result | None = None
+    def __init__(self, items: Iterator[Event | Result], samples: bool = False) -> None:
+        self._items, self._samples = items, samples
+        self.result: Result | list[Result] | None = None
 
     def __iter__(self) -> Iterator[Event]:
+        results = []
         for item in self._items:
             if isinstance(item, Event):
                 yield item
             else:
-                self.result = item
+                results.append(item)
+        results.sort(key=lambda r: r.sample_index)
+        self.result = results if self._samples else results[0] if results else None
 
 
 def load(model: str = "default", *, runtime: str = "auto", device: str = "cpu", dtype="float32",

@@ -48,12 +48,20 @@ class DecodeBatch:
 
     # -- admission ---------------------------------------------------------------------------------
     def blocks_needed(self, request: Request) -> int:
-        """KV blocks the request may hold at most: its whole sequence plus its strategy's slack."""
+        """KV blocks the request may hold at most: its whole sequence plus its strategy's slack, and for
+        n > 1 samples, n - 1 forks that share the prompt's full blocks and may each fill the rest."""
+        whole, shared = self._blocks(request)
+        return whole + (request.n - 1) * (whole - shared)
+
+    def _blocks(self, request: Request) -> tuple[int, int]:
+        """(blocks of one sequence's worst case, full blocks of its prefill: never written again, so
+        the forks of a request with n > 1 keep sharing them)."""
         pool = self._pool()
         if pool is None:
-            return 0
+            return 0, 0
         positions = len(request.prompt_ids) + self.engine.budget(request) + request.strategy.kv_slack()
-        return -(-positions // pool.block_size)
+        prefill = len(request.prompt_ids) + len(request.output_prefix) - 1
+        return -(-positions // pool.block_size), prefill // pool.block_size
 
     def can_admit(self, request: Request, pending_blocks: int = 0) -> bool:
         """Whether the request's worst case fits beside the admitted sequences' worst cases (and
@@ -74,7 +82,8 @@ class DecodeBatch:
         positions, mask = self._layout(request, state)
         seq = Sequence(index, request, state, engine.tokenizer, engine.eos_ids, positions, mask)
         state.eos_ids = frozenset(seq.eos_ids)
-        self.reserved_blocks += self.blocks_needed(request)
+        seq.reserved = self.blocks_needed(request)  # the forks' share moves to them when they are made
+        self.reserved_blocks += seq.reserved
         self.sequences.append(seq)
         return seq
 
@@ -98,7 +107,7 @@ class DecodeBatch:
         for seq in drop:
             if seq in self.sequences:
                 self.sequences.remove(seq)
-                self.reserved_blocks -= self.blocks_needed(seq.request)
+                self.reserved_blocks -= seq.reserved
                 if seq.driver is not None:
                     seq.driver.close()
                 seq.release()
@@ -168,7 +177,7 @@ class DecodeBatch:
                 self._fail(seq, failed[id(seq)], items, done)
                 continue
             seq.prefilled += len(feed.tokens)
-            if seq.request.strategy.needs_prompt_hidden:
+            if seq.strategy.needs_prompt_hidden:
                 seq.prompt_hidden.append(outs[id(seq)][-1].hidden)
             if self._cacheable(seq):  # the full blocks computed so far, for others with the same prompt
                 seq.state.cache.register_prefix(seq.fed[: seq.prefilled], seq.prefill_positions)
@@ -227,14 +236,29 @@ class DecodeBatch:
     def _cacheable(self, seq: Sequence) -> bool:
         """Whether the sequence shares prompt blocks with others (prefix caching)."""
         return (self.prefix_caching and isinstance(seq.state.cache, SeqKV) and seq.prefill_mask is None
-                and not seq.request.strategy.needs_prompt_hidden)  # fmt: skip
+                and not seq.strategy.needs_prompt_hidden)  # fmt: skip
 
     def _prefilled(self, seq: Sequence, items: list, done: list) -> None:
-        """The prompt is in the cache: emit a replay's output prefix, start the strategy."""
+        """The prompt is in the cache: fork it into the request's n samples (the prompt is prefilled
+        once), then for each, emit a replay's output prefix and start the strategy."""
         state = seq.state
         if seq.prompt_hidden:
             state.prompt_hidden = torch.cat(seq.prompt_hidden)
             seq.prompt_hidden = []
+        samples = [seq]
+        if seq.request.n > 1:
+            # Made here and only here: forks are born prefilled and never come back to this method.
+            whole, _ = self._blocks(seq.request)
+            forks = [seq.fork(i) for i in range(1, seq.request.n)]
+            for fork in forks:
+                fork.reserved = (seq.reserved - whole) // len(forks)
+            seq.reserved = whole
+            self.sequences.extend(forks)
+            samples += forks
+        for sample in samples:
+            self._start(sample, items, done)
+
+    def _start(self, seq: Sequence, items: list, done: list) -> None:
         if seq.request.output_prefix:  # emitted before any step, as generated output
             event = seq.accept(list(seq.request.output_prefix))
             items.append(event)

@@ -24,6 +24,8 @@ class Engine:
         n, context = len(request.prompt_ids), self.runtime.info.max_positions
         if n == 0:
             raise InvalidRequestError("the prompt is empty; give at least one token of prompt")
+        if not (isinstance(request.n, int) and not isinstance(request.n, bool) and request.n >= 1):
+            raise InvalidRequestError(f"n (samples of the prompt) must be an integer >= 1; got {request.n!r}")
         if n >= context:
             raise InvalidRequestError(
                 f"the prompt has {n} tokens but the model's context is {context}; shorten the prompt"
@@ -69,4 +71,4 @@ class Engine:
 
     def run(self, requests: list[Request]) -> list[Result]:
         results = [item for item in self.stream(requests) if isinstance(item, Result)]
-        return sorted(results, key=lambda r: r.index)
+        return sorted(results, key=lambda r: (r.index, r.sample_index))

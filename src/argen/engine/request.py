@@ -23,6 +23,9 @@ class Request:
     # the sampler at output index t (see counterfactual.py).
     output_prefix: list[int] = field(default_factory=list)
     forced: dict[int, int] | None = None
+    # Samples of this prompt: the prompt is prefilled once, then the sequence forks into `n` that share
+    # its cached prompt (copy-on-write); sample i draws with seed params.seed + i (see batch.py).
+    n: int = 1
     # Set by Engine.validate: a request is checked once, wherever it enters (API, server, batch).
     validated: bool = field(default=False, repr=False, compare=False)
 
@@ -65,6 +68,7 @@ class Event:
     token_ids: list[int]
     text: str
     finish_reason: str | None = None  # "stop" (EOS or stop string) | "length" | None while running
+    sample_index: int = 0  # which of the request's n samples
 
 
 @dataclass
@@ -78,6 +82,7 @@ class Result:
     strategy: str
     extras: dict = field(default_factory=dict)  # strategy-specific records (e.g. sampling noise)
     index: int = 0  # position of the request in its batch
+    sample_index: int = 0  # which of the request's n samples (its seed is the request's seed + sample_index)
 
     def as_dict(self) -> dict:
         return {
@@ -86,6 +91,7 @@ class Result:
             "prompt_ids": self.prompt_ids,
             "finish_reason": self.finish_reason,
             "seed": self.seed,
+            "sample_index": self.sample_index,
             "strategy": self.strategy,
             "stats": self.stats.as_dict(),
         }

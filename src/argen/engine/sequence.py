@@ -3,6 +3,8 @@ step in flight, and the bookkeeping of text, stop conditions and statistics."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import time
 from collections.abc import Generator
 
@@ -10,6 +12,7 @@ import torch
 
 from argen.cache.paged import SeqKV
 from argen.engine.request import Event, Request, Result, Stats
+from argen.sampling import Sampler
 from argen.strategies import DecodeState, Strategy
 from argen.textstream import TextStream
 
@@ -27,6 +30,10 @@ class Sequence:
     def __init__(self, index: int, request: Request, state: DecodeState, tokenizer, eos_ids: set[int],
                  prefill_positions: list[int], prefill_mask: torch.Tensor | None) -> None:  # fmt: skip
         self.index, self.request, self.state = index, request, state
+        self.sample_index = 0  # which of the request's n samples (forks made after the prefill: 1 .. n-1)
+        self.strategy: Strategy = request.strategy  # a fork runs a copy of its own
+        self.reserved = 0  # worst-case KV blocks counted for this sequence (set by the DecodeBatch)
+        self._tokenizer = tokenizer
         self.text = TextStream(tokenizer, request.params.stop)
         self.eos_ids = set() if request.params.ignore_eos else eos_ids
         self.finish_reason: str | None = None
@@ -41,6 +48,23 @@ class Sequence:
         self.waiting: list | None = None  # the feeds the driver yielded and awaits outputs for
         self.waiting_single = False  # whether it yielded one Feed (not a list)
         self.peak_kv_bytes = 0
+
+    def fork(self, sample_index: int) -> Sequence:
+        """Sample `sample_index` of the request, made once the prompt is prefilled: a copy-on-write fork
+        of the prefilled cache (the pending last token is not in it, so every fork starts from the same
+        state), a fresh copy of the strategy (its per-request state lives in `state.memo`, set by
+        `start`), and a Sampler seeded with the request's seed + sample_index, so each sample replays
+        alone from its own seed."""
+        state, request = self.state, self.request
+        params = dataclasses.replace(state.sampler.params, seed=request.params.seed + sample_index)
+        forked = DecodeState(state.runtime, state.cache.fork(), Sampler(params, request.forced), list(state.tokens),
+                             state.prompt_len, state.max_new_tokens, state.position_shift, eos_ids=state.eos_ids,
+                             prompt_hidden=state.prompt_hidden, batch_size=state.batch_size)  # fmt: skip
+        other = Sequence(self.index, request, forked, self._tokenizer, self.eos_ids, self.prefill_positions,
+                         self.prefill_mask)  # fmt: skip
+        other.sample_index, other.strategy = sample_index, copy.copy(self.strategy)
+        other.started, other.prefilled = self.started, self.prefilled
+        return other
 
     def note_kv(self) -> None:
         """Track the most KV memory the request held at once (blocks shared by its forks count once)."""
@@ -62,8 +86,7 @@ class Sequence:
 
     def drive(self) -> Generator:
         """The strategy's start, then its steps, each step's tokens handed out as an Emit."""
-        strategy: Strategy = self.request.strategy
-        state = self.state
+        strategy, state = self.strategy, self.state
         started = strategy.start(state)
         if started is not None:
             yield from started
@@ -93,7 +116,7 @@ class Sequence:
             self.finish_reason = "stop"
         if self.finish_reason is not None:
             delta += self.text.flush()
-        return Event(self.index, new_ids, delta, self.finish_reason)
+        return Event(self.index, new_ids, delta, self.finish_reason, self.sample_index)
 
     def result(self) -> Result:
         c, s, state, r = self.state.counters, self.stats, self.state, self.request
@@ -103,18 +126,18 @@ class Sequence:
         s.draft_tokens_proposed, s.draft_tokens_accepted, s.near_ties = c.draft_proposed, c.draft_accepted, c.near_ties
         s.wall_seconds = time.perf_counter() - self.started
         s.peak_kv_bytes = self.peak_kv_bytes
-        strategy = r.strategy
+        strategy, params = self.strategy, state.sampler.params  # a fork's own seed
         # Everything a replay needs: the noise is a function of (seed, output position), so the seed,
         # the sampling parameters, the strategy and the prompt layout record it completely.
         state.extras["replay"] = {
-            "params": r.params.as_dict(),
+            "params": params.as_dict(),
             "strategy": {"name": strategy.name, **strategy.options()},  # constructor options: a fresh copy
             "prompt_positions": r.prompt_positions,
             "prompt_mask": r.prompt_mask,
             "forced": dict(r.forced or {}),
         }
         return Result(self.text.text, state.output, list(r.prompt_ids), self.finish_reason or "length", s,
-                      r.params.seed, strategy.name, state.extras, self.index)  # fmt: skip
+                      params.seed, strategy.name, state.extras, self.index, self.sample_index)  # fmt: skip
 
     def release(self) -> None:
         """Give back every cache the request holds (its own, a draft model's, beams' forks)."""

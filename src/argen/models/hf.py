@@ -6,6 +6,8 @@ the model as a 4D additive attention mask; layer plans need the native runtime.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from argen.models.runtime import Capabilities, ModelInfo, Plan, RuntimeMemo, Segment, SegmentOut
@@ -49,6 +51,15 @@ class HFCache:
 
     def bytes_per_position(self) -> int:
         return self._bytes_per_position
+
+    @torch.inference_mode()
+    def fork(self) -> HFCache:
+        """A copy with the same content (n samples of one prompt): transformers' caches are not paged,
+        so the keys and values are copied, not shared."""
+        other = HFCache(self._bytes_per_position, self.max_len)
+        other.dynamic = copy.deepcopy(self.dynamic)
+        other.lengths, other.peak_length = list(self.lengths), self.peak_length
+        return other
 
     def free(self) -> None:
         from transformers import DynamicCache
