@@ -225,7 +225,7 @@ def _add_serve(sub) -> None:
                    help="a guide model requests may name (strategy guided, option guide_model=NAME); loaded at start; "
                         "repeatable")  # fmt: skip
     p.add_argument("--limit", action="append", default=[], metavar="NAME=VALUE",
-                   help="raise or lower a cap on a strategy option, e.g. num_beams=16 (repeatable; see SECURITY.md)")
+                   help="raise or lower a cap on a strategy option, e.g. num_beams=16, or on n (repeatable; see SECURITY.md)")
     p.add_argument("--api-key", default=os.environ.get("ARGEN_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on every route but /health and the API description "
                         "(default: $ARGEN_API_KEY, which keeps the key out of the process list; none: open)")  # fmt: skip

@@ -71,7 +71,7 @@ def create_app(gen: Generator, *, model_id: str | None = None, max_batch: int = 
     context = gen.runtime.info.max_positions
     limit = min(max_tokens_limit or context, context)
     policy = Policy(model_id, limit, limits or Limits(), companions or Companions(model_id, gen.model),
-                    max_prompt_chars(gen))  # fmt: skip
+                    max_prompt_chars(gen), max_batch=max_batch)  # fmt: skip
     metrics = Metrics()
     scheduler = Scheduler(gen.engine, metrics, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk,
                           step_tokens=step_tokens, prefix_caching=prefix_caching)  # fmt: skip
@@ -171,18 +171,19 @@ def create_app(gen: Generator, *, model_id: str | None = None, max_batch: int = 
             metrics.requests.labels(endpoint, "rejected_503").inc()
             raise APIError(503, "the server is shutting down and takes no new requests; retry elsewhere or later",
                            code="shutting_down") from None  # fmt: skip
-        shape = _Shape(endpoint, model_id, body.return_token_ids)
+        shape = _Shape(endpoint, model_id, body.return_token_ids, built.params.seed)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return EventSourceResponse(stream(ticket, shape, include_usage), sep="\n")
-        result = await collect(ticket, request)
-        return JSONResponse(shape.response(result))
+        results = await collect(ticket, request)
+        return JSONResponse(shape.response(results))
 
-    async def collect(ticket: Ticket, request: HTTPRequest) -> Result:
-        """Wait for the Result; a client that hangs up cancels the generation (checked every
-        DISCONNECT_POLL_S, whether or not tokens are arriving)."""
+    async def collect(ticket: Ticket, request: HTTPRequest) -> list[Result]:
+        """Wait for the n Results (by sample index); a client that hangs up cancels the generation
+        (checked every DISCONNECT_POLL_S, whether or not tokens are arriving)."""
         loop = asyncio.get_running_loop()
         next_check = loop.time() + DISCONNECT_POLL_S
+        results: list[Result] = []
         try:
             while True:
                 try:
@@ -190,7 +191,9 @@ def create_app(gen: Generator, *, model_id: str | None = None, max_batch: int = 
                 except asyncio.TimeoutError:
                     item = None
                 if isinstance(item, Result):
-                    return item
+                    results.append(item)
+                    if len(results) == ticket.request.n:
+                        return sorted(results, key=lambda r: r.sample_index)
                 if isinstance(item, Exception):
                     raise _generation_error(item)
                 if loop.time() >= next_check:
@@ -206,20 +209,25 @@ def create_app(gen: Generator, *, model_id: str | None = None, max_batch: int = 
         """Server-sent events; if the client disconnects, sse-starlette cancels this generator and
         the `finally` takes the sequence out of the batch."""
         finished = False
+        results: list[Result] = []
         try:
-            if shape.chat:
-                yield json.dumps(shape.chunk(p.Delta(role="assistant", content=""), None, None))
+            if shape.chat:  # each choice's first delta names the role, as OpenAI's
+                for index in range(ticket.request.n):
+                    yield json.dumps(shape.chunk(p.Delta(role="assistant", content=""), None, None, index))
             while True:
                 item = await ticket.queue.get()
                 if isinstance(item, Event):
                     ids = item.token_ids if shape.token_ids else None
                     if item.text or ids or item.finish_reason:
                         content = p.Delta(content=item.text) if shape.chat else item.text
-                        yield json.dumps(shape.chunk(content, item.finish_reason, ids))
+                        yield json.dumps(shape.chunk(content, item.finish_reason, ids, item.sample_index))
                 elif isinstance(item, Result):
+                    results.append(item)
+                    if len(results) < ticket.request.n:
+                        continue
                     finished = True
                     if include_usage:
-                        yield json.dumps(shape.usage_chunk(item))
+                        yield json.dumps(shape.usage_chunk(results))
                     break
                 else:
                     finished = True
@@ -242,6 +250,7 @@ def create_app(gen: Generator, *, model_id: str | None = None, max_batch: int = 
             for field in ("max_tokens", "max_completion_tokens"):
                 if field in properties:
                     properties[field]["anyOf"][0]["maximum"] = limit
+            properties["n"]["maximum"] = min(policy.limits.max_n, max_batch, limit)
         return schema
 
     app.openapi = openapi
@@ -263,37 +272,40 @@ def _generation_error(exc: Exception) -> APIError:
 
 
 class _Shape:
-    """Builds the OpenAI response bodies of one endpoint (text completion or chat)."""
+    """Builds the OpenAI response bodies of one endpoint (text completion or chat). Choice i is
+    sample i of the request, and carries its seed (the request's seed + i: argen extension)."""
 
-    def __init__(self, endpoint: str, model_id: str, token_ids: bool) -> None:
-        self.chat, self.model, self.token_ids = endpoint == "chat", model_id, token_ids
+    def __init__(self, endpoint: str, model_id: str, token_ids: bool, seed: int) -> None:
+        self.chat, self.model, self.token_ids, self.seed = endpoint == "chat", model_id, token_ids, seed
         self.id, self.created = p.new_id("chatcmpl" if self.chat else "cmpl"), p.now()
 
     @staticmethod
-    def usage(result: Result) -> p.Usage:
-        n_prompt, n_out = len(result.prompt_ids), len(result.token_ids)
+    def usage(results: list[Result]) -> p.Usage:
+        """The prompt once (it is prefilled once), the completion tokens of every sample."""
+        n_prompt, n_out = len(results[0].prompt_ids), sum(len(r.token_ids) for r in results)
         return p.Usage(prompt_tokens=n_prompt, completion_tokens=n_out, total_tokens=n_prompt + n_out)
 
-    def response(self, result: Result) -> dict:
-        ids = result.token_ids if self.token_ids else None
-        if self.chat:
-            choice = p.ChatChoice(message=p.AssistantMessage(content=result.text), finish_reason=result.finish_reason,
-                                  token_ids=ids)  # fmt: skip
-            body = p.ChatCompletionResponse(id=self.id, created=self.created, model=self.model, choices=[choice],
-                                            usage=self.usage(result))  # fmt: skip
-        else:
-            choice = p.CompletionChoice(text=result.text, finish_reason=result.finish_reason, token_ids=ids)
-            body = p.CompletionResponse(id=self.id, created=self.created, model=self.model, choices=[choice],
-                                        usage=self.usage(result))  # fmt: skip
-        return p.dump(body)
+    def response(self, results: list[Result]) -> dict:
+        choices = []
+        for result in results:
+            ids = result.token_ids if self.token_ids else None
+            common = dict(index=result.sample_index, finish_reason=result.finish_reason, token_ids=ids, seed=result.seed)
+            if self.chat:
+                choices.append(p.ChatChoice(message=p.AssistantMessage(content=result.text), **common))
+            else:
+                choices.append(p.CompletionChoice(text=result.text, **common))
+        cls = p.ChatCompletionResponse if self.chat else p.CompletionResponse
+        return p.dump(cls(id=self.id, created=self.created, model=self.model, choices=choices, usage=self.usage(results)))
 
-    def chunk(self, content, finish_reason: str | None, ids: list[int] | None) -> dict:
+    def chunk(self, content, finish_reason: str | None, ids: list[int] | None, index: int = 0) -> dict:
+        """A stream chunk of choice `index`; its last one (with the finish_reason) carries its seed."""
+        seed = None if finish_reason is None else self.seed + index
         if self.chat:
-            choice = p.ChatChunkChoice(delta=content, finish_reason=finish_reason, token_ids=ids)
+            choice = p.ChatChunkChoice(index=index, delta=content, finish_reason=finish_reason, token_ids=ids, seed=seed)
             return p.dump(p.ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[choice]))
-        choice = p.CompletionChoice(text=content, finish_reason=finish_reason, token_ids=ids)
+        choice = p.CompletionChoice(index=index, text=content, finish_reason=finish_reason, token_ids=ids, seed=seed)
         return p.dump(p.CompletionResponse(id=self.id, created=self.created, model=self.model, choices=[choice]))
 
-    def usage_chunk(self, result: Result) -> dict:
+    def usage_chunk(self, results: list[Result]) -> dict:
         cls = p.ChatCompletionChunk if self.chat else p.CompletionResponse
-        return p.dump(cls(id=self.id, created=self.created, model=self.model, choices=[], usage=self.usage(result)))
+        return p.dump(cls(id=self.id, created=self.created, model=self.model, choices=[], usage=self.usage(results)))

@@ -34,10 +34,15 @@ OPTION_LIMITS: dict[str, tuple[int, str]] = {
     "positive_prefix": (2000, "guided: characters of the control prefix the guide reads"),
     "negative_prefix": (2000, "guided: characters of the control prefix the guide reads"),
 }
+# Caps on request fields that multiply a request's work, changed the same way (`--limit n=32`).
+REQUEST_LIMITS: dict[str, tuple[int, str]] = {
+    "n": (16, "samples per request: each is a sequence of the batch (a slot of --max-batch) with its own KV cache "
+              "past the shared prompt; n x max_tokens must also be within --max-tokens"),
+}
 
 
 def default_option_limits() -> dict[str, int]:
-    return {name: cap for name, (cap, _) in OPTION_LIMITS.items()}
+    return {name: cap for name, (cap, _) in (OPTION_LIMITS | REQUEST_LIMITS).items()}
 
 
 @dataclass(frozen=True)
@@ -51,18 +56,24 @@ class Limits:
         for pair in pairs:
             name, sep, raw = pair.partition("=")
             name = name.strip()
-            if name not in OPTION_LIMITS:
-                raise ArgenError(f"--limit {pair!r}: unknown limit {name!r}; limits: {', '.join(OPTION_LIMITS)}")
+            if name not in OPTION_LIMITS and name not in REQUEST_LIMITS:
+                raise ArgenError(f"--limit {pair!r}: unknown limit {name!r}; limits: "
+                                 f"{', '.join([*OPTION_LIMITS, *REQUEST_LIMITS])}")  # fmt: skip
             if not sep or not raw.strip().isdigit() or int(raw) < 1:
                 raise ArgenError(f"--limit takes NAME=VALUE with a whole number >= 1 (e.g. num_beams=16); got {pair!r}")
             options[name] = int(raw)
         return cls(options)
 
+    @property
+    def max_n(self) -> int:
+        """The most samples (`n`) one request may ask for."""
+        return self.options["n"]
+
     def check(self, strategy: Strategy) -> str | None:
         """What is over a cap in `strategy`'s options (a message saying what to ask for), or None."""
         given = strategy_options(type(strategy))  # constructor options, not derived attributes
         for name, value in strategy.options().items():
-            cap = self.options.get(name)
+            cap = self.options.get(name) if name in OPTION_LIMITS else None
             if cap is None or name not in given or isinstance(value, bool) or value is None:
                 continue
             if isinstance(value, int) and value > cap:

@@ -18,7 +18,7 @@ from argen.sampling import SamplingParams, checked_logit_bias
 from argen.server.companions import Companions
 from argen.server.errors import APIError, bad_request
 from argen.server.limits import Limits
-from argen.server.protocol import ChatCompletionRequest, CompletionRequest
+from argen.server.protocol import SEED_MAX, ChatCompletionRequest, CompletionRequest
 from argen.strategies import REGISTRY, make_strategy
 
 DEFAULT_MAX_TOKENS = 256
@@ -33,6 +33,7 @@ class Policy:
     limits: Limits
     companions: Companions
     max_chars: int  # more characters of prompt text than this cannot fit the context
+    max_batch: int = 32  # sequences decoding at once: a request's n samples are n of them
 
 
 def max_prompt_chars(gen: Generator) -> int:
@@ -64,13 +65,14 @@ def build_request(gen: Generator, body: CompletionRequest | ChatCompletionReques
         raise bad_request(f"max_tokens is {asked} but this server allows at most {policy.max_tokens}; ask for fewer",
                           "max_tokens")  # fmt: skip
     room = context - len(prompt_ids)
+    _check_n(body, asked, policy)
     if asked is not None and asked > room:
         raise bad_request(f"the model's context is {context} tokens and the {where} uses {len(prompt_ids)}, so "
                           f"max_tokens can be at most {room}; you asked for {asked}", "max_tokens",
                           code="context_length_exceeded")  # fmt: skip
     try:
         params = SamplingParams(
-            max_new_tokens=asked or min(DEFAULT_MAX_TOKENS, policy.max_tokens, room),
+            max_new_tokens=asked or min(DEFAULT_MAX_TOKENS, policy.max_tokens // body.n, room),
             temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
             repetition_penalty=body.repetition_penalty, seed=body.seed, ignore_eos=body.ignore_eos,
             stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or []),
@@ -83,12 +85,30 @@ def build_request(gen: Generator, body: CompletionRequest | ChatCompletionReques
         strategy.check(gen.runtime, len(prompt_ids), params)
     except InvalidRequestError as exc:
         raise bad_request(str(exc), "strategy") from exc
-    request = Request(prompt_ids, params, strategy)
+    request = Request(prompt_ids, params, strategy, n=body.n)
     try:
         gen.engine.validate(request)
     except InvalidRequestError as exc:
         raise bad_request(str(exc), where) from exc
     return request
+
+
+def _check_n(body, asked: int | None, policy: Policy) -> None:
+    """n samples are n sequences of the batch, each up to max_tokens long: n is capped, n x max_tokens
+    counts against the server's max_tokens limit, and every sample's seed (seed + i) must be one a
+    client can send back to replay it."""
+    cap = min(policy.limits.max_n, policy.max_batch)
+    if body.n > cap:
+        raise bad_request(f"n is {body.n} but this server allows at most {cap} samples per request; ask for fewer "
+                          "(or send several requests)", "n", code="limit_exceeded")  # fmt: skip
+    if body.n * (asked or 1) > policy.max_tokens:
+        raise bad_request(f"n x max_tokens is {body.n} x {asked or 1} = {body.n * (asked or 1)} new tokens, but this "
+                          f"server allows at most {policy.max_tokens} per request, all samples together; ask for "
+                          "fewer samples or fewer tokens", "max_tokens" if asked else "n",
+                          code="limit_exceeded")  # fmt: skip
+    if body.seed is not None and body.seed + body.n - 1 > SEED_MAX:
+        raise bad_request(f"sample i gets seed + i, so seed + n - 1 must be at most {SEED_MAX}; use a smaller seed",
+                          "seed")  # fmt: skip
 
 
 def _strategy(gen: Generator, body, policy: Policy):
@@ -149,7 +169,6 @@ def _logit_bias(body) -> dict[int, float]:
 def _check_unsupported(body) -> None:
     """OpenAI fields argen does not implement: accepted only at their neutral values."""
     checks = [
-        (body.n == 1, "n", "n must be 1: this server returns one choice per request; send n requests instead"),
         (body.presence_penalty == 0, "presence_penalty",
          "presence_penalty is not supported (only 0); use repetition_penalty (an argen extension)"),
         (body.frequency_penalty == 0, "frequency_penalty",

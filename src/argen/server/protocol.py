@@ -51,7 +51,10 @@ class _Sampling(_Body):
     )
     temperature: Annotated[float, Field(ge=0, le=2)] = Field(1.0, description="0 means greedy")
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
-    n: Annotated[int, Field(ge=1)] = Field(1, description="only 1 is supported", json_schema_extra=ONLY_1)
+    n: Annotated[int, Field(ge=1)] = Field(
+        1, description="samples of the prompt (choices 0..n-1, the prompt prefilled once); sample i uses seed + i, "
+                       "returned as the choice's seed; at most the server's limit, and n x max_tokens at most its "
+                       "max_tokens limit")
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: Annotated[str, Field(min_length=1)] | Annotated[list[Annotated[str, Field(min_length=1)]], Field(
@@ -126,6 +129,7 @@ class CompletionChoice(BaseModel):
     logprobs: None = None
     finish_reason: Literal["stop", "length"] | None
     token_ids: list[int] | None = None
+    seed: int | None = None  # argen extension: this choice's seed, to replay it alone
 
 
 class CompletionResponse(BaseModel):
@@ -148,6 +152,7 @@ class ChatChoice(BaseModel):
     logprobs: None = None
     finish_reason: Literal["stop", "length"]
     token_ids: list[int] | None = None
+    seed: int | None = None  # argen extension: this choice's seed, to replay it alone
 
 
 class ChatCompletionResponse(BaseModel):
@@ -170,6 +175,7 @@ class ChatChunkChoice(BaseModel):
     logprobs: None = None
     finish_reason: Literal["stop", "length"] | None = None
     token_ids: list[int] | None = None
+    seed: int | None = None  # argen extension: this choice's seed, to replay it alone
 
 
 class ChatCompletionChunk(BaseModel):
@@ -216,8 +222,9 @@ def dump(model: BaseModel) -> dict[str, Any]:
     """JSON-ready dict without the argen-only fields nobody asked for (token_ids: None)."""
     data = model.model_dump(mode="json")
     for choice in data.get("choices", []):
-        if choice.get("token_ids") is None:
-            choice.pop("token_ids", None)
+        for extension in ("token_ids", "seed"):
+            if choice.get(extension) is None:
+                choice.pop(extension, None)
         if "delta" in choice:
             choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
     return data

@@ -44,8 +44,8 @@ class Draining(Exception):
 
 @dataclass(eq=False)
 class Ticket:
-    """One request's passage through the scheduler; its queue receives Events, then a Result or
-    an exception."""
+    """One request's passage through the scheduler; its queue receives Events, then a Result per
+    sample (n in all), or an exception."""
 
     id: int
     request: Request
@@ -56,6 +56,7 @@ class Ticket:
     first_token: float | None = None
     cancelled: bool = False
     done: bool = False
+    left: int = 1  # samples still decoding (the request's n, less the Results sent)
 
 
 class Scheduler:
@@ -96,7 +97,7 @@ class Scheduler:
                 raise Draining()
             if len(self._running) + len(self._waiting) >= self.max_batch + self.max_queue:
                 raise QueueFull()  # every slot is taken and max_queue requests already wait for one
-            ticket = Ticket(next(self._ids), request, asyncio.get_running_loop(), endpoint)
+            ticket = Ticket(next(self._ids), request, asyncio.get_running_loop(), endpoint, left=request.n)
             self._waiting.append(ticket)
             self.metrics.waiting.set(len(self._waiting))
             self._cond.notify()
@@ -139,11 +140,16 @@ class Scheduler:
                 if not self._waiting and not self._running:
                     return
                 admit, blocks = [], 0
-                while self._waiting and len(self._running) + len(admit) < self.max_batch:
-                    # First come, first served: the head waits until KV memory for its worst case is free.
+                # max_batch counts sequences: a request of n samples takes n slots until they finish.
+                sequences = sum(t.left for t in self._running.values())
+                while self._waiting:
+                    # First come, first served: the head waits until a slot for each of its samples and
+                    # KV memory for its worst case are free.
                     head = self._waiting[0].request
-                    if not self.batch.can_admit(head, blocks) and (self._running or admit):
+                    fits = sequences + head.n <= self.max_batch and self.batch.can_admit(head, blocks)
+                    if not fits and (self._running or admit):
                         break
+                    sequences += head.n
                     blocks += self.batch.blocks_needed(head)
                     admit.append(self._waiting.popleft())
                 self.metrics.waiting.set(len(self._waiting))
@@ -194,8 +200,12 @@ class Scheduler:
                 if item.token_ids or item.text or item.finish_reason:  # a beam search step emits nothing
                     self._send(ticket, item)
             elif isinstance(item, Result):
-                self.metrics.latency_seconds.observe(time.perf_counter() - ticket.arrived)
                 self.metrics.cached_prompt_tokens.inc(item.stats.cached_prompt_tokens)
+                ticket.left -= 1
+                if ticket.left > 0:  # one of n samples: the others go on
+                    self._send(ticket, item)
+                    continue
+                self.metrics.latency_seconds.observe(time.perf_counter() - ticket.arrived)
                 self._finish(ticket, item, item.finish_reason)
             elif isinstance(item, Failure):
                 _log_failure(ticket, item.error, "while decoding")
@@ -203,6 +213,7 @@ class Scheduler:
         self.metrics.running.set(len(self._running))
 
     def _drop_cancelled(self) -> None:
+        """Cancelled requests leave the batch, every one of their samples with them."""
         gone = [t for t in self._running.values() if t.cancelled]
         if not gone:
             return
