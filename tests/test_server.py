@@ -196,7 +196,7 @@ LONG = "x" * 2100  # the tiny model's context is 2048 positions; one byte = one 
     ("completions", {"prompt": "hi", "strategy": "nope"}, 400, "strategy", "valid strategies: beam"),
     ("completions", {"prompt": "hi", "strategy": {"name": "prompt-lookup", "bad": 1}}, 400, "strategy",
      "unknown option(s) bad"),
-    ("completions", {"prompt": "hi", "n": 2}, 400, "n", "n must be 1"),
+    ("completions", {"prompt": "hi", "n": 17}, 400, "n", "at most 16 samples"),
     ("completions", {"prompt": "hi", "presence_penalty": 0.5}, 400, "presence_penalty", "repetition_penalty"),
     ("completions", {"prompt": ["a", "b"]}, 400, "prompt", "one prompt per request"),
     ("completions", {"prompt": [999999]}, 400, "prompt", "outside the vocabulary"),
