@@ -39,6 +39,20 @@ def test_n_samples_have_their_own_seeds_and_each_replays_alone(tiny, strategy):
     assert tiny.runtime.kv_pool().held == 0, "a fork's blocks were not given back"
 
 
+@pytest.mark.parametrize("strategy, temperature", [
+    ("contrastive", 0.0),  # reads the prompt's hidden states in start(): the forks share them
+    ({"name": "guided", "guide_model": "tiny-random@2"}, 1.0),  # a guide model's caches, one set per sample
+])  # fmt: skip
+def test_strategies_with_state_of_their_own_fork_too(tiny, strategy, temperature):
+    options = dict(chat=False, temperature=temperature, max_new_tokens=6, strategy=strategy)
+    results = tiny.generate(PROMPT, n=2, seed=20, **options)
+    assert tiny.generate(PROMPT, seed=21, **options).token_ids == results[1].token_ids
+    set_prompt = argen.SetPrompt(prefix="Films:\n", members=["Alien\n", "Heat\n"], suffix="Best:")
+    results = tiny.generate(set_prompt, n=2, seed=20, chat=False, temperature=1.0, max_new_tokens=6)
+    assert tiny.generate(set_prompt, seed=21, chat=False, temperature=1.0, max_new_tokens=6).token_ids == \
+        results[1].token_ids  # fmt: skip
+
+
 def test_the_prompt_is_prefilled_once(tiny, monkeypatch):
     runtime = tiny.runtime
     fed: list[int] = []  # tokens of each prefill segment (more than one token: decode steps feed one)

@@ -91,7 +91,6 @@ class Result:
             "prompt_ids": self.prompt_ids,
             "finish_reason": self.finish_reason,
             "seed": self.seed,
-            "sample_index": self.sample_index,
             "strategy": self.strategy,
             "stats": self.stats.as_dict(),
         }
