@@ -221,3 +221,13 @@ def test_a_client_leaving_mid_stream_frees_all_its_samples():
         assert cancelled - metric(before, "argen_requests_total", endpoint="completions", outcome="cancelled") == 1
         tokens = metric(after, "argen_generation_tokens_total") - metric(before, "argen_generation_tokens_total")
         assert tokens < 4 * 500, "the abandoned samples ran to the end"
+
+
+def test_the_n_limit_is_set_like_the_strategy_caps():
+    from argen.errors import ArgenError
+    from argen.server.limits import Limits
+
+    assert Limits().max_n == 16 and Limits.parse(["n=32"]).max_n == 32
+    assert Limits.parse(["n=32"]).check(make_strategy("plain")) is None
+    with pytest.raises(ArgenError, match="whole number"):
+        Limits.parse(["n=0"])
