@@ -1,4 +1,4 @@
-"""The `argen` command line: `generate`, `models`, `bench` and `serve`.
+"""The `argen` command line: `generate`, `chat`, `batch`, `models`, `bench` and `serve`.
 
 Errors caused by the user's input are printed as one line, `argen: error: ...`, with exit code 2;
 a traceback means a bug. Only the completion (or its JSON) goes to stdout; everything else goes to
@@ -288,12 +288,46 @@ def _serve(args: argparse.Namespace) -> int:
                  prefix_caching=args.prefix_caching)  # fmt: skip
 
 
+# -- batch, chat (their options and code live in argen.jobs and argen.chat) ----------------------
+def _add_batch(sub) -> None:
+    from argen.jobs import add_arguments
+
+    p = sub.add_parser("batch", help="run a JSONL file of requests (OpenAI batch format), resumable",
+                       description="Run a file of requests through the continuous-batching loop, here or on a Ray "
+                                   "cluster; results in OpenAI's batch output format, in input order.")  # fmt: skip
+    add_arguments(p)
+    p.set_defaults(handler=_batch)
+
+
+def _batch(args: argparse.Namespace) -> int:
+    from argen.jobs import run
+
+    return run(args)
+
+
+def _add_chat(sub) -> None:
+    from argen.chat import add_arguments
+
+    p = sub.add_parser("chat", help="chat with a model in the terminal (streaming; /help for commands)",
+                       description="Chat with a model over its chat template, replies streamed.")  # fmt: skip
+    add_arguments(p)
+    p.set_defaults(handler=_chat)
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from argen.chat import run
+
+    return run(args)
+
+
 # -- main --------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="One engine for autoregressive generation.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,models,bench,serve}",
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,chat,batch,models,bench,serve}",
                                 parser_class=_Parser)  # fmt: skip
     _add_generate(sub)
+    _add_chat(sub)
+    _add_batch(sub)
     _add_models(sub)
     _add_bench(sub)
     _add_serve(sub)
