@@ -124,6 +124,12 @@ class Stream:
             else:
                 self.result = item
 
+    def close(self) -> None:
+        """Stop generating (an abandoned stream's sequence leaves the decode loop at once)."""
+        close = getattr(self._items, "close", None)
+        if close is not None:
+            close()
+
 
 def load(model: str = "default", *, runtime: str = "auto", device: str = "cpu", dtype="float32",
          quant: str = "auto") -> Generator:  # fmt: skip
