@@ -249,6 +249,16 @@ def _add_serve(sub) -> None:
     p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
                    help="compute every prompt in full instead of reusing the blocks of a prefix seen before")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    r = p.add_argument_group("Ray Serve (pip install 'argen[ray]')")
+    r.add_argument("--replicas", type=int, default=0,
+                   help="serve N replicas of the app (each its own model and scheduler) through Ray Serve, behind "
+                        "one endpoint at --host/--port; the connection options above are then Ray's proxy's "
+                        "(default: no Ray)")  # fmt: skip
+    r.add_argument("--ray", default="auto", metavar="ADDRESS",
+                   help="the Ray cluster for --replicas: an address, 'auto' ($RAY_ADDRESS or one on this machine, "
+                        "else a new one here) or 'local' (default: %(default)s)")  # fmt: skip
+    r.add_argument("--replica-cpus", type=float, default=1, help="CPUs per replica (default: %(default)s)")
+    r.add_argument("--replica-gpus", type=float, default=0, help="GPUs per replica (default: %(default)s)")
     p.set_defaults(handler=_serve)
 
 
@@ -267,6 +277,12 @@ def _serve(args: argparse.Namespace) -> int:
         raise ArgenError("--step-tokens must be at least --prefill-chunk, or a chunk could never run")
     if args.api_key is not None and not args.api_key.strip():
         raise ArgenError("--api-key (or ARGEN_API_KEY) is empty; give a key, or unset it to serve without one")
+    if args.replicas < 0 or args.replica_cpus < 0 or args.replica_gpus < 0:
+        raise ArgenError("--replicas, --replica-cpus and --replica-gpus must be >= 0")
+    if args.replicas:
+        from argen.distributed import serve_with_ray
+
+        return serve_with_ray(args)
     try:
         from argen.server.companions import Companions
         from argen.server.guards import DEFAULT_MAX_BODY_BYTES
