@@ -186,3 +186,27 @@ def test_killed_process_resumes(tmp_path, reference):
     assert 0 < first < N_PROMPTS, "the kill came too late to test a resume"
     subprocess.run(cmd, env=env, check=True, stderr=subprocess.DEVNULL)
     assert texts(read_lines(out)) == texts(reference)
+
+
+@pytest.mark.parametrize("command", [["batch", "IN", "OUT", "--ray"], ["serve", "--replicas", "2"]])
+def test_ray_options_without_ray_say_how_to_install(tmp_path, monkeypatch, capsys, command):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails as if it were not installed
+    monkeypatch.setattr("argen.api.load", lambda *a, **k: pytest.fail("loaded a model before finding Ray missing"))
+    inp = write_prompts(tmp_path / "in.jsonl", 2)
+    args = [str(inp) if a == "IN" else str(tmp_path / "out.jsonl") if a == "OUT" else a for a in command]
+    assert main([*args, "--model", "tiny-random"]) == 2
+    assert "pip install 'argen[ray]'" in capsys.readouterr().err
+
+
+def test_serve_replicas_gets_the_serve_options(monkeypatch):
+    seen = {}
+    monkeypatch.setattr("argen.distributed.require_ray", lambda: None)
+    monkeypatch.setattr("argen.distributed.serve_replicas", lambda *a, **k: seen.update(args=a, kwargs=k))
+    assert main(["serve", "--model", "tiny-random", "--replicas", "3", "--port", "9001", "--max-batch", "4",
+                 "--limit", "num_beams=3", "--ray", "ray://head:10001", "--replica-cpus", "2"]) == 0  # fmt: skip
+    source, load_options, app = seen["args"]
+    assert source == "tiny-random" and load_options["quant"] == "auto"
+    assert app["max_batch"] == 4 and app["model_id"] == "tiny-random" and app["limits"].options["num_beams"] == 3
+    assert seen["kwargs"] | {"companions": None} == {"replicas": 3, "host": "127.0.0.1", "port": 9001,
+                                                     "address": "ray://head:10001", "replica_cpus": 2.0,
+                                                     "replica_gpus": 0.0, "companions": None}  # fmt: skip
