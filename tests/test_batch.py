@@ -107,20 +107,22 @@ def test_bad_lines_become_error_lines(tmp_path):
            "",
            json.dumps({"custom_id": "ok", "method": "POST", "url": "/v1/completions", "body": ok}),
            json.dumps({"custom_id": "ok", "method": "POST", "url": "/v1/completions", "body": ok}),
-           json.dumps({"prompt": 5})]  # fmt: skip
+           json.dumps({"prompt": 5}),
+           "[" * 100_000]  # fmt: skip
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    inp.write_text("\n".join(raw) + "\n")
+    inp.write_bytes(("\n".join(raw) + "\n").encode() + b'{"prompt": "bad UTF-8: \xff"}\n')
     summary = run_batch(batch_args(inp, out))
     lines = read_lines(out)
     ids = [line["custom_id"] for line in lines]
     assert ids == ["line-1", "line-2", "line-3", "wrong-model", "unknown-field", "bad-url", "streamed", "too-long",
-                   "ok", "ok", "line-12"]  # fmt: skip  (the blank line 9 is skipped)
+                   "ok", "ok", "line-12", "line-13", "line-14"]  # fmt: skip  (the blank line 9 is skipped)
     status = [(line["response"] or {}).get("status_code") for line in lines]
-    assert status == [200, None, None, 404, 422, None, 400, 400, 200, None, None]
+    assert status == [200, None, None, 404, 422, None, 400, 400, 200, None, None, None, 400]
+    assert "too deeply" in lines[11]["error"]["message"] and lines[12]["error"]["code"] == "invalid_text"
     assert lines[1]["error"]["code"] == "invalid_line" and "not JSON" in lines[1]["error"]["message"]
     assert "already used on line 10" in lines[9]["error"]["message"]
     assert "gpt-4o-mini" in lines[3]["error"]["message"] and "--model-id" not in lines[3]["error"]["message"]
-    assert summary.errors == 9 and summary.written == 11
+    assert summary.errors == 11 and summary.written == 13
     # --model-id: the name bodies give (here an OpenAI model's) is accepted
     out2 = tmp_path / "out2.jsonl"
     run_batch(batch_args(inp, out2, "--model-id", "gpt-4o-mini"))

@@ -50,8 +50,10 @@ def parse_line(text: str, line: int, index: int, fill: dict, chat: bool) -> Job:
     default_id = f"line-{line}"
     try:
         value = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except json.JSONDecodeError as exc:
         return Job(index, line, default_id, error=_line_error(f"line {line} is not JSON ({exc})"))
+    except RecursionError:
+        return Job(index, line, default_id, error=_line_error(f"line {line} nests JSON too deeply to read"))
     if isinstance(value, str):
         value = {"prompt": value}
     if not isinstance(value, dict):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 from collections.abc import Callable, Iterator
 
@@ -62,6 +63,8 @@ def ray_executor(args: argparse.Namespace) -> Callable[[list[Job], Callable[[int
             context = ray.data.DataContext.get_current()
             context.execution_options.preserve_order = True
             context.enable_progress_bars = False  # the job has its own
+            context.print_on_execution_start = False
+            logging.getLogger("ray.data").setLevel(logging.WARNING)  # its INFO lines would break the bar
             ds = ray.data.from_items(requests, override_num_blocks=math.ceil(len(requests) / per_call))
             ds = ds.map_batches(_Worker, fn_constructor_kwargs={"options": options}, batch_size=per_call,
                                 compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=args.worker_cpus,
