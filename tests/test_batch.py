@@ -212,3 +212,22 @@ def test_serve_replicas_gets_the_serve_options(monkeypatch):
     assert seen["kwargs"] | {"companions": None} == {"replicas": 3, "host": "127.0.0.1", "port": 9001,
                                                      "address": "ray://head:10001", "replica_cpus": 2.0,
                                                      "replica_gpus": 0.0, "companions": None}  # fmt: skip
+
+
+def test_lines_that_finish_out_of_order_are_written_in_input_order(tmp_path, tiny):
+    """Longer requests first: the loop finishes them last, the file still lists them first."""
+    lines = [{"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions",
+              "body": {"model": "tiny-random", "prompt": f"{i} abc", "max_tokens": 12 - i, "ignore_eos": True}}
+             for i in range(10)]  # fmt: skip
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    from argen.jobs.lines import read_jobs
+    from argen.jobs.runner import JobRunner, make_policy
+
+    runner = JobRunner(tiny, make_policy(tiny, "tiny-random"))
+    finished = [job.custom_id for job, _ in runner.run(read_jobs(inp, {}))]
+    assert finished == [f"r{i}" for i in reversed(range(10))]  # the premise: the loop finishes them in reverse
+    run_batch(batch_args(inp, out))
+    written = read_lines(out)
+    assert [line["custom_id"] for line in written] == [f"r{i}" for i in range(10)]
+    assert [line["response"]["body"]["usage"]["completion_tokens"] for line in written] == [12 - i for i in range(10)]
