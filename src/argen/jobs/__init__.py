@@ -44,7 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r = p.add_argument_group("Ray (pip install 'argen[ray]')")
     r.add_argument("--ray", nargs="?", const="auto", default=None, metavar="ADDRESS",
                    help="run on a Ray cluster with Ray Data: ADDRESS of a running cluster, 'auto' ($RAY_ADDRESS "
-                        "or a cluster on this machine), 'local' (start one here); one argen replica per worker")  # fmt: skip
+                        "or a cluster on this machine, else a new one), 'local' (a new one here); one argen model per worker. "
+                        "Give it after IN and OUT, or as --ray=ADDRESS")  # fmt: skip
     r.add_argument("--workers", type=int, help="Ray workers, each holding the model (default: the cluster's nodes)")
     r.add_argument("--worker-cpus", type=float, default=1, help="CPUs per Ray worker (default: %(default)s)")
     r.add_argument("--worker-gpus", type=float, default=0, help="GPUs per Ray worker (default: %(default)s)")

@@ -4,8 +4,9 @@ shape, and what an existing output file says is already done (resume).
 Input: one JSON value a line, blank lines skipped. Either OpenAI's batch-file line
 `{"custom_id": ..., "method": "POST", "url": "/v1/chat/completions" | "/v1/completions", "body": {...}}`,
 or a plain prompt, `{"prompt": "..."}` (optionally with a "custom_id") or a bare JSON string, which
-becomes a chat request (a completion with `chat=False`) with the command line's options. A line
-without a custom_id gets `line-N`, N its 1-based line number in the file.
+becomes a chat request (a completion with `chat=False`), greedy unless the command line's options
+say otherwise. The command line's options fill the fields any body leaves out. A line without a
+custom_id gets `line-N`, N its 1-based line number in the file.
 
 Output: one line a request, in input order:
 `{"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error"}`; a request the
