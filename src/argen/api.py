@@ -138,6 +138,12 @@ class Stream:
         results.sort(key=lambda r: r.sample_index)
         self.result = results if self._samples else results[0] if results else None
 
+    def close(self) -> None:
+        """Stop generating (an abandoned stream's sequence leaves the decode loop at once)."""
+        close = getattr(self._items, "close", None)
+        if close is not None:
+            close()
+
 
 def load(model: str = "default", *, runtime: str = "auto", device: str = "cpu", dtype="float32",
          quant: str = "auto") -> Generator:  # fmt: skip

@@ -1,4 +1,4 @@
-"""The `argen` command line: `generate`, `models`, `bench` and `serve`.
+"""The `argen` command line: `generate`, `chat`, `batch`, `models`, `bench` and `serve`.
 
 Errors caused by the user's input are printed as one line, `argen: error: ...`, with exit code 2;
 a traceback means a bug. Only the completion (or its JSON) goes to stdout; everything else goes to
@@ -249,6 +249,16 @@ def _add_serve(sub) -> None:
     p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
                    help="compute every prompt in full instead of reusing the blocks of a prefix seen before")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    r = p.add_argument_group("Ray Serve (pip install 'argen[ray]')")
+    r.add_argument("--replicas", type=int, default=0,
+                   help="serve N replicas of the app (each its own model and scheduler) through Ray Serve, behind "
+                        "one endpoint at --host/--port; the connection options above are then Ray's proxy's "
+                        "(default: no Ray)")  # fmt: skip
+    r.add_argument("--ray", default="auto", metavar="ADDRESS",
+                   help="the Ray cluster for --replicas: an address, 'auto' ($RAY_ADDRESS or one on this machine, "
+                        "else a new one here) or 'local' (default: %(default)s)")  # fmt: skip
+    r.add_argument("--replica-cpus", type=float, default=1, help="CPUs per replica (default: %(default)s)")
+    r.add_argument("--replica-gpus", type=float, default=0, help="GPUs per replica (default: %(default)s)")
     p.set_defaults(handler=_serve)
 
 
@@ -267,6 +277,12 @@ def _serve(args: argparse.Namespace) -> int:
         raise ArgenError("--step-tokens must be at least --prefill-chunk, or a chunk could never run")
     if args.api_key is not None and not args.api_key.strip():
         raise ArgenError("--api-key (or ARGEN_API_KEY) is empty; give a key, or unset it to serve without one")
+    if args.replicas < 0 or args.replica_cpus < 0 or args.replica_gpus < 0:
+        raise ArgenError("--replicas, --replica-cpus and --replica-gpus must be >= 0")
+    if args.replicas:
+        from argen.distributed import serve_with_ray
+
+        return serve_with_ray(args)
     try:
         from argen.server.companions import Companions
         from argen.server.guards import DEFAULT_MAX_BODY_BYTES
@@ -288,12 +304,46 @@ def _serve(args: argparse.Namespace) -> int:
                  prefix_caching=args.prefix_caching)  # fmt: skip
 
 
+# -- batch, chat (their options and code live in argen.jobs and argen.chat) ----------------------
+def _add_batch(sub) -> None:
+    from argen.jobs import add_arguments
+
+    p = sub.add_parser("batch", help="run a JSONL file of requests (OpenAI batch format), resumable",
+                       description="Run a file of requests through the continuous-batching loop, here or on a Ray "
+                                   "cluster; results in OpenAI's batch output format, in input order.")  # fmt: skip
+    add_arguments(p)
+    p.set_defaults(handler=_batch)
+
+
+def _batch(args: argparse.Namespace) -> int:
+    from argen.jobs import run
+
+    return run(args)
+
+
+def _add_chat(sub) -> None:
+    from argen.chat import add_arguments
+
+    p = sub.add_parser("chat", help="chat with a model in the terminal (streaming; /help for commands)",
+                       description="Chat with a model over its chat template, replies streamed.")  # fmt: skip
+    add_arguments(p)
+    p.set_defaults(handler=_chat)
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from argen.chat import run
+
+    return run(args)
+
+
 # -- main --------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="One engine for autoregressive generation.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,models,bench,serve}",
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,chat,batch,models,bench,serve}",
                                 parser_class=_Parser)  # fmt: skip
     _add_generate(sub)
+    _add_chat(sub)
+    _add_batch(sub)
     _add_models(sub)
     _add_bench(sub)
     _add_serve(sub)

@@ -1,0 +1,192 @@
+"""`argen chat`: a conversation in the terminal over the model's chat template, each reply streamed
+as it is generated (Generator.stream), the history kept across turns.
+
+Ctrl-C stops a reply (what was shown stays in the history) without leaving; Ctrl-D (end of input)
+or /exit leaves. When the history outgrows the model's context, the oldest turns are dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from collections.abc import Callable
+from typing import TextIO
+
+from argen.cliargs import add_model_args, add_sampling_args, model_kwargs, sampling_options, strategy_spec
+from argen.errors import ArgenError, InvalidRequestError
+
+DEFAULT_MAX_NEW_TOKENS = 512
+HELP = """commands:
+  /reset              forget the conversation (the system prompt stays)
+  /system TEXT        set the system prompt (/system alone removes it)
+  /strategy SPEC      decoding strategy: a name (plain, prompt-lookup, beam, ...) or JSON,
+                      e.g. {"name": "beam", "num_beams": 4}; /strategy alone shows it
+  /stats              show or hide each reply's statistics (tokens, tokens/s, forward passes)
+  /help               this text
+  /exit               leave (Ctrl-D too); Ctrl-C stops a reply"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_args(p)
+    add_sampling_args(p, f"greedy, at most {DEFAULT_MAX_NEW_TOKENS} new tokens a reply, strategy plain")
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--stats", action="store_true", help="show each reply's statistics (toggle with /stats)")
+
+
+class ChatSession:
+    """A conversation: the messages so far, and how replies are generated."""
+
+    def __init__(self, gen, *, system: str | None = None, strategy: str | dict = "plain", options: dict | None = None,
+                 stats: bool = False) -> None:  # fmt: skip
+        self.gen, self.system, self.strategy, self.stats = gen, system, strategy, stats
+        self.options = {"max_new_tokens": DEFAULT_MAX_NEW_TOKENS, **(options or {})}
+        self.turns: list[dict] = []  # user and assistant messages, without the system prompt
+
+    def messages(self) -> list[dict]:
+        return ([{"role": "system", "content": self.system}] if self.system else []) + self.turns
+
+    def reply(self, text: str, out: TextIO, err: TextIO) -> None:
+        """Stream the reply to `text` to `out`; it joins the history (as far as it got if interrupted)."""
+        self.turns.append({"role": "user", "content": text})
+        stream = self._stream(err)
+        if stream is None:
+            self.turns.pop()
+            return
+        shown: list[str] = []
+        try:
+            for event in stream:
+                out.write(event.text)
+                out.flush()
+                shown.append(event.text)
+        except KeyboardInterrupt:
+            out.write("\n")
+            err.write("[stopped]\n")
+        except InvalidRequestError as exc:  # e.g. the message alone is longer than the context
+            err.write(f"error: {exc}\n")
+            self.turns.pop()
+            return
+        finally:
+            stream.close()  # an interrupted reply leaves the decode loop now
+        self.turns.append({"role": "assistant", "content": "".join(shown)})
+        if stream.result is not None:
+            out.write("\n")
+            if self.stats:
+                s = stream.result.stats
+                err.write(f"[{s.new_tokens} tokens, {s.tokens_per_s:.1f} tok/s, {s.forward_passes} passes, "
+                          f"finish: {stream.result.finish_reason}]\n")  # fmt: skip
+
+    def _stream(self, err: TextIO):
+        """The reply's Stream, dropping the oldest turns while the conversation and a full reply
+        would not fit the model's context."""
+        context = self.gen.runtime.info.max_positions
+        room = min(self.options["max_new_tokens"], context // 4)
+        try:
+            alone = ([{"role": "system", "content": self.system}] if self.system else []) + self.turns[-1:]
+            if (n := len(self.gen.encode(alone))) >= context:  # no dropping makes it fit: keep the history
+                raise InvalidRequestError(f"the message is {n} tokens with the chat template, and the model's context "
+                                          f"is {context}; shorten it")  # fmt: skip
+            while len(self.turns) > 1 and len(self.gen.encode(self.messages())) + room > context:
+                del self.turns[:2]  # the oldest user message and its reply
+                err.write("[dropped the oldest turn: the conversation no longer fits the model's context]\n")
+            stream = self.gen.stream(self.messages(), strategy=self.strategy, **self.options)
+        except InvalidRequestError as exc:
+            err.write(f"error: {exc}\n")
+            return None
+        return stream
+
+    def command(self, line: str, out: TextIO, err: TextIO) -> bool:
+        """Run a /command; False means leave."""
+        name, _, arg = line.strip().partition(" ")
+        arg = arg.strip()
+        if name in ("/exit", "/quit", "/bye"):
+            return False
+        if name == "/reset":
+            self.turns.clear()
+            err.write("[conversation cleared]\n")
+        elif name == "/system":
+            self.system = arg or None
+            err.write(f"[system prompt {'set' if arg else 'removed'}]\n")
+        elif name == "/strategy":
+            if arg:
+                self._set_strategy(arg, err)
+            else:
+                err.write(f"[strategy: {json.dumps(self.strategy)}]\n")
+        elif name == "/stats":
+            self.stats = not self.stats
+            err.write(f"[stats {'on' if self.stats else 'off'}]\n")
+        elif name == "/help":
+            out.write(HELP + "\n")
+        else:
+            err.write(f"unknown command {name!r}; /help lists them\n")
+        return True
+
+    def _set_strategy(self, arg: str, err: TextIO) -> None:
+        from argen.strategies import make_strategy
+
+        try:
+            spec = json.loads(arg) if arg.startswith("{") else arg
+            make_strategy(spec).prepare(self.gen.model)  # checked now, not at the next reply
+        except (ValueError, TypeError) as exc:  # InvalidRequestError and JSONDecodeError are ValueErrors
+            err.write(f"error: {exc}; /strategy takes a name or a JSON object with a \"name\"\n")
+            return
+        self.strategy = spec
+        err.write(f"[strategy: {json.dumps(spec)}]\n")
+
+
+def repl(session: ChatSession, read: Callable[[str], str], out: TextIO, err: TextIO, prompt: str = "> ") -> int:
+    """Read lines with `read(prompt)` (EOFError ends) until /exit; reply to each."""
+    while True:
+        try:
+            line = read(prompt)
+        except EOFError:
+            out.write("\n" if prompt else "")
+            return 0
+        except KeyboardInterrupt:  # at the prompt: drop the line, as a shell does
+            out.write("\n")
+            continue
+        if not line.strip():
+            continue
+        if line.startswith("/"):
+            if not session.command(line, out, err):
+                return 0
+            continue
+        session.reply(line, out, err)
+
+
+def _reader(interactive: bool) -> Callable[[str], str]:
+    if interactive:
+        with contextlib.suppress(ImportError):
+            import readline  # noqa: F401  (line editing and history for input())
+        return input
+
+    def read(_prompt: str) -> str:
+        line = sys.stdin.readline()
+        if not line:
+            raise EOFError
+        return line.rstrip("\n")
+
+    return read
+
+
+def run(args: argparse.Namespace) -> int:
+    from argen.api import load
+    from argen.sampling import SamplingParams
+    from argen.strategies import make_strategy
+
+    options = sampling_options(args)
+    strategy = strategy_spec(args) or "plain"
+    try:  # checked before the (slow) model load
+        SamplingParams(**options)
+        make_strategy(strategy)
+    except ValueError as exc:
+        raise ArgenError(str(exc)) from exc
+    gen = load(args.model, **model_kwargs(args))
+    if not getattr(gen.tokenizer, "chat_template", None):
+        raise ArgenError(f"model {args.model!r} has no chat template; use 'argen generate --no-chat' instead")
+    session = ChatSession(gen, system=args.system, strategy=strategy, options=options, stats=args.stats)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"argen chat with {gen.name}; /help for commands, Ctrl-D to leave", file=sys.stderr)
+    return repl(session, _reader(interactive), sys.stdout, sys.stderr, prompt="> " if interactive else "")

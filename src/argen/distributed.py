@@ -1,0 +1,107 @@
+"""Beyond one machine, with Ray (an optional extra: `pip install 'argen[ray]'`): connecting to a
+cluster, and `argen serve --replicas N` through Ray Serve (N copies of the argen app, each with its
+own model and scheduler, behind one OpenAI endpoint). `argen batch --ray` is in jobs/ray_batch.py."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from argen.errors import ArgenError
+
+INSTALL = "pip install 'argen[ray]'"
+
+
+def require_ray():
+    """The ray module, or an error saying how to install it."""
+    try:
+        import ray
+        import ray.data  # noqa: F401
+        import ray.serve  # noqa: F401
+    except ImportError as exc:
+        raise ArgenError(f"this needs Ray (Ray Data and Ray Serve), which is not installed ({exc}); {INSTALL}") from exc
+    return ray
+
+
+def connect(address: str | None) -> bool:
+    """Join the cluster at `address` ('auto': $RAY_ADDRESS or one running on this machine, else a new
+    one here; 'local': a new one here); nothing if this process is already connected. True if this
+    call connected (the caller then disconnects when done)."""
+    ray = require_ray()
+    if ray.is_initialized():
+        return False
+    try:
+        ray.init(address=None if address in (None, "auto") else address, logging_level=logging.WARNING,
+                 log_to_driver=False)  # fmt: skip
+    except (ConnectionError, ValueError, RuntimeError) as exc:
+        raise ArgenError(f"cannot connect to the Ray cluster at {address!r}: {exc}") from exc
+    return True
+
+
+class ReplicaApp:
+    """What one Ray Serve replica runs: the argen FastAPI app (server/app.py) over its own model.
+    The app is built in the replica (`__serve_build_asgi_app__`), so the model is loaded there, never
+    pickled from the driver."""
+
+    def __init__(self, source: str, load_options: dict, app_options: dict, companions: tuple[list, list]) -> None:
+        self.source, self.load_options, self.app_options, self.companions = source, load_options, app_options, companions
+
+    def __serve_build_asgi_app__(self):
+        from argen.api import load
+        from argen.server.app import create_app
+        from argen.server.companions import Companions
+
+        gen = load(self.source, **self.load_options)
+        model_id = self.app_options.get("model_id") or self.source
+        companions = Companions.load(gen, model_id, *self.companions)
+        return create_app(gen, companions=companions, **self.app_options)
+
+
+def serve_with_ray(args) -> int:
+    """`argen serve --replicas N` (the serve command's options)."""
+    from argen.cliargs import model_kwargs
+    from argen.server.guards import DEFAULT_MAX_BODY_BYTES
+    from argen.server.limits import Limits
+
+    limits = Limits.parse(args.limit)  # checked before anything starts
+    require_ray()
+    app_options = {"model_id": args.model, "max_batch": args.max_batch, "max_queue": args.max_queue,
+                   "max_tokens_limit": args.max_tokens, "limits": limits, "api_key": args.api_key,
+                   "allowed_hosts": args.allowed_host or None,
+                   "max_body_bytes": args.max_body_bytes or DEFAULT_MAX_BODY_BYTES,
+                   "prefill_chunk": args.prefill_chunk or None, "step_tokens": args.step_tokens or None,
+                   "prefix_caching": args.prefix_caching}  # fmt: skip
+    serve_replicas(args.model, model_kwargs(args), app_options, replicas=args.replicas, host=args.host, port=args.port,
+                   address=args.ray, replica_cpus=args.replica_cpus, replica_gpus=args.replica_gpus,
+                   companions=(list(args.draft_model), list(args.guide_model)))  # fmt: skip
+    return 0
+
+
+def serve_replicas(source: str, load_options: dict, app_options: dict, *, replicas: int, host: str, port: int,
+                   address: str | None = None, replica_cpus: float = 1, replica_gpus: float = 0,
+                   companions: tuple[list, list] = ([], []), block: bool = True) -> str:  # fmt: skip
+    """Serve `replicas` copies of the argen app behind Ray Serve's HTTP proxy at host:port; returns the
+    base URL. `block`: wait until Ctrl-C, then shut Ray Serve down."""
+    ray = require_ray()
+    from ray import serve
+
+    started = connect(address)
+    serve.start(http_options={"host": host, "port": port}, logging_config={"log_level": "WARNING"})
+    ingress = serve.ingress()(ReplicaApp)
+    deployment = serve.deployment(name="argen", num_replicas=replicas,
+                                  ray_actor_options={"num_cpus": replica_cpus, "num_gpus": replica_gpus})(ingress)  # fmt: skip
+    serve.run(deployment.bind(source, load_options, app_options, companions), name="argen", route_prefix="/")
+    url = f"http://{host}:{port}"
+    if not block:
+        return url
+    print(f"[argen: {replicas} replicas behind {url}/v1 (Ray Serve); Ctrl-C to stop]", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+        if started:
+            ray.shutdown()
+    return url

@@ -1,0 +1,120 @@
+"""Running a batch job's requests through the continuous-batching loop.
+
+A line means what the same HTTP request to `argen serve` means: its body is checked by the server's
+pydantic model and `build_request` (same 400s, same defaults), and its response body is built by
+the server's `_Shape`. The requests then run in one DecodeBatch, admitted in input order as the
+scheduler admits them: up to `max_batch` at once, each only when KV memory for its worst case is
+free. Lines finish out of order; `JobRunner.run` yields each one's output line as it finishes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator
+
+from pydantic import BaseModel, ValidationError
+
+from argen.api import Generator
+from argen.engine import DecodeBatch, Event, Failure, Request, Result
+from argen.jobs.lines import Job, error_line, ok_line
+from argen.server import protocol as p
+from argen.server.app import _generation_error, _Shape
+from argen.server.companions import Companions
+from argen.server.errors import APIError, validation_message
+from argen.server.limits import Limits
+from argen.server.params import Policy, build_request, max_prompt_chars
+from argen.server.scheduler import PREFILL_CHUNK, STEP_TOKENS
+
+log = logging.getLogger("argen.batch")
+BODIES: dict[str, type[BaseModel]] = {"chat": p.ChatCompletionRequest, "completions": p.CompletionRequest}
+
+
+def make_policy(gen: Generator, model_id: str, limits: Limits | None = None,
+                companions: Companions | None = None) -> Policy:  # fmt: skip
+    """What a batch line may ask for: the same policy `create_app` builds for the server."""
+    context = gen.runtime.info.max_positions
+    return Policy(model_id, context, limits or Limits(), companions or Companions(model_id, gen.model),
+                  max_prompt_chars(gen))  # fmt: skip
+
+
+class JobRunner:
+    def __init__(self, gen: Generator, policy: Policy, max_batch: int = 32, prefill_chunk: int | None = PREFILL_CHUNK,
+                 step_tokens: int | None = STEP_TOKENS, prefix_caching: bool = True) -> None:  # fmt: skip
+        if max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
+        self.gen, self.policy, self.max_batch = gen, policy, max_batch
+        self.prefill_chunk, self.step_tokens, self.prefix_caching = prefill_chunk, step_tokens, prefix_caching
+        self.generated = 0  # requests admitted to the decode loop (resume tests count them)
+
+    def build(self, job: Job) -> tuple[Request, BaseModel] | APIError:
+        """The job's Request and parsed body, or the error the server would answer."""
+        if job.error is not None:
+            return job.error
+        try:
+            body = BODIES[job.endpoint].model_validate(job.body)
+        except ValidationError as exc:
+            message, param = validation_message(exc.errors(include_url=False, include_context=False))
+            return APIError(422, message, param=param, code="invalid_body")
+        if body.stream:
+            return APIError(400, "stream is not supported in a batch line; leave it out (or false)", param="stream",
+                            code="unsupported_parameter")  # fmt: skip
+        try:
+            return build_request(self.gen, body, self.policy), body
+        except APIError as exc:
+            return exc
+        except Exception as exc:  # a bug, not the line's fault: say so on that line and go on
+            log.exception("building the request of line %s failed", job.line)
+            return APIError(500, f"internal error: {exc!r}", code="internal_error")
+
+    def run(self, jobs: Iterable[Job], on_tokens: Callable[[int], None] | None = None) -> Iterator[tuple[Job, dict]]:
+        """(job, output line) for every job, as each finishes. `on_tokens(n)`: n tokens were generated."""
+        batch = DecodeBatch(self.gen.engine, token_budget=self.step_tokens, prefill_chunk=self.prefill_chunk,
+                            prefix_caching=self.prefix_caching)  # fmt: skip
+        running: dict[int, tuple[Job, BaseModel]] = {}
+        pending = iter(jobs)
+        head: tuple[Job, Request, BaseModel] | None = None
+        exhausted = False
+        try:
+            while True:
+                # Admit in input order while there is a slot; the head waits for KV memory for its worst case.
+                while len(running) < self.max_batch and not exhausted:
+                    if head is None:
+                        job = next(pending, None)
+                        if job is None:
+                            exhausted = True
+                            break
+                        built = self.build(job)
+                        if isinstance(built, APIError):
+                            yield job, error_line(job, built)
+                            continue
+                        head = (job, *built)
+                    job, request, body = head
+                    if running and not batch.can_admit(request):
+                        break
+                    head = None
+                    try:
+                        batch.admit(job.index, request)
+                    except Exception as exc:
+                        yield job, error_line(job, _generation_error(exc))
+                        continue
+                    running[job.index] = (job, body)
+                    self.generated += 1
+                if not running:
+                    return
+                for item in batch.step():
+                    if isinstance(item, Event):
+                        if on_tokens is not None and item.token_ids:
+                            on_tokens(len(item.token_ids))
+                    elif isinstance(item, Result):
+                        job, body = running.pop(item.index)
+                        yield job, ok_line(job, self.response_body(job, body, item))
+                    elif isinstance(item, Failure):
+                        job, _ = running.pop(item.index)
+                        batch.remove([s for s in batch.sequences if s.index == item.index])
+                        yield job, error_line(job, _generation_error(item.error))
+        finally:
+            batch.remove(list(batch.sequences))
+
+    def response_body(self, job: Job, body: BaseModel, result: Result) -> dict:
+        """The body the server would answer (its `_Shape`, so the two never drift apart)."""
+        return _Shape(job.endpoint, self.policy.model_id, body.return_token_ids).response(result)
