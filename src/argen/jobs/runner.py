@@ -71,6 +71,7 @@ class JobRunner:
         batch = DecodeBatch(self.gen.engine, token_budget=self.step_tokens, prefill_chunk=self.prefill_chunk,
                             prefix_caching=self.prefix_caching)  # fmt: skip
         running: dict[int, tuple[Job, BaseModel]] = {}
+        finished: dict[int, list[Result]] = {}  # samples done of requests with n > 1
         pending = iter(jobs)
         head: tuple[Job, Request, BaseModel] | None = None
         exhausted = False
@@ -106,15 +107,21 @@ class JobRunner:
                         if on_tokens is not None and item.token_ids:
                             on_tokens(len(item.token_ids))
                     elif isinstance(item, Result):
-                        job, body = running.pop(item.index)
-                        yield job, ok_line(job, self.response_body(job, body, item))
+                        # A request with n samples finishes when all n Results are in.
+                        done = finished.setdefault(item.index, [])
+                        done.append(item)
+                        job, body = running[item.index]
+                        if len(done) == body.n:
+                            del running[item.index], finished[item.index]
+                            yield job, ok_line(job, self.response_body(job, body, sorted(done, key=lambda r: r.sample_index)))
                     elif isinstance(item, Failure):
                         job, _ = running.pop(item.index)
+                        finished.pop(item.index, None)
                         batch.remove([s for s in batch.sequences if s.index == item.index])
                         yield job, error_line(job, _generation_error(item.error))
         finally:
             batch.remove(list(batch.sequences))
 
-    def response_body(self, job: Job, body: BaseModel, result: Result) -> dict:
+    def response_body(self, job: Job, body: BaseModel, results: list[Result]) -> dict:
         """The body the server would answer (its `_Shape`, so the two never drift apart)."""
-        return _Shape(job.endpoint, self.policy.model_id, body.return_token_ids).response(result)
+        return _Shape(job.endpoint, self.policy.model_id, body.return_token_ids, results[0].seed).response(results)
