@@ -55,7 +55,8 @@ class Generator:
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
-    def _requests(self, prompts: list, chat: bool, strategy, options: dict, intervene=None) -> list[Request]:
+    def _requests(self, prompts: list, chat: bool, strategy, options: dict, intervene=None,
+                  prompt_logprobs: int | None = None) -> list[Request]:  # fmt: skip
         unknown = sorted(set(options) - SAMPLING_FIELDS)
         if unknown:
             raise InvalidRequestError(
@@ -68,7 +69,8 @@ class Generator:
             layout = self.encode_layout(prompt, chat)
             made = make_strategy(strategy)
             made.prepare(self.model)  # e.g. guided: load the guide, check its tokenizer
-            requests.append(Request(layout.ids, params, made, layout.positions, layout.mask, forced=forced))
+            requests.append(Request(layout.ids, params, made, layout.positions, layout.mask, forced=forced,
+                                    prompt_logprobs=prompt_logprobs))  # fmt: skip
         return requests
 
     @staticmethod
@@ -85,14 +87,16 @@ class Generator:
 
     # -- generation ----------------------------------------------------------------------------
     def generate(self, prompt, *, strategy="plain", chat: bool = True, intervene: dict[int, int] | None = None,
-                 **options) -> Result | list[Result]:  # fmt: skip
+                 prompt_logprobs: int | None = None, **options) -> Result | list[Result]:  # fmt: skip
         """Generate for one prompt (returns a Result) or a list of prompts (returns a list).
         Options are SamplingParams fields: max_new_tokens, temperature, top_k, top_p, min_p,
-        repetition_penalty, seed, stop, ignore_eos. `intervene` ({output position: token id}) forces
+        repetition_penalty, seed, stop, ignore_eos, logit_bias, logprobs (each output token's log-prob
+        with that many alternatives: `Result.logprobs`). `prompt_logprobs=k` scores the prompt
+        (`Result.prompt_logprobs`; with max_new_tokens=0 nothing is generated). `intervene` ({output position: token id}) forces
         those tokens, every other position keeping its seeded noise: the counterfactual, generated
         from scratch (`counterfactual` gets the same output from a Result, decoding only after t)."""
         prompts, batched = self._as_batch(prompt)
-        results = self.engine.run(self._requests(prompts, chat, strategy, options, intervene))
+        results = self.engine.run(self._requests(prompts, chat, strategy, options, intervene, prompt_logprobs))
         return results if batched else results[0]
 
     def counterfactual(self, result: Result, intervene: dict[int, int] | None = None, **overrides) -> Result:
@@ -101,13 +105,13 @@ class Generator:
         return counterfactual(self, result, intervene, **overrides)
 
     def stream(self, prompt, *, strategy="plain", chat: bool = True, intervene: dict[int, int] | None = None,
-               **options) -> Stream:  # fmt: skip
+               prompt_logprobs: int | None = None, **options) -> Stream:  # fmt: skip
         """Events (token ids and text delta) for one prompt as they are generated; the last one
         has a finish_reason, and the returned Stream's `.result` holds the Result afterwards."""
         prompts, batched = self._as_batch(prompt)
         if batched:
             raise InvalidRequestError("stream() takes one prompt; call it once per prompt")
-        return Stream(self.engine.stream(self._requests(prompts, chat, strategy, options, intervene)))
+        return Stream(self.engine.stream(self._requests(prompts, chat, strategy, options, intervene, prompt_logprobs)))
 
 
 class Stream:

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from argen.logprobs import TokenLogprob
 from argen.sampling import SamplingParams
 from argen.strategies import Strategy
 
@@ -23,6 +24,10 @@ class Request:
     # the sampler at output index t (see counterfactual.py).
     output_prefix: list[int] = field(default_factory=list)
     forced: dict[int, int] | None = None
+    # Prompt scoring: each prompt token's log-prob under the raw model, with this many alternatives
+    # (0..20; None: off). The prefill then computes logits for every prompt token, and the request
+    # does not share prompt blocks with others (prefix caching).
+    prompt_logprobs: int | None = None
     # Set by Engine.validate: a request is checked once, wherever it enters (API, server, batch).
     validated: bool = field(default=False, repr=False, compare=False)
 
@@ -65,6 +70,9 @@ class Event:
     token_ids: list[int]
     text: str
     finish_reason: str | None = None  # "stop" (EOS or stop string) | "length" | None while running
+    logprobs: list[TokenLogprob | None] | None = None  # one per token id, when the request asked for them
+    # The request's first Event carries the prompt's records (Request.prompt_logprobs), first one None.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass
@@ -78,8 +86,16 @@ class Result:
     strategy: str
     extras: dict = field(default_factory=dict)  # strategy-specific records (e.g. sampling noise)
     index: int = 0  # position of the request in its batch
+    # With SamplingParams.logprobs: one record per output token (None for a replay's output prefix,
+    # which was not decided here). Which distribution: see argen/logprobs.py.
+    logprobs: list[TokenLogprob | None] | None = None
+    # With Request.prompt_logprobs: one per prompt token, the first None (nothing predicts it).
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     def as_dict(self) -> dict:
+        extra = {name: [r.as_dict() if r else None for r in records]
+                 for name, records in (("logprobs", self.logprobs), ("prompt_logprobs", self.prompt_logprobs))
+                 if records is not None}  # fmt: skip
         return {
             "text": self.text,
             "token_ids": self.token_ids,
@@ -88,7 +104,7 @@ class Result:
             "seed": self.seed,
             "strategy": self.strategy,
             "stats": self.stats.as_dict(),
-        }
+        } | extra
 
 
 @dataclass

@@ -41,6 +41,9 @@ class Sequence:
         self.waiting: list | None = None  # the feeds the driver yielded and awaits outputs for
         self.waiting_single = False  # whether it yielded one Feed (not a list)
         self.peak_kv_bytes = 0
+        # Prompt scoring: records of prompt tokens 1.. filled as the prefill chunks return their logits.
+        self.prompt_logprobs: list | None = None if request.prompt_logprobs is None else [None]
+        self.prompt_records_sent = self.prompt_logprobs is None  # they go with the first Event
 
     def note_kv(self) -> None:
         """Track the most KV memory the request held at once (blocks shared by its forks count once)."""
@@ -77,6 +80,7 @@ class Sequence:
     def accept(self, new_ids: list[int]) -> Event:
         """Append a step's tokens, cut at EOS / max tokens / a stop string, and make the event."""
         state = self.state
+        first = state.n_generated  # output position of new_ids[0]
         new_ids = new_ids[: state.remaining]
         for i, t in enumerate(new_ids):
             if t in self.eos_ids:
@@ -93,7 +97,17 @@ class Sequence:
             self.finish_reason = "stop"
         if self.finish_reason is not None:
             delta += self.text.flush()
-        return Event(self.index, new_ids, delta, self.finish_reason)
+        event = Event(self.index, new_ids, delta, self.finish_reason, self._logprobs(first, len(new_ids)))
+        if not self.prompt_records_sent:
+            event.prompt_logprobs, self.prompt_records_sent = self.prompt_logprobs, True
+        return event
+
+    def _logprobs(self, first: int, n: int) -> list | None:
+        """The sampler's records of output positions first..first + n - 1 (None if not asked for)."""
+        if self.request.params.logprobs is None:
+            return None
+        records = self.state.sampler.logprobs
+        return [records.get(i) for i in range(first, first + n)]
 
     def result(self) -> Result:
         c, s, state, r = self.state.counters, self.stats, self.state, self.request
@@ -114,7 +128,8 @@ class Sequence:
             "forced": dict(r.forced or {}),
         }
         return Result(self.text.text, state.output, list(r.prompt_ids), self.finish_reason or "length", s,
-                      r.params.seed, strategy.name, state.extras, self.index)  # fmt: skip
+                      r.params.seed, strategy.name, state.extras, self.index, self._logprobs(0, state.n_generated),
+                      self.prompt_logprobs)  # fmt: skip
 
     def release(self) -> None:
         """Give back every cache the request holds (its own, a draft model's, beams' forks)."""

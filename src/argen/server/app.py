@@ -34,6 +34,7 @@ from argen.server.companions import Companions
 from argen.server.errors import APIError, validation_message
 from argen.server.guards import DEFAULT_MAX_BODY_BYTES, APIKey, BodyLimit
 from argen.server.limits import Limits
+from argen.server.logprob_shape import Tokens, chat_logprobs, completion_logprobs
 from argen.server.metrics import Metrics
 from argen.server.params import Policy, build_request, max_prompt_chars
 from argen.server.scheduler import PREFILL_CHUNK, STEP_TOKENS, Draining, QueueFull, Scheduler, Ticket
@@ -73,6 +74,7 @@ def create_app(gen: Generator, *, model_id: str | None = None, max_batch: int = 
     policy = Policy(model_id, limit, limits or Limits(), companions or Companions(model_id, gen.model),
                     max_prompt_chars(gen))  # fmt: skip
     metrics = Metrics()
+    tokens = Tokens(gen.tokenizer)  # token texts and bytes, for log-probs
     scheduler = Scheduler(gen.engine, metrics, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk,
                           step_tokens=step_tokens, prefix_caching=prefix_caching)  # fmt: skip
     # sse-starlette would cut every stream on SIGTERM; we drain them instead (uvicorn waits for them).
@@ -171,7 +173,8 @@ def create_app(gen: Generator, *, model_id: str | None = None, max_batch: int = 
             metrics.requests.labels(endpoint, "rejected_503").inc()
             raise APIError(503, "the server is shutting down and takes no new requests; retry elsewhere or later",
                            code="shutting_down") from None  # fmt: skip
-        shape = _Shape(endpoint, model_id, body.return_token_ids)
+        shape = _Shape(endpoint, model_id, body.return_token_ids, tokens if built.params.logprobs is not None else None,
+                       _echo_text(gen, body, built), built.prompt_ids)  # fmt: skip
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return EventSourceResponse(stream(ticket, shape, include_usage), sep="\n")
@@ -212,10 +215,12 @@ def create_app(gen: Generator, *, model_id: str | None = None, max_batch: int = 
             while True:
                 item = await ticket.queue.get()
                 if isinstance(item, Event):
+                    if shape.echo is not None:  # the prompt first (and its tokens' log-probs)
+                        yield json.dumps(shape.echo_chunk(item))
                     ids = item.token_ids if shape.token_ids else None
-                    if item.text or ids or item.finish_reason:
+                    if item.text or ids or item.finish_reason or (shape.tokens and item.token_ids):
                         content = p.Delta(content=item.text) if shape.chat else item.text
-                        yield json.dumps(shape.chunk(content, item.finish_reason, ids))
+                        yield json.dumps(shape.chunk(content, item.finish_reason, ids, item))
                 elif isinstance(item, Result):
                     finished = True
                     if include_usage:
@@ -262,36 +267,77 @@ def _generation_error(exc: Exception) -> APIError:
     return APIError(500, f"generation failed: {exc!r}", code="internal_error")
 
 
-class _Shape:
-    """Builds the OpenAI response bodies of one endpoint (text completion or chat)."""
+def _echo_text(gen: Generator, body, built) -> str | None:
+    """The prompt as the text of an `echo` completion: as sent, or decoded from its token ids."""
+    if not getattr(body, "echo", False):
+        return None
+    prompt = body.prompt[0] if isinstance(body.prompt, list) and body.prompt and not isinstance(body.prompt[0], int) \
+        else body.prompt  # fmt: skip
+    return prompt if isinstance(prompt, str) else gen.tokenizer.decode(built.prompt_ids, skip_special_tokens=True)
 
-    def __init__(self, endpoint: str, model_id: str, token_ids: bool) -> None:
+
+class _Shape:
+    """Builds the OpenAI response bodies of one endpoint (text completion or chat). `tokens`: the
+    request asked for log-probs; `echo`: the prompt text a completion starts with."""
+
+    def __init__(self, endpoint: str, model_id: str, token_ids: bool, tokens: Tokens | None = None,
+                 echo: str | None = None, prompt_ids: list[int] | None = None) -> None:  # fmt: skip
         self.chat, self.model, self.token_ids = endpoint == "chat", model_id, token_ids
         self.id, self.created = p.new_id("chatcmpl" if self.chat else "cmpl"), p.now()
+        self.tokens, self.echo, self.prompt_ids = tokens, echo, prompt_ids
+        # Streaming: where the next output token starts in the text (after the echoed prompt, if any).
+        self.offsets = tokens.offsets(len(echo or "")) if tokens else None
 
     @staticmethod
     def usage(result: Result) -> p.Usage:
         n_prompt, n_out = len(result.prompt_ids), len(result.token_ids)
         return p.Usage(prompt_tokens=n_prompt, completion_tokens=n_out, total_tokens=n_prompt + n_out)
 
+    def _logprobs(self, ids: list[int], records, prompt_ids: list[int] | None = None, prompt_records=None):
+        """Log-probs of `ids` in the endpoint's shape (None if not asked for); with `prompt_ids`, the
+        echoed prompt's come first (a fresh offset count from 0)."""
+        if self.tokens is None or records is None:
+            return None
+        if self.chat:
+            return chat_logprobs(self.tokens, records)
+        if prompt_ids is not None:
+            return completion_logprobs(self.tokens, prompt_ids + ids, list(prompt_records) + list(records),
+                                       self.tokens.offsets())  # fmt: skip
+        return completion_logprobs(self.tokens, ids, records, self.offsets)
+
     def response(self, result: Result) -> dict:
         ids = result.token_ids if self.token_ids else None
         if self.chat:
             choice = p.ChatChoice(message=p.AssistantMessage(content=result.text), finish_reason=result.finish_reason,
-                                  token_ids=ids)  # fmt: skip
+                                  token_ids=ids, logprobs=self._logprobs(result.token_ids, result.logprobs))  # fmt: skip
             body = p.ChatCompletionResponse(id=self.id, created=self.created, model=self.model, choices=[choice],
                                             usage=self.usage(result))  # fmt: skip
         else:
-            choice = p.CompletionChoice(text=result.text, finish_reason=result.finish_reason, token_ids=ids)
+            echo = self.echo is not None
+            logprobs = self._logprobs(result.token_ids, result.logprobs, result.prompt_ids if echo else None,
+                                      result.prompt_logprobs)  # fmt: skip
+            choice = p.CompletionChoice(text=(self.echo or "") + result.text, finish_reason=result.finish_reason,
+                                        token_ids=ids, logprobs=logprobs)  # fmt: skip
             body = p.CompletionResponse(id=self.id, created=self.created, model=self.model, choices=[choice],
                                         usage=self.usage(result))  # fmt: skip
         return p.dump(body)
 
-    def chunk(self, content, finish_reason: str | None, ids: list[int] | None) -> dict:
+    def chunk(self, content, finish_reason: str | None, ids: list[int] | None, event: Event | None = None) -> dict:
+        logprobs = None if event is None else self._logprobs(event.token_ids, event.logprobs)
         if self.chat:
-            choice = p.ChatChunkChoice(delta=content, finish_reason=finish_reason, token_ids=ids)
+            choice = p.ChatChunkChoice(delta=content, finish_reason=finish_reason, token_ids=ids, logprobs=logprobs)
             return p.dump(p.ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[choice]))
-        choice = p.CompletionChoice(text=content, finish_reason=finish_reason, token_ids=ids)
+        choice = p.CompletionChoice(text=content, finish_reason=finish_reason, token_ids=ids, logprobs=logprobs)
+        return p.dump(p.CompletionResponse(id=self.id, created=self.created, model=self.model, choices=[choice]))
+
+    def echo_chunk(self, first: Event) -> dict:
+        """A stream's first chunk with echo: the prompt's text (and its tokens' log-probs, from the
+        request's first Event). Sent once."""
+        text, self.echo = self.echo, None
+        logprobs = None
+        if self.tokens is not None and first.prompt_logprobs is not None:
+            logprobs = completion_logprobs(self.tokens, self.prompt_ids, first.prompt_logprobs, self.tokens.offsets())
+        choice = p.CompletionChoice(text=text, finish_reason=None, logprobs=logprobs)
         return p.dump(p.CompletionResponse(id=self.id, created=self.created, model=self.model, choices=[choice]))
 
     def usage_chunk(self, result: Result) -> dict:
