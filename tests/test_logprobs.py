@@ -10,7 +10,6 @@ import torch
 from helpers import Oracle
 
 import argen
-
 from argen.engine import Request
 from argen.errors import InvalidRequestError
 from argen.logprobs import token_logprob

@@ -14,6 +14,13 @@ def _finite(value: float) -> float:
     return value if value > NEG_FLOOR else NEG_FLOOR  # also NaN, which fails every comparison
 
 
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: printable bytes stand for themselves, the others for 256 + n."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = [b for b in range(256) if b not in kept]
+    return {b: chr(b) for b in kept} | {b: chr(256 + i) for i, b in enumerate(extra)}
+
+
 class Tokens:
     """A tokenizer's view of single tokens: their text and bytes, and where they start in a text."""
 
@@ -22,23 +29,31 @@ class Tokens:
         self._byte_of = None  # byte-level BPE: the character that stands for each byte, inverted
         backend = getattr(tokenizer, "backend_tokenizer", None)
         if backend is not None and type(backend.decoder).__name__ == "ByteLevel":
-            from transformers.models.gpt2.tokenization_gpt2 import bytes_to_unicode
-
-            self._byte_of = {ch: b for b, ch in bytes_to_unicode().items()}
+            self._byte_of = {ch: b for b, ch in _bytes_to_unicode().items()}
         self._text: dict[int, str] = {}
 
     def text(self, token: int) -> str:
+        """The token's text; a token that is part of a character is "bytes:\\xe2\\x80", as OpenAI's."""
         if token not in self._text:
-            self._text[token] = self.tokenizer.decode([token])
+            text = self.tokenizer.decode([token])
+            raw = self._raw(token)
+            if "\ufffd" in text and raw is not None and b"\xef\xbf\xbd" not in bytes(raw):
+                text = "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+            self._text[token] = text
         return self._text[token]
+
+    def _raw(self, token: int) -> list[int] | None:
+        if self._byte_of is None:
+            return None
+        piece = self.tokenizer.convert_ids_to_tokens(token)
+        if piece is None or not all(ch in self._byte_of for ch in piece):
+            return None
+        return [self._byte_of[ch] for ch in piece]
 
     def bytes(self, token: int) -> list[int]:
         """The token's own bytes (a byte-level token may be part of a character), else its text's UTF-8."""
-        if self._byte_of is not None:
-            piece = self.tokenizer.convert_ids_to_tokens(token)
-            if piece is not None and all(ch in self._byte_of for ch in piece):
-                return [self._byte_of[ch] for ch in piece]
-        return list(self.text(token).encode("utf-8"))
+        raw = self._raw(token)
+        return raw if raw is not None else list(self.tokenizer.decode([token]).encode("utf-8"))
 
     def offsets(self, base: int = 0) -> Offsets:
         return Offsets(self.tokenizer, base)
