@@ -89,7 +89,8 @@ def test_repetition_penalty_matches_hf(logits):
 
 @pytest.mark.parametrize(
     "bad", [{"temperature": -1}, {"top_p": 0}, {"top_p": 1.5}, {"top_k": -2}, {"min_p": 1.0},
-            {"max_new_tokens": 0}, {"repetition_penalty": 0}, {"seed": -1}, {"stop": [""]}],
+            {"max_new_tokens": -1}, {"repetition_penalty": 0}, {"seed": -1}, {"stop": [""]}, {"logprobs": -1},
+            {"logprobs": 21}, {"logprobs": True}, {"logprobs": 2.0}],
 )  # fmt: skip
 def test_invalid_parameters_are_rejected_with_a_reason(bad):
     with pytest.raises(InvalidRequestError, match="invalid sampling parameter"):

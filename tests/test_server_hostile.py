@@ -234,6 +234,40 @@ def test_oversized_bodies_and_prompts_are_refused_cheaply(server):
     assert httpx.get(f"{url}/health").status_code == 200
 
 
+@pytest.mark.parametrize("body, path, status, param", [
+    ({"prompt": "Hi", "logprobs": -1}, "completions", 422, "logprobs"),
+    ({"prompt": "Hi", "logprobs": 10**30}, "completions", 422, "logprobs"),
+    ({"prompt": "Hi", "logprobs": 21}, "completions", 422, "logprobs"),
+    ({"prompt": "Hi", "logprobs": True}, "completions", 422, "logprobs"),
+    ({"prompt": "Hi", "echo": "yes"}, "completions", 422, "echo"),
+    ({"prompt": "Hi", "max_tokens": -1, "echo": True}, "completions", 422, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "Hi"}], "logprobs": True, "top_logprobs": 10**9}, "chat/completions",
+     422, "top_logprobs"),
+    ({"messages": [{"role": "user", "content": "Hi"}], "logprobs": 1}, "chat/completions", 422, "logprobs"),
+    ({"messages": [{"role": "user", "content": "Hi"}], "logprobs": True, "top_logprobs": -1}, "chat/completions",
+     422, "top_logprobs"),
+    ({"prompt": "x" * 2100, "echo": True, "logprobs": 20, "max_tokens": 0}, "completions", 400, "prompt"),
+])  # fmt: skip
+def test_hostile_logprobs_requests_are_4xx(server, body, path, status, param):
+    url, _ = server
+    error = assert_error(post(url, body, path), status)
+    assert error["param"] == param, error
+
+
+def test_echo_of_the_largest_prompt_is_bounded_work(server):
+    """The most a client can ask of prompt scoring: a prompt filling the context, 20 alternatives for
+    each of its tokens. One prefill with every row's logits; the answer is bounded by the context."""
+    url, _ = server
+    started = time.perf_counter()
+    r = post(url, {"prompt": "ab" * 1023 + "a", "echo": True, "logprobs": 20, "max_tokens": 0})
+    assert r.status_code == 200, r.text
+    lp = r.json()["choices"][0]["logprobs"]
+    assert len(lp["tokens"]) == 2047 and lp["token_logprobs"][0] is None
+    assert all(0 < len(top) <= 21 for top in lp["top_logprobs"][1:]) and len(r.content) < 4_000_000
+    assert time.perf_counter() - started < 60
+    assert httpx.get(f"{url}/health").status_code == 200
+
+
 class Exploding(Plain):
     """Fails as it starts (in start, after the prefill, on the scheduler thread) as a bug would."""
 

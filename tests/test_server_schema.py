@@ -73,7 +73,7 @@ STAND_IN = {"type": "object", "required": ["non-finite"], "additionalProperties"
             "properties": {"non-finite": {"enum": list(NON_FINITE)}}}  # fmt: skip
 SAMPLING_FIELDS = ["temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "max_tokens",
                    "max_completion_tokens", "presence_penalty", "frequency_penalty", "n", "stream", "ignore_eos",
-                   "return_token_ids"]  # fmt: skip
+                   "return_token_ids", "logprobs", "top_logprobs", "echo"]  # fmt: skip
 ANY_VALUE = {"anyOf": [{"type": "integer"}, {"type": "number"}, {"type": "string", "maxLength": 20},
                        {"type": "boolean"}, STAND_IN, {"type": "null"},
                        {"type": "array", "items": {"type": "integer"}, "maxItems": 4}]}  # fmt: skip

@@ -56,7 +56,7 @@ class Generator:
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
     def _requests(self, prompts: list, chat: bool, strategy, options: dict, intervene=None,
-                  n: int | None = None) -> list[Request]:  # fmt: skip
+                  n: int | None = None, prompt_logprobs: int | None = None) -> list[Request]:  # fmt: skip
         unknown = sorted(set(options) - SAMPLING_FIELDS)
         if unknown:
             raise InvalidRequestError(
@@ -70,7 +70,7 @@ class Generator:
             made = make_strategy(strategy)
             made.prepare(self.model)  # e.g. guided: load the guide, check its tokenizer
             requests.append(Request(layout.ids, params, made, layout.positions, layout.mask, forced=forced,
-                                    n=1 if n is None else n))  # fmt: skip
+                                    n=1 if n is None else n, prompt_logprobs=prompt_logprobs))  # fmt: skip
         return requests
 
     @staticmethod
@@ -87,10 +87,13 @@ class Generator:
 
     # -- generation ----------------------------------------------------------------------------
     def generate(self, prompt, *, strategy="plain", chat: bool = True, intervene: dict[int, int] | None = None,
-                 n: int | None = None, **options) -> Result | list[Result] | list[list[Result]]:  # fmt: skip
+                 n: int | None = None, prompt_logprobs: int | None = None,
+                 **options) -> Result | list[Result] | list[list[Result]]:  # fmt: skip
         """Generate for one prompt (returns a Result) or a list of prompts (returns a list).
         Options are SamplingParams fields: max_new_tokens, temperature, top_k, top_p, min_p,
-        repetition_penalty, seed, stop, ignore_eos. `intervene` ({output position: token id}) forces
+        repetition_penalty, seed, stop, ignore_eos, logit_bias, logprobs (each output token's log-prob
+        with that many alternatives: `Result.logprobs`). `prompt_logprobs=k` scores the prompt
+        (`Result.prompt_logprobs`; with max_new_tokens=0 nothing is generated). `intervene` ({output position: token id}) forces
         those tokens, every other position keeping its seeded noise: the counterfactual, generated
         from scratch (`counterfactual` gets the same output from a Result, decoding only after t).
         `n`: samples of each prompt, the prompt prefilled once; given (even n=1), each prompt's Result
@@ -98,7 +101,7 @@ class Generator:
         `seed + i` (`Result.seed`), so `generate(prompt, seed=result.seed)` replays it alone. Greedy
         decoding gives n identical samples."""
         prompts, batched = self._as_batch(prompt)
-        results = self.engine.run(self._requests(prompts, chat, strategy, options, intervene, n))
+        results = self.engine.run(self._requests(prompts, chat, strategy, options, intervene, n, prompt_logprobs))
         if n is not None:
             results = [[r for r in results if r.index == i] for i in range(len(prompts))]
         return results if batched else results[0]
@@ -109,7 +112,7 @@ class Generator:
         return counterfactual(self, result, intervene, **overrides)
 
     def stream(self, prompt, *, strategy="plain", chat: bool = True, intervene: dict[int, int] | None = None,
-               n: int | None = None, **options) -> Stream:  # fmt: skip
+               n: int | None = None, prompt_logprobs: int | None = None, **options) -> Stream:  # fmt: skip
         """Events (token ids and text delta) for one prompt as they are generated; the last one
         has a finish_reason, and the returned Stream's `.result` holds the Result afterwards. With
         `n`, the n samples' Events come interleaved, each with its `sample_index` (each sample ends
@@ -117,7 +120,8 @@ class Generator:
         prompts, batched = self._as_batch(prompt)
         if batched:
             raise InvalidRequestError("stream() takes one prompt; call it once per prompt")
-        return Stream(self.engine.stream(self._requests(prompts, chat, strategy, options, intervene, n)), n is not None)
+        requests = self._requests(prompts, chat, strategy, options, intervene, n, prompt_logprobs)
+        return Stream(self.engine.stream(requests), n is not None)
 
 
 class Stream:

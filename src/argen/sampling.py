@@ -15,6 +15,7 @@ import torch
 
 from argen.checks import finite_number
 from argen.errors import InvalidRequestError
+from argen.logprobs import TokenLogprob, check_top, token_logprob
 
 FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty")
 LOGIT_BIAS_MAX = 100.0  # OpenAI's range: -100 bans a token in practice, +100 all but forces it
@@ -40,6 +41,9 @@ class SamplingParams:
     # token id -> a number in [-100, 100] added to its logit before any other processing but the
     # repetition penalty (OpenAI's logit_bias). Keys may be ints or their decimal strings (JSON's).
     logit_bias: dict[int, float] = field(default_factory=dict)
+    # None: no log-probs; k >= 0: each output token's log-prob (see logprobs.py for which
+    # distribution) with the k most likely alternatives (k <= 20).
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -49,7 +53,8 @@ class SamplingParams:
         # is a function so that a value of the wrong type fails its own check, not with a TypeError.
         temperature, top_p, min_p, penalty = (finite_number(getattr(self, f)) for f in FLOAT_FIELDS)
         checks = [
-            (lambda: _integer(self.max_new_tokens) and self.max_new_tokens >= 1, "max_new_tokens must be an integer >= 1"),
+            (lambda: _integer(self.max_new_tokens) and self.max_new_tokens >= 0,
+             "max_new_tokens must be an integer >= 0 (0: score the prompt only)"),
             (lambda: temperature is not None and temperature >= 0, "temperature must be a finite number >= 0 (0 means greedy)"),
             (lambda: _integer(self.top_k) and self.top_k >= 0, "top_k must be an integer >= 0 (0 turns it off)"),
             (lambda: top_p is not None and 0 < top_p <= 1, "top_p must be a number in (0, 1]"),
@@ -62,6 +67,7 @@ class SamplingParams:
         for ok, message in checks:
             if not ok():
                 raise InvalidRequestError(f"invalid sampling parameter: {message}")
+        check_top(self.logprobs, "invalid sampling parameter: logprobs")
         if self.seed is None:
             # A concrete seed is always recorded, so any sampled output can be replayed.
             self.seed = random.SystemRandom().randrange(2**31)
@@ -159,6 +165,7 @@ class Sampler:
         self._bias_ids = torch.tensor(list(params.logit_bias), dtype=torch.long)
         self._bias = torch.tensor(list(params.logit_bias.values()), dtype=torch.float32)
         self._banned = torch.tensor(params.banned_token_ids, dtype=torch.long)
+        self.logprobs: dict[int, TokenLogprob] = {}  # output position -> its record (params.logprobs)
 
     def process(self, logits: torch.Tensor, context: Sequence[int]) -> torch.Tensor:
         """Logits after every processor (float32, filtered to -inf); divide-by-temperature included
@@ -179,7 +186,19 @@ class Sampler:
         return processed.softmax(-1)
 
     def choose(self, processed: torch.Tensor, position: int) -> int:
-        """Draw from already-processed logits at output position `position`."""
+        """Draw from already-processed logits at output position `position` (and record its log-prob
+        when asked: every strategy decides its tokens here, but the SpecTr rule, which records too)."""
+        token = self._draw(processed, position)
+        self.record(processed, position, token)
+        return token
+
+    def record(self, processed: torch.Tensor, position: int, token: int) -> None:
+        """Keep `token`'s log-prob under `processed` for output position `position` (a later decision
+        for the same position replaces it), if the request asked for log-probs."""
+        if self.params.logprobs is not None:
+            self.logprobs[position] = token_logprob(processed, token, self.params.logprobs)
+
+    def _draw(self, processed: torch.Tensor, position: int) -> int:
         if position in self.forced:
             return self.forced[position]
         if self.params.greedy:

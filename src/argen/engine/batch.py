@@ -23,6 +23,7 @@ import torch
 from argen.cache.paged import SeqKV
 from argen.engine.request import Event, Failure, Request, Result
 from argen.engine.sequence import Emit, Sequence
+from argen.logprobs import rows_logprobs
 from argen.models.runtime import Segment
 from argen.sampling import Sampler
 from argen.strategies import DecodeState
@@ -176,6 +177,10 @@ class DecodeBatch:
             if id(seq) in failed:
                 self._fail(seq, failed[id(seq)], items, done)
                 continue
+            if seq.prompt_logprobs is not None:  # row i predicts prompt token prefilled + i + 1
+                n_prompt, start = len(seq.request.prompt_ids), seq.prefilled
+                targets = seq.fed[start + 1 : min(start + 1 + len(feed.tokens), n_prompt)]
+                seq.prompt_logprobs += rows_logprobs(outs[id(seq)][-1].logits, targets, seq.request.prompt_logprobs)
             seq.prefilled += len(feed.tokens)
             if seq.strategy.needs_prompt_hidden:
                 seq.prompt_hidden.append(outs[id(seq)][-1].hidden)
@@ -227,8 +232,9 @@ class DecodeBatch:
                 computing.add(key)
             mask = None if seq.prefill_mask is None else seq.prefill_mask[start:end, start:end]
             state = seq.state
-            chunks.append((seq, Feed(seq.fed[start:end], seq.prefill_positions[start:end], mask, None, 0, state.cache,
-                                     state.runtime)))  # fmt: skip
+            logits = None if seq.prompt_logprobs is not None else 0  # prompt scoring: every row's logits
+            chunks.append((seq, Feed(seq.fed[start:end], seq.prefill_positions[start:end], mask, None, logits,
+                                     state.cache, state.runtime)))  # fmt: skip
             if budget is not None:
                 budget -= n
         return chunks
@@ -236,7 +242,7 @@ class DecodeBatch:
     def _cacheable(self, seq: Sequence) -> bool:
         """Whether the sequence shares prompt blocks with others (prefix caching)."""
         return (self.prefix_caching and isinstance(seq.state.cache, SeqKV) and seq.prefill_mask is None
-                and not seq.strategy.needs_prompt_hidden)  # fmt: skip
+                and not seq.strategy.needs_prompt_hidden and seq.prompt_logprobs is None)  # fmt: skip
 
     def _prefilled(self, seq: Sequence, items: list, done: list) -> None:
         """The prompt is in the cache: fork it into the request's n samples (the prompt is prefilled
@@ -266,6 +272,10 @@ class DecodeBatch:
                 items.append(seq.result())
                 done.append(seq)
                 return
+        if seq.state.remaining <= 0:  # max_new_tokens=0: the prompt only (scored), nothing generated
+            items.append(seq.accept([]))  # finish_reason "length"
+            self._finish(seq, items, done)
+            return
         seq.driver = seq.drive()
         self._advance(seq, None, items, done)
 
@@ -276,7 +286,7 @@ class DecodeBatch:
             value = next(seq.driver) if outs is None else seq.driver.send(outs)
             while isinstance(value, Emit):
                 event = seq.accept(value.tokens)
-                if event.token_ids or event.text or event.finish_reason:
+                if event.token_ids or event.text or event.finish_reason or event.prompt_logprobs:
                     items.append(event)
                 if seq.finish_reason is not None:
                     self._finish(seq, items, done)

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from argen.engine.batch import DecodeBatch
 from argen.engine.request import Event, Failure, Request, Result
 from argen.errors import InvalidRequestError
+from argen.logprobs import check_top
 
 
 class Engine:
@@ -43,6 +44,10 @@ class Engine:
             raise InvalidRequestError(f"logit_bias token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})")
         if request.output_prefix and n + len(request.output_prefix) >= context:
             raise InvalidRequestError("the prompt plus the replayed output fills the model's context")
+        check_top(request.prompt_logprobs, "prompt_logprobs")
+        if request.prompt_logprobs is not None and request.prompt_positions is not None:
+            raise InvalidRequestError("prompt_logprobs needs an ordinary prompt (token i after token i - 1), "
+                                      "not a set prompt's layout")  # fmt: skip
         request.strategy.check(self.runtime, n, request.params)
         request.validated = True
 

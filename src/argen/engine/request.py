@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from argen.logprobs import TokenLogprob
 from argen.sampling import SamplingParams
 from argen.strategies import Strategy
 
@@ -26,6 +27,10 @@ class Request:
     # Samples of this prompt: the prompt is prefilled once, then the sequence forks into `n` that share
     # its cached prompt (copy-on-write); sample i draws with seed params.seed + i (see batch.py).
     n: int = 1
+    # Prompt scoring: each prompt token's log-prob under the raw model, with this many alternatives
+    # (0..20; None: off). The prefill then computes logits for every prompt token, and the request
+    # does not share prompt blocks with others (prefix caching).
+    prompt_logprobs: int | None = None
     # Set by Engine.validate: a request is checked once, wherever it enters (API, server, batch).
     validated: bool = field(default=False, repr=False, compare=False)
 
@@ -69,6 +74,9 @@ class Event:
     text: str
     finish_reason: str | None = None  # "stop" (EOS or stop string) | "length" | None while running
     sample_index: int = 0  # which of the request's n samples
+    logprobs: list[TokenLogprob | None] | None = None  # one per token id, when the request asked for them
+    # The request's first Event carries the prompt's records (Request.prompt_logprobs), first one None.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass
@@ -83,8 +91,16 @@ class Result:
     extras: dict = field(default_factory=dict)  # strategy-specific records (e.g. sampling noise)
     index: int = 0  # position of the request in its batch
     sample_index: int = 0  # which of the request's n samples (its seed is the request's seed + sample_index)
+    # With SamplingParams.logprobs: one record per output token (None for a replay's output prefix,
+    # which was not decided here). Which distribution: see argen/logprobs.py.
+    logprobs: list[TokenLogprob | None] | None = None
+    # With Request.prompt_logprobs: one per prompt token, the first None (nothing predicts it).
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     def as_dict(self) -> dict:
+        extra = {name: [r.as_dict() if r else None for r in records]
+                 for name, records in (("logprobs", self.logprobs), ("prompt_logprobs", self.prompt_logprobs))
+                 if records is not None}  # fmt: skip
         return {
             "text": self.text,
             "token_ids": self.token_ids,
@@ -93,7 +109,7 @@ class Result:
             "seed": self.seed,
             "strategy": self.strategy,
             "stats": self.stats.as_dict(),
-        }
+        } | extra
 
 
 @dataclass

@@ -48,6 +48,9 @@ class Sequence:
         self.waiting: list | None = None  # the feeds the driver yielded and awaits outputs for
         self.waiting_single = False  # whether it yielded one Feed (not a list)
         self.peak_kv_bytes = 0
+        # Prompt scoring: records of prompt tokens 1.. filled as the prefill chunks return their logits.
+        self.prompt_logprobs: list | None = None if request.prompt_logprobs is None else [None]
+        self.prompt_records_sent = self.prompt_logprobs is None  # they go with the first Event
 
     def fork(self, sample_index: int) -> Sequence:
         """Sample `sample_index` of the request, made once the prompt is prefilled: a copy-on-write fork
@@ -64,6 +67,7 @@ class Sequence:
                          self.prefill_mask)  # fmt: skip
         other.sample_index, other.strategy = sample_index, copy.copy(self.strategy)
         other.started, other.prefilled = self.started, self.prefilled
+        other.prompt_logprobs = self.prompt_logprobs  # each sample's first Event carries them
         return other
 
     def note_kv(self) -> None:
@@ -100,6 +104,7 @@ class Sequence:
     def accept(self, new_ids: list[int]) -> Event:
         """Append a step's tokens, cut at EOS / max tokens / a stop string, and make the event."""
         state = self.state
+        first = state.n_generated  # output position of new_ids[0]
         new_ids = new_ids[: state.remaining]
         for i, t in enumerate(new_ids):
             if t in self.eos_ids:
@@ -116,7 +121,18 @@ class Sequence:
             self.finish_reason = "stop"
         if self.finish_reason is not None:
             delta += self.text.flush()
-        return Event(self.index, new_ids, delta, self.finish_reason, self.sample_index)
+        event = Event(self.index, new_ids, delta, self.finish_reason, self.sample_index,
+                      self._logprobs(first, len(new_ids)))  # fmt: skip
+        if not self.prompt_records_sent:
+            event.prompt_logprobs, self.prompt_records_sent = self.prompt_logprobs, True
+        return event
+
+    def _logprobs(self, first: int, n: int) -> list | None:
+        """The sampler's records of output positions first..first + n - 1 (None if not asked for)."""
+        if self.request.params.logprobs is None:
+            return None
+        records = self.state.sampler.logprobs
+        return [records.get(i) for i in range(first, first + n)]
 
     def result(self) -> Result:
         c, s, state, r = self.state.counters, self.stats, self.state, self.request
@@ -137,7 +153,8 @@ class Sequence:
             "forced": dict(r.forced or {}),
         }
         return Result(self.text.text, state.output, list(r.prompt_ids), self.finish_reason or "length", s,
-                      params.seed, strategy.name, state.extras, self.index, self.sample_index)  # fmt: skip
+                      params.seed, strategy.name, state.extras, self.index, self.sample_index,
+                      self._logprobs(0, state.n_generated), self.prompt_logprobs)  # fmt: skip
 
     def release(self) -> None:
         """Give back every cache the request holds (its own, a draft model's, beams' forks)."""

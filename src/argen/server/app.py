@@ -34,6 +34,7 @@ from argen.server.companions import Companions
 from argen.server.errors import APIError, validation_message
 from argen.server.guards import DEFAULT_MAX_BODY_BYTES, APIKey, BodyLimit
 from argen.server.limits import Limits
+from argen.server.logprob_shape import Tokens, chat_logprobs, completion_logprobs
 from argen.server.metrics import Metrics
 from argen.server.params import Policy, build_request, max_prompt_chars
 from argen.server.scheduler import PREFILL_CHUNK, STEP_TOKENS, Draining, QueueFull, Scheduler, Ticket
@@ -73,6 +74,7 @@ def create_app(gen: Generator, *, model_id: str | None = None, max_batch: int = 
     policy = Policy(model_id, limit, limits or Limits(), companions or Companions(model_id, gen.model),
                     max_prompt_chars(gen), max_batch=max_batch)  # fmt: skip
     metrics = Metrics()
+    tokens = Tokens(gen.tokenizer)  # token texts and bytes, for log-probs
     scheduler = Scheduler(gen.engine, metrics, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk,
                           step_tokens=step_tokens, prefix_caching=prefix_caching)  # fmt: skip
     # sse-starlette would cut every stream on SIGTERM; we drain them instead (uvicorn waits for them).
@@ -171,7 +173,9 @@ def create_app(gen: Generator, *, model_id: str | None = None, max_batch: int = 
             metrics.requests.labels(endpoint, "rejected_503").inc()
             raise APIError(503, "the server is shutting down and takes no new requests; retry elsewhere or later",
                            code="shutting_down") from None  # fmt: skip
-        shape = _Shape(endpoint, model_id, body.return_token_ids, built.params.seed)
+        shape = _Shape(endpoint, model_id, body.return_token_ids, built.params.seed,
+                       tokens if built.params.logprobs is not None else None, _echo_text(gen, body, built),
+                       built.prompt_ids)  # fmt: skip
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return EventSourceResponse(stream(ticket, shape, include_usage), sep="\n")
@@ -217,10 +221,12 @@ def create_app(gen: Generator, *, model_id: str | None = None, max_batch: int = 
             while True:
                 item = await ticket.queue.get()
                 if isinstance(item, Event):
+                    if (echoed := shape.echo_chunk(item)) is not None:  # the prompt first (and its log-probs)
+                        yield json.dumps(echoed)
                     ids = item.token_ids if shape.token_ids else None
-                    if item.text or ids or item.finish_reason:
+                    if item.text or ids or item.finish_reason or (shape.tokens and item.token_ids):
                         content = p.Delta(content=item.text) if shape.chat else item.text
-                        yield json.dumps(shape.chunk(content, item.finish_reason, ids, item.sample_index))
+                        yield json.dumps(shape.chunk(content, item.finish_reason, ids, item))
                 elif isinstance(item, Result):
                     results.append(item)
                     if len(results) < ticket.request.n:
@@ -271,13 +277,27 @@ def _generation_error(exc: Exception) -> APIError:
     return APIError(500, f"generation failed: {exc!r}", code="internal_error")
 
 
+def _echo_text(gen: Generator, body, built) -> str | None:
+    """The prompt as the text of an `echo` completion: as sent, or decoded from its token ids."""
+    if not getattr(body, "echo", False):
+        return None
+    prompt = body.prompt[0] if isinstance(body.prompt, list) and body.prompt and not isinstance(body.prompt[0], int) \
+        else body.prompt  # fmt: skip
+    return prompt if isinstance(prompt, str) else gen.tokenizer.decode(built.prompt_ids, skip_special_tokens=True)
+
+
 class _Shape:
     """Builds the OpenAI response bodies of one endpoint (text completion or chat). Choice i is
-    sample i of the request, and carries its seed (the request's seed + i: argen extension)."""
+    sample i of the request, and carries its seed (the request's seed + i: argen extension).
+    `tokens`: the request asked for log-probs; `echo`: the prompt text a completion starts with."""
 
-    def __init__(self, endpoint: str, model_id: str, token_ids: bool, seed: int) -> None:
+    def __init__(self, endpoint: str, model_id: str, token_ids: bool, seed: int, tokens: Tokens | None = None,
+                 echo: str | None = None, prompt_ids: list[int] | None = None) -> None:  # fmt: skip
         self.chat, self.model, self.token_ids, self.seed = endpoint == "chat", model_id, token_ids, seed
         self.id, self.created = p.new_id("chatcmpl" if self.chat else "cmpl"), p.now()
+        self.tokens, self.echo, self.prompt_ids = tokens, echo, prompt_ids
+        self._offsets: dict = {}  # per choice (see offsets)
+        self._echoed: set[int] = set()  # choices whose echo chunk was sent
 
     @staticmethod
     def usage(results: list[Result]) -> p.Usage:
@@ -285,25 +305,66 @@ class _Shape:
         n_prompt, n_out = len(results[0].prompt_ids), sum(len(r.token_ids) for r in results)
         return p.Usage(prompt_tokens=n_prompt, completion_tokens=n_out, total_tokens=n_prompt + n_out)
 
+    def offsets(self, index: int):
+        """Streaming: where choice `index`'s next output token starts in its text (after the echo)."""
+        if index not in self._offsets:
+            self._offsets[index] = self.tokens.offsets(len(self.echo or ""))
+        return self._offsets[index]
+
+    def _logprobs(self, ids: list[int], records, index: int = 0, prompt_ids: list[int] | None = None,
+                  prompt_records=None):  # fmt: skip
+        """Log-probs of `ids` in the endpoint's shape (None if not asked for); with `prompt_ids`, the
+        echoed prompt's come first (a fresh offset count from 0)."""
+        if self.tokens is None or records is None:
+            return None
+        if self.chat:
+            return chat_logprobs(self.tokens, records)
+        if prompt_ids is not None:
+            return completion_logprobs(self.tokens, prompt_ids + ids, list(prompt_records) + list(records),
+                                       self.tokens.offsets())  # fmt: skip
+        return completion_logprobs(self.tokens, ids, records, self.offsets(index))
+
     def response(self, results: list[Result]) -> dict:
         choices = []
         for result in results:
             ids = result.token_ids if self.token_ids else None
             common = dict(index=result.sample_index, finish_reason=result.finish_reason, token_ids=ids, seed=result.seed)
             if self.chat:
-                choices.append(p.ChatChoice(message=p.AssistantMessage(content=result.text), **common))
+                logprobs = self._logprobs(result.token_ids, result.logprobs)
+                choices.append(p.ChatChoice(message=p.AssistantMessage(content=result.text), logprobs=logprobs, **common))
             else:
-                choices.append(p.CompletionChoice(text=result.text, **common))
+                echo = self.echo is not None
+                logprobs = self._logprobs(result.token_ids, result.logprobs, result.sample_index,
+                                          result.prompt_ids if echo else None, result.prompt_logprobs)  # fmt: skip
+                choices.append(p.CompletionChoice(text=(self.echo or "") + result.text, logprobs=logprobs, **common))
         cls = p.ChatCompletionResponse if self.chat else p.CompletionResponse
         return p.dump(cls(id=self.id, created=self.created, model=self.model, choices=choices, usage=self.usage(results)))
 
-    def chunk(self, content, finish_reason: str | None, ids: list[int] | None, index: int = 0) -> dict:
-        """A stream chunk of choice `index`; its last one (with the finish_reason) carries its seed."""
+    def chunk(self, content, finish_reason: str | None, ids: list[int] | None, event: Event | int = 0) -> dict:
+        """A stream chunk of one choice (an Event's, or choice `event` if an int); its last one (with
+        the finish_reason) carries its seed."""
+        index = event if isinstance(event, int) else event.sample_index
+        logprobs = None if isinstance(event, int) else self._logprobs(event.token_ids, event.logprobs, index)
         seed = None if finish_reason is None else self.seed + index
+        common = dict(index=index, finish_reason=finish_reason, token_ids=ids, seed=seed, logprobs=logprobs)
         if self.chat:
-            choice = p.ChatChunkChoice(index=index, delta=content, finish_reason=finish_reason, token_ids=ids, seed=seed)
+            choice = p.ChatChunkChoice(delta=content, **common)
             return p.dump(p.ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[choice]))
-        choice = p.CompletionChoice(index=index, text=content, finish_reason=finish_reason, token_ids=ids, seed=seed)
+        choice = p.CompletionChoice(text=content, **common)
+        return p.dump(p.CompletionResponse(id=self.id, created=self.created, model=self.model, choices=[choice]))
+
+    def echo_chunk(self, first: Event) -> dict | None:
+        """A choice's first chunk with echo: the prompt's text (and its tokens' log-probs, from the
+        sample's first Event). None once sent for that choice."""
+        if self.echo is None or first.sample_index in self._echoed:
+            return None
+        self._echoed.add(first.sample_index)
+        logprobs = None
+        if self.tokens is not None and first.prompt_logprobs is not None:
+            logprobs = completion_logprobs(self.tokens, self.prompt_ids, first.prompt_logprobs, self.tokens.offsets())
+        choice = p.CompletionChoice(index=first.sample_index, text=self.echo, finish_reason=None, logprobs=logprobs)
+        return p.dump(p.CompletionResponse(id=self.id, created=self.created, model=self.model, choices=[choice]))
+
         return p.dump(p.CompletionResponse(id=self.id, created=self.created, model=self.model, choices=[choice]))
 
     def usage_chunk(self, results: list[Result]) -> dict:

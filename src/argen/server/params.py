@@ -64,6 +64,10 @@ def build_request(gen: Generator, body: CompletionRequest | ChatCompletionReques
     if asked is not None and asked > policy.max_tokens:
         raise bad_request(f"max_tokens is {asked} but this server allows at most {policy.max_tokens}; ask for fewer",
                           "max_tokens")  # fmt: skip
+    echo = isinstance(body, CompletionRequest) and body.echo
+    if asked == 0 and not echo:
+        raise bad_request("max_tokens 0 generates nothing; ask for at least 1 (0 is for scoring a prompt: "
+                          "/v1/completions with echo: true and logprobs)", "max_tokens")  # fmt: skip
     room = context - len(prompt_ids)
     _check_n(body, asked, policy)
     if asked is not None and asked > room:
@@ -72,11 +76,11 @@ def build_request(gen: Generator, body: CompletionRequest | ChatCompletionReques
                           code="context_length_exceeded")  # fmt: skip
     try:
         params = SamplingParams(
-            max_new_tokens=asked or min(DEFAULT_MAX_TOKENS, policy.max_tokens // body.n, room),
+            max_new_tokens=asked if asked is not None else min(DEFAULT_MAX_TOKENS, policy.max_tokens // body.n, room),
             temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
             repetition_penalty=body.repetition_penalty, seed=body.seed, ignore_eos=body.ignore_eos,
             stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or []),
-            logit_bias=_logit_bias(body),
+            logit_bias=_logit_bias(body), logprobs=_logprobs(body),
         )  # fmt: skip
     except InvalidRequestError as exc:
         raise bad_request(str(exc)) from exc
@@ -85,7 +89,9 @@ def build_request(gen: Generator, body: CompletionRequest | ChatCompletionReques
         strategy.check(gen.runtime, len(prompt_ids), params)
     except InvalidRequestError as exc:
         raise bad_request(str(exc), "strategy") from exc
-    request = Request(prompt_ids, params, strategy, n=body.n)
+    # echo + logprobs: the prompt's tokens are scored too (their logits computed in the prefill).
+    scored = body.logprobs if echo and body.logprobs is not None else None
+    request = Request(prompt_ids, params, strategy, n=body.n, prompt_logprobs=scored)
     try:
         gen.engine.validate(request)
     except InvalidRequestError as exc:
@@ -176,19 +182,21 @@ def _check_unsupported(body) -> None:
     ]  # fmt: skip
     if isinstance(body, CompletionRequest):
         checks += [
-            (not body.echo, "echo", "echo is not supported; leave it out (or false)"),
-            (body.logprobs is None, "logprobs", "logprobs is not supported; leave it out"),
             (body.suffix is None, "suffix", "suffix is not supported; leave it out"),
             (body.best_of in (None, 1), "best_of", "best_of is not supported (only 1); leave it out"),
-        ]
-    else:
-        checks += [
-            (not body.logprobs, "logprobs", "logprobs is not supported; leave it out (or false)"),
-            (body.top_logprobs is None, "top_logprobs", "top_logprobs is not supported; leave it out"),
         ]
     for ok, param, message in checks:
         if not ok:
             raise bad_request(message, param, code="unsupported_parameter")
+    if isinstance(body, ChatCompletionRequest) and body.top_logprobs is not None and not body.logprobs:
+        raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
+
+
+def _logprobs(body) -> int | None:
+    """SamplingParams.logprobs: how many alternatives per output token (None: no log-probs)."""
+    if isinstance(body, CompletionRequest):
+        return body.logprobs
+    return (body.top_logprobs or 0) if body.logprobs else None
 
 
 def _too_long(where: str, chars: int, max_chars: int, context: int) -> APIError:

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from argen.logprobs import MAX_TOP_LOGPROBS
 from argen.sampling import LOGIT_BIAS_ENTRIES
 
 SEED_MAX = 2**63 - 1
@@ -46,8 +47,9 @@ class _Sampling(_Body):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
     model: str = Field(description="the served model's id (GET /v1/models)")
-    max_tokens: Annotated[int, Field(ge=1)] | None = Field(
-        None, description="new tokens at most (default 256, capped by the context); over the server's limit: 400"
+    max_tokens: Annotated[int, Field(ge=0)] | None = Field(
+        None, description="new tokens at most (default 256, capped by the context); over the server's limit: 400; "
+                          "0 only with echo (prompt scoring)"
     )
     temperature: Annotated[float, Field(ge=0, le=2)] = Field(1.0, description="0 means greedy")
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
@@ -84,8 +86,11 @@ class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]] = Field(
         description="one prompt: text (tokenized as it is, no chat template) or token ids"
     )
-    echo: bool = Field(False, description="not supported: only false", json_schema_extra={"enum": [False]})
-    logprobs: int | None = Field(None, description="not supported: only null", json_schema_extra={"type": "null"})
+    echo: bool = Field(False, description="the text starts with the prompt (and with logprobs, so do the logprobs: "
+                                          "the prompt tokens' under the model, the first one null)")
+    logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = Field(
+        None, description="each token's log-prob, with this many most likely alternatives in top_logprobs (plus "
+                          "the chosen token)")
     suffix: str | None = Field(None, description="not supported: only null", json_schema_extra={"type": "null"})
     best_of: int | None = Field(None, description="not supported: only null or 1", json_schema_extra=ONLY_1)
 
@@ -104,8 +109,9 @@ class ChatMessage(_Body):
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = Field(None, description="same as max_tokens")
-    logprobs: bool = Field(False, description="not supported: only false", json_schema_extra={"enum": [False]})
-    top_logprobs: int | None = Field(None, description="not supported: only null", json_schema_extra={"type": "null"})
+    logprobs: bool = Field(False, description="each output token's log-prob in choices[].logprobs.content")
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = Field(
+        None, description="with logprobs: this many most likely alternatives per token")
 
 
 # -- responses ---------------------------------------------------------------------------------
@@ -123,10 +129,20 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy shape, one entry per token. Log-probs are of the distribution each token was
+    drawn from (after the sampling processors; see argen/logprobs.py); -9999 stands for -infinity."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None
     token_ids: list[int] | None = None
     seed: int | None = None  # argen extension: this choice's seed, to replay it alone
@@ -146,10 +162,24 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob] | None
+
+
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: Literal["stop", "length"]
     token_ids: list[int] | None = None
     seed: int | None = None  # argen extension: this choice's seed, to replay it alone
@@ -172,7 +202,7 @@ class Delta(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None = None
     token_ids: list[int] | None = None
     seed: int | None = None  # argen extension: this choice's seed, to replay it alone

@@ -49,6 +49,14 @@ def require_greedy(params, name: str) -> None:
         raise InvalidRequestError(f"{name} is deterministic; use temperature 0 (or a sampling strategy)")
 
 
+def refuse_logprobs(params, name: str) -> None:
+    # The search ranks whole hypotheses (or candidates by a score that is not a probability): no token
+    # is drawn from a distribution whose log-prob could be reported.
+    if params.logprobs is not None:
+        raise InvalidRequestError(f"{name} does not report log-probs (its tokens are not drawn from one "
+                                  "distribution); leave logprobs out, or use plain or a speculative strategy")  # fmt: skip
+
+
 class Beam(Strategy):
     name = "beam"
     exact = False
@@ -65,6 +73,7 @@ class Beam(Strategy):
 
     def check(self, runtime, prompt_len: int, params) -> None:
         require_greedy(params, f"{self.name} search")
+        refuse_logprobs(params, f"{self.name} search")
         if not runtime.capabilities.paged_kv:
             raise InvalidRequestError(
                 f"{self.name} search forks the KV cache into one copy-on-write cache per beam, which needs the "

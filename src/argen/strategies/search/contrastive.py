@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from argen.checks import number_option
 from argen.models.runtime import SegmentOut
 from argen.strategies.base import DecodeState, Feed, Step, Strategy
-from argen.strategies.search.beam import require_greedy
+from argen.strategies.search.beam import refuse_logprobs, require_greedy
 
 
 def degeneration_penalty(candidates: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
@@ -50,6 +50,7 @@ class Contrastive(Strategy):
 
     def check(self, runtime, prompt_len: int, params) -> None:
         require_greedy(params, "contrastive search")
+        refuse_logprobs(params, "contrastive search")
 
     def kv_slack(self) -> int:
         # A step feeds the pending token and the top_k candidates after the sequence.

@@ -97,6 +97,7 @@ def verify(state: DecodeState, tree: DraftTree, row_logits: Callable[[int], torc
             p = processed.softmax(-1)
             q = tree.draft_probs[kids[0]]  # siblings share q(. | path)
             chosen, token = spectr_select(p, q, [tree.tokens[c] for c in kids], sampler.params.seed, index)
+            sampler.record(processed, index, token)  # decided here, not by choose
             nxt = None if chosen is None else kids[chosen]
         if nxt is None:
             return Verdict([tree.tokens[i] for i in path] + [token], len(path), path)
