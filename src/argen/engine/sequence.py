@@ -103,6 +103,8 @@ class Sequence:
         s.draft_tokens_proposed, s.draft_tokens_accepted, s.near_ties = c.draft_proposed, c.draft_accepted, c.near_ties
         s.wall_seconds = time.perf_counter() - self.started
         s.peak_kv_bytes = self.peak_kv_bytes
+        if (constraint := state.sampler.constraint) is not None:
+            s.grammar_masks, s.grammar_mask_seconds = constraint.masks, constraint.mask_seconds
         strategy = r.strategy
         # Everything a replay needs: the noise is a function of (seed, output position), so the seed,
         # the sampling parameters, the strategy and the prompt layout record it completely.

@@ -37,6 +37,7 @@ from argen.server.limits import Limits
 from argen.server.metrics import Metrics
 from argen.server.params import Policy, build_request, max_prompt_chars
 from argen.server.scheduler import PREFILL_CHUNK, STEP_TOKENS, Draining, QueueFull, Scheduler, Ticket
+from argen.server.tools import ToolMode, calls_from_output, tool_mode
 
 log = logging.getLogger("argen.server")
 ERROR_RESPONSES = {
@@ -171,7 +172,8 @@ def create_app(gen: Generator, *, model_id: str | None = None, max_batch: int = 
             metrics.requests.labels(endpoint, "rejected_503").inc()
             raise APIError(503, "the server is shutting down and takes no new requests; retry elsewhere or later",
                            code="shutting_down") from None  # fmt: skip
-        shape = _Shape(endpoint, model_id, body.return_token_ids)
+        mode = tool_mode(body) if endpoint == "chat" else None
+        shape = _Shape(endpoint, model_id, body.return_token_ids, mode)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return EventSourceResponse(stream(ticket, shape, include_usage), sep="\n")
@@ -205,13 +207,18 @@ def create_app(gen: Generator, *, model_id: str | None = None, max_batch: int = 
     async def stream(ticket: Ticket, shape: _Shape, include_usage: bool):
         """Server-sent events; if the client disconnects, sse-starlette cancels this generator and
         the `finally` takes the sequence out of the batch."""
-        finished = False
+        finished, held = False, []
         try:
             if shape.chat:
                 yield json.dumps(shape.chunk(p.Delta(role="assistant", content=""), None, None))
             while True:
                 item = await ticket.queue.get()
-                if isinstance(item, Event):
+                if isinstance(item, Event) and shape.tools is not None:
+                    # Tool calls are parsed from the whole output: it comes in one chunk at the end.
+                    held = held + [item]
+                    if item.finish_reason:
+                        yield json.dumps(shape.tool_chunk(held))
+                elif isinstance(item, Event):
                     ids = item.token_ids if shape.token_ids else None
                     if item.text or ids or item.finish_reason:
                         content = p.Delta(content=item.text) if shape.chat else item.text
@@ -262,11 +269,16 @@ def _generation_error(exc: Exception) -> APIError:
     return APIError(500, f"generation failed: {exc!r}", code="internal_error")
 
 
+def _finish(reason: str | None, calls: list) -> str | None:
+    """OpenAI's finish_reason: "tool_calls" when the model stopped after calling."""
+    return "tool_calls" if calls and reason == "stop" else reason
+
+
 class _Shape:
     """Builds the OpenAI response bodies of one endpoint (text completion or chat)."""
 
-    def __init__(self, endpoint: str, model_id: str, token_ids: bool) -> None:
-        self.chat, self.model, self.token_ids = endpoint == "chat", model_id, token_ids
+    def __init__(self, endpoint: str, model_id: str, token_ids: bool, tools: ToolMode | None = None) -> None:
+        self.chat, self.model, self.token_ids, self.tools = endpoint == "chat", model_id, token_ids, tools
         self.id, self.created = p.new_id("chatcmpl" if self.chat else "cmpl"), p.now()
 
     @staticmethod
@@ -277,8 +289,9 @@ class _Shape:
     def response(self, result: Result) -> dict:
         ids = result.token_ids if self.token_ids else None
         if self.chat:
-            choice = p.ChatChoice(message=p.AssistantMessage(content=result.text), finish_reason=result.finish_reason,
-                                  token_ids=ids)  # fmt: skip
+            content, calls = (result.text, []) if self.tools is None else calls_from_output(result.text, self.tools)
+            message = p.AssistantMessage(content=content, tool_calls=calls or None)
+            choice = p.ChatChoice(message=message, finish_reason=_finish(result.finish_reason, calls), token_ids=ids)
             body = p.ChatCompletionResponse(id=self.id, created=self.created, model=self.model, choices=[choice],
                                             usage=self.usage(result))  # fmt: skip
         else:
@@ -293,6 +306,13 @@ class _Shape:
             return p.dump(p.ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[choice]))
         choice = p.CompletionChoice(text=content, finish_reason=finish_reason, token_ids=ids)
         return p.dump(p.CompletionResponse(id=self.id, created=self.created, model=self.model, choices=[choice]))
+
+    def tool_chunk(self, events: list[Event]) -> dict:
+        """The whole output of a request with tools, as one chunk: its content and tool calls."""
+        content, calls = calls_from_output("".join(e.text for e in events), self.tools)
+        deltas = [p.ToolCallDelta(index=i, **call.model_dump()) for i, call in enumerate(calls)]
+        ids = [t for e in events for t in e.token_ids] if self.token_ids else None
+        return self.chunk(p.Delta(content=content, tool_calls=deltas or None), _finish(events[-1].finish_reason, calls), ids)
 
     def usage_chunk(self, result: Result) -> dict:
         cls = p.ChatCompletionChunk if self.chat else p.CompletionResponse
