@@ -8,6 +8,16 @@ from argen.neartie import divergence, first_difference
 from argen.strategies.plain import Plain
 from argen.strategies.speculative import DraftTree, Speculative
 
+# Settings under which every proposer drafts at each step (adaptive controllers would stop drafting
+# where drafts fail, and on this CPU calibration gives layer-skip nothing to skip).
+PROPOSERS = {
+    "prompt-lookup": {"name": "prompt-lookup", "adaptive": False},
+    "ngram": {"name": "ngram", "adaptive": False},
+    "jacobi": {"name": "jacobi", "adaptive": False},
+    "layer-skip": {"name": "layer-skip", "skip_layers": [17], "skip_ffn": [7], "max_draft": 3, "adaptive": False},
+    "draft-model": {"name": "draft-model", "max_draft": 3, "adaptive": False},
+}
+
 
 def hf_greedy(hf_model, prompt_ids: list[int], max_new_tokens: int, eos_ids: set[int]) -> list[int]:
     ids = torch.tensor([prompt_ids])

@@ -4,21 +4,17 @@ category, with drafts that the verifier actually accepts and rejects."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 from checks import check_same_as_plain_and_hf
 from conftest import SPEC_BENCH
-from helpers import hf_greedy
+from helpers import PROPOSERS, hf_greedy
 
 from argen.bench.questions import bench_questions
-from argen.models.llama import LlamaRuntime
 from argen.neartie import NEAR_TIE, top2_at
 
 pytestmark = pytest.mark.real
 
 N_TOKENS = 48
-DROPPED = range(12, 18)  # the draft model: the default model without these layers
 
 
 def test_default_model_answers_the_readme_question(real):
@@ -64,32 +60,6 @@ def test_control_a_real_divergence_fails_the_check(real, references):
     swapped = hf[:at] + [top2_at(real.model.hf_model, ids, hf[:at])[0][1]] + hf[at + 1 :]
     with pytest.raises(AssertionError, match="not at a near-tie"):
         check_same_as_plain_and_hf(real.model.hf_model, ids, swapped, hf, hf)
-
-
-@pytest.fixture(scope="module")
-def draft(real) -> LlamaRuntime:
-    """A smaller draft model with the target's tokenizer: the default model without layers 12-17
-    (24 of 30 layers). It agrees with the target often enough for drafts to be accepted, not always."""
-    hf = real.model.hf_model
-    config = copy.deepcopy(hf.config)
-    kept = [i for i in range(config.num_hidden_layers) if i not in DROPPED]
-    state = {k: v for k, v in hf.state_dict().items() if not k.startswith("model.layers.")}
-    for new, old in enumerate(kept):
-        prefix = f"model.layers.{old}."
-        state |= {f"model.layers.{new}." + k[len(prefix) :]: v for k, v in hf.state_dict().items() if k.startswith(prefix)}
-    config.num_hidden_layers = len(kept)
-    return LlamaRuntime(config, state)
-
-
-# Settings under which every proposer drafts at each step (adaptive controllers would stop drafting
-# where drafts fail, and on this CPU calibration gives layer-skip nothing to skip).
-PROPOSERS = {
-    "prompt-lookup": {"name": "prompt-lookup", "adaptive": False},
-    "ngram": {"name": "ngram", "adaptive": False},
-    "jacobi": {"name": "jacobi", "adaptive": False},
-    "layer-skip": {"name": "layer-skip", "skip_layers": [17], "skip_ffn": [7], "max_draft": 3, "adaptive": False},
-    "draft-model": {"name": "draft-model", "max_draft": 3, "adaptive": False},
-}
 
 
 @pytest.mark.parametrize("name", PROPOSERS)

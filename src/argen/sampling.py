@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from argen.checks import finite_number
+from argen.constraints import Constraint, grammar_of
 from argen.errors import InvalidRequestError
 from argen.logprobs import TokenLogprob, check_top, token_logprob
 
@@ -44,11 +45,21 @@ class SamplingParams:
     # None: no log-probs; k >= 0: each output token's log-prob (see logprobs.py for which
     # distribution) with the k most likely alternatives (k <= 20).
     logprobs: int | None = None
+    # Structured output (constraints.py): OpenAI's {"type": "json_object"} or {"type": "json_schema",
+    # "json_schema": {"name": ..., "schema": {...}}}, or argen's {"type": "regex", "regex": ...} and
+    # {"type": "grammar", "grammar": <Lark>}; `grammar` is short for the last.
+    response_format: dict | None = None
+    grammar: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.logit_bias = checked_logit_bias(self.logit_bias)
+        if self.grammar is not None:
+            if self.response_format is not None:
+                raise InvalidRequestError("give either grammar or response_format, not both")
+            self.response_format, self.grammar = {"type": "grammar", "grammar": self.grammar}, None
+        grammar_of(self.response_format)  # the checks that need no tokenizer (the Engine does the rest)
         # Numbers must be finite (NaN fails every comparison; infinity would pass some); each check
         # is a function so that a value of the wrong type fails its own check, not with a TypeError.
         temperature, top_p, min_p, penalty = (finite_number(getattr(self, f)) for f in FLOAT_FIELDS)
@@ -158,9 +169,11 @@ class Sampler:
     causal model. The token at such a position is v whatever the logits and the noise; every other
     position keeps its own noise, so the rest of the output is the counterfactual one."""
 
-    def __init__(self, params: SamplingParams, forced: dict[int, int] | None = None) -> None:
+    def __init__(self, params: SamplingParams, forced: dict[int, int] | None = None,
+                 constraint: Constraint | None = None) -> None:  # fmt: skip
         self.params = params
         self.forced = dict(forced or {})
+        self.constraint = constraint  # the response_format's grammar, if any
         # The fixed parts of `process`, as tensors once per request rather than once per token.
         self._bias_ids = torch.tensor(list(params.logit_bias), dtype=torch.long)
         self._bias = torch.tensor(list(params.logit_bias.values()), dtype=torch.float32)
@@ -168,14 +181,16 @@ class Sampler:
         self.logprobs: dict[int, TokenLogprob] = {}  # output position -> its record (params.logprobs)
 
     def process(self, logits: torch.Tensor, context: Sequence[int]) -> torch.Tensor:
-        """Logits after every processor (float32, filtered to -inf); divide-by-temperature included
-        unless greedy."""
+        """Logits after every processor (float32, filtered to -inf): repetition penalty, logit bias,
+        bans, the grammar's mask, then temperature and top-k/top-p/min-p unless greedy."""
         p = self.params
         logits = apply_repetition_penalty(logits, context, p.repetition_penalty)
         if len(self._bias_ids):
             logits = logits.float().index_add(-1, self._bias_ids.to(logits.device), self._bias.to(logits.device))
         if len(self._banned):
             logits = logits.float().index_fill(-1, self._banned.to(logits.device), float("-inf"))
+        if self.constraint is not None:
+            logits = self.constraint.apply(logits, context)
         return logits.float() if p.greedy else filter_logits(logits, p)
 
     def probs(self, logits: torch.Tensor, context: Sequence[int]) -> torch.Tensor:

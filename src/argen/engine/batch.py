@@ -78,8 +78,8 @@ class DecodeBatch:
         runtime, prompt = engine.runtime, request.prompt_ids
         budget = engine.budget(request)
         cache = runtime.new_cache(1, len(prompt) + budget + request.strategy.kv_slack())
-        state = DecodeState(runtime, cache, Sampler(request.params, request.forced), list(prompt), len(prompt),
-                            budget)  # fmt: skip
+        sampler = Sampler(request.params, request.forced, engine.constraint(request))
+        state = DecodeState(runtime, cache, sampler, list(prompt), len(prompt), budget)
         positions, mask = self._layout(request, state)
         seq = Sequence(index, request, state, engine.tokenizer, engine.eos_ids, positions, mask)
         state.eos_ids = frozenset(seq.eos_ids)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from argen.constraints import Constraint, GrammarCompiler, grammar_of
 from argen.engine.batch import DecodeBatch
 from argen.engine.request import Event, Failure, Request, Result
 from argen.errors import InvalidRequestError
@@ -17,6 +18,7 @@ class Engine:
         self.runtime = runtime
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
+        self.grammars = GrammarCompiler(tokenizer, runtime.info.vocab_size, eos_ids)
 
     def validate(self, request: Request) -> None:
         """Every check a request gets, done once (a request that passed is marked and not re-checked)."""
@@ -49,7 +51,14 @@ class Engine:
             raise InvalidRequestError("prompt_logprobs needs an ordinary prompt (token i after token i - 1), "
                                       "not a set prompt's layout")  # fmt: skip
         request.strategy.check(self.runtime, n, request.params)
+        if (grammar := grammar_of(request.params.response_format)) is not None:
+            self.grammars.check(grammar)
         request.validated = True
+
+    def constraint(self, request: Request) -> Constraint | None:
+        """A fresh grammar state for one sequence of the request (None: no response_format)."""
+        grammar = grammar_of(request.params.response_format)
+        return None if grammar is None else self.grammars.constraint(grammar, len(request.prompt_ids))
 
     def budget(self, request: Request) -> int:
         """How many tokens the request may generate: max_new_tokens, capped by the context."""

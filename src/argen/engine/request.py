@@ -49,6 +49,8 @@ class Stats:
     wall_seconds: float = 0.0
     peak_kv_bytes: int = 0
     cached_prompt_tokens: int = 0  # prompt tokens whose keys/values came from the prefix cache
+    grammar_masks: int = 0  # structured output: masks computed (one per token decided, drafts' included)
+    grammar_mask_seconds: float = 0.0
 
     @property
     def tokens_per_s(self) -> float:

@@ -60,7 +60,8 @@ class Sequence:
         alone from its own seed."""
         state, request = self.state, self.request
         params = dataclasses.replace(state.sampler.params, seed=request.params.seed + sample_index)
-        forked = DecodeState(state.runtime, state.cache.fork(), Sampler(params, request.forced), list(state.tokens),
+        constraint = None if state.sampler.constraint is None else state.sampler.constraint.fork()
+        forked = DecodeState(state.runtime, state.cache.fork(), Sampler(params, request.forced, constraint), list(state.tokens),
                              state.prompt_len, state.max_new_tokens, state.position_shift, eos_ids=state.eos_ids,
                              prompt_hidden=state.prompt_hidden, batch_size=state.batch_size)  # fmt: skip
         other = Sequence(self.index, request, forked, self._tokenizer, self.eos_ids, self.prefill_positions,
@@ -142,6 +143,8 @@ class Sequence:
         s.draft_tokens_proposed, s.draft_tokens_accepted, s.near_ties = c.draft_proposed, c.draft_accepted, c.near_ties
         s.wall_seconds = time.perf_counter() - self.started
         s.peak_kv_bytes = self.peak_kv_bytes
+        if (constraint := state.sampler.constraint) is not None:
+            s.grammar_masks, s.grammar_mask_seconds = constraint.masks, constraint.mask_seconds
         strategy, params = self.strategy, state.sampler.params  # a fork's own seed
         # Everything a replay needs: the noise is a function of (seed, output position), so the seed,
         # the sampling parameters, the strategy and the prompt layout record it completely.

@@ -38,6 +38,7 @@ from argen.server.logprob_shape import Tokens, chat_logprobs, completion_logprob
 from argen.server.metrics import Metrics
 from argen.server.params import Policy, build_request, max_prompt_chars
 from argen.server.scheduler import PREFILL_CHUNK, STEP_TOKENS, Draining, QueueFull, Scheduler, Ticket
+from argen.server.tools import ToolMode, calls_from_output, tool_mode
 
 log = logging.getLogger("argen.server")
 ERROR_RESPONSES = {
@@ -173,9 +174,10 @@ def create_app(gen: Generator, *, model_id: str | None = None, max_batch: int = 
             metrics.requests.labels(endpoint, "rejected_503").inc()
             raise APIError(503, "the server is shutting down and takes no new requests; retry elsewhere or later",
                            code="shutting_down") from None  # fmt: skip
+        mode = tool_mode(body) if endpoint == "chat" else None
         shape = _Shape(endpoint, model_id, body.return_token_ids, built.params.seed,
                        tokens if built.params.logprobs is not None else None, _echo_text(gen, body, built),
-                       built.prompt_ids)  # fmt: skip
+                       built.prompt_ids, mode)  # fmt: skip
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return EventSourceResponse(stream(ticket, shape, include_usage), sep="\n")
@@ -214,13 +216,19 @@ def create_app(gen: Generator, *, model_id: str | None = None, max_batch: int = 
         the `finally` takes the sequence out of the batch."""
         finished = False
         results: list[Result] = []
+        held: dict[int, list[Event]] = {}  # with tools: each choice's events, until it finishes
         try:
             if shape.chat:  # each choice's first delta names the role, as OpenAI's
                 for index in range(ticket.request.n):
                     yield json.dumps(shape.chunk(p.Delta(role="assistant", content=""), None, None, index))
             while True:
                 item = await ticket.queue.get()
-                if isinstance(item, Event):
+                if isinstance(item, Event) and shape.tools is not None:
+                    # Tool calls are parsed from the whole output: it comes in one chunk at the end.
+                    held.setdefault(item.sample_index, []).append(item)
+                    if item.finish_reason:
+                        yield json.dumps(shape.tool_chunk(held.pop(item.sample_index)))
+                elif isinstance(item, Event):
                     if (echoed := shape.echo_chunk(item)) is not None:  # the prompt first (and its log-probs)
                         yield json.dumps(echoed)
                     ids = item.token_ids if shape.token_ids else None
@@ -286,14 +294,22 @@ def _echo_text(gen: Generator, body, built) -> str | None:
     return prompt if isinstance(prompt, str) else gen.tokenizer.decode(built.prompt_ids, skip_special_tokens=True)
 
 
+def _finish(reason: str | None, calls: list) -> str | None:
+    """OpenAI's finish_reason: "tool_calls" when the model stopped after calling."""
+    return "tool_calls" if calls and reason == "stop" else reason
+
+
 class _Shape:
     """Builds the OpenAI response bodies of one endpoint (text completion or chat). Choice i is
     sample i of the request, and carries its seed (the request's seed + i: argen extension).
-    `tokens`: the request asked for log-probs; `echo`: the prompt text a completion starts with."""
+    `tokens`: the request asked for log-probs; `echo`: the prompt text a completion starts with;
+    `tools`: how a chat output becomes tool calls (server/tools.py)."""
 
     def __init__(self, endpoint: str, model_id: str, token_ids: bool, seed: int, tokens: Tokens | None = None,
-                 echo: str | None = None, prompt_ids: list[int] | None = None) -> None:  # fmt: skip
+                 echo: str | None = None, prompt_ids: list[int] | None = None,
+                 tools: ToolMode | None = None) -> None:  # fmt: skip
         self.chat, self.model, self.token_ids, self.seed = endpoint == "chat", model_id, token_ids, seed
+        self.tools = tools
         self.id, self.created = p.new_id("chatcmpl" if self.chat else "cmpl"), p.now()
         self.tokens, self.echo, self.prompt_ids = tokens, echo, prompt_ids
         self._offsets: dict = {}  # per choice (see offsets)
@@ -331,7 +347,10 @@ class _Shape:
             common = dict(index=result.sample_index, finish_reason=result.finish_reason, token_ids=ids, seed=result.seed)
             if self.chat:
                 logprobs = self._logprobs(result.token_ids, result.logprobs)
-                choices.append(p.ChatChoice(message=p.AssistantMessage(content=result.text), logprobs=logprobs, **common))
+                content, calls = (result.text, []) if self.tools is None else calls_from_output(result.text, self.tools)
+                common["finish_reason"] = _finish(result.finish_reason, calls)
+                message = p.AssistantMessage(content=content, tool_calls=calls or None)
+                choices.append(p.ChatChoice(message=message, logprobs=logprobs, **common))
             else:
                 echo = self.echo is not None
                 logprobs = self._logprobs(result.token_ids, result.logprobs, result.sample_index,
@@ -365,7 +384,13 @@ class _Shape:
         choice = p.CompletionChoice(index=first.sample_index, text=self.echo, finish_reason=None, logprobs=logprobs)
         return p.dump(p.CompletionResponse(id=self.id, created=self.created, model=self.model, choices=[choice]))
 
-        return p.dump(p.CompletionResponse(id=self.id, created=self.created, model=self.model, choices=[choice]))
+    def tool_chunk(self, events: list[Event]) -> dict:
+        """A choice's whole output under tools, as one chunk: its content and tool calls."""
+        content, calls = calls_from_output("".join(e.text for e in events), self.tools)
+        deltas = [p.ToolCallDelta(index=i, **call.model_dump()) for i, call in enumerate(calls)]
+        ids = [t for e in events for t in e.token_ids] if self.token_ids else None
+        return self.chunk(p.Delta(content=content, tool_calls=deltas or None), _finish(events[-1].finish_reason, calls),
+                          ids, events[-1].sample_index)  # fmt: skip
 
     def usage_chunk(self, results: list[Result]) -> dict:
         cls = p.ChatCompletionChunk if self.chat else p.CompletionResponse

@@ -7,6 +7,7 @@ context even if every token were the vocabulary's longest, are refused before to
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from pydantic import BaseModel
@@ -15,10 +16,12 @@ from argen.api import Generator
 from argen.engine import Request
 from argen.errors import InvalidRequestError
 from argen.sampling import SamplingParams, checked_logit_bias
+from argen.server import tools
 from argen.server.companions import Companions
 from argen.server.errors import APIError, bad_request
 from argen.server.limits import Limits
 from argen.server.protocol import SEED_MAX, ChatCompletionRequest, CompletionRequest
+from argen.server.tools import tool_mode
 from argen.strategies import REGISTRY, make_strategy
 
 DEFAULT_MAX_TOKENS = 256
@@ -80,10 +83,10 @@ def build_request(gen: Generator, body: CompletionRequest | ChatCompletionReques
             temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
             repetition_penalty=body.repetition_penalty, seed=body.seed, ignore_eos=body.ignore_eos,
             stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or []),
-            logit_bias=_logit_bias(body), logprobs=_logprobs(body),
+            logit_bias=_logit_bias(body), logprobs=_logprobs(body), response_format=_response_format(body),
         )  # fmt: skip
     except InvalidRequestError as exc:
-        raise bad_request(str(exc)) from exc
+        raise bad_request(str(exc), "response_format" if "response_format" in str(exc) else None) from exc
     strategy = _strategy(gen, body, policy)
     try:
         strategy.check(gen.runtime, len(prompt_ids), params)
@@ -95,7 +98,7 @@ def build_request(gen: Generator, body: CompletionRequest | ChatCompletionReques
     try:
         gen.engine.validate(request)
     except InvalidRequestError as exc:
-        raise bad_request(str(exc), where) from exc
+        raise bad_request(str(exc), "response_format" if str(exc).startswith("response_format") else where) from exc
     return request
 
 
@@ -115,6 +118,14 @@ def _check_n(body, asked: int | None, policy: Policy) -> None:
     if body.seed is not None and body.seed + body.n - 1 > SEED_MAX:
         raise bad_request(f"sample i gets seed + i, so seed + n - 1 must be at most {SEED_MAX}; use a smaller seed",
                           "seed")  # fmt: skip
+
+
+def _response_format(body) -> dict | None:
+    """The output's grammar: a forced tool call's, else the response_format's."""
+    mode = tool_mode(body) if isinstance(body, ChatCompletionRequest) else None
+    if mode is not None and not mode.auto:
+        return tools.response_format(body, mode)
+    return None if body.response_format is None else body.response_format.as_dict()
 
 
 def _strategy(gen: Generator, body, policy: Policy):
@@ -204,13 +215,29 @@ def _too_long(where: str, chars: int, max_chars: int, context: int) -> APIError:
                        f"(at most {max_chars}); shorten it", where, code="context_length_exceeded")  # fmt: skip
 
 
+def _messages(gen: Generator, body: ChatCompletionRequest) -> list[dict]:
+    """The conversation as the chat template takes it: text content; an assistant's earlier tool calls
+    written as the calls it made; the tools described in the system message (tools.py)."""
+    messages = []
+    for m in body.messages:
+        text = m.content if isinstance(m.content, str) or m.content is None else "".join(p.text for p in m.content)
+        if m.tool_calls:
+            text = (text or "") + "".join(f'<tool_call>{{"name": {json.dumps(c.function.name)}, "arguments": '
+                                          f"{c.function.arguments}}}</tool_call>" for c in m.tool_calls)  # fmt: skip
+        messages.append({"role": "system" if m.role == "developer" else m.role, "content": text or ""})
+    if tool_mode(body) is not None:
+        described = tools.describe(body.tools)
+        if messages[0]["role"] == "system":
+            messages[0]["content"] += "\n\n" + described
+        else:
+            messages.insert(0, {"role": "system", "content": described})
+    return messages
+
+
 def _prompt_ids(gen: Generator, body, max_chars: int) -> list[int]:
     context = gen.runtime.info.max_positions
     if isinstance(body, ChatCompletionRequest):
-        messages = []
-        for m in body.messages:
-            text = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)
-            messages.append({"role": "system" if m.role == "developer" else m.role, "content": text})
+        messages = _messages(gen, body)
         if (chars := sum(len(m["content"]) for m in messages)) > max_chars:
             raise _too_long("messages", chars, max_chars, context)
         try:

@@ -36,6 +36,72 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
+FUNCTION_NAME = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule for function names
+MAX_TOOLS = 128
+
+
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, description="an assistant's earlier calls")
+    tool_call_id: str | None = Field(None, description="which call a tool message answers")
+
+
+class JSONSchemaFormat(_Body):
+    name: Annotated[str, Field(pattern=FUNCTION_NAME)]
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Body):
+    """OpenAI's text / json_object / json_schema, and argen's regex and (Lark) grammar."""
+
+    type: Literal["text", "json_object", "json_schema", "regex", "grammar"]
+    json_schema: JSONSchemaFormat | None = None
+    regex: str | None = Field(None, description="argen extension: the output matches this regular expression")
+    grammar: str | None = Field(None, description="argen extension: a Lark grammar (llguidance's dialect)")
+
+    def as_dict(self) -> dict:
+        out: dict[str, Any] = {"type": self.type}
+        if self.json_schema is not None:
+            out["json_schema"] = {"name": self.json_schema.name, "schema": self.json_schema.schema_}
+        return out | {k: v for k in ("regex", "grammar") if (v := getattr(self, k)) is not None}
+
+
+class FunctionDef(_Body):
+    name: Annotated[str, Field(pattern=FUNCTION_NAME)]
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="the arguments' JSON schema")
+    strict: bool | None = None
+
+
+class Tool(_Body):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class FunctionName(_Body):
+    name: Annotated[str, Field(pattern=FUNCTION_NAME)]
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: FunctionName
+
+
 class StrategySpec(BaseModel):
     """An argen decoding strategy: its name plus its options (see `argen models`)."""
 
@@ -80,6 +146,8 @@ class _Sampling(_Body):
         description='argen extension: a decoding strategy, a name or {"name": ..., option: value, ...}',
     )
     return_token_ids: bool = Field(False, description="argen extension: add token ids to the choices")
+    response_format: ResponseFormat | None = Field(
+        None, description="structured output: json_object, json_schema, or (argen extensions) regex, grammar")
 
 
 class CompletionRequest(_Sampling):
@@ -100,14 +168,13 @@ class TextPart(_Body):
     text: str
 
 
-class ChatMessage(_Body):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
-    name: str | None = None
-
-
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description='"auto" when tools are given (calls parsed from the output), "required" or a named '
+                          "function (the output constrained to a call)")
+    parallel_tool_calls: bool | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = Field(None, description="same as max_tokens")
     logprobs: bool = Field(False, description="each output token's log-prob in choices[].logprobs.content")
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = Field(
@@ -159,7 +226,8 @@ class CompletionResponse(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class TopLogprob(BaseModel):
@@ -180,7 +248,7 @@ class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "tool_calls"]
     token_ids: list[int] | None = None
     seed: int | None = None  # argen extension: this choice's seed, to replay it alone
 
@@ -194,16 +262,21 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage
 
 
+class ToolCallDelta(ToolCall):
+    index: int = 0
+
+
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None = None
     token_ids: list[int] | None = None
     seed: int | None = None  # argen extension: this choice's seed, to replay it alone
 
@@ -255,6 +328,8 @@ def dump(model: BaseModel) -> dict[str, Any]:
         for extension in ("token_ids", "seed"):
             if choice.get(extension) is None:
                 choice.pop(extension, None)
+        if "message" in choice and choice["message"].get("tool_calls") is None:
+            choice["message"].pop("tool_calls", None)
         if "delta" in choice:
             choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
     return data
