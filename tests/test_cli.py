@@ -147,3 +147,21 @@ def test_serve_passes_the_scheduling_options_to_the_server(capsys, monkeypatch):
     monkeypatch.setattr("argen.server.serve.serve", lambda gen, host, port, **options: seen.update(options) or 0)
     assert run_cli(capsys, "serve", *TINY, "--prefill-chunk", "0", "--no-prefix-caching")[0] == 0
     assert seen["prefill_chunk"] is None and seen["step_tokens"] == 1024 and seen["prefix_caching"] is False
+
+
+def test_structured_output_flags(capsys, tmp_path):
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}},
+              "required": ["n"], "additionalProperties": False}  # fmt: skip
+    (tmp_path / "s.json").write_text(json.dumps(schema))
+    (tmp_path / "g.lark").write_text('start: "yes" | "no"')
+    generate = ["generate", "Hello", *TINY, "--max-new-tokens", "40", "--json"]
+    code, out, _ = run_cli(capsys, *generate, "--json-schema", str(tmp_path / "s.json"))
+    assert code == 0 and 0 <= json.loads(json.loads(out)["text"])["n"] <= 99
+    code, out, _ = run_cli(capsys, *generate, "--regex", "[0-9]{4}")
+    assert code == 0 and json.loads(out)["text"].isdigit() and len(json.loads(out)["text"]) == 4
+    code, out, _ = run_cli(capsys, *generate, "--grammar", str(tmp_path / "g.lark"))
+    assert code == 0 and json.loads(out)["text"] in ("yes", "no")
+    (tmp_path / "bad.json").write_text("{nope")
+    for flag, path, message in (("--json-schema", "bad.json", "not JSON"), ("--grammar", "missing.lark", "cannot read")):
+        code, _, err = run_cli(capsys, *generate, flag, str(tmp_path / path))
+        assert code == 2 and message in err and err.count("\n") == 1

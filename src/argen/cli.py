@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 from typing import NoReturn
 
 from argen.errors import ArgenError
@@ -63,7 +64,29 @@ def _add_generate(sub) -> None:
                    help="counterfactual: force output token POS (0-based) to TOKEN (a token id, or text that is "
                         "one token), same sampling noise everywhere else; repeatable")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print one JSON object (text, token ids, stats) instead")
+    fmt = p.add_argument_group("structured output (one of)").add_mutually_exclusive_group()
+    fmt.add_argument("--json-schema", metavar="FILE", help="the output is JSON valid under the schema in FILE")
+    fmt.add_argument("--json-object", action="store_true", help="the output is a JSON object")
+    fmt.add_argument("--regex", metavar="RE", help="the output matches the regular expression RE")
+    fmt.add_argument("--grammar", metavar="FILE", help="the output follows the Lark grammar in FILE (llguidance's dialect)")
     p.set_defaults(handler=_generate)
+
+
+def response_format(args: argparse.Namespace) -> dict | None:
+    """The response_format the structured-output flags ask for (None: free text)."""
+    try:
+        if args.json_schema:
+            schema = json.loads(Path(args.json_schema).read_text())
+            return {"type": "json_schema", "json_schema": {"name": Path(args.json_schema).stem, "schema": schema}}
+        if args.grammar:
+            return {"type": "grammar", "grammar": Path(args.grammar).read_text()}
+    except OSError as exc:
+        raise ArgenError(f"cannot read {exc.filename}: {exc.strerror}") from exc
+    except json.JSONDecodeError as exc:
+        raise ArgenError(f"--json-schema {args.json_schema}: not JSON ({exc})") from exc
+    if args.json_object:
+        return {"type": "json_object"}
+    return {"type": "regex", "regex": args.regex} if args.regex else None
 
 
 def parse_strategy_opts(pairs: list[str]) -> dict[str, object]:
@@ -118,6 +141,7 @@ def _sampling_options(args: argparse.Namespace) -> dict[str, object]:
         "repetition_penalty": args.repetition_penalty,
         "seed": args.seed,
         "stop": args.stop,
+        "response_format": response_format(args),
     }
     return {k: v for k, v in given.items() if v is not None}
 
