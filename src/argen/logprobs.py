@@ -1,7 +1,7 @@
 """Log-probabilities of tokens: one record per token, taken from one row of logits.
 
 Which distribution: for generated tokens, the log_softmax of the *processed* logits the token was
-drawn from (`Sampler.process`: repetition penalty, logit_bias, bans, then temperature and
+drawn from (`Sampler.process`: repetition penalty, logit_bias, bans, a response_format's grammar mask, then temperature and
 top-k / top-p / min-p; under greedy decoding none of the last four applies, so with no processor on
 it is the model's own log-softmax). Filtered-out tokens have -inf. For prompt tokens (prompt
 scoring), the log_softmax of the raw model logits at the position before them.
