@@ -30,7 +30,7 @@ class FFNSkip(Strategy):
     exact = False
 
     def __init__(self, threshold: float = 0.98, measure_tokens: int = 4, check_every: int = 32,
-                 max_skip: float = 0.5) -> None:  # fmt: skip
+                 max_skip: float = 0.25) -> None:  # fmt: skip
         if not isinstance(threshold, int | float) or isinstance(threshold, bool) or math.isnan(threshold):
             raise ValueError(f"threshold must be a number (a cosine; above 1 never skips); got {threshold!r}")
         for name, value, low, high in (("measure_tokens", measure_tokens, 1, MAX_MEASURE_TOKENS),
