@@ -11,6 +11,11 @@ from argen.errors import ArgenError
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["drift"]:
+        from argen.bench import drift_bench
+
+        return drift_bench.main(argv[1:])
     parser = argparse.ArgumentParser(prog="argen bench", description=bench.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     add_arguments(parser)

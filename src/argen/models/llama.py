@@ -140,7 +140,7 @@ class LlamaRuntime:
         self.kv_memory = kv_memory
         self.pool: BlockPool | None = None
         kernels = f"argen {self.fused.lib.isa} block kernels" if self.fused is not None else "torch"
-        self.capabilities = Capabilities(paged_kv=True, layer_plans=True, kernels=kernels)
+        self.capabilities = Capabilities(paged_kv=True, layer_plans=True, kernels=kernels, ffn_stats=True)
         self.memo = RuntimeMemo()
 
     # -- KV memory -----------------------------------------------------------------------------
@@ -191,8 +191,11 @@ class LlamaRuntime:
             if top >= self.info.max_positions:
                 raise ValueError(f"position {top} is past the model's context ({self.info.max_positions})")
         limit = FUSED_MAX_NEW_TOKENS if self.fused is not None else TORCH_PACKED_MAX_NEW_TOKENS
-        short = [i for i, seg in enumerate(segments) if len(seg.tokens) <= limit]
-        long = [i for i in range(len(segments)) if i not in set(short)]
+        short = [i for i, seg in enumerate(segments) if len(seg.tokens) <= limit and not seg.ffn_cos]
+        # Short feeds that ask for FFN statistics share a torch pass of their own (the fused C forward
+        # does not compute them), so the others keep the fused path's batch invariance.
+        measured = [i for i, seg in enumerate(segments) if len(seg.tokens) <= limit and seg.ffn_cos]
+        long = [i for i in range(len(segments)) if i not in set(short) | set(measured)]
         outs: list[SegmentOut | None] = [None] * len(segments)
         self._passes = 0  # numbers the passes of this call (SegmentOut.pass_index)
         # Short feeds: as many segments as fit in FUSED_MAX_ROWS rows per pass.
@@ -207,6 +210,8 @@ class LlamaRuntime:
             rows += n
         if group:
             self._run([segments[j] for j in group], plan, self.fused is not None, outs, group)
+        if measured:
+            self._run([segments[j] for j in measured], plan, False, outs, measured)
         # Long feeds (prefill chunks) each in a pass of their own: at that size a pass is bound by
         # arithmetic, so packing saves little, and a GEMM's rounding may depend on its row count, so a
         # prompt computed alone is computed the same way in a busy batch.
@@ -223,24 +228,28 @@ class LlamaRuntime:
         tokens = torch.cat([torch.as_tensor(seg.tokens, dtype=torch.long).reshape(-1) for seg in segments])
         positions = torch.cat([torch.as_tensor(seg.positions, dtype=torch.long).reshape(-1) for seg in segments])
         x = self.embed_tokens(tokens[None])[0]  # [N, H]
+        ffn_cos = None
         if fused:
             hidden = self.fused(x, positions, segments, starts, plan)
         else:
-            hidden = self._forward_torch(x, positions, segments, starts, plan)
+            want = any(seg.ffn_cos for seg in segments)
+            hidden, ffn_cos = self._forward_torch(x, positions, segments, starts, plan, want)
         offset = 0
         for i, seg, start in zip(where, segments, starts, strict=True):
             n = len(seg.tokens)
             seg.cache.lengths[0] = start + n
             h = hidden[offset : offset + n]
+            cos = ffn_cos[offset : offset + n] if ffn_cos is not None and seg.ffn_cos else None
             offset += n
             k = n if seg.num_logits is None else seg.num_logits
-            outs[i] = SegmentOut(self.head(h[n - k :]) if k else None, h, self._passes)
+            outs[i] = SegmentOut(self.head(h[n - k :]) if k else None, h, self._passes, cos)
         self._passes += 1
 
     def _forward_torch(self, x: torch.Tensor, positions: torch.Tensor, segments: list[Segment], starts: list[int],
-                       plan: Plan | None) -> torch.Tensor:  # fmt: skip
+                       plan: Plan | None, ffn_cos: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
         """The pass in torch ops: matmuls over every segment's rows at once, attention per segment over
-        its own keys (gathered from its blocks), with the same SDPA call a lone sequence makes."""
+        its own keys (gathered from its blocks), with the same SDPA call a lone sequence makes. With
+        `ffn_cos`, also cos(x, x + ffn(x)) per row and layer [N, n_layers] (1 where the FFN is skipped)."""
         info, pool = self.info, self.pool
         n_rows = x.shape[0]
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # [N, 1, D]
@@ -249,6 +258,7 @@ class LlamaRuntime:
         blocks, offsets = slots // size, slots % size
         plans = [self._attention_plan(seg, start) for seg, start in zip(segments, starts)]
         gqa = info.n_kv_heads != info.n_heads
+        cos_rows = torch.ones(n_rows, info.n_layers, dtype=torch.float32) if ffn_cos else None
         for i, layer in enumerate(self.layers):
             if plan is None or plan.attn[i]:
                 h = rms_norm(x, layer.attn_norm, self.eps)
@@ -273,8 +283,11 @@ class LlamaRuntime:
             if plan is None or plan.ffn[i]:
                 h = rms_norm(x, layer.ffn_norm, self.eps)
                 gate, up = layer.gate_up(h).chunk(2, dim=-1)
+                before = x
                 x = x + layer.down(F.silu(gate) * up)
-        return rms_norm(x, self.norm, self.eps)
+                if cos_rows is not None:
+                    cos_rows[:, i] = F.cosine_similarity(before.float(), x.float(), dim=-1).cpu()
+        return rms_norm(x, self.norm, self.eps), cos_rows
 
     def _attention_plan(self, seg: Segment, start: int):
         """(number of keys, attn_mask, is_causal) for one segment's SDPA call; the common cases (one new

@@ -47,6 +47,9 @@ class Segment:
     positions: list[int] | torch.Tensor
     mask: torch.Tensor | None = None
     num_logits: int | None = 0
+    # Opt-in: also return, per token and layer, the cosine similarity of the FFN block's input and
+    # output residual streams (FFN-SkipLLM's trigger). Runtimes that declare `ffn_stats` support it.
+    ffn_cos: bool = False
 
 
 @dataclass
@@ -54,6 +57,8 @@ class SegmentOut:
     logits: torch.Tensor | None  # [num_logits, V]
     hidden: torch.Tensor  # final hidden states [T, H]
     pass_index: int = 0  # which forward pass of the packed call computed it (segments may be split)
+    # [T, n_layers]: cos(x, x + ffn(x)) per token and layer when the segment asked (1.0 where skipped)
+    ffn_cos: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -74,6 +79,7 @@ class Capabilities:
     paged_kv: bool  # caches are block tables in a shared pool (`kv_pool()`): prefix caching, forks
     layer_plans: bool  # a Plan may skip attention / FFN sub-blocks (layer-skip drafts)
     kernels: str = "torch"  # which kernels run the weights (for reports)
+    ffn_stats: bool = False  # segments may ask for per-layer FFN input/output similarity (Segment.ffn_cos)
 
 
 @dataclass

@@ -42,7 +42,9 @@ class Feed:
     [T, T]: which new tokens each new token sees (None: causal). `plan`: which sub-blocks run (None:
     all). `num_logits`: logits for the last that many tokens (None: all; 0: none, hidden only).
     `draft`: the pass drafts or guides (a partial plan, a draft or guide model), and is counted as a
-    draft pass rather than a target pass."""
+    draft pass rather than a target pass (lossy strategies that emit a partial plan's tokens set it
+    False). `ffn_cos`: also return per-layer FFN input/output similarity (`SegmentOut.ffn_cos`;
+    runtimes whose capabilities declare `ffn_stats`)."""
 
     tokens: list[int]
     positions: list[int] | None = None
@@ -52,6 +54,7 @@ class Feed:
     cache: Any = None
     runtime: Any = None
     draft: bool = False
+    ffn_cos: bool = False
 
 
 Feeds = Feed | list[Feed]
