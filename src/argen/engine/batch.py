@@ -60,9 +60,18 @@ class DecodeBatch:
         pool = self._pool()
         if pool is None:
             return 0, 0
-        positions = len(request.prompt_ids) + self.engine.budget(request) + request.strategy.kv_slack()
+        budget, slack = self.engine.budget(request), request.strategy.kv_slack()
+        positions = len(request.prompt_ids) + budget + slack
         prefill = len(request.prompt_ids) + len(request.output_prefix) - 1
-        return -(-positions // pool.block_size), prefill // pool.block_size
+        if request.press is None:
+            return -(-positions // pool.block_size), prefill // pool.block_size
+        # Pressed: the worst case is the press's budget plus one step's growth (the whole output for a
+        # strategy whose output is one step), or a prefill chunk on top of a pressed prefix. Presses
+        # rewrite the prompt's blocks, so a request's forks share none of them for sure.
+        growth = budget + slack if request.strategy.whole_output_in_one_step else max(1, slack)
+        pressed = request.press.worst_positions(prefill, len(request.prompt_ids) + budget - 1, self.prefill_chunk,
+                                                growth, pool.block_size)  # fmt: skip
+        return -(-min(positions, pressed) // pool.block_size), 0
 
     def can_admit(self, request: Request, pending_blocks: int = 0) -> bool:
         """Whether the request's worst case fits beside the admitted sequences' worst cases (and
@@ -186,6 +195,7 @@ class DecodeBatch:
                 seq.prompt_hidden.append(outs[id(seq)][-1].hidden)
             if self._cacheable(seq):  # the full blocks computed so far, for others with the same prompt
                 seq.state.cache.register_prefix(seq.fed[: seq.prefilled], seq.prefill_positions)
+            seq.press()  # a KV-cache press compresses the prompt chunk by chunk: the prefill's peak stays low
             if seq.to_prefill == 0:
                 self._prefilled(seq, items, done)
         for seq in running:
@@ -242,7 +252,8 @@ class DecodeBatch:
     def _cacheable(self, seq: Sequence) -> bool:
         """Whether the sequence shares prompt blocks with others (prefix caching)."""
         return (self.prefix_caching and isinstance(seq.state.cache, SeqKV) and seq.prefill_mask is None
-                and not seq.strategy.needs_prompt_hidden and seq.prompt_logprobs is None)  # fmt: skip
+                and not seq.strategy.needs_prompt_hidden and seq.prompt_logprobs is None
+                and not seq.state.kv_evicted)  # a pressed cache no longer holds the tokens' own blocks  # fmt: skip
 
     def _prefilled(self, seq: Sequence, items: list, done: list) -> None:
         """The prompt is in the cache: fork it into the request's n samples (the prompt is prefilled
