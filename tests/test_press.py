@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from argen.cache.press import PRESSES, KVMerger, StreamingLLM, make_press
-from argen.engine import Request
+from argen.engine import Request, Result
 from argen.engine.batch import DecodeBatch
 from argen.engine.sequence import Sequence
 from argen.errors import InvalidRequestError
@@ -148,8 +148,9 @@ def test_streaming_llm_keeps_the_sinks_and_the_recent_window(tiny):
 def test_kvmerger_merges_the_run_of_alike_keys_with_kernel_weights(tiny):
     cache = filled_cache(tiny, 40, seed=1)
     k, v = cache.gathered()
-    # Positions 10..18 share one direction (different lengths): their 8 neighbour pairs are the most alike.
-    scale = torch.linspace(0.5, 1.5, 9)[None, None, :, None]
+    # Positions 10..18 share one direction (lengths 2^-4 .. 2^4, so their unit keys are equal bit for bit):
+    # their 8 neighbour pairs are the most alike.
+    scale = (2.0 ** torch.arange(-4, 5))[None, None, :, None]
     cache.rewrite(10, torch.cat([k[:, :, 10:11] * scale, k[:, :, 19:]], 2), v[:, :, 10:])
     k, v = cache.gathered()
     KVMerger(budget=0.8, sinks=4, recent=16).apply(cache, 40)  # 40 -> 32: 8 pairs joined
@@ -157,8 +158,8 @@ def test_kvmerger_merges_the_run_of_alike_keys_with_kernel_weights(tiny):
     assert k2.shape[2] == 32
     assert torch.equal(k2[:, :, :10], k[:, :, :10]) and torch.equal(k2[:, :, 11:], k[:, :, 19:])
     assert torch.equal(v2[:, :, 11:], v[:, :, 19:])
-    # The merged position: keys and values weighted by exp(-d^2 / 2 sigma^2) around the pivot (the
-    # medoid: every member is as alike by cosine, so the first), sigma^2 the mean d^2.
+    # The merged position: keys and values weighted by exp(-d^2 / 2 sigma^2) around the pivot (the key
+    # closest by cosine to the set's mean: all are, so the first), sigma^2 the mean d^2.
     members_k, members_v = k[:, :, 10:19], v[:, :, 10:19]
     dist = (members_k - members_k[:, :, :1]).pow(2).sum(-1)
     weight = torch.exp(-dist / (2 * dist.mean(-1, keepdim=True)))
@@ -218,6 +219,38 @@ def test_admission_reserves_the_pressed_worst_case(tiny):
     # Beam search's output is one step: pressed once, after the prefill; the beams grow unpressed.
     beam = Request(prompt, params, make_strategy({"name": "beam", "num_beams": 2}), press=make_press("kvmerger"))
     assert 17 <= batch.blocks_needed(beam) < 29  # at least the pressed prompt's 13 blocks + 60 positions
+
+
+def test_a_pressed_result_has_no_counterfactual(tiny):
+    r = tiny.generate(PROMPTS[0], max_new_tokens=4, press={"name": "kvmerger", "budget": 0.5}, **GREEDY)
+    with pytest.raises(InvalidRequestError, match="without press"):
+        tiny.counterfactual(r, {1: 5})
+
+
+def run_one(gen, request: Request, prefix_caching: bool) -> list[int]:
+    batch = DecodeBatch(gen.engine, prefill_chunk=64, prefix_caching=prefix_caching)
+    batch.admit(0, request)
+    results = []
+    while batch:
+        results += [item for item in batch.step() if isinstance(item, Result)]
+    return results[0].token_ids
+
+
+def test_a_pressed_request_ignores_the_prefix_cache(tiny):
+    """Blocks another request left in the prefix cache do not change a pressed output (it is pressed
+    after each chunk, at fixed positions), and a pressed request registers none of its rewritten blocks."""
+    prompt = [(3 * i) % 97 + 3 for i in range(200)]
+    params = SamplingParams(max_new_tokens=12, **GREEDY)
+
+    def pressed() -> Request:
+        return Request(prompt, params, make_strategy("plain"), press=make_press({"name": "kvmerger", "budget": 0.4}))
+
+    tiny.runtime.kv_pool().drop_cached()
+    alone = run_one(tiny, pressed(), prefix_caching=False)
+    run_one(tiny, Request(prompt, params, make_strategy("plain")), prefix_caching=True)  # caches the prompt
+    assert run_one(tiny, pressed(), prefix_caching=True) == alone
+    assert run_one(tiny, pressed(), prefix_caching=True) == alone
+    tiny.runtime.kv_pool().drop_cached()
 
 
 def test_presses_need_the_paged_cache(tiny_gpt2):

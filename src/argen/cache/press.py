@@ -115,8 +115,8 @@ class KVMerger(Press):
     merging set. A set becomes one position: keys and values averaged with Gaussian-kernel weights
     exp(-|k_i - k_p|^2 / 2 sigma^2) around its pivot p, per layer and head, sigma^2 being the set's
     mean squared distance to the pivot. The paper's pivot is the set's most-attended token; argen's
-    runtime does not return attention weights, so the pivot here is the set's medoid (the member
-    whose key is closest by cosine to the others)."""
+    runtime does not return attention weights, so the pivot here is the member whose key is closest
+    by cosine to the set's mean key."""
 
     name = "kvmerger"
     paper = "Wang et al. 2024, arXiv:2407.08454"
@@ -136,33 +136,43 @@ class KVMerger(Press):
         similarity = (unit[:, :, 1:] * unit[:, :, :-1]).sum(-1).mean((0, 1))  # [len(zone) - 1]
         joined = torch.zeros(len(zone) - 1, dtype=torch.bool)
         joined[similarity.topk(length - target).indices] = True
-        sets, current = [], [0]
-        for i in range(1, len(zone)):
-            if joined[i - 1]:
-                current.append(i)
-            else:
-                sets.append(current)
-                current = [i]
-        sets.append(current)
-        first = next(j for j, members in enumerate(sets) if len(members) > 1)
-        keys, values = [], []
-        for members in sets[first:]:
-            if len(members) == 1:
-                keys.append(k[:, :, members[0]])
-                values.append(v[:, :, members[0]])
-                continue
-            mk, mv = k[:, :, members], v[:, :, members]  # [L, H, m, D]
-            mu = unit[:, :, members]
-            pivot = (mu @ mu.transpose(-1, -2)).mean((0, 1)).sum(-1).argmax()
-            dist = (mk - mk[:, :, pivot : pivot + 1]).pow(2).sum(-1)  # [L, H, m]
-            sigma2 = dist.mean(-1, keepdim=True).clamp_min(1e-12)
-            weight = torch.exp(-dist / (2 * sigma2))
-            weight = (weight / weight.sum(-1, keepdim=True)).unsqueeze(-1)
-            keys.append((weight * mk).sum(2))
-            values.append((weight * mv).sum(2))
+        # Merging sets: a new set starts wherever a neighbour pair is not joined.
+        set_of = torch.cat([torch.zeros(1, dtype=torch.long), (~joined).long().cumsum(0)])  # [Z]
+        n_sets = int(set_of[-1]) + 1
+        first = int(joined.long().argmax())  # zone index of the first set with more than one member
+        merged_k, merged_v = _merge(k, v, unit, set_of, n_sets)
         tail = list(range(length - recent, length))
         tk, tv = read(cache, tail) if tail else (k[:, :, :0], v[:, :, :0])
-        return sinks + first, torch.cat([torch.stack(keys, 2), tk], 2), torch.cat([torch.stack(values, 2), tv], 2)
+        # Sets before `first` are single positions, unchanged: the rewrite starts at the first merged one.
+        return (sinks + first, torch.cat([merged_k[:, :, first:], tk], 2),
+                torch.cat([merged_v[:, :, first:], tv], 2))  # fmt: skip
+
+
+def _merge(k: torch.Tensor, v: torch.Tensor, unit: torch.Tensor, set_of: torch.Tensor,
+           n_sets: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Each set's keys and values [L, H, n_sets, D], Gaussian-kernel weighted around its pivot: the
+    member whose key is closest by cosine to the set's mean key (averaged over layers and heads; the
+    first such member on a tie). A set of one keeps its key and value exactly."""
+    dtype, device = k.dtype, k.device
+    k, v, unit, set_of = k.float(), v.float(), unit.float(), set_of.to(device)
+    L, H, Z, D = k.shape
+
+    def zeros(*shape: int) -> torch.Tensor:
+        return torch.zeros(*shape, device=device)
+
+    centroid = zeros(L, H, n_sets, D).index_add_(2, set_of, unit)
+    closeness = (unit * centroid[:, :, set_of]).sum(-1).mean((0, 1))  # [Z]
+    best = torch.full((n_sets,), -torch.inf, device=device).scatter_reduce(0, set_of, closeness, "amax")
+    candidates = torch.where(closeness >= best[set_of], torch.arange(Z, device=device), Z)
+    pivot = torch.full((n_sets,), Z, device=device).scatter_reduce(0, set_of, candidates, "amin")  # [n_sets]
+    dist = (k - k[:, :, pivot[set_of]]).pow(2).sum(-1)  # [L, H, Z]
+    count = zeros(n_sets).index_add_(0, set_of, torch.ones(Z, device=device))
+    sigma2 = (zeros(L, H, n_sets).index_add_(2, set_of, dist) / count).clamp_min(1e-12)
+    weight = torch.exp(-dist / (2 * sigma2[:, :, set_of]))
+    weight = (weight / zeros(L, H, n_sets).index_add_(2, set_of, weight)[:, :, set_of]).unsqueeze(-1)
+    merged_k = zeros(L, H, n_sets, D).index_add_(2, set_of, weight * k)
+    merged_v = zeros(L, H, n_sets, D).index_add_(2, set_of, weight * v)
+    return merged_k.to(dtype), merged_v.to(dtype)
 
 
 PRESSES: dict[str, type[Press]] = {cls.name: cls for cls in (StreamingLLM, KVMerger)}

@@ -250,10 +250,13 @@ class DecodeBatch:
         return chunks
 
     def _cacheable(self, seq: Sequence) -> bool:
-        """Whether the sequence shares prompt blocks with others (prefix caching)."""
+        """Whether the sequence shares prompt blocks with others (prefix caching). Not under a press below
+        budget 1: it rewrites the blocks (they no longer hold the tokens' own keys), and it runs after
+        each prefill chunk, at fixed positions; taking a cached prefix of any length would press it
+        elsewhere, and the output would depend on what other requests left in the cache."""
         return (self.prefix_caching and isinstance(seq.state.cache, SeqKV) and seq.prefill_mask is None
                 and not seq.strategy.needs_prompt_hidden and seq.prompt_logprobs is None
-                and not seq.state.kv_evicted)  # a pressed cache no longer holds the tokens' own blocks  # fmt: skip
+                and (seq.request.press is None or seq.request.press.budget >= 1))  # fmt: skip
 
     def _prefilled(self, seq: Sequence, items: list, done: list) -> None:
         """The prompt is in the cache: fork it into the request's n samples (the prompt is prefilled
