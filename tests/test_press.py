@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from argen.cache.press import PRESSES, KVMerger, StreamingLLM, make_press
+from argen.cache.press import PRESS_CHUNK, PRESSES, KVMerger, StreamingLLM, make_press
 from argen.engine import Request, Result
 from argen.engine.batch import DecodeBatch
 from argen.engine.sequence import Sequence
@@ -69,12 +69,16 @@ def test_sampled_samples_with_a_press(tiny):
 
 def reference(gen, prompt: list[int], press, steps: int, true_positions: bool = True) -> list[int]:
     """Greedy decoding written out by hand on the runtime, the press applied where the engine applies
-    it (after the prefill, before each step). Token i is fed at position i, however many positions the
-    press removed; the control feeds it right after what the cache holds instead."""
+    it (after each prefill chunk of PRESS_CHUNK positions, before each step). Token i is fed at
+    position i, however many positions the press removed; the control feeds it right after what the
+    cache holds instead."""
     runtime = gen.runtime
     cache = runtime.new_cache(1, len(prompt) + steps)
     tokens, evicted = list(prompt), 0
-    runtime.forward_packed([Segment(cache, tokens[:-1], list(range(len(tokens) - 1)), None, 0)])
+    for start in range(0, len(tokens) - 1, PRESS_CHUNK):
+        end = min(start + PRESS_CHUNK, len(tokens) - 1)
+        runtime.forward_packed([Segment(cache, tokens[start:end], list(range(start, end)), None, 0)])
+        evicted += press.apply(cache, cache.lengths[0] + evicted)
     try:
         for _ in range(steps):
             evicted += press.apply(cache, cache.lengths[0] + evicted)
@@ -90,7 +94,7 @@ def reference(gen, prompt: list[int], press, steps: int, true_positions: bool = 
 @pytest.mark.parametrize("name", sorted(PRESSES))
 def test_tokens_after_an_eviction_keep_their_true_positions(tiny, name):
     press = make_press({"name": name, "budget": 0.3})
-    prompt = PROMPTS[1]
+    prompt = [(11 * i) % 251 + 3 for i in range(300)]  # three prefill chunks, pressed after each
     got = tiny.generate(prompt, max_new_tokens=30, press=press, **GREEDY).token_ids
     assert got == reference(tiny, prompt, press, 30)
     # Control: positions that forget what the press removed give other tokens, so the check can fail.

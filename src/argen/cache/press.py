@@ -26,6 +26,11 @@ import torch
 from argen.checks import number_option
 from argen.errors import InvalidRequestError
 
+# A pressed prompt is prefilled in chunks of at most this many positions, pressed after each (by
+# `generate` and the server alike, so both give the same output): a long prompt's peak is then its
+# pressed prefix plus one chunk, which is what lets a server hold more pressed sequences.
+PRESS_CHUNK = 128
+
 
 class Press:
     """A compression rule: `plan` says what the cache becomes; the rest is shared."""

@@ -21,6 +21,7 @@ from collections import defaultdict
 import torch
 
 from argen.cache.paged import SeqKV
+from argen.cache.press import PRESS_CHUNK
 from argen.engine.request import Event, Failure, Request, Result
 from argen.engine.sequence import Emit, Sequence
 from argen.logprobs import rows_logprobs
@@ -69,9 +70,19 @@ class DecodeBatch:
         # strategy whose output is one step), or a prefill chunk on top of a pressed prefix. Presses
         # rewrite the prompt's blocks, so a request's forks share none of them for sure.
         growth = budget + slack if request.strategy.whole_output_in_one_step else max(1, slack)
-        pressed = request.press.worst_positions(prefill, len(request.prompt_ids) + budget - 1, self.prefill_chunk,
+        pressed = request.press.worst_positions(prefill, len(request.prompt_ids) + budget - 1, self._chunk(request),
                                                 growth, pool.block_size)  # fmt: skip
         return -(-min(positions, pressed) // pool.block_size), 0
+
+    def _chunk(self, request: Request) -> int | None:
+        """Prompt positions per prefill pass for this request (None: the whole prompt at once). A set
+        prompt goes in one chunk (its members must not see each other); a press below budget 1 takes
+        chunks of at most PRESS_CHUNK, at the same boundaries in `generate` and the server."""
+        if request.prompt_mask is not None:
+            return None
+        if request.press is not None and request.press.budget < 1:
+            return min(self.prefill_chunk or PRESS_CHUNK, PRESS_CHUNK)
+        return self.prefill_chunk
 
     def can_admit(self, request: Request, pending_blocks: int = 0) -> bool:
         """Whether the request's worst case fits beside the admitted sequences' worst cases (and
@@ -227,8 +238,8 @@ class DecodeBatch:
                 if seq.to_prefill == 0:
                     continue  # all there now: the sequence starts next round
             start, end = seq.prefilled, len(seq.fed) - 1
-            if self.prefill_chunk and seq.prefill_mask is None:
-                end = min(end, (start // self.prefill_chunk + 1) * self.prefill_chunk)
+            if chunk := self._chunk(seq.request):
+                end = min(end, (start // chunk + 1) * chunk)
             n = end - start
             if budget is not None and chunks and n > budget:
                 continue
