@@ -257,6 +257,18 @@ def test_a_pressed_request_ignores_the_prefix_cache(tiny):
     tiny.runtime.kv_pool().drop_cached()
 
 
+def test_a_server_admits_more_pressed_sequences(tiny):
+    """Issue 17's capacity case: 1,500-token prompts and 128 new tokens, with the server's 512-token
+    prefill chunks. Reserved blocks per sequence: 102 unpressed; 55 at budget 0.5; 41 at 0.35 (2.5x)."""
+    prompt, params = [7] * 1500, SamplingParams(max_new_tokens=128, **GREEDY)
+    batch = DecodeBatch(tiny.engine, prefill_chunk=512)
+    unpressed = batch.blocks_needed(Request(prompt, params, make_strategy("plain")))
+    for budget, at_least in [(0.5, 1.8), (0.35, 2.0)]:
+        for name in sorted(PRESSES):
+            request = Request(prompt, params, make_strategy("plain"), press=make_press({"name": name, "budget": budget}))
+            assert unpressed / batch.blocks_needed(request) >= at_least
+
+
 def test_presses_need_the_paged_cache(tiny_gpt2):
     with pytest.raises(InvalidRequestError, match="native runtime"):
         tiny_gpt2.generate("hi", max_new_tokens=2, press="kvmerger")
