@@ -206,7 +206,9 @@ class DecodeBatch:
                 seq.prompt_hidden.append(outs[id(seq)][-1].hidden)
             if self._cacheable(seq):  # the full blocks computed so far, for others with the same prompt
                 seq.state.cache.register_prefix(seq.fed[: seq.prefilled], seq.prefill_positions)
-            seq.press()  # a KV-cache press compresses the prompt chunk by chunk: the prefill's peak stays low
+            if seq.request.press is not None:  # compresses the prompt chunk by chunk: the prefill's peak stays low
+                seq.note_kv()  # the peak is before the press
+                seq.press()
             if seq.to_prefill == 0:
                 self._prefilled(seq, items, done)
         for seq in running:
