@@ -78,6 +78,28 @@ def test_errors_are_one_line(capsys, argv):
     assert "Traceback" not in err
 
 
+def test_press_matches_the_python_api(capsys, tiny):
+    prompt = "A long enough prompt for a press to evict something from the cache. " * 2
+    code, out, _ = run_cli(capsys, "generate", prompt, *TINY, "--max-new-tokens", "12", "--json", "--no-chat",
+                           "--press", "streaming-llm", "--press-opt", "budget=0.3", "--press-opt", "sinks=2")  # fmt: skip
+    assert code == 0
+    want = tiny.generate(prompt, chat=False, max_new_tokens=12, temperature=0,
+                         press={"name": "streaming-llm", "budget": 0.3, "sinks": 2})  # fmt: skip
+    assert json.loads(out)["token_ids"] == want.token_ids
+    assert want.extras["press"]["evicted_positions"] > 0
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--press", "h2o"], "unknown press 'h2o'"),
+    (["--press-opt", "budget=0.5"], "--press-opt needs --press NAME"),
+    (["--press", "kvmerger", "--press-opt", "budget=0"], "budget must be more than 0"),
+    (["--press", "kvmerger", "--press-opt", "budget"], "--press-opt takes KEY=VALUE (for example budget=0.5)"),
+])  # fmt: skip
+def test_bad_press_options_are_one_line(capsys, argv, words):
+    code, out, err = run_cli(capsys, "generate", "hi", *TINY, *argv)
+    assert code == 2 and out == "" and err.count("\n") == 1 and words in err, err
+
+
 def test_error_messages_say_what_to_do(capsys):
     _, _, err = run_cli(capsys, "generate", "a" * 3000, *TINY)
     assert "context is 2048" in err and "shorten the prompt" in err
@@ -105,6 +127,7 @@ def test_models_lists_sources_cache_and_strategies(capsys):
     assert code == 0
     assert "tiny-random" in out and "default" in out and "plain" in out
     assert "delete" in out and err == ""
+    assert "kvmerger" in out and "streaming-llm" in out and "budget=0.5" in out
 
 
 def test_bench_is_delegated_to_the_bench_package(capsys, monkeypatch):

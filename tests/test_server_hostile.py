@@ -183,6 +183,43 @@ def test_nan_and_infinity_are_refused(server, field, status, words):
     assert_error(post(url, body), status, words)
 
 
+PRESS_CASES = [
+    (b'"press": {"name": "streaming-llm", "budget": 0}', 400, "budget must be more than 0"),
+    (b'"press": {"name": "streaming-llm", "budget": -1}', 400, "budget must be a finite number in [0, 1]"),
+    (b'"press": {"name": "kvmerger", "budget": 1e9}', 400, "budget must be a finite number in [0, 1]"),
+    (b'"press": {"name": "kvmerger", "budget": NaN}', 400, "budget must be a finite number"),
+    (b'"press": {"name": "kvmerger", "budget": Infinity}', 400, "budget must be a finite number"),
+    (b'"press": {"name": "kvmerger", "budget": "0.5"}', 400, "budget must be a finite number"),
+    (b'"press": {"name": "h2o", "budget": 0.5}', 400, "unknown press 'h2o'; valid presses: kvmerger, streaming-llm"),
+    (b'"press": "../../etc/passwd"', 400, "unknown press"),
+    (b'"press": {"name": "kvmerger", "recent": 1000000000000}', 400, "option recent of press 'kvmerger' is"),
+    (b'"press": {"name": "streaming-llm", "sinks": 100000}', 400, "this server allows at most 1024"),
+    (b'"press": {"name": "streaming-llm", "sinks": -5}', 400, "sinks must be a whole number"),
+    (b'"press": {"name": "streaming-llm", "window": 4096}', 400, "unknown option(s) window for press"),
+    (b'"press": {"budget": 0.5}', 422, "press"),
+    (b'"press": 0.5', 422, "press"),
+    (b'"press": ["kvmerger"]', 422, "press"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("field, status, words", PRESS_CASES)
+def test_hostile_press_fields_are_4xx(server, field, status, words):
+    url, _ = server
+    body = b'{"model": "tiny-random", "prompt": "Hi", "temperature": 0, "max_tokens": 4, ' + field + b"}"
+    error = assert_error(post(url, body), status, words)
+    assert error["param"].startswith("press"), error
+
+
+def test_a_press_over_http_matches_the_python_api(server, tiny):
+    url, _ = server
+    spec = {"name": "kvmerger", "budget": 0.4, "recent": 8}
+    prompt = "A press keeps part of the cache. " * 4
+    r = post(url, {"prompt": prompt, "temperature": 0, "max_tokens": 20, "press": spec, "return_token_ids": True})
+    assert r.status_code == 200, r.text
+    want = tiny.generate(prompt, chat=False, max_new_tokens=20, temperature=0, press=spec)
+    assert r.json()["choices"][0]["token_ids"] == want.token_ids
+
+
 @pytest.mark.parametrize("fields, param", [
     ({"stream": "yes"}, "stream"), ({"max_tokens": "8"}, "max_tokens"), ({"max_tokens": True}, "max_tokens"),
     ({"prompt": [True, False]}, "prompt"), ({"ignore_eos": 1}, "ignore_eos"), ({"seed": "7"}, "seed"),

@@ -106,3 +106,14 @@ def test_grammar_and_response_format_together_are_refused(tiny):
 def test_mask_time_is_recorded(tiny):
     out = tiny.generate("x", max_new_tokens=8, response_format={"type": "regex", "regex": "[0-9]{8}"}, ignore_eos=True)
     assert out.stats.grammar_masks == 8 and out.stats.grammar_mask_seconds > 0
+
+
+@pytest.mark.parametrize("press", [{"name": "streaming-llm", "budget": 0.3}, {"name": "kvmerger", "budget": 0.3}],
+                         ids=lambda p: p["name"])  # fmt: skip
+def test_a_press_and_a_grammar_compose(tiny, press):
+    """A press changes the model's view of the context, not the tokens the grammar follows."""
+    prompt = "word " * 60
+    fmt = {"type": "regex", "regex": "(ab|cd){20}"}
+    for strategy in ("plain", "prompt-lookup"):
+        out = tiny.generate(prompt, max_new_tokens=48, response_format=fmt, press=press, strategy=strategy)
+        assert re.fullmatch(fmt["regex"], out.text) and out.extras["press"]["evicted_positions"] > 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from argen.cache.press import make_press
 from argen.counterfactual import check_interventions, counterfactual
 from argen.engine import Engine, Event, Request, Result
 from argen.errors import InvalidRequestError
@@ -56,7 +57,7 @@ class Generator:
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
     def _requests(self, prompts: list, chat: bool, strategy, options: dict, intervene=None,
-                  n: int | None = None, prompt_logprobs: int | None = None) -> list[Request]:  # fmt: skip
+                  n: int | None = None, prompt_logprobs: int | None = None, press=None) -> list[Request]:  # fmt: skip
         unknown = sorted(set(options) - SAMPLING_FIELDS)
         if unknown:
             raise InvalidRequestError(
@@ -70,7 +71,8 @@ class Generator:
             made = make_strategy(strategy)
             made.prepare(self.model)  # e.g. guided: load the guide, check its tokenizer
             requests.append(Request(layout.ids, params, made, layout.positions, layout.mask, forced=forced,
-                                    n=1 if n is None else n, prompt_logprobs=prompt_logprobs))  # fmt: skip
+                                    n=1 if n is None else n, prompt_logprobs=prompt_logprobs,
+                                    press=make_press(press)))  # fmt: skip
         return requests
 
     @staticmethod
@@ -87,7 +89,7 @@ class Generator:
 
     # -- generation ----------------------------------------------------------------------------
     def generate(self, prompt, *, strategy="plain", chat: bool = True, intervene: dict[int, int] | None = None,
-                 n: int | None = None, prompt_logprobs: int | None = None,
+                 n: int | None = None, prompt_logprobs: int | None = None, press=None,
                  **options) -> Result | list[Result] | list[list[Result]]:  # fmt: skip
         """Generate for one prompt (returns a Result) or a list of prompts (returns a list).
         Options are SamplingParams fields: max_new_tokens, temperature, top_k, top_p, min_p,
@@ -99,9 +101,12 @@ class Generator:
         `n`: samples of each prompt, the prompt prefilled once; given (even n=1), each prompt's Result
         becomes a list of n Results (a list of lists for a list of prompts). Sample i has seed
         `seed + i` (`Result.seed`), so `generate(prompt, seed=result.seed)` replays it alone. Greedy
-        decoding gives n identical samples."""
+        decoding gives n identical samples. `press`: a KV-cache press (a name, or a dict with "name" and
+        its options, e.g. {"name": "kvmerger", "budget": 0.5}; see cache/press.py) that compresses the
+        cache to a fraction of the positions, after the prefill and as the output grows."""
         prompts, batched = self._as_batch(prompt)
-        results = self.engine.run(self._requests(prompts, chat, strategy, options, intervene, n, prompt_logprobs))
+        requests = self._requests(prompts, chat, strategy, options, intervene, n, prompt_logprobs, press)
+        results = self.engine.run(requests)
         if n is not None:
             results = [[r for r in results if r.index == i] for i in range(len(prompts))]
         return results if batched else results[0]
@@ -112,7 +117,7 @@ class Generator:
         return counterfactual(self, result, intervene, **overrides)
 
     def stream(self, prompt, *, strategy="plain", chat: bool = True, intervene: dict[int, int] | None = None,
-               n: int | None = None, prompt_logprobs: int | None = None, **options) -> Stream:  # fmt: skip
+               n: int | None = None, prompt_logprobs: int | None = None, press=None, **options) -> Stream:  # fmt: skip
         """Events (token ids and text delta) for one prompt as they are generated; the last one
         has a finish_reason, and the returned Stream's `.result` holds the Result afterwards. With
         `n`, the n samples' Events come interleaved, each with its `sample_index` (each sample ends
@@ -120,7 +125,7 @@ class Generator:
         prompts, batched = self._as_batch(prompt)
         if batched:
             raise InvalidRequestError("stream() takes one prompt; call it once per prompt")
-        requests = self._requests(prompts, chat, strategy, options, intervene, n, prompt_logprobs)
+        requests = self._requests(prompts, chat, strategy, options, intervene, n, prompt_logprobs, press)
         return Stream(self.engine.stream(requests), n is not None)
 
 

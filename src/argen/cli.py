@@ -56,6 +56,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--strategy", default="plain", help="decoding strategy; see 'argen models' (default: %(default)s)")
     p.add_argument("--strategy-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="strategy option (repeatable); VALUE is read as JSON, else as a string")  # fmt: skip
+    p.add_argument("--press", help="KV-cache press (streaming-llm, kvmerger; see 'argen models'); default: none")
+    p.add_argument("--press-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="press option (repeatable), e.g. budget=0.5 (the fraction of positions kept)")  # fmt: skip
     p.add_argument("--no-chat", action="store_true", help="feed the prompt as raw text, without the chat template")
     p.add_argument("--set-prompt-json", metavar="FILE_OR_JSON",
                    help='instead of PROMPT: {"set_prompt": {"prefix": ..., "members": [...], "suffix": ...}}, '
@@ -89,15 +92,15 @@ def response_format(args: argparse.Namespace) -> dict | None:
     return {"type": "regex", "regex": args.regex} if args.regex else None
 
 
-def parse_strategy_opts(pairs: list[str]) -> dict[str, object]:
+def parse_strategy_opts(pairs: list[str], what: str = "strategy", example: str = "max_draft=8") -> dict[str, object]:
     opts: dict[str, object] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise ArgenError(f"--strategy-opt takes KEY=VALUE (for example max_draft=8); got {pair!r}")
+            raise ArgenError(f"--{what}-opt takes KEY=VALUE (for example {example}); got {pair!r}")
         if key == "name":
-            raise ArgenError("choose the strategy with --strategy NAME, not --strategy-opt name=...")
+            raise ArgenError(f"choose the {what} with --{what} NAME, not --{what}-opt name=...")
         try:
             opts[key] = json.loads(raw)
         except json.JSONDecodeError:
@@ -148,16 +151,22 @@ def _sampling_options(args: argparse.Namespace) -> dict[str, object]:
 
 def _generate(args: argparse.Namespace) -> int:
     from argen.api import load
+    from argen.cache.press import make_press
     from argen.sampling import SamplingParams
     from argen.strategies import make_strategy
 
     options = _sampling_options(args)
     strategy = {"name": args.strategy, **parse_strategy_opts(args.strategy_opt)}
+    press_opts = parse_strategy_opts(args.press_opt, "press", "budget=0.5")
+    if press_opts and args.press is None:
+        raise ArgenError("--press-opt needs --press NAME")
+    press = None if args.press is None else {"name": args.press, **press_opts}
     # Check the options before loading the model, which can take a while (or a download).
     try:
         prompt = _prompt(args)
         SamplingParams(**options)
         make_strategy(strategy)
+        make_press(press)
     except ValueError as exc:
         raise ArgenError(str(exc)) from exc
 
@@ -165,11 +174,11 @@ def _generate(args: argparse.Namespace) -> int:
     chat = not args.no_chat
     intervene = parse_interventions(args.intervene, gen.tokenizer) or None
     if args.json:
-        result = gen.generate(prompt, strategy=strategy, chat=chat, intervene=intervene, **options)
+        result = gen.generate(prompt, strategy=strategy, chat=chat, intervene=intervene, press=press, **options)
         print(json.dumps(result.as_dict() | ({"intervene": intervene} if intervene else {})))
         return 0
 
-    stream = gen.stream(prompt, strategy=strategy, chat=chat, intervene=intervene, **options)
+    stream = gen.stream(prompt, strategy=strategy, chat=chat, intervene=intervene, press=press, **options)
     for event in stream:
         sys.stdout.write(event.text)
         sys.stdout.flush()
@@ -203,6 +212,12 @@ def _models(args: argparse.Namespace) -> int:
         kind = "exact" if cls.exact else "lossy"
         opts = ", ".join(f"{k}={v!r}" for k, v in strategy_options(cls).items()) or "no options"
         print(f"  {name:<26} {kind}; {opts}")
+    from argen.cache.press import PRESSES, press_options
+
+    print("\nKV-cache presses (--press NAME, options with --press-opt KEY=VALUE; lossy below budget 1):")
+    for name, cls in sorted(PRESSES.items()):
+        opts = ", ".join(f"{k}={v!r}" for k, v in press_options(cls).items())
+        print(f"  {name:<26} {opts} ({cls.paper})")
     return 0
 
 

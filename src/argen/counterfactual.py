@@ -40,6 +40,11 @@ def counterfactual_request(result: Result, intervene: dict[int, int] | None, voc
     replay = result.extras.get("replay")
     if replay is None:
         raise InvalidRequestError("this Result carries no replay record; counterfactuals need a Result from argen")
+    if replay.get("press") is not None and replay["press"]["budget"] < 1:
+        # The replay prefills the output prefix in one pass, so a press would compress another cache
+        # than the original run's: the replay would not reproduce it.
+        raise InvalidRequestError("a counterfactual replays an unpressed cache; this Result was generated with a "
+                                  "KV-cache press below budget 1: generate it again without press")  # fmt: skip
     strategy = overrides.pop("strategy", replay["strategy"])
     params = SamplingParams(**(replay["params"] | overrides))
     intervene = check_interventions(intervene or {}, len(result.token_ids), vocab_size)

@@ -191,6 +191,20 @@ class SeqKV:
         for t in (self.pool.k, self.pool.v):
             t[:, :, target // size, target % size] = t[:, :, source // size, source % size]
 
+    def rewrite(self, first: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Replace positions `first` .. with `k`, `v` [layers, kv heads, m, head dim]: the cache then
+        holds first + m positions (a KV-cache press). The blocks past the new length go back to the
+        pool first, and a shared or registered block is copied before it is written (as `reserve`
+        does), so forks and the prefix cache keep their content."""
+        m = k.shape[2]
+        self.truncate(first)
+        self.reserve(m)
+        size = self.pool.block_size
+        target = self.slots(first, m)
+        self.pool.k[:, :, target // size, target % size] = k
+        self.pool.v[:, :, target // size, target % size] = v
+        self.lengths[0] = first + m
+
     def gathered(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This sequence's keys and values [layers, kv heads, length, head dim], copied out of the blocks
         (for tests and inspection)."""

@@ -21,6 +21,7 @@ from collections import defaultdict
 import torch
 
 from argen.cache.paged import SeqKV
+from argen.cache.press import PRESS_CHUNK
 from argen.engine.request import Event, Failure, Request, Result
 from argen.engine.sequence import Emit, Sequence
 from argen.logprobs import rows_logprobs
@@ -60,9 +61,28 @@ class DecodeBatch:
         pool = self._pool()
         if pool is None:
             return 0, 0
-        positions = len(request.prompt_ids) + self.engine.budget(request) + request.strategy.kv_slack()
+        budget, slack = self.engine.budget(request), request.strategy.kv_slack()
+        positions = len(request.prompt_ids) + budget + slack
         prefill = len(request.prompt_ids) + len(request.output_prefix) - 1
-        return -(-positions // pool.block_size), prefill // pool.block_size
+        if request.press is None:
+            return -(-positions // pool.block_size), prefill // pool.block_size
+        # Pressed: the worst case is the press's budget plus one step's growth (the whole output for a
+        # strategy whose output is one step), or a prefill chunk on top of a pressed prefix. Presses
+        # rewrite the prompt's blocks, so a request's forks share none of them for sure.
+        growth = budget + slack if request.strategy.whole_output_in_one_step else max(1, slack)
+        pressed = request.press.worst_positions(prefill, len(request.prompt_ids) + budget - 1, self._chunk(request),
+                                                growth, pool.block_size)  # fmt: skip
+        return -(-min(positions, pressed) // pool.block_size), 0
+
+    def _chunk(self, request: Request) -> int | None:
+        """Prompt positions per prefill pass for this request (None: the whole prompt at once). A set
+        prompt goes in one chunk (its members must not see each other); a press below budget 1 takes
+        chunks of at most PRESS_CHUNK, at the same boundaries in `generate` and the server."""
+        if request.prompt_mask is not None:
+            return None
+        if request.press is not None and request.press.budget < 1:
+            return min(self.prefill_chunk or PRESS_CHUNK, PRESS_CHUNK)
+        return self.prefill_chunk
 
     def can_admit(self, request: Request, pending_blocks: int = 0) -> bool:
         """Whether the request's worst case fits beside the admitted sequences' worst cases (and
@@ -186,6 +206,9 @@ class DecodeBatch:
                 seq.prompt_hidden.append(outs[id(seq)][-1].hidden)
             if self._cacheable(seq):  # the full blocks computed so far, for others with the same prompt
                 seq.state.cache.register_prefix(seq.fed[: seq.prefilled], seq.prefill_positions)
+            if seq.request.press is not None:  # compresses the prompt chunk by chunk: the prefill's peak stays low
+                seq.note_kv()  # the peak is before the press
+                seq.press()
             if seq.to_prefill == 0:
                 self._prefilled(seq, items, done)
         for seq in running:
@@ -217,8 +240,8 @@ class DecodeBatch:
                 if seq.to_prefill == 0:
                     continue  # all there now: the sequence starts next round
             start, end = seq.prefilled, len(seq.fed) - 1
-            if self.prefill_chunk and seq.prefill_mask is None:
-                end = min(end, (start // self.prefill_chunk + 1) * self.prefill_chunk)
+            if chunk := self._chunk(seq.request):
+                end = min(end, (start // chunk + 1) * chunk)
             n = end - start
             if budget is not None and chunks and n > budget:
                 continue
@@ -240,9 +263,13 @@ class DecodeBatch:
         return chunks
 
     def _cacheable(self, seq: Sequence) -> bool:
-        """Whether the sequence shares prompt blocks with others (prefix caching)."""
+        """Whether the sequence shares prompt blocks with others (prefix caching). Not under a press below
+        budget 1: it rewrites the blocks (they no longer hold the tokens' own keys), and it runs after
+        each prefill chunk, at fixed positions; taking a cached prefix of any length would press it
+        elsewhere, and the output would depend on what other requests left in the cache."""
         return (self.prefix_caching and isinstance(seq.state.cache, SeqKV) and seq.prefill_mask is None
-                and not seq.strategy.needs_prompt_hidden and seq.prompt_logprobs is None)  # fmt: skip
+                and not seq.strategy.needs_prompt_hidden and seq.prompt_logprobs is None
+                and (seq.request.press is None or seq.request.press.budget >= 1))  # fmt: skip
 
     def _prefilled(self, seq: Sequence, items: list, done: list) -> None:
         """The prompt is in the cache: fork it into the request's n samples (the prompt is prefilled

@@ -51,6 +51,9 @@ class Engine:
             raise InvalidRequestError("prompt_logprobs needs an ordinary prompt (token i after token i - 1), "
                                       "not a set prompt's layout")  # fmt: skip
         request.strategy.check(self.runtime, n, request.params)
+        if request.press is not None and not self.runtime.capabilities.paged_kv:
+            raise InvalidRequestError(f"press {request.press.name!r} rewrites the paged KV cache, which needs the native "
+                                      "runtime (load the model with runtime='native'; Llama-family models only)")  # fmt: skip
         if (grammar := grammar_of(request.params.response_format)) is not None:
             self.grammars.check(grammar)
         request.validated = True

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from argen.cache.press import Press
 from argen.logprobs import TokenLogprob
 from argen.sampling import SamplingParams
 from argen.strategies import Strategy
@@ -31,6 +32,8 @@ class Request:
     # (0..20; None: off). The prefill then computes logits for every prompt token, and the request
     # does not share prompt blocks with others (prefix caching).
     prompt_logprobs: int | None = None
+    # A KV-cache press (cache/press.py) compressing this request's cache; None: the cache holds everything.
+    press: Press | None = None
     # Set by Engine.validate: a request is checked once, wherever it enters (API, server, batch).
     validated: bool = field(default=False, repr=False, compare=False)
 

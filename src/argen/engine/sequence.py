@@ -62,7 +62,8 @@ class Sequence:
         params = dataclasses.replace(state.sampler.params, seed=request.params.seed + sample_index)
         constraint = None if state.sampler.constraint is None else state.sampler.constraint.fork()
         forked = DecodeState(state.runtime, state.cache.fork(), Sampler(params, request.forced, constraint), list(state.tokens),
-                             state.prompt_len, state.max_new_tokens, state.position_shift, eos_ids=state.eos_ids,
+                             state.prompt_len, state.max_new_tokens, state.position_shift, kv_evicted=state.kv_evicted,
+                             eos_ids=state.eos_ids,
                              prompt_hidden=state.prompt_hidden, batch_size=state.batch_size)  # fmt: skip
         other = Sequence(self.index, request, forked, self._tokenizer, self.eos_ids, self.prefill_positions,
                          self.prefill_mask)  # fmt: skip
@@ -80,6 +81,18 @@ class Sequence:
             blocks = {(id(c.pool), b) for c in paged for b in c.blocks}
             held += sum(c.pool.bytes_per_block() for c in paged[:1]) * len(blocks)
         self.peak_kv_bytes = max(self.peak_kv_bytes, held)
+
+    def press(self) -> None:
+        """Run the request's KV-cache press if it is due (between steps and after prefill chunks, never
+        inside a step). What it removes shifts the positions of the tokens that follow, so each keeps its
+        true position (token i at i + position_shift)."""
+        press, state = self.request.press, self.state
+        if press is None:
+            return
+        n = state.cache.lengths[0] + state.kv_evicted  # positions seen: the pending token is not in the cache
+        removed = press.apply(state.cache, n)
+        state.kv_evicted += removed
+        state.position_shift += removed
 
     @property
     def prefilling(self) -> bool:
@@ -99,6 +112,7 @@ class Sequence:
         self.stats.prefill_seconds = time.perf_counter() - self.started
         self.stats.prefill_passes = state.counters.forward_passes
         while self.finish_reason is None:
+            self.press()
             tokens = yield from strategy.step(state)
             yield Emit(tokens)
 
@@ -154,7 +168,11 @@ class Sequence:
             "prompt_positions": r.prompt_positions,
             "prompt_mask": r.prompt_mask,
             "forced": dict(r.forced or {}),
+            "press": None if r.press is None else r.press.spec(),
         }
+        if r.press is not None:
+            state.extras["press"] = {**r.press.spec(), "evicted_positions": state.kv_evicted,
+                                     "kept_positions": state.cache.lengths[0]}  # fmt: skip
         return Result(self.text.text, state.output, list(r.prompt_ids), self.finish_reason or "length", s,
                       params.seed, strategy.name, state.extras, self.index, self.sample_index,
                       self._logprobs(0, state.n_generated), self.prompt_logprobs)  # fmt: skip

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from argen.cache.press import Press
 from argen.errors import ArgenError
 from argen.strategies import Strategy, strategy_options
 
@@ -34,6 +35,12 @@ OPTION_LIMITS: dict[str, tuple[int, str]] = {
     "positive_prefix": (2000, "guided: characters of the control prefix the guide reads"),
     "negative_prefix": (2000, "guided: characters of the control prefix the guide reads"),
 }
+# Caps on KV-cache press options (cache/press.py), changed the same way: positions a press keeps
+# whatever the budget; they are clipped to the budget's positions, so the cap only refuses nonsense.
+PRESS_LIMITS: dict[str, tuple[int, str]] = {
+    "sinks": (1024, "streaming-llm, kvmerger: first positions always kept"),
+    "recent": (8192, "kvmerger: last positions never merged"),
+}
 # Caps on request fields that multiply a request's work, changed the same way (`--limit n=32`).
 REQUEST_LIMITS: dict[str, tuple[int, str]] = {
     "n": (16, "samples per request: each is a sequence of the batch (a slot of --max-batch) with its own KV cache "
@@ -42,7 +49,7 @@ REQUEST_LIMITS: dict[str, tuple[int, str]] = {
 
 
 def default_option_limits() -> dict[str, int]:
-    return {name: cap for name, (cap, _) in (OPTION_LIMITS | REQUEST_LIMITS).items()}
+    return {name: cap for name, (cap, _) in (OPTION_LIMITS | PRESS_LIMITS | REQUEST_LIMITS).items()}
 
 
 @dataclass(frozen=True)
@@ -56,9 +63,9 @@ class Limits:
         for pair in pairs:
             name, sep, raw = pair.partition("=")
             name = name.strip()
-            if name not in OPTION_LIMITS and name not in REQUEST_LIMITS:
+            if name not in OPTION_LIMITS and name not in PRESS_LIMITS and name not in REQUEST_LIMITS:
                 raise ArgenError(f"--limit {pair!r}: unknown limit {name!r}; limits: "
-                                 f"{', '.join([*OPTION_LIMITS, *REQUEST_LIMITS])}")  # fmt: skip
+                                 f"{', '.join([*OPTION_LIMITS, *PRESS_LIMITS, *REQUEST_LIMITS])}")  # fmt: skip
             if not sep or not raw.strip().isdigit() or int(raw) < 1:
                 raise ArgenError(f"--limit takes NAME=VALUE with a whole number >= 1 (e.g. num_beams=16); got {pair!r}")
             options[name] = int(raw)
@@ -83,4 +90,13 @@ class Limits:
                 unit = "characters" if isinstance(value, str) else "entries"
                 return (f"option {name} of strategy {strategy.name!r} has {len(value)} {unit}, but this server allows at "
                         f"most {cap}; shorten it")  # fmt: skip
+        return None
+
+    def check_press(self, press: Press) -> str | None:
+        """What is over a cap in `press`'s options (a message saying what to ask for), or None."""
+        for name, value in press.options().items():
+            cap = self.options.get(name) if name in PRESS_LIMITS else None
+            if cap is not None and isinstance(value, int) and value > cap:
+                return (f"option {name} of press {press.name!r} is {value}, but this server allows at most {cap} "
+                        f"({PRESS_LIMITS[name][1]}); ask for {cap} or less")  # fmt: skip
         return None

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pydantic import BaseModel
 
 from argen.api import Generator
+from argen.cache.press import Press, make_press
 from argen.engine import Request
 from argen.errors import InvalidRequestError
 from argen.sampling import SamplingParams, checked_logit_bias
@@ -94,7 +95,7 @@ def build_request(gen: Generator, body: CompletionRequest | ChatCompletionReques
         raise bad_request(str(exc), "strategy") from exc
     # echo + logprobs: the prompt's tokens are scored too (their logits computed in the prefill).
     scored = body.logprobs if echo and body.logprobs is not None else None
-    request = Request(prompt_ids, params, strategy, n=body.n, prompt_logprobs=scored)
+    request = Request(prompt_ids, params, strategy, n=body.n, prompt_logprobs=scored, press=_press(body, policy))
     try:
         gen.engine.validate(request)
     except InvalidRequestError as exc:
@@ -144,6 +145,20 @@ def _strategy(gen: Generator, body, policy: Policy):
     except InvalidRequestError as exc:
         raise bad_request(str(exc), "strategy") from exc
     return strategy
+
+
+def _press(body, policy: Policy) -> Press | None:
+    """The KV-cache press the request names (None: none), its options checked and within the limits."""
+    if body.press is None:
+        return None
+    spec = body.press if isinstance(body.press, str) else {"name": body.press.name, **body.press.model_extra}
+    try:
+        press = make_press(spec)
+    except InvalidRequestError as exc:
+        raise bad_request(str(exc), "press") from exc
+    if (over := policy.limits.check_press(press)) is not None:
+        raise bad_request(over, "press", code="limit_exceeded")
+    return press
 
 
 def _check_text(body: BaseModel) -> None:

@@ -109,6 +109,13 @@ class StrategySpec(BaseModel):
     name: str
 
 
+class PressSpec(BaseModel):
+    """An argen KV-cache press: its name plus its options (budget, ...; see `argen models`)."""
+
+    model_config = ConfigDict(extra="allow", **STRICT)  # the options are checked by make_press
+    name: str
+
+
 class _Sampling(_Body):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
@@ -144,6 +151,9 @@ class _Sampling(_Body):
     strategy: str | StrategySpec = Field(
         "plain",
         description='argen extension: a decoding strategy, a name or {"name": ..., option: value, ...}',
+    )
+    press: str | PressSpec | None = Field(
+        None, description='argen extension: a KV-cache press, a name or {"name": ..., "budget": fraction kept, ...}',
     )
     return_token_ids: bool = Field(False, description="argen extension: add token ids to the choices")
     response_format: ResponseFormat | None = Field(

@@ -70,7 +70,8 @@ class DecodeState:
     tokens: list[int]  # prompt + output so far; the last one is not in the cache yet
     prompt_len: int
     max_new_tokens: int
-    position_shift: int = 0  # position of token i is i + shift (non-zero after a set prompt)
+    position_shift: int = 0  # position of token i is i + shift (non-zero after a set prompt or a press)
+    kv_evicted: int = 0  # positions a KV-cache press removed (cache/press.py): also counted in position_shift
     counters: StepCounters = field(default_factory=StepCounters)
     extras: dict = field(default_factory=dict)  # strategy-specific records, returned with the Result
     eos_ids: frozenset[int] = frozenset()  # tokens that end the sequence (empty under ignore_eos)
@@ -143,6 +144,9 @@ class Strategy:
     # Whether start() reads the prompt's final hidden states (state.prompt_hidden); such sequences
     # compute their whole prompt (no prefix caching).
     needs_prompt_hidden: ClassVar[bool] = False
+    # Whether the whole output comes from one step (beam search): a KV-cache press, which runs between
+    # steps (cache/press.py), then compresses the prompt only, and the cache grows by the whole output.
+    whole_output_in_one_step: ClassVar[bool] = False
 
     def prepare(self, base) -> None:
         """Called by the Generator with the base LoadedModel before a request is built: a strategy

@@ -60,6 +60,7 @@ def refuse_logprobs(params, name: str) -> None:
 class Beam(Strategy):
     name = "beam"
     exact = False
+    whole_output_in_one_step = True
 
     def __init__(self, num_beams: int = 4, length_penalty: float = 1.0, early_stopping: bool | str = True) -> None:
         _check_common(num_beams, length_penalty, early_stopping)
