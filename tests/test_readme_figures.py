@@ -216,7 +216,24 @@ def serving_cases() -> list[str]:
             f"throughput, outputs identical {b['identical_outputs']}/{b['requests']}"]  # fmt: skip
 
 
-CLAIMS = {"fast_path": fast_path, "serving_cases": serving_cases, "speculative-fast": speculative_fast, "foundation": foundation, "speculative": speculative, "speculative-2threads": speculative_2threads,
+def structured() -> list[str]:
+    engines = {r[0].split()[0]: r for r in table("structured", "| engine |")}
+    us = {name: r[3].split(" / ") for name, r in engines.items()}
+    compile_ms = {name: r[2].split(" / ")[0] for name, r in engines.items()}
+    plain = next(r for r in table("structured", "| strategy |") if r[0] == "plain")
+    return [f"llguidance {us['llguidance'][0]} / {us['llguidance'][1]} µs, xgrammar {us['xgrammar'][0]} / "
+            f"{us['xgrammar'][1]} µs, outlines-core {us['outlines-core'][0]} / {us['outlines-core'][1]} µs; compiling a "
+            f"schema (median) {compile_ms['llguidance']} ms, {compile_ms['xgrammar']} ms, {compile_ms['outlines-core']} ms",
+            f"takes {plain[2]} ms a token against {plain[3]} ms unconstrained, the mask {plain[6]} of it"]  # fmt: skip
+
+
+def drift() -> list[str]:
+    """Every configuration's mean row of the drift report, as the README's table has it."""
+    return [f"| {r[0]} | {r[3]} | {r[4]} | {r[6]} | {r[7]} | {r[10]} |" for r in table("drift", "| configuration")
+            if r[1] == "all"]  # fmt: skip
+
+
+CLAIMS = {"structured": structured, "drift": drift, "fast_path": fast_path, "serving_cases": serving_cases, "speculative-fast": speculative_fast, "foundation": foundation, "speculative": speculative, "speculative-2threads": speculative_2threads,
           "jacobi-backoff": jacobi_backoff, "control": control, "serving": serving, "pass_cost": pass_cost,
           "draft_ceiling": draft_ceiling, "layer_skip": layer_skip}  # fmt: skip
 
