@@ -57,6 +57,7 @@ def masked_gap(real, case: dict, prompt_ids: list[int], prefix: list[int]) -> fl
     with torch.inference_mode():
         logits = real.model.hf_model(torch.tensor([prompt_ids + prefix])).logits[0, -1]
     request = Request(prompt_ids, SamplingParams(response_format=response_format(case["schema"])), make_strategy("plain"))
+    real.engine.validate(request)
     top = real.engine.constraint(request).apply(logits, prompt_ids + prefix).topk(2).values
     return float(top[0] - top[1])
 

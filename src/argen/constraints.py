@@ -16,6 +16,7 @@ whichever context it is asked about by rolling back to the common prefix and con
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import numpy as np
@@ -153,8 +154,6 @@ class Constraint:
 
     def allowed(self, context: list[int]) -> torch.Tensor:
         """A bool tensor over the vocabulary: which tokens may follow `context`."""
-        import time
-
         self._follow(list(context[self.prompt_len :]))
         started = time.perf_counter()
         bits = np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8)

@@ -54,14 +54,14 @@ class Engine:
         if request.press is not None and not self.runtime.capabilities.paged_kv:
             raise InvalidRequestError(f"press {request.press.name!r} rewrites the paged KV cache, which needs the native "
                                       "runtime (load the model with runtime='native'; Llama-family models only)")  # fmt: skip
-        if (grammar := grammar_of(request.params.response_format)) is not None:
-            self.grammars.check(grammar)
+        request.grammar = grammar_of(request.params.response_format)
+        if request.grammar is not None:
+            self.grammars.check(request.grammar)
         request.validated = True
 
     def constraint(self, request: Request) -> Constraint | None:
-        """A fresh grammar state for one sequence of the request (None: no response_format)."""
-        grammar = grammar_of(request.params.response_format)
-        return None if grammar is None else self.grammars.constraint(grammar, len(request.prompt_ids))
+        """A fresh grammar state for one sequence of the validated request (None: no response_format)."""
+        return None if request.grammar is None else self.grammars.constraint(request.grammar, len(request.prompt_ids))
 
     def budget(self, request: Request) -> int:
         """How many tokens the request may generate: max_new_tokens, capped by the context."""

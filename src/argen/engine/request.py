@@ -36,6 +36,7 @@ class Request:
     press: Press | None = None
     # Set by Engine.validate: a request is checked once, wherever it enters (API, server, batch).
     validated: bool = field(default=False, repr=False, compare=False)
+    grammar: str | None = field(default=None, repr=False, compare=False)  # its response_format, compiled once
 
 
 @dataclass
