@@ -294,6 +294,9 @@ def _add_serve(sub) -> None:
                         "(default: %(default)s)")  # fmt: skip
     p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
                    help="compute every prompt in full instead of reusing the blocks of a prefix seen before")
+    p.add_argument("--kv-blocks", type=int, default=None,
+                   help="KV-cache blocks (16 positions each) the running requests may hold: a request is admitted "
+                        "when its worst case fits beside the others' (default: the whole KV memory)")  # fmt: skip
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     r = p.add_argument_group("Ray Serve (pip install 'argen[ray]')")
     r.add_argument("--replicas", type=int, default=0,
@@ -321,6 +324,8 @@ def _serve(args: argparse.Namespace) -> int:
         raise ArgenError("--prefill-chunk and --step-tokens must be >= 0 (0: off)")
     if args.prefill_chunk and args.step_tokens and args.step_tokens < args.prefill_chunk:
         raise ArgenError("--step-tokens must be at least --prefill-chunk, or a chunk could never run")
+    if args.kv_blocks is not None and args.kv_blocks < 1:
+        raise ArgenError("--kv-blocks must be >= 1 (leave it out for the whole KV memory)")
     if args.api_key is not None and not args.api_key.strip():
         raise ArgenError("--api-key (or ARGEN_API_KEY) is empty; give a key, or unset it to serve without one")
     if args.replicas < 0 or args.replica_cpus < 0 or args.replica_gpus < 0:
@@ -347,7 +352,7 @@ def _serve(args: argparse.Namespace) -> int:
                  max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY_BYTES, max_connections=args.max_connections,
                  timeout_keep_alive=args.timeout_keep_alive, request_timeout=args.request_timeout,
                  prefill_chunk=args.prefill_chunk or None, step_tokens=args.step_tokens or None,
-                 prefix_caching=args.prefix_caching)  # fmt: skip
+                 prefix_caching=args.prefix_caching, kv_blocks=args.kv_blocks)  # fmt: skip
 
 
 # -- batch, chat (their options and code live in argen.jobs and argen.chat) ----------------------

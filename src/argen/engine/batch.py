@@ -36,12 +36,14 @@ class DecodeBatch:
     `step` runs one round, `remove` drops sequences (cancelled by a client)."""
 
     def __init__(self, engine, token_budget: int | None = None, prefill_chunk: int | None = None,
-                 prefix_caching: bool = True) -> None:  # fmt: skip
+                 prefix_caching: bool = True, kv_blocks: int | None = None) -> None:  # fmt: skip
         """`token_budget`: tokens per round, decode feeds first (None: no limit); `prefill_chunk`:
         prompt tokens per prefill pass (None: a whole prompt at once); `prefix_caching`: reuse cached
-        blocks of prompts that start the same way (paged runtimes)."""
+        blocks of prompts that start the same way (paged runtimes); `kv_blocks`: the KV blocks the
+        admitted sequences' worst cases may add up to (None: the whole pool)."""
         self.engine = engine
         self.token_budget, self.prefill_chunk, self.prefix_caching = token_budget, prefill_chunk, prefix_caching
+        self.kv_blocks = kv_blocks
         self.sequences: list[Sequence] = []
         self.reserved_blocks = 0  # worst-case KV blocks of the sequences admitted (see can_admit)
 
@@ -88,9 +90,17 @@ class DecodeBatch:
         """Whether the request's worst case fits beside the admitted sequences' worst cases (and
         `pending_blocks` about to be admitted), so that an admitted request never runs out of KV
         memory midway."""
+        limit = self.kv_blocks_limit()
+        return limit is None or self.reserved_blocks + pending_blocks + self.blocks_needed(request) <= limit
+
+    def kv_blocks_limit(self) -> int | None:
+        """The KV blocks admission may reserve: the pool's, or fewer if `kv_blocks` says so (None: no
+        paged pool). Since every admitted sequence's worst case is reserved, the running sequences never
+        hold more (but for a lone request larger than the limit, which the scheduler runs by itself)."""
         pool = self._pool()
-        needed = self.reserved_blocks + pending_blocks + self.blocks_needed(request)
-        return pool is None or needed <= pool.max_blocks
+        if pool is None:
+            return None
+        return pool.max_blocks if self.kv_blocks is None else min(self.kv_blocks, pool.max_blocks)
 
     def admit(self, index: int, request: Request) -> Sequence:
         engine = self.engine
@@ -139,6 +149,17 @@ class DecodeBatch:
         if pool is None:
             return sum(s.state.cache.peak_bytes for s in self.sequences)
         return pool.held_bytes
+
+    def kv_blocks_held(self) -> tuple[int, int]:
+        """KV blocks the running sequences hold now, and the most they held at once since
+        `reset_kv_peak` (inside rounds too: a prefill chunk before its press); (0, 0) without a pool."""
+        pool = self._pool()
+        return (0, 0) if pool is None else (pool.held, pool.peak_held)
+
+    def reset_kv_peak(self) -> None:
+        pool = self._pool()
+        if pool is not None:
+            pool.peak_held = pool.held
 
     def kv_bytes_used(self) -> int:
         """KV bytes the running sequences' lengths need (what an unpadded cache would hold)."""

@@ -24,8 +24,18 @@ class Metrics:
                                    "blocks; blocks shared by several count once)", registry=r)  # fmt: skip
         self.kv_bytes_used = Gauge("argen_kv_bytes_used", "KV-cache bytes the running sequences' lengths need",
                                    registry=r)  # fmt: skip
+        self.kv_blocks_held = Gauge("argen_kv_blocks_held", "KV-cache blocks (16 positions) held by running "
+                                    "sequences", registry=r)  # fmt: skip
+        self.kv_blocks_held_peak = Gauge("argen_kv_blocks_held_peak", "Most KV-cache blocks held at once since the "
+                                         "server started (inside steps too)", registry=r)  # fmt: skip
+        self.kv_blocks_limit = Gauge("argen_kv_blocks_limit", "KV-cache blocks the admitted requests' worst cases "
+                                     "may add up to (--kv-blocks, or the whole KV memory)", registry=r)  # fmt: skip
         self.waiting = Gauge("argen_queue_depth", "Requests waiting to join the running batch", registry=r)
         self.running = Gauge("argen_running_requests", "Requests in the running batch", registry=r)
+        self.sequences = Gauge("argen_running_sequences", "Sequences in the running batch (prefilling or "
+                               "decoding; a request of n samples counts n once forked)", registry=r)  # fmt: skip
+        self.sequences_peak = Gauge("argen_running_sequences_peak", "Most sequences in the running batch at once "
+                                    "since the server started", registry=r)  # fmt: skip
         self.batch_size = Histogram("argen_batch_size", "Sequences per scheduler step", buckets=BATCH_BUCKETS,
                                     registry=r)  # fmt: skip
         self.step_seconds = Histogram("argen_step_seconds", "Wall time of one scheduler step (all sequences)",

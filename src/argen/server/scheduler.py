@@ -62,13 +62,17 @@ class Ticket:
 class Scheduler:
     def __init__(self, engine: Engine, metrics: Metrics, max_batch: int = 32, max_queue: int = 128,
                  prefill_chunk: int | None = PREFILL_CHUNK, step_tokens: int | None = STEP_TOKENS,
-                 prefix_caching: bool = True) -> None:  # fmt: skip
-        """`prefill_chunk` / `step_tokens` None: whole prompts, no per-round limit (no chunked prefill)."""
-        if max_batch < 1 or max_queue < 0 or (prefill_chunk or 1) < 1 or (step_tokens or 1) < 1:
-            raise ValueError("max_batch, prefill_chunk and step_tokens must be >= 1 and max_queue >= 0")
+                 prefix_caching: bool = True, kv_blocks: int | None = None) -> None:  # fmt: skip
+        """`prefill_chunk` / `step_tokens` None: whole prompts, no per-round limit (no chunked prefill);
+        `kv_blocks`: KV blocks the running requests' worst cases may add up to (None: the whole pool)."""
+        bad_blocks = kv_blocks is not None and kv_blocks < 1
+        if max_batch < 1 or max_queue < 0 or (prefill_chunk or 1) < 1 or (step_tokens or 1) < 1 or bad_blocks:
+            raise ValueError("max_batch, prefill_chunk, step_tokens and kv_blocks must be >= 1 and max_queue >= 0")
         self.engine, self.metrics = engine, metrics
         self.max_batch, self.max_queue = max_batch, max_queue
         self.prefill_chunk, self.step_tokens, self.prefix_caching = prefill_chunk, step_tokens, prefix_caching
+        self.kv_blocks = kv_blocks
+        self.peak_sequences = 0
         self.batch = self._new_batch()
         self._waiting: deque[Ticket] = deque()
         self._running: dict[int, Ticket] = {}
@@ -81,12 +85,16 @@ class Scheduler:
 
     def _new_batch(self) -> DecodeBatch:
         return DecodeBatch(self.engine, token_budget=self.step_tokens, prefill_chunk=self.prefill_chunk,
-                           prefix_caching=self.prefix_caching)  # fmt: skip
+                           prefix_caching=self.prefix_caching, kv_blocks=self.kv_blocks)  # fmt: skip
 
     # -- called from the event loop ------------------------------------------------------------
     def start(self) -> None:
         with self._cond:
             if self._thread is None:
+                self.batch.reset_kv_peak()  # the peaks are this server's
+                limit = self.batch.kv_blocks_limit()
+                if limit is not None:
+                    self.metrics.kv_blocks_limit.set(limit)
                 self._thread = threading.Thread(target=self._loop, name="argen-scheduler", daemon=True)
                 self._thread.start()
 
@@ -181,9 +189,14 @@ class Scheduler:
             return
         t0 = time.perf_counter()
         self.metrics.batch_size.observe(len(self.batch))
+        self._count_sequences()
         items = self.batch.step()
+        self._count_sequences()
         self.metrics.kv_bytes_held.set(self.batch.kv_bytes_held())
         self.metrics.kv_bytes_used.set(self.batch.kv_bytes_used())
+        held, peak = self.batch.kv_blocks_held()
+        self.metrics.kv_blocks_held.set(held)
+        self.metrics.kv_blocks_held_peak.set(peak)
         elapsed = time.perf_counter() - t0
         self.metrics.step_seconds.observe(elapsed)
         self.step_seconds = 0.9 * self.step_seconds + 0.1 * elapsed if self.step_seconds else elapsed
@@ -211,6 +224,13 @@ class Scheduler:
                 _log_failure(ticket, item.error, "while decoding")
                 self._finish(ticket, item.error, "error")
         self.metrics.running.set(len(self._running))
+
+    def _count_sequences(self) -> None:
+        """Sequences running now, and the most at once (before a round: those just admitted; after:
+        a request's n samples, forked during the round)."""
+        self.peak_sequences = max(self.peak_sequences, len(self.batch))
+        self.metrics.sequences.set(len(self.batch))
+        self.metrics.sequences_peak.set(self.peak_sequences)
 
     def _drop_cancelled(self) -> None:
         """Cancelled requests leave the batch, every one of their samples with them."""
