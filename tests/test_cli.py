@@ -170,6 +170,14 @@ def test_serve_passes_the_scheduling_options_to_the_server(capsys, monkeypatch):
     monkeypatch.setattr("argen.server.serve.serve", lambda gen, host, port, **options: seen.update(options) or 0)
     assert run_cli(capsys, "serve", *TINY, "--prefill-chunk", "0", "--no-prefix-caching")[0] == 0
     assert seen["prefill_chunk"] is None and seen["step_tokens"] == 1024 and seen["prefix_caching"] is False
+    assert seen["kv_blocks"] is None
+    assert run_cli(capsys, "serve", *TINY, "--kv-blocks", "300")[0] == 0 and seen["kv_blocks"] == 300
+
+
+def test_serve_kv_blocks_below_one_is_refused_before_loading(capsys, monkeypatch):
+    monkeypatch.setattr("argen.api.load", lambda *a, **k: pytest.fail("loaded a model for a bad option"))
+    code, _, err = run_cli(capsys, "serve", *TINY, "--kv-blocks", "0")
+    assert code == 2 and "--kv-blocks must be >= 1" in err
 
 
 def test_structured_output_flags(capsys, tmp_path):
