@@ -62,3 +62,26 @@ def test_a_pool_forgets_its_cached_blocks_on_request():
     seq.free()
     assert len(pool.evictable) == 2 and pool.held == 0  # kept for prefix hits after the sequence ended
     assert pool.drop_cached() == 2 and not pool.by_hash and len(pool.free) == 4
+
+
+def test_press_capacity_case_measures_the_sequences_held_in_the_same_kv_blocks(tmp_path):
+    """A small press-capacity run: room for 2 unpressed requests' worst cases; the servers' gauges
+    must show 2 running at once without a press, more with one, and never more blocks than given."""
+    out = tmp_path / "out"
+    assert serving.main(["--model", "tiny-random", "--case", "press-capacity", "--clients", "6", "--long-tokens", "600",
+                         "--max-tokens", "8", "--fit", "2", "--budgets", "0.35", "--threads", "1", "--questions",
+                         str(_questions(tmp_path)), "--out", str(out), "--allow-dirty"]) == 0  # fmt: skip
+    results = json.loads((out / "results.json").read_text())
+    unpressed, pressed = results["configs"]["no press"], results["configs"]["streaming-llm 0.35"]
+    assert results["kv_blocks"] == 2 * unpressed["reserved_blocks"] == unpressed["kv_blocks_limit"]
+    assert unpressed["peak_sequences"] == unpressed["fit_by_admission"] == 2
+    assert 2 < pressed["peak_sequences"] <= pressed["fit_by_admission"]
+    assert pressed["sequences_vs_no_press"] == pressed["peak_sequences"] / 2
+    for config in (unpressed, pressed):
+        assert 0 < config["peak_blocks"] <= results["kv_blocks"] and config["completion_tokens"] == 6 * 8
+        assert max(s for _, s, _ in config["timeline"]) <= config["peak_sequences"]
+    assert unpressed["token_agreement"] == 1.0 and 0 <= pressed["token_agreement"] <= 1
+    assert min(results["prompt_tokens"]) >= 600
+    report = (out / "report.md").read_text()
+    assert "most sequences running at once (measured)" in report and (out / "capacity.png").stat().st_size > 0
+    assert "--case press-capacity" in report and f"`--kv-blocks {results['kv_blocks']}`" in report

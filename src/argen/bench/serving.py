@@ -6,6 +6,10 @@ generates exactly that many) one after another, then the same N all at once, and
 `report.md`, `results.json` and `latency.png`: total throughput both ways and their ratio, p50/p99
 latency and time to first token, whether the concurrent outputs equal the sequential ones, and
 the machine.
+
+`--case NAME` runs one of the cases instead: `shared-prefix`, `burst`, `multi-turn` (two server
+configurations on the same requests, serving_cases.py) and `press-capacity` (how many concurrent
+long sequences a KV-cache press lets the server hold in the same `--kv-blocks`, serving_capacity.py).
 """
 
 from __future__ import annotations
@@ -99,9 +103,13 @@ def _run(args: argparse.Namespace) -> dict:
     all_questions = read_questions(args.questions or find_questions_file())
     gen = argen.load(args.model)
     if args.case != "concurrency":
+        from argen.bench.serving_capacity import run_capacity
         from argen.bench.serving_cases import run_case
 
-        results = run_case(args.case, gen, args.model, all_questions, args)
+        if args.case == "press-capacity":
+            results = run_capacity(gen, args.model, all_questions, args)
+        else:
+            results = run_case(args.case, gen, args.model, all_questions, args)
         return results | {"command": args.command, "model": args.model, "threads": args.threads,
                           "max_tokens": args.max_tokens,
                           "machine": machine_info(getattr(args, "git_state", None)) | {"load_average": os.getloadavg()}}
@@ -158,10 +166,11 @@ def _run(args: argparse.Namespace) -> dict:
 def write_report(results: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     if results.get("case", "concurrency") != "concurrency":
+        from argen.bench.serving_capacity import write_capacity_report
         from argen.bench.serving_report import write_case_report
 
         (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-        write_case_report(results, out)
+        (write_capacity_report if results["case"] == "press-capacity" else write_case_report)(results, out)
         return
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     _plot(results, out / "latency.png")
@@ -247,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m argen.bench.serving", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("--model", default="default")
-    parser.add_argument("--case", default="concurrency", choices=["concurrency", "shared-prefix", "burst", "multi-turn"],
+    parser.add_argument("--case", default="concurrency",
+                        choices=["concurrency", "shared-prefix", "burst", "multi-turn", "press-capacity"],
                         help="concurrency: N requests one after another, then at once (default); the others compare "
                              "two server configurations on the same requests (see argen/bench/serving_cases.py)")
     parser.add_argument("--strategy", default="plain", help="concurrency: each request's strategy (default: plain)")
@@ -260,7 +270,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--step-tokens", type=int, default=None,
                         help="the cases' first configuration: tokens per scheduler step (default: the server's)")
     parser.add_argument("--long", type=int, default=8, help="burst: long prompts (default: %(default)s)")
-    parser.add_argument("--long-tokens", type=int, default=1500, help="burst: tokens per long prompt")
+    parser.add_argument("--long-tokens", type=int, default=1500,
+                        help="burst, press-capacity: tokens per long prompt (default: %(default)s)")
+    parser.add_argument("--kv-blocks", type=int, default=None,
+                        help="press-capacity: the servers' KV memory in blocks of 16 positions (default: --fit times "
+                             "one unpressed request's worst case)")
+    parser.add_argument("--fit", type=int, default=5,
+                        help="press-capacity: unpressed requests the default --kv-blocks holds (default: %(default)s)")
+    parser.add_argument("--press", default="streaming-llm", help="press-capacity: the press (default: %(default)s)")
+    parser.add_argument("--budgets", default="0.5,0.35",
+                        help="press-capacity: the press's budgets, comma-separated (default: %(default)s)")
     parser.add_argument("--turns", type=int, default=4, help="multi-turn: turns per chat (default: %(default)s)")
     parser.add_argument("--gap", type=float, default=0.25,
                         help="seconds between requests that arrive one by one (shared-prefix, burst)")
@@ -272,8 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--allow-dirty", action="store_true",
                         help="write the report even though the working tree has uncommitted changes (recorded)")
     args = parser.parse_args(argv)
-    if args.clients < 1 or args.max_tokens < 1 or args.threads < 1:
-        parser.error("--clients, --max-tokens and --threads must be >= 1")
+    if args.clients < 1 or args.max_tokens < 1 or args.threads < 1 or args.fit < 1 or (
+            args.kv_blocks is not None and args.kv_blocks < 1):
+        parser.error("--clients, --max-tokens, --threads, --fit and --kv-blocks must be >= 1")
     args.git_state = git_state()
     require_clean(args.git_state, args.allow_dirty)
     args.command = portable_command(["python", "-m", "argen.bench.serving", *(sys.argv[1:] if argv is None else argv)])

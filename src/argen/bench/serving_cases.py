@@ -9,6 +9,9 @@ loopback ports, sends them the same requests, and compares:
   prefill (the default) and with whole prompts prefilled at once (as before chunking): the short
   requests' time to first token, and the decode throughput of the whole run.
 - `multi-turn`: chats whose every turn resends the whole history, with and without prefix caching.
+- `press-capacity` (serving_capacity.py): N long prompts at once into the same KV memory
+  (`--kv-blocks`), without a press and with a press at each budget: the most sequences the server
+  held at once, and the KV blocks they held.
 
 Every figure comes with the outputs' check: both configurations must give the same tokens.
 """
@@ -90,14 +93,15 @@ class KVSampler:
 
 
 def chat_once(url: str, model: str, messages: list[dict], max_tokens: int, delay: float = 0.0,
-              strategy: str = "plain") -> dict:  # fmt: skip
-    """One streaming chat request after `delay` seconds; client-side timings and the token ids."""
+              strategy: str = "plain", press: dict | None = None) -> dict:  # fmt: skip
+    """One streaming chat request after `delay` seconds (with a KV-cache press if given); client-side
+    timings and the token ids."""
     from argen.bench.serving import stream_request
 
     time.sleep(delay)
     body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "ignore_eos": True, "return_token_ids": True, "stream_options": {"include_usage": True},
-            "strategy": strategy}  # fmt: skip
+            "strategy": strategy} | ({"press": press} if press else {})  # fmt: skip
     return stream_request(url, "/v1/chat/completions", body)
 
 
