@@ -216,6 +216,23 @@ def serving_cases() -> list[str]:
             f"throughput, outputs identical {b['identical_outputs']}/{b['requests']}"]  # fmt: skip
 
 
+def press_capacity() -> list[str]:
+    """The capacity case's figures (nothing until its report is committed: run it, then this test says
+    the sentence README.md must hold)."""
+    if not (BENCH / "serving/press-capacity/results.json").is_file():
+        return []
+    r = results("serving/press-capacity")
+    c = list(r["configs"].values())
+    if len(c) != 3:
+        return [f"press-capacity: three configurations expected (no press, two budgets), got {len(c)}"]
+    return [f"the most sequences the server held at once: {c[0]['peak_sequences']:.0f} without a press, "
+            f"{c[1]['peak_sequences']:.0f} at budget {c[1]['press']['budget']:g} ({c[1]['sequences_vs_no_press']:.2f}×) and "
+            f"{c[2]['peak_sequences']:.0f} at {c[2]['press']['budget']:g} ({c[2]['sequences_vs_no_press']:.2f}×), in "
+            f"{r['kv_blocks']} KV blocks; the most blocks held at once {c[0]['peak_blocks']:.0f}, {c[1]['peak_blocks']:.0f} "
+            f"and {c[2]['peak_blocks']:.0f}; wall time {c[0]['wall_s']:.0f} s, {c[1]['wall_s']:.0f} s and "
+            f"{c[2]['wall_s']:.0f} s"]  # fmt: skip
+
+
 def structured() -> list[str]:
     engines = {r[0].split()[0]: r for r in table("structured", "| engine |")}
     us = {name: r[3].split(" / ") for name, r in engines.items()}
@@ -233,7 +250,7 @@ def drift() -> list[str]:
             if r[1] == "all"]  # fmt: skip
 
 
-CLAIMS = {"structured": structured, "drift": drift, "fast_path": fast_path, "serving_cases": serving_cases, "speculative-fast": speculative_fast, "foundation": foundation, "speculative": speculative, "speculative-2threads": speculative_2threads,
+CLAIMS = {"press-capacity": press_capacity, "structured": structured, "drift": drift, "fast_path": fast_path, "serving_cases": serving_cases, "speculative-fast": speculative_fast, "foundation": foundation, "speculative": speculative, "speculative-2threads": speculative_2threads,
           "jacobi-backoff": jacobi_backoff, "control": control, "serving": serving, "pass_cost": pass_cost,
           "draft_ceiling": draft_ceiling, "layer_skip": layer_skip}  # fmt: skip
 
