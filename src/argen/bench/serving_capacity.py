@@ -31,7 +31,7 @@ QUESTION = "\n\nSummarize the text above."
 class Timeline:
     """Polls /metrics while a configuration runs: (seconds since start, sequences running, blocks held)."""
 
-    def __init__(self, url: str, every: float = 0.1) -> None:
+    def __init__(self, url: str, every: float = 0.25) -> None:
         self.url, self.every = url, every
         self.points: list[tuple[float, float, float]] = []
         self._stop = threading.Event()
