@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from argen.cache.press import PRESS_CHUNK, PRESSES, KVMerger, StreamingLLM, make_press
+from argen.cache.press import PRESS_CHUNK, PRESSES, KVMerger, StreamingLLM, make_press, press_options
 from argen.engine import Request, Result
 from argen.engine.batch import DecodeBatch
 from argen.engine.sequence import Sequence
@@ -19,13 +19,15 @@ from argen.sampling import SamplingParams
 from argen.strategies import make_strategy
 
 GREEDY = {"temperature": 0.0, "ignore_eos": True}
+# The presses that keep a budget's share of the positions (the quantizing ones: test_quant_press.py).
+BUDGETED = sorted(name for name, cls in PRESSES.items() if "budget" in press_options(cls))
 # A repetitive prompt, so that prompt-lookup's drafts are sometimes accepted even on a random model.
 PROMPTS = [[(7 * i) % 50 + 3 for i in range(90)], list(range(3, 120)), [5, 9, 11, 5, 9, 11] * 12]
 STRATEGIES = ["plain", {"name": "prompt-lookup", "adaptive": False, "max_draft": 4}, {"name": "beam", "num_beams": 2}]
 
 
 def press_specs(budget: float) -> list[dict]:
-    return [{"name": name, "budget": budget} for name in sorted(PRESSES)]
+    return [{"name": name, "budget": budget} for name in BUDGETED]
 
 
 def run_together(gen, strategy, presses: list, max_new_tokens: int) -> list[list]:
@@ -91,7 +93,7 @@ def reference(gen, prompt: list[int], press, steps: int, true_positions: bool = 
     return tokens[len(prompt) :]
 
 
-@pytest.mark.parametrize("name", sorted(PRESSES))
+@pytest.mark.parametrize("name", BUDGETED)
 def test_tokens_after_an_eviction_keep_their_true_positions(tiny, name):
     press = make_press({"name": name, "budget": 0.3})
     prompt = [(11 * i) % 251 + 3 for i in range(300)]  # three prefill chunks, pressed after each
@@ -216,7 +218,7 @@ def test_admission_reserves_the_pressed_worst_case(tiny):
     params = SamplingParams(max_new_tokens=60, **GREEDY)
     plain = Request(prompt, params, make_strategy("plain"))
     pressed = [Request(prompt, params, make_strategy(s), press=make_press({"name": name, "budget": 0.5}))
-               for name in sorted(PRESSES) for s in ("plain", {"name": "prompt-lookup", "max_draft": 4})]  # fmt: skip
+               for name in BUDGETED for s in ("plain", {"name": "prompt-lookup", "max_draft": 4})]  # fmt: skip
     batch = DecodeBatch(tiny.engine, prefill_chunk=64)
     # 400 + 60 positions, 29 blocks; pressed to half, chunk by chunk: about half as many.
     assert batch.blocks_needed(plain) == 29
@@ -272,7 +274,7 @@ def test_a_server_admits_more_pressed_sequences(tiny):
     batch = DecodeBatch(tiny.engine, prefill_chunk=512)
     unpressed = batch.blocks_needed(Request(prompt, params, make_strategy("plain")))
     for budget, at_least in [(0.5, 1.8), (0.35, 2.0)]:
-        for name in sorted(PRESSES):
+        for name in BUDGETED:
             request = Request(prompt, params, make_strategy("plain"), press=make_press({"name": name, "budget": budget}))
             assert unpressed / batch.blocks_needed(request) >= at_least
 
@@ -292,6 +294,13 @@ def test_presses_need_the_paged_cache(tiny_gpt2):
     ({"name": "streaming-llm", "sinks": 2.5}, "sinks must be a whole number"),
     ({"name": "streaming-llm", "window": 8}, "unknown option(s) window"),
     ({"name": "h2o"}, "unknown press 'h2o'"),
+    ({"name": "kv-quant", "bits": 3}, "bits must be one of 2, 4, 8"),
+    ({"name": "kv-quant", "bits": True}, "bits must be one of 2, 4, 8"),
+    ({"name": "kv-quant", "budget": 0.5}, "unknown option(s) budget"),
+    ({"name": "gear", "rank": 65}, "rank must be a whole number from 0 to 64"),
+    ({"name": "gear", "rank": -1}, "rank must be a whole number"),
+    ({"name": "gear", "outliers": 0.9}, "outliers must be a finite number in [0, 0.5]"),
+    ({"name": "gear", "outliers": float("inf")}, "outliers must be a finite number"),
     ({"budget": 0.5}, "a press is a name"),
     (5, "a press is a name"),
 ])  # fmt: skip

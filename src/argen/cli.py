@@ -56,7 +56,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--strategy", default="plain", help="decoding strategy; see 'argen models' (default: %(default)s)")
     p.add_argument("--strategy-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="strategy option (repeatable); VALUE is read as JSON, else as a string")  # fmt: skip
-    p.add_argument("--press", help="KV-cache press (streaming-llm, kvmerger; see 'argen models'); default: none")
+    p.add_argument("--press", help="KV-cache press (streaming-llm, kvmerger, kv-quant, gear; see 'argen models'); default: none")
     p.add_argument("--press-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="press option (repeatable), e.g. budget=0.5 (the fraction of positions kept)")  # fmt: skip
     p.add_argument("--no-chat", action="store_true", help="feed the prompt as raw text, without the chat template")
@@ -214,7 +214,7 @@ def _models(args: argparse.Namespace) -> int:
         print(f"  {name:<26} {kind}; {opts}")
     from argen.cache.press import PRESSES, press_options
 
-    print("\nKV-cache presses (--press NAME, options with --press-opt KEY=VALUE; lossy below budget 1):")
+    print("\nKV-cache presses (--press NAME, options with --press-opt KEY=VALUE; lossy below budget 1, quantizing ones always):")
     for name, cls in sorted(PRESSES.items()):
         opts = ", ".join(f"{k}={v!r}" for k, v in press_options(cls).items())
         print(f"  {name:<26} {opts} ({cls.paper})")

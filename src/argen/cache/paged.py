@@ -9,6 +9,10 @@ sequence, prefix caching, copy-on-write forks (as vLLM's `KVCacheManager` and SG
 - `SeqKV` is one sequence's cache: its block table and length. It has the old single-row KVCache's
   interface (`lengths`, `reserve`, `truncate`, `move_slots`, byte accounting), so strategies see no
   difference, plus `fork` (beams, drafts that share a prefix) with copy-on-write.
+- A quantizing press (`kv-quant`, `gear`) moves a sequence's oldest whole blocks into a compressed
+  store (`SeqKV.quantized`, cache/quant.py) and gives the blocks back: the block table then starts
+  at position `SeqKV.offset`, and attention reads the store (dequantized one layer at a time) before
+  the blocks.
 - Prefix caching: a full block whose tokens follow a known prefix is addressed by a hash of (the
   previous block's hash, its tokens, its positions). A new sequence with the same prompt start reuses
   those blocks instead of computing them. Blocks nobody holds stay cached until space is needed, and
@@ -21,6 +25,8 @@ import hashlib
 from collections import OrderedDict
 
 import torch
+
+from argen.cache.quant import QuantizedKV, compress
 
 BLOCK_SIZE = 16  # positions per block (vLLM's default): short requests waste at most 15 slots each
 
@@ -125,7 +131,8 @@ def block_hash(previous: bytes, tokens: list[int], positions: list[int]) -> byte
 
 class SeqKV:
     """One sequence's keys and values in a BlockPool: a block table and a length. `max_len` is the
-    most positions the sequence may hold (its request's budget); reserving past it is an error."""
+    most positions the sequence may hold (its request's budget); reserving past it is an error.
+    Positions before `offset` (0 unless a quantizing press ran) are in `quantized`, not in blocks."""
 
     def __init__(self, pool: BlockPool, max_len: int) -> None:
         self.pool, self.max_len = pool, max_len
@@ -133,6 +140,13 @@ class SeqKV:
         self.lengths = [0]  # the KVCache interface: one row
         self.peak_length = 0
         self.hashes: list[bytes] = []  # prefix hashes of the leading full blocks that are registered
+        self.quantized: QuantizedKV | None = None
+        self.peak_quantized_bytes = 0  # the most bytes held at once, once a part is quantized
+
+    @property
+    def offset(self) -> int:
+        """The first position held in blocks (the ones before it are quantized)."""
+        return 0 if self.quantized is None else self.quantized.positions
 
     @property
     def length(self) -> int:
@@ -149,8 +163,8 @@ class SeqKV:
         end = length + new_tokens
         if end > self.max_len:
             raise ValueError(f"KV cache overflow: {end} positions needed, {self.max_len} allotted")
-        first_written = length // size
-        for i in range(first_written, min(len(self.blocks), -(-end // size))):
+        first_written = (length - self.offset) // size
+        for i in range(first_written, min(len(self.blocks), -(-(end - self.offset) // size))):
             block = self.blocks[i]
             if self.pool.refs[block] > 1 or block in self.pool.hash_of:
                 fresh = self.pool.allocate()
@@ -158,15 +172,21 @@ class SeqKV:
                 self.pool.release(block)
                 self.blocks[i] = fresh
                 del self.hashes[i:]
-        while len(self.blocks) * size < end:
+        while len(self.blocks) * size < end - self.offset:
             self.blocks.append(self.pool.allocate())
         self.peak_length = max(self.peak_length, end)
+        if self.quantized is not None:
+            self.peak_quantized_bytes = max(self.peak_quantized_bytes, self.held_bytes)
 
     def truncate(self, n: int, row: int | None = None) -> None:
         if n > self.lengths[0]:
             raise ValueError(f"cannot truncate a cache of length {self.lengths[0]} to {n}")
+        if n < self.offset:
+            if n:
+                raise ValueError(f"cannot truncate to {n} positions: the first {self.offset} are quantized")
+            self.quantized = None  # freeing the whole cache
         self.lengths[0] = n
-        keep = -(-n // self.pool.block_size)
+        keep = -(-(n - self.offset) // self.pool.block_size)
         for block in self.blocks[keep:]:
             self.pool.release(block)
         del self.blocks[keep:]
@@ -179,6 +199,9 @@ class SeqKV:
     def slots_of(self, positions: torch.Tensor) -> torch.Tensor:
         size = self.pool.block_size
         table = torch.tensor(self.blocks, dtype=torch.long)
+        positions = positions - self.offset
+        if len(positions) and int(positions.min()) < 0:
+            raise ValueError(f"positions before {self.offset} are quantized: they have no slot")
         return table[positions // size] * size + positions % size
 
     def move_slots(self, src: list[int], dst_start: int, row: int = 0) -> None:
@@ -207,10 +230,32 @@ class SeqKV:
 
     def gathered(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This sequence's keys and values [layers, kv heads, length, head dim], copied out of the blocks
-        (for tests and inspection)."""
-        slots = self.slots(0, self.lengths[0])
+        (and the quantized store, dequantized; for tests and inspection)."""
+        slots = self.slots(self.offset, self.lengths[0] - self.offset)
         size = self.pool.block_size
-        return tuple(t[:, :, slots // size, slots % size] for t in (self.pool.k, self.pool.v))  # type: ignore[return-value]
+        k, v = (t[:, :, slots // size, slots % size] for t in (self.pool.k, self.pool.v))
+        if self.quantized is not None:
+            front = [self.quantized.layer(i) for i in range(k.shape[0])]
+            k = torch.cat([torch.stack([f[0] for f in front]).to(k.dtype), k], 2)
+            v = torch.cat([torch.stack([f[1] for f in front]).to(v.dtype), v], 2)
+        return k, v
+
+    def quantize_front(self, m: int, bits: int, rank: int = 0, outliers: float = 0.0) -> None:
+        """Move the first `m` positions held in blocks (whole quantization groups) into the quantized
+        store, and give their blocks back to the pool."""
+        size = self.pool.block_size
+        assert m % size == 0 and m <= self.lengths[0] - self.offset, (m, self.offset, self.lengths[0])
+        if self.quantized is None:
+            self.peak_quantized_bytes = self.peak_bytes  # the peak so far, all in blocks
+        slots = self.slots(self.offset, m)
+        k, v = (t[:, :, slots // size, slots % size] for t in (self.pool.k, self.pool.v))
+        new = compress(k, v, bits, rank, outliers)
+        self.quantized = new if self.quantized is None else self.quantized.extend(new)
+        for block in self.blocks[: m // size]:
+            self.pool.release(block)
+        del self.blocks[: m // size]
+        self.hashes.clear()  # block i no longer holds positions i * size ..: nothing more is registered
+        self.peak_quantized_bytes = max(self.peak_quantized_bytes, self.held_bytes)
 
     def fork(self) -> SeqKV:
         """A second sequence with the same content, sharing every block until one of them writes."""
@@ -219,6 +264,7 @@ class SeqKV:
             self.pool.retain(block)
         other.blocks, other.lengths, other.hashes = list(self.blocks), list(self.lengths), list(self.hashes)
         other.peak_length = self.peak_length
+        other.quantized, other.peak_quantized_bytes = self.quantized, self.peak_quantized_bytes  # never written in place
         return other
 
     def free(self) -> None:
@@ -241,7 +287,7 @@ class SeqKV:
         whose every block is registered (a fresh one, or one that registered what it computed) can
         take more."""
         size = self.pool.block_size
-        if self.lengths[0] != len(self.hashes) * size:
+        if self.lengths[0] != len(self.hashes) * size or self.offset:
             return self.lengths[0]
         for i in range(len(self.hashes), len(tokens) // size):
             previous = self.hashes[-1] if self.hashes else b""
@@ -258,6 +304,8 @@ class SeqKV:
     def register_prefix(self, tokens: list[int], positions: list[int]) -> None:
         """Register the full blocks now holding `tokens[:length]` for later prefix hits."""
         size = self.pool.block_size
+        if self.offset:
+            return
         for i in range(len(self.hashes), min(self.lengths[0], len(tokens)) // size):
             previous = self.hashes[-1] if self.hashes else b""
             key = block_hash(previous, tokens[i * size : (i + 1) * size], positions[i * size : (i + 1) * size])
@@ -269,10 +317,16 @@ class SeqKV:
         return self.pool.bytes_per_position()
 
     @property
+    def quantized_bytes(self) -> int:
+        return 0 if self.quantized is None else self.quantized.nbytes
+
+    @property
     def held_bytes(self) -> int:
-        return len(self.blocks) * self.pool.bytes_per_block()
+        return len(self.blocks) * self.pool.bytes_per_block() + self.quantized_bytes
 
     @property
     def peak_bytes(self) -> int:
         size = self.pool.block_size
+        if self.quantized is not None:
+            return self.peak_quantized_bytes
         return -(-self.peak_length // size) * self.pool.bytes_per_block()

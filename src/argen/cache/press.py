@@ -12,7 +12,9 @@ token i sits at i + shift, and the kept keys keep the rotation they were written
 `DecodeState.kv_evicted` (so `n`, the positions the sequence has seen, stays known).
 
 Every layer and head shares one block table, so a press keeps (or merges) the same positions in
-all of them. Presses are registered by name for the API, the CLI and the server.
+all of them. The quantizing presses (`KVQuant`, `GEAR`) keep every position instead, and move the
+oldest whole groups of them into a low-bit store (cache/quant.py). Presses are registered by name
+for the API, the CLI and the server.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import ClassVar
 
 import torch
 
+from argen.cache.quant import BITS, GROUP
 from argen.checks import number_option
 from argen.errors import InvalidRequestError
 
@@ -40,6 +43,12 @@ class Press:
 
     def __init__(self, budget: float = 0.5) -> None:
         self.budget = _budget(budget)
+
+    @property
+    def changes_cache(self) -> bool:
+        """Whether the press may change what the cache holds (budget 1 changes nothing): such a
+        request prefills in chunks pressed one by one and takes no cached prefix."""
+        return self.budget < 1
 
     # -- sizes ---------------------------------------------------------------------------------
     def target(self, n: int) -> int:
@@ -180,7 +189,64 @@ def _merge(k: torch.Tensor, v: torch.Tensor, unit: torch.Tensor, set_of: torch.T
     return merged_k.to(dtype), merged_v.to(dtype)
 
 
-PRESSES: dict[str, type[Press]] = {cls.name: cls for cls in (StreamingLLM, KVMerger)}
+class KVQuant(Press):
+    """Plain KV quantization (KIVI's layout, Liu et al. 2024, "KIVI: A Tuning-Free Asymmetric 2bit
+    Quantization for KV Cache"): keys per channel, values per token, `bits` each, in groups of
+    GROUP positions. Every position is kept; the newest (up to GROUP - 1 + `recent`) stay in fp32
+    blocks until a whole group is older than the `recent` newest."""
+
+    name = "kv-quant"
+    paper = "Liu et al. 2024, arXiv:2402.02750"
+
+    def __init__(self, bits: int = 8, recent: int = 0) -> None:
+        self.bits = _bits(bits)
+        self.recent = _count("recent", recent)
+
+    @property
+    def budget(self) -> float:  # type: ignore[override]  # every position is kept
+        return 1.0
+
+    @property
+    def changes_cache(self) -> bool:
+        return True
+
+    def codec(self) -> dict:
+        return {"bits": self.bits}
+
+    def apply(self, cache, n: int) -> int:
+        """Quantize the whole groups older than the `recent` newest positions; nothing is removed."""
+        m = (cache.lengths[0] - cache.offset - self.recent) // GROUP * GROUP
+        if m > 0:
+            cache.quantize_front(m, **self.codec())
+        return 0
+
+    def worst_positions(self, prefill: int, total: int, chunk: int | None, growth: int, block_size: int) -> int:
+        # The quantized store is held outside the block pool: admission reserves every position in
+        # blocks, as for no press, so a quantizing press never lets a server overcommit its memory.
+        return total + growth
+
+
+class GEAR(KVQuant):
+    """GEAR (Kang et al. 2024, "GEAR: An Efficient KV Cache Compression Recipe for Near-Lossless
+    Generative Inference of LLM"): `kv-quant`, plus a sparse matrix of the largest-magnitude
+    `outliers` fraction of entries kept exactly, plus a rank-`rank` approximation of the
+    quantization residual, per layer, head and group."""
+
+    name = "gear"
+    paper = "Kang et al. 2024, arXiv:2403.05527"
+
+    def __init__(self, bits: int = 4, rank: int = 4, outliers: float = 0.02, recent: int = 0) -> None:
+        super().__init__(bits, recent)
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank <= GROUP:
+            raise ValueError(f"rank must be a whole number from 0 to {GROUP}; got {rank!r}")
+        self.rank = rank
+        self.outliers = number_option("outliers", outliers, 0.0, 0.5, " (the fraction of entries kept exactly)")
+
+    def codec(self) -> dict:
+        return {"bits": self.bits, "rank": self.rank, "outliers": self.outliers}
+
+
+PRESSES: dict[str, type[Press]] = {cls.name: cls for cls in (StreamingLLM, KVMerger, KVQuant, GEAR)}
 
 
 def press_options(cls: type[Press]) -> dict[str, object]:
@@ -218,6 +284,12 @@ def _budget(value) -> float:
     if budget <= 0:
         raise ValueError(f"budget must be more than 0 (the fraction of positions kept, e.g. 0.5); got {value!r}")
     return budget
+
+
+def _bits(value) -> int:
+    if value not in BITS or isinstance(value, bool):
+        raise ValueError(f"bits must be one of {', '.join(map(str, BITS))}; got {value!r}")
+    return value
 
 
 def _count(name: str, value) -> int:

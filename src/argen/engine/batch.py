@@ -82,7 +82,7 @@ class DecodeBatch:
         chunks of at most PRESS_CHUNK, at the same boundaries in `generate` and the server."""
         if request.prompt_mask is not None:
             return None
-        if request.press is not None and request.press.budget < 1:
+        if request.press is not None and request.press.changes_cache:
             return min(self.prefill_chunk or PRESS_CHUNK, PRESS_CHUNK)
         return self.prefill_chunk
 
@@ -290,7 +290,7 @@ class DecodeBatch:
         elsewhere, and the output would depend on what other requests left in the cache."""
         return (self.prefix_caching and isinstance(seq.state.cache, SeqKV) and seq.prefill_mask is None
                 and not seq.strategy.needs_prompt_hidden and seq.prompt_logprobs is None
-                and (seq.request.press is None or seq.request.press.budget >= 1))  # fmt: skip
+                and (seq.request.press is None or not seq.request.press.changes_cache))  # fmt: skip
 
     def _prefilled(self, seq: Sequence, items: list, done: list) -> None:
         """The prompt is in the cache: fork it into the request's n samples (the prompt is prefilled

@@ -52,6 +52,7 @@ class Stats:
     prefill_seconds: float = 0.0
     wall_seconds: float = 0.0
     peak_kv_bytes: int = 0
+    kv_bytes_held: int = 0  # KV bytes the request held when it finished (blocks and quantized stores)
     cached_prompt_tokens: int = 0  # prompt tokens whose keys/values came from the prefix cache
     grammar_masks: int = 0  # structured output: masks computed (one per token decided, drafts' included)
     grammar_mask_seconds: float = 0.0

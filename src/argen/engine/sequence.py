@@ -74,13 +74,19 @@ class Sequence:
 
     def note_kv(self) -> None:
         """Track the most KV memory the request held at once (blocks shared by its forks count once)."""
+        self.peak_kv_bytes = max(self.peak_kv_bytes, self.kv_held())
+
+    def kv_held(self) -> int:
+        """KV bytes the request holds now (caches of others' types: their peak)."""
         caches = [self.state.cache, *self.state.caches]
         paged = [c for c in caches if isinstance(c, SeqKV)]
         held = sum(c.peak_bytes for c in caches if not isinstance(c, SeqKV))
         if paged:
             blocks = {(id(c.pool), b) for c in paged for b in c.blocks}
             held += sum(c.pool.bytes_per_block() for c in paged[:1]) * len(blocks)
-        self.peak_kv_bytes = max(self.peak_kv_bytes, held)
+            quantized = {id(c.quantized): c.quantized_bytes for c in paged if c.quantized is not None}
+            held += sum(quantized.values())  # a fork shares its parent's store until either grows it
+        return held
 
     def press(self) -> None:
         """Run the request's KV-cache press if it is due (between steps and after prefill chunks, never
@@ -157,6 +163,7 @@ class Sequence:
         s.draft_tokens_proposed, s.draft_tokens_accepted, s.near_ties = c.draft_proposed, c.draft_accepted, c.near_ties
         s.wall_seconds = time.perf_counter() - self.started
         s.peak_kv_bytes = self.peak_kv_bytes
+        s.kv_bytes_held = self.kv_held()
         if (constraint := state.sampler.constraint) is not None:
             s.grammar_masks, s.grammar_mask_seconds = constraint.masks, constraint.mask_seconds
         strategy, params = self.strategy, state.sampler.params  # a fork's own seed
@@ -173,6 +180,9 @@ class Sequence:
         if r.press is not None:
             state.extras["press"] = {**r.press.spec(), "evicted_positions": state.kv_evicted,
                                      "kept_positions": state.cache.lengths[0]}  # fmt: skip
+            if (quantized := getattr(state.cache, "quantized", None)) is not None:  # its bytes, part by part
+                state.extras["press"] |= {"quantized_positions": quantized.positions,
+                                          "quantized_bytes": quantized.nbytes_by_part()}  # fmt: skip
         return Result(self.text.text, state.output, list(r.prompt_ids), self.finish_reason or "length", s,
                       params.seed, strategy.name, state.extras, self.index, self.sample_index,
                       self._logprobs(0, state.n_generated), self.prompt_logprobs)  # fmt: skip

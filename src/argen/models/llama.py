@@ -191,10 +191,11 @@ class LlamaRuntime:
             if top >= self.info.max_positions:
                 raise ValueError(f"position {top} is past the model's context ({self.info.max_positions})")
         limit = FUSED_MAX_NEW_TOKENS if self.fused is not None else TORCH_PACKED_MAX_NEW_TOKENS
-        short = [i for i, seg in enumerate(segments) if len(seg.tokens) <= limit and not seg.ffn_cos]
-        # Short feeds that ask for FFN statistics share a torch pass of their own (the fused C forward
-        # does not compute them), so the others keep the fused path's batch invariance.
-        measured = [i for i, seg in enumerate(segments) if len(seg.tokens) <= limit and seg.ffn_cos]
+        # Short feeds that ask for FFN statistics, or read a quantized KV store, share a torch pass of
+        # their own (the fused C forward does neither), so the others keep the fused path's batch invariance.
+        own = [bool(seg.ffn_cos) or getattr(seg.cache, "quantized", None) is not None for seg in segments]
+        short = [i for i, seg in enumerate(segments) if len(seg.tokens) <= limit and not own[i]]
+        measured = [i for i, seg in enumerate(segments) if len(seg.tokens) <= limit and own[i]]
         long = [i for i in range(len(segments)) if i not in set(short) | set(measured)]
         outs: list[SegmentOut | None] = [None] * len(segments)
         self._passes = 0  # numbers the passes of this call (SegmentOut.pass_index)
@@ -273,8 +274,13 @@ class LlamaRuntime:
                 for seg, (n_keys, attn_mask, is_causal) in zip(segments, plans):
                     n = len(seg.tokens)
                     table = torch.tensor(seg.cache.blocks, dtype=torch.long, device=self.device)
-                    keys = pool.k[i][:, table].flatten(1, 2)[:, :n_keys]  # [kv heads, keys, D]
-                    values = pool.v[i][:, table].flatten(1, 2)[:, :n_keys]
+                    held = n_keys - seg.cache.offset  # the positions in blocks; a quantized front comes first
+                    keys = pool.k[i][:, table].flatten(1, 2)[:, :held]  # [kv heads, keys, D]
+                    values = pool.v[i][:, table].flatten(1, 2)[:, :held]
+                    if seg.cache.quantized is not None:
+                        front_k, front_v = seg.cache.quantized.layer(i)
+                        keys = torch.cat([front_k.to(keys.dtype), keys], 1)
+                        values = torch.cat([front_v.to(values.dtype), values], 1)
                     outs.append(F.scaled_dot_product_attention(
                         q[row : row + n].transpose(0, 1)[None], keys[None], values[None], attn_mask=attn_mask,
                         is_causal=is_causal, enable_gqa=gqa)[0].transpose(0, 1))  # fmt: skip

@@ -39,7 +39,7 @@ OPTION_LIMITS: dict[str, tuple[int, str]] = {
 # whatever the budget; they are clipped to the budget's positions, so the cap only refuses nonsense.
 PRESS_LIMITS: dict[str, tuple[int, str]] = {
     "sinks": (1024, "streaming-llm, kvmerger: first positions always kept"),
-    "recent": (8192, "kvmerger: last positions never merged"),
+    "recent": (8192, "kvmerger: last positions never merged; kv-quant, gear: last positions never quantized"),
 }
 # Caps on request fields that multiply a request's work, changed the same way (`--limit n=32`).
 REQUEST_LIMITS: dict[str, tuple[int, str]] = {
