@@ -46,7 +46,7 @@ def test_presses_compose_with_strategies(tiny, strategy):
     base, *pressed = run_together(tiny, strategy, [None, *one, *low], 24)
     for spec, results in zip(one + low, pressed, strict=True):
         for prompt, r in zip(PROMPTS, results, strict=True):
-            defaults = {"sinks": 4} | ({"recent": 16} if spec["name"] == "kvmerger" else {})
+            defaults = {"h2o": {"heavy": 0.5}, "kvmerger": {"sinks": 4, "recent": 16}}.get(spec["name"], {"sinks": 4})
             assert r.extras["replay"]["press"] == spec | defaults
             if spec["budget"] == 1.0:
                 assert r.extras["press"]["evicted_positions"] == 0
@@ -76,6 +76,7 @@ def reference(gen, prompt: list[int], press, steps: int, true_positions: bool = 
     cache holds instead."""
     runtime = gen.runtime
     cache = runtime.new_cache(1, len(prompt) + steps)
+    press.prepare(cache)
     tokens, evicted = list(prompt), 0
     for start in range(0, len(tokens) - 1, PRESS_CHUNK):
         end = min(start + PRESS_CHUNK, len(tokens) - 1)
@@ -293,7 +294,8 @@ def test_presses_need_the_paged_cache(tiny_gpt2):
     ({"name": "kvmerger", "recent": -3}, "recent must be a whole number"),
     ({"name": "streaming-llm", "sinks": 2.5}, "sinks must be a whole number"),
     ({"name": "streaming-llm", "window": 8}, "unknown option(s) window"),
-    ({"name": "h2o"}, "unknown press 'h2o'"),
+    ({"name": "snapkv"}, "unknown press 'snapkv'"),
+    ({"name": "h2o", "heavy": 1.5}, "heavy must be a finite number in [0, 1]"),
     ({"name": "kv-quant", "bits": 3}, "bits must be one of 2, 4, 8"),
     ({"name": "kv-quant", "bits": True}, "bits must be one of 2, 4, 8"),
     ({"name": "kv-quant", "budget": 0.5}, "unknown option(s) budget"),

@@ -142,6 +142,9 @@ class SeqKV:
         self.hashes: list[bytes] = []  # prefix hashes of the leading full blocks that are registered
         self.quantized: QuantizedKV | None = None
         self.peak_quantized_bytes = 0  # the most bytes held at once, once a part is quantized
+        # Attention each held position has received, summed over layers, heads and queries (H2O's
+        # score; None: not observed). The forward pass adds to it (models/llama.py).
+        self.attention: torch.Tensor | None = None
 
     @property
     def offset(self) -> int:
@@ -186,6 +189,8 @@ class SeqKV:
                 raise ValueError(f"cannot truncate to {n} positions: the first {self.offset} are quantized")
             self.quantized = None  # freeing the whole cache
         self.lengths[0] = n
+        if self.attention is not None:
+            self.attention = self.attention[:n]
         keep = -(-(n - self.offset) // self.pool.block_size)
         for block in self.blocks[keep:]:
             self.pool.release(block)
@@ -213,6 +218,8 @@ class SeqKV:
         source, target = self.slots_of(torch.tensor(src)), self.slots(dst_start, len(src))
         for t in (self.pool.k, self.pool.v):
             t[:, :, target // size, target % size] = t[:, :, source // size, source % size]
+        if self.attention is not None:
+            self.attention[dst_start : dst_start + len(src)] = self.attention[torch.tensor(src)].clone()
 
     def rewrite(self, first: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Replace positions `first` .. with `k`, `v` [layers, kv heads, m, head dim]: the cache then
@@ -240,6 +247,14 @@ class SeqKV:
             v = torch.cat([torch.stack([f[1] for f in front]).to(v.dtype), v], 2)
         return k, v
 
+    def observe(self, received: torch.Tensor) -> None:
+        """Add the attention the first len(received) positions received in a pass (H2O's score)."""
+        attention = self.attention if self.attention is not None else received.new_zeros(0)
+        if len(attention) < len(received):
+            attention = torch.cat([attention, attention.new_zeros(len(received) - len(attention))])
+        attention[: len(received)] += received
+        self.attention = attention
+
     def quantize_front(self, m: int, bits: int, rank: int = 0, outliers: float = 0.0) -> None:
         """Move the first `m` positions held in blocks (whole quantization groups) into the quantized
         store, and give their blocks back to the pool."""
@@ -265,6 +280,7 @@ class SeqKV:
         other.blocks, other.lengths, other.hashes = list(self.blocks), list(self.lengths), list(self.hashes)
         other.peak_length = self.peak_length
         other.quantized, other.peak_quantized_bytes = self.quantized, self.peak_quantized_bytes  # never written in place
+        other.attention = None if self.attention is None else self.attention.clone()
         return other
 
     def free(self) -> None:

@@ -70,6 +70,9 @@ class Press:
         return max(peak_prefill, ceil_blocks(total) + growth)
 
     # -- the rewrite ---------------------------------------------------------------------------
+    def prepare(self, cache) -> None:
+        """Set up a new sequence's cache before its prefill (a press that observes attention asks for it)."""
+
     def apply(self, cache, n: int) -> int:
         """Press `cache` (a SeqKV that stands for `n` positions) if due; returns the positions removed."""
         length = cache.lengths[0]
@@ -189,6 +192,46 @@ def _merge(k: torch.Tensor, v: torch.Tensor, unit: torch.Tensor, set_of: torch.T
     return merged_k.to(dtype), merged_v.to(dtype)
 
 
+class H2O(Press):
+    """Heavy hitters + recent window (Zhang et al. 2023, "H2O: Heavy-Hitter Oracle for Efficient
+    Generative Inference of Large Language Models"): every position's score is the attention it has
+    received so far, accumulated over the queries that saw it; a press keeps the `heavy` share of the
+    budget with the highest scores and the newest positions for the rest. The paper scores each head
+    on its own; argen's layers and heads share one block table, so the score here is summed over them
+    (the positions the model as a whole attends to most). Observing the attention takes torch's
+    forward path (the fused C forward does not compute the weights)."""
+
+    name = "h2o"
+    paper = "Zhang et al. 2023, arXiv:2306.14048"
+
+    def __init__(self, budget: float = 0.5, heavy: float = 0.5) -> None:
+        super().__init__(budget)
+        self.heavy = number_option("heavy", heavy, 0.0, 1.0, " (the share of the kept positions chosen by attention)")
+
+    def prepare(self, cache) -> None:
+        if self.changes_cache:
+            cache.attention = torch.zeros(0)
+
+    def apply(self, cache, n: int) -> int:
+        length = cache.lengths[0]
+        if not self.due(length, n, cache.pool.block_size):
+            return 0
+        if cache.attention is None or len(cache.attention) != length:
+            raise RuntimeError("h2o needs the attention its cache received: call prepare(cache) before the prefill")
+        target = self.target(n)
+        recent = max(1, target - round(self.heavy * target))  # the newest position always stays
+        scores = cache.attention[: length - recent]
+        heavy = scores.topk(target - recent).indices.sort().values.tolist()
+        kept = heavy + list(range(length - recent, length))
+        first = next((j for j, p in enumerate(kept) if p != j), len(kept))
+        k, v = read(cache, kept[first:])
+        attention = cache.attention[torch.tensor(kept, dtype=torch.long)]
+        cache.rewrite(first, k, v)
+        cache.attention = attention
+        assert cache.lengths[0] == target, (self.name, cache.lengths[0], target)
+        return length - target
+
+
 class KVQuant(Press):
     """Plain KV quantization (KIVI's layout, Liu et al. 2024, "KIVI: A Tuning-Free Asymmetric 2bit
     Quantization for KV Cache"): keys per channel, values per token, `bits` each, in groups of
@@ -246,7 +289,7 @@ class GEAR(KVQuant):
         return {"bits": self.bits, "rank": self.rank, "outliers": self.outliers}
 
 
-PRESSES: dict[str, type[Press]] = {cls.name: cls for cls in (StreamingLLM, KVMerger, KVQuant, GEAR)}
+PRESSES: dict[str, type[Press]] = {cls.name: cls for cls in (StreamingLLM, KVMerger, H2O, KVQuant, GEAR)}
 
 
 def press_options(cls: type[Press]) -> dict[str, object]:

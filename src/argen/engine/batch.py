@@ -108,6 +108,8 @@ class DecodeBatch:
         runtime, prompt = engine.runtime, request.prompt_ids
         budget = engine.budget(request)
         cache = runtime.new_cache(1, len(prompt) + budget + request.strategy.kv_slack())
+        if request.press is not None:
+            request.press.prepare(cache)
         sampler = Sampler(request.params, request.forced, engine.constraint(request))
         state = DecodeState(runtime, cache, sampler, list(prompt), len(prompt), budget)
         positions, mask = self._layout(request, state)

@@ -7,6 +7,7 @@ from a Hugging Face state dict, so its logits can be checked against the HF mode
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -191,9 +192,11 @@ class LlamaRuntime:
             if top >= self.info.max_positions:
                 raise ValueError(f"position {top} is past the model's context ({self.info.max_positions})")
         limit = FUSED_MAX_NEW_TOKENS if self.fused is not None else TORCH_PACKED_MAX_NEW_TOKENS
-        # Short feeds that ask for FFN statistics, or read a quantized KV store, share a torch pass of
-        # their own (the fused C forward does neither), so the others keep the fused path's batch invariance.
-        own = [bool(seg.ffn_cos) or getattr(seg.cache, "quantized", None) is not None for seg in segments]
+        # Short feeds that ask for FFN statistics, read a quantized KV store or observe the attention their
+        # keys receive (H2O) share a torch pass of their own (the fused C forward does none of these), so
+        # the others keep the fused path's batch invariance.
+        own = [bool(seg.ffn_cos) or getattr(seg.cache, "quantized", None) is not None
+               or getattr(seg.cache, "attention", None) is not None for seg in segments]  # fmt: skip
         short = [i for i, seg in enumerate(segments) if len(seg.tokens) <= limit and not own[i]]
         measured = [i for i, seg in enumerate(segments) if len(seg.tokens) <= limit and own[i]]
         long = [i for i in range(len(segments)) if i not in set(short) | set(measured)]
@@ -281,6 +284,8 @@ class LlamaRuntime:
                         front_k, front_v = seg.cache.quantized.layer(i)
                         keys = torch.cat([front_k.to(keys.dtype), keys], 1)
                         values = torch.cat([front_v.to(values.dtype), values], 1)
+                    if seg.cache.attention is not None:
+                        seg.cache.observe(attention_received(q[row : row + n], keys, attn_mask, is_causal))
                     outs.append(F.scaled_dot_product_attention(
                         q[row : row + n].transpose(0, 1)[None], keys[None], values[None], attn_mask=attn_mask,
                         is_causal=is_causal, enable_gqa=gqa)[0].transpose(0, 1))  # fmt: skip
@@ -335,3 +340,18 @@ class LlamaRuntime:
         """Logits for final hidden states [..., H]."""
         return self.lm_head(hidden)
 
+
+
+def attention_received(q: torch.Tensor, keys: torch.Tensor, attn_mask: torch.Tensor | None,
+                       is_causal: bool) -> torch.Tensor:  # fmt: skip
+    """The attention weights each key receives from the queries q [n, heads, D], summed over queries and
+    heads [keys] (the weights SDPA computes and does not return; keys [kv heads, keys, D], GQA)."""
+    n, heads, dim = q.shape
+    k = keys.float().repeat_interleave(heads // keys.shape[0], 0)  # [heads, keys, D]
+    scores = torch.einsum("nhd,htd->hnt", q.float(), k) / math.sqrt(dim)
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask.to(torch.bool), -torch.inf)
+    elif is_causal:
+        scores = scores.masked_fill(torch.ones(n, k.shape[1], dtype=torch.bool).tril(k.shape[1] - n).logical_not(),
+                                    -torch.inf)  # fmt: skip
+    return scores.softmax(-1).sum((0, 1))

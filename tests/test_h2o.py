@@ -1,0 +1,65 @@
+"""H2O (cache/press.py `H2O`): the attention the runtime records for each held position is what
+Hugging Face's eager attention gives on the same weights, and a press keeps the positions that
+received the most beside the recent window."""
+
+from __future__ import annotations
+
+import torch
+
+from argen.cache.press import H2O, make_press
+from argen.models.runtime import Segment
+
+GREEDY = {"temperature": 0.0, "ignore_eos": True}
+
+
+def test_the_recorded_attention_is_hf_eager_attention(tiny):
+    """Prefill of 40 tokens then 3 decode steps: each position's recorded score equals the weights all
+    queries so far gave it, summed over layers and heads, from HF's eager attention."""
+    prompt = [(13 * i) % 90 + 3 for i in range(43)]
+    runtime = tiny.runtime
+    cache = runtime.new_cache(1, 64)
+    make_press({"name": "h2o", "budget": 0.5}).prepare(cache)
+    runtime.forward_packed([Segment(cache, prompt[:40], list(range(40)), None, 0)])
+    for i in range(40, 43):
+        runtime.forward_packed([Segment(cache, [prompt[i]], [i], None, 1)])
+    hf = tiny.model.hf_model
+    hf.config._attn_implementation = "eager"
+    try:
+        with torch.inference_mode():
+            attentions = hf(torch.tensor([prompt]), output_attentions=True).attentions  # layers x [1, heads, q, k]
+    finally:
+        hf.config._attn_implementation = "sdpa"
+    expected = torch.stack(attentions).sum((0, 1, 2, 3))
+    assert torch.allclose(cache.attention, expected.float(), atol=1e-4), (cache.attention - expected).abs().max()
+    cache.free()
+
+
+def test_h2o_keeps_the_heavy_hitters_and_the_recent_window(tiny):
+    info = tiny.runtime.info
+    cache = tiny.runtime.new_cache(1, 256)
+    g = torch.Generator().manual_seed(0)
+    shape = (info.n_layers, info.n_kv_heads, 100, info.head_dim)
+    k, v = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    cache.rewrite(0, k, v)
+    cache.attention = torch.rand(100, generator=g)
+    cache.attention[[3, 50, 51, 77]] += 10  # the heavy hitters
+    before = cache.attention.clone()
+    removed = H2O(budget=0.08, heavy=0.5).apply(cache, 100)  # 8 kept: 4 heavy + 4 recent
+    kept = [3, 50, 51, 77, 96, 97, 98, 99]
+    assert removed == 92 and cache.lengths[0] == 8
+    got_k, got_v = cache.gathered()
+    assert torch.equal(got_k, k[:, :, kept]) and torch.equal(got_v, v[:, :, kept])
+    assert torch.equal(cache.attention, before[kept])  # the scores follow their positions
+    cache.free()
+
+
+def test_h2o_output_follows_the_attention(tiny):
+    """On the engine: h2o's output differs from streaming-llm's at the same budget (it keeps other
+    positions), and at budget 1 it is plain decoding."""
+    prompt = [(7 * i) % 50 + 3 for i in range(300)]
+    plain = tiny.generate(prompt, max_new_tokens=20, **GREEDY).token_ids
+    assert tiny.generate(prompt, max_new_tokens=20, press={"name": "h2o", "budget": 1.0}, **GREEDY).token_ids == plain
+    h2o = tiny.generate(prompt, max_new_tokens=20, press={"name": "h2o", "budget": 0.2}, **GREEDY)
+    streaming = tiny.generate(prompt, max_new_tokens=20, press={"name": "streaming-llm", "budget": 0.2}, **GREEDY)
+    assert h2o.extras["press"]["evicted_positions"] > 0
+    assert h2o.token_ids != streaming.token_ids
