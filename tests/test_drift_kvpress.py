@@ -119,6 +119,9 @@ def test_drift_bench_with_a_fake_peer_writes_kvpress_rows(tiny, tmp_path, monkey
         def __init__(self, hf_model, eos_ids):
             assert hf_model is not None and eos_ids
 
+        def warm_up(self):
+            pass
+
         def reference(self, prompt, max_new_tokens, ignore_eos):
             return PeerRun([5] * max_new_tokens, 1.0, 0.5, 1000, 2000, "none")
 

@@ -325,6 +325,7 @@ def run(args: argparse.Namespace) -> int:
         peer = None
         if peer_configs:
             hf = kvpress_peer.KVPressPeer(generator.model.hf_model, generator.model.eos_ids)
+            hf.warm_up()
 
             def text(ids: list[int]) -> str:
                 return generator.tokenizer.decode(ids, skip_special_tokens=True)

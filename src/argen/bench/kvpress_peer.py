@@ -167,6 +167,10 @@ class KVPressPeer:
         self.model = hf_model.eval()
         self.eos_ids = set(eos_ids)
 
+    def warm_up(self) -> None:
+        """One short run, not measured: a process's first HF forward pays one-time costs."""
+        self.reference(list(range(1, 9)), 2, ignore_eos=True)
+
     def reference(self, prompt: list[int], max_new_tokens: int, ignore_eos: bool = False) -> PeerRun:
         """HF greedy decoding with no press (the peer's own exact output). Like argen's `Result.token_ids`,
         the tokens end with the EOS token where one stopped the run."""
