@@ -6,7 +6,9 @@ press). For each configuration, on Spec-Bench's long-input categories (summariza
 long-context prompts (several Spec-Bench articles, 2-6k tokens, a question about one of them), it
 records tok/s, KV bytes (held at the end and peak), greedy agreement with plain decoding (tokens
 until the first divergence, token agreement) and the full model's NLL of the lossy continuation
-vs the exact one (`drift.py`), then writes results.json, report.md and drift.png.
+vs the exact one (`drift.py`), then writes results.json, report.md and drift.png. With `--kvpress`,
+NVIDIA kvpress's presses of the same names at the same budgets run beside them on the same weights
+(`drift_kvpress.py`).
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from argen.bench import machine_info
+from argen.bench import drift_kvpress, kvpress_peer, machine_info
 from argen.bench.drift import NLLScorer, agreement, answer_recall, mean_nll
+from argen.bench.drift_kvpress import beside
 from argen.bench.provenance import describe, git_state, portable_argv, portable_path, require_clean
 from argen.bench.report import markdown_table, mean
 from argen.errors import ArgenError
@@ -111,9 +114,10 @@ def build_cases(args, questions, count_tokens) -> list[Case]:
 
 
 def measure(generator, cases: list[Case], configs: list[LossyConfig], max_new_tokens: int, ignore_eos: bool,
-            progress=None) -> list[dict]:  # fmt: skip
+            progress=None, peer=None) -> list[dict]:  # fmt: skip
     """Every configuration on every case (batch 1, greedy), each beside the exact output of the same
-    prompt; the configurations' order alternates per case (slow drift of the machine's load)."""
+    prompt; the configurations' order alternates per case (slow drift of the machine's load).
+    `peer(case, prompt, exact, scorer, exact_nll, reverse)` adds a peer's records for the case."""
     runtime = generator.model.runtime
     records = []
     every = [LossyConfig(EXACT, ""), *configs]
@@ -142,6 +146,8 @@ def measure(generator, cases: list[Case], configs: list[LossyConfig], max_new_to
                     "answer_recall": answer_recall(exact.text, result.text, case.source) if case.source else None,
                     "extras": {k: v for k, v in result.extras.items() if k != "replay"},
                 })  # fmt: skip
+            if peer is not None:
+                records += peer(case, prompt, exact, scorer, exact_nll, n % 2 == 1)
         if progress:
             progress(n + 1, len(cases))
     return records
@@ -160,8 +166,8 @@ def summarize(records: list[dict]) -> list[dict]:
             row = {"label": label, "method": group[0]["method"], "setting": group[0]["setting"], "category": category,
                    "cases": len(group)}  # fmt: skip
             for key in ("tok_s", "kv_bytes", "peak_kv_bytes", "first_divergence", "token_agreement", "nll_exact", "nll",
-                        "answer_recall"):  # fmt: skip
-                row[key] = mean([r[key] for r in group])
+                        "answer_recall", "first_divergence_hf", "token_agreement_hf"):  # fmt: skip
+                row[key] = mean([r.get(key) for r in group])
             row["nll_gap"] = None if row["nll"] is None or row["nll_exact"] is None else row["nll"] - row["nll_exact"]
             rows.append(row)
     return rows
@@ -171,7 +177,7 @@ def _f(value, spec: str) -> str:
     return "—" if value is None else format(value, spec)
 
 
-def render(command: str, machine: dict, settings: dict, rows: list[dict]) -> str:
+def render(command: str, machine: dict, settings: dict, rows: list[dict], notes: list[str] = ()) -> str:
     header = ["configuration", "category", "cases", "tok/s", "KV MB held", "KV MB peak", "first divergence",
               "token agreement", "NLL exact", "NLL lossy", "NLL gap", "answer recall"]  # fmt: skip
     table = [[r["label"], r["category"], str(r["cases"]), _f(r["tok_s"], ".1f"), _f(r["kv_bytes"] and r["kv_bytes"] / 1e6, ".2f"),
@@ -200,8 +206,21 @@ def render(command: str, machine: dict, settings: dict, rows: list[dict]) -> str
         "- answer recall (long-context only): the share of the exact answer's names and numbers (found in the "
         "article asked about) that the lossy answer also contains.",
         "- Compute skipping (skip-decode, ffn-skip) holds the same KV bytes as exact decoding: every position "
-        "keeps its slot in every layer (SkipDecode's skipped layers leave theirs unwritten, never read).", "",
+        "keeps its slot in every layer (SkipDecode's skipped layers leave theirs unwritten, never read).", *notes, "",
     ])  # fmt: skip
+
+
+def _style(method: str, families: list[str]) -> dict:
+    """argen's methods: circles in a color per method; a kvpress method: hollow markers, dashed, in the
+    color of the argen method it sits beside (black beside exact)."""
+    home = beside(method) or method
+    color = "black" if home == EXACT else f"C{families.index(home) % 10}"
+    if method == EXACT:
+        return {"marker": "*", "color": color, "linestyle": "none", "markersize": 10}
+    if home != method:  # a marker per kvpress method: two may sit beside one argen method (snapkv, h2o)
+        marker = "^v<>sD"[list(kvpress_peer.METHODS).index(method.split()[-1]) % 6] if home != EXACT else "^"
+        return {"marker": marker, "color": color, "markerfacecolor": "none", "linestyle": "--" if home != EXACT else "none"}
+    return {"marker": "o", "color": color}
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -210,6 +229,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
     rows = [r for r in rows if r["category"] == "all"]
     methods = list(dict.fromkeys(r["method"] for r in rows))
+    families = list(dict.fromkeys(beside(m) or m for m in methods))
     fig = Figure(figsize=(11, 8), layout="constrained")
     FigureCanvasAgg(fig)
     panels = [("kv_bytes", "token_agreement"), ("kv_bytes", "nll_gap"), ("tok_s", "token_agreement"),
@@ -218,13 +238,12 @@ def plot(rows: list[dict], path: Path) -> None:
              "token agreement with exact", "nll_gap": "NLL gap (lossy − exact, nats/token)"}  # fmt: skip
     for index, (x, y) in enumerate(panels):
         ax = fig.add_subplot(2, 2, index + 1)
-        for j, method in enumerate(methods):
+        for method in methods:
             points = [(r[x] / (1e6 if x == "kv_bytes" else 1), r[y], r["setting"]) for r in rows
                       if r["method"] == method and r[x] is not None and r[y] is not None]  # fmt: skip
             if not points:
                 continue
-            style = {"marker": "*", "color": "black", "linestyle": "none", "markersize": 10} if method == EXACT else \
-                {"marker": "o", "color": f"C{j % 10}"}
+            style = _style(method, families)
             ax.plot([p[0] for p in points], [p[1] for p in points], label=method, **style)
             for px, py, setting in points:
                 if setting:
@@ -249,6 +268,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a lossy configuration, repeatable: `name:key=value` (a strategy) or JSON "
                              '{"method", "setting", "strategy", "options": {generate options, e.g. a press}}; '
                              "default: skip-decode and ffn-skip at four settings each")  # fmt: skip
+    parser.add_argument("--kvpress", metavar="A,B", default=None,
+                        help="NVIDIA kvpress's presses to run beside argen's on the same weights: "
+                             "streaming-llm, h2o, snapkv, knorm, expected-attention, merging (needs "
+                             "`pip install 'argen[kvpress]'`, in an environment of its own: README)")  # fmt: skip
+    parser.add_argument("--kvpress-budgets", metavar="B,B", default=None,
+                        help="fractions of positions kept for the kvpress rows; default: the budgets of the "
+                             "press configurations (--config), else 0.5,0.35,0.2,0.1")  # fmt: skip
     parser.add_argument("--max-new-tokens", metavar="N", type=int, default=128, help="default: %(default)s")
     parser.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
     parser.add_argument("--threads", metavar="N", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -275,6 +301,9 @@ def run(args: argparse.Namespace) -> int:
 
     state = git_state()
     require_clean(state, args.allow_dirty)
+    methods = kvpress_peer.parse_methods(args.kvpress) if args.kvpress is not None else []
+    if methods:
+        kvpress_peer.import_kvpress()  # before the model loads: an error that says how to install it
     if args.max_new_tokens < 1 or args.limit < 1 or args.threads < 0:
         raise ArgenError("--max-new-tokens and --limit must be >= 1, --threads >= 0")
     args.categories = [c.strip() for c in args.categories.split(",") if c.strip()]
@@ -291,15 +320,33 @@ def run(args: argparse.Namespace) -> int:
         if any(n > context for n in args.long_lengths):
             raise ArgenError(f"--long-lengths: this model's context leaves room for prompts of at most {context} tokens")
         cases = build_cases(args, read_questions(questions_path), lambda text: len(generator.encode(text, chat=False)))
-        print(f"argen bench drift: {len(cases)} prompts × {len(configs) + 1} configurations", file=sys.stderr)
+        peer_configs = drift_kvpress.peer_configs(methods, drift_kvpress.parse_budgets(args.kvpress_budgets) if
+                                                  args.kvpress_budgets else drift_kvpress.press_budgets(configs))  # fmt: skip
+        peer = None
+        if peer_configs:
+            hf = kvpress_peer.KVPressPeer(generator.model.hf_model, generator.model.eos_ids)
+            hf.warm_up()
+
+            def text(ids: list[int]) -> str:
+                return generator.tokenizer.decode(ids, skip_special_tokens=True)
+
+            def peer(case, prompt, exact, scorer, exact_nll, reverse):
+                return drift_kvpress.peer_records(hf, text, case, prompt, exact, scorer, exact_nll,
+                                                  peer_configs, args.max_new_tokens, args.ignore_eos, reverse)  # fmt: skip
+
+        print(f"argen bench drift: {len(cases)} prompts × {len(configs) + 1} configurations"
+              f"{f' + {len(peer_configs) + 1} kvpress' if peer_configs else ''}", file=sys.stderr)  # fmt: skip
 
         def progress(done: int, total: int) -> None:
             print(f"  {done}/{total} prompts", file=sys.stderr)
 
-        records = measure(generator, cases, configs, args.max_new_tokens, args.ignore_eos, progress)
+        records = measure(generator, cases, configs, args.max_new_tokens, args.ignore_eos, progress, peer)
         command = shlex.join(["argen", "bench", "drift", "--model", args.model, "--categories", ",".join(args.categories),
                               "--limit", str(args.limit), "--long-lengths", ",".join(map(str, args.long_lengths)),
-                              *[x for c in (args.config or []) for x in ("--config", c)], "--max-new-tokens",
+                              *[x for c in (args.config or []) for x in ("--config", c)],
+                              *(["--kvpress", ",".join(m.name for m in methods)] if methods else []),
+                              *(["--kvpress-budgets", args.kvpress_budgets] if methods and args.kvpress_budgets else []),
+                              "--max-new-tokens",
                               str(args.max_new_tokens), *(["--ignore-eos"] if args.ignore_eos else []),
                               *(["--threads", str(args.threads)] if args.threads else []),
                               *(["--questions", portable_path(args.questions)] if args.questions else []),
@@ -309,15 +356,20 @@ def run(args: argparse.Namespace) -> int:
                     "categories": args.categories, "limit": args.limit, "long_lengths": args.long_lengths,
                     "cases": len(cases), "configs": [asdict(c) for c in configs], "threads": torch.get_num_threads(),
                     "quant": generator.quant, "greedy": True, "batch_size": 1}  # fmt: skip
+        notes = []
+        if peer_configs:
+            machine["kvpress"] = kvpress_peer.kvpress_version()
+            settings["kvpress"] = drift_kvpress.settings(peer_configs) | drift_kvpress.hf_agreement(records)
+            notes = drift_kvpress.describe(settings["kvpress"], settings["kvpress"], generator.quant)
     finally:
         torch.set_num_threads(threads)
-    rows = summarize(records)
+    rows = drift_kvpress.arrange(summarize(records))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {"command": command, "argv": portable_argv(sys.argv), "machine": machine, "settings": settings,
                "summary": rows, "records": records}  # fmt: skip
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
-    (out / "report.md").write_text(render(command, machine, settings, rows), encoding="utf-8")
+    (out / "report.md").write_text(render(command, machine, settings, rows, notes), encoding="utf-8")
     plot(rows, out / "drift.png")
     print(f"argen bench drift: report written to {out / 'report.md'} (also results.json, drift.png)", file=sys.stderr)
     return 0

@@ -1,0 +1,163 @@
+"""The kvpress rows of `argen bench drift --kvpress`: NVIDIA kvpress's presses of the same names at the
+same budgets, on the Hugging Face model with argen's weights (`kvpress_peer.py`), measured like
+argen's rows: against argen's exact output (agreement), under the same NLLScorer (the full argen
+model), with the same answer recall.
+
+Per prompt, the peer also decodes with no press (the `kvpress none` row: Hugging Face greedy
+decoding): its own exact output, which each kvpress row is also compared with (results.json:
+`token_agreement_hf`, `first_divergence_hf`), and which shows how often the two runtimes' exact
+outputs agree (`hf_equals_exact`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from argen.bench.drift import agreement, answer_recall, mean_nll
+from argen.bench.kvpress_peer import METHODS, KVPressPeer, PeerMethod, PeerRun, compression_ratio
+from argen.errors import ArgenError
+
+PEER = "kvpress"
+NO_PRESS = f"{PEER} none"  # the peer's own exact run (HF greedy, no press)
+BUDGETS = (0.5, 0.35, 0.2, 0.1)  # when no argen press configuration names budgets
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    method: PeerMethod
+    budget: float
+
+    @property
+    def label(self) -> str:
+        return f"{PEER} {self.method.name} {self.budget:g}"
+
+
+def parse_budgets(text: str) -> list[float]:
+    try:
+        budgets = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        raise ArgenError(f"--kvpress-budgets takes fractions kept separated by commas (e.g. 0.5,0.2); got {text!r}") from exc
+    if not budgets:
+        raise ArgenError("--kvpress-budgets needs at least one budget, e.g. 0.5")
+    for budget in budgets:
+        compression_ratio(budget)  # (0, 1], or an error saying so
+    return list(dict.fromkeys(budgets))
+
+
+def press_budgets(configs) -> list[float]:
+    """The budgets of argen's press configurations (a press named without one keeps argen's default
+    0.5), in order; the four standard budgets when no configuration has a press."""
+    budgets = []
+    for config in configs:
+        press = config.options.get("press")
+        if isinstance(press, dict):
+            budgets.append(float(press.get("budget", 0.5)))
+        elif isinstance(press, str):
+            found = re.search(r"budget=([\d.]+)", press)
+            budgets.append(float(found.group(1)) if found else 0.5)
+    return list(dict.fromkeys(budgets)) or list(BUDGETS)
+
+
+def peer_configs(methods: list[PeerMethod], budgets: list[float]) -> list[PeerConfig]:
+    return [PeerConfig(m, b) for m in methods for b in budgets]
+
+
+def _record(case, prompt_len: int, method: str, setting: str, label: str, run: PeerRun, text: str, exact, scorer,
+            exact_nll, reference: PeerRun | None) -> dict:  # fmt: skip
+    same = agreement(exact.token_ids, run.token_ids)
+    hf = agreement(reference.token_ids, run.token_ids) if reference is not None else None
+    return {
+        "case": case.case_id, "category": case.category, "prompt_tokens": prompt_len, "peer": PEER,
+        "method": method, "setting": setting, "label": label, "new_tokens": len(run.token_ids), "tok_s": run.tok_s,
+        "kv_bytes": run.kv_bytes, "peak_kv_bytes": run.peak_kv_bytes, "first_divergence": same.first_divergence,
+        "token_agreement": same.token_agreement, "nll_exact": exact_nll, "nll": mean_nll(scorer.score(run.token_ids)),
+        "answer_recall": answer_recall(exact.text, text, case.source) if case.source else None,
+        "first_divergence_hf": hf and hf.first_divergence, "token_agreement_hf": hf and hf.token_agreement,
+        "hf_equals_exact": run.token_ids == exact.token_ids if reference is None else None,
+        "extras": {"press": run.press, "seconds": run.seconds, "prefill_seconds": run.prefill_seconds},
+    }  # fmt: skip
+
+
+def peer_records(peer: KVPressPeer, decode, case, prompt: list[int], exact, scorer, exact_nll, configs: list[PeerConfig],
+                 max_new_tokens: int, ignore_eos: bool, reverse: bool = False) -> list[dict]:  # fmt: skip
+    """The `kvpress none` row and one row per kvpress configuration for one prompt (`exact`: argen's
+    exact Result for it; `decode`: token ids -> text). `reverse` runs the configurations in the
+    opposite order (the bench alternates per prompt against slow drift of the machine's load)."""
+    reference = peer.reference(prompt, max_new_tokens, ignore_eos)
+    records = [_record(case, len(prompt), NO_PRESS, "", NO_PRESS, reference, decode(reference.token_ids), exact,
+                       scorer, exact_nll, None)]  # fmt: skip
+    runs = {}
+    for i in (reversed if reverse else list)(range(len(configs))):
+        runs[i] = peer.run(prompt, configs[i].method, configs[i].budget, max_new_tokens, ignore_eos)
+    for i, config in enumerate(configs):
+        records.append(_record(case, len(prompt), f"{PEER} {config.method.name}", f"{config.budget:g}", config.label,
+                               runs[i], decode(runs[i].token_ids), exact, scorer, exact_nll, reference))  # fmt: skip
+    return records
+
+
+def beside(method: str) -> str | None:
+    """The argen method a row's method sits beside (`kvpress none` beside `exact`); None for argen's own."""
+    if method == NO_PRESS:
+        return "exact"
+    if method.startswith(f"{PEER} "):
+        peer = METHODS.get(method.removeprefix(f"{PEER} "))
+        return peer.beside if peer else None
+    return None
+
+
+def arrange(rows: list[dict]) -> list[dict]:
+    """Rows in the table's order: each argen method's rows, then the kvpress rows beside it; kvpress
+    rows whose method argen did not run, at the end. Order within each method is kept."""
+    argen = list(dict.fromkeys(r["method"] for r in rows if beside(r["method"]) is None and not _is_peer(r["method"])))
+    rank = {m: i for i, m in enumerate(argen)}
+
+    def key(item):
+        index, row = item
+        home = beside(row["method"]) if _is_peer(row["method"]) else row["method"]
+        return (rank.get(home, len(argen)), _is_peer(row["method"]), index)
+
+    return [row for _, row in sorted(enumerate(rows), key=key)]
+
+
+def _is_peer(method: str) -> bool:
+    return method == NO_PRESS or method.startswith(f"{PEER} ")
+
+
+def settings(configs: list[PeerConfig]) -> dict:
+    """What the kvpress rows ran, for results.json and the report."""
+    from argen.bench.kvpress_peer import DECODE_INTERVAL, kvpress_version
+
+    methods = list(dict.fromkeys(c.method for c in configs))
+    return {"version": kvpress_version(), "budgets": list(dict.fromkeys(c.budget for c in configs)),
+            "decode_interval": DECODE_INTERVAL,
+            "methods": {m.name: {"press": m.press_name, "pressed": "prefill and decoding" if m.decoding else "prefill only",
+                                 "beside": m.beside, "attention": "eager" if m.eager else "sdpa"} for m in methods}}  # fmt: skip
+
+
+def hf_agreement(records: list[dict]) -> dict:
+    """How often the peer's no-press output equals argen's exact output, over the prompts."""
+    ref = [r for r in records if r["method"] == NO_PRESS]
+    return {"prompts": len(ref), "hf_equals_exact": sum(bool(r["hf_equals_exact"]) for r in ref)}
+
+
+def describe(info: dict, agree: dict, quant: str) -> list[str]:
+    """The report's notes on the kvpress rows."""
+    methods = "; ".join(f"`{name}`: {m['press']} ({m['pressed']}, {m['attention']} attention)"
+                        for name, m in info["methods"].items())  # fmt: skip
+    return [
+        f"- kvpress rows (`kvpress METHOD BUDGET`): NVIDIA kvpress {info['version']} on the Hugging Face model with the "
+        f"same weights in fp32 (argen's rows: quant `{quant}`), compression_ratio = 1 − budget, greedy "
+        "in kvpress's own loop (one pass over the whole prompt, pressed after each attention layer, then one token "
+        f"per pass). {methods}. Pressed while decoding: the cache is pressed back to the budget of the positions seen "
+        f"every {info['decode_interval']} steps (`CompressionRatioDecodingPress`); prefill only: it grows by one "
+        "position per new token.",
+        f"- `kvpress none`: Hugging Face greedy decoding, no press: the same tokens as argen's `exact` on "
+        f"{agree['hf_equals_exact']} of {agree['prompts']} prompts (the two runtimes' arithmetic differs). kvpress rows' "
+        "agreement columns compare with argen's `exact`; against `kvpress none` they are in results.json "
+        "(`token_agreement_hf`, `first_divergence_hf`). Their tok/s is the HF forward's: compare it with `kvpress none`, "
+        "not with argen's rows.",
+        "- kvpress KV MB: the bytes of the DynamicCache's key and value tensors, sampled after each attention layer "
+        "(before the press's hook) and after each pass; peak includes a layer's whole prompt before it is pressed "
+        "(argen prefills a pressed prompt in chunks of 128 positions).",
+    ]  # fmt: skip
