@@ -47,6 +47,7 @@ def test_presses_compose_with_strategies(tiny, strategy):
     for spec, results in zip(one + low, pressed, strict=True):
         for prompt, r in zip(PROMPTS, results, strict=True):
             defaults = {"h2o": {"heavy": 0.5}, "kvmerger": {"sinks": 4, "recent": 16}}.get(spec["name"], {"sinks": 4})
+            defaults["chunk"] = PRESS_CHUNK
             assert r.extras["replay"]["press"] == spec | defaults
             if spec["budget"] == 1.0:
                 assert r.extras["press"]["evicted_positions"] == 0
@@ -71,15 +72,16 @@ def test_sampled_samples_with_a_press(tiny):
 
 def reference(gen, prompt: list[int], press, steps: int, true_positions: bool = True) -> list[int]:
     """Greedy decoding written out by hand on the runtime, the press applied where the engine applies
-    it (after each prefill chunk of PRESS_CHUNK positions, before each step). Token i is fed at
-    position i, however many positions the press removed; the control feeds it right after what the
-    cache holds instead."""
+    it (after each prefill chunk of press.chunk positions, or once after the whole prompt for chunk 0,
+    and before each step). Token i is fed at position i, however many positions the press removed;
+    the control feeds it right after what the cache holds instead."""
     runtime = gen.runtime
     cache = runtime.new_cache(1, len(prompt) + steps)
     press.prepare(cache)
     tokens, evicted = list(prompt), 0
-    for start in range(0, len(tokens) - 1, PRESS_CHUNK):
-        end = min(start + PRESS_CHUNK, len(tokens) - 1)
+    chunk = press.chunk or len(tokens)
+    for start in range(0, len(tokens) - 1, chunk):
+        end = min(start + chunk, len(tokens) - 1)
         runtime.forward_packed([Segment(cache, tokens[start:end], list(range(start, end)), None, 0)])
         evicted += press.apply(cache, cache.lengths[0] + evicted)
     try:
@@ -94,9 +96,10 @@ def reference(gen, prompt: list[int], press, steps: int, true_positions: bool = 
     return tokens[len(prompt) :]
 
 
+@pytest.mark.parametrize("chunk", [PRESS_CHUNK, 0, 48])
 @pytest.mark.parametrize("name", BUDGETED)
-def test_tokens_after_an_eviction_keep_their_true_positions(tiny, name):
-    press = make_press({"name": name, "budget": 0.3})
+def test_tokens_after_an_eviction_keep_their_true_positions(tiny, name, chunk):
+    press = make_press({"name": name, "budget": 0.3, "chunk": chunk})
     prompt = [(11 * i) % 251 + 3 for i in range(300)]  # three prefill chunks, pressed after each
     got = tiny.generate(prompt, max_new_tokens=30, press=press, **GREEDY).token_ids
     assert got == reference(tiny, prompt, press, 30)
@@ -231,6 +234,9 @@ def test_admission_reserves_the_pressed_worst_case(tiny):
     for i, (request, result) in enumerate(zip(pressed, results, strict=True)):
         assert most[i] * bytes_per_block <= result.stats.peak_kv_bytes <= batch.blocks_needed(request) * bytes_per_block
         assert result.stats.peak_kv_bytes >= 14 * bytes_per_block
+    # Chunk 0: the whole prompt is held before the one press, so that is the worst case.
+    whole = Request(prompt, params, make_strategy("plain"), press=make_press({"name": "h2o", "chunk": 0}))
+    assert batch.blocks_needed(whole) == -(-(len(prompt) - 1) // 16)
     # Beam search's output is one step: pressed once, after the prefill; the beams grow unpressed.
     beam = Request(prompt, params, make_strategy({"name": "beam", "num_beams": 2}), press=make_press("kvmerger"))
     assert 17 <= batch.blocks_needed(beam) < 29  # at least the pressed prompt's 13 blocks + 60 positions
@@ -297,6 +303,8 @@ def test_presses_need_the_paged_cache(tiny_gpt2):
     ({"name": "snapkv"}, "unknown press 'snapkv'"),
     ({"name": "h2o", "heavy": 1.5}, "heavy must be a finite number in [0, 1]"),
     ({"name": "kv-quant", "bits": 3}, "bits must be one of 2, 4, 8"),
+    ({"name": "h2o", "chunk": 8}, "chunk must be 0 (the whole prompt, then one press) or 16 to 8192"),
+    ({"name": "streaming-llm", "chunk": 10**6}, "chunk must be 0"),
     ({"name": "kv-quant", "bits": True}, "bits must be one of 2, 4, 8"),
     ({"name": "kv-quant", "budget": 0.5}, "unknown option(s) budget"),
     ({"name": "gear", "rank": 65}, "rank must be a whole number from 0 to 64"),

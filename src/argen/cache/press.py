@@ -31,7 +31,9 @@ from argen.errors import InvalidRequestError
 
 # A pressed prompt is prefilled in chunks of at most this many positions, pressed after each (by
 # `generate` and the server alike, so both give the same output): a long prompt's peak is then its
-# pressed prefix plus one chunk, which is what lets a server hold more pressed sequences.
+# pressed prefix plus one chunk, which is what lets a server hold more pressed sequences. A press's
+# `chunk` option changes it; chunk 0 prefills the whole prompt unpressed and presses it once, as
+# kvpress does (the peak is then the whole prompt, but the press sees every prompt query first).
 PRESS_CHUNK = 128
 
 
@@ -41,8 +43,11 @@ class Press:
     name: ClassVar[str] = ""
     paper: ClassVar[str] = ""
 
-    def __init__(self, budget: float = 0.5) -> None:
+    chunk: int = PRESS_CHUNK
+
+    def __init__(self, budget: float = 0.5, chunk: int = PRESS_CHUNK) -> None:
         self.budget = _budget(budget)
+        self.chunk = _chunk(chunk)
 
     @property
     def changes_cache(self) -> bool:
@@ -110,8 +115,8 @@ class StreamingLLM(Press):
     name = "streaming-llm"
     paper = "Xiao et al. 2023, arXiv:2309.17453"
 
-    def __init__(self, budget: float = 0.5, sinks: int = 4) -> None:
-        super().__init__(budget)
+    def __init__(self, budget: float = 0.5, sinks: int = 4, chunk: int = PRESS_CHUNK) -> None:
+        super().__init__(budget, chunk)
         self.sinks = _count("sinks", sinks)
 
     def plan(self, cache, target: int) -> tuple[int, torch.Tensor, torch.Tensor]:
@@ -138,8 +143,8 @@ class KVMerger(Press):
     name = "kvmerger"
     paper = "Wang et al. 2024, arXiv:2407.08454"
 
-    def __init__(self, budget: float = 0.5, sinks: int = 4, recent: int = 16) -> None:
-        super().__init__(budget)
+    def __init__(self, budget: float = 0.5, sinks: int = 4, recent: int = 16, chunk: int = PRESS_CHUNK) -> None:
+        super().__init__(budget, chunk)
         self.sinks = _count("sinks", sinks)
         self.recent = _count("recent", recent)
 
@@ -204,8 +209,8 @@ class H2O(Press):
     name = "h2o"
     paper = "Zhang et al. 2023, arXiv:2306.14048"
 
-    def __init__(self, budget: float = 0.5, heavy: float = 0.5) -> None:
-        super().__init__(budget)
+    def __init__(self, budget: float = 0.5, heavy: float = 0.5, chunk: int = PRESS_CHUNK) -> None:
+        super().__init__(budget, chunk)
         self.heavy = number_option("heavy", heavy, 0.0, 1.0, " (the share of the kept positions chosen by attention)")
 
     def prepare(self, cache) -> None:
@@ -332,6 +337,13 @@ def _budget(value) -> float:
 def _bits(value) -> int:
     if value not in BITS or isinstance(value, bool):
         raise ValueError(f"bits must be one of {', '.join(map(str, BITS))}; got {value!r}")
+    return value
+
+
+def _chunk(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not (value == 0 or 16 <= value <= 8192):
+        raise ValueError(f"chunk must be 0 (the whole prompt, then one press) or 16 to 8192 prompt positions "
+                         f"per pressed prefill chunk; got {value!r}")  # fmt: skip
     return value
 
 

@@ -21,7 +21,6 @@ from collections import defaultdict
 import torch
 
 from argen.cache.paged import SeqKV
-from argen.cache.press import PRESS_CHUNK
 from argen.engine.request import Event, Failure, Request, Result
 from argen.engine.sequence import Emit, Sequence
 from argen.logprobs import rows_logprobs
@@ -72,18 +71,21 @@ class DecodeBatch:
         # strategy whose output is one step), or a prefill chunk on top of a pressed prefix. Presses
         # rewrite the prompt's blocks, so a request's forks share none of them for sure.
         growth = budget + slack if request.strategy.whole_output_in_one_step else max(1, slack)
-        pressed = request.press.worst_positions(prefill, len(request.prompt_ids) + budget - 1, self._chunk(request),
+        chunk = self._chunk(request) if request.press.chunk else None  # chunk 0: the whole prompt, then a press
+        pressed = request.press.worst_positions(prefill, len(request.prompt_ids) + budget - 1, chunk,
                                                 growth, pool.block_size)  # fmt: skip
         return -(-min(positions, pressed) // pool.block_size), 0
 
     def _chunk(self, request: Request) -> int | None:
         """Prompt positions per prefill pass for this request (None: the whole prompt at once). A set
         prompt goes in one chunk (its members must not see each other); a press below budget 1 takes
-        chunks of at most PRESS_CHUNK, at the same boundaries in `generate` and the server."""
+        chunks of at most its `chunk` positions (PRESS_CHUNK by default), at the same boundaries in
+        `generate` and the server; with chunk 0, it takes the prompt as an unpressed one does."""
         if request.prompt_mask is not None:
             return None
         if request.press is not None and request.press.changes_cache:
-            return min(self.prefill_chunk or PRESS_CHUNK, PRESS_CHUNK)
+            chunk = request.press.chunk
+            return self.prefill_chunk if chunk == 0 else min(self.prefill_chunk or chunk, chunk)
         return self.prefill_chunk
 
     def can_admit(self, request: Request, pending_blocks: int = 0) -> bool:
@@ -229,7 +231,8 @@ class DecodeBatch:
                 seq.prompt_hidden.append(outs[id(seq)][-1].hidden)
             if self._cacheable(seq):  # the full blocks computed so far, for others with the same prompt
                 seq.state.cache.register_prefix(seq.fed[: seq.prefilled], seq.prefill_positions)
-            if seq.request.press is not None:  # compresses the prompt chunk by chunk: the prefill's peak stays low
+            press = seq.request.press  # compresses the prompt chunk by chunk: the prefill's peak stays low
+            if press is not None and (press.chunk or seq.to_prefill == 0):  # chunk 0: once, at the end
                 seq.note_kv()  # the peak is before the press
                 seq.press()
             if seq.to_prefill == 0:
