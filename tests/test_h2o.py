@@ -14,7 +14,8 @@ GREEDY = {"temperature": 0.0, "ignore_eos": True}
 
 def test_the_recorded_attention_is_hf_eager_attention(tiny):
     """Prefill of 40 tokens then 3 decode steps: each position's recorded score equals the weights all
-    queries so far gave it, summed over layers and heads, from HF's eager attention."""
+    queries so far gave it in each layer and kv head (summed over its query heads), from HF's eager
+    attention."""
     prompt = [(13 * i) % 90 + 3 for i in range(43)]
     runtime = tiny.runtime
     cache = runtime.new_cache(1, 64)
@@ -29,7 +30,10 @@ def test_the_recorded_attention_is_hf_eager_attention(tiny):
             attentions = hf(torch.tensor([prompt]), output_attentions=True).attentions  # layers x [1, heads, q, k]
     finally:
         hf.config._attn_implementation = "sdpa"
-    expected = torch.stack(attentions).sum((0, 1, 2, 3))
+    info = runtime.info
+    per_head = torch.stack(attentions)[:, 0].sum(2)  # [layers, heads, keys]
+    expected = per_head.view(info.n_layers, info.n_kv_heads, -1, 43).sum(2)
+    assert cache.attention.shape == expected.shape
     assert torch.allclose(cache.attention, expected.float(), atol=1e-4), (cache.attention - expected).abs().max()
     cache.free()
 
@@ -41,15 +45,36 @@ def test_h2o_keeps_the_heavy_hitters_and_the_recent_window(tiny):
     shape = (info.n_layers, info.n_kv_heads, 100, info.head_dim)
     k, v = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
     cache.rewrite(0, k, v)
-    cache.attention = torch.rand(100, generator=g)
-    cache.attention[[3, 50, 51, 77]] += 10  # the heavy hitters
+    L, H = info.n_layers, info.n_kv_heads
+    cache.attention = torch.rand(L, H, 100, generator=g)
+    heavy = {(l, h): sorted(torch.randperm(90, generator=g)[:4].tolist()) for l in range(L) for h in range(H)}
+    for (l, h), hitters in heavy.items():
+        cache.attention[l, h, hitters] += 10  # each head's own heavy hitters
     before = cache.attention.clone()
     removed = H2O(budget=0.08, heavy=0.5).apply(cache, 100)  # 8 kept: 4 heavy + 4 recent
-    kept = [3, 50, 51, 77, 96, 97, 98, 99]
     assert removed == 92 and cache.lengths[0] == 8
     got_k, got_v = cache.gathered()
+    for (l, h), hitters in heavy.items():
+        kept = hitters + [96, 97, 98, 99]
+        assert torch.equal(got_k[l, h], k[l, h, kept]) and torch.equal(got_v[l, h], v[l, h, kept])
+        assert torch.equal(cache.attention[l, h], before[l, h, kept])  # the scores follow their keys
+    cache.free()
+
+
+def test_h2o_shared_keeps_the_same_positions_everywhere(tiny):
+    info = tiny.runtime.info
+    cache = tiny.runtime.new_cache(1, 256)
+    g = torch.Generator().manual_seed(1)
+    shape = (info.n_layers, info.n_kv_heads, 100, info.head_dim)
+    k, v = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    cache.rewrite(0, k, v)
+    cache.attention = torch.rand(info.n_layers, info.n_kv_heads, 100, generator=g)
+    cache.attention[0, 0, [3, 50]] += 10
+    cache.attention[-1, -1, [51, 77]] += 10
+    H2O(budget=0.08, heavy=0.5, per_head=False).apply(cache, 100)
+    kept = [3, 50, 51, 77, 96, 97, 98, 99]
+    got_k, got_v = cache.gathered()
     assert torch.equal(got_k, k[:, :, kept]) and torch.equal(got_v, v[:, :, kept])
-    assert torch.equal(cache.attention, before[kept])  # the scores follow their positions
     cache.free()
 
 
@@ -63,3 +88,5 @@ def test_h2o_output_follows_the_attention(tiny):
     streaming = tiny.generate(prompt, max_new_tokens=20, press={"name": "streaming-llm", "budget": 0.2}, **GREEDY)
     assert h2o.extras["press"]["evicted_positions"] > 0
     assert h2o.token_ids != streaming.token_ids
+    shared = tiny.generate(prompt, max_new_tokens=20, press={"name": "h2o", "budget": 0.2, "per_head": False}, **GREEDY)
+    assert shared.token_ids != h2o.token_ids

@@ -46,7 +46,7 @@ def test_presses_compose_with_strategies(tiny, strategy):
     base, *pressed = run_together(tiny, strategy, [None, *one, *low], 24)
     for spec, results in zip(one + low, pressed, strict=True):
         for prompt, r in zip(PROMPTS, results, strict=True):
-            defaults = {"h2o": {"heavy": 0.5}, "kvmerger": {"sinks": 4, "recent": 16}}.get(spec["name"], {"sinks": 4})
+            defaults = {"h2o": {"heavy": 0.5, "per_head": True}, "kvmerger": {"sinks": 4, "recent": 16}}.get(spec["name"], {"sinks": 4})
             defaults["chunk"] = PRESS_CHUNK
             assert r.extras["replay"]["press"] == spec | defaults
             if spec["budget"] == 1.0:
@@ -302,6 +302,7 @@ def test_presses_need_the_paged_cache(tiny_gpt2):
     ({"name": "streaming-llm", "window": 8}, "unknown option(s) window"),
     ({"name": "snapkv"}, "unknown press 'snapkv'"),
     ({"name": "h2o", "heavy": 1.5}, "heavy must be a finite number in [0, 1]"),
+    ({"name": "h2o", "per_head": "yes"}, "per_head must be true or false"),
     ({"name": "kv-quant", "bits": 3}, "bits must be one of 2, 4, 8"),
     ({"name": "h2o", "chunk": 8}, "chunk must be 0 (the whole prompt, then one press) or 16 to 8192"),
     ({"name": "streaming-llm", "chunk": 10**6}, "chunk must be 0"),

@@ -142,8 +142,9 @@ class SeqKV:
         self.hashes: list[bytes] = []  # prefix hashes of the leading full blocks that are registered
         self.quantized: QuantizedKV | None = None
         self.peak_quantized_bytes = 0  # the most bytes held at once, once a part is quantized
-        # Attention each held position has received, summed over layers, heads and queries (H2O's
-        # score; None: not observed). The forward pass adds to it (models/llama.py).
+        # Attention each held slot has received [layers, kv heads, length], summed over the queries
+        # (and the query heads of each kv head): H2O's score; None: not observed. The forward pass adds
+        # to it (models/llama.py).
         self.attention: torch.Tensor | None = None
 
     @property
@@ -190,7 +191,7 @@ class SeqKV:
             self.quantized = None  # freeing the whole cache
         self.lengths[0] = n
         if self.attention is not None:
-            self.attention = self.attention[:n]
+            self.attention = self.attention[..., :n]
         keep = -(-(n - self.offset) // self.pool.block_size)
         for block in self.blocks[keep:]:
             self.pool.release(block)
@@ -219,7 +220,7 @@ class SeqKV:
         for t in (self.pool.k, self.pool.v):
             t[:, :, target // size, target % size] = t[:, :, source // size, source % size]
         if self.attention is not None:
-            self.attention[dst_start : dst_start + len(src)] = self.attention[torch.tensor(src)].clone()
+            self.attention[..., dst_start : dst_start + len(src)] = self.attention[..., torch.tensor(src)].clone()
 
     def rewrite(self, first: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Replace positions `first` .. with `k`, `v` [layers, kv heads, m, head dim]: the cache then
@@ -247,12 +248,15 @@ class SeqKV:
             v = torch.cat([torch.stack([f[1] for f in front]).to(v.dtype), v], 2)
         return k, v
 
-    def observe(self, received: torch.Tensor) -> None:
-        """Add the attention the first len(received) positions received in a pass (H2O's score)."""
-        attention = self.attention if self.attention is not None else received.new_zeros(0)
-        if len(attention) < len(received):
-            attention = torch.cat([attention, attention.new_zeros(len(received) - len(attention))])
-        attention[: len(received)] += received
+    def observe(self, layer: int, received: torch.Tensor) -> None:
+        """Add the attention the first received.shape[-1] slots received in layer `layer` during a pass,
+        per kv head [kv heads, slots] (H2O's score)."""
+        attention, n = self.attention, received.shape[-1]
+        if attention is None or attention.dim() != 3:
+            attention = received.new_zeros(self.pool.k.shape[0], received.shape[0], 0)
+        if attention.shape[-1] < n:
+            attention = torch.cat([attention, attention.new_zeros(*attention.shape[:2], n - attention.shape[-1])], -1)
+        attention[layer, :, :n] += received
         self.attention = attention
 
     def quantize_front(self, m: int, bits: int, rank: int = 0, outliers: float = 0.0) -> None:

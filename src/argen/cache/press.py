@@ -201,17 +201,24 @@ class H2O(Press):
     """Heavy hitters + recent window (Zhang et al. 2023, "H2O: Heavy-Hitter Oracle for Efficient
     Generative Inference of Large Language Models"): every position's score is the attention it has
     received so far, accumulated over the queries that saw it; a press keeps the `heavy` share of the
-    budget with the highest scores and the newest positions for the rest. The paper scores each head
-    on its own; argen's layers and heads share one block table, so the score here is summed over them
-    (the positions the model as a whole attends to most). Observing the attention takes torch's
-    forward path (the fused C forward does not compute the weights)."""
+    budget with the highest scores and the newest positions for the rest. As in the paper, each layer
+    and kv head keeps its own heavy hitters (`per_head`): they share one block table, so each keeps
+    the same number of slots, and slot j may hold a different position in each (attention does not
+    care where a held key came from: RoPE rotated it when it was written, and every held key is in
+    the past of every new query). `per_head=False` sums the scores over layers and heads and keeps the
+    same positions everywhere. Observing the attention takes torch's forward path (the fused C
+    forward does not compute the weights)."""
 
     name = "h2o"
     paper = "Zhang et al. 2023, arXiv:2306.14048"
 
-    def __init__(self, budget: float = 0.5, heavy: float = 0.5, chunk: int = PRESS_CHUNK) -> None:
+    def __init__(self, budget: float = 0.5, heavy: float = 0.5, per_head: bool = True,
+                 chunk: int = PRESS_CHUNK) -> None:  # fmt: skip
         super().__init__(budget, chunk)
         self.heavy = number_option("heavy", heavy, 0.0, 1.0, " (the share of the kept positions chosen by attention)")
+        if not isinstance(per_head, bool):
+            raise ValueError(f"per_head must be true or false; got {per_head!r}")
+        self.per_head = per_head
 
     def prepare(self, cache) -> None:
         if self.changes_cache:
@@ -221,17 +228,24 @@ class H2O(Press):
         length = cache.lengths[0]
         if not self.due(length, n, cache.pool.block_size):
             return 0
-        if cache.attention is None or len(cache.attention) != length:
+        attention = cache.attention
+        if attention is None or attention.dim() != 3 or attention.shape[-1] != length:
             raise RuntimeError("h2o needs the attention its cache received: call prepare(cache) before the prefill")
         target = self.target(n)
         recent = max(1, target - round(self.heavy * target))  # the newest position always stays
-        scores = cache.attention[: length - recent]
-        heavy = scores.topk(target - recent).indices.sort().values.tolist()
-        kept = heavy + list(range(length - recent, length))
-        first = next((j for j, p in enumerate(kept) if p != j), len(kept))
-        k, v = read(cache, kept[first:])
-        attention = cache.attention[torch.tensor(kept, dtype=torch.long)]
-        cache.rewrite(first, k, v)
+        layers, heads = attention.shape[:2]
+        scores = attention[..., : length - recent]
+        if not self.per_head:
+            scores = scores.sum((0, 1), keepdim=True)
+        heavy = scores.topk(target - recent, dim=-1).indices.sort(-1).values.expand(layers, heads, -1)
+        tail = torch.arange(length - recent, length).expand(layers, heads, -1)
+        kept = torch.cat([heavy, tail], -1)  # [layers, kv heads, target]: the slots' positions
+        same = (kept == torch.arange(target)).all(1).all(0)  # slots that keep their position everywhere
+        first = int(same.logical_not().long().argmax()) if not bool(same.all()) else target
+        k, v = cache.gathered()
+        index = kept[..., first:, None].expand(-1, -1, -1, k.shape[-1])
+        attention = attention.gather(-1, kept)
+        cache.rewrite(first, k.gather(2, index), v.gather(2, index))
         cache.attention = attention
         assert cache.lengths[0] == target, (self.name, cache.lengths[0], target)
         return length - target

@@ -285,7 +285,7 @@ class LlamaRuntime:
                         keys = torch.cat([front_k.to(keys.dtype), keys], 1)
                         values = torch.cat([front_v.to(values.dtype), values], 1)
                     if seg.cache.attention is not None:
-                        seg.cache.observe(attention_received(q[row : row + n], keys, attn_mask, is_causal))
+                        seg.cache.observe(i, attention_received(q[row : row + n], keys, attn_mask, is_causal))
                     outs.append(F.scaled_dot_product_attention(
                         q[row : row + n].transpose(0, 1)[None], keys[None], values[None], attn_mask=attn_mask,
                         is_causal=is_causal, enable_gqa=gqa)[0].transpose(0, 1))  # fmt: skip
@@ -344,14 +344,15 @@ class LlamaRuntime:
 
 def attention_received(q: torch.Tensor, keys: torch.Tensor, attn_mask: torch.Tensor | None,
                        is_causal: bool) -> torch.Tensor:  # fmt: skip
-    """The attention weights each key receives from the queries q [n, heads, D], summed over queries and
-    heads [keys] (the weights SDPA computes and does not return; keys [kv heads, keys, D], GQA)."""
+    """The attention weights each key receives from the queries q [n, heads, D], summed over the queries
+    and over the query heads that share a kv head [kv heads, keys] (the weights SDPA computes and does
+    not return; keys [kv heads, keys, D], GQA)."""
     n, heads, dim = q.shape
-    k = keys.float().repeat_interleave(heads // keys.shape[0], 0)  # [heads, keys, D]
+    kv_heads, length = keys.shape[0], keys.shape[1]
+    k = keys.float().repeat_interleave(heads // kv_heads, 0)  # [heads, keys, D]
     scores = torch.einsum("nhd,htd->hnt", q.float(), k) / math.sqrt(dim)
     if attn_mask is not None:
         scores = scores.masked_fill(~attn_mask.to(torch.bool), -torch.inf)
     elif is_causal:
-        scores = scores.masked_fill(torch.ones(n, k.shape[1], dtype=torch.bool).tril(k.shape[1] - n).logical_not(),
-                                    -torch.inf)  # fmt: skip
-    return scores.softmax(-1).sum((0, 1))
+        scores = scores.masked_fill(torch.ones(n, length, dtype=torch.bool).tril(length - n).logical_not(), -torch.inf)
+    return scores.softmax(-1).sum(1).view(kv_heads, heads // kv_heads, length).sum(1)
