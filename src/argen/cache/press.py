@@ -11,8 +11,8 @@ The removed count joins `DecodeState.position_shift` (later tokens keep their tr
 token i sits at i + shift, and the kept keys keep the rotation they were written with) and
 `DecodeState.kv_evicted` (so `n`, the positions the sequence has seen, stays known).
 
-Every layer and head shares one block table, so a press keeps (or merges) the same positions in
-all of them. The quantizing presses (`KVQuant`, `GEAR`) keep every position instead, and move the
+Every layer and head shares one block table, so a press leaves the same number of slots in all
+of them (`StreamingLLM` and `KVMerger` the same positions; `H2O` each head's own). The quantizing presses (`KVQuant`, `GEAR`) keep every position instead, and move the
 oldest whole groups of them into a low-bit store (cache/quant.py). Presses are registered by name
 for the API, the CLI and the server.
 """
