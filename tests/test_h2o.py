@@ -38,15 +38,21 @@ def test_the_recorded_attention_is_hf_eager_attention(tiny):
     cache.free()
 
 
-def test_h2o_keeps_the_heavy_hitters_and_the_recent_window(tiny):
-    info = tiny.runtime.info
-    cache = tiny.runtime.new_cache(1, 256)
-    g = torch.Generator().manual_seed(0)
+def observed_cache(gen, g: torch.Generator):
+    """A cache of 100 positions with random keys, values and attention scores; and its keys, values."""
+    info = gen.runtime.info
+    cache = gen.runtime.new_cache(1, 256)
     shape = (info.n_layers, info.n_kv_heads, 100, info.head_dim)
     k, v = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
     cache.rewrite(0, k, v)
-    L, H = info.n_layers, info.n_kv_heads
-    cache.attention = torch.rand(L, H, 100, generator=g)
+    cache.attention = torch.rand(info.n_layers, info.n_kv_heads, 100, generator=g)
+    return cache, k, v
+
+
+def test_h2o_keeps_the_heavy_hitters_and_the_recent_window(tiny):
+    g = torch.Generator().manual_seed(0)
+    cache, k, v = observed_cache(tiny, g)
+    L, H = tiny.runtime.info.n_layers, tiny.runtime.info.n_kv_heads
     heavy = {(l, h): sorted(torch.randperm(90, generator=g)[:4].tolist()) for l in range(L) for h in range(H)}
     for (l, h), hitters in heavy.items():
         cache.attention[l, h, hitters] += 10  # each head's own heavy hitters
@@ -62,13 +68,7 @@ def test_h2o_keeps_the_heavy_hitters_and_the_recent_window(tiny):
 
 
 def test_h2o_shared_keeps_the_same_positions_everywhere(tiny):
-    info = tiny.runtime.info
-    cache = tiny.runtime.new_cache(1, 256)
-    g = torch.Generator().manual_seed(1)
-    shape = (info.n_layers, info.n_kv_heads, 100, info.head_dim)
-    k, v = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
-    cache.rewrite(0, k, v)
-    cache.attention = torch.rand(info.n_layers, info.n_kv_heads, 100, generator=g)
+    cache, k, v = observed_cache(tiny, torch.Generator().manual_seed(1))
     cache.attention[0, 0, [3, 50]] += 10
     cache.attention[-1, -1, [51, 77]] += 10
     H2O(budget=0.08, heavy=0.5, per_head=False).apply(cache, 100)
