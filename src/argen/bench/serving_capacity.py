@@ -19,38 +19,31 @@ differ from the unpressed ones; their greedy agreement is reported, not checked.
 
 from __future__ import annotations
 
-import threading
 import time
 
-from argen.bench.serving_cases import chat_once, concurrently, long_text, metrics, percentile, running_server
+from argen.bench.serving_cases import (
+    MetricsPoller,
+    chat_once,
+    concurrently,
+    long_text,
+    metrics,
+    percentile,
+    running_server,
+)
 from argen.server.scheduler import PREFILL_CHUNK
 
 QUESTION = "\n\nSummarize the text above."
 
 
-class Timeline:
+class Timeline(MetricsPoller):
     """Polls /metrics while a configuration runs: (seconds since start, sequences running, blocks held)."""
 
     def __init__(self, url: str, every: float = 0.25) -> None:
-        self.url, self.every = url, every
+        super().__init__(url, every)
         self.points: list[tuple[float, float, float]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
 
-    def _poll(self) -> None:
-        t0 = time.perf_counter()
-        while not self._stop.wait(self.every):
-            m = metrics(self.url)
-            self.points.append((time.perf_counter() - t0, m.get("argen_running_sequences", 0.0),
-                                m.get("argen_kv_blocks_held", 0.0)))  # fmt: skip
-
-    def __enter__(self) -> Timeline:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
+    def sample(self, seconds: float, m: dict[str, float]) -> None:
+        self.points.append((seconds, m.get("argen_running_sequences", 0.0), m.get("argen_kv_blocks_held", 0.0)))
 
 
 def configurations(args) -> list[tuple[str, dict | None]]:

@@ -55,24 +55,46 @@ def metrics(url: str) -> dict[str, float]:
     return out
 
 
-class KVSampler:
+class MetricsPoller:
+    """Reads /metrics every `every` seconds in a thread while the `with` block runs, handing each
+    reading to `sample` (with the seconds since the block started)."""
+
+    def __init__(self, url: str, every: float) -> None:
+        self.url, self.every = url, every
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def sample(self, seconds: float, m: dict[str, float]) -> None:
+        raise NotImplementedError
+
+    def _poll(self) -> None:
+        t0 = time.perf_counter()
+        while not self._stop.wait(self.every):
+            self.sample(time.perf_counter() - t0, metrics(self.url))
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class KVSampler(MetricsPoller):
     """Polls /metrics while a case runs: KV bytes held (whole blocks) against the bytes the running
     sequences' lengths need, over the run (bytes-weighted: sum held / sum needed) and at the moment
     the sequences needed most. (A moment's ratio is meaningless when little is cached: one 17-token
     sequence holds two 16-position blocks, 1.9x its length.)"""
 
     def __init__(self, url: str, every: float = 0.2) -> None:
-        self.url, self.every = url, every
+        super().__init__(url, every)
         self.samples: list[tuple[float, float]] = []  # (held, used)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
 
-    def _poll(self) -> None:
-        while not self._stop.wait(self.every):
-            m = metrics(self.url)
-            used, held = m.get("argen_kv_bytes_used", 0.0), m.get("argen_kv_bytes_held", 0.0)
-            if used > 0:
-                self.samples.append((held, used))
+    def sample(self, seconds: float, m: dict[str, float]) -> None:
+        used, held = m.get("argen_kv_bytes_used", 0.0), m.get("argen_kv_bytes_held", 0.0)
+        if used > 0:
+            self.samples.append((held, used))
 
     @property
     def over_run(self) -> float:
@@ -82,14 +104,6 @@ class KVSampler:
     def at_peak(self) -> float:
         held, used = max(self.samples, key=lambda s: s[1], default=(0.0, 1.0))
         return held / used
-
-    def __enter__(self) -> KVSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def chat_once(url: str, model: str, messages: list[dict], max_tokens: int, delay: float = 0.0,
