@@ -46,7 +46,8 @@ def test_presses_compose_with_strategies(tiny, strategy):
     base, *pressed = run_together(tiny, strategy, [None, *one, *low], 24)
     for spec, results in zip(one + low, pressed, strict=True):
         for prompt, r in zip(PROMPTS, results, strict=True):
-            defaults = {"h2o": {"heavy": 0.5, "per_head": True}, "kvmerger": {"sinks": 4, "recent": 16}}.get(spec["name"], {"sinks": 4})
+            defaults = {"h2o": {"heavy": 0.5, "per_head": True}, "prefix-kv": {"heavy": 0.5},
+                        "kvmerger": {"sinks": 4, "recent": 16}}.get(spec["name"], {"sinks": 4})  # fmt: skip
             defaults["chunk"] = PRESS_CHUNK
             assert r.extras["replay"]["press"] == spec | defaults
             if spec["budget"] == 1.0:
@@ -207,11 +208,12 @@ def run_batch(gen, requests: list[Request], prefill_chunk: int | None) -> tuple[
             if isinstance(item, Result):
                 results.append(item)
         for seq in batch.sequences:
-            blocks = len(seq.state.cache.blocks)
-            assert blocks == -(-seq.state.cache.lengths[0] // 16)
+            cache = seq.state.cache
+            assert len(cache.blocks) == -(-(cache.lengths[0] - cache.offset) // 16)
+            blocks = len(cache.held_blocks)  # with a per-layer front's (prefix-kv)
             assert blocks <= seq.reserved, (blocks, seq.reserved)
             most[seq.index] = max(most.get(seq.index, 0), blocks)
-        held = sum(len(s.state.cache.blocks) for s in batch.sequences)
+        held = sum(len(s.state.cache.held_blocks) for s in batch.sequences)
         assert pool.held - held_before == held
         assert batch.kv_bytes_held() - held_before * pool.bytes_per_block() == held * pool.bytes_per_block()
     return most, sorted(results, key=lambda r: r.index)
@@ -224,9 +226,10 @@ def test_admission_reserves_the_pressed_worst_case(tiny):
     pressed = [Request(prompt, params, make_strategy(s), press=make_press({"name": name, "budget": 0.5}))
                for name in BUDGETED for s in ("plain", {"name": "prompt-lookup", "max_draft": 4})]  # fmt: skip
     batch = DecodeBatch(tiny.engine, prefill_chunk=64)
-    # 400 + 60 positions, 29 blocks; pressed to half, chunk by chunk: about half as many.
+    # 400 + 60 positions, 29 blocks; pressed to half, chunk by chunk: about half as many (prefix-kv:
+    # two blocks more, its front's rounding per layer and a block filled before each press).
     assert batch.blocks_needed(plain) == 29
-    assert all(batch.blocks_needed(r) <= 18 for r in pressed)
+    assert all(batch.blocks_needed(r) <= 18 + 2 * (r.press.name == "prefix-kv") for r in pressed)
     most, results = run_batch(tiny, pressed, prefill_chunk=64)
     # The peak reported is within the reservation, and at least what a round's end showed: a prefill
     # chunk of 64 on a prefix pressed to 160 positions is 14 blocks, before the press.
@@ -276,11 +279,12 @@ def test_a_pressed_request_ignores_the_prefix_cache(tiny):
 
 def test_a_server_admits_more_pressed_sequences(tiny):
     """Issue 17's capacity case: 1,500-token prompts and 128 new tokens, with the server's 512-token
-    prefill chunks. Reserved blocks per sequence: 102 unpressed; 55 at budget 0.5; 41 at 0.35 (2.5x)."""
+    prefill chunks. Reserved blocks per sequence: 102 unpressed; 55 at budget 0.5; 41 at 0.35 (2.5x);
+    prefix-kv two more (57 and 43: its front's rounding per layer, a block filled before each press)."""
     prompt, params = [7] * 1500, SamplingParams(max_new_tokens=128, **GREEDY)
     batch = DecodeBatch(tiny.engine, prefill_chunk=512)
     unpressed = batch.blocks_needed(Request(prompt, params, make_strategy("plain")))
-    for budget, at_least in [(0.5, 1.8), (0.35, 2.0)]:
+    for budget, at_least in [(0.5, 1.75), (0.35, 2.0)]:
         for name in BUDGETED:
             request = Request(prompt, params, make_strategy("plain"), press=make_press({"name": name, "budget": budget}))
             assert unpressed / batch.blocks_needed(request) >= at_least

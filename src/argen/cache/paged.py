@@ -13,6 +13,9 @@ sequence, prefix caching, copy-on-write forks (as vLLM's `KVCacheManager` and SG
   store (`SeqKV.quantized`, cache/quant.py) and gives the blocks back: the block table then starts
   at position `SeqKV.offset`, and attention reads the store (dequantized one layer at a time) before
   the blocks.
+- A per-layer press (`prefix-kv`) moves everything a sequence holds into a front with a length of its
+  own in each layer (`LayerFront`, cache/layer_front.py), laid out in the pool's blocks by layer
+  shares; the blocks then hold the positions written since.
 - Prefix caching: a full block whose tokens follow a known prefix is addressed by a hash of (the
   previous block's hash, its tokens, its positions). A new sequence with the same prompt start reuses
   those blocks instead of computing them. Blocks nobody holds stay cached until space is needed, and
@@ -26,6 +29,7 @@ from collections import OrderedDict
 
 import torch
 
+from argen.cache.layer_front import LayerFront
 from argen.cache.quant import QuantizedKV, compress
 
 BLOCK_SIZE = 16  # positions per block (vLLM's default): short requests waste at most 15 slots each
@@ -132,7 +136,9 @@ def block_hash(previous: bytes, tokens: list[int], positions: list[int]) -> byte
 class SeqKV:
     """One sequence's keys and values in a BlockPool: a block table and a length. `max_len` is the
     most positions the sequence may hold (its request's budget); reserving past it is an error.
-    Positions before `offset` (0 unless a quantizing press ran) are in `quantized`, not in blocks."""
+    The slots before `offset` (0 unless a quantizing or per-layer press ran) are in `front`, not in
+    blocks: a quantized store (the same positions in every layer) or a LayerFront (a length per layer,
+    `offset` their mean)."""
 
     def __init__(self, pool: BlockPool, max_len: int) -> None:
         self.pool, self.max_len = pool, max_len
@@ -140,17 +146,25 @@ class SeqKV:
         self.lengths = [0]  # the KVCache interface: one row
         self.peak_length = 0
         self.hashes: list[bytes] = []  # prefix hashes of the leading full blocks that are registered
-        self.quantized: QuantizedKV | None = None
-        self.peak_quantized_bytes = 0  # the most bytes held at once, once a part is quantized
+        self.front: QuantizedKV | LayerFront | None = None
+        self.peak_front_bytes = 0  # the most bytes held at once, once there is a front
         # Attention each held slot has received [layers, kv heads, length], summed over the queries
         # (and the query heads of each kv head): H2O's score; None: not observed. The forward pass adds
-        # to it (models/llama.py).
+        # to it (models/llama.py). It covers the slots in blocks; a LayerFront keeps its own.
         self.attention: torch.Tensor | None = None
 
     @property
     def offset(self) -> int:
-        """The first position held in blocks (the ones before it are quantized)."""
-        return 0 if self.quantized is None else self.quantized.positions
+        """The first slot held in blocks (the ones before it are in the front)."""
+        return 0 if self.front is None else self.front.positions
+
+    @property
+    def quantized(self) -> QuantizedKV | None:
+        return self.front if isinstance(self.front, QuantizedKV) else None
+
+    @property
+    def layer_front(self) -> LayerFront | None:
+        return self.front if isinstance(self.front, LayerFront) else None
 
     @property
     def length(self) -> int:
@@ -179,19 +193,22 @@ class SeqKV:
         while len(self.blocks) * size < end - self.offset:
             self.blocks.append(self.pool.allocate())
         self.peak_length = max(self.peak_length, end)
-        if self.quantized is not None:
-            self.peak_quantized_bytes = max(self.peak_quantized_bytes, self.held_bytes)
+        if self.front is not None:
+            self.peak_front_bytes = max(self.peak_front_bytes, self.held_bytes)
 
     def truncate(self, n: int, row: int | None = None) -> None:
         if n > self.lengths[0]:
             raise ValueError(f"cannot truncate a cache of length {self.lengths[0]} to {n}")
         if n < self.offset:
             if n:
-                raise ValueError(f"cannot truncate to {n} positions: the first {self.offset} are quantized")
-            self.quantized = None  # freeing the whole cache
-        self.lengths[0] = n
+                raise ValueError(f"cannot truncate to {n} positions: the first {self.offset} are pressed into a front "
+                                 "(quantized, or a length per layer)")
+            if self.layer_front is not None:
+                self.layer_front.release()
+            self.front = None  # freeing the whole cache
         if self.attention is not None:
-            self.attention = self.attention[..., :n]
+            self.attention = self.attention[..., : n - self.offset]
+        self.lengths[0] = n
         keep = -(-(n - self.offset) // self.pool.block_size)
         for block in self.blocks[keep:]:
             self.pool.release(block)
@@ -207,7 +224,7 @@ class SeqKV:
         table = torch.tensor(self.blocks, dtype=torch.long)
         positions = positions - self.offset
         if len(positions) and int(positions.min()) < 0:
-            raise ValueError(f"positions before {self.offset} are quantized: they have no slot")
+            raise ValueError(f"slots before {self.offset} are in the front: they have no block slot")
         return table[positions // size] * size + positions % size
 
     def move_slots(self, src: list[int], dst_start: int, row: int = 0) -> None:
@@ -220,7 +237,8 @@ class SeqKV:
         for t in (self.pool.k, self.pool.v):
             t[:, :, target // size, target % size] = t[:, :, source // size, source % size]
         if self.attention is not None:
-            self.attention[..., dst_start : dst_start + len(src)] = self.attention[..., torch.tensor(src)].clone()
+            at = dst_start - self.offset
+            self.attention[..., at : at + len(src)] = self.attention[..., torch.tensor(src) - self.offset].clone()
 
     def rewrite(self, first: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Replace positions `first` .. with `k`, `v` [layers, kv heads, m, head dim]: the cache then
@@ -238,7 +256,10 @@ class SeqKV:
 
     def gathered(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This sequence's keys and values [layers, kv heads, length, head dim], copied out of the blocks
-        (and the quantized store, dequantized; for tests and inspection)."""
+        (and the quantized store, dequantized; for tests and inspection). A LayerFront's lengths differ
+        per layer: read it with `layer_front.layer(i)` instead."""
+        if self.layer_front is not None:
+            raise ValueError("a per-layer front has a length per layer: read it with cache.layer_front.layer(i)")
         slots = self.slots(self.offset, self.lengths[0] - self.offset)
         size = self.pool.block_size
         k, v = (t[:, :, slots // size, slots % size] for t in (self.pool.k, self.pool.v))
@@ -250,7 +271,11 @@ class SeqKV:
 
     def observe(self, layer: int, received: torch.Tensor) -> None:
         """Add the attention the first received.shape[-1] slots received in layer `layer` during a pass,
-        per kv head [kv heads, slots] (H2O's score)."""
+        per kv head [kv heads, slots] (H2O's score; a LayerFront's slots come first and keep theirs)."""
+        if self.layer_front is not None:
+            m = self.layer_front.length(layer)
+            self.layer_front.observe(layer, received[:, :m])
+            received = received[:, m:]
         attention, n = self.attention, received.shape[-1]
         if attention is None or attention.dim() != 3:
             attention = received.new_zeros(self.pool.k.shape[0], received.shape[0], 0)
@@ -264,17 +289,33 @@ class SeqKV:
         store, and give their blocks back to the pool."""
         size = self.pool.block_size
         assert m % size == 0 and m <= self.lengths[0] - self.offset, (m, self.offset, self.lengths[0])
-        if self.quantized is None:
-            self.peak_quantized_bytes = self.peak_bytes  # the peak so far, all in blocks
+        assert self.layer_front is None, "a cache has one kind of front"
+        if self.front is None:
+            self.peak_front_bytes = self.peak_bytes  # the peak so far, all in blocks
         slots = self.slots(self.offset, m)
         k, v = (t[:, :, slots // size, slots % size] for t in (self.pool.k, self.pool.v))
         new = compress(k, v, bits, rank, outliers)
-        self.quantized = new if self.quantized is None else self.quantized.extend(new)
+        self.front = new if self.quantized is None else self.quantized.extend(new)
         for block in self.blocks[: m // size]:
             self.pool.release(block)
         del self.blocks[: m // size]
         self.hashes.clear()  # block i no longer holds positions i * size ..: nothing more is registered
-        self.peak_quantized_bytes = max(self.peak_quantized_bytes, self.held_bytes)
+        self.peak_front_bytes = max(self.peak_front_bytes, self.held_bytes)
+
+    def press_into_front(self, keys: list[torch.Tensor], values: list[torch.Tensor],
+                         scores: list[torch.Tensor] | None) -> None:  # fmt: skip
+        """Replace everything the cache holds with a LayerFront of these keys and values per layer
+        [kv heads, length_l, head dim] (copies: the blocks they came from go back to the pool first);
+        the cache then holds the front's mean length, and new positions go to blocks after it."""
+        if self.front is None:
+            self.peak_front_bytes = self.peak_bytes
+        self.truncate(0)
+        self.front = LayerFront(self.pool, keys, values, scores)
+        self.lengths[0] = self.front.positions
+        self.hashes.clear()
+        if self.attention is not None:
+            self.attention = self.attention.new_zeros(len(keys), keys[0].shape[0], 0)
+        self.peak_front_bytes = max(self.peak_front_bytes, self.held_bytes)
 
     def fork(self) -> SeqKV:
         """A second sequence with the same content, sharing every block until one of them writes."""
@@ -283,7 +324,9 @@ class SeqKV:
             self.pool.retain(block)
         other.blocks, other.lengths, other.hashes = list(self.blocks), list(self.lengths), list(self.hashes)
         other.peak_length = self.peak_length
-        other.quantized, other.peak_quantized_bytes = self.quantized, self.peak_quantized_bytes  # never written in place
+        # A front is never written in place: a quantized one is shared as is, a LayerFront's blocks retained.
+        other.front = self.layer_front.fork() if self.layer_front is not None else self.front
+        other.peak_front_bytes = self.peak_front_bytes
         other.attention = None if self.attention is None else self.attention.clone()
         return other
 
@@ -295,7 +338,7 @@ class SeqKV:
         # `runtime.new_cache` dropped without freeing (or an exception abandoned), so a leak cannot
         # outlive the object.
         try:
-            if self.blocks:
+            if self.blocks or self.front is not None:
                 self.free()
         except Exception:  # interpreter shutdown: the pool may be gone already
             pass
@@ -341,12 +384,17 @@ class SeqKV:
         return 0 if self.quantized is None else self.quantized.nbytes
 
     @property
+    def held_blocks(self) -> list[int]:
+        """The pool blocks this cache holds: its block table's and its LayerFront's."""
+        return self.blocks + (self.layer_front.blocks if self.layer_front is not None else [])
+
+    @property
     def held_bytes(self) -> int:
-        return len(self.blocks) * self.pool.bytes_per_block() + self.quantized_bytes
+        return len(self.held_blocks) * self.pool.bytes_per_block() + self.quantized_bytes
 
     @property
     def peak_bytes(self) -> int:
         size = self.pool.block_size
-        if self.quantized is not None:
-            return self.peak_quantized_bytes
+        if self.front is not None:
+            return self.peak_front_bytes
         return -(-self.peak_length // size) * self.pool.bytes_per_block()

@@ -12,8 +12,10 @@ token i sits at i + shift, and the kept keys keep the rotation they were written
 `DecodeState.kv_evicted` (so `n`, the positions the sequence has seen, stays known).
 
 Every layer and head shares one block table, so a press leaves the same number of slots in all
-of them (`StreamingLLM` and `KVMerger` the same positions; `H2O` each head's own). The quantizing presses (`KVQuant`, `GEAR`) keep every position instead, and move the
-oldest whole groups of them into a low-bit store (cache/quant.py). Presses are registered by name
+of them (`StreamingLLM` and `KVMerger` the same positions; `H2O` each head's own). `PrefixKV` gives
+each layer a count of its own, in a front laid out by layer (cache/layer_front.py). The quantizing
+presses (`KVQuant`, `GEAR`) keep every position instead, and move the oldest whole groups of them
+into a low-bit store (cache/quant.py). Presses are registered by name
 for the API, the CLI and the server.
 """
 
@@ -251,6 +253,96 @@ class H2O(Press):
         return length - target
 
 
+class PrefixKV(Press):
+    """Per-layer budgets (after Wang et al. 2024, "PrefixKV: Adaptive Prefix KV Cache is What Vision
+    Instruction-Following Models Need for Efficient Generation"): H2O's heavy hitters + recent window,
+    but each layer keeps its own number of positions, allotted from how its attention is spread.
+    Each layer ranks its positions by the attention they received (per kv head, as `h2o` does) and
+    keeps a prefix of that ranking; PrefixKV chooses one retention ratio p for all layers, and each
+    layer keeps the shortest prefix that holds p of its attention mass, p being as high as the budget
+    allows. Here slot j of layer l is taken when its layer's retention before it is among the
+    `budget`'s count of lowest over all layers (the same equal-p rule, which fills the budget
+    exactly): a layer whose attention sits on a few positions keeps few, a layer that spreads it
+    keeps many. The average over layers is the budget's, so the bytes are the same as `h2o`'s.
+    Departure: the paper searches p offline on a few samples and fixes the layers' shares; here they
+    are searched per sequence at every press (the search is a sort, cheap beside the forward).
+    The layers' different lengths live in a LayerFront (cache/layer_front.py) in the block pool."""
+
+    name = "prefix-kv"
+    paper = "Wang et al. 2024, arXiv:2412.03409"
+
+    def __init__(self, budget: float = 0.5, heavy: float = 0.5, chunk: int = PRESS_CHUNK) -> None:
+        super().__init__(budget, chunk)
+        self.heavy = number_option("heavy", heavy, 0.0, 1.0, " (the share of the kept positions chosen by attention)")
+
+    def prepare(self, cache) -> None:
+        if self.changes_cache:
+            cache.attention = torch.zeros(0)
+
+    def due(self, length: int, n: int, block_size: int, held: int | None = None) -> bool:
+        """Pressing frees memory: more positions than the target, and at least a block of them in blocks."""
+        return length > self.target(n) and (length if held is None else held) >= block_size
+
+    def worst_positions(self, prefill: int, total: int, chunk: int | None, growth: int, block_size: int) -> int:
+        # The front rounds each layer up to a unit (at most one block in all) and presses only once
+        # a block has filled after it (one more): two blocks beyond what the base case reserves.
+        return super().worst_positions(prefill, total, chunk, growth, block_size) + 2 * block_size
+
+    def apply(self, cache, n: int) -> int:
+        length, offset = cache.lengths[0], cache.offset
+        if not self.due(length, n, cache.pool.block_size, length - offset):
+            return 0
+        attention = cache.attention
+        if attention is None or attention.dim() != 3 or attention.shape[-1] != length - offset:
+            raise RuntimeError("prefix-kv needs the attention its cache received: call prepare(cache) before the prefill")
+        target = self.target(n)
+        size = cache.pool.block_size
+        slots = cache.slots(offset, length - offset)
+        block_k, block_v = (t[:, :, slots // size, slots % size] for t in (cache.pool.k, cache.pool.v))
+        front = cache.layer_front
+        layers = range(block_k.shape[0])
+        keys, values, scores = [], [], []
+        for i in layers:  # each layer's slots: its front's, then the blocks'
+            fk, fv = front.layer(i) if front is not None else (block_k[i, :, :0], block_v[i, :, :0])
+            keys.append(torch.cat([fk, block_k[i]], 1))
+            values.append(torch.cat([fv, block_v[i]], 1))
+            scores.append(torch.cat([front.scores[i], attention[i]], 1) if front is not None else attention[i])
+        recent = max(1, target - round(self.heavy * target))  # the newest slots stay in every layer
+        counts = allot([s[:, : s.shape[1] - recent] for s in scores], len(layers) * (target - recent))
+        kept_k, kept_v, kept_scores = [], [], []
+        for k, v, s, count in zip(keys, values, scores, counts, strict=True):
+            total = s.shape[1]
+            heavy = s[:, : total - recent].topk(count, dim=-1).indices.sort(-1).values
+            kept = torch.cat([heavy, torch.arange(total - recent, total).expand(s.shape[0], -1)], -1)
+            index = kept[..., None].expand(-1, -1, k.shape[-1])
+            kept_k.append(k.gather(1, index))
+            kept_v.append(v.gather(1, index))
+            kept_scores.append(s.gather(1, kept))
+        cache.press_into_front(kept_k, kept_v, kept_scores)
+        assert cache.lengths[0] == target, (self.name, cache.lengths[0], target)
+        return length - target
+
+
+def allot(scores: list[torch.Tensor], total: int) -> list[int]:
+    """PrefixKV's per-layer counts: `total` slots over the layers, given each layer's candidates'
+    scores [kv heads, candidates]. A layer's retention after k slots is the share of its attention
+    mass its heads' top k hold (mean over heads); the k-th slot of a layer is taken when the retention
+    before it is among the `total` lowest of all layers' (ties: the earlier layer), i.e. every layer
+    keeps the shortest prefix that reaches one common retention p, as high as `total` allows."""
+    before = []
+    for s in scores:
+        ranked = s.float().sort(-1, descending=True).values
+        mass = ranked.sum(-1, keepdim=True).clamp_min(1e-30)
+        retention = (ranked.cumsum(-1) / mass).mean(0)  # after 1, 2, .. slots
+        before.append(torch.cat([retention.new_zeros(1), retention[:-1]]))  # before slot 1, 2, ..
+    flat = torch.cat(before)
+    layer_of = torch.cat([torch.full((len(b),), i) for i, b in enumerate(before)])
+    total = min(total, len(flat))
+    # A stable order by (retention before, layer, rank): the prefixes stay prefixes under ties.
+    order = torch.from_numpy(flat.numpy().argsort(kind="stable"))[:total]
+    return torch.bincount(layer_of[order], minlength=len(scores)).tolist()
+
+
 class KVQuant(Press):
     """Plain KV quantization (KIVI's layout, Liu et al. 2024, "KIVI: A Tuning-Free Asymmetric 2bit
     Quantization for KV Cache"): keys per channel, values per token, `bits` each, in groups of
@@ -308,7 +400,7 @@ class GEAR(KVQuant):
         return {"bits": self.bits, "rank": self.rank, "outliers": self.outliers}
 
 
-PRESSES: dict[str, type[Press]] = {cls.name: cls for cls in (StreamingLLM, KVMerger, H2O, KVQuant, GEAR)}
+PRESSES: dict[str, type[Press]] = {cls.name: cls for cls in (StreamingLLM, KVMerger, H2O, PrefixKV, KVQuant, GEAR)}
 
 
 def press_options(cls: type[Press]) -> dict[str, object]:

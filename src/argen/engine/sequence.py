@@ -82,7 +82,7 @@ class Sequence:
         paged = [c for c in caches if isinstance(c, SeqKV)]
         held = sum(c.peak_bytes for c in caches if not isinstance(c, SeqKV))
         if paged:
-            blocks = {(id(c.pool), b) for c in paged for b in c.blocks}
+            blocks = {(id(c.pool), b) for c in paged for b in c.held_blocks}
             held += sum(c.pool.bytes_per_block() for c in paged[:1]) * len(blocks)
             quantized = {id(c.quantized): c.quantized_bytes for c in paged if c.quantized is not None}
             held += sum(quantized.values())  # a fork shares its parent's store until either grows it
@@ -183,6 +183,8 @@ class Sequence:
             if (quantized := getattr(state.cache, "quantized", None)) is not None:  # its bytes, part by part
                 state.extras["press"] |= {"quantized_positions": quantized.positions,
                                           "quantized_bytes": quantized.nbytes_by_part()}  # fmt: skip
+            if (front := getattr(state.cache, "layer_front", None)) is not None:  # what each layer kept
+                state.extras["press"]["layer_positions"] = list(front.lengths)
         return Result(self.text.text, state.output, list(r.prompt_ids), self.finish_reason or "length", s,
                       params.seed, strategy.name, state.extras, self.index, self.sample_index,
                       self._logprobs(0, state.n_generated), self.prompt_logprobs)  # fmt: skip

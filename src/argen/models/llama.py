@@ -192,10 +192,10 @@ class LlamaRuntime:
             if top >= self.info.max_positions:
                 raise ValueError(f"position {top} is past the model's context ({self.info.max_positions})")
         limit = FUSED_MAX_NEW_TOKENS if self.fused is not None else TORCH_PACKED_MAX_NEW_TOKENS
-        # Short feeds that ask for FFN statistics, read a quantized KV store or observe the attention their
-        # keys receive (H2O) share a torch pass of their own (the fused C forward does none of these), so
-        # the others keep the fused path's batch invariance.
-        own = [bool(seg.ffn_cos) or getattr(seg.cache, "quantized", None) is not None
+        # Short feeds that ask for FFN statistics, read a pressed front (quantized, or a length per layer)
+        # or observe the attention their keys receive (H2O) share a torch pass of their own (the fused C
+        # forward does none of these), so the others keep the fused path's batch invariance.
+        own = [bool(seg.ffn_cos) or getattr(seg.cache, "front", None) is not None
                or getattr(seg.cache, "attention", None) is not None for seg in segments]  # fmt: skip
         short = [i for i, seg in enumerate(segments) if len(seg.tokens) <= limit and not own[i]]
         measured = [i for i, seg in enumerate(segments) if len(seg.tokens) <= limit and own[i]]
@@ -277,17 +277,23 @@ class LlamaRuntime:
                 for seg, (n_keys, attn_mask, is_causal) in zip(segments, plans):
                     n = len(seg.tokens)
                     table = torch.tensor(seg.cache.blocks, dtype=torch.long, device=self.device)
-                    held = n_keys - seg.cache.offset  # the positions in blocks; a quantized front comes first
+                    held = n_keys - seg.cache.offset  # the positions in blocks; a pressed front comes first
                     keys = pool.k[i][:, table].flatten(1, 2)[:, :held]  # [kv heads, keys, D]
                     values = pool.v[i][:, table].flatten(1, 2)[:, :held]
-                    if seg.cache.quantized is not None:
-                        front_k, front_v = seg.cache.quantized.layer(i)
+                    mask = attn_mask
+                    if seg.cache.front is not None:
+                        front_k, front_v = seg.cache.front.layer(i)
                         keys = torch.cat([front_k.to(keys.dtype), keys], 1)
                         values = torch.cat([front_v.to(values.dtype), values], 1)
+                        if mask is not None and front_k.shape[1] != seg.cache.offset:
+                            # This layer's front is not `offset` long (a per-layer press): every new query
+                            # sees all of it (it is all in their past), then the mask's columns for the blocks.
+                            seen = torch.ones(n, front_k.shape[1], dtype=torch.bool, device=self.device)
+                            mask = torch.cat([seen, mask[:, seg.cache.offset :]], 1)
                     if seg.cache.attention is not None:
-                        seg.cache.observe(i, attention_received(q[row : row + n], keys, attn_mask, is_causal))
+                        seg.cache.observe(i, attention_received(q[row : row + n], keys, mask, is_causal))
                     outs.append(F.scaled_dot_product_attention(
-                        q[row : row + n].transpose(0, 1)[None], keys[None], values[None], attn_mask=attn_mask,
+                        q[row : row + n].transpose(0, 1)[None], keys[None], values[None], attn_mask=mask,
                         is_causal=is_causal, enable_gqa=gqa)[0].transpose(0, 1))  # fmt: skip
                     row += n
                 x = x + layer.o(torch.cat(outs).reshape(n_rows, self.q_size))
