@@ -90,7 +90,7 @@ def test_press_matches_the_python_api(capsys, tiny):
 
 
 @pytest.mark.parametrize("argv, words", [
-    (["--press", "snapkv"], "unknown press 'snapkv'"),
+    (["--press", "pyramidkv"], "unknown press 'pyramidkv'"),
     (["--press-opt", "budget=0.5"], "--press-opt needs --press NAME"),
     (["--press", "kvmerger", "--press-opt", "budget=0"], "budget must be more than 0"),
     (["--press", "kvmerger", "--press-opt", "budget"], "--press-opt takes KEY=VALUE (for example budget=0.5)"),

@@ -47,6 +47,7 @@ def test_presses_compose_with_strategies(tiny, strategy):
     for spec, results in zip(one + low, pressed, strict=True):
         for prompt, r in zip(PROMPTS, results, strict=True):
             defaults = {"h2o": {"heavy": 0.5, "per_head": True}, "prefix-kv": {"heavy": 0.5},
+                        "snapkv": {"window_size": 32, "kernel": 7},
                         "kvmerger": {"sinks": 4, "recent": 16}}.get(spec["name"], {"sinks": 4})  # fmt: skip
             defaults["chunk"] = PRESS_CHUNK
             assert r.extras["replay"]["press"] == spec | defaults
@@ -304,7 +305,12 @@ def test_presses_need_the_paged_cache(tiny_gpt2):
     ({"name": "kvmerger", "recent": -3}, "recent must be a whole number"),
     ({"name": "streaming-llm", "sinks": 2.5}, "sinks must be a whole number"),
     ({"name": "streaming-llm", "window": 8}, "unknown option(s) window"),
-    ({"name": "snapkv"}, "unknown press 'snapkv'"),
+    ({"name": "pyramidkv"}, "unknown press 'pyramidkv'"),
+    ({"name": "snapkv", "window_size": 0}, "window_size must be a whole number of queries from 1 to 1024"),
+    ({"name": "snapkv", "window_size": 10**9}, "window_size must be a whole number of queries from 1 to 1024"),
+    ({"name": "snapkv", "kernel": 4}, "kernel must be an odd whole number from 1 to 63"),
+    ({"name": "snapkv", "kernel": 1.0}, "kernel must be an odd whole number"),
+    ({"name": "prefix-kv", "heavy": 2}, "heavy must be a finite number in [0, 1]"),
     ({"name": "h2o", "heavy": 1.5}, "heavy must be a finite number in [0, 1]"),
     ({"name": "h2o", "per_head": "yes"}, "per_head must be true or false"),
     ({"name": "kv-quant", "bits": 3}, "bits must be one of 2, 4, 8"),

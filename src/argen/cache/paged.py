@@ -152,6 +152,9 @@ class SeqKV:
         # (and the query heads of each kv head): H2O's score; None: not observed. The forward pass adds
         # to it (models/llama.py). It covers the slots in blocks; a LayerFront keeps its own.
         self.attention: torch.Tensor | None = None
+        # SnapKV's observation window (cache/press_attention.py QueryWindow): the newest queries fed,
+        # added by the forward pass; None: not observed.
+        self.window = None
 
     @property
     def offset(self) -> int:
@@ -328,6 +331,7 @@ class SeqKV:
         other.front = self.layer_front.fork() if self.layer_front is not None else self.front
         other.peak_front_bytes = self.peak_front_bytes
         other.attention = None if self.attention is None else self.attention.clone()
+        other.window = None if self.window is None else self.window.fork()
         return other
 
     def free(self) -> None:

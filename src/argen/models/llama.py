@@ -193,10 +193,11 @@ class LlamaRuntime:
                 raise ValueError(f"position {top} is past the model's context ({self.info.max_positions})")
         limit = FUSED_MAX_NEW_TOKENS if self.fused is not None else TORCH_PACKED_MAX_NEW_TOKENS
         # Short feeds that ask for FFN statistics, read a pressed front (quantized, or a length per layer)
-        # or observe the attention their keys receive (H2O) share a torch pass of their own (the fused C
-        # forward does none of these), so the others keep the fused path's batch invariance.
-        own = [bool(seg.ffn_cos) or getattr(seg.cache, "front", None) is not None
-               or getattr(seg.cache, "attention", None) is not None for seg in segments]  # fmt: skip
+        # or observe the attention their keys receive (H2O) or their queries (SnapKV) share a torch pass
+        # of their own (the fused C forward does none of these), so the others keep the fused path's
+        # batch invariance.
+        own = [bool(seg.ffn_cos) or any(getattr(seg.cache, name, None) is not None
+                                        for name in ("front", "attention", "window")) for seg in segments]  # fmt: skip
         short = [i for i, seg in enumerate(segments) if len(seg.tokens) <= limit and not own[i]]
         measured = [i for i, seg in enumerate(segments) if len(seg.tokens) <= limit and own[i]]
         long = [i for i in range(len(segments)) if i not in set(short) | set(measured)]
@@ -292,6 +293,8 @@ class LlamaRuntime:
                             mask = torch.cat([seen, mask[:, seg.cache.offset :]], 1)
                     if seg.cache.attention is not None:
                         seg.cache.observe(i, attention_received(q[row : row + n], keys, mask, is_causal))
+                    if seg.cache.window is not None:
+                        seg.cache.window.add(i, q[row : row + n], n_keys - n)
                     outs.append(F.scaled_dot_product_attention(
                         q[row : row + n].transpose(0, 1)[None], keys[None], values[None], attn_mask=mask,
                         is_causal=is_causal, enable_gqa=gqa)[0].transpose(0, 1))  # fmt: skip

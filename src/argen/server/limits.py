@@ -40,6 +40,7 @@ OPTION_LIMITS: dict[str, tuple[int, str]] = {
 PRESS_LIMITS: dict[str, tuple[int, str]] = {
     "sinks": (1024, "streaming-llm, kvmerger: first positions always kept"),
     "recent": (8192, "kvmerger: last positions never merged; kv-quant, gear: last positions never quantized"),
+    "window_size": (128, "snapkv: newest queries a sequence keeps (every layer's) and scores positions by"),
 }
 # Caps on request fields that multiply a request's work, changed the same way (`--limit n=32`).
 REQUEST_LIMITS: dict[str, tuple[int, str]] = {
