@@ -276,8 +276,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(one row each, no budget). Needs `pip install 'argen[kvpress]'`, in an environment "
                              "of its own: README")  # fmt: skip
     parser.add_argument("--kvpress-budgets", metavar="B,B", default=None,
-                        help="fractions of positions kept for the kvpress rows; default: the budgets of the "
-                             "press configurations (--config), else 0.5,0.35,0.2,0.1")  # fmt: skip
+                        help="fractions of positions kept for the kvpress press rows (kv-quant-N rows have none); "
+                             "default: the budgets of the press configurations (--config), else 0.5,0.35,0.2,0.1")  # fmt: skip
     parser.add_argument("--max-new-tokens", metavar="N", type=int, default=128, help="default: %(default)s")
     parser.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
     parser.add_argument("--threads", metavar="N", type=int, default=0, help="torch CPU threads (0: torch's default)")

@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import math
 import time
 from dataclasses import dataclass
@@ -137,7 +138,7 @@ def import_kvpress():
 
 def import_quanto():
     try:
-        from optimum import quanto
+        quanto = importlib.import_module("optimum.quanto")
     except ImportError as exc:
         raise ArgenError(f"--kvpress kv-quant-N needs optimum-quanto (transformers' QuantizedCache backend), which is "
                          f"not importable here ({exc}). Install it with `{INSTALL}` in the kvpress environment "
