@@ -8,7 +8,7 @@ records tok/s, KV bytes (held at the end and peak), greedy agreement with plain 
 until the first divergence, token agreement) and the full model's NLL of the lossy continuation
 vs the exact one (`drift.py`), then writes results.json, report.md and drift.png. With `--kvpress`,
 NVIDIA kvpress's presses of the same names at the same budgets run beside them on the same weights
-(`drift_kvpress.py`).
+(`drift_kvpress.py`), and transformers' quantized KV cache beside argen's kv-quant.
 """
 
 from __future__ import annotations
@@ -218,7 +218,7 @@ def _style(method: str, families: list[str]) -> dict:
     if method == EXACT:
         return {"marker": "*", "color": color, "linestyle": "none", "markersize": 10}
     if home != method:  # a marker per kvpress method: two may sit beside one argen method (snapkv, h2o)
-        marker = "^v<>sD"[list(kvpress_peer.METHODS).index(method.split()[-1]) % 6] if home != EXACT else "^"
+        marker = "^v<>sDp"[list(kvpress_peer.ROWS).index(method.split()[-1]) % 7] if home != EXACT else "^"
         return {"marker": marker, "color": color, "markerfacecolor": "none", "linestyle": "--" if home != EXACT else "none"}
     return {"marker": "o", "color": color}
 
@@ -270,11 +270,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "default: skip-decode and ffn-skip at four settings each")  # fmt: skip
     parser.add_argument("--kvpress", metavar="A,B", default=None,
                         help="NVIDIA kvpress's presses to run beside argen's on the same weights: "
-                             "streaming-llm, h2o, snapkv, knorm, expected-attention, merging (needs "
-                             "`pip install 'argen[kvpress]'`, in an environment of its own: README)")  # fmt: skip
+                             f"{', '.join(m for m in kvpress_peer.METHODS if not kvpress_peer.METHODS[m].quantized)};"
+                             " and transformers' quantized KV cache (optimum-quanto) beside argen's kv-quant: "
+                             f"{', '.join(m for m in kvpress_peer.METHODS if kvpress_peer.METHODS[m].quantized)} "
+                             "(one row each, no budget). Needs `pip install 'argen[kvpress]'`, in an environment "
+                             "of its own: README")  # fmt: skip
     parser.add_argument("--kvpress-budgets", metavar="B,B", default=None,
-                        help="fractions of positions kept for the kvpress rows; default: the budgets of the "
-                             "press configurations (--config), else 0.5,0.35,0.2,0.1")  # fmt: skip
+                        help="fractions of positions kept for the kvpress press rows (kv-quant-N rows have none); "
+                             "default: the budgets of the press configurations (--config), else 0.5,0.35,0.2,0.1")  # fmt: skip
     parser.add_argument("--max-new-tokens", metavar="N", type=int, default=128, help="default: %(default)s")
     parser.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
     parser.add_argument("--threads", metavar="N", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -302,8 +305,10 @@ def run(args: argparse.Namespace) -> int:
     state = git_state()
     require_clean(state, args.allow_dirty)
     methods = kvpress_peer.parse_methods(args.kvpress) if args.kvpress is not None else []
-    if methods:
+    if any(not m.quantized for m in methods):
         kvpress_peer.import_kvpress()  # before the model loads: an error that says how to install it
+    if any(m.quantized for m in methods):
+        kvpress_peer.import_quanto()
     if args.max_new_tokens < 1 or args.limit < 1 or args.threads < 0:
         raise ArgenError("--max-new-tokens and --limit must be >= 1, --threads >= 0")
     args.categories = [c.strip() for c in args.categories.split(",") if c.strip()]

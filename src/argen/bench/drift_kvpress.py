@@ -7,6 +7,10 @@ Per prompt, the peer also decodes with no press (the `kvpress none` row: Hugging
 decoding): its own exact output, which each kvpress row is also compared with (results.json:
 `token_agreement_hf`, `first_divergence_hf`), and which shows how often the two runtimes' exact
 outputs agree (`hf_equals_exact`).
+
+The KV-quantization methods (`kv-quant-8`, ...: transformers' QuantizedCache, no press) keep every
+position, so they have no budget: one row each, `kvpress kv-quant 8-bit`, beside argen's
+`kv-quant` rows, whatever the budgets.
 """
 
 from __future__ import annotations
@@ -15,22 +19,31 @@ import re
 from dataclasses import dataclass
 
 from argen.bench.drift import agreement, answer_recall, mean_nll
-from argen.bench.kvpress_peer import METHODS, KVPressPeer, PeerMethod, PeerRun, compression_ratio
+from argen.bench.kvpress_peer import ROWS, KVPressPeer, PeerMethod, PeerRun, compression_ratio
 from argen.errors import ArgenError
 
 PEER = "kvpress"
 NO_PRESS = f"{PEER} none"  # the peer's own exact run (HF greedy, no press)
 BUDGETS = (0.5, 0.35, 0.2, 0.1)  # when no argen press configuration names budgets
+QUANTIZING = ("kv-quant", "gear")  # argen's presses that keep every position (no budget)
 
 
 @dataclass(frozen=True)
 class PeerConfig:
     method: PeerMethod
-    budget: float
+    budget: float | None  # None for a quantized method: every position is kept
+
+    @property
+    def row_method(self) -> str:
+        return f"{PEER} {self.method.row}"
+
+    @property
+    def setting(self) -> str:
+        return f"{self.method.bits}-bit" if self.method.quantized else f"{self.budget:g}"
 
     @property
     def label(self) -> str:
-        return f"{PEER} {self.method.name} {self.budget:g}"
+        return f"{self.row_method} {self.setting}"
 
 
 def parse_budgets(text: str) -> list[float]:
@@ -47,20 +60,22 @@ def parse_budgets(text: str) -> list[float]:
 
 def press_budgets(configs) -> list[float]:
     """The budgets of argen's press configurations (a press named without one keeps argen's default
-    0.5), in order; the four standard budgets when no configuration has a press."""
+    0.5; a quantizing press has none), in order; the four standard budgets when no configuration
+    has a budgeted press."""
     budgets = []
     for config in configs:
         press = config.options.get("press")
-        if isinstance(press, dict):
+        if isinstance(press, dict) and press.get("name") not in QUANTIZING:
             budgets.append(float(press.get("budget", 0.5)))
-        elif isinstance(press, str):
+        elif isinstance(press, str) and press.split(":")[0].strip() not in QUANTIZING:
             found = re.search(r"budget=([\d.]+)", press)
             budgets.append(float(found.group(1)) if found else 0.5)
     return list(dict.fromkeys(budgets)) or list(BUDGETS)
 
 
 def peer_configs(methods: list[PeerMethod], budgets: list[float]) -> list[PeerConfig]:
-    return [PeerConfig(m, b) for m in methods for b in budgets]
+    """Each press at each budget; each quantized method once (it has no budget)."""
+    return [c for m in methods for c in ([PeerConfig(m, None)] if m.quantized else [PeerConfig(m, b) for b in budgets])]
 
 
 def _record(case, prompt_len: int, method: str, setting: str, label: str, run: PeerRun, text: str, exact, scorer,
@@ -91,8 +106,8 @@ def peer_records(peer: KVPressPeer, decode, case, prompt: list[int], exact, scor
     for i in (reversed if reverse else list)(range(len(configs))):
         runs[i] = peer.run(prompt, configs[i].method, configs[i].budget, max_new_tokens, ignore_eos)
     for i, config in enumerate(configs):
-        records.append(_record(case, len(prompt), f"{PEER} {config.method.name}", f"{config.budget:g}", config.label,
-                               runs[i], decode(runs[i].token_ids), exact, scorer, exact_nll, reference))  # fmt: skip
+        records.append(_record(case, len(prompt), config.row_method, config.setting, config.label, runs[i],
+                               decode(runs[i].token_ids), exact, scorer, exact_nll, reference))  # fmt: skip
     return records
 
 
@@ -101,7 +116,7 @@ def beside(method: str) -> str | None:
     if method == NO_PRESS:
         return "exact"
     if method.startswith(f"{PEER} "):
-        peer = METHODS.get(method.removeprefix(f"{PEER} "))
+        peer = ROWS.get(method.removeprefix(f"{PEER} "))
         return peer.beside if peer else None
     return None
 
@@ -126,13 +141,24 @@ def _is_peer(method: str) -> bool:
 
 def settings(configs: list[PeerConfig]) -> dict:
     """What the kvpress rows ran, for results.json and the report."""
-    from argen.bench.kvpress_peer import DECODE_INTERVAL, kvpress_version
+    from argen.bench.kvpress_peer import DECODE_INTERVAL, QUANT_GROUP, RESIDUAL, kvpress_version
 
     methods = list(dict.fromkeys(c.method for c in configs))
-    return {"version": kvpress_version(), "budgets": list(dict.fromkeys(c.budget for c in configs)),
+    info = {"version": kvpress_version(), "budgets": list(dict.fromkeys(c.budget for c in configs if c.budget is not None)),
             "decode_interval": DECODE_INTERVAL,
-            "methods": {m.name: {"press": m.press_name, "pressed": "prefill and decoding" if m.decoding else "prefill only",
-                                 "beside": m.beside, "attention": "eager" if m.eager else "sdpa"} for m in methods}}  # fmt: skip
+            "methods": {m.name: {"press": m.press_name, "pressed": _pressed(m), "beside": m.beside,
+                                 "attention": "eager" if m.eager else "sdpa"} for m in methods}}  # fmt: skip
+    if any(m.quantized for m in methods):
+        info["quantized_cache"] = {"backend": "quanto", "optimum_quanto": kvpress_version("optimum-quanto"),
+                                   "axis_key": 0, "axis_value": 0, "q_group_size": QUANT_GROUP,
+                                   "residual_length": RESIDUAL}  # fmt: skip
+    return info
+
+
+def _pressed(method: PeerMethod) -> str:
+    if method.quantized:
+        return "no press: every position kept, quantized"
+    return "prefill and decoding" if method.decoding else "prefill only"
 
 
 def hf_agreement(records: list[dict]) -> dict:
@@ -144,14 +170,18 @@ def hf_agreement(records: list[dict]) -> dict:
 def describe(info: dict, agree: dict, quant: str) -> list[str]:
     """The report's notes on the kvpress rows."""
     methods = "; ".join(f"`{name}`: {m['press']} ({m['pressed']}, {m['attention']} attention)"
-                        for name, m in info["methods"].items())  # fmt: skip
-    return [
+                        for name, m in info["methods"].items() if m["beside"] != "kv-quant")  # fmt: skip
+    pressed = [
         f"- kvpress rows (`kvpress METHOD BUDGET`): NVIDIA kvpress {info['version']} on the Hugging Face model with the "
         f"same weights in fp32 (argen's rows: quant `{quant}`), compression_ratio = 1 − budget, greedy "
         "in kvpress's own loop (one pass over the whole prompt, pressed after each attention layer, then one token "
         f"per pass). {methods}. Pressed while decoding: the cache is pressed back to the budget of the positions seen "
         f"every {info['decode_interval']} steps (`CompressionRatioDecodingPress`); prefill only: it grows by one "
         "position per new token.",
+    ] if methods else []  # fmt: skip
+    quantized = [_quantized_note(info)] if "quantized_cache" in info else []
+    return [
+        *pressed,
         f"- `kvpress none`: Hugging Face greedy decoding, no press: the same tokens as argen's `exact` on "
         f"{agree['hf_equals_exact']} of {agree['prompts']} prompts (the two runtimes' arithmetic differs). kvpress rows' "
         "agreement columns compare with argen's `exact`; against `kvpress none` they are in results.json "
@@ -160,4 +190,18 @@ def describe(info: dict, agree: dict, quant: str) -> list[str]:
         "- kvpress KV MB: the bytes of the DynamicCache's key and value tensors, sampled after each attention layer "
         "(before the press's hook) and after each pass; peak includes a layer's whole prompt before it is pressed "
         "(argen prefills a pressed prompt in chunks of 128 positions).",
+        *quantized,
     ]  # fmt: skip
+
+
+def _quantized_note(info: dict) -> str:
+    q = info["quantized_cache"]
+    return (
+        f"- `kvpress kv-quant N-bit` rows: no kvpress press; transformers' `QuantizedCache` (optimum-quanto "
+        f"{q['optimum_quanto']}) in the same loop, every position kept (no budget), keys and values quantized "
+        f"per token in groups of {q['q_group_size']} values (fewer where that does not divide the head dimension; argen's keys: per channel over 64 positions; quanto's "
+        f"per-channel groups fail unless heads × positions is a multiple of 64), the newest positions (fewer than "
+        f"{q['residual_length']}) in fp32, as argen's; 4 and 2 bits: asymmetric codes (quanto MaxOptimizer), 8 bits: "
+        "quanto's symmetric qint8 (transformers' quanto layer takes 2 or 4 bits only); scales and shifts in fp32 "
+        "(argen: fp16). Their KV MB: quanto's packed codes, scales and shifts plus the fp32 residual, every layer."
+    )

@@ -14,10 +14,35 @@ cache is pressed back to `budget` of the positions seen every `DECODE_INTERVAL` 
 presses do when a 16-position block frees; the others press the prompt only and the cache grows by
 one position per new token.
 
-KV bytes: the sum of the cache's key and value tensors' bytes (`Tensor.nbytes`, every layer),
-sampled by a forward hook on each attention layer that runs before the press's hook (so a layer's
-full keys, before it is pressed, count toward the peak) and once after each forward; `held` is the
-last sample, `peak` the largest.
+KV quantization (`kv-quant-8`, `kv-quant-4`, `kv-quant-2`, beside argen's `kv-quant`): no press;
+the same loop with transformers' `QuantizedCache` (backend optimum-quanto) in place of the
+DynamicCache, so every position is kept, quantized (no budget). Settings, as near argen's
+kv-quant as transformers and quanto allow:
+- groups of 64 values (gcd(64, head_dim): on the default model one position's 64-dimension head
+  vector), asymmetric min-max codes (quanto's MaxOptimizer) for 4 and 2 bits. Keys are quantized
+  per token, like values (`axis_key=0`), where argen's are per channel over 64 positions:
+  quanto's per-channel groups (`axis_key=-1`) run over the flattened (batch, head, position) rows,
+  so they fail unless heads × positions is a multiple of 64 and otherwise straddle two heads.
+- 8 bits: transformers' quanto layer takes 2 or 4 bits only, and quanto's 8-bit type is symmetric
+  (an absmax scale, no zero-point, no groups of its own). `kv-quant-8` runs transformers'
+  `QuantizedLayer` (its fp residual and re-quantization) with quanto's qint8 on groups of 64
+  values made by reshaping (`QInt8Layer`).
+- `residual_length=64`: the newest positions (0 to 63) stay in fp32 and are quantized 64 at a
+  time, as argen's kv-quant (recent=0) keeps the newest positions short of a whole group in fp32.
+  Unlike argen, transformers quantizes the whole prompt at once (argen leaves the prompt's last
+  length % 64 positions in fp32) and, at each flush, re-quantizes the whole cache from its
+  dequantized values (with per-token groups this gives the same codes back).
+- scales and shifts stay in the cache's dtype (fp32; argen's are fp16), and every forward
+  dequantizes the whole cache (argen dequantizes one layer at a time as well).
+
+KV bytes: the sum of the bytes of every tensor the cache holds, over all layers: for a
+DynamicCache its keys and values (`Tensor.nbytes`); for a quantized cache the packed codes,
+scales and shifts of quanto's tensors (found through `__tensor_flatten__`, so a packed 4-bit code
+counts half a byte) plus the fp32 residual keys and values. Sampled by a forward hook on each
+attention layer that runs before the press's hook (so a layer's full keys, before it is pressed,
+count toward the peak) and once after each forward; `held` is the last sample, `peak` the
+largest. The quantized cache's transient copies (the prompt's fp keys before they are quantized,
+the dequantized cache each forward builds) are never held by it and do not count.
 
 kvpress 0.5.5 needs transformers<5.3: install it in an environment of its own
 (`pip install 'argen[kvpress]'`, README). Importing kvpress patches transformers' attention
@@ -27,6 +52,9 @@ functions, so it is imported only when a kvpress run is asked for.
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib
+import math
 import time
 from dataclasses import dataclass
 
@@ -36,19 +64,33 @@ from argen.errors import ArgenError
 
 INSTALL = "pip install 'argen[kvpress]'"
 DECODE_INTERVAL = 16  # decoding steps between presses: argen's block size (cache/paged.py BLOCK_SIZE)
+QUANT_GROUP = 64  # values per quantization group: argen's GROUP (cache/quant.py)
+RESIDUAL = 64  # newest positions kept in fp32 until quantized together: argen's fp tail (< a group)
 
 
 @dataclass(frozen=True)
 class PeerMethod:
     name: str  # as given to --kvpress
     beside: str  # the argen method whose rows this one's sit beside
-    scorer: str  # the kvpress ScorerPress class
+    scorer: str = ""  # the kvpress ScorerPress class
     wrapper: str | None = None  # a kvpress press wrapping the scorer on the prefill (MergingPress)
     decoding: bool = True  # kvpress can press while decoding with this scorer (see the module doc)
     eager: bool = False  # the press reads the attention weights: eager attention
+    bits: int | None = None  # no press: transformers' QuantizedCache at this many bits (no budget)
+
+    @property
+    def quantized(self) -> bool:
+        return self.bits is not None
+
+    @property
+    def row(self) -> str:
+        """The method in the rows' names: `kvpress kv-quant 8-bit` beside argen's `kv-quant 8-bit`."""
+        return "kv-quant" if self.quantized else self.name
 
     @property
     def press_name(self) -> str:
+        if self.quantized:
+            return f"QuantizedCache(quanto, {self.bits}-bit)"
         return f"{self.wrapper}({self.scorer})" if self.wrapper else self.scorer
 
 
@@ -62,7 +104,9 @@ METHODS = {m.name: m for m in (
     PeerMethod("knorm", "knorm", "KnormPress"),
     PeerMethod("expected-attention", "expected-attention", "ExpectedAttentionPress"),
     PeerMethod("merging", "kvmerger", "SnapKVPress", wrapper="MergingPress", decoding=False),
+    *(PeerMethod(f"kv-quant-{bits}", "kv-quant", bits=bits) for bits in (8, 4, 2)),
 )}  # fmt: skip
+ROWS = {m.row: m for m in METHODS.values()}  # a row's method -> a method of that row (all sit beside the same)
 
 
 def compression_ratio(budget: float) -> float:
@@ -76,7 +120,9 @@ def parse_methods(text: str) -> list[PeerMethod]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in METHODS]
     if unknown or not names:
-        raise ArgenError(f"--kvpress takes names from {', '.join(METHODS)} (comma-separated); got {text!r}")
+        what = f"unknown method {', '.join(map(repr, unknown))}" if unknown else "no method"
+        raise ArgenError(f"--kvpress: {what}; it takes names from {', '.join(METHODS)} (comma-separated); "
+                         f"got {text!r}")  # fmt: skip
     return [METHODS[n] for n in dict.fromkeys(names)]
 
 
@@ -90,11 +136,21 @@ def import_kvpress():
     return kvpress
 
 
-def kvpress_version() -> str | None:
+def import_quanto():
+    try:
+        quanto = importlib.import_module("optimum.quanto")
+    except ImportError as exc:
+        raise ArgenError(f"--kvpress kv-quant-N needs optimum-quanto (transformers' QuantizedCache backend), which is "
+                         f"not importable here ({exc}). Install it with `{INSTALL}` in the kvpress environment "
+                         "(README, KV-cache presses)") from exc  # fmt: skip
+    return quanto
+
+
+def kvpress_version(package: str = "kvpress") -> str | None:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
-        return version("kvpress")
+        return version(package)
     except PackageNotFoundError:
         return None
 
@@ -130,15 +186,68 @@ class PeerRun:
         return len(self.token_ids) / decode if decode > 0 else None
 
 
+def held_bytes(value) -> int:
+    """Bytes of the plain tensors inside `value`: a tensor subclass (quanto's quantized tensors and
+    their packed data) through `__tensor_flatten__`, a tuple through its items, anything else 0."""
+    if isinstance(value, torch.Tensor):
+        if type(value) is torch.Tensor or not hasattr(value, "__tensor_flatten__"):
+            return value.nbytes
+        names, _ = value.__tensor_flatten__()
+        return sum(held_bytes(getattr(value, name)) for name in names)
+    if isinstance(value, tuple):
+        return sum(held_bytes(item) for item in value)
+    return 0
+
+
 def cache_bytes(cache) -> int:
-    """Bytes of every key and value tensor the cache holds (a layer not written yet holds none)."""
-    total = 0
-    for layer in getattr(cache, "layers", []):
-        for name in ("keys", "values", "_quantized_keys", "_quantized_values"):
-            value = getattr(layer, name, None)
-            if isinstance(value, torch.Tensor):
-                total += value.nbytes
-    return total
+    """Bytes of every key and value tensor the cache holds, quantized or not (a layer not written
+    yet holds none)."""
+    return sum(held_bytes(getattr(layer, name, None)) for layer in getattr(cache, "layers", [])
+               for name in ("keys", "values", "_quantized_keys", "_quantized_values"))  # fmt: skip
+
+
+def quant_group(config) -> int:
+    """Values per quantization group: argen's 64, or less where it does not divide a head vector
+    (so a group never spans two positions)."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return math.gcd(QUANT_GROUP, head_dim)
+
+
+def quantized_cache(config, bits: int):
+    """transformers' QuantizedCache (quanto) at `bits`, keys and values per token, groups of
+    `quant_group`, `RESIDUAL` newest positions in fp32; 8 bits through `QInt8Layer` (module doc)."""
+    from transformers import Cache, QuantizedCache
+
+    import_quanto()
+    config = config.get_text_config(decoder=True)
+    group = quant_group(config)
+    if bits == 8:
+        layer = _qint8_layer_class()
+        return Cache(layers=[layer(8, 0, 0, group, RESIDUAL) for _ in range(config.num_hidden_layers)])
+    return QuantizedCache("quanto", config, nbits=bits, axis_key=0, axis_value=0, q_group_size=group,
+                          residual_length=RESIDUAL)  # fmt: skip
+
+
+@functools.cache
+def _qint8_layer_class():  # built on first use: transformers is imported late
+    from transformers.cache_utils import QuantizedLayer
+
+    class QInt8Layer(QuantizedLayer):
+        """transformers' QuantizedLayer with quanto's qint8 (symmetric, absmax scale) on groups of
+        `q_group_size` consecutive values: transformers' quanto layer refuses 8 bits."""
+
+        def _quantize(self, tensor, axis):
+            from optimum.quanto import AbsmaxOptimizer, qint8, quantize_weight
+
+            groups = tensor.reshape(-1, self.q_group_size)  # what quanto's axis-0 groups are
+            scale = AbsmaxOptimizer()(groups, qint8, 0).clamp_min(1e-12)  # an all-zero group: no 0/0
+            return quantize_weight(groups, qint8, 0, scale), tensor.shape
+
+        def _dequantize(self, q_tensor):
+            codes, shape = q_tensor
+            return codes.dequantize().reshape(shape)
+
+    return QInt8Layer
 
 
 class _Meter:
@@ -176,8 +285,13 @@ class KVPressPeer:
         the tokens end with the EOS token where one stopped the run."""
         return self._decode(prompt, max_new_tokens, ignore_eos, None, "none")
 
-    def run(self, prompt: list[int], method: PeerMethod, budget: float, max_new_tokens: int,
+    def run(self, prompt: list[int], method: PeerMethod, budget: float | None, max_new_tokens: int,
             ignore_eos: bool = False) -> PeerRun:  # fmt: skip
+        """`method` at `budget` (a quantized method has none: every position is kept)."""
+        if method.quantized:
+            cache = quantized_cache(self.model.config, method.bits)
+            return self._decode(prompt, max_new_tokens, ignore_eos, None, f"{method.press_name}, no press",
+                                cache=cache)  # fmt: skip
         press = build_press(method, budget)
         when = "prefill and decoding" if method.decoding else "prefill only"
         try:
@@ -201,12 +315,12 @@ class KVPressPeer:
 
     @torch.inference_mode()
     def _decode(self, prompt: list[int], max_new_tokens: int, ignore_eos: bool, press, description: str,
-                eager: bool = False) -> PeerRun:  # fmt: skip
+                eager: bool = False, cache=None) -> PeerRun:  # fmt: skip
         from transformers import DynamicCache
 
         if not prompt or max_new_tokens < 1:
             raise ArgenError("a kvpress run needs a prompt and at least one new token")
-        model, cache = self.model, DynamicCache()
+        model, cache = self.model, DynamicCache() if cache is None else cache
         meter = _Meter(model.model.layers)  # registered first: runs before the press's hooks
         tokens: list[int] = []
         try:
