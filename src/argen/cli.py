@@ -56,7 +56,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--strategy", default="plain", help="decoding strategy; see 'argen models' (default: %(default)s)")
     p.add_argument("--strategy-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="strategy option (repeatable); VALUE is read as JSON, else as a string")  # fmt: skip
-    p.add_argument("--press", help="KV-cache press (streaming-llm, kvmerger, kv-quant, gear; see 'argen models'); default: none")
+    p.add_argument("--press", help="KV-cache press (streaming-llm, kvmerger, h2o, snapkv, prefix-kv, kv-quant, gear; see 'argen models'); default: none")
     p.add_argument("--press-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="press option (repeatable), e.g. budget=0.5 (the fraction of positions kept)")  # fmt: skip
     p.add_argument("--no-chat", action="store_true", help="feed the prompt as raw text, without the chat template")

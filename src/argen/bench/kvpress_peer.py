@@ -100,7 +100,7 @@ class PeerMethod:
 METHODS = {m.name: m for m in (
     PeerMethod("streaming-llm", "streaming-llm", "StreamingLLMPress"),
     PeerMethod("h2o", "h2o", "ObservedAttentionPress", eager=True),
-    PeerMethod("snapkv", "h2o", "SnapKVPress", decoding=False),
+    PeerMethod("snapkv", "snapkv", "SnapKVPress", decoding=False),
     PeerMethod("knorm", "knorm", "KnormPress"),
     PeerMethod("expected-attention", "expected-attention", "ExpectedAttentionPress"),
     PeerMethod("merging", "kvmerger", "SnapKVPress", wrapper="MergingPress", decoding=False),
