@@ -7,11 +7,28 @@ import math
 
 import torch
 
-from argen.cache.press_base import PRESS_CHUNK, Press, keep_slots
+from argen.cache.press_base import PRESS_CHUNK, Press, keep_slots, read
 from argen.checks import number_option
 
 
-class H2O(Press):
+class _ByAttention(Press):
+    """A press that scores positions by the attention they have received (`SeqKV.attention`) and keeps
+    the `heavy` share of its budget by that score, the newest positions for the rest."""
+
+    def __init__(self, budget: float, heavy: float, chunk: int) -> None:
+        super().__init__(budget, chunk)
+        self.heavy = number_option("heavy", heavy, 0.0, 1.0, " (the share of the kept positions chosen by attention)")
+
+    def prepare(self, cache) -> None:
+        if self.changes_cache:
+            cache.attention = torch.zeros(0)
+
+    def recent(self, target: int) -> int:
+        """The newest positions kept (the newest always is)."""
+        return max(1, target - round(self.heavy * target))
+
+
+class H2O(_ByAttention):
     """Heavy hitters + recent window (Zhang et al. 2023, "H2O: Heavy-Hitter Oracle for Efficient
     Generative Inference of Large Language Models"): every position's score is the attention it has
     received so far, accumulated over the queries that saw it; a press keeps the `heavy` share of the
@@ -28,15 +45,10 @@ class H2O(Press):
 
     def __init__(self, budget: float = 0.5, heavy: float = 0.5, per_head: bool = True,
                  chunk: int = PRESS_CHUNK) -> None:  # fmt: skip
-        super().__init__(budget, chunk)
-        self.heavy = number_option("heavy", heavy, 0.0, 1.0, " (the share of the kept positions chosen by attention)")
+        super().__init__(budget, heavy, chunk)
         if not isinstance(per_head, bool):
             raise ValueError(f"per_head must be true or false; got {per_head!r}")
         self.per_head = per_head
-
-    def prepare(self, cache) -> None:
-        if self.changes_cache:
-            cache.attention = torch.zeros(0)
 
     def apply(self, cache, n: int) -> int:
         length = cache.lengths[0]
@@ -46,7 +58,7 @@ class H2O(Press):
         if attention is None or attention.dim() != 3 or attention.shape[-1] != length:
             raise RuntimeError("h2o needs the attention its cache received: call prepare(cache) before the prefill")
         target = self.target(n)
-        recent = max(1, target - round(self.heavy * target))  # the newest position always stays
+        recent = self.recent(target)
         layers, heads = attention.shape[:2]
         scores = attention[..., : length - recent]
         if not self.per_head:
@@ -153,7 +165,7 @@ class QueryWindow:
         return other
 
 
-class PrefixKV(Press):
+class PrefixKV(_ByAttention):
     """Per-layer budgets (after Wang et al. 2024, "PrefixKV: Adaptive Prefix KV Cache is What Vision
     Instruction-Following Models Need for Efficient Generation"): H2O's heavy hitters + recent window,
     but each layer keeps its own number of positions, allotted from how its attention is spread.
@@ -172,12 +184,7 @@ class PrefixKV(Press):
     paper = "Wang et al. 2024, arXiv:2412.03409"
 
     def __init__(self, budget: float = 0.5, heavy: float = 0.5, chunk: int = PRESS_CHUNK) -> None:
-        super().__init__(budget, chunk)
-        self.heavy = number_option("heavy", heavy, 0.0, 1.0, " (the share of the kept positions chosen by attention)")
-
-    def prepare(self, cache) -> None:
-        if self.changes_cache:
-            cache.attention = torch.zeros(0)
+        super().__init__(budget, heavy, chunk)
 
     def due(self, length: int, n: int, block_size: int, held: int | None = None) -> bool:
         """Pressing frees memory: more positions than the target, and at least a block of them in blocks."""
@@ -196,9 +203,7 @@ class PrefixKV(Press):
         if attention is None or attention.dim() != 3 or attention.shape[-1] != length - offset:
             raise RuntimeError("prefix-kv needs the attention its cache received: call prepare(cache) before the prefill")
         target = self.target(n)
-        size = cache.pool.block_size
-        slots = cache.slots(offset, length - offset)
-        block_k, block_v = (t[:, :, slots // size, slots % size] for t in (cache.pool.k, cache.pool.v))
+        block_k, block_v = read(cache, list(range(offset, length)))
         front = cache.layer_front
         layers = range(block_k.shape[0])
         keys, values, scores = [], [], []
@@ -207,7 +212,7 @@ class PrefixKV(Press):
             keys.append(torch.cat([fk, block_k[i]], 1))
             values.append(torch.cat([fv, block_v[i]], 1))
             scores.append(torch.cat([front.scores[i], attention[i]], 1) if front is not None else attention[i])
-        recent = max(1, target - round(self.heavy * target))  # the newest slots stay in every layer
+        recent = self.recent(target)  # the newest slots stay in every layer
         counts = allot([s[:, : s.shape[1] - recent] for s in scores], len(layers) * (target - recent))
         kept_k, kept_v, kept_scores = [], [], []
         for k, v, s, count in zip(keys, values, scores, counts, strict=True):
