@@ -46,6 +46,7 @@ def test_method_names_and_default_budgets():
         parse_methods("kv-quant-8, kv-quant-3,quant")
     with pytest.raises(ArgenError, match="no method"):
         parse_methods(" , ")
+    assert METHODS["pyramidkv"].beside == "prefix-kv" and not METHODS["pyramidkv"].decoding
     assert METHODS["snapkv"].beside == "snapkv" and METHODS["merging"].beside == "kvmerger" and METHODS["h2o"].eager
     assert [(m.bits, m.beside, m.row) for m in parse_methods("kv-quant-8,kv-quant-4")] == [(8, "kv-quant", "kv-quant"),
                                                                                             (4, "kv-quant", "kv-quant")]  # fmt: skip

@@ -94,13 +94,14 @@ class PeerMethod:
         return f"{self.wrapper}({self.scorer})" if self.wrapper else self.scorer
 
 
-# One table: --kvpress names -> kvpress presses. SnapKV's scorer needs more than 64 queries in view,
-# which a decoding step never has, and kvpress's merge-on-evict press works on the prefill only
+# One table: --kvpress names -> kvpress presses. SnapKV's scorer (and PyramidKV's, SnapKV's with
+# per-layer budgets) needs more than 64 queries in view, which a decoding step never has, and kvpress's merge-on-evict press works on the prefill only
 # (its decoding merger, CAMPress, keeps a fixed count, not a fraction): those two press the prompt.
 METHODS = {m.name: m for m in (
     PeerMethod("streaming-llm", "streaming-llm", "StreamingLLMPress"),
     PeerMethod("h2o", "h2o", "ObservedAttentionPress", eager=True),
     PeerMethod("snapkv", "snapkv", "SnapKVPress", decoding=False),
+    PeerMethod("pyramidkv", "prefix-kv", "PyramidKVPress", decoding=False),  # per-layer budgets, a pyramid
     PeerMethod("knorm", "knorm", "KnormPress"),
     PeerMethod("expected-attention", "expected-attention", "ExpectedAttentionPress"),
     PeerMethod("merging", "kvmerger", "SnapKVPress", wrapper="MergingPress", decoding=False),
