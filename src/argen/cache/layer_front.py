@@ -18,6 +18,8 @@ received, per layer [kv heads, length_l]) are per fork.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 
@@ -72,15 +74,9 @@ class LayerFront:
     def nbytes(self) -> int:
         return len(self.blocks) * self.pool.bytes_per_block()
 
-    @property
-    def slot_bytes(self) -> int:
-        """The bytes of the slots the layers hold (without the last units' padding)."""
-        return sum(self.lengths) * self.pool.bytes_per_position() // len(self.lengths)
-
     def fork(self) -> LayerFront:
         """The same front for a fork: the blocks are shared (retained), the scores copied."""
-        other = object.__new__(LayerFront)
-        other.__dict__.update(self.__dict__)
+        other = copy.copy(self)
         for block in self.blocks:
             self.pool.retain(block)
         other.scores = None if self.scores is None else [s.clone() for s in self.scores]

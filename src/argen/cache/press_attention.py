@@ -71,6 +71,7 @@ class H2O(_ByAttention):
         cache.attention = attention
         return length - target
 
+
 class SnapKV(Press):
     """An observation window (Li et al. 2024, "SnapKV: LLM Knows What You are Looking for Before
     Generation"): the last `window_size` queries' attention, summed over them (and over the query heads of
@@ -87,12 +88,11 @@ class SnapKV(Press):
 
     def __init__(self, budget: float = 0.5, window_size: int = 32, kernel: int = 7, chunk: int = PRESS_CHUNK) -> None:
         super().__init__(budget, chunk)
-        window = window_size
-        if isinstance(window, bool) or not isinstance(window, int) or not 1 <= window <= 1024:
-            raise ValueError(f"window_size must be a whole number of queries from 1 to 1024; got {window!r}")
+        if isinstance(window_size, bool) or not isinstance(window_size, int) or not 1 <= window_size <= 1024:
+            raise ValueError(f"window_size must be a whole number of queries from 1 to 1024; got {window_size!r}")
         if isinstance(kernel, bool) or not isinstance(kernel, int) or not (1 <= kernel <= 63 and kernel % 2):
             raise ValueError(f"kernel must be an odd whole number from 1 to 63 (positions pooled); got {kernel!r}")
-        self.window_size, self.kernel = window, kernel
+        self.window_size, self.kernel = window_size, kernel
 
     def prepare(self, cache) -> None:
         if self.changes_cache:
@@ -117,6 +117,7 @@ class SnapKV(Press):
         keep_slots(cache, torch.cat([heavy, tail], -1))
         cache.window.renumber(length - recent, length - target)
         return length - target
+
 
 class QueryWindow:
     """The newest `size` queries a cache was fed, per layer [rows, heads, head dim] (rotated, as
@@ -145,11 +146,8 @@ class QueryWindow:
         for i in range(layers):
             q, slots = self.queries.get(i, (keys.new_zeros(0, kv_heads, dim), torch.zeros(0, dtype=torch.long)))
             valid = slots < length
-            q, visible = q[valid], torch.arange(length)[None] <= slots[valid][:, None]  # [rows, length]
-            groups = q.shape[1] // kv_heads
-            logits = torch.einsum("rhd,htd->hrt", q, keys[i].float().repeat_interleave(groups, 0)) / math.sqrt(dim)
-            weights = logits.masked_fill(~visible, -torch.inf).softmax(-1).sum(1)  # [heads, length]
-            out.append(weights.view(kv_heads, groups, length).sum(1))
+            visible = torch.arange(length)[None] <= slots[valid][:, None]  # [rows, length]
+            out.append(attention_received(q[valid], keys[i], visible, False))
         return torch.stack(out)
 
     def renumber(self, tail: int, removed: int) -> None:
@@ -247,3 +245,18 @@ def allot(scores: list[torch.Tensor], total: int) -> list[int]:
     order = torch.from_numpy(flat.numpy().argsort(kind="stable"))[:total]
     return torch.bincount(layer_of[order], minlength=len(scores)).tolist()
 
+
+def attention_received(q: torch.Tensor, keys: torch.Tensor, attn_mask: torch.Tensor | None,
+                       is_causal: bool) -> torch.Tensor:  # fmt: skip
+    """The attention weights each key receives from the queries q [n, heads, D], summed over the queries
+    and over the query heads that share a kv head [kv heads, keys] (the weights SDPA computes and does
+    not return; keys [kv heads, keys, D], GQA)."""
+    n, heads, dim = q.shape
+    kv_heads, length = keys.shape[0], keys.shape[1]
+    k = keys.float().repeat_interleave(heads // kv_heads, 0)  # [heads, keys, D]
+    scores = torch.einsum("nhd,htd->hnt", q.float(), k) / math.sqrt(dim)
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask.to(torch.bool), -torch.inf)
+    elif is_causal:
+        scores = scores.masked_fill(torch.ones(n, length, dtype=torch.bool).tril(length - n).logical_not(), -torch.inf)
+    return scores.softmax(-1).sum(1).view(kv_heads, heads // kv_heads, length).sum(1)

@@ -7,13 +7,13 @@ from a Hugging Face state dict, so its logits can be checked against the HF mode
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from argen.cache.paged import BLOCK_SIZE, BlockPool, SeqKV
+from argen.cache.press_attention import attention_received
 from argen.models.fused import MAX_NEW_TOKENS as FUSED_MAX_NEW_TOKENS
 from argen.models.fused import MAX_ROWS as FUSED_MAX_ROWS
 from argen.models.fused import FusedForward
@@ -348,20 +348,3 @@ class LlamaRuntime:
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits for final hidden states [..., H]."""
         return self.lm_head(hidden)
-
-
-
-def attention_received(q: torch.Tensor, keys: torch.Tensor, attn_mask: torch.Tensor | None,
-                       is_causal: bool) -> torch.Tensor:  # fmt: skip
-    """The attention weights each key receives from the queries q [n, heads, D], summed over the queries
-    and over the query heads that share a kv head [kv heads, keys] (the weights SDPA computes and does
-    not return; keys [kv heads, keys, D], GQA)."""
-    n, heads, dim = q.shape
-    kv_heads, length = keys.shape[0], keys.shape[1]
-    k = keys.float().repeat_interleave(heads // kv_heads, 0)  # [heads, keys, D]
-    scores = torch.einsum("nhd,htd->hnt", q.float(), k) / math.sqrt(dim)
-    if attn_mask is not None:
-        scores = scores.masked_fill(~attn_mask.to(torch.bool), -torch.inf)
-    elif is_causal:
-        scores = scores.masked_fill(torch.ones(n, length, dtype=torch.bool).tril(length - n).logical_not(), -torch.inf)
-    return scores.softmax(-1).sum(1).view(kv_heads, heads // kv_heads, length).sum(1)
