@@ -44,6 +44,9 @@ class Engine:
         bad = [t for t in request.params.logit_bias if t >= vocab]
         if bad:
             raise InvalidRequestError(f"logit_bias token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})")
+        bad = [t for t in request.params.stop_token_ids if t >= vocab]
+        if bad:
+            raise InvalidRequestError(f"stop_token_ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})")
         if request.output_prefix and n + len(request.output_prefix) >= context:
             raise InvalidRequestError("the prompt plus the replayed output fills the model's context")
         check_top(request.prompt_logprobs, "prompt_logprobs")
