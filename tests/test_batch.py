@@ -190,6 +190,26 @@ def test_killed_process_resumes(tmp_path, reference):
     assert texts(read_lines(out)) == texts(reference)
 
 
+def test_ctrl_c_exits_130_and_says_that_the_same_command_resumes(tmp_path, reference):
+    """SIGINT (Ctrl-C) mid-run: exit status 130, a message that says a re-run resumes, and the re-run
+    it names completes OUT."""
+    inp, out = write_prompts(tmp_path / "in.jsonl"), tmp_path / "out.jsonl"
+    cmd = [sys.executable, "-m", "argen.cli", "batch", str(inp), str(out), "--model", "tiny-random",
+           "--max-new-tokens", "4", "--no-progress", "--max-batch", "4"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": SRC}
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while (not out.exists() or out.stat().st_size < 4000) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert f"the lines finished so far are in {out}" in err and "run the same command again to resume" in err
+    assert 0 < out.read_text().count("\n") < N_PROMPTS, "the interrupt came too late to test a resume"
+    subprocess.run(cmd, env=env, check=True, stderr=subprocess.DEVNULL)
+    assert texts(read_lines(out)) == texts(reference)
+
+
 @pytest.mark.parametrize("command", [["batch", "IN", "OUT", "--ray"], ["serve", "--replicas", "2"]])
 def test_ray_options_without_ray_say_how_to_install(tmp_path, monkeypatch, capsys, command):
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails as if it were not installed
