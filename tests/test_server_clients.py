@@ -8,6 +8,7 @@ stats), tools without parameters and parallel calls; and for each new field, the
 from __future__ import annotations
 
 import json
+import re
 
 import httpx
 import jsonschema
@@ -87,6 +88,13 @@ def test_a_list_scored_as_lm_eval_scores_it_equals_one_prompt_at_a_time(url):
         assert mine["token_logprobs"][1:] == pytest.approx(theirs["token_logprobs"][1:], abs=1e-4)
         for a, b in zip(mine["top_logprobs"][1:], theirs["top_logprobs"][1:], strict=True):
             assert a.keys() == b.keys() and list(a.values()) == pytest.approx(list(b.values()), abs=1e-4)
+
+
+def test_every_prompt_of_a_list_follows_the_response_format(url):
+    fmt = {"type": "regex", "regex": r"[0-9]{3}-[a-z]{2}"}
+    out = client(url).completions.create(model=MODEL, prompt=PROMPTS, max_tokens=12, temperature=1.0, seed=3,
+                                         extra_body={"response_format": fmt})  # fmt: skip
+    assert len(out.choices) == 3 and all(re.fullmatch(fmt["regex"], c.text) for c in out.choices)
 
 
 def test_the_prompts_of_a_list_decode_in_one_batch(tiny):
@@ -296,7 +304,7 @@ def test_chat_template_kwargs_reach_the_template():
     ({"tokenize": False}, "'tokenize' is not a template variable"), ({"chat_template": "{{ 1 }}"}, "chat_template"),
     ({"messages": []}, "'messages'"), ({"add_generation_prompt": False}, "add_generation_prompt"),
     ({"bad-name": 1}, "'bad-name'"), ({f"v{i}": 1 for i in range(17)}, "at most 16"),
-    ({"v": "x" * 5000}, "4096 characters"),
+    ({"v": "x" * 5000}, "4096 characters"), ({"v": [[[[[[[[[1]]]]]]]]]}, "nested at most 8 deep"),
 ])  # fmt: skip
 def test_hostile_chat_template_kwargs_are_400(url, kwargs, words):
     r = post(url, {"messages": MESSAGES, "chat_template_kwargs": kwargs}, "v1/chat/completions")

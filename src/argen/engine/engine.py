@@ -19,6 +19,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
         self.grammars = GrammarCompiler(tokenizer, runtime.info.vocab_size, eos_ids)
+        self._checked_grammar: str | None = None
 
     def validate(self, request: Request) -> None:
         """Every check a request gets, done once (a request that passed is marked and not re-checked)."""
@@ -58,8 +59,10 @@ class Engine:
             raise InvalidRequestError(f"press {request.press.name!r} rewrites the paged KV cache, which needs the native "
                                       "runtime (load the model with runtime='native'; Llama-family models only)")  # fmt: skip
         request.grammar = grammar_of(request.params.response_format)
-        if request.grammar is not None:
+        # The last grammar that passed is not checked again: a list of prompts shares one.
+        if request.grammar is not None and request.grammar != self._checked_grammar:
             self.grammars.check(request.grammar)
+            self._checked_grammar = request.grammar
         request.validated = True
 
     def constraint(self, request: Request) -> Constraint | None:

@@ -14,8 +14,9 @@ BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 128)
 class Metrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
-        self.requests = Counter("argen_requests", "Generation requests by endpoint and outcome "
-                                "(stop, length, cancelled, error, rejected_4xx code)", ["endpoint", "outcome"],
+        self.requests = Counter("argen_requests", "Generation requests by endpoint and outcome (stop, length, "
+                                "cancelled, error: one per prompt of a list; rejected_4xx code: one per HTTP request)",
+                                ["endpoint", "outcome"],
                                 registry=r)  # fmt: skip
         self.prompt_tokens = Counter("argen_prompt_tokens", "Prompt tokens of admitted requests", registry=r)
         self.cached_prompt_tokens = Counter("argen_prompt_tokens_cached", "Prompt tokens whose keys and values "

@@ -280,8 +280,16 @@ def _messages(gen: Generator, body: ChatCompletionRequest) -> list[dict]:
     return messages
 
 
-TEMPLATE_KWARGS, TEMPLATE_KWARGS_CHARS = 16, 4096  # chat_template_kwargs: entries, and their JSON's length
+TEMPLATE_KWARGS, TEMPLATE_KWARGS_CHARS, TEMPLATE_KWARGS_DEPTH = 16, 4096, 8  # chat_template_kwargs' bounds
 TEMPLATE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+
+
+def _depth(value, limit: int) -> int:
+    """How deep lists and dicts nest in `value` (counted up to `limit` + 1 at most)."""
+    if limit < 0 or not isinstance(value, (list, dict)):
+        return 0
+    items = value.values() if isinstance(value, dict) else value
+    return 1 + max((_depth(v, limit - 1) for v in items), default=0)
 
 
 def _template_kwargs(kwargs: dict | None) -> dict:
@@ -295,9 +303,11 @@ def _template_kwargs(kwargs: dict | None) -> dict:
 
     reserved = set(inspect.signature(PreTrainedTokenizerBase.apply_chat_template).parameters) | {
         "messages", "tools", "documents", "add_generation_prompt", "continue_final_message"}  # fmt: skip
-    if len(kwargs) > TEMPLATE_KWARGS or len(json.dumps(kwargs)) > TEMPLATE_KWARGS_CHARS:
+    if (len(kwargs) > TEMPLATE_KWARGS or _depth(kwargs, TEMPLATE_KWARGS_DEPTH) > TEMPLATE_KWARGS_DEPTH
+            or len(json.dumps(kwargs)) > TEMPLATE_KWARGS_CHARS):  # fmt: skip
         raise bad_request(f"chat_template_kwargs may hold at most {TEMPLATE_KWARGS} variables, {TEMPLATE_KWARGS_CHARS} "
-                          "characters of JSON in all; send fewer", "chat_template_kwargs")  # fmt: skip
+                          f"characters of JSON in all, nested at most {TEMPLATE_KWARGS_DEPTH} deep; send less",
+                          "chat_template_kwargs")  # fmt: skip
     for name in kwargs:
         if not TEMPLATE_NAME.match(name) or name in reserved:
             raise bad_request(f"chat_template_kwargs: {name[:64]!r} is not a template variable a request may set (names "
