@@ -75,6 +75,21 @@ def test_a_list_of_token_id_prompts_and_its_stream(url, tiny):
     assert texts == [c.text for c in whole.choices]
 
 
+def test_a_streamed_list_without_a_seed_reports_each_choices_own_seed(url, tiny):
+    """Each prompt draws its own seed; every choice's last chunk carries its prompt's seed + j, which
+    replays it alone."""
+    texts, seeds = {}, {}
+    for chunk in sse(url, {"prompt": PROMPTS[:2], "max_tokens": 6, "n": 2, "temperature": 1.0}):
+        for choice in chunk["choices"]:
+            texts[choice["index"]] = texts.get(choice["index"], "") + choice["text"]
+            if choice["finish_reason"]:
+                seeds[choice["index"]] = choice["seed"]
+    assert sorted(seeds) == [0, 1, 2, 3] and seeds[1] == seeds[0] + 1 and seeds[3] == seeds[2] + 1
+    for index, seed in seeds.items():
+        alone = tiny.generate(PROMPTS[index // 2], chat=False, max_new_tokens=6, temperature=1.0, seed=seed)
+        assert alone.text == texts[index]
+
+
 def test_a_list_scored_as_lm_eval_scores_it_equals_one_prompt_at_a_time(url):
     """lm-eval's local-completions at batch size 4: echo, logprobs=1, max_tokens=1, a list of prompts
     (prefilled in one packed pass: equal to one at a time up to float32 rounding)."""

@@ -338,7 +338,7 @@ def shape_of(endpoint: str, model_id: str, gen: Generator, body, built: list[Req
     """How the responses to `body` look; `indices`: each prompt's index in the batch (its Events' and
     Results' `index`)."""
     params = built[0].params
-    return _Shape(endpoint, model_id, body.return_token_ids, params.seed,
+    return _Shape(endpoint, model_id, body.return_token_ids, [r.params.seed for r in built],
                   tokens if params.logprobs is not None or body.prompt_logprobs is not None else None,
                   _prompt_texts(gen, body, built), [r.prompt_ids for r in built],
                   tool_mode(body) if endpoint == "chat" else None, n=body.n, indices=indices,
@@ -374,17 +374,18 @@ class _UsageCounter:
 class _Shape:
     """Builds the OpenAI response bodies of one endpoint (text completion or chat). Choice i x n + j
     is sample j of prompt i (OpenAI's numbering for a list of prompts), and carries its seed (the
-    request's seed + j: argen extension). `tokens`: log-probs were asked for; `echo`: each prompt's
+    prompt's seed + j: argen extension). `tokens`: log-probs were asked for; `echo`: each prompt's
     text, which its completions start with; `prompt_ids`: each prompt's ids; `tools`: how a chat output
     becomes tool calls (server/tools.py); `indices`: each prompt's batch index (Events and Results
     carry it; none: one prompt); `echo_logprobs` / `prompt_logprobs`: the alternatives per prompt
     token each shape shows."""
 
-    def __init__(self, endpoint: str, model_id: str, token_ids: bool, seed: int, tokens: Tokens | None = None,
+    def __init__(self, endpoint: str, model_id: str, token_ids: bool, seed: int | list[int], tokens: Tokens | None = None,
                  echo: list[str] | None = None, prompt_ids: list[list[int]] | None = None,
                  tools: ToolMode | None = None, *, n: int = 1, indices: list[int] | None = None,
                  echo_logprobs: int | None = None, prompt_logprobs: int | None = None) -> None:  # fmt: skip
-        self.chat, self.model, self.token_ids, self.seed = endpoint == "chat", model_id, token_ids, seed
+        self.chat, self.model, self.token_ids = endpoint == "chat", model_id, token_ids
+        self.seeds = [seed] if isinstance(seed, int) else seed  # each prompt's (sample j: its seed + j)
         self.tools, self.n = tools, n
         self.id, self.created = p.new_id("chatcmpl" if self.chat else "cmpl"), p.now()
         self.tokens, self.echo, self.prompt_ids = tokens, echo, prompt_ids or []
@@ -476,7 +477,7 @@ class _Shape:
         logprobs = None
         if not isinstance(event, int):
             logprobs = self._logprobs(event.token_ids, event.logprobs, index, echo=self._echo(event))
-        seed = None if finish_reason is None else self.seed + index % self.n
+        seed = None if finish_reason is None else self.seeds[index // self.n] + index % self.n
         common = dict(index=index, finish_reason=finish_reason, token_ids=ids, seed=seed, logprobs=logprobs)
         now = None if usage is None else usage.usage()
         if self.chat:
