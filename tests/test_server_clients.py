@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 import httpx
 import jsonschema
@@ -124,10 +125,22 @@ def test_the_prompts_of_a_list_decode_in_one_batch(tiny):
 
 
 def test_a_list_that_does_not_fit_the_queue_is_refused_whole(tiny):
-    with running_server(tiny, max_batch=1, max_queue=1) as (base, _):
+    """All or none: a list the queue cannot take now is a 429 (none of it queued); one it could never
+    take is a 400."""
+    import threading
+
+    with running_server(tiny, max_batch=1, max_queue=2) as (base, _):
+        assert_4xx(post(base, {"prompt": PROMPTS + ["x"], "max_tokens": 2}), 400, "prompt", "at most 3 requests")
+        busy = threading.Thread(target=post, args=(base, {"prompt": "busy", "max_tokens": 300, "ignore_eos": True}))
+        busy.start()
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{base}/health").json()["running"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
         r = post(base, {"prompt": PROMPTS, "max_tokens": 2})
         assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
+        assert httpx.get(f"{base}/health").json()["waiting"] == 0  # nothing of it was queued
         assert post(base, {"prompt": PROMPTS[:2], "max_tokens": 2}).status_code == 200
+        busy.join(60)
 
 
 @pytest.mark.parametrize("body, status, param, words", [

@@ -191,6 +191,10 @@ def create_app(gen: Generator, *, model_id: str | None = None, max_batch: int = 
                 raise Draining()
             # Tokenizing (and the chat template) is CPU work: off the event loop.
             built = await asyncio.to_thread(build_requests, gen, body, policy)
+            if len(built) > max_batch + max_queue:  # would never fit, however long the client waits
+                raise APIError(400, f"prompt holds {len(built)} prompts but this server holds at most "
+                               f"{max_batch + max_queue} requests at once (running and waiting); send fewer at a time",
+                               param="prompt", code="limit_exceeded")  # fmt: skip
             tickets = scheduler.submit_all(built, endpoint)  # a list of prompts: one ticket each, batched together
         except APIError as exc:
             metrics.requests.labels(endpoint, f"rejected_{exc.status}").inc()
