@@ -72,21 +72,42 @@ def test_outputs_are_in_input_order_and_equal_the_api(reference, tiny):
     assert [b["usage"]["completion_tokens"] for b in got] == [len(r.token_ids) for r in results]
 
 
+def same(a, b) -> bool:
+    """Equal JSON values, floats to 1e-4."""
+    if isinstance(a, float) and isinstance(b, float):
+        return abs(a - b) < 1e-4
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
 def test_a_line_means_what_the_same_http_request_means(tmp_path, tiny):
     body = {"model": "tiny-random", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6,
             "temperature": 0.9, "seed": 7, "top_k": 20, "return_token_ids": True}  # fmt: skip
     completion = {"model": "tiny-random", "prompt": "abc", "max_tokens": 5, "seed": 3}
-    lines = [{"custom_id": "chat", "method": "POST", "url": "/v1/chat/completions", "body": body},
-             {"custom_id": "text", "method": "POST", "url": "/v1/completions", "body": completion}]  # fmt: skip
+    # log-probs, the echoed prompt and vLLM's prompt_logprobs; a forced tool call: shaped as the server does
+    scored = completion | {"temperature": 0, "echo": True, "logprobs": 2, "prompt_logprobs": 1}
+    tool = {"type": "function", "function": {"name": "get_time"}}
+    called = body | {"temperature": 0, "tools": [tool], "tool_choice": tool}
+    urls = {"chat": "/v1/chat/completions", "text": "/v1/completions", "scored": "/v1/completions",
+            "called": "/v1/chat/completions"}  # fmt: skip
+    bodies = {"chat": body, "text": completion, "scored": scored, "called": called}
+    lines = [{"custom_id": key, "method": "POST", "url": urls[key], "body": bodies[key]} for key in urls]
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     inp.write_text("".join(json.dumps(line) + "\n" for line in lines))
     run_batch(batch_args(inp, out))
     got = {line["custom_id"]: line["response"]["body"] for line in read_lines(out)}
     with running_server(tiny, model_id="tiny-random") as (url, _):
-        http = {"chat": httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).json(),
-                "text": httpx.post(f"{url}/v1/completions", json=completion, timeout=60).json()}  # fmt: skip
-    for key in ("chat", "text"):
-        assert got[key]["choices"] == http[key]["choices"] and got[key]["usage"] == http[key]["usage"]
+        http = {key: httpx.post(f"{url}{urls[key]}", json=bodies[key], timeout=60).json() for key in urls}
+    assert got["scored"]["choices"][0]["logprobs"] and got["scored"]["choices"][0]["prompt_logprobs"]
+    assert got["called"]["choices"][0]["message"]["tool_calls"]
+    for choice in got["called"]["choices"] + http["called"]["choices"]:  # call ids are fresh each time
+        for call in choice["message"]["tool_calls"]:
+            call["id"] = "call"
+    for key in urls:  # log-probs as float32 rounding allows (the batch prefilled its lines in one pass)
+        assert same(got[key]["choices"], http[key]["choices"]) and got[key]["usage"] == http[key]["usage"]
         assert got[key]["object"] == http[key]["object"]
 
 
@@ -186,6 +207,26 @@ def test_killed_process_resumes(tmp_path, reference):
     proc.wait()
     first = out.read_text().count("\n")
     assert 0 < first < N_PROMPTS, "the kill came too late to test a resume"
+    subprocess.run(cmd, env=env, check=True, stderr=subprocess.DEVNULL)
+    assert texts(read_lines(out)) == texts(reference)
+
+
+def test_ctrl_c_exits_130_and_says_that_the_same_command_resumes(tmp_path, reference):
+    """SIGINT (Ctrl-C) mid-run: exit status 130, a message that says a re-run resumes, and the re-run
+    it names completes OUT."""
+    inp, out = write_prompts(tmp_path / "in.jsonl"), tmp_path / "out.jsonl"
+    cmd = [sys.executable, "-m", "argen.cli", "batch", str(inp), str(out), "--model", "tiny-random",
+           "--max-new-tokens", "4", "--no-progress", "--max-batch", "4"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": SRC}
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while (not out.exists() or out.stat().st_size < 4000) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert f"the lines finished so far are in {out}" in err and "run the same command again to resume" in err
+    assert 0 < out.read_text().count("\n") < N_PROMPTS, "the interrupt came too late to test a resume"
     subprocess.run(cmd, env=env, check=True, stderr=subprocess.DEVNULL)
     assert texts(read_lines(out)) == texts(reference)
 

@@ -196,3 +196,45 @@ def test_structured_output_flags(capsys, tmp_path):
     for flag, path, message in (("--json-schema", "bad.json", "not JSON"), ("--grammar", "missing.lark", "cannot read")):
         code, _, err = run_cli(capsys, *generate, flag, str(tmp_path / path))
         assert code == 2 and message in err and err.count("\n") == 1
+
+
+def test_n_samples_each_under_a_header_and_as_a_json_list(capsys, tiny):
+    sampled = [*TINY, "--max-new-tokens", "6", "--temperature", "1", "--seed", "5", "--no-chat"]
+    code, out, _ = run_cli(capsys, "generate", "Hello there", *sampled, "--n", "3", "--json")
+    want = tiny.generate("Hello there", chat=False, max_new_tokens=6, temperature=1.0, seed=5, n=3)
+    results = json.loads(out)
+    assert code == 0 and [r["token_ids"] for r in results] == [w.token_ids for w in want]
+    assert [r["seed"] for r in results] == [5, 6, 7]
+    code, out, _ = run_cli(capsys, "generate", "Hello there", *sampled, "--n", "3")
+    headers = [line for line in out.splitlines() if line.startswith("--- sample")]
+    assert code == 0 and headers == [f"--- sample {i} (seed {5 + i}, 6 tokens, finish: length) ---" for i in range(3)]
+    assert all(w.text in out for w in want)
+
+
+def test_logprobs_are_a_table_on_stderr_and_in_the_json(capsys, tiny):
+    code, out, err = run_cli(capsys, *GREEDY, "--no-chat", "--logprobs", "2")
+    want = tiny.generate("Hello there", chat=False, max_new_tokens=12, logprobs=2)
+    rows = err.split("[log-probs: position, token, log-prob, likeliest alternatives]\n")[1].splitlines()[:-1]
+    assert code == 0 and out == want.text + "\n" and len(rows) == len(want.token_ids)
+    assert all(f" {r.logprob:9.4f}  " in row for row, r in zip(rows, want.logprobs, strict=True))
+    _, out, _ = run_cli(capsys, *GREEDY, "--no-chat", "--logprobs", "2", "--json")
+    assert [r["token"] for r in json.loads(out)["logprobs"]] == want.token_ids
+
+
+def test_logit_bias_takes_ids_and_one_token_texts(capsys, tiny):
+    code, out, _ = run_cli(capsys, *GREEDY, "--no-chat", "--json", "--logit-bias", "77=100")
+    assert code == 0 and json.loads(out)["token_ids"] == [77] * 12
+    letter = tiny.tokenizer.decode([77])
+    _, out, _ = run_cli(capsys, *GREEDY, "--no-chat", "--json", "--logit-bias", f"{letter}=100")
+    assert json.loads(out)["token_ids"] == [77] * 12
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--logit-bias", "77"], "TOKEN=BIAS"), (["--logit-bias", "77=x"], "TOKEN=BIAS"),
+    (["--logit-bias", "77=500"], "[-100, 100]"), (["--logit-bias", "abc=1"], "is 3 tokens"),
+    (["--n", "0"], "--n must be >= 1"), (["--logprobs", "21"], "logprobs"),
+    (["--presence-penalty", "3"], "[-2, 2]"),
+])  # fmt: skip
+def test_bad_sampling_flags_are_one_line(capsys, argv, words):
+    code, out, err = run_cli(capsys, *GREEDY, "--no-chat", *argv)
+    assert code == 2 and out == "" and err.count("\n") == 1 and words in err, err

@@ -55,24 +55,31 @@ def drafter() -> Generator:
     return tiny_v(1)  # another model: its q differs from the target's p, so drafts are also rejected
 
 
-def reference(gen: Generator, temperature: float, top_k: int) -> dict[tuple, float]:
+def reference(gen: Generator, temperature: float, top_k: int, presence: float = 0.0,
+              frequency: float = 0.0) -> dict[tuple, float]:  # fmt: skip
     """P(first N_TOKENS tokens) straight from the Hugging Face model's logits: softmax(logits / T)
-    over the top_k tokens, multiplied along every sequence. Nothing of argen's sampler is used."""
+    over the top_k tokens, multiplied along every sequence; with OpenAI's penalties, token j's logit
+    at step t first loses c * frequency + (c > 0) * presence, c its count in seq[:t]. Nothing of
+    argen's sampler is used."""
     out = {}
     for seq in itertools.product(range(V), repeat=N_TOKENS):
         ids = torch.tensor([PROMPT + list(seq)])
         with torch.inference_mode():
-            logits = gen.model.hf_model(ids).logits[0, len(PROMPT) - 1 : -1].double() / temperature
+            logits = gen.model.hf_model(ids).logits[0, len(PROMPT) - 1 : -1].double()
+            for t in range(N_TOKENS):
+                for j in set(seq[:t]):
+                    logits[t, j] -= seq[:t].count(j) * frequency + presence
+        logits = logits / temperature
         if top_k:
             logits = logits.masked_fill(logits < logits.topk(top_k, -1).values[:, -1:], float("-inf"))
         out[seq] = float(np.prod([logits[t].softmax(-1)[tok].item() for t, tok in enumerate(seq)]))
     return out
 
 
-def exact_outputs(gen: Generator, spec, temperature: float = 1.0, top_k: int = 0):
+def exact_outputs(gen: Generator, spec, temperature: float = 1.0, top_k: int = 0, **extra):
     def run():
         r = gen.generate(PROMPT, max_new_tokens=N_TOKENS, temperature=temperature, top_k=top_k, seed=0,
-                         ignore_eos=True, strategy=spec)  # fmt: skip
+                         ignore_eos=True, strategy=spec, **extra)  # fmt: skip
         s = r.stats
         return tuple(r.token_ids), {"accepted": s.draft_tokens_accepted > 0,
                                     "rejected": s.draft_tokens_accepted < s.draft_tokens_proposed}  # fmt: skip
@@ -80,11 +87,12 @@ def exact_outputs(gen: Generator, spec, temperature: float = 1.0, top_k: int = 0
     return Enumerator().distribution(run)
 
 
-def check_exact(gen: Generator, spec, temperature: float = 1.0, top_k: int = 0):
+def check_exact(gen: Generator, spec, temperature: float = 1.0, top_k: int = 0, **penalties):
     """The invariant: the strategy's exact output distribution is the model's. Returns the
     enumeration (for the callers' checks that drafts were both accepted and rejected)."""
-    dist = exact_outputs(gen, spec, temperature, top_k)
-    assert_same_distribution(dist.probs, reference(gen, temperature, top_k))
+    dist = exact_outputs(gen, spec, temperature, top_k, **penalties)
+    reference_penalties = {k.removesuffix("_penalty"): v for k, v in penalties.items()}
+    assert_same_distribution(dist.probs, reference(gen, temperature, top_k, **reference_penalties))
     check_keys(dist)
     return dist
 
@@ -117,6 +125,17 @@ def test_output_distribution_is_exactly_plain_sampling(target, drafter, case):
     spec, params = specs(drafter)[case]
     dist = check_exact(target, spec, **params)
     if case != "plain":  # both verifier branches carry weight, so both were checked
+        assert dist.expected["accepted"] > 0.05 and dist.expected["rejected"] > 0.05, dist.expected
+
+
+@pytest.mark.parametrize("case", ["plain", "prompt-lookup", "jacobi", "draft-model", "multi-draft tree"])
+def test_under_presence_and_frequency_penalties_the_distribution_is_exactly_plain_sampling(target, drafter, case):
+    """Penalties make each position's distribution depend on the tokens before it in the output, so a
+    verifier must process every draft position with its own context; the reference applies OpenAI's
+    definition to the model's logits by hand."""
+    spec, params = specs(drafter)[case]
+    dist = check_exact(target, spec, **params, presence_penalty=0.9, frequency_penalty=-0.6)
+    if case != "plain":
         assert dist.expected["accepted"] > 0.05 and dist.expected["rejected"] > 0.05, dist.expected
 
 

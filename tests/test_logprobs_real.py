@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import json
 
+import httpx
 import pytest
 import torch
-from server_helpers import running_server
+from server_helpers import metric, running_server
 
 import argen
 from argen.models import sources
@@ -77,35 +78,70 @@ metric_list:
 """
 
 
-def run_lm_eval(model: str, model_args: dict, include: str) -> dict:
+def run_lm_eval(model: str, model_args: dict, include: str, batch_size: int = 1) -> dict:
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    out = simple_evaluate(model=model, model_args=model_args, tasks=["argen_mc"], batch_size=1, log_samples=True,
-                          task_manager=TaskManager(include_path=include), random_seed=0, numpy_random_seed=0,
-                          torch_random_seed=0, fewshot_random_seed=0)  # fmt: skip
+    out = simple_evaluate(model=model, model_args=model_args, tasks=["argen_mc"], batch_size=batch_size,
+                          log_samples=True, task_manager=TaskManager(include_path=include), random_seed=0,
+                          numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)  # fmt: skip
     samples = sorted(out["samples"]["argen_mc"], key=lambda s: s["doc_id"])
     # resps: one [(log-likelihood, is_greedy)] per choice
     return {"acc": out["results"]["argen_mc"]["acc,none"], "ll": [[r[0][0] for r in s["resps"]] for s in samples]}
 
 
-def test_lm_eval_local_completions_through_argen_serve_equals_its_hf_model(fp32, tmp_path, monkeypatch):
-    pytest.importorskip("lm_eval")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+@pytest.fixture(scope="module")
+def task_dir(fp32, tmp_path_factory):
+    """The multiple-choice task, built offline (lm-eval cannot download datasets here), and the
+    tokenizer for the `huggingface` backend."""
+    tmp_path = tmp_path_factory.mktemp("lm_eval")
     data = tmp_path / "mc.jsonl"
     data.write_text("".join(json.dumps({"question": q, "choices": c, "answer": a}) + "\n" for q, c, a in QUESTIONS))
     (tmp_path / "argen_mc.yaml").write_text(TASK.format(data=data))
-    tokenizer_dir = tmp_path / "tokenizer"
-    fp32.tokenizer.save_pretrained(tokenizer_dir)
-    weights = sources.local_dir(sources.parse_source("default"))  # the fp32 safetensors argen loaded
-    hf = run_lm_eval("hf", {"pretrained": str(weights), "device": "cpu", "dtype": "float32"}, str(tmp_path))
-    with running_server(fp32) as (url, _):
-        served = run_lm_eval("local-completions", {
-            "base_url": f"{url}/v1/completions", "model": fp32.name, "tokenizer_backend": "huggingface",
-            "tokenizer": str(tokenizer_dir), "tokenized_requests": True, "num_concurrent": 1, "max_retries": 1,
-        }, str(tmp_path))  # fmt: skip
-    assert served["acc"] == hf["acc"] and hf["acc"] > 0.5
+    fp32.tokenizer.save_pretrained(tmp_path / "tokenizer")
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def hf_scores(task_dir):
+    """lm-eval's own `hf` model on the fp32 safetensors argen loaded."""
+    pytest.importorskip("lm_eval")
+    weights = sources.local_dir(sources.parse_source("default"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_DATASETS_OFFLINE", "1")
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        hf = run_lm_eval("hf", {"pretrained": str(weights), "device": "cpu", "dtype": "float32"}, str(task_dir))
+    assert hf["acc"] > 0.5
     assert all(max(lls) - min(lls) > 0.1 for lls in hf["ll"])  # choices far apart: 1e-3 tells them apart
-    diffs = [abs(a - b) for sa, sb in zip(served["ll"], hf["ll"], strict=True) for a, b in zip(sa, sb, strict=True)]
+    return hf
+
+
+@pytest.mark.parametrize("backend, batch_size", [("huggingface", 1), ("remote", 4)])
+def test_lm_eval_local_completions_through_argen_serve_equals_its_hf_model(fp32, task_dir, hf_scores, monkeypatch,
+                                                                          backend, batch_size):  # fmt: skip
+    """lm-eval's `local-completions` scores the task through `argen serve` as its `hf` model does: one
+    prompt a request with lm-eval's own tokenizer, and (the issue's acceptance) four prompts a request
+    with `tokenizer_backend=remote`, lm-eval tokenizing through the server's /tokenize and reading
+    its special tokens from /tokenizer_info."""
+    import lm_eval.models.api_models as api_models
+    import lm_eval.utils
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    sent, encoded = [], []  # prompts per /v1/completions request; texts lm-eval tokenized through /tokenize
+    post, encode = api_models.requests.post, lm_eval.utils.RemoteTokenizer.encode
+    monkeypatch.setattr(api_models.requests, "post", lambda *a, **k: sent.append(len(k["json"]["prompt"])) or post(*a, **k))
+    monkeypatch.setattr(lm_eval.utils.RemoteTokenizer, "encode", lambda self, text: encoded.append(text) or encode(self, text))
+    args = {"model": fp32.name, "tokenizer_backend": backend, "tokenized_requests": True, "num_concurrent": 1,
+            "max_retries": 1} | ({"tokenizer": str(task_dir / "tokenizer")} if backend == "huggingface" else {})  # fmt: skip
+    with running_server(fp32) as (url, _):
+        served = run_lm_eval("local-completions", {"base_url": f"{url}/v1/completions", **args}, str(task_dir),
+                             batch_size)  # fmt: skip
+        prompts = metric(httpx.get(f"{url}/metrics").text, "argen_requests_total", endpoint="completions",
+                         outcome="length")  # fmt: skip
+    assert served["acc"] == hf_scores["acc"]
+    diffs = [abs(a - b) for sa, sb in zip(served["ll"], hf_scores["ll"], strict=True) for a, b in zip(sa, sb, strict=True)]
     assert len(diffs) == sum(len(c) for _, c, _ in QUESTIONS) and max(diffs) < 1e-3, max(diffs)
+    assert prompts == len(diffs) == sum(sent)  # every choice was scored by the server
+    assert max(sent) == batch_size and len(sent) == -(-len(diffs) // batch_size)  # batch_size prompts a request
+    assert bool(encoded) == (backend == "remote")

@@ -69,3 +69,34 @@ def test_serve_replicas_answer_the_openai_client(cluster, tiny):
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want.text
     with pytest.raises(openai.BadRequestError, match="max_tokens"):  # the app's own checks, through the proxy
         client.completions.create(model="tiny-random", prompt="abc", max_tokens=10**6)
+    check_metrics_of_every_replica(url, replicas=2, sent=6)
+
+
+def check_metrics_of_every_replica(url: str, replicas: int, sent: int) -> None:
+    """Whichever replica answers /metrics shows every replica's series, labelled by replica: the
+    requests counted add up to what was sent (a /metrics of the answering replica alone, the bug
+    this guards against, shows some of them, and a different count each time)."""
+    import time
+
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def requests_by_replica() -> dict[str, float]:
+        text = httpx.get(f"{url}/metrics", timeout=30).text
+        counts: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "argen_requests_total":  # every outcome: 5 answered, 1 rejected (400)
+                    replica = sample.labels.get("replica", "unlabelled")
+                    counts[replica] = counts.get(replica, 0) + sample.value
+        return counts
+
+    deadline = time.monotonic() + 30  # each replica publishes every PUBLISH_S seconds
+    while True:
+        counts = requests_by_replica()
+        if (len(counts) == replicas and sum(counts.values()) == sent) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert len(counts) == replicas and sum(counts.values()) == sent, counts
+    for _ in range(4):  # stable whichever replica answers
+        assert sum(requests_by_replica().values()) == sent

@@ -126,3 +126,74 @@ def test_exact_strategies_under_a_logit_bias_equal_plain_under_it(tiny, strategy
     options = dict(chat=False, max_new_tokens=40, logit_bias=bias)
     plain = tiny.generate("abc abc abc the abc abc", **options).token_ids
     assert tiny.generate("abc abc abc the abc abc", strategy=strategy, **options).token_ids == plain
+
+
+def openai_penalized(logits: torch.Tensor, output: list[int], presence: float, frequency: float) -> torch.Tensor:
+    """OpenAI's definition, read independently: mu[j] -= c[j] * frequency + (c[j] > 0) * presence,
+    c[j] the count of token j in the output so far (the prompt's tokens do not count)."""
+    out = logits.double().clone()
+    for j in set(output):
+        out[j] -= output.count(j) * frequency + presence
+    return out
+
+
+@pytest.mark.parametrize("presence, frequency", [(2.0, 0.0), (0.0, 1.5), (0.7, 0.9), (-1.0, -0.5)])
+def test_presence_and_frequency_penalties_follow_openai_over_the_output_only(tiny, presence, frequency):
+    """Greedy decoding under the penalties picks, at every step, the argmax of the Hugging Face
+    model's logits penalized by hand over the output alone. A prompt of repeated tokens would change
+    the choices if the prompt counted."""
+    prompt = tiny.encode("aaaa bbbb aaaa", chat=False)
+    out = tiny.generate(prompt, max_new_tokens=24, ignore_eos=True, presence_penalty=presence,
+                        frequency_penalty=frequency).token_ids  # fmt: skip
+    plain = tiny.generate(prompt, max_new_tokens=24, ignore_eos=True).token_ids
+    assert out != plain  # the penalties changed something
+    with torch.inference_mode():
+        logits = tiny.model.hf_model(torch.tensor([prompt + out])).logits[0, len(prompt) - 1 : -1]
+    for t, token in enumerate(out):
+        want = openai_penalized(logits[t], out[:t], presence, frequency)
+        top2 = want.topk(2)
+        assert token == int(top2.indices[0]) or (top2.values[0] - want[token]).item() < 1e-4, (t, token, top2)
+
+
+def test_the_sampler_penalizes_the_context_after_the_prompt_as_openai_defines():
+    """Sampler.process on a context whose prompt repeats the output's tokens: only the output counts."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(50, generator=gen)
+    prompt, output = [3, 3, 3, 7, 9, 9], [3, 7, 7, 7, 12, 3, 40]
+    for presence, frequency in [(2.0, 0.0), (0.0, -1.5), (0.7, 0.9)]:
+        sampler = Sampler(SamplingParams(presence_penalty=presence, frequency_penalty=frequency), prompt_len=len(prompt))
+        got = sampler.process(logits, prompt + output)
+        assert torch.allclose(got.double(), openai_penalized(logits, output, presence, frequency), atol=1e-6)
+
+
+@pytest.mark.parametrize("tree", [False, True])
+@pytest.mark.parametrize("penalty", [2.0, -2.0])
+def test_a_verifier_under_penalties_decides_what_plain_decides(tiny, tree, penalty):
+    """Drafts of plain's own output (some wrong, some as a decoy branch) are verified with each
+    position's context: the penalties count the accepted path's tokens, as plain's did (a verifier
+    that penalized the tokens before the draft only would decide otherwise here)."""
+    from helpers import Oracle
+
+    options = dict(chat=False, max_new_tokens=40, ignore_eos=True, presence_penalty=penalty, frequency_penalty=penalty)
+    plain = tiny.generate("Speculate", **options)
+    assert plain.token_ids != tiny.generate("Speculate", chat=False, max_new_tokens=40, ignore_eos=True).token_ids
+    out = tiny.generate("Speculate", strategy=Oracle(plain.token_ids, tree=tree), **options)
+    assert out.token_ids == plain.token_ids and out.stats.draft_tokens_accepted > 10
+
+
+@pytest.mark.parametrize("strategy", ["prompt-lookup", "ngram", {"name": "jacobi", "adaptive": False},
+                                      {"name": "layer-skip", "skip_layers": [1], "adaptive": False},
+                                      {"name": "draft-model", "draft": "tiny-random", "adaptive": False}])  # fmt: skip
+def test_exact_strategies_under_penalties_equal_plain_under_them(tiny, strategy):
+    options = dict(chat=False, max_new_tokens=40, ignore_eos=True, presence_penalty=-1.5, frequency_penalty=0.2)
+    prompt = "abc abc abc the abc abc abc the abc"
+    plain = tiny.generate(prompt, **options).token_ids
+    assert plain != tiny.generate(prompt, chat=False, max_new_tokens=40, ignore_eos=True).token_ids
+    assert tiny.generate(prompt, strategy=strategy, **options).token_ids == plain
+
+
+@pytest.mark.parametrize("bad", [{"presence_penalty": 2.01}, {"frequency_penalty": -2.5},
+                                 {"presence_penalty": float("nan")}, {"frequency_penalty": "1"}])  # fmt: skip
+def test_penalties_are_bounded_as_openai_bounds_them(bad):
+    with pytest.raises(InvalidRequestError, match=r"\[-2, 2\]"):
+        SamplingParams(**bad)

@@ -236,7 +236,7 @@ def test_a_press_over_http_matches_the_python_api(server, tiny):
 @pytest.mark.parametrize("fields, param", [
     ({"stream": "yes"}, "stream"), ({"max_tokens": "8"}, "max_tokens"), ({"max_tokens": True}, "max_tokens"),
     ({"prompt": [True, False]}, "prompt"), ({"ignore_eos": 1}, "ignore_eos"), ({"seed": "7"}, "seed"),
-    ({"temperature": "0.5"}, "temperature"), ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"temperature": "0.5"}, "temperature"), ({"stop": ["s"] * 33}, "stop"),
 ])  # fmt: skip
 def test_strict_types(server, fields, param):
     url, _ = server

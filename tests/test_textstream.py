@@ -57,8 +57,8 @@ def test_each_token_costs_one_stream_step_on_a_4000_token_output(tiny, monkeypat
             steps.append(token)
             return self.stream.step(backend, token)
 
-    def counting(tokenizer):
-        stream, backend = real(tokenizer)
+    def counting(tokenizer, *args):
+        stream, backend = real(tokenizer, *args)
         return Counting(stream), backend
 
     monkeypatch.setattr(argen.textstream, "_decode_stream", counting)
@@ -84,7 +84,7 @@ def test_control_a_stream_that_drops_a_token_fails_the_decode_check(tiny, monkey
             self.n += 1
             return None if self.n == 5 else self.stream.step(backend, token)
 
-    monkeypatch.setattr(argen.textstream, "_decode_stream", lambda t: (Dropping(real(t)[0]), real(t)[1]))
+    monkeypatch.setattr(argen.textstream, "_decode_stream", lambda t, *a: (Dropping(real(t, *a)[0]), real(t, *a)[1]))
     ids = tiny.tokenizer(TEXT, add_special_tokens=False)["input_ids"]
     ts, deltas = stream_all(tiny.tokenizer, ids)
     assert "".join(deltas) != tiny.tokenizer.decode(ids, skip_special_tokens=True)

@@ -51,9 +51,21 @@ class Generator:
         return PromptLayout(self.encode(prompt, chat))
 
     def _chat_ids(self, messages: list[dict]) -> list[int]:
+        return self.encode_chat(messages)
+
+    def encode_chat(self, messages: list[dict], *, add_generation_prompt: bool = True,
+                    continue_final_message: bool = False, template_kwargs: dict | None = None) -> list[int]:  # fmt: skip
+        """Token ids of a conversation through the model's chat template. `add_generation_prompt`
+        opens the assistant's turn; `continue_final_message` leaves the last message (an assistant's,
+        partial) open so the output continues it; `template_kwargs`: more variables for the template."""
         if not getattr(self.tokenizer, "chat_template", None):
             raise InvalidRequestError(f"model {self.name!r} has no chat template; pass chat=False (--no-chat)")
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if add_generation_prompt and continue_final_message:
+            raise InvalidRequestError("continue_final_message continues the last message; it cannot also open a new "
+                                      "turn (set add_generation_prompt to false)")  # fmt: skip
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                 continue_final_message=continue_final_message, tokenize=True,
+                                                 **(template_kwargs or {}))  # fmt: skip
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
     def _requests(self, prompts: list, chat: bool, strategy, options: dict, intervene=None,
@@ -93,8 +105,9 @@ class Generator:
                  **options) -> Result | list[Result] | list[list[Result]]:  # fmt: skip
         """Generate for one prompt (returns a Result) or a list of prompts (returns a list).
         Options are SamplingParams fields: max_new_tokens, temperature, top_k, top_p, min_p,
-        repetition_penalty, seed, stop, ignore_eos, logit_bias, logprobs (each output token's log-prob
-        with that many alternatives: `Result.logprobs`). `prompt_logprobs=k` scores the prompt
+        repetition_penalty, presence_penalty, frequency_penalty, seed, stop, stop_token_ids, min_tokens,
+        include_stop_str_in_output, skip_special_tokens, ignore_eos, logit_bias, logprobs (each output
+        token's log-prob with that many alternatives: `Result.logprobs`). `prompt_logprobs=k` scores the prompt
         (`Result.prompt_logprobs`; with max_new_tokens=0 nothing is generated). `intervene` ({output position: token id}) forces
         those tokens, every other position keeping its seeded noise: the counterfactual, generated
         from scratch (`counterfactual` gets the same output from a Result, decoding only after t).

@@ -1,8 +1,9 @@
 """The `argen` command line: `generate`, `chat`, `batch`, `models`, `bench` and `serve`.
 
 Errors caused by the user's input are printed as one line, `argen: error: ...`, with exit code 2;
-a traceback means a bug. Only the completion (or its JSON) goes to stdout; everything else goes to
-stderr, so `--json` output stays parseable.
+a traceback means a bug. Only the completion (or its JSON) goes to stdout, each of `--n` samples
+under a header line; everything else (statistics, `--logprobs` tables) goes to stderr, so `--json`
+output stays parseable.
 """
 
 from __future__ import annotations
@@ -53,6 +54,14 @@ def _add_generate(sub) -> None:
     p.add_argument("--repetition-penalty", type=float)
     p.add_argument("--seed", type=int, help="sampling seed; a random one is drawn and reported if omitted")
     p.add_argument("--stop", action="append", default=[], metavar="STR", help="stop string (repeatable)")
+    p.add_argument("--n", type=int, default=1, help="samples of the prompt, prefilled once; sample i uses seed + i "
+                   "(default: %(default)s)")  # fmt: skip
+    p.add_argument("--logprobs", type=int, metavar="K",
+                   help="show each generated token's log-prob and its K likeliest alternatives (0-20), on stderr")
+    p.add_argument("--logit-bias", action="append", default=[], metavar="TOKEN=BIAS",
+                   help="add BIAS (-100..100) to TOKEN's logit (a token id, or text that is one token); repeatable")
+    p.add_argument("--presence-penalty", type=float, help="OpenAI's, -2..2, over the generated tokens")
+    p.add_argument("--frequency-penalty", type=float, help="OpenAI's, -2..2, over the generated tokens")
     p.add_argument("--strategy", default="plain", help="decoding strategy; see 'argen models' (default: %(default)s)")
     p.add_argument("--strategy-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="strategy option (repeatable); VALUE is read as JSON, else as a string")  # fmt: skip
@@ -145,8 +154,43 @@ def _sampling_options(args: argparse.Namespace) -> dict[str, object]:
         "seed": args.seed,
         "stop": args.stop,
         "response_format": response_format(args),
+        "logprobs": args.logprobs,
+        "presence_penalty": args.presence_penalty,
+        "frequency_penalty": args.frequency_penalty,
     }
     return {k: v for k, v in given.items() if v is not None}
+
+
+def parse_logit_bias(pairs: list[str], tokenizer=None) -> dict[int, float]:
+    """`TOKEN=BIAS` pairs -> {token id: bias}; TOKEN is an id, or (with a tokenizer) text that encodes
+    to one token. Without a tokenizer, only the form is checked (ids of text tokens are left out)."""
+    bias: dict[int, float] = {}
+    for pair in pairs:
+        token, sep, value = pair.rpartition("=")
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+        if not sep or not token or number is None:
+            raise ArgenError(f"--logit-bias takes TOKEN=BIAS (for example 1234=-100 or ' the'=5); got {pair!r}")
+        if token.strip().isdigit():
+            bias[int(token)] = number
+        elif tokenizer is not None:
+            ids = tokenizer(token, add_special_tokens=False)["input_ids"]
+            if len(ids) != 1:
+                raise ArgenError(f"--logit-bias {pair!r}: {token!r} is {len(ids)} tokens ({ids}); give one token or its id")
+            bias[ids[0]] = number
+    return bias
+
+
+def print_logprobs(result, tokenizer, file) -> None:
+    """A result's per-token log-probs as a table: position, token, log-prob, the likeliest alternatives."""
+    print("[log-probs: position, token, log-prob, likeliest alternatives]", file=file)
+    for i, record in enumerate(result.logprobs or []):
+        if record is None:
+            continue
+        top = ", ".join(f"{tokenizer.decode([t])!r} {v:.3f}" for t, v in record.top)
+        print(f"{i:>5}  {tokenizer.decode([record.token])!r:<16} {record.logprob:9.4f}  {top}", file=file)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -164,18 +208,34 @@ def _generate(args: argparse.Namespace) -> int:
     # Check the options before loading the model, which can take a while (or a download).
     try:
         prompt = _prompt(args)
-        SamplingParams(**options)
+        SamplingParams(**options, logit_bias=parse_logit_bias(args.logit_bias))
         make_strategy(strategy)
         make_press(press)
     except ValueError as exc:
         raise ArgenError(str(exc)) from exc
+    if args.n < 1:
+        raise ArgenError(f"--n must be >= 1 (samples of the prompt); got {args.n}")
 
     gen = load(args.model, runtime=args.runtime, device=args.device, dtype=args.dtype, quant=args.quant)
     chat = not args.no_chat
     intervene = parse_interventions(args.intervene, gen.tokenizer) or None
-    if args.json:
-        result = gen.generate(prompt, strategy=strategy, chat=chat, intervene=intervene, press=press, **options)
-        print(json.dumps(result.as_dict() | ({"intervene": intervene} if intervene else {})))
+    if args.logit_bias:
+        options["logit_bias"] = parse_logit_bias(args.logit_bias, gen.tokenizer)
+    if args.json or args.n > 1:
+        n = args.n if args.n > 1 else None
+        result = gen.generate(prompt, strategy=strategy, chat=chat, intervene=intervene, press=press, n=n, **options)
+        results = result if n else [result]
+        if args.json:
+            extra = {"intervene": intervene} if intervene else {}
+            dicts = [r.as_dict() | extra for r in results]
+            print(json.dumps(dicts if n else dicts[0]))
+            return 0
+        for r in results:
+            print(f"--- sample {r.sample_index} (seed {r.seed}, {len(r.token_ids)} tokens, finish: {r.finish_reason}) ---")
+            print(r.text)
+            if r.logprobs is not None:
+                print(f"[sample {r.sample_index}]", file=sys.stderr)
+                print_logprobs(r, gen.tokenizer, sys.stderr)
         return 0
 
     stream = gen.stream(prompt, strategy=strategy, chat=chat, intervene=intervene, press=press, **options)
@@ -184,6 +244,8 @@ def _generate(args: argparse.Namespace) -> int:
         sys.stdout.flush()
     sys.stdout.write("\n")
     result = stream.result
+    if result is not None and result.logprobs is not None:
+        print_logprobs(result, gen.tokenizer, sys.stderr)
     if result is not None:
         s = result.stats
         print(f"[{s.new_tokens} tokens, {s.tokens_per_s:.1f} tok/s, finish: {result.finish_reason}, "

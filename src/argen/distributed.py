@@ -10,6 +10,12 @@ import time
 from argen.errors import ArgenError
 
 INSTALL = "pip install 'argen[ray]'"
+# /metrics under --replicas: each replica publishes its registry to one named actor every PUBLISH_S
+# seconds (and when scraped); any replica answers a scrape with every replica's series, labelled by
+# replica. A replica silent for STALE_S seconds (gone) drops out.
+METRICS_HUB, HUB_NAMESPACE = "argen-metrics", "argen"
+PUBLISH_S, STALE_S = 1.0, 30.0
+_hub = None
 
 
 def require_ray():
@@ -38,15 +44,65 @@ def connect(address: str | None) -> bool:
     return True
 
 
+class MetricsHub:
+    """A Ray actor holding each replica's latest Prometheus text."""
+
+    def __init__(self) -> None:
+        self._latest: dict[str, tuple[float, bytes]] = {}
+
+    def publish(self, replica: str, text: bytes) -> None:
+        self._latest[replica] = (time.monotonic(), text)
+
+    def collect(self) -> dict[str, bytes]:
+        now = time.monotonic()
+        self._latest = {r: (t, text) for r, (t, text) in self._latest.items() if now - t < STALE_S}
+        return {r: text for r, (_, text) in self._latest.items()}
+
+
+def metrics_hub():
+    """The cluster's MetricsHub (made by the first caller)."""
+    ray = require_ray()
+    return ray.remote(num_cpus=0)(MetricsHub).options(name=METRICS_HUB, namespace=HUB_NAMESPACE,
+                                                       get_if_exists=True).remote()  # fmt: skip
+
+
+def publish_replica_metrics(app, replica: str, hub) -> None:
+    """Make `app`'s /metrics every replica's: publish this one's now and every PUBLISH_S seconds (a
+    daemon thread: it ends with the replica), and answer with all of them, labelled by replica."""
+    import threading
+
+    ray = require_ray()
+    from argen.server.metrics import merge_by_replica
+
+    own = app.state.render_metrics
+
+    def publish_forever() -> None:
+        while True:
+            try:
+                hub.publish.remote(replica, own())
+            except Exception:  # the hub is gone (the cluster is shutting down): try again later
+                logging.getLogger("argen.server").debug("publishing metrics failed", exc_info=True)
+            time.sleep(PUBLISH_S)
+
+    def render() -> bytes:
+        ray.get(hub.publish.remote(replica, own()))
+        return merge_by_replica(ray.get(hub.collect.remote()))
+
+    threading.Thread(target=publish_forever, name="argen-metrics-publisher", daemon=True).start()
+    app.state.render_metrics = render
+
+
 class ReplicaApp:
     """What one Ray Serve replica runs: the argen FastAPI app (server/app.py) over its own model.
     The app is built in the replica (`__serve_build_asgi_app__`), so the model is loaded there, never
-    pickled from the driver."""
+    pickled from the driver. Its /metrics shows every replica's series (`publish_replica_metrics`)."""
 
     def __init__(self, source: str, load_options: dict, app_options: dict, companions: tuple[list, list]) -> None:
         self.source, self.load_options, self.app_options, self.companions = source, load_options, app_options, companions
 
     def __serve_build_asgi_app__(self):
+        from ray import serve
+
         from argen.api import load
         from argen.server.app import create_app
         from argen.server.companions import Companions
@@ -54,7 +110,9 @@ class ReplicaApp:
         gen = load(self.source, **self.load_options)
         model_id = self.app_options.get("model_id") or self.source
         companions = Companions.load(gen, model_id, *self.companions)
-        return create_app(gen, companions=companions, **self.app_options)
+        app = create_app(gen, companions=companions, **self.app_options)
+        publish_replica_metrics(app, serve.get_replica_context().replica_id.unique_id, metrics_hub())
+        return app
 
 
 def serve_with_ray(args) -> int:
@@ -86,6 +144,8 @@ def serve_replicas(source: str, load_options: dict, app_options: dict, *, replic
     from ray import serve
 
     started = connect(address)
+    global _hub  # made here and held, so it lives as long as this driver (the replicas find it by name)
+    _hub = metrics_hub()
     serve.start(http_options={"host": host, "port": port}, logging_config={"log_level": "WARNING"})
     ingress = serve.ingress()(ReplicaApp)
     deployment = serve.deployment(name="argen", num_replicas=replicas,

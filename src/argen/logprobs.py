@@ -23,9 +23,10 @@ class TokenLogprob:
     token: int
     logprob: float
     top: list[tuple[int, float]] = field(default_factory=list)  # the k most likely (id, logprob), best first
+    rank: int | None = None  # 1 + how many tokens are likelier (vLLM's rank); None: not computed
 
     def as_dict(self) -> dict:
-        return {"token": self.token, "logprob": self.logprob, "top": [list(t) for t in self.top]}
+        return {"token": self.token, "logprob": self.logprob, "top": [list(t) for t in self.top], "rank": self.rank}
 
 
 def check_top(value, name: str) -> None:
@@ -48,7 +49,7 @@ def _top(logp: torch.Tensor, k: int) -> list[list[tuple[int, float]]]:
 def token_logprob(processed: torch.Tensor, token: int, k: int) -> TokenLogprob:
     """The record of `token` drawn from one row of processed logits [V], with the k best alternatives."""
     logp = torch.log_softmax(processed.float(), dim=-1)
-    return TokenLogprob(token, float(logp[token]), _top(logp[None], k)[0])
+    return TokenLogprob(token, float(logp[token]), _top(logp[None], k)[0], int((logp > logp[token]).sum()) + 1)
 
 
 def rows_logprobs(logits: torch.Tensor, next_tokens: list[int], k: int) -> list[TokenLogprob]:
@@ -58,5 +59,7 @@ def rows_logprobs(logits: torch.Tensor, next_tokens: list[int], k: int) -> list[
     if n == 0:
         return []
     logp = torch.log_softmax(logits[:n].float(), dim=-1)
-    chosen = logp.gather(-1, torch.tensor(next_tokens, device=logp.device)[:, None])[:, 0].tolist()
-    return [TokenLogprob(t, lp, top) for t, lp, top in zip(next_tokens, chosen, _top(logp, k), strict=True)]
+    chosen = logp.gather(-1, torch.tensor(next_tokens, device=logp.device)[:, None])
+    ranks = ((logp > chosen).sum(-1) + 1).tolist()
+    return [TokenLogprob(t, lp, top, rank) for t, lp, top, rank
+            in zip(next_tokens, chosen[:, 0].tolist(), _top(logp, k), ranks, strict=True)]  # fmt: skip

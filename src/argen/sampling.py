@@ -18,7 +18,8 @@ from argen.constraints import Constraint, grammar_of
 from argen.errors import InvalidRequestError
 from argen.logprobs import TokenLogprob, check_top, token_logprob
 
-FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty")
+FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
+PENALTY_MAX = 2.0  # OpenAI's range for presence_penalty and frequency_penalty: [-2, 2]
 LOGIT_BIAS_MAX = 100.0  # OpenAI's range: -100 bans a token in practice, +100 all but forces it
 LOGIT_BIAS_ENTRIES = 1024  # tokens a request may bias
 
@@ -50,6 +51,17 @@ class SamplingParams:
     # {"type": "grammar", "grammar": <Lark>}; `grammar` is short for the last.
     response_format: dict | None = None
     grammar: str | None = None
+    # OpenAI's penalties, over the generated tokens only (the prompt's do not count): token j's logit
+    # loses count(j) * frequency_penalty + (count(j) > 0) * presence_penalty; each in [-2, 2].
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # vLLM's: the output also ends at any of these token ids (kept in token_ids; its text is left out
+    # unless include_stop_str_in_output); until min_tokens tokens are out, EOS and these ids are
+    # banned and stop strings are not looked for.
+    stop_token_ids: list[int] = field(default_factory=list)
+    min_tokens: int = 0
+    include_stop_str_in_output: bool = False  # the text keeps the stop string (or stop token) that ended it
+    skip_special_tokens: bool = True  # the text leaves special tokens out (their ids stay in token_ids)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -62,7 +74,7 @@ class SamplingParams:
         grammar_of(self.response_format)  # the checks that need no tokenizer (the Engine does the rest)
         # Numbers must be finite (NaN fails every comparison; infinity would pass some); each check
         # is a function so that a value of the wrong type fails its own check, not with a TypeError.
-        temperature, top_p, min_p, penalty = (finite_number(getattr(self, f)) for f in FLOAT_FIELDS)
+        temperature, top_p, min_p, penalty, presence, frequency = (finite_number(getattr(self, f)) for f in FLOAT_FIELDS)
         checks = [
             (lambda: _integer(self.max_new_tokens) and self.max_new_tokens >= 0,
              "max_new_tokens must be an integer >= 0 (0: score the prompt only)"),
@@ -74,6 +86,18 @@ class SamplingParams:
             (lambda: self.seed is None or (_integer(self.seed) and self.seed >= 0), "seed must be an integer >= 0"),
             (lambda: isinstance(self.stop, list) and all(isinstance(s, str) and s for s in self.stop),
              "stop must be a list of non-empty strings"),
+            (lambda: presence is not None and -PENALTY_MAX <= presence <= PENALTY_MAX,
+             f"presence_penalty must be a number in [-{PENALTY_MAX:g}, {PENALTY_MAX:g}] (0 turns it off)"),
+            (lambda: frequency is not None and -PENALTY_MAX <= frequency <= PENALTY_MAX,
+             f"frequency_penalty must be a number in [-{PENALTY_MAX:g}, {PENALTY_MAX:g}] (0 turns it off)"),
+            (lambda: isinstance(self.stop_token_ids, list) and all(_integer(t) and t >= 0 for t in self.stop_token_ids),
+             "stop_token_ids must be a list of token ids (integers >= 0)"),
+            (lambda: _integer(self.min_tokens) and 0 <= self.min_tokens <= self.max_new_tokens,
+             "min_tokens must be an integer in [0, max_new_tokens]"),
+            (lambda: self.min_tokens == 0 or self.response_format is None,
+             "min_tokens cannot be combined with a response_format: the grammar decides where the output ends"),
+            (lambda: all(isinstance(getattr(self, f), bool) for f in ("include_stop_str_in_output", "skip_special_tokens")),
+             "include_stop_str_in_output and skip_special_tokens must be true or false"),
         ]  # fmt: skip
         for ok, message in checks:
             if not ok():
@@ -125,6 +149,15 @@ def apply_repetition_penalty(logits: torch.Tensor, context: Sequence[int], penal
     return logits
 
 
+def apply_penalties(logits: torch.Tensor, output: Sequence[int], presence: float, frequency: float) -> torch.Tensor:
+    """OpenAI's presence and frequency penalties over the tokens of `output`: token j's logit loses
+    count(j) * frequency + (count(j) > 0) * presence."""
+    if not output:
+        return logits
+    ids, counts = torch.tensor(list(output), dtype=torch.long).unique(return_counts=True)
+    return logits.float().index_add(-1, ids.to(logits.device), (-(counts * frequency + presence)).float().to(logits.device))
+
+
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Temperature, then top-k, top-p and min-p filtering (filtered entries become -inf)."""
     logits = logits.float() / params.temperature
@@ -170,10 +203,16 @@ class Sampler:
     position keeps its own noise, so the rest of the output is the counterfactual one."""
 
     def __init__(self, params: SamplingParams, forced: dict[int, int] | None = None,
-                 constraint: Constraint | None = None) -> None:  # fmt: skip
+                 constraint: Constraint | None = None, *, prompt_len: int = 0,
+                 eos_ids: Sequence[int] = ()) -> None:  # fmt: skip
+        """`prompt_len`: how many tokens of a context are the prompt (the penalties and min_tokens count
+        the rest); `eos_ids`: the ids that end the output, banned with stop_token_ids until min_tokens."""
         self.params = params
         self.forced = dict(forced or {})
         self.constraint = constraint  # the response_format's grammar, if any
+        self.prompt_len = prompt_len
+        ends = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_ids))
+        self._ends = torch.tensor(sorted(ends), dtype=torch.long)
         # The fixed parts of `process`, as tensors once per request rather than once per token.
         self._bias_ids = torch.tensor(list(params.logit_bias), dtype=torch.long)
         self._bias = torch.tensor(list(params.logit_bias.values()), dtype=torch.float32)
@@ -181,10 +220,16 @@ class Sampler:
         self.logprobs: dict[int, TokenLogprob] = {}  # output position -> its record (params.logprobs)
 
     def process(self, logits: torch.Tensor, context: Sequence[int]) -> torch.Tensor:
-        """Logits after every processor (float32, filtered to -inf): repetition penalty, logit bias,
-        bans, the grammar's mask, then temperature and top-k/top-p/min-p unless greedy."""
+        """Logits after every processor (float32, filtered to -inf): repetition penalty, presence and
+        frequency penalties, logit bias, bans (min_tokens' too), the grammar's mask, then temperature and
+        top-k/top-p/min-p unless greedy. A function of (logits, context) alone, so a speculative
+        verifier that processes each draft position with its context decides what plain decoding would."""
         p = self.params
         logits = apply_repetition_penalty(logits, context, p.repetition_penalty)
+        if p.presence_penalty or p.frequency_penalty:
+            logits = apply_penalties(logits, context[self.prompt_len :], p.presence_penalty, p.frequency_penalty)
+        if len(context) - self.prompt_len < p.min_tokens and len(self._ends):
+            logits = logits.float().index_fill(-1, self._ends.to(logits.device), float("-inf"))
         if len(self._bias_ids):
             logits = logits.float().index_add(-1, self._bias_ids.to(logits.device), self._bias.to(logits.device))
         if len(self._banned):

@@ -112,7 +112,8 @@ class DecodeBatch:
         cache = runtime.new_cache(1, len(prompt) + budget + request.strategy.kv_slack())
         if request.press is not None:
             request.press.prepare(cache)
-        sampler = Sampler(request.params, request.forced, engine.constraint(request))
+        sampler = Sampler(request.params, request.forced, engine.constraint(request), prompt_len=len(prompt),
+                          eos_ids=engine.eos_ids)  # fmt: skip
         state = DecodeState(runtime, cache, sampler, list(prompt), len(prompt), budget)
         positions, mask = self._layout(request, state)
         seq = Sequence(index, request, state, engine.tokenizer, engine.eos_ids, positions, mask)

@@ -19,6 +19,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
         self.grammars = GrammarCompiler(tokenizer, runtime.info.vocab_size, eos_ids)
+        self._checked_grammar: str | None = None
 
     def validate(self, request: Request) -> None:
         """Every check a request gets, done once (a request that passed is marked and not re-checked)."""
@@ -44,6 +45,9 @@ class Engine:
         bad = [t for t in request.params.logit_bias if t >= vocab]
         if bad:
             raise InvalidRequestError(f"logit_bias token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})")
+        bad = [t for t in request.params.stop_token_ids if t >= vocab]
+        if bad:
+            raise InvalidRequestError(f"stop_token_ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})")
         if request.output_prefix and n + len(request.output_prefix) >= context:
             raise InvalidRequestError("the prompt plus the replayed output fills the model's context")
         check_top(request.prompt_logprobs, "prompt_logprobs")
@@ -55,8 +59,10 @@ class Engine:
             raise InvalidRequestError(f"press {request.press.name!r} rewrites the paged KV cache, which needs the native "
                                       "runtime (load the model with runtime='native'; Llama-family models only)")  # fmt: skip
         request.grammar = grammar_of(request.params.response_format)
-        if request.grammar is not None:
+        # The last grammar that passed is not checked again: a list of prompts shares one.
+        if request.grammar is not None and request.grammar != self._checked_grammar:
             self.grammars.check(request.grammar)
+            self._checked_grammar = request.grammar
         request.validated = True
 
     def constraint(self, request: Request) -> Constraint | None:

@@ -34,8 +34,11 @@ class Sequence:
         self.strategy: Strategy = request.strategy  # a fork runs a copy of its own
         self.reserved = 0  # worst-case KV blocks counted for this sequence (set by the DecodeBatch)
         self._tokenizer = tokenizer
-        self.text = TextStream(tokenizer, request.params.stop)
-        self.eos_ids = set() if request.params.ignore_eos else eos_ids
+        params = request.params
+        self.text = TextStream(tokenizer, params.stop, skip_special_tokens=params.skip_special_tokens,
+                               include_stop=params.include_stop_str_in_output)  # fmt: skip
+        self.eos_ids = set() if params.ignore_eos else eos_ids
+        self.ends = self.eos_ids | set(params.stop_token_ids)  # the ids that end the output
         self.finish_reason: str | None = None
         self.stats = Stats(prompt_tokens=len(request.prompt_ids))
         self.started = time.perf_counter()
@@ -61,7 +64,8 @@ class Sequence:
         state, request = self.state, self.request
         params = dataclasses.replace(state.sampler.params, seed=request.params.seed + sample_index)
         constraint = None if state.sampler.constraint is None else state.sampler.constraint.fork()
-        forked = DecodeState(state.runtime, state.cache.fork(), Sampler(params, request.forced, constraint), list(state.tokens),
+        sampler = Sampler(params, request.forced, constraint, prompt_len=state.sampler.prompt_len, eos_ids=self.eos_ids)
+        forked = DecodeState(state.runtime, state.cache.fork(), sampler, list(state.tokens),
                              state.prompt_len, state.max_new_tokens, state.position_shift, kv_evicted=state.kv_evicted,
                              eos_ids=state.eos_ids,
                              prompt_hidden=state.prompt_hidden, batch_size=state.batch_size)  # fmt: skip
@@ -123,18 +127,21 @@ class Sequence:
             yield Emit(tokens)
 
     def accept(self, new_ids: list[int]) -> Event:
-        """Append a step's tokens, cut at EOS / max tokens / a stop string, and make the event."""
-        state = self.state
+        """Append a step's tokens, cut at EOS or a stop token id / max tokens / a stop string, and make
+        the event. Nothing ends the output before min_tokens tokens (but max tokens)."""
+        state, params = self.state, self.request.params
         first = state.n_generated  # output position of new_ids[0]
         new_ids = new_ids[: state.remaining]
+        ended = False  # by an EOS or stop token id, whose text is left out unless include_stop_str_in_output
         for i, t in enumerate(new_ids):
-            if t in self.eos_ids:
-                new_ids, self.finish_reason = new_ids[: i + 1], "stop"
+            if t in self.ends and first + i >= params.min_tokens:
+                new_ids, self.finish_reason, ended = new_ids[: i + 1], "stop", True
                 break
         state.tokens.extend(new_ids)
         if self.finish_reason is None and state.remaining <= 0:
             self.finish_reason = "length"
-        delta = self.text.push(state.output)
+        shown = state.output[:-1] if ended and not params.include_stop_str_in_output else state.output
+        delta = self.text.push(shown, stops=state.n_generated >= params.min_tokens)
         if self.text.stopped_at is not None:
             kept = state.prompt_len + self.text.stopped_at
             new_ids = new_ids[: max(0, len(new_ids) - (len(state.tokens) - kept))]

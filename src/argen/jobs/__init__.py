@@ -76,7 +76,12 @@ def check(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     from argen.jobs.job import describe
 
-    summary = run_batch(args)
+    try:
+        summary = run_batch(args)
+    except KeyboardInterrupt:  # Ctrl-C: OUT holds every line finished so far, in input order
+        print(f"[interrupted: the lines finished so far are in {args.output}; run the same command again to "
+              "resume (the lines already there are skipped)]", file=sys.stderr)  # fmt: skip
+        return 130
     print(describe(summary, args.output), file=sys.stderr)
     return 0
 

@@ -18,10 +18,11 @@ from argen.api import Generator
 from argen.engine import DecodeBatch, Event, Failure, Request, Result
 from argen.jobs.lines import Job, error_line, ok_line
 from argen.server import protocol as p
-from argen.server.app import _generation_error, _Shape
+from argen.server.app import _generation_error, shape_of
 from argen.server.companions import Companions
 from argen.server.errors import APIError, validation_message
 from argen.server.limits import Limits
+from argen.server.logprob_shape import Tokens
 from argen.server.params import Policy, build_request, max_prompt_chars
 from argen.server.scheduler import PREFILL_CHUNK, STEP_TOKENS
 
@@ -45,6 +46,7 @@ class JobRunner:
         self.gen, self.policy, self.max_batch = gen, policy, max_batch
         self.prefill_chunk, self.step_tokens, self.prefix_caching = prefill_chunk, step_tokens, prefix_caching
         self.generated = 0  # requests admitted to the decode loop (resume tests count them)
+        self.tokens = Tokens(gen.tokenizer)  # token texts, for log-probs
 
     def build(self, job: Job) -> tuple[Request, BaseModel] | APIError:
         """The job's Request and parsed body, or the error the server would answer."""
@@ -70,7 +72,7 @@ class JobRunner:
         """(job, output line) for every job, as each finishes. `on_tokens(n)`: n tokens were generated."""
         batch = DecodeBatch(self.gen.engine, token_budget=self.step_tokens, prefill_chunk=self.prefill_chunk,
                             prefix_caching=self.prefix_caching)  # fmt: skip
-        running: dict[int, tuple[Job, BaseModel]] = {}
+        running: dict[int, tuple[Job, BaseModel, Request]] = {}
         finished: dict[int, list[Result]] = {}  # samples done of requests with n > 1
         pending = iter(jobs)
         head: tuple[Job, Request, BaseModel] | None = None
@@ -98,7 +100,7 @@ class JobRunner:
                     except Exception as exc:
                         yield job, error_line(job, _generation_error(exc))
                         continue
-                    running[job.index] = (job, body)
+                    running[job.index] = (job, body, request)
                     self.generated += 1
                 if not running:
                     return
@@ -110,18 +112,19 @@ class JobRunner:
                         # A request with n samples finishes when all n Results are in.
                         done = finished.setdefault(item.index, [])
                         done.append(item)
-                        job, body = running[item.index]
+                        job, body, request = running[item.index]
                         if len(done) == body.n:
                             del running[item.index], finished[item.index]
-                            yield job, ok_line(job, self.response_body(job, body, sorted(done, key=lambda r: r.sample_index)))
+                            yield job, ok_line(job, self.response_body(job, body, request, done))
                     elif isinstance(item, Failure):
-                        job, _ = running.pop(item.index)
+                        job, _, _ = running.pop(item.index)
                         finished.pop(item.index, None)
                         batch.remove([s for s in batch.sequences if s.index == item.index])
                         yield job, error_line(job, _generation_error(item.error))
         finally:
             batch.remove(list(batch.sequences))
 
-    def response_body(self, job: Job, body: BaseModel, results: list[Result]) -> dict:
-        """The body the server would answer (its `_Shape`, so the two never drift apart)."""
-        return _Shape(job.endpoint, self.policy.model_id, body.return_token_ids, results[0].seed).response(results)
+    def response_body(self, job: Job, body: BaseModel, request: Request, results: list[Result]) -> dict:
+        """The body the server would answer (its `shape_of`, so the two never drift apart)."""
+        return shape_of(job.endpoint, self.policy.model_id, self.gen, body, [request], self.tokens,
+                        [job.index]).response(results)  # fmt: skip

@@ -111,3 +111,13 @@ def chat_logprobs(tokens: Tokens, records: list[TokenLogprob | None]) -> p.ChatL
     content = [p.TokenLogprob(**entry(r.token, r.logprob), top_logprobs=[p.TopLogprob(**entry(t, v)) for t, v in r.top])
                for r in records if r is not None]  # fmt: skip
     return p.ChatLogprobs(content=content)
+
+
+def prompt_logprob_entry(tokens: Tokens, record: TokenLogprob, k: int) -> dict[str, p.PromptLogprob]:
+    """vLLM's entry for one prompt token: {token id: {logprob, rank, decoded_token}}, the prompt's own
+    token first, then its k likeliest alternatives (ranks 1..k)."""
+    entry = {str(record.token): p.PromptLogprob(logprob=_finite(record.logprob), rank=record.rank,
+                                                decoded_token=tokens.text(record.token))}  # fmt: skip
+    for rank, (token, value) in enumerate(record.top[:k], start=1):
+        entry.setdefault(str(token), p.PromptLogprob(logprob=_finite(value), rank=rank, decoded_token=tokens.text(token)))
+    return entry

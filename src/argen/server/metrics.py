@@ -5,6 +5,7 @@ thread-safe)."""
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
 BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 128)
@@ -13,8 +14,9 @@ BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 128)
 class Metrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
-        self.requests = Counter("argen_requests", "Generation requests by endpoint and outcome "
-                                "(stop, length, cancelled, error, rejected_4xx code)", ["endpoint", "outcome"],
+        self.requests = Counter("argen_requests", "Generation requests by endpoint and outcome (stop, length, "
+                                "cancelled, error: one per prompt of a list; rejected_4xx code: one per HTTP request)",
+                                ["endpoint", "outcome"],
                                 registry=r)  # fmt: skip
         self.prompt_tokens = Counter("argen_prompt_tokens", "Prompt tokens of admitted requests", registry=r)
         self.cached_prompt_tokens = Counter("argen_prompt_tokens_cached", "Prompt tokens whose keys and values "
@@ -49,3 +51,28 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _Families:
+    """A collector that yields given metric families (for rendering merged ones)."""
+
+    def __init__(self, families: list) -> None:
+        self.families = families
+
+    def collect(self):
+        return iter(self.families)
+
+
+def merge_by_replica(texts: dict[str, bytes]) -> bytes:
+    """Several servers' /metrics (Prometheus text, by replica id) as one, each series labelled with
+    its `replica`: a scrape through a load balancer sees every replica, and `sum without (replica)`
+    aggregates them."""
+    families: dict[str, object] = {}
+    for replica, text in sorted(texts.items()):
+        for family in text_string_to_metric_families(text.decode()):
+            merged = families.setdefault(family.name, family)
+            samples = [sample._replace(labels={**sample.labels, "replica": replica}) for sample in family.samples]
+            merged.samples = (merged.samples if merged is not family else []) + samples
+    registry = CollectorRegistry()
+    registry.register(_Families(list(families.values())))
+    return generate_latest(registry)

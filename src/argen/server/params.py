@@ -8,6 +8,7 @@ context even if every token were the vocabulary's longest, are refused before to
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
 from pydantic import BaseModel
@@ -49,19 +50,31 @@ def max_prompt_chars(gen: Generator) -> int:
 
 
 def build_request(gen: Generator, body: CompletionRequest | ChatCompletionRequest, policy: Policy) -> Request:
+    """The Request of a body that holds one prompt (a list of several: a 400 naming `prompt`)."""
+    requests = build_requests(gen, body, policy)
+    if len(requests) != 1:
+        raise bad_request(f"prompt holds {len(requests)} prompts; send one prompt here", "prompt")
+    return requests[0]
+
+
+def build_requests(gen: Generator, body: CompletionRequest | ChatCompletionRequest, policy: Policy) -> list[Request]:
+    """One Request per prompt (a completions body may hold a list of them), every one checked: the
+    whole body is refused if any prompt is."""
     _check_text(body)
     if body.model != policy.model_id:
         raise APIError(404, f"model {body.model!r} is not served here; this server serves {policy.model_id!r} "
                        "(GET /v1/models)", param="model", code="model_not_found")  # fmt: skip
     _check_unsupported(body)
-    prompt_ids = _prompt_ids(gen, body, policy.max_chars)
+    prompts = _prompts_ids(gen, body, policy.max_chars)
     context = gen.runtime.info.max_positions
     where = "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
-    if not prompt_ids:
-        raise bad_request(f"the {where} is empty once tokenized; give at least one token", where)
-    if len(prompt_ids) >= context:
-        raise bad_request(f"the {where} has {len(prompt_ids)} tokens but the model's context is {context} tokens; "
-                          f"shorten it to at most {context - 1} tokens", where, code="context_length_exceeded")  # fmt: skip
+    for i, prompt_ids in enumerate(prompts):
+        which = where if len(prompts) == 1 else f"{where} {i}"
+        if not prompt_ids:
+            raise bad_request(f"the {which} is empty once tokenized; give at least one token", where)
+        if len(prompt_ids) >= context:
+            raise bad_request(f"the {which} has {len(prompt_ids)} tokens but the model's context is {context} tokens; "
+                              f"shorten it to at most {context - 1} tokens", where, code="context_length_exceeded")  # fmt: skip
     asked = body.max_tokens
     if isinstance(body, ChatCompletionRequest) and body.max_completion_tokens is not None:
         asked = body.max_completion_tokens
@@ -72,49 +85,69 @@ def build_request(gen: Generator, body: CompletionRequest | ChatCompletionReques
     if asked == 0 and not echo:
         raise bad_request("max_tokens 0 generates nothing; ask for at least 1 (0 is for scoring a prompt: "
                           "/v1/completions with echo: true and logprobs)", "max_tokens")  # fmt: skip
-    room = context - len(prompt_ids)
-    _check_n(body, asked, policy)
+    longest = max(map(len, prompts))
+    room = context - longest
+    _check_n(body, asked, policy, len(prompts))
     if asked is not None and asked > room:
-        raise bad_request(f"the model's context is {context} tokens and the {where} uses {len(prompt_ids)}, so "
+        which = where if len(prompts) == 1 else f"longest {where}"
+        raise bad_request(f"the model's context is {context} tokens and the {which} uses {longest}, so "
                           f"max_tokens can be at most {room}; you asked for {asked}", "max_tokens",
                           code="context_length_exceeded")  # fmt: skip
+    default = min(DEFAULT_MAX_TOKENS, policy.max_tokens // (body.n * len(prompts)), room)
+    # echo + logprobs: the prompt's tokens are scored too (their logits computed in the prefill), as
+    # with prompt_logprobs (vLLM's); one scoring serves both, with the most alternatives either asks for.
+    scored = [k for k in (body.logprobs if echo else None, body.prompt_logprobs) if k is not None]
+    requests = []
+    for prompt_ids in prompts:
+        params = _sampling_params(body, asked if asked is not None else default)
+        strategy = _strategy(gen, body, policy)
+        try:
+            strategy.check(gen.runtime, len(prompt_ids), params)
+        except InvalidRequestError as exc:
+            raise bad_request(str(exc), "strategy") from exc
+        request = Request(prompt_ids, params, strategy, n=body.n, prompt_logprobs=max(scored, default=None),
+                          press=_press(body, policy))  # fmt: skip
+        try:
+            gen.engine.validate(request)
+        except InvalidRequestError as exc:
+            param = "response_format" if str(exc).startswith("response_format") else where
+            raise bad_request(str(exc), "stop_token_ids" if "stop_token_ids" in str(exc) else param) from exc
+        requests.append(request)
+    return requests
+
+
+def _sampling_params(body, max_new_tokens: int) -> SamplingParams:
+    """The body's SamplingParams (a 400 naming the field a check refuses)."""
     try:
-        params = SamplingParams(
-            max_new_tokens=asked if asked is not None else min(DEFAULT_MAX_TOKENS, policy.max_tokens // body.n, room),
-            temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
-            repetition_penalty=body.repetition_penalty, seed=body.seed, ignore_eos=body.ignore_eos,
+        return SamplingParams(
+            max_new_tokens=max_new_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+            min_p=body.min_p, repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty, seed=body.seed, ignore_eos=body.ignore_eos,
             stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or []),
+            stop_token_ids=list(body.stop_token_ids or []), min_tokens=body.min_tokens,
+            include_stop_str_in_output=body.include_stop_str_in_output, skip_special_tokens=body.skip_special_tokens,
             logit_bias=_logit_bias(body), logprobs=_logprobs(body), response_format=_response_format(body),
         )  # fmt: skip
     except InvalidRequestError as exc:
-        raise bad_request(str(exc), "response_format" if "response_format" in str(exc) else None) from exc
-    strategy = _strategy(gen, body, policy)
-    try:
-        strategy.check(gen.runtime, len(prompt_ids), params)
-    except InvalidRequestError as exc:
-        raise bad_request(str(exc), "strategy") from exc
-    # echo + logprobs: the prompt's tokens are scored too (their logits computed in the prefill).
-    scored = body.logprobs if echo and body.logprobs is not None else None
-    request = Request(prompt_ids, params, strategy, n=body.n, prompt_logprobs=scored, press=_press(body, policy))
-    try:
-        gen.engine.validate(request)
-    except InvalidRequestError as exc:
-        raise bad_request(str(exc), "response_format" if str(exc).startswith("response_format") else where) from exc
-    return request
+        named = re.match(r"invalid sampling parameter: (\w+)", str(exc))
+        param = {"max_new_tokens": "max_tokens"}.get(named[1], named[1]) if named else None
+        raise bad_request(str(exc), "response_format" if "response_format" in str(exc) and not named else param) from exc
 
 
-def _check_n(body, asked: int | None, policy: Policy) -> None:
-    """n samples are n sequences of the batch, each up to max_tokens long: n is capped, n x max_tokens
-    counts against the server's max_tokens limit, and every sample's seed (seed + i) must be one a
-    client can send back to replay it."""
+def _check_n(body, asked: int | None, policy: Policy, prompts: int = 1) -> None:
+    """n samples are n sequences of the batch, each up to max_tokens long: n is capped, prompts x n x
+    max_tokens counts against the server's max_tokens limit (a request's new tokens, all prompts and
+    samples together), and every sample's seed (seed + i) must be one a client can send back."""
     cap = min(policy.limits.max_n, policy.max_batch)
     if body.n > cap:
         raise bad_request(f"n is {body.n} but this server allows at most {cap} samples per request; ask for fewer "
                           "(or send several requests)", "n", code="limit_exceeded")  # fmt: skip
-    if body.n * (asked or 1) > policy.max_tokens:
-        raise bad_request(f"n x max_tokens is {body.n} x {asked or 1} = {body.n * (asked or 1)} new tokens, but this "
-                          f"server allows at most {policy.max_tokens} per request, all samples together; ask for "
-                          "fewer samples or fewer tokens", "max_tokens" if asked else "n",
+    total = prompts * body.n * (asked or 1)
+    if total > policy.max_tokens:
+        count = f"{prompts} prompts x " if prompts > 1 else ""
+        raise bad_request(f"{count}n x max_tokens is {count}{body.n} x {asked or 1} = {total} new tokens, but this "
+                          f"server allows at most {policy.max_tokens} per request, all prompts and samples together; "
+                          "ask for fewer prompts, samples or tokens", "max_tokens" if asked else "n",
                           code="limit_exceeded")  # fmt: skip
     if body.seed is not None and body.seed + body.n - 1 > SEED_MAX:
         raise bad_request(f"sample i gets seed + i, so seed + n - 1 must be at most {SEED_MAX}; use a smaller seed",
@@ -201,10 +234,8 @@ def _logit_bias(body) -> dict[int, float]:
 def _check_unsupported(body) -> None:
     """OpenAI fields argen does not implement: accepted only at their neutral values."""
     checks = [
-        (body.presence_penalty == 0, "presence_penalty",
-         "presence_penalty is not supported (only 0); use repetition_penalty (an argen extension)"),
-        (body.frequency_penalty == 0, "frequency_penalty",
-         "frequency_penalty is not supported (only 0); use repetition_penalty (an argen extension)"),
+        (not (body.stream and body.prompt_logprobs is not None), "prompt_logprobs",
+         "prompt_logprobs cannot be streamed (as vLLM); leave out stream or prompt_logprobs"),
     ]  # fmt: skip
     if isinstance(body, CompletionRequest):
         checks += [
@@ -249,23 +280,66 @@ def _messages(gen: Generator, body: ChatCompletionRequest) -> list[dict]:
     return messages
 
 
-def _prompt_ids(gen: Generator, body, max_chars: int) -> list[int]:
+TEMPLATE_KWARGS, TEMPLATE_KWARGS_CHARS, TEMPLATE_KWARGS_DEPTH = 16, 4096, 8  # chat_template_kwargs' bounds
+TEMPLATE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+
+
+def _depth(value, limit: int) -> int:
+    """How deep lists and dicts nest in `value` (counted up to `limit` + 1 at most)."""
+    if limit < 0 or not isinstance(value, (list, dict)):
+        return 0
+    items = value.values() if isinstance(value, dict) else value
+    return 1 + max((_depth(v, limit - 1) for v in items), default=0)
+
+
+def _template_kwargs(kwargs: dict | None) -> dict:
+    """chat_template_kwargs, checked: a few variables for the template, none of which may be one of
+    `apply_chat_template`'s own arguments (tokenize, chat_template, ...) or a variable the server sets."""
+    if not kwargs:
+        return {}
+    import inspect
+
+    from transformers import PreTrainedTokenizerBase
+
+    reserved = set(inspect.signature(PreTrainedTokenizerBase.apply_chat_template).parameters) | {
+        "messages", "tools", "documents", "add_generation_prompt", "continue_final_message"}  # fmt: skip
+    if (len(kwargs) > TEMPLATE_KWARGS or _depth(kwargs, TEMPLATE_KWARGS_DEPTH) > TEMPLATE_KWARGS_DEPTH
+            or len(json.dumps(kwargs)) > TEMPLATE_KWARGS_CHARS):  # fmt: skip
+        raise bad_request(f"chat_template_kwargs may hold at most {TEMPLATE_KWARGS} variables, {TEMPLATE_KWARGS_CHARS} "
+                          f"characters of JSON in all, nested at most {TEMPLATE_KWARGS_DEPTH} deep; send less",
+                          "chat_template_kwargs")  # fmt: skip
+    for name in kwargs:
+        if not TEMPLATE_NAME.match(name) or name in reserved:
+            raise bad_request(f"chat_template_kwargs: {name[:64]!r} is not a template variable a request may set (names "
+                              "are identifiers of at most 64 characters, not the template's own arguments such as "
+                              "tokenize or chat_template)", "chat_template_kwargs")  # fmt: skip
+    return kwargs
+
+
+def _prompts_ids(gen: Generator, body, max_chars: int) -> list[list[int]]:
+    """The token ids of each prompt of the body (a chat body has one)."""
+    prompt = body.prompt if isinstance(body, CompletionRequest) else None
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        return [_prompt_ids(gen, body, max_chars, one) for one in prompt]
+    return [_prompt_ids(gen, body, max_chars, prompt)]
+
+
+def _prompt_ids(gen: Generator, body, max_chars: int, prompt=None) -> list[int]:
     context = gen.runtime.info.max_positions
     if isinstance(body, ChatCompletionRequest):
         messages = _messages(gen, body)
         if (chars := sum(len(m["content"]) for m in messages)) > max_chars:
             raise _too_long("messages", chars, max_chars, context)
         try:
-            return gen.encode(messages)
+            return gen.encode_chat(messages, add_generation_prompt=body.add_generation_prompt,
+                                   continue_final_message=body.continue_final_message,
+                                   template_kwargs=_template_kwargs(body.chat_template_kwargs))  # fmt: skip
+        except APIError:
+            raise
         except InvalidRequestError as exc:
             raise bad_request(str(exc), "messages") from exc
         except Exception as exc:  # a chat template may reject a conversation (e.g. roles out of order)
             raise bad_request(f"the model's chat template rejected the messages: {exc}", "messages") from exc
-    prompt = body.prompt
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-        if len(prompt) != 1:
-            raise bad_request(f"prompt holds {len(prompt)} prompts; send one prompt per request", "prompt")
-        prompt = prompt[0]
     if isinstance(prompt, list):
         return list(prompt)
     if len(prompt) > max_chars:

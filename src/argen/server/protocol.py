@@ -20,12 +20,18 @@ from argen.sampling import LOGIT_BIAS_ENTRIES
 SEED_MAX = 2**63 - 1
 # What the schema advertises for OpenAI fields argen does not implement. The models still accept any
 # value of the field's type, so that a value out of range gets a 400 saying what to do instead.
-ONLY_0 = {"minimum": 0, "maximum": 0}
 ONLY_1 = {"minimum": 1, "maximum": 1}
 
 
 STRICT = ConfigDict(strict=True, allow_inf_nan=False)
-MAX_STOP = 4  # as OpenAI's API: each stop string is searched for after every token
+# Each stop string is looked for after every token (OpenAI allows 4, vLLM any number; lm-eval sends
+# more than 4): their number and length bound that work.
+MAX_STOP, MAX_STOP_CHARS = 32, 256
+MAX_STOP_TOKEN_IDS = 256
+MAX_PROMPTS = 64  # prompts in one /v1/completions request (each is admitted as a request of its own)
+MAX_ID_CHARS = 256  # `user`: an end-user id, accepted and ignored
+# `metadata` (accepted, ignored, never stored), bounded as OpenAI bounds it
+METADATA_ENTRIES, METADATA_KEY_CHARS, METADATA_VALUE_CHARS = 16, 64, 512
 
 
 class _Body(BaseModel):
@@ -34,10 +40,12 @@ class _Body(BaseModel):
 
 class StreamOptions(_Body):
     include_usage: bool = False
+    continuous_usage_stats: bool = Field(False, description="vLLM's: every chunk carries the usage so far")
 
 
 FUNCTION_NAME = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule for function names
 MAX_TOOLS = 128
+MAX_PARALLEL_CALLS = 8  # calls one output may make under tool_choice "required" with parallel_tool_calls
 
 
 class FunctionCall(BaseModel):
@@ -116,6 +124,9 @@ class PressSpec(BaseModel):
     name: str
 
 
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+
+
 class _Sampling(_Body):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
@@ -132,17 +143,30 @@ class _Sampling(_Body):
                        "max_tokens limit")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: Annotated[str, Field(min_length=1)] | Annotated[list[Annotated[str, Field(min_length=1)]], Field(
-        max_length=MAX_STOP)] | None = Field(None, description=f"a string, or a list of at most {MAX_STOP}")
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None = Field(
+        None, description=f"a string, or a list of at most {MAX_STOP} (each 1-{MAX_STOP_CHARS} characters): the output "
+                          "ends before the first one it holds")
     seed: Annotated[int, Field(ge=0, le=SEED_MAX)] | None = None
-    presence_penalty: float = Field(0.0, description="not supported: only 0 (use repetition_penalty)",
-                                    json_schema_extra=ONLY_0)
-    frequency_penalty: float = Field(0.0, description="not supported: only 0 (use repetition_penalty)",
-                                     json_schema_extra=ONLY_0)
+    presence_penalty: Annotated[float, Field(ge=-2, le=2)] = Field(
+        0.0, description="subtracted from the logit of every token the output already holds (OpenAI's)")
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] = Field(
+        0.0, description="subtracted from a token's logit once per time the output already holds it (OpenAI's)")
+    stop_token_ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = Field(
+        None, description="vLLM's: the output also ends at any of these token ids (kept in token_ids, their text left "
+                          "out unless include_stop_str_in_output)")
+    min_tokens: Annotated[int, Field(ge=0)] = Field(
+        0, description="vLLM's: until this many tokens are out, EOS and stop_token_ids are banned and stop strings are "
+                       "not looked for; at most max_tokens")
+    include_stop_str_in_output: bool = Field(False, description="vLLM's: the text keeps the stop string or stop token "
+                                                                "that ended it")
+    skip_special_tokens: bool = Field(True, description="vLLM's: false shows special tokens in the text")
+    prompt_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = Field(
+        None, description="vLLM's: each prompt token's log-prob under the model (the first null), with this many "
+                          "alternatives, as {token id: {logprob, rank, decoded_token}}; not with stream")
     logit_bias: dict[str, float] | None = Field(
         None, description=f"token id (a decimal string) -> a number in [-100, 100] added to its logit before sampling; "
                           f"at most {LOGIT_BIAS_ENTRIES} tokens", json_schema_extra={"maxProperties": LOGIT_BIAS_ENTRIES})
-    user: str | None = None
+    user: Annotated[str, Field(max_length=MAX_ID_CHARS)] | None = Field(None, description="accepted and ignored")
     # argen extensions
     top_k: Annotated[int, Field(ge=0)] = Field(0, description="argen extension: 0 turns it off")
     min_p: Annotated[float, Field(ge=0, lt=1)] = Field(0.0, description="argen extension")
@@ -161,9 +185,10 @@ class _Sampling(_Body):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(
-        description="one prompt: text (tokenized as it is, no chat template) or token ids"
-    )
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)] | list[int] | Annotated[
+        list[list[int]], Field(min_length=1, max_length=MAX_PROMPTS)] = Field(
+        description=f"a prompt, text (tokenized as it is, no chat template) or token ids, or a list of at most "
+                    f"{MAX_PROMPTS} prompts (choice i x n + j is sample j of prompt i)")
     echo: bool = Field(False, description="the text starts with the prompt (and with logprobs, so do the logprobs: "
                                           "the prompt tokens' under the model, the first one null)")
     logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = Field(
@@ -184,11 +209,60 @@ class ChatCompletionRequest(_Sampling):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
         None, description='"auto" when tools are given (calls parsed from the output), "required" or a named '
                           "function (the output constrained to a call)")
-    parallel_tool_calls: bool | None = None
+    parallel_tool_calls: bool | None = Field(
+        None, description=f'with tool_choice "required": true lets the output be several calls (up to '
+                          f"{MAX_PARALLEL_CALLS}); otherwise one")
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = Field(None, description="same as max_tokens")
     logprobs: bool = Field(False, description="each output token's log-prob in choices[].logprobs.content")
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = Field(
         None, description="with logprobs: this many most likely alternatives per token")
+    add_generation_prompt: bool = Field(True, description="the chat template opens the assistant's turn")
+    continue_final_message: bool = Field(
+        False, description="the last message (an assistant's, partial) is continued, not closed; not with "
+                           "add_generation_prompt")
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None, description="variables for the chat template (e.g. enable_thinking), bounded: see SECURITY.md")
+    # Accepted and ignored (SECURITY.md says what each would mean and why it has none here)
+    store: bool | None = Field(None, description="ignored: argen stores nothing")
+    metadata: Annotated[dict[Annotated[str, Field(max_length=METADATA_KEY_CHARS)],
+                             Annotated[str, Field(max_length=METADATA_VALUE_CHARS)]],
+                        Field(max_length=METADATA_ENTRIES)] | None = Field(None, description="ignored")
+    service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = Field(
+        None, description="ignored: one tier")
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = Field(
+        None, description="ignored: the model does not reason apart from its answer")
+
+
+class TokenizeRequest(_Body):
+    """vLLM's /tokenize: a `prompt` (text as /v1/completions tokenizes it) or `messages` (through the
+    chat template, as /v1/chat/completions does); one of the two."""
+
+    model: str | None = Field(None, description="the served model's id, if given")
+    prompt: str | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
+    add_special_tokens: bool | None = Field(None, description="prompt: add the tokenizer's special tokens (default "
+                                                              "true); messages: only false (the template adds them)")
+    return_token_strs: bool = Field(False, description="also each token's string")
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(_Body):
+    model: str | None = Field(None, description="the served model's id, if given")
+    tokens: list[Annotated[int, Field(ge=0)]] = Field(description="token ids, at most the model's context of them")
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 # -- responses ---------------------------------------------------------------------------------
@@ -216,6 +290,17 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int]
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's prompt_logprobs entry: one token of a prompt position, the prompt's own or an alternative."""
+
+    logprob: float
+    rank: int | None
+    decoded_token: str
+
+
+PromptLogprobs = list[dict[str, PromptLogprob] | None]  # per prompt token, keyed by token id; the first null
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
@@ -223,6 +308,7 @@ class CompletionChoice(BaseModel):
     finish_reason: Literal["stop", "length"] | None
     token_ids: list[int] | None = None
     seed: int | None = None  # argen extension: this choice's seed, to replay it alone
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM's
 
 
 class CompletionResponse(BaseModel):
@@ -270,6 +356,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM's
 
 
 class ToolCallDelta(ToolCall):
@@ -334,8 +421,10 @@ class Health(BaseModel):
 def dump(model: BaseModel) -> dict[str, Any]:
     """JSON-ready dict without the argen-only fields nobody asked for (token_ids: None)."""
     data = model.model_dump(mode="json")
+    if data.get("prompt_logprobs", 0) is None:
+        del data["prompt_logprobs"]
     for choice in data.get("choices", []):
-        for extension in ("token_ids", "seed"):
+        for extension in ("token_ids", "seed", "prompt_logprobs"):
             if choice.get(extension) is None:
                 choice.pop(extension, None)
         if "message" in choice and choice["message"].get("tool_calls") is None:

@@ -99,17 +99,24 @@ class Scheduler:
                 self._thread.start()
 
     def submit(self, request: Request, endpoint: str) -> Ticket:
+        return self.submit_all([request], endpoint)[0]
+
+    def submit_all(self, requests: list[Request], endpoint: str) -> list[Ticket]:
+        """Queue the requests of one HTTP request (a list of prompts: one each) together, all or none
+        (QueueFull); they wait in line next to each other, so they are admitted and batched together.
+        Their tickets share one queue."""
         self.start()
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         with self._cond:
             if self.draining:
                 raise Draining()
-            if len(self._running) + len(self._waiting) >= self.max_batch + self.max_queue:
+            if len(self._running) + len(self._waiting) + len(requests) > self.max_batch + self.max_queue:
                 raise QueueFull()  # every slot is taken and max_queue requests already wait for one
-            ticket = Ticket(next(self._ids), request, asyncio.get_running_loop(), endpoint, left=request.n)
-            self._waiting.append(ticket)
+            tickets = [Ticket(next(self._ids), request, loop, endpoint, queue, left=request.n) for request in requests]
+            self._waiting.extend(tickets)
             self.metrics.waiting.set(len(self._waiting))
             self._cond.notify()
-        return ticket
+        return tickets
 
     def cancel(self, ticket: Ticket) -> None:
         """The client went away: the sequence leaves the batch at the next step."""
