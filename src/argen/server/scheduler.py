@@ -186,17 +186,15 @@ class Scheduler:
             self.metrics.prompt_tokens.inc(len(ticket.request.prompt_ids))
         self.metrics.running.set(len(self._running))
         if not len(self.batch):
+            self._count_sequences()  # the batch emptied (cancelled, failed): the gauges say so too
+            self._count_kv()
             return
         t0 = time.perf_counter()
         self.metrics.batch_size.observe(len(self.batch))
         self._count_sequences()
         items = self.batch.step()
         self._count_sequences()
-        self.metrics.kv_bytes_held.set(self.batch.kv_bytes_held())
-        self.metrics.kv_bytes_used.set(self.batch.kv_bytes_used())
-        held, peak = self.batch.kv_blocks_held()
-        self.metrics.kv_blocks_held.set(held)
-        self.metrics.kv_blocks_held_peak.set(peak)
+        self._count_kv()
         elapsed = time.perf_counter() - t0
         self.metrics.step_seconds.observe(elapsed)
         self.step_seconds = 0.9 * self.step_seconds + 0.1 * elapsed if self.step_seconds else elapsed
@@ -231,6 +229,14 @@ class Scheduler:
         self.peak_sequences = max(self.peak_sequences, len(self.batch))
         self.metrics.sequences.set(len(self.batch))
         self.metrics.sequences_peak.set(self.peak_sequences)
+
+    def _count_kv(self) -> None:
+        """The KV memory the running sequences hold now (and the most held at once)."""
+        self.metrics.kv_bytes_held.set(self.batch.kv_bytes_held())
+        self.metrics.kv_bytes_used.set(self.batch.kv_bytes_used())
+        held, peak = self.batch.kv_blocks_held()
+        self.metrics.kv_blocks_held.set(held)
+        self.metrics.kv_blocks_held_peak.set(peak)
 
     def _drop_cancelled(self) -> None:
         """Cancelled requests leave the batch, every one of their samples with them."""

@@ -1,0 +1,81 @@
+"""Issue 24's hostile clients and faults against `argen serve` (tiny-random), each sent as an
+attacker would: a 4xx within 5 s (a liveness bound, not a speed claim) and the server still serving
+others; and the gauges and memory it leaves behind."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import pytest
+from server_helpers import metric, running_server
+
+import argen
+from argen.strategies import REGISTRY, register
+from argen.strategies.plain import Plain
+
+MODEL = "tiny-random"
+LIVE_S = 5  # every hostile request is answered within this (generous: a liveness bound)
+
+
+@pytest.fixture(scope="module")
+def server():
+    with running_server(argen.load(MODEL)) as (url, srv):
+        yield url, srv
+
+
+def post(url: str, body: dict | bytes, path: str = "completions", **kw) -> httpx.Response:
+    if isinstance(body, dict):
+        body = json.dumps({"model": MODEL, "max_tokens": 8, **body}).encode()
+    return httpx.post(f"{url}/v1/{path}", content=body, headers={"content-type": "application/json"}, timeout=60, **kw)
+
+
+def refused(url: str, body: dict | bytes, status: int, *words: str, path: str = "completions") -> dict:
+    """Sends a hostile body; asserts its status within LIVE_S and the message's words, and that a
+    plain request is served right after. Returns the error object."""
+    started = time.perf_counter()
+    r = post(url, body, path)
+    elapsed = time.perf_counter() - started
+    assert r.status_code == status, r.text
+    assert elapsed < LIVE_S, f"answered after {elapsed:.1f} s"
+    error = r.json()["error"]
+    for word in words:
+        assert word in error["message"], error
+    assert post(url, {"prompt": "Hello", "max_tokens": 4}).status_code == 200
+    return error
+
+
+class Slow(Plain):
+    """Plain decoding at most ~50 tokens a second: still running when its client leaves."""
+
+    name = "test-slow"
+
+    def step(self, state):
+        time.sleep(0.02)
+        return (yield from super().step(state))
+
+
+def test_the_gauges_empty_when_every_client_has_left(server):
+    """Bug: the scheduler returned before updating its gauges when cancellations emptied the batch,
+    so /metrics kept showing the departed sequences and their KV blocks."""
+    url, _ = server
+    body = {"model": MODEL, "prompt": "long " * 40, "max_tokens": 1500, "ignore_eos": True, "stream": True,
+            "strategy": "test-slow"}  # fmt: skip
+    register(Slow)
+    try:
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()  # kept: a dropped iterator closes the response
+            for _ in range(4):
+                next(lines)
+            assert metric(httpx.get(f"{url}/metrics").text, "argen_kv_blocks_held") > 0
+    finally:
+        del REGISTRY[Slow.name]
+    deadline = time.monotonic() + LIVE_S
+    while metric(text := httpx.get(f"{url}/metrics").text, "argen_running_requests") > 0:
+        assert time.monotonic() < deadline, "the cancelled request is still running"
+        time.sleep(0.05)
+    time.sleep(0.2)  # the iteration that dropped it has finished
+    text = httpx.get(f"{url}/metrics").text
+    assert metric(text, "argen_running_sequences") == 0
+    assert metric(text, "argen_kv_blocks_held") == 0 and metric(text, "argen_kv_bytes_held") == 0
