@@ -79,3 +79,15 @@ def test_the_gauges_empty_when_every_client_has_left(server):
     text = httpx.get(f"{url}/metrics").text
     assert metric(text, "argen_running_sequences") == 0
     assert metric(text, "argen_kv_blocks_held") == 0 and metric(text, "argen_kv_bytes_held") == 0
+
+
+def test_a_vanishing_temperature_is_greedy_over_http(server):
+    """Bug: temperature 1e-38 answered 200 with every token 0 and log-prob -9999."""
+    url, _ = server
+    body = {"prompt": "The river", "max_tokens": 8, "logprobs": 2, "return_token_ids": True, "ignore_eos": True}
+    greedy = post(url, body | {"temperature": 0}).json()["choices"][0]
+    for t in (1e-38, 1e-300, 0.000001):
+        r = post(url, body | {"temperature": t, "seed": 3})
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        assert choice["token_ids"] == greedy["token_ids"] and choice["logprobs"] == greedy["logprobs"]
