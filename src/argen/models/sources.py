@@ -141,6 +141,7 @@ def dequantized_dir(gguf: Path, name: str) -> Path:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     except (ValueError, KeyError, RuntimeError) as exc:
+        gguf_reader(gguf)  # a file cut short says so, rather than "cannot reshape array ..."
         raise ModelNotFoundError(f"could not load GGUF file {str(gguf)!r}: {exc}") from exc
     partial = out.with_name(out.name + ".partial")
     # The weights are now plain fp32; drop the GGUF quantizer so transformers will save them.
@@ -151,6 +152,21 @@ def dequantized_dir(gguf: Path, name: str) -> Path:
     tokenizer.save_pretrained(partial)
     partial.replace(out)
     return out
+
+
+def gguf_reader(path: Path):
+    """gguf's reader over `path`. A file cut short (an interrupted download or copy) is a
+    ModelNotFoundError that says so: the reader's own words for it are numpy's ("cannot reshape
+    array of size 399424 into shape (576,960)")."""
+    from gguf import GGUFReader
+
+    try:
+        return GGUFReader(str(path))
+    except ValueError as exc:  # the header describes more data (or a longer header) than the file holds
+        raise ModelNotFoundError(
+            f"GGUF file {str(path)!r} is truncated or corrupt: its {path.stat().st_size:,} bytes do not hold what its "
+            "header describes (an interrupted download or copy?). Download or copy it again"
+        ) from exc
 
 
 def gguf_file(source: Source) -> Path | None:
