@@ -278,6 +278,9 @@ def _add_serve(sub) -> None:
     p.add_argument("--allowed-host", action="append", default=[], metavar="HOST",
                    help="accept only requests whose Host header is one of these (repeatable; '*.example.com' "
                         "patterns work); default: any")  # fmt: skip
+    p.add_argument("--allowed-origins", action="append", default=[], metavar="ORIGIN",
+                   help="let web pages from this origin (e.g. https://app.example.com; '*' for any) call the API "
+                        "from a browser (CORS; repeatable); the API key is still needed; default: none")  # fmt: skip
     p.add_argument("--max-body-bytes", type=int, default=None,
                    help="larger request bodies get 413 (default: 2 MiB, 2097152)")
     p.add_argument("--max-connections", type=int, default=512,
@@ -349,6 +352,7 @@ def _serve(args: argparse.Namespace) -> int:
     return serve(gen, args.host, args.port, max_batch=args.max_batch, max_queue=args.max_queue,
                  max_tokens_limit=args.max_tokens, log_level=args.log_level, model_id=args.model, limits=limits,
                  companions=companions, api_key=args.api_key, allowed_hosts=args.allowed_host or None,
+                 allowed_origins=args.allowed_origins or None,
                  max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY_BYTES, max_connections=args.max_connections,
                  timeout_keep_alive=args.timeout_keep_alive, request_timeout=args.request_timeout,
                  prefill_chunk=args.prefill_chunk or None, step_tokens=args.step_tokens or None,

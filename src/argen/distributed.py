@@ -67,7 +67,7 @@ def serve_with_ray(args) -> int:
     require_ray()
     app_options = {"model_id": args.model, "max_batch": args.max_batch, "max_queue": args.max_queue,
                    "max_tokens_limit": args.max_tokens, "limits": limits, "api_key": args.api_key,
-                   "allowed_hosts": args.allowed_host or None,
+                   "allowed_hosts": args.allowed_host or None, "allowed_origins": args.allowed_origins or None,
                    "max_body_bytes": args.max_body_bytes or DEFAULT_MAX_BODY_BYTES,
                    "prefill_chunk": args.prefill_chunk or None, "step_tokens": args.step_tokens or None,
                    "prefix_caching": args.prefix_caching, "kv_blocks": args.kv_blocks}  # fmt: skip

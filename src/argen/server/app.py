@@ -23,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from sse_starlette import EventSourceResponse
 from sse_starlette.sse import AppStatus
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 import argen
@@ -63,12 +64,14 @@ def create_app(gen: Generator, *, model_id: str | None = None, max_batch: int = 
                companions: Companions | None = None, api_key: str | None = None,
                allowed_hosts: list[str] | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                prefill_chunk: int | None = PREFILL_CHUNK, step_tokens: int | None = STEP_TOKENS,
-               prefix_caching: bool = True, kv_blocks: int | None = None) -> FastAPI:  # fmt: skip
+               prefix_caching: bool = True, kv_blocks: int | None = None,
+               allowed_origins: list[str] | None = None) -> FastAPI:  # fmt: skip
     """A FastAPI app serving `gen`. Its scheduler thread starts with the app (or on the first
     request) and, at shutdown, finishes the requests in flight before it stops. `companions` are
     the draft and guide models requests may name (default: only the served model itself),
     `limits` cap the strategy options, `api_key` (if any) is required on every route but /health
-    and the API description, `allowed_hosts` (if any) are the Host names accepted."""
+    and the API description, `allowed_hosts` (if any) are the Host names accepted, `allowed_origins`
+    (if any) the web origins whose pages may call the API from a browser (CORS)."""
     model_id = model_id or gen.name
     context = gen.runtime.info.max_positions
     limit = min(max_tokens_limit or context, context)
@@ -91,13 +94,18 @@ def create_app(gen: Generator, *, model_id: str | None = None, max_batch: int = 
                   description="OpenAI-compatible API over argen, with continuous batching.", lifespan=lifespan)  # fmt: skip
     app.state.scheduler, app.state.metrics, app.state.generator = scheduler, metrics, gen
 
-    # -- middleware (added innermost first): Host, then the API key, then the body's size --------
+    # -- middleware (added innermost first): Host, CORS, then the API key, then the body's size --
     def rejected(path: str, status: int) -> None:
         metrics.requests.labels(_endpoint_of(path), f"rejected_{status}").inc()
 
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes, rejected=rejected)
     if api_key:
         app.add_middleware(APIKey, key=api_key, rejected=rejected)
+    if allowed_origins:
+        # Outside the key check: a browser's preflight (OPTIONS) carries no key, and its answer gives
+        # nothing away; the request that follows still needs the key.
+        app.add_middleware(CORSMiddleware, allow_origins=allowed_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"], max_age=600)  # fmt: skip
     if allowed_hosts:
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)
 

@@ -99,8 +99,13 @@ def build_request(gen: Generator, body: CompletionRequest | ChatCompletionReques
     try:
         gen.engine.validate(request)
     except InvalidRequestError as exc:
-        raise bad_request(str(exc), "response_format" if str(exc).startswith("response_format") else where) from exc
+        raise bad_request(str(exc), _param_of(str(exc), where)) from exc
     return request
+
+
+def _param_of(message: str, where: str) -> str:
+    """The field a check of the Engine's names first (its messages start with it), else the prompt."""
+    return next((field for field in ("response_format", "logit_bias") if message.startswith(field)), where)
 
 
 def _check_n(body, asked: int | None, policy: Policy) -> None:
