@@ -12,6 +12,7 @@ import pytest
 from server_helpers import metric, running_server
 
 import argen
+from argen.api import Generator
 from argen.strategies import REGISTRY, register
 from argen.strategies.plain import Plain
 
@@ -99,3 +100,25 @@ def test_an_out_of_vocabulary_logit_bias_names_logit_bias(server):
     error = refused(url, {"prompt": "Hi", "logit_bias": {"999999": 5}}, 400, "logit_bias", "outside the vocabulary")
     assert error["param"] == "logit_bias"
 
+
+
+def test_a_flood_of_chat_messages_is_refused_before_tokenizing(server, monkeypatch):
+    """Bug: 20,000 empty messages were templated and tokenized (100k tokens, 4 s of a worker) before
+    their 400. Now the count is capped, and the templated text's length is checked before tokenizing."""
+    url, _ = server
+    tokenized = []  # the conversations the server tokenized (their templated lengths)
+    original = Generator.chat_ids
+    monkeypatch.setattr(Generator, "chat_ids", lambda self, text: tokenized.append(len(text)) or original(self, text))
+    flood = {"messages": [{"role": "user", "content": ""}] * 20_000}
+    error = refused(url, flood, 400, "20000 messages; at most 2048", path="chat/completions")
+    assert error["param"] == "messages"
+    wordy = {"messages": [{"role": "user", "content": "0123456789"}] * 1500}  # 15k characters, 45k templated
+    error = refused(url, wordy, 400, "with the chat template around each", path="chat/completions")
+    assert error["param"] == "messages" and error["code"] == "context_length_exceeded"
+    assert tokenized == [], "a refused conversation was tokenized"
+
+
+def test_a_conversation_is_tokenized_as_its_template_says(tiny):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+    ids = tiny.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    assert tiny.chat_ids(tiny.chat_text(messages)) == list(ids["input_ids"] if hasattr(ids, "keys") else ids)

@@ -50,11 +50,20 @@ class Generator:
             return set_prompt_layout(self.tokenizer, sp, chat)
         return PromptLayout(self.encode(prompt, chat))
 
-    def _chat_ids(self, messages: list[dict]) -> list[int]:
+    def chat_text(self, messages: list[dict]) -> str:
+        """The chat template applied to `messages`, the assistant's turn opened: the text `encode`
+        tokenizes for a conversation (a server checks its length before that work)."""
         if not getattr(self.tokenizer, "chat_template", None):
             raise InvalidRequestError(f"model {self.name!r} has no chat template; pass chat=False (--no-chat)")
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def chat_ids(self, text: str) -> list[int]:
+        """Token ids of a templated conversation (`chat_text`): the template wrote the special tokens,
+        so none are added (as transformers' `apply_chat_template(tokenize=True)` does)."""
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _chat_ids(self, messages: list[dict]) -> list[int]:
+        return self.chat_ids(self.chat_text(messages))
 
     def _requests(self, prompts: list, chat: bool, strategy, options: dict, intervene=None,
                   n: int | None = None, prompt_logprobs: int | None = None, press=None) -> list[Request]:  # fmt: skip

@@ -26,6 +26,7 @@ from argen.server.tools import tool_mode
 from argen.strategies import REGISTRY, make_strategy
 
 DEFAULT_MAX_TOKENS = 256
+MAX_MESSAGES = 2048  # messages in one chat request (OpenAI's own bound)
 
 
 @dataclass(frozen=True)
@@ -257,15 +258,23 @@ def _messages(gen: Generator, body: ChatCompletionRequest) -> list[dict]:
 def _prompt_ids(gen: Generator, body, max_chars: int) -> list[int]:
     context = gen.runtime.info.max_positions
     if isinstance(body, ChatCompletionRequest):
+        if len(body.messages) > MAX_MESSAGES:  # each costs template work and tokens, even when empty
+            raise bad_request(f"messages holds {len(body.messages)} messages; at most {MAX_MESSAGES}", "messages",
+                              code="context_length_exceeded")  # fmt: skip
         messages = _messages(gen, body)
         if (chars := sum(len(m["content"]) for m in messages)) > max_chars:
             raise _too_long("messages", chars, max_chars, context)
         try:
-            return gen.encode(messages)
+            text = gen.chat_text(messages)
         except InvalidRequestError as exc:
             raise bad_request(str(exc), "messages") from exc
         except Exception as exc:  # a chat template may reject a conversation (e.g. roles out of order)
             raise bad_request(f"the model's chat template rejected the messages: {exc}", "messages") from exc
+        if len(text) > max_chars:  # the template's own text counts too, and it is checked before tokenizing
+            raise bad_request(f"the messages, with the chat template around each, have {len(text)} characters, more "
+                              f"than any {context}-token context can hold (at most {max_chars}); send fewer or "
+                              "shorter messages", "messages", code="context_length_exceeded")  # fmt: skip
+        return gen.chat_ids(text)
     prompt = body.prompt
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
         if len(prompt) != 1:
