@@ -5,6 +5,7 @@ others; and the gauges and memory it leaves behind."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import httpx
@@ -122,3 +123,115 @@ def test_a_conversation_is_tokenized_as_its_template_says(tiny):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
     ids = tiny.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     assert tiny.chat_ids(tiny.chat_text(messages)) == list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+# -- grammars ----------------------------------------------------------------------------------
+def json_schema(schema: dict) -> dict:
+    return {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+
+
+def patterns(n: int, nested: bool = False) -> dict:
+    """Issue 24's schema: an allOf of n `.*aI.*` patterns, whose intersection llguidance decides in
+    time exponential in n. `nested`: the patterns behind $refs from inside a property (the static
+    bound does not see them there; the sandbox's deadline stops it)."""
+    if not nested:
+        return {"allOf": [{"type": "string", "pattern": f".*a{i}.*"} for i in range(n)]}
+    return {"$defs": {f"p{i}": {"type": "string", "pattern": f".*a{i}.*"} for i in range(n)}, "type": "object",
+            "properties": {"x": {"allOf": [{"$ref": f"#/$defs/p{i}"} for i in range(n)]}}}  # fmt: skip
+
+
+def sandbox(srv):
+    return srv.config.app.state.grammars
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+def test_an_allof_of_200_patterns_is_refused_at_once(server):
+    """Bug: this 9 KB schema ran for 20 minutes (RSS 0.6 -> 10.4 GB) and kept on after the client left."""
+    url, _ = server
+    error = refused(url, {"prompt": "Hi", "response_format": json_schema(patterns(200))}, 400,
+                    "allOf combines 200 regexes", "at most 8")  # fmt: skip
+    assert error["param"] == "response_format" and "a0" not in error["message"]
+
+
+def test_a_costly_grammar_the_static_bound_misses_is_killed_at_its_deadline(server):
+    """Bug: nothing bounded a grammar's compile; it ran in the shared request-preparation pool.
+    Past the static bound (patterns behind $refs), the sandbox's child is killed at its deadline;
+    the answer quotes nothing of the grammar, and the children are back, small."""
+    url, srv = server
+    error = refused(url, {"prompt": "Hi", "response_format": json_schema(patterns(16, nested=True))}, 400,
+                    "takes longer than 2 s to compile")  # fmt: skip
+    assert error["param"] == "response_format" and "a0" not in error["message"] and "$defs" not in error["message"]
+    deadline = time.monotonic() + LIVE_S
+    while len(pids := sandbox(srv).pids()) < sandbox(srv).workers:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert all(rss_mb(pid) < 300 for pid in pids)
+
+
+def test_a_grammar_past_the_memory_cap_is_killed(tiny):
+    from argen.server.grammar_sandbox import GrammarSandbox
+
+    grammars = GrammarSandbox(tiny.engine.grammars, memory_mb=48)
+    with running_server(tiny, grammars=grammars) as (url, _):
+        error = refused(url, {"prompt": "Hi", "response_format": json_schema(patterns(13, nested=True))}, 400,
+                        "takes more than 48 MB to compile")  # fmt: skip
+    assert error["param"] == "response_format"
+
+
+def test_concurrent_costly_grammars_leave_the_others_served(server):
+    """Bug: six such compiles filled the request-preparation pool (6 threads) and stalled every
+    client for 86 s. Now they run in the sandbox (2 at a time, the rest 429 after a 1 s wait), and a
+    plain client is served meanwhile."""
+    url, _ = server
+    body = json.dumps({"model": MODEL, "prompt": "Hi", "max_tokens": 4,
+                       "response_format": json_schema(patterns(16, nested=True))}).encode()  # fmt: skip
+    answers: list[tuple[int, float]] = []
+
+    def attack() -> None:
+        started = time.perf_counter()
+        r = httpx.post(f"{url}/v1/completions", content=body, headers={"content-type": "application/json"}, timeout=60)
+        answers.append((r.status_code, time.perf_counter() - started))
+
+    threads = [threading.Thread(target=attack) for _ in range(8)]
+    for t in threads:
+        t.start()
+    time.sleep(0.1)
+    for _ in range(3):
+        started = time.perf_counter()
+        assert post(url, {"prompt": "Hello", "max_tokens": 4}).status_code == 200
+        assert time.perf_counter() - started < LIVE_S
+    for t in threads:
+        t.join(60)
+    assert len(answers) == 8 and all(status in (400, 429) for status, _ in answers), answers
+    assert all(seconds < LIVE_S for _, seconds in answers), answers
+
+
+def test_a_huge_alternation_is_refused_before_it_is_queued(server):
+    """Bug: a Lark grammar of 9,000 alternatives passed the checks and failed once decoding had started
+    ("max is 2000"), reported as the model's output breaking the grammar."""
+    url, srv = server
+    alternation = " | ".join(f'"w{i}"' for i in range(9000))
+    counts = {"endpoint": "completions", "outcome": "rejected_400"}
+    before = metric(httpx.get(f"{url}/metrics").text, "argen_requests_total", **counts)
+    error = refused(url, {"prompt": "Hi", "response_format": {"type": "grammar", "grammar": f"start: {alternation}"}},
+                    400, "response_format: the grammar is not valid", "max is 2000")  # fmt: skip
+    assert error["param"] == "response_format" and "w1" not in error["message"]
+    after = metric(httpx.get(f"{url}/metrics").text, "argen_requests_total", **counts)
+    assert after - before == 1, "the request was queued (rejected_400 counts those refused before the queue)"
+
+
+def test_a_grammar_limit_met_while_decoding_names_the_grammar(server, tiny):
+    """A limit that trips only on the text the model writes (here: after "b", which the check's probe
+    does not take) ends the request with a 400 naming response_format, not as the output breaking
+    the grammar."""
+    url, _ = server
+    alternation = " | ".join(f'"w{i}"' for i in range(9000))
+    b = tiny.tokenizer.encode("b", add_special_tokens=False)[0]
+    body = {"prompt": "Hi", "response_format": {"type": "grammar", "grammar": f'start: "a" | "b" x\nx: {alternation}'},
+            "logit_bias": {str(b): 100}}  # fmt: skip
+    error = refused(url, body, 400, "response_format: the grammar went past a limit", "max is 2000")
+    assert error["param"] == "response_format"

@@ -20,8 +20,10 @@ class Engine:
         self.eos_ids = eos_ids
         self.grammars = GrammarCompiler(tokenizer, runtime.info.vocab_size, eos_ids)
 
-    def validate(self, request: Request) -> None:
-        """Every check a request gets, done once (a request that passed is marked and not re-checked)."""
+    def validate(self, request: Request, compile_grammar: bool = True) -> None:
+        """Every check a request gets, done once (a request that passed is marked and not re-checked).
+        `compile_grammar=False` leaves the response_format's compile to the caller (a server compiles
+        it in its sandbox first; `constraint` compiles it here if nobody did)."""
         if request.validated:
             return
         n, context = len(request.prompt_ids), self.runtime.info.max_positions
@@ -55,13 +57,17 @@ class Engine:
             raise InvalidRequestError(f"press {request.press.name!r} rewrites the paged KV cache, which needs the native "
                                       "runtime (load the model with runtime='native'; Llama-family models only)")  # fmt: skip
         request.grammar = grammar_of(request.params.response_format)
-        if request.grammar is not None:
-            self.grammars.check(request.grammar)
+        if request.grammar is not None and compile_grammar:
+            request.matcher = self.grammars.compile(request.grammar)
         request.validated = True
 
     def constraint(self, request: Request) -> Constraint | None:
         """A fresh grammar state for one sequence of the validated request (None: no response_format)."""
-        return None if request.grammar is None else self.grammars.constraint(request.grammar, len(request.prompt_ids))
+        if request.grammar is None:
+            return None
+        if request.matcher is None:
+            request.matcher = self.grammars.compile(request.grammar)
+        return self.grammars.constraint(request.matcher, len(request.prompt_ids))
 
     def budget(self, request: Request) -> int:
         """How many tokens the request may generate: max_new_tokens, capped by the context."""

@@ -33,6 +33,7 @@ from argen.errors import ArgenError
 from argen.server import protocol as p
 from argen.server.companions import Companions
 from argen.server.errors import APIError, validation_message
+from argen.server.grammar_sandbox import GrammarSandbox
 from argen.server.guards import DEFAULT_MAX_BODY_BYTES, APIKey, BodyLimit
 from argen.server.limits import Limits
 from argen.server.logprob_shape import Tokens, chat_logprobs, completion_logprobs
@@ -65,13 +66,14 @@ def create_app(gen: Generator, *, model_id: str | None = None, max_batch: int = 
                allowed_hosts: list[str] | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                prefill_chunk: int | None = PREFILL_CHUNK, step_tokens: int | None = STEP_TOKENS,
                prefix_caching: bool = True, kv_blocks: int | None = None,
-               allowed_origins: list[str] | None = None) -> FastAPI:  # fmt: skip
+               allowed_origins: list[str] | None = None, grammars: GrammarSandbox | None = None) -> FastAPI:  # fmt: skip
     """A FastAPI app serving `gen`. Its scheduler thread starts with the app (or on the first
     request) and, at shutdown, finishes the requests in flight before it stops. `companions` are
     the draft and guide models requests may name (default: only the served model itself),
     `limits` cap the strategy options, `api_key` (if any) is required on every route but /health
     and the API description, `allowed_hosts` (if any) are the Host names accepted, `allowed_origins`
-    (if any) the web origins whose pages may call the API from a browser (CORS)."""
+    (if any) the web origins whose pages may call the API from a browser (CORS), `grammars` where
+    clients' grammars are compiled first (default: a GrammarSandbox with its default bounds)."""
     model_id = model_id or gen.name
     context = gen.runtime.info.max_positions
     limit = min(max_tokens_limit or context, context)
@@ -81,18 +83,21 @@ def create_app(gen: Generator, *, model_id: str | None = None, max_batch: int = 
     tokens = Tokens(gen.tokenizer)  # token texts and bytes, for log-probs
     scheduler = Scheduler(gen.engine, metrics, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk,
                           step_tokens=step_tokens, prefix_caching=prefix_caching, kv_blocks=kv_blocks)  # fmt: skip
+    grammars = grammars or GrammarSandbox(gen.engine.grammars)
     # sse-starlette would cut every stream on SIGTERM; we drain them instead (uvicorn waits for them).
     AppStatus.disable_automatic_graceful_drain()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         scheduler.start()
+        grammars.start()
         yield
+        grammars.close()
         await asyncio.to_thread(scheduler.stop)
 
     app = FastAPI(title="argen", version=argen.__version__,
                   description="OpenAI-compatible API over argen, with continuous batching.", lifespan=lifespan)  # fmt: skip
-    app.state.scheduler, app.state.metrics, app.state.generator = scheduler, metrics, gen
+    app.state.scheduler, app.state.metrics, app.state.generator, app.state.grammars = scheduler, metrics, gen, grammars
 
     # -- middleware (added innermost first): Host, CORS, then the API key, then the body's size --
     def rejected(path: str, status: int) -> None:
@@ -168,7 +173,8 @@ def create_app(gen: Generator, *, model_id: str | None = None, max_batch: int = 
             if scheduler.draining:
                 raise Draining()
             # Tokenizing (and the chat template) is CPU work: off the event loop.
-            built = await asyncio.to_thread(build_request, gen, body, policy)
+            built = await asyncio.to_thread(build_request, gen, body, policy, compile_grammar=False)
+            await grammars.compile(built)  # a client's grammar: in a child first, bounded (grammar_sandbox.py)
             ticket = scheduler.submit(built, endpoint)
         except APIError as exc:
             metrics.requests.labels(endpoint, f"rejected_{exc.status}").inc()
@@ -288,8 +294,8 @@ def _endpoint_of(path: str) -> str:
 
 
 def _generation_error(exc: Exception) -> APIError:
-    if isinstance(exc, ArgenError):
-        return APIError(400, str(exc))
+    if isinstance(exc, ArgenError):  # a grammar that trips a limit on the text written so far names its field
+        return APIError(400, str(exc), param="response_format" if str(exc).startswith("response_format") else None)
     return APIError(500, f"generation failed: {exc!r}", code="internal_error")
 
 

@@ -49,7 +49,10 @@ def max_prompt_chars(gen: Generator) -> int:
     return gen.runtime.info.max_positions * max(1, longest)
 
 
-def build_request(gen: Generator, body: CompletionRequest | ChatCompletionRequest, policy: Policy) -> Request:
+def build_request(gen: Generator, body: CompletionRequest | ChatCompletionRequest, policy: Policy,
+                  compile_grammar: bool = True) -> Request:  # fmt: skip
+    """The Request for `body`, every check done (a 400 otherwise). `compile_grammar=False` leaves its
+    grammar (if any) to be compiled by the caller: the server's grammar sandbox."""
     _check_text(body)
     if body.model != policy.model_id:
         raise APIError(404, f"model {body.model!r} is not served here; this server serves {policy.model_id!r} "
@@ -98,7 +101,7 @@ def build_request(gen: Generator, body: CompletionRequest | ChatCompletionReques
     scored = body.logprobs if echo and body.logprobs is not None else None
     request = Request(prompt_ids, params, strategy, n=body.n, prompt_logprobs=scored, press=_press(body, policy))
     try:
-        gen.engine.validate(request)
+        gen.engine.validate(request, compile_grammar=compile_grammar)
     except InvalidRequestError as exc:
         raise bad_request(str(exc), _param_of(str(exc), where)) from exc
     return request
