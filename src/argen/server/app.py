@@ -29,6 +29,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 import argen
 from argen.api import Generator
 from argen.engine import Event, Result
+from argen.engine.pacing import PREFILL_SLOWDOWN
 from argen.errors import ArgenError
 from argen.server import protocol as p
 from argen.server.companions import Companions
@@ -66,7 +67,8 @@ def create_app(gen: Generator, *, model_id: str | None = None, max_batch: int = 
                allowed_hosts: list[str] | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                prefill_chunk: int | None = PREFILL_CHUNK, step_tokens: int | None = STEP_TOKENS,
                prefix_caching: bool = True, kv_blocks: int | None = None,
-               allowed_origins: list[str] | None = None, grammars: GrammarSandbox | None = None) -> FastAPI:  # fmt: skip
+               allowed_origins: list[str] | None = None, grammars: GrammarSandbox | None = None,
+               prefill_slowdown: float | None = PREFILL_SLOWDOWN) -> FastAPI:  # fmt: skip
     """A FastAPI app serving `gen`. Its scheduler thread starts with the app (or on the first
     request) and, at shutdown, finishes the requests in flight before it stops. `companions` are
     the draft and guide models requests may name (default: only the served model itself),
@@ -82,7 +84,8 @@ def create_app(gen: Generator, *, model_id: str | None = None, max_batch: int = 
     metrics = Metrics()
     tokens = Tokens(gen.tokenizer)  # token texts and bytes, for log-probs
     scheduler = Scheduler(gen.engine, metrics, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk,
-                          step_tokens=step_tokens, prefix_caching=prefix_caching, kv_blocks=kv_blocks)  # fmt: skip
+                          step_tokens=step_tokens, prefix_caching=prefix_caching, kv_blocks=kv_blocks,
+                          prefill_slowdown=prefill_slowdown)  # fmt: skip
     grammars = grammars or GrammarSandbox(gen.engine.grammars)
     # sse-starlette would cut every stream on SIGTERM; we drain them instead (uvicorn waits for them).
     AppStatus.disable_automatic_graceful_drain()

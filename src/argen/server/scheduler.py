@@ -3,8 +3,8 @@
 Each iteration it drops cancelled requests (their KV blocks go with them), admits waiting ones
 while there is room (a slot under --max-batch, and KV memory for the request's worst case), and
 runs one round of the decode loop: every sequence's feeds in one packed pass, plus prefill chunks
-under the round's token budget (shortest prompt first), so a long prompt never stalls everyone's
-next token. Every token event is handed to its request's
+under the round's token budget (shortest prompt first), a long prompt's chunks paced so that the
+others run at least 1/prefill_slowdown as fast as alone (engine/pacing.py). Every token event is handed to its request's
 asyncio queue with `call_soon_threadsafe`, so the HTTP side never blocks on the model and the model
 never waits for a slow client. Requests join and leave between steps (Orca-style iteration-level
 scheduling: the temporal fusion of decode steps across in-flight requests).
@@ -21,6 +21,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from argen.engine import DecodeBatch, Engine, Event, Failure, Request, Result
+from argen.engine.pacing import PREFILL_SLOWDOWN, PrefillPacer
 from argen.errors import ArgenError
 from argen.server.metrics import Metrics
 
@@ -62,9 +63,12 @@ class Ticket:
 class Scheduler:
     def __init__(self, engine: Engine, metrics: Metrics, max_batch: int = 32, max_queue: int = 128,
                  prefill_chunk: int | None = PREFILL_CHUNK, step_tokens: int | None = STEP_TOKENS,
-                 prefix_caching: bool = True, kv_blocks: int | None = None) -> None:  # fmt: skip
+                 prefix_caching: bool = True, kv_blocks: int | None = None,
+                 prefill_slowdown: float | None = PREFILL_SLOWDOWN) -> None:  # fmt: skip
         """`prefill_chunk` / `step_tokens` None: whole prompts, no per-round limit (no chunked prefill);
-        `kv_blocks`: KV blocks the running requests' worst cases may add up to (None: the whole pool)."""
+        `kv_blocks`: KV blocks the running requests' worst cases may add up to (None: the whole pool);
+        `prefill_slowdown`: long prefill chunks wait while they would slow the others more than this
+        (engine/pacing.py; None: they never wait)."""
         bad_blocks = kv_blocks is not None and kv_blocks < 1
         if max_batch < 1 or max_queue < 0 or (prefill_chunk or 1) < 1 or (step_tokens or 1) < 1 or bad_blocks:
             raise ValueError("max_batch, prefill_chunk, step_tokens and kv_blocks must be >= 1 and max_queue >= 0")
@@ -72,6 +76,7 @@ class Scheduler:
         self.max_batch, self.max_queue = max_batch, max_queue
         self.prefill_chunk, self.step_tokens, self.prefix_caching = prefill_chunk, step_tokens, prefix_caching
         self.kv_blocks = kv_blocks
+        self.pacer = PrefillPacer(prefill_slowdown) if prefill_slowdown else None
         self.peak_sequences = 0
         self.batch = self._new_batch()
         self._waiting: deque[Ticket] = deque()
@@ -85,7 +90,7 @@ class Scheduler:
 
     def _new_batch(self) -> DecodeBatch:
         return DecodeBatch(self.engine, token_budget=self.step_tokens, prefill_chunk=self.prefill_chunk,
-                           prefix_caching=self.prefix_caching, kv_blocks=self.kv_blocks)  # fmt: skip
+                           prefix_caching=self.prefix_caching, kv_blocks=self.kv_blocks, pacer=self.pacer)  # fmt: skip
 
     # -- called from the event loop ------------------------------------------------------------
     def start(self) -> None:
