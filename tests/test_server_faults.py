@@ -235,3 +235,24 @@ def test_a_grammar_limit_met_while_decoding_names_the_grammar(server, tiny):
             "logit_bias": {str(b): 100}}  # fmt: skip
     error = refused(url, body, 400, "response_format: the grammar went past a limit", "max is 2000")
     assert error["param"] == "response_format"
+
+
+# -- long prompts ------------------------------------------------------------------------------
+def test_a_long_scored_prompt_leaves_the_others_served(server):
+    """A prompt filling the context with echo + logprobs 20 (the most prompt scoring a client can ask)
+    beside a steady client: the steady client's requests are served within the liveness bound while
+    it is prefilled (its chunks are paced), and the long one completes."""
+    url, _ = server
+    long_done: list[httpx.Response] = []
+    body = {"model": MODEL, "prompt": [(7 * i) % 250 + 1 for i in range(2040)], "echo": True, "logprobs": 20,
+            "max_tokens": 1}  # fmt: skip
+    thread = threading.Thread(target=lambda: long_done.append(httpx.post(f"{url}/v1/completions", json=body,
+                                                                         timeout=120)))  # fmt: skip
+    thread.start()
+    time.sleep(0.05)
+    for _ in range(4):
+        started = time.perf_counter()
+        assert post(url, {"prompt": "Hello", "max_tokens": 8}).status_code == 200
+        assert time.perf_counter() - started < LIVE_S
+    thread.join(120)
+    assert long_done[0].status_code == 200 and len(long_done[0].json()["choices"][0]["logprobs"]["tokens"]) == 2041
