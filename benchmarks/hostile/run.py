@@ -186,18 +186,22 @@ def disconnect(url):
         lines = r.iter_lines()
         for _ in range(4):
             next(lines)
-    time.sleep(1.0)
-    text = httpx.get(f"{url}/metrics").text
-    gauges = {name: _metric(text, name) for name in ("argen_running_sequences", "argen_kv_blocks_held")}
-    return "200, cut", ", ".join(f"{k} {v:g}" for k, v in gauges.items()) + " after (steady client aside)"
+
+    def gauges() -> str:  # read once the steady client has stopped too
+        time.sleep(1.0)
+        text = httpx.get(f"{url}/metrics").text
+        names = ("argen_running_sequences", "argen_kv_blocks_held")
+        return "then " + ", ".join(f"{name} {_metric(text, name):g}" for name in names)
+
+    return "200, cut", gauges
 
 
 def _metric(text: str, name: str) -> float:
     return next((float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ")), 0.0)
 
 
-def long_prompt(url):
-    ids = [(7 * i) % 40000 + 100 for i in range(8191)]
+def long_prompt(url, step: int = 7):
+    ids = [(step * i) % 40000 + 100 for i in range(8191)]  # each `step` its own prompt: no prefix-cache hits
     r = _post(url, {"prompt": ids, "max_tokens": 1})
     return str(r.status_code), ""
 
@@ -254,10 +258,14 @@ def run_cases(server: Server, cases: list) -> list[dict]:
         while steady.alive and not any(a > ended for a, _ in steady.samples):  # its last request counts whole
             time.sleep(0.05)
         steady.stop()
+        if callable(note):
+            note = note()
         during = steady.during(started, ended)
         row = {"item": item, "case": what, "status": status, "seconds": round(ended - started, 2), "note": note,
                "idle_s": round(idle, 3), "steady_s": round(statistics.median(during), 3), "steady_n": len(during),
-               "steady_max_s": round(max(during), 3), "ratio": round(statistics.median(during) / idle, 2),
+               "steady_mean_s": round(statistics.mean(during), 3), "steady_max_s": round(max(during), 3),
+               "ratio": round(statistics.median(during) / idle, 2),
+               "mean_ratio": round(statistics.mean(during) / idle, 2),
                "rss_before_mb": round(rss_before), "rss_after_mb": round(server.rss_mb()), "served": served}  # fmt: skip
         print(json.dumps(row), file=sys.stderr)
         rows.append(row)
@@ -274,19 +282,22 @@ def report(out: Path, prov: dict, command: str, rows: list[dict], unpaced: list[
              f"that overlapped the case. Memory: the server's resident set plus its grammar children; baseline "
              f"after warm-up (one long prompt first, so the KV blocks a long prompt touches are in it): "
              f"{baseline:.0f} MB.", "",
-             "| item | case | status | answered in (s) | note | steady idle (s) | steady during (s) | ratio | "
-             "steady requests | RSS before → after (MB) |",
+             "| item | case | status | answered in (s) | note | steady idle (s) | steady during: median / mean / "
+             "max (s) | ratio: median / mean | steady requests | RSS before → after (MB) |",
              "|---|---|---|--:|---|--:|--:|--:|--:|--:|"]  # fmt: skip
     for r in rows:
         lines.append(f"| {r['item']} | {r['case']} | {r['status']} | {r['seconds']} | {r['note']} | {r['idle_s']} | "
-                     f"{r['steady_s']} | {r['ratio']} | {r['steady_n']} | {r['rss_before_mb']} → {r['rss_after_mb']} |")  # fmt: skip
+                     f"{r['steady_s']} / {r['steady_mean_s']} / {r['steady_max_s']} | {r['ratio']} / "
+                     f"{r['mean_ratio']} | {r['steady_n']} | {r['rss_before_mb']} → {r['rss_after_mb']} |")  # fmt: skip
     if unpaced:
         lines += ["", "The long-prompt cases again on a server with `--prefill-slowdown 0` (no pacing, as before):", "",
-                  "| case | status | answered in (s) | steady idle (s) | steady during (s) | ratio | steady requests |",
+                  "| case | status | answered in (s) | steady idle (s) | steady during: median / mean / max (s) | "
+                  "ratio: median / mean | steady requests |",
                   "|---|---|--:|--:|--:|--:|--:|"]  # fmt: skip
         for r in unpaced:
-            lines.append(f"| {r['case']} | {r['status']} | {r['seconds']} | {r['idle_s']} | {r['steady_s']} | "
-                         f"{r['ratio']} | {r['steady_n']} |")  # fmt: skip
+            lines.append(f"| {r['case']} | {r['status']} | {r['seconds']} | {r['idle_s']} | {r['steady_s']} / "
+                         f"{r['steady_mean_s']} / {r['steady_max_s']} | {r['ratio']} / {r['mean_ratio']} | "
+                         f"{r['steady_n']} |")  # fmt: skip
     text = "\n".join(lines) + "\n"
     (out / "report.md").write_text(text)
     (out / "results.json").write_text(json.dumps({"provenance": prov, "baseline_rss_mb": baseline, "cases": rows,
@@ -306,7 +317,7 @@ def main() -> None:
     command = "python benchmarks/hostile/run.py " + " ".join(sys.argv[1:])
     server = Server()
     try:
-        long_prompt(server.url)  # warm-up: the KV blocks a long prompt needs are then part of the baseline
+        long_prompt(server.url, step=11)  # warm-up: the KV blocks a long prompt needs are then in the baseline
         idle_latency(server.url)
         baseline = server.rss_mb()
         rows = run_cases(server, CASES)
@@ -316,7 +327,7 @@ def main() -> None:
     if args.compare_unpaced:
         server = Server("--prefill-slowdown", "0")
         try:
-            long_prompt(server.url)
+            long_prompt(server.url, step=11)
             unpaced = run_cases(server, [c for c in CASES if c[1] in LONG])
         finally:
             server.stop()

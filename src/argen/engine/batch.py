@@ -48,6 +48,9 @@ class DecodeBatch:
         self.engine = engine
         self.token_budget, self.prefill_chunk, self.prefix_caching = token_budget, prefill_chunk, prefix_caching
         self.kv_blocks, self.pacer = kv_blocks, pacer
+        # Set by a round whose only work, a long prefill chunk, the pacer held for a moment: when it
+        # may run (the caller may wait until then rather than run empty rounds).
+        self.held_until: float | None = None
         self.sequences: list[Sequence] = []
         self.reserved_blocks = 0  # worst-case KV blocks of the sequences admitted (see can_admit)
 
@@ -183,6 +186,7 @@ class DecodeBatch:
         """One round: an Event for each sequence that produced tokens, a Result for each that
         finished, a Failure for each that raised (one sequence's error never stops the others)."""
         started = time.perf_counter()
+        self.held_until = None
         items: list[Event | Result | Failure] = []
         done: list[Sequence] = []
         decoding = sum(not s.prefilling for s in self.sequences)
@@ -192,7 +196,8 @@ class DecodeBatch:
             if not seq.prefilling and seq.waiting is None:
                 self._advance(seq, None, items, done)
         running = [s for s in self.sequences if s.waiting is not None and s not in done]
-        chunks, paced = self._prefill_chunks(sum(len(f.tokens) for s in running for f in s.waiting), bool(running))
+        chunks, long_chunks, others = self._prefill_chunks(sum(len(f.tokens) for s in running for f in s.waiting),
+                                                           bool(running), started)  # fmt: skip
         for seq in list(self.sequences):
             if seq.prefilling and seq.to_prefill == 0 and seq not in done:  # one-token prompt, or all cached
                 self._prefilled(seq, items, done)
@@ -254,24 +259,26 @@ class DecodeBatch:
         for seq, _ in chunks:
             seq.note_kv()
         self.remove(done)
-        if self.pacer is not None and paced is not None:
-            self.pacer.record(time.perf_counter() - started, *paced)
+        if self.pacer is not None:
+            ended = time.perf_counter()
+            self.pacer.record(ended - started, long_chunks, others, ended)
         return items
 
-    def _prefill_chunks(self, decode_tokens: int, decoding: bool) -> tuple[list[tuple[Sequence, Feed]],
-                                                                            tuple[bool, bool] | None]:  # fmt: skip
+    def _prefill_chunks(self, decode_tokens: int, decoding: bool, now: float) -> tuple[list[tuple[Sequence, Feed]],
+                                                                                       bool, bool]:  # fmt: skip
         """This round's prefill feeds: one chunk per prefilling sequence, shortest remaining first,
         while the token budget lasts (at least one chunk a round, so prefills always progress, but for
-        long chunks the pacer holds back while other sequences share the round). A set prompt's
+        long chunks the pacer holds back while other requests are active). A set prompt's
         layout goes in one chunk: its members must not see each other. Prompts that start alike are
         not computed twice: a sequence first takes the blocks others registered, and waits a round
         rather than compute a chunk another sequence is computing now. Also returns, for the pacer,
-        (whether a long chunk runs, whether other sequences share the round)."""
+        whether a long chunk runs and whether other sequences share the round."""
         waiting = sorted((s for s in self.sequences if s.prefilling and s.to_prefill > 0), key=lambda s: s.to_prefill)
         budget = None if self.token_budget is None else self.token_budget - decode_tokens
         pacer = self.pacer
         # Others: sequences decoding, or prefilling a short prompt (which the pacer never holds back).
         others = pacer is not None and (decoding or any(not pacer.paced(s.to_prefill) for s in waiting))
+        hold = pacer is not None and pacer.holds(others, now)
         long_chunks = False
         chunks, computing = [], set()
         for seq in waiting:
@@ -288,8 +295,10 @@ class DecodeBatch:
             if budget is not None and chunks and n > budget:
                 continue
             is_long = pacer is not None and pacer.paced(n)
-            if is_long and others and not pacer.allows():
-                continue  # the others have lost their share to long chunks: this one waits
+            if is_long and hold:  # the others have lost their share to long chunks: this one waits
+                if not others:
+                    self.held_until = pacer.resume_at()
+                continue
             if self._cacheable(seq):
                 # Another sequence computing the same first block of this chunk this round (a shared
                 # prefix, however the two continue) will register it at the round's end: wait a round
@@ -306,7 +315,7 @@ class DecodeBatch:
             long_chunks = long_chunks or is_long
             if budget is not None:
                 budget -= n
-        return chunks, (long_chunks, others) if pacer is not None else None
+        return chunks, long_chunks, others
 
     def _cacheable(self, seq: Sequence) -> bool:
         """Whether the sequence shares prompt blocks with others (prefix caching). Not under a press below

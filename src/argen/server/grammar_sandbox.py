@@ -5,8 +5,8 @@ exponential in its size: llguidance decides whether an intersection of regexes i
 of its limits bounds that (an allOf of 200 patterns ran for 20 minutes and grew to 10 GB). So the
 server never compiles a client's grammar first in the thread pool that every request's preparation
 shares (six such compiles stalled every client), nor on the scheduler's thread. Each grammar is
-compiled by a child process (`argen/grammar_check.py` run as a script: llguidance only), killed at
-the deadline, its address space capped; only a grammar the child compiled within both is compiled
+compiled by a child process (`argen/grammar_check.py` run as a script: llguidance only, at a lower
+CPU priority than the server's threads), killed at the deadline, its address space capped; only a grammar the child compiled within both is compiled
 again here, in this sandbox's own threads (at most `workers` at once, never the shared pool), and
 each of its sequences decodes with a copy of that matcher. A grammar that waits for a free child
 longer than GRAMMAR_WAIT_SECONDS gets 429, so a hostile grammar is answered within the wait and the

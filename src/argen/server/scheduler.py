@@ -173,6 +173,16 @@ class Scheduler:
                 for ticket in list(self._running.values()):
                     self._finish(ticket, RuntimeError("internal error in the scheduler"), "error")
                 self.batch = self._new_batch()
+            self._rest()
+
+    def _rest(self) -> None:
+        """A long prompt held back for a moment with nothing else to run (engine/pacing.py): wait until
+        it may run, or for a new request, rather than spin."""
+        until = self.batch.held_until
+        if until is not None:
+            with self._cond:
+                if not self._waiting and not self._stop:
+                    self._cond.wait(max(0.0, until - time.perf_counter()))
 
     def _iteration(self, admit: list[Ticket]) -> None:
         self._drop_cancelled()
