@@ -196,6 +196,7 @@ def test_repeated_log_lines_are_rate_limited():
     (["serve", "--max-body-bytes", "10"], "--max-body-bytes must be >= 1024"),
     (["serve", "--request-timeout", "0"], "--request-timeout must be > 0"),
     (["serve", "--api-key", " "], "--api-key (or ARGEN_API_KEY) is empty"),
+    (["serve", "--prefill-slowdown", "1"], "--prefill-slowdown must be more than 1"),
     (["serve", "--model", MODEL, "--draft-model", "nosource"], "--draft-model takes NAME=SOURCE"),
     (["serve", "--model", MODEL, "--guide-model", f"{MODEL}=tiny-random@1"], "the name 'tiny-random' is taken"),
 ])  # fmt: skip
