@@ -113,7 +113,7 @@ def _cap_memory(extra_bytes: int) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
-NICENESS = 10  # a compile yields the CPU to the server's own threads (a tenth of a core against a busy one)
+NICENESS = 5  # a compile yields the CPU to the server's threads (a quarter of a core against a busy one)
 
 
 def main() -> None:

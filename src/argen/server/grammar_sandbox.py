@@ -24,6 +24,7 @@ import select
 import struct
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -59,7 +60,14 @@ class _Child:
         self.proc = subprocess.Popen([sys.executable, "-I", str(SCRIPT)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)  # fmt: skip
         self.ready = False
-        self._send(setup)
+        # The setup (the tokenizer, MBs) fills the pipe until the child starts reading: sent from a
+        # thread of its own, so that replacing a killed child never holds up an answer.
+        self._setup = threading.Thread(target=self._send_quietly, args=(setup,), daemon=True)
+        self._setup.start()
+
+    def _send_quietly(self, frame: bytes) -> None:
+        with contextlib.suppress(_Killed):
+            self._send(frame)
 
     def _send(self, frame: bytes) -> None:
         try:
@@ -70,7 +78,10 @@ class _Child:
             raise _Killed("gone") from None
 
     def _receive(self, deadline: float) -> dict:
-        fd = self.proc.stdout.fileno()
+        try:
+            fd = self.proc.stdout.fileno()
+        except ValueError:  # closed: the child is gone (its setup failed)
+            raise _Killed("gone") from None
         head = self._read(fd, 4, deadline)
         (size,) = struct.unpack(">I", head)
         return json.loads(self._read(fd, size, deadline).decode())
@@ -92,7 +103,9 @@ class _Child:
     def check(self, grammar: str, seconds: float) -> str | None:
         """llguidance's error for `grammar` (None: it compiles), or _Killed."""
         if not self.ready:
-            self._receive(time.monotonic() + STARTUP_SECONDS)
+            deadline = time.monotonic() + STARTUP_SECONDS
+            self._setup.join(STARTUP_SECONDS)
+            self._receive(deadline)
             self.ready = True
         self._send(_frame({"grammar": grammar}))
         try:
