@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 import numpy as np
@@ -10,7 +11,7 @@ import torch
 from scipy.stats import chisquare
 
 from argen.errors import InvalidRequestError
-from argen.sampling import Sampler, SamplingParams, apply_repetition_penalty
+from argen.sampling import GREEDY_BELOW, Sampler, SamplingParams, apply_repetition_penalty
 
 
 def reference_distribution(logits: torch.Tensor, t: float, top_k: int, top_p: float, min_p: float) -> np.ndarray:
@@ -76,6 +77,19 @@ def test_same_seed_same_sample_and_positions_differ(logits):
 
 def test_greedy_is_argmax(logits):
     assert Sampler(SamplingParams(temperature=0)).sample(logits, [], 0) == int(logits.argmax())
+
+
+@pytest.mark.parametrize("t", [1e-38, 1e-45, 5e-324, 1e-6])
+def test_a_temperature_below_the_floor_is_greedy(tiny, t):
+    """Bug: temperature 1e-38 overflowed logits / T to -inf, so every token was 0 with log-prob
+    -9999 (a 200 with garbage). Below GREEDY_BELOW it is greedy: the same tokens, finite log-probs."""
+    assert SamplingParams(temperature=t).greedy and not SamplingParams(temperature=GREEDY_BELOW).greedy
+    greedy = tiny.generate("The river", chat=False, max_new_tokens=12, logprobs=3, ignore_eos=True)
+    tiny_t = tiny.generate("The river", chat=False, max_new_tokens=12, logprobs=3, ignore_eos=True, temperature=t,
+                           seed=5)  # fmt: skip
+    assert tiny_t.token_ids == greedy.token_ids
+    assert [r.logprob for r in tiny_t.logprobs] == [r.logprob for r in greedy.logprobs]
+    assert all(math.isfinite(r.logprob) and math.isfinite(v) for r in tiny_t.logprobs for _, v in r.top)
 
 
 def test_repetition_penalty_matches_hf(logits):

@@ -1,5 +1,5 @@
 """Who may talk to `argen serve` and for how long: the API key (401), allowed Host names, idle and
-request timeouts, the connection cap, rate-limited logs, and the serve command's new options."""
+request timeouts, the connection cap, rate-limited logs, CORS, and the serve command's new options."""
 
 from __future__ import annotations
 
@@ -64,6 +64,38 @@ def test_allowed_hosts(gen):
         assert httpx.get(f"{url}/health").status_code == 200
         assert httpx.get(f"{url}/health", headers={"Host": "api.example.com"}).status_code == 200
         assert httpx.get(f"{url}/health", headers={"Host": "evil.example.net"}).status_code == 400
+
+
+# -- CORS (issue 24) ---------------------------------------------------------------------------
+ORIGIN = "https://app.example.com"
+PREFLIGHT = {"Origin": ORIGIN, "Access-Control-Request-Method": "POST",
+             "Access-Control-Request-Headers": "authorization, content-type"}  # fmt: skip
+
+
+def test_cors_is_off_unless_origins_are_allowed(gen):
+    with running_server(gen) as (url, _):
+        r = httpx.options(f"{url}/v1/completions", headers=PREFLIGHT)
+        assert "access-control-allow-origin" not in r.headers and r.status_code >= 400
+        r = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2},
+                       headers={"Origin": ORIGIN})  # fmt: skip
+        assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+
+
+def test_allowed_origins_answer_the_preflight_before_the_key(gen):
+    """Bug: a browser's preflight (OPTIONS, which never carries the key) got 401, and there was no
+    option for CORS. With --allowed-origins it is answered before the key check; the request itself
+    still needs the key, and other origins get no CORS headers."""
+    with running_server(gen, api_key="k3y", allowed_origins=[ORIGIN]) as (url, _):
+        r = httpx.options(f"{url}/v1/completions", headers=PREFLIGHT)
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == ORIGIN
+        assert "authorization" in r.headers["access-control-allow-headers"].lower()
+        body = {"model": MODEL, "prompt": "Hi", "max_tokens": 2}
+        r = httpx.post(f"{url}/v1/completions", json=body, headers={"Origin": ORIGIN})
+        assert r.status_code == 401 and r.headers["access-control-allow-origin"] == ORIGIN  # the page can read why
+        r = httpx.post(f"{url}/v1/completions", json=body, headers={"Origin": ORIGIN, "Authorization": "Bearer k3y"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == ORIGIN
+        r = httpx.options(f"{url}/v1/completions", headers=PREFLIGHT | {"Origin": "https://evil.example"})
+        assert r.status_code == 400 and "access-control-allow-origin" not in r.headers
 
 
 # -- connections -------------------------------------------------------------------------------
@@ -164,6 +196,7 @@ def test_repeated_log_lines_are_rate_limited():
     (["serve", "--max-body-bytes", "10"], "--max-body-bytes must be >= 1024"),
     (["serve", "--request-timeout", "0"], "--request-timeout must be > 0"),
     (["serve", "--api-key", " "], "--api-key (or ARGEN_API_KEY) is empty"),
+    (["serve", "--prefill-slowdown", "1"], "--prefill-slowdown must be more than 1"),
     (["serve", "--model", MODEL, "--draft-model", "nosource"], "--draft-model takes NAME=SOURCE"),
     (["serve", "--model", MODEL, "--guide-model", f"{MODEL}=tiny-random@1"], "the name 'tiny-random' is taken"),
 ])  # fmt: skip

@@ -55,18 +55,30 @@ class Generator:
 
     def encode_chat(self, messages: list[dict], *, add_generation_prompt: bool = True,
                     continue_final_message: bool = False, template_kwargs: dict | None = None) -> list[int]:  # fmt: skip
-        """Token ids of a conversation through the model's chat template. `add_generation_prompt`
-        opens the assistant's turn; `continue_final_message` leaves the last message (an assistant's,
-        partial) open so the output continues it; `template_kwargs`: more variables for the template."""
+        """Token ids of a conversation through the model's chat template (`chat_text`, then `chat_ids`)."""
+        return self.chat_ids(self.chat_text(messages, add_generation_prompt=add_generation_prompt,
+                                            continue_final_message=continue_final_message,
+                                            template_kwargs=template_kwargs))  # fmt: skip
+
+    def chat_text(self, messages: list[dict], *, add_generation_prompt: bool = True,
+                  continue_final_message: bool = False, template_kwargs: dict | None = None) -> str:  # fmt: skip
+        """The chat template applied to `messages`: the text `encode_chat` tokenizes (a server checks its
+        length before that work). `add_generation_prompt` opens the assistant's turn;
+        `continue_final_message` leaves the last message (an assistant's, partial) open so the output
+        continues it; `template_kwargs`: more variables for the template."""
         if not getattr(self.tokenizer, "chat_template", None):
             raise InvalidRequestError(f"model {self.name!r} has no chat template; pass chat=False (--no-chat)")
         if add_generation_prompt and continue_final_message:
             raise InvalidRequestError("continue_final_message continues the last message; it cannot also open a new "
                                       "turn (set add_generation_prompt to false)")  # fmt: skip
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                                 continue_final_message=continue_final_message, tokenize=True,
-                                                 **(template_kwargs or {}))  # fmt: skip
-        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                  continue_final_message=continue_final_message, tokenize=False,
+                                                  **(template_kwargs or {}))  # fmt: skip
+
+    def chat_ids(self, text: str) -> list[int]:
+        """Token ids of a templated conversation (`chat_text`): the template wrote the special tokens,
+        so none are added (as transformers' `apply_chat_template(tokenize=True)` does)."""
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def _requests(self, prompts: list, chat: bool, strategy, options: dict, intervene=None,
                   n: int | None = None, prompt_logprobs: int | None = None, press=None) -> list[Request]:  # fmt: skip

@@ -340,6 +340,9 @@ def _add_serve(sub) -> None:
     p.add_argument("--allowed-host", action="append", default=[], metavar="HOST",
                    help="accept only requests whose Host header is one of these (repeatable; '*.example.com' "
                         "patterns work); default: any")  # fmt: skip
+    p.add_argument("--allowed-origins", action="append", default=[], metavar="ORIGIN",
+                   help="let web pages from this origin (e.g. https://app.example.com; '*' for any) call the API "
+                        "from a browser (CORS; repeatable); the API key is still needed; default: none")  # fmt: skip
     p.add_argument("--max-body-bytes", type=int, default=None,
                    help="larger request bodies get 413 (default: 2 MiB, 2097152)")
     p.add_argument("--max-connections", type=int, default=512,
@@ -353,6 +356,10 @@ def _add_serve(sub) -> None:
                         "each prompt whole (default: %(default)s)")  # fmt: skip
     p.add_argument("--step-tokens", type=int, default=1024,
                    help="tokens one scheduler step may run, decode rows and prefill chunks together; 0: no budget "
+                        "(default: %(default)s)")  # fmt: skip
+    p.add_argument("--prefill-slowdown", type=float, default=1.5,
+                   help="while a long prompt is prefilled, the other requests run at least 1/S as fast as without "
+                        "it, on average (its chunks of more than 64 tokens wait their turn); 0: they never wait "
                         "(default: %(default)s)")  # fmt: skip
     p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
                    help="compute every prompt in full instead of reusing the blocks of a prefix seen before")
@@ -386,6 +393,8 @@ def _serve(args: argparse.Namespace) -> int:
         raise ArgenError("--prefill-chunk and --step-tokens must be >= 0 (0: off)")
     if args.prefill_chunk and args.step_tokens and args.step_tokens < args.prefill_chunk:
         raise ArgenError("--step-tokens must be at least --prefill-chunk, or a chunk could never run")
+    if args.prefill_slowdown != 0 and not args.prefill_slowdown > 1:
+        raise ArgenError("--prefill-slowdown must be more than 1 (e.g. 1.5), or 0 to let long prompts run unpaced")
     if args.kv_blocks is not None and args.kv_blocks < 1:
         raise ArgenError("--kv-blocks must be >= 1 (leave it out for the whole KV memory)")
     if args.api_key is not None and not args.api_key.strip():
@@ -411,10 +420,12 @@ def _serve(args: argparse.Namespace) -> int:
     return serve(gen, args.host, args.port, max_batch=args.max_batch, max_queue=args.max_queue,
                  max_tokens_limit=args.max_tokens, log_level=args.log_level, model_id=args.model, limits=limits,
                  companions=companions, api_key=args.api_key, allowed_hosts=args.allowed_host or None,
+                 allowed_origins=args.allowed_origins or None,
                  max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY_BYTES, max_connections=args.max_connections,
                  timeout_keep_alive=args.timeout_keep_alive, request_timeout=args.request_timeout,
                  prefill_chunk=args.prefill_chunk or None, step_tokens=args.step_tokens or None,
-                 prefix_caching=args.prefix_caching, kv_blocks=args.kv_blocks)  # fmt: skip
+                 prefix_caching=args.prefix_caching, kv_blocks=args.kv_blocks,
+                 prefill_slowdown=args.prefill_slowdown or None)  # fmt: skip
 
 
 # -- batch, chat (their options and code live in argen.jobs and argen.chat) ----------------------

@@ -7,7 +7,8 @@ bounds the work a grammar may cost per token (`LLParserLimits`), which a server 
 untrusted clients needs.
 
 A request's grammar comes from `SamplingParams.response_format` (OpenAI's shape plus two argen
-types) and is checked by the Engine once (`GrammarCompiler.check`). Each sequence gets a
+types) and is compiled once (`GrammarCompiler.compile`: by the Engine, or for a server in its grammar
+sandbox first, `server/grammar_sandbox.py`); each sequence gets a copy of that matcher, a
 `Constraint`: the sampler asks it for the mask before it draws (so a speculative draft the grammar
 forbids is simply rejected by the verifier, and each beam is masked), and the constraint follows
 whichever context it is asked about by rolling back to the common prefix and consuming the rest.
@@ -15,6 +16,7 @@ whichever context it is asked about by rolling back to the common prefix and con
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from typing import Any
@@ -23,11 +25,17 @@ import numpy as np
 import torch
 
 from argen.errors import InvalidRequestError
+from argen.grammar_check import LIMITS, describe, first_error
 
 # What a response_format may be (OpenAI's "text", "json_object", "json_schema"; argen's "regex" and
 # "grammar", a Lark grammar as llguidance reads it).
 FORMAT_TYPES = ("text", "json_object", "json_schema", "regex", "grammar")
 MAX_GRAMMAR_CHARS = 100_000  # a schema, regex or grammar longer than this is refused
+# Regexes one allOf may combine (`pattern`, `format`, `patternProperties` in its subschemas): llguidance
+# intersects them and decides whether the intersection is empty, in time and memory exponential in
+# their number (8: 13 ms; 12: 1.7 s and 90 MB; 18: 30 s and 0.9 GB).
+MAX_ALLOF_PATTERNS = 8
+_PATTERN_KEYS = ("pattern", "format", "patternProperties")
 
 
 def grammar_of(response_format: dict | None) -> str | None:
@@ -58,6 +66,7 @@ def grammar_of(response_format: dict | None) -> str | None:
         return llguidance.LLMatcher.grammar_from_regex(text) if kind == "regex" else \
             llguidance.LLMatcher.grammar_from_lark(text)  # fmt: skip
     _check_size("json_schema", len(json.dumps(schema)))
+    _check_intersections(schema)
     try:
         # Compact JSON (no free whitespace): a model can otherwise pad an object with newlines forever.
         return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults={"whitespace_flexible": False})
@@ -70,47 +79,85 @@ def _check_size(kind: str, chars: int) -> None:
         raise InvalidRequestError(f"response_format: the {kind} has {chars} characters; at most {MAX_GRAMMAR_CHARS}")
 
 
+def _check_intersections(schema: Any) -> None:
+    """Refuse an allOf that combines more than MAX_ALLOF_PATTERNS regexes (nested allOfs count
+    together). A static bound with a clear message; the server's grammar sandbox bounds whatever
+    else is expensive to compile."""
+    # Iterative post-order walk: a schema may nest deeper than Python's recursion limit.
+    stack: list[tuple[Any, bool]] = [(schema, False)]
+    counts: list[int] = []  # the pattern count of each finished subtree, in order
+    while stack:
+        node, done = stack.pop()
+        children = list(node.values()) if isinstance(node, dict) else node if isinstance(node, list) else []
+        if not done:
+            stack.append((node, True))
+            stack.extend((child, False) for child in children)
+            continue
+        count = sum(counts.pop() for _ in children)
+        if isinstance(node, dict):
+            count += sum(1 for key in _PATTERN_KEYS if key in node)
+            if "allOf" in node and count > MAX_ALLOF_PATTERNS:
+                raise InvalidRequestError(f"response_format: an allOf combines {count} regexes (pattern, format, "
+                                          f"patternProperties); at most {MAX_ALLOF_PATTERNS}: their intersection "
+                                          "costs time exponential in their number")  # fmt: skip
+        counts.append(count)
+
+
 def limits():
-    """Work bounds for one grammar (llguidance's defaults, made explicit: a server takes grammars from
-    clients it does not trust). Error messages leave out the grammar and parser state."""
+    """llguidance's work bounds for one grammar (grammar_check.LIMITS)."""
     import llguidance
 
-    return llguidance.LLParserLimits(step_lexer_fuel=200_000, step_max_items=50_000, max_grammar_size=500_000,
-                                     max_lexer_states=250_000, verbose_errors=False)  # fmt: skip
+    return llguidance.LLParserLimits(**LIMITS)
 
 
 class GrammarCompiler:
-    """Per model: the tokenizer as llguidance sees it (built once, ~0.5 s), grammar checks, matchers."""
+    """Per model: the tokenizer as llguidance sees it (built once, ~0.5 s), and compiled grammars."""
 
     def __init__(self, tokenizer, vocab_size: int, eos_ids: set[int]) -> None:
-        self._tokenizer, self.vocab_size, self._eos = tokenizer, vocab_size, sorted(eos_ids)
+        self._tokenizer, self.vocab_size, self.eos = tokenizer, vocab_size, sorted(eos_ids)
         self._ll = None
+
+    def tokenizer_json(self) -> str:
+        """The tokenizer in the `tokenizers` library's JSON (what llguidance builds its own from; the
+        server's grammar sandbox sends it to its children). As `llguidance.hf.from_tokenizer` does:
+        without padding or truncation."""
+        backend = getattr(self._tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            raise InvalidRequestError("structured output needs a fast (Rust) tokenizer; this model's is not one")
+        backend = copy.copy(backend)
+        backend.no_padding()
+        backend.no_truncation()
+        return backend.to_str()
+
+    @property
+    def ll_eos(self) -> list[int] | int | None:
+        """The end-of-sequence token(s) llguidance's tokenizer is built with: the model's, else the
+        tokenizer's own."""
+        return self.eos or self._tokenizer.eos_token_id
 
     @property
     def ll_tokenizer(self):
         if self._ll is None:
-            import llguidance.hf
+            import llguidance
 
-            self._ll = llguidance.hf.from_tokenizer(self._tokenizer, n_vocab=self.vocab_size,
-                                                    eos_token=self._eos or None)  # fmt: skip
+            self._ll = llguidance.LLTokenizer(self.tokenizer_json(), n_vocab=self.vocab_size, eos_token=self.ll_eos)
         return self._ll
 
-    def check(self, grammar: str) -> None:
-        """Raise InvalidRequestError if llguidance cannot build the grammar within its limits."""
-        import llguidance
-
-        is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, self.ll_tokenizer,
-                                                                                 limits=limits())  # fmt: skip
-        if is_error:
-            raise InvalidRequestError(f"response_format: the grammar is not valid: {messages[0][:500]}")
-
-    def constraint(self, grammar: str, prompt_len: int) -> Constraint:
+    def compile(self, grammar: str):
+        """An llguidance matcher for `grammar`, checked within its limits up to its first mask; or an
+        InvalidRequestError that says why not (without quoting the grammar). Each sequence decoding
+        under it gets a copy (`constraint`)."""
         import llguidance
 
         matcher = llguidance.LLMatcher(self.ll_tokenizer, grammar, log_level=0, limits=limits())
-        if matcher.is_error():
-            raise InvalidRequestError(f"response_format: the grammar is not valid: {matcher.get_error()[:500]}")
-        return Constraint(matcher, prompt_len, self.vocab_size)
+        eos = self.ll_eos
+        if (error := first_error(matcher, eos if isinstance(eos, list) else [eos])) is not None:
+            raise InvalidRequestError(f"response_format: the grammar is not valid: {describe(error)}")
+        return matcher
+
+    def constraint(self, matcher, prompt_len: int) -> Constraint:
+        """A sequence's grammar state: a copy of a compiled matcher, at its start."""
+        return Constraint(matcher.deep_copy(), prompt_len, self.vocab_size)
 
 
 class Constraint:
@@ -145,10 +192,14 @@ class Constraint:
             # puts there are kept here only, so that a rollback undoes exactly what the matcher took.
             real = not self.matcher.is_stopped()
             if real and not self.matcher.consume_token(token):
+                error = self.matcher.get_error()
+                if "doesn't satisfy the grammar" not in error:  # llguidance's words for a forbidden token
+                    raise InvalidRequestError(f"response_format: the grammar went past a limit of the grammar "
+                                              f"engine at output token {len(self.consumed)}: {describe(error)}")  # fmt: skip
                 # A token the grammar forbids got into the output (a forced token of a counterfactual,
                 # or a replayed prefix): nothing after it can be constrained.
                 raise InvalidRequestError(f"the output breaks the response_format grammar at output token "
-                                          f"{len(self.consumed)} (id {token}): {self.matcher.get_error()[:200]}")  # fmt: skip
+                                          f"{len(self.consumed)} (id {token}): {describe(error)}")  # fmt: skip
             self.consumed.append(token)
             self.real.append(real)
 
@@ -161,7 +212,7 @@ class Constraint:
         self.mask_seconds += time.perf_counter() - started
         self.masks += 1
         if self.matcher.is_error():
-            raise InvalidRequestError(f"response_format: the grammar failed: {self.matcher.get_error()[:200]}")
+            raise InvalidRequestError(f"response_format: the grammar failed: {describe(self.matcher.get_error())}")
         return allowed
 
     def apply(self, logits: torch.Tensor, context: list[int]) -> torch.Tensor:

@@ -125,10 +125,11 @@ def serve_with_ray(args) -> int:
     require_ray()
     app_options = {"model_id": args.model, "max_batch": args.max_batch, "max_queue": args.max_queue,
                    "max_tokens_limit": args.max_tokens, "limits": limits, "api_key": args.api_key,
-                   "allowed_hosts": args.allowed_host or None,
+                   "allowed_hosts": args.allowed_host or None, "allowed_origins": args.allowed_origins or None,
                    "max_body_bytes": args.max_body_bytes or DEFAULT_MAX_BODY_BYTES,
                    "prefill_chunk": args.prefill_chunk or None, "step_tokens": args.step_tokens or None,
-                   "prefix_caching": args.prefix_caching, "kv_blocks": args.kv_blocks}  # fmt: skip
+                   "prefix_caching": args.prefix_caching, "kv_blocks": args.kv_blocks,
+                   "prefill_slowdown": args.prefill_slowdown or None}  # fmt: skip
     serve_replicas(args.model, model_kwargs(args), app_options, replicas=args.replicas, host=args.host, port=args.port,
                    address=args.ray, replica_cpus=args.replica_cpus, replica_gpus=args.replica_gpus,
                    companions=(list(args.draft_model), list(args.guide_model)))  # fmt: skip

@@ -16,6 +16,9 @@ import torch
 from argen.errors import InvalidRequestError
 
 MAX_TOP_LOGPROBS = 20  # alternatives per token at most (OpenAI's top_logprobs bound)
+# Prompt rows projected to the vocabulary at once when scoring a prompt: a chunk's worth ([512, 49152]
+# float32 logits, then their log-softmax) took 100s of MB at a time; 64 rows take 12.6 MB an array.
+SCORING_ROWS = 64
 
 
 @dataclass
@@ -63,3 +66,14 @@ def rows_logprobs(logits: torch.Tensor, next_tokens: list[int], k: int) -> list[
     ranks = ((logp > chosen).sum(-1) + 1).tolist()
     return [TokenLogprob(t, lp, top, rank) for t, lp, top, rank
             in zip(next_tokens, chosen[:, 0].tolist(), _top(logp, k), ranks, strict=True)]  # fmt: skip
+
+
+def prompt_logprobs(head, hidden: torch.Tensor, next_tokens: list[int], k: int) -> list[TokenLogprob]:
+    """Records for a run of prompt tokens from the final hidden states [T, H] of the rows before them
+    (row i predicts next_tokens[i]); `head` maps hidden states to logits. SCORING_ROWS rows at a time,
+    so the memory a prompt's scoring takes does not grow with its prefill chunk."""
+    records: list[TokenLogprob] = []
+    for start in range(0, len(next_tokens), SCORING_ROWS):
+        rows = next_tokens[start : start + SCORING_ROWS]
+        records += rows_logprobs(head(hidden[start : start + len(rows)]), rows, k)
+    return records

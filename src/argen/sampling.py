@@ -2,7 +2,9 @@
 
 The noise for output position t of a request is drawn from a generator seeded by (seed, t), so a
 sample can be replayed exactly (counterfactual generation) and speculative sampling can share the
-plain sampler's noise. Temperature 0 means greedy: argmax, no noise.
+plain sampler's noise. Temperature 0 means greedy: argmax, no noise; so does any temperature below
+GREEDY_BELOW, where dividing the logits by it overflows float32 (1e-38 gave every logit -inf and
+token 0) and sampling could differ from the argmax only at a near-exact tie.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence
 PENALTY_MAX = 2.0  # OpenAI's range for presence_penalty and frequency_penalty: [-2, 2]
 LOGIT_BIAS_MAX = 100.0  # OpenAI's range: -100 bans a token in practice, +100 all but forces it
 LOGIT_BIAS_ENTRIES = 1024  # tokens a request may bias
+GREEDY_BELOW = 1e-5  # temperatures below this are greedy (vLLM's _SAMPLING_EPS, the same rule)
 
 
 def _integer(value) -> bool:
@@ -78,7 +81,8 @@ class SamplingParams:
         checks = [
             (lambda: _integer(self.max_new_tokens) and self.max_new_tokens >= 0,
              "max_new_tokens must be an integer >= 0 (0: score the prompt only)"),
-            (lambda: temperature is not None and temperature >= 0, "temperature must be a finite number >= 0 (0 means greedy)"),
+            (lambda: temperature is not None and temperature >= 0,
+             f"temperature must be a finite number >= 0 (0, or below {GREEDY_BELOW:g}, means greedy)"),
             (lambda: _integer(self.top_k) and self.top_k >= 0, "top_k must be an integer >= 0 (0 turns it off)"),
             (lambda: top_p is not None and 0 < top_p <= 1, "top_p must be a number in (0, 1]"),
             (lambda: min_p is not None and 0 <= min_p < 1, "min_p must be a number in [0, 1)"),
@@ -109,7 +113,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
     def as_dict(self) -> dict:
         return asdict(self)

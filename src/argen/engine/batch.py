@@ -6,7 +6,8 @@ Each `step()` is a round:
    is a generator: it yields feeds and returns tokens, see strategies/base.py);
 2. prefill chunks are scheduled under the round's token budget, the shortest remaining prefill first,
    so a short prompt is not stuck behind long ones (chunked prefill); chunk boundaries are fixed
-   positions, so a prompt is computed the same way however busy the batch is;
+   positions, so a prompt is computed the same way however busy the batch is; with a pacer
+   (pacing.py, the server's), long chunks wait while they would slow the others too much;
 3. all feeds are grouped by (runtime, layer plan) and each group runs as one `forward_packed` pass;
 4. each sequence receives its rows and runs on until it yields feeds again; the tokens its step
    returns become Events, and a finished sequence a Result.
@@ -16,14 +17,16 @@ Each `step()` is a round:
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 
 import torch
 
 from argen.cache.paged import SeqKV
+from argen.engine.pacing import PrefillPacer
 from argen.engine.request import Event, Failure, Request, Result
 from argen.engine.sequence import Emit, Sequence
-from argen.logprobs import rows_logprobs
+from argen.logprobs import prompt_logprobs
 from argen.models.runtime import Segment
 from argen.sampling import Sampler
 from argen.strategies import DecodeState
@@ -35,14 +38,19 @@ class DecodeBatch:
     `step` runs one round, `remove` drops sequences (cancelled by a client)."""
 
     def __init__(self, engine, token_budget: int | None = None, prefill_chunk: int | None = None,
-                 prefix_caching: bool = True, kv_blocks: int | None = None) -> None:  # fmt: skip
+                 prefix_caching: bool = True, kv_blocks: int | None = None,
+                 pacer: PrefillPacer | None = None) -> None:  # fmt: skip
         """`token_budget`: tokens per round, decode feeds first (None: no limit); `prefill_chunk`:
         prompt tokens per prefill pass (None: a whole prompt at once); `prefix_caching`: reuse cached
         blocks of prompts that start the same way (paged runtimes); `kv_blocks`: the KV blocks the
-        admitted sequences' worst cases may add up to (None: the whole pool)."""
+        admitted sequences' worst cases may add up to (None: the whole pool); `pacer`: holds long
+        prefill chunks back while they would slow the other sequences too much (None: never)."""
         self.engine = engine
         self.token_budget, self.prefill_chunk, self.prefix_caching = token_budget, prefill_chunk, prefix_caching
-        self.kv_blocks = kv_blocks
+        self.kv_blocks, self.pacer = kv_blocks, pacer
+        # Set by a round whose only work, a long prefill chunk, the pacer held for a moment: when it
+        # may run (the caller may wait until then rather than run empty rounds).
+        self.held_until: float | None = None
         self.sequences: list[Sequence] = []
         self.reserved_blocks = 0  # worst-case KV blocks of the sequences admitted (see can_admit)
 
@@ -178,6 +186,8 @@ class DecodeBatch:
     def step(self) -> list[Event | Result | Failure]:
         """One round: an Event for each sequence that produced tokens, a Result for each that
         finished, a Failure for each that raised (one sequence's error never stops the others)."""
+        started = time.perf_counter()
+        self.held_until = None
         items: list[Event | Result | Failure] = []
         done: list[Sequence] = []
         decoding = sum(not s.prefilling for s in self.sequences)
@@ -187,7 +197,8 @@ class DecodeBatch:
             if not seq.prefilling and seq.waiting is None:
                 self._advance(seq, None, items, done)
         running = [s for s in self.sequences if s.waiting is not None and s not in done]
-        chunks = self._prefill_chunks(sum(len(f.tokens) for s in running for f in s.waiting))
+        chunks, long_chunks, others = self._prefill_chunks(sum(len(f.tokens) for s in running for f in s.waiting),
+                                                           bool(running), started)  # fmt: skip
         for seq in list(self.sequences):
             if seq.prefilling and seq.to_prefill == 0 and seq not in done:  # one-token prompt, or all cached
                 self._prefilled(seq, items, done)
@@ -226,7 +237,8 @@ class DecodeBatch:
             if seq.prompt_logprobs is not None:  # row i predicts prompt token prefilled + i + 1
                 n_prompt, start = len(seq.request.prompt_ids), seq.prefilled
                 targets = seq.fed[start + 1 : min(start + 1 + len(feed.tokens), n_prompt)]
-                seq.prompt_logprobs += rows_logprobs(outs[id(seq)][-1].logits, targets, seq.request.prompt_logprobs)
+                seq.prompt_logprobs += prompt_logprobs(feed.runtime.head, outs[id(seq)][-1].hidden, targets,
+                                                       seq.request.prompt_logprobs)  # fmt: skip
             seq.prefilled += len(feed.tokens)
             if seq.strategy.needs_prompt_hidden:
                 seq.prompt_hidden.append(outs[id(seq)][-1].hidden)
@@ -248,16 +260,27 @@ class DecodeBatch:
         for seq, _ in chunks:
             seq.note_kv()
         self.remove(done)
+        if self.pacer is not None:
+            ended = time.perf_counter()
+            self.pacer.record(ended - started, long_chunks, others, ended)
         return items
 
-    def _prefill_chunks(self, decode_tokens: int) -> list[tuple[Sequence, Feed]]:
+    def _prefill_chunks(self, decode_tokens: int, decoding: bool, now: float) -> tuple[list[tuple[Sequence, Feed]],
+                                                                                       bool, bool]:  # fmt: skip
         """This round's prefill feeds: one chunk per prefilling sequence, shortest remaining first,
-        while the token budget lasts (at least one chunk a round, so prefills always progress). A set
-        prompt's layout goes in one chunk: its members must not see each other. Prompts that start
-        alike are not computed twice: a sequence first takes the blocks others registered, and waits
-        a round rather than compute a chunk another sequence is computing now."""
+        while the token budget lasts (at least one chunk a round, so prefills always progress, but for
+        long chunks the pacer holds back while other requests are active). A set prompt's
+        layout goes in one chunk: its members must not see each other. Prompts that start alike are
+        not computed twice: a sequence first takes the blocks others registered, and waits a round
+        rather than compute a chunk another sequence is computing now. Also returns, for the pacer,
+        whether a long chunk runs and whether other sequences share the round."""
         waiting = sorted((s for s in self.sequences if s.prefilling and s.to_prefill > 0), key=lambda s: s.to_prefill)
         budget = None if self.token_budget is None else self.token_budget - decode_tokens
+        pacer = self.pacer
+        # Others: sequences decoding, or prefilling a short prompt (which the pacer never holds back).
+        others = pacer is not None and (decoding or any(not pacer.paced(s.to_prefill) for s in waiting))
+        hold = pacer is not None and pacer.holds(others, now)
+        long_chunks = False
         chunks, computing = [], set()
         for seq in waiting:
             if self._cacheable(seq):
@@ -272,6 +295,11 @@ class DecodeBatch:
             n = end - start
             if budget is not None and chunks and n > budget:
                 continue
+            is_long = pacer is not None and pacer.paced(n)
+            if is_long and hold:  # the others have lost their share to long chunks: this one waits
+                if not others:
+                    self.held_until = pacer.resume_at()
+                continue
             if self._cacheable(seq):
                 # Another sequence computing the same first block of this chunk this round (a shared
                 # prefix, however the two continue) will register it at the round's end: wait a round
@@ -282,12 +310,13 @@ class DecodeBatch:
                 computing.add(key)
             mask = None if seq.prefill_mask is None else seq.prefill_mask[start:end, start:end]
             state = seq.state
-            logits = None if seq.prompt_logprobs is not None else 0  # prompt scoring: every row's logits
-            chunks.append((seq, Feed(seq.fed[start:end], seq.prefill_positions[start:end], mask, None, logits,
+            # No logits: prompt scoring projects the hidden states to the vocabulary a few rows at a time.
+            chunks.append((seq, Feed(seq.fed[start:end], seq.prefill_positions[start:end], mask, None, 0,
                                      state.cache, state.runtime)))  # fmt: skip
+            long_chunks = long_chunks or is_long
             if budget is not None:
                 budget -= n
-        return chunks
+        return chunks, long_chunks, others
 
     def _cacheable(self, seq: Sequence) -> bool:
         """Whether the sequence shares prompt blocks with others (prefix caching). Not under a press below

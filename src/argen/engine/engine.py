@@ -19,10 +19,12 @@ class Engine:
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
         self.grammars = GrammarCompiler(tokenizer, runtime.info.vocab_size, eos_ids)
-        self._checked_grammar: str | None = None
+        self._compiled: tuple[str, object] | None = None  # the last grammar compiled and its matcher
 
-    def validate(self, request: Request) -> None:
-        """Every check a request gets, done once (a request that passed is marked and not re-checked)."""
+    def validate(self, request: Request, compile_grammar: bool = True) -> None:
+        """Every check a request gets, done once (a request that passed is marked and not re-checked).
+        `compile_grammar=False` leaves the response_format's compile to the caller (a server compiles
+        it in its sandbox first; `constraint` compiles it here if nobody did)."""
         if request.validated:
             return
         n, context = len(request.prompt_ids), self.runtime.info.max_positions
@@ -59,15 +61,20 @@ class Engine:
             raise InvalidRequestError(f"press {request.press.name!r} rewrites the paged KV cache, which needs the native "
                                       "runtime (load the model with runtime='native'; Llama-family models only)")  # fmt: skip
         request.grammar = grammar_of(request.params.response_format)
-        # The last grammar that passed is not checked again: a list of prompts shares one.
-        if request.grammar is not None and request.grammar != self._checked_grammar:
-            self.grammars.check(request.grammar)
-            self._checked_grammar = request.grammar
+        if request.grammar is not None and compile_grammar:
+            # A list of prompts shares one grammar: the last one compiled is reused (each sequence copies it).
+            if self._compiled is None or self._compiled[0] != request.grammar:
+                self._compiled = (request.grammar, self.grammars.compile(request.grammar))
+            request.matcher = self._compiled[1]
         request.validated = True
 
     def constraint(self, request: Request) -> Constraint | None:
         """A fresh grammar state for one sequence of the validated request (None: no response_format)."""
-        return None if request.grammar is None else self.grammars.constraint(request.grammar, len(request.prompt_ids))
+        if request.grammar is None:
+            return None
+        if request.matcher is None:
+            request.matcher = self.grammars.compile(request.grammar)
+        return self.grammars.constraint(request.matcher, len(request.prompt_ids))
 
     def budget(self, request: Request) -> int:
         """How many tokens the request may generate: max_new_tokens, capped by the context."""

@@ -36,7 +36,9 @@ class Request:
     press: Press | None = None
     # Set by Engine.validate: a request is checked once, wherever it enters (API, server, batch).
     validated: bool = field(default=False, repr=False, compare=False)
-    grammar: str | None = field(default=None, repr=False, compare=False)  # its response_format, compiled once
+    grammar: str | None = field(default=None, repr=False, compare=False)  # its response_format, as llguidance's
+    # The grammar compiled and checked (an llguidance matcher at its start; each sequence decodes with a copy).
+    matcher: object | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass

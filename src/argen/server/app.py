@@ -23,17 +23,20 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from sse_starlette import EventSourceResponse
 from sse_starlette.sse import AppStatus
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 import argen
 from argen.api import Generator
 from argen.engine import Event, Request, Result
+from argen.engine.pacing import PREFILL_SLOWDOWN
 from argen.errors import ArgenError
 from argen.logprobs import TokenLogprob
 from argen.server import protocol as p
 from argen.server import tokenization
 from argen.server.companions import Companions
 from argen.server.errors import APIError, validation_message
+from argen.server.grammar_sandbox import GrammarSandbox
 from argen.server.guards import DEFAULT_MAX_BODY_BYTES, APIKey, BodyLimit
 from argen.server.limits import Limits
 from argen.server.logprob_shape import Tokens, chat_logprobs, completion_logprobs, prompt_logprob_entry
@@ -65,12 +68,16 @@ def create_app(gen: Generator, *, model_id: str | None = None, max_batch: int = 
                companions: Companions | None = None, api_key: str | None = None,
                allowed_hosts: list[str] | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                prefill_chunk: int | None = PREFILL_CHUNK, step_tokens: int | None = STEP_TOKENS,
-               prefix_caching: bool = True, kv_blocks: int | None = None) -> FastAPI:  # fmt: skip
+               prefix_caching: bool = True, kv_blocks: int | None = None,
+               allowed_origins: list[str] | None = None, grammars: GrammarSandbox | None = None,
+               prefill_slowdown: float | None = PREFILL_SLOWDOWN) -> FastAPI:  # fmt: skip
     """A FastAPI app serving `gen`. Its scheduler thread starts with the app (or on the first
     request) and, at shutdown, finishes the requests in flight before it stops. `companions` are
     the draft and guide models requests may name (default: only the served model itself),
     `limits` cap the strategy options, `api_key` (if any) is required on every route but /health
-    and the API description, `allowed_hosts` (if any) are the Host names accepted."""
+    and the API description, `allowed_hosts` (if any) are the Host names accepted, `allowed_origins`
+    (if any) the web origins whose pages may call the API from a browser (CORS), `grammars` where
+    clients' grammars are compiled first (default: a GrammarSandbox with its default bounds)."""
     model_id = model_id or gen.name
     context = gen.runtime.info.max_positions
     limit = min(max_tokens_limit or context, context)
@@ -79,27 +86,36 @@ def create_app(gen: Generator, *, model_id: str | None = None, max_batch: int = 
     metrics = Metrics()
     tokens = Tokens(gen.tokenizer)  # token texts and bytes, for log-probs
     scheduler = Scheduler(gen.engine, metrics, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk,
-                          step_tokens=step_tokens, prefix_caching=prefix_caching, kv_blocks=kv_blocks)  # fmt: skip
+                          step_tokens=step_tokens, prefix_caching=prefix_caching, kv_blocks=kv_blocks,
+                          prefill_slowdown=prefill_slowdown)  # fmt: skip
+    grammars = grammars or GrammarSandbox(gen.engine.grammars)
     # sse-starlette would cut every stream on SIGTERM; we drain them instead (uvicorn waits for them).
     AppStatus.disable_automatic_graceful_drain()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         scheduler.start()
+        grammars.start()
         yield
+        grammars.close()
         await asyncio.to_thread(scheduler.stop)
 
     app = FastAPI(title="argen", version=argen.__version__,
                   description="OpenAI-compatible API over argen, with continuous batching.", lifespan=lifespan)  # fmt: skip
-    app.state.scheduler, app.state.metrics, app.state.generator = scheduler, metrics, gen
+    app.state.scheduler, app.state.metrics, app.state.generator, app.state.grammars = scheduler, metrics, gen, grammars
 
-    # -- middleware (added innermost first): Host, then the API key, then the body's size --------
+    # -- middleware (added innermost first): Host, CORS, then the API key, then the body's size --
     def rejected(path: str, status: int) -> None:
         metrics.requests.labels(_endpoint_of(path), f"rejected_{status}").inc()
 
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes, rejected=rejected)
     if api_key:
         app.add_middleware(APIKey, key=api_key, rejected=rejected)
+    if allowed_origins:
+        # Outside the key check: a browser's preflight (OPTIONS) carries no key, and its answer gives
+        # nothing away; the request that follows still needs the key.
+        app.add_middleware(CORSMiddleware, allow_origins=allowed_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"], max_age=600)  # fmt: skip
     if allowed_hosts:
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)
 
@@ -190,11 +206,14 @@ def create_app(gen: Generator, *, model_id: str | None = None, max_batch: int = 
             if scheduler.draining:
                 raise Draining()
             # Tokenizing (and the chat template) is CPU work: off the event loop.
-            built = await asyncio.to_thread(build_requests, gen, body, policy)
+            built = await asyncio.to_thread(build_requests, gen, body, policy, compile_grammar=False)
             if len(built) > max_batch + max_queue:  # would never fit, however long the client waits
                 raise APIError(400, f"prompt holds {len(built)} prompts but this server holds at most "
                                f"{max_batch + max_queue} requests at once (running and waiting); send fewer at a time",
                                param="prompt", code="limit_exceeded")  # fmt: skip
+            await grammars.compile(built[0])  # a client's grammar: in a child first, bounded (grammar_sandbox.py)
+            for other in built[1:]:  # one body, one response_format: its prompts share the compiled grammar
+                other.matcher = built[0].matcher
             tickets = scheduler.submit_all(built, endpoint)  # a list of prompts: one ticket each, batched together
         except APIError as exc:
             metrics.requests.labels(endpoint, f"rejected_{exc.status}").inc()
@@ -322,8 +341,8 @@ def _endpoint_of(path: str) -> str:
 
 
 def _generation_error(exc: Exception) -> APIError:
-    if isinstance(exc, ArgenError):
-        return APIError(400, str(exc))
+    if isinstance(exc, ArgenError):  # a grammar that trips a limit on the text written so far names its field
+        return APIError(400, str(exc), param="response_format" if str(exc).startswith("response_format") else None)
     return APIError(500, f"generation failed: {exc!r}", code="internal_error")
 
 

@@ -1,8 +1,9 @@
 """ASGI middleware that turns a request away before any of it is parsed: a missing or wrong API key
 (401) and a body over the size limit (413). Both answer in OpenAI's error shape.
 
-Order (outermost first): allowed Host names (Starlette's TrustedHostMiddleware, 400), the API key,
-the body size, then the app. So a client without the key never has its body read.
+Order (outermost first): allowed Host names (Starlette's TrustedHostMiddleware, 400), CORS (with
+`--allowed-origins`: Starlette's CORSMiddleware answers a browser's preflight, which carries no key),
+the API key, the body size, then the app. So a client without the key never has its body read.
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ from argen.server.tools import tool_mode
 from argen.strategies import REGISTRY, make_strategy
 
 DEFAULT_MAX_TOKENS = 256
+MAX_MESSAGES = 2048  # messages in one chat request (OpenAI's own bound)
 
 
 @dataclass(frozen=True)
@@ -49,17 +50,20 @@ def max_prompt_chars(gen: Generator) -> int:
     return gen.runtime.info.max_positions * max(1, longest)
 
 
-def build_request(gen: Generator, body: CompletionRequest | ChatCompletionRequest, policy: Policy) -> Request:
+def build_request(gen: Generator, body: CompletionRequest | ChatCompletionRequest, policy: Policy,
+                  compile_grammar: bool = True) -> Request:  # fmt: skip
     """The Request of a body that holds one prompt (a list of several: a 400 naming `prompt`)."""
-    requests = build_requests(gen, body, policy)
+    requests = build_requests(gen, body, policy, compile_grammar=compile_grammar)
     if len(requests) != 1:
         raise bad_request(f"prompt holds {len(requests)} prompts; send one prompt here", "prompt")
     return requests[0]
 
 
-def build_requests(gen: Generator, body: CompletionRequest | ChatCompletionRequest, policy: Policy) -> list[Request]:
+def build_requests(gen: Generator, body: CompletionRequest | ChatCompletionRequest, policy: Policy,
+                   compile_grammar: bool = True) -> list[Request]:  # fmt: skip
     """One Request per prompt (a completions body may hold a list of them), every one checked: the
-    whole body is refused if any prompt is."""
+    whole body is refused if any prompt is. `compile_grammar=False` leaves the grammar (if any) to be
+    compiled by the caller: the server's grammar sandbox."""
     _check_text(body)
     if body.model != policy.model_id:
         raise APIError(404, f"model {body.model!r} is not served here; this server serves {policy.model_id!r} "
@@ -108,12 +112,18 @@ def build_requests(gen: Generator, body: CompletionRequest | ChatCompletionReque
         request = Request(prompt_ids, params, strategy, n=body.n, prompt_logprobs=max(scored, default=None),
                           press=_press(body, policy))  # fmt: skip
         try:
-            gen.engine.validate(request)
+            gen.engine.validate(request, compile_grammar=compile_grammar)
         except InvalidRequestError as exc:
-            param = "response_format" if str(exc).startswith("response_format") else where
-            raise bad_request(str(exc), "stop_token_ids" if "stop_token_ids" in str(exc) else param) from exc
+            raise bad_request(str(exc), _param_of(str(exc), where)) from exc
         requests.append(request)
     return requests
+
+
+def _param_of(message: str, where: str) -> str:
+    """The field a check of the Engine's names (its messages start with it), else the prompt."""
+    if "stop_token_ids" in message:
+        return "stop_token_ids"
+    return next((field for field in ("response_format", "logit_bias") if message.startswith(field)), where)
 
 
 def _sampling_params(body, max_new_tokens: int) -> SamplingParams:
@@ -327,19 +337,27 @@ def _prompts_ids(gen: Generator, body, max_chars: int) -> list[list[int]]:
 def _prompt_ids(gen: Generator, body, max_chars: int, prompt=None) -> list[int]:
     context = gen.runtime.info.max_positions
     if isinstance(body, ChatCompletionRequest):
+        if len(body.messages) > MAX_MESSAGES:  # each costs template work and tokens, even when empty
+            raise bad_request(f"messages holds {len(body.messages)} messages; at most {MAX_MESSAGES}", "messages",
+                              code="context_length_exceeded")  # fmt: skip
         messages = _messages(gen, body)
         if (chars := sum(len(m["content"]) for m in messages)) > max_chars:
             raise _too_long("messages", chars, max_chars, context)
         try:
-            return gen.encode_chat(messages, add_generation_prompt=body.add_generation_prompt,
-                                   continue_final_message=body.continue_final_message,
-                                   template_kwargs=_template_kwargs(body.chat_template_kwargs))  # fmt: skip
+            text = gen.chat_text(messages, add_generation_prompt=body.add_generation_prompt,
+                                 continue_final_message=body.continue_final_message,
+                                 template_kwargs=_template_kwargs(body.chat_template_kwargs))  # fmt: skip
         except APIError:
             raise
         except InvalidRequestError as exc:
             raise bad_request(str(exc), "messages") from exc
         except Exception as exc:  # a chat template may reject a conversation (e.g. roles out of order)
             raise bad_request(f"the model's chat template rejected the messages: {exc}", "messages") from exc
+        if len(text) > max_chars:  # the template's own text counts too, and it is checked before tokenizing
+            raise bad_request(f"the messages, with the chat template around each, have {len(text)} characters, more "
+                              f"than any {context}-token context can hold (at most {max_chars}); send fewer or "
+                              "shorter messages", "messages", code="context_length_exceeded")  # fmt: skip
+        return gen.chat_ids(text)
     if isinstance(prompt, list):
         return list(prompt)
     if len(prompt) > max_chars:

@@ -135,7 +135,7 @@ class _Sampling(_Body):
         None, description="new tokens at most (default 256, capped by the context); over the server's limit: 400; "
                           "0 only with echo (prompt scoring)"
     )
-    temperature: Annotated[float, Field(ge=0, le=2)] = Field(1.0, description="0 means greedy")
+    temperature: Annotated[float, Field(ge=0, le=2)] = Field(1.0, description="0 (or below 1e-5) means greedy")
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
     n: Annotated[int, Field(ge=1)] = Field(
         1, description="samples of the prompt (choices 0..n-1, the prompt prefilled once); sample i uses seed + i, "

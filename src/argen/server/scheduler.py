@@ -3,8 +3,8 @@
 Each iteration it drops cancelled requests (their KV blocks go with them), admits waiting ones
 while there is room (a slot under --max-batch, and KV memory for the request's worst case), and
 runs one round of the decode loop: every sequence's feeds in one packed pass, plus prefill chunks
-under the round's token budget (shortest prompt first), so a long prompt never stalls everyone's
-next token. Every token event is handed to its request's
+under the round's token budget (shortest prompt first), a long prompt's chunks paced so that the
+others run at least 1/prefill_slowdown as fast as alone (engine/pacing.py). Every token event is handed to its request's
 asyncio queue with `call_soon_threadsafe`, so the HTTP side never blocks on the model and the model
 never waits for a slow client. Requests join and leave between steps (Orca-style iteration-level
 scheduling: the temporal fusion of decode steps across in-flight requests).
@@ -21,6 +21,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from argen.engine import DecodeBatch, Engine, Event, Failure, Request, Result
+from argen.engine.pacing import PREFILL_SLOWDOWN, PrefillPacer
 from argen.errors import ArgenError
 from argen.server.metrics import Metrics
 
@@ -62,9 +63,12 @@ class Ticket:
 class Scheduler:
     def __init__(self, engine: Engine, metrics: Metrics, max_batch: int = 32, max_queue: int = 128,
                  prefill_chunk: int | None = PREFILL_CHUNK, step_tokens: int | None = STEP_TOKENS,
-                 prefix_caching: bool = True, kv_blocks: int | None = None) -> None:  # fmt: skip
+                 prefix_caching: bool = True, kv_blocks: int | None = None,
+                 prefill_slowdown: float | None = PREFILL_SLOWDOWN) -> None:  # fmt: skip
         """`prefill_chunk` / `step_tokens` None: whole prompts, no per-round limit (no chunked prefill);
-        `kv_blocks`: KV blocks the running requests' worst cases may add up to (None: the whole pool)."""
+        `kv_blocks`: KV blocks the running requests' worst cases may add up to (None: the whole pool);
+        `prefill_slowdown`: long prefill chunks wait while they would slow the others more than this
+        (engine/pacing.py; None: they never wait)."""
         bad_blocks = kv_blocks is not None and kv_blocks < 1
         if max_batch < 1 or max_queue < 0 or (prefill_chunk or 1) < 1 or (step_tokens or 1) < 1 or bad_blocks:
             raise ValueError("max_batch, prefill_chunk, step_tokens and kv_blocks must be >= 1 and max_queue >= 0")
@@ -72,6 +76,7 @@ class Scheduler:
         self.max_batch, self.max_queue = max_batch, max_queue
         self.prefill_chunk, self.step_tokens, self.prefix_caching = prefill_chunk, step_tokens, prefix_caching
         self.kv_blocks = kv_blocks
+        self.pacer = PrefillPacer(prefill_slowdown) if prefill_slowdown else None
         self.peak_sequences = 0
         self.batch = self._new_batch()
         self._waiting: deque[Ticket] = deque()
@@ -85,7 +90,7 @@ class Scheduler:
 
     def _new_batch(self) -> DecodeBatch:
         return DecodeBatch(self.engine, token_budget=self.step_tokens, prefill_chunk=self.prefill_chunk,
-                           prefix_caching=self.prefix_caching, kv_blocks=self.kv_blocks)  # fmt: skip
+                           prefix_caching=self.prefix_caching, kv_blocks=self.kv_blocks, pacer=self.pacer)  # fmt: skip
 
     # -- called from the event loop ------------------------------------------------------------
     def start(self) -> None:
@@ -175,6 +180,16 @@ class Scheduler:
                 for ticket in list(self._running.values()):
                     self._finish(ticket, RuntimeError("internal error in the scheduler"), "error")
                 self.batch = self._new_batch()
+            self._rest()
+
+    def _rest(self) -> None:
+        """A long prompt held back for a moment with nothing else to run (engine/pacing.py): wait until
+        it may run, or for a new request, rather than spin."""
+        until = self.batch.held_until
+        if until is not None:
+            with self._cond:
+                if not self._waiting and not self._stop:
+                    self._cond.wait(max(0.0, until - time.perf_counter()))
 
     def _iteration(self, admit: list[Ticket]) -> None:
         self._drop_cancelled()
@@ -193,17 +208,15 @@ class Scheduler:
             self.metrics.prompt_tokens.inc(len(ticket.request.prompt_ids))
         self.metrics.running.set(len(self._running))
         if not len(self.batch):
+            self._count_sequences()  # the batch emptied (cancelled, failed): the gauges say so too
+            self._count_kv()
             return
         t0 = time.perf_counter()
         self.metrics.batch_size.observe(len(self.batch))
         self._count_sequences()
         items = self.batch.step()
         self._count_sequences()
-        self.metrics.kv_bytes_held.set(self.batch.kv_bytes_held())
-        self.metrics.kv_bytes_used.set(self.batch.kv_bytes_used())
-        held, peak = self.batch.kv_blocks_held()
-        self.metrics.kv_blocks_held.set(held)
-        self.metrics.kv_blocks_held_peak.set(peak)
+        self._count_kv()
         elapsed = time.perf_counter() - t0
         self.metrics.step_seconds.observe(elapsed)
         self.step_seconds = 0.9 * self.step_seconds + 0.1 * elapsed if self.step_seconds else elapsed
@@ -238,6 +251,14 @@ class Scheduler:
         self.peak_sequences = max(self.peak_sequences, len(self.batch))
         self.metrics.sequences.set(len(self.batch))
         self.metrics.sequences_peak.set(self.peak_sequences)
+
+    def _count_kv(self) -> None:
+        """The KV memory the running sequences hold now (and the most held at once)."""
+        self.metrics.kv_bytes_held.set(self.batch.kv_bytes_held())
+        self.metrics.kv_bytes_used.set(self.batch.kv_bytes_used())
+        held, peak = self.batch.kv_blocks_held()
+        self.metrics.kv_blocks_held.set(held)
+        self.metrics.kv_blocks_held_peak.set(peak)
 
     def _drop_cancelled(self) -> None:
         """Cancelled requests leave the batch, every one of their samples with them."""
