@@ -16,7 +16,7 @@ order), the lanes are then combined (in any order), then the bias is added. A pr
 through that takes at most ceil(K/32) + 31 + 1 roundings (+1 if a product is rounded before it is
 added), so |y - exact| <= gamma(n) * (sum |w x| + |bias|) with n = ceil(K/32) + 33 and
 gamma(n) = n u / (1 - n u), u = 2^-24 (Higham, "Accuracy and Stability of Numerical Algorithms",
-sec. 3.1). For K = 160 that is 2.3e-6 of sum |w x|, for K = 1536 4.8e-6 (the old flat 1e-4 was 20-40x
+sec. 3.1). For K = 160 that is 2.3e-6 of sum |w x|, for K = 1536 4.8e-6 (the old flat 1e-4 was 21-44x
 looser). A kernel that accumulated in fewer lanes, or sequentially, would need n = K/L + L + 1 for L
 lanes.
 """
