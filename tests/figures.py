@@ -73,7 +73,7 @@ def label(cell: str) -> str:
     return re.sub(r"\s*\([^)]*\)\s*$", "", cell.replace("`", "")).strip()
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: one object per report folder
 class Report:
     """One committed report: report.md's table rows, row labels and figures; results.json's numbers."""
 
