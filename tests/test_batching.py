@@ -274,3 +274,38 @@ def test_control_without_prefix_caching_nothing_is_taken(tiny):
     for i, tail in enumerate(([11, 12], [21, 22])):
         batch.admit(i, Request(shared + tail, SamplingParams(max_new_tokens=2), make_strategy("plain")))
     assert all(r.stats.cached_prompt_tokens == 0 for r in _finish(batch).values())
+
+
+def test_a_prompt_differing_at_any_one_position_of_a_block_takes_only_the_blocks_before_it(tiny):
+    """The prefix-cache key stands for every token of its block: a prompt that differs from a cached
+    one at any single position of the first two blocks (each position in turn, the last of each
+    block included) takes only the blocks before that position, never the block holding it nor any
+    later one, and decodes exactly what a fresh prefill gives. Control: the cached prompt itself
+    takes all three full blocks. Guards against a key that ignores one token of its block (say
+    `tokens[i * size : (i + 1) * size - 1]`): two such prompts would share KV and decode otherwise."""
+    size = tiny.runtime.kv_pool().block_size
+    base = [(7 * i) % 250 + 3 for i in range(3 * size + 5)]  # three full blocks and a partial one
+
+    def run(prompt: list[int]) -> Result:
+        batch = DecodeBatch(tiny.engine)  # prefix caching on: blocks stay registered in the pool
+        batch.admit(0, Request(prompt, SamplingParams(max_new_tokens=6), make_strategy("plain")))
+        return _finish(batch)[0]
+
+    run(base)  # registers the base prompt's full blocks
+    again = run(base)
+    assert again.stats.cached_prompt_tokens == 3 * size  # the control: a true prefix is found
+    variants = []
+    for j in range(2 * size):
+        variants.append(list(base))
+        variants[j][j] = (base[j] + 1) % 250 + 3
+    cached = DecodeBatch(tiny.engine)  # all at once, each taking what the pool has registered
+    fresh = DecodeBatch(tiny.engine, prefix_caching=False)  # the same prompts, every block computed
+    for i, prompt in enumerate([base, *variants]):
+        for batch in (cached, fresh):
+            batch.admit(i, Request(prompt, SamplingParams(max_new_tokens=6), make_strategy("plain")))
+    got, want = _finish(cached), _finish(fresh)
+    assert got[0].token_ids == want[0].token_ids == again.token_ids
+    for j in range(2 * size):
+        taken = got[j + 1].stats.cached_prompt_tokens
+        assert taken == size * (j // size), f"a prompt differing at position {j} took {taken} cached tokens"
+        assert got[j + 1].token_ids == want[j + 1].token_ids, f"differing at position {j}: not a fresh prefill's output"

@@ -1,7 +1,8 @@
 """Exact sampling, computed exactly: every speculative strategy's output distribution over the first
 three tokens equals plain sampling's, on a model with a three-token vocabulary where every random
 draw can be enumerated (`exact.py`), through the real `generate()` (Engine, proposer, `drafting.py`,
-`verify.py`, cache bookkeeping between steps). Positive controls: small deliberate biases in the
+`verify.py`, cache bookkeeping between steps), also under top-k, top-p and min-p, against a reference
+that filters the model's own logits independently. Positive controls: small deliberate biases in the
 rules, which the same check must catch.
 
 Power: the distributions are computed, not sampled, so the check has no sampling error. It
@@ -55,12 +56,13 @@ def drafter() -> Generator:
     return tiny_v(1)  # another model: its q differs from the target's p, so drafts are also rejected
 
 
-def reference(gen: Generator, temperature: float, top_k: int, presence: float = 0.0,
-              frequency: float = 0.0) -> dict[tuple, float]:  # fmt: skip
-    """P(first N_TOKENS tokens) straight from the Hugging Face model's logits: softmax(logits / T)
-    over the top_k tokens, multiplied along every sequence; with OpenAI's penalties, token j's logit
-    at step t first loses c * frequency + (c > 0) * presence, c its count in seq[:t]. Nothing of
-    argen's sampler is used."""
+def reference(gen: Generator, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+              presence: float = 0.0, frequency: float = 0.0) -> dict[tuple, float]:  # fmt: skip
+    """P(first N_TOKENS tokens) straight from the Hugging Face model's logits: with OpenAI's penalties,
+    token j's logit at step t first loses c * frequency + (c > 0) * presence, c its count in seq[:t];
+    then softmax(logits / T) over the top_k tokens, then the fewest likeliest tokens that cover top_p
+    (a token is kept while those before it cover less than top_p), then those at least min_p times the
+    likeliest, each renormalized, multiplied along every sequence. Nothing of argen's sampler is used."""
     out = {}
     for seq in itertools.product(range(V), repeat=N_TOKENS):
         ids = torch.tensor([PROMPT + list(seq)])
@@ -70,16 +72,27 @@ def reference(gen: Generator, temperature: float, top_k: int, presence: float = 
                 for j in set(seq[:t]):
                     logits[t, j] -= seq[:t].count(j) * frequency + presence
         logits = logits / temperature
-        if top_k:
-            logits = logits.masked_fill(logits < logits.topk(top_k, -1).values[:, -1:], float("-inf"))
-        out[seq] = float(np.prod([logits[t].softmax(-1)[tok].item() for t, tok in enumerate(seq)]))
+        prob = 1.0
+        for t, tok in enumerate(seq):
+            p = logits[t].softmax(-1).numpy()
+            keep = np.ones(V, dtype=bool)
+            if top_k:
+                keep &= p >= np.sort(p)[-top_k]
+            p = np.where(keep, p, 0) / np.where(keep, p, 0).sum()
+            covered = 0.0
+            for i in np.argsort(-p, kind="stable"):
+                keep[i] &= covered < top_p
+                covered += p[i]
+            p = np.where(keep, p, 0) / np.where(keep, p, 0).sum()
+            keep &= p >= min_p * p.max()
+            prob *= (np.where(keep, p, 0) / np.where(keep, p, 0).sum())[tok]
+        out[seq] = float(prob)
     return out
 
 
-def exact_outputs(gen: Generator, spec, temperature: float = 1.0, top_k: int = 0, **extra):
+def exact_outputs(gen: Generator, spec, **params):
     def run():
-        r = gen.generate(PROMPT, max_new_tokens=N_TOKENS, temperature=temperature, top_k=top_k, seed=0,
-                         ignore_eos=True, strategy=spec, **extra)  # fmt: skip
+        r = gen.generate(PROMPT, max_new_tokens=N_TOKENS, seed=0, ignore_eos=True, strategy=spec, **params)
         s = r.stats
         return tuple(r.token_ids), {"accepted": s.draft_tokens_accepted > 0,
                                     "rejected": s.draft_tokens_accepted < s.draft_tokens_proposed}  # fmt: skip
@@ -87,12 +100,11 @@ def exact_outputs(gen: Generator, spec, temperature: float = 1.0, top_k: int = 0
     return Enumerator().distribution(run)
 
 
-def check_exact(gen: Generator, spec, temperature: float = 1.0, top_k: int = 0, **penalties):
+def check_exact(gen: Generator, spec, **params):
     """The invariant: the strategy's exact output distribution is the model's. Returns the
     enumeration (for the callers' checks that drafts were both accepted and rejected)."""
-    dist = exact_outputs(gen, spec, temperature, top_k, **penalties)
-    reference_penalties = {k.removesuffix("_penalty"): v for k, v in penalties.items()}
-    assert_same_distribution(dist.probs, reference(gen, temperature, top_k, **reference_penalties))
+    dist = exact_outputs(gen, spec, **({"temperature": 1.0} | params))
+    assert_same_distribution(dist.probs, reference(gen, **{k.removesuffix("_penalty"): v for k, v in params.items()}))
     check_keys(dist)
     return dist
 
@@ -113,18 +125,31 @@ def specs(drafter: Generator) -> dict[str, tuple[dict, dict]]:
         "multi-draft tree": ({"name": "draft-model", "draft": drafter, "max_draft": 2, "num_drafts": 2} | fixed,
                              {"top_k": 2}),  # fmt: skip
         "multi-draft pair": ({"name": "draft-model", "draft": drafter, "max_draft": 1, "num_drafts": 2} | fixed, {}),
+        # Boundaries that matter, each a margin away: top_p 0.8: the first token's likeliest has 0.78,
+        # so the crossing token is kept there, and after (1, 1) the first two cover 0.86, so the third
+        # is dropped. min_p 0.2 at T = 0.7: after (1, 1) the second token is kept (0.21 of the
+        # likeliest), after (0, 2) it is dropped (0.195). min_p 0.3 at T = 1.3: the first token's
+        # runner-up is kept (0.37; at T = 1 it would be 0.28, dropped), and after (1, 1) the third
+        # (0.32; 0.23 at T = 1).
+        "plain top-p": ({"name": "plain"}, {"top_p": 0.8}),
+        "prompt-lookup top-p": ({"name": "prompt-lookup", "max_draft": 2} | fixed, {"top_p": 0.8}),
+        "draft-model top-p": ({"name": "draft-model", "draft": drafter, "max_draft": 2} | fixed, {"top_p": 0.8}),
+        "plain min-p": ({"name": "plain"}, {"temperature": 0.7, "min_p": 0.2}),
+        "draft-model min-p": ({"name": "draft-model", "draft": drafter, "max_draft": 2} | fixed,
+                              {"temperature": 1.3, "min_p": 0.3}),  # fmt: skip
     }
 
 
 CASES = ["plain", "prompt-lookup", "ngram", "jacobi", "layer-skip", "draft-model", "draft-model top-k", "multi-draft",
-         "multi-draft tree", "multi-draft pair"]  # fmt: skip
+         "multi-draft tree", "multi-draft pair", "plain top-p", "prompt-lookup top-p", "draft-model top-p", "plain min-p",
+         "draft-model min-p"]  # fmt: skip
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_output_distribution_is_exactly_plain_sampling(target, drafter, case):
     spec, params = specs(drafter)[case]
     dist = check_exact(target, spec, **params)
-    if case != "plain":  # both verifier branches carry weight, so both were checked
+    if not case.startswith("plain"):  # both verifier branches carry weight, so both were checked
         assert dist.expected["accepted"] > 0.05 and dist.expected["rejected"] > 0.05, dist.expected
 
 

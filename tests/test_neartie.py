@@ -87,3 +87,22 @@ def test_the_verifier_counts_near_ties_by_the_same_rule(gap, counted):
     out = gen.generate(PROMPT, max_new_tokens=len(ref), ignore_eos=True, strategy=Oracle(ref, wrong_every=99))
     assert out.token_ids == ref and out.stats.draft_tokens_accepted >= AT
     assert (out.stats.near_ties >= 1) is counted
+
+
+@pytest.mark.parametrize("gap", [0.5 * NEAR_TIE, 0.9 * NEAR_TIE, 0.1 * NEAR_TIE])
+def test_the_verifier_rejects_the_runner_up_drafted_at_a_near_tie(gap):
+    """At a constructed near-tie (the runner-up's logit exactly `gap` below the winner's, gap under
+    NEAR_TIE), a draft of the runner-up is rejected and the output is plain greedy's, token for
+    token: the near-tie rule excuses a floating-point flip when two outputs are compared, it never
+    lets the verifier accept a token that is not the argmax. Guards against a greedy verifier that
+    accepts a draft within NEAR_TIE of the argmax (no other test drafts the runner-up)."""
+    model, ref, a, b = tied_model(gap)
+    gen = Generator(LoadedModel("tied", LlamaRuntime(model.config, model.state_dict()), byte_tokenizer(),
+                                lambda: model, {258}))  # fmt: skip
+    plain = gen.generate(PROMPT, max_new_tokens=len(ref), ignore_eos=True)
+    assert plain.token_ids == ref and ref[AT] == a
+    runner_up = Oracle(ref[:AT] + [b] + ref[AT + 1 :], wrong_every=99)  # drafts b where plain takes a
+    out = gen.generate(PROMPT, max_new_tokens=len(ref), ignore_eos=True, strategy=runner_up)
+    assert out.token_ids == ref, f"the verifier accepted the runner-up {b} at the near-tie (plain takes {a})"
+    s = out.stats
+    assert s.draft_tokens_proposed > s.draft_tokens_accepted >= AT  # the drafts before the tie accepted, b not

@@ -108,6 +108,66 @@ def test_attention_over_a_front_is_attention_over_the_slots_it_holds(tiny):
         cache.free()
 
 
+def hf_received(gen, prompt: list[int]) -> torch.Tensor:
+    """The attention each position received [layers, kv heads, positions] from Hugging Face's eager
+    attention on the same weights: summed over every query and over each kv head's query heads."""
+    hf, info = gen.model.hf_model, gen.runtime.info
+    hf.config._attn_implementation = "eager"
+    try:
+        with torch.inference_mode():
+            attentions = hf(torch.tensor([prompt]), output_attentions=True).attentions
+    finally:
+        hf.config._attn_implementation = "sdpa"
+    per_head = torch.stack(attentions)[:, 0].float().sum(2)  # [layers, heads, keys]
+    return per_head.view(info.n_layers, info.n_kv_heads, -1, len(prompt)).sum(2)
+
+
+def prefilled_with(gen, prompt: list[int], press):
+    cache = gen.runtime.new_cache(1, 256)
+    if press is not None:
+        press.prepare(cache)
+    gen.runtime.forward_packed([Segment(cache, prompt, list(range(len(prompt))), None, 0)])
+    return cache
+
+
+def test_a_press_keeps_each_heads_best_scored_positions_by_hf_eager_attention(tiny):
+    """A prompt of 120 tokens pressed once to 0.3: in every layer and kv head the front holds the recent
+    window and, before it, positions whose attention received (from HF's eager attention, not from
+    argen's record) is at least that of every position dropped; each layer's count is PrefixKV's
+    allotment of those same scores (here 16 to 19: the layers differ). Which positions were kept is
+    read off the front's keys, matched to an unpressed prefill's. Guards against keeping the
+    lowest-scored positions (`topk(..., largest=False)`), which every test that compares the press
+    with itself passes. (The smallest margin here, worst kept minus best dropped, is 0.016.)"""
+    prompt = [(13 * i) % 90 + 3 for i in range(120)]
+    info = tiny.runtime.info
+    press = make_press({"name": "prefix-kv", "budget": 0.3})
+    cache = prefilled_with(tiny, prompt, press)
+    assert press.apply(cache, len(prompt)) > 0 and cache.layer_front is not None
+    plain = prefilled_with(tiny, prompt, None)
+    keys = plain.gathered()[0]  # [layers, kv heads, positions, D]
+    scores = hf_received(tiny, prompt)
+    target = press.target(len(prompt))
+    recent = press.recent(target)
+    candidates = len(prompt) - recent
+    window = set(range(candidates, len(prompt)))
+    counts = allot([scores[i, :, :candidates] for i in range(info.n_layers)], info.n_layers * (target - recent))
+    assert [n - recent for n in cache.layer_front.lengths] == counts and len(set(counts)) > 1
+    for i in range(info.n_layers):
+        front_keys = cache.layer_front.layer(i)[0]
+        for h in range(info.n_kv_heads):
+            position = torch.cdist(front_keys[h], keys[i, h]).argmin(-1)
+            assert torch.equal(front_keys[h], keys[i, h, position]), "a front key is no position's key"
+            kept = set(position.tolist())
+            assert window <= kept, (i, h)
+            heavy, dropped = sorted(kept - window), sorted(set(range(candidates)) - kept)
+            assert len(heavy) == counts[i]
+            worst_kept, best_dropped = scores[i, h, heavy].min(), scores[i, h, dropped].max()
+            assert worst_kept >= best_dropped - 2e-4, (  # (2e-4: argen's record and HF's differ by 1e-4)
+                f"layer {i} head {h} kept a position scored {worst_kept:.4f} and dropped one scored {best_dropped:.4f}")
+    cache.free()
+    plain.free()
+
+
 def test_on_the_engine_the_layers_keep_their_own_counts(tiny):
     pool = tiny.runtime.kv_pool()
     prompt = [(11 * i) % 251 + 3 for i in range(300)]

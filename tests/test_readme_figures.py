@@ -1,6 +1,12 @@
 """Every committed report names the commit it describes and holds no absolute machine path, and the
-figures README.md quotes from them are the reports' own: each expected sentence below is rebuilt
-from a report's results.json or report.md and must appear in the README word for word."""
+figures README.md quotes from them are the reports' own:
+
+- every table row and every measured figure of the prose that follows a report's citation is read
+  back against that report by `tests/figures.py` (generic: any page, any report; a cited report that
+  is missing fails);
+- the sentences whose figures the README derives (ratios, sums, shares, spreads) are rebuilt below
+  from a report's results.json or report.md and must appear in the README word for word; the generic
+  check leaves exactly those sentences to them."""
 
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from figures import check, check_page, quotes
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
@@ -179,24 +186,29 @@ def layer_skip() -> list[str]:
 def fast_path() -> list[str]:
     r = {row[0]: row for row in table("fast_path/decode", "| system ")}
     exact, peer = r["plain"], r["llama.cpp"]
+    x_hf = {row[0]: row for row in table("fast_path/decode", "| category       |   n | HF tok/s")}["all"]
     cost = {int(row[0]): row for row in table("fast_path", "| tokens fed")}
     return [f"the default path decodes at {exact[1]} tok/s against llama.cpp's {peer[1]} ({exact[3]}×) and prefills "
-            f"{exact[4]}× faster, with output identical to fp32 on {exact[6].split('/')[0]}/30 questions, where "
+            f"{exact[4]}× faster, with output identical to fp32 on {exact[6]} questions, where "
             f"llama.cpp's output leaves fp32's after {peer[7]} tokens on average",
+            f"Wall time with the prompt included, over all {x_hf[1]} questions: HF `generate()` {x_hf[2]} tok/s; argen "
+            f"`exact` {x_hf[3]}×, argen fp32 {x_hf[4]}×, llama.cpp {x_hf[5]}× that",
             f"16 rows cost {float(cost[16][2]):.1f}× one on the exact path (MKL's fp32 GEMM takes {cost[16][3]} ms for "
-            f"the same 16 rows, against the exact path's {cost[16][1]})"]  # fmt: skip
+            f"the same 16 rows, against the exact path's {cost[16][1]}). A plain step got "
+            f"{float(cost[1][3]) / float(cost[1][1]):.1f}× cheaper"]  # fmt: skip
 
 
 def speculative_fast() -> list[str]:
     r = rows("speculative-fast")
     x = {k: f2(v["speedup_vs_plain"]) for k, v in r.items() if v["speedup_vs_plain"] is not None}
     identical = sum(r[("all", s)]["identical"] for s in ("prompt-lookup", "ngram", "jacobi", "plain"))
+    outputs = sum(r[("all", s)]["n"] for s in ("prompt-lookup", "ngram", "jacobi", "plain"))
     cats = [c for c, s in r if c != "all" and s == "plain"]
     best = [max(r[(c, s)]["speedup_vs_plain"] for s in ("prompt-lookup", "ngram", "jacobi")) for c in cats]
     worst = min(r[(c, s)]["speedup_vs_plain"] for c in cats for s in ("prompt-lookup", "ngram", "jacobi"))
     return [f"ngram {x[('all', 'ngram')]}× and prompt-lookup {x[('all', 'prompt-lookup')]}× over fast plain overall, "
             f"{x[('summarization', 'ngram')]}× and {x[('summarization', 'prompt-lookup')]}× on summarization, jacobi "
-            f"{x[('all', 'jacobi')]}×; {identical}/120 outputs identical to HF",
+            f"{x[('all', 'jacobi')]}×; {identical}/{outputs} outputs identical to HF",
             f"No strategy falls below {f2(worst)}× plain in any category; the best per category is {span(best)}×"]  # fmt: skip
 
 
@@ -216,15 +228,51 @@ def serving_cases() -> list[str]:
             f"throughput, outputs identical {b['identical_outputs']}/{b['requests']}"]  # fmt: skip
 
 
+def serving_longer() -> list[str]:
+    """The shared-prefix runs with longer questions, the caching floor they share, 256-token chunks."""
+    ratio = {}
+    for chars in (60, 100, 400):
+        d = results(f"serving/shared-prefix-{chars}")
+        on, off = d["configs"]["prefix caching"], d["configs"]["no prefix caching"]
+        ttft = off["by_kind"]["all"]["ttft_p50_s"] / on["by_kind"]["all"]["ttft_p50_s"]
+        block_prefix = d["prefix_tokens"] // 16 * 16  # the system prompt's full blocks, computed once
+        own = (on["prompt_tokens_computed"] - block_prefix) / d["requests"]  # computed per request
+        ratio[chars] = (on["prompt_tokens_computed"] / off["prompt_tokens_computed"], ttft, own, block_prefix, d["requests"])
+    n, prefix = ratio[60][4], ratio[60][3]
+    under = next(t for t in range(1, 1000) if (prefix + n * t) / (n * (prefix + t)) >= 1 / 8)  # an eighth of the work
+    b = results("serving/burst-256")
+    chunked, whole = b["configs"]["chunked prefill"], b["configs"]["whole prompts at once"]
+    p99 = chunked["by_kind"]["short"]["ttft_p99_s"], whole["by_kind"]["short"]["ttft_p99_s"]
+    return [f"under 100 characters {ratio[100][0]:.3f} of the prompt tokens and {ratio[100][1]:.2f}× better time to first "
+            f"token ([report](benchmarks/serving/shared-prefix-100/report.md)), under 400 characters {ratio[400][0]:.3f} "
+            f"and {ratio[400][1]:.2f}×",
+            f"the system prompt's {prefix // 16} full blocks ({prefix} tokens) once",
+            f"{ratio[60][2]:.0f}, {ratio[100][2]:.0f} and {ratio[400][2]:.0f} tokens a request on average here). Below "
+            f"1/8 of the work therefore needs a request's own part under {under} tokens",
+            f"the p99 was {p99[0]:.1f} s against {p99[1]:.1f} s ({p99[1] / p99[0]:.1f}×), but at "
+            f"{chunked['throughput_tok_s'] / whole['throughput_tok_s']:.2f} of the throughput"]  # fmt: skip
+
+
+def drift_goals() -> list[str]:
+    """The goals' derived figures: a share of the bytes, the per-prompt spread, the capacity gain."""
+    all_rows = {r[0]: r for r in table("drift", "| configuration") if r[1] == "all"}
+    gear, exact, quant8 = all_rows["gear 4-bit r4 s2%"], all_rows["exact"], all_rows["kv-quant 8-bit"]
+    gaps = [rec["nll"] - rec["nll_exact"] for rec in results("drift")["records"]
+            if rec["label"] in ("snapkv 0.5", "kvpress snapkv 0.5")]  # fmt: skip
+    c = results("serving/press-capacity")["configs"]
+    minus = lambda v: f"{v:+.3f}".replace("-", "−")  # noqa: E731
+    return [f"yes ({gear[4]} of {exact[4]} MB, {100 * float(gear[4]) / float(exact[4]):.1f}%)",
+            f"at {100 * float(quant8[4]) / float(exact[4]):.1f}% of the bytes",
+            f"per-prompt gaps run from {minus(min(gaps))} to {minus(max(gaps))} (results.json)",
+            f"hold {c['streaming-llm 0.35']['sequences_vs_no_press']:.2f}× the concurrent 1,500-token sequences in the same "
+            f"KV blocks (streaming-llm 0.35; {c['streaming-llm 0.5']['sequences_vs_no_press']:.2f}× at 0.5"]  # fmt: skip
+
+
 def press_capacity() -> list[str]:
-    """The capacity case's figures (nothing until its report is committed: run it, then this test says
-    the sentence README.md must hold)."""
-    if not (BENCH / "serving/press-capacity/results.json").is_file():
-        return []
+    """The capacity case's figures (README.md cites the report: a missing one fails here)."""
     r = results("serving/press-capacity")
     c = list(r["configs"].values())
-    if len(c) != 3:
-        return [f"press-capacity: three configurations expected (no press, two budgets), got {len(c)}"]
+    assert len(c) == 3, f"press-capacity: three configurations expected (no press, two budgets), got {len(c)}"
     return [f"the most sequences the server held at once: {c[0]['peak_sequences']:.0f} without a press, "
             f"{c[1]['peak_sequences']:.0f} at budget {c[1]['press']['budget']:g} ({c[1]['sequences_vs_no_press']:.2f}×) and "
             f"{c[2]['peak_sequences']:.0f} at {c[2]['press']['budget']:g} ({c[2]['sequences_vs_no_press']:.2f}×), in "
@@ -251,7 +299,7 @@ def drift(name: str = "drift") -> list[str]:
             if r[1] == "all" and (name == "drift" or r[0] not in ("exact", "kvpress none"))]  # fmt: skip
 
 
-CLAIMS = {"press-capacity": press_capacity, "structured": structured, "drift": drift,
+CLAIMS = {"press-capacity": press_capacity, "serving-longer": serving_longer, "drift-goals": drift_goals, "structured": structured, "drift": drift,
           "drift-per-layer": lambda: drift("drift-per-layer"), "fast_path": fast_path, "serving_cases": serving_cases, "speculative-fast": speculative_fast, "foundation": foundation, "speculative": speculative, "speculative-2threads": speculative_2threads,
           "jacobi-backoff": jacobi_backoff, "control": control, "serving": serving, "pass_cost": pass_cost,
           "draft_ceiling": draft_ceiling, "layer_skip": layer_skip}  # fmt: skip
@@ -291,3 +339,82 @@ def test_every_report_names_its_commit_and_no_machine_path():
         if path.suffix in (".md", ".json", ".py"):
             match = ABSOLUTE.search(path.read_text())
             assert match is None, f"{path.relative_to(ROOT)} holds an absolute machine path at {match.group()!r}..."
+
+
+def derived() -> list[str]:
+    """Every sentence rebuilt above (figures computed from a report, checked word for word)."""
+    return [sentence for claim in CLAIMS.values() for sentence in claim()]
+
+
+def test_every_table_row_and_prose_figure_is_its_reports():
+    """README.md, read by the generic checker: every row of every table after a citation (the fast
+    path's decode table, its quant paths, the prefill and pass-cost tables, both drift tables) stands
+    in a row of the cited report, and every measured figure of the prose is a cited report's."""
+    problems, found = check_page(ROOT / "README.md", ROOT, derived())
+    assert not problems, "README.md quotes figures its reports do not hold:\n" + "\n".join(problems)
+    rows = [q for q in found if q.cells is not None]
+    tables = {q.reports[-1].name for q in rows}
+    assert {"benchmarks/fast_path/decode", "benchmarks/fast_path/quant-paths", "benchmarks/fast_path",
+            "benchmarks/drift", "benchmarks/drift-per-layer"} <= tables, tables  # fmt: skip
+    assert len(rows) >= 90 and sum(len(q.checked) for q in rows) >= 450
+
+
+def bump(figure: str) -> str:
+    return figure[:-1] + str((int(figure[-1]) + 1) % 10)
+
+
+def test_control_any_table_figure_changed_by_one_digit_is_caught():
+    """Each figure of each checked table row, its last digit changed (30/30 to 30/31, 78.6 to 78.7):
+    the row no longer stands in its report. Also a row relabelled as its neighbour (h2o 0.35's
+    figures under `h2o 0.5`)."""
+    import dataclasses
+
+    from figures import NUMBER
+
+    found, _ = quotes(ROOT / "README.md", ROOT)
+    changed = 0
+    for q in (q for q in found if q.cells is not None):
+        for i, cell in enumerate(q.cells[1:], 1):
+            for m in NUMBER.finditer(cell):
+                cells = list(q.cells)
+                cells[i] = cell[: m.start()] + bump(m.group()) + cell[m.end() :]
+                assert check(dataclasses.replace(q, cells=cells)), f"README.md:{q.line}: {m.group()} -> {bump(m.group())}"
+                changed += 1
+    assert changed >= 450
+    h2o = {label: q for q in found if q.cells is not None and (label := q.cells[0]) in ("h2o 0.5", "h2o 0.35")}
+    assert check(dataclasses.replace(h2o["h2o 0.35"], cells=["h2o 0.5", *h2o["h2o 0.35"].cells[1:]]))
+
+
+def test_control_a_prose_figure_no_report_holds_is_caught():
+    """Every measured figure of the prose, replaced by one no report holds, is reported. (The prose
+    check only asks that a figure be one of the cited reports' numbers: a figure changed to another
+    of them passes it; the sentences the tests rebuild are exact.)"""
+    import dataclasses
+
+    from figures import NUMBER, measured
+
+    found, _ = quotes(ROOT / "README.md", ROOT, derived())
+    prose = [q for q in found if q.cells is None and measured(q.text)]
+    figures_checked = 0
+    for q in prose:
+        for at, figure in measured(q.text):
+            end = NUMBER.match(q.text, at).end()
+            assert check(dataclasses.replace(q, text=q.text[:at] + "987.654" + q.text[end:])), f"README.md:{q.line}: {figure}"
+            figures_checked += 1
+    assert len(prose) >= 5 and figures_checked >= 70
+
+
+def test_control_a_cited_report_that_is_missing_fails(tmp_path, monkeypatch):
+    """A page citing a path that does not exist, or a folder without report.md, gets a problem each;
+    the capacity sentence fails (it used to pass, checking nothing) when its results are missing."""
+    (tmp_path / "benchmarks" / "half").mkdir(parents=True)
+    (tmp_path / "benchmarks" / "half" / "results.json").write_text("{}")
+    page = tmp_path / "page.md"
+    page.write_text("# A page\n\nMeasured (`benchmarks/gone/report.md`), 12.5 tok/s.\n\n"
+                    "More (`benchmarks/half/`):\n\n| x | tok/s |\n|---|--:|\n| a | 3.25 |\n")  # fmt: skip
+    problems, _ = check_page(page, tmp_path)
+    assert any("benchmarks/gone/report.md, which does not exist" in p for p in problems), problems
+    assert any("benchmarks/half/, whose folder has no report.md" in p for p in problems), problems
+    monkeypatch.setitem(globals(), "BENCH", tmp_path / "benchmarks")
+    with pytest.raises(FileNotFoundError):
+        press_capacity()

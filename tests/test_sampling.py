@@ -8,6 +8,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from exact import Enumerator
 from scipy.stats import chisquare
 
 from argen.errors import InvalidRequestError
@@ -65,6 +66,57 @@ def test_sampler_draws_from_filtered_softmax(logits, t, top_k, top_p, min_p):
     exp = np.append(expected[big], expected[~big].sum()) * n
     obs, exp = obs[exp > 0], exp[exp > 0]
     assert chisquare(obs, exp).pvalue > 1e-3
+
+
+def exact_draw(logits: torch.Tensor, **params) -> np.ndarray:
+    """The exact distribution of one `Sampler.sample` draw: every branch of its noise enumerated
+    (tests/exact.py), so nothing is sampled."""
+    dist = Enumerator().distribution(lambda: (Sampler(SamplingParams(seed=0, **params)).sample(logits, [], 0), {}))
+    out = np.zeros(logits.shape[-1])
+    for token, p in dist.probs.items():
+        out[token] = p
+    return out
+
+
+def boundaries(p: np.ndarray, picks=(1, 2, 5, 20)) -> tuple[list[float], list[float]]:
+    """top_p and min_p values half way between the steps of `p`: each moves the boundary token in or
+    out by its whole probability, far beyond float32 rounding."""
+    ranked = np.sort(p)[::-1]
+    covered = np.cumsum(ranked)
+    top_p = [float((covered[j - 1] + covered[j]) / 2) for j in picks]
+    ratio = ranked / ranked[0]
+    min_p = [float((ratio[j] + ratio[j + 1]) / 2) for j in picks]
+    return top_p, min_p
+
+
+@pytest.mark.parametrize("t", [1.0, 0.7, 1.3])
+def test_top_p_and_min_p_draw_exactly_the_filtered_softmax_at_every_boundary(logits, t):
+    """Exact, not sampled: the distribution of one draw, enumerated, equals the independent reference
+    within float32 rounding (1e-6) at top_p / min_p values that put the boundary after the 2nd, 3rd,
+    6th and 21st likeliest token, alone and composed with top-k. Guards against an off-by-one at the
+    boundary (dropping the token that crosses top_p, `cumulative >= top_p`, or keeping one more),
+    which moves one token's whole probability, and against min_p judged before the temperature; the
+    chi-square test above let a top-p off-by-one through at p = 0.8."""
+    expected = reference_distribution(logits, t, 0, 1.0, 0.0)
+    top_ps, min_ps = boundaries(expected)
+    cases = [{"top_p": p} for p in top_ps] + [{"min_p": m} for m in min_ps] + [
+        {"top_k": 12, "top_p": top_ps[2]}, {"top_p": top_ps[3], "min_p": min_ps[1]}]  # fmt: skip
+    for case in cases:
+        want = reference_distribution(logits, t, case.get("top_k", 0), case.get("top_p", 1.0), case.get("min_p", 0.0))
+        got = exact_draw(logits, temperature=t, **case)
+        assert (got > 0).sum() == (want > 0).sum(), f"{case}: kept {(got > 0).sum()} tokens, should keep {(want > 0).sum()}"
+        assert np.abs(got - want).max() < 1e-6, case
+
+
+def test_top_p_at_an_exact_boundary_drops_the_token_whose_predecessors_cover_it():
+    """Four equal logits: probabilities 1/4 each and cumulative sums exact in float32. top_p = 0.5 is
+    covered exactly by two tokens, so the third is dropped (its predecessors already cover top_p);
+    just above 0.5 it is kept. Guards against `>` for `>=` at the boundary. (Which two of the equal
+    tokens are kept is the sort's business: the check is on the probabilities kept.)"""
+    logits = torch.zeros(4)
+    for top_p, kept in ((0.5, 2), (0.5 + 1e-6, 3), (0.25, 1), (0.75, 3), (1.0, 4)):
+        got = exact_draw(logits, temperature=1.0, top_p=top_p)
+        assert sorted(got.tolist(), reverse=True)[:kept] == [1 / kept] * kept and (got > 0).sum() == kept, top_p
 
 
 def test_same_seed_same_sample_and_positions_differ(logits):

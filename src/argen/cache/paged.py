@@ -25,6 +25,7 @@ sequence, prefix caching, copy-on-write forks (as vLLM's `KVCacheManager` and SG
 from __future__ import annotations
 
 import hashlib
+import sys
 from collections import OrderedDict
 
 import torch
@@ -340,7 +341,11 @@ class SeqKV:
     def __del__(self) -> None:
         # The engine frees every cache it makes; this gives back the blocks of one a caller of
         # `runtime.new_cache` dropped without freeing (or an exception abandoned), so a leak cannot
-        # outlive the object.
+        # outlive the object. Not at interpreter exit: the pool dies too, and slicing `attention`
+        # there (truncate) made torch abort in THPVariable_clear (exit code 134) when a cache was
+        # still alive at exit (a kept traceback, as pytest keeps its last failure's).
+        if sys.is_finalizing():
+            return
         try:
             if self.blocks or self.front is not None:
                 self.free()

@@ -5,6 +5,8 @@ hashes the source, the compiler and the flags, so a later start only loads it (a
 1.4-1.8 s on the 2-core machines here). The instruction set is chosen at run time from the CPU's features (AVX-512, else AVX2,
 else portable C), since the machines argen runs on differ. Without a C compiler, `library()`
 returns None and the runtime keeps the weights in fp32 (`quant="none"`), saying why.
+`compile_kernels(isa)` builds any ISA's kernels without loading them: the tests build every ISA the
+compiler targets, also those this CPU cannot run (`missing_features` says what it lacks).
 
 Why C through ctypes rather than a torch C++ extension: the torch headers take a minute to compile
 against, and these kernels need nothing from torch but pointers to its tensors' memory.
@@ -60,15 +62,25 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def pick_isa(flags: frozenset[str] | None = None) -> str:
+# The CPU features (as /proc/cpuinfo names them) each instruction set's kernels need, best first.
+ISA_NEEDS = {
+    "avx512": frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq", "f16c", "fma"}),
+    "avx2": frozenset({"avx2", "fma", "f16c"}),
+    "scalar": frozenset(),
+}
+
+
+def missing_features(isa: str, flags: frozenset[str] | None = None) -> list[str]:
+    """What this CPU lacks to run `isa`'s kernels (empty: it can run them). Compiling them needs
+    only the compiler (see `compile_kernels`)."""
     flags = cpu_flags() if flags is None else flags
-    if platform.machine() not in ("x86_64", "AMD64"):
-        return "scalar"
-    if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "f16c", "fma"} <= flags:
-        return "avx512"
-    if {"avx2", "fma", "f16c"} <= flags:
-        return "avx2"
-    return "scalar"
+    if ISA_NEEDS[isa] and platform.machine() not in ("x86_64", "AMD64"):
+        return [f"x86-64 (this CPU is {platform.machine()})"]
+    return sorted(ISA_NEEDS[isa] - flags)
+
+
+def pick_isa(flags: frozenset[str] | None = None) -> str:
+    return next(isa for isa in ISA_NEEDS if not missing_features(isa, flags))
 
 
 def describe_cpu() -> str:
@@ -117,22 +129,45 @@ def build(isa: str, cc: str, out_dir: Path) -> Path:
     return out
 
 
+def compiler_targets(isa: str) -> bool:
+    """Whether the C compiler accepts `isa`'s flags (it compiles an empty unit with them); on x86-64,
+    gcc and clang target every ISA here whatever the CPU they run on."""
+    cc = _compiler()
+    if cc is None:
+        return False
+    with tempfile.TemporaryDirectory() as tmp:
+        unit = Path(tmp) / "empty.c"
+        unit.write_text("int argen_empty;\n")
+        cmd = [cc, *ISA_FLAGS[isa], "-c", str(unit), "-o", str(Path(tmp) / "empty.o")]
+        return subprocess.run(cmd, capture_output=True).returncode == 0
+
+
+def compile_kernels(isa: str, cc: str | None = None) -> Path:
+    """The kernels compiled for `isa` (built on first use into the cache directory, keyed by the
+    source, the compiler and the flags); not loaded, so any ISA the compiler targets can be built on
+    any machine. Raises RuntimeError when there is no compiler or the build fails."""
+    from argen.models.sources import cache_dir
+
+    cc = cc or _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (cc, gcc, clang or $CC)")
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
+    code = [f.read_bytes() for f in SOURCES + HEADERS]
+    key = hashlib.sha1(repr((code, version, BASE_FLAGS, ISA_FLAGS[isa])).encode()).hexdigest()[:12]
+    return build(isa, cc, cache_dir() / "kernels" / f"{isa}-{key}")
+
+
 @functools.cache
 def library(isa: str | None = None) -> KernelLibrary | None:
     """The compiled kernels for this CPU (or for `isa`), built on first use; None without a compiler."""
-    from argen.models.sources import cache_dir
-
     isa = isa or pick_isa()
     cc = _compiler()
     if cc is None:
         log.warning("no C compiler found (cc, gcc, clang or $CC): argen's quantized CPU kernels are off, "
                     "weights stay in fp32; install gcc to enable them")  # fmt: skip
         return None
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
-    code = [f.read_bytes() for f in SOURCES + HEADERS]
-    key = hashlib.sha1(repr((code, version, BASE_FLAGS, ISA_FLAGS[isa])).encode()).hexdigest()[:12]
     try:
-        path = build(isa, cc, cache_dir() / "kernels" / f"{isa}-{key}")
+        path = compile_kernels(isa, cc)
     except (RuntimeError, OSError) as exc:
         log.warning("argen's CPU kernels are off, weights stay in fp32: %s", exc)
         return None
