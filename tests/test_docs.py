@@ -31,3 +31,13 @@ def test_every_relative_link_in_the_readme_exists():
     assert len(links) >= 15, links
     missing = [link for link in links if not (ROOT / link).exists()]
     assert not missing, f"README.md links to paths that do not exist: {missing}"
+
+
+def test_the_readme_python_example_runs(capsys):
+    """The README's Python example, run as written on the tiny random model instead of the default
+    one (the API it shows is the API there is). Guards against an example that no longer runs: a
+    renamed keyword (`max_new_token=32`), a strategy option that is not one (`max_drafts`)."""
+    block = re.search(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+    assert block.count("argen.load()") == 1 and len(block.strip().splitlines()) <= 10
+    exec(compile(block.replace("argen.load()", 'argen.load("tiny-random")'), "README.md", "exec"), {})
+    assert re.search(r" (stop|length) \d", capsys.readouterr().out), "the example prints text, finish reason, tokens/s"
