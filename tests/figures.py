@@ -26,7 +26,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-CITATION = re.compile(r"(?<![\w/.])benchmarks/[\w./-]*[\w/]")
+# A report's path from the repository root (`benchmarks/NAME/`), or a docs page's link to it
+# (`../benchmarks/NAME/report.md`, right on GitHub; docs/hooks.py points it at the site's copy).
+CITATION = re.compile(r"(?<![\w/.])(?:\.\./)?benchmarks/[\w./-]*[\w/]")
 HEADING = re.compile(r"^#{1,6} ")
 # A number: optional sign, digits (with thousands commas), decimals, or a fraction a/b; not inside
 # a word (Q4_1, r4, min_layers=24 stay words) and not a version (0.3.36).
@@ -207,16 +209,17 @@ def quotes(page: Path, root: Path, derived: list[str] = ()) -> tuple[list[Quote]
             fence = not fence
             continue
         for match in CITATION.finditer(line):
-            if not (root / match.group()).exists():
-                problems.append(f"{name}:{number}: cites {match.group()}, which does not exist")
+            path = match.group().removeprefix("../")
+            if not (root / path).exists():
+                problems.append(f"{name}:{number}: cites {path}, which does not exist")
             elif not fence and "--out" not in line[max(0, match.start() - 8) : match.start()]:
-                folder = report_folder(root, match.group())
+                folder = report_folder(root, path)
                 if folder not in loaded:
                     if (folder / "report.md").is_file():
                         loaded[folder] = Report.load(folder, root)
                     else:
                         loaded[folder] = None
-                        problems.append(f"{name}:{number}: cites {match.group()}, whose folder has no report.md")
+                        problems.append(f"{name}:{number}: cites {path}, whose folder has no report.md")
                 if loaded[folder] is not None and loaded[folder] not in cited:
                     cited.append(loaded[folder])
         if fence:

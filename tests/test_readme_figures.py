@@ -247,7 +247,7 @@ def serving_longer() -> list[str]:
     chunked, whole = b["configs"]["chunked prefill"], b["configs"]["whole prompts at once"]
     p99 = chunked["by_kind"]["short"]["ttft_p99_s"], whole["by_kind"]["short"]["ttft_p99_s"]
     return [f"under 100 characters {ratio[100][0]:.3f} of the prompt tokens and {ratio[100][1]:.2f}× better time to first "
-            f"token (`benchmarks/serving/shared-prefix-100/report.md`), under 400 characters {ratio[400][0]:.3f} "
+            f"token ([report](../benchmarks/serving/shared-prefix-100/report.md)), under 400 characters {ratio[400][0]:.3f} "
             f"and {ratio[400][1]:.2f}×",
             f"the system prompt's {prefix // 16} full blocks ({prefix} tokens) once",
             f"{ratio[60][2]:.0f}, {ratio[100][2]:.0f} and {ratio[400][2]:.0f} tokens a request on average here). Below "
