@@ -429,16 +429,19 @@ def test_control_a_prose_figure_no_report_holds_is_caught():
 
 
 def test_control_a_cited_report_that_is_missing_fails(tmp_path, monkeypatch):
-    """A page citing a path that does not exist, or a folder without report.md, gets a problem each;
+    """A page citing a path that does not exist (as a path or as a docs page's `../benchmarks/` link),
+    or a folder without report.md, gets a problem each;
     the capacity sentence fails (it used to pass, checking nothing) when its results are missing."""
     (tmp_path / "benchmarks" / "half").mkdir(parents=True)
     (tmp_path / "benchmarks" / "half" / "results.json").write_text("{}")
     page = tmp_path / "page.md"
     page.write_text("# A page\n\nMeasured (`benchmarks/gone/report.md`), 12.5 tok/s.\n\n"
-                    "More (`benchmarks/half/`):\n\n| x | tok/s |\n|---|--:|\n| a | 3.25 |\n")  # fmt: skip
+                    "More (`benchmarks/half/`):\n\n| x | tok/s |\n|---|--:|\n| a | 3.25 |\n\n"
+                    "A docs page's link ([report](../benchmarks/gone-too/report.md)): 4.5 tok/s.\n")  # fmt: skip
     problems, _ = check_page(page, tmp_path)
     assert any("benchmarks/gone/report.md, which does not exist" in p for p in problems), problems
     assert any("benchmarks/half/, whose folder has no report.md" in p for p in problems), problems
+    assert any("benchmarks/gone-too/report.md, which does not exist" in p for p in problems), problems
     monkeypatch.setitem(globals(), "BENCH", tmp_path / "benchmarks")
     with pytest.raises(FileNotFoundError):
         press_capacity()
