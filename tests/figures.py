@@ -1,6 +1,6 @@
 """Figures a markdown page quotes from committed reports, read back against those reports.
 
-A page (README.md now, docs pages later) cites a report by its path, `benchmarks/NAME/...`; the
+A page (README.md, every docs/*.md page) cites a report by its path, `benchmarks/NAME/...`; the
 report is the nearest folder at or above that path with a `report.md` (its tables and text), plus
 its `results.json`. In a section (heading to heading), every table and paragraph after a citation
 quotes the reports cited so far in that section:
@@ -26,7 +26,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-CITATION = re.compile(r"(?<![\w/.])benchmarks/[\w./-]*[\w/]")
+# A report's path from the repository root (`benchmarks/NAME/`), or a docs page's link to it
+# (`../benchmarks/NAME/report.md`, right on GitHub; docs/hooks.py points it at the site's copy).
+CITATION = re.compile(r"(?<![\w/.])(?:\.\./)?benchmarks/[\w./-]*[\w/]")
 HEADING = re.compile(r"^#{1,6} ")
 # A number: optional sign, digits (with thousands commas), decimals, or a fraction a/b; not inside
 # a word (Q4_1, r4, min_layers=24 stay words) and not a version (0.3.36).
@@ -183,6 +185,7 @@ def quotes(page: Path, root: Path, derived: list[str] = ()) -> tuple[list[Quote]
     problems with its citations. `derived`: sentences checked elsewhere, left out of paragraphs."""
     loaded: dict[Path, Report | None] = {}
     found, problems = [], []
+    name = str(page.relative_to(root)) if page.is_relative_to(root) else page.name
     cited: list[Report] = []
     fence, paragraph, table = False, [], []
 
@@ -191,14 +194,14 @@ def quotes(page: Path, root: Path, derived: list[str] = ()) -> tuple[list[Quote]
             text = " ".join(" ".join(line for _, line in paragraph).split())
             for sentence in derived:
                 text = text.replace(" ".join(sentence.split()), " ")
-            found.append(Quote(page.name, paragraph[0][0], list(cited), text=CITATION.sub(" ", text)))
+            found.append(Quote(name, paragraph[0][0], list(cited), text=CITATION.sub(" ", text)))
         paragraph.clear()
 
     def close_table() -> None:
         if table and cited:
             for (number, _), cells in zip(table[2:], table_rows([line for _, line in table])[0], strict=False):
                 if [f for cell in cells[1:] for f in figures(cell)]:
-                    found.append(Quote(page.name, number, list(cited), cells=cells))
+                    found.append(Quote(name, number, list(cited), cells=cells))
         table.clear()
 
     for number, line in enumerate(page.read_text().splitlines() + [""], 1):
@@ -206,16 +209,17 @@ def quotes(page: Path, root: Path, derived: list[str] = ()) -> tuple[list[Quote]
             fence = not fence
             continue
         for match in CITATION.finditer(line):
-            if not (root / match.group()).exists():
-                problems.append(f"{page.name}:{number}: cites {match.group()}, which does not exist")
+            path = match.group().removeprefix("../")
+            if not (root / path).exists():
+                problems.append(f"{name}:{number}: cites {path}, which does not exist")
             elif not fence and "--out" not in line[max(0, match.start() - 8) : match.start()]:
-                folder = report_folder(root, match.group())
+                folder = report_folder(root, path)
                 if folder not in loaded:
                     if (folder / "report.md").is_file():
                         loaded[folder] = Report.load(folder, root)
                     else:
                         loaded[folder] = None
-                        problems.append(f"{page.name}:{number}: cites {match.group()}, whose folder has no report.md")
+                        problems.append(f"{name}:{number}: cites {path}, whose folder has no report.md")
                 if loaded[folder] is not None and loaded[folder] not in cited:
                     cited.append(loaded[folder])
         if fence:

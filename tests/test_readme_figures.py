@@ -1,11 +1,11 @@
 """Every committed report names the commit it describes and holds no absolute machine path, and the
-figures README.md quotes from them are the reports' own:
+figures the pages (README.md and every docs/*.md page) quote from them are the reports' own:
 
-- every table row and every measured figure of the prose that follows a report's citation is read
-  back against that report by `tests/figures.py` (generic: any page, any report; a cited report that
-  is missing fails);
-- the sentences whose figures the README derives (ratios, sums, shares, spreads) are rebuilt below
-  from a report's results.json or report.md and must appear in the README word for word; the generic
+- on every page, every table row and every measured figure of the prose that follows a report's
+  citation is read back against that report by `tests/figures.py` (generic: any page, any report; a
+  cited report that is missing fails);
+- the sentences whose figures a page derives (ratios, sums, shares, spreads) are rebuilt below from a
+  report's results.json or report.md and must appear in one of the pages word for word; the generic
   check leaves exactly those sentences to them."""
 
 from __future__ import annotations
@@ -21,7 +21,10 @@ from figures import check, check_page, quotes
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
-README = " ".join((ROOT / "README.md").read_text().split())
+# The pages whose figures are checked: README.md and the docs site's pages (mkdocs.yml), all of them,
+# so that a page added later is checked without being listed here.
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+TEXT = {page: " ".join(page.read_text().split()) for page in PAGES}
 ABSOLUTE = re.compile(r"(?<![\w.])/(?:work|root|tmp|home|Users|usr|opt|private|var)/")
 PROVENANCE = re.compile(r"^Provenance: (?:commit|committed in) ([0-9a-f]{7,40})\b", re.M)
 
@@ -39,7 +42,7 @@ def f2(value: float) -> str:
 
 
 def span(values, spec: str = ".2f") -> str:
-    """'a–b' as the README writes a range (a single value when both ends round alike)."""
+    """'a–b' as the pages write a range (a single value when both ends round alike)."""
     lo, hi = format(min(values), spec), format(max(values), spec)
     return lo if lo == hi else f"{lo}–{hi}"
 
@@ -244,7 +247,7 @@ def serving_longer() -> list[str]:
     chunked, whole = b["configs"]["chunked prefill"], b["configs"]["whole prompts at once"]
     p99 = chunked["by_kind"]["short"]["ttft_p99_s"], whole["by_kind"]["short"]["ttft_p99_s"]
     return [f"under 100 characters {ratio[100][0]:.3f} of the prompt tokens and {ratio[100][1]:.2f}× better time to first "
-            f"token ([report](benchmarks/serving/shared-prefix-100/report.md)), under 400 characters {ratio[400][0]:.3f} "
+            f"token ([report](../benchmarks/serving/shared-prefix-100/report.md)), under 400 characters {ratio[400][0]:.3f} "
             f"and {ratio[400][1]:.2f}×",
             f"the system prompt's {prefix // 16} full blocks ({prefix} tokens) once",
             f"{ratio[60][2]:.0f}, {ratio[100][2]:.0f} and {ratio[400][2]:.0f} tokens a request on average here). Below "
@@ -269,7 +272,7 @@ def drift_goals() -> list[str]:
 
 
 def press_capacity() -> list[str]:
-    """The capacity case's figures (README.md cites the report: a missing one fails here)."""
+    """The capacity case's figures (a page cites the report: a missing one fails here)."""
     r = results("serving/press-capacity")
     c = list(r["configs"].values())
     assert len(c) == 3, f"press-capacity: three configurations expected (no press, two budgets), got {len(c)}"
@@ -293,7 +296,7 @@ def structured() -> list[str]:
 
 
 def drift(name: str = "drift") -> list[str]:
-    """Every configuration's mean row of a drift report, as the README's table has it (the per-layer
+    """Every configuration's mean row of a drift report, as the drift page's table has it (the per-layer
     report's table leaves out its exact rows, which the main table has)."""
     return [f"| {r[0]} | {r[3]} | {r[4]} | {r[6]} | {r[7]} | {r[10]} |" for r in table(name, "| configuration")
             if r[1] == "all" and (name == "drift" or r[0] not in ("exact", "kvpress none"))]  # fmt: skip
@@ -308,16 +311,18 @@ CLAIMS = {"press-capacity": press_capacity, "serving-longer": serving_longer, "d
 @pytest.mark.parametrize("name", CLAIMS)
 def test_readme_quotes_the_committed_report(name):
     for sentence in CLAIMS[name]():
-        assert " ".join(sentence.split()) in README, f"README.md should say, as benchmarks/{name}/ does: {sentence}"
+        sentence = " ".join(sentence.split())
+        assert any(sentence in text for text in TEXT.values()), \
+            f"a page (README.md or docs/) should say, as benchmarks/{name}/ does: {sentence}"  # fmt: skip
 
 
 def test_control_a_changed_figure_is_caught(monkeypatch):
-    """The check above fails when a report and the README part: one figure off by 0.01."""
+    """The check above fails when a report and the pages part: one figure off by 0.01."""
     real = rows("speculative")
     changed = {k: dict(v) for k, v in real.items()}
     changed[("all", "ngram")]["speedup_vs_plain"] += 0.01
     monkeypatch.setitem(globals(), "rows", lambda name: changed if name == "speculative" else real)
-    with pytest.raises(AssertionError, match="README.md should say"):
+    with pytest.raises(AssertionError, match="should say, as benchmarks/speculative/"):
         test_readme_quotes_the_committed_report("speculative")
 
 
@@ -346,17 +351,36 @@ def derived() -> list[str]:
     return [sentence for claim in CLAIMS.values() for sentence in claim()]
 
 
+def every_quote(derived_sentences: list[str] = ()) -> tuple[list, list[str]]:
+    """What every page quotes (tests/figures.py's quotes, over PAGES), and the problems with its citations."""
+    found, problems = [], []
+    for page in PAGES:
+        page_found, page_problems = quotes(page, ROOT, derived_sentences)
+        found += page_found
+        problems += page_problems
+    return found, problems
+
+
 def test_every_table_row_and_prose_figure_is_its_reports():
-    """README.md, read by the generic checker: every row of every table after a citation (the fast
-    path's decode table, its quant paths, the prefill and pass-cost tables, both drift tables) stands
-    in a row of the cited report, and every measured figure of the prose is a cited report's."""
-    problems, found = check_page(ROOT / "README.md", ROOT, derived())
-    assert not problems, "README.md quotes figures its reports do not hold:\n" + "\n".join(problems)
+    """Every page, read by the generic checker: every row of every table after a citation (README's
+    strategies table; the fast path's decode table, its quant paths, the prefill and pass-cost tables,
+    both drift tables in the docs) stands in a row of the cited report, and every measured figure of
+    the prose is a cited report's."""
+    problems, found = [], []
+    for page in PAGES:
+        page_problems, page_found = check_page(page, ROOT, derived())
+        problems += page_problems
+        found += page_found
+    assert not problems, "the pages quote figures their reports do not hold:\n" + "\n".join(problems)
     rows = [q for q in found if q.cells is not None]
     tables = {q.reports[-1].name for q in rows}
     assert {"benchmarks/fast_path/decode", "benchmarks/fast_path/quant-paths", "benchmarks/fast_path",
             "benchmarks/drift", "benchmarks/drift-per-layer"} <= tables, tables  # fmt: skip
     assert len(rows) >= 90 and sum(len(q.checked) for q in rows) >= 450
+    readme = [q for q in rows if q.page == "README.md"]
+    assert len(readme) >= 9 and sum(len(q.checked) for q in readme) >= 20, "README's strategies table is checked"
+    cites = {page.relative_to(ROOT).as_posix() for page in PAGES if "benchmarks/" in page.read_text()}
+    assert cites <= {q.page for q in found} | {"docs/benchmarks.md"}, "every page that cites a report is read"
 
 
 def bump(figure: str) -> str:
@@ -364,21 +388,21 @@ def bump(figure: str) -> str:
 
 
 def test_control_any_table_figure_changed_by_one_digit_is_caught():
-    """Each figure of each checked table row, its last digit changed (30/30 to 30/31, 78.6 to 78.7):
-    the row no longer stands in its report. Also a row relabelled as its neighbour (h2o 0.35's
-    figures under `h2o 0.5`)."""
+    """Each figure of each checked table row of every page, its last digit changed (30/30 to 30/31,
+    78.6 to 78.7): the row no longer stands in its report. Also a row relabelled as its neighbour
+    (h2o 0.35's figures under `h2o 0.5`)."""
     import dataclasses
 
     from figures import NUMBER
 
-    found, _ = quotes(ROOT / "README.md", ROOT)
+    found, _ = every_quote()
     changed = 0
     for q in (q for q in found if q.cells is not None):
         for i, cell in enumerate(q.cells[1:], 1):
             for m in NUMBER.finditer(cell):
                 cells = list(q.cells)
                 cells[i] = cell[: m.start()] + bump(m.group()) + cell[m.end() :]
-                assert check(dataclasses.replace(q, cells=cells)), f"README.md:{q.line}: {m.group()} -> {bump(m.group())}"
+                assert check(dataclasses.replace(q, cells=cells)), f"{q.page}:{q.line}: {m.group()} -> {bump(m.group())}"
                 changed += 1
     assert changed >= 450
     h2o = {label: q for q in found if q.cells is not None and (label := q.cells[0]) in ("h2o 0.5", "h2o 0.35")}
@@ -386,35 +410,38 @@ def test_control_any_table_figure_changed_by_one_digit_is_caught():
 
 
 def test_control_a_prose_figure_no_report_holds_is_caught():
-    """Every measured figure of the prose, replaced by one no report holds, is reported. (The prose
-    check only asks that a figure be one of the cited reports' numbers: a figure changed to another
-    of them passes it; the sentences the tests rebuild are exact.)"""
+    """Every measured figure of every page's prose, replaced by one no report holds, is reported. (The
+    prose check only asks that a figure be one of the cited reports' numbers: a figure changed to
+    another of them passes it; the sentences the tests rebuild are exact.)"""
     import dataclasses
 
     from figures import NUMBER, measured
 
-    found, _ = quotes(ROOT / "README.md", ROOT, derived())
+    found, _ = every_quote(derived())
     prose = [q for q in found if q.cells is None and measured(q.text)]
     figures_checked = 0
     for q in prose:
         for at, figure in measured(q.text):
             end = NUMBER.match(q.text, at).end()
-            assert check(dataclasses.replace(q, text=q.text[:at] + "987.654" + q.text[end:])), f"README.md:{q.line}: {figure}"
+            assert check(dataclasses.replace(q, text=q.text[:at] + "987.654" + q.text[end:])), f"{q.page}:{q.line}: {figure}"
             figures_checked += 1
     assert len(prose) >= 5 and figures_checked >= 70
 
 
 def test_control_a_cited_report_that_is_missing_fails(tmp_path, monkeypatch):
-    """A page citing a path that does not exist, or a folder without report.md, gets a problem each;
+    """A page citing a path that does not exist (as a path or as a docs page's `../benchmarks/` link),
+    or a folder without report.md, gets a problem each;
     the capacity sentence fails (it used to pass, checking nothing) when its results are missing."""
     (tmp_path / "benchmarks" / "half").mkdir(parents=True)
     (tmp_path / "benchmarks" / "half" / "results.json").write_text("{}")
     page = tmp_path / "page.md"
     page.write_text("# A page\n\nMeasured (`benchmarks/gone/report.md`), 12.5 tok/s.\n\n"
-                    "More (`benchmarks/half/`):\n\n| x | tok/s |\n|---|--:|\n| a | 3.25 |\n")  # fmt: skip
+                    "More (`benchmarks/half/`):\n\n| x | tok/s |\n|---|--:|\n| a | 3.25 |\n\n"
+                    "A docs page's link ([report](../benchmarks/gone-too/report.md)): 4.5 tok/s.\n")  # fmt: skip
     problems, _ = check_page(page, tmp_path)
     assert any("benchmarks/gone/report.md, which does not exist" in p for p in problems), problems
     assert any("benchmarks/half/, whose folder has no report.md" in p for p in problems), problems
+    assert any("benchmarks/gone-too/report.md, which does not exist" in p for p in problems), problems
     monkeypatch.setitem(globals(), "BENCH", tmp_path / "benchmarks")
     with pytest.raises(FileNotFoundError):
         press_capacity()

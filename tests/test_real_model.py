@@ -81,7 +81,7 @@ def test_the_exact_path_decodes_as_fp32_token_for_token(real, questions):
     """The default path (`quant="exact"`: the GGUF's blocks, C kernels) against `quant="none"` (the
     same weights dequantized to fp32, torch's path) on the 12 questions, 48 greedy tokens each:
     identical token for token, a divergence excused only by the one near-tie rule (`argen.neartie`,
-    judged on HF's logits). The README's fast-path table says 30/30; this is its test. Guards against
+    judged on HF's logits). The fast-path table (docs/fast-path.md) says 30/30; this is its test. Guards against
     any fidelity loss on the exact path (a scale, a block or a rounding that fp32 does not have)."""
     fp32 = argen.load("default", quant="none")
     assert real.quant == "exact" and fp32.quant == "none"
