@@ -1,0 +1,154 @@
+"""Decoders for the image-token models (models.py's contract), batched over images.
+
+Every decoder returns a `Decoded`: the tokens and, per image, the forward passes of the target model
+(and of the draft) that the image took part in, the figure the benchmarks compare. Randomness comes
+from one `torch.Generator`, so a seed replays a call (for the same labels in the same order).
+
+AR models:
+- `ar_plain`: one pixel a pass, n_pixels passes.
+- `ar_speculative`: draft-model speculative sampling (Leviathan et al. 2023; Chen et al. 2023): the
+  draft proposes up to k pixels, the target scores them in one pass, pixel j is kept with probability
+  min(1, p/q) and the first rejected one is resampled from norm(max(p - q, 0)); when all are kept a
+  bonus pixel is drawn from p. The output distribution is exactly the target's (tests/test_digits.py).
+Masked-diffusion models:
+- `diffusion_plain`: one pixel a pass, at a uniformly random masked position (ancestral order).
+- `diffusion_confidence`: Fast-dLLM's confidence-threshold parallel decoding (Wu et al. 2025): every
+  masked pixel whose most likely level has probability >= threshold is decoded in the same pass
+  (its level drawn from the model's distribution there); when none is, the most confident one is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Decoded:
+    tokens: torch.Tensor  # (batch, n_pixels) int64 in 0..n_levels-1
+    target_passes: torch.Tensor  # (batch,) forward passes of the target each image was in
+    draft_passes: torch.Tensor  # (batch,) forward passes of the draft (0 without one)
+
+
+def _probs(model, labels: torch.Tensor, pixels: torch.Tensor, temperature: float) -> torch.Tensor:
+    return torch.softmax(model(labels, pixels).double() / temperature, -1)
+
+
+def _draw(probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """One level per row of `probs` (..., V)."""
+    flat = probs.reshape(-1, probs.shape[-1])
+    return torch.multinomial(flat, 1, generator=gen).reshape(probs.shape[:-1])
+
+
+@torch.no_grad()
+def ar_plain(model, labels: torch.Tensor, gen: torch.Generator, temperature: float = 1.0) -> Decoded:
+    b, d = len(labels), model.n_pixels
+    x = torch.zeros(b, d, dtype=torch.long)
+    for t in range(d):
+        x[:, t] = _draw(_probs(model, labels, x, temperature)[:, t], gen)
+    return Decoded(x, torch.full((b,), d), torch.zeros(b, dtype=torch.long))
+
+
+def accept_probability(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Speculative sampling's rule: keep a draft token with probability min(1, p/q) (q > 0: it was drawn)."""
+    return torch.clamp(p / q, max=1.0)
+
+
+def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Where a rejected draft token is resampled from: norm(max(p - q, 0)), rows (..., V)."""
+    r = torch.clamp(p - q, min=0.0)
+    total = r.sum(-1, keepdim=True)
+    # A rejection has probability 0 where p == q; guard the division for rounding anyway.
+    return torch.where(total > 0, r / total.clamp(min=1e-300), p)
+
+
+@torch.no_grad()
+def ar_speculative(target, draft, labels: torch.Tensor, gen: torch.Generator, k: int = 4,
+                   temperature: float = 1.0) -> Decoded:  # fmt: skip
+    b, d, v = len(labels), target.n_pixels, target.n_levels
+    x = torch.zeros(b, d, dtype=torch.long)
+    n = torch.zeros(b, dtype=torch.long)  # pixels decoded per image
+    tp = torch.zeros(b, dtype=torch.long)
+    dp = torch.zeros(b, dtype=torch.long)
+    while bool((n < d).any()):
+        a = (n < d).nonzero().squeeze(1)
+        la, xa, na = labels[a], x[a].clone(), n[a]
+        rows = torch.arange(len(a))
+        kk = torch.clamp(d - na, max=k)  # drafts this round (>= 1)
+        qs = torch.zeros(len(a), k, v, dtype=torch.double)
+        for j in range(k):
+            live = j < kk
+            if not bool(live.any()):
+                break
+            pos = torch.clamp(na + j, max=d - 1)
+            q = _probs(draft, la, xa, temperature)[rows, pos]
+            tok = _draw(q, gen)
+            xa[rows[live], pos[live]] = tok[live]
+            qs[:, j] = q
+            dp[a[live]] += 1
+        p_all = _probs(target, la, xa, temperature)
+        tp[a] += 1
+        positions = torch.clamp(na[:, None] + torch.arange(k + 1)[None, :], max=d - 1)
+        ps = p_all[rows[:, None], positions]  # (A, k + 1, V)
+        made = torch.zeros(len(a), dtype=torch.long)  # pixels this round commits per image
+        going = torch.ones(len(a), dtype=torch.bool)  # every draft so far kept
+        for j in range(k):
+            live = going & (j < kk)
+            if not bool(live.any()):
+                break
+            pos = torch.clamp(na + j, max=d - 1)
+            tok = xa[rows, pos]
+            keep = torch.rand(len(a), generator=gen, dtype=torch.double) < accept_probability(
+                ps[rows, j, tok], qs[rows, j, tok]
+            )
+            kept, rejected = live & keep, live & ~keep
+            fresh = _draw(residual(ps[:, j], qs[:, j]), gen)
+            xa[rows[rejected], pos[rejected]] = fresh[rejected]
+            made += live.long()  # a kept draft or its resampled replacement
+            going = kept
+        # All drafts kept: a bonus pixel from the target's pass, where one is left.
+        bonus = going & (na + kk < d)
+        if bool(bonus.any()):
+            pos = torch.clamp(na + kk, max=d - 1)
+            fresh = _draw(ps[rows, kk.clamp(max=k)], gen)
+            xa[rows[bonus], pos[bonus]] = fresh[bonus]
+            made += bonus.long()
+        n[a] = na + made
+        # Pixels past the committed ones are scratch: clear them (a causal model ignores them anyway).
+        xa[torch.arange(d)[None, :] >= n[a][:, None]] = 0
+        x[a] = xa
+    return Decoded(x, tp, dp)
+
+
+@torch.no_grad()
+def diffusion_plain(model, labels: torch.Tensor, gen: torch.Generator, temperature: float = 1.0) -> Decoded:
+    b, d, mask = len(labels), model.n_pixels, model.n_levels
+    x = torch.full((b, d), mask, dtype=torch.long)
+    rows = torch.arange(b)
+    for _ in range(d):
+        scores = torch.rand(b, d, generator=gen).masked_fill(x != mask, -1.0)
+        pos = scores.argmax(-1)  # a uniformly random masked pixel per image
+        x[rows, pos] = _draw(_probs(model, labels, x, temperature)[rows, pos], gen)
+    return Decoded(x, torch.full((b,), d), torch.zeros(b, dtype=torch.long))
+
+
+@torch.no_grad()
+def diffusion_confidence(model, labels: torch.Tensor, gen: torch.Generator, threshold: float = 0.9,
+                         temperature: float = 1.0) -> Decoded:  # fmt: skip
+    b, d, mask = len(labels), model.n_pixels, model.n_levels
+    x = torch.full((b, d), mask, dtype=torch.long)
+    tp = torch.zeros(b, dtype=torch.long)
+    while bool((x == mask).any()):
+        a = (x == mask).any(-1).nonzero().squeeze(1)
+        xa = x[a]
+        probs = _probs(model, labels[a], xa, temperature)
+        tp[a] += 1
+        masked = xa == mask
+        conf = probs.max(-1).values.masked_fill(~masked, -1.0)
+        chosen = masked & (conf >= threshold)
+        best = conf.argmax(-1)
+        chosen[torch.arange(len(a)), best] = True  # at least one pixel a pass
+        tok = _draw(probs, gen)
+        x[a] = torch.where(chosen, tok, xa)
+    return Decoded(x, tp, torch.zeros(b, dtype=torch.long))
