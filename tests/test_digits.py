@@ -195,6 +195,34 @@ def test_speculative_passes_shrink_with_a_draft_equal_to_the_target():
     assert out.target_passes.tolist() == [16] * 4 and out.draft_passes.tolist() == [48] * 4
 
 
+def test_lantern_with_delta_zero_is_exact_speculative_sampling_and_relaxing_saves_passes():
+    """LANTERN lends a draft token its neighbours' mass only up to delta: at delta = 0 nothing is
+    lent, so the same seed gives the same images as exact speculative sampling (a bug that lends mass
+    anyway, or resamples from a different residual, breaks the equality); with delta > 0 more drafts
+    are kept, so fewer target passes."""
+    target, draft = sharp_made(2, 1.5), sharp_made(12, 1.5)
+    labels = torch.zeros(4000, dtype=torch.long)
+
+    def run(relax):
+        return decoding.ar_speculative(target, draft, labels, torch.Generator().manual_seed(5), k=2, relax=relax)
+
+    exact = run(None)
+    order = decoding.grey_level_order(3)
+    assert torch.equal(run(decoding.Lantern(order, delta=0.0, neighbours=2)).tokens, exact.tokens)
+    relaxed = run(decoding.Lantern(order, delta=0.5, neighbours=2))
+    assert relaxed.target_passes.double().mean() < exact.target_passes.double().mean()
+
+
+def test_lantern_neighbourhood_stops_at_delta():
+    order = decoding.grey_level_order(5)
+    assert order[2].tolist() == [1, 3, 0, 4] and order[0].tolist() == [1, 2, 3, 4]
+    p = torch.tensor([[0.1, 0.2, 0.3, 0.25, 0.15]], dtype=torch.double)
+    lent, mask = decoding.Lantern(order, delta=0.3, neighbours=2).relaxed(p, torch.tensor([2]))
+    assert lent.item() == pytest.approx(0.5) and mask[0].tolist() == [False, True, False, False, False]
+    lent, mask = decoding.Lantern(order, delta=0.5, neighbours=2).relaxed(p, torch.tensor([2]))
+    assert lent.item() == pytest.approx(0.75) and mask[0].tolist() == [False, True, False, True, False]
+
+
 # -- diffusion decoding ---------------------------------------------------------------------------------
 def test_confidence_decoding_spans_one_pass_to_one_pixel_a_pass():
     model = build(ModelConfig("diffusion", hidden=16, layers=2)).eval()
@@ -236,8 +264,9 @@ def test_load_and_generate_images(tiny_recipes):
     images = gen.generate_images(labels=[0, 1, 2], seed=7)
     assert images.shape == (3, 8, 8) and images.dtype == np.int64 and 0 <= images.min() <= images.max() <= 16
     assert np.array_equal(images, gen.generate_images(labels=[0, 1, 2], seed=7))
-    spec = gen.generate_images_with_stats([3] * 4, strategy={"name": "speculative", "k": 2}, seed=1)
-    assert spec.images.shape == (4, 8, 8) and (spec.target_passes <= 64).all()
+    for strategy in ({"name": "speculative", "k": 2}, {"name": "lantern", "k": 3, "delta": 0.2}):
+        spec = gen.generate_images_with_stats([3] * 4, strategy=strategy, seed=1)
+        assert spec.images.shape == (4, 8, 8) and (spec.target_passes <= 64).all()
     diffusion = argen.load("digits-diffusion")
     out = diffusion.generate_images_with_stats([4, 5], strategy={"name": "confidence", "threshold": 0.5}, seed=2)
     assert out.images.shape == (2, 8, 8) and (out.target_passes <= 64).all()
@@ -257,6 +286,8 @@ def test_load_and_generate_images(tiny_recipes):
         ([0], {"name": "plain", "temperature": 0}, "temperature must be a number"),
         ([0], {"name": "plain", "draft": "/etc/passwd"}, "unknown option 'draft'"),
         ([0], {"name": "beam"}, "does not run on"),
+        ([0], {"name": "lantern", "delta": 2}, r"delta must be a number in \[0.0, 1.0\]"),
+        ([0], {"name": "lantern", "neighbours": 99}, "neighbours must be a number"),
     ],
 )
 def test_bad_requests_get_clear_errors(tiny_recipes, labels, strategy, message):

@@ -10,6 +10,7 @@ AR models:
   draft proposes up to k pixels, the target scores them in one pass, pixel j is kept with probability
   min(1, p/q) and the first rejected one is resampled from norm(max(p - q, 0)); when all are kept a
   bonus pixel is drawn from p. The output distribution is exactly the target's (tests/test_digits.py).
+  With `relax` (a `Lantern`), LANTERN's relaxed acceptance (Jang et al., ICLR 2025): lossy.
 Masked-diffusion models:
 - `diffusion_plain`: one pixel a pass, at a uniformly random masked position (ancestral order).
 - `diffusion_confidence`: Fast-dLLM's confidence-threshold parallel decoding (Wu et al. 2025): every
@@ -63,9 +64,45 @@ def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return torch.where(total > 0, r / total.clamp(min=1e-300), p)
 
 
+@dataclass(frozen=True)
+class Lantern:
+    """LANTERN's relaxed acceptance: a draft token x is kept with probability min(1, p~(x)/q(x)), where
+    p~(x) adds to p(x) the target's probability of x's nearest tokens in latent space, nearest first,
+    as long as that added mass stays <= delta (at most `neighbours` of them). Each step's output
+    distribution thus moves mass only within latent neighbourhoods, by at most delta in total
+    variation. On a rejection, the resampling excludes x and the neighbours that lent it their mass
+    (as the authors' implementation does), from norm(max(p - q, 0)).
+
+    `order` (V, V-1): every token's other tokens, nearest first. For grey levels the latent space is
+    the level itself (`grey_level_order`); a model with a learned codebook passes the order of its
+    code vectors' distances."""
+
+    order: torch.Tensor
+    delta: float = 0.1
+    neighbours: int = 2
+
+    def relaxed(self, p: torch.Tensor, tok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(p~(tok) per row, the lending neighbours as a (rows, V) bool mask) for rows p (A, V)."""
+        near = self.order[tok][:, : self.neighbours]  # (A, n)
+        lent = torch.cumsum(p.gather(1, near), -1)
+        ok = lent <= self.delta  # a prefix: the cumulative sum only grows
+        extra = (lent * ok).max(-1).values
+        mask = torch.zeros_like(p, dtype=torch.bool)
+        mask.scatter_(1, near, ok)
+        return p.gather(1, tok[:, None]).squeeze(1) + extra, mask
+
+
+def grey_level_order(levels: int) -> torch.Tensor:
+    """For each grey level, the other levels by distance |a - b| (ties: the darker first)."""
+    values = torch.arange(levels)
+    dist = (values[None, :] - values[:, None]).abs() * levels + values[None, :]  # distance, then level
+    dist.fill_diagonal_(-1)
+    return dist.argsort(-1)[:, 1:]
+
+
 @torch.no_grad()
 def ar_speculative(target, draft, labels: torch.Tensor, gen: torch.Generator, k: int = 4,
-                   temperature: float = 1.0) -> Decoded:  # fmt: skip
+                   temperature: float = 1.0, relax: Lantern | None = None) -> Decoded:  # fmt: skip
     b, d, v = len(labels), target.n_pixels, target.n_levels
     x = torch.zeros(b, d, dtype=torch.long)
     n = torch.zeros(b, dtype=torch.long)  # pixels decoded per image
@@ -99,11 +136,17 @@ def ar_speculative(target, draft, labels: torch.Tensor, gen: torch.Generator, k:
                 break
             pos = torch.clamp(na + j, max=d - 1)
             tok = xa[rows, pos]
-            keep = torch.rand(len(a), generator=gen, dtype=torch.double) < accept_probability(
-                ps[rows, j, tok], qs[rows, j, tok]
-            )
+            p_tok, excluded = ps[rows, j, tok], None
+            if relax is not None:
+                p_tok, excluded = relax.relaxed(ps[:, j], tok)
+                excluded[rows, tok] = True
+            keep = torch.rand(len(a), generator=gen, dtype=torch.double) < accept_probability(p_tok, qs[rows, j, tok])
             kept, rejected = live & keep, live & ~keep
-            fresh = _draw(residual(ps[:, j], qs[:, j]), gen)
+            p_left = ps[:, j] if excluded is None else ps[:, j].masked_fill(excluded, 0.0)
+            res = residual(p_left, qs[:, j])
+            if excluded is not None:  # nothing left outside the neighbourhood: fall back to p
+                res = torch.where(res.sum(-1, keepdim=True) > 0, res, ps[:, j])
+            fresh = _draw(res, gen)
             xa[rows[rejected], pos[rejected]] = fresh[rejected]
             made += live.long()  # a kept draft or its resampled replacement
             going = kept

@@ -21,9 +21,11 @@ CHUNK = 512  # images decoded together (bounds memory)
 STRATEGIES: dict[str, tuple[str, dict[str, tuple[float, float, float]]]] = {
     "plain": ("any", {"temperature": (1.0, 0.05, 10.0)}),
     "speculative": ("ar", {"k": (4, 1, 16), "temperature": (1.0, 0.05, 10.0)}),
+    "lantern": ("ar", {"k": (4, 1, 16), "delta": (0.1, 0.0, 1.0), "neighbours": (2, 1, 16),
+                       "temperature": (1.0, 0.05, 10.0)}),
     "confidence": ("diffusion", {"threshold": (0.9, 0.0, 1.0), "temperature": (1.0, 0.05, 10.0)}),
 }
-INTEGER_OPTIONS = {"k"}
+INTEGER_OPTIONS = {"k", "neighbours"}
 
 
 @dataclass
@@ -68,12 +70,17 @@ def parse_strategy(spec, kind: str) -> tuple[str, dict]:
 class ImageGenerator:
     """Generates images from an image-token model (models.py's contract) with a decoding strategy."""
 
-    def __init__(self, name: str, model, kind: str, draft=None) -> None:
+    def __init__(self, name: str, model, kind: str, draft=None, latent_order: torch.Tensor | None = None) -> None:
         self.name, self.model, self.kind, self.draft = name, model, kind, draft
+        # LANTERN's latent neighbourhoods: (V, V-1) other tokens nearest first; grey levels by default.
+        self.latent_order = decoding.grey_level_order(model.n_levels) if latent_order is None else latent_order
 
     @classmethod
-    def from_modules(cls, model, kind: str, draft=None, name: str = "custom") -> ImageGenerator:
-        """Plug in a model of one's own (and a draft for "speculative"): its contract is checked first."""
+    def from_modules(cls, model, kind: str, draft=None, name: str = "custom",
+                     latent_order: torch.Tensor | None = None) -> ImageGenerator:  # fmt: skip
+        """Plug in a model of one's own (and a draft for "speculative" / "lantern"): its contract is
+        checked first. `latent_order` (n_levels, n_levels - 1): each token's others, nearest first in the
+        model's latent (codebook) space, for LANTERN; by default tokens are grey levels (nearest level)."""
         check_model(model, kind)
         if draft is not None:
             check_model(draft, "ar")
@@ -99,12 +106,13 @@ class ImageGenerator:
 
     def generate_images_with_stats(self, labels, *, strategy="plain", seed: int | None = None) -> ImageResult:
         """Images for `labels` (class ids) with `strategy`: "plain" (one pixel a pass), "speculative"
-        (AR model with its draft: {"name": "speculative", "k": 4}), "confidence" (diffusion model,
+        (AR model with its draft: {"name": "speculative", "k": 4}), "lantern" (speculative with LANTERN's
+        relaxed acceptance, lossy: {"name": "lantern", "k": 4, "delta": 0.1, "neighbours": 2}), "confidence" (diffusion model,
         Fast-dLLM threshold decoding: {"name": "confidence", "threshold": 0.9}); every strategy takes
         "temperature". The same seed and labels give the same images."""
         lab = self._labels(labels)
         name, options = parse_strategy(strategy, self.kind)
-        if name == "speculative" and self.draft is None:
+        if name in ("speculative", "lantern") and self.draft is None:
             raise InvalidRequestError(f"model {self.name!r} has no draft model for speculative sampling")
         if seed is None:
             seed = secrets.randbelow(2**31)
@@ -126,6 +134,10 @@ class ImageGenerator:
         if self.kind == "ar":
             if name == "speculative":
                 return decoding.ar_speculative(self.model, self.draft, labels, gen, **options)
+            if name == "lantern":
+                rest = {key: v for key, v in options.items() if key not in ("delta", "neighbours")}
+                relax = decoding.Lantern(self.latent_order, options["delta"], options["neighbours"])
+                return decoding.ar_speculative(self.model, self.draft, labels, gen, relax=relax, **rest)
             return decoding.ar_plain(self.model, labels, gen, **options)
         if name == "confidence":
             return decoding.diffusion_confidence(self.model, labels, gen, **options)
