@@ -51,6 +51,10 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    # Provenance before this run writes its own files (they would make the tree look dirty).
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "."], capture_output=True, text=True,
+                                cwd=HERE.parents[1]).stdout.strip())  # fmt: skip
     labels = np.arange(args.images) % 10
     gens = {name: argen.load(name) for name in ("digits-ar", "digits-diffusion")}
     train_info = {}
@@ -82,8 +86,6 @@ def main() -> int:
     plain_ms = {r["model"]: r["ms_per_image"] for r in results if r["spec"]["name"] == "plain"}
     for r in results:
         r["x_plain"] = plain_ms[r["model"]] / r["ms_per_image"]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=HERE).stdout.strip())
     env = {"cpu": cpu_name(), "threads": args.threads, "torch": torch.__version__, "python": platform.python_version(),
            "commit": commit, "dirty": dirty, "images": args.images, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}  # fmt: skip
     reference = {"held_out": {"accuracy": held.accuracy, "frechet": held.frechet, "n": held.n},
