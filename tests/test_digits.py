@@ -308,6 +308,18 @@ def test_cli_writes_a_png_grid(tiny_recipes, tmp_path, capsys):
     assert "label 7:" in capsys.readouterr().out
 
 
+def test_cli_checks_image_options_before_loading(tiny_recipes, monkeypatch, capsys):
+    from argen.cli import main
+
+    monkeypatch.setattr(training, "pretrained", lambda *a, **k: pytest.fail("loaded (and maybe trained) first"))
+    assert main(["generate", "--model", "digits-ar", "--labels", "0", "--strategy", "confidence"]) != 0
+    assert "does not run on a ar" in capsys.readouterr().err
+    assert main(["generate", "--model", "digits-ar", "--labels", "0,x"]) != 0
+    assert "comma-separated list of integers" in capsys.readouterr().err
+    assert main(["generate", "--labels", "0", "hello"]) != 0  # a text model: --labels is refused, nothing loaded
+    assert "--labels and --out are for image models" in capsys.readouterr().err
+
+
 # -- quality ------------------------------------------------------------------------------------------------
 def test_frechet_distance_is_zero_for_equal_sets_and_grows_with_a_shift():
     rng = np.random.default_rng(0)

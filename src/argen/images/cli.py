@@ -18,13 +18,13 @@ def parse_labels(text: str | None) -> list[int]:
 
 
 def generate_images(args: argparse.Namespace, strategy_opts: dict) -> int:
-    from argen.images import load_image_model, save_grid
+    from argen.images import IMAGE_MODELS, load_image_model, save_grid
     from argen.images.generator import parse_strategy
 
     labels = parse_labels(args.labels)
-    gen = load_image_model(args.model)
     strategy = {"name": args.strategy, **strategy_opts}
-    parse_strategy(strategy, gen.kind)
+    parse_strategy(strategy, IMAGE_MODELS[args.model.partition("@")[0]][0])  # before a load that may train
+    gen = load_image_model(args.model)
     result = gen.generate_images_with_stats(labels, strategy=strategy, seed=args.seed)
     if args.out:
         save_grid(result.images, args.out, result.labels)
