@@ -21,7 +21,7 @@ from argen.errors import ArgenError, InvalidRequestError
 from argen.images import ImageGenerator, decoding, training
 from argen.images.data import load_split
 from argen.images.models import MadeAR, ModelConfig, build, check_model
-from argen.images.quality import frechet
+from argen.images.quality import frechet, nearest_training_l1
 
 TINY = {
     "digits-ar": training.Recipe(ModelConfig("ar", hidden=32, layers=1, dropout=0.0), steps=20, batch=32),
@@ -327,3 +327,10 @@ def test_frechet_distance_is_zero_for_equal_sets_and_grows_with_a_shift():
     assert abs(frechet(a, a)) < 1e-6
     assert frechet(a, a + 0.5) == pytest.approx(5 * 0.25, rel=1e-6)  # a mean shift only: |d|^2
     assert frechet(a, a * 2) > 1.0
+
+
+def test_nearest_training_distance_is_zero_for_a_copy():
+    split = load_split()
+    copies = split.train_x[[5, 700, 1400]]
+    assert nearest_training_l1(copies).tolist() == [0, 0, 0]
+    assert (nearest_training_l1(split.test_x[:150]) > 0).mean() > 0.95  # held-out digits are (nearly all) new
