@@ -131,13 +131,13 @@ def checks(results: list[dict]) -> list[str]:
            f"{100 * diff['accuracy']:.1f} % over {ar['n']} images each (target: >= 90 %)."]  # fmt: skip
     conf = [r for r in results if r["spec"]["name"] == "confidence" and r["passes"] <= 0.4 * ar["passes"]]
     ok = [r for r in conf if r["accuracy"] >= diff["accuracy"] - 0.03]
-    if ok:
-        best = min(ok, key=lambda r: r["passes"])
-        out.append(f"- Confidence unmasking at {best['strategy']}: {best['passes']:.1f} passes/image = "
-                   f"{best['passes'] / ar['passes']:.2f} of the AR model's {ar['passes']:.0f} (target <= 0.4), accuracy "
-                   f"{100 * best['accuracy']:.1f} % vs {100 * diff['accuracy']:.1f} % one pixel a pass "
-                   f"({100 * (best['accuracy'] - diff['accuracy']):+.1f} points; target within 3).")  # fmt: skip
-    else:
+    for r in ok:
+        out.append(f"- Confidence unmasking at {r['strategy']}: {r['passes']:.1f} passes/image = "
+                   f"{r['passes'] / ar['passes']:.2f} of the AR model's {ar['passes']:.0f} (target <= 0.4), accuracy "
+                   f"{100 * r['accuracy']:.1f} % vs {100 * diff['accuracy']:.1f} % one pixel a pass "
+                   f"({100 * (r['accuracy'] - diff['accuracy']):+.1f} points; target within 3), Fréchet "
+                   f"{r['frechet']:.2f} vs {diff['frechet']:.2f}.")  # fmt: skip
+    if not ok:
         out.append("- Confidence unmasking: NO row reaches <= 0.4 of the AR passes within 3 accuracy points.")
     spec = row[("digits-ar", "speculative k=8")]
     for r in results:
@@ -145,6 +145,10 @@ def checks(results: list[dict]) -> list[str]:
             out.append(f"- {r['strategy']}: {spec['passes'] / r['passes']:.2f}x fewer target passes than exact "
                        f"speculative k=8 ({r['passes']:.1f} vs {spec['passes']:.1f}; target >= 1.5x), accuracy "
                        f"{100 * (r['accuracy'] - spec['accuracy']):+.1f} points, Fréchet {r['frechet'] - spec['frechet']:+.2f}.")  # fmt: skip
+    p, n = ar["accuracy"], ar["n"]
+    out.append(f"- Sampling noise: at {100 * p:.0f} % over {n} images an accuracy's 95 % interval is about "
+               f"±{196 * (p * (1 - p) / n) ** 0.5:.1f} points, so exact strategies differing from plain by that much "
+               "are noise (their distribution is the target's: tests/test_digits.py).")  # fmt: skip
     return out
 
 
@@ -169,12 +173,19 @@ def write_report(env: dict, train_info: dict, reference: dict, results: list[dic
               "| model | strategy | passes/image | draft passes/image | ms/image | ×plain | accuracy % | Fréchet | NN L1 |",
               "| --- | --- | --: | --: | --: | --: | --: | --: | --: |"]  # fmt: skip
     h, t = reference["held_out"], reference["train_sample"]
-    lines.append(f"| real held-out images | (reference) | | | | | {100 * h['accuracy']:.1f} | {h['frechet']:.2f} | {h['nearest_l1']:.0f} |")
+    lines.append(f"| real held-out images | (reference) | | | | | {100 * h['accuracy']:.1f} | 0 (itself) | {h['nearest_l1']:.0f} |")
     lines.append(f"| real training images ({t['n']}) | (Fréchet floor) | | | | | {100 * t['accuracy']:.1f} | {t['frechet']:.2f} | |")
     for r in results:
         lines.append(f"| {r['model']} | {r['strategy']} | {r['passes']:.1f} | {r['draft_passes']:.1f} | {r['ms_per_image']:.2f} | "
                      f"{r['x_plain']:.2f} | {100 * r['accuracy']:.1f} | {r['frechet']:.2f} | {r['nearest_l1']:.0f} |")  # fmt: skip
-    lines += ["", "![quality against passes](quality.png)", "", "## The issue's acceptance checks, from the table", ""]
+    lines += ["", "![quality against passes](quality.png)", "",
+              "Reading the quality columns: the accuracy is the classifier's verdict on each image alone; at low "
+              "thresholds confidence unmasking draws most pixels in one pass, each from its own distribution given "
+              "the label, which keeps the classifier's verdict but not the joint structure: the Fréchet distance "
+              "(and the distance to the nearest training image) shows that cost. The Fréchet reference is the "
+              f"{h['n']} held-out images, so a sample of real training images of the same size sits at "
+              f"{t['frechet']:.2f}: models below that are at the metric's noise floor.", "",
+              "## The issue's acceptance checks, from the table", ""]  # fmt: skip
     lines += checks(results)
     lines += ["", "## Samples (first 20 images of each row)", ""]
     for r in results:
