@@ -232,7 +232,9 @@ def test_confidence_decoding_spans_one_pass_to_one_pixel_a_pass():
     one = decoding.diffusion_confidence(model, labels, torch.Generator().manual_seed(0), threshold=1.0)
     assert one.target_passes.tolist() == [64] * 5
     plain = decoding.diffusion_plain(model, labels, torch.Generator().manual_seed(0))
-    for out in (every, one, plain):
+    rows = decoding.diffusion_confidence(model, labels, torch.Generator().manual_seed(0), threshold=0.0, block=8)
+    assert rows.target_passes.tolist() == [8] * 5  # blocks of one row: one pass per row
+    for out in (every, one, plain, rows):
         assert out.tokens.min() >= 0 and out.tokens.max() <= 16  # no mask token left
 
 
@@ -334,3 +336,24 @@ def test_nearest_training_distance_is_zero_for_a_copy():
     copies = split.train_x[[5, 700, 1400]]
     assert nearest_training_l1(copies).tolist() == [0, 0, 0]
     assert (nearest_training_l1(split.test_x[:150]) > 0).mean() > 0.95  # held-out digits are (nearly all) new
+
+
+def test_blocks_are_decoded_in_order():
+    """Bug guarded: a block chosen per pixel instead of per image (or the last block first) unmasks
+    pixels of a later row while an earlier row still has masked ones."""
+    seen = []
+
+    class Recorder(nn.Module):
+        n_pixels, n_levels, n_classes = 64, 17, 10
+
+        def forward(self, labels, pixels):
+            seen.append((pixels != 17).clone())
+            return torch.randn(len(labels), 64, 17, generator=torch.Generator().manual_seed(len(seen)))
+
+    decoding.diffusion_confidence(Recorder(), torch.arange(3), torch.Generator().manual_seed(0), threshold=0.3, block=8)
+    for done in seen:
+        rows = done.reshape(-1, 8, 8).all(-1)  # (images, rows) fully decoded
+        started = done.reshape(-1, 8, 8).any(-1)
+        for image in range(len(done)):
+            first_open = int((~rows[image]).nonzero()[0]) if not rows[image].all() else 8
+            assert not started[image, first_open + 1 :].any()

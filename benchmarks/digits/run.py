@@ -13,7 +13,8 @@ split (generated image classified as its requested label) and the Fréchet dista
 hidden features against the 300 held-out real images. Reference rows: the held-out real images
 themselves, and 300 real training images (the Fréchet distance sampling noise alone gives).
 
-Wall time is per image, batched 500 at a time, on `--threads` torch threads; `×plain` divides the
+"rows": confidence unmasking in blocks of one image row, top to bottom (semi-autoregressive block
+decoding; the model itself is the same bidirectional one). Wall time is per image, batched 500 at a time, on `--threads` torch threads; `×plain` divides the
 plain row's wall time of the same model, measured in this same process. Writes report.md,
 results.json, quality.png and one sample grid per row (grids/*.png) here.
 """
@@ -45,6 +46,7 @@ ROWS = [
       for d, n in ((0.1, 2), (0.2, 2), (0.4, 4))],
     ("digits-diffusion", "plain (1 pixel/pass)", {"name": "plain"}),
     *[("digits-diffusion", f"confidence τ={t}", {"name": "confidence", "threshold": t}) for t in (0.9, 0.7, 0.5, 0.3, 0.1)],
+    *[("digits-diffusion", f"confidence τ={t} rows", {"name": "confidence", "threshold": t, "block": 8}) for t in (0.7, 0.5, 0.3)],
 ]
 
 
@@ -109,7 +111,8 @@ def plot(results: list[dict]) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     curves: dict[str, list[dict]] = {}
     for r in results:
-        curves.setdefault(f"{r['model']} {r['spec']['name']}", []).append(r)
+        blocks = " (row blocks)" if r["spec"].get("block") else ""
+        curves.setdefault(f"{r['model']} {r['spec']['name']}{blocks}", []).append(r)
     for label, rows in curves.items():
         rows = sorted(rows, key=lambda r: r["passes"])
         xs = [r["passes"] for r in rows]

@@ -16,6 +16,8 @@ Masked-diffusion models:
 - `diffusion_confidence`: Fast-dLLM's confidence-threshold parallel decoding (Wu et al. 2025): every
   masked pixel whose most likely level has probability >= threshold is decoded in the same pass
   (its level drawn from the model's distribution there); when none is, the most confident one is.
+  With `block` > 0, semi-autoregressive block decoding (Fast-dLLM, SDAR's decoding order): blocks of
+  `block` pixels in raster order (8: image rows), only the first block with masked pixels eligible.
 """
 
 from __future__ import annotations
@@ -178,16 +180,19 @@ def diffusion_plain(model, labels: torch.Tensor, gen: torch.Generator, temperatu
 
 @torch.no_grad()
 def diffusion_confidence(model, labels: torch.Tensor, gen: torch.Generator, threshold: float = 0.9,
-                         temperature: float = 1.0) -> Decoded:  # fmt: skip
+                         temperature: float = 1.0, block: int = 0) -> Decoded:  # fmt: skip
     b, d, mask = len(labels), model.n_pixels, model.n_levels
     x = torch.full((b, d), mask, dtype=torch.long)
     tp = torch.zeros(b, dtype=torch.long)
+    block_of = torch.arange(d) // block if block > 0 else torch.zeros(d, dtype=torch.long)
     while bool((x == mask).any()):
         a = (x == mask).any(-1).nonzero().squeeze(1)
         xa = x[a]
         probs = _probs(model, labels[a], xa, temperature)
         tp[a] += 1
         masked = xa == mask
+        current = torch.where(masked, block_of[None, :], d).min(-1).values  # first block with masked pixels
+        masked &= block_of[None, :] == current[:, None]
         conf = probs.max(-1).values.masked_fill(~masked, -1.0)
         chosen = masked & (conf >= threshold)
         best = conf.argmax(-1)

@@ -23,9 +23,9 @@ STRATEGIES: dict[str, tuple[str, dict[str, tuple[float, float, float]]]] = {
     "speculative": ("ar", {"k": (4, 1, 16), "temperature": (1.0, 0.05, 10.0)}),
     "lantern": ("ar", {"k": (4, 1, 16), "delta": (0.1, 0.0, 1.0), "neighbours": (2, 1, 16),
                        "temperature": (1.0, 0.05, 10.0)}),
-    "confidence": ("diffusion", {"threshold": (0.9, 0.0, 1.0), "temperature": (1.0, 0.05, 10.0)}),
+    "confidence": ("diffusion", {"threshold": (0.9, 0.0, 1.0), "block": (0, 0, 4096), "temperature": (1.0, 0.05, 10.0)}),
 }
-INTEGER_OPTIONS = {"k", "neighbours"}
+INTEGER_OPTIONS = {"k", "neighbours", "block"}
 
 
 @dataclass
@@ -108,7 +108,8 @@ class ImageGenerator:
         """Images for `labels` (class ids) with `strategy`: "plain" (one pixel a pass), "speculative"
         (AR model with its draft: {"name": "speculative", "k": 4}), "lantern" (speculative with LANTERN's
         relaxed acceptance, lossy: {"name": "lantern", "k": 4, "delta": 0.1, "neighbours": 2}), "confidence" (diffusion model,
-        Fast-dLLM threshold decoding: {"name": "confidence", "threshold": 0.9}); every strategy takes
+        Fast-dLLM threshold decoding: {"name": "confidence", "threshold": 0.9}, and "block": 8 for
+        row-by-row semi-autoregressive blocks); every strategy takes
         "temperature". The same seed and labels give the same images."""
         lab = self._labels(labels)
         name, options = parse_strategy(strategy, self.kind)
