@@ -75,7 +75,10 @@ def main() -> int:
     classifier()  # fitted once, outside the timed rows
     held, train_ref = real_reference()
     results = []
-    (HERE / "grids").mkdir(exist_ok=True)
+    grids = HERE / "grids"
+    for old in grids.glob("*.png"):  # a row renamed or dropped leaves no stale grid behind
+        old.unlink()
+    grids.mkdir(exist_ok=True)
     for row in ROWS:
         name, label, spec = row
         out = gens[name].generate_images_with_stats(labels, strategy=spec, seed=1)
@@ -84,7 +87,7 @@ def main() -> int:
                         "draft_passes": float(out.draft_passes.mean()), "ms_per_image": 1000 * out.seconds / args.images,
                         "accuracy": q.accuracy, "frechet": q.frechet, "n": q.n, "nearest_l1": q.nearest_l1})  # fmt: skip
         grid = out.images[:20]
-        slug = f"{name}-{label}".replace(" ", "_").replace("=", "").replace("(", "").replace(")", "").replace("/", "-")
+        slug = f"{name}-{label}".translate(str.maketrans({" ": "_", "=": "", "(": "", ")": "", "/": "-", "δ": "d", "τ": "t"}))
         save_grid(grid, HERE / "grids" / f"{slug}.png", labels[:20])
         results[-1]["grid"] = f"grids/{slug}.png"
         print(f"{name:17s} {label:22s} passes {results[-1]['passes']:5.1f}  acc {q.accuracy:.3f}  fd {q.frechet:.2f}")
