@@ -169,6 +169,30 @@ def test_speculative_sampling_keeps_the_target_distribution():
         assert (out.target_passes <= 3).all() and (out.target_passes >= 1).all()
 
 
+def test_speculative_jacobi_decoding_keeps_the_target_distribution():
+    target = sharp_made(2, 1.5)
+    joint = exact_joint(target, 0)
+    for window in (1, 3):
+        out = decoding.ar_jacobi(target, torch.zeros(N_SAMPLES, dtype=torch.long), torch.Generator().manual_seed(1),
+                                 window=window)  # fmt: skip
+        stat, p = chi_square_p(out.tokens, joint)
+        assert p > ALPHA, f"window={window}: Jacobi output differs from the target's distribution (chi2={stat:.1f})"
+        assert (out.target_passes <= 3).all() and (out.target_passes >= 1).all()
+
+
+@pytest.mark.parametrize("broken", ["proposal", "acceptance"])
+def test_control_jacobi_with_a_misrecorded_proposal_fails(monkeypatch, broken):
+    """Bugs guarded: judging a guess against the wrong proposal distribution (the uniform start
+    instead of the pass it was drawn from) and a biased acceptance rule."""
+    target = sharp_made(2, 1.5)
+    if broken == "acceptance":
+        monkeypatch.setattr(decoding, "accept_probability", lambda p, q: torch.clamp(1.3 * p / q, max=1.0))
+    else:
+        monkeypatch.setattr(decoding, "next_proposals", lambda redo, p, q: q)  # guesses judged against stale q
+    out = decoding.ar_jacobi(target, torch.zeros(N_SAMPLES, dtype=torch.long), torch.Generator().manual_seed(1), window=3)
+    assert chi_square_p(out.tokens, exact_joint(target, 0))[1] < ALPHA
+
+
 def test_control_the_draft_distribution_fails_the_distribution_test():
     """The control: the draft's own samples (what accepting every draft token gives) are rejected."""
     target, draft = sharp_made(2, 1.5), sharp_made(12, 1.5)
@@ -266,7 +290,7 @@ def test_load_and_generate_images(tiny_recipes):
     images = gen.generate_images(labels=[0, 1, 2], seed=7)
     assert images.shape == (3, 8, 8) and images.dtype == np.int64 and 0 <= images.min() <= images.max() <= 16
     assert np.array_equal(images, gen.generate_images(labels=[0, 1, 2], seed=7))
-    for strategy in ({"name": "speculative", "k": 2}, {"name": "lantern", "k": 3, "delta": 0.2}):
+    for strategy in ({"name": "speculative", "k": 2}, {"name": "lantern", "k": 3, "delta": 0.2}, {"name": "jacobi"}):
         spec = gen.generate_images_with_stats([3] * 4, strategy=strategy, seed=1)
         assert spec.images.shape == (4, 8, 8) and (spec.target_passes <= 64).all()
     diffusion = argen.load("digits-diffusion")

@@ -11,6 +11,12 @@ AR models:
   min(1, p/q) and the first rejected one is resampled from norm(max(p - q, 0)); when all are kept a
   bonus pixel is drawn from p. The output distribution is exactly the target's (tests/test_digits.py).
   With `relax` (a `Lantern`), LANTERN's relaxed acceptance (Jang et al., ICLR 2025): lossy.
+- `ar_jacobi`: speculative Jacobi decoding (Teng et al. 2024), no draft model: every undecided pixel
+  holds a guess with the distribution q it was drawn from (uniform at first); each pass scores the
+  whole image, keeps guesses in order with probability min(1, p/q) as speculative sampling does,
+  resamples the first rejected one from norm(max(p - q, 0)), and redraws every later guess from this
+  pass's conditionals (their new q). Exact, like speculative sampling: a guess is a proposal drawn
+  before the coins that judge it.
 Masked-diffusion models:
 - `diffusion_plain`: one pixel a pass, at a uniformly random masked position (ancestral order).
 - `diffusion_confidence`: Fast-dLLM's confidence-threshold parallel decoding (Wu et al. 2025): every
@@ -164,6 +170,58 @@ def ar_speculative(target, draft, labels: torch.Tensor, gen: torch.Generator, k:
         xa[torch.arange(d)[None, :] >= n[a][:, None]] = 0
         x[a] = xa
     return Decoded(x, tp, dp)
+
+
+@torch.no_grad()
+def ar_jacobi(model, labels: torch.Tensor, gen: torch.Generator, window: int = 16,
+              temperature: float = 1.0) -> Decoded:  # fmt: skip
+    b, d, v = len(labels), model.n_pixels, model.n_levels
+    q = torch.full((b, d, v), 1.0 / v, dtype=torch.double)  # each guess's proposal distribution
+    x = _draw(q, gen)
+    n = torch.zeros(b, dtype=torch.long)
+    tp = torch.zeros(b, dtype=torch.long)
+    positions = torch.arange(d)
+    while bool((n < d).any()):
+        a = (n < d).nonzero().squeeze(1)
+        xa, qa, na = x[a], q[a], n[a]
+        rows = torch.arange(len(a))
+        p = _probs(model, labels[a], xa, temperature)
+        tp[a] += 1
+        span = torch.clamp(d - na, max=window)  # guesses judged this pass (>= 1)
+        made = torch.zeros(len(a), dtype=torch.long)
+        going = torch.ones(len(a), dtype=torch.bool)
+        for j in range(window):
+            live = going & (j < span)
+            if not bool(live.any()):
+                break
+            pos = torch.clamp(na + j, max=d - 1)
+            tok = xa[rows, pos]
+            keep = torch.rand(len(a), generator=gen, dtype=torch.double) < accept_probability(
+                p[rows, pos, tok], qa[rows, pos, tok]
+            )
+            kept, rejected = live & keep, live & ~keep
+            fresh = _draw(residual(p[rows, pos], qa[rows, pos]), gen)
+            xa[rows[rejected], pos[rejected]] = fresh[rejected]
+            made += live.long()
+            going = kept
+        # Every judged guess kept: this pass's conditional at the next pixel is exact, so draw it too.
+        bonus = going & (na + span < d)
+        if bool(bonus.any()):
+            pos = torch.clamp(na + span, max=d - 1)
+            fresh = _draw(p[rows, pos], gen)
+            xa[rows[bonus], pos[bonus]] = fresh[bonus]
+            made += bonus.long()
+        n[a] = na + made
+        # Later guesses: redrawn from this pass's conditionals, which become their proposals.
+        redo = positions[None, :] >= n[a][:, None]
+        x[a] = torch.where(redo, _draw(p, gen), xa)
+        q[a] = next_proposals(redo, p, qa)
+    return Decoded(x, tp, torch.zeros(b, dtype=torch.long))
+
+
+def next_proposals(redo: torch.Tensor, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Jacobi: the redrawn guesses' proposal is this pass's p; the others keep theirs."""
+    return torch.where(redo[..., None], p, q)
 
 
 @torch.no_grad()

@@ -21,11 +21,12 @@ CHUNK = 512  # images decoded together (bounds memory)
 STRATEGIES: dict[str, tuple[str, dict[str, tuple[float, float, float]]]] = {
     "plain": ("any", {"temperature": (1.0, 0.05, 10.0)}),
     "speculative": ("ar", {"k": (4, 1, 16), "temperature": (1.0, 0.05, 10.0)}),
+    "jacobi": ("ar", {"window": (16, 1, 64), "temperature": (1.0, 0.05, 10.0)}),
     "lantern": ("ar", {"k": (4, 1, 16), "delta": (0.1, 0.0, 1.0), "neighbours": (2, 1, 16),
                        "temperature": (1.0, 0.05, 10.0)}),
     "confidence": ("diffusion", {"threshold": (0.9, 0.0, 1.0), "block": (0, 0, 4096), "temperature": (1.0, 0.05, 10.0)}),
 }
-INTEGER_OPTIONS = {"k", "neighbours", "block"}
+INTEGER_OPTIONS = {"k", "neighbours", "block", "window"}
 
 
 @dataclass
@@ -107,7 +108,8 @@ class ImageGenerator:
     def generate_images_with_stats(self, labels, *, strategy="plain", seed: int | None = None) -> ImageResult:
         """Images for `labels` (class ids) with `strategy`: "plain" (one pixel a pass), "speculative"
         (AR model with its draft: {"name": "speculative", "k": 4}), "lantern" (speculative with LANTERN's
-        relaxed acceptance, lossy: {"name": "lantern", "k": 4, "delta": 0.1, "neighbours": 2}), "confidence" (diffusion model,
+        relaxed acceptance, lossy: {"name": "lantern", "k": 4, "delta": 0.1, "neighbours": 2}), "jacobi"
+        (speculative Jacobi decoding, exact, no draft: {"name": "jacobi", "window": 16}), "confidence" (diffusion model,
         Fast-dLLM threshold decoding: {"name": "confidence", "threshold": 0.9}, and "block": 8 for
         row-by-row semi-autoregressive blocks); every strategy takes
         "temperature". The same seed and labels give the same images."""
@@ -135,6 +137,8 @@ class ImageGenerator:
         if self.kind == "ar":
             if name == "speculative":
                 return decoding.ar_speculative(self.model, self.draft, labels, gen, **options)
+            if name == "jacobi":
+                return decoding.ar_jacobi(self.model, labels, gen, **options)
             if name == "lantern":
                 rest = {key: v for key, v in options.items() if key not in ("delta", "neighbours")}
                 relax = decoding.Lantern(self.latent_order, options["delta"], options["neighbours"])
