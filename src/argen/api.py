@@ -185,5 +185,11 @@ def load(model: str = "default", *, runtime: str = "auto", device: str = "cpu", 
     file, or "tiny-random" / "tiny-random-gpt2" (tiny random models for tests). `quant` picks how
     the native runtime holds the weights on CPU: "auto" (a GGUF's own quantized blocks when argen's
     kernels build here, else fp32), "exact" (the GGUF's blocks, fp32 activations), "none" (fp32,
-    dequantized), or "q8_0" / "q4_1" / "q4_0" (quantize fp32 weights at load)."""
+    dequantized), or "q8_0" / "q4_1" / "q4_0" (quantize fp32 weights at load).
+    "digits-ar" / "digits-diffusion" load image-token models trained here on first use: they return an
+    `argen.images.ImageGenerator` (`generate_images(labels=[...], strategy=..., seed=...)`)."""
+    from argen.images import is_image_model, load_image_model
+
+    if is_image_model(model):
+        return load_image_model(model)
     return Generator(load_model(model, runtime=runtime, device=device, dtype=dtype, quant=quant))

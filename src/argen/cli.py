@@ -76,6 +76,9 @@ def _add_generate(sub) -> None:
                    help="counterfactual: force output token POS (0-based) to TOKEN (a token id, or text that is "
                         "one token), same sampling noise everywhere else; repeatable")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print one JSON object (text, token ids, stats) instead")
+    images = p.add_argument_group("image models (--model digits-ar, digits-diffusion)")
+    images.add_argument("--labels", help="comma-separated class labels, one image each, e.g. 0,1,2")
+    images.add_argument("--out", metavar="PNG", help="write the images as a PNG grid here")
     fmt = p.add_argument_group("structured output (one of)").add_mutually_exclusive_group()
     fmt.add_argument("--json-schema", metavar="FILE", help="the output is JSON valid under the schema in FILE")
     fmt.add_argument("--json-object", action="store_true", help="the output is a JSON object")
@@ -194,6 +197,14 @@ def print_logprobs(result, tokenizer, file) -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    from argen.images import is_image_model
+
+    if is_image_model(args.model):
+        from argen.images.cli import generate_images
+
+        return generate_images(args, parse_strategy_opts(args.strategy_opt))
+    if args.labels is not None or args.out is not None:
+        raise ArgenError("--labels and --out are for image models (--model digits-ar or digits-diffusion)")
     from argen.api import load
     from argen.cache.press import make_press
     from argen.sampling import SamplingParams

@@ -1,0 +1,172 @@
+"""`ImageGenerator`: what `argen.load("digits-ar")` (or "digits-diffusion") returns, and the way to plug
+in a model of one's own (`ImageGenerator.from_modules`)."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from argen.errors import InvalidRequestError
+from argen.images import decoding
+from argen.images.models import check_model
+
+MAX_IMAGES = 4096  # per call: bounds the work one request can ask for
+CHUNK = 512  # images decoded together (bounds memory)
+
+# strategy name -> (model kind, its options with (default, low, high))
+STRATEGIES: dict[str, tuple[str, dict[str, tuple[float, float, float]]]] = {
+    "plain": ("any", {"temperature": (1.0, 0.05, 10.0)}),
+    "speculative": ("ar", {"k": (4, 1, 16), "temperature": (1.0, 0.05, 10.0)}),
+    "jacobi": ("ar", {"window": (16, 1, 64), "temperature": (1.0, 0.05, 10.0)}),
+    "lantern": ("ar", {"k": (4, 1, 16), "delta": (0.1, 0.0, 1.0), "neighbours": (2, 1, 16),
+                       "temperature": (1.0, 0.05, 10.0)}),
+    "confidence": ("diffusion", {"threshold": (0.9, 0.0, 1.0), "block": (0, 0, 4096), "temperature": (1.0, 0.05, 10.0)}),
+}
+INTEGER_OPTIONS = {"k", "neighbours", "block", "window"}
+
+
+@dataclass
+class ImageResult:
+    images: np.ndarray  # (n, side, side) int64 in 0..n_levels-1
+    labels: np.ndarray  # (n,)
+    target_passes: np.ndarray  # (n,) forward passes of the model per image
+    draft_passes: np.ndarray  # (n,) forward passes of the draft model per image
+    seconds: float
+    seed: int
+    strategy: dict
+
+
+def parse_strategy(spec, kind: str) -> tuple[str, dict]:
+    """A strategy name or {"name": ..., options}: checked against the model's kind, options bounded."""
+    if isinstance(spec, str):
+        spec = {"name": spec}
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+        raise InvalidRequestError(f"an image strategy is a name or a dict with 'name' and its options; got {spec!r}")
+    name = spec["name"]
+    valid = [s for s, (k, _) in STRATEGIES.items() if k in ("any", kind)]
+    if name not in valid:
+        raise InvalidRequestError(f"strategy {name!r} does not run on a {kind} image model; valid: {', '.join(valid)}")
+    allowed = STRATEGIES[name][1]
+    options = {}
+    for key, value in spec.items():
+        if key == "name":
+            continue
+        if key not in allowed:
+            raise InvalidRequestError(f"unknown option {key!r} of strategy {name!r}; valid: {', '.join(allowed)}")
+        _, low, high = allowed[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+            raise InvalidRequestError(f"strategy option {key} must be a number in [{low}, {high}]; got {value!r}")
+        if key in INTEGER_OPTIONS and int(value) != value:
+            raise InvalidRequestError(f"strategy option {key} must be an integer; got {value!r}")
+        options[key] = int(value) if key in INTEGER_OPTIONS else float(value)
+    if options.get("temperature", 1.0) <= 0:
+        raise InvalidRequestError("temperature must be > 0")
+    return name, {key: options.get(key, default) for key, (default, _, _) in allowed.items()}
+
+
+class ImageGenerator:
+    """Generates images from an image-token model (models.py's contract) with a decoding strategy."""
+
+    def __init__(self, name: str, model, kind: str, draft=None, latent_order: torch.Tensor | None = None) -> None:
+        self.name, self.model, self.kind, self.draft = name, model, kind, draft
+        # LANTERN's latent neighbourhoods: (V, V-1) other tokens nearest first; grey levels by default.
+        self.latent_order = decoding.grey_level_order(model.n_levels) if latent_order is None else latent_order
+
+    @classmethod
+    def from_modules(cls, model, kind: str, draft=None, name: str = "custom",
+                     latent_order: torch.Tensor | None = None) -> ImageGenerator:  # fmt: skip
+        """Plug in a model of one's own (and a draft for "speculative" / "lantern"): its contract is
+        checked first. `latent_order` (n_levels, n_levels - 1): each token's others, nearest first in the
+        model's latent (codebook) space, for LANTERN; by default tokens are grey levels (nearest level)."""
+        check_model(model, kind)
+        if draft is not None:
+            check_model(draft, "ar")
+            if (draft.n_pixels, draft.n_levels, draft.n_classes) != (model.n_pixels, model.n_levels, model.n_classes):
+                raise InvalidRequestError("the draft model must have the target's n_pixels, n_levels and n_classes")
+        model.eval()
+        if draft is not None:
+            draft.eval()
+        return cls(name, model, kind, draft)
+
+    def _labels(self, labels) -> torch.Tensor:
+        values = list(labels) if not isinstance(labels, int) else [labels]
+        if not values or len(values) > MAX_IMAGES:
+            raise InvalidRequestError(f"give between 1 and {MAX_IMAGES} labels; got {len(values)}")
+        c = self.model.n_classes
+        if any(isinstance(v, bool) or int(v) != v or not 0 <= int(v) < c for v in values):
+            raise InvalidRequestError(f"every label must be an integer class in 0..{c - 1}; got {values!r}")
+        return torch.tensor([int(v) for v in values], dtype=torch.long)
+
+    def generate_images(self, labels, *, strategy="plain", seed: int | None = None) -> np.ndarray:
+        """Images of shape (n, 8, 8), integers 0..16, one per label; see `generate_images_with_stats`."""
+        return self.generate_images_with_stats(labels, strategy=strategy, seed=seed).images
+
+    def generate_images_with_stats(self, labels, *, strategy="plain", seed: int | None = None) -> ImageResult:
+        """Images for `labels` (class ids) with `strategy`: "plain" (one pixel a pass), "speculative"
+        (AR model with its draft: {"name": "speculative", "k": 4}), "lantern" (speculative with LANTERN's
+        relaxed acceptance, lossy: {"name": "lantern", "k": 4, "delta": 0.1, "neighbours": 2}), "jacobi"
+        (speculative Jacobi decoding, exact, no draft: {"name": "jacobi", "window": 16}), "confidence" (diffusion model,
+        Fast-dLLM threshold decoding: {"name": "confidence", "threshold": 0.9}, and "block": 8 for
+        row-by-row semi-autoregressive blocks); every strategy takes
+        "temperature". The same seed and labels give the same images."""
+        lab = self._labels(labels)
+        name, options = parse_strategy(strategy, self.kind)
+        if name in ("speculative", "lantern") and self.draft is None:
+            raise InvalidRequestError(f"model {self.name!r} has no draft model for speculative sampling")
+        if seed is None:
+            seed = secrets.randbelow(2**31)
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+            raise InvalidRequestError(f"seed must be a non-negative integer; got {seed!r}")
+        gen = torch.Generator().manual_seed(seed)
+        start = time.perf_counter()
+        parts = [self._decode(name, options, lab[i : i + CHUNK], gen) for i in range(0, len(lab), CHUNK)]
+        seconds = time.perf_counter() - start
+        tokens = torch.cat([p.tokens for p in parts]).numpy()
+        d = self.model.n_pixels
+        side = int(round(d**0.5))
+        shape = (len(lab), side, side) if side * side == d else (len(lab), d)
+        return ImageResult(tokens.reshape(shape), lab.numpy(), torch.cat([p.target_passes for p in parts]).numpy(),
+                           torch.cat([p.draft_passes for p in parts]).numpy(), seconds, seed,
+                           {"name": name, **options})  # fmt: skip
+
+    def _decode(self, name: str, options: dict, labels: torch.Tensor, gen: torch.Generator) -> decoding.Decoded:
+        if self.kind == "ar":
+            if name == "speculative":
+                return decoding.ar_speculative(self.model, self.draft, labels, gen, **options)
+            if name == "jacobi":
+                return decoding.ar_jacobi(self.model, labels, gen, **options)
+            if name == "lantern":
+                rest = {key: v for key, v in options.items() if key not in ("delta", "neighbours")}
+                relax = decoding.Lantern(self.latent_order, options["delta"], options["neighbours"])
+                return decoding.ar_speculative(self.model, self.draft, labels, gen, relax=relax, **rest)
+            return decoding.ar_plain(self.model, labels, gen, **options)
+        if name == "confidence":
+            return decoding.diffusion_confidence(self.model, labels, gen, **options)
+        return decoding.diffusion_plain(self.model, labels, gen, **options)
+
+
+def save_grid(images: np.ndarray, path, labels=None, columns: int = 10, levels: int = 17) -> None:
+    """A PNG grid of images (n, side, side), white on black as in the dataset, with matplotlib (a core
+    dependency); each image titled with its label when given."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(images)
+    cols = max(1, min(columns, n))
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 0.8, rows * 0.9), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < n:
+            ax.imshow(images[i], cmap="gray", vmin=0, vmax=levels - 1, interpolation="nearest")
+            if labels is not None:
+                ax.set_title(str(int(labels[i])), fontsize=7, pad=1)
+    fig.tight_layout(pad=0.2)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
