@@ -44,6 +44,14 @@ DISTRIBUTION = "tests/test_distribution.py::test_output_distribution_is_exactly_
 FIGURES = "tests/test_readme_figures.py::test_every_table_row_and_prose_figure_is_its_reports"
 QUOTES = "tests/test_readme_figures.py::test_readme_quotes_the_committed_report"
 SCALE = " * (1.0f + 1e-6f)"  # a scale off by one part in a million
+# Mutations of one family run the same node ids (one control for them all); with -x the first to fail stops the run.
+README_TESTS = [f"{QUOTES}[fast_path]", f"{QUOTES}[press-capacity]", FIGURES]
+KERNEL_TESTS = [f"{KERNEL_F64}[avx2-q8_0]", f"{KERNEL_F64}[scalar-q4_0]", f"{KERNEL_EXACT}[avx2-q8_0]",
+                f"{KERNEL_EXACT}[scalar-q4_0]", f"{KERNEL_EXACT}[scalar-q4_1]"]  # fmt: skip
+TOP_P_TESTS = ["tests/test_sampling.py::test_top_p_at_an_exact_boundary_drops_the_token_whose_predecessors_cover_it",
+               f"{BOUNDARIES}[1.0]", f"{DISTRIBUTION}[plain top-p]"]  # fmt: skip
+MIN_P_TESTS = ["tests/test_sampling.py::test_min_p_at_an_exact_boundary_keeps_the_tokens_at_min_p_times_the_top",
+               f"{BOUNDARIES}[1.0]", f"{BOUNDARIES}[0.7]", f"{BOUNDARIES}[1.3]", f"{DISTRIBUTION}[plain min-p]"]  # fmt: skip
 
 
 @dataclass
@@ -83,30 +91,24 @@ MUTATIONS = [
     Mutation("readme-table-cell", "README figures: a table cell drifts from its report",
              "the fast-path table's `exact` decode speed 78.6 -> 78.9 tok/s in README.md", "README.md",
              "| argen `exact` (the default) | 78.6 | 556 |", "| argen `exact` (the default) | 78.9 | 556 |",
-             [FIGURES], "66efdd7", ["README.md", "benchmarks"]),
+             README_TESTS, "66efdd7", ["README.md", "benchmarks"]),
     Mutation("report-denominator", "README figures: a hard-coded denominator (`/30`)",
              "the fast-path report's fp32 comparison becomes 30/31 (README still says 30/30; the old test "
              "rebuilt it as `30` + `/30`)", "benchmarks/fast_path/decode/report.md",
              "| plain@none |     30/30 |", "| plain@none |     30/31 |",
-             [f"{QUOTES}[fast_path]", FIGURES], "66efdd7", ["README.md", "benchmarks"]),
+             README_TESTS, "66efdd7", ["README.md", "benchmarks"]),
     Mutation("capacity-report-missing", "README figures: press_capacity() checked nothing without its results",
              "benchmarks/serving/press-capacity/results.json deleted", "benchmarks/serving/press-capacity/results.json",
-             "", None, [f"{QUOTES}[press-capacity]"], "66efdd7", ["README.md", "benchmarks"]),
-    Mutation("exact-path-rmsnorm-eps", "quant=exact not equal to quant=none (the 30/30)",
-             "the fused exact path's RMSNorm adds eps outside the square root: 1/(sqrt(mean x^2) + eps)",
-             "src/argen/models/kernels/cpu_forward.c",
-             "1.0f / sqrtf(dot(x, x, n) / (float)n + eps)", "1.0f / (sqrtf(dot(x, x, n) / (float)n) + eps)",
-             ["tests/test_real_model.py::test_the_exact_path_decodes_as_fp32_token_for_token"], "b2e08fa",
-             timeout_s=2400),
+             "", None, README_TESTS, "66efdd7", ["README.md", "benchmarks"]),
     Mutation("kernel-scale-avx2", "a kernel scale off by 1e-6 (AVX2, runs on this host)",
              "the AVX2 Q8_0 kernel's block scale times (1 + 1e-6)", "src/argen/models/kernels/cpu_kernels.c",
              "const __m256 vd = _mm256_set1_ps(df[r * nb + b]);",
              f"const __m256 vd = _mm256_set1_ps(df[r * nb + b]{SCALE});",
-             [f"{KERNEL_F64}[avx2-q8_0]", f"{KERNEL_EXACT}[avx2-q8_0]"], "97ad5d1"),
+             KERNEL_TESTS, "97ad5d1"),
     Mutation("kernel-scale-scalar", "a kernel scale off by 1e-6 (portable C, runs on this host)",
              "the portable C Q4 kernel's block scale times (1 + 1e-6)", "src/argen/models/kernels/cpu_kernels.c",
              "d = df[r * nb + b], m = mf[r * nb + b];", f"d = df[r * nb + b]{SCALE}, m = mf[r * nb + b];",
-             [f"{KERNEL_F64}[scalar-q4_0]", f"{KERNEL_EXACT}[scalar-q4_0]", f"{KERNEL_EXACT}[scalar-q4_1]"], "97ad5d1"),
+             KERNEL_TESTS, "97ad5d1"),
     Mutation("kernel-scale-avx512", "a kernel scale off by 1e-6 (AVX-512: run only where the CPU has it)",
              "the AVX-512 Q4 kernel's block scale times (1 + 1e-6)", "src/argen/models/kernels/cpu_kernels.c",
              "const __m512 vd = _mm512_set1_ps(df[r * nb + b]), vm",
@@ -117,28 +119,32 @@ MUTATIONS = [
              "an exact boundary)", "src/argen/sampling.py",
              "(cumulative - sorted_logits.softmax(-1)) >= params.top_p",
              "(cumulative - sorted_logits.softmax(-1)) > params.top_p",
-             ["tests/test_sampling.py::test_top_p_at_an_exact_boundary_drops_the_token_whose_predecessors_cover_it",
-              f"{BOUNDARIES}[1.0]", f"{DISTRIBUTION}[plain top-p]"], "622e417"),
+             TOP_P_TESTS, "622e417"),
     Mutation("top-p-one-fewer", "top-p off-by-one: the crossing token dropped",
              "top-p drops the token whose cumulative probability crosses top_p (`cumulative >= top_p`)",
              "src/argen/sampling.py", "(cumulative - sorted_logits.softmax(-1)) >= params.top_p",
              "cumulative >= params.top_p",
-             [f"{BOUNDARIES}[1.0]", f"{DISTRIBUTION}[plain top-p]"], "622e417"),
+             TOP_P_TESTS, "622e417"),
     Mutation("min-p-boundary", "min-p boundary: `<` -> `<=`",
              "min-p also drops a token exactly at min_p x the top probability", "src/argen/sampling.py",
              "logits.masked_fill(probs < threshold, neg_inf)", "logits.masked_fill(probs <= threshold, neg_inf)",
-             [f"{BOUNDARIES}[1.0]", f"{BOUNDARIES}[0.7]", f"{BOUNDARIES}[1.3]", f"{DISTRIBUTION}[plain min-p]"],
-             "622e417"),
+             MIN_P_TESTS, "a026a5f"),
     Mutation("min-p-before-temperature", "min-p judged before the temperature",
              "min-p's probabilities taken from the logits before temperature scaling", "src/argen/sampling.py",
              "probs = logits.softmax(-1)\n", "probs = (logits * params.temperature).softmax(-1)\n",
-             [f"{BOUNDARIES}[0.7]", f"{DISTRIBUTION}[plain min-p]"], "622e417"),
+             MIN_P_TESTS, "622e417"),
     Mutation("seqkv-frees-at-exit", "SeqKV.__del__ freeing at interpreter exit",
              "the `sys.is_finalizing()` guard removed from SeqKV.__del__", "src/argen/cache/paged.py",
              "        if sys.is_finalizing():\n            return\n", "",
              ["tests/test_h2o.py::test_a_pressed_cache_alive_at_exit_does_not_abort_the_interpreter"], "3bbcdb2",
              repeats=3),
-]
+    Mutation("exact-path-rmsnorm-eps", "quant=exact not equal to quant=none (the 30/30)",
+             "the fused exact path's RMSNorm adds eps outside the square root: 1/(sqrt(mean x^2) + eps)",
+             "src/argen/models/kernels/cpu_forward.c",
+             "1.0f / sqrtf(dot(x, x, n) / (float)n + eps)", "1.0f / (sqrtf(dot(x, x, n) / (float)n) + eps)",
+             ["tests/test_real_model.py::test_the_exact_path_decodes_as_fp32_token_for_token"], "b2e08fa",
+             timeout_s=2400),
+]  # the real model's last: it takes the longest
 BY_NAME = {m.name: m for m in MUTATIONS}
 ABSOLUTE = re.compile(r"(?<![\w.])/(?:work|root|tmp|home|Users|usr|opt|private|var)/[^\s:'\"]*")
 SUMMARY = re.compile(r"^(PASSED|FAILED|ERROR|SKIPPED)\s+(.*)$", re.M)
@@ -278,6 +284,7 @@ def main() -> None:
     require_clean(state, args.allow_dirty)
     chosen = [BY_NAME[n] for n in args.only] if args.only else MUTATIONS
     command = shlex.join(["python", "benchmarks/mutations/run.py", *sys.argv[1:]])
+    machine = state | {"cpu_model": kernels.cpu_name(), "cpu_count": os.cpu_count(), "isas": isas_here()}
     controls: dict[str, dict] = {}
     rows = []
     for m in chosen:
@@ -290,11 +297,10 @@ def main() -> None:
             runs.append(run_tests(m, mutated=True))
             print(f"mutation {m.name}: {runs[-1]['outcome']} ({runs[-1]['seconds']} s) {runs[-1]['failed'][:1]}", flush=True)
         rows.append({"mutation": asdict(m), "control": key, "runs": runs})
-    text = report(command, state, rows, controls)
-    (OUT / "report.md").write_text(text)
-    machine = state | {"cpu_model": kernels.cpu_name(), "cpu_count": os.cpu_count(), "isas": isas_here()}
-    (OUT / "results.json").write_text(json.dumps({"command": command, "machine": machine, "rows": rows,
-                                                  "controls": controls}, indent=1) + "\n")  # fmt: skip
+        text = report(command, state, rows, controls)  # written after every row: a cut-short run keeps its rows
+        (OUT / "report.md").write_text(text)
+        (OUT / "results.json").write_text(json.dumps({"command": command, "machine": machine, "rows": rows,
+                                                      "controls": controls}, indent=1) + "\n")  # fmt: skip
     print(text)
     bad = [r["mutation"]["name"] for r in rows if any(run["outcome"] not in ("caught", "not run here") for run in r["runs"])]
     bad += [k for k, c in controls.items() if c["outcome"] != "passed"]
