@@ -1,7 +1,7 @@
 """Issue 24's test gaps, proven: each gap's bug, put back by hand into a copy of the code, fails the tests
 that close the gap, and the same tests pass on the unmutated copy.
 
-    python benchmarks/mutations/run.py [--only NAME] [--list] [--allow-dirty]
+    python benchmarks/mutations/run.py [--only NAME] [--list] [--jobs N] [--allow-dirty]
 
 For each mutation: copy src/, tests/ and pyproject.toml (and README.md, benchmarks/ where its tests
 read them) to a temporary directory, replace one exact string in one file (asserted to occur exactly
@@ -25,7 +25,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -274,6 +276,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", choices=list(BY_NAME), action="append", help="run only this mutation (repeatable)")
     parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+    parser.add_argument("--jobs", type=int, default=1, help="families of mutations run at once (default 1)")
     parser.add_argument("--allow-dirty", action="store_true", help="record a dirty working tree instead of refusing")
     args = parser.parse_args()
     if args.list:
@@ -285,22 +288,32 @@ def main() -> None:
     chosen = [BY_NAME[n] for n in args.only] if args.only else MUTATIONS
     command = shlex.join(["python", "benchmarks/mutations/run.py", *sys.argv[1:]])
     machine = state | {"cpu_model": kernels.cpu_name(), "cpu_count": os.cpu_count(), "isas": isas_here()}
-    controls: dict[str, dict] = {}
-    rows = []
+    families: dict[str, list[Mutation]] = {}  # mutations sharing node ids share a control run
     for m in chosen:
-        key = json.dumps([m.tests, m.extra])
-        if key not in controls:
-            controls[key] = run_tests(m, mutated=False)
-            print(f"control  {m.name}: {controls[key]['outcome']} ({controls[key]['seconds']} s)", flush=True)
-        runs = []
-        for _ in range(m.repeats):
-            runs.append(run_tests(m, mutated=True))
-            print(f"mutation {m.name}: {runs[-1]['outcome']} ({runs[-1]['seconds']} s) {runs[-1]['failed'][:1]}", flush=True)
-        rows.append({"mutation": asdict(m), "control": key, "runs": runs})
-        text = report(command, state, rows, controls)  # written after every row: a cut-short run keeps its rows
-        (OUT / "report.md").write_text(text)
-        (OUT / "results.json").write_text(json.dumps({"command": command, "machine": machine, "rows": rows,
-                                                      "controls": controls}, indent=1) + "\n")  # fmt: skip
+        families.setdefault(json.dumps([m.tests, m.extra]), []).append(m)
+    controls: dict[str, dict] = {}
+    done: dict[str, dict] = {}
+    lock = threading.Lock()
+
+    def run_family(key: str, members: list[Mutation]) -> None:
+        controls[key] = run_tests(members[0], mutated=False)
+        print(f"control  {members[0].name}: {controls[key]['outcome']} ({controls[key]['seconds']} s)", flush=True)
+        for m in members:
+            runs = [run_tests(m, mutated=True) for _ in range(m.repeats)]
+            for r in runs:
+                print(f"mutation {m.name}: {r['outcome']} ({r['seconds']} s) {r['failed'][:1]}", flush=True)
+            with lock:  # the report is written after every row: a run cut short keeps the rows it has
+                done[m.name] = {"mutation": asdict(m), "control": key, "runs": runs}
+                rows = [done[c.name] for c in chosen if c.name in done]
+                text = report(command, state, rows, controls)
+                (OUT / "report.md").write_text(text)
+                (OUT / "results.json").write_text(json.dumps({"command": command, "machine": machine, "rows": rows,
+                                                              "controls": controls}, indent=1) + "\n")  # fmt: skip
+
+    with ThreadPoolExecutor(args.jobs) as pool:  # threads: each waits on its own pytest process
+        list(pool.map(lambda item: run_family(*item), families.items()))
+    rows = [done[m.name] for m in chosen]
+    text = report(command, state, rows, controls)
     print(text)
     bad = [r["mutation"]["name"] for r in rows if any(run["outcome"] not in ("caught", "not run here") for run in r["runs"])]
     bad += [k for k, c in controls.items() if c["outcome"] != "passed"]
