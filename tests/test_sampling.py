@@ -119,6 +119,22 @@ def test_top_p_at_an_exact_boundary_drops_the_token_whose_predecessors_cover_it(
         assert sorted(got.tolist(), reverse=True)[:kept] == [1 / kept] * kept and (got > 0).sum() == kept, top_p
 
 
+def test_min_p_at_an_exact_boundary_keeps_the_tokens_at_min_p_times_the_top():
+    """Logits ln 2, 0, 0, -1: the second and third tokens' probabilities are exactly half the first's
+    in float32 (checked), so at min_p = 0.5 they sit on the boundary and are kept (the README: tokens
+    *below* min_p x the top probability are dropped); just above 0.5 they are dropped. Guards against
+    `<=` for `<` at the boundary, which the boundary values half way between steps above never meet."""
+    logits = torch.tensor([math.log(2), 0.0, 0.0, -1.0])
+    p = logits.softmax(-1)
+    assert p[1] == p[2] == 0.5 * p[0], "the construction needs float32 probabilities exactly half the top's"
+    weights = np.array([2.0, 1.0, 1.0, math.exp(-1)])  # e^logit, up to a factor
+    for min_p, kept in ((0.5, 3), (0.5 + 1e-6, 1), (0.1, 4)):
+        want = np.where(np.arange(4) < kept, weights, 0.0)
+        got = exact_draw(logits, temperature=1.0, min_p=min_p)
+        assert (got > 0).sum() == kept, (min_p, got.tolist())
+        assert np.abs(got - want / want.sum()).max() < 1e-6, (min_p, got.tolist())
+
+
 def test_same_seed_same_sample_and_positions_differ(logits):
     params = SamplingParams(temperature=1.0, seed=7)
     a = [Sampler(params).sample(logits, [], p) for p in range(50)]
