@@ -66,7 +66,7 @@ class Mutation:
     new: str | None  # None: the file is deleted
     tests: list[str]
     commit: str  # the commit that closed the gap
-    extra: list[str] = field(default_factory=list)  # more to copy: README.md, benchmarks
+    extra: list[str] = field(default_factory=list)  # more to copy: README.md, docs, benchmarks
     timeout_s: int = 900
     repeats: int = 1
 
@@ -91,17 +91,17 @@ MUTATIONS = [
              ["tests/test_prefix_kv.py::test_a_press_keeps_each_heads_best_scored_positions_by_hf_eager_attention"],
              "ee605d8"),
     Mutation("readme-table-cell", "README figures: a table cell drifts from its report",
-             "the fast-path table's `exact` decode speed 78.6 -> 78.9 tok/s in README.md", "README.md",
+             "the fast-path table's `exact` decode speed 78.6 -> 78.9 tok/s in docs/fast-path.md", "docs/fast-path.md",
              "| argen `exact` (the default) | 78.6 | 556 |", "| argen `exact` (the default) | 78.9 | 556 |",
-             README_TESTS, "66efdd7", ["README.md", "benchmarks"]),
+             README_TESTS, "66efdd7", ["README.md", "docs", "benchmarks"]),
     Mutation("report-denominator", "README figures: a hard-coded denominator (`/30`)",
              "the fast-path report's fp32 comparison becomes 30/31 (README still says 30/30; the old test "
              "rebuilt it as `30` + `/30`)", "benchmarks/fast_path/decode/report.md",
              "| plain@none |     30/30 |", "| plain@none |     30/31 |",
-             README_TESTS, "66efdd7", ["README.md", "benchmarks"]),
+             README_TESTS, "66efdd7", ["README.md", "docs", "benchmarks"]),
     Mutation("capacity-report-missing", "README figures: press_capacity() checked nothing without its results",
              "benchmarks/serving/press-capacity/results.json deleted", "benchmarks/serving/press-capacity/results.json",
-             "", None, README_TESTS, "66efdd7", ["README.md", "benchmarks"]),
+             "", None, README_TESTS, "66efdd7", ["README.md", "docs", "benchmarks"]),
     Mutation("kernel-scale-avx2", "a kernel scale off by 1e-6 (AVX2, runs on this host)",
              "the AVX2 Q8_0 kernel's block scale times (1 + 1e-6)", "src/argen/models/kernels/cpu_kernels.c",
              "const __m256 vd = _mm256_set1_ps(df[r * nb + b]);",
