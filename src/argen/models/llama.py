@@ -122,15 +122,19 @@ class LlamaRuntime:
                 )
             )
         embed = state_dict["model.embed_tokens.weight"]
-        # A quantized vocabulary matrix stays quantized: rows are dequantized as tokens are looked up.
-        self.embed_q = embed if isinstance(embed, QuantWeight) else None
-        self.embed = None if self.embed_q is not None else w("model.embed_tokens.weight")
         self.norm = w("model.norm.weight")
         # The vocabulary projection through Matmul too: for one row its GEMV on W^T runs ~1.8x faster
         # than F.linear (8 vs 15 ms for SmolLM2's 49k x 576 head), and batched rows (the server,
-        # beams, guides) skip MKL's repacking of a 113 MB weight. Tied weights share the embedding.
+        # beams, guides) skip MKL's repacking of a 113 MB weight.
         head = "lm_head.weight" if "lm_head.weight" in state_dict else "model.embed_tokens.weight"
         self.lm_head = linear([head])
+        # A quantized vocabulary matrix stays quantized: rows are dequantized as tokens are looked up,
+        # from the head's packed blocks when the weights are tied (one copy of the matrix in memory).
+        self.embed_q: QuantMatmul | QuantWeight | None = None
+        if isinstance(embed, QuantWeight):
+            tied = head == "model.embed_tokens.weight" and isinstance(self.lm_head, QuantMatmul)
+            self.embed_q = self.lm_head if tied else embed
+        self.embed = None if self.embed_q is not None else w("model.embed_tokens.weight")
         cos, sin = rope_tables(config, self.info.max_positions)
         self.cos, self.sin = cos.to(self.device, dtype).contiguous(), sin.to(self.device, dtype).contiguous()
         self.q_size = n_heads * head_dim

@@ -2,8 +2,8 @@
 
 The C source is built with the system C compiler into `<cache dir>/kernels/<key>/`, where the key
 hashes the source, the compiler and the flags, so a later start only loads it (a build takes
-1.4-1.8 s on the 2-core machines here). The instruction set is chosen at run time from the CPU's features (AVX-512, else AVX2,
-else portable C), since the machines argen runs on differ. Without a C compiler, `library()`
+4-6 s of CPU on the 2-core machines here). The instruction set is chosen at run time from the CPU's
+features (AVX-512, else AVX2, else portable C), since the machines argen runs on differ. Without a C compiler, `library()`
 returns None and the runtime keeps the weights in fp32 (`quant="none"`), saying why.
 
 Why C through ctypes rather than a torch C++ extension: the torch headers take a minute to compile
@@ -27,14 +27,17 @@ from pathlib import Path
 log = logging.getLogger("argen.kernels")
 HERE = Path(__file__).parent
 SOURCES = [HERE / "cpu_kernels.c", HERE / "cpu_forward.c"]
-HEADERS = [HERE / "cpu_kernels.h"]
+HEADERS = [HERE / "cpu_kernels.h", HERE / "cpu_simd.h"]
+# The kernels are written once against cpu_simd.h's vector layer; each build supplies it at a width.
 ISA_FLAGS = {
     "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"],
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
-    "scalar": [],
+    "scalar": [],  # portable C (GCC vectors) at AVX2's width: the fallback on other CPUs
+    # Portable C at AVX-512's width: the AVX-512 kernels' arithmetic, bit for bit, on any CPU (tests).
+    "scalar16": ["-DARGEN_PORTABLE", "-DARGEN_PORTABLE_WIDTH=16"],
 }
 # -ffp-contract=off: the kernels spell out every fused multiply-add; the compiler must not add its own.
-BASE_FLAGS = ["-O3", "-std=gnu11", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off"]
+BASE_FLAGS = ["-O3", "-std=gnu11", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off", "-Wno-psabi"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -83,15 +86,23 @@ class KernelLibrary:
     lib: ctypes.CDLL
     isa: str
     path: Path
+    width: int = 0  # floats per vector: weights are packed in groups of this many rows
+    chunk: int = 0  # groups per chunk of the packed layout
 
     def __post_init__(self) -> None:
         p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         self.lib.argen_qmatmul.argtypes = [p, i32, p, i64, i64, p, i64]
         self.lib.argen_qmatmul.restype = None
-        self.lib.argen_dequantize.argtypes = [i32, i32, i64, p, p, p, i64, p]
+        self.lib.argen_dequantize.argtypes = [p, i32, p]
         self.lib.argen_dequantize.restype = None
+        self.lib.argen_dequantize_rows.argtypes = [p, p, i64, p]
+        self.lib.argen_dequantize_rows.restype = None
+        self.lib.argen_fma_peak.argtypes = [i32, i64, p]
+        self.lib.argen_fma_peak.restype = ctypes.c_double
         self.lib.argen_forward.argtypes = [p, i32, i64, p, p, p, p, p, p, p, i64, p, p, p, p, p, p, p]
         self.lib.argen_forward.restype = ctypes.c_int
+        self.lib.argen_width.restype = self.lib.argen_chunk.restype = ctypes.c_int
+        self.width, self.chunk = self.lib.argen_width(), self.lib.argen_chunk()
 
 
 def _compiler() -> str | None:
@@ -117,12 +128,19 @@ def build(isa: str, cc: str, out_dir: Path) -> Path:
     return out
 
 
-@functools.cache
 def library(isa: str | None = None) -> KernelLibrary | None:
-    """The compiled kernels for this CPU (or for `isa`), built on first use; None without a compiler."""
+    """The compiled kernels for this CPU (or for `isa`, else $ARGEN_KERNELS: avx512, avx2, scalar or
+    scalar16, to compare builds), built on first use; None without a compiler."""
+    isa = isa or os.environ.get("ARGEN_KERNELS") or pick_isa()
+    if isa not in ISA_FLAGS:
+        raise ValueError(f"unknown kernel build {isa!r} (ARGEN_KERNELS?); use one of {', '.join(ISA_FLAGS)}")
+    return _library(isa)
+
+
+@functools.cache
+def _library(isa: str) -> KernelLibrary | None:
     from argen.models.sources import cache_dir
 
-    isa = isa or pick_isa()
     cc = _compiler()
     if cc is None:
         log.warning("no C compiler found (cc, gcc, clang or $CC): argen's quantized CPU kernels are off, "
@@ -144,8 +162,8 @@ def library(isa: str | None = None) -> KernelLibrary | None:
 class QWeightStruct(ctypes.Structure):
     """cpu_kernels.h's argen_qweight."""
 
-    _fields_ = [("fmt", ctypes.c_int32), ("pad", ctypes.c_int32), ("n", ctypes.c_int64), ("k", ctypes.c_int64),
-                ("qs", ctypes.c_void_p), ("d", ctypes.c_void_p), ("m", ctypes.c_void_p), ("bias", ctypes.c_void_p)]  # fmt: skip
+    _fields_ = [("fmt", ctypes.c_int32), ("width", ctypes.c_int32), ("n", ctypes.c_int64), ("k", ctypes.c_int64),
+                ("data", ctypes.c_void_p), ("bias", ctypes.c_void_p)]  # fmt: skip
 
 
 class LayerStruct(ctypes.Structure):
