@@ -14,6 +14,8 @@ import ctypes
 
 import pytest
 import torch
+from checks import check_greedy_identical
+from helpers import Oracle
 
 import argen
 from argen.models import kernels
@@ -31,7 +33,8 @@ def isas() -> list[str]:
     """Every kernel build this CPU can run: AVX2 / AVX-512 where present, and the portable C builds
     always (at AVX2's width, and at AVX-512's: the AVX-512 kernels' arithmetic on any CPU)."""
     best = kernels.pick_isa()
-    return {"avx512": ["avx512", "avx2"], "avx2": ["avx2"]}.get(best, []) + ["scalar", "scalar16"]
+    native = {"avx512vnni": ["avx512vnni", "avx512", "avx2"], "avx512": ["avx512", "avx2"], "avx2": ["avx2"]}
+    return native.get(best, []) + ["scalar", "scalar16"]
 
 
 def run(lib, mm: QuantMatmul, x: torch.Tensor, threads: int) -> torch.Tensor:
@@ -47,14 +50,16 @@ def error_bound(x: torch.Tensor, dense: torch.Tensor, bias: torch.Tensor) -> tor
     return n * U / (1 - n * U) * (x.double().abs() @ dense.abs().T + bias.double().abs())
 
 
+@pytest.mark.parametrize("act8", [False, True], ids=["fp32", "a8"])
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("width, chunk", [(8, 64), (16, 64), (8, 3), (16, 2)])
-def test_pack_round_trips_and_keeps_the_ggufs_bytes(fmt, width, chunk):
-    """`unpack(pack(w))` is w again, and the packed weight is the GGUF's bytes (padded to whole groups)."""
+def test_pack_round_trips_and_keeps_the_ggufs_bytes(fmt, width, chunk, act8):
+    """`unpack(pack(w))` is w again, and the packed weight is the GGUF's bytes (padded to whole groups),
+    in both layouts."""
     for n, k in [(1, 32), (9, 64), (37, 96), (130, 32)]:
         weight = quantize(torch.randn(n, k), fmt)
-        packed = pack(weight, width, chunk)
-        back = unpack(packed, fmt, n, k, width, chunk)
+        packed = pack(weight, width, chunk, act8)
+        back = unpack(packed, fmt, n, k, width, chunk, act8)
         assert torch.equal(back.qs, weight.qs) and torch.equal(back.d, weight.d), (n, k)
         assert (back.m is None) == (weight.m is None) and (back.m is None or torch.equal(back.m, weight.m))
         groups = -(-n // width)
@@ -81,16 +86,68 @@ def test_kernel_matches_float64_within_its_rounding_bound(isa, fmt):
             assert ((y.double() - want).abs() <= error_bound(x, dense, mm.bias)).all(), (n, k, rows)
 
 
+def rounded_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The a8 path's activations, as llama.cpp's q8 blocks round them: codes round(x * 127 / max|x|)
+    (to nearest, ties to even) per block of 32, scale max|x| / 127. Returns codes [M, K/32, 32], scales."""
+    m, k = x.shape
+    blocks = x.reshape(m, k // 32, 32)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127 / amax, torch.zeros(()))
+    return torch.round(blocks * inv), (amax / 127)[..., 0]
+
+
 @pytest.mark.parametrize("isa", isas())
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_kernel_rows_are_batch_invariant(isa, fmt):
+def test_a8_kernel_is_the_product_with_rounded_activations(isa, fmt):
+    """The a8 path multiplies the weights by the activations rounded to 8 bits per block (llama.cpp's
+    rule), with exact integer block sums and a few fp32 roundings per block: within gamma(K/32 + 4) of
+    float64 on the same rounded activations. Fails if a code is rounded another way (one step off is
+    d |w| of error, far above the bound) or a block's scale or minimum term is wrong."""
+    lib = kernels.library(isa)
+    gen = torch.Generator().manual_seed(3)
+    for n, k in SHAPES:
+        weight = quantize(torch.randn(n, k, generator=gen), fmt)
+        mm = QuantMatmul(weight, torch.randn(n, generator=gen), lib=lib, act8=True)
+        q = _codes_of(weight)  # [n, nb, 32] integer codes
+        d = weight.d.double()
+        m = weight.m.double() if weight.m is not None else -8 * d
+        if fmt == "q8_0":
+            m = torch.zeros_like(d)
+        for rows in (1, 2, 5, 8, 9, 17, 33):
+            x = torch.randn(rows, k, generator=gen) * torch.rand(rows, 1, generator=gen) * 4
+            qx, dx = rounded_activations(x)
+            isum = torch.einsum("nbk,mbk->mnb", q.double(), qx.double())  # exact integers
+            sq = qx.double().sum(-1)  # [rows, nb]
+            scale_terms = d[None] * dx.double()[:, None] * isum  # [rows, n, nb]
+            min_terms = m[None] * (dx.double() * sq)[:, None]
+            want = (scale_terms + min_terms).sum(-1) + mm.bias.double()
+            n_ops = k // 32 + 4
+            bound = n_ops * U / (1 - n_ops * U) * ((scale_terms.abs() + min_terms.abs()).sum(-1) + mm.bias.double().abs())
+            y = run(lib, mm, x, threads=2)
+            assert ((y.double() - want).abs() <= bound).all(), (n, k, rows)
+
+
+def _codes_of(weight: QuantWeight) -> torch.Tensor:
+    n, k = weight.shape
+    if weight.fmt == "q8_0":
+        return weight.qs.reshape(n, k // 32, 32).to(torch.int64)
+    packed = weight.qs.reshape(n, k // 32, 16)
+    return torch.cat([packed & 0x0F, packed >> 4], dim=-1).to(torch.int64)
+
+
+@pytest.mark.parametrize("act8", [False, True], ids=["fp32", "a8"])
+@pytest.mark.parametrize("isa", isas())
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_kernel_rows_are_batch_invariant(isa, fmt, act8):
     """A row's outputs have the same bits alone, in a pass of 1-33 rows at any position, and on 1-3
-    threads. Fails if the summation order depends on the tile (e.g. a tile of 8 rows summing its
-    blocks in another order than the one-row tile) or on where a thread's range of groups starts."""
+    threads, on both paths. Fails if the summation order depends on the tile (e.g. a tile of 8 rows
+    summing its blocks in another order than the one-row tile) or on where a thread's range of groups
+    starts, or if the a8 path's activation rounding looked beyond the row."""
     lib = kernels.library(isa)
     gen = torch.Generator().manual_seed(1)
     for n, k in [(33, 96), (1100, 64), (40, 1536)]:
-        mm = QuantMatmul(quantize(torch.randn(n, k, generator=gen), fmt), torch.randn(n, generator=gen), lib=lib)
+        weight, bias = quantize(torch.randn(n, k, generator=gen), fmt), torch.randn(n, generator=gen)
+        mm = QuantMatmul(weight, bias, lib=lib, act8=act8)
         x = torch.randn(33, k, generator=gen)
         alone = torch.cat([run(lib, mm, x[i : i + 1].contiguous(), threads=1) for i in range(33)])
         for rows in range(1, 34):
@@ -100,12 +157,25 @@ def test_kernel_rows_are_batch_invariant(isa, fmt):
             assert torch.equal(got, alone[start : start + rows]), (n, k, rows, threads)
 
 
+@pytest.mark.parametrize("isa", [isa for isa in kernels.ISA_FLAGS if isa not in isas()])
+def test_builds_this_cpu_cannot_run_still_compile(isa, tmp_path):
+    """Every build compiles on any host: the ones this CPU runs are built and checked by the tests
+    above; the others (AVX-512, AVX-512 VNNI on an AVX2 machine) are compiled here, not run, so a
+    change that breaks another ISA's build fails on this one. The library names its build."""
+    cc = kernels._compiler()
+    if cc is None:
+        pytest.skip("no C compiler")
+    data = kernels.build(isa, cc, tmp_path).read_bytes()
+    assert isa.encode() + b"\0" in data
+
+
 def test_portable_builds_give_the_native_builds_bits():
     """The portable C build at a native build's width computes the same bits (the vector layer's
     operations are the same IEEE operations per lane): at width 8 against AVX2, at width 16 against
     AVX-512 where the CPU has it. So on machines without AVX-512 the width-16 portable build runs the
     AVX-512 kernels' arithmetic, checked by the tests above."""
-    pairs = {"avx2": [("scalar", "avx2")], "avx512": [("scalar", "avx2"), ("scalar16", "avx512")]}
+    pairs = {"avx2": [("scalar", "avx2")], "avx512": [("scalar", "avx2"), ("scalar16", "avx512")],
+             "avx512vnni": [("scalar", "avx2"), ("scalar16", "avx512"), ("scalar16", "avx512vnni")]}
     pairs = pairs.get(kernels.pick_isa(), [])
     if not pairs:
         pytest.skip("no AVX2 here: the portable build is the only one")
@@ -115,7 +185,9 @@ def test_portable_builds_give_the_native_builds_bits():
         for fmt in FORMATS:
             weight, bias = quantize(torch.randn(130, 160, generator=gen), fmt), torch.randn(130, generator=gen)
             x = torch.randn(17, 160, generator=gen)
-            assert torch.equal(run(a, QuantMatmul(weight, bias, lib=a), x, 2), run(b, QuantMatmul(weight, bias, lib=b), x, 2))
+            for act8 in (False, True):
+                ya = run(a, QuantMatmul(weight, bias, lib=a, act8=act8), x, 2)
+                assert torch.equal(ya, run(b, QuantMatmul(weight, bias, lib=b, act8=act8), x, 2)), (fmt, act8)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -268,9 +340,60 @@ def test_fused_forward_rows_are_batch_invariant_in_passes_of_1_to_32_rows(tiny_q
         assert torch.equal(step(extra), alone), extra
 
 
+@pytest.fixture(scope="module", params=["native", "scalar16"])
+def tiny_a8(request):
+    """The tiny model on the a8 path (Q4_1 weights, 8-bit activations), natively and at AVX-512's width."""
+    with pytest.MonkeyPatch.context() as mp:
+        if request.param != "native":
+            mp.setenv("ARGEN_KERNELS", request.param)
+        return argen.load("tiny-random", quant="q4_1-a8")
+
+
+def test_a8_path_rounds_activations_in_every_quantized_matmul(tiny_a8):
+    """`-a8` sets every quantized matmul (body and head) on the a8 path: the logits of tokens fed
+    through the kernels (after a prefill, which keeps fp32 activations in both) move away from the
+    same weights' fp32-activation logits, by about what 8-bit rounding costs: less than rounding the
+    weights to 8 bits does (q8_0 against none; the same block rule on the other operand). Fails if
+    the flag is lost on the way to the fused forward (drift 0)."""
+    rt = tiny_a8.runtime
+    assert tiny_a8.quant == "q4_1-a8" and "8-bit activations" in rt.capabilities.kernels
+    assert all(m.act8 for layer in rt.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down))
+    assert rt.lm_head.act8
+    exact = argen.load("tiny-random", quant="q4_1").runtime
+    ids = tiny_a8.encode("eight-bit activations")
+    n = len(ids) - 6
+
+    def fed(r):
+        cache = r.new_cache(1, 64)
+        prefill = forward(r, ids[:n], list(range(n)), cache)[0]
+        return prefill, forward(r, ids[n:], list(range(n, len(ids))), cache)[0]
+
+    (pre_a8, got), (pre, want) = fed(rt), fed(exact)
+    assert torch.equal(pre_a8, pre)  # a prefill's dequantized GEMM has fp32 activations on both paths
+    (_, w8), (_, dense) = (fed(argen.load("tiny-random", quant=q).runtime) for q in ("q8_0", "none"))
+    drift = (got - want).abs().max() / want.abs().max()
+    assert 0 < drift < (w8 - dense).abs().max() / dense.abs().max()
+
+
+def test_exact_strategies_stay_exact_on_the_a8_path(tiny_a8):
+    """Greedy speculative decoding (drafts accepted and rejected, chains and trees, prompt lookup)
+    reproduces plain greedy decoding on the a8 path, token for token: a row's activation rounding and
+    sums never depend on what shares its pass. Fails if the rounding scale were taken over the pass
+    (all its rows) instead of each row's block."""
+    for tree in (False, True):
+        plain = tiny_a8.generate("Speculate", max_new_tokens=40, ignore_eos=True)
+        out = check_greedy_identical(tiny_a8, "Speculate", Oracle(plain.token_ids, tree=tree))
+        assert 0 < out.stats.draft_tokens_accepted < out.stats.draft_tokens_proposed
+    prompt = "abc abc abc abc abc abc abc"
+    plain = tiny_a8.generate(prompt, max_new_tokens=48)
+    assert tiny_a8.generate(prompt, max_new_tokens=48, strategy="prompt-lookup").token_ids == plain.token_ids
+
+
 def test_quant_modes_say_what_to_do_when_they_cannot_apply():
     with pytest.raises(argen.ArgenError, match="not a GGUF"):
         argen.load("tiny-random", quant="exact")
+    with pytest.raises(argen.ArgenError, match="not a GGUF"):
+        argen.load("tiny-random", quant="exact-a8")
     with pytest.raises(argen.ArgenError, match="unknown quant"):
         argen.load("tiny-random", quant="int3")
     with pytest.raises(argen.ArgenError, match="native runtime"):

@@ -70,7 +70,8 @@ class LlamaRuntime:
     """`forward(tokens, positions, cache, mask, plan)` over a Llama-family decoder."""
 
     def __init__(self, config, state_dict: dict[str, torch.Tensor], device="cpu", dtype=torch.float32,
-                 kv_memory: int = DEFAULT_KV_MEMORY):  # fmt: skip
+                 kv_memory: int = DEFAULT_KV_MEMORY, act8: bool = False):  # fmt: skip
+        """act8: quantized weights multiply activations rounded to 8 bits (the "-a8" paths)."""
         arch = getattr(config, "model_type", None)
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ValueError(f"native runtime supports {', '.join(SUPPORTED_ARCHITECTURES)}, not {arch!r}")
@@ -103,7 +104,7 @@ class LlamaRuntime:
             """One fused linear layer: block-quantized if every part is (same format), else dense."""
             parts = [state_dict[n] for n in names]
             if all(isinstance(x, QuantWeight) for x in parts) and len({x.fmt for x in parts}) == 1:
-                return QuantMatmul(QuantWeight.cat(parts), bias)
+                return QuantMatmul(QuantWeight.cat(parts), bias, act8=act8)
             return Matmul(torch.cat([w(n) for n in names]), bias)
 
         self.layers: list[_Layer] = []
@@ -145,6 +146,7 @@ class LlamaRuntime:
         self.kv_memory = kv_memory
         self.pool: BlockPool | None = None
         kernels = f"argen {self.fused.lib.isa} block kernels" if self.fused is not None else "torch"
+        kernels += ", 8-bit activations" if act8 and self.fused is not None else ""
         self.capabilities = Capabilities(paged_kv=True, layer_plans=True, kernels=kernels, ffn_stats=True)
         self.memo = RuntimeMemo()
 

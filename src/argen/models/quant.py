@@ -133,22 +133,34 @@ def record_bytes(fmt: str, width: int) -> int:
     return width * ({"q4_0": 18, "q4_1": 20, "q8_0": 34}[fmt])
 
 
-def pack(weight: QuantWeight, width: int, chunk: int) -> torch.Tensor:
+def _segments(fmt: str, act8: bool) -> tuple[int, int]:
+    """A record's codes as (segments, bytes per row in a segment): one column (or a Q4 pair) per
+    segment for the fp32 path, 4 columns per segment for the a8 path's 4-byte integer dot products."""
+    if act8:
+        return (8, 4) if fmt == "q8_0" else (4, 4)
+    return (32, 1) if fmt == "q8_0" else (16, 1)
+
+
+def pack(weight: QuantWeight, width: int, chunk: int, act8: bool = False) -> torch.Tensor:
     """The kernels' layout (cpu_kernels.c): rows in groups of `width` (the last padded with zero
     rows); one record per group and block of 32 columns = the group's fp16 scales, then (Q4_1)
-    minimums, then codes column by column, `width` rows side by side (Q4: two columns a byte);
-    records ordered chunk by chunk (`chunk` groups), block by block within a chunk."""
+    minimums, then the codes in segments, `width` rows side by side in each (fp32 path: a column, or
+    for Q4 columns 2p and 2p + 1 in a byte; a8 path: 4 columns a row, for Q4 columns 4u..4u+3 with
+    16 + 4u..16 + 4u + 3 in the high nibbles); records ordered chunk by chunk (`chunk` groups),
+    block by block within a chunk."""
     n, k = weight.shape
     groups, nb = -(-n // width), k // QK
-    codes = _codes(weight)
+    codes = _codes(weight)  # [n, nb, 32]
+    segments, per_row = _segments(weight.fmt, act8)
     if weight.fmt != "q8_0":
-        codes = codes[..., 0::2] | (codes[..., 1::2] << 4)  # byte p: columns 2p (low) and 2p + 1 (high)
-    parts = [weight.d] + ([weight.m] if weight.fmt == "q4_1" else []) + [codes]
+        low, high = (codes[..., 0::2], codes[..., 1::2]) if not act8 else (codes[..., :16], codes[..., 16:])
+        codes = low | (high << 4)
+    parts = [weight.d.reshape(n, nb, 1, 1)] + ([weight.m.reshape(n, nb, 1, 1)] if weight.fmt == "q4_1" else [])
+    parts.append(codes.reshape(n, nb, segments, per_row))
     out = []
     for part in parts:
-        part = part.reshape(n, nb, -1)
-        part = F.pad(part, (0, 0, 0, 0, 0, groups * width - n))  # zero rows: codes 0, scales 0
-        part = part.reshape(groups, width, nb, -1).permute(0, 2, 3, 1).contiguous()  # [G, nb, C, width]
+        part = F.pad(part, (0, 0, 0, 0, 0, 0, 0, groups * width - n))  # zero rows: codes 0, scales 0
+        part = part.reshape(groups, width, *part.shape[1:]).permute(0, 2, 3, 1, 4).contiguous()  # [G, nb, S, W, E]
         out.append(part.view(torch.uint8).reshape(groups, nb, -1))
     records = torch.cat(out, dim=-1)  # [G, nb, record]
     packed = torch.cat([records[c : c + chunk].transpose(0, 1).reshape(-1) for c in range(0, groups, chunk)])
@@ -156,7 +168,7 @@ def pack(weight: QuantWeight, width: int, chunk: int) -> torch.Tensor:
     return packed
 
 
-def unpack(packed: torch.Tensor, fmt: str, n: int, k: int, width: int, chunk: int) -> QuantWeight:
+def unpack(packed: torch.Tensor, fmt: str, n: int, k: int, width: int, chunk: int, act8: bool = False) -> QuantWeight:
     """The QuantWeight that `pack` packed (its inverse)."""
     groups, nb, size = -(-n // width), k // QK, record_bytes(fmt, width)
     pieces, at = [], 0
@@ -166,17 +178,21 @@ def unpack(packed: torch.Tensor, fmt: str, n: int, k: int, width: int, chunk: in
         at += nb * cg * size
     records = torch.cat(pieces)  # [G, nb, record]
     scales = 2 if fmt == "q4_1" else 1
+    segments, per_row = _segments(fmt, act8)
 
-    def rows(part: torch.Tensor, dtype: torch.dtype, columns: int) -> torch.Tensor:
-        part = part.contiguous().view(dtype).reshape(groups, nb, columns, width)
-        return part.permute(0, 3, 1, 2).reshape(groups * width, nb, columns)[:n]
+    def rows(part: torch.Tensor, dtype: torch.dtype, s: int, e: int) -> torch.Tensor:
+        part = part.contiguous().view(dtype).reshape(groups, nb, s, width, e)
+        return part.permute(0, 3, 1, 2, 4).reshape(groups * width, nb, s * e)[:n]
 
-    d = rows(records[..., : 2 * width], torch.float16, 1).reshape(n, nb)
-    m = rows(records[..., 2 * width : 4 * width], torch.float16, 1).reshape(n, nb) if scales == 2 else None
-    codes = rows(records[..., 2 * scales * width :], torch.uint8, QK if fmt == "q8_0" else QK // 2)
+    d = rows(records[..., : 2 * width], torch.float16, 1, 1).reshape(n, nb)
+    m = rows(records[..., 2 * width : 4 * width], torch.float16, 1, 1).reshape(n, nb) if scales == 2 else None
+    codes = rows(records[..., 2 * scales * width :], torch.uint8, segments, per_row)
     if fmt == "q8_0":
         return QuantWeight(fmt, codes.reshape(n, k).view(torch.int8).contiguous(), d.contiguous())
-    q = torch.stack([codes & 0x0F, codes >> 4], dim=-1).reshape(n, nb, QK)  # columns 2p, 2p + 1
+    if act8:
+        q = torch.cat([codes & 0x0F, codes >> 4], dim=-1)  # columns 0..15, then 16..31
+    else:
+        q = torch.stack([codes & 0x0F, codes >> 4], dim=-1).reshape(n, nb, QK)  # columns 2p, 2p + 1
     gguf = q[..., : QK // 2] | (q[..., QK // 2 :] << 4)
     return QuantWeight(fmt, gguf.reshape(n, k // 2).contiguous(), d.contiguous(),
                        None if m is None else m.contiguous())  # fmt: skip
@@ -198,22 +214,26 @@ class QuantMatmul:
     """`x @ W^T (+ bias)` for a QuantWeight W [N, K], fp32 activations and accumulation. Holds W
     packed for the kernels (`pack`), not the QuantWeight it was made from."""
 
-    def __init__(self, weight: QuantWeight, bias: torch.Tensor | None = None, lib: KernelLibrary | None = None):
-        self.bias = bias
+    def __init__(self, weight: QuantWeight, bias: torch.Tensor | None = None, lib: KernelLibrary | None = None,
+                 act8: bool = False):  # fmt: skip
+        """act8: the "a8" path, activations rounded to 8 bits per block of 32 in the products (as
+        llama.cpp computes; lossy), else fp32 activations (the weights' exact products)."""
+        self.bias, self.act8 = bias, act8
         self.lib = lib or library()
         if self.lib is None:
             raise RuntimeError("QuantMatmul needs argen's CPU kernels (a C compiler); use quant='none'")
         self.fmt = weight.fmt
         self.out_features, self.in_features = weight.shape
         self.width, self.chunk = self.lib.width, self.lib.chunk
-        self.packed = pack(weight, self.width, self.chunk)
+        self.packed = pack(weight, self.width, self.chunk, act8)
         self.struct = QWeightStruct(FORMATS[weight.fmt], self.width, self.out_features, self.in_features,
-                                    self.packed.data_ptr(), None if bias is None else bias.data_ptr())  # fmt: skip
+                                    self.packed.data_ptr(), None if bias is None else bias.data_ptr(),
+                                    int(act8), 0)  # fmt: skip
 
     @property
     def qweight(self) -> QuantWeight:
         """The weight as a QuantWeight again (unpacked: a copy, for inspection and tests)."""
-        return unpack(self.packed, self.fmt, self.out_features, self.in_features, self.width, self.chunk)
+        return unpack(self.packed, self.fmt, self.out_features, self.in_features, self.width, self.chunk, self.act8)
 
     @property
     def shape(self) -> tuple[int, int]:

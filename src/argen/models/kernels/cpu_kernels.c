@@ -38,6 +38,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <time.h>
 #include <omp.h>
@@ -46,7 +47,9 @@
 #include "cpu_simd.h"
 
 const char *argen_isa(void) {
-#if defined(ARGEN_SIMD_AVX512)
+#if defined(ARGEN_SIMD_AVX512) && defined(__AVX512VNNI__)
+    return "avx512vnni";
+#elif defined(ARGEN_SIMD_AVX512)
     return "avx512";
 #elif defined(ARGEN_SIMD_AVX2)
     return "avx2";
@@ -180,11 +183,169 @@ static void run_tile(int fmt, int mt, int nt, const uint8_t *r0, int ng, const f
     }
 }
 
+/* y rows i0 .. i0 + mt for groups ga .. ga + ng from the tile totals, plus the bias. */
+static void store_rows(const argen_qweight *w, const float *tot, int64_t ga, int ng, int64_t i0, int mt, float *y,
+                       int64_t ldy) {
+    for (int g = 0; g < ng; g++) {
+        const int64_t r0 = (ga + g) * VW, lanes = w->n - r0 < VW ? w->n - r0 : VW;
+        for (int i = 0; i < mt; i++) {
+            const float *o = tot + (g * mt + i) * VW;
+            float *yr = y + (i0 + i) * ldy + r0;
+            if (w->bias)
+                for (int64_t r = 0; r < lanes; r++) yr[r] = o[r] + w->bias[r0 + r];
+            else
+                memcpy(yr, o, sizeof(float) * lanes);
+        }
+    }
+}
+
+/* -- the a8 path: activations rounded to int8 per block of 32, as llama.cpp computes -----------
+ *
+ * Each activation row's block b becomes int8 codes qx with a scale dx = max|x| / 127 (qx = x / dx
+ * rounded to nearest, even on ties), and sq = sum qx. A weight block then meets it as integers:
+ * isum = sum_k q_k qx_k, exact, and its contribution is d dx isum (Q8_0), d dx (isum - 8 sq) (Q4_0)
+ * or d dx isum + m (dx sq) (Q4_1), rounded in that order; the blocks' contributions are added in
+ * block order, then the bias: still a fixed order per row, so the path stays batch-invariant.
+ * The a8 layout differs from the fp32 one only in the codes' order, for vdot's 4 columns a lane:
+ *   Q4: 4 x 4VW bytes: byte u * 4VW + 4r + j = q[r][32b + 4u + j] | q[r][32b + 16 + 4u + j] << 4
+ *   Q8: 8 x 4VW int8:  byte t * 4VW + 4r + j = q[r][32b + 4t + j] */
+typedef struct {
+    int8_t *q;     /* [M][K] */
+    float *d, *s;  /* [M][K/32]: dx and dx * sq */
+    int32_t *sq;   /* [M][K/32] */
+} act8;
+
+static void quantize_rows(const float *x, int64_t M, int64_t ldx, int64_t K, act8 a) {
+    const int64_t nb = K / QK;
+    for (int64_t i = 0; i < M; i++)
+        for (int64_t b = 0; b < nb; b++) {
+            const float *xb = x + i * ldx + QK * b;
+            vf mx = vzero();
+            for (int k = 0; k < QK; k += VW) mx = vmax(mx, vmax(vload(xb + k), vsub(vzero(), vload(xb + k))));
+            const float amax = vhmax(mx), d = amax / 127.0f, id = amax > 0.0f ? 127.0f / amax : 0.0f;
+            int32_t q[QK], sum = 0;
+            for (int k = 0; k < QK; k += VW) {
+                const vi qv = vcvt_f2i(vround(vmul(vload(xb + k), vset1(id))));
+                memcpy(q + k, &qv, sizeof qv);
+            }
+            for (int k = 0; k < QK; k++) {
+                a.q[i * K + QK * b + k] = (int8_t)q[k];
+                sum += q[k];
+            }
+            a.d[i * nb + b] = d;
+            a.sq[i * nb + b] = sum;
+            a.s[i * nb + b] = d * (float)sum;
+        }
+}
+
+/* One block for MT activation rows and ng groups whose records for this block follow each other
+ * from r0: group g's contribution for row i to tot[(g * MT + i) * VW] (stored on the first block). */
+ARGEN_INLINE void block_tile_a8(const int fmt, const int MT, const uint8_t *r0, int ng, act8 a, int64_t K,
+                                int64_t b, int first, float *tot) {
+    const int64_t rec = record_bytes(fmt), at = codes_at(fmt), nb = K / QK;
+    for (int g = 0; g < ng; g++) {
+        const uint8_t *r = r0 + g * rec;
+        vi isum[16];
+#pragma GCC unroll 16
+        for (int i = 0; i < MT; i++) isum[i] = vi_set1(0);
+        if (fmt == FMT_Q8_0) {
+#pragma GCC unroll 8
+            for (int t = 0; t < QK / 4; t++) {
+                const vb w = vb_load(r + at + t * 4 * VW);
+#pragma GCC unroll 16
+                for (int i = 0; i < MT; i++) isum[i] = vdot_s8s8(isum[i], w, vb_bcast4(a.q + i * K + QK * b + 4 * t));
+            }
+        } else {
+#pragma GCC unroll 4
+            for (int u = 0; u < 4; u++) {
+                const vb raw = vb_load(r + at + u * 4 * VW), lo = vb_lo4(raw), hi = vb_hi4(raw);
+#pragma GCC unroll 16
+                for (int i = 0; i < MT; i++) {
+                    const int8_t *xq = a.q + i * K + QK * b;
+                    isum[i] = vdot_u8s8(vdot_u8s8(isum[i], lo, vb_bcast4(xq + 4 * u)), hi, vb_bcast4(xq + 16 + 4 * u));
+                }
+            }
+        }
+        const vf d = vload_f16((const uint16_t *)r);
+        const vf m = fmt == FMT_Q4_1 ? vload_f16((const uint16_t *)(r + 2 * VW)) : vzero();
+#pragma GCC unroll 16
+        for (int i = 0; i < MT; i++) {
+            const int64_t ib = i * nb + b;
+            const vi n = fmt == FMT_Q4_0 ? vi_sub(isum[i], vi_set1(8 * a.sq[ib])) : isum[i];
+            const vf dd = vmul(d, vset1(a.d[ib]));
+            const vf v = fmt == FMT_Q4_1 ? vfma(vcvt_i2f(n), dd, vmul(m, vset1(a.s[ib]))) : vmul(vcvt_i2f(n), dd);
+            float *o = tot + (g * MT + i) * VW;
+            vstore(o, first ? v : vadd(vload(o), v));
+        }
+    }
+}
+
+#define A8_FN(F, MT)                                                                                            \
+    static void a8_##F##_##MT(const uint8_t *r0, int ng, act8 a, int64_t K, int64_t b, int first, float *tot) {   \
+        block_tile_a8(F, MT, r0, ng, a, K, b, first, tot);                                                     \
+    }
+#define A8_CASE(F, MT)                                                                                          \
+    case MT:                                                                                                    \
+        a8_##F##_##MT(r0, ng, a, K, b, first, tot);                                                            \
+        return;
+#if defined(ARGEN_SIMD_PORTABLE)
+#define A8_SHAPES(X, F) X(F, 4) X(F, 3) X(F, 2) X(F, 1)
+#elif VW >= 16
+#define A8_SHAPES(X, F)                                                                                         \
+    X(F, 16) X(F, 15) X(F, 14) X(F, 13) X(F, 12) X(F, 11) X(F, 10) X(F, 9) X(F, 8) X(F, 7) X(F, 6) X(F, 5) X(F, 4) \
+    X(F, 3) X(F, 2) X(F, 1)
+#else
+#define A8_SHAPES(X, F) X(F, 8) X(F, 7) X(F, 6) X(F, 5) X(F, 4) X(F, 3) X(F, 2) X(F, 1)
+#endif
+A8_SHAPES(A8_FN, FMT_Q4_0)
+A8_SHAPES(A8_FN, FMT_Q4_1)
+A8_SHAPES(A8_FN, FMT_Q8_0)
+
+static void run_tile_a8(int fmt, int mt, const uint8_t *r0, int ng, act8 a, int64_t K, int64_t b, int first,
+                        float *tot) {
+    if (fmt == FMT_Q4_0) {
+        switch (mt) { A8_SHAPES(A8_CASE, FMT_Q4_0) }
+    } else if (fmt == FMT_Q4_1) {
+        switch (mt) { A8_SHAPES(A8_CASE, FMT_Q4_1) }
+    } else {
+        switch (mt) { A8_SHAPES(A8_CASE, FMT_Q8_0) }
+    }
+}
+
+/* The same loops as the fp32 path's (below), on activations quantized once per call. */
+static void qmatmul_groups_a8(const argen_qweight *w, const float *x, int64_t M, int64_t ldx, float *y, int64_t ldy,
+                              int64_t g0, int64_t g1) {
+    const int64_t K = w->k, nb = K / QK;
+    char *mem = malloc((size_t)(M * K + M * nb * 12));
+    if (!mem) abort(); /* M <= 64 rows: a few hundred KB at most */
+    act8 a = {(int8_t *)mem, (float *)(mem + M * K), (float *)(mem + M * K + M * nb * 4),
+              (int32_t *)(mem + M * K + M * nb * 8)};
+    quantize_rows(x, M, ldx, K, a);
+    float tot[CHUNK * MT_MAX * VW];
+    for (int64_t ga = g0; ga < g1;) {
+        const int64_t c = ga / CHUNK, gb = (c + 1) * CHUNK < g1 ? (c + 1) * CHUNK : g1;
+        const int ng = (int)(gb - ga);
+        for (int64_t i0 = 0; i0 < M;) {
+            const int mt = (int)(M - i0 < MT_MAX ? M - i0 : MT_MAX);
+            const act8 at = {a.q + i0 * K, a.d + i0 * nb, a.s + i0 * nb, a.sq + i0 * nb};
+            for (int64_t b = 0; b < nb; b++) run_tile_a8(w->fmt, mt, w->data + record_at(w, ga, b), ng, at, K, b, b == 0, tot);
+            store_rows(w, tot, ga, ng, i0, mt, y, ldy);
+            i0 += mt;
+        }
+        ga = gb;
+    }
+    free(mem);
+}
+
 /* Groups [g0, g1) chunk by chunk; in a chunk, tiles of activation rows, each over every block
  * (the chunk's weights stay in cache for the next tile) and within a block over the chunk's groups
  * (a tile's activations, expanded once per block, serve them all). */
 void argen_qmatmul_groups(const argen_qweight *w, const float *x, int64_t M, int64_t ldx, float *y, int64_t ldy,
                           int64_t g0, int64_t g1) {
+    if (w->act8) {
+        qmatmul_groups_a8(w, x, M, ldx, y, ldy, g0, g1);
+        return;
+    }
     const int64_t nb = w->k / QK, rec = record_bytes(w->fmt);
     float tot[CHUNK * MT_MAX * VW];
     float xe[QK * MT_MAX * XB] __attribute__((aligned(64)));
@@ -211,17 +372,7 @@ void argen_qmatmul_groups(const argen_qweight *w, const float *x, int64_t M, int
                     g += n;
                 }
             }
-            for (int g = 0; g < ng; g++) {
-                const int64_t r0 = (ga + g) * VW, lanes = w->n - r0 < VW ? w->n - r0 : VW;
-                for (int i = 0; i < mt; i++) {
-                    const float *o = tot + (g * mt + i) * VW;
-                    float *yr = y + (i0 + i) * ldy + r0;
-                    if (w->bias)
-                        for (int64_t r = 0; r < lanes; r++) yr[r] = o[r] + w->bias[r0 + r];
-                    else
-                        memcpy(yr, o, sizeof(float) * lanes);
-                }
-            }
+            store_rows(w, tot, ga, ng, i0, mt, y, ldy);
             i0 += mt;
         }
         ga = gb;
@@ -239,21 +390,30 @@ void argen_qmatmul(const argen_qweight *w, int nthreads, const float *x, int64_t
     }
 }
 
-/* Weight row `row`, block b, as 32 fp32 values: the same arithmetic as the tile's. */
+/* Weight row `row`, block b, as 32 fp32 values: the same arithmetic as the tile's (either layout). */
 static inline void dequantize_block(const argen_qweight *w, int64_t row, int64_t b, float *out) {
     const int64_t at = codes_at(w->fmt);
-    const uint8_t *r = w->data + record_at(w, row / VW, b);
+    const uint8_t *r = w->data + record_at(w, row / VW, b), *codes = r + at;
     const int lane = (int)(row % VW);
     const float d = half_to_float(((const uint16_t *)r)[lane]);
     if (w->fmt == FMT_Q8_0) {
-        for (int k = 0; k < QK; k++) out[k] = d * (float)((const int8_t *)(r + at))[k * VW + lane];
+        for (int k = 0; k < QK; k++) {
+            const int64_t i = w->act8 ? (k / 4) * 4 * VW + 4 * lane + k % 4 : k * VW + lane;
+            out[k] = d * (float)((const int8_t *)codes)[i];
+        }
         return;
     }
     const float m = w->fmt == FMT_Q4_1 ? half_to_float(((const uint16_t *)(r + 2 * VW))[lane]) : -8.0f * d;
-    for (int p = 0; p < QK / 2; p++) {
-        const uint8_t byte = r[at + p * VW + lane];
-        out[2 * p] = fmaf((float)(byte & 0x0F), d, m);
-        out[2 * p + 1] = fmaf((float)(byte >> 4), d, m);
+    for (int k = 0; k < QK; k++) {
+        int q;
+        if (w->act8) {
+            const uint8_t byte = codes[(k % 16 / 4) * 4 * VW + 4 * lane + k % 4];
+            q = k < 16 ? byte & 0x0F : byte >> 4;
+        } else {
+            const uint8_t byte = codes[(k / 2) * VW + lane];
+            q = k % 2 ? byte >> 4 : byte & 0x0F;
+        }
+        out[k] = fmaf((float)q, d, m);
     }
 }
 

@@ -6,13 +6,14 @@
 #define QK 32
 enum { FMT_Q4_0 = 0, FMT_Q4_1 = 1, FMT_Q8_0 = 2 };
 
-/* A block-quantized weight [n][k], packed in groups of `width` rows (the layout in cpu_kernels.c;
+/* A block-quantized weight [n][k], packed in groups of `width` rows (the layouts in cpu_kernels.c;
  * width is the kernels' vector width, argen_width()), and an optional fp32 bias [n]. */
 typedef struct {
     int32_t fmt, width;
     int64_t n, k;
     const uint8_t *data;
     const float *bias;
+    int32_t act8, pad; /* act8: the "a8" path (activations rounded to 8 bits per block; cpu_kernels.c) */
 } argen_qweight;
 
 /* y[i][r] = x[i] . W[r] (+ bias[r]) for rows i < M and the weight rows of groups [g0, g1), on the

@@ -85,6 +85,23 @@ ARGEN_INLINE vi vload_u8(const uint8_t *p) { return _mm512_cvtepu8_epi32(_mm_loa
 ARGEN_INLINE vi vload_s8(const int8_t *p) { return _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)); }
 ARGEN_INLINE vf vload_f16(const uint16_t *p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
 ARGEN_INLINE float vlane0(vf a) { return _mm512_cvtss_f32(a); }
+ARGEN_INLINE vi vi_sub(vi a, vi b) { return _mm512_sub_epi32(a, b); }
+typedef __m512i vb;
+ARGEN_INLINE vb vb_load(const void *p) { return _mm512_loadu_si512(p); }
+ARGEN_INLINE vb vb_lo4(vb a) { return _mm512_and_si512(a, _mm512_set1_epi8(15)); }
+ARGEN_INLINE vb vb_hi4(vb a) { return _mm512_and_si512(_mm512_srli_epi16(a, 4), _mm512_set1_epi8(15)); }
+ARGEN_INLINE vb vb_bcast4(const int8_t *p) { int32_t v; memcpy(&v, p, 4); return _mm512_set1_epi32(v); }
+#if defined(__AVX512VNNI__)
+ARGEN_INLINE vi vdot_u8s8(vi acc, vb u, vb s) { return _mm512_dpbusd_epi32(acc, u, s); }
+#else
+ARGEN_INLINE vi vdot_u8s8(vi acc, vb u, vb s) {
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1)));
+}
+#endif
+ARGEN_INLINE vi vdot_s8s8(vi acc, vb w, vb s) {
+    const vb neg = _mm512_mask_sub_epi8(s, _mm512_movepi8_mask(w), _mm512_setzero_si512(), s);
+    return vdot_u8s8(acc, _mm512_abs_epi8(w), neg);
+}
 
 #elif defined(ARGEN_SIMD_AVX2)
 #define VW 8
@@ -114,6 +131,16 @@ ARGEN_INLINE vi vload_u8(const uint8_t *p) { return _mm256_cvtepu8_epi32(_mm_loa
 ARGEN_INLINE vi vload_s8(const int8_t *p) { return _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)); }
 ARGEN_INLINE vf vload_f16(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
 ARGEN_INLINE float vlane0(vf a) { return _mm256_cvtss_f32(a); }
+ARGEN_INLINE vi vi_sub(vi a, vi b) { return _mm256_sub_epi32(a, b); }
+typedef __m256i vb;
+ARGEN_INLINE vb vb_load(const void *p) { return _mm256_loadu_si256((const __m256i *)p); }
+ARGEN_INLINE vb vb_lo4(vb a) { return _mm256_and_si256(a, _mm256_set1_epi8(15)); }
+ARGEN_INLINE vb vb_hi4(vb a) { return _mm256_and_si256(_mm256_srli_epi16(a, 4), _mm256_set1_epi8(15)); }
+ARGEN_INLINE vb vb_bcast4(const int8_t *p) { int32_t v; memcpy(&v, p, 4); return _mm256_set1_epi32(v); }
+ARGEN_INLINE vi vdot_u8s8(vi acc, vb u, vb s) {
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+}
+ARGEN_INLINE vi vdot_s8s8(vi acc, vb w, vb s) { return vdot_u8s8(acc, _mm256_sign_epi8(w, w), _mm256_sign_epi8(s, w)); }
 
 #else /* portable C: GCC vector extensions, one rounded operation per lane */
 #ifndef ARGEN_PORTABLE_WIDTH
@@ -148,7 +175,30 @@ ARGEN_INLINE vi vload_u8(const uint8_t *p) { vi a; for (int i = 0; i < VW; i++) 
 ARGEN_INLINE vi vload_s8(const int8_t *p) { vi a; for (int i = 0; i < VW; i++) a[i] = p[i]; return a; }
 ARGEN_INLINE vf vload_f16(const uint16_t *p) { vf a; for (int i = 0; i < VW; i++) a[i] = half_to_float(p[i]); return a; }
 ARGEN_INLINE float vlane0(vf a) { return a[0]; }
+ARGEN_INLINE vi vi_sub(vi a, vi b) { return a - b; }
+typedef uint8_t vb __attribute__((vector_size(4 * VW)));
+ARGEN_INLINE vb vb_load(const void *p) { vb a; memcpy(&a, p, sizeof a); return a; }
+ARGEN_INLINE vb vb_lo4(vb a) { return a & 15; }
+ARGEN_INLINE vb vb_hi4(vb a) { return a >> 4; }
+ARGEN_INLINE vb vb_bcast4(const int8_t *p) { vb a; for (int i = 0; i < 4 * VW; i++) a[i] = (uint8_t)p[i % 4]; return a; }
+ARGEN_INLINE vi vdot_u8s8(vi acc, vb u, vb s) {
+    for (int r = 0; r < VW; r++)
+        for (int j = 0; j < 4; j++) acc[r] += (int32_t)u[4 * r + j] * (int8_t)s[4 * r + j];
+    return acc;
+}
+ARGEN_INLINE vi vdot_s8s8(vi acc, vb w, vb s) {
+    for (int r = 0; r < VW; r++)
+        for (int j = 0; j < 4; j++) acc[r] += (int8_t)w[4 * r + j] * (int8_t)s[4 * r + j];
+    return acc;
+}
 #endif
+
+/* The a8 path's integer dot products. A vb holds 4 VW bytes: 4 consecutive columns for each of the
+ * VW lanes (output rows). vdot_u8s8(acc, u, s) adds sum_{j<4} u[4r+j] s[4r+j] to 32-bit lane r,
+ * exactly, for unsigned u <= 15 (Q4 codes) and signed |s| <= 127 (activations); vdot_s8s8 the same
+ * for signed weights (Q8 codes). vb_lo4 / vb_hi4: a byte's low / high nibble; vb_bcast4: 4 bytes in
+ * every lane. AVX2 computes them with maddubs + madd (no saturation at these magnitudes),
+ * AVX-512 VNNI with vpdpbusd: the same integers. */
 
 /* How a kernel reads an activation it multiplies a vector of weights by (the same value in every
  * lane): AVX2 stores it expanded to a whole vector beforehand (XB = VW floats) and loads that, as a
@@ -186,6 +236,14 @@ ARGEN_INLINE float vhsum(vf a) {
         for (int i = 0; i < w; i++) t[i] = t[i] + t[i + w];
     return t[0];
 #endif
+}
+
+ARGEN_INLINE float vhmax(vf a) {
+    float t[VW];
+    vstore(t, a);
+    float m = t[0];
+    for (int i = 1; i < VW; i++) m = t[i] > m ? t[i] : m;
+    return m;
 }
 
 /* The first n < VW lanes from p (the rest 0), and back: tails computed like full vectors. */
