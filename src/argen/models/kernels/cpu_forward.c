@@ -242,11 +242,14 @@ int argen_forward(const argen_model *m, int nthreads, int64_t S, const int64_t *
                                    row + (NH + NKV + g) * D, sizeof(float) * D);
                         }
                     }
-                    /* (token, query head) pairs, a contiguous range per thread; the heads of a range
-                     * that share a key/value head are done together (their keys read once) */
+                    /* (key/value head, token, query head) triples, key/value head first, a contiguous
+                     * range per thread; a token's query heads that share a key/value head are done
+                     * together (their keys read once), and the tokens one after another on the same
+                     * key/value head, so its keys and values stay in cache from token to token of a
+                     * pass (the order of the tasks changes no head's arithmetic) */
                     for (int64_t task = R * NH * tid / nt, end = R * NH * (tid + 1) / nt; task < end;) {
-                        const int64_t r = task / NH, hq = task % NH, s = seg_of[r], t = r - cu[s], T = cu[s + 1] - cu[s];
-                        const int64_t g = hq / group, start = starts[s];
+                        const int64_t g = task / (R * group), r = task / group % R, hq = g * group + task % group;
+                        const int64_t s = seg_of[r], t = r - cu[s], T = cu[s + 1] - cu[s], start = starts[s];
                         int64_t nh = (g + 1) * group - hq;
                         nh = nh < end - task ? nh : end - task;
                         const int32_t *table = tables + table_cu[s];
