@@ -68,6 +68,8 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=TOKENS, help="tokens of each text (default: %(default)s)")
+    parser.add_argument("--prompts", type=int, default=len(PROMPTS), help="greedy prompts (default: all 5)")
     parser.add_argument("--allow-dirty", action="store_true", help="run from a tree with uncommitted changes (recorded)")
     args = parser.parse_args()
     state = git_state()
@@ -81,7 +83,7 @@ def main() -> None:
                           n_batch=512, logits_all=True, verbose=False)  # fmt: skip
     tok = gens["none"]
     root = repo_root() or Path.cwd()
-    texts = [tok.encode((root / name).read_text(), chat=False)[:TOKENS] for name in TEXTS]
+    texts = [tok.encode((root / name).read_text(), chat=False)[: args.tokens] for name in TEXTS]
     systems = ["exact", "exact-a8", "llama.cpp"]
     stats = {s: {"max": 0.0, "kl": [], "top1": []} for s in systems}
     for ids in texts:
@@ -95,7 +97,7 @@ def main() -> None:
             st["kl"].append((logp.exp() * (logp - logits.log_softmax(-1))).sum(-1))
             st["top1"].append(logits.argmax(-1) == ref.argmax(-1))
     greedy = {}
-    for prompt in PROMPTS:
+    for prompt in PROMPTS[: args.prompts]:
         ids = tok.encode(prompt)
         outs = {q: gens[q].generate(ids, max_new_tokens=NEW, ignore_eos=True).token_ids for q in gens}
         outs["llama.cpp"] = llama_greedy(llm, ids)
@@ -104,11 +106,12 @@ def main() -> None:
 
     machine = provenance(state)
     print("# Drift of the a8 path (8-bit activations) and of llama.cpp from fp32 (default model)\n")
-    print("```\npython benchmarks/a8_drift/run.py > benchmarks/a8_drift/report.md\n```\n")
+    print(f"```\npython benchmarks/a8_drift/run.py --tokens {args.tokens} --prompts {args.prompts} "
+          "> benchmarks/a8_drift/report.md\n```\n")
     print(describe(machine) + "\n")
     print(f"CPU: {kernels.describe_cpu()}; torch {machine['torch']}, llama-cpp-python {llama_cpp.__version__}, "
           f"{args.threads} threads.\n")  # fmt: skip
-    print(f"## Teacher-forced logits against fp32 (`--quant none`), {len(texts)} texts x {TOKENS} tokens "
+    print(f"## Teacher-forced logits against fp32 (`--quant none`), {len(texts)} texts x {args.tokens} tokens "
           f"({', '.join(TEXTS)}), argen fed {FEED} tokens a pass\n")  # fmt: skip
     print("| system | max abs logit difference | mean KL(fp32 ‖ system), nats | top-1 = fp32's |")
     print("| :-- | --: | --: | --: |")
