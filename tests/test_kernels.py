@@ -1,106 +1,89 @@
 """argen's CPU kernels and the quantized fast path (models/kernels, quant.py, fused.py, gguf_weights.py).
 
-Which ISAs ran: every kernel test is parametrized by ISA (`[avx512]`, `[avx2]`, `[scalar]` in its id);
-one this CPU cannot run is skipped with the CPU features it lacks, and is still compiled (built, not
-run) by `test_kernels_compile_for_every_isa`, so an AVX2 host builds the AVX-512 kernels and vice versa.
-
-Exactness, independent of the summation order: on weights and activations whose every product and
-partial sum is exact in fp32 (power-of-two scales, small integer codes and activations), a correct
-kernel returns the exact result bit for bit, whatever order it adds in; any error in a scale, a
-block or the bias shows, down to one part in 2^24.
-
-Tolerance on random data, from the arithmetic: the kernels multiply exactly the fp32 weights that
-dequantization gives (tested bit for bit), in fp32, in another order than a dense matmul. Each
-output is accumulated in 32 lanes (lane j: weight j of every block, one FMA per block, in block
-order), the lanes are then combined (in any order), then the bias is added. A product's path
-through that takes at most ceil(K/32) + 31 + 1 roundings (+1 if a product is rounded before it is
-added), so |y - exact| <= gamma(n) * (sum |w x| + |bias|) with n = ceil(K/32) + 33 and
-gamma(n) = n u / (1 - n u), u = 2^-24 (Higham, "Accuracy and Stability of Numerical Algorithms",
-sec. 3.1). For K = 160 that is 2.3e-6 of sum |w x|, for K = 1536 4.8e-6 (the old flat 1e-4 was 21-44x
-looser). A kernel that accumulated in fewer lanes, or sequentially, would need n = K/L + L + 1 for L
-lanes.
+Tolerances: the kernels multiply exactly the fp32 weights that dequantization gives (tested bit for
+bit), in fp32, summing in a fixed order (cpu_kernels.c): each block of 32 products by one fma chain
+from 0, then the block sums in order, then the bias. A value's error against exact arithmetic is then
+at most gamma(K/32 + 32) * (sum_k |x_k w_k| + |bias|), gamma(n) = n u / (1 - n u), u = 2^-24: every
+product passes through at most 32 roundings in its block's chain, K/32 - 1 in the blocks' sum and one
+for the bias. Against a float64 reference (whose own error is ~1e-16 relative) that is the bound.
 """
 
 from __future__ import annotations
 
-import math
+import ctypes
 
 import pytest
 import torch
+from checks import check_greedy_identical
+from helpers import Oracle
 
 import argen
 from argen.models import kernels
-from argen.models.quant import QuantMatmul, QuantWeight, quantize
-from argen.models.runtime import Plan
+from argen.models.quant import QuantMatmul, QuantWeight, pack, quantize, unpack
+from argen.models.runtime import Plan, Segment
 
 FORMATS = ["q4_0", "q4_1", "q8_0"]
-SHAPES = [(1, 32), (3, 64), (5, 32), (7, 96), (33, 64), (130, 160)]  # odd row counts, several block counts
-ROWS = [1, 2, 3, 4, 5, 7, 8, 9, 13, 16, 17]
-ISAS = list(kernels.ISA_NEEDS)  # every instruction set the kernels have a path for
-LANES = 32  # accumulators per output in cpu_kernels.c: one per weight position of a block
+# Odd row counts (not multiples of 8 or 16), one to 48 blocks, and more rows than one chunk of groups
+# (512 rows at width 8, 1024 at 16) so chunks end part-way and threads split inside them.
+SHAPES = [(1, 32), (3, 64), (5, 32), (7, 96), (33, 64), (130, 160), (40, 1536), (1100, 64)]
+U = 2.0**-24
 
 
-def runnable(isa: str):
-    """The kernels for `isa`, or a skip that names what this CPU lacks (they are compiled anyway)."""
-    missing = kernels.missing_features(isa)
-    if missing:
-        pytest.skip(f"{isa} kernels compiled but not run here: this CPU lacks {', '.join(missing)}")
+def isas() -> list[str]:
+    """Every kernel build this CPU can run: AVX2 / AVX-512 where present, and the portable C builds
+    always (at AVX2's width, and at AVX-512's: the AVX-512 kernels' arithmetic on any CPU)."""
+    best = kernels.pick_isa()
+    native = {"avx512vnni": ["avx512vnni", "avx512", "avx2"], "avx512": ["avx512", "avx2"], "avx2": ["avx2"]}
+    return native.get(best, []) + ["scalar", "scalar16"]
+
+
+def run(lib, mm: QuantMatmul, x: torch.Tensor, threads: int) -> torch.Tensor:
+    y = torch.empty(x.shape[0], mm.out_features)
+    lib.lib.argen_qmatmul(ctypes.byref(mm.struct), threads, x.data_ptr(), x.shape[0], x.shape[1], y.data_ptr(),
+                          mm.out_features)  # fmt: skip
+    return y
+
+
+def error_bound(x: torch.Tensor, dense: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The kernels' worst-case rounding error (see the module docstring), per output, in float64."""
+    n = x.shape[1] // 32 + 32
+    return n * U / (1 - n * U) * (x.double().abs() @ dense.abs().T + bias.double().abs())
+
+
+@pytest.mark.parametrize("act8", [False, True], ids=["fp32", "a8"])
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("width, chunk", [(8, 64), (16, 64), (8, 3), (16, 2)])
+def test_pack_round_trips_and_keeps_the_ggufs_bytes(fmt, width, chunk, act8):
+    """`unpack(pack(w))` is w again, and the packed weight is the GGUF's bytes (padded to whole groups),
+    in both layouts."""
+    for n, k in [(1, 32), (9, 64), (37, 96), (130, 32)]:
+        weight = quantize(torch.randn(n, k), fmt)
+        packed = pack(weight, width, chunk, act8)
+        back = unpack(packed, fmt, n, k, width, chunk, act8)
+        assert torch.equal(back.qs, weight.qs) and torch.equal(back.d, weight.d), (n, k)
+        assert (back.m is None) == (weight.m is None) and (back.m is None or torch.equal(back.m, weight.m))
+        groups = -(-n // width)
+        assert packed.numel() == weight.nbytes * groups * width // n
+
+
+@pytest.mark.parametrize("isa", isas())
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_kernel_matches_float64_within_its_rounding_bound(isa, fmt):
+    """Every output within gamma(K/32 + 32) sum|x w| of float64, on odd shapes and 1-33 rows. Fails if
+    a weight is dequantized wrongly or a product is dropped or counted twice (errors ~ the values)."""
     lib = kernels.library(isa)
     assert lib is not None and lib.isa == isa
-    return lib
-
-
-def run(mm: QuantMatmul, x: torch.Tensor, threads: int) -> torch.Tensor:
-    """The public wrapper (QuantMatmul, kernel rows only) on `threads` threads."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        return mm(x)
-    finally:
-        torch.set_num_threads(saved)
-
-
-def gamma(n: int) -> float:
-    u = 2.0**-24
-    return n * u / (1 - n * u)
-
-
-def rounding_bound(x: torch.Tensor, dense: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """The bound on |y - exact| from the arithmetic (module docstring), float64 [rows, N]."""
-    k = x.shape[1]
-    n = math.ceil(k / LANES) + (LANES - 1) + 2
-    return gamma(n) * (x.double().abs() @ dense.double().abs().T + bias.double().abs())
-
-
-@pytest.mark.parametrize("isa", ISAS)
-def test_kernels_compile_for_every_isa(isa):
-    """Every ISA the compiler targets is built (compile only) whatever this CPU can run, and the
-    library holds that ISA's path: `argen_isa()`'s name for it is in the binary, the others' are not."""
-    if not kernels.compiler_targets(isa):
-        pytest.skip(f"the C compiler ({kernels._compiler()}) does not target {isa}")
-    data = kernels.compile_kernels(isa).read_bytes()
-    names = {name for name in ISAS if name.encode() + b"\0" in data}
-    assert names == {isa}, f"the {isa} build holds the paths of {sorted(names)}"
-
-
-@pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("isa", ISAS)
-def test_kernel_matches_float64_on_odd_shapes_and_is_batch_invariant(isa, fmt):
-    lib = runnable(isa)
     gen = torch.Generator().manual_seed(0)
     for n, k in SHAPES:
         weight = quantize(torch.randn(n, k, generator=gen), fmt)
         dense = weight.dequantize().double()
         mm = QuantMatmul(weight, torch.randn(n, generator=gen), lib=lib)
-        for rows in ROWS:
+        assert torch.equal(mm.dequantize(), weight.dequantize())  # the packed blocks, dequantized in C
+        for rows in (1, 2, 3, 4, 5, 8, 9, 13, 16, 17, 33):
             x = torch.randn(rows, k, generator=gen)
-            y = run(mm, x, threads=2)
+            y = run(lib, mm, x, threads=2)
             want = x.double() @ dense.T + mm.bias.double()
-            error = (y.double() - want).abs()
-            bound = rounding_bound(x, dense, mm.bias)
-            assert (error <= bound).all(), (n, k, rows, float((error / bound).max()))
-            for i in range(rows):  # each row alone, on one thread: the very same bits
-                assert torch.equal(run(mm, x[i : i + 1].contiguous(), threads=1)[0], y[i]), (n, k, rows, i)
+            assert ((y.double() - want).abs() <= error_bound(x, dense, mm.bias)).all(), (n, k, rows)
 
 
 def exact_weight(n: int, k: int, fmt: str, gen: torch.Generator) -> QuantWeight:
@@ -114,18 +97,18 @@ def exact_weight(n: int, k: int, fmt: str, gen: torch.Generator) -> QuantWeight:
     return QuantWeight(fmt, qs, d, m)
 
 
+@pytest.mark.parametrize("isa", isas())
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("isa", ISAS)
 def test_kernel_is_exact_where_fp32_arithmetic_is(isa, fmt):
     """Weights that are multiples of 2^-3 up to 127, activations integers in [-4, 4], a bias in
     multiples of 2^-3: every product and every partial sum, in any order, is a multiple of 2^-3
     below 2^21, so exact in fp32; the kernel's output must equal the float64 result bit for bit.
-    Independent of the summation order (nothing here assumes the kernels' lanes). Guards against a
-    scale off by as little as one part in a million (`d * (1 + 1e-6)`), a block or a bias dropped:
-    the loose tolerance on random data lets a 1e-6 scale error through."""
-    lib = runnable(isa)
+    Independent of the summation order. Guards against a scale off by as little as one part in a
+    million (`d * (1 + 1e-6)`), a block or a bias dropped, which a tolerance on random data lets through."""
+    lib = kernels.library(isa)
+    assert lib is not None and lib.isa == isa
     gen = torch.Generator().manual_seed(1)
-    for n, k in SHAPES + [(9, 1536)]:
+    for n, k in SHAPES[:6] + [(9, 1536)]:
         weight = exact_weight(n, k, fmt, gen)
         dense = weight.dequantize().double()
         bias = torch.randint(-64, 65, (n,), generator=gen) / 8.0
@@ -134,8 +117,112 @@ def test_kernel_is_exact_where_fp32_arithmetic_is(isa, fmt):
             x = torch.randint(-4, 5, (rows, k), generator=gen).float()
             want = x.double() @ dense.T + bias.double()
             assert want.abs().max() < 2**21
-            y = run(mm, x, threads=2)
+            y = run(lib, mm, x, threads=2)
             assert torch.equal(y.double(), want), (n, k, rows, float((y.double() - want).abs().max()))
+
+
+def rounded_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The a8 path's activations, as llama.cpp's q8 blocks round them: codes round(x * 127 / max|x|)
+    (to nearest, ties to even) per block of 32, scale max|x| / 127. Returns codes [M, K/32, 32], scales."""
+    m, k = x.shape
+    blocks = x.reshape(m, k // 32, 32)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127 / amax, torch.zeros(()))
+    return torch.round(blocks * inv), (amax / 127)[..., 0]
+
+
+@pytest.mark.parametrize("isa", isas())
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a8_kernel_is_the_product_with_rounded_activations(isa, fmt):
+    """The a8 path multiplies the weights by the activations rounded to 8 bits per block (llama.cpp's
+    rule), with exact integer block sums and a few fp32 roundings per block: within gamma(K/32 + 4) of
+    float64 on the same rounded activations. Fails if a code is rounded another way (one step off is
+    d |w| of error, far above the bound) or a block's scale or minimum term is wrong."""
+    lib = kernels.library(isa)
+    gen = torch.Generator().manual_seed(3)
+    for n, k in SHAPES:
+        weight = quantize(torch.randn(n, k, generator=gen), fmt)
+        mm = QuantMatmul(weight, torch.randn(n, generator=gen), lib=lib, act8=True)
+        q = _codes_of(weight)  # [n, nb, 32] integer codes
+        d = weight.d.double()
+        m = weight.m.double() if weight.m is not None else -8 * d
+        if fmt == "q8_0":
+            m = torch.zeros_like(d)
+        for rows in (1, 2, 5, 8, 9, 17, 33):
+            x = torch.randn(rows, k, generator=gen) * torch.rand(rows, 1, generator=gen) * 4
+            qx, dx = rounded_activations(x)
+            isum = torch.einsum("nbk,mbk->mnb", q.double(), qx.double())  # exact integers
+            sq = qx.double().sum(-1)  # [rows, nb]
+            scale_terms = d[None] * dx.double()[:, None] * isum  # [rows, n, nb]
+            min_terms = m[None] * (dx.double() * sq)[:, None]
+            want = (scale_terms + min_terms).sum(-1) + mm.bias.double()
+            n_ops = k // 32 + 4
+            bound = n_ops * U / (1 - n_ops * U) * ((scale_terms.abs() + min_terms.abs()).sum(-1) + mm.bias.double().abs())
+            y = run(lib, mm, x, threads=2)
+            assert ((y.double() - want).abs() <= bound).all(), (n, k, rows)
+
+
+def _codes_of(weight: QuantWeight) -> torch.Tensor:
+    n, k = weight.shape
+    if weight.fmt == "q8_0":
+        return weight.qs.reshape(n, k // 32, 32).to(torch.int64)
+    packed = weight.qs.reshape(n, k // 32, 16)
+    return torch.cat([packed & 0x0F, packed >> 4], dim=-1).to(torch.int64)
+
+
+@pytest.mark.parametrize("act8", [False, True], ids=["fp32", "a8"])
+@pytest.mark.parametrize("isa", isas())
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_kernel_rows_are_batch_invariant(isa, fmt, act8):
+    """A row's outputs have the same bits alone, in a pass of 1-33 rows at any position, and on 1-3
+    threads, on both paths. Fails if the summation order depends on the tile (e.g. a tile of 8 rows
+    summing its blocks in another order than the one-row tile) or on where a thread's range of groups
+    starts, or if the a8 path's activation rounding looked beyond the row."""
+    lib = kernels.library(isa)
+    gen = torch.Generator().manual_seed(1)
+    for n, k in [(33, 96), (1100, 64), (40, 1536)]:
+        weight, bias = quantize(torch.randn(n, k, generator=gen), fmt), torch.randn(n, generator=gen)
+        mm = QuantMatmul(weight, bias, lib=lib, act8=act8)
+        x = torch.randn(33, k, generator=gen)
+        alone = torch.cat([run(lib, mm, x[i : i + 1].contiguous(), threads=1) for i in range(33)])
+        for rows in range(1, 34):
+            start = (7 * rows) % (34 - rows)  # the rows at different offsets in the pass
+            threads = 1 + rows % 3
+            got = run(lib, mm, x[start : start + rows].contiguous(), threads)
+            assert torch.equal(got, alone[start : start + rows]), (n, k, rows, threads)
+
+
+@pytest.mark.parametrize("isa", [isa for isa in kernels.ISA_FLAGS if isa not in isas()])
+def test_builds_this_cpu_cannot_run_still_compile(isa, tmp_path):
+    """Every build compiles on any host: the ones this CPU runs are built and checked by the tests
+    above; the others (AVX-512, AVX-512 VNNI on an AVX2 machine) are compiled here, not run, so a
+    change that breaks another ISA's build fails on this one. The library names its build."""
+    cc = kernels._compiler()
+    if cc is None:
+        pytest.skip("no C compiler")
+    data = kernels.build(isa, cc, tmp_path).read_bytes()
+    assert isa.encode() + b"\0" in data
+
+
+def test_portable_builds_give_the_native_builds_bits():
+    """The portable C build at a native build's width computes the same bits (the vector layer's
+    operations are the same IEEE operations per lane): at width 8 against AVX2, at width 16 against
+    AVX-512 where the CPU has it. So on machines without AVX-512 the width-16 portable build runs the
+    AVX-512 kernels' arithmetic, checked by the tests above."""
+    pairs = {"avx2": [("scalar", "avx2")], "avx512": [("scalar", "avx2"), ("scalar16", "avx512")],
+             "avx512vnni": [("scalar", "avx2"), ("scalar16", "avx512"), ("scalar16", "avx512vnni")]}
+    pairs = pairs.get(kernels.pick_isa(), [])
+    if not pairs:
+        pytest.skip("no AVX2 here: the portable build is the only one")
+    gen = torch.Generator().manual_seed(2)
+    for portable, native in pairs:
+        a, b = kernels.library(portable), kernels.library(native)
+        for fmt in FORMATS:
+            weight, bias = quantize(torch.randn(130, 160, generator=gen), fmt), torch.randn(130, generator=gen)
+            x = torch.randn(17, 160, generator=gen)
+            for act8 in (False, True):
+                ya = run(a, QuantMatmul(weight, bias, lib=a, act8=act8), x, 2)
+                assert torch.equal(ya, run(b, QuantMatmul(weight, bias, lib=b, act8=act8), x, 2)), (fmt, act8)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -177,9 +264,18 @@ def test_quant_weight_rows_and_cat_move_whole_rows():
 # -- the fused forward ---------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", params=["q4_1", "q8_0"])
+@pytest.fixture(scope="module", params=[(fmt, build) for fmt in ("q4_1", "q8_0") for build in ("native", "scalar16")],
+                ids=lambda p: "-".join(p))  # fmt: skip
 def tiny_q(request):
-    return argen.load("tiny-random", quant=request.param)
+    """The tiny model quantized, on this CPU's kernels and on the portable build at AVX-512's width
+    (whose arithmetic is the AVX-512 build's: so the fused forward's AVX-512 path is checked here too)."""
+    fmt, build = request.param
+    with pytest.MonkeyPatch.context() as mp:
+        if build != "native":
+            mp.setenv("ARGEN_KERNELS", build)
+        gen = argen.load("tiny-random", quant=fmt)
+    assert gen.runtime.fused is not None and (build == "native" or gen.runtime.fused.lib.isa == build)
+    return gen
 
 
 def dense_twin(gen_q):
@@ -254,9 +350,85 @@ def test_fused_forward_is_batch_invariant(tiny_q):
     assert torch.equal(hidden[0, 0], alone[-1])
 
 
+def test_fused_forward_rows_are_batch_invariant_in_passes_of_1_to_32_rows(tiny_q):
+    """One sequence's decode step has the same bits alone and beside 1-31 other rows in its pass (another
+    sequence's chain of new tokens), whichever tiles and threads the pass's size picks. Fails if any
+    kernel's order depends on the pass (e.g. the many-row matmul tile summing differently)."""
+    rt = tiny_q.runtime
+    ids, other = tiny_q.encode("batch invariance in every pass size"), tiny_q.encode("other rows " * 12)
+    a, b = rt.new_cache(1, 64), rt.new_cache(1, 64)
+    forward(rt, ids[:-1], list(range(len(ids) - 1)), a)
+    forward(rt, other[:4], list(range(4)), b)
+    n = len(ids) - 1
+
+    def step(extra: int) -> torch.Tensor:
+        segs = [Segment(a, [ids[-1]], [n], None, 1)]
+        if extra:
+            segs.append(Segment(b, other[4 : 4 + extra], list(range(4, 4 + extra)), None, extra))
+        outs = rt.forward_packed(segs)
+        a.truncate(n)
+        b.truncate(4)
+        return torch.cat([outs[0].hidden.reshape(-1), outs[0].logits.reshape(-1)])
+
+    alone = step(0)
+    for extra in range(1, 32):
+        assert torch.equal(step(extra), alone), extra
+
+
+@pytest.fixture(scope="module", params=["native", "scalar16"])
+def tiny_a8(request):
+    """The tiny model on the a8 path (Q4_1 weights, 8-bit activations), natively and at AVX-512's width."""
+    with pytest.MonkeyPatch.context() as mp:
+        if request.param != "native":
+            mp.setenv("ARGEN_KERNELS", request.param)
+        return argen.load("tiny-random", quant="q4_1-a8")
+
+
+def test_a8_path_rounds_activations_in_every_quantized_matmul(tiny_a8):
+    """`-a8` sets every quantized matmul (body and head) on the a8 path: the logits of tokens fed
+    through the kernels (after a prefill, which keeps fp32 activations in both) move away from the
+    same weights' fp32-activation logits, by about what 8-bit rounding costs: less than rounding the
+    weights to 8 bits does (q8_0 against none; the same block rule on the other operand). Fails if
+    the flag is lost on the way to the fused forward (drift 0)."""
+    rt = tiny_a8.runtime
+    assert tiny_a8.quant == "q4_1-a8" and "8-bit activations" in rt.capabilities.kernels
+    assert all(m.act8 for layer in rt.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down))
+    assert rt.lm_head.act8
+    exact = argen.load("tiny-random", quant="q4_1").runtime
+    ids = tiny_a8.encode("eight-bit activations")
+    n = len(ids) - 6
+
+    def fed(r):
+        cache = r.new_cache(1, 64)
+        prefill = forward(r, ids[:n], list(range(n)), cache)[0]
+        return prefill, forward(r, ids[n:], list(range(n, len(ids))), cache)[0]
+
+    (pre_a8, got), (pre, want) = fed(rt), fed(exact)
+    assert torch.equal(pre_a8, pre)  # a prefill's dequantized GEMM has fp32 activations on both paths
+    (_, w8), (_, dense) = (fed(argen.load("tiny-random", quant=q).runtime) for q in ("q8_0", "none"))
+    drift = (got - want).abs().max() / want.abs().max()
+    assert 0 < drift < (w8 - dense).abs().max() / dense.abs().max()
+
+
+def test_exact_strategies_stay_exact_on_the_a8_path(tiny_a8):
+    """Greedy speculative decoding (drafts accepted and rejected, chains and trees, prompt lookup)
+    reproduces plain greedy decoding on the a8 path, token for token: a row's activation rounding and
+    sums never depend on what shares its pass. Fails if the rounding scale were taken over the pass
+    (all its rows) instead of each row's block."""
+    for tree in (False, True):
+        plain = tiny_a8.generate("Speculate", max_new_tokens=40, ignore_eos=True)
+        out = check_greedy_identical(tiny_a8, "Speculate", Oracle(plain.token_ids, tree=tree))
+        assert 0 < out.stats.draft_tokens_accepted < out.stats.draft_tokens_proposed
+    prompt = "abc abc abc abc abc abc abc"
+    plain = tiny_a8.generate(prompt, max_new_tokens=48)
+    assert tiny_a8.generate(prompt, max_new_tokens=48, strategy="prompt-lookup").token_ids == plain.token_ids
+
+
 def test_quant_modes_say_what_to_do_when_they_cannot_apply():
     with pytest.raises(argen.ArgenError, match="not a GGUF"):
         argen.load("tiny-random", quant="exact")
+    with pytest.raises(argen.ArgenError, match="not a GGUF"):
+        argen.load("tiny-random", quant="exact-a8")
     with pytest.raises(argen.ArgenError, match="unknown quant"):
         argen.load("tiny-random", quant="int3")
     with pytest.raises(argen.ArgenError, match="native runtime"):

@@ -12,7 +12,7 @@ import itertools
 
 import torch
 
-from argen.models.kernels import LayerStruct, ModelStruct, library
+from argen.models.kernels import LayerStruct, ModelStruct
 
 # At most this many new tokens per sequence, and rows in all, take the fused path; longer feeds
 # (prefills) take torch's, whose GEMMs (on weights dequantized per call) are faster there: the block
@@ -23,8 +23,8 @@ MAX_ROWS = 64
 
 class FusedForward:
     def __init__(self, runtime) -> None:
-        self.lib = library()
         info, layers = runtime.info, runtime.layers
+        self.lib = layers[0].qkv.lib  # the build the weights were packed for
         structs = (LayerStruct * info.n_layers)()
         for s, layer in zip(structs, layers):
             s.attn_norm, s.ffn_norm = layer.attn_norm.data_ptr(), layer.ffn_norm.data_ptr()

@@ -70,7 +70,8 @@ class LlamaRuntime:
     """`forward(tokens, positions, cache, mask, plan)` over a Llama-family decoder."""
 
     def __init__(self, config, state_dict: dict[str, torch.Tensor], device="cpu", dtype=torch.float32,
-                 kv_memory: int = DEFAULT_KV_MEMORY):  # fmt: skip
+                 kv_memory: int = DEFAULT_KV_MEMORY, act8: bool = False):  # fmt: skip
+        """act8: quantized weights multiply activations rounded to 8 bits (the "-a8" paths)."""
         arch = getattr(config, "model_type", None)
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ValueError(f"native runtime supports {', '.join(SUPPORTED_ARCHITECTURES)}, not {arch!r}")
@@ -103,7 +104,7 @@ class LlamaRuntime:
             """One fused linear layer: block-quantized if every part is (same format), else dense."""
             parts = [state_dict[n] for n in names]
             if all(isinstance(x, QuantWeight) for x in parts) and len({x.fmt for x in parts}) == 1:
-                return QuantMatmul(QuantWeight.cat(parts), bias)
+                return QuantMatmul(QuantWeight.cat(parts), bias, act8=act8)
             return Matmul(torch.cat([w(n) for n in names]), bias)
 
         self.layers: list[_Layer] = []
@@ -122,15 +123,19 @@ class LlamaRuntime:
                 )
             )
         embed = state_dict["model.embed_tokens.weight"]
-        # A quantized vocabulary matrix stays quantized: rows are dequantized as tokens are looked up.
-        self.embed_q = embed if isinstance(embed, QuantWeight) else None
-        self.embed = None if self.embed_q is not None else w("model.embed_tokens.weight")
         self.norm = w("model.norm.weight")
         # The vocabulary projection through Matmul too: for one row its GEMV on W^T runs ~1.8x faster
         # than F.linear (8 vs 15 ms for SmolLM2's 49k x 576 head), and batched rows (the server,
-        # beams, guides) skip MKL's repacking of a 113 MB weight. Tied weights share the embedding.
+        # beams, guides) skip MKL's repacking of a 113 MB weight.
         head = "lm_head.weight" if "lm_head.weight" in state_dict else "model.embed_tokens.weight"
         self.lm_head = linear([head])
+        # A quantized vocabulary matrix stays quantized: rows are dequantized as tokens are looked up,
+        # from the head's packed blocks when the weights are tied (one copy of the matrix in memory).
+        self.embed_q: QuantMatmul | QuantWeight | None = None
+        if isinstance(embed, QuantWeight):
+            tied = head == "model.embed_tokens.weight" and isinstance(self.lm_head, QuantMatmul)
+            self.embed_q = self.lm_head if tied else embed
+        self.embed = None if self.embed_q is not None else w("model.embed_tokens.weight")
         cos, sin = rope_tables(config, self.info.max_positions)
         self.cos, self.sin = cos.to(self.device, dtype).contiguous(), sin.to(self.device, dtype).contiguous()
         self.q_size = n_heads * head_dim
@@ -141,6 +146,7 @@ class LlamaRuntime:
         self.kv_memory = kv_memory
         self.pool: BlockPool | None = None
         kernels = f"argen {self.fused.lib.isa} block kernels" if self.fused is not None else "torch"
+        kernels += ", 8-bit activations" if act8 and self.fused is not None else ""
         self.capabilities = Capabilities(paged_kv=True, layer_plans=True, kernels=kernels, ffn_stats=True)
         self.memo = RuntimeMemo()
 

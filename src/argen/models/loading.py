@@ -16,7 +16,7 @@ from argen.models.gguf_weights import read_gguf
 from argen.models.hf import HFRuntime
 from argen.models.llama import SUPPORTED_ARCHITECTURES, LlamaRuntime
 from argen.models.quant import QK, quantize
-from argen.models.quant_paths import QUANTS
+from argen.models.quant_paths import QUANTS, split_quant
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
@@ -79,9 +79,10 @@ def _make_runtime(hf_model, runtime: str, device: torch.device, dtype: torch.dty
         )
     if runtime != "hf" and arch in SUPPORTED_ARCHITECTURES:
         state = hf_model.state_dict()
-        if quant not in ("none", "exact"):
-            state = {k: quantize(v, quant) if _quantizable(k, v) else v for k, v in state.items()}
-        return LlamaRuntime(hf_model.config, state, device=device, dtype=dtype)
+        weights, act8 = split_quant(quant)
+        if weights not in ("none", "exact"):
+            state = {k: quantize(v, weights) if _quantizable(k, v) else v for k, v in state.items()}
+        return LlamaRuntime(hf_model.config, state, device=device, dtype=dtype, act8=act8)
     return HFRuntime(hf_model.to(device=device, dtype=dtype))
 
 
@@ -100,8 +101,8 @@ def resolve_quant(quant: str, gguf_file: Path | None, runtime: str, arch: str | 
     if not fits:
         raise ArgenError(f"quant={quant!r} needs the native runtime (llama, mistral, qwen2) on the CPU in float32; "
                          "use quant='none' for this model, device or dtype")  # fmt: skip
-    if quant == "exact" and gguf_file is None:
-        raise ArgenError("quant='exact' keeps a GGUF file's own quantized weights, and this model is not a GGUF "
+    if split_quant(quant)[0] == "exact" and gguf_file is None:
+        raise ArgenError(f"quant={quant!r} keeps a GGUF file's own quantized weights, and this model is not a GGUF "
                          "file; use quant='none', or 'q8_0' / 'q4_1' to quantize it")  # fmt: skip
     if kernels.library() is None:
         raise ArgenError(f"quant={quant!r} needs argen's CPU kernels, which need a C compiler (gcc or clang); "
@@ -129,10 +130,11 @@ def load_model(name: str = "default", runtime: str = "auto", device: str = "cpu"
 
     config = AutoConfig.from_pretrained(directory)
     quant = resolve_quant(quant, gguf_file, runtime, config.model_type, torch_device, torch_dtype)
-    if quant == "exact":
+    weights, act8 = split_quant(quant)
+    if weights == "exact":
         # The file's own blocks: the fp32 copy in the cache is never read (it is for the HF reference).
         tokenizer = _load_tokenizer(directory)
-        run = LlamaRuntime(config, read_gguf(gguf_file, config), device=torch_device, dtype=torch_dtype)
+        run = LlamaRuntime(config, read_gguf(gguf_file, config), device=torch_device, dtype=torch_dtype, act8=act8)
         return LoadedModel(name, run, tokenizer, lambda: _load_hf_dir(directory)[0], _eos_ids(tokenizer, config),
                            quant)  # fmt: skip
     hf_model, tokenizer = _load_hf_dir(directory)

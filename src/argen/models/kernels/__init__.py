@@ -2,8 +2,8 @@
 
 The C source is built with the system C compiler into `<cache dir>/kernels/<key>/`, where the key
 hashes the source, the compiler and the flags, so a later start only loads it (a build takes
-1.4-1.8 s on the 2-core machines here). The instruction set is chosen at run time from the CPU's features (AVX-512, else AVX2,
-else portable C), since the machines argen runs on differ. Without a C compiler, `library()`
+4-6 s of CPU on the 2-core machines here). The instruction set is chosen at run time from the CPU's
+features (AVX-512, else AVX2, else portable C), since the machines argen runs on differ. Without a C compiler, `library()`
 returns None and the runtime keeps the weights in fp32 (`quant="none"`), saying why.
 `compile_kernels(isa)` builds any ISA's kernels without loading them: the tests build every ISA the
 compiler targets, also those this CPU cannot run (`missing_features` says what it lacks).
@@ -29,14 +29,21 @@ from pathlib import Path
 log = logging.getLogger("argen.kernels")
 HERE = Path(__file__).parent
 SOURCES = [HERE / "cpu_kernels.c", HERE / "cpu_forward.c"]
-HEADERS = [HERE / "cpu_kernels.h"]
+HEADERS = [HERE / "cpu_kernels.h", HERE / "cpu_simd.h"]
+# The kernels are written once against cpu_simd.h's vector layer; each build supplies it at a width.
 ISA_FLAGS = {
+    # AVX-512 with VNNI: the a8 path's dot products in one instruction (the fp32 kernels are the same).
+    "avx512vnni": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mavx2", "-mfma",
+                   "-mf16c"],  # fmt: skip
     "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"],
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
-    "scalar": [],
+    "scalar": [],  # portable C (GCC vectors) at AVX2's width: the fallback on other CPUs
+    # Portable C at AVX-512's width: the AVX-512 kernels' arithmetic, bit for bit, on any CPU (tests).
+    "scalar16": ["-DARGEN_PORTABLE", "-DARGEN_PORTABLE_WIDTH=16"],
 }
 # -ffp-contract=off: the kernels spell out every fused multiply-add; the compiler must not add its own.
-BASE_FLAGS = ["-O3", "-std=gnu11", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off"]
+# -Wl,--no-undefined: a missing symbol fails the build, not the first load.
+BASE_FLAGS = ["-O3", "-std=gnu11", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off", "-Wno-psabi", "-Wl,--no-undefined"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -62,12 +69,18 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-# The CPU features (as /proc/cpuinfo names them) each instruction set's kernels need, best first.
+# The CPU features (as /proc/cpuinfo names them) each instruction set's kernels need, best first
+# (scalar16, AVX-512's arithmetic in portable C, runs anywhere but is never picked: it is for tests).
+_AVX512 = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq", "f16c", "fma"})
 ISA_NEEDS = {
-    "avx512": frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq", "f16c", "fma"}),
+    "avx512vnni": _AVX512 | {"avx512_vnni"},
+    "avx512": _AVX512,
     "avx2": frozenset({"avx2", "fma", "f16c"}),
     "scalar": frozenset(),
+    "scalar16": frozenset(),
 }
+# What each build's argen_isa() calls itself (the portable builds share one name).
+ISA_NAMES = {"avx512vnni": "avx512vnni", "avx512": "avx512", "avx2": "avx2", "scalar": "portable", "scalar16": "portable"}
 
 
 def missing_features(isa: str, flags: frozenset[str] | None = None) -> list[str]:
@@ -80,7 +93,7 @@ def missing_features(isa: str, flags: frozenset[str] | None = None) -> list[str]
 
 
 def pick_isa(flags: frozenset[str] | None = None) -> str:
-    return next(isa for isa in ISA_NEEDS if not missing_features(isa, flags))
+    return next(isa for isa in ISA_NEEDS if isa != "scalar16" and not missing_features(isa, flags))
 
 
 def describe_cpu() -> str:
@@ -95,15 +108,23 @@ class KernelLibrary:
     lib: ctypes.CDLL
     isa: str
     path: Path
+    width: int = 0  # floats per vector: weights are packed in groups of this many rows
+    chunk: int = 0  # groups per chunk of the packed layout
 
     def __post_init__(self) -> None:
         p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         self.lib.argen_qmatmul.argtypes = [p, i32, p, i64, i64, p, i64]
         self.lib.argen_qmatmul.restype = None
-        self.lib.argen_dequantize.argtypes = [i32, i32, i64, p, p, p, i64, p]
+        self.lib.argen_dequantize.argtypes = [p, i32, p]
         self.lib.argen_dequantize.restype = None
+        self.lib.argen_dequantize_rows.argtypes = [p, p, i64, p]
+        self.lib.argen_dequantize_rows.restype = None
+        self.lib.argen_fma_peak.argtypes = [i32, i64, p]
+        self.lib.argen_fma_peak.restype = ctypes.c_double
         self.lib.argen_forward.argtypes = [p, i32, i64, p, p, p, p, p, p, p, i64, p, p, p, p, p, p, p]
         self.lib.argen_forward.restype = ctypes.c_int
+        self.lib.argen_width.restype = self.lib.argen_chunk.restype = ctypes.c_int
+        self.width, self.chunk = self.lib.argen_width(), self.lib.argen_chunk()
 
 
 def _compiler() -> str | None:
@@ -157,10 +178,17 @@ def compile_kernels(isa: str, cc: str | None = None) -> Path:
     return build(isa, cc, cache_dir() / "kernels" / f"{isa}-{key}")
 
 
-@functools.cache
 def library(isa: str | None = None) -> KernelLibrary | None:
-    """The compiled kernels for this CPU (or for `isa`), built on first use; None without a compiler."""
-    isa = isa or pick_isa()
+    """The compiled kernels for this CPU (or for `isa`, else $ARGEN_KERNELS: avx512vnni, avx512, avx2,
+    scalar or scalar16, to compare builds), built on first use; None without a compiler."""
+    isa = isa or os.environ.get("ARGEN_KERNELS") or pick_isa()
+    if isa not in ISA_FLAGS:
+        raise ValueError(f"unknown kernel build {isa!r} (ARGEN_KERNELS?); use one of {', '.join(ISA_FLAGS)}")
+    return _library(isa)
+
+
+@functools.cache
+def _library(isa: str) -> KernelLibrary | None:
     cc = _compiler()
     if cc is None:
         log.warning("no C compiler found (cc, gcc, clang or $CC): argen's quantized CPU kernels are off, "
@@ -179,8 +207,9 @@ def library(isa: str | None = None) -> KernelLibrary | None:
 class QWeightStruct(ctypes.Structure):
     """cpu_kernels.h's argen_qweight."""
 
-    _fields_ = [("fmt", ctypes.c_int32), ("pad", ctypes.c_int32), ("n", ctypes.c_int64), ("k", ctypes.c_int64),
-                ("qs", ctypes.c_void_p), ("d", ctypes.c_void_p), ("m", ctypes.c_void_p), ("bias", ctypes.c_void_p)]  # fmt: skip
+    _fields_ = [("fmt", ctypes.c_int32), ("width", ctypes.c_int32), ("n", ctypes.c_int64), ("k", ctypes.c_int64),
+                ("data", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("act8", ctypes.c_int32),
+                ("pad", ctypes.c_int32)]  # fmt: skip
 
 
 class LayerStruct(ctypes.Structure):

@@ -13,18 +13,17 @@
  *
  * Numerics follow Hugging Face's Llama: RMSNorm as x * 1/sqrt(mean(x^2) + eps) then times the
  * weight, RoPE as q * cos + rotate_half(q) * sin with each product rounded, softmax attention
- * scaled by 1/sqrt(head_dim), SiLU-gated FFN; all fp32.
+ * scaled by 1/sqrt(head_dim), SiLU-gated FFN; all fp32. The vector code is cpu_simd.h's layer, so
+ * AVX2 and AVX-512 run the same code at their widths.
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <omp.h>
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
 
 #include "cpu_kernels.h"
+#include "cpu_simd.h"
 
 typedef struct {
     const float *attn_norm, *ffn_norm;
@@ -40,77 +39,58 @@ typedef struct {
     const argen_layer *layers;
 } argen_model;
 
-/* -- small vector helpers (deterministic: a fixed order of operations for a given n) --------- */
+/* -- vector helpers on cpu_simd.h: a fixed order of operations for a given n, each element's
+ *    value independent of n (tails are computed as zero-padded vectors) ---------------------- */
 static float dot(const float *a, const float *b, int64_t n) {
+    vf acc = vzero();
     int64_t i = 0;
-    float s = 0.0f;
-#if defined(__AVX512F__)
-    __m512 acc = _mm512_setzero_ps();
-    for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
-    s = _mm512_reduce_add_ps(acc);
-#endif
-    for (; i < n; i++) s = fmaf(a[i], b[i], s);
-    return s;
+    for (; i + VW <= n; i += VW) acc = vfma(vload(a + i), vload(b + i), acc);
+    if (i < n) acc = vfma(vload_n(a + i, n - i), vload_n(b + i, n - i), acc);
+    return vhsum(acc);
 }
 
-static void axpy(float alpha, const float *x, float *y, int64_t n) {
+/* s[j] = dot(q, key j) * scale for 8 keys at once: the same values as 8 calls of dot (each key's
+ * own chain), with 8 chains in flight to hide the FMA latency. */
+static void dot8(const float *q, const float *const k[8], int64_t n, float scale, float *s) {
+    vf acc[8];
+    for (int j = 0; j < 8; j++) acc[j] = vzero();
     int64_t i = 0;
-#if defined(__AVX512F__)
-    const __m512 va = _mm512_set1_ps(alpha);
-    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, _mm512_fmadd_ps(va, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
-#endif
-    for (; i < n; i++) y[i] = fmaf(alpha, x[i], y[i]);
-}
-
-#if defined(__AVX512F__)
-/* e^x to about 1 ulp: x = n ln2 + r, a degree-6 polynomial for e^r, times 2^n. */
-static inline __m512 exp512(__m512 x) {
-    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f)), _mm512_set1_ps(-87.3365447504019f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(p, n);
-}
-#endif
-
-/* s[i] = exp(s[i] - shift): the same value for an element whatever n is (tails are masked). */
-static void exp_shifted(float *s, int64_t n, float shift) {
-    int64_t i = 0;
-#if defined(__AVX512F__)
-    const __m512 vs = _mm512_set1_ps(shift);
-    for (; i < n; i += 16) {
-        const __mmask16 k = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1);
-        _mm512_mask_storeu_ps(s + i, k, exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + i), vs)));
+    for (; i + VW <= n; i += VW) {
+        const vf qv = vload(q + i);
+        for (int j = 0; j < 8; j++) acc[j] = vfma(qv, vload(k[j] + i), acc[j]);
     }
-#endif
-    for (; i < n; i++) s[i] = expf(s[i] - shift);
+    if (i < n) {
+        const vf qv = vload_n(q + i, n - i);
+        for (int j = 0; j < 8; j++) acc[j] = vfma(qv, vload_n(k[j] + i, n - i), acc[j]);
+    }
+    for (int j = 0; j < 8; j++) s[j] = vhsum(acc[j]) * scale;
+}
+
+/* s[i] = exp(s[i] - shift) */
+static void exp_shifted(float *s, int64_t n, float shift) {
+    const vf vs = vset1(shift);
+    int64_t i = 0;
+    for (; i + VW <= n; i += VW) vstore(s + i, vexp(vsub(vload(s + i), vs)));
+    if (i < n) vstore_n(s + i, vexp(vsub(vload_n(s + i, n - i), vs)), n - i);
+}
+
+/* SiLU(gate) * up = gate / (1 + e^-gate) * up */
+static inline vf silu_mul_v(vf g, vf u) {
+    return vmul(vdiv(g, vadd(vset1(1.0f), vexp(vsub(vzero(), g)))), u);
 }
 
 static void silu_mul(const float *gate, const float *up, float *out, int64_t n) {
     int64_t i = 0;
-#if defined(__AVX512F__)
-    for (; i < n; i += 16) {
-        const __mmask16 k = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1);
-        const __m512 g = _mm512_maskz_loadu_ps(k, gate + i);
-        const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), g));
-        const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
-        _mm512_mask_storeu_ps(out + i, k, _mm512_mul_ps(silu, _mm512_maskz_loadu_ps(k, up + i)));
-    }
-#endif
-    for (; i < n; i++) out[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+    for (; i + VW <= n; i += VW) vstore(out + i, silu_mul_v(vload(gate + i), vload(up + i)));
+    if (i < n) vstore_n(out + i, silu_mul_v(vload_n(gate + i, n - i), vload_n(up + i, n - i)), n - i);
 }
 
 static void rms_norm(const float *x, const float *w, float eps, int64_t n, float *out) {
     const float inv = 1.0f / sqrtf(dot(x, x, n) / (float)n + eps);
-    for (int64_t i = 0; i < n; i++) out[i] = w[i] * (x[i] * inv);
+    const vf vinv = vset1(inv);
+    int64_t i = 0;
+    for (; i + VW <= n; i += VW) vstore(out + i, vmul(vload(w + i), vmul(vload(x + i), vinv)));
+    for (; i < n; i++) out[i] = w[i] * (x[i] * inv);
 }
 
 /* q * cos + rotate_half(q) * sin, each product rounded as torch computes it. */
@@ -124,9 +104,73 @@ static void rope(float *v, const float *c, const float *s, int64_t d) {
     }
 }
 
-/* Threads split a weight's output rows; a barrier then makes the result visible to all. */
+/* o[d] (+)= sum_j p[j] v_j[d] for d in [d0, d0 + NV * VW): per element one fma chain over the keys
+ * in order, from 0 (`first`) or from o's value (the same chain, continued over the next keys), NV
+ * vectors of o held in registers while the keys stream past. */
+ARGEN_INLINE void weighted_block(const int NV, const float *p, const float *const *v, int64_t n, int64_t d0,
+                                 float *o, int first) {
+    vf acc[8];
+    for (int j = 0; j < NV; j++) acc[j] = first ? vzero() : vload(o + d0 + j * VW);
+    for (int64_t key = 0; key < n; key++) {
+        const vf pk = vset1(p[key]);
+        for (int j = 0; j < NV; j++) acc[j] = vfma(pk, vload(v[key] + d0 + j * VW), acc[j]);
+    }
+    for (int j = 0; j < NV; j++) vstore(o + d0 + j * VW, acc[j]);
+}
+
+/* o (+)= sum_j p[j] v_j over D elements: blocks of 8 vectors (enough chains for the FMA latency), then
+ * narrower ones, then a zero-padded tail; every element's chain is the same whatever the blocks. */
+static void weighted_sum(const float *p, const float *const *v, int64_t n, int64_t D, float *o, int first) {
+    int64_t d0 = 0;
+    for (; d0 + 8 * VW <= D; d0 += 8 * VW) weighted_block(8, p, v, n, d0, o, first);
+    for (; d0 + 4 * VW <= D; d0 += 4 * VW) weighted_block(4, p, v, n, d0, o, first);
+    for (; d0 + VW <= D; d0 += VW) weighted_block(1, p, v, n, d0, o, first);
+    if (d0 < D) {
+        const int64_t tail = D - d0;
+        vf acc = first ? vzero() : vload_n(o + d0, tail);
+        for (int64_t key = 0; key < n; key++) acc = vfma(vset1(p[key]), vload_n(v[key] + d0, tail), acc);
+        vstore_n(o + d0, acc, tail);
+    }
+}
+
+/* Attention of nh query heads of one token that share a key/value head (grouped-query attention):
+ * q and o hold the heads D apart, keys / values the n positions the token sees, in order. The keys
+ * and values are read once for all the heads, in chunks that stay in L1; each head's arithmetic is
+ * what it would be alone: score_j = (q . k_j) * scale (one fma chain per key), softmax, and
+ * o = (sum_j e_j v_j) / sum_j e_j. scores: room for nh * n floats. */
+#define KEY_CHUNK 64
+static void attend(const float *q, int64_t nh, const float *const *keys, const float *const *values, int64_t n,
+                   int64_t D, float scale, float *scores, float *o) {
+    for (int64_t j0 = 0; j0 < n; j0 += KEY_CHUNK) {
+        const int64_t jn = n - j0 < KEY_CHUNK ? n - j0 : KEY_CHUNK;
+        for (int64_t h = 0; h < nh; h++) {
+            float *sc = scores + h * n + j0;
+            int64_t j = 0;
+            for (; j + 8 <= jn; j += 8) dot8(q + h * D, keys + j0 + j, D, scale, sc + j);
+            for (; j < jn; j++) sc[j] = dot(q + h * D, keys[j0 + j], D) * scale;
+        }
+    }
+    for (int64_t h = 0; h < nh; h++) {
+        float *sc = scores + h * n, mx = -INFINITY;
+        for (int64_t j = 0; j < n; j++) mx = sc[j] > mx ? sc[j] : mx;
+        exp_shifted(sc, n, mx);
+    }
+    for (int64_t j0 = 0; j0 < n; j0 += KEY_CHUNK) {
+        const int64_t jn = n - j0 < KEY_CHUNK ? n - j0 : KEY_CHUNK;
+        for (int64_t h = 0; h < nh; h++) weighted_sum(scores + h * n + j0, values + j0, jn, D, o + h * D, j0 == 0);
+    }
+    for (int64_t h = 0; h < nh; h++) {
+        float sum = 0.0f;
+        for (int64_t j = 0; j < n; j++) sum += scores[h * n + j];
+        const float inv = 1.0f / sum;
+        for (int64_t d = 0; d < D; d++) o[h * D + d] *= inv;
+    }
+}
+
+/* Threads split a weight's groups of rows; a barrier then makes the result visible to all. */
 static void matmul_ld(const argen_qweight *w, const float *x, int64_t M, int64_t ldx, float *y, int tid, int nt) {
-    argen_qmatmul_rows(w, x, M, ldx, y, w->n, w->n * tid / nt, w->n * (tid + 1) / nt);
+    const int64_t G = argen_groups(w);
+    argen_qmatmul_groups(w, x, M, ldx, y, w->n, G * tid / nt, G * (tid + 1) / nt);
 #pragma omp barrier
 }
 
@@ -164,8 +208,10 @@ int argen_forward(const argen_model *m, int nthreads, int64_t S, const int64_t *
     const int64_t heads_out = NH * D > H ? NH * D : H; /* attention output, then the FFN's */
     float *h = malloc(sizeof(float) * R * H), *big = malloc(sizeof(float) * R * wide);
     float *att = malloc(sizeof(float) * R * heads_out), *tmp = malloc(sizeof(float) * R * (H > I ? H : I));
-    float *all_scores = malloc(sizeof(float) * (max_keys + 1) * (nthreads > 0 ? nthreads : 1));
-    const int failed = !seg_of || !h || !big || !att || !tmp || !all_scores;
+    const int64_t threads = nthreads > 0 ? nthreads : 1;
+    float *all_scores = malloc(sizeof(float) * (max_keys + 1) * group * threads);
+    const float **all_keys = malloc(sizeof(float *) * 2 * max_keys * threads); /* keys, then values */
+    const int failed = !seg_of || !h || !big || !att || !tmp || !all_scores || !all_keys;
     const float scale = 1.0f / sqrtf((float)D);
     if (!failed) {
         for (int64_t s = 0; s < S; s++)
@@ -173,7 +219,8 @@ int argen_forward(const argen_model *m, int nthreads, int64_t S, const int64_t *
 #pragma omp parallel num_threads(nthreads)
         {
             const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
-            float *scores = all_scores + tid * (max_keys + 1);
+            float *scores = all_scores + tid * (max_keys + 1) * group;
+            const float **keys = all_keys + 2 * tid * max_keys, **values = keys + max_keys;
             for (int64_t l = 0; l < m->n_layers; l++) {
                 const argen_layer *L = &m->layers[l];
                 float *kl = kc + l * ls, *vl = vc + l * ls;
@@ -195,34 +242,31 @@ int argen_forward(const argen_model *m, int nthreads, int64_t S, const int64_t *
                                    row + (NH + NKV + g) * D, sizeof(float) * D);
                         }
                     }
-#pragma omp for schedule(static)
-                    for (int64_t task = 0; task < R * NH; task++) {
-                        const int64_t r = task / NH, hq = task % NH, s = seg_of[r], t = r - cu[s], T = cu[s + 1] - cu[s];
-                        const int64_t g = hq / group, start = starts[s];
+                    /* (key/value head, token, query head) triples, key/value head first, a contiguous
+                     * range per thread; a token's query heads that share a key/value head are done
+                     * together (their keys read once), and the tokens one after another on the same
+                     * key/value head, so its keys and values stay in cache from token to token of a
+                     * pass (the order of the tasks changes no head's arithmetic) */
+                    for (int64_t task = R * NH * tid / nt, end = R * NH * (tid + 1) / nt; task < end;) {
+                        const int64_t g = task / (R * group), r = task / group % R, hq = g * group + task % group;
+                        const int64_t s = seg_of[r], t = r - cu[s], T = cu[s + 1] - cu[s], start = starts[s];
+                        int64_t nh = (g + 1) * group - hq;
+                        nh = nh < end - task ? nh : end - task;
                         const int32_t *table = tables + table_cu[s];
-                        const float *q = big + r * QKV + hq * D;
-                        float *kg = kl + g * hs, *vg = vl + g * hs;
                         const uint8_t *visible = mask_at[s] < 0 ? NULL : mask + mask_at[s] + t * T;
+                        /* the keys (and values) this token sees, in position order */
                         int64_t n = 0;
-                        for (int64_t j = 0; j < start; j++)
-                            scores[n++] = dot(q, slot_ptr(kg, table, block_size, bs, ss, j), D) * scale;
-                        for (int64_t j = 0; j < T; j++)
-                            if (visible ? visible[j] : j <= t)
-                                scores[n++] = dot(q, slot_ptr(kg, table, block_size, bs, ss, start + j), D) * scale;
-                        float mx = -INFINITY, sum = 0.0f;
-                        for (int64_t j = 0; j < n; j++) mx = scores[j] > mx ? scores[j] : mx;
-                        exp_shifted(scores, n, mx);
-                        for (int64_t j = 0; j < n; j++) sum += scores[j];
-                        float *o = att + r * heads_out + hq * D;
-                        memset(o, 0, sizeof(float) * D);
-                        n = 0;
-                        for (int64_t j = 0; j < start; j++) axpy(scores[n++], slot_ptr(vg, table, block_size, bs, ss, j), o, D);
-                        for (int64_t j = 0; j < T; j++)
-                            if (visible ? visible[j] : j <= t)
-                                axpy(scores[n++], slot_ptr(vg, table, block_size, bs, ss, start + j), o, D);
-                        const float inv = 1.0f / sum;
-                        for (int64_t d = 0; d < D; d++) o[d] *= inv;
+                        for (int64_t j = 0; j < start + T; j++) {
+                            if (j >= start && !(visible ? visible[j - start] : j - start <= t)) continue;
+                            const int64_t at = table[j / block_size] * bs + (j % block_size) * ss + g * hs;
+                            keys[n] = kl + at;
+                            values[n++] = vl + at;
+                        }
+                        attend(big + r * QKV + hq * D, nh, keys, values, n, D, scale, scores,
+                               att + r * heads_out + hq * D);
+                        task += nh;
                     }
+#pragma omp barrier
                     matmul_ld(&L->o, att, R, heads_out, tmp, tid, nt);
 #pragma omp for schedule(static)
                     for (int64_t r = 0; r < R; r++)
@@ -250,5 +294,6 @@ int argen_forward(const argen_model *m, int nthreads, int64_t S, const int64_t *
     free(att);
     free(tmp);
     free(all_scores);
+    free(all_keys);
     return failed ? -1 : 0;
 }

@@ -3,338 +3,455 @@
  * Why hand-written: torch's stock weight-only kernels are slower than fp32 on these CPUs
  * (`_weight_int4pack_mm_for_cpu` 126 ms per SmolLM2 step against 25 ms for fp32 GEMV), and the
  * libraries that read GGUF blocks in registers (ggml) always quantize the activations to 8 bits
- * too. These kernels keep the weights as the GGUF stores them (4 or 8 bits per weight plus an
- * fp16 scale, and for Q4_1 an fp16 minimum, per block of 32), dequantize each block in registers
- * exactly as gguf-py's reference dequantizer does (w = d * q + m is exact in fp32), and multiply
- * with fp32 activations and fp32 accumulation. So the weights are bit for bit the fp32 model's,
- * and only the summation order differs from a dense fp32 matmul.
+ * too. These kernels keep the GGUF's bytes (4 or 8 bits per weight plus an fp16 scale, and for
+ * Q4_1 an fp16 minimum, per block of 32), dequantize in registers exactly as gguf-py's reference
+ * dequantizer does (w = d * q + m is one rounding, as fma computes it), and multiply with fp32
+ * activations and fp32 accumulation. So the weights are bit for bit the fp32 model's, and only the
+ * summation order differs from a dense fp32 matmul.
  *
- * Batch invariance: every output y[i][r] is computed by the same sequence of operations whatever
- * the number of rows M and whichever tile or thread computes it, so a sequence's logits do not
- * depend on what else shares its forward pass (batched serving, speculative verification).
+ * Layout (repacked at load time by quant.py's `pack`, same bytes as the GGUF's blocks, in another
+ * order): the weight rows in groups of VW (the vector width: 8 on AVX2, 16 on AVX-512), the last
+ * group padded with zero rows. Each group has, for each block b of 32 columns, one record:
+ *   d[VW] fp16 (the group's rows' scales), then for Q4_1 m[VW] fp16 (their minimums), then codes:
+ *   Q4: 16 x VW bytes: byte p * VW + r = q[r][32b + 2p] | q[r][32b + 2p + 1] << 4
+ *   Q8: 32 x VW int8:  byte k * VW + r = q[r][32b + k]
+ * so one vector load gives one column of VW output rows (ggml's q4_0x8 interleaving has the same
+ * aim). Records are stored chunk by chunk (CHUNK groups), block-major within a chunk: the order the
+ * kernel reads them. Q4_0 has no m: w = d * (q - 8) = fma(q, d, -8 d), exactly.
  *
- * Layout (split from the GGUF's interleaved blocks at load time; same bytes):
- *   qs: Q4 [N][K/2] bytes, block b of row r at qs[r][16 b]: byte j holds weight j (low nibble)
- *       and weight j + 16 (high nibble); Q8 [N][K] int8.
- *   d, m: [N][K/32] fp16 scale and minimum (Q4_0 has no m: w = d * (q - 8)).
+ * The kernel is an outer product: for each column k, a vector of VW weights times x[i][k] of each of
+ * MT activation rows (the same value in every lane), into MT x NT vector accumulators (NT groups at
+ * once): no horizontal sums, one weight dequantization per MT FMAs, and tile shapes sized for the
+ * register file (16 vectors on AVX2, 32 on AVX-512). Many rows run near the FMA peak (report:
+ * benchmarks/kernel_peak/); one row is bound by the dequantization (about 3.5 instructions per vector
+ * of weights on top of its one FMA), which exactness requires.
+ *
+ * Summation order (fixed, whatever M, the tile or the thread: batch invariance): for each output
+ * y[i][r], each block's 32 products are summed in column order by one fma chain from 0,
+ * s_b = fma(x[k], w[k], ... fma(x[32b], w[32b], 0)), and the blocks' sums are added in block
+ * order, t = ((s_0 + s_1) + s_2) + ..., then y = t + bias. Its rounding error is at most
+ * (31 + K/32) u sum_k |x_k w_k| (u = 2^-24) to first order, plus u |y| for the bias: 50 u for
+ * K = 576, 79 u for K = 1536.
+ *
  * x is [M][K] fp32 (rows ldx apart), y is [M][N] fp32 (rows ldy apart), bias [N] or NULL.
  * nthreads: the caller's thread count (torch's), passed because OpenMP's is per calling thread.
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <omp.h>
-#if defined(__AVX512F__) || defined(__AVX2__)
-#include <immintrin.h>
-#endif
 
 #include "cpu_kernels.h"
+#include "cpu_simd.h"
 
 const char *argen_isa(void) {
-#if defined(__AVX512F__)
+#if defined(ARGEN_SIMD_AVX512) && defined(__AVX512VNNI__)
+    return "avx512vnni";
+#elif defined(ARGEN_SIMD_AVX512)
     return "avx512";
-#elif defined(__AVX2__)
+#elif defined(ARGEN_SIMD_AVX2)
     return "avx2";
 #else
-    return "scalar";
+    return "portable";
 #endif
 }
 
-static inline float half_to_float(uint16_t h) {
-#if defined(__F16C__)
-    return _cvtsh_ss(h);
+/* The rows per group this build packs and reads (its vector width). */
+int argen_width(void) { return VW; }
+
+static inline int64_t codes_at(int fmt) { return (fmt == FMT_Q4_1 ? 4 : 2) * VW; }
+static inline int64_t record_bytes(int fmt) { return codes_at(fmt) + (fmt == FMT_Q8_0 ? 32 : 16) * VW; }
+
+/* Groups per chunk: the unit of the layout (records block-major within it) and of the loops. */
+#define CHUNK 64
+int argen_chunk(void) { return CHUNK; }
+
+/* Byte offset of group g's record for block b. */
+static inline int64_t record_at(const argen_qweight *w, int64_t g, int64_t b) {
+    const int64_t G = argen_groups(w), nb = w->k / QK, c = g / CHUNK;
+    const int64_t cg = G - c * CHUNK < CHUNK ? G - c * CHUNK : CHUNK;
+    return (c * CHUNK * nb + b * cg + g % CHUNK) * record_bytes(w->fmt);
+}
+
+/* One block of 32 columns for MT activation rows and ng groups, NT at a time (ng a multiple of NT),
+ * whose records for this block follow each other from r0: group g's block sum for row i goes to
+ * tot[(g * MT + i) * VW], stored on the first block and added after. The activation (i, k) is
+ * xe[(k * MT + i) * XB] if `expanded`, else x[i * ldx + k]. MT, NT, fmt and expanded are
+ * constants at every call, so the accumulators live in registers and the loops unroll. */
+ARGEN_INLINE void block_tile(const int fmt, const int MT, const int NT, const int expanded, const uint8_t *r0,
+                             int ng, const float *x, int64_t ldx, int first, float *tot) {
+    const int64_t rec = record_bytes(fmt), at = codes_at(fmt);
+    const vi low = vi_set1(15);
+#define X(i, k) (expanded ? vxb(x + ((k) * MT + (i)) * XB) : vset1(x[(i) * ldx + (k)]))
+    for (int g = 0; g < ng; g += NT) {
+        const uint8_t *r = r0 + g * rec;
+        vf d[4], m[4], acc[16][4]; /* fixed sizes: [MT][NT] used, held in registers */
+#pragma GCC unroll 4
+        for (int t = 0; t < NT; t++) {
+            d[t] = vload_f16((const uint16_t *)(r + t * rec));
+            m[t] = fmt == FMT_Q4_1 ? vload_f16((const uint16_t *)(r + t * rec + 2 * VW)) : vmul(d[t], vset1(-8.0f));
+        }
+#pragma GCC unroll 16
+        for (int i = 0; i < MT; i++)
+#pragma GCC unroll 4
+            for (int t = 0; t < NT; t++) acc[i][t] = vzero();
+        if (fmt == FMT_Q8_0) {
+#pragma GCC unroll 2
+            for (int k = 0; k < QK; k++) {
+#pragma GCC unroll 4
+                for (int t = 0; t < NT; t++) {
+                    const vf w = vmul(vcvt_i2f(vload_s8((const int8_t *)(r + t * rec + at + k * VW))), d[t]);
+#pragma GCC unroll 16
+                    for (int i = 0; i < MT; i++) acc[i][t] = vfma(X(i, k), w, acc[i][t]);
+                }
+            }
+        } else {
+#pragma GCC unroll 2
+            for (int p = 0; p < QK / 2; p++) {
+#pragma GCC unroll 4
+                for (int t = 0; t < NT; t++) {
+                    const vi q = vload_u8(r + t * rec + at + p * VW);
+                    const vf lo = vfma(vcvt_i2f(vi_and(q, low)), d[t], m[t]);
+#pragma GCC unroll 16
+                    for (int i = 0; i < MT; i++) acc[i][t] = vfma(X(i, 2 * p), lo, acc[i][t]);
+                    const vf hi = vfma(vcvt_i2f(vi_srli(q, 4)), d[t], m[t]);
+#pragma GCC unroll 16
+                    for (int i = 0; i < MT; i++) acc[i][t] = vfma(X(i, 2 * p + 1), hi, acc[i][t]);
+                }
+            }
+        }
+#pragma GCC unroll 16
+        for (int i = 0; i < MT; i++)
+#pragma GCC unroll 4
+            for (int t = 0; t < NT; t++) {
+                float *o = tot + ((g + t) * MT + i) * VW;
+                vstore(o, first ? acc[i][t] : vadd(vload(o), acc[i][t]));
+            }
+    }
+#undef X
+}
+
+/* Tile shapes: MT activation rows x NT groups, by the rows left. At least 8 independent
+ * accumulators to cover the FMA latency, few enough to stay in registers (16 on AVX2, 32 on
+ * AVX-512). Tiles of EXPANDED rows or more read the activations from `xe` (see XB). */
+#if defined(ARGEN_SIMD_PORTABLE)
+/* Portable C: a few shapes (they compile slowly and run slowly anyway); any tiling gives the same sums. */
+#define MT_MAX 4
+#define EXPANDED 3
+static inline int tile_groups(int mt) { return mt >= 3 ? 1 : 2; }
+#define SHAPES(X, F) X(F, 4, 1) X(F, 3, 1) X(F, 2, 2) X(F, 2, 1) X(F, 1, 2) X(F, 1, 1)
+#elif VW >= 16
+#define MT_MAX 16
+#define EXPANDED 8
+static inline int tile_groups(int mt) { return mt >= 8 ? 1 : mt >= 4 ? 2 : 4; }
+#define SHAPES(X, F)                                                                                            \
+    X(F, 16, 1) X(F, 15, 1) X(F, 14, 1) X(F, 13, 1) X(F, 12, 1) X(F, 11, 1) X(F, 10, 1) X(F, 9, 1) X(F, 8, 1)     \
+    X(F, 7, 2) X(F, 7, 1) X(F, 6, 2) X(F, 6, 1) X(F, 5, 2) X(F, 5, 1) X(F, 4, 2) X(F, 4, 1) X(F, 3, 4)         \
+    X(F, 3, 2) X(F, 3, 1) X(F, 2, 4) X(F, 2, 2) X(F, 2, 1) X(F, 1, 4) X(F, 1, 2) X(F, 1, 1)
 #else
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
-    if (exp == 0) {
-        if (man == 0) {
-            bits = sign;
-        } else { /* subnormal: renormalise */
-            exp = 127 - 15 + 1;
-            while (!(man & 0x400)) { man <<= 1; exp--; }
-            bits = sign | (exp << 23) | ((man & 0x3ff) << 13);
-        }
-    } else if (exp == 31) {
-        bits = sign | 0x7f800000u | (man << 13);
-    } else {
-        bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
-    }
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
+#define MT_MAX 8
+#define EXPANDED 5
+static inline int tile_groups(int mt) { return mt >= 5 ? 1 : mt >= 3 ? 2 : 4; }
+#define SHAPES(X, F)                                                                                            \
+    X(F, 8, 1) X(F, 7, 1) X(F, 6, 1) X(F, 5, 1) X(F, 4, 2) X(F, 4, 1) X(F, 3, 2) X(F, 3, 1) X(F, 2, 4)         \
+    X(F, 2, 2) X(F, 2, 1) X(F, 1, 4) X(F, 1, 2) X(F, 1, 1)
 #endif
-}
 
-static inline void halves_to_floats(const uint16_t *h, int64_t n, float *f) {
-    int64_t i = 0;
-#if defined(__AVX512F__)
-    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(f + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(h + i))));
-#endif
-    for (; i < n; i++) f[i] = half_to_float(h[i]);
-}
+#define TILE_FN(F, MT, NT)                                                                                      \
+    static void tile_##F##_##MT##_##NT(const uint8_t *r0, int ng, const float *x, int64_t ldx, int first,       \
+                                       float *tot) {                                                           \
+        block_tile(F, MT, NT, MT >= EXPANDED, r0, ng, x, ldx, first, tot);                                     \
+    }
+#define TILE_CASE(F, MT, NT)                                                                                    \
+    case MT * 16 + NT:                                                                                          \
+        tile_##F##_##MT##_##NT(r0, ng, x, ldx, first, tot);                                                    \
+        return;
+SHAPES(TILE_FN, FMT_Q4_0)
+SHAPES(TILE_FN, FMT_Q4_1)
+SHAPES(TILE_FN, FMT_Q8_0)
 
-/* One weight row's scales (and minimums) as fp32, so the inner loop broadcasts from memory. For
- * Q4_0, m = -8 d: then fma(q, d, m) = d * (q - 8) exactly, as gguf-py computes it. */
-static inline void row_scales(int fmt, const uint16_t *d, const uint16_t *m, int64_t nb, float *df, float *mf) {
-    halves_to_floats(d, nb, df);
-    if (fmt == FMT_Q4_1) {
-        halves_to_floats(m, nb, mf);
+static void run_tile(int fmt, int mt, int nt, const uint8_t *r0, int ng, const float *x, int64_t ldx, int first,
+                     float *tot) {
+    if (fmt == FMT_Q4_0) {
+        switch (mt * 16 + nt) { SHAPES(TILE_CASE, FMT_Q4_0) }
+    } else if (fmt == FMT_Q4_1) {
+        switch (mt * 16 + nt) { SHAPES(TILE_CASE, FMT_Q4_1) }
     } else {
-        for (int64_t b = 0; b < nb; b++) mf[b] = fmt == FMT_Q4_0 ? -8.0f * df[b] : 0.0f;
+        switch (mt * 16 + nt) { SHAPES(TILE_CASE, FMT_Q8_0) }
     }
 }
 
-#define MAX_TILE 8
-#define MAX_RT 4
-
-#if defined(__AVX512F__)
-/* RT weight rows (rows ldq bytes and nb scales apart) against MT rows of x: out[r][i] = x[i] . w[r].
- * Each (r, i) has its own two accumulators (weights 0-15 and 16-31 of every block), summed in block
- * order and reduced the same way whatever RT and MT are: that is what makes results batch-invariant.
- * Several weight rows at once give the FMAs independent chains to hide their latency. */
-static inline __attribute__((always_inline)) void q4_tile(const int RT, const int MT, const float *x, int64_t ldx,
-                                                          int64_t nb, const uint8_t *q, int64_t ldq, const float *df,
-                                                          const float *mf, float *out) {
-    __m512 acc[MAX_RT][MAX_TILE][2];
-    for (int r = 0; r < RT; r++)
-        for (int i = 0; i < MT; i++) acc[r][i][0] = acc[r][i][1] = _mm512_setzero_ps();
-    const __m128i low = _mm_set1_epi8(0x0F);
-    for (int64_t b = 0; b < nb; b++) {
-        __m512 wl[MAX_RT], wh[MAX_RT];
-        for (int r = 0; r < RT; r++) {
-            const __m128i raw = _mm_loadu_si128((const __m128i *)(q + r * ldq + 16 * b));
-            const __m512 ql = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(raw, low)));
-            const __m512 qh = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(raw, 4), low)));
-            const __m512 vd = _mm512_set1_ps(df[r * nb + b]), vm = _mm512_set1_ps(mf[r * nb + b]);
-            wl[r] = _mm512_fmadd_ps(ql, vd, vm);
-            wh[r] = _mm512_fmadd_ps(qh, vd, vm);
-        }
-        for (int i = 0; i < MT; i++) {
-            const __m512 x0 = _mm512_loadu_ps(x + i * ldx + QK * b), x1 = _mm512_loadu_ps(x + i * ldx + QK * b + 16);
-            for (int r = 0; r < RT; r++) {
-                acc[r][i][0] = _mm512_fmadd_ps(wl[r], x0, acc[r][i][0]);
-                acc[r][i][1] = _mm512_fmadd_ps(wh[r], x1, acc[r][i][1]);
-            }
+/* y rows i0 .. i0 + mt for groups ga .. ga + ng from the tile totals, plus the bias. */
+static void store_rows(const argen_qweight *w, const float *tot, int64_t ga, int ng, int64_t i0, int mt, float *y,
+                       int64_t ldy) {
+    for (int g = 0; g < ng; g++) {
+        const int64_t r0 = (ga + g) * VW, lanes = w->n - r0 < VW ? w->n - r0 : VW;
+        for (int i = 0; i < mt; i++) {
+            const float *o = tot + (g * mt + i) * VW;
+            float *yr = y + (i0 + i) * ldy + r0;
+            if (w->bias)
+                for (int64_t r = 0; r < lanes; r++) yr[r] = o[r] + w->bias[r0 + r];
+            else
+                memcpy(yr, o, sizeof(float) * lanes);
         }
     }
-    for (int r = 0; r < RT; r++)
-        for (int i = 0; i < MT; i++) out[r * MAX_TILE + i] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][i][0], acc[r][i][1]));
 }
 
-static inline __attribute__((always_inline)) void q8_tile(const int RT, const int MT, const float *x, int64_t ldx,
-                                                          int64_t nb, const int8_t *q, int64_t ldq, const float *df,
-                                                          float *out) {
-    __m512 acc[MAX_RT][MAX_TILE][2];
-    for (int r = 0; r < RT; r++)
-        for (int i = 0; i < MT; i++) acc[r][i][0] = acc[r][i][1] = _mm512_setzero_ps();
-    for (int64_t b = 0; b < nb; b++) {
-        __m512 w0[MAX_RT], w1[MAX_RT];
-        for (int r = 0; r < RT; r++) {
-            const int8_t *qb = q + r * ldq + QK * b;
-            const __m512 vd = _mm512_set1_ps(df[r * nb + b]);
-            w0[r] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)qb))), vd);
-            w1[r] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qb + 16)))), vd);
-        }
-        for (int i = 0; i < MT; i++) {
-            const __m512 x0 = _mm512_loadu_ps(x + i * ldx + QK * b), x1 = _mm512_loadu_ps(x + i * ldx + QK * b + 16);
-            for (int r = 0; r < RT; r++) {
-                acc[r][i][0] = _mm512_fmadd_ps(w0[r], x0, acc[r][i][0]);
-                acc[r][i][1] = _mm512_fmadd_ps(w1[r], x1, acc[r][i][1]);
-            }
-        }
-    }
-    for (int r = 0; r < RT; r++)
-        for (int i = 0; i < MT; i++) out[r * MAX_TILE + i] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][i][0], acc[r][i][1]));
-}
+/* -- the a8 path: activations rounded to int8 per block of 32, as llama.cpp computes -----------
+ *
+ * Each activation row's block b becomes int8 codes qx with a scale dx = max|x| / 127 (qx = x / dx
+ * rounded to nearest, even on ties), and sq = sum qx. A weight block then meets it as integers:
+ * isum = sum_k q_k qx_k, exact, and its contribution is d dx isum (Q8_0), d dx (isum - 8 sq) (Q4_0)
+ * or d dx isum + m (dx sq) (Q4_1), rounded in that order; the blocks' contributions are added in
+ * block order, then the bias: still a fixed order per row, so the path stays batch-invariant.
+ * The a8 layout differs from the fp32 one only in the codes' order, for vdot's 4 columns a lane:
+ *   Q4: 4 x 4VW bytes: byte u * 4VW + 4r + j = q[r][32b + 4u + j] | q[r][32b + 16 + 4u + j] << 4
+ *   Q8: 8 x 4VW int8:  byte t * 4VW + 4r + j = q[r][32b + 4t + j] */
+typedef struct {
+    int8_t *q;     /* [M][K] */
+    float *d, *s;  /* [M][K/32]: dx and dx * sq */
+    int32_t *sq;   /* [M][K/32] */
+} act8;
 
-#elif defined(__AVX2__)
-static inline float hsum256(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
-static inline __attribute__((always_inline)) void q4_tile(const int RT, const int MT, const float *x, int64_t ldx,
-                                                          int64_t nb, const uint8_t *q, int64_t ldq, const float *df,
-                                                          const float *mf, float *out) {
-    const __m128i low = _mm_set1_epi8(0x0F);
-    for (int r = 0; r < RT; r++) {
-        __m256 acc[MAX_TILE][4];
-        for (int i = 0; i < MT; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = _mm256_setzero_ps();
+static void quantize_rows(const float *x, int64_t M, int64_t ldx, int64_t K, act8 a) {
+    const int64_t nb = K / QK;
+    for (int64_t i = 0; i < M; i++)
         for (int64_t b = 0; b < nb; b++) {
-            const __m128i raw = _mm_loadu_si128((const __m128i *)(q + r * ldq + 16 * b));
-            const __m128i lo = _mm_and_si128(raw, low), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low);
-            const __m256 vd = _mm256_set1_ps(df[r * nb + b]), vm = _mm256_set1_ps(mf[r * nb + b]);
-            __m256 w[4];
-            w[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), vd, vm);
-            w[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), vd, vm);
-            w[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), vd, vm);
-            w[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), vd, vm);
-            for (int i = 0; i < MT; i++) {
-                const float *xb = x + i * ldx + QK * b;
-                for (int j = 0; j < 4; j++) acc[i][j] = _mm256_fmadd_ps(w[j], _mm256_loadu_ps(xb + 8 * j), acc[i][j]);
+            const float *xb = x + i * ldx + QK * b;
+            vf mx = vzero();
+            for (int k = 0; k < QK; k += VW) mx = vmax(mx, vmax(vload(xb + k), vsub(vzero(), vload(xb + k))));
+            const float amax = vhmax(mx), d = amax / 127.0f, id = amax > 0.0f ? 127.0f / amax : 0.0f;
+            int32_t q[QK], sum = 0;
+            for (int k = 0; k < QK; k += VW) {
+                const vi qv = vcvt_f2i(vround(vmul(vload(xb + k), vset1(id))));
+                memcpy(q + k, &qv, sizeof qv);
             }
+            for (int k = 0; k < QK; k++) {
+                a.q[i * K + QK * b + k] = (int8_t)q[k];
+                sum += q[k];
+            }
+            a.d[i * nb + b] = d;
+            a.sq[i * nb + b] = sum;
+            a.s[i * nb + b] = d * (float)sum;
         }
-        for (int i = 0; i < MT; i++)
-            out[r * MAX_TILE + i] = hsum256(_mm256_add_ps(_mm256_add_ps(acc[i][0], acc[i][1]),
-                                                          _mm256_add_ps(acc[i][2], acc[i][3])));
-    }
 }
 
-static inline __attribute__((always_inline)) void q8_tile(const int RT, const int MT, const float *x, int64_t ldx,
-                                                          int64_t nb, const int8_t *q, int64_t ldq, const float *df,
-                                                          float *out) {
-    for (int r = 0; r < RT; r++) {
-        __m256 acc[MAX_TILE][4];
-        for (int i = 0; i < MT; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = _mm256_setzero_ps();
-        for (int64_t b = 0; b < nb; b++) {
-            const __m256 vd = _mm256_set1_ps(df[r * nb + b]);
-            __m256 w[4];
-            for (int j = 0; j < 4; j++) {
-                const __m128i raw = _mm_loadl_epi64((const __m128i *)(q + r * ldq + QK * b + 8 * j));
-                w[j] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw)), vd);
+/* One block for MT activation rows and ng groups whose records for this block follow each other
+ * from r0: group g's contribution for row i to tot[(g * MT + i) * VW] (stored on the first block). */
+ARGEN_INLINE void block_tile_a8(const int fmt, const int MT, const uint8_t *r0, int ng, act8 a, int64_t K,
+                                int64_t b, int first, float *tot) {
+    const int64_t rec = record_bytes(fmt), at = codes_at(fmt), nb = K / QK;
+    for (int g = 0; g < ng; g++) {
+        const uint8_t *r = r0 + g * rec;
+        vi isum[16];
+#pragma GCC unroll 16
+        for (int i = 0; i < MT; i++) isum[i] = vi_set1(0);
+        if (fmt == FMT_Q8_0) {
+#pragma GCC unroll 8
+            for (int t = 0; t < QK / 4; t++) {
+                const vb w = vb_load(r + at + t * 4 * VW);
+#pragma GCC unroll 16
+                for (int i = 0; i < MT; i++) isum[i] = vdot_s8s8(isum[i], w, vb_bcast4(a.q + i * K + QK * b + 4 * t));
             }
-            for (int i = 0; i < MT; i++) {
-                const float *xb = x + i * ldx + QK * b;
-                for (int j = 0; j < 4; j++) acc[i][j] = _mm256_fmadd_ps(w[j], _mm256_loadu_ps(xb + 8 * j), acc[i][j]);
-            }
-        }
-        for (int i = 0; i < MT; i++)
-            out[r * MAX_TILE + i] = hsum256(_mm256_add_ps(_mm256_add_ps(acc[i][0], acc[i][1]),
-                                                          _mm256_add_ps(acc[i][2], acc[i][3])));
-    }
-}
-
-#else /* portable C: correct everywhere, vectorised as far as the compiler manages */
-static inline void q4_tile(const int RT, const int MT, const float *x, int64_t ldx, int64_t nb, const uint8_t *q,
-                           int64_t ldq, const float *df, const float *mf, float *out) {
-    for (int r = 0; r < RT; r++)
-        for (int i = 0; i < MT; i++) {
-            float acc[QK] = {0};
-            for (int64_t b = 0; b < nb; b++) {
-                const float *xb = x + i * ldx + QK * b, d = df[r * nb + b], m = mf[r * nb + b];
-                for (int j = 0; j < 16; j++) {
-                    const uint8_t byte = q[r * ldq + 16 * b + j];
-                    acc[j] = fmaf(fmaf((float)(byte & 0x0F), d, m), xb[j], acc[j]);
-                    acc[j + 16] = fmaf(fmaf((float)(byte >> 4), d, m), xb[j + 16], acc[j + 16]);
+        } else {
+#pragma GCC unroll 4
+            for (int u = 0; u < 4; u++) {
+                const vb raw = vb_load(r + at + u * 4 * VW), lo = vb_lo4(raw), hi = vb_hi4(raw);
+#pragma GCC unroll 16
+                for (int i = 0; i < MT; i++) {
+                    const int8_t *xq = a.q + i * K + QK * b;
+                    isum[i] = vdot_u8s8(vdot_u8s8(isum[i], lo, vb_bcast4(xq + 4 * u)), hi, vb_bcast4(xq + 16 + 4 * u));
                 }
             }
-            float s = 0.0f;
-            for (int j = 0; j < QK; j++) s += acc[j];
-            out[r * MAX_TILE + i] = s;
         }
-}
-
-static inline void q8_tile(const int RT, const int MT, const float *x, int64_t ldx, int64_t nb, const int8_t *q,
-                           int64_t ldq, const float *df, float *out) {
-    for (int r = 0; r < RT; r++)
+        const vf d = vload_f16((const uint16_t *)r);
+        const vf m = fmt == FMT_Q4_1 ? vload_f16((const uint16_t *)(r + 2 * VW)) : vzero();
+#pragma GCC unroll 16
         for (int i = 0; i < MT; i++) {
-            float acc[QK] = {0};
-            for (int64_t b = 0; b < nb; b++) {
-                const float *xb = x + i * ldx + QK * b;
-                for (int j = 0; j < QK; j++) acc[j] = fmaf((float)q[r * ldq + QK * b + j] * df[r * nb + b], xb[j], acc[j]);
-            }
-            float s = 0.0f;
-            for (int j = 0; j < QK; j++) s += acc[j];
-            out[r * MAX_TILE + i] = s;
+            const int64_t ib = i * nb + b;
+            const vi n = fmt == FMT_Q4_0 ? vi_sub(isum[i], vi_set1(8 * a.sq[ib])) : isum[i];
+            const vf dd = vmul(d, vset1(a.d[ib]));
+            const vf v = fmt == FMT_Q4_1 ? vfma(vcvt_i2f(n), dd, vmul(m, vset1(a.s[ib]))) : vmul(vcvt_i2f(n), dd);
+            float *o = tot + (g * MT + i) * VW;
+            vstore(o, first ? v : vadd(vload(o), v));
         }
+    }
 }
+
+#define A8_FN(F, MT)                                                                                            \
+    static void a8_##F##_##MT(const uint8_t *r0, int ng, act8 a, int64_t K, int64_t b, int first, float *tot) {   \
+        block_tile_a8(F, MT, r0, ng, a, K, b, first, tot);                                                     \
+    }
+#define A8_CASE(F, MT)                                                                                          \
+    case MT:                                                                                                    \
+        a8_##F##_##MT(r0, ng, a, K, b, first, tot);                                                            \
+        return;
+#if defined(ARGEN_SIMD_PORTABLE)
+#define A8_SHAPES(X, F) X(F, 4) X(F, 3) X(F, 2) X(F, 1)
+#elif VW >= 16
+#define A8_SHAPES(X, F)                                                                                         \
+    X(F, 16) X(F, 15) X(F, 14) X(F, 13) X(F, 12) X(F, 11) X(F, 10) X(F, 9) X(F, 8) X(F, 7) X(F, 6) X(F, 5) X(F, 4) \
+    X(F, 3) X(F, 2) X(F, 1)
+#else
+#define A8_SHAPES(X, F) X(F, 8) X(F, 7) X(F, 6) X(F, 5) X(F, 4) X(F, 3) X(F, 2) X(F, 1)
 #endif
+A8_SHAPES(A8_FN, FMT_Q4_0)
+A8_SHAPES(A8_FN, FMT_Q4_1)
+A8_SHAPES(A8_FN, FMT_Q8_0)
 
-/* Tiles of RT weight rows x MT activation rows; both are compile-time constants in each call, so
- * the accumulators live in registers. Many rows of x: tall tiles amortise dequantizing a block;
- * few: wide tiles give the FMAs independent chains. Any tiling gives the same y (see q4_tile). */
-#define TILES(CALL)                                  \
-    if (mt == 8) CALL(1, 8);                         \
-    else if (mt >= 4) { mt = 4; CALL(2, 4); }        \
-    else if (mt >= 2) { mt = 2; CALL(4, 2); }        \
-    else CALL(4, 1);
+static void run_tile_a8(int fmt, int mt, const uint8_t *r0, int ng, act8 a, int64_t K, int64_t b, int first,
+                        float *tot) {
+    if (fmt == FMT_Q4_0) {
+        switch (mt) { A8_SHAPES(A8_CASE, FMT_Q4_0) }
+    } else if (fmt == FMT_Q4_1) {
+        switch (mt) { A8_SHAPES(A8_CASE, FMT_Q4_1) }
+    } else {
+        switch (mt) { A8_SHAPES(A8_CASE, FMT_Q8_0) }
+    }
+}
 
-static inline void tile_rows(const argen_qweight *w, const float *x, int64_t ldx, int mt_max, int64_t r, int rt,
-                             const float *df, const float *mf, float *out, int *mt_done) {
+/* The same loops as the fp32 path's (below), on activations quantized once per call. */
+static void qmatmul_groups_a8(const argen_qweight *w, const float *x, int64_t M, int64_t ldx, float *y, int64_t ldy,
+                              int64_t g0, int64_t g1) {
     const int64_t K = w->k, nb = K / QK;
-    int mt = mt_max;
-    /* A tile of fewer weight rows than the table says (the last rows of a split): one row at a time,
-     * which computes the same values. */
-#define CALL_Q(RT, MT)                                                                                    \
-    do {                                                                                                  \
-        if (rt == (RT)) {                                                                                 \
-            if (w->fmt == FMT_Q8_0) q8_tile(RT, MT, x, ldx, nb, (const int8_t *)w->qs + r * K, K, df, out); \
-            else q4_tile(RT, MT, x, ldx, nb, (const uint8_t *)w->qs + r * (K / 2), K / 2, df, mf, out);     \
-        } else {                                                                                          \
-            for (int rr = 0; rr < rt; rr++) {                                                             \
-                if (w->fmt == FMT_Q8_0)                                                                   \
-                    q8_tile(1, MT, x, ldx, nb, (const int8_t *)w->qs + (r + rr) * K, K, df + rr * nb, out + rr * MAX_TILE); \
-                else                                                                                      \
-                    q4_tile(1, MT, x, ldx, nb, (const uint8_t *)w->qs + (r + rr) * (K / 2), K / 2, df + rr * nb, \
-                            mf + rr * nb, out + rr * MAX_TILE);                                           \
-            }                                                                                             \
-        }                                                                                                 \
-    } while (0)
-    TILES(CALL_Q)
-#undef CALL_Q
-    *mt_done = mt;
+    char *mem = malloc((size_t)(M * K + M * nb * 12));
+    if (!mem) abort(); /* M <= 64 rows: a few hundred KB at most */
+    act8 a = {(int8_t *)mem, (float *)(mem + M * K), (float *)(mem + M * K + M * nb * 4),
+              (int32_t *)(mem + M * K + M * nb * 8)};
+    quantize_rows(x, M, ldx, K, a);
+    float tot[CHUNK * MT_MAX * VW];
+    for (int64_t ga = g0; ga < g1;) {
+        const int64_t c = ga / CHUNK, gb = (c + 1) * CHUNK < g1 ? (c + 1) * CHUNK : g1;
+        const int ng = (int)(gb - ga);
+        for (int64_t i0 = 0; i0 < M;) {
+            const int mt = (int)(M - i0 < MT_MAX ? M - i0 : MT_MAX);
+            const act8 at = {a.q + i0 * K, a.d + i0 * nb, a.s + i0 * nb, a.sq + i0 * nb};
+            for (int64_t b = 0; b < nb; b++) run_tile_a8(w->fmt, mt, w->data + record_at(w, ga, b), ng, at, K, b, b == 0, tot);
+            store_rows(w, tot, ga, ng, i0, mt, y, ldy);
+            i0 += mt;
+        }
+        ga = gb;
+    }
+    free(mem);
 }
 
-void argen_qmatmul_rows(const argen_qweight *w, const float *x, int64_t M, int64_t ldx, float *y, int64_t ldy,
-                        int64_t r0, int64_t r1) {
-    const int64_t nb = w->k / QK;
-    float df[MAX_RT * nb], mf[MAX_RT * nb], out[MAX_RT * MAX_TILE];
-    for (int64_t i0 = 0; i0 < M;) {
-        const int want = (int)(M - i0 < MAX_TILE ? M - i0 : MAX_TILE);
-        int done = want;
-        /* Weight rows in groups of MAX_RT (wide tiles use them all; tall ones fewer), scales converted once. */
-        for (int64_t r = r0; r < r1; r += MAX_RT) {
-            const int rows = (int)(r1 - r < MAX_RT ? r1 - r : MAX_RT);
-            for (int rr = 0; rr < rows; rr++)
-                row_scales(w->fmt, w->d + (r + rr) * nb, w->m ? w->m + (r + rr) * nb : w->d, nb, df + rr * nb, mf + rr * nb);
-            int rt_table = want == 8 ? 1 : want >= 4 ? 2 : 4;
-            for (int rs = 0; rs < rows; rs += rt_table) {
-                const int rt = rows - rs < rt_table ? rows - rs : rt_table;
-                tile_rows(w, x + i0 * ldx, ldx, want, r + rs, rt, df + rs * nb, mf + rs * nb, out, &done);
-                for (int rr = 0; rr < rt; rr++) {
-                    const float b = w->bias ? w->bias[r + rs + rr] : 0.0f;
-                    for (int i = 0; i < done; i++) y[(i0 + i) * ldy + r + rs + rr] = out[rr * MAX_TILE + i] + b;
+/* Groups [g0, g1) chunk by chunk; in a chunk, tiles of activation rows, each over every block
+ * (the chunk's weights stay in cache for the next tile) and within a block over the chunk's groups
+ * (a tile's activations, expanded once per block, serve them all). */
+void argen_qmatmul_groups(const argen_qweight *w, const float *x, int64_t M, int64_t ldx, float *y, int64_t ldy,
+                          int64_t g0, int64_t g1) {
+    if (w->act8) {
+        qmatmul_groups_a8(w, x, M, ldx, y, ldy, g0, g1);
+        return;
+    }
+    const int64_t nb = w->k / QK, rec = record_bytes(w->fmt);
+    float tot[CHUNK * MT_MAX * VW];
+    float xe[QK * MT_MAX * XB] __attribute__((aligned(64)));
+    for (int64_t ga = g0; ga < g1;) {
+        const int64_t c = ga / CHUNK, gb = (c + 1) * CHUNK < g1 ? (c + 1) * CHUNK : g1;
+        const int ng = (int)(gb - ga);
+        for (int64_t i0 = 0; i0 < M;) {
+            const int mt = (int)(M - i0 < MT_MAX ? M - i0 : MT_MAX), nt = tile_groups(mt);
+            const float *xt = x + i0 * ldx;
+            for (int64_t b = 0; b < nb; b++) {
+                const uint8_t *r0 = w->data + record_at(w, ga, b);
+                const float *xs = xt + QK * b;
+                int64_t lds = ldx;
+                if (mt >= EXPANDED) {
+                    for (int k = 0; k < QK; k++)
+                        for (int i = 0; i < mt; i++) vxb_put(xe + (k * mt + i) * XB, xt[i * ldx + QK * b + k]);
+                    xs = xe;
+                    lds = 0;
+                }
+                /* NT groups at a time, then narrower tiles for the rest: the same sums */
+                for (int g = 0, step = nt; g < ng; step /= 2) {
+                    const int n = (ng - g) / step * step;
+                    if (n) run_tile(w->fmt, mt, step, r0 + g * rec, n, xs, lds, b == 0, tot + g * mt * VW);
+                    g += n;
                 }
             }
+            store_rows(w, tot, ga, ng, i0, mt, y, ldy);
+            i0 += mt;
         }
-        i0 += done;
+        ga = gb;
     }
 }
 
-/* y[i][r] = sum_k x[i][k] * W[r][k] (+ bias[r]) for a Q4_0 / Q4_1 / Q8_0 weight W [N][K]. */
+/* y = x W^T (+ bias), the weight's groups split evenly between the threads. */
 void argen_qmatmul(const argen_qweight *w, int nthreads, const float *x, int64_t M, int64_t ldx, float *y,
                    int64_t ldy) {
-    const int64_t N = w->n;
+    const int64_t G = argen_groups(w);
 #pragma omp parallel num_threads(nthreads)
     {
         const int nt = omp_get_num_threads(), t = omp_get_thread_num();
-        argen_qmatmul_rows(w, x, M, ldx, y, ldy, N * t / nt, N * (t + 1) / nt);
+        argen_qmatmul_groups(w, x, M, ldx, y, ldy, G * t / nt, G * (t + 1) / nt);
+    }
+}
+
+/* Weight row `row`, block b, as 32 fp32 values: the same arithmetic as the tile's (either layout). */
+static inline void dequantize_block(const argen_qweight *w, int64_t row, int64_t b, float *out) {
+    const int64_t at = codes_at(w->fmt);
+    const uint8_t *r = w->data + record_at(w, row / VW, b), *codes = r + at;
+    const int lane = (int)(row % VW);
+    const float d = half_to_float(((const uint16_t *)r)[lane]);
+    if (w->fmt == FMT_Q8_0) {
+        for (int k = 0; k < QK; k++) {
+            const int64_t i = w->act8 ? (k / 4) * 4 * VW + 4 * lane + k % 4 : k * VW + lane;
+            out[k] = d * (float)((const int8_t *)codes)[i];
+        }
+        return;
+    }
+    const float m = w->fmt == FMT_Q4_1 ? half_to_float(((const uint16_t *)(r + 2 * VW))[lane]) : -8.0f * d;
+    for (int k = 0; k < QK; k++) {
+        int q;
+        if (w->act8) {
+            const uint8_t byte = codes[(k % 16 / 4) * 4 * VW + 4 * lane + k % 4];
+            q = k < 16 ? byte & 0x0F : byte >> 4;
+        } else {
+            const uint8_t byte = codes[(k / 2) * VW + lane];
+            q = k % 2 ? byte >> 4 : byte & 0x0F;
+        }
+        out[k] = fmaf((float)q, d, m);
     }
 }
 
 /* W as fp32 [N][K], exactly gguf-py's dequantization (for prefills, which MKL's GEMM does best). */
-void argen_dequantize(int fmt, int nthreads, int64_t K, const void *qs, const uint16_t *d, const uint16_t *m, int64_t N, float *w) {
-    const int64_t nb = K / QK;
-#pragma omp parallel num_threads(nthreads)
+void argen_dequantize(const argen_qweight *w, int nthreads, float *out) {
+    const int64_t K = w->k, nb = K / QK;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t r = 0; r < w->n; r++)
+        for (int64_t b = 0; b < nb; b++) dequantize_block(w, r, b, out + r * K + QK * b);
+}
+
+/* Rows ids[0..n) of W as fp32 [n][K] (token embeddings from a tied vocabulary matrix). */
+void argen_dequantize_rows(const argen_qweight *w, const int64_t *ids, int64_t n, float *out) {
+    const int64_t K = w->k;
+    for (int64_t i = 0; i < n; i++)
+        for (int64_t b = 0; b < K / QK; b++) dequantize_block(w, ids[i], b, out + i * K + QK * b);
+}
+
+/* The FMA peak: each thread runs `iters` steps of 12 independent fma chains (enough to cover the
+ * FMA latency on every x86 core here) on vectors of this build's width. Returns the floating-point
+ * operations done by all threads; seconds[t] gets thread t's CPU time (robust to other processes
+ * sharing the cores), seconds[nthreads] the wall time of the whole region. */
+double argen_fma_peak(int nthreads, int64_t iters, double *seconds) {
+    double sink = 0.0, start = omp_get_wtime();
+#pragma omp parallel num_threads(nthreads) reduction(+ : sink)
     {
-        float df[nb], mf[nb];
-#pragma omp for schedule(static)
-        for (int64_t r = 0; r < N; r++) {
-            row_scales(fmt, d + r * nb, m ? m + r * nb : d, nb, df, mf);
-            float *wr = w + r * K;
-            for (int64_t b = 0; b < nb; b++) {
-                if (fmt == FMT_Q8_0) {
-                    const int8_t *q = (const int8_t *)qs + r * K + QK * b;
-                    for (int j = 0; j < QK; j++) wr[QK * b + j] = (float)q[j] * df[b];
-                } else {
-                    const uint8_t *q = (const uint8_t *)qs + r * (K / 2) + 16 * b;
-                    for (int j = 0; j < 16; j++) {
-                        wr[QK * b + j] = fmaf((float)(q[j] & 0x0F), df[b], mf[b]);
-                        wr[QK * b + j + 16] = fmaf((float)(q[j] >> 4), df[b], mf[b]);
-                    }
-                }
-            }
-        }
+        struct timespec t0, t1;
+        clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t0);
+        const vf a = vset1(0.999999f), c = vset1(1e-3f);
+        vf acc[12];
+        for (int j = 0; j < 12; j++) acc[j] = vset1((float)j);
+        for (int64_t it = 0; it < iters; it++)
+#pragma GCC unroll 12
+            for (int j = 0; j < 12; j++) acc[j] = vfma(acc[j], a, c);
+        for (int j = 0; j < 12; j++) sink += vhsum(acc[j]);
+        clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t1);
+        seconds[omp_get_thread_num()] = (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec);
     }
+    seconds[nthreads] = omp_get_wtime() - start;
+    return sink > -1.0 ? 2.0 * 12 * VW * (double)iters * nthreads : 0.0; /* (sink keeps the loop alive) */
 }
