@@ -77,10 +77,12 @@ def test_this_checkout_is_recorded():
     assert state["git_dirty"] is bool(code_changes)
 
 
-def test_paths_are_written_relative_to_the_repository(tmp_path):
+def test_paths_are_written_relative_to_the_repository():
     assert portable_path(REPO / "benchmarks" / "speculative") == os.path.join("benchmarks", "speculative")
     assert portable_path(REPO.parent / "shared" / "q.jsonl") == os.path.join("..", "shared", "q.jsonl")
-    assert portable_path(tmp_path / "out") == "<outside>/out"  # nothing of this machine's layout
+    # A path beside neither the repository nor its parent (pytest's tmp_path is a sibling of a clone in /tmp).
+    outside = Path(REPO.anchor) / "argen-test-outside" / "out"
+    assert portable_path(outside) == "<outside>/out"  # nothing of this machine's layout
     assert portable_path("bench-out") == "bench-out"
     argv = [str(REPO.parent / "venv" / "bin" / "argen"), "bench", "--out", str(REPO / "benchmarks" / "x"), "--limit", "3"]
     assert portable_argv(argv) == ["argen", "bench", "--out", os.path.join("benchmarks", "x"), "--limit", "3"]
