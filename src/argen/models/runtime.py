@@ -11,6 +11,8 @@ from typing import Any, Protocol
 
 import torch
 
+from argen.cache.kv import KVCache
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -42,7 +44,7 @@ class Segment:
     causal); every new token sees the whole cached prefix. `num_logits`: logits for the last that many
     tokens (None: all, 0: none)."""
 
-    cache: object
+    cache: KVCache
     tokens: list[int] | torch.Tensor
     positions: list[int] | torch.Tensor
     mask: torch.Tensor | None = None
