@@ -79,7 +79,7 @@ class DecodeState:
     # Final hidden states [T, H] of the prefilled prompt tokens (all but the last); set by the Engine
     # for `start()` of strategies that ask for them (contrastive search), then dropped.
     prompt_hidden: torch.Tensor | None = None
-    memo: Any = None  # the strategy's per-request state (set by its start)
+    memo: Any = None  # the strategy's per-request state: a dataclass the strategy declares, set by its start
     caches: list[KVCache] = field(default_factory=list)  # every cache this request holds; freed when it ends
     # Sequences decoding in the engine's round (set by the engine): this sequence's feeds share a
     # forward pass with theirs, which changes what a draft costs (see speculative/adaptive.py).

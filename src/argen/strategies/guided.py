@@ -23,7 +23,7 @@ the base model's (in the same packed pass when the guide is the base model), cou
 from __future__ import annotations
 
 from collections.abc import Generator
-from types import SimpleNamespace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +76,12 @@ class GuidePair:
 def class_log_prob(sums: torch.Tensor, n_tokens: int) -> torch.Tensor:
     """log P(pos | text) from summed guide log-likelihoods [2, ...] under (pos, neg), length-normalised."""
     return F.logsigmoid((sums[0] - sums[1]) / max(n_tokens, 1))
+
+
+@dataclass
+class GuidedMemo:
+    pair: GuidePair  # the guide reading both control prefixes + the output
+    sums: torch.Tensor  # [2]: the output's summed log-likelihoods under each prefix
 
 
 class Guided(Strategy):
@@ -174,7 +180,7 @@ class Guided(Strategy):
         pair = GuidePair(runtime, [state.new_cache(runtime, room) for _ in sequences], sequences)
         outs = yield pair.prefill(sequences, len(output))
         sums = self._sums(pair.scored(outs, len(output)), output)
-        state.memo = SimpleNamespace(pair=pair, sums=sums.to(state.runtime.device))
+        state.memo = GuidedMemo(pair, sums.to(state.runtime.device))
         state.extras["guided"] = {"class_log_prob": float(class_log_prob(sums, state.n_generated))}
 
     # -- decoding ------------------------------------------------------------------------------

@@ -10,17 +10,26 @@ logits over the same vocabulary size; sharing a tokenizer is the caller's promis
 from __future__ import annotations
 
 from collections.abc import Generator
+from dataclasses import dataclass
 
+from argen.cache.kv import KVCache
 from argen.errors import InvalidRequestError
 from argen.models.runtime import SegmentOut
 from argen.strategies.base import DecodeState, Feed
 from argen.strategies.companions import companion_runtime, is_companion, unresolved
-from argen.strategies.speculative.base import Speculative
+from argen.strategies.speculative.base import Speculative, SpeculativeMemo
 from argen.strategies.speculative.drafting import draw_chain
 from argen.strategies.speculative.tree import DraftTree
 
 
+@dataclass
+class DraftModelMemo(SpeculativeMemo):
+    runtime: object = None  # the draft model's runtime
+    cache: KVCache | None = None  # the draft's cache: a prefix of the sequence
+
+
 class DraftModel(Speculative):
+    Memo = DraftModelMemo
     name = "draft-model"
     companion_options = {"draft": "draft"}
 
