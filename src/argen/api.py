@@ -147,23 +147,6 @@ class Generator:
         every other position (Gumbel-max SCM); no intervention reproduces `result`. See counterfactual.py."""
         return counterfactual(self, result, intervene, **overrides)
 
-
-def companion_models(strategy: Strategy, base: LoadedModel) -> dict[str, object]:
-    """Each of the strategy's `companion_options` resolved to a model, above the strategies: a source
-    is loaded once per process (`shared_model`) on the base model's device; a Generator gives its
-    LoadedModel; a LoadedModel or a runtime is taken as it is."""
-    runtime, found = base.runtime, {}
-    for option, kind in type(strategy).companion_options.items():
-        value = vars(strategy).get(option)
-        if isinstance(value, Generator):
-            value = value.model
-        elif isinstance(value, str):
-            # A guide in the base model's dtype; a draft in shared_model's float32 (as before this moved here).
-            dtype = runtime.dtype if kind == "guide" else "float32"
-            value = shared_model(value, device=str(runtime.device), dtype=dtype)
-        found[option] = value
-    return found
-
     def stream(self, prompt, *, strategy="plain", chat: bool = True, intervene: dict[int, int] | None = None,
                n: int | None = None, prompt_logprobs: int | None = None, press=None, **options) -> Stream:  # fmt: skip
         """Events (token ids and text delta) for one prompt as they are generated; the last one
@@ -210,3 +193,20 @@ def load(model: str = "default", *, runtime: str = "auto", device: str = "cpu", 
     kernels build here, else fp32), "exact" (the GGUF's blocks, fp32 activations), "none" (fp32,
     dequantized), or "q8_0" / "q4_1" / "q4_0" (quantize fp32 weights at load)."""
     return Generator(load_model(model, runtime=runtime, device=device, dtype=dtype, quant=quant))
+
+
+def companion_models(strategy: Strategy, base: LoadedModel) -> dict[str, object]:
+    """Each of the strategy's `companion_options` resolved to a model, above the strategies: a source
+    is loaded once per process (`shared_model`) on the base model's device; a Generator gives its
+    LoadedModel; a LoadedModel or a runtime is taken as it is."""
+    runtime, found = base.runtime, {}
+    for option, kind in type(strategy).companion_options.items():
+        value = vars(strategy).get(option)
+        if isinstance(value, Generator):
+            value = value.model
+        elif isinstance(value, str):
+            # A guide in the base model's dtype; a draft in shared_model's float32 (as before this moved here).
+            dtype = runtime.dtype if kind == "guide" else "float32"
+            value = shared_model(value, device=str(runtime.device), dtype=dtype)
+        found[option] = value
+    return found
