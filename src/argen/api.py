@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 
 from argen.cache.press import make_press
@@ -68,12 +69,37 @@ class Generator:
         for prompt in prompts:
             params = SamplingParams(**options)
             layout = self.encode_layout(prompt, chat)
-            made = make_strategy(strategy)
+            made = make_strategy(self._with_companions(strategy))
             made.prepare(self.model)  # e.g. guided: load the guide, check its tokenizer
             requests.append(Request(layout.ids, params, made, layout.positions, layout.mask, forced=forced,
                                     n=1 if n is None else n, prompt_logprobs=prompt_logprobs,
                                     press=make_press(press)))  # fmt: skip
         return requests
+
+    def _with_companions(self, spec):
+        """The strategy spec with its draft head (if it takes one) loaded here, above the strategy: the
+        head `argen distill-draft` cached for this model when none or "cached" is named, else the file
+        named. Loaded once per model (the runtime's memo)."""
+        from argen.models.draft_head import DraftHeadRuntime
+        from argen.recipes.draft_head import load_draft_head
+        from argen.strategies import REGISTRY, Strategy
+
+        cls = type(spec) if isinstance(spec, Strategy) else REGISTRY.get(spec if isinstance(spec, str) else
+                                                                          spec.get("name") if isinstance(spec, dict) else None)  # fmt: skip
+        heads = [option for option, kind in getattr(cls, "companion_options", {}).items() if kind == "head"]
+        if not heads:
+            return spec
+        if isinstance(spec, Strategy):
+            if all(isinstance(getattr(spec, option), DraftHeadRuntime) for option in heads):
+                return spec
+            spec = copy.copy(spec)  # the caller's object keeps what it was given
+            for option in heads:
+                setattr(spec, option, load_draft_head(self.runtime, getattr(spec, option), self.name))
+            return spec
+        spec = {"name": spec} if isinstance(spec, str) else dict(spec)
+        for option in heads:
+            spec[option] = load_draft_head(self.runtime, spec.get(option), self.name)
+        return spec
 
     @staticmethod
     def _as_batch(prompt) -> tuple[list, bool]:
