@@ -268,3 +268,80 @@ def test_options_are_checked(looping_head):
 def test_roff_text_reads_a_man_page():
     page = '.TH "X" "1"\n.SH "NAME"\nx \\- ein Werkzeug\n.PP\nDies ist \\fBwichtig\\fR f\\(:ur alle\\&.\n'
     assert roff_text(page) == ["x - ein Werkzeug", "Dies ist wichtig für alle."]
+
+
+# -- the server: heads are the operator's choice ---------------------------------------------------
+@pytest.fixture(scope="module")
+def head_server(tiny, random_head):
+    from server_helpers import running_server
+
+    from argen.server.companions import Companions
+
+    companions = Companions.load(tiny, "tiny-random", heads=[f"h={random_head.meta['path']}"])
+    with running_server(tiny, companions=companions) as (url, _):
+        yield url
+
+
+def post(url: str, spec, **fields):
+    import json
+
+    import httpx
+
+    body = {"model": "tiny-random", "prompt": "Hello", "max_tokens": 12, "temperature": 0, "strategy": spec, **fields}
+    return httpx.post(f"{url}/v1/completions", content=json.dumps(body).encode(),  # NaN as a careless client sends it
+                      headers={"content-type": "application/json"}, timeout=60)
+
+
+def test_a_server_with_a_head_serves_draft_head_as_the_python_api_does(head_server, tiny, random_head):
+    want = tiny.generate("Hello", chat=False, max_new_tokens=12, strategy={"name": "draft-head", "head": random_head})
+    for spec in ({"name": "draft-head"}, {"name": "draft-head", "head": "h"}, "draft-head"):
+        r = post(head_server, spec, return_token_ids=True)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["token_ids"] == want.token_ids
+
+
+@pytest.mark.parametrize("spec, status, words", [
+    ({"name": "draft-head", "head": "cached"}, 400, "must name one of this server's head models ('h')"),
+    ({"name": "draft-head", "head": "/tmp/x.safetensors"}, 400, "--draft-head NAME=SOURCE"),
+    ({"name": "draft-head", "head": "~/.cache/argen/draft-heads/x.safetensors"}, 400, "must name one of"),
+    ({"name": "draft-head", "head": "tiny-random"}, 400, "must name one of"),
+    ({"name": "draft-head", "head": 5}, 400, "must name one of"),
+    ({"name": "draft-head", "head": ["h"]}, 400, "must name one of"),
+    ({"name": "draft-head", "head": None}, 400, "must name one of"),
+    ({"name": "draft-head", "width": 10**6}, 400, "option width of strategy 'draft-head' is 1000000, but this server allows at most 8"),
+    ({"name": "draft-head", "max_nodes": 10**9}, 400, "max_nodes"),
+    ({"name": "draft-head", "max_draft": 4096}, 400, "max_draft"),
+    ({"name": "draft-head", "width": 0}, 400, "width must be an integer >= 1"),
+    ({"name": "draft-head", "width": 2.5}, 400, "must be an integer"),
+    ({"name": "draft-head", "max_nodes": float("nan")}, 400, "max_nodes"),
+    ({"name": "draft-head", "adaptive": "yes"}, 400, "true or false"),
+])  # fmt: skip
+def test_hostile_draft_head_options_get_400_and_nothing_is_loaded(head_server, tiny, spec, status, words):
+    before = dict(tiny.runtime.memo.draft_heads)
+    r = post(head_server, spec)
+    assert r.status_code == status, r.text
+    message = r.json()["error"]["message"]
+    assert words in message
+    for secret in ("/tmp", ".cache", "safetensors"):
+        assert secret not in message, message
+    assert tiny.runtime.memo.draft_heads == before
+
+
+def test_a_server_without_a_head_refuses_draft_head_saying_what_the_operator_does(tiny):
+    from server_helpers import running_server
+
+    with running_server(tiny) as (url, _):
+        r = post(url, {"name": "draft-head"})
+    assert r.status_code == 400
+    assert "--draft-head NAME=cached" in r.json()["error"]["message"]
+
+
+def test_serve_checks_its_draft_head_flag(capsys, monkeypatch, tmp_path):
+    from argen.cli import main
+
+    monkeypatch.setenv("ARGEN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr("argen.server.serve.serve", lambda *a, **k: pytest.fail("served despite a bad --draft-head"))
+    assert main(["serve", "--model", "tiny-random", "--draft-head", "nosource"]) == 2
+    assert "--draft-head takes NAME=SOURCE (e.g. default=cached)" in capsys.readouterr().err
+    assert main(["serve", "--model", "tiny-random", "--draft-head", "h=cached"]) == 2
+    assert "run `argen distill-draft --model tiny-random`" in capsys.readouterr().err

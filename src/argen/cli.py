@@ -270,6 +270,10 @@ def _add_serve(sub) -> None:
     p.add_argument("--guide-model", action="append", default=[], metavar="NAME=SOURCE",
                    help="a guide model requests may name (strategy guided, option guide_model=NAME); loaded at start; "
                         "repeatable")  # fmt: skip
+    p.add_argument("--draft-head", action="append", default=[], metavar="NAME=SOURCE",
+                   help="a draft head requests may name (strategy draft-head, option head=NAME; the first one when "
+                        "none is named): SOURCE is 'cached' (the head `argen distill-draft` cached for --model) or a "
+                        "head file; loaded at start; repeatable")  # fmt: skip
     p.add_argument("--limit", action="append", default=[], metavar="NAME=VALUE",
                    help="raise or lower a cap on a strategy option, e.g. num_beams=16, or on n (repeatable; see SECURITY.md)")
     p.add_argument("--api-key", default=os.environ.get("ARGEN_API_KEY"),
@@ -345,7 +349,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     limits = Limits.parse(args.limit)  # checked before the (slow) model load
     gen = load(args.model, runtime=args.runtime, device=args.device, dtype=args.dtype, quant=args.quant)
-    companions = Companions.load(gen, args.model, args.draft_model, args.guide_model)
+    companions = Companions.load(gen, args.model, args.draft_model, args.guide_model, args.draft_head)
     return serve(gen, args.host, args.port, max_batch=args.max_batch, max_queue=args.max_queue,
                  max_tokens_limit=args.max_tokens, log_level=args.log_level, model_id=args.model, limits=limits,
                  companions=companions, api_key=args.api_key, allowed_hosts=args.allowed_host or None,
