@@ -112,29 +112,37 @@ class HeadWeights(nn.Module):
         return rms_norm(x, self.norm, c.rms_eps)
 
     def unrolled(self, emb: torch.Tensor, feats: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                 steps: int) -> list[torch.Tensor]:  # fmt: skip
+                 steps: int, first: int = 0) -> list[torch.Tensor]:  # fmt: skip
         """Training forward over whole sequences: `emb` [B, n, H] the embeddings of t_{i+1}, `feats`
         [B, n, H] the target's features f_i, `cos`/`sin` [n, D] (positions 0..n-1). Returns each step's
         predictions [B, n, H] (entry i: f^_{i+1}). Step 1 reads the target's features; step s reads
         step s - 1's predictions (entry i: what entry i - 1 predicted for f_i), attending as a draft
-        s - 1 deep does (`unroll_mask`)."""
+        s - 1 deep does (`unroll_mask`). Steps after the first compute entries `first`.. only (zeros
+        before): exact for every entry from `first` + `steps` on, which is all a loss on the responses
+        needs when `first` is the first response entry minus `steps` (a prompt is read by step 1 only)."""
         b, n, _ = emb.shape
         c = self.config
-        cos, sin = cos[None, :, None], sin[None, :, None]
         keys, values, outs = [], [], []
         inputs = feats
         for step in range(1, steps + 1):
-            x = self.fc(torch.cat([emb, inputs], -1))
+            lo = 0 if step == 1 else first
+            x = self.fc(torch.cat([emb[:, lo:], inputs], -1))
             q, k, v = self._split(x)
-            q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+            cos_, sin_ = cos[None, lo:, None], sin[None, lo:, None]
+            q, k = q * cos_ + rotate_half(q) * sin_, k * cos_ + rotate_half(k) * sin_
             keys.append(k)
             values.append(v)
+            full = unroll_mask(n, step)[lo:]
+            mask = torch.cat([full[:, :n]] + [full[:, (e - 1) * n + first : e * n] for e in range(2, step + 1)], 1)
             attn = F.scaled_dot_product_attention(
                 q.transpose(1, 2), torch.cat(keys, 1).transpose(1, 2), torch.cat(values, 1).transpose(1, 2),
-                attn_mask=unroll_mask(n, step), enable_gqa=c.n_kv_heads != c.n_heads)  # fmt: skip
-            out = self._finish(x, attn.transpose(1, 2).reshape(b, n, c.n_heads * c.head_dim))
+                attn_mask=mask, enable_gqa=c.n_kv_heads != c.n_heads)  # fmt: skip
+            out = self._finish(x, attn.transpose(1, 2).reshape(b, n - lo, c.n_heads * c.head_dim))
+            if lo:
+                out = torch.cat([out.new_zeros(b, lo, out.shape[-1]), out], 1)
             outs.append(out)
-            inputs = torch.cat([feats[:, :1], out[:, :-1]], 1)  # entry 0 has no predecessor: never scored
+            # Entry i of the next step reads what entry i - 1 predicted; entry 0 has no predecessor (never scored).
+            inputs = torch.cat([feats[:, :1], out[:, :-1]], 1)[:, first:]
         return outs
 
 

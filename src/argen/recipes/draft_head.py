@@ -244,7 +244,9 @@ class Trainer:
             emb = self.target.embed_tokens(batch.tokens).float()
             want = (batch.targets @ self.lm_rows.T).log_softmax(-1)  # [B, n, S]
         cos, sin = self.target.cos[:n], self.target.sin[:n]
-        outs = weights.unrolled(emb, batch.inputs, cos, sin, self.unroll)
+        scored_rows = batch.scored.any(1)
+        first_scored = int(batch.scored[scored_rows].float().argmax(1).min()) if scored_rows.any() else 0
+        outs = weights.unrolled(emb, batch.inputs, cos, sin, self.unroll, max(0, first_scored - self.unroll))
         total = torch.zeros(())
         metrics: dict[str, float] = {}
         for step, out in enumerate(outs, start=1):
