@@ -333,7 +333,7 @@ def distill(gen, recipe: Recipe = Recipe(), batch: int = 32, progress: bool = Tr
     runtime = gen.runtime
     if not isinstance(getattr(runtime, "layers", None), list):
         raise ArgenError("argen distill-draft needs the model on argen's native runtime (Llama-family models)")
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     corpus = corpus if corpus is not None else local_corpus()
     prompts = build_prompts(corpus, recipe.prompts, recipe.seed)
     examples = generate_data(gen, prompts, recipe, batch, progress)
@@ -351,7 +351,8 @@ def distill(gen, recipe: Recipe = Recipe(), batch: int = 32, progress: bool = Tr
     meta = {"model": gen.name, "fingerprint": fingerprint(runtime), "recipe": asdict(recipe), "recipe_key": recipe.key(),
             "sequences": len(examples), "tokens": sum(len(e.ids) for e in examples), "response_tokens": len(response),
             "vocab_coverage": covered, "epochs": log, "held_out": evaluation, "data_seconds": data_seconds,
-            "train_seconds": seconds - data_seconds, "seconds": seconds, "threads": torch.get_num_threads(),
+            "train_seconds": seconds - data_seconds, "seconds": seconds, "cpu_seconds": time.process_time() - cpu_started,
+            "threads": torch.get_num_threads(),
             "cpu": describe_cpu(), "torch": torch.__version__}  # fmt: skip
     out = path or head_path(runtime, recipe)
     save_head(out, weights, vocab, meta)
