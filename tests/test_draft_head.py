@@ -80,9 +80,12 @@ def test_recorded_features_are_the_targets_hidden_states(tiny, examples):
     assert torch.allclose(e.features, hidden[0], atol=1e-4)
 
 
-def test_a_training_step_lowers_the_loss_on_a_fixed_batch(tiny, examples):
+@pytest.mark.parametrize("init", ["random", "last-layer"])
+def test_a_training_step_lowers_the_loss_on_a_fixed_batch(tiny, examples, init):
     trainer = Trainer(tiny.runtime, torch.arange(tiny.runtime.info.vocab_size), unroll=3, reg_weight=1.0)
-    weights = new_head(tiny.runtime, Recipe())
+    weights = new_head(tiny.runtime, Recipe(init=init))
+    if init == "last-layer":
+        assert torch.equal(weights.down.weight, tiny.runtime.layers[-1].down.weight)
     batch = make_batch(examples)
     optimizer = torch.optim.AdamW(weights.parameters(), lr=3e-3)
     first, metrics = trainer.loss(weights, batch)

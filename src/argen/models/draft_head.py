@@ -86,14 +86,23 @@ class HeadWeights(nn.Module):
         self.down = nn.Linear(config.intermediate_size, h, bias=False)
         self.norm = nn.Parameter(torch.ones(h))
 
-    def reset(self, generator: torch.Generator, final_norm: torch.Tensor) -> HeadWeights:
+    def reset(self, generator: torch.Generator, final_norm: torch.Tensor, layer=None) -> HeadWeights:
         """Seeded initialisation: linear weights N(0, 0.02) (the Llama default), the final norm the
-        target's (the LM head expects features at its scale)."""
+        target's (the LM head expects features at its scale). With `layer` (the target's last decoder
+        layer, of the same shape), the decoder layer starts as a copy of it and fc passes the feature
+        through (x = f + W e, W small), so training starts from the target's own last computation."""
         with torch.no_grad():
             for m in (self.fc, self.qkv, self.o, self.gate_up, self.down):
                 m.weight.copy_(torch.randn(m.weight.shape, generator=generator) * 0.02)
             self.fc.bias.zero_()
             self.norm.copy_(final_norm)
+            if layer is not None:
+                h = self.config.hidden_size
+                self.fc.weight[:, h:] = torch.eye(h)
+                for name in ("qkv", "o", "gate_up", "down"):
+                    getattr(self, name).weight.copy_(dense(getattr(layer, name)))
+                self.attn_norm.copy_(layer.attn_norm)
+                self.ffn_norm.copy_(layer.ffn_norm)
         return self
 
     def _split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -117,9 +126,10 @@ class HeadWeights(nn.Module):
         [B, n, H] the target's features f_i, `cos`/`sin` [n, D] (positions 0..n-1). Returns each step's
         predictions [B, n, H] (entry i: f^_{i+1}). Step 1 reads the target's features; step s reads
         step s - 1's predictions (entry i: what entry i - 1 predicted for f_i), attending as a draft
-        s - 1 deep does (`unroll_mask`). Steps after the first compute entries `first`.. only (zeros
-        before): exact for every entry from `first` + `steps` on, which is all a loss on the responses
-        needs when `first` is the first response entry minus `steps` (a prompt is read by step 1 only)."""
+        s - 1 deep does (`unroll_mask`). Predictions are computed for entries `first`.. only (zeros
+        before; entries before `first` give step 1 their keys and values, nothing more): exact for every
+        entry from `first` + `steps` on, which is all a loss on the responses needs when `first` is the
+        first response entry minus `steps` (a prompt is context, read by step 1's attention only)."""
         b, n, _ = emb.shape
         c = self.config
         keys, values, outs = [], [], []
@@ -132,18 +142,24 @@ class HeadWeights(nn.Module):
             q, k = q * cos_ + rotate_half(q) * sin_, k * cos_ + rotate_half(k) * sin_
             keys.append(k)
             values.append(v)
-            full = unroll_mask(n, step)[lo:]
+            q, x = q[:, first - lo :], x[:, first - lo :]  # queries from `first` on
+            full = unroll_mask(n, step)[first:]
             mask = torch.cat([full[:, :n]] + [full[:, (e - 1) * n + first : e * n] for e in range(2, step + 1)], 1)
             attn = F.scaled_dot_product_attention(
                 q.transpose(1, 2), torch.cat(keys, 1).transpose(1, 2), torch.cat(values, 1).transpose(1, 2),
                 attn_mask=mask, enable_gqa=c.n_kv_heads != c.n_heads)  # fmt: skip
-            out = self._finish(x, attn.transpose(1, 2).reshape(b, n - lo, c.n_heads * c.head_dim))
-            if lo:
-                out = torch.cat([out.new_zeros(b, lo, out.shape[-1]), out], 1)
+            out = self._finish(x, attn.transpose(1, 2).reshape(b, n - first, c.n_heads * c.head_dim))
+            if first:
+                out = torch.cat([out.new_zeros(b, first, out.shape[-1]), out], 1)
             outs.append(out)
             # Entry i of the next step reads what entry i - 1 predicted; entry 0 has no predecessor (never scored).
             inputs = torch.cat([feats[:, :1], out[:, :-1]], 1)[:, first:]
         return outs
+
+
+def dense(linear) -> torch.Tensor:
+    """A runtime linear layer's weight as fp32 [out, in] (quantized blocks dequantized)."""
+    return linear.qweight.dequantize() if isinstance(linear, QuantMatmul) else linear.weight.float()
 
 
 def head_rows(target, vocab: torch.Tensor):

@@ -59,6 +59,7 @@ class Recipe:
     batch_tokens: int = field(default=2048, metadata={"help": "tokens per training batch"})
     intermediate: int = field(default=0, metadata={"help": "the head's FFN width (0: the target's)"})
     reg_weight: float = field(default=1.0, metadata={"help": "weight of the feature regression beside the cross-entropy"})
+    init: str = field(default="random", metadata={"help": "random, or last-layer: the head's layer starts as the target's last"})
 
     def key(self) -> str:
         return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
@@ -73,6 +74,8 @@ class Recipe:
             raise ArgenError("recipe settings: sampled must be in [0, 1], temperature and lr > 0, reg_weight >= 0")
         if self.intermediate < 0:
             raise ArgenError("recipe setting intermediate must be >= 0 (0: the target's FFN width)")
+        if self.init not in ("random", "last-layer"):
+            raise ArgenError(f"recipe setting init must be random or last-layer; got {self.init!r}")
 
 
 RECIPE_FIELDS = [f for f in fields(Recipe)]
@@ -242,7 +245,7 @@ class Trainer:
         n = batch.tokens.shape[1]
         with torch.no_grad():
             emb = self.target.embed_tokens(batch.tokens).float()
-            want = (batch.targets @ self.lm_rows.T).log_softmax(-1)  # [B, n, S]
+            want_scored = (batch.targets[batch.scored] @ self.lm_rows.T).log_softmax(-1)  # [scored, S]
         cos, sin = self.target.cos[:n], self.target.sin[:n]
         scored_rows = batch.scored.any(1)
         first_scored = int(batch.scored[scored_rows].float().argmax(1).min()) if scored_rows.any() else 0
@@ -255,7 +258,7 @@ class Trainer:
             if not scored.any():
                 continue
             got = (out[scored] @ self.lm_rows.T).log_softmax(-1)
-            target = want[scored]
+            target = want_scored[scored[batch.scored]]
             ce = -(target.exp() * got).sum(-1).mean()
             reg = F.smooth_l1_loss(out[scored], batch.targets[scored])
             total = total + ce + self.reg_weight * reg
@@ -286,7 +289,11 @@ def schedule(step: int, total: int, warmup: int) -> float:
 
 def new_head(target, recipe: Recipe) -> HeadWeights:
     generator = torch.Generator().manual_seed(recipe.seed)
-    return HeadWeights(HeadConfig.like(target, recipe.intermediate or None)).reset(generator, target.norm)
+    config = HeadConfig.like(target, recipe.intermediate or None)
+    layer = target.layers[-1] if recipe.init == "last-layer" else None
+    if layer is not None and config != HeadConfig.like(target):
+        raise ArgenError("init last-layer copies the target's last layer, so the head must have its shape (intermediate 0)")
+    return HeadWeights(config).reset(generator, target.norm, layer)
 
 
 def train(trainer: Trainer, weights: HeadWeights, examples: list[Example], recipe: Recipe,
