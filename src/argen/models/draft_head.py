@@ -2,9 +2,9 @@
 (EAGLE-1, Li et al. 2024), distilled from the target by `argen distill-draft` (recipes/draft_head.py).
 
 Entry i of the head joins the target's final hidden state f_i (after the final norm, as runtimes
-return it) with the target's own embedding of token i + 1:
+return it) with the target's own embedding of token i + 1, each RMS-normalised first (EAGLE-3):
 
-    x_i = fc([embed(t_{i+1}); f_i])  ->  one Llama decoder layer (attention over the head's own KV
+    x_i = fc([norm(embed(t_{i+1})); norm(f_i)])  ->  one Llama decoder layer (attention over the head's own KV
     cache, RoPE at position i, SwiGLU)  ->  a final norm  ->  f^_{i+1}, a guess at the target's next
     feature, whose logits are the target's own (frozen) LM head applied to it.
 
@@ -37,7 +37,7 @@ from argen.models.matmul import Matmul
 from argen.models.quant import QuantMatmul, quantize
 from argen.models.runtime import Capabilities, ModelInfo, RuntimeMemo, Segment, SegmentOut
 
-FORMAT = 1  # the head file's layout; a head of another format is refused with what to do
+FORMAT = 2  # the head file's layout; a head of another format is refused with what to do
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,10 @@ class HeadWeights(nn.Module):
         super().__init__()
         self.config = config
         h, d = config.hidden_size, config.head_dim
+        # The token's embedding and the feature are normalised before they are joined (as EAGLE-3 does):
+        # on SmolLM2 a feature's RMS is ~17x an embedding's, which would drown the token at the start.
+        self.emb_norm = nn.Parameter(torch.ones(h))
+        self.feat_norm = nn.Parameter(torch.ones(h))
         self.fc = nn.Linear(2 * h, h, bias=True)
         self.attn_norm = nn.Parameter(torch.ones(h))
         self.qkv = nn.Linear(h, (config.n_heads + 2 * config.n_kv_heads) * d, bias=False)
@@ -104,6 +108,11 @@ class HeadWeights(nn.Module):
                 self.attn_norm.copy_(layer.attn_norm)
                 self.ffn_norm.copy_(layer.ffn_norm)
         return self
+
+    def joined(self, emb: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+        """x = fc([norm(embedding); norm(feature)])."""
+        eps = self.config.rms_eps
+        return self.fc(torch.cat([rms_norm(emb, self.emb_norm, eps), rms_norm(feats, self.feat_norm, eps)], -1))
 
     def _split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         c = self.config
@@ -136,7 +145,7 @@ class HeadWeights(nn.Module):
         inputs = feats
         for step in range(1, steps + 1):
             lo = 0 if step == 1 else first
-            x = self.fc(torch.cat([emb[:, lo:], inputs], -1))
+            x = self.joined(emb[:, lo:], inputs)
             q, k, v = self._split(x)
             cos_, sin_ = cos[None, lo:, None], sin[None, lo:, None]
             q, k = q * cos_ + rotate_half(q) * sin_, k * cos_ + rotate_half(k) * sin_
@@ -215,6 +224,7 @@ class DraftHeadRuntime:
         self.qkv, self.o = linear("qkv.weight"), linear("o.weight")
         self.gate_up, self.down = linear("gate_up.weight"), linear("down.weight")
         self.attn_norm, self.ffn_norm, self.norm = w["attn_norm"], w["ffn_norm"], w["norm"]
+        self.emb_norm, self.feat_norm = w["emb_norm"], w["feat_norm"]
         self.lm_head = head_rows(target, self.vocab)
         self.cos, self.sin = target.cos, target.sin  # the target's RoPE: the head shares its head_dim
         self.pool: BlockPool | None = None
@@ -259,7 +269,7 @@ class DraftHeadRuntime:
         positions = torch.cat([torch.as_tensor(s.positions, dtype=torch.long).reshape(-1) for s in segments])
         feats = torch.cat([s.features.reshape(-1, c.hidden_size).to(self.dtype) for s in segments])
         emb = self.target.embed_tokens(tokens[None])[0].to(self.dtype)
-        x = self.fc(torch.cat([emb, feats], -1))
+        x = self.fc(torch.cat([rms_norm(emb, self.emb_norm, c.rms_eps), rms_norm(feats, self.feat_norm, c.rms_eps)], -1))
         n_rows = x.shape[0]
         h = rms_norm(x, self.attn_norm, c.rms_eps)
         q, k, v = self.qkv(h).split([c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.n_kv_heads * c.head_dim], -1)
@@ -342,7 +352,7 @@ class DraftHeadRuntime:
     def weight_bytes(self) -> int:
         """The head's own weights and its rows of the LM head (the embedding is the target's)."""
         tensors = [t for m in (self.fc, self.qkv, self.o, self.gate_up, self.down, self.lm_head) for t in m.tensors()]
-        tensors += [self.attn_norm, self.ffn_norm, self.norm]
+        tensors += [self.attn_norm, self.ffn_norm, self.norm, self.emb_norm, self.feat_norm]
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
