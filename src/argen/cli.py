@@ -403,7 +403,7 @@ def _distill(args: argparse.Namespace) -> int:
               file=sys.stderr)  # fmt: skip
         return 0
     started = time.perf_counter()
-    path = distill(gen, recipe, batch=args.batch, progress=args.progress, path=target)
+    path = distill(gen, recipe, batch=args.batch, progress=args.progress, path=Path(args.out) if args.out else None)
     print(f"argen: draft head written to {path} in {(time.perf_counter() - started) / 60:.1f} min "
           f"({torch.get_num_threads()} threads)", file=sys.stderr)  # fmt: skip
     print(path)

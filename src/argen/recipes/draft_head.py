@@ -53,12 +53,12 @@ class Recipe:
     sampled: float = field(default=0.25, metadata={"help": "share of responses sampled at `temperature` (the rest greedy)"})
     temperature: float = field(default=0.8, metadata={"help": "temperature of the sampled responses"})
     vocab: int = field(default=8192, metadata={"help": "tokens the head scores (FR-Spec: the most frequent in the data)"})
-    epochs: int = field(default=3, metadata={"help": "passes over the training sequences"})
+    epochs: int = field(default=6, metadata={"help": "passes over the training sequences"})
     unroll: int = field(default=3, metadata={"help": "training-time test steps (step s reads the head's own predictions)"})
-    lr: float = field(default=1e-3, metadata={"help": "peak learning rate (AdamW, warmup then cosine)"})
-    batch_tokens: int = field(default=2048, metadata={"help": "tokens per training batch"})
+    lr: float = field(default=3e-3, metadata={"help": "peak learning rate (AdamW, warmup then cosine)"})
+    batch_tokens: int = field(default=512, metadata={"help": "tokens per training batch"})
     intermediate: int = field(default=0, metadata={"help": "the head's FFN width (0: the target's)"})
-    reg_weight: float = field(default=1.0, metadata={"help": "weight of the feature regression beside the cross-entropy"})
+    reg_weight: float = field(default=0.1, metadata={"help": "weight of the feature regression beside the cross-entropy"})
     init: str = field(default="random", metadata={"help": "random, or last-layer: the head's layer starts as the target's last"})
 
     def key(self) -> str:
@@ -153,13 +153,25 @@ def is_sampled(i: int, share: float) -> bool:
     return math.floor((i + 1) * share) > math.floor(i * share)
 
 
-def generate_data(gen, prompts: list[tuple[str, str]], recipe: Recipe, batch: int = 32,
-                  progress: bool = True) -> list[Example]:  # fmt: skip
+def data_path(runtime, encoded: list[list[int]], recipe: Recipe) -> Path:
+    """Where the data for these prompt ids and generation settings is kept (the features as fp16)."""
+    generation = [recipe.seed, recipe.max_new_tokens, recipe.sampled, recipe.temperature]
+    digest = hashlib.sha1(json.dumps([encoded, generation]).encode()).hexdigest()[:12]
+    return cache_dir() / "draft-data" / f"{fingerprint(runtime)}-{digest}.pt"
+
+
+def generate_data(gen, prompts: list[tuple[str, str]], recipe: Recipe, batch: int = 32, progress: bool = True,
+                  cache: bool = False) -> list[Example]:  # fmt: skip
     """The target's responses to `prompts`, `batch` of them decoding together through the Engine
-    (similar prompt lengths together), with every feature recorded."""
+    (similar prompt lengths together), with every feature recorded. With `cache`, the data is kept
+    under the cache directory (`draft-data/`, deletable), so that training the same model again with
+    other training settings skips the generation."""
     from tqdm import tqdm
 
     encoded = [gen.encode(prompt) for _, prompt in prompts]
+    store = data_path(gen.runtime, encoded, recipe) if cache else None
+    if store is not None and store.is_file():
+        return [Example(ids, n, features.float(), kind) for ids, n, features, kind in torch.load(store)]
     examples: list[Example | None] = [None] * len(prompts)
     bar = tqdm(total=len(prompts), desc="distill-draft: target answers", unit="prompt", disable=not progress,
                file=sys.stderr)  # fmt: skip
@@ -177,6 +189,11 @@ def generate_data(gen, prompts: list[tuple[str, str]], recipe: Recipe, batch: in
                                       features, prompts[i][0])  # fmt: skip
             bar.update(len(group))
     bar.close()
+    if store is not None:
+        store.parent.mkdir(parents=True, exist_ok=True)
+        partial = store.with_name(store.name + ".partial")
+        torch.save([(e.ids, e.prompt_len, e.features.half(), e.kind) for e in examples], partial)
+        partial.replace(store)
     return examples  # type: ignore[return-value]
 
 
@@ -343,7 +360,7 @@ def distill(gen, recipe: Recipe = Recipe(), batch: int = 32, progress: bool = Tr
     started, cpu_started = time.perf_counter(), time.process_time()
     corpus = corpus if corpus is not None else local_corpus()
     prompts = build_prompts(corpus, recipe.prompts, recipe.seed)
-    examples = generate_data(gen, prompts, recipe, batch, progress)
+    examples = generate_data(gen, prompts, recipe, batch, progress, cache=path is None)
     data_seconds = time.perf_counter() - started
     vocab = ranked_vocab(examples, runtime.info.vocab_size)[: min(recipe.vocab, runtime.info.vocab_size)]
     response = [t for e in examples for t in e.ids[e.prompt_len :]]
