@@ -235,6 +235,31 @@ def test_adaptive_sizing_drafts_where_it_pays(looping, looping_head, monkeypatch
         assert s.draft_tokens_proposed == 0, s
 
 
+def test_adaptive_growth_grows_only_nodes_worth_verifying(looping, looping_head, monkeypatch):
+    """With verification flat up to two tokens and steep beyond, at most one node is ever worth
+    verifying, so each level's head pass feeds that one node, not the `width` most probable of its
+    level. Guards against growing the top `width` children whatever the sizing kept (a head pass
+    over nodes that can never be verified)."""
+    from argen.strategies.speculative import adaptive, draft_head
+
+    monkeypatch.setattr(adaptive.CostModel, "for_runtime",
+                        staticmethod(lambda runtime: FixedCost(lambda n: 1.0 if n <= 2 else float(n))))  # fmt: skip
+    monkeypatch.setattr(draft_head.DraftHead, "_head_seconds", lambda self, m, rows: 0.01)
+    grown: list[int] = []
+    timed = draft_head.DraftHead._timed
+
+    def recording(self, state, feed):
+        if feed.mask is not None:  # a level's pass (a catch-up is causal)
+            grown.append(len(feed.tokens))
+        return (yield from timed(self, state, feed))
+
+    monkeypatch.setattr(draft_head.DraftHead, "_timed", recording)
+    out = check_greedy_identical(looping, "hello", {"name": "draft-head", "head": looping_head, "width": 4},
+                                 max_new_tokens=40)  # fmt: skip
+    assert out.stats.draft_tokens_accepted > 0, out.stats
+    assert grown and set(grown) == {1}, grown
+
+
 def test_cache_after_every_step_equals_a_fresh_prefill(looping, looping_head):
     accepted = check_cache_matches_prefill(looping, "hello", {"name": "draft-head", "head": looping_head,
                                                               "adaptive": False}, max_new_tokens=30, atol=1e-5)  # fmt: skip

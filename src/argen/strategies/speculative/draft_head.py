@@ -102,7 +102,9 @@ class DraftHead(Speculative):
         record = state.extras["draft_head"]
         record["head_passes"] += 1
         record["head_seconds"] += seconds
-        if state.batch_size == 1:  # in a batch the time is the shared pass's
+        # A tree level's pass, alone in its round (in a batch the time is the shared pass's; a catch-up
+        # over a whole prompt is no level).
+        if state.batch_size == 1 and len(feed.tokens) <= 2 * self.width:
             m.head_seconds = seconds if m.head_seconds is None else 0.8 * m.head_seconds + 0.2 * seconds
         return out
 
@@ -137,6 +139,7 @@ class DraftHead(Speculative):
                     probs.append(parent_prob * min(1.0, alpha * q))
                     depth_of.append(depth)
             feature_of = {node: feature for node, feature, _ in level}
+            candidates = children
             if self.adaptive:
                 order = sorted(range(len(tree)), key=lambda i: (-probs[i], depth_of[i], i))
                 n, rate = best_tree([probs[i] for i in order], m.cost, batch=state.batch_size,
@@ -144,12 +147,14 @@ class DraftHead(Speculative):
                 if depth > 1 and rate <= best[1]:
                     break  # this level does not pay for its head pass
                 best = (n, rate, depth)
-                if n == 0:
+                kept = set(order[:n])
+                candidates = [node for node in children if node in kept]  # a node not worth verifying has no children that are
+                if not candidates:
                     break
             if depth == k:
                 break
             # Grow: the `width` most probable nodes of this level get their children scored.
-            grow = sorted(children, key=lambda i: (-probs[i], i))[:width]
+            grow = sorted(candidates, key=lambda i: (-probs[i], i))[:width]
             mask = torch.zeros(len(grow), pending + len(fed) + len(grow), dtype=torch.bool)
             mask[:, :pending] = True
             for r, node in enumerate(grow):
