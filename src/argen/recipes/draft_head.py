@@ -105,7 +105,7 @@ def load_draft_head(runtime, source=None, model_name: str = "the model") -> Draf
                 listed = f" ({len(others)} heads with other recipes are cached: {', '.join(p.name for p in others)}; " \
                          "pass head=PATH)" if others else ""  # fmt: skip
                 raise ArgenError(f"no draft head is cached for {model_name}{listed}; run `argen distill-draft --model "
-                                 f"{model_name}` once (about half an hour on 2 cores; it caches one beside the model)")  # fmt: skip
+                                 f"{model_name}` once (over half an hour on 2 cores; it caches one beside the model)")  # fmt: skip
             path = others[0]
     elif isinstance(source, str | Path):
         path = Path(source).expanduser()
