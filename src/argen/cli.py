@@ -1,4 +1,4 @@
-"""The `argen` command line: `generate`, `chat`, `batch`, `models`, `bench` and `serve`.
+"""The `argen` command line: `generate`, `chat`, `batch`, `models`, `bench`, `serve` and `distill-draft`.
 
 Errors caused by the user's input are printed as one line, `argen: error: ...`, with exit code 2;
 a traceback means a bug. Only the completion (or its JSON) goes to stdout, each of `--n` samples
@@ -343,6 +343,10 @@ def _add_serve(sub) -> None:
     p.add_argument("--guide-model", action="append", default=[], metavar="NAME=SOURCE",
                    help="a guide model requests may name (strategy guided, option guide_model=NAME); loaded at start; "
                         "repeatable")  # fmt: skip
+    p.add_argument("--draft-head", action="append", default=[], metavar="NAME=SOURCE",
+                   help="a draft head requests may name (strategy draft-head, option head=NAME; the first one when "
+                        "none is named): SOURCE is 'cached' (the head `argen distill-draft` cached for --model) or a "
+                        "head file; loaded at start; repeatable")  # fmt: skip
     p.add_argument("--limit", action="append", default=[], metavar="NAME=VALUE",
                    help="raise or lower a cap on a strategy option, e.g. num_beams=16, or on n (repeatable; see SECURITY.md)")
     p.add_argument("--api-key", default=os.environ.get("ARGEN_API_KEY"),
@@ -427,7 +431,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     limits = Limits.parse(args.limit)  # checked before the (slow) model load
     gen = load(args.model, runtime=args.runtime, device=args.device, dtype=args.dtype, quant=args.quant)
-    companions = Companions.load(gen, args.model, args.draft_model, args.guide_model)
+    companions = Companions.load(gen, args.model, args.draft_model, args.guide_model, args.draft_head)
     return serve(gen, args.host, args.port, max_batch=args.max_batch, max_queue=args.max_queue,
                  max_tokens_limit=args.max_tokens, log_level=args.log_level, model_id=args.model, limits=limits,
                  companions=companions, api_key=args.api_key, allowed_hosts=args.allowed_host or None,
@@ -437,6 +441,57 @@ def _serve(args: argparse.Namespace) -> int:
                  prefill_chunk=args.prefill_chunk or None, step_tokens=args.step_tokens or None,
                  prefix_caching=args.prefix_caching, kv_blocks=args.kv_blocks,
                  prefill_slowdown=args.prefill_slowdown or None)  # fmt: skip
+
+
+# -- distill-draft -----------------------------------------------------------------------------
+def _add_distill(sub) -> None:
+    from argen.recipes.draft_head import RECIPE_FIELDS
+
+    p = sub.add_parser("distill-draft", help="train a draft head for strategy draft-head from the model itself",
+                       description="Self-distill an EAGLE-style draft head: the model answers prompts built from text "
+                                   "on this machine, and a one-layer head learns to predict its next features and "
+                                   "tokens. The head is cached beside the model (keyed by the model's fingerprint and "
+                                   "the recipe); strategy draft-head then finds it.")  # fmt: skip
+    p.add_argument("--model", default="default", help="model source; see 'argen models' (default: %(default)s)")
+    p.add_argument("--quant", default="auto", choices=QUANTS, help="the weight path (as for generate; default: %(default)s)")
+    recipe = p.add_argument_group("the recipe (each setting is part of the cache key)")
+    for f in RECIPE_FIELDS:
+        recipe.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
+                            help=f.metadata["help"] + " (default: %(default)s)")  # fmt: skip
+    p.add_argument("--batch", type=int, default=32, help="prompts the model answers together (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--out", metavar="FILE", help="write the head here instead of the cache")
+    p.add_argument("--force", action="store_true", help="train again even if this model and recipe are cached")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    p.set_defaults(handler=_distill)
+
+
+def _distill(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+
+    from argen.api import load
+    from argen.recipes.draft_head import RECIPE_FIELDS, Recipe, distill, head_path
+
+    recipe = Recipe(**{f.name: getattr(args, f.name) for f in RECIPE_FIELDS})
+    recipe.check()
+    if args.batch < 1 or args.threads < 0:
+        raise ArgenError("--batch must be >= 1 and --threads >= 0")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    gen = load(args.model, runtime="native", quant=args.quant)
+    target = Path(args.out) if args.out else head_path(gen.runtime, recipe)
+    if target.is_file() and not args.force:
+        print(f"argen: a draft head for this model and recipe is cached: {target} (--force trains it again)",
+              file=sys.stderr)  # fmt: skip
+        return 0
+    started = time.perf_counter()
+    path = distill(gen, recipe, batch=args.batch, progress=args.progress, path=Path(args.out) if args.out else None)
+    print(f"argen: draft head written to {path} in {(time.perf_counter() - started) / 60:.1f} min "
+          f"({torch.get_num_threads()} threads)", file=sys.stderr)  # fmt: skip
+    print(path)
+    return 0
 
 
 # -- batch, chat (their options and code live in argen.jobs and argen.chat) ----------------------
@@ -474,7 +529,8 @@ def _chat(args: argparse.Namespace) -> int:
 # -- main --------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="One engine for autoregressive generation.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,chat,batch,models,bench,serve}",
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="{generate,chat,batch,models,bench,serve,distill-draft}",
                                 parser_class=_Parser)  # fmt: skip
     _add_generate(sub)
     _add_chat(sub)
@@ -482,6 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_models(sub)
     _add_bench(sub)
     _add_serve(sub)
+    _add_distill(sub)
     return parser
 
 

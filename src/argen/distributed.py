@@ -97,7 +97,7 @@ class ReplicaApp:
     The app is built in the replica (`__serve_build_asgi_app__`), so the model is loaded there, never
     pickled from the driver. Its /metrics shows every replica's series (`publish_replica_metrics`)."""
 
-    def __init__(self, source: str, load_options: dict, app_options: dict, companions: tuple[list, list]) -> None:
+    def __init__(self, source: str, load_options: dict, app_options: dict, companions: tuple[list, ...]) -> None:
         self.source, self.load_options, self.app_options, self.companions = source, load_options, app_options, companions
 
     def __serve_build_asgi_app__(self):
@@ -132,13 +132,13 @@ def serve_with_ray(args) -> int:
                    "prefill_slowdown": args.prefill_slowdown or None}  # fmt: skip
     serve_replicas(args.model, model_kwargs(args), app_options, replicas=args.replicas, host=args.host, port=args.port,
                    address=args.ray, replica_cpus=args.replica_cpus, replica_gpus=args.replica_gpus,
-                   companions=(list(args.draft_model), list(args.guide_model)))  # fmt: skip
+                   companions=(list(args.draft_model), list(args.guide_model), list(args.draft_head)))  # fmt: skip
     return 0
 
 
 def serve_replicas(source: str, load_options: dict, app_options: dict, *, replicas: int, host: str, port: int,
                    address: str | None = None, replica_cpus: float = 1, replica_gpus: float = 0,
-                   companions: tuple[list, list] = ([], []), block: bool = True) -> str:  # fmt: skip
+                   companions: tuple[list, ...] = ([], []), block: bool = True) -> str:  # fmt: skip
     """Serve `replicas` copies of the argen app behind Ray Serve's HTTP proxy at host:port; returns the
     base URL. `block`: wait until Ctrl-C, then shut Ray Serve down."""
     ray = require_ray()

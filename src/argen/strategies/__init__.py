@@ -24,9 +24,9 @@ def _register_builtin() -> None:
     from argen.strategies.guided import Guided
     from argen.strategies.search import Beam, ConditionalBeam, Contrastive
     from argen.strategies.skipping import FFNSkip, SkipDecode
-    from argen.strategies.speculative import DraftModel, Jacobi, LayerSkip, NGram, PromptLookup
+    from argen.strategies.speculative import DraftHead, DraftModel, Jacobi, LayerSkip, NGram, PromptLookup
 
-    for cls in (PromptLookup, NGram, Jacobi, LayerSkip, DraftModel, Beam, ConditionalBeam, Contrastive, Guided,
+    for cls in (PromptLookup, NGram, Jacobi, LayerSkip, DraftModel, DraftHead, Beam, ConditionalBeam, Contrastive, Guided,
                 SkipDecode, FFNSkip):
         register(cls)
 
