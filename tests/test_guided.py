@@ -35,8 +35,7 @@ def test_omega_zero_is_plain(tiny, tiny_gpt2, options):
 @pytest.mark.parametrize(("rule", "omega"), [("gedi", 4.0), ("genarm", 1.0)])
 def test_guidance_raises_the_class_log_prob(tiny, rule, omega):
     """Over 20 prompts, the guide's log P(positive | output) is higher for guided outputs than for plain ones."""
-    scorer = make_strategy(spec(0.0))
-    scorer.prepare(tiny.model)
+    scorer = tiny.prepare_strategy(spec(0.0))
     plain = [scorer.class_log_prob(tiny.generate(p, max_new_tokens=24).token_ids) for p in PROMPTS]
     guided_runs = [tiny.generate(p, max_new_tokens=24, strategy=spec(omega, rule=rule)) for p in PROMPTS]
     guided = [scorer.class_log_prob(r.token_ids) for r in guided_runs]

@@ -123,7 +123,7 @@ def test_layer_skip_calibration_picks_valid_blocks_and_caches_them(tmp_path, mon
 def test_jacobi_back_off_carries_over_to_the_next_request():
     """Where lookahead did not pay, the next request on the same runtime starts in back-off instead
     of paying for the same lesson again; where it did (or on a fresh runtime), it tries at once."""
-    from argen.strategies.speculative.jacobi import MIN_BACKOFF
+    from argen.strategies.speculative.jacobi import MIN_BACKOFF, JacobiLearnt
 
     model = tiny_models.tiny_llama(0)
     gen = Generator(LoadedModel("tiny-fresh", LlamaRuntime(model.config, model.state_dict()),
@@ -131,11 +131,11 @@ def test_jacobi_back_off_carries_over_to_the_next_request():
     plain = gen.generate("abc abc", max_new_tokens=40, ignore_eos=True)
     first = gen.generate("abc abc", max_new_tokens=40, ignore_eos=True, strategy="jacobi")
     assert first.stats.draft_tokens_proposed > 0  # a fresh runtime tries lookahead at the first step
-    gen.runtime.memo.jacobi_backoff = 64  # as left by requests where lookahead did not pay
+    gen.runtime.memo.get(JacobiLearnt).backoff = 64  # as left by requests where lookahead did not pay
     second = gen.generate("abc abc", max_new_tokens=40, ignore_eos=True, strategy="jacobi")
     assert second.stats.draft_tokens_proposed == 0  # 64 plain steps of cool-down cover all 40 tokens
     assert first.token_ids == second.token_ids == plain.token_ids
-    gen.runtime.memo.jacobi_backoff = MIN_BACKOFF
+    gen.runtime.memo.get(JacobiLearnt).backoff = MIN_BACKOFF
     third = gen.generate("abc abc", max_new_tokens=40, ignore_eos=True, strategy="jacobi")
     assert third.stats.draft_tokens_proposed > 0
 

@@ -8,10 +8,10 @@ from argen.cache.press import make_press
 from argen.counterfactual import check_interventions, counterfactual
 from argen.engine import Engine, Event, Request, Result
 from argen.errors import InvalidRequestError
-from argen.models import LoadedModel, load_model
+from argen.models import LoadedModel, load_model, shared_model
 from argen.sampling import SamplingParams
 from argen.setprompt import PromptLayout, SetPrompt, is_set_prompt, set_prompt_layout
-from argen.strategies import make_strategy
+from argen.strategies import Strategy, make_strategy
 
 SAMPLING_FIELDS = set(SamplingParams.__dataclass_fields__)
 
@@ -92,12 +92,18 @@ class Generator:
         for prompt in prompts:
             params = SamplingParams(**options)
             layout = self.encode_layout(prompt, chat)
-            made = make_strategy(strategy)
-            made.prepare(self.model)  # e.g. guided: load the guide, check its tokenizer
+            made = self.prepare_strategy(strategy)
             requests.append(Request(layout.ids, params, made, layout.positions, layout.mask, forced=forced,
                                     n=1 if n is None else n, prompt_logprobs=prompt_logprobs,
                                     press=make_press(press)))  # fmt: skip
         return requests
+
+    def prepare_strategy(self, spec) -> Strategy:
+        """The strategy of a spec (a name, a dict, a Strategy), its companion models resolved (a draft
+        or guide model given as a source is loaded here, once per process) and handed to it."""
+        made = make_strategy(spec)
+        made.prepare(self.model, companion_models(made, self.model))
+        return made
 
     @staticmethod
     def _as_batch(prompt) -> tuple[list, bool]:
@@ -193,3 +199,20 @@ def load(model: str = "default", *, runtime: str = "auto", device: str = "cpu", 
     if is_image_model(model):
         return load_image_model(model)
     return Generator(load_model(model, runtime=runtime, device=device, dtype=dtype, quant=quant))
+
+
+def companion_models(strategy: Strategy, base: LoadedModel) -> dict[str, object]:
+    """Each of the strategy's `companion_options` resolved to a model, above the strategies: a source
+    is loaded once per process (`shared_model`) on the base model's device; a Generator gives its
+    LoadedModel; a LoadedModel or a runtime is taken as it is."""
+    runtime, found = base.runtime, {}
+    for option, kind in type(strategy).companion_options.items():
+        value = vars(strategy).get(option)
+        if isinstance(value, Generator):
+            value = value.model
+        elif isinstance(value, str):
+            # A guide in the base model's dtype; a draft in shared_model's float32 (as before this moved here).
+            dtype = runtime.dtype if kind == "guide" else "float32"
+            value = shared_model(value, device=str(runtime.device), dtype=dtype)
+        found[option] = value
+    return found

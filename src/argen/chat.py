@@ -123,11 +123,10 @@ class ChatSession:
         return True
 
     def _set_strategy(self, arg: str, err: TextIO) -> None:
-        from argen.strategies import make_strategy
 
         try:
             spec = json.loads(arg) if arg.startswith("{") else arg
-            make_strategy(spec).prepare(self.gen.model)  # checked now, not at the next reply
+            self.gen.prepare_strategy(spec)  # checked now, not at the next reply
         except (ValueError, TypeError) as exc:  # InvalidRequestError and JSONDecodeError are ValueErrors
             err.write(f"error: {exc}; /strategy takes a name or a JSON object with a \"name\"\n")
             return

@@ -332,7 +332,7 @@ def _add_serve(sub) -> None:
                    help="how the weights are held on CPU: auto (a GGUF's own quantized blocks where argen's kernels "
                         "build, else fp32), exact (those blocks, fp32 activations), none (fp32), q8_0/q4_1/q4_0 "
                         "(quantize fp32 weights at load) (default: %(default)s)")  # fmt: skip
-    p.add_argument("--max-batch", type=int, default=32, help="requests decoding at once (default: %(default)s)")
+    p.add_argument("--max-batch", type=int, default=32, help="sequences decoding at once: a request's n samples take n (default: %(default)s)")
     p.add_argument("--max-queue", type=int, default=128,
                    help="requests waiting for a slot before new ones get 429 (default: %(default)s)")  # fmt: skip
     p.add_argument("--max-tokens", type=int, default=None,

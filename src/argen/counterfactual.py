@@ -15,10 +15,12 @@ decoding. With no intervention the replay regenerates from the prompt and reprod
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from argen.engine import Request, Result
 from argen.errors import InvalidRequestError
 from argen.sampling import SamplingParams
-from argen.strategies import make_strategy
+from argen.strategies import Strategy, make_strategy
 
 
 def check_interventions(intervene: dict, n_tokens: int | None, vocab_size: int) -> dict[int, int]:
@@ -36,7 +38,9 @@ def check_interventions(intervene: dict, n_tokens: int | None, vocab_size: int) 
 
 
 def counterfactual_request(result: Result, intervene: dict[int, int] | None, vocab_size: int,
-                           **overrides) -> Request:  # fmt: skip
+                           make: Callable[[object], Strategy] = make_strategy, **overrides) -> Request:  # fmt: skip
+    """The replay as a Request the engine runs; `make` builds its strategy from the recorded spec (the
+    API's `prepare_strategy`, which resolves a draft or guide model the record names)."""
     replay = result.extras.get("replay")
     if replay is None:
         raise InvalidRequestError("this Result carries no replay record; counterfactuals need a Result from argen")
@@ -58,7 +62,7 @@ def counterfactual_request(result: Result, intervene: dict[int, int] | None, voc
         if len(prefix) > params.max_new_tokens:
             raise InvalidRequestError(f"intervention at position {first} is past max_new_tokens "
                                       f"({params.max_new_tokens}); raise max_new_tokens")  # fmt: skip
-    return Request(list(result.prompt_ids), params, make_strategy(strategy), replay.get("prompt_positions"),
+    return Request(list(result.prompt_ids), params, make(strategy), replay.get("prompt_positions"),
                    replay.get("prompt_mask"), output_prefix=prefix, forced=forced or None)  # fmt: skip
 
 
@@ -68,5 +72,6 @@ def counterfactual(generator, result: Result, intervene: dict[int, int] | None =
     recorded sampling options (e.g. max_new_tokens) or the strategy (`strategy=...`); changing the
     temperature or the strategy changes the causal model, so the answer is no longer a counterfactual
     of the same model. Cost: one prefill of prompt + output[:t] + [v], then plain decoding."""
-    request = counterfactual_request(result, intervene, generator.runtime.info.vocab_size, **overrides)
+    request = counterfactual_request(result, intervene, generator.runtime.info.vocab_size,
+                                     generator.prepare_strategy, **overrides)  # fmt: skip
     return generator.engine.run([request])[0]

@@ -182,14 +182,11 @@ def run(args) -> int:
 
     from argen import load
     from argen.bench.questions import bench_questions, find_questions_file
-    from argen.strategies import make_strategy
-
     questions_path = Path(args.questions) if args.questions else find_questions_file()
     questions = bench_questions(questions_path, args.categories, args.limit, args.group_mt_bench)
     gen = load(args.model)
     guided_spec = {"name": "guided", "guide_model": args.guide_model or args.model, "omega": args.omega}
-    scorer = make_strategy(guided_spec)
-    scorer.prepare(gen.model)
+    scorer = gen.prepare_strategy(guided_spec)
     token = gen.tokenizer(INTERVENTION, add_special_tokens=False)["input_ids"][0]
     gen.generate("warm up", max_new_tokens=4, strategy=dict(guided_spec))
     records = []

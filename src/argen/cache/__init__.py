@@ -1,3 +1,5 @@
-from argen.cache.kv import KVCache
+"""KV memory: the cache contract (kv.py), paged blocks and the prefix cache (paged.py), presses."""
 
-__all__ = ["KVCache"]
+from argen.cache.kv import KVCache, PagedKV
+
+__all__ = ["KVCache", "PagedKV"]

@@ -170,6 +170,12 @@ class SeqKV:
         return 0 if self.front is None else self.front.positions
 
     @property
+    def needs_own_pass(self) -> bool:
+        """Whether a pass reads a pressed front or writes attention records / a query window (the
+        runtime then runs it in a torch pass of its own: the fused C forward does none of these)."""
+        return self.front is not None or self.attention is not None or self.window is not None
+
+    @property
     def quantized(self) -> QuantizedKV | None:
         return self.front if isinstance(self.front, QuantizedKV) else None
 

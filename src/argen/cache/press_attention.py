@@ -3,11 +3,10 @@ observation window of the newest queries) and PrefixKV (H2O's choice with a coun
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from argen.cache.press_base import PRESS_CHUNK, Press, keep_slots, read
+from argen.cache.records import attention_received
 from argen.checks import number_option
 
 
@@ -244,19 +243,3 @@ def allot(scores: list[torch.Tensor], total: int) -> list[int]:
     # A stable order by (retention before, layer, rank): the prefixes stay prefixes under ties.
     order = torch.from_numpy(flat.numpy().argsort(kind="stable"))[:total]
     return torch.bincount(layer_of[order], minlength=len(scores)).tolist()
-
-
-def attention_received(q: torch.Tensor, keys: torch.Tensor, attn_mask: torch.Tensor | None,
-                       is_causal: bool) -> torch.Tensor:  # fmt: skip
-    """The attention weights each key receives from the queries q [n, heads, D], summed over the queries
-    and over the query heads that share a kv head [kv heads, keys] (the weights SDPA computes and does
-    not return; keys [kv heads, keys, D], GQA)."""
-    n, heads, dim = q.shape
-    kv_heads, length = keys.shape[0], keys.shape[1]
-    k = keys.float().repeat_interleave(heads // kv_heads, 0)  # [heads, keys, D]
-    scores = torch.einsum("nhd,htd->hnt", q.float(), k) / math.sqrt(dim)
-    if attn_mask is not None:
-        scores = scores.masked_fill(~attn_mask.to(torch.bool), -torch.inf)
-    elif is_causal:
-        scores = scores.masked_fill(torch.ones(n, length, dtype=torch.bool).tril(length - n).logical_not(), -torch.inf)
-    return scores.softmax(-1).sum(1).view(kv_heads, heads // kv_heads, length).sum(1)

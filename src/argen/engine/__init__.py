@@ -2,8 +2,9 @@
 
 - `request.py`: Request, Stats, Event, Result, Failure
 - `sequence.py`: one request's state, prefill progress and bookkeeping (text, stop conditions)
-- `batch.py`: DecodeBatch, the one loop (rounds of packed forward passes, chunked prefill)
-- `engine.py`: Engine (checks a request once; generate / stream over a DecodeBatch)
+- `scheduler.py`: Scheduler, the one admission (who joins), and each round's plan (chunked prefill)
+- `batch.py`: DecodeBatch, the one loop (rounds of packed forward passes: plan -> run -> apply)
+- `engine.py`: Engine (checks a request once; generate / stream through a Scheduler)
 """
 
 from argen.engine.batch import DecodeBatch

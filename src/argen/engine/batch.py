@@ -1,36 +1,47 @@
 """The one decode loop: a changing set of sequences, every one of whose feeds runs in one packed
 forward pass per runtime per round.
 
-Each `step()` is a round:
-1. every sequence whose strategy is between feeds is advanced to its next feeds (a strategy's step
-   is a generator: it yields feeds and returns tokens, see strategies/base.py);
-2. prefill chunks are scheduled under the round's token budget, the shortest remaining prefill first,
-   so a short prompt is not stuck behind long ones (chunked prefill); chunk boundaries are fixed
-   positions, so a prompt is computed the same way however busy the batch is; with a pacer
-   (pacing.py, the server's), long chunks wait while they would slow the others too much;
-3. all feeds are grouped by (runtime, layer plan) and each group runs as one `forward_packed` pass;
-4. each sequence receives its rows and runs on until it yields feeds again; the tokens its step
-   returns become Events, and a finished sequence a Result.
+Each `step()` is a round, plan -> run -> apply:
+1. `_advance_idle`: every sequence whose strategy is between feeds is advanced to its next feeds (a
+   strategy's step is a generator: it yields feeds and returns tokens, see strategies/base.py);
+2. `plan_round` (scheduler.py, the one place that decides who runs) makes the round's RoundPlan:
+   those decode feeds, then prefill chunks under the token budget (chunked prefill, paced);
+3. `_run`: all feeds are grouped by (runtime, layer plan) and each group runs as one
+   `forward_packed` pass; passes are counted there;
+4. `_apply`: each prefill chunk (`_chunk_done`) and each sequence receives its rows and runs on
+   until it yields feeds again; the tokens its step returns become Events, and a finished
+   sequence a Result (a RoundOutput).
 
-`generate`, `stream` and the server all run this loop; a single request is a batch of one.
+Who joins the batch is the Scheduler's decision too (scheduler.py); `generate`, `stream`, the
+server and `argen batch` all run this loop; a single request is a batch of one.
 """
 
 from __future__ import annotations
 
 import time
 from collections import defaultdict
+from dataclasses import dataclass, field
 
 import torch
 
 from argen.cache.paged import SeqKV
 from argen.engine.pacing import PrefillPacer
 from argen.engine.request import Event, Failure, Request, Result
+from argen.engine.scheduler import RoundPlan, chunk_size, plan_round
 from argen.engine.sequence import Emit, Sequence
 from argen.logprobs import prompt_logprobs
 from argen.models.runtime import Segment
 from argen.sampling import Sampler
 from argen.strategies import DecodeState
 from argen.strategies.base import Feed
+
+
+@dataclass
+class RoundOutput:
+    """What a round hands back (`items`: Events, Results, Failures) and the sequences it ended."""
+
+    items: list[Event | Result | Failure] = field(default_factory=list)
+    done: list[Sequence] = field(default_factory=list)
 
 
 class DecodeBatch:
@@ -79,22 +90,15 @@ class DecodeBatch:
         # strategy whose output is one step), or a prefill chunk on top of a pressed prefix. Presses
         # rewrite the prompt's blocks, so a request's forks share none of them for sure.
         growth = budget + slack if request.strategy.whole_output_in_one_step else max(1, slack)
-        chunk = self._chunk(request) if request.press.chunk else None  # chunk 0: the whole prompt, then a press
+        chunk = chunk_size(request, self.prefill_chunk) if request.press.chunk else None  # chunk 0: the whole prompt, then a press
         pressed = request.press.worst_positions(prefill, len(request.prompt_ids) + budget - 1, chunk,
                                                 growth, pool.block_size)  # fmt: skip
         return -(-min(positions, pressed) // pool.block_size), 0
 
-    def _chunk(self, request: Request) -> int | None:
-        """Prompt positions per prefill pass for this request (None: the whole prompt at once). A set
-        prompt goes in one chunk (its members must not see each other); a press below budget 1 takes
-        chunks of at most its `chunk` positions (PRESS_CHUNK by default), at the same boundaries in
-        `generate` and the server; with chunk 0, it takes the prompt as an unpressed one does."""
-        if request.prompt_mask is not None:
-            return None
-        if request.press is not None and request.press.changes_cache:
-            chunk = request.press.chunk
-            return self.prefill_chunk if chunk == 0 else min(self.prefill_chunk or chunk, chunk)
-        return self.prefill_chunk
+    def slots(self) -> int:
+        """Sequences running, a request not yet forked into its n samples counted as n (the scheduler's
+        `max_sequences` counts these)."""
+        return sum(s.request.n if s.prefilling and s.sample_index == 0 else 1 for s in self.sequences)
 
     def can_admit(self, request: Request, pending_blocks: int = 0) -> bool:
         """Whether the request's worst case fits beside the admitted sequences' worst cases (and
@@ -182,34 +186,45 @@ class DecodeBatch:
         runtime = self.engine.runtime
         return runtime.kv_pool() if runtime.capabilities.paged_kv else None
 
-    # -- one round ---------------------------------------------------------------------------------
+    # -- one round: plan -> run -> apply -------------------------------------------------------------
     def step(self) -> list[Event | Result | Failure]:
         """One round: an Event for each sequence that produced tokens, a Result for each that
         finished, a Failure for each that raised (one sequence's error never stops the others)."""
-        started = time.perf_counter()
+        out = RoundOutput()
         self.held_until = None
-        items: list[Event | Result | Failure] = []
-        done: list[Sequence] = []
+        plan_started = time.perf_counter()
+        self._advance_idle(out)
+        plan = plan_round(self, plan_started)
+        for seq in list(self.sequences):
+            if seq.prefilling and seq.to_prefill == 0 and seq not in out.done:  # one-token prompt, or all cached
+                self._prefilled(seq, out)
+        rows, failed = self._run(plan)
+        self._apply(plan, rows, failed, out)
+        self.remove(out.done)
+        if self.pacer is not None:
+            ended = time.perf_counter()
+            self.pacer.record(ended - plan.started, plan.long_chunks, plan.others, ended)
+        return out.items
+
+    def _advance_idle(self, out: RoundOutput) -> None:
+        """Every decoding sequence between feeds asks its strategy for the next ones."""
         decoding = sum(not s.prefilling for s in self.sequences)
         for seq in self.sequences:
             seq.state.batch_size = max(1, decoding)
         for seq in list(self.sequences):
             if not seq.prefilling and seq.waiting is None:
-                self._advance(seq, None, items, done)
-        running = [s for s in self.sequences if s.waiting is not None and s not in done]
-        chunks, long_chunks, others = self._prefill_chunks(sum(len(f.tokens) for s in running for f in s.waiting),
-                                                           bool(running), started)  # fmt: skip
-        for seq in list(self.sequences):
-            if seq.prefilling and seq.to_prefill == 0 and seq not in done:  # one-token prompt, or all cached
-                self._prefilled(seq, items, done)
-        # Group every feed by (runtime, plan): one packed pass each.
+                self._advance(seq, None, out)
+
+    def _run(self, plan: RoundPlan) -> tuple[dict[int, dict[int, object]], dict[int, Exception]]:
+        """Every feed of the plan, grouped by (runtime, layer plan): one packed pass each. Returns each
+        sequence's rows (by feed index; -1: its prefill chunk) and the error of each whose pass failed."""
         groups: dict[tuple, list[tuple[Sequence, int | None, Feed]]] = defaultdict(list)
-        for seq in running:
+        for seq in plan.decode:
             for i, feed in enumerate(seq.waiting):
                 groups[(id(feed.runtime), feed.plan)].append((seq, i, feed))
-        for seq, feed in chunks:
+        for seq, feed in plan.prefill:
             groups[(id(feed.runtime), None)].append((seq, None, feed))
-        outs: dict[int, dict[int, object]] = defaultdict(dict)
+        rows: dict[int, dict[int, object]] = defaultdict(dict)
         failed: dict[int, Exception] = {}
         for members in groups.values():
             feeds = [feed for _, _, feed in members]
@@ -221,7 +236,7 @@ class DecodeBatch:
                 continue
             counted = set()
             for (seq, i, feed), result in zip(members, results, strict=True):
-                outs[id(seq)][-1 if i is None else i] = result
+                rows[id(seq)][-1 if i is None else i] = result
                 # Passes are counted here, and only here: each forward pass a sequence had rows in,
                 # as a target pass, or a draft pass for its drafting / guiding feeds.
                 if (id(seq), feed.draft, result.pass_index) not in counted:
@@ -230,95 +245,45 @@ class DecodeBatch:
                         seq.state.counters.draft_passes += 1
                     else:
                         seq.state.counters.forward_passes += 1
-        for seq, feed in chunks:
+        return rows, failed
+
+    def _apply(self, plan: RoundPlan, rows: dict, failed: dict[int, Exception], out: RoundOutput) -> None:
+        """Hand each prefill chunk and each decoding sequence its rows."""
+        for seq, feed in plan.prefill:
             if id(seq) in failed:
-                self._fail(seq, failed[id(seq)], items, done)
-                continue
-            if seq.prompt_logprobs is not None:  # row i predicts prompt token prefilled + i + 1
-                n_prompt, start = len(seq.request.prompt_ids), seq.prefilled
-                targets = seq.fed[start + 1 : min(start + 1 + len(feed.tokens), n_prompt)]
-                seq.prompt_logprobs += prompt_logprobs(feed.runtime.head, outs[id(seq)][-1].hidden, targets,
-                                                       seq.request.prompt_logprobs)  # fmt: skip
-            seq.prefilled += len(feed.tokens)
-            if seq.strategy.needs_prompt_hidden:
-                seq.prompt_hidden.append(outs[id(seq)][-1].hidden)
-            if self._cacheable(seq):  # the full blocks computed so far, for others with the same prompt
-                seq.state.cache.register_prefix(seq.fed[: seq.prefilled], seq.prefill_positions)
-            press = seq.request.press  # compresses the prompt chunk by chunk: the prefill's peak stays low
-            if press is not None and (press.chunk or seq.to_prefill == 0):  # chunk 0: once, at the end
-                seq.note_kv()  # the peak is before the press
-                seq.press()
-            if seq.to_prefill == 0:
-                self._prefilled(seq, items, done)
-        for seq in running:
+                self._fail(seq, failed[id(seq)], out)
+            else:
+                self._chunk_done(seq, feed, rows[id(seq)][-1], out)
+        for seq in plan.decode:
             if id(seq) in failed:
-                self._fail(seq, failed[id(seq)], items, done)
+                self._fail(seq, failed[id(seq)], out)
                 continue
             seq.note_kv()  # before the step's cleanup (rejected drafts, dropped forks) gives blocks back
-            got = [outs[id(seq)][i] for i in range(len(seq.waiting))]
-            self._advance(seq, got[0] if seq.waiting_single else got, items, done)
-        for seq, _ in chunks:
+            got = [rows[id(seq)][i] for i in range(len(seq.waiting))]
+            self._advance(seq, got[0] if seq.waiting_single else got, out)
+        for seq, _ in plan.prefill:
             seq.note_kv()
-        self.remove(done)
-        if self.pacer is not None:
-            ended = time.perf_counter()
-            self.pacer.record(ended - started, long_chunks, others, ended)
-        return items
 
-    def _prefill_chunks(self, decode_tokens: int, decoding: bool, now: float) -> tuple[list[tuple[Sequence, Feed]],
-                                                                                       bool, bool]:  # fmt: skip
-        """This round's prefill feeds: one chunk per prefilling sequence, shortest remaining first,
-        while the token budget lasts (at least one chunk a round, so prefills always progress, but for
-        long chunks the pacer holds back while other requests are active). A set prompt's
-        layout goes in one chunk: its members must not see each other. Prompts that start alike are
-        not computed twice: a sequence first takes the blocks others registered, and waits a round
-        rather than compute a chunk another sequence is computing now. Also returns, for the pacer,
-        whether a long chunk runs and whether other sequences share the round."""
-        waiting = sorted((s for s in self.sequences if s.prefilling and s.to_prefill > 0), key=lambda s: s.to_prefill)
-        budget = None if self.token_budget is None else self.token_budget - decode_tokens
-        pacer = self.pacer
-        # Others: sequences decoding, or prefilling a short prompt (which the pacer never holds back).
-        others = pacer is not None and (decoding or any(not pacer.paced(s.to_prefill) for s in waiting))
-        hold = pacer is not None and pacer.holds(others, now)
-        long_chunks = False
-        chunks, computing = [], set()
-        for seq in waiting:
-            if self._cacheable(seq):
-                attached = seq.state.cache.attach_prefix(seq.fed[:-1], seq.prefill_positions[:-1])
-                seq.stats.cached_prompt_tokens += attached - seq.prefilled
-                seq.prefilled = attached
-                if seq.to_prefill == 0:
-                    continue  # all there now: the sequence starts next round
-            start, end = seq.prefilled, len(seq.fed) - 1
-            if chunk := self._chunk(seq.request):
-                end = min(end, (start // chunk + 1) * chunk)
-            n = end - start
-            if budget is not None and chunks and n > budget:
-                continue
-            is_long = pacer is not None and pacer.paced(n)
-            if is_long and hold:  # the others have lost their share to long chunks: this one waits
-                if not others:
-                    self.held_until = pacer.resume_at()
-                continue
-            if self._cacheable(seq):
-                # Another sequence computing the same first block of this chunk this round (a shared
-                # prefix, however the two continue) will register it at the round's end: wait a round
-                # and take it, rather than compute it twice.
-                key = tuple(seq.fed[: min(end, start + seq.state.cache.pool.block_size)])
-                if key in computing:
-                    continue
-                computing.add(key)
-            mask = None if seq.prefill_mask is None else seq.prefill_mask[start:end, start:end]
-            state = seq.state
-            # No logits: prompt scoring projects the hidden states to the vocabulary a few rows at a time.
-            chunks.append((seq, Feed(seq.fed[start:end], seq.prefill_positions[start:end], mask, None, 0,
-                                     state.cache, state.runtime)))  # fmt: skip
-            long_chunks = long_chunks or is_long
-            if budget is not None:
-                budget -= n
-        return chunks, long_chunks, others
+    def _chunk_done(self, seq: Sequence, feed: Feed, row, out: RoundOutput) -> None:
+        """A prefill chunk is in the cache: score its prompt tokens, keep its hidden states, register its
+        full blocks for prompts that start the same way, press it; the last one starts the sequence."""
+        if seq.prompt_logprobs is not None:  # row i predicts prompt token prefilled + i + 1
+            n_prompt, start = len(seq.request.prompt_ids), seq.prefilled
+            targets = seq.fed[start + 1 : min(start + 1 + len(feed.tokens), n_prompt)]
+            seq.prompt_logprobs += prompt_logprobs(feed.runtime.head, row.hidden, targets, seq.request.prompt_logprobs)
+        seq.prefilled += len(feed.tokens)
+        if seq.strategy.needs_prompt_hidden:
+            seq.prompt_hidden.append(row.hidden)
+        if self.cacheable(seq):  # the full blocks computed so far, for others with the same prompt
+            seq.state.cache.register_prefix(seq.fed[: seq.prefilled], seq.prefill_positions)
+        press = seq.request.press  # compresses the prompt chunk by chunk: the prefill's peak stays low
+        if press is not None and (press.chunk or seq.to_prefill == 0):  # chunk 0: once, at the end
+            seq.note_kv()  # the peak is before the press
+            seq.press()
+        if seq.to_prefill == 0:
+            self._prefilled(seq, out)
 
-    def _cacheable(self, seq: Sequence) -> bool:
+    def cacheable(self, seq: Sequence) -> bool:
         """Whether the sequence shares prompt blocks with others (prefix caching). Not under a press below
         budget 1: it rewrites the blocks (they no longer hold the tokens' own keys), and it runs after
         each prefill chunk, at fixed positions; taking a cached prefix of any length would press it
@@ -327,7 +292,7 @@ class DecodeBatch:
                 and not seq.strategy.needs_prompt_hidden and seq.prompt_logprobs is None
                 and (seq.request.press is None or not seq.request.press.changes_cache))  # fmt: skip
 
-    def _prefilled(self, seq: Sequence, items: list, done: list) -> None:
+    def _prefilled(self, seq: Sequence, out: RoundOutput) -> None:
         """The prompt is in the cache: fork it into the request's n samples (the prompt is prefilled
         once), then for each, emit a replay's output prefix and start the strategy."""
         state = seq.state
@@ -345,24 +310,24 @@ class DecodeBatch:
             self.sequences.extend(forks)
             samples += forks
         for sample in samples:
-            self._start(sample, items, done)
+            self._start(sample, out)
 
-    def _start(self, seq: Sequence, items: list, done: list) -> None:
+    def _start(self, seq: Sequence, out: RoundOutput) -> None:
         if seq.request.output_prefix:  # emitted before any step, as generated output
             event = seq.accept(list(seq.request.output_prefix))
-            items.append(event)
+            out.items.append(event)
             if seq.finish_reason is not None:
-                items.append(seq.result())
-                done.append(seq)
+                out.items.append(seq.result())
+                out.done.append(seq)
                 return
         if seq.state.remaining <= 0:  # max_new_tokens=0: the prompt only (scored), nothing generated
-            items.append(seq.accept([]))  # finish_reason "length"
-            self._finish(seq, items, done)
+            out.items.append(seq.accept([]))  # finish_reason "length"
+            self._finish(seq, out)
             return
         seq.driver = seq.drive()
-        self._advance(seq, None, items, done)
+        self._advance(seq, None, out)
 
-    def _advance(self, seq: Sequence, outs, items: list, done: list) -> None:
+    def _advance(self, seq: Sequence, outs, out: RoundOutput) -> None:
         """Run the sequence's driver on `outs` until it asks for feeds again (or finishes)."""
         seq.waiting = None
         try:
@@ -370,16 +335,16 @@ class DecodeBatch:
             while isinstance(value, Emit):
                 event = seq.accept(value.tokens)
                 if event.token_ids or event.text or event.finish_reason or event.prompt_logprobs:
-                    items.append(event)
+                    out.items.append(event)
                 if seq.finish_reason is not None:
-                    self._finish(seq, items, done)
+                    self._finish(seq, out)
                     return
                 value = next(seq.driver)
         except StopIteration:
-            self._finish(seq, items, done)
+            self._finish(seq, out)
             return
         except Exception as exc:
-            self._fail(seq, exc, items, done)
+            self._fail(seq, exc, out)
             return
         seq.waiting_single = isinstance(value, Feed)
         feeds = [value] if seq.waiting_single else list(value)
@@ -391,18 +356,18 @@ class DecodeBatch:
                 feed.positions = list(range(start, start + len(feed.tokens)))
         seq.waiting = feeds
 
-    def _finish(self, seq: Sequence, items: list, done: list) -> None:
+    def _finish(self, seq: Sequence, out: RoundOutput) -> None:
         state = seq.state
-        if self._cacheable(seq) and not state.position_shift:
+        if self.cacheable(seq) and not state.position_shift:
             # Blocks of the whole conversation so far, for the next turn's prefix (a chat resends it).
             length = state.cache.lengths[0]
             state.cache.register_prefix(state.tokens[:length], list(range(length)))
-        items.append(seq.result())
-        done.append(seq)
+        out.items.append(seq.result())
+        out.done.append(seq)
 
-    def _fail(self, seq: Sequence, exc: Exception, items: list, done: list) -> None:
-        items.append(Failure(seq.index, exc))
-        done.append(seq)
+    def _fail(self, seq: Sequence, exc: Exception, out: RoundOutput) -> None:
+        out.items.append(Failure(seq.index, exc))
+        out.done.append(seq)
 
 
 def _segment(feed: Feed) -> Segment:

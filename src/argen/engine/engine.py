@@ -1,5 +1,5 @@
-"""The Engine: checks requests once, and runs them through the one decode loop (batch.py), for
-`generate`, `stream` and (through the server's scheduler) HTTP alike. It is the only layer that
+"""The Engine: checks requests once, and runs them through the one decode loop (batch.py), admitted by
+the one Scheduler (scheduler.py), for `generate`, `stream`, HTTP and batch jobs alike. It is the only layer that
 knows about tokenizer text."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from argen.constraints import Constraint, GrammarCompiler, grammar_of
 from argen.engine.batch import DecodeBatch
 from argen.engine.request import Event, Failure, Request, Result
+from argen.engine.scheduler import Scheduler, Waiting
 from argen.errors import InvalidRequestError
 from argen.logprobs import check_top
 
@@ -81,23 +82,26 @@ class Engine:
         return min(request.params.max_new_tokens, self.runtime.info.max_positions - len(request.prompt_ids))
 
     def stream(self, requests: list[Request]) -> Iterator[Event | Result]:
-        """Yield token Events as they are produced and each request's Result when it finishes; all the
-        requests decode together. Every request is checked before any work starts."""
+        """Yield token Events as they are produced and each request's Result when it finishes; the
+        requests decode together, as many at once as the KV memory holds for their worst cases (the
+        others wait their turn, in order). Every request is checked before any work starts."""
         for request in requests:
             self.validate(request)
         # No prefix caching here: reused blocks were computed in other chunks than a fresh prefill
         # computes them, which changes the last bits (and so can flip a near-tie); the server uses it.
-        batch = DecodeBatch(self, prefix_caching=False)
+        scheduler = Scheduler(DecodeBatch(self, prefix_caching=False))  # no sequence cap: the KV memory's
+        for i, request in enumerate(requests):
+            scheduler.add(Waiting(i, request))
         try:
-            for i, request in enumerate(requests):
-                batch.admit(i, request)
-            while batch:
-                for item in batch.step():
+            while scheduler.busy():
+                for entry in scheduler.take():
+                    scheduler.admit(entry)
+                for item in scheduler.step():
                     if isinstance(item, Failure):
                         raise item.error
                     yield item
         finally:
-            batch.remove(list(batch.sequences))
+            scheduler.batch.remove(list(scheduler.batch.sequences))
 
     def run(self, requests: list[Request]) -> list[Result]:
         results = [item for item in self.stream(requests) if isinstance(item, Result)]

@@ -28,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_sampling_args(p, "each line's body decides (the server's defaults); plain prompts are greedy")
     p.add_argument("--no-chat", action="store_true", help="plain prompts as raw text (/v1/completions), "
                    "without the chat template")  # fmt: skip
-    p.add_argument("--max-batch", type=int, default=32, help="requests decoding at once (default: %(default)s)")
+    p.add_argument("--max-batch", type=int, default=32, help="sequences decoding at once: a request's n samples take n (default: %(default)s)")
     p.add_argument("--prefill-chunk", type=int, default=512, help="see 'argen serve --help' (default: %(default)s)")
     p.add_argument("--step-tokens", type=int, default=1024, help="see 'argen serve --help' (default: %(default)s)")
     p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",

@@ -2,9 +2,9 @@
 
 A line means what the same HTTP request to `argen serve` means: its body is checked by the server's
 pydantic model and `build_request` (same 400s, same defaults), and its response body is built by
-the server's `_Shape`. The requests then run in one DecodeBatch, admitted in input order as the
-scheduler admits them: up to `max_batch` at once, each only when KV memory for its worst case is
-free. Lines finish out of order; `JobRunner.run` yields each one's output line as it finishes.
+the server's `_Shape`. The requests then run in one DecodeBatch, admitted in input order by the
+engine's Scheduler, as the server admits them: up to `max_batch` sequences at once (a request's n
+samples are n), each only when KV memory for its worst case is free. Lines finish out of order; `JobRunner.run` yields each one's output line as it finishes.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pydantic import BaseModel, ValidationError
 
 from argen.api import Generator
 from argen.engine import DecodeBatch, Event, Failure, Request, Result
+from argen.engine.scheduler import PREFILL_CHUNK, STEP_TOKENS, Scheduler, Waiting
 from argen.jobs.lines import Job, error_line, ok_line
 from argen.server import protocol as p
 from argen.server.app import _generation_error, shape_of
@@ -24,7 +25,6 @@ from argen.server.errors import APIError, validation_message
 from argen.server.limits import Limits
 from argen.server.logprob_shape import Tokens
 from argen.server.params import Policy, build_request, max_prompt_chars
-from argen.server.scheduler import PREFILL_CHUNK, STEP_TOKENS
 
 log = logging.getLogger("argen.batch")
 BODIES: dict[str, type[BaseModel]] = {"chat": p.ChatCompletionRequest, "completions": p.CompletionRequest}
@@ -72,39 +72,43 @@ class JobRunner:
         """(job, output line) for every job, as each finishes. `on_tokens(n)`: n tokens were generated."""
         batch = DecodeBatch(self.gen.engine, token_budget=self.step_tokens, prefill_chunk=self.prefill_chunk,
                             prefix_caching=self.prefix_caching)  # fmt: skip
+        scheduler = Scheduler(batch, max_sequences=self.max_batch)  # the server's admission
         running: dict[int, tuple[Job, BaseModel, Request]] = {}
         finished: dict[int, list[Result]] = {}  # samples done of requests with n > 1
         pending = iter(jobs)
-        head: tuple[Job, Request, BaseModel] | None = None
         exhausted = False
         try:
             while True:
-                # Admit in input order while there is a slot; the head waits for KV memory for its worst case.
-                while len(running) < self.max_batch and not exhausted:
-                    if head is None:
+                # Admit in input order while the scheduler takes them; one job at most is built ahead
+                # (a file of a million lines is read as it runs).
+                while True:
+                    if not exhausted and not scheduler.waiting:
                         job = next(pending, None)
                         if job is None:
                             exhausted = True
-                            break
-                        built = self.build(job)
-                        if isinstance(built, APIError):
-                            yield job, error_line(job, built)
-                            continue
-                        head = (job, *built)
-                    job, request, body = head
-                    if running and not batch.can_admit(request):
-                        break
-                    head = None
-                    try:
-                        batch.admit(job.index, request)
-                    except Exception as exc:
-                        yield job, error_line(job, _generation_error(exc))
+                        else:
+                            built = self.build(job)
+                            if isinstance(built, APIError):
+                                yield job, error_line(job, built)
+                            else:
+                                request, body = built
+                                scheduler.add(Waiting(job.index, request, (job, body)))
                         continue
-                    running[job.index] = (job, body, request)
-                    self.generated += 1
+                    taken = scheduler.take()
+                    if not taken:
+                        break
+                    for entry in taken:
+                        job, body = entry.owner
+                        try:
+                            scheduler.admit(entry)
+                        except Exception as exc:
+                            yield job, error_line(job, _generation_error(exc))
+                            continue
+                        running[job.index] = (job, body, entry.request)
+                        self.generated += 1
                 if not running:
                     return
-                for item in batch.step():
+                for item in scheduler.step():
                     if isinstance(item, Event):
                         if on_tokens is not None and item.token_ids:
                             on_tokens(len(item.token_ids))

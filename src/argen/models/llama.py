@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from argen.cache.paged import BLOCK_SIZE, BlockPool, SeqKV
-from argen.cache.press_attention import attention_received
+from argen.cache.records import attention_received
 from argen.models.fused import MAX_NEW_TOKENS as FUSED_MAX_NEW_TOKENS
 from argen.models.fused import MAX_ROWS as FUSED_MAX_ROWS
 from argen.models.fused import FusedForward
@@ -202,8 +202,7 @@ class LlamaRuntime:
         # or observe the attention their keys receive (H2O) or their queries (SnapKV) share a torch pass
         # of their own (the fused C forward does none of these), so the others keep the fused path's
         # batch invariance.
-        own = [bool(seg.ffn_cos) or any(getattr(seg.cache, name, None) is not None
-                                        for name in ("front", "attention", "window")) for seg in segments]  # fmt: skip
+        own = [bool(seg.ffn_cos) or seg.cache.needs_own_pass for seg in segments]
         short = [i for i, seg in enumerate(segments) if len(seg.tokens) <= limit and not own[i]]
         measured = [i for i, seg in enumerate(segments) if len(seg.tokens) <= limit and own[i]]
         long = [i for i in range(len(segments)) if i not in set(short) | set(measured)]

@@ -6,10 +6,15 @@ works with either.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
+
+from argen.cache.kv import KVCache
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -42,7 +47,7 @@ class Segment:
     causal); every new token sees the whole cached prefix. `num_logits`: logits for the last that many
     tokens (None: all, 0: none)."""
 
-    cache: object
+    cache: KVCache
     tokens: list[int] | torch.Tensor
     positions: list[int] | torch.Tensor
     mask: torch.Tensor | None = None
@@ -88,9 +93,15 @@ class RuntimeMemo:
     so every request on that model shares it, and nothing else is attached to a runtime."""
 
     calibration_ids: list[list[int]] = field(default_factory=list)  # sample text (models/calibration.py)
-    cost_model: Any = None  # seconds per pass (speculative/adaptive.py)
-    layer_skip: dict = field(default_factory=dict)  # max_draft -> calibrated skip set (skip_calibration.py)
-    jacobi_backoff: int | None = None  # plain steps between lookahead tries (speculative/jacobi.py)
+    # What strategies learnt, one record per type the strategy declares (e.g. speculative/adaptive.py's
+    # CostModel, jacobi.py's JacobiLearnt): the memo holds no strategy's fields itself.
+    learnt: dict[type, Any] = field(default_factory=dict)
+
+    def get(self, kind: type[T], make: Callable[[], T] | None = None) -> T:
+        """The runtime's record of type `kind`, made by `make` (default: `kind()`) on first use."""
+        if kind not in self.learnt:
+            self.learnt[kind] = kind() if make is None else make()
+        return self.learnt[kind]
 
 
 class ModelRuntime(Protocol):

@@ -221,7 +221,7 @@ def create_app(gen: Generator, *, model_id: str | None = None, max_batch: int = 
         except QueueFull:
             metrics.requests.labels(endpoint, "rejected_429").inc()
             wait = scheduler.retry_after()
-            raise APIError(429, f"the server is busy ({max_batch} requests running, {max_queue} waiting); "
+            raise APIError(429, f"the server is busy ({max_batch} sequences running, {max_queue} waiting); "
                            f"retry in {wait} s", code="queue_full", headers={"Retry-After": str(wait)}) from None  # fmt: skip
         except Draining:
             metrics.requests.labels(endpoint, "rejected_503").inc()

@@ -184,7 +184,8 @@ def _strategy(gen: Generator, body, policy: Policy):
         strategy = make_strategy(spec)
         if (over := policy.limits.check(strategy)) is not None:
             raise bad_request(over, "strategy", code="limit_exceeded")
-        strategy.prepare(gen.model)
+        # The companions Companions.resolve put in the options: the operator's loaded models, never a source.
+        strategy.prepare(gen.model, {option: vars(strategy)[option] for option in type(strategy).companion_options})
     except InvalidRequestError as exc:
         raise bad_request(str(exc), "strategy") from exc
     return strategy

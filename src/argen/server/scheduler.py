@@ -1,8 +1,10 @@
-"""Continuous batching: one worker thread owns the model and loops over a DecodeBatch.
+"""Continuous batching: one worker thread owns the model and loops over the engine's Scheduler.
 
-Each iteration it drops cancelled requests (their KV blocks go with them), admits waiting ones
-while there is room (a slot under --max-batch, and KV memory for the request's worst case), and
-runs one round of the decode loop: every sequence's feeds in one packed pass, plus prefill chunks
+This module keeps the thread, the queues and the metrics; who runs is the engine's Scheduler's
+decision (engine/scheduler.py), the same as `generate` and `argen batch` make. Each iteration it
+drops cancelled requests (their KV blocks go with them), admits waiting ones while there is room
+(a slot under --max-batch for each of a request's n samples, and KV memory for its worst case),
+and runs one round of the decode loop: every sequence's feeds in one packed pass, plus prefill chunks
 under the round's token budget (shortest prompt first), a long prompt's chunks paced so that the
 others run at least 1/prefill_slowdown as fast as alone (engine/pacing.py). Every token event is handed to its request's
 asyncio queue with `call_soon_threadsafe`, so the HTTP side never blocks on the model and the model
@@ -22,19 +24,12 @@ from dataclasses import dataclass, field
 
 from argen.engine import DecodeBatch, Engine, Event, Failure, Request, Result
 from argen.engine.pacing import PREFILL_SLOWDOWN, PrefillPacer
+from argen.engine.scheduler import PREFILL_CHUNK, STEP_TOKENS, Waiting
+from argen.engine.scheduler import Scheduler as Admission
 from argen.errors import ArgenError
 from argen.server.metrics import Metrics
 
 log = logging.getLogger("argen.server")
-# Prompt tokens per prefill pass, and tokens per round (decode feeds first, then prefill chunks): a
-# burst of long prompts delays everyone's next token by a chunk, not by whole prefills. Measured on a
-# 2-core CPU (benchmarks/serving/burst*): 256 / 512 cut short requests' p99 time to first token
-# 6.8x but cost 10% of the decode throughput (each prefill pass of the quantized path dequantizes
-# the weights once); 512 / 1024 cut it 4.2x at 2% of the throughput.
-PREFILL_CHUNK = 512
-STEP_TOKENS = 1024
-
-
 class QueueFull(Exception):
     pass
 
@@ -78,8 +73,7 @@ class Scheduler:
         self.kv_blocks = kv_blocks
         self.pacer = PrefillPacer(prefill_slowdown) if prefill_slowdown else None
         self.peak_sequences = 0
-        self.batch = self._new_batch()
-        self._waiting: deque[Ticket] = deque()
+        self.admission = Admission(self._new_batch(), max_sequences=self.max_batch)
         self._running: dict[int, Ticket] = {}
         self._cond = threading.Condition()
         self._ids = itertools.count()
@@ -91,6 +85,14 @@ class Scheduler:
     def _new_batch(self) -> DecodeBatch:
         return DecodeBatch(self.engine, token_budget=self.step_tokens, prefill_chunk=self.prefill_chunk,
                            prefix_caching=self.prefix_caching, kv_blocks=self.kv_blocks, pacer=self.pacer)  # fmt: skip
+
+    @property
+    def batch(self) -> DecodeBatch:
+        return self.admission.batch
+
+    @property
+    def _waiting(self) -> deque[Waiting]:
+        return self.admission.waiting  # the tickets in line (each Waiting's owner)
 
     # -- called from the event loop ------------------------------------------------------------
     def start(self) -> None:
@@ -115,10 +117,12 @@ class Scheduler:
         with self._cond:
             if self.draining:
                 raise Draining()
+            # At most max_batch requests run (each takes at least one of the max_batch sequence slots).
             if len(self._running) + len(self._waiting) + len(requests) > self.max_batch + self.max_queue:
                 raise QueueFull()  # every slot is taken and max_queue requests already wait for one
             tickets = [Ticket(next(self._ids), request, loop, endpoint, queue, left=request.n) for request in requests]
-            self._waiting.extend(tickets)
+            for ticket in tickets:
+                self.admission.add(Waiting(ticket.id, ticket.request, ticket))
             self.metrics.waiting.set(len(self._waiting))
             self._cond.notify()
         return tickets
@@ -159,19 +163,7 @@ class Scheduler:
                     self._cond.wait()
                 if not self._waiting and not self._running:
                     return
-                admit, blocks = [], 0
-                # max_batch counts sequences: a request of n samples takes n slots until they finish.
-                sequences = sum(t.left for t in self._running.values())
-                while self._waiting:
-                    # First come, first served: the head waits until a slot for each of its samples and
-                    # KV memory for its worst case are free.
-                    head = self._waiting[0].request
-                    fits = sequences + head.n <= self.max_batch and self.batch.can_admit(head, blocks)
-                    if not fits and (self._running or admit):
-                        break
-                    sequences += head.n
-                    blocks += self.batch.blocks_needed(head)
-                    admit.append(self._waiting.popleft())
+                admit = [entry.owner for entry in self.admission.take()]  # the engine's one admission
                 self.metrics.waiting.set(len(self._waiting))
             try:
                 self._iteration(admit)
@@ -179,7 +171,7 @@ class Scheduler:
                 log.exception("scheduler iteration failed")
                 for ticket in list(self._running.values()):
                     self._finish(ticket, RuntimeError("internal error in the scheduler"), "error")
-                self.batch = self._new_batch()
+                self.admission.batch = self._new_batch()  # the requests in line keep their places
             self._rest()
 
     def _rest(self) -> None:
@@ -200,7 +192,7 @@ class Scheduler:
             self.metrics.queue_seconds.observe(time.perf_counter() - ticket.arrived)
             self._running[ticket.id] = ticket
             try:
-                self.batch.admit(ticket.id, ticket.request)
+                self.admission.admit(Waiting(ticket.id, ticket.request))
             except Exception as exc:
                 _log_failure(ticket, exc, "at admission")
                 self._finish(ticket, exc, "error")
@@ -214,7 +206,7 @@ class Scheduler:
         t0 = time.perf_counter()
         self.metrics.batch_size.observe(len(self.batch))
         self._count_sequences()
-        items = self.batch.step()
+        items = self.admission.step()
         self._count_sequences()
         self._count_kv()
         elapsed = time.perf_counter() - t0

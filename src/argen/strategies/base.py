@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from argen.cache.kv import KVCache
 from argen.models.runtime import Plan, SegmentOut
 from argen.sampling import Sampler
 
@@ -51,7 +52,7 @@ class Feed:
     mask: torch.Tensor | None = None
     plan: Plan | None = None
     num_logits: int | None = 0
-    cache: Any = None
+    cache: KVCache | None = None  # None: the sequence's own (the engine fills it in)
     runtime: Any = None
     draft: bool = False
     ffn_cos: bool = False
@@ -65,7 +66,7 @@ Step = Generator[Feeds, Outs, list[int]]
 @dataclass
 class DecodeState:
     runtime: Any
-    cache: Any
+    cache: KVCache
     sampler: Sampler
     tokens: list[int]  # prompt + output so far; the last one is not in the cache yet
     prompt_len: int
@@ -78,8 +79,8 @@ class DecodeState:
     # Final hidden states [T, H] of the prefilled prompt tokens (all but the last); set by the Engine
     # for `start()` of strategies that ask for them (contrastive search), then dropped.
     prompt_hidden: torch.Tensor | None = None
-    memo: Any = None  # the strategy's per-request state (set by its start)
-    caches: list = field(default_factory=list)  # every cache this request holds; freed when it ends
+    memo: Any = None  # the strategy's per-request state: a dataclass the strategy declares, set by its start
+    caches: list[KVCache] = field(default_factory=list)  # every cache this request holds; freed when it ends
     # Sequences decoding in the engine's round (set by the engine): this sequence's feeds share a
     # forward pass with theirs, which changes what a draft costs (see speculative/adaptive.py).
     batch_size: int = 1
@@ -139,7 +140,8 @@ class Strategy:
     name: ClassVar[str] = ""
     exact: ClassVar[bool] = True
     # Options that name another model, by the kind of model ("draft" or "guide"): the Python API
-    # takes a model source there, a server only the names of models its operator loaded.
+    # takes a model source there, a server only the names of models its operator loaded; both
+    # resolve them (load them) and hand the models to `prepare`.
     companion_options: ClassVar[dict[str, str]] = {}
     # Whether start() reads the prompt's final hidden states (state.prompt_hidden); such sequences
     # compute their whole prompt (no prefix caching).
@@ -148,9 +150,10 @@ class Strategy:
     # steps (cache/press.py), then compresses the prompt only, and the cache grows by the whole output.
     whole_output_in_one_step: ClassVar[bool] = False
 
-    def prepare(self, base) -> None:
-        """Called by the Generator with the base LoadedModel before a request is built: a strategy
-        that reads text with its own tokenizer (guided decoding's control prefixes) sets up here."""
+    def prepare(self, base, companions: dict | None = None) -> None:
+        """Called by the API and the server with the base LoadedModel before a request is built, and the
+        companion models they resolved, one per `companion_options` entry (a LoadedModel, or a runtime
+        given as one): a strategy takes its runtimes here and never loads a model itself."""
 
     def check(self, runtime, prompt_len: int, params) -> None:
         """Raise InvalidRequestError if this request (`prompt_len` tokens, SamplingParams `params`)

@@ -1,25 +1,36 @@
-"""The second model a strategy may take (a draft model, a guide), given in Python as a loaded
-object rather than a source: which objects count, and what they hold."""
+"""The second model a strategy may take (a draft model, a guide): the forms an option may give it in.
+
+A strategy never loads one: the API (`Generator.prepare_strategy`) and the server
+(server/companions.py) resolve each of its `companion_options` before a request starts, and hand
+the strategy the model in `prepare(base, companions)`. Here are only the forms an option accepts,
+so that a strategy can refuse a wrong one when it is made.
+"""
 
 from __future__ import annotations
 
-
-def loaded_model(obj):
-    """The LoadedModel behind a Generator or a LoadedModel; None for anything else."""
-    from argen.api import Generator  # (api imports the strategies: resolved when called)
-    from argen.models import LoadedModel
-
-    if isinstance(obj, Generator):
-        return obj.model
-    return obj if isinstance(obj, LoadedModel) else None
+from argen.errors import InvalidRequestError
+from argen.models import LoadedModel
+from argen.models.hf import HFRuntime
+from argen.models.llama import LlamaRuntime
 
 
-def model_runtime(obj):
-    """The runtime of a Generator, a LoadedModel or a runtime itself; None for anything else."""
-    from argen.models.hf import HFRuntime
-    from argen.models.llama import LlamaRuntime
+def is_companion(obj) -> bool:
+    """Whether `obj` names or holds a model: a source string, a LoadedModel, a runtime, or an object
+    holding a LoadedModel as `.model` (the API's Generator, named by what it holds: the strategies
+    sit below the API and never import it)."""
+    return isinstance(obj, str | LoadedModel | LlamaRuntime | HFRuntime) or isinstance(
+        getattr(obj, "model", None), LoadedModel
+    )
 
-    model = loaded_model(obj)
-    if model is not None:
-        return model.runtime
-    return obj if isinstance(obj, LlamaRuntime | HFRuntime) else None
+
+def companion_runtime(model) -> object:
+    """The runtime of a resolved companion (a LoadedModel, or a runtime given as it is)."""
+    return model.runtime if isinstance(model, LoadedModel) else model
+
+
+def unresolved(strategy: str, option: str) -> Exception:
+    """A strategy started before its companion model was resolved (made by hand, not through the API)."""
+    return InvalidRequestError(
+        f"strategy {strategy!r} runs its {option} model beside the base model, but it was never given one: make "
+        f"it with Generator.prepare_strategy (generate, stream and the server do), which loads {option}"
+    )

@@ -23,30 +23,21 @@ the base model's (in the same packed pass when the guide is the base model), cou
 from __future__ import annotations
 
 from collections.abc import Generator
-from types import SimpleNamespace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from argen.checks import number_option
 from argen.errors import InvalidRequestError
+from argen.models import LoadedModel
 from argen.models.runtime import Segment, SegmentOut
 from argen.strategies.base import DecodeState, Feed, Step, Strategy
-from argen.strategies.companions import loaded_model
+from argen.strategies.companions import is_companion, unresolved
 
 RULES = ("gedi", "genarm")
 PROBE = "The quick brown fox, 42 cafés & naïve résumés!\n"
 OMEGA_MAX = 1000.0  # GeDi uses 20-30, GenARM-style 1-3; far beyond, the steering swamps the logits
-
-
-def load_guide(source, device="cpu", dtype=torch.float32):
-    """A LoadedModel for a guide given as a model source string (loaded once per process and
-    device and dtype, `shared_model`), a LoadedModel or a Generator."""
-    if not isinstance(source, str):
-        return loaded_model(source)
-    from argen.models import shared_model
-
-    return shared_model(source, device=str(device), dtype=dtype)
 
 
 class GuidePair:
@@ -87,6 +78,12 @@ def class_log_prob(sums: torch.Tensor, n_tokens: int) -> torch.Tensor:
     return F.logsigmoid((sums[0] - sums[1]) / max(n_tokens, 1))
 
 
+@dataclass
+class GuidedMemo:
+    pair: GuidePair  # the guide reading both control prefixes + the output
+    sums: torch.Tensor  # [2]: the output's summed log-likelihoods under each prefix
+
+
 class Guided(Strategy):
     name = "guided"
     exact = False
@@ -101,7 +98,7 @@ class Guided(Strategy):
         for label, text in (("positive_prefix", positive_prefix), ("negative_prefix", negative_prefix)):
             if not isinstance(text, str) or not text:
                 raise ValueError(f"{label} must be a non-empty string (the guide's control prefix)")
-        if not isinstance(guide_model, str) and loaded_model(guide_model) is None:
+        if not is_companion(guide_model):
             raise ValueError("guide_model must be a model source (e.g. 'default', 'tiny-random@1'), a LoadedModel "
                              "or a Generator")  # fmt: skip
         self.guide_model, self.omega = guide_model, omega
@@ -114,12 +111,16 @@ class Guided(Strategy):
         return super().options() | {"guide_model": guide if isinstance(guide, str) else getattr(guide, "name", "?")}
 
     # -- setup ---------------------------------------------------------------------------------
-    def prepare(self, base) -> None:
-        """Called by the Generator with the base LoadedModel: load the guide next to it and check that
-        the two share a tokenizer (same vocabulary size, same ids for a probe string)."""
+    def prepare(self, base, companions: dict | None = None) -> None:
+        """Called by the API or the server with the base LoadedModel and the guide they resolved
+        (`companions["guide_model"]`, a LoadedModel): check that the two share a tokenizer (same
+        vocabulary size, same ids for a probe string)."""
         runtime = base.runtime
-        self._guide = load_guide(self.guide_model, runtime.device, runtime.dtype)
-        guide = self._guide
+        guide = (companions or {}).get("guide_model")
+        if not isinstance(guide, LoadedModel):  # a bare runtime has no tokenizer to read the prefixes with
+            raise InvalidRequestError("guided decoding needs its guide as a model with a tokenizer (a model source, "
+                                      "a LoadedModel or a Generator), resolved by the API or the server")  # fmt: skip
+        self._guide = guide
         if guide.runtime.info.vocab_size != runtime.info.vocab_size:
             raise InvalidRequestError(
                 f"the guide model's vocabulary ({guide.runtime.info.vocab_size}) differs from the base model's "
@@ -131,7 +132,7 @@ class Guided(Strategy):
                                       "guided decoding needs two models that share a tokenizer")  # fmt: skip
 
     def check(self, runtime, prompt_len: int, params) -> None:
-        if self._guide is not None:  # else not prepared yet (no Generator): start() checks
+        if self._guide is not None:  # else never resolved: start() says so
             self._check_room(min(params.max_new_tokens, runtime.info.max_positions - prompt_len))
 
     def _check_room(self, new: int) -> None:
@@ -168,10 +169,8 @@ class Guided(Strategy):
         return float(class_log_prob(self._sums(pair.scored(outs, len(output)), output), len(output)))
 
     def start(self, state: DecodeState) -> Generator[list[Feed], list[SegmentOut], None]:
-        if self._guide is None:  # used without a Generator: no tokenizer check possible
-            self._guide = load_guide(self.guide_model, state.runtime.device, state.runtime.dtype)
-            if self._guide.runtime.info.vocab_size != state.runtime.info.vocab_size:
-                raise InvalidRequestError("the guide model's vocabulary differs from the base model's")
+        if self._guide is None:
+            raise unresolved(self.name, "guide_model")
         self._check_room(state.max_new_tokens)
         # A counterfactual replay starts with part of the output already there: the guide reads it too.
         output = state.output
@@ -181,7 +180,7 @@ class Guided(Strategy):
         pair = GuidePair(runtime, [state.new_cache(runtime, room) for _ in sequences], sequences)
         outs = yield pair.prefill(sequences, len(output))
         sums = self._sums(pair.scored(outs, len(output)), output)
-        state.memo = SimpleNamespace(pair=pair, sums=sums.to(state.runtime.device))
+        state.memo = GuidedMemo(pair, sums.to(state.runtime.device))
         state.extras["guided"] = {"class_log_prob": float(class_log_prob(sums, state.n_generated))}
 
     # -- decoding ------------------------------------------------------------------------------

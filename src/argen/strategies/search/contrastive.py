@@ -17,7 +17,7 @@ as the root of the next step's tree), as the pending-token convention requires.
 from __future__ import annotations
 
 from collections.abc import Generator
-from types import SimpleNamespace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,12 @@ def degeneration_penalty(candidates: torch.Tensor, history: torch.Tensor) -> tor
 
 def contrastive_scores(probs: torch.Tensor, penalty: torch.Tensor, alpha: float) -> torch.Tensor:
     return (1 - alpha) * probs - alpha * penalty
+
+
+@dataclass
+class ContrastiveMemo:
+    history: torch.Tensor  # [N, H]: hidden states of the tokens so far
+    logits: torch.Tensor  # the pending token's next-token logits
 
 
 class Contrastive(Strategy):
@@ -64,7 +70,7 @@ class Contrastive(Strategy):
         cache.truncate(length)
         prompt_hidden = state.prompt_hidden if state.prompt_hidden is not None else out.hidden[:0]
         # history: hidden states [N, H] of the tokens so far; logits: the pending token's next-token logits
-        state.memo = SimpleNamespace(history=torch.cat([prompt_hidden, out.hidden]).float(), logits=out.logits[-1])
+        state.memo = ContrastiveMemo(torch.cat([prompt_hidden, out.hidden]).float(), out.logits[-1])
 
     def step(self, state: DecodeState) -> Step:
         m = state.memo

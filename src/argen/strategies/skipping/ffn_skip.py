@@ -14,7 +14,7 @@ A `threshold` above 1 never skips (a cosine is at most 1): that is plain decodin
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
+from dataclasses import dataclass, field
 
 import torch
 
@@ -23,6 +23,16 @@ from argen.models.runtime import Plan
 from argen.strategies.base import DecodeState, Step, Strategy
 
 MAX_MEASURE_TOKENS = 64
+
+
+@dataclass
+class FFNSkipMemo:
+    cos: list = field(default_factory=list)  # per-layer FFN similarities of the tokens measured so far
+    decided: bool = False  # a plan was chosen from a full measurement
+    plan: Plan | None = None  # the FFN blocks skipped now (None: none)
+    since: int = 0  # tokens since the last measurement
+    skipped_blocks: int = 0
+    checks: int = 0
 
 
 class FFNSkip(Strategy):
@@ -52,7 +62,7 @@ class FFNSkip(Strategy):
                                       "runtime, Llama-family models); use another strategy")  # fmt: skip
 
     def start(self, state: DecodeState) -> None:
-        state.memo = SimpleNamespace(cos=[], decided=False, plan=None, since=0, skipped_blocks=0, checks=0)
+        state.memo = FFNSkipMemo()
 
     def choose(self, cos: torch.Tensor, n_layers: int) -> Plan | None:
         """The plan for the next outputs from similarities [tokens, n_layers] of the last full passes."""

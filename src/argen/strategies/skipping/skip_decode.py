@@ -16,7 +16,7 @@ checked at every step (`check_nested`), and a schedule that breaks it raises.
 
 from __future__ import annotations
 
-from types import SimpleNamespace
+from dataclasses import dataclass, field
 
 from argen.errors import InvalidRequestError
 from argen.models.runtime import Plan
@@ -38,6 +38,12 @@ def check_nested(skipped_before: set[int], plan: Plan, index: int) -> None:
         raise RuntimeError(f"SkipDecode invariant broken at output position {index}: layer(s) {stale} would run, but an "
                            "earlier position skipped them (their keys/values there were never computed); the "
                            "schedule of layers per position must not increase")  # fmt: skip
+
+
+@dataclass
+class SkipDecodeMemo:
+    skipped: set = field(default_factory=set)  # layers skipped so far (each later plan skips them too)
+    layers_run: int = 0
 
 
 class SkipDecode(Strategy):
@@ -91,7 +97,7 @@ class SkipDecode(Strategy):
         return Plan.skipping(n_layers, layers=skipped)
 
     def start(self, state: DecodeState) -> None:
-        state.memo = SimpleNamespace(skipped=set(), layers_run=0)
+        state.memo = SkipDecodeMemo()
 
     def step(self, state: DecodeState) -> Step:
         m, n_layers, index = state.memo, state.runtime.info.n_layers, state.n_generated

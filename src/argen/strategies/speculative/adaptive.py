@@ -64,9 +64,7 @@ class CostModel:
     @staticmethod
     def for_runtime(runtime) -> CostModel:
         """The runtime's cost model, calibrated on first use and kept in its memo."""
-        if runtime.memo.cost_model is None:
-            runtime.memo.cost_model = CostModel(runtime)
-        return runtime.memo.cost_model
+        return runtime.memo.get(CostModel, lambda: CostModel(runtime))
 
     def body(self, n_tokens: int) -> float:
         for b in BUCKETS:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Generator
-from types import SimpleNamespace
+from dataclasses import dataclass
 from typing import ClassVar
 
 from argen.strategies.base import DecodeState, Feeds, Outs, Step, Strategy
@@ -13,10 +13,23 @@ from argen.strategies.speculative.tree import DraftTree
 from argen.strategies.speculative.verify import Verdict, score_and_verify
 
 
+@dataclass
+class SpeculativeMemo:
+    """A speculative request's state (`state.memo`): the runtime's cost model and the chain-length
+    controller (adaptive only), and the tree verified last. A proposer with state of its own
+    declares a subclass with its fields and names it as its `Memo`."""
+
+    cost: CostModel | None = None
+    length: DraftLength | None = None
+    last_tree: DraftTree | None = None
+
+
 class Speculative(Strategy):
     """Subclasses implement `propose(state, k) -> DraftTree` (at most k tokens deep) and may
     override `observe(state, verdict)` to learn from what the verifier accepted. Per-request state
-    goes in `state.memo` (a namespace `start` creates; subclasses add their fields after super())."""
+    goes in `state.memo`, a `Memo` (SpeculativeMemo or the subclass's own) that `start` creates."""
+
+    Memo: ClassVar[type[SpeculativeMemo]] = SpeculativeMemo
 
     exact = True
     # Lookup proposers draft for free: propose first, then let the controller cut the draft by
@@ -44,8 +57,7 @@ class Speculative(Strategy):
         cost = CostModel.for_runtime(state.runtime) if self.adaptive else None
         # The chain-length controller; tree proposers that size their own drafts need none.
         chains = self.adaptive and not self.sizes_own_drafts
-        state.memo = SimpleNamespace(cost=cost, length=DraftLength(self.max_draft, cost) if chains else None,
-                                     last_tree=None)  # fmt: skip
+        state.memo = self.Memo(cost=cost, length=DraftLength(self.max_draft, cost) if chains else None)
 
     def propose(self, state: DecodeState, k: int) -> DraftTree | Generator[Feeds, Outs, DraftTree]:
         """A draft tree at most k deep; costly proposers (a partial plan, a draft model) are generators

@@ -10,27 +10,26 @@ logits over the same vocabulary size; sharing a tokenizer is the caller's promis
 from __future__ import annotations
 
 from collections.abc import Generator
+from dataclasses import dataclass
 
+from argen.cache.kv import KVCache
 from argen.errors import InvalidRequestError
 from argen.models.runtime import SegmentOut
 from argen.strategies.base import DecodeState, Feed
-from argen.strategies.companions import model_runtime
-from argen.strategies.speculative.base import Speculative
+from argen.strategies.companions import companion_runtime, is_companion, unresolved
+from argen.strategies.speculative.base import Speculative, SpeculativeMemo
 from argen.strategies.speculative.drafting import draw_chain
 from argen.strategies.speculative.tree import DraftTree
 
 
-def draft_runtime(source, device) -> object:
-    """The draft's runtime: a source is loaded once per process (`shared_model`); a Generator, a
-    LoadedModel or a runtime is used as it is."""
-    if not isinstance(source, str):
-        return model_runtime(source)
-    from argen.models import shared_model
-
-    return shared_model(source, device=str(device)).runtime
+@dataclass
+class DraftModelMemo(SpeculativeMemo):
+    runtime: object = None  # the draft model's runtime
+    cache: KVCache | None = None  # the draft's cache: a prefix of the sequence
 
 
 class DraftModel(Speculative):
+    Memo = DraftModelMemo
     name = "draft-model"
     companion_options = {"draft": "draft"}
 
@@ -38,12 +37,13 @@ class DraftModel(Speculative):
         super().__init__(max_draft, adaptive)
         if draft is None:
             raise ValueError("give the draft model: draft=SOURCE (a model source such as a directory or 'tiny-random')")
-        if not isinstance(draft, str) and model_runtime(draft) is None:
+        if not is_companion(draft):
             raise ValueError("draft must be a model source (e.g. 'tiny-random@1' or a directory), a Generator, a "
                              f"LoadedModel or a runtime; got {type(draft).__name__}")  # fmt: skip
         if not isinstance(num_drafts, int) or num_drafts < 1:
             raise ValueError("num_drafts must be an integer >= 1")
         self.draft, self.num_drafts = draft, num_drafts
+        self._draft_runtime = None  # resolved by the API or the server: prepare()
 
     def options(self) -> dict:
         draft = self.draft  # a loaded model is recorded by its name
@@ -54,15 +54,24 @@ class DraftModel(Speculative):
     def max_tree_nodes(self) -> int:
         return self.max_draft * self.num_drafts
 
+    def prepare(self, base, companions: dict | None = None) -> None:
+        """Called by the API or the server with the draft model they resolved (`companions["draft"]`)."""
+        draft = (companions or {}).get("draft")
+        if draft is None:
+            raise unresolved(self.name, "draft")
+        self._draft_runtime = companion_runtime(draft)
+        _check_vocab(base.runtime, self._draft_runtime)
+
     def check(self, runtime, prompt_len: int, params) -> None:
-        if not isinstance(self.draft, str):  # a source is loaded (and then checked) by start()
-            _check_vocab(runtime, draft_runtime(self.draft, runtime.device))
+        if self._draft_runtime is not None:  # else start() says it was never resolved
+            _check_vocab(runtime, self._draft_runtime)
 
     def start(self, state: DecodeState) -> None:
+        if self._draft_runtime is None:
+            raise unresolved(self.name, "draft")
         super().start(state)
         m = state.memo
-        m.runtime = draft_runtime(self.draft, state.runtime.device)
-        _check_vocab(state.runtime, m.runtime)
+        m.runtime = self._draft_runtime
         m.cache = state.new_cache(m.runtime, state.cache.max_len)
 
     @staticmethod

@@ -19,18 +19,38 @@ retrying the iteration now and then.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 
 from argen.strategies.base import DecodeState, Step
-from argen.strategies.speculative.base import Speculative
+from argen.strategies.speculative.base import Speculative, SpeculativeMemo
 from argen.strategies.speculative.tree import DraftTree
 
 POOL_PER_KEY = 2  # next tokens kept per context, most recent first
 MIN_BACKOFF, MAX_BACKOFF = 4, 512  # plain steps between lookahead tries after one that did not pay
 
 
+@dataclass
+class JacobiMemo(SpeculativeMemo):
+    guesses: list[int] = field(default_factory=list)  # the window's current guesses
+    pool: dict = field(default_factory=dict)  # n-gram context -> next tokens seen, most recent first
+    window_nodes: list[int] = field(default_factory=list)  # the window's nodes in this step's tree
+    gain: float = 1.0  # EMA of tokens per lookahead step
+    cost_ratio: float = 1.0  # EMA of a lookahead step's cost / a plain step's
+    backoff: int = MIN_BACKOFF
+    cooldown: int = 0  # plain steps left before the next try
+
+
+@dataclass
+class JacobiLearnt:
+    """What adaptive requests learnt on one runtime (its memo): the back-off where lookahead did not pay."""
+
+    backoff: int | None = None
+
+
 class Jacobi(Speculative):
     name = "jacobi"
     sizes_own_drafts = True
+    Memo = JacobiMemo
 
     def __init__(self, window: int = 4, ngram: int = 4, candidates: int = 2, adaptive: bool = True) -> None:
         super().__init__(max_draft=max(window, ngram - 1), adaptive=adaptive)
@@ -47,13 +67,10 @@ class Jacobi(Speculative):
         m = state.memo
         # Initial guesses: tokens of the prompt (lookahead decoding starts from random vocabulary).
         m.guesses = (list(state.tokens[-self.window :]) * self.window)[: self.window]
-        m.pool = {}  # n-gram context -> next tokens seen, most recent first
-        m.window_nodes = []
-        m.gain, m.cost_ratio = 1.0, 1.0  # EMA of tokens per step and of step cost / plain cost
         # The back-off carries over between adaptive requests on one runtime (its memo): where
         # lookahead does not pay (on a CPU a wider pass costs much more), a new request does not pay
         # for the lesson again. adaptive=False always iterates, whatever earlier requests learnt.
-        learnt = state.runtime.memo.jacobi_backoff or MIN_BACKOFF
+        learnt = state.runtime.memo.get(JacobiLearnt).backoff or MIN_BACKOFF
         m.backoff = learnt if self.adaptive else MIN_BACKOFF
         m.cooldown = 0 if m.backoff <= MIN_BACKOFF else m.backoff
 
@@ -99,7 +116,7 @@ class Jacobi(Speculative):
             m.cooldown, m.backoff = m.backoff, min(MAX_BACKOFF, 2 * m.backoff)
         else:
             m.backoff = MIN_BACKOFF
-        state.runtime.memo.jacobi_backoff = m.backoff
+        state.runtime.memo.get(JacobiLearnt).backoff = m.backoff
 
     def observe(self, state: DecodeState, verdict) -> None:
         m = state.memo

@@ -11,17 +11,25 @@ the draft survives in it.
 from __future__ import annotations
 
 from collections.abc import Generator
+from dataclasses import dataclass, field
 
 from argen.errors import InvalidRequestError
-from argen.models.runtime import SegmentOut
+from argen.models.runtime import Plan, SegmentOut
 from argen.strategies.base import DecodeState, Feed
-from argen.strategies.speculative.base import Speculative
+from argen.strategies.speculative.base import Speculative, SpeculativeMemo
 from argen.strategies.speculative.drafting import chain_tree, draw_chain
-from argen.strategies.speculative.skip_calibration import plan_skipping, skipped_blocks
+from argen.strategies.speculative.skip_calibration import Block, plan_skipping, skipped_blocks
 from argen.strategies.speculative.tree import DraftTree
 
 
+@dataclass
+class LayerSkipMemo(SpeculativeMemo):
+    blocks: list[Block] = field(default_factory=list)  # the sub-blocks the draft skips
+    plan: Plan | None = None  # the draft's partial plan
+
+
 class LayerSkip(Speculative):
+    Memo = LayerSkipMemo
     name = "layer-skip"
 
     def __init__(self, max_draft: int = 6, skip_layers: list[int] | None = None, skip_ffn: list[int] | None = None,

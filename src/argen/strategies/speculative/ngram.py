@@ -20,11 +20,12 @@ from __future__ import annotations
 import heapq
 import math
 from collections import Counter, defaultdict
+from dataclasses import dataclass, field
 
 from argen.checks import number_option
 from argen.strategies.base import DecodeState
 from argen.strategies.speculative.adaptive import best_tree_size
-from argen.strategies.speculative.base import Speculative
+from argen.strategies.speculative.base import Speculative, SpeculativeMemo
 from argen.strategies.speculative.tree import DraftTree
 
 PRIOR_WEIGHT = 2.0  # how many verifications the n-gram probability is worth as a prior
@@ -57,8 +58,19 @@ class NGramTable:
         return (), []
 
 
+@dataclass
+class NGramMemo(SpeculativeMemo):
+    table: NGramTable | None = None
+    tried: Counter = field(default_factory=Counter)  # (context, token) -> times drafted with its parent accepted
+    hits: Counter = field(default_factory=Counter)  # ... and accepted
+    context_tries: Counter = field(default_factory=Counter)  # context -> drafts tried after it
+    calibration: dict = field(default_factory=dict)  # context length -> decayed (hits, predicted)
+    node_keys: list = field(default_factory=list)  # the (context, token) of each node of the tree drafted
+
+
 class NGram(Speculative):
     name = "ngram"
+    Memo = NGramMemo
     sizes_own_drafts = True
 
     def __init__(
@@ -81,11 +93,6 @@ class NGram(Speculative):
         m = state.memo
         m.table = NGramTable(self.min_n, self.max_n)
         m.table.update(state.tokens)
-        m.tried = Counter()  # (context, token) -> times drafted with its parent accepted
-        m.hits = Counter()  # ... and accepted
-        m.context_tries = Counter()  # context -> drafts tried after it
-        m.calibration = {}  # context length -> decayed (hits, predicted)
-        m.node_keys = []
 
     def _value(self, m, context: tuple, token: int, prob: float) -> tuple[float, float]:
         """(acceptance estimate, the same plus its exploration bonus)."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,6 +26,13 @@ from argen.models.runtime import Plan
 from argen.models.sources import cache_dir
 
 Block = tuple[str, int]  # ("attn" | "ffn", layer index)
+
+
+@dataclass
+class SkipSets:
+    """The calibrated skip sets of one runtime (its memo): max_draft -> blocks."""
+
+    by_max_draft: dict[int, list[Block]] = field(default_factory=dict)
 
 
 def fingerprint(runtime) -> str:
@@ -99,7 +107,8 @@ def calibrate(runtime, cost, max_draft: int, rank_tokens: int = 48, eval_tokens:
 
 def skipped_blocks(runtime, cost, max_draft: int) -> list[Block]:
     """The calibrated skip set for this model: from the runtime's memo, the disk cache, or calibration."""
-    cached = runtime.memo.layer_skip.get(max_draft)
+    learnt = runtime.memo.get(SkipSets).by_max_draft
+    cached = learnt.get(max_draft)
     if cached is not None:
         return cached
     path = cache_dir() / "calibration" / f"layer-skip-{fingerprint(runtime)}.json"
@@ -112,5 +121,5 @@ def skipped_blocks(runtime, cost, max_draft: int) -> list[Block]:
             path.write_text(json.dumps({"skip": blocks}, indent=1))
         except OSError:
             pass  # a read-only cache only costs a re-calibration next time
-    runtime.memo.layer_skip[max_draft] = blocks
+    learnt[max_draft] = blocks
     return blocks
