@@ -18,16 +18,20 @@ only ever adds time), median for the interleaved decode steps, whose ratio is th
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # the repository root: the `benchmarks` package (harness) is there
+
 import argen
-from argen.bench.provenance import describe, git_state, provenance, require_clean
 from argen.models import kernels, sources
+from benchmarks.harness.provenance import describe, provenance, script_args
 
 ROWS = (1, 2, 4, 8, 16, 32)
 PATHS = ("exact", "exact-a8")
@@ -120,12 +124,7 @@ def decode_steps(gens: dict, llm, ids: list[int], threads: int, steps: int = 40)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--allow-dirty", action="store_true", help="run from a tree with uncommitted changes (recorded)")
-    args = parser.parse_args()
-    state = git_state()
-    require_clean(state, args.allow_dirty)
+    args, state = script_args(__doc__, threads=2)
     import llama_cpp  # the peer (an optional dependency: `pip install llama-cpp-python`)
 
     gens = {path: argen.load("default", quant=path) for path in PATHS}

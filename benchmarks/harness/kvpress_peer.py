@@ -1,5 +1,5 @@
 """NVIDIA kvpress on the Hugging Face model with argen's weights: the peer of argen's KV presses in
-`argen bench drift --kvpress`.
+`python -m benchmarks drift --kvpress`.
 
 `KVPressPeer(hf_model, eos_ids)` greedy-decodes a prompt (token ids) with a kvpress press at a
 budget (the fraction of positions kept, as argen's presses take it: kvpress's compression_ratio is
@@ -45,7 +45,7 @@ largest. The quantized cache's transient copies (the prompt's fp keys before the
 the dequantized cache each forward builds) are never held by it and do not count.
 
 kvpress 0.5.5 needs transformers<5.3: install it in an environment of its own
-(`pip install 'argen[kvpress]'`, README). Importing kvpress patches transformers' attention
+(`pip install 'argen[kvpress]'`, docs/presses.md). Importing kvpress patches transformers' attention
 functions, so it is imported only when a kvpress run is asked for.
 """
 
