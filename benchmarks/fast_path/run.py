@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT))  # the repository root: the `benchmarks` package (
 
 import argen
 from argen.models import kernels, sources
+from benchmarks.harness.passes import verify_pass
 from benchmarks.harness.provenance import describe, provenance, script_args
 
 LENGTHS = (32, 128, 512, 1000, 2000)
@@ -56,19 +57,9 @@ def llama_cpp_prefill(llm, ids: list[int]) -> None:
 
 
 def pass_ms(gen, ids: list[int], rows: int, reps: int = 15) -> float:
-    rt = gen.runtime
-    cache = rt.new_cache(1, len(ids) + rows)
-    rt.forward(torch.tensor([ids]), torch.arange(len(ids))[None], cache, num_logits=0)
-    n = len(ids)
-
-    def one() -> None:
-        rt.forward(torch.tensor([ids[:rows]]), torch.arange(n, n + rows)[None], cache, num_logits=rows)
-        cache.truncate(n)
-
-    one()  # warm
-    ms = 1000 * median_seconds(one, reps)
-    cache.free()
-    return ms
+    with verify_pass(gen.runtime, ids, rows) as one:
+        one()  # warm
+        return 1000 * median_seconds(one, reps)
 
 
 def main() -> None:

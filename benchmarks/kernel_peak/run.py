@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))  # the repository root: the `benchmarks` package (
 
 import argen
 from argen.models import kernels, sources
+from benchmarks.harness.passes import verify_pass
 from benchmarks.harness.provenance import describe, provenance, script_args
 
 ROWS = (1, 2, 4, 8, 16, 32)
@@ -83,18 +84,8 @@ def matmul_calls(runtime, rows: int, threads: int):
 
 def pass_seconds(gen, ids: list[int], rows: int, threads: int, reps: int = 9) -> float:
     torch.set_num_threads(threads)
-    rt = gen.runtime
-    cache = rt.new_cache(1, len(ids) + rows)
-    rt.forward(torch.tensor([ids]), torch.arange(len(ids))[None], cache, num_logits=0)
-    n = len(ids)
-
-    def one() -> None:
-        rt.forward(torch.tensor([ids[:rows]]), torch.arange(n, n + rows)[None], cache, num_logits=rows)
-        cache.truncate(n)
-
-    seconds = best_seconds(one, reps, clock_for(threads))
-    cache.free()
-    return seconds
+    with verify_pass(gen.runtime, ids, rows) as one:
+        return best_seconds(one, reps, clock_for(threads))
 
 
 def decode_steps(gens: dict, llm, ids: list[int], threads: int, steps: int = 40) -> dict[str, float]:
