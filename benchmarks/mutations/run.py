@@ -151,11 +151,13 @@ SUMMARY = re.compile(r"^(PASSED|FAILED|ERROR|SKIPPED)\s+(.*)$", re.M)
 
 
 def copy_repo(dest: Path, extra: list[str]) -> None:
-    for name in ["src", "tests", "pyproject.toml", *extra]:
+    # The benchmark harness's package too (not its reports): some tests import it.
+    for name in ["src", "tests", "pyproject.toml", "benchmarks/__init__.py", "benchmarks/harness", *extra]:
         source = ROOT / name
         if source.is_dir():
-            shutil.copytree(source, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            shutil.copytree(source, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"), dirs_exist_ok=True)
         else:
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, dest / name)
     shared = ROOT.parent / "shared"  # the Spec-Bench questions the real-model tests read, beside the checkout
     if shared.is_dir():
