@@ -277,7 +277,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              " and transformers' quantized KV cache (optimum-quanto) beside argen's kv-quant: "
                              f"{', '.join(m for m in kvpress_peer.METHODS if kvpress_peer.METHODS[m].quantized)} "
                              "(one row each, no budget). Needs `pip install 'argen[kvpress]'`, in an environment "
-                             "of its own: docs/presses.md")  # fmt: skip
+                             "of its own: docs/lossy-and-drift.md")  # fmt: skip
     parser.add_argument("--kvpress-budgets", metavar="B,B", default=None,
                         help="fractions of positions kept for the kvpress press rows (kv-quant-N rows have none); "
                              "default: the budgets of the press configurations (--config), else 0.5,0.35,0.2,0.1")  # fmt: skip
