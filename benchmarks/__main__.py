@@ -15,8 +15,11 @@ from importlib import import_module
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    tools = {"compare": "benchmarks.harness.compare", "drift": "benchmarks.harness.drift_bench",
-             "serving": "benchmarks.harness.serving"}  # fmt: skip
+    tools = {
+        "compare": "benchmarks.harness.compare",
+        "drift": "benchmarks.harness.drift_bench",
+        "serving": "benchmarks.harness.serving",
+    }
     if not argv or argv[0] not in tools:
         print(__doc__, file=sys.stderr if argv[:1] not in (["-h"], ["--help"]) else sys.stdout)
         return 0 if argv[:1] in (["-h"], ["--help"]) else 2

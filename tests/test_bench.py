@@ -24,9 +24,26 @@ def test_bench_measures_each_strategy_and_writes_json(tmp_path, capsys):
     questions = tmp_path / "q.jsonl"
     questions.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
     out = tmp_path / "out"
-    code = main(["bench", "--model", "tiny-random", "--strategies", "plain,prompt-lookup,jacobi:adaptive=False",
-                 "--questions", str(questions), "--limit", "1", "--max-new-tokens", "12", "--threads", "1",
-                 "--no-progress", "--out", str(out)])  # fmt: skip
+    code = main(
+        [
+            "bench",
+            "--model",
+            "tiny-random",
+            "--strategies",
+            "plain,prompt-lookup,jacobi:adaptive=False",
+            "--questions",
+            str(questions),
+            "--limit",
+            "1",
+            "--max-new-tokens",
+            "12",
+            "--threads",
+            "1",
+            "--no-progress",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     assert [r["question_id"] for r in results["records"]] == [1, 2]  # --limit per category
@@ -46,15 +63,32 @@ def test_bench_measures_each_strategy_and_writes_json(tmp_path, capsys):
 
 def test_builtin_prompts_need_no_file(tmp_path, capsys):
     out = tmp_path / "out"
-    assert bench_main(["--model", "tiny-random", "--categories", "coding", "--max-new-tokens", "4",
-                       "--no-warmup", "--no-progress", "--out", str(out)]) == 0  # fmt: skip
+    assert (
+        bench_main(
+            [
+                "--model",
+                "tiny-random",
+                "--categories",
+                "coding",
+                "--max-new-tokens",
+                "4",
+                "--no-warmup",
+                "--no-progress",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     results = json.loads((out / "results.json").read_text())
     assert [r["category"] for r in results["records"]] == ["coding"] and results["settings"]["questions"] == "built-in"
     capsys.readouterr()
 
 
-@pytest.mark.parametrize("argv", [["--hf-prompt-lookup", "10"], ["--merge", "a", "b"], ["--control"],
-                                  ["--systems", "llama-cpp"], ["--allow-dirty"]])  # fmt: skip
+@pytest.mark.parametrize(
+    "argv",
+    [["--hf-prompt-lookup", "10"], ["--merge", "a", "b"], ["--control"], ["--systems", "llama-cpp"], ["--allow-dirty"]],
+)
 def test_harness_options_say_where_they_went(argv, capsys):
     assert main(["bench", *argv]) == 2
     err = capsys.readouterr().err
@@ -77,8 +111,11 @@ def test_the_wheel_stays_thin():
     assert lines <= 800, f"src/argen/bench/ is {lines} lines; the comparison harness belongs in benchmarks/"
     for path in (REPO / "src" / "argen").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])  # fmt: skip
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else ([node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            )
             assert not any(n == "benchmarks" or n.startswith("benchmarks.") for n in names), path
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]

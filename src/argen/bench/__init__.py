@@ -35,24 +35,45 @@ WARMUP_TOKENS = 8
 BASELINE = "plain"
 # Options of the comparison harness that `argen bench` once took; naming one says where it went.
 HARNESS = "pip install -e '.[bench]' in a checkout of the repository, then `python -m benchmarks {tool} ...`"
-MOVED = {"compare": ("--dtypes", "--quants", "--systems", "--reference", "--hf-prompt-lookup", "--merge",
-                     "--control", "--guide-model", "--omega", "--allow-dirty")}  # fmt: skip
+MOVED = {
+    "compare": (
+        "--dtypes",
+        "--quants",
+        "--systems",
+        "--reference",
+        "--hf-prompt-lookup",
+        "--merge",
+        "--control",
+        "--guide-model",
+        "--omega",
+        "--allow-dirty",
+    )
+}
 
 # One prompt per kind of task (Spec-Bench's categories), for a bench that needs no file.
 BUILTIN_PROMPTS = (
     ("writing", "Write a short story about a lighthouse keeper who finds a message in a bottle."),
     ("coding", "Write a Python function that returns the n-th Fibonacci number, with a docstring and a doctest."),
-    ("math_reasoning", "A train travels 120 km in 1.5 hours and then 80 km in 1 hour. What is its average speed "
-                       "over the whole trip? Explain step by step."),  # fmt: skip
+    (
+        "math_reasoning",
+        "A train travels 120 km in 1.5 hours and then 80 km in 1 hour. What is its average speed "
+        "over the whole trip? Explain step by step.",
+    ),
     ("qa", "Why does the Moon always show the same face to the Earth?"),
-    ("summarization", "Summarize in two sentences: The city council met on Tuesday to discuss the new bike lanes "
-                      "on Main Street. Shop owners said the lanes removed parking their customers need; cyclists "
-                      "said the lanes made the street safe for the first time. The council voted to keep the lanes "
-                      "for a trial of six months and to count parking use and accidents before deciding."),  # fmt: skip
-    ("rag", "Context: The Rhine rises in the Swiss Alps, forms part of the Swiss-Austrian and Swiss-German "
-            "borders, flows through Germany and the Netherlands and empties into the North Sea near Rotterdam. "
-            "It is about 1,230 km long.\nQuestion: Which countries does the Rhine flow through, and where does "
-            "it end? Answer from the context."),  # fmt: skip
+    (
+        "summarization",
+        "Summarize in two sentences: The city council met on Tuesday to discuss the new bike lanes "
+        "on Main Street. Shop owners said the lanes removed parking their customers need; cyclists "
+        "said the lanes made the street safe for the first time. The council voted to keep the lanes "
+        "for a trial of six months and to count parking use and accidents before deciding.",
+    ),
+    (
+        "rag",
+        "Context: The Rhine rises in the Swiss Alps, forms part of the Swiss-Austrian and Swiss-German "
+        "borders, flows through Germany and the Netherlands and empties into the North Sea near Rotterdam. "
+        "It is about 1,230 km long.\nQuestion: Which countries does the Rhine flow through, and where does "
+        "it end? Answer from the context.",
+    ),
 )
 
 
@@ -95,7 +116,9 @@ def moved(what: str) -> str:
     """Where a part of the old `argen bench` went: `drift`, or an option of the comparison."""
     if what == "drift":
         return "`argen bench drift` left the wheel with the benchmark harness: " + HARNESS.format(tool="drift")
-    return f"{what} belongs to the comparison with other engines, which left the wheel: " + HARNESS.format(tool="compare")
+    return f"{what} belongs to the comparison with other engines, which left the wheel: " + HARNESS.format(
+        tool="compare"
+    )
 
 
 class _Moved(argparse.Action):
@@ -106,25 +129,43 @@ class _Moved(argparse.Action):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="default", help="model to load (as for `argen generate`); default: %(default)s")
+    parser.add_argument(
+        "--model", default="default", help="model to load (as for `argen generate`); default: %(default)s"
+    )
     parser.add_argument("--quant", default="auto", help="how the weights are held (as `argen generate --quant`)")
     parser.add_argument("--dtype", default="float32", help="the model's dtype (default: %(default)s)")
-    parser.add_argument("--strategies", metavar="S,S", type=_csv, default=["plain"],
-                        help="strategies to measure, comma-separated; each `name` or `name:key=value:key=value`; "
-                             "default: plain")  # fmt: skip
-    parser.add_argument("--questions", metavar="FILE", default=None,
-                        help="questions JSONL in Spec-Bench's format (question_id, category, turns); default: "
-                             f"{len(BUILTIN_PROMPTS)} built-in prompts, one per kind of task")  # fmt: skip
+    parser.add_argument(
+        "--strategies",
+        metavar="S,S",
+        type=_csv,
+        default=["plain"],
+        help="strategies to measure, comma-separated; each `name` or `name:key=value:key=value`; default: plain",
+    )
+    parser.add_argument(
+        "--questions",
+        metavar="FILE",
+        default=None,
+        help="questions JSONL in Spec-Bench's format (question_id, category, turns); default: "
+        f"{len(BUILTIN_PROMPTS)} built-in prompts, one per kind of task",
+    )
     parser.add_argument("--categories", metavar="A,B", type=_csv, default=None, help="only these categories")
     parser.add_argument("--limit", metavar="N", type=int, default=None, help="at most N questions per category")
-    parser.add_argument("--group-mt-bench", action="store_true",
-                        help="count MT-bench's eight categories as one, mt_bench, as Spec-Bench's tables do")
+    parser.add_argument(
+        "--group-mt-bench",
+        action="store_true",
+        help="count MT-bench's eight categories as one, mt_bench, as Spec-Bench's tables do",
+    )
     parser.add_argument("--max-new-tokens", metavar="N", type=int, default=128, help="default: %(default)s")
     parser.add_argument("--threads", metavar="N", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    parser.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
-                        help="one short untimed generation per strategy first (default: on)")
-    parser.add_argument("--out", metavar="DIR", default=DEFAULT_OUT,
-                        help="where results.json goes; default: %(default)s")
+    parser.add_argument(
+        "--warmup",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="one short untimed generation per strategy first (default: on)",
+    )
+    parser.add_argument(
+        "--out", metavar="DIR", default=DEFAULT_OUT, help="where results.json goes; default: %(default)s"
+    )
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     for option in MOVED["compare"]:
         parser.add_argument(option, nargs="?", action=_Moved, help=argparse.SUPPRESS)
@@ -146,8 +187,14 @@ def questions_for(args: argparse.Namespace) -> list[Question]:
     return select_questions(builtin, args.categories, args.limit)
 
 
-def measure(generator, questions: list[Question], specs: list[dict], max_new_tokens: int, warmup: bool = True,
-            progress: bool = True) -> list[dict]:  # fmt: skip
+def measure(
+    generator,
+    questions: list[Question],
+    specs: list[dict],
+    max_new_tokens: int,
+    warmup: bool = True,
+    progress: bool = True,
+) -> list[dict]:
     """Every question through every strategy, the order of the strategies alternating per question
     (forward, then reversed) so that a slow drift of the machine's speed favours none. One record
     per question: each strategy's tokens, seconds and pass counts."""
@@ -165,13 +212,23 @@ def measure(generator, questions: list[Question], specs: list[dict], max_new_tok
                 seconds = time.perf_counter() - start
                 s = result.stats
                 runs[strategy_label(spec)] = {
-                    "new_tokens": len(result.token_ids), "seconds": seconds, "prefill_seconds": s.prefill_seconds,
-                    "decode_passes": s.forward_passes - s.prefill_passes, "draft_proposed": s.draft_tokens_proposed,
-                    "draft_accepted": s.draft_tokens_accepted, "token_ids": list(result.token_ids),
-                }  # fmt: skip
+                    "new_tokens": len(result.token_ids),
+                    "seconds": seconds,
+                    "prefill_seconds": s.prefill_seconds,
+                    "decode_passes": s.forward_passes - s.prefill_passes,
+                    "draft_proposed": s.draft_tokens_proposed,
+                    "draft_accepted": s.draft_tokens_accepted,
+                    "token_ids": list(result.token_ids),
+                }
                 bar.update()
-            records.append({"question_id": question.question_id, "category": question.category,
-                            "prompt_tokens": len(ids), "runs": runs})  # fmt: skip
+            records.append(
+                {
+                    "question_id": question.question_id,
+                    "category": question.category,
+                    "prompt_tokens": len(ids),
+                    "runs": runs,
+                }
+            )
     return records
 
 
@@ -188,15 +245,24 @@ def summarize(records: list[dict], specs: list[dict]) -> list[dict]:
         tokens, seconds = sum(x["new_tokens"] for x in runs), sum(x["seconds"] for x in runs)
         decode_seconds = seconds - sum(x["prefill_seconds"] for x in runs)
         passes, proposed = sum(x["decode_passes"] for x in runs), sum(x["draft_proposed"] for x in runs)
-        row = {"strategy": label, "exact": REGISTRY[spec["name"]].exact, "questions": len(runs), "new_tokens": tokens,
-               "tokens_per_s": tokens / seconds if seconds > 0 else None,
-               "decode_tokens_per_s": tokens / decode_seconds if decode_seconds > 0 else None,
-               "tokens_per_forward": tokens / passes if passes else None,
-               "acceptance": sum(x["draft_accepted"] for x in runs) / proposed if proposed else None,
-               "speedup_vs_plain": None, "identical_to_plain": None}  # fmt: skip
+        row = {
+            "strategy": label,
+            "exact": REGISTRY[spec["name"]].exact,
+            "questions": len(runs),
+            "new_tokens": tokens,
+            "tokens_per_s": tokens / seconds if seconds > 0 else None,
+            "decode_tokens_per_s": tokens / decode_seconds if decode_seconds > 0 else None,
+            "tokens_per_forward": tokens / passes if passes else None,
+            "acceptance": sum(x["draft_accepted"] for x in runs) / proposed if proposed else None,
+            "speedup_vs_plain": None,
+            "identical_to_plain": None,
+        }
         if all(base) and label != BASELINE:
-            ratios = [(x["new_tokens"] / x["seconds"]) / (b["new_tokens"] / b["seconds"]) for x, b in zip(runs, base)
-                      if x["seconds"] > 0 and b["seconds"] > 0 and x["new_tokens"] and b["new_tokens"]]  # fmt: skip
+            ratios = [
+                (x["new_tokens"] / x["seconds"]) / (b["new_tokens"] / b["seconds"])
+                for x, b in zip(runs, base)
+                if x["seconds"] > 0 and b["seconds"] > 0 and x["new_tokens"] and b["new_tokens"]
+            ]
             row["speedup_vs_plain"] = math.exp(sum(map(math.log, ratios)) / len(ratios)) if ratios else None
             if row["exact"]:
                 row["identical_to_plain"] = sum(x["token_ids"] == b["token_ids"] for x, b in zip(runs, base))
@@ -209,13 +275,23 @@ def table(rows: list[dict]) -> str:
         return "—" if value is None else format(value, spec)
 
     header = ["strategy", "tok/s", "decode tok/s", "tok/pass", "acceptance", "×plain", "= plain"]
-    lines = [[r["strategy"], cell(r["tokens_per_s"], ".1f"), cell(r["decode_tokens_per_s"], ".1f"),
-              cell(r["tokens_per_forward"], ".2f"), cell(r["acceptance"], ".1%"), cell(r["speedup_vs_plain"], ".2f"),
-              "—" if r["identical_to_plain"] is None else f"{r['identical_to_plain']}/{r['questions']}"]
-             for r in rows]  # fmt: skip
+    lines = [
+        [
+            r["strategy"],
+            cell(r["tokens_per_s"], ".1f"),
+            cell(r["decode_tokens_per_s"], ".1f"),
+            cell(r["tokens_per_forward"], ".2f"),
+            cell(r["acceptance"], ".1%"),
+            cell(r["speedup_vs_plain"], ".2f"),
+            "—" if r["identical_to_plain"] is None else f"{r['identical_to_plain']}/{r['questions']}",
+        ]
+        for r in rows
+    ]
     widths = [max(len(c) for c in column) for column in zip(header, *lines, strict=True)]
-    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-                     for cells in [header, *lines])  # fmt: skip
+    return "\n".join(
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+        for cells in [header, *lines]
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -232,17 +308,32 @@ def run(args: argparse.Namespace) -> int:
     try:
         print(f"argen bench: loading {args.model!r}", file=sys.stderr)
         generator = argen.load(args.model, quant=args.quant, dtype=args.dtype)
-        print(f"argen bench: {len(questions)} prompts × {len(specs)} strategies ({', '.join(labels)}), up to "
-              f"{args.max_new_tokens} new tokens", file=sys.stderr)  # fmt: skip
+        print(
+            f"argen bench: {len(questions)} prompts × {len(specs)} strategies ({', '.join(labels)}), up to "
+            f"{args.max_new_tokens} new tokens",
+            file=sys.stderr,
+        )
         records = measure(generator, questions, specs, args.max_new_tokens, args.warmup, args.progress)
         rows = summarize(records, specs)
-        machine = {"argen": argen.__version__, "torch": torch.__version__, "python": platform.python_version(),
-                   "cpu": describe_cpu(), "threads": torch.get_num_threads()}  # fmt: skip
+        machine = {
+            "argen": argen.__version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "cpu": describe_cpu(),
+            "threads": torch.get_num_threads(),
+        }
     finally:
         torch.set_num_threads(threads)
-    settings = {"model": args.model, "quant": generator.quant, "dtype": args.dtype, "questions": args.questions
-                or "built-in", "max_new_tokens": args.max_new_tokens, "strategies": specs, "greedy": True,
-                "batch_size": 1}  # fmt: skip
+    settings = {
+        "model": args.model,
+        "quant": generator.quant,
+        "dtype": args.dtype,
+        "questions": args.questions or "built-in",
+        "max_new_tokens": args.max_new_tokens,
+        "strategies": specs,
+        "greedy": True,
+        "batch_size": 1,
+    }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {"argv": sys.argv[1:], "settings": settings, "machine": machine, "summary": rows, "records": records}

@@ -11,8 +11,9 @@ from argen.errors import ArgenError
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="argen bench", description=bench.__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="argen bench", description=bench.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     bench.add_arguments(parser)
     try:
         if argv[:1] == ["drift"]:
