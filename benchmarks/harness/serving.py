@@ -223,7 +223,7 @@ def _plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
+def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("--model", default="default")
@@ -261,6 +261,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/serving"))
     parser.add_argument("--allow-dirty", action="store_true",
                         help="write the report even though the working tree has uncommitted changes (recorded)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
     args = parser.parse_args(argv)
     if args.clients < 1 or args.max_tokens < 1 or args.threads < 1 or args.fit < 1 or (
             args.kv_blocks is not None and args.kv_blocks < 1):
