@@ -81,6 +81,23 @@ def test_prefix_blocks_are_found_by_hash_and_evicted_least_recently_used():
         pool.allocate()
 
 
+def test_the_prefix_cache_reuses_written_memory_before_it_writes_a_new_block():
+    """A long-running server's memory stays at the most its requests held at once (issue 24): a
+    cached block nobody holds is taken before a block never written, a freed one before either."""
+    pool = _pool(blocks=8)
+    first = SeqKV(pool, max_len=16)
+    _write(first, 9, 5.0)  # blocks 0-2 written
+    first.register_prefix(list(range(9)), list(range(9)))  # two full blocks cached
+    first.free()
+    assert pool.written == 3 and len(pool.evictable) == 2 and pool.free[-1] == 2  # block 2: freed, not cached
+    assert pool.allocate() == 2  # the freed block first
+    assert pool.allocate() in (0, 1) and len(pool.evictable) == 1  # then the oldest cached one, not block 3
+    assert pool.written == 3
+    pool.drop_cached()
+    assert [pool.allocate() for _ in range(2)] in ([0, 3], [1, 3])  # fresh memory only once nothing is cached
+    assert pool.written == 4
+
+
 def _request(tiny, prompt: str, n: int, strategy="plain") -> Request:
     ids = tiny.encode(prompt, chat=False)
     return Request(ids, SamplingParams(max_new_tokens=n), make_strategy(strategy))

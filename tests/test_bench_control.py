@@ -1,11 +1,11 @@
-"""`argen bench --control` on the tiny random model: every row and check present, and the checks hold."""
+"""`python -m benchmarks compare --control` on the tiny random model: every row and check present, and the checks hold."""
 
 from __future__ import annotations
 
 import json
 
-from argen.bench.control import set_members
-from argen.cli import main
+from benchmarks.__main__ import main
+from benchmarks.harness.control import set_members
 
 QUESTIONS = [
     {"question_id": 1, "category": "writing", "turns": ["Write a haiku about rain. Make it sad."]},
@@ -17,7 +17,7 @@ def test_control_bench_tiny(tmp_path, capsys):
     questions = tmp_path / "question.jsonl"
     questions.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
     out = tmp_path / "out"
-    code = main(["bench", "--control", "--model", "tiny-random", "--guide-model", "tiny-random@1", "--omega", "4",
+    code = main(["compare", "--control", "--model", "tiny-random", "--guide-model", "tiny-random@1", "--omega", "4",
                  "--questions", str(questions), "--max-new-tokens", "12", "--threads", "1", "--out", str(out),
                  "--allow-dirty"])  # fmt: skip
     assert code == 0
@@ -31,7 +31,7 @@ def test_control_bench_tiny(tmp_path, capsys):
     assert rows["guided:omega=0"]["identical_to_plain"] == "2/2"
     assert rows["guided:omega=4"]["guide_passes_per_token"] > 0 and rows["plain"]["guide_passes_per_token"] == 0
     report = (out / "report.md").read_text()
-    assert "argen bench --control" in report and "Provenance: commit" in report and str(tmp_path) not in report
+    assert "python -m benchmarks compare --control" in report and "Provenance: commit" in report and str(tmp_path) not in report
     capsys.readouterr()
 
 

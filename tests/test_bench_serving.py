@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from argen.bench import serving
+from benchmarks.harness import serving
 
 
 def test_serving_benchmark_writes_its_report(tmp_path):
@@ -22,7 +22,7 @@ def test_serving_benchmark_writes_its_report(tmp_path):
     assert results["identical_outputs"] == 3 and results["concurrent_mean_batch"] >= 1
     assert (out / "latency.png").stat().st_size > 0
     report = (out / "report.md").read_text()
-    assert "python -m argen.bench.serving --model tiny-random" in report and "one after another" in report
+    assert "python -m benchmarks serving --model tiny-random" in report and "one after another" in report
     assert "Provenance: commit" in report and str(tmp_path) not in report + (out / "results.json").read_text()
     assert {"git_commit", "git_dirty", "torch", "transformers", "argen", "python", "cpu_model"} <= set(results["machine"])
 

@@ -1,4 +1,4 @@
-"""The kvpress peer of `argen bench drift` (bench/kvpress_peer.py, bench/drift_kvpress.py): the budget
+"""The kvpress peer of `python -m benchmarks drift` (harness/kvpress_peer.py, harness/drift_kvpress.py): the budget
 mapping, the row building and ordering with a fake peer (kvpress is not installed in argen's own
 environment: it pins transformers<5.3), the install hint when kvpress is missing, and, where kvpress
 is importable (`pip install 'argen[kvpress]'` in an environment of its own), kvpress itself on a tiny
@@ -14,12 +14,12 @@ import sys
 import pytest
 import torch
 
-from argen.bench import drift_kvpress, kvpress_peer
-from argen.bench.drift import NLLScorer, mean_nll
-from argen.bench.drift_bench import Case, parse_config
-from argen.bench.drift_kvpress import NO_PRESS, PeerConfig, arrange, parse_budgets, peer_records, press_budgets
-from argen.bench.kvpress_peer import METHODS, PeerRun, compression_ratio, parse_methods
 from argen.errors import ArgenError
+from benchmarks.harness import drift_kvpress, kvpress_peer
+from benchmarks.harness.drift import NLLScorer, mean_nll
+from benchmarks.harness.drift_bench import Case, parse_config
+from benchmarks.harness.drift_kvpress import NO_PRESS, PeerConfig, arrange, parse_budgets, peer_records, press_budgets
+from benchmarks.harness.kvpress_peer import METHODS, PeerRun, compression_ratio, parse_methods
 
 HAS_KVPRESS = importlib.util.find_spec("kvpress") is not None
 NO_KVPRESS = "kvpress is not installed here (it pins transformers<5.3): pip install 'argen[kvpress]' in its own venv"
@@ -81,12 +81,12 @@ def test_missing_quanto_says_how_to_install(monkeypatch):
 
 
 def test_missing_kvpress_says_how_to_install(monkeypatch, tmp_path):
-    from argen.cli import main
+    from benchmarks.__main__ import main
 
     monkeypatch.setitem(sys.modules, "kvpress", None)  # import kvpress raises ImportError
     with pytest.raises(ArgenError, match=r"pip install 'argen\[kvpress\]'.*transformers<5.3"):
         kvpress_peer.import_kvpress()
-    code = main(["bench", "drift", "--model", "tiny-random", "--kvpress", "streaming-llm", "--out", str(tmp_path),
+    code = main(["drift", "--model", "tiny-random", "--kvpress", "streaming-llm", "--out", str(tmp_path),
                  "--allow-dirty"])  # fmt: skip
     assert code == 2 and not (tmp_path / "report.md").exists()
 
@@ -147,7 +147,7 @@ def test_kvpress_rows_sit_beside_argen_rows_of_the_same_method():
 
 def test_drift_bench_with_a_fake_peer_writes_kvpress_rows(tiny, tmp_path, monkeypatch):
     """The whole bench path without kvpress: the CLI flags, the rows in the report, the machine line."""
-    from argen.cli import main
+    from benchmarks.__main__ import main
 
     class Peer(FakePeer):
         def __init__(self, hf_model, eos_ids):
@@ -173,7 +173,7 @@ def test_drift_bench_with_a_fake_peer_writes_kvpress_rows(tiny, tmp_path, monkey
     out = tmp_path / "out"
     press = '{"method": "streaming-llm", "setting": "0.5", "options": {"press": {"name": "streaming-llm", "budget": 0.5}}}'
     quant = '{"method": "kv-quant", "setting": "4-bit", "options": {"press": {"name": "kv-quant", "bits": 4}}}'
-    code = main(["bench", "drift", "--model", "tiny-random", "--questions", str(questions), "--limit", "1",
+    code = main(["drift", "--model", "tiny-random", "--questions", str(questions), "--limit", "1",
                  "--categories", "summarization", "--long-lengths", "", "--max-new-tokens", "6", "--ignore-eos", "--config", press,
                  "--config", quant, "--kvpress", "streaming-llm,h2o,kv-quant-8,kv-quant-4", "--out", str(out),
                  "--allow-dirty"])  # fmt: skip

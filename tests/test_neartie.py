@@ -11,13 +11,13 @@ from helpers import Oracle, assert_same_or_near_tie
 
 from argen.api import Generator
 from argen.bench.questions import Question
-from argen.bench.report import summarize
-from argen.bench.runner import judge
-from argen.bench.systems import Output
 from argen.models.llama import LlamaRuntime
 from argen.models.loading import LoadedModel
 from argen.models.tiny import byte_tokenizer, tiny_llama
 from argen.neartie import NEAR_TIE, top2_at
+from benchmarks.harness.report import summarize
+from benchmarks.harness.runner import judge
+from benchmarks.harness.systems import Output
 
 PROMPT = [257, 72, 105, 258, 10]
 AT = 2  # the output position made a near-tie

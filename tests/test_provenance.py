@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 
-import argen.bench
-from argen.bench import add_arguments, run, serving
-from argen.bench.provenance import describe, git_state, portable_argv, portable_path, require_clean
 from argen.errors import ArgenError
+from benchmarks.harness import compare, serving
+from benchmarks.harness.provenance import describe, git_state, portable_argv, portable_path, require_clean
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,14 +54,14 @@ def test_dirty_means_code_changed_not_reports_rewritten(repo):
 
 def test_the_bench_refuses_a_dirty_tree_before_measuring(monkeypatch, tmp_path):
     dirty = {"git_commit": "abc1234", "git_dirty": True, "dirty_files": ["src/argen/engine.py"]}
-    monkeypatch.setattr(argen.bench, "git_state", lambda: dirty)
-    monkeypatch.setattr(argen.bench, "_run", lambda args: pytest.fail("measured from a dirty tree"))
+    monkeypatch.setattr(compare, "git_state", lambda: dirty)
+    monkeypatch.setattr(compare, "_run", lambda args: pytest.fail("measured from a dirty tree"))
     parser = argparse.ArgumentParser()
-    add_arguments(parser)
+    compare.add_arguments(parser)
     with pytest.raises(ArgenError, match="src/argen/engine.py"):
-        run(parser.parse_args(["--out", str(tmp_path)]))
+        compare.run(parser.parse_args(["--out", str(tmp_path)]))
     with pytest.raises(ArgenError, match="uncommitted"):
-        run(parser.parse_args(["--control", "--out", str(tmp_path)]))
+        compare.run(parser.parse_args(["--control", "--out", str(tmp_path)]))
     monkeypatch.setattr(serving, "git_state", lambda: dirty)
     monkeypatch.setattr(serving, "run", lambda args: pytest.fail("measured from a dirty tree"))
     with pytest.raises(ArgenError, match="uncommitted"):

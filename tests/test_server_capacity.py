@@ -1,5 +1,5 @@
 """`--kv-blocks`: the KV memory the server's running requests may hold, and the gauges that show how
-many sequences it held at once (what `python -m argen.bench.serving --case press-capacity` reads)."""
+many sequences it held at once (what `python -m benchmarks serving --case press-capacity` reads)."""
 
 from __future__ import annotations
 

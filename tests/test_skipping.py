@@ -1,5 +1,5 @@
-"""Lossy compute skipping (strategies/skipping/) and the drift measures (bench/drift.py,
-bench/drift_bench.py): what must hold exactly (the settings that skip nothing equal plain decoding;
+"""Lossy compute skipping (strategies/skipping/) and the drift measures (benchmarks/harness/drift.py,
+drift_bench.py): what must hold exactly (the settings that skip nothing equal plain decoding;
 SkipDecode's monotone invariant; the runtime's FFN statistic) and the measures on known cases."""
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ import math
 import pytest
 import torch
 
-from argen.bench.drift import Agreement, NLLScorer, agreement, answer_recall
 from argen.errors import InvalidRequestError
 from argen.models.runtime import Plan, Segment
 from argen.strategies import make_strategy
 from argen.strategies.skipping import FFNSkip, SkipDecode
+from benchmarks.harness.drift import Agreement, NLLScorer, agreement, answer_recall
 
 PROMPTS = ["hello world", "the cat sat on the mat", "abc abc abc"]
 
@@ -188,7 +188,7 @@ def test_answer_recall():
 
 
 def test_drift_bench_runs_on_the_tiny_model(tmp_path, monkeypatch):
-    from argen.cli import main
+    from benchmarks.__main__ import main
 
     questions = tmp_path / "q.jsonl"
     rows = [("summarization", "Summarize: Alice Smith met Bob Jones in Paris in 2019. They founded Acme in Oslo."),
@@ -196,7 +196,7 @@ def test_drift_bench_runs_on_the_tiny_model(tmp_path, monkeypatch):
     questions.write_text("".join(json.dumps({"question_id": i, "category": c, "turns": [p]}) + "\n"
                                  for i, (c, p) in enumerate(rows)))  # fmt: skip
     out = tmp_path / "out"
-    code = main(["bench", "drift", "--model", "tiny-random", "--questions", str(questions), "--limit", "1",
+    code = main(["drift", "--model", "tiny-random", "--questions", str(questions), "--limit", "1",
                  "--long-lengths", "60", "--max-new-tokens", "8", "--ignore-eos", "--config", "ffn-skip:threshold=0.5",
                  "--config", '{"method": "skip-decode", "setting": "1 layer", "strategy": {"name": "skip-decode", '
                  '"min_layers": 1, "decay_tokens": 1}}', "--out", str(out), "--allow-dirty"])  # fmt: skip

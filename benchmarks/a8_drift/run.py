@@ -15,13 +15,17 @@ decoding of five prompts, 64 new tokens each: where each system's tokens first l
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
 
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # the repository root: the `benchmarks` package (harness) is there
+
 import argen
-from argen.bench.provenance import describe, git_state, provenance, repo_root, require_clean
 from argen.models import kernels, sources
+from benchmarks.harness.provenance import describe, provenance, repo_root, script_args
 
 TEXTS = ("README.md", "ARCHITECTURE.md", "src/argen/models/quant.py")
 TOKENS = 256
@@ -66,17 +70,13 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--tokens", type=int, default=TOKENS, help="tokens of each text (default: %(default)s)")
-    parser.add_argument("--prompts", type=int, default=len(PROMPTS), help="greedy prompts (default: all 5)")
-    parser.add_argument("--allow-dirty", action="store_true", help="run from a tree with uncommitted changes (recorded)")
-    args = parser.parse_args()
-    state = git_state()
-    require_clean(state, args.allow_dirty)
+    def options(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--tokens", type=int, default=TOKENS, help="tokens of each text (default: %(default)s)")
+        parser.add_argument("--prompts", type=int, default=len(PROMPTS), help="greedy prompts (default: all 5)")
+
+    args, state = script_args(__doc__, threads=2, add=options)
     import llama_cpp  # the peer (an optional dependency: `pip install llama-cpp-python`)
 
-    torch.set_num_threads(args.threads)
     gens = {q: argen.load("default", quant=q) for q in ("none", "exact", "exact-a8")}
     gguf = sources.gguf_file(sources.parse_source("default"))
     llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=1024, n_threads=args.threads, n_threads_batch=args.threads,

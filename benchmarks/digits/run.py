@@ -21,20 +21,23 @@ results.json, quality.png and one sample grid per row (grids/*.png) here.
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
-import subprocess
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # the repository root: the `benchmarks` package (harness) is there
+
 import argen
 from argen.images import save_grid, training
 from argen.images.quality import classifier, quality, real_reference
 from argen.models.kernels import cpu_name
+from benchmarks.harness.provenance import script_args
 
 HERE = Path(__file__).resolve().parent
 ROWS = [
@@ -52,15 +55,8 @@ ROWS = [
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--images", type=int, default=500)
-    p.add_argument("--threads", type=int, default=2)
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    # Provenance before this run writes its own files (they would make the tree look dirty).
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "."], capture_output=True, text=True,
-                                cwd=HERE.parents[1]).stdout.strip())  # fmt: skip
+    args, state = script_args(__doc__, threads=2, add=lambda p: p.add_argument("--images", type=int, default=500))
+    commit, dirty = state["git_commit"], state["git_dirty"]
     labels = np.arange(args.images) % 10
     gens = {name: argen.load(name) for name in ("digits-ar", "digits-diffusion")}
     train_info = {}

@@ -40,9 +40,9 @@ Two more views, at one thread, put the ceiling beside what argen measures:
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -52,14 +52,18 @@ import torch
 from head import features, head_pass_seconds, head_strategy, replay_head
 from policy import STRATEGIES, replay_policy
 
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # the repository root: the `benchmarks` package (harness) is there
+
 import argen
-from argen.bench.provenance import describe, git_state, provenance, require_clean
-from argen.bench.questions import find_questions_file, group_mt_bench, read_questions
+from argen.bench.questions import group_mt_bench, read_questions
 from argen.errors import ArgenError
 from argen.models import kernels
 from argen.recipes.draft_head import load_draft_head
 from argen.strategies.speculative.adaptive import BUCKETS, CostModel
 from argen.strategies.speculative.prompt_lookup import find_match
+from benchmarks.harness.provenance import describe, provenance, script_args
+from benchmarks.harness.specbench import find_questions_file
 
 HERE = Path(__file__).parent
 RESULTS = HERE.parent / "speculative" / "results.json"
@@ -163,10 +167,7 @@ def measured_best(summary: dict) -> dict[str, tuple[str, float]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--allow-dirty", action="store_true", help="run from a tree with uncommitted changes (recorded)")
-    state = git_state()
-    require_clean(state, parser.parse_args().allow_dirty)
+    _, state = script_args(__doc__)
     results = json.loads(RESULTS.read_text())
     gen = argen.load("default")
     questions = {q.question_id: q for q in group_mt_bench(read_questions(find_questions_file()))}

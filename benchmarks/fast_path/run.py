@@ -11,16 +11,21 @@ prefill, median of 15. Weight bytes are what each system holds resident.
 
 from __future__ import annotations
 
-import argparse
 import statistics
+import sys
 import time
 from functools import partial
+from pathlib import Path
 
 import torch
 
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # the repository root: the `benchmarks` package (harness) is there
+
 import argen
-from argen.bench.provenance import describe, git_state, provenance, require_clean
 from argen.models import kernels, sources
+from benchmarks.harness.passes import verify_pass
+from benchmarks.harness.provenance import describe, provenance, script_args
 
 LENGTHS = (32, 128, 512, 1000, 2000)
 ROWS = (1, 2, 4, 8, 16)
@@ -52,30 +57,14 @@ def llama_cpp_prefill(llm, ids: list[int]) -> None:
 
 
 def pass_ms(gen, ids: list[int], rows: int, reps: int = 15) -> float:
-    rt = gen.runtime
-    cache = rt.new_cache(1, len(ids) + rows)
-    rt.forward(torch.tensor([ids]), torch.arange(len(ids))[None], cache, num_logits=0)
-    n = len(ids)
-
-    def one() -> None:
-        rt.forward(torch.tensor([ids[:rows]]), torch.arange(n, n + rows)[None], cache, num_logits=rows)
-        cache.truncate(n)
-
-    one()  # warm
-    ms = 1000 * median_seconds(one, reps)
-    cache.free()
-    return ms
+    with verify_pass(gen.runtime, ids, rows) as one:
+        one()  # warm
+        return 1000 * median_seconds(one, reps)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--no-llama-cpp", action="store_true", help="leave the llama.cpp peer out")
-    parser.add_argument("--allow-dirty", action="store_true", help="run from a tree with uncommitted changes (recorded)")
-    args = parser.parse_args()
-    state = git_state()
-    require_clean(state, args.allow_dirty)
-    torch.set_num_threads(args.threads)
+    args, state = script_args(__doc__, threads=2, add=lambda parser: parser.add_argument(
+        "--no-llama-cpp", action="store_true", help="leave the llama.cpp peer out"))  # fmt: skip
     systems = {"argen exact": argen.load("default", quant="exact"), "argen fp32": argen.load("default", quant="none")}
     fast = systems["argen exact"]
     llm = None

@@ -30,9 +30,9 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "src"))
+sys.path[:0] = [str(ROOT / "src"), str(ROOT)]  # this checkout's argen, and the `benchmarks` package
 
-from argen.bench.provenance import git_state, provenance, require_clean  # noqa: E402
+from benchmarks.harness.provenance import provenance, script_args
 
 MODEL = "default"
 ORIGIN = "https://app.example.com"
@@ -306,13 +306,11 @@ def report(out: Path, prov: dict, command: str, rows: list[dict], unpaced: list[
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "hostile")
-    parser.add_argument("--compare-unpaced", action="store_true", help="also run the long prompts unpaced")
-    parser.add_argument("--allow-dirty", action="store_true")
-    args = parser.parse_args()
-    state = git_state()
-    require_clean(state, args.allow_dirty)
+    def options(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "hostile")
+        parser.add_argument("--compare-unpaced", action="store_true", help="also run the long prompts unpaced")
+
+    args, state = script_args(__doc__, add=options)
     prov = provenance(state)
     command = "python benchmarks/hostile/run.py " + " ".join(sys.argv[1:])
     server = Server()

@@ -18,16 +18,21 @@ only ever adds time), median for the interleaved decode steps, whose ratio is th
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # the repository root: the `benchmarks` package (harness) is there
+
 import argen
-from argen.bench.provenance import describe, git_state, provenance, require_clean
 from argen.models import kernels, sources
+from benchmarks.harness.passes import verify_pass
+from benchmarks.harness.provenance import describe, provenance, script_args
 
 ROWS = (1, 2, 4, 8, 16, 32)
 PATHS = ("exact", "exact-a8")
@@ -79,18 +84,8 @@ def matmul_calls(runtime, rows: int, threads: int):
 
 def pass_seconds(gen, ids: list[int], rows: int, threads: int, reps: int = 9) -> float:
     torch.set_num_threads(threads)
-    rt = gen.runtime
-    cache = rt.new_cache(1, len(ids) + rows)
-    rt.forward(torch.tensor([ids]), torch.arange(len(ids))[None], cache, num_logits=0)
-    n = len(ids)
-
-    def one() -> None:
-        rt.forward(torch.tensor([ids[:rows]]), torch.arange(n, n + rows)[None], cache, num_logits=rows)
-        cache.truncate(n)
-
-    seconds = best_seconds(one, reps, clock_for(threads))
-    cache.free()
-    return seconds
+    with verify_pass(gen.runtime, ids, rows) as one:
+        return best_seconds(one, reps, clock_for(threads))
 
 
 def decode_steps(gens: dict, llm, ids: list[int], threads: int, steps: int = 40) -> dict[str, float]:
@@ -120,12 +115,7 @@ def decode_steps(gens: dict, llm, ids: list[int], threads: int, steps: int = 40)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--allow-dirty", action="store_true", help="run from a tree with uncommitted changes (recorded)")
-    args = parser.parse_args()
-    state = git_state()
-    require_clean(state, args.allow_dirty)
+    args, state = script_args(__doc__, threads=2)
     import llama_cpp  # the peer (an optional dependency: `pip install llama-cpp-python`)
 
     gens = {path: argen.load("default", quant=path) for path in PATHS}

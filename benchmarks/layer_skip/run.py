@@ -13,24 +13,24 @@ no timing. Writes `report.md` here.
 
 from __future__ import annotations
 
-import argparse
+import sys
 from pathlib import Path
 
 import torch
 
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # the repository root: the `benchmarks` package (harness) is there
+
 import argen
-from argen.bench.provenance import describe, git_state, provenance, require_clean
 from argen.strategies.speculative.skip_calibration import _logits, block_bytes, plan_skipping
+from benchmarks.harness.provenance import describe, provenance, script_args
 
 HERE = Path(__file__).parent
 SKIPPED = (1, 2, 4, 8, 16, 32)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--allow-dirty", action="store_true", help="run from a tree with uncommitted changes (recorded)")
-    state = git_state()
-    require_clean(state, parser.parse_args().allow_dirty)
+    _, state = script_args(__doc__)
     torch.set_num_threads(1)
     runtime = argen.load("default").runtime
     n_layers = runtime.info.n_layers

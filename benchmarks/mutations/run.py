@@ -33,11 +33,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 OUT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT / "src"))
+sys.path[:0] = [str(ROOT / "src"), str(ROOT)]  # this checkout's argen, and the `benchmarks` package
 
-from argen.bench.provenance import git_state, require_clean  # noqa: E402
 from argen.models import kernels  # noqa: E402
 from argen.models.sources import cache_dir  # noqa: E402
+from benchmarks.harness.provenance import script_args
 
 KERNEL_EXACT = "tests/test_kernels.py::test_kernel_is_exact_where_fp32_arithmetic_is"
 KERNEL_F64 = "tests/test_kernels.py::test_kernel_matches_float64_within_its_rounding_bound"
@@ -151,11 +151,13 @@ SUMMARY = re.compile(r"^(PASSED|FAILED|ERROR|SKIPPED)\s+(.*)$", re.M)
 
 
 def copy_repo(dest: Path, extra: list[str]) -> None:
-    for name in ["src", "tests", "pyproject.toml", *extra]:
+    # The benchmark harness's package too (not its reports): some tests import it.
+    for name in ["src", "tests", "pyproject.toml", "benchmarks/__init__.py", "benchmarks/harness", *extra]:
         source = ROOT / name
         if source.is_dir():
-            shutil.copytree(source, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            shutil.copytree(source, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"), dirs_exist_ok=True)
         else:
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, dest / name)
     shared = ROOT.parent / "shared"  # the Spec-Bench questions the real-model tests read, beside the checkout
     if shared.is_dir():
@@ -271,18 +273,17 @@ def report(command: str, state: dict, rows: list[dict], controls: dict[str, dict
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", choices=list(BY_NAME), action="append", help="run only this mutation (repeatable)")
-    parser.add_argument("--list", action="store_true", help="list the mutations and exit")
-    parser.add_argument("--jobs", type=int, default=1, help="families of mutations run at once (default 1)")
-    parser.add_argument("--allow-dirty", action="store_true", help="record a dirty working tree instead of refusing")
-    args = parser.parse_args()
-    if args.list:
+    if "--list" in sys.argv[1:]:
         for m in MUTATIONS:
             print(f"{m.name:28} {m.file}: {m.bug}")
         return
-    state = git_state(ROOT)
-    require_clean(state, args.allow_dirty)
+
+    def options(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--only", choices=list(BY_NAME), action="append", help="run only this mutation (repeatable)")
+        parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+        parser.add_argument("--jobs", type=int, default=1, help="families of mutations run at once (default 1)")
+
+    args, state = script_args(__doc__, root=ROOT, add=options)
     chosen = [BY_NAME[n] for n in args.only] if args.only else MUTATIONS
     command = shlex.join(["python", "benchmarks/mutations/run.py", *sys.argv[1:]])
     machine = state | {"cpu_model": kernels.cpu_name(), "cpu_count": os.cpu_count(), "isas": isas_here()}

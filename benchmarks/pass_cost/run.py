@@ -9,17 +9,21 @@ are timed alternately per row count.
 
 from __future__ import annotations
 
-import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 from unittest import mock
 
 import torch
 
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # the repository root: the `benchmarks` package (harness) is there
+
 import argen
-from argen.bench.provenance import describe, git_state, provenance, require_clean
 from argen.models import matmul
 from argen.models.llama import LlamaRuntime
+from benchmarks.harness.provenance import describe, provenance, script_args
 
 ROWS = (1, 2, 4, 8, 16)
 
@@ -37,10 +41,7 @@ def body_ms(runtime, ids: list[int], rows: int, reps: int = 15) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--allow-dirty", action="store_true", help="run from a tree with uncommitted changes (recorded)")
-    state = git_state()
-    require_clean(state, parser.parse_args().allow_dirty)
+    _, state = script_args(__doc__)
     torch.set_num_threads(1)
     gen = argen.load("default")
     hf = gen.model.hf_model

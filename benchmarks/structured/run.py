@@ -15,18 +15,21 @@ mask time, `Result.stats.grammar_mask_seconds`), speculative tokens per pass.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
+import sys
 import time
 from importlib.metadata import version
 from pathlib import Path
 
 import torch
 
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # the repository root: the `benchmarks` package (harness) is there
+
 import argen
-from argen.bench.provenance import describe, git_state, provenance, require_clean
 from argen.models import kernels
+from benchmarks.harness.provenance import describe, provenance, script_args
 
 CASES = json.loads((Path(__file__).resolve().parents[2] / "tests" / "data" / "schemas.json").read_text())
 MAX_TOKENS = 192
@@ -154,13 +157,7 @@ def argen_rows(gen) -> tuple[list[dict], list[list[int]]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--allow-dirty", action="store_true", help="run from a tree with uncommitted changes (recorded)")
-    args = parser.parse_args()
-    state = git_state()
-    require_clean(state, args.allow_dirty)
-    torch.set_num_threads(args.threads)
+    args, state = script_args(__doc__, threads=2)
     gen = argen.load("default")
     gen.generate(CASES[0]["prompt"], max_new_tokens=8, response_format=fmt(CASES[0]["schema"]))  # warm: kernels, tokenizer
     ours, answers = argen_rows(gen)

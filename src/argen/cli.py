@@ -306,13 +306,10 @@ def _bench(args: argparse.Namespace) -> int:
         from argen.bench import add_arguments, run
     except ImportError as exc:
         raise ArgenError(f"the benchmark suite is not available in this install ({exc})") from exc
-    if args.bench_args[:1] == ["drift"]:  # `argen bench drift ...`: lossy options against exact decoding
-        from argen.bench import drift_bench
+    if args.bench_args[:1] == ["drift"]:  # moved to the repository's benchmark harness: say where
+        from argen.bench import moved
 
-        parser = _Parser(prog=f"{PROG} bench drift", description=drift_bench.__doc__,
-                         formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-        drift_bench.add_arguments(parser)
-        return drift_bench.run(parser.parse_args(args.bench_args[1:]))
+        raise ArgenError(moved("drift"))
     parser = _Parser(prog=f"{PROG} bench", description="Benchmark decoding strategies.")
     add_arguments(parser)
     return run(parser.parse_args(args.bench_args))

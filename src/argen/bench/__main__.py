@@ -6,22 +6,19 @@ import argparse
 import sys
 
 import argen.bench as bench
-from argen.bench import add_arguments, run
 from argen.errors import ArgenError
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["drift"]:
-        from argen.bench import drift_bench
-
-        return drift_bench.main(argv[1:])
-    parser = argparse.ArgumentParser(prog="argen bench", description=bench.__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    add_arguments(parser)
-    args = parser.parse_args(argv)
+    parser = argparse.ArgumentParser(
+        prog="argen bench", description=bench.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    bench.add_arguments(parser)
     try:
-        return run(args)
+        if argv[:1] == ["drift"]:
+            raise ArgenError(bench.moved("drift"))
+        return bench.run(parser.parse_args(argv))
     except ArgenError as exc:
         print(f"argen bench: error: {exc}", file=sys.stderr)
         return 2

@@ -1,5 +1,6 @@
-"""The question set: Spec-Bench's `question.jsonl` (one JSON object a line: question_id, category,
-turns), found next to the project or given by path, filtered by category and limited per category."""
+"""Questions in Spec-Bench's `question.jsonl` format (one JSON object a line: question_id, category,
+turns): read from a path, filtered by category and limited per category. The benchmark harness
+(`benchmarks/`) finds Spec-Bench's own file beside the repository."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ from pathlib import Path
 
 from argen.errors import ArgenError
 
-DEFAULT_QUESTIONS = Path("shared/benchmarks/spec_bench/question.jsonl")
 # Spec-Bench's tables count MT-bench's eight categories (10 questions each) as one, "mt_bench".
 MT_BENCH = "mt_bench"
 MT_BENCH_CATEGORIES = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
@@ -20,21 +20,6 @@ class Question:
     question_id: int | str
     category: str
     prompt: str  # the first user turn
-
-
-def find_questions_file(start: Path | None = None) -> Path:
-    """`shared/benchmarks/spec_bench/question.jsonl` in the current directory or one of its
-    parents (the project keeps `shared/` next to its root), else next to this source tree."""
-    start = Path.cwd() if start is None else Path(start)
-    here = Path(__file__).resolve()
-    for directory in [start, *start.resolve().parents, *here.parents]:
-        candidate = directory / DEFAULT_QUESTIONS
-        if candidate.is_file():
-            return candidate
-    raise ArgenError(
-        f"could not find the Spec-Bench questions ({DEFAULT_QUESTIONS}) in {str(start)!r} or its parents; "
-        "pass --questions FILE (a JSONL file with question_id, category and turns on each line)"
-    )
 
 
 def read_questions(path: Path | str) -> list[Question]:

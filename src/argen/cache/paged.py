@@ -19,7 +19,9 @@ sequence, prefix caching, copy-on-write forks (as vLLM's `KVCacheManager` and SG
 - Prefix caching: a full block whose tokens follow a known prefix is addressed by a hash of (the
   previous block's hash, its tokens, its positions). A new sequence with the same prompt start reuses
   those blocks instead of computing them. Blocks nobody holds stay cached until space is needed, and
-  then the least recently used goes first.
+  then the least recently used goes first. Space is needed before the pool would write a block it
+  has never written: the cache lives in memory the sequences have already used and never grows the
+  process (a server's resident set stays at the most its running requests held at once).
 """
 
 from __future__ import annotations
@@ -53,6 +55,9 @@ class BlockPool:
         self.by_hash: dict[bytes, int] = {}
         self.evictable: OrderedDict[int, None] = OrderedDict()  # cached, held by nobody; oldest first
         self.peak_held = 0
+        # Blocks below this id have been written (the OS committed their memory). The free stack holds the
+        # never-written ids at its bottom, highest first, and every freed (written) id above them.
+        self.written = 0
 
     # -- accounting ----------------------------------------------------------------------------
     def bytes_per_block(self) -> int:
@@ -73,9 +78,11 @@ class BlockPool:
 
     # -- blocks --------------------------------------------------------------------------------
     def allocate(self) -> int:
-        if self.free:
+        fresh = bool(self.free) and self.free[-1] >= self.written
+        if self.free and not (fresh and self.evictable):
             block = self.free.pop()
-        elif self.evictable:
+            self.written = max(self.written, block + 1)
+        elif self.evictable:  # a cached block before fresh memory: the prefix cache never grows the process
             block, _ = self.evictable.popitem(last=False)  # the least recently used cached block
             del self.by_hash[self.hash_of.pop(block)]
         else:

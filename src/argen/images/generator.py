@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from argen.errors import InvalidRequestError
+from argen.errors import ArgenError, InvalidRequestError
 from argen.images import decoding
 from argen.images.models import check_model
 
@@ -150,9 +150,12 @@ class ImageGenerator:
 
 
 def save_grid(images: np.ndarray, path, labels=None, columns: int = 10, levels: int = 17) -> None:
-    """A PNG grid of images (n, side, side), white on black as in the dataset, with matplotlib (a core
-    dependency); each image titled with its label when given."""
-    import matplotlib
+    """A PNG grid of images (n, side, side), white on black as in the dataset, with matplotlib (the
+    images extra); each image titled with its label when given."""
+    try:  # imported here: an optional dependency, needed only to draw
+        import matplotlib
+    except ImportError as exc:
+        raise ArgenError("drawing images needs matplotlib: pip install 'argen[images]'") from exc
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

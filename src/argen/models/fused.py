@@ -15,10 +15,12 @@ import torch
 from argen.models.kernels import LayerStruct, ModelStruct
 
 # At most this many new tokens per sequence, and rows in all, take the fused path; longer feeds
-# (prefills) take torch's, whose GEMMs (on weights dequantized per call) are faster there: the block
-# kernels cost about as much as dequantize + GEMM at 32 rows (SmolLM2's shapes, one thread).
-MAX_NEW_TOKENS = 32
-MAX_ROWS = 64
+# (long prefill chunks) take torch's, whose GEMMs (on weights dequantized per call) win only there:
+# since the kernels' outer-product tiles (issue 25), a whole fused pass beats dequantize + GEMM up to
+# about 256 rows (SmolLM2's shapes, one thread: 2.7x at 48 rows, 1.3x at 96-256, 0.8x at 512;
+# benchmarks/kernel_peak: "Prefill").
+MAX_NEW_TOKENS = 256
+MAX_ROWS = 256
 
 
 class FusedForward:

@@ -5,7 +5,7 @@
 - `ffn_skip.py`: `FFNSkip`, FFN sub-blocks skipped where they barely change the hidden state.
 
 Both feed a `Plan` to the native runtime; their passes are target passes (not drafts): nothing
-verifies them. The bench's drift report (`argen bench drift`) measures what they lose.
+verifies them. The benchmark harness's drift report (`python -m benchmarks drift`) measures what they lose.
 """
 
 from argen.strategies.skipping.ffn_skip import FFNSkip

@@ -12,8 +12,8 @@ import torch
 from tqdm import tqdm
 
 from argen.bench.questions import Question
-from argen.bench.systems import System
 from argen.neartie import NEAR_TIE, divergence, first_difference, top2_at
+from benchmarks.harness.systems import System
 
 WARMUP_TOKENS = 8
 

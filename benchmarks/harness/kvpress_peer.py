@@ -1,5 +1,5 @@
 """NVIDIA kvpress on the Hugging Face model with argen's weights: the peer of argen's KV presses in
-`argen bench drift --kvpress`.
+`python -m benchmarks drift --kvpress`.
 
 `KVPressPeer(hf_model, eos_ids)` greedy-decodes a prompt (token ids) with a kvpress press at a
 budget (the fraction of positions kept, as argen's presses take it: kvpress's compression_ratio is
@@ -45,7 +45,7 @@ largest. The quantized cache's transient copies (the prompt's fp keys before the
 the dequantized cache each forward builds) are never held by it and do not count.
 
 kvpress 0.5.5 needs transformers<5.3: install it in an environment of its own
-(`pip install 'argen[kvpress]'`, README). Importing kvpress patches transformers' attention
+(`pip install 'argen[kvpress]'`, docs/lossy-and-drift.md). Importing kvpress patches transformers' attention
 functions, so it is imported only when a kvpress run is asked for.
 """
 
@@ -133,7 +133,7 @@ def import_kvpress():
     except ImportError as exc:
         raise ArgenError(f"--kvpress needs NVIDIA kvpress, which is not importable here ({exc}). Install it with "
                          f"`{INSTALL}` in an environment of its own: kvpress 0.5.5 needs transformers<5.3 "
-                         "(README, KV-cache presses)") from exc  # fmt: skip
+                         "(docs/lossy-and-drift.md, kvpress beside argen's presses)") from exc  # fmt: skip
     return kvpress
 
 
@@ -143,7 +143,7 @@ def import_quanto():
     except ImportError as exc:
         raise ArgenError(f"--kvpress kv-quant-N needs optimum-quanto (transformers' QuantizedCache backend), which is "
                          f"not importable here ({exc}). Install it with `{INSTALL}` in the kvpress environment "
-                         "(README, KV-cache presses)") from exc  # fmt: skip
+                         "(docs/lossy-and-drift.md, kvpress beside argen's presses)") from exc  # fmt: skip
     return quanto
 
 

@@ -1,4 +1,4 @@
-"""`argen bench --control`: what the control strategies cost and whether they do what they promise, on
+"""`python -m benchmarks compare --control`: what the control strategies cost and whether they do what they promise, on
 Spec-Bench questions with the argen model (no Hugging Face peer: these outputs have no HF equivalent).
 
 Per question, all in one process, batch 1:
@@ -24,19 +24,24 @@ import shlex
 import sys
 from pathlib import Path
 
-from argen.bench.provenance import describe, portable_path
+import torch
+
+from argen import load
+from argen.bench.questions import bench_questions
 from argen.engine import Request
 from argen.neartie import first_difference
 from argen.sampling import SamplingParams
 from argen.setprompt import SetPrompt, set_prompt_layout
 from argen.strategies import make_strategy
+from benchmarks.harness.provenance import describe, machine_info, portable_path
+from benchmarks.harness.specbench import find_questions_file
 
 INTERVENTION = " However"  # the forced token's text (its first token)
 CHECKS = ("identical", "prefix_kept", "sorted_same_input", "order_independent", "identical_to_plain")
 
 
 def command_line(args) -> str:
-    parts = ["argen", "bench", "--control", "--model", args.model]
+    parts = ["python", "-m", "benchmarks", "compare", "--control", "--model", args.model]
     if args.categories:
         parts += ["--categories", ",".join(args.categories)]
     if args.limit is not None:
@@ -178,10 +183,6 @@ def write_report(out: Path, command: str, settings: dict, rows: list[dict], reco
 
 
 def run(args) -> int:
-    import torch
-
-    from argen import load
-    from argen.bench.questions import bench_questions, find_questions_file
     questions_path = Path(args.questions) if args.questions else find_questions_file()
     questions = bench_questions(questions_path, args.categories, args.limit, args.group_mt_bench)
     gen = load(args.model)
@@ -191,13 +192,12 @@ def run(args) -> int:
     gen.generate("warm up", max_new_tokens=4, strategy=dict(guided_spec))
     records = []
     for i, q in enumerate(questions):
-        print(f"argen bench --control: {i + 1}/{len(questions)} {q.category} #{q.question_id}", file=sys.stderr)
+        print(f"benchmarks compare --control: {i + 1}/{len(questions)} {q.category} #{q.question_id}", file=sys.stderr)
         records.append(run_question(gen, q, args.max_new_tokens, guided_spec, scorer, token))
     rows = summarize(records)
     settings = {"model": args.model, "questions": portable_path(questions_path.resolve()), "questions_count": len(questions),
                 "max_new_tokens": args.max_new_tokens, "threads": torch.get_num_threads(), "guided": guided_spec,
                 "intervention_token": token}  # fmt: skip
-    from argen.bench import machine_info
 
     path = write_report(Path(args.out), command_line(args), settings, rows, records,
                         machine_info(getattr(args, "git_state", None)))  # fmt: skip

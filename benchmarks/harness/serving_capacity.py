@@ -1,4 +1,4 @@
-"""`python -m argen.bench.serving --case press-capacity`: how many concurrent long sequences a KV-cache
+"""`python -m benchmarks serving --case press-capacity`: how many concurrent long sequences a KV-cache
 press lets the server hold in the same KV memory.
 
 `--clients` distinct prompts of `--long-tokens` tokens (Spec-Bench articles, each prompt numbered and
@@ -21,7 +21,14 @@ from __future__ import annotations
 
 import time
 
-from argen.bench.serving_cases import (
+from argen.cache.press import make_press
+from argen.engine import DecodeBatch, Request
+from argen.sampling import SamplingParams
+from argen.server.scheduler import PREFILL_CHUNK
+from argen.strategies import make_strategy
+from benchmarks.harness.drift import agreement
+from benchmarks.harness.provenance import describe
+from benchmarks.harness.serving_cases import (
     MetricsPoller,
     chat_once,
     concurrently,
@@ -30,14 +37,12 @@ from argen.bench.serving_cases import (
     percentile,
     running_server,
 )
-from argen.server.scheduler import PREFILL_CHUNK
 
 QUESTION = "\n\nSummarize the text above."
 
 
 class Timeline(MetricsPoller):
     """Polls /metrics while a configuration runs: (seconds since start, sequences running, blocks held)."""
-
     def __init__(self, url: str, every: float = 0.25) -> None:
         super().__init__(url, every)
         self.points: list[tuple[float, float, float]] = []
@@ -61,11 +66,6 @@ def prompts(gen, questions, args) -> list[list[dict]]:
 
 def reserved_blocks(gen, messages: list[list[dict]], args, press: dict | None) -> int:
     """The most KV blocks the admission reserves for one of these requests (its worst case)."""
-    from argen.cache.press import make_press
-    from argen.engine import DecodeBatch, Request
-    from argen.sampling import SamplingParams
-    from argen.strategies import make_strategy
-
     batch = DecodeBatch(gen.engine, prefill_chunk=args.prefill_chunk or PREFILL_CHUNK)
     params = SamplingParams(max_new_tokens=args.max_tokens, temperature=0, ignore_eos=True)
     return max(batch.blocks_needed(Request(gen.encode(m), params, make_strategy("plain"),
@@ -73,8 +73,6 @@ def reserved_blocks(gen, messages: list[list[dict]], args, press: dict | None) -
 
 
 def run_capacity(gen, model_id: str, questions, args) -> dict:
-    from argen.bench.drift import agreement
-
     messages = prompts(gen, questions, args)
     unpressed = reserved_blocks(gen, messages, args, None)
     kv_blocks = args.fit * unpressed if args.kv_blocks is None else args.kv_blocks
@@ -120,8 +118,6 @@ def run_capacity(gen, model_id: str, questions, args) -> dict:
 
 
 def write_capacity_report(results: dict, out) -> None:
-    from argen.bench.provenance import describe
-
     configs, k = results["configs"], results["kv_blocks"]
     labels = list(configs)
     rows = ["| | " + " | ".join(labels) + " |", "|---|" + "--:|" * len(labels)]
@@ -172,7 +168,7 @@ them: no press, then the request field `press: {{"name": "{results["press"]}", "
   can only reach the row below it; it falls short when requests finish before the last are admitted.
 - Most KV blocks held at once: `argen_kv_blocks_held_peak`, the pool's peak inside steps too. It
   stays under the reservations, which are worst cases.
-- A press is lossy: its outputs differ from the unpressed ones (agreement rows); `argen bench drift`
+- A press is lossy: its outputs differ from the unpressed ones (agreement rows); `python -m benchmarks drift`
   measures what that costs.
 
 ![sequences running and KV blocks held over time](capacity.png)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from argen.bench.provenance import describe
 from argen.server.scheduler import PREFILL_CHUNK, STEP_TOKENS
+from benchmarks.harness.provenance import describe
 
 WHAT = {
     "shared-prefix": "{n} different questions (the first Spec-Bench prompts under {chars} characters) behind one "

@@ -1,4 +1,4 @@
-"""Serving benchmark cases for the one decode loop: `python -m argen.bench.serving --case NAME`.
+"""Serving benchmark cases for the one decode loop: `python -m benchmarks serving --case NAME`.
 
 Each case starts two `argen serve` configurations in the same process, one after the other, on
 loopback ports, sends them the same requests, and compares:
@@ -18,20 +18,21 @@ Every figure comes with the outputs' check: both configurations must give the sa
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from contextlib import contextmanager
 
+import httpx
 import numpy as np
 
 from argen.bench.questions import Question
+from argen.server.serve import make_server
 
 
 @contextmanager
 def running_server(gen, model_id: str, **options):
     """An in-process server on a free loopback port; yields its URL."""
-    from argen.server.serve import make_server
-
     server = make_server(gen, "127.0.0.1", 0, log_level="warning", model_id=model_id, **options)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -110,8 +111,6 @@ def chat_once(url: str, model: str, messages: list[dict], max_tokens: int, delay
               strategy: str = "plain", press: dict | None = None) -> dict:  # fmt: skip
     """One streaming chat request after `delay` seconds (with a KV-cache press if given); client-side
     timings and the token ids."""
-    from argen.bench.serving import stream_request
-
     time.sleep(delay)
     body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "ignore_eos": True, "return_token_ids": True, "stream_options": {"include_usage": True},
@@ -244,3 +243,28 @@ def multi_turn(url, model, tokenizer, questions, args) -> list[dict]:
 
 
 CASES = {"shared-prefix": shared_prefix, "burst": burst, "multi-turn": multi_turn}
+
+
+def stream_request(url: str, path: str, body: dict) -> dict:
+    """POST a streaming request; client-side timings (perf_counter), the token ids and the usage."""
+    ids: list[int] = []
+    sent = time.perf_counter()
+    first = None
+    usage = None
+    with httpx.Client(timeout=None) as client, client.stream("POST", f"{url}{path}", json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {r.read().decode()}")
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(chunk["error"]["message"])
+            for choice in chunk["choices"]:
+                if choice.get("token_ids"):
+                    first = first or time.perf_counter()
+                    ids += choice["token_ids"]
+            usage = chunk.get("usage") or usage
+    done = time.perf_counter()
+    return {"sent": sent, "first_token": first, "done": done, "latency_s": done - sent, "ttft_s": first - sent,
+            "token_ids": ids, "completion_tokens": len(ids), "prompt_tokens": usage["prompt_tokens"]}  # fmt: skip

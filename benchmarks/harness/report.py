@@ -9,9 +9,9 @@ import json
 import math
 from pathlib import Path
 
-from argen.bench.provenance import describe
-from argen.bench.systems import HF
 from argen.neartie import NEAR_TIE
+from benchmarks.harness.provenance import describe
+from benchmarks.harness.systems import HF
 
 BASELINE = "plain"  # argen plain, fp32: what speed-ups of other strategies are measured against
 ALL = "all"
@@ -225,7 +225,7 @@ def render_markdown(command: str, machine: dict, settings: dict, summary: dict, 
     near, real = divergence_notes(records)
     baseline = summary["baseline"]
     parts = [
-        "# argen bench",
+        "# argen beside its peers on Spec-Bench",
         "",
         "```",
         command,
@@ -337,7 +337,7 @@ def write_chart(summary: dict, path: Path) -> None:
         ax.set_ylabel(label)
         ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle("argen bench: tokens/s relative (geometric mean over questions)")
+    fig.suptitle("python -m benchmarks compare: tokens/s relative (geometric mean over questions)")
     fig.savefig(path, dpi=110)
 
 

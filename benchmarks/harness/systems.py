@@ -9,8 +9,9 @@ from dataclasses import dataclass
 
 import torch
 
+from argen.bench import strategy_label
 from argen.errors import ArgenError
-from argen.strategies import REGISTRY, make_strategy
+from argen.strategies import REGISTRY
 
 HF = "hf"  # the name of the reference system: HF generate(), greedy, fp32
 
@@ -32,37 +33,6 @@ def cut_at_eos(token_ids: list[int], eos_ids: set[int]) -> list[int]:
         if t in eos_ids:
             return token_ids[: i + 1]
     return token_ids
-
-
-def parse_value(text: str):
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    if lowered == "none":
-        return None
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
-
-
-def parse_strategy(text: str) -> dict:
-    """`name` or `name:key=value:key=value` -> a strategy spec dict, checked against the registry."""
-    name, *options = text.strip().split(":")
-    spec: dict = {"name": name.strip()}
-    for option in options:
-        key, sep, value = option.partition("=")
-        if not sep or not key.strip():
-            raise ArgenError(f"bad strategy {text!r}: options are written name:key=value:key=value")
-        spec[key.strip()] = parse_value(value.strip())
-    make_strategy(dict(spec))  # raises an InvalidRequestError naming the valid strategies / options
-    return spec
-
-
-def strategy_label(spec: dict) -> str:
-    return ":".join([spec["name"], *(f"{k}={v}" for k, v in spec.items() if k != "name")])
 
 
 class System:

@@ -1,4 +1,4 @@
-"""The kvpress rows of `argen bench drift --kvpress`: NVIDIA kvpress's presses of the same names at the
+"""The kvpress rows of `python -m benchmarks drift --kvpress`: NVIDIA kvpress's presses of the same names at the
 same budgets, on the Hugging Face model with argen's weights (`kvpress_peer.py`), measured like
 argen's rows: against argen's exact output (agreement), under the same NLLScorer (the full argen
 model), with the same answer recall.
@@ -18,9 +18,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from argen.bench.drift import agreement, answer_recall, mean_nll
-from argen.bench.kvpress_peer import ROWS, KVPressPeer, PeerMethod, PeerRun, compression_ratio
 from argen.errors import ArgenError
+from benchmarks.harness.drift import agreement, answer_recall, mean_nll
+from benchmarks.harness.kvpress_peer import ROWS, KVPressPeer, PeerMethod, PeerRun, compression_ratio
 
 PEER = "kvpress"
 NO_PRESS = f"{PEER} none"  # the peer's own exact run (HF greedy, no press)
@@ -141,7 +141,7 @@ def _is_peer(method: str) -> bool:
 
 def settings(configs: list[PeerConfig]) -> dict:
     """What the kvpress rows ran, for results.json and the report."""
-    from argen.bench.kvpress_peer import DECODE_INTERVAL, QUANT_GROUP, RESIDUAL, kvpress_version
+    from benchmarks.harness.kvpress_peer import DECODE_INTERVAL, QUANT_GROUP, RESIDUAL, kvpress_version
 
     methods = list(dict.fromkeys(c.method for c in configs))
     info = {"version": kvpress_version(), "budgets": list(dict.fromkeys(c.budget for c in configs if c.budget is not None)),

@@ -1,4 +1,4 @@
-"""Serving benchmark: what continuous batching buys. `python -m argen.bench.serving`
+"""Serving benchmark: what continuous batching buys. `python -m benchmarks serving`
 
 Starts `argen serve` in-process on a loopback port, sends N different Spec-Bench first-turn prompts
 (chat endpoint, greedy, streaming, `max_tokens` new tokens with `ignore_eos` so every request
@@ -24,9 +24,16 @@ from pathlib import Path
 
 import numpy as np
 
-from argen.bench import machine_info
-from argen.bench.provenance import describe, git_state, portable_command, require_clean
-from argen.bench.questions import find_questions_file, read_questions, select_questions
+import argen
+from argen.bench.questions import read_questions, select_questions
+from argen.server.serve import make_server
+from benchmarks.harness.provenance import describe, git_state, machine_info, portable_command, require_clean
+from benchmarks.harness.serving_capacity import run_capacity, write_capacity_report
+from benchmarks.harness.serving_cases import run_case, stream_request
+from benchmarks.harness.serving_report import write_case_report
+from benchmarks.harness.specbench import find_questions_file
+
+PROG = "python -m benchmarks serving"
 
 
 def _stream_one(url: str, model: str, prompt: str, max_tokens: int, strategy: str = "plain") -> dict:
@@ -35,33 +42,6 @@ def _stream_one(url: str, model: str, prompt: str, max_tokens: int, strategy: st
             "temperature": 0, "stream": True, "ignore_eos": True, "return_token_ids": True,
             "stream_options": {"include_usage": True}, "strategy": strategy}  # fmt: skip
     return stream_request(url, "/v1/chat/completions", body)
-
-
-def stream_request(url: str, path: str, body: dict) -> dict:
-    """POST a streaming request; client-side timings (perf_counter), the token ids and the usage."""
-    import httpx
-
-    ids: list[int] = []
-    sent = time.perf_counter()
-    first = None
-    usage = None
-    with httpx.Client(timeout=None) as client, client.stream("POST", f"{url}{path}", json=body) as r:
-        if r.status_code != 200:
-            raise RuntimeError(f"HTTP {r.status_code}: {r.read().decode()}")
-        for line in r.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if "error" in chunk:
-                raise RuntimeError(chunk["error"]["message"])
-            for choice in chunk["choices"]:
-                if choice.get("token_ids"):
-                    first = first or time.perf_counter()
-                    ids += choice["token_ids"]
-            usage = chunk.get("usage") or usage
-    done = time.perf_counter()
-    return {"sent": sent, "first_token": first, "done": done, "latency_s": done - sent, "ttft_s": first - sent,
-            "token_ids": ids, "completion_tokens": len(ids), "prompt_tokens": usage["prompt_tokens"]}  # fmt: skip
 
 
 def _metrics(url: str) -> dict[str, float]:
@@ -97,15 +77,9 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def _run(args: argparse.Namespace) -> dict:
-    import argen
-    from argen.server.serve import make_server
-
     all_questions = read_questions(args.questions or find_questions_file())
     gen = argen.load(args.model)
     if args.case != "concurrency":
-        from argen.bench.serving_capacity import run_capacity
-        from argen.bench.serving_cases import run_case
-
         if args.case == "press-capacity":
             results = run_capacity(gen, args.model, all_questions, args)
         else:
@@ -166,9 +140,6 @@ def _run(args: argparse.Namespace) -> dict:
 def write_report(results: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     if results.get("case", "concurrency") != "concurrency":
-        from argen.bench.serving_capacity import write_capacity_report
-        from argen.bench.serving_report import write_case_report
-
         (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
         (write_capacity_report if results["case"] == "press-capacity" else write_case_report)(results, out)
         return
@@ -252,14 +223,14 @@ def _plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m argen.bench.serving", description=__doc__,
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("--model", default="default")
     parser.add_argument("--case", default="concurrency",
                         choices=["concurrency", "shared-prefix", "burst", "multi-turn", "press-capacity"],
                         help="concurrency: N requests one after another, then at once (default); the others compare "
-                             "two server configurations on the same requests (see argen/bench/serving_cases.py)")
+                             "two server configurations on the same requests (see benchmarks/harness/serving_cases.py)")
     parser.add_argument("--strategy", default="plain", help="concurrency: each request's strategy (default: plain)")
     parser.add_argument("--prefix-tokens", type=int, default=500, help="shared-prefix: system prompt tokens")
     parser.add_argument("--question-chars", type=int, default=400,
@@ -290,13 +261,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/serving"))
     parser.add_argument("--allow-dirty", action="store_true",
                         help="write the report even though the working tree has uncommitted changes (recorded)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
     args = parser.parse_args(argv)
     if args.clients < 1 or args.max_tokens < 1 or args.threads < 1 or args.fit < 1 or (
             args.kv_blocks is not None and args.kv_blocks < 1):
         parser.error("--clients, --max-tokens, --threads, --fit and --kv-blocks must be >= 1")
     args.git_state = git_state()
     require_clean(args.git_state, args.allow_dirty)
-    args.command = portable_command(["python", "-m", "argen.bench.serving", *(sys.argv[1:] if argv is None else argv)])
+    args.command = portable_command([*PROG.split(), *(sys.argv[1:] if argv is None else argv)])
     results = run(args)
     write_report(results, args.out)
     if "speedup" in results:

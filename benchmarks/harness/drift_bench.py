@@ -1,4 +1,4 @@
-"""`argen bench drift`: what each lossy option loses, measured against exact greedy decoding.
+"""`python -m benchmarks drift`: what each lossy option loses, measured against exact greedy decoding.
 
 A lossy configuration is a strategy (e.g. `skip-decode:min_layers=12`) and/or extra generate
 options (JSON: `{"method": "...", "setting": "...", "strategy": ..., "options": {...}}`, e.g. a KV
@@ -20,13 +20,20 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from argen.bench import drift_kvpress, kvpress_peer, machine_info
-from argen.bench.drift import NLLScorer, agreement, answer_recall, mean_nll
-from argen.bench.drift_kvpress import beside
-from argen.bench.provenance import describe, git_state, portable_argv, portable_path, require_clean
-from argen.bench.report import markdown_table, mean
-from argen.errors import ArgenError
+import torch
 
+from argen import load
+from argen.bench import parse_strategy
+from argen.bench.questions import read_questions, select_questions
+from argen.errors import ArgenError
+from benchmarks.harness import drift_kvpress, kvpress_peer
+from benchmarks.harness.drift import NLLScorer, agreement, answer_recall, mean_nll
+from benchmarks.harness.drift_kvpress import beside
+from benchmarks.harness.provenance import describe, git_state, machine_info, portable_argv, portable_path, require_clean
+from benchmarks.harness.report import markdown_table, mean
+from benchmarks.harness.specbench import find_questions_file
+
+PROG = "python -m benchmarks drift"
 EXACT = "exact"  # the reference row: plain greedy decoding
 LONG = "long-context"
 FFN_THRESHOLDS = (0.99, 0.98, 0.97, 0.96)  # SmolLM2-135M's middle FFNs: cos 0.95-0.98
@@ -55,8 +62,6 @@ class Case:
 
 def parse_config(text: str) -> LossyConfig:
     """`name:key=value:...` (a strategy) or a JSON object with method, setting, strategy, options."""
-    from argen.bench.systems import parse_strategy
-
     text = text.strip()
     if text.startswith("{"):
         try:
@@ -102,8 +107,6 @@ def long_context_cases(articles: list[str], count_tokens, lengths: list[int]) ->
 
 
 def build_cases(args, questions, count_tokens) -> list[Case]:
-    from argen.bench.questions import select_questions
-
     picked = select_questions(questions, args.categories, args.limit)
     cases = [Case(str(q.question_id), q.category, q.prompt) for q in picked]
     articles = [q.prompt.removeprefix("Summarize:").strip() for q in questions if q.category == "summarization"]
@@ -185,7 +188,7 @@ def render(command: str, machine: dict, settings: dict, rows: list[dict], notes:
               _f(r["token_agreement"], ".3f"), _f(r["nll_exact"], ".3f"), _f(r["nll"], ".3f"), _f(r["nll_gap"], "+.3f"),
               _f(r["answer_recall"], ".2f")] for r in rows]  # fmt: skip
     return "\n".join([
-        "# argen bench drift: lossy options against exact decoding", "", "```", command, "```", "",
+        "# argen drift: lossy options against exact decoding", "", "```", command, "```", "",
         f"Model `{settings['model']}`, greedy, batch 1, up to {settings['max_new_tokens']} new tokens"
         f"{' (EOS ignored)' if settings['ignore_eos'] else ''}; {settings['cases']} prompts: categories "
         f"{', '.join(settings['categories'])} (first turn, chat template) and long-context prompts of "
@@ -252,7 +255,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_ylabel(names[y])
         ax.grid(alpha=0.3)
     fig.axes[0].legend(fontsize="small")
-    fig.suptitle("argen bench drift: fidelity against memory and speed (mean over all prompts)")
+    fig.suptitle("argen drift: fidelity against memory and speed (mean over all prompts)")
     fig.savefig(path, dpi=110)
 
 
@@ -274,7 +277,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              " and transformers' quantized KV cache (optimum-quanto) beside argen's kv-quant: "
                              f"{', '.join(m for m in kvpress_peer.METHODS if kvpress_peer.METHODS[m].quantized)} "
                              "(one row each, no budget). Needs `pip install 'argen[kvpress]'`, in an environment "
-                             "of its own: README")  # fmt: skip
+                             "of its own: docs/lossy-and-drift.md")  # fmt: skip
     parser.add_argument("--kvpress-budgets", metavar="B,B", default=None,
                         help="fractions of positions kept for the kvpress press rows (kv-quant-N rows have none); "
                              "default: the budgets of the press configurations (--config), else 0.5,0.35,0.2,0.1")  # fmt: skip
@@ -297,11 +300,6 @@ def _ints(text: str) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from argen import load
-    from argen.bench.questions import find_questions_file, read_questions
-
     state = git_state()
     require_clean(state, args.allow_dirty)
     methods = kvpress_peer.parse_methods(args.kvpress) if args.kvpress is not None else []
@@ -339,14 +337,14 @@ def run(args: argparse.Namespace) -> int:
                 return drift_kvpress.peer_records(hf, text, case, prompt, exact, scorer, exact_nll,
                                                   peer_configs, args.max_new_tokens, args.ignore_eos, reverse)  # fmt: skip
 
-        print(f"argen bench drift: {len(cases)} prompts × {len(configs) + 1} configurations"
+        print(f"{PROG}: {len(cases)} prompts × {len(configs) + 1} configurations"
               f"{f' + {len(peer_configs) + 1} kvpress' if peer_configs else ''}", file=sys.stderr)  # fmt: skip
 
         def progress(done: int, total: int) -> None:
             print(f"  {done}/{total} prompts", file=sys.stderr)
 
         records = measure(generator, cases, configs, args.max_new_tokens, args.ignore_eos, progress, peer)
-        command = shlex.join(["argen", "bench", "drift", "--model", args.model, "--categories", ",".join(args.categories),
+        command = shlex.join([*PROG.split(), "--model", args.model, "--categories", ",".join(args.categories),
                               "--limit", str(args.limit), "--long-lengths", ",".join(map(str, args.long_lengths)),
                               *[x for c in (args.config or []) for x in ("--config", c)],
                               *(["--kvpress", ",".join(m.name for m in methods)] if methods else []),
@@ -376,18 +374,18 @@ def run(args: argparse.Namespace) -> int:
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
     (out / "report.md").write_text(render(command, machine, settings, rows, notes), encoding="utf-8")
     plot(rows, out / "drift.png")
-    print(f"argen bench drift: report written to {out / 'report.md'} (also results.json, drift.png)", file=sys.stderr)
+    print(f"{PROG}: report written to {out / 'report.md'} (also results.json, drift.png)", file=sys.stderr)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="argen bench drift", description=__doc__,
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     add_arguments(parser)
     try:
         return run(parser.parse_args(argv))
     except ArgenError as exc:
-        print(f"argen bench drift: error: {exc}", file=sys.stderr)
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
 
 

@@ -1,6 +1,6 @@
-"""`argen bench --merge DIR DIR ... --out DIR`: one report from runs over disjoint questions.
+"""`python -m benchmarks compare --merge DIR DIR ... --out DIR`: one report from runs over disjoint questions.
 
-Why: a bench process runs on one CPU core (`--threads 1`, see the README), so a big bench is
+Why: a bench process runs on one CPU core (`--threads 1`, see docs/benchmarks.md), so a big bench is
 split by category over several processes and its parts merged. Ratios stay honest because every
 ratio is taken per question between systems run back to back in the same process; only the
 per-category means combine records from different processes.
@@ -12,8 +12,10 @@ import json
 import sys
 from pathlib import Path
 
-from argen.bench.provenance import portable_argv, portable_command, portable_path
 from argen.errors import ArgenError
+from benchmarks.harness import report
+from benchmarks.harness.compare import PROG
+from benchmarks.harness.provenance import portable_argv, portable_command, portable_path
 
 # Settings that must agree for records to be comparable.
 SAME = ("model", "max_new_tokens", "strategies", "dtypes", "hf_prompt_lookup", "greedy", "batch_size")
@@ -27,8 +29,6 @@ def _load(directory: Path) -> dict:
 
 
 def merge(directories: list[Path], out: Path, allow_dirty: bool = False) -> dict[str, Path]:
-    from argen.bench import report
-
     if len(directories) < 2:
         raise ArgenError("--merge needs at least two bench result directories")
     parts = [_load(Path(d)) for d in directories]
@@ -64,7 +64,7 @@ def merge(directories: list[Path], out: Path, allow_dirty: bool = False) -> dict
                                     "merged_from": [portable_path(Path(d).resolve()) for d in directories]}  # fmt: skip
     systems = first["systems"]
     summary = report.summarize(records, systems)
-    merge_command = portable_command(["argen", "bench", "--merge", *(str(Path(d).resolve()) for d in directories),
+    merge_command = portable_command([*PROG.split(), "--merge", *(str(Path(d).resolve()) for d in directories),
                                       "--out", str(out.resolve()), *(["--allow-dirty"] if allow_dirty else [])])  # fmt: skip
     command = "\n".join([*(p["command"] for p in parts), merge_command])
     machine = first["machine"] | {"merged_runs": len(parts)}

@@ -2,14 +2,15 @@
 the working tree had uncommitted changes, the package versions and the machine; paths written
 relative to the repository, never as absolute machine paths.
 
-Every report writer (`argen bench`, `python -m argen.bench.serving`, `benchmarks/*/run.py`) calls
-`provenance()` before measuring, refuses a dirty tree unless told (`--allow-dirty`), and records
-the result. Report outputs (anything under `benchmarks/` but its `.py` scripts) do not make a
+Every report writer (`python -m benchmarks compare|drift|serving`, `benchmarks/*/run.py`) calls
+`git_state()` before measuring, refuses a dirty tree unless told (`--allow-dirty`), and records
+`provenance()`; the scripts get all three from `script_args()`. Report outputs (anything under `benchmarks/` but its `.py` scripts) do not make a
 tree dirty: a run may rewrite the report it regenerates.
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import os
 import platform
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from argen.errors import ArgenError
 
-_PACKAGE_DIR = Path(__file__).resolve().parent
+_HARNESS_DIR = Path(__file__).resolve().parent
 
 
 def _git(*args: str, cwd: Path) -> str | None:
@@ -31,13 +32,13 @@ def _git(*args: str, cwd: Path) -> str | None:
 
 
 def repo_root() -> Path | None:
-    """The git checkout argen runs from; None when argen is an installed package."""
-    top = _git("rev-parse", "--show-toplevel", cwd=_PACKAGE_DIR)
+    """The git checkout this harness runs from (its `benchmarks/harness/`); None outside one."""
+    top = _git("rev-parse", "--show-toplevel", cwd=_HARNESS_DIR)
     if not top:
         return None
     root = Path(top.strip())
-    # An installed copy inside some other checkout (a venv in a repository) is not that checkout.
-    return root if (root / "src" / "argen").resolve() == _PACKAGE_DIR.parent else None
+    # A copy of the harness inside some other checkout is not that checkout.
+    return root if (root / "benchmarks" / "harness").resolve() == _HARNESS_DIR else None
 
 
 def _is_report_output(path: str) -> bool:
@@ -75,6 +76,35 @@ def provenance(state: dict | None = None) -> dict:
         "platform": platform.platform(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
+
+
+def machine_info(state: dict | None = None) -> dict:
+    """`provenance()` and the CPU features and kernels argen's fast path runs on."""
+    from argen.models.kernels import describe_cpu
+
+    return provenance(state) | {"cpu": describe_cpu()}
+
+
+def script_args(doc: str | None, *, threads: int | None = None, argv: list[str] | None = None,
+                root: Path | None = None, add=None) -> tuple[argparse.Namespace, dict]:  # fmt: skip
+    """The preamble every `benchmarks/*/run.py` shares: a parser described by the first line of the
+    script's docstring with `--allow-dirty` (and `--threads N` when `threads` is its default; torch
+    is set to it), `add(parser)` for the script's own options; then the git state, refused when
+    dirty unless `--allow-dirty`. Returns (args, state); `provenance(state)` is the report header."""
+    parser = argparse.ArgumentParser(description=(doc or "").strip().split("\n\n")[0])
+    if threads is not None:
+        parser.add_argument("--threads", type=int, default=threads, help="torch threads (default: %(default)s)")
+    parser.add_argument("--allow-dirty", action="store_true", help="run from a tree with uncommitted changes (recorded)")
+    if add is not None:
+        add(parser)
+    args = parser.parse_args(argv)
+    state = git_state(root)
+    require_clean(state, args.allow_dirty)
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    return args, state
 
 
 def require_clean(state: dict, allow_dirty: bool) -> None:
