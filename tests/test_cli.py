@@ -9,7 +9,8 @@ import types
 
 import pytest
 
-from argen.cli import main, parse_strategy_opts
+from argen.cli import main
+from argen.cli.options import parse_options
 
 TINY = ["--model", "tiny-random", "--device", "cpu"]
 GREEDY = ["generate", "Hello there", *TINY, "--max-new-tokens", "12"]
@@ -108,7 +109,7 @@ def test_error_messages_say_what_to_do(capsys):
 
 
 def test_strategy_opt_values_are_json_or_strings():
-    assert parse_strategy_opts(["n=8", "p=0.5", "flag=true", "mode=fast", "xs=[1,2]"]) == {
+    assert parse_options(["n=8", "p=0.5", "flag=true", "mode=fast", "xs=[1,2]"]) == {
         "n": 8, "p": 0.5, "flag": True, "mode": "fast", "xs": [1, 2]
     }  # fmt: skip
 
@@ -167,7 +168,7 @@ def test_serve_scheduling_options_are_checked_before_loading(capsys, monkeypatch
 
 def test_serve_passes_the_scheduling_options_to_the_server(capsys, monkeypatch):
     seen = {}
-    monkeypatch.setattr("argen.server.serve.serve", lambda gen, host, port, **options: seen.update(options) or 0)
+    monkeypatch.setattr("argen.cli.serve.serve", lambda gen, host, port, **options: seen.update(options) or 0)
     assert run_cli(capsys, "serve", *TINY, "--prefill-chunk", "0", "--no-prefix-caching")[0] == 0
     assert seen["prefill_chunk"] is None and seen["step_tokens"] == 1024 and seen["prefix_caching"] is False
     assert seen["kv_blocks"] is None
