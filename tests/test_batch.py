@@ -245,8 +245,8 @@ def test_ray_options_without_ray_say_how_to_install(tmp_path, monkeypatch, capsy
 
 def test_serve_replicas_gets_the_serve_options(monkeypatch):
     seen = {}
-    monkeypatch.setattr("argen.cli.serve.require_ray", lambda: None)
-    monkeypatch.setattr("argen.cli.serve.serve_replicas", lambda *a, **k: seen.update(args=a, kwargs=k))
+    monkeypatch.setattr("argen.distributed.require_ray", lambda: None)
+    monkeypatch.setattr("argen.distributed.serve_replicas", lambda *a, **k: seen.update(args=a, kwargs=k))
     assert main(["serve", "--model", "tiny-random", "--replicas", "3", "--port", "9001", "--max-batch", "4",
                  "--limit", "num_beams=3", "--ray", "ray://head:10001", "--replica-cpus", "2"]) == 0  # fmt: skip
     model, app = seen["args"]

@@ -168,7 +168,7 @@ def test_serve_scheduling_options_are_checked_before_loading(capsys, monkeypatch
 
 def test_serve_passes_the_scheduling_options_to_the_server(capsys, monkeypatch):
     seen = {}
-    monkeypatch.setattr("argen.cli.serve.serve", lambda gen, host, port, **options: seen.update(options) or 0)
+    monkeypatch.setattr("argen.server.serve.serve", lambda gen, host, port, **options: seen.update(options) or 0)
     assert run_cli(capsys, "serve", *TINY, "--prefill-chunk", "0", "--no-prefix-caching")[0] == 0
     assert seen["prefill_chunk"] is None and seen["step_tokens"] == 1024 and seen["prefix_caching"] is False
     assert seen["kv_blocks"] is None

@@ -203,7 +203,7 @@ def test_repeated_log_lines_are_rate_limited():
 def test_serve_options_are_checked(capsys, monkeypatch, argv, words):
     from argen.cli import main
 
-    monkeypatch.setattr("argen.cli.serve.serve", _must_not_serve)
+    monkeypatch.setattr("argen.server.serve.serve", _must_not_serve)
     assert main(argv) == 2
     assert words in capsys.readouterr().err
 
@@ -214,7 +214,7 @@ def test_companions_must_share_the_vocabulary(capsys, monkeypatch, tmp_path):
 
     tiny.tiny_llama(2, vocab_size=330).save_pretrained(tmp_path / "other")
     tiny.byte_tokenizer().save_pretrained(tmp_path / "other")
-    monkeypatch.setattr("argen.cli.serve.serve", _must_not_serve)
+    monkeypatch.setattr("argen.server.serve.serve", _must_not_serve)
     assert main(["serve", "--model", MODEL, "--draft-model", f"other={tmp_path / 'other'}"]) == 2
     assert "its vocabulary (330 tokens) differs from the served model's (320)" in capsys.readouterr().err
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from argen.cli.options import (
     add_model_options,
@@ -19,8 +20,12 @@ from argen.cli.options import (
     strategy_spec,
 )
 from argen.errors import ArgenError
-from argen.jobs import BatchJob, RayOptions, RunnerOptions, run_batch
-from argen.jobs.job import describe
+
+if TYPE_CHECKING:
+    from argen.jobs import BatchJob
+
+# argen.jobs (which builds on the server's modules: FastAPI) is imported by the functions below, not
+# here: every `argen` command builds this parser, and only `argen batch` should pay for loading it.
 
 # SamplingParams names -> OpenAI body fields
 BODY_FIELDS = {"max_new_tokens": "max_tokens"}
@@ -70,6 +75,8 @@ def body_fill(args: argparse.Namespace) -> dict:
 
 def batch_job(args: argparse.Namespace) -> BatchJob:
     """The job the `batch` options describe, checked (before any model loads)."""
+    from argen.jobs import BatchJob, RayOptions, RunnerOptions  # start-up cost: see the top of this module
+
     check_scheduler_options(args)
     if args.ray is None and args.workers is not None:
         raise ArgenError("--workers needs --ray")
@@ -87,6 +94,9 @@ def batch_job(args: argparse.Namespace) -> BatchJob:
 
 
 def batch(args: argparse.Namespace) -> int:
+    from argen.jobs import run_batch  # start-up cost: see the top of this module
+    from argen.jobs.job import describe  # start-up cost, as above
+
     job = batch_job(args)
     try:
         summary = run_batch(job)

@@ -8,11 +8,14 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from argen.api import ModelSpec
 from argen.errors import ArgenError
 from argen.models.quant_paths import QUANTS
-from argen.server.limits import Limits
+
+if TYPE_CHECKING:
+    from argen.server.limits import Limits
 
 
 # -- which model -------------------------------------------------------------------------------
@@ -136,4 +139,6 @@ def add_request_policy_options(p: argparse.ArgumentParser, asker: str) -> None:
 
 def limits(args: argparse.Namespace) -> Limits:
     """The caps `--limit` sets (parsed before any slow model load)."""
+    from argen.server.limits import Limits  # start-up cost: argen.server loads FastAPI; only serve and batch need it
+
     return Limits.parse(args.limit)

@@ -15,11 +15,10 @@ from argen.cli.options import (
     model_spec,
     scheduler_options,
 )
-from argen.distributed import require_ray, serve_replicas
 from argen.errors import ArgenError
-from argen.server.companions import Companions
-from argen.server.guards import DEFAULT_MAX_BODY_BYTES
-from argen.server.serve import serve
+
+# The server's modules (FastAPI, uvicorn, Ray Serve) are imported by the handlers below, not here:
+# every `argen` command builds this parser, and only `argen serve` should pay for loading them.
 
 
 def add_serve(sub) -> None:
@@ -96,6 +95,8 @@ def check(args: argparse.Namespace) -> None:
 
 def app_options(args: argparse.Namespace) -> dict:
     """`create_app`'s keyword arguments from the options (plain values: they travel to Ray replicas)."""
+    from argen.server.guards import DEFAULT_MAX_BODY_BYTES  # start-up cost: see the top of this module
+
     return {"model_id": args.model, **scheduler_options(args), "max_queue": args.max_queue,
             "max_tokens_limit": args.max_tokens, "limits": limits(args), "api_key": args.api_key,
             "allowed_hosts": args.allowed_host or None, "allowed_origins": args.allowed_origins or None,
@@ -107,11 +108,16 @@ def serve_command(args: argparse.Namespace) -> int:
     check(args)
     options = app_options(args)  # the limits are parsed here, before the (slow) model load
     if args.replicas:
+        from argen.distributed import require_ray, serve_replicas  # start-up cost: see the top of this module
+
         require_ray()
         serve_replicas(model_spec(args), options, replicas=args.replicas, host=args.host, port=args.port,
                        address=args.ray, replica_cpus=args.replica_cpus, replica_gpus=args.replica_gpus,
                        companions=(list(args.draft_model), list(args.guide_model)))  # fmt: skip
         return 0
+    from argen.server.companions import Companions  # start-up cost: see the top of this module
+    from argen.server.serve import serve  # start-up cost, as above
+
     gen = model_spec(args).load()
     companions = Companions.load(gen, args.model, args.draft_model, args.guide_model)
     return serve(gen, args.host, args.port, log_level=args.log_level, companions=companions,
