@@ -72,3 +72,26 @@ def test_argen_imports_inside_functions_say_why(path):
     """Guards against hidden imports: an argen import inside a function needs a comment on its line
     or the line above saying why (an optional dependency, start-up cost, a circle it avoids)."""
     assert _function_imports(path) == [], f"{path.name}: say why each of these is not at the top of the module"
+
+
+def test_only_command_lines_use_argparse():
+    """Guards against an argparse Namespace travelling into library code (jobs, distributed, chat,
+    server took one before issue 26): outside `argen.cli`, only a module that is a command of its
+    own (`python -m ...`) may import argparse."""
+    for path in sorted(SRC.rglob("*.py")):
+        parts = path.relative_to(SRC).parts
+        if parts[0] in ("cli", "bench"):
+            continue
+        imported = {module for module, _ in _imports(path)}
+        if "argparse" in imported:
+            assert 'if __name__ == "__main__":' in path.read_text(), f"{path.relative_to(SRC)} imports argparse"
+
+
+def _imports(path: Path) -> list[tuple[str, list[str]]]:
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            found.append((node.module or "", [a.name for a in node.names]))
+        elif isinstance(node, ast.Import):
+            found += [(a.name, []) for a in node.names]
+    return found
