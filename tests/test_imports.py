@@ -95,3 +95,15 @@ def _imports(path: Path) -> list[tuple[str, list[str]]]:
         elif isinstance(node, ast.Import):
             found += [(a.name, []) for a in node.names]
     return found
+
+
+def test_nothing_outside_the_server_imports_its_private_names():
+    """Guards against reaching into the server's internals (jobs/runner.py imported `_Shape` and
+    `_generation_error` from server/app.py before issue 26; the shapes are `server/responses.py`'s)."""
+    for path in sorted(SRC.rglob("*.py")):
+        if path.relative_to(SRC).parts[0] == "server":
+            continue
+        for module, names in _imports(path):
+            if module.startswith("argen.server"):
+                private = [n for n in names if n.startswith("_")]
+                assert not private, f"{path.relative_to(SRC)} imports {private} from {module}"
