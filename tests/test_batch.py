@@ -17,7 +17,9 @@ import httpx
 import pytest
 from server_helpers import running_server
 
+from argen.api import ModelSpec
 from argen.cli import build_parser, main
+from argen.cli.batch import batch_job
 from argen.jobs import run_batch
 from argen.jobs.job import OrderedWriter
 from argen.jobs.lines import Job, done_ids
@@ -37,8 +39,8 @@ def write_prompts(path: Path, n: int = N_PROMPTS) -> Path:
 
 
 def batch_args(inp: Path, out: Path, *extra: str):
-    return build_parser().parse_args(["batch", str(inp), str(out), "--model", "tiny-random",
-                                      "--max-new-tokens", "4", "--no-progress", *extra])  # fmt: skip
+    return batch_job(build_parser().parse_args(["batch", str(inp), str(out), "--model", "tiny-random",
+                                                "--max-new-tokens", "4", "--no-progress", *extra]))  # fmt: skip
 
 
 def read_lines(path: Path) -> list[dict]:
@@ -247,8 +249,8 @@ def test_serve_replicas_gets_the_serve_options(monkeypatch):
     monkeypatch.setattr("argen.distributed.serve_replicas", lambda *a, **k: seen.update(args=a, kwargs=k))
     assert main(["serve", "--model", "tiny-random", "--replicas", "3", "--port", "9001", "--max-batch", "4",
                  "--limit", "num_beams=3", "--ray", "ray://head:10001", "--replica-cpus", "2"]) == 0  # fmt: skip
-    source, load_options, app = seen["args"]
-    assert source == "tiny-random" and load_options["quant"] == "auto"
+    model, app = seen["args"]
+    assert model == ModelSpec("tiny-random", device="auto")
     assert app["max_batch"] == 4 and app["model_id"] == "tiny-random" and app["limits"].options["num_beams"] == 3
     assert seen["kwargs"] | {"companions": None} == {"replicas": 3, "host": "127.0.0.1", "port": 9001,
                                                      "address": "ray://head:10001", "replica_cpus": 2.0,

@@ -9,7 +9,8 @@ import types
 
 import pytest
 
-from argen.cli import main, parse_strategy_opts
+from argen.cli import main
+from argen.cli.options import parse_options
 
 TINY = ["--model", "tiny-random", "--device", "cpu"]
 GREEDY = ["generate", "Hello there", *TINY, "--max-new-tokens", "12"]
@@ -108,7 +109,7 @@ def test_error_messages_say_what_to_do(capsys):
 
 
 def test_strategy_opt_values_are_json_or_strings():
-    assert parse_strategy_opts(["n=8", "p=0.5", "flag=true", "mode=fast", "xs=[1,2]"]) == {
+    assert parse_options(["n=8", "p=0.5", "flag=true", "mode=fast", "xs=[1,2]"]) == {
         "n": 8, "p": 0.5, "flag": True, "mode": "fast", "xs": [1, 2]
     }  # fmt: skip
 

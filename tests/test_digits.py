@@ -337,7 +337,7 @@ def test_cli_writes_a_png_grid(tiny_recipes, tmp_path, capsys):
 def test_cli_checks_image_options_before_loading(tiny_recipes, monkeypatch, capsys):
     from argen.cli import main
 
-    monkeypatch.setattr(training, "pretrained", lambda *a, **k: pytest.fail("loaded (and maybe trained) first"))
+    monkeypatch.setattr("argen.images.pretrained", lambda *a, **k: pytest.fail("loaded (and maybe trained) first"))
     assert main(["generate", "--model", "digits-ar", "--labels", "0", "--strategy", "confidence"]) != 0
     assert "does not run on a ar" in capsys.readouterr().err
     assert main(["generate", "--model", "digits-ar", "--labels", "0,x"]) != 0

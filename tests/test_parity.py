@@ -2,8 +2,8 @@
 
 Rows per pass pick the kernel: `Matmul` (fp32, quant="none") uses a GEMV on W^T for one row, oneDNN
 with a prepacked weight for 2-16 rows and `F.linear` (HF's own kernel) above; the quantized fast path
-(quant="exact", the default model's default) uses the fused C forward for up to 64 rows and
-dequantize + GEMM above. Each path differs from HF only in summation order, so its logits must stay
+(quant="exact", the default model's default) uses the fused C forward for feeds of up to 256
+tokens and dequantize + GEMM above. Each path differs from HF only in summation order, so its logits must stay
 within `TOLERANCE` of HF's at every position of a long prompt, where rounding has had the most
 positions to accumulate.
 """
@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 import argen
 from argen.models import matmul
+from argen.models.fused import MAX_NEW_TOKENS as FUSED_MAX
 from argen.models.matmul import PACKED_MAX_ROWS, Matmul
 
 # Measured on the 1,000-token prompt below (logits of magnitude ~10-30): every path is 3e-5 to 6.6e-5
@@ -76,15 +77,16 @@ def test_control_a_wrong_matmul_path_fails(monkeypatch):
 
 
 # Feed sizes for the last positions of the prompt after a long prefill: one row, every packed size
-# class, the fused forward's widest feeds, and one feed past them.
-FEEDS = [1, 1, 2, 3, 8, PACKED_MAX_ROWS, 1, 33, 64, 80]
+# class, feeds on the fused forward up to its widest (256), and one feed past them (torch's path, as
+# the prefill before them).
+FEEDS = [1, 1, 2, 3, 8, PACKED_MAX_ROWS, 1, 33, 64, 80, FUSED_MAX, FUSED_MAX + 1]
 
 
 def long_prompt(gen) -> list[int]:
     text = " ".join(f"Item {i}: the committee reviewed section {i * 7 % 13} of the report and noted"
-                    f" {i * 3 % 11} open questions about its budget." for i in range(40))  # fmt: skip
+                    f" {i * 3 % 11} open questions about its budget." for i in range(56))  # fmt: skip
     ids = gen.encode("Summarize the following notes.\n" + text)
-    assert len(ids) > 800
+    assert len(ids) > sum(FEEDS) + FUSED_MAX  # the prefill before the feeds is longer than the fused forward takes
     return ids
 
 

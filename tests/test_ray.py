@@ -52,9 +52,10 @@ def test_serve_replicas_answer_the_openai_client(cluster, tiny):
     import openai
     from ray import serve
 
+    from argen.api import ModelSpec
     from argen.distributed import serve_replicas
 
-    url = serve_replicas("tiny-random", {}, {"model_id": "tiny-random"}, replicas=2, host="127.0.0.1",
+    url = serve_replicas(ModelSpec("tiny-random"), {"model_id": "tiny-random"}, replicas=2, host="127.0.0.1",
                          port=_free_port(), replica_cpus=0.5, block=False)  # fmt: skip
     status = serve.status().applications["argen"].deployments["argen"]
     assert status.replica_states.get("RUNNING") == 2

@@ -95,15 +95,18 @@ def test_the_exact_path_decodes_as_fp32_token_for_token(real, questions):
 @pytest.fixture(scope="module")
 def real_head(real):
     """A head distilled from the default model: the cached default recipe's if `argen distill-draft`
-    ran here, else a small recipe's (a few minutes, cached for the next run)."""
+    ran here, else a tiny recipe's (16 prompts x 48 tokens, 3 epochs from the last layer: about a
+    minute on 2 cores, cached for the next run). The tiny head drafts poorly (about 1% of its tree
+    nodes accepted), which is enough here: these tests check exactness, with drafts accepted and
+    rejected, not speed."""
     from argen.recipes.draft_head import Recipe, distill, head_path, load_draft_head
 
     path = head_path(real.runtime, Recipe())
     if not path.is_file():
-        small = Recipe(prompts=32, max_new_tokens=64, epochs=2)
-        path = head_path(real.runtime, small)
+        tiny = Recipe(prompts=16, max_new_tokens=48, epochs=3, init="last-layer")
+        path = head_path(real.runtime, tiny)
         if not path.is_file():
-            distill(real, small, progress=False)
+            distill(real, tiny, progress=False)
     return load_draft_head(real.runtime, path, "default")
 
 
@@ -118,7 +121,8 @@ def test_draft_head_matches_plain_and_hf_with_drafts_accepted_and_rejected(real,
         rejected += s.draft_tokens_proposed - s.draft_tokens_accepted
         adaptive = real.generate(ids, max_new_tokens=N_TOKENS, strategy={"name": "draft-head", "head": real_head})
         assert adaptive.token_ids == out.token_ids
-    assert accepted_on >= len(references) / 2, f"draft-head accepted a draft token on only {accepted_on} of {len(references)}"
+    # The tiny head's drafts are mostly rejected: what matters is that both verdicts occur on real weights.
+    assert accepted_on >= 2, f"draft-head accepted a draft token on only {accepted_on} of {len(references)}"
     assert rejected > 0 and near_ties <= 2
 
 

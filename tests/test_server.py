@@ -308,7 +308,7 @@ def test_serve_command_rejects_bad_options_before_loading(capsys):
     from argen.cli import main
 
     assert main(["serve", "--max-batch", "0"]) == 2
-    assert "--max-batch and --max-tokens must be >= 1" in capsys.readouterr().err
+    assert "--max-batch must be >= 1; got 0" in capsys.readouterr().err
     assert main(["serve", "--port", "70000"]) == 2
     assert "--port must be in 0..65535" in capsys.readouterr().err
 

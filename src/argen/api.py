@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 from argen.cache.press import make_press
 from argen.counterfactual import check_interventions, counterfactual
 from argen.engine import Engine, Event, Request, Result
 from argen.errors import InvalidRequestError
+from argen.images import ImageGenerator, is_image_model, load_image_model
 from argen.models import LoadedModel, load_model, shared_model
 from argen.recipes.draft_head import load_draft_head
 from argen.sampling import SamplingParams
@@ -187,7 +189,7 @@ class Stream:
 
 
 def load(model: str = "default", *, runtime: str = "auto", device: str = "cpu", dtype="float32",
-         quant: str = "auto") -> Generator:  # fmt: skip
+         quant: str = "auto") -> Generator | ImageGenerator:  # fmt: skip
     """Load a model: "default" (bundled SmolLM2-135M-Instruct), a Hugging Face directory, a .gguf
     file, or "tiny-random" / "tiny-random-gpt2" (tiny random models for tests). `quant` picks how
     the native runtime holds the weights on CPU: "auto" (a GGUF's own quantized blocks when argen's
@@ -195,11 +197,24 @@ def load(model: str = "default", *, runtime: str = "auto", device: str = "cpu", 
     dequantized), or "q8_0" / "q4_1" / "q4_0" (quantize fp32 weights at load).
     "digits-ar" / "digits-diffusion" load image-token models trained here on first use: they return an
     `argen.images.ImageGenerator` (`generate_images(labels=[...], strategy=..., seed=...)`)."""
-    from argen.images import is_image_model, load_image_model
-
     if is_image_model(model):
         return load_image_model(model)
     return Generator(load_model(model, runtime=runtime, device=device, dtype=dtype, quant=quant))
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which model `load` loads, and how: what the command line's model options say, and what travels
+    (pickled) to a Ray worker or replica, which loads the model itself."""
+
+    source: str = "default"
+    runtime: str = "auto"
+    device: str = "cpu"
+    dtype: str = "float32"
+    quant: str = "auto"
+
+    def load(self) -> Generator | ImageGenerator:
+        return load(self.source, runtime=self.runtime, device=self.device, dtype=self.dtype, quant=self.quant)
 
 
 def companion_models(strategy: Strategy, base: LoadedModel) -> dict[str, object]:

@@ -3,19 +3,18 @@ as it is generated (Generator.stream), the history kept across turns.
 
 Ctrl-C stops a reply (what was shown stays in the history) without leaving; Ctrl-D (end of input)
 or /exit leaves. When the history outgrows the model's context, the oldest turns are dropped.
+The command's options are argen.cli.chat's.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import sys
 from collections.abc import Callable
 from typing import TextIO
 
-from argen.cliargs import add_model_args, add_sampling_args, model_kwargs, sampling_options, strategy_spec
-from argen.errors import ArgenError, InvalidRequestError
+from argen.errors import InvalidRequestError
 
 DEFAULT_MAX_NEW_TOKENS = 512
 HELP = """commands:
@@ -26,13 +25,6 @@ HELP = """commands:
   /stats              show or hide each reply's statistics (tokens, tokens/s, forward passes)
   /help               this text
   /exit               leave (Ctrl-D too); Ctrl-C stops a reply"""
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_model_args(p)
-    add_sampling_args(p, f"greedy, at most {DEFAULT_MAX_NEW_TOKENS} new tokens a reply, strategy plain")
-    p.add_argument("--system", help="system prompt")
-    p.add_argument("--stats", action="store_true", help="show each reply's statistics (toggle with /stats)")
 
 
 class ChatSession:
@@ -123,7 +115,6 @@ class ChatSession:
         return True
 
     def _set_strategy(self, arg: str, err: TextIO) -> None:
-
         try:
             spec = json.loads(arg) if arg.startswith("{") else arg
             self.gen.prepare_strategy(spec)  # checked now, not at the next reply
@@ -154,7 +145,7 @@ def repl(session: ChatSession, read: Callable[[str], str], out: TextIO, err: Tex
         session.reply(line, out, err)
 
 
-def _reader(interactive: bool) -> Callable[[str], str]:
+def reader(interactive: bool) -> Callable[[str], str]:
     if interactive:
         with contextlib.suppress(ImportError):
             import readline  # noqa: F401  (line editing and history for input())
@@ -168,24 +159,3 @@ def _reader(interactive: bool) -> Callable[[str], str]:
 
     return read
 
-
-def run(args: argparse.Namespace) -> int:
-    from argen.api import load
-    from argen.sampling import SamplingParams
-    from argen.strategies import make_strategy
-
-    options = sampling_options(args)
-    strategy = strategy_spec(args) or "plain"
-    try:  # checked before the (slow) model load
-        SamplingParams(**options)
-        make_strategy(strategy)
-    except ValueError as exc:
-        raise ArgenError(str(exc)) from exc
-    gen = load(args.model, **model_kwargs(args))
-    if not getattr(gen.tokenizer, "chat_template", None):
-        raise ArgenError(f"model {args.model!r} has no chat template; use 'argen generate --no-chat' instead")
-    session = ChatSession(gen, system=args.system, strategy=strategy, options=options, stats=args.stats)
-    interactive = sys.stdin.isatty()
-    if interactive:
-        print(f"argen chat with {gen.name}; /help for commands, Ctrl-D to leave", file=sys.stderr)
-    return repl(session, _reader(interactive), sys.stdout, sys.stderr, prompt="> " if interactive else "")

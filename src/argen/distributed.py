@@ -5,9 +5,14 @@ own model and scheduler, behind one OpenAI endpoint). `argen batch --ray` is in 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
+from argen.api import ModelSpec
 from argen.errors import ArgenError
+from argen.server.app import create_app
+from argen.server.companions import Companions
+from argen.server.metrics import merge_by_replica
 
 INSTALL = "pip install 'argen[ray]'"
 # /metrics under --replicas: each replica publishes its registry to one named actor every PUBLISH_S
@@ -69,11 +74,7 @@ def metrics_hub():
 def publish_replica_metrics(app, replica: str, hub) -> None:
     """Make `app`'s /metrics every replica's: publish this one's now and every PUBLISH_S seconds (a
     daemon thread: it ends with the replica), and answer with all of them, labelled by replica."""
-    import threading
-
     ray = require_ray()
-    from argen.server.metrics import merge_by_replica
-
     own = app.state.render_metrics
 
     def publish_forever() -> None:
@@ -97,50 +98,26 @@ class ReplicaApp:
     The app is built in the replica (`__serve_build_asgi_app__`), so the model is loaded there, never
     pickled from the driver. Its /metrics shows every replica's series (`publish_replica_metrics`)."""
 
-    def __init__(self, source: str, load_options: dict, app_options: dict, companions: tuple[list, ...]) -> None:
-        self.source, self.load_options, self.app_options, self.companions = source, load_options, app_options, companions
+    def __init__(self, model: ModelSpec, app_options: dict, companions: tuple[list, ...]) -> None:
+        self.model, self.app_options, self.companions = model, app_options, companions
 
     def __serve_build_asgi_app__(self):
         from ray import serve
 
-        from argen.api import load
-        from argen.server.app import create_app
-        from argen.server.companions import Companions
-
-        gen = load(self.source, **self.load_options)
-        model_id = self.app_options.get("model_id") or self.source
+        gen = self.model.load()
+        model_id = self.app_options.get("model_id") or self.model.source
         companions = Companions.load(gen, model_id, *self.companions)
         app = create_app(gen, companions=companions, **self.app_options)
         publish_replica_metrics(app, serve.get_replica_context().replica_id.unique_id, metrics_hub())
         return app
 
 
-def serve_with_ray(args) -> int:
-    """`argen serve --replicas N` (the serve command's options)."""
-    from argen.cliargs import model_kwargs
-    from argen.server.guards import DEFAULT_MAX_BODY_BYTES
-    from argen.server.limits import Limits
-
-    limits = Limits.parse(args.limit)  # checked before anything starts
-    require_ray()
-    app_options = {"model_id": args.model, "max_batch": args.max_batch, "max_queue": args.max_queue,
-                   "max_tokens_limit": args.max_tokens, "limits": limits, "api_key": args.api_key,
-                   "allowed_hosts": args.allowed_host or None, "allowed_origins": args.allowed_origins or None,
-                   "max_body_bytes": args.max_body_bytes or DEFAULT_MAX_BODY_BYTES,
-                   "prefill_chunk": args.prefill_chunk or None, "step_tokens": args.step_tokens or None,
-                   "prefix_caching": args.prefix_caching, "kv_blocks": args.kv_blocks,
-                   "prefill_slowdown": args.prefill_slowdown or None}  # fmt: skip
-    serve_replicas(args.model, model_kwargs(args), app_options, replicas=args.replicas, host=args.host, port=args.port,
-                   address=args.ray, replica_cpus=args.replica_cpus, replica_gpus=args.replica_gpus,
-                   companions=(list(args.draft_model), list(args.guide_model), list(args.draft_head)))  # fmt: skip
-    return 0
-
-
-def serve_replicas(source: str, load_options: dict, app_options: dict, *, replicas: int, host: str, port: int,
+def serve_replicas(model: ModelSpec, app_options: dict, *, replicas: int, host: str, port: int,
                    address: str | None = None, replica_cpus: float = 1, replica_gpus: float = 0,
                    companions: tuple[list, ...] = ([], []), block: bool = True) -> str:  # fmt: skip
-    """Serve `replicas` copies of the argen app behind Ray Serve's HTTP proxy at host:port; returns the
-    base URL. `block`: wait until Ctrl-C, then shut Ray Serve down."""
+    """Serve `replicas` copies of the argen app (`create_app(gen, **app_options)`, each replica loading
+    `model` itself) behind Ray Serve's HTTP proxy at host:port; returns the base URL. `block`: wait
+    until Ctrl-C, then shut Ray Serve down."""
     ray = require_ray()
     from ray import serve
 
@@ -151,7 +128,7 @@ def serve_replicas(source: str, load_options: dict, app_options: dict, *, replic
     ingress = serve.ingress()(ReplicaApp)
     deployment = serve.deployment(name="argen", num_replicas=replicas,
                                   ray_actor_options={"num_cpus": replica_cpus, "num_gpus": replica_gpus})(ingress)  # fmt: skip
-    serve.run(deployment.bind(source, load_options, app_options, companions), name="argen", route_prefix="/")
+    serve.run(deployment.bind(model, app_options, companions), name="argen", route_prefix="/")
     url = f"http://{host}:{port}"
     if not block:
         return url

@@ -8,7 +8,9 @@ decoding (the strategies), quality (classifier accuracy and Fréchet distance), 
 
 from __future__ import annotations
 
+from argen.errors import ModelNotFoundError
 from argen.images.generator import ImageGenerator, save_grid
+from argen.images.training import pretrained
 
 # loadable name -> (model kind, its draft model's name or None)
 IMAGE_MODELS: dict[str, tuple[str, str | None]] = {
@@ -24,9 +26,6 @@ def is_image_model(name: str) -> bool:
 
 def load_image_model(name: str, progress: bool = True) -> ImageGenerator:
     """A digits model by name (optionally "@SEED": the training seed), trained and cached on first use."""
-    from argen.errors import ModelNotFoundError
-    from argen.images.training import pretrained
-
     base, _, seed = name.partition("@")
     if base not in IMAGE_MODELS or (seed and not seed.isdigit()):
         raise ModelNotFoundError(f"unknown image model {name!r}; valid: {', '.join(IMAGE_MODELS)} (optionally @SEED)")

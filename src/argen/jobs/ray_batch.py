@@ -9,22 +9,34 @@ order, resumable), so the two give the same lines.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 from argen.distributed import connect, require_ray
 from argen.jobs.lines import Job, error_line
+from argen.jobs.runner import RunnerOptions, make_runner
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """Where and how `argen batch --ray` runs: the cluster's `address` ('auto': $RAY_ADDRESS or one on
+    this machine, else a new one; 'local': a new one here), `workers` each holding the model (None:
+    one per node), their CPUs and GPUs, and the requests a worker takes at a time."""
+
+    address: str = "auto"
+    workers: int | None = None
+    worker_cpus: float = 1
+    worker_gpus: float = 0
+    rows_per_call: int = 256
 
 
 class _Worker:
     """A Ray Data actor: one model, loaded once; each call runs a batch of requests."""
 
-    def __init__(self, options: dict) -> None:
-        from argen.jobs import make_runner
-
+    def __init__(self, options: RunnerOptions) -> None:
         self.runner = make_runner(options)
 
     def __call__(self, batch: dict) -> dict:
@@ -35,15 +47,11 @@ class _Worker:
         return {"index": [index for index, _ in done], "out": [out for _, out in done]}
 
 
-def ray_executor(args: argparse.Namespace) -> Callable[[list[Job], Callable[[int], None]], Iterator[tuple[Job, dict]]]:
-    from argen.jobs import runner_options
-    from argen.server.limits import Limits
-
-    Limits.parse(args.limit)  # checked before anything starts
+def ray_executor(cluster: RayOptions,
+                 options: RunnerOptions) -> Callable[[list[Job], Callable[[int], None]], Iterator[tuple[Job, dict]]]:  # fmt: skip
     ray = require_ray()
-    started = connect(args.ray)
-    options = runner_options(args)
-    workers = args.workers or max(1, sum(1 for node in ray.nodes() if node.get("Alive")))
+    started = connect(cluster.address)
+    workers = cluster.workers or max(1, sum(1 for node in ray.nodes() if node.get("Alive")))
 
     def execute(todo: list[Job], on_tokens: Callable[[int], None]) -> Iterator[tuple[Job, dict]]:
         import ray.data
@@ -59,7 +67,7 @@ def ray_executor(args: argparse.Namespace) -> Callable[[list[Job], Callable[[int
                                      "endpoint": job.endpoint, "body": json.dumps(job.body)})  # fmt: skip
             if not requests:
                 return
-            per_call = min(args.rows_per_call, math.ceil(len(requests) / workers))  # every worker gets a share
+            per_call = min(cluster.rows_per_call, math.ceil(len(requests) / workers))  # every worker gets a share
             context = ray.data.DataContext.get_current()
             context.execution_options.preserve_order = True
             context.enable_progress_bars = False  # the job has its own
@@ -67,8 +75,8 @@ def ray_executor(args: argparse.Namespace) -> Callable[[list[Job], Callable[[int
             logging.getLogger("ray.data").setLevel(logging.WARNING)  # its INFO lines would break the bar
             ds = ray.data.from_items(requests, override_num_blocks=math.ceil(len(requests) / per_call))
             ds = ds.map_batches(_Worker, fn_constructor_kwargs={"options": options}, batch_size=per_call,
-                                compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=args.worker_cpus,
-                                num_gpus=args.worker_gpus or None, batch_format="numpy")  # fmt: skip
+                                compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cluster.worker_cpus,
+                                num_gpus=cluster.worker_gpus or None, batch_format="numpy")  # fmt: skip
             for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
                 for index, out in zip(batch["index"], batch["out"]):
                     line = json.loads(str(out))

@@ -2,7 +2,7 @@
 
 A line means what the same HTTP request to `argen serve` means: its body is checked by the server's
 pydantic model and `build_request` (same 400s, same defaults), and its response body is built by
-the server's `_Shape`. The requests then run in one DecodeBatch, admitted in input order by the
+the server's `responses.Shape`. The requests then run in one DecodeBatch, admitted in input order by the
 engine's Scheduler, as the server admits them: up to `max_batch` sequences at once (a request's n
 samples are n), each only when KV memory for its worst case is free. Lines finish out of order; `JobRunner.run` yields each one's output line as it finishes.
 """
@@ -11,20 +11,21 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 
 from pydantic import BaseModel, ValidationError
 
-from argen.api import Generator
+from argen.api import Generator, ModelSpec
 from argen.engine import DecodeBatch, Event, Failure, Request, Result
 from argen.engine.scheduler import PREFILL_CHUNK, STEP_TOKENS, Scheduler, Waiting
 from argen.jobs.lines import Job, error_line, ok_line
 from argen.server import protocol as p
-from argen.server.app import _generation_error, shape_of
 from argen.server.companions import Companions
 from argen.server.errors import APIError, validation_message
 from argen.server.limits import Limits
 from argen.server.logprob_shape import Tokens
 from argen.server.params import Policy, build_request, max_prompt_chars
+from argen.server.responses import generation_error, shape_of
 
 log = logging.getLogger("argen.batch")
 BODIES: dict[str, type[BaseModel]] = {"chat": p.ChatCompletionRequest, "completions": p.CompletionRequest}
@@ -36,6 +37,33 @@ def make_policy(gen: Generator, model_id: str, limits: Limits | None = None,
     context = gen.runtime.info.max_positions
     return Policy(model_id, context, limits or Limits(), companions or Companions(model_id, gen.model),
                   max_prompt_chars(gen))  # fmt: skip
+
+
+@dataclass(frozen=True)
+class RunnerOptions:
+    """What a JobRunner is made from, plain values (they travel to Ray workers, which load the model
+    themselves). `draft_models` / `guide_models` / `draft_heads`: `NAME=SOURCE` companions lines may name."""
+
+    model: ModelSpec
+    model_id: str
+    max_batch: int = 32
+    prefill_chunk: int | None = PREFILL_CHUNK
+    step_tokens: int | None = STEP_TOKENS
+    prefix_caching: bool = True
+    draft_models: tuple[str, ...] = ()
+    guide_models: tuple[str, ...] = ()
+    draft_heads: tuple[str, ...] = ()
+    limits: Limits = field(default_factory=Limits)
+
+
+def make_runner(options: RunnerOptions) -> JobRunner:
+    """A JobRunner over a freshly loaded model (in this process or a Ray worker)."""
+    gen = options.model.load()
+    companions = Companions.load(gen, options.model_id, list(options.draft_models), list(options.guide_models),
+                                 list(options.draft_heads))  # fmt: skip
+    return JobRunner(gen, make_policy(gen, options.model_id, options.limits, companions), max_batch=options.max_batch,
+                     prefill_chunk=options.prefill_chunk, step_tokens=options.step_tokens,
+                     prefix_caching=options.prefix_caching)  # fmt: skip
 
 
 class JobRunner:
@@ -102,7 +130,7 @@ class JobRunner:
                         try:
                             scheduler.admit(entry)
                         except Exception as exc:
-                            yield job, error_line(job, _generation_error(exc))
+                            yield job, error_line(job, generation_error(exc))
                             continue
                         running[job.index] = (job, body, entry.request)
                         self.generated += 1
@@ -124,7 +152,7 @@ class JobRunner:
                         job, _, _ = running.pop(item.index)
                         finished.pop(item.index, None)
                         batch.remove([s for s in batch.sequences if s.index == item.index])
-                        yield job, error_line(job, _generation_error(item.error))
+                        yield job, error_line(job, generation_error(item.error))
         finally:
             batch.remove(list(batch.sequences))
 

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from argen.models.quant import QK, QuantWeight
+from argen.models.sources import gguf_reader
 
 log = logging.getLogger("argen.models")
 
@@ -60,8 +61,6 @@ def _unpermute_rows(n_rows: int, n_head: int) -> torch.Tensor:
 
 def read_gguf(path: Path, config) -> dict[str, torch.Tensor | QuantWeight]:
     from gguf import dequantize
-
-    from argen.models.sources import gguf_reader
 
     reader = gguf_reader(path)
     arch = reader.fields["general.architecture"].contents() if "general.architecture" in reader.fields else ""

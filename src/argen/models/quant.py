@@ -26,10 +26,12 @@ from argen.models.kernels import KernelLibrary, QWeightStruct, library
 
 QK = 32  # weights per block
 FORMATS = {"q4_0": 0, "q4_1": 1, "q8_0": 2}
-# Above this many rows, dequantizing the weight and torch's GEMM beat the block kernel (measured on
-# SmolLM2's shapes, one thread: even at 32 rows, 64 for the vocabulary matrix, whose dequantized copy
-# does not stay in cache).
-KERNEL_MAX_ROWS = 32
+# Above this many rows, the weight is dequantized (into a per-shape buffer that stays) for torch's
+# GEMM. Since the outer-product tiles the block kernel keeps up with that GEMM to about 256 rows
+# (benchmarks/prefill), so this only needs to cover what reaches a QuantMatmul outside the fused
+# forward: the vocabulary head on prompt scoring's 64-row blocks, which then never makes the 113 MB
+# fp32 copy of SmolLM2's vocabulary matrix a server would otherwise keep (issue 24's memory check).
+KERNEL_MAX_ROWS = 64
 
 
 @dataclass

@@ -35,7 +35,9 @@ import torch.nn.functional as F
 
 from argen.errors import ArgenError
 from argen.models.draft_head import DraftHeadRuntime, HeadConfig, HeadWeights, head_rows_dense, read_head, save_head
+from argen.models.kernels import describe_cpu
 from argen.models.sources import cache_dir
+from argen.recipes.local_text import build_prompts, local_corpus
 from argen.strategies.base import DecodeState, Step
 from argen.strategies.plain import Plain
 from argen.strategies.speculative.skip_calibration import fingerprint
@@ -359,9 +361,6 @@ def train(trainer: Trainer, weights: HeadWeights, examples: list[Example], recip
 def distill(gen, recipe: Recipe = Recipe(), batch: int = 32, progress: bool = True, path: Path | None = None,
             corpus=None) -> Path:  # fmt: skip
     """Run the recipe on `gen`'s model and save the head (to the cache, unless `path`); returns where."""
-    from argen.models.kernels import describe_cpu
-    from argen.recipes.local_text import build_prompts, local_corpus
-
     recipe.check()
     runtime = gen.runtime
     if not isinstance(getattr(runtime, "layers", None), list):

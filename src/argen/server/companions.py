@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from argen.api import Generator
 from argen.errors import ArgenError
 from argen.models import LoadedModel, shared_model
+from argen.recipes.draft_head import load_draft_head
 from argen.server.errors import bad_request
 
 FLAGS = {"draft": "--draft-model", "guide": "--guide-model", "head": "--draft-head"}
@@ -46,8 +47,6 @@ class Companions:
                 if name == served_id or name in found.models[kind]:
                     raise ArgenError(f"{FLAGS[kind]} {pair!r}: the name {name!r} is taken; give each model its own")
                 if kind == "head":
-                    from argen.recipes.draft_head import load_draft_head
-
                     found.models[kind][name] = load_draft_head(runtime, source, served_id)
                     continue
                 model = shared_model(source, device=str(runtime.device), dtype=runtime.dtype)

@@ -7,6 +7,8 @@ import json
 
 from fastapi.responses import JSONResponse
 
+from argen.server import protocol as p
+
 STATUS_TYPES = {
     400: "invalid_request_error",
     401: "invalid_request_error",
@@ -18,6 +20,17 @@ STATUS_TYPES = {
     500: "internal_error",
     503: "service_unavailable",
 }
+
+# The error statuses as the OpenAPI description documents them (each route lists those it answers).
+ERROR_RESPONSES = {
+    status: {"model": p.ErrorResponse, "description": text}
+    for status, text in [(400, "a parameter is invalid or unsupported (the message says which)"),
+                         (401, "the API key is missing or wrong (only when the server has one)"),
+                         (404, "the model is not served here"), (413, "the body is larger than the server's limit"),
+                         (422, "the body does not match the schema"),
+                         (429, "the queue is full; retry after Retry-After seconds"),
+                         (503, "the server is shutting down")]
+}  # fmt: skip
 
 
 class ErrorJSON(JSONResponse):
@@ -64,3 +77,4 @@ def validation_message(errors: list[dict]) -> tuple[str, str | None]:
             parts.append(f"{where or 'body'}: {err.get('msg')}")
     more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
     return "invalid request: " + "; ".join(parts) + more, param
+

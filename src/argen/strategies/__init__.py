@@ -7,7 +7,11 @@ import inspect
 from argen.checks import finite_number
 from argen.errors import InvalidRequestError
 from argen.strategies.base import DecodeState, Strategy
+from argen.strategies.guided import Guided
 from argen.strategies.plain import Plain
+from argen.strategies.search import Beam, ConditionalBeam, Contrastive
+from argen.strategies.skipping import FFNSkip, SkipDecode
+from argen.strategies.speculative import DraftHead, DraftModel, Jacobi, LayerSkip, NGram, PromptLookup
 
 REGISTRY: dict[str, type[Strategy]] = {}
 
@@ -17,18 +21,9 @@ def register(cls: type[Strategy]) -> type[Strategy]:
     return cls
 
 
-register(Plain)
-
-
-def _register_builtin() -> None:
-    from argen.strategies.guided import Guided
-    from argen.strategies.search import Beam, ConditionalBeam, Contrastive
-    from argen.strategies.skipping import FFNSkip, SkipDecode
-    from argen.strategies.speculative import DraftHead, DraftModel, Jacobi, LayerSkip, NGram, PromptLookup
-
-    for cls in (PromptLookup, NGram, Jacobi, LayerSkip, DraftModel, DraftHead, Beam, ConditionalBeam, Contrastive, Guided,
-                SkipDecode, FFNSkip):
-        register(cls)
+for _cls in (Plain, PromptLookup, NGram, Jacobi, LayerSkip, DraftModel, DraftHead, Beam, ConditionalBeam, Contrastive,
+             Guided, SkipDecode, FFNSkip):  # fmt: skip
+    register(_cls)
 
 
 def strategy_options(cls: type[Strategy]) -> dict[str, object]:
@@ -36,9 +31,6 @@ def strategy_options(cls: type[Strategy]) -> dict[str, object]:
     params = inspect.signature(cls.__init__).parameters
     kinds = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     return {n: p.default for n, p in params.items() if n != "self" and p.kind in kinds}
-
-
-_register_builtin()
 
 
 def make_strategy(spec) -> Strategy:

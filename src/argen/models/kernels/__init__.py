@@ -26,6 +26,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from argen.models.sources import cache_dir
+
 log = logging.getLogger("argen.kernels")
 HERE = Path(__file__).parent
 SOURCES = [HERE / "cpu_kernels.c", HERE / "cpu_forward.c"]
@@ -167,8 +169,6 @@ def compile_kernels(isa: str, cc: str | None = None) -> Path:
     """The kernels compiled for `isa` (built on first use into the cache directory, keyed by the
     source, the compiler and the flags); not loaded, so any ISA the compiler targets can be built on
     any machine. Raises RuntimeError when there is no compiler or the build fails."""
-    from argen.models.sources import cache_dir
-
     cc = cc or _compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (cc, gcc, clang or $CC)")

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from argen.errors import InvalidRequestError
 from argen.models.runtime import Plan, SegmentOut
 from argen.strategies.base import DecodeState, Feed
+from argen.strategies.speculative.adaptive import CostModel
 from argen.strategies.speculative.base import Speculative, SpeculativeMemo
 from argen.strategies.speculative.drafting import chain_tree, draw_chain
 from argen.strategies.speculative.skip_calibration import Block, plan_skipping, skipped_blocks
@@ -52,8 +53,6 @@ class LayerSkip(Speculative):
         super().start(state)
         n_layers = runtime.info.n_layers
         if self.skip_layers is None and self.skip_ffn is None:
-            from argen.strategies.speculative.adaptive import CostModel
-
             blocks = skipped_blocks(runtime, CostModel.for_runtime(runtime), self.max_draft)
         else:
             blocks = [("attn", i) for i in self.skip_layers or []] + [

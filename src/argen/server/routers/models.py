@@ -1,0 +1,24 @@
+"""/v1/models: the one model this server serves."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from argen.server import protocol as p
+from argen.server.errors import ERROR_RESPONSES, APIError
+from argen.server.state import Served
+
+router = APIRouter()
+
+
+@router.get("/v1/models", response_model=p.ModelList)
+async def models(served: Served) -> p.ModelList:
+    return p.ModelList(data=[served.card])
+
+
+@router.get("/v1/models/{name:path}", response_model=p.ModelCard, responses={404: ERROR_RESPONSES[404]})
+async def model(name: str, served: Served) -> p.ModelCard:
+    if name != served.model_id:
+        raise APIError(404, f"the model {name[:200]!r} does not exist here; this server serves {served.model_id!r}",
+                       param="model", code="model_not_found")  # fmt: skip
+    return served.card
