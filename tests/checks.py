@@ -21,7 +21,9 @@ def check_greedy_identical(gen, prompt, strategy, max_new_tokens: int = 40) -> R
     plain = gen.generate(prompt, max_new_tokens=max_new_tokens, ignore_eos=True)
     out = gen.generate(prompt, max_new_tokens=max_new_tokens, ignore_eos=True, strategy=strategy)
     n = first_difference(out.token_ids, plain.token_ids)
-    assert n is None, f"differs from plain greedy at new token {n}: {out.token_ids[n : n + 3]} vs {plain.token_ids[n : n + 3]}"
+    assert n is None, (
+        f"differs from plain greedy at new token {n}: {out.token_ids[n : n + 3]} vs {plain.token_ids[n : n + 3]}"
+    )
     return out
 
 
@@ -32,8 +34,9 @@ def check_cache_matches_prefill(gen, prompt, strategy, max_new_tokens: int = 40,
     request runs in the Engine's decode loop, round by round; the cache is looked at whenever a step
     has just emitted its tokens (the next step's feeds are asked for, not yet run)."""
     strategy = make_strategy(strategy) if not hasattr(strategy, "step") else strategy
-    request = Request(gen.encode(prompt), SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True, **params),
-                      strategy)  # fmt: skip
+    request = Request(
+        gen.encode(prompt), SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True, **params), strategy
+    )
     batch = DecodeBatch(gen.engine, prefix_caching=False)
     seq = batch.admit(0, request)
     while batch:
@@ -46,7 +49,9 @@ def check_cache_matches_prefill(gen, prompt, strategy, max_new_tokens: int = 40,
         fresh = gen.runtime.new_cache(1, n + 1)
         gen.runtime.forward(torch.tensor([tokens[:-1]]), torch.arange(n)[None], fresh, num_logits=0)
         for name, got, want in zip(("k", "v"), cache.gathered(), fresh.gathered()):
-            assert torch.allclose(got, want, atol=atol), f"cached {name} differs from a fresh prefill by {(got - want).abs().max():.2e}"
+            assert torch.allclose(got, want, atol=atol), (
+                f"cached {name} differs from a fresh prefill by {(got - want).abs().max():.2e}"
+            )
         fresh.free()
     return seq.state.counters.draft_accepted
 
@@ -65,8 +70,10 @@ def next_logits(runtime, layout: PromptLayout) -> torch.Tensor:
 def set_layouts(tokenizer, prefix: str, members: list[str], suffix: str, canonical: bool, chat: bool = True):
     """The layout of every permutation of the members (through the module attribute, so that a
     control can swap in a broken layout)."""
-    return [argen.setprompt.set_prompt_layout(tokenizer, SetPrompt(prefix, list(p), suffix), chat=chat, canonical=canonical)
-            for p in itertools.permutations(members)]  # fmt: skip
+    return [
+        argen.setprompt.set_prompt_layout(tokenizer, SetPrompt(prefix, list(p), suffix), chat=chat, canonical=canonical)
+        for p in itertools.permutations(members)
+    ]
 
 
 def check_order_independent(runtime, layouts: list[PromptLayout], atol: float) -> float:
@@ -116,7 +123,9 @@ def check_same_as_plain_and_hf(hf_model, prompt_ids: list[int], out: list[int], 
         if n is None:
             continue
         d = divergence(hf_model, prompt_ids, out, reference, n)
-        assert d["near_tie"], (f"differs from {name} at new token {n} ({out[n : n + 3]} vs {reference[n : n + 3]}), "
-                               f"not at a near-tie: HF top-2 {d['top2']}, logit gap {d['gap']:.2e}")  # fmt: skip
+        assert d["near_tie"], (
+            f"differs from {name} at new token {n} ({out[n : n + 3]} vs {reference[n : n + 3]}), "
+            f"not at a near-tie: HF top-2 {d['top2']}, logit gap {d['gap']:.2e}"
+        )
         near_ties += 1
     return near_ties

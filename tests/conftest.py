@@ -47,6 +47,8 @@ def draft(real) -> LlamaRuntime:
     state = {k: v for k, v in hf.state_dict().items() if not k.startswith("model.layers.")}
     for new, old in enumerate(kept):
         prefix = f"model.layers.{old}."
-        state |= {f"model.layers.{new}." + k[len(prefix) :]: v for k, v in hf.state_dict().items() if k.startswith(prefix)}
+        state |= {
+            f"model.layers.{new}." + k[len(prefix) :]: v for k, v in hf.state_dict().items() if k.startswith(prefix)
+        }
     config.num_hidden_layers = len(kept)
     return LlamaRuntime(config, state)

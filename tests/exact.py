@@ -118,7 +118,9 @@ class Enumerator:
                 out.add(outcome, weight, extras)
                 out.keys.append(list(self.path.keys))
                 # Depth first: advance the deepest branch point that has an option left.
-                while self.path.choices and self.path.choices[-1] + 1 >= len(self.path.options[len(self.path.choices) - 1]):
+                while self.path.choices and self.path.choices[-1] + 1 >= len(
+                    self.path.options[len(self.path.choices) - 1]
+                ):
                     self.path.choices.pop()
                 if not self.path.choices:
                     return out

@@ -163,8 +163,11 @@ def check(quote: Quote) -> list[str]:
         if not any(r.row_with(quote.checked, name) for r in quote.reports):
             return [f"{where}: the row {quote.cells[0]!r} ({' | '.join(quote.cells[1:])}) is in no table of {sources}"]
         return []
-    return [f"{where}: {figure} is in none of the reports cited ({sources})"
-            for figure in quote.checked if not any(r.has(figure) for r in quote.reports)]  # fmt: skip
+    return [
+        f"{where}: {figure} is in none of the reports cited ({sources})"
+        for figure in quote.checked
+        if not any(r.has(figure) for r in quote.reports)
+    ]
 
 
 def report_folder(root: Path, cited: str) -> Path:

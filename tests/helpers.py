@@ -38,8 +38,10 @@ def assert_same_or_near_tie(hf_model, prompt_ids, got: list[int], want: list[int
     if n is None:
         return False
     d = divergence(hf_model, prompt_ids, got, want, n)
-    assert d["near_tie"], (f"diverged at new token {n} ({got[n : n + 3]} vs {want[n : n + 3]}): HF top-2 {d['top2']}, "
-                           f"gap {d['gap']:.2e}; not a near-tie")  # fmt: skip
+    assert d["near_tie"], (
+        f"diverged at new token {n} ({got[n : n + 3]} vs {want[n : n + 3]}): HF top-2 {d['top2']}, "
+        f"gap {d['gap']:.2e}; not a near-tie"
+    )
     return True
 
 

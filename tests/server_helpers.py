@@ -31,6 +31,8 @@ def running_server(gen, **options):
 def metric(text: str, name: str, **labels) -> float:
     """The value of one sample in Prometheus text (0 if absent)."""
     want = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    pattern = rf"^{re.escape(name)}(?:\{{{re.escape(want)}\}})? ([0-9.e+-]+)$" if want else rf"^{re.escape(name)} (\S+)$"
+    pattern = (
+        rf"^{re.escape(name)}(?:\{{{re.escape(want)}\}})? ([0-9.e+-]+)$" if want else rf"^{re.escape(name)} (\S+)$"
+    )
     match = re.search(pattern, text, re.M)
     return float(match.group(1)) if match else 0.0

@@ -39,8 +39,11 @@ def write_prompts(path: Path, n: int = N_PROMPTS) -> Path:
 
 
 def batch_args(inp: Path, out: Path, *extra: str):
-    return batch_job(build_parser().parse_args(["batch", str(inp), str(out), "--model", "tiny-random",
-                                                "--max-new-tokens", "4", "--no-progress", *extra]))  # fmt: skip
+    return batch_job(
+        build_parser().parse_args(
+            ["batch", str(inp), str(out), "--model", "tiny-random", "--max-new-tokens", "4", "--no-progress", *extra]
+        )
+    )
 
 
 def read_lines(path: Path) -> list[dict]:
@@ -56,8 +59,21 @@ def reference(tmp_path_factory) -> list[dict]:
     """The uninterrupted local run over N_PROMPTS plain prompts."""
     d = tmp_path_factory.mktemp("batch")
     out = d / "out.jsonl"
-    assert main(["batch", str(write_prompts(d / "in.jsonl")), str(out), "--model", "tiny-random",
-                 "--max-new-tokens", "4", "--no-progress"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "batch",
+                str(write_prompts(d / "in.jsonl")),
+                str(out),
+                "--model",
+                "tiny-random",
+                "--max-new-tokens",
+                "4",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     return read_lines(out)
 
 
@@ -86,15 +102,26 @@ def same(a, b) -> bool:
 
 
 def test_a_line_means_what_the_same_http_request_means(tmp_path, tiny):
-    body = {"model": "tiny-random", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6,
-            "temperature": 0.9, "seed": 7, "top_k": 20, "return_token_ids": True}  # fmt: skip
+    body = {
+        "model": "tiny-random",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 6,
+        "temperature": 0.9,
+        "seed": 7,
+        "top_k": 20,
+        "return_token_ids": True,
+    }
     completion = {"model": "tiny-random", "prompt": "abc", "max_tokens": 5, "seed": 3}
     # log-probs, the echoed prompt and vLLM's prompt_logprobs; a forced tool call: shaped as the server does
     scored = completion | {"temperature": 0, "echo": True, "logprobs": 2, "prompt_logprobs": 1}
     tool = {"type": "function", "function": {"name": "get_time"}}
     called = body | {"temperature": 0, "tools": [tool], "tool_choice": tool}
-    urls = {"chat": "/v1/chat/completions", "text": "/v1/completions", "scored": "/v1/completions",
-            "called": "/v1/chat/completions"}  # fmt: skip
+    urls = {
+        "chat": "/v1/chat/completions",
+        "text": "/v1/completions",
+        "scored": "/v1/completions",
+        "called": "/v1/chat/completions",
+    }
     bodies = {"chat": body, "text": completion, "scored": scored, "called": called}
     lines = [{"custom_id": key, "method": "POST", "url": urls[key], "body": bodies[key]} for key in urls]
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
@@ -115,30 +142,54 @@ def test_a_line_means_what_the_same_http_request_means(tmp_path, tiny):
 
 def test_bad_lines_become_error_lines(tmp_path):
     ok = {"model": "tiny-random", "prompt": "abc", "max_tokens": 2}
-    raw = [json.dumps("a bare string prompt"),
-           "not json {",
-           json.dumps([1, 2]),
-           json.dumps({"custom_id": "wrong-model", "method": "POST", "url": "/v1/completions",
-                       "body": {**ok, "model": "gpt-4o-mini"}}),
-           json.dumps({"custom_id": "unknown-field", "method": "POST", "url": "/v1/completions",
-                       "body": {**ok, "bogus": 1}}),
-           json.dumps({"custom_id": "bad-url", "method": "POST", "url": "/v1/embeddings", "body": ok}),
-           json.dumps({"custom_id": "streamed", "method": "POST", "url": "/v1/completions",
-                       "body": {**ok, "stream": True}}),
-           json.dumps({"custom_id": "too-long", "method": "POST", "url": "/v1/completions",
-                       "body": {**ok, "max_tokens": 10**6}}),
-           "",
-           json.dumps({"custom_id": "ok", "method": "POST", "url": "/v1/completions", "body": ok}),
-           json.dumps({"custom_id": "ok", "method": "POST", "url": "/v1/completions", "body": ok}),
-           json.dumps({"prompt": 5}),
-           "[" * 100_000]  # fmt: skip
+    raw = [
+        json.dumps("a bare string prompt"),
+        "not json {",
+        json.dumps([1, 2]),
+        json.dumps(
+            {
+                "custom_id": "wrong-model",
+                "method": "POST",
+                "url": "/v1/completions",
+                "body": {**ok, "model": "gpt-4o-mini"},
+            }
+        ),
+        json.dumps(
+            {"custom_id": "unknown-field", "method": "POST", "url": "/v1/completions", "body": {**ok, "bogus": 1}}
+        ),
+        json.dumps({"custom_id": "bad-url", "method": "POST", "url": "/v1/embeddings", "body": ok}),
+        json.dumps(
+            {"custom_id": "streamed", "method": "POST", "url": "/v1/completions", "body": {**ok, "stream": True}}
+        ),
+        json.dumps(
+            {"custom_id": "too-long", "method": "POST", "url": "/v1/completions", "body": {**ok, "max_tokens": 10**6}}
+        ),
+        "",
+        json.dumps({"custom_id": "ok", "method": "POST", "url": "/v1/completions", "body": ok}),
+        json.dumps({"custom_id": "ok", "method": "POST", "url": "/v1/completions", "body": ok}),
+        json.dumps({"prompt": 5}),
+        "[" * 100_000,
+    ]
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     inp.write_bytes(("\n".join(raw) + "\n").encode() + b'{"prompt": "bad UTF-8: \xff"}\n')
     summary = run_batch(batch_args(inp, out))
     lines = read_lines(out)
     ids = [line["custom_id"] for line in lines]
-    assert ids == ["line-1", "line-2", "line-3", "wrong-model", "unknown-field", "bad-url", "streamed", "too-long",
-                   "ok", "ok", "line-12", "line-13", "line-14"]  # fmt: skip  (the blank line 9 is skipped)
+    assert ids == [
+        "line-1",
+        "line-2",
+        "line-3",
+        "wrong-model",
+        "unknown-field",
+        "bad-url",
+        "streamed",
+        "too-long",
+        "ok",
+        "ok",
+        "line-12",
+        "line-13",
+        "line-14",
+    ]  # (the blank line 9 is skipped)
     status = [(line["response"] or {}).get("status_code") for line in lines]
     assert status == [200, None, None, 404, 422, None, 400, 400, 200, None, None, None, 400]
     assert "too deeply" in lines[11]["error"]["message"] and lines[12]["error"]["code"] == "invalid_text"
@@ -179,8 +230,9 @@ def test_interrupted_then_rerun_resumes_without_redoing_lines(tmp_path, referenc
     summary = run_batch(batch_args(inp, out))
     assert summary.skipped == stop_after and summary.written == N_PROMPTS - stop_after
     # only the remaining lines were generated: their tokens, not the first 50's
-    assert summary.tokens == sum(line["response"]["body"]["usage"]["completion_tokens"]
-                                 for line in reference[stop_after:])  # fmt: skip
+    assert summary.tokens == sum(
+        line["response"]["body"]["usage"]["completion_tokens"] for line in reference[stop_after:]
+    )
     assert texts(read_lines(out)) == texts(reference)
     # a third run has nothing left to do
     again = run_batch(batch_args(inp, out))
@@ -198,8 +250,21 @@ def test_resume_refuses_an_output_file_that_is_not_batch_output(tmp_path):
 def test_killed_process_resumes(tmp_path, reference):
     """A real kill (SIGKILL, no cleanup) between lines or mid-line: the rerun completes OUT."""
     inp, out = write_prompts(tmp_path / "in.jsonl"), tmp_path / "out.jsonl"
-    cmd = [sys.executable, "-m", "argen.cli", "batch", str(inp), str(out), "--model", "tiny-random",
-           "--max-new-tokens", "4", "--no-progress", "--max-batch", "4"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "argen.cli",
+        "batch",
+        str(inp),
+        str(out),
+        "--model",
+        "tiny-random",
+        "--max-new-tokens",
+        "4",
+        "--no-progress",
+        "--max-batch",
+        "4",
+    ]
     env = {**os.environ, "PYTHONPATH": SRC}
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
@@ -217,8 +282,21 @@ def test_ctrl_c_exits_130_and_says_that_the_same_command_resumes(tmp_path, refer
     """SIGINT (Ctrl-C) mid-run: exit status 130, a message that says a re-run resumes, and the re-run
     it names completes OUT."""
     inp, out = write_prompts(tmp_path / "in.jsonl"), tmp_path / "out.jsonl"
-    cmd = [sys.executable, "-m", "argen.cli", "batch", str(inp), str(out), "--model", "tiny-random",
-           "--max-new-tokens", "4", "--no-progress", "--max-batch", "4"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "argen.cli",
+        "batch",
+        str(inp),
+        str(out),
+        "--model",
+        "tiny-random",
+        "--max-new-tokens",
+        "4",
+        "--no-progress",
+        "--max-batch",
+        "4",
+    ]
     env = {**os.environ, "PYTHONPATH": SRC}
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
@@ -247,21 +325,53 @@ def test_serve_replicas_gets_the_serve_options(monkeypatch):
     seen = {}
     monkeypatch.setattr("argen.distributed.require_ray", lambda: None)
     monkeypatch.setattr("argen.distributed.serve_replicas", lambda *a, **k: seen.update(args=a, kwargs=k))
-    assert main(["serve", "--model", "tiny-random", "--replicas", "3", "--port", "9001", "--max-batch", "4",
-                 "--limit", "num_beams=3", "--ray", "ray://head:10001", "--replica-cpus", "2"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "serve",
+                "--model",
+                "tiny-random",
+                "--replicas",
+                "3",
+                "--port",
+                "9001",
+                "--max-batch",
+                "4",
+                "--limit",
+                "num_beams=3",
+                "--ray",
+                "ray://head:10001",
+                "--replica-cpus",
+                "2",
+            ]
+        )
+        == 0
+    )
     model, app = seen["args"]
     assert model == ModelSpec("tiny-random", device="auto")
     assert app["max_batch"] == 4 and app["model_id"] == "tiny-random" and app["limits"].options["num_beams"] == 3
-    assert seen["kwargs"] | {"companions": None} == {"replicas": 3, "host": "127.0.0.1", "port": 9001,
-                                                     "address": "ray://head:10001", "replica_cpus": 2.0,
-                                                     "replica_gpus": 0.0, "companions": None}  # fmt: skip
+    assert seen["kwargs"] | {"companions": None} == {
+        "replicas": 3,
+        "host": "127.0.0.1",
+        "port": 9001,
+        "address": "ray://head:10001",
+        "replica_cpus": 2.0,
+        "replica_gpus": 0.0,
+        "companions": None,
+    }
 
 
 def test_lines_that_finish_out_of_order_are_written_in_input_order(tmp_path, tiny):
     """Longer requests first: the loop finishes them last, the file still lists them first."""
-    lines = [{"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions",
-              "body": {"model": "tiny-random", "prompt": f"{i} abc", "max_tokens": 12 - i, "ignore_eos": True}}
-             for i in range(10)]  # fmt: skip
+    lines = [
+        {
+            "custom_id": f"r{i}",
+            "method": "POST",
+            "url": "/v1/completions",
+            "body": {"model": "tiny-random", "prompt": f"{i} abc", "max_tokens": 12 - i, "ignore_eos": True},
+        }
+        for i in range(10)
+    ]
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     inp.write_text("".join(json.dumps(line) + "\n" for line in lines))
     from argen.jobs.lines import read_jobs

@@ -104,8 +104,13 @@ def _request(tiny, prompt: str, n: int, strategy="plain") -> Request:
 
 
 def test_requests_join_a_running_batch_and_match_running_alone(tiny):
-    prompts = [("a first prompt", 30), ("second", 12), ("the third one is longer than the others", 20),
-               ("4", 25), ("fifth and last", 9)]  # fmt: skip
+    prompts = [
+        ("a first prompt", 30),
+        ("second", 12),
+        ("the third one is longer than the others", 20),
+        ("4", 25),
+        ("fifth and last", 9),
+    ]
     alone = [tiny.generate(p, chat=False, max_new_tokens=n).token_ids for p, n in prompts]
     held_before = tiny.runtime.kv_pool().held  # (the session's model: other tests may hold blocks)
     batch = DecodeBatch(tiny.engine, prefix_caching=False)
@@ -156,8 +161,15 @@ def _drain(batch: DecodeBatch) -> tuple[dict[int, list[int]], list[Failure]]:
 
 def test_every_strategy_decodes_in_the_same_passes_and_one_failure_stays_alone(tiny):
     text = "abc abc abc abc abc"
-    specs = ["plain", "prompt-lookup", "ngram", {"name": "jacobi", "adaptive": False}, "contrastive",
-             {"name": "beam", "num_beams": 3}, {"name": "layer-skip", "skip_layers": [1]}]  # fmt: skip
+    specs = [
+        "plain",
+        "prompt-lookup",
+        "ngram",
+        {"name": "jacobi", "adaptive": False},
+        "contrastive",
+        {"name": "beam", "num_beams": 3},
+        {"name": "layer-skip", "skip_layers": [1]},
+    ]
     held_before = tiny.runtime.kv_pool().held
     batch = DecodeBatch(tiny.engine)
     for i, spec in enumerate(specs):
@@ -215,9 +227,17 @@ def test_admission_reserves_the_worst_case_kv(tiny):
     assert batch.reserved_blocks == 0
 
 
-STRATEGIES = ["plain", "prompt-lookup", "ngram", {"name": "jacobi", "adaptive": False}, "layer-skip",
-              {"name": "draft-model", "draft": "tiny-random@1", "num_drafts": 2, "adaptive": False}, "contrastive",
-              {"name": "beam", "num_beams": 3}, {"name": "guided", "guide_model": "tiny-random@1", "omega": 2.0}]  # fmt: skip
+STRATEGIES = [
+    "plain",
+    "prompt-lookup",
+    "ngram",
+    {"name": "jacobi", "adaptive": False},
+    "layer-skip",
+    {"name": "draft-model", "draft": "tiny-random@1", "num_drafts": 2, "adaptive": False},
+    "contrastive",
+    {"name": "beam", "num_beams": 3},
+    {"name": "guided", "guide_model": "tiny-random@1", "omega": 2.0},
+]
 
 
 @pytest.mark.parametrize("spec", STRATEGIES, ids=lambda s: s if isinstance(s, str) else s["name"])

@@ -17,21 +17,50 @@ def test_control_bench_tiny(tmp_path, capsys):
     questions = tmp_path / "question.jsonl"
     questions.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
     out = tmp_path / "out"
-    code = main(["compare", "--control", "--model", "tiny-random", "--guide-model", "tiny-random@1", "--omega", "4",
-                 "--questions", str(questions), "--max-new-tokens", "12", "--threads", "1", "--out", str(out),
-                 "--allow-dirty"])  # fmt: skip
+    code = main(
+        [
+            "compare",
+            "--control",
+            "--model",
+            "tiny-random",
+            "--guide-model",
+            "tiny-random@1",
+            "--omega",
+            "4",
+            "--questions",
+            str(questions),
+            "--max-new-tokens",
+            "12",
+            "--threads",
+            "1",
+            "--out",
+            str(out),
+            "--allow-dirty",
+        ]
+    )
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     rows = {r["system"]: r for r in results["summary"]}
-    assert set(rows) == {"plain-sampled", "replay", "counterfactual", "plain", "set-prompt", "guided:omega=0",
-                         "guided:omega=4"}  # fmt: skip
+    assert set(rows) == {
+        "plain-sampled",
+        "replay",
+        "counterfactual",
+        "plain",
+        "set-prompt",
+        "guided:omega=0",
+        "guided:omega=4",
+    }
     assert rows["replay"]["identical"] == "2/2" and rows["counterfactual"]["prefix_kept"] == "2/2"
     # Sorted, both orders are one input; kept as given, only the mask makes them agree.
     assert rows["set-prompt"]["sorted_same_input"] == "2/2" and rows["set-prompt"]["order_independent"] == "2/2"
     assert rows["guided:omega=0"]["identical_to_plain"] == "2/2"
     assert rows["guided:omega=4"]["guide_passes_per_token"] > 0 and rows["plain"]["guide_passes_per_token"] == 0
     report = (out / "report.md").read_text()
-    assert "python -m benchmarks compare --control" in report and "Provenance: commit" in report and str(tmp_path) not in report
+    assert (
+        "python -m benchmarks compare --control" in report
+        and "Provenance: commit" in report
+        and str(tmp_path) not in report
+    )
     capsys.readouterr()
 
 

@@ -10,11 +10,33 @@ from benchmarks.harness import serving
 
 def test_serving_benchmark_writes_its_report(tmp_path):
     questions = tmp_path / "q.jsonl"
-    questions.write_text("".join(json.dumps({"question_id": i, "category": c, "turns": [t]}) + "\n" for i, (c, t) in
-                                 enumerate([("a", "Hi there"), ("b", "Two plus two?"), ("c", "A cat story.")])))  # fmt: skip
+    questions.write_text(
+        "".join(
+            json.dumps({"question_id": i, "category": c, "turns": [t]}) + "\n"
+            for i, (c, t) in enumerate([("a", "Hi there"), ("b", "Two plus two?"), ("c", "A cat story.")])
+        )
+    )
     out = tmp_path / "out"
-    assert serving.main(["--model", "tiny-random", "--clients", "3", "--max-tokens", "6", "--threads", "1",
-                         "--questions", str(questions), "--out", str(out), "--allow-dirty"]) == 0  # fmt: skip
+    assert (
+        serving.main(
+            [
+                "--model",
+                "tiny-random",
+                "--clients",
+                "3",
+                "--max-tokens",
+                "6",
+                "--threads",
+                "1",
+                "--questions",
+                str(questions),
+                "--out",
+                str(out),
+                "--allow-dirty",
+            ]
+        )
+        == 0
+    )
     results = json.loads((out / "results.json").read_text())
     for mode in ("sequential", "concurrent"):
         assert results[mode]["completion_tokens"] == 18 and results[mode]["throughput_tok_s"] > 0
@@ -24,24 +46,55 @@ def test_serving_benchmark_writes_its_report(tmp_path):
     report = (out / "report.md").read_text()
     assert "python -m benchmarks serving --model tiny-random" in report and "one after another" in report
     assert "Provenance: commit" in report and str(tmp_path) not in report + (out / "results.json").read_text()
-    assert {"git_commit", "git_dirty", "torch", "transformers", "argen", "python", "cpu_model"} <= set(results["machine"])
+    assert {"git_commit", "git_dirty", "torch", "transformers", "argen", "python", "cpu_model"} <= set(
+        results["machine"]
+    )
 
 
 def _questions(tmp_path):
     questions = tmp_path / "q.jsonl"
-    texts = ["Hi there", "Two plus two?", "A cat story.", "Name a colour.",
-             "The history of the river and the towns along it, told slowly, one town after another. " * 3]  # fmt: skip
-    questions.write_text("".join(json.dumps({"question_id": i, "category": "c", "turns": [t]}) + "\n"
-                                 for i, t in enumerate(texts)))  # fmt: skip
+    texts = [
+        "Hi there",
+        "Two plus two?",
+        "A cat story.",
+        "Name a colour.",
+        "The history of the river and the towns along it, told slowly, one town after another. " * 3,
+    ]
+    questions.write_text(
+        "".join(json.dumps({"question_id": i, "category": "c", "turns": [t]}) + "\n" for i, t in enumerate(texts))
+    )
     return questions
 
 
 def test_shared_prefix_case_computes_the_prefix_once_and_each_configuration_starts_cold(tmp_path):
     out = tmp_path / "out"
     for _ in range(2):  # a second run in the same process must not find the first run's blocks
-        assert serving.main(["--model", "tiny-random", "--case", "shared-prefix", "--clients", "3", "--max-tokens", "4",
-                             "--prefix-tokens", "96", "--gap", "0.05", "--threads", "1", "--questions",
-                             str(_questions(tmp_path)), "--out", str(out), "--allow-dirty"]) == 0  # fmt: skip
+        assert (
+            serving.main(
+                [
+                    "--model",
+                    "tiny-random",
+                    "--case",
+                    "shared-prefix",
+                    "--clients",
+                    "3",
+                    "--max-tokens",
+                    "4",
+                    "--prefix-tokens",
+                    "96",
+                    "--gap",
+                    "0.05",
+                    "--threads",
+                    "1",
+                    "--questions",
+                    str(_questions(tmp_path)),
+                    "--out",
+                    str(out),
+                    "--allow-dirty",
+                ]
+            )
+            == 0
+        )
         results = json.loads((out / "results.json").read_text())
         cached, uncached = results["configs"]["prefix caching"], results["configs"]["no prefix caching"]
         assert results["identical_outputs"] == results["requests"] == 3
@@ -68,9 +121,34 @@ def test_press_capacity_case_measures_the_sequences_held_in_the_same_kv_blocks(t
     """A small press-capacity run: room for 2 unpressed requests' worst cases; the servers' gauges
     must show 2 running at once without a press, more with one, and never more blocks than given."""
     out = tmp_path / "out"
-    assert serving.main(["--model", "tiny-random", "--case", "press-capacity", "--clients", "6", "--long-tokens", "600",
-                         "--max-tokens", "8", "--fit", "2", "--budgets", "0.35", "--threads", "1", "--questions",
-                         str(_questions(tmp_path)), "--out", str(out), "--allow-dirty"]) == 0  # fmt: skip
+    assert (
+        serving.main(
+            [
+                "--model",
+                "tiny-random",
+                "--case",
+                "press-capacity",
+                "--clients",
+                "6",
+                "--long-tokens",
+                "600",
+                "--max-tokens",
+                "8",
+                "--fit",
+                "2",
+                "--budgets",
+                "0.35",
+                "--threads",
+                "1",
+                "--questions",
+                str(_questions(tmp_path)),
+                "--out",
+                str(out),
+                "--allow-dirty",
+            ]
+        )
+        == 0
+    )
     results = json.loads((out / "results.json").read_text())
     unpressed, pressed = results["configs"]["no press"], results["configs"]["streaming-llm 0.35"]
     assert results["kv_blocks"] == 2 * unpressed["reserved_blocks"] == unpressed["kv_blocks_limit"]

@@ -51,9 +51,26 @@ def questions_file(tmp_path):
 
 def test_bench_end_to_end_tiny_random(tmp_path, questions_file, capsys):
     out = tmp_path / "out"
-    args = parse(["--model", "tiny-random", "--questions", str(questions_file), "--limit", "2",
-                  "--max-new-tokens", "8", "--strategies", "plain", "--out", str(out), "--threads", "1",
-                  "--no-progress", "--allow-dirty"])  # fmt: skip
+    args = parse(
+        [
+            "--model",
+            "tiny-random",
+            "--questions",
+            str(questions_file),
+            "--limit",
+            "2",
+            "--max-new-tokens",
+            "8",
+            "--strategies",
+            "plain",
+            "--out",
+            str(out),
+            "--threads",
+            "1",
+            "--no-progress",
+            "--allow-dirty",
+        ]
+    )
     assert run(args) == 0
 
     for name in ("results.json", "report.md", "chart.png"):
@@ -64,8 +81,17 @@ def test_bench_end_to_end_tiny_random(tmp_path, questions_file, capsys):
 
     results = json.loads((out / "results.json").read_text())
     assert results["command"].startswith("python -m benchmarks compare --model tiny-random")
-    assert {"git_commit", "git_dirty", "argen", "torch", "transformers", "python", "cpu_model", "cpu_count",
-            "platform"} <= set(results["machine"])  # fmt: skip
+    assert {
+        "git_commit",
+        "git_dirty",
+        "argen",
+        "torch",
+        "transformers",
+        "python",
+        "cpu_model",
+        "cpu_count",
+        "platform",
+    } <= set(results["machine"])
     assert results["machine"]["git_commit"] == git_state()["git_commit"]
     for text in ((out / "results.json").read_text(), (out / "report.md").read_text()):
         assert str(tmp_path) not in text and str(REPO) not in text  # paths relative to the repository
@@ -153,9 +179,11 @@ def test_judge_flags_real_divergences_and_measures_lossy_drift():
     ids, values = top2_at(model, prompt, ref[:2])
     assert values[0] - values[1] > NEAR_TIE  # tiny-random has clear winners
     wrong = ref[:2] + [ids[1], ref[3]]  # picks the runner-up at token 2: a real divergence
-    systems = [SimpleNamespace(name="hf", reference=None, exact=True),
-               SimpleNamespace(name="exact", reference="hf", exact=True),
-               SimpleNamespace(name="lossy", reference="hf", exact=False)]  # fmt: skip
+    systems = [
+        SimpleNamespace(name="hf", reference=None, exact=True),
+        SimpleNamespace(name="exact", reference="hf", exact=True),
+        SimpleNamespace(name="lossy", reference="hf", exact=False),
+    ]
     outputs = {"hf": Output(ref, 1.0, 4), "exact": Output(wrong, 0.5, 4), "lossy": Output(wrong, 2.0, 4)}
     record = judge(Question(7, "qa", "x"), prompt, systems, systems, outputs, model)
     exact, lossy = record["systems"]["exact"], record["systems"]["lossy"]
@@ -171,9 +199,25 @@ def test_merge_runs_split_by_category(tmp_path, questions_file, capsys):
     parts = []
     for category in ("writing", "qa"):
         out = tmp_path / category
-        args = parse(["--model", "tiny-random", "--questions", str(questions_file), "--categories", category,
-                      "--max-new-tokens", "4", "--out", str(out), "--threads", "1", "--no-progress",
-                      "--no-warmup", "--allow-dirty"])  # fmt: skip
+        args = parse(
+            [
+                "--model",
+                "tiny-random",
+                "--questions",
+                str(questions_file),
+                "--categories",
+                category,
+                "--max-new-tokens",
+                "4",
+                "--out",
+                str(out),
+                "--threads",
+                "1",
+                "--no-progress",
+                "--no-warmup",
+                "--allow-dirty",
+            ]
+        )
         assert run(args) == 0
         parts.append(out)
     merged = tmp_path / "merged"
@@ -185,14 +229,20 @@ def test_merge_runs_split_by_category(tmp_path, questions_file, capsys):
     rows = {(r["category"], r["system"]): r for r in results["summary"]["rows"]}
     assert rows[("all", "plain")]["n"] == len(QUESTIONS) and rows[("qa", "plain")]["n"] == 2
     report = (merged / "report.md").read_text()
-    assert "--categories writing" in report and "--categories qa" in report and "python -m benchmarks compare --merge" in report
+    assert (
+        "--categories writing" in report
+        and "--categories qa" in report
+        and "python -m benchmarks compare --merge" in report
+    )
 
     with pytest.raises(ArgenError, match="more than one of the runs"):
         run(parse(["--merge", str(parts[0]), str(parts[0]), "--out", str(tmp_path / "twice"), "--allow-dirty"]))
     with pytest.raises(ArgenError, match="cannot go with --control"):
         run(parse(["--merge", *map(str, parts), "--control", "--out", str(tmp_path / "y")]))
-    for key, value, error in (("git_commit", "0000000", "measured at commit 0000000"),
-                              ("git_dirty", True, "uncommitted changes")):  # fmt: skip
+    for key, value, error in (
+        ("git_commit", "0000000", "measured at commit 0000000"),
+        ("git_dirty", True, "uncommitted changes"),
+    ):
         part = json.loads((parts[1] / "results.json").read_text())
         part["machine"] = part["machine"] | {"git_dirty": False} | {key: value}
         (tmp_path / "other").mkdir(exist_ok=True)
@@ -240,10 +290,30 @@ def test_bench_quant_paths_and_a_llama_cpp_peer(tmp_path, questions_file, monkey
     gguf = tmp_path / "model.gguf"
     monkeypatch.setattr(sources, "gguf_file", lambda source: gguf)
     out = tmp_path / "out"
-    args = parse(["--model", "tiny-random", "--questions", str(questions_file), "--limit", "1",
-                  "--max-new-tokens", "6", "--quants", "none,q8_0", "--systems", "llama-cpp",
-                  "--reference", "plain@none", "--out", str(out), "--threads", "1", "--no-progress",
-                  "--allow-dirty"])  # fmt: skip
+    args = parse(
+        [
+            "--model",
+            "tiny-random",
+            "--questions",
+            str(questions_file),
+            "--limit",
+            "1",
+            "--max-new-tokens",
+            "6",
+            "--quants",
+            "none,q8_0",
+            "--systems",
+            "llama-cpp",
+            "--reference",
+            "plain@none",
+            "--out",
+            str(out),
+            "--threads",
+            "1",
+            "--no-progress",
+            "--allow-dirty",
+        ]
+    )
     assert run(args) == 0
     results = json.loads((out / "results.json").read_text())
     rows = {r["system"]: r for r in results["summary"]["rows"] if r["category"] == "all"}
@@ -263,8 +333,20 @@ def test_bench_peer_and_reference_errors_say_what_to_do(tmp_path, questions_file
     import sys
 
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # not installed
-    base = ["--model", "tiny-random", "--questions", str(questions_file), "--limit", "1", "--max-new-tokens", "2",
-            "--out", str(tmp_path / "o"), "--no-progress", "--allow-dirty"]  # fmt: skip
+    base = [
+        "--model",
+        "tiny-random",
+        "--questions",
+        str(questions_file),
+        "--limit",
+        "1",
+        "--max-new-tokens",
+        "2",
+        "--out",
+        str(tmp_path / "o"),
+        "--no-progress",
+        "--allow-dirty",
+    ]
     with pytest.raises(ArgenError, match="unknown --systems vllm"):
         run(parse([*base, "--systems", "vllm"]))
     with pytest.raises(ArgenError, match="GGUF"):

@@ -32,8 +32,11 @@ def test_replies_stream_and_the_history_carries_over(tiny):
     code, out, _ = feed(session, ["hello", "and again"])
     assert code == 0
     first = tiny.generate([{"role": "user", "content": "hello"}], **GREEDY)
-    history = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": first.text},
-               {"role": "user", "content": "and again"}]  # fmt: skip
+    history = [
+        {"role": "user", "content": "hello"},
+        {"role": "assistant", "content": first.text},
+        {"role": "user", "content": "and again"},
+    ]
     second = tiny.generate(history, **GREEDY)  # the second turn sees the first one
     assert out == first.text + "\n" + second.text + "\n\n"  # the last newline: leaving on end of input
     assert session.turns == history + [{"role": "assistant", "content": second.text}]
@@ -41,9 +44,23 @@ def test_replies_stream_and_the_history_carries_over(tiny):
 
 def test_commands(tiny):
     session = ChatSession(tiny, options=GREEDY)
-    code, out, err = feed(session, ["/system be brief", "hi", "/stats", "hi again", "/reset",
-                                    '/strategy {"name": "beam", "num_beams": 2}', "/strategy nope", "/strategy",
-                                    "/help", "/bogus", "/exit", "never read"])  # fmt: skip
+    code, out, err = feed(
+        session,
+        [
+            "/system be brief",
+            "hi",
+            "/stats",
+            "hi again",
+            "/reset",
+            '/strategy {"name": "beam", "num_beams": 2}',
+            "/strategy nope",
+            "/strategy",
+            "/help",
+            "/bogus",
+            "/exit",
+            "never read",
+        ],
+    )
     assert code == 0
     assert session.system == "be brief" and session.turns == [] and session.stats
     assert session.strategy == {"name": "beam", "num_beams": 2}

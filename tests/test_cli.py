@@ -69,7 +69,7 @@ def test_no_chat_feeds_raw_text(capsys):
         "not-an-int",
         "unknown-flag",
         "no-command",
-    ],  # fmt: skip
+    ],
 )
 def test_errors_are_one_line(capsys, argv):
     code, out, err = run_cli(capsys, *argv)
@@ -81,21 +81,39 @@ def test_errors_are_one_line(capsys, argv):
 
 def test_press_matches_the_python_api(capsys, tiny):
     prompt = "A long enough prompt for a press to evict something from the cache. " * 2
-    code, out, _ = run_cli(capsys, "generate", prompt, *TINY, "--max-new-tokens", "12", "--json", "--no-chat",
-                           "--press", "streaming-llm", "--press-opt", "budget=0.3", "--press-opt", "sinks=2")  # fmt: skip
+    code, out, _ = run_cli(
+        capsys,
+        "generate",
+        prompt,
+        *TINY,
+        "--max-new-tokens",
+        "12",
+        "--json",
+        "--no-chat",
+        "--press",
+        "streaming-llm",
+        "--press-opt",
+        "budget=0.3",
+        "--press-opt",
+        "sinks=2",
+    )
     assert code == 0
-    want = tiny.generate(prompt, chat=False, max_new_tokens=12, temperature=0,
-                         press={"name": "streaming-llm", "budget": 0.3, "sinks": 2})  # fmt: skip
+    want = tiny.generate(
+        prompt, chat=False, max_new_tokens=12, temperature=0, press={"name": "streaming-llm", "budget": 0.3, "sinks": 2}
+    )
     assert json.loads(out)["token_ids"] == want.token_ids
     assert want.extras["press"]["evicted_positions"] > 0
 
 
-@pytest.mark.parametrize("argv, words", [
-    (["--press", "pyramidkv"], "unknown press 'pyramidkv'"),
-    (["--press-opt", "budget=0.5"], "--press-opt needs --press NAME"),
-    (["--press", "kvmerger", "--press-opt", "budget=0"], "budget must be more than 0"),
-    (["--press", "kvmerger", "--press-opt", "budget"], "--press-opt takes KEY=VALUE (for example budget=0.5)"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--press", "pyramidkv"], "unknown press 'pyramidkv'"),
+        (["--press-opt", "budget=0.5"], "--press-opt needs --press NAME"),
+        (["--press", "kvmerger", "--press-opt", "budget=0"], "budget must be more than 0"),
+        (["--press", "kvmerger", "--press-opt", "budget"], "--press-opt takes KEY=VALUE (for example budget=0.5)"),
+    ],
+)
 def test_bad_press_options_are_one_line(capsys, argv, words):
     code, out, err = run_cli(capsys, "generate", "hi", *TINY, *argv)
     assert code == 2 and out == "" and err.count("\n") == 1 and words in err, err
@@ -110,8 +128,12 @@ def test_error_messages_say_what_to_do(capsys):
 
 def test_strategy_opt_values_are_json_or_strings():
     assert parse_options(["n=8", "p=0.5", "flag=true", "mode=fast", "xs=[1,2]"]) == {
-        "n": 8, "p": 0.5, "flag": True, "mode": "fast", "xs": [1, 2]
-    }  # fmt: skip
+        "n": 8,
+        "p": 0.5,
+        "flag": True,
+        "mode": "fast",
+        "xs": [1, 2],
+    }
 
 
 def test_keyboard_interrupt_exits_130_quietly(capsys, monkeypatch):
@@ -182,8 +204,12 @@ def test_serve_kv_blocks_below_one_is_refused_before_loading(capsys, monkeypatch
 
 
 def test_structured_output_flags(capsys, tmp_path):
-    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}},
-              "required": ["n"], "additionalProperties": False}  # fmt: skip
+    schema = {
+        "type": "object",
+        "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}},
+        "required": ["n"],
+        "additionalProperties": False,
+    }
     (tmp_path / "s.json").write_text(json.dumps(schema))
     (tmp_path / "g.lark").write_text('start: "yes" | "no"')
     generate = ["generate", "Hello", *TINY, "--max-new-tokens", "40", "--json"]
@@ -194,7 +220,10 @@ def test_structured_output_flags(capsys, tmp_path):
     code, out, _ = run_cli(capsys, *generate, "--grammar", str(tmp_path / "g.lark"))
     assert code == 0 and json.loads(out)["text"] in ("yes", "no")
     (tmp_path / "bad.json").write_text("{nope")
-    for flag, path, message in (("--json-schema", "bad.json", "not JSON"), ("--grammar", "missing.lark", "cannot read")):
+    for flag, path, message in (
+        ("--json-schema", "bad.json", "not JSON"),
+        ("--grammar", "missing.lark", "cannot read"),
+    ):
         code, _, err = run_cli(capsys, *generate, flag, str(tmp_path / path))
         assert code == 2 and message in err and err.count("\n") == 1
 
@@ -230,12 +259,18 @@ def test_logit_bias_takes_ids_and_one_token_texts(capsys, tiny):
     assert json.loads(out)["token_ids"] == [77] * 12
 
 
-@pytest.mark.parametrize("argv, words", [
-    (["--logit-bias", "77"], "TOKEN=BIAS"), (["--logit-bias", "77=x"], "TOKEN=BIAS"),
-    (["--logit-bias", "77=500"], "[-100, 100]"), (["--logit-bias", "abc=1"], "is 3 tokens"),
-    (["--n", "0"], "--n must be >= 1"), (["--logprobs", "21"], "logprobs"),
-    (["--presence-penalty", "3"], "[-2, 2]"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--logit-bias", "77"], "TOKEN=BIAS"),
+        (["--logit-bias", "77=x"], "TOKEN=BIAS"),
+        (["--logit-bias", "77=500"], "[-100, 100]"),
+        (["--logit-bias", "abc=1"], "is 3 tokens"),
+        (["--n", "0"], "--n must be >= 1"),
+        (["--logprobs", "21"], "logprobs"),
+        (["--presence-penalty", "3"], "[-2, 2]"),
+    ],
+)
 def test_bad_sampling_flags_are_one_line(capsys, argv, words):
     code, out, err = run_cli(capsys, *GREEDY, "--no-chat", *argv)
     assert code == 2 and out == "" and err.count("\n") == 1 and words in err, err

@@ -100,7 +100,9 @@ def leaking(real_layout):
 def test_control_a_mask_leaking_one_member_fails_order_independence(tiny, monkeypatch):
     monkeypatch.setattr(argen.setprompt, "set_prompt_layout", leaking(argen.setprompt.set_prompt_layout))
     # Sorted canonically, every permutation is the same (leaky) input: that check cannot fail.
-    sorted_logits = [next_logits(tiny.runtime, lay) for lay in set_layouts(tiny.tokenizer, "Fruit:", MEMBERS, " Pick.", True)]
+    sorted_logits = [
+        next_logits(tiny.runtime, lay) for lay in set_layouts(tiny.tokenizer, "Fruit:", MEMBERS, " Pick.", True)
+    ]
     assert all(torch.equal(sorted_logits[0], x) for x in sorted_logits)
     # Kept in the given order, the leak depends on the order, and the check sees it.
     with pytest.raises(AssertionError, match="member order changes"):

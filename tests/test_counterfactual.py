@@ -116,8 +116,21 @@ def test_result_without_record(tiny, original):
 
 def test_cli_intervene(capsys, tiny):
     b = tiny.tokenizer("b", add_special_tokens=False)["input_ids"][0]
-    base = ["generate", PROMPT, "--model", "tiny-random", "--device", "cpu", "--max-new-tokens", "16",
-            "--temperature", "1", "--seed", "5", "--json"]  # fmt: skip
+    base = [
+        "generate",
+        PROMPT,
+        "--model",
+        "tiny-random",
+        "--device",
+        "cpu",
+        "--max-new-tokens",
+        "16",
+        "--temperature",
+        "1",
+        "--seed",
+        "5",
+        "--json",
+    ]
     assert main(base) == 0
     original = json.loads(capsys.readouterr().out)
     assert main([*base, "--intervene", "4=97", "--intervene", "6=b"]) == 0

@@ -25,10 +25,10 @@ from argen.images.quality import frechet, nearest_training_l1
 
 TINY = {
     "digits-ar": training.Recipe(ModelConfig("ar", hidden=32, layers=1, dropout=0.0), steps=20, batch=32),
-    "digits-ar-draft": training.Recipe(ModelConfig("ar", hidden=8, layers=1, dropout=0.0, direct=False), steps=10,
-                                       batch=32),  # fmt: skip
-    "digits-diffusion": training.Recipe(ModelConfig("diffusion", hidden=32, layers=2, dropout=0.0), steps=20,
-                                        batch=32),  # fmt: skip
+    "digits-ar-draft": training.Recipe(
+        ModelConfig("ar", hidden=8, layers=1, dropout=0.0, direct=False), steps=10, batch=32
+    ),
+    "digits-diffusion": training.Recipe(ModelConfig("diffusion", hidden=32, layers=2, dropout=0.0), steps=20, batch=32),
 }
 
 
@@ -173,8 +173,9 @@ def test_speculative_jacobi_decoding_keeps_the_target_distribution():
     target = sharp_made(2, 1.5)
     joint = exact_joint(target, 0)
     for window in (1, 3):
-        out = decoding.ar_jacobi(target, torch.zeros(N_SAMPLES, dtype=torch.long), torch.Generator().manual_seed(1),
-                                 window=window)  # fmt: skip
+        out = decoding.ar_jacobi(
+            target, torch.zeros(N_SAMPLES, dtype=torch.long), torch.Generator().manual_seed(1), window=window
+        )
         stat, p = chi_square_p(out.tokens, joint)
         assert p > ALPHA, f"window={window}: Jacobi output differs from the target's distribution (chi2={stat:.1f})"
         assert (out.target_passes <= 3).all() and (out.target_passes >= 1).all()
@@ -189,7 +190,9 @@ def test_control_jacobi_with_a_misrecorded_proposal_fails(monkeypatch, broken):
         monkeypatch.setattr(decoding, "accept_probability", lambda p, q: torch.clamp(1.3 * p / q, max=1.0))
     else:
         monkeypatch.setattr(decoding, "next_proposals", lambda redo, p, q: q)  # guesses judged against stale q
-    out = decoding.ar_jacobi(target, torch.zeros(N_SAMPLES, dtype=torch.long), torch.Generator().manual_seed(1), window=3)
+    out = decoding.ar_jacobi(
+        target, torch.zeros(N_SAMPLES, dtype=torch.long), torch.Generator().manual_seed(1), window=3
+    )
     assert chi_square_p(out.tokens, exact_joint(target, 0))[1] < ALPHA
 
 
@@ -329,8 +332,24 @@ def test_cli_writes_a_png_grid(tiny_recipes, tmp_path, capsys):
     assert main(["generate", "--model", "digits-ar", "--labels", "0,1,2", "--out", str(out), "--seed", "1"]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "3 images" in capsys.readouterr().err
-    assert main(["generate", "--model", "digits-diffusion", "--labels", "7", "--strategy", "confidence",
-                 "--strategy-opt", "threshold=0.8", "--seed", "1"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                "digits-diffusion",
+                "--labels",
+                "7",
+                "--strategy",
+                "confidence",
+                "--strategy-opt",
+                "threshold=0.8",
+                "--seed",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert "label 7:" in capsys.readouterr().out
 
 

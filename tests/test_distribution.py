@@ -41,8 +41,15 @@ N_TOKENS = 3
 
 def tiny_v(seed: int) -> Generator:
     """A tiny Llama over V tokens; logits scaled so the distributions are far from uniform."""
-    model = tiny_llama(seed, vocab_size=V, hidden_size=32, intermediate_size=64, pad_token_id=None,
-                       bos_token_id=None, eos_token_id=None)  # fmt: skip
+    model = tiny_llama(
+        seed,
+        vocab_size=V,
+        hidden_size=32,
+        intermediate_size=64,
+        pad_token_id=None,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
     with torch.no_grad():
         model.lm_head.weight.mul_(3.0)
     runtime = LlamaRuntime(model.config, model.state_dict())
@@ -66,8 +73,15 @@ def head(target) -> DraftHeadRuntime:
     return DraftHeadRuntime(new_head(target.runtime, Recipe()), torch.arange(V), target.runtime)
 
 
-def reference(gen: Generator, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
-              presence: float = 0.0, frequency: float = 0.0) -> dict[tuple, float]:  # fmt: skip
+def reference(
+    gen: Generator,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    presence: float = 0.0,
+    frequency: float = 0.0,
+) -> dict[tuple, float]:
     """P(first N_TOKENS tokens) straight from the Hugging Face model's logits: with OpenAI's penalties,
     token j's logit at step t first loses c * frequency + (c > 0) * presence, c its count in seq[:t];
     then softmax(logits / T) over the top_k tokens, then the fewest likeliest tokens that cover top_p
@@ -104,8 +118,10 @@ def exact_outputs(gen: Generator, spec, **params):
     def run():
         r = gen.generate(PROMPT, max_new_tokens=N_TOKENS, seed=0, ignore_eos=True, strategy=spec, **params)
         s = r.stats
-        return tuple(r.token_ids), {"accepted": s.draft_tokens_accepted > 0,
-                                    "rejected": s.draft_tokens_accepted < s.draft_tokens_proposed}  # fmt: skip
+        return tuple(r.token_ids), {
+            "accepted": s.draft_tokens_accepted > 0,
+            "rejected": s.draft_tokens_accepted < s.draft_tokens_proposed,
+        }
 
     return Enumerator().distribution(run)
 
@@ -123,20 +139,28 @@ def specs(drafter: Generator, head=None) -> dict[str, tuple[dict, dict]]:
     fixed = {"adaptive": False}  # the adaptive controllers time passes: a path would not replay
     return {
         "draft-head": ({"name": "draft-head", "head": head, "max_draft": 2, "width": 2} | fixed, {}),
-        "draft-head top-k": ({"name": "draft-head", "head": head, "max_draft": 2, "width": 2} | fixed,
-                             {"temperature": 0.7, "top_k": 2}),  # fmt: skip
+        "draft-head top-k": (
+            {"name": "draft-head", "head": head, "max_draft": 2, "width": 2} | fixed,
+            {"temperature": 0.7, "top_k": 2},
+        ),
         "plain": ({"name": "plain"}, {}),
         "prompt-lookup": ({"name": "prompt-lookup", "max_draft": 2} | fixed, {}),
         "ngram": ({"name": "ngram", "max_draft": 2} | fixed, {}),
         "jacobi": ({"name": "jacobi", "window": 2} | fixed, {}),
         "layer-skip": ({"name": "layer-skip", "skip_layers": [1], "skip_ffn": [2], "max_draft": 2} | fixed, {}),
         "draft-model": ({"name": "draft-model", "draft": drafter, "max_draft": 2} | fixed, {}),
-        "draft-model top-k": ({"name": "draft-model", "draft": drafter, "max_draft": 2} | fixed,
-                              {"temperature": 0.7, "top_k": 2}),  # fmt: skip
-        "multi-draft": ({"name": "draft-model", "draft": drafter, "max_draft": 1, "num_drafts": 3} | fixed,
-                        {"top_k": 2}),  # fmt: skip
-        "multi-draft tree": ({"name": "draft-model", "draft": drafter, "max_draft": 2, "num_drafts": 2} | fixed,
-                             {"top_k": 2}),  # fmt: skip
+        "draft-model top-k": (
+            {"name": "draft-model", "draft": drafter, "max_draft": 2} | fixed,
+            {"temperature": 0.7, "top_k": 2},
+        ),
+        "multi-draft": (
+            {"name": "draft-model", "draft": drafter, "max_draft": 1, "num_drafts": 3} | fixed,
+            {"top_k": 2},
+        ),
+        "multi-draft tree": (
+            {"name": "draft-model", "draft": drafter, "max_draft": 2, "num_drafts": 2} | fixed,
+            {"top_k": 2},
+        ),
         "multi-draft pair": ({"name": "draft-model", "draft": drafter, "max_draft": 1, "num_drafts": 2} | fixed, {}),
         # Boundaries that matter, each a margin away: top_p 0.8: the first token's likeliest has 0.78,
         # so the crossing token is kept there, and after (1, 1) the first two cover 0.86, so the third
@@ -148,14 +172,32 @@ def specs(drafter: Generator, head=None) -> dict[str, tuple[dict, dict]]:
         "prompt-lookup top-p": ({"name": "prompt-lookup", "max_draft": 2} | fixed, {"top_p": 0.8}),
         "draft-model top-p": ({"name": "draft-model", "draft": drafter, "max_draft": 2} | fixed, {"top_p": 0.8}),
         "plain min-p": ({"name": "plain"}, {"temperature": 0.7, "min_p": 0.2}),
-        "draft-model min-p": ({"name": "draft-model", "draft": drafter, "max_draft": 2} | fixed,
-                              {"temperature": 1.3, "min_p": 0.3}),  # fmt: skip
+        "draft-model min-p": (
+            {"name": "draft-model", "draft": drafter, "max_draft": 2} | fixed,
+            {"temperature": 1.3, "min_p": 0.3},
+        ),
     }
 
 
-CASES = ["plain", "prompt-lookup", "ngram", "jacobi", "layer-skip", "draft-model", "draft-model top-k", "multi-draft",
-         "multi-draft tree", "multi-draft pair", "plain top-p", "prompt-lookup top-p", "draft-model top-p", "plain min-p",
-         "draft-model min-p", "draft-head", "draft-head top-k"]  # fmt: skip
+CASES = [
+    "plain",
+    "prompt-lookup",
+    "ngram",
+    "jacobi",
+    "layer-skip",
+    "draft-model",
+    "draft-model top-k",
+    "multi-draft",
+    "multi-draft tree",
+    "multi-draft pair",
+    "plain top-p",
+    "prompt-lookup top-p",
+    "draft-model top-p",
+    "plain min-p",
+    "draft-model min-p",
+    "draft-head",
+    "draft-head top-k",
+]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -197,8 +239,11 @@ def leviathan(bias: float = 0.0, accept_scale: float = 1.0):
     return select
 
 
-@pytest.mark.parametrize("broken, fails", [({}, False), ({"bias": 0.02}, True), ({"accept_scale": 1.05}, True)],
-                         ids=["written-out rule passes", "resampler off by 2% of p", "acceptance 5% too generous"])  # fmt: skip
+@pytest.mark.parametrize(
+    "broken, fails",
+    [({}, False), ({"bias": 0.02}, True), ({"accept_scale": 1.05}, True)],
+    ids=["written-out rule passes", "resampler off by 2% of p", "acceptance 5% too generous"],
+)
 def test_control_a_biased_rule_fails_the_check(target, drafter, monkeypatch, broken, fails):
     monkeypatch.setattr(verify, "spectr_select", leviathan(**broken))
     spec, params = specs(drafter)["draft-model top-k"]
@@ -286,6 +331,7 @@ def test_noise_is_what_the_enumeration_assumes():
         assert abs(((u < t).sum() - m * t) / np.sqrt(m * t * (1 - t))) < z_crit
 
     streams = [0, *range(1, 17), *range(drafting.DRAFT_STREAM, drafting.DRAFT_STREAM + 16)]
-    keys = {position_seed(seed, position, stream)
-            for seed in range(64) for position in range(2048) for stream in streams}  # fmt: skip
+    keys = {
+        position_seed(seed, position, stream) for seed in range(64) for position in range(2048) for stream in streams
+    }
     assert len(keys) == 64 * 2048 * len(streams)

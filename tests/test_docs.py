@@ -15,8 +15,11 @@ LINK = re.compile(r"\]\(([^)\s]+)\)")
 def relative_links(text: str) -> list[str]:
     """The targets of the markdown links in `text` that point into the repository (no URL, no anchor
     of the same page), without their anchors."""
-    return [target.split("#")[0] for target in LINK.findall(text)
-            if not re.match(r"[a-z]+:", target) and not target.startswith("#")]  # fmt: skip
+    return [
+        target.split("#")[0]
+        for target in LINK.findall(text)
+        if not re.match(r"[a-z]+:", target) and not target.startswith("#")
+    ]
 
 
 def test_readme_is_short():

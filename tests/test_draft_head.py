@@ -67,8 +67,11 @@ def looping_head(looping, tmp_path_factory) -> DraftHeadRuntime:
 @pytest.fixture(scope="module")
 def random_head(tiny, tmp_path_factory) -> DraftHeadRuntime:
     """A head for tiny-random, whose text never repeats: its drafts are mostly rejected."""
-    return tiny_head(tiny, tmp_path_factory.mktemp("heads") / "tiny.safetensors", Recipe(prompts=4, max_new_tokens=16,
-                     vocab=256, epochs=1))  # fmt: skip
+    return tiny_head(
+        tiny,
+        tmp_path_factory.mktemp("heads") / "tiny.safetensors",
+        Recipe(prompts=4, max_new_tokens=16, vocab=256, epochs=1),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +86,9 @@ def test_recorded_features_are_the_targets_hidden_states(tiny, examples):
     the whole sequence computes (the head learns from exactly what the verifier hands it)."""
     e = examples[0]
     cache = tiny.runtime.new_cache(1, len(e.ids))
-    _, hidden = tiny.runtime.forward(torch.tensor([e.ids[:-1]]), torch.arange(len(e.ids) - 1)[None], cache, num_logits=0)
+    _, hidden = tiny.runtime.forward(
+        torch.tensor([e.ids[:-1]]), torch.arange(len(e.ids) - 1)[None], cache, num_logits=0
+    )
     cache.free()
     assert e.features.shape == (len(e.ids) - 1, tiny.runtime.info.hidden_size)
     assert torch.allclose(e.features, hidden[0], atol=1e-4)
@@ -110,8 +115,10 @@ def test_a_training_step_lowers_the_loss_on_a_fixed_batch(tiny, examples, init):
 
 def test_training_is_deterministic_from_the_seed(tiny, tmp_path):
     recipe = Recipe(prompts=4, max_new_tokens=12, vocab=256, epochs=2, sampled=0.5)
-    heads = [read_head(distill(tiny, r, progress=False, path=tmp_path / f"{i}.safetensors", corpus=CORPUS))
-             for i, r in enumerate([recipe, recipe, Recipe(**(vars(recipe) | {"seed": 1}))])]  # fmt: skip
+    heads = [
+        read_head(distill(tiny, r, progress=False, path=tmp_path / f"{i}.safetensors", corpus=CORPUS))
+        for i, r in enumerate([recipe, recipe, Recipe(**(vars(recipe) | {"seed": 1}))])
+    ]
     (a, vocab_a, meta_a), (b, vocab_b, _), (c, _, _) = heads
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
     assert torch.equal(vocab_a, vocab_b)
@@ -170,14 +177,20 @@ def test_drafting_feeds_compute_the_unrolled_training_steps(tiny, random_head):
     for depth in (0, 1, 2):  # a node `depth` deep is entry i of step depth + 1
         committed = i - depth + 1  # entries 0..committed-1 hold the target's features
         cache = head.new_cache(1, n + 4)
-        out = head.forward_packed([Segment(cache, tokens[0, 1 : committed + 1], list(range(committed)), None, 1,
-                                           features=feats[0, :committed])])[0]  # fmt: skip
+        out = head.forward_packed(
+            [
+                Segment(
+                    cache, tokens[0, 1 : committed + 1], list(range(committed)), None, 1, features=feats[0, :committed]
+                )
+            ]
+        )[0]
         feature = out.hidden[-1]
         for d in range(depth):  # each level: one node, seeing the committed entries, its ancestors and itself
             position = committed + d
             mask = torch.ones(1, position + 1, dtype=torch.bool)
-            out = head.forward_packed([Segment(cache, [int(tokens[0, position + 1])], [position], mask, 1,
-                                               features=feature[None])])[0]  # fmt: skip
+            out = head.forward_packed(
+                [Segment(cache, [int(tokens[0, position + 1])], [position], mask, 1, features=feature[None])]
+            )[0]
             feature = out.hidden[-1]
         want = steps[depth][0, i]
         assert torch.allclose(feature, want, atol=1e-4), (depth, (feature - want).abs().max())
@@ -224,9 +237,11 @@ class FixedCost:
         pass
 
 
-@pytest.mark.parametrize("body, head, drafts", [(lambda n: 1.0, 0.01, True), (lambda n: float(n), 0.01, False),
-                                                (lambda n: 1.0, 5.0, False)],
-                         ids=["verifying is flat: draft", "verifying costs per token: plain", "head passes dear: plain"])  # fmt: skip
+@pytest.mark.parametrize(
+    "body, head, drafts",
+    [(lambda n: 1.0, 0.01, True), (lambda n: float(n), 0.01, False), (lambda n: 1.0, 5.0, False)],
+    ids=["verifying is flat: draft", "verifying costs per token: plain", "head passes dear: plain"],
+)
 def test_adaptive_sizing_drafts_where_it_pays(looping, looping_head, monkeypatch, body, head, drafts):
     """The tree is sized by the pass costs: verification as cheap for 17 tokens as for 1 and cheap head
     passes give deep trees; verification that grows with every token, or a head pass dearer than the
@@ -251,8 +266,11 @@ def test_adaptive_growth_grows_only_nodes_worth_verifying(looping, looping_head,
     over nodes that can never be verified)."""
     from argen.strategies.speculative import adaptive, draft_head
 
-    monkeypatch.setattr(adaptive.CostModel, "for_runtime",
-                        staticmethod(lambda runtime: FixedCost(lambda n: 1.0 if n <= 2 else float(n))))  # fmt: skip
+    monkeypatch.setattr(
+        adaptive.CostModel,
+        "for_runtime",
+        staticmethod(lambda runtime: FixedCost(lambda n: 1.0 if n <= 2 else float(n))),
+    )
     monkeypatch.setattr(draft_head.DraftHead, "_head_seconds", lambda self, m, rows: 0.01)
     grown: list[int] = []
     timed = draft_head.DraftHead._timed
@@ -263,15 +281,17 @@ def test_adaptive_growth_grows_only_nodes_worth_verifying(looping, looping_head,
         return (yield from timed(self, state, feed))
 
     monkeypatch.setattr(draft_head.DraftHead, "_timed", recording)
-    out = check_greedy_identical(looping, "hello", {"name": "draft-head", "head": looping_head, "width": 4},
-                                 max_new_tokens=40)  # fmt: skip
+    out = check_greedy_identical(
+        looping, "hello", {"name": "draft-head", "head": looping_head, "width": 4}, max_new_tokens=40
+    )
     assert out.stats.draft_tokens_accepted > 0, out.stats
     assert grown and set(grown) == {1}, grown
 
 
 def test_cache_after_every_step_equals_a_fresh_prefill(looping, looping_head):
-    accepted = check_cache_matches_prefill(looping, "hello", {"name": "draft-head", "head": looping_head,
-                                                              "adaptive": False}, max_new_tokens=30, atol=1e-5)  # fmt: skip
+    accepted = check_cache_matches_prefill(
+        looping, "hello", {"name": "draft-head", "head": looping_head, "adaptive": False}, max_new_tokens=30, atol=1e-5
+    )
     assert accepted > 0
 
 
@@ -280,8 +300,9 @@ def test_sampling_reproduces_plain_sampling_for_the_same_seed(looping, looping_h
     for seed in range(8):
         params = dict(max_new_tokens=30, temperature=(1.0, 0.7)[seed % 2], top_k=(0, 40)[seed // 4], seed=seed)
         plain = looping.generate("hello", **params)
-        out = looping.generate("hello", strategy={"name": "draft-head", "head": looping_head, "adaptive": False},
-                               **params)  # fmt: skip
+        out = looping.generate(
+            "hello", strategy={"name": "draft-head", "head": looping_head, "adaptive": False}, **params
+        )
         assert out.token_ids == plain.token_ids, params
         accepted += out.stats.draft_tokens_accepted
         rejected += out.stats.draft_tokens_proposed - out.stats.draft_tokens_accepted
@@ -329,8 +350,12 @@ def post(url: str, spec, **fields):
     import httpx
 
     body = {"model": "tiny-random", "prompt": "Hello", "max_tokens": 12, "temperature": 0, "strategy": spec, **fields}
-    return httpx.post(f"{url}/v1/completions", content=json.dumps(body).encode(),  # NaN as a careless client sends it
-                      headers={"content-type": "application/json"}, timeout=60)
+    return httpx.post(
+        f"{url}/v1/completions",
+        content=json.dumps(body).encode(),  # NaN as a careless client sends it
+        headers={"content-type": "application/json"},
+        timeout=60,
+    )
 
 
 def test_a_server_with_a_head_serves_draft_head_as_the_python_api_does(head_server, tiny, random_head):
@@ -341,22 +366,29 @@ def test_a_server_with_a_head_serves_draft_head_as_the_python_api_does(head_serv
         assert r.json()["choices"][0]["token_ids"] == want.token_ids
 
 
-@pytest.mark.parametrize("spec, status, words", [
-    ({"name": "draft-head", "head": "cached"}, 400, "must name one of this server's head models ('h')"),
-    ({"name": "draft-head", "head": "/tmp/x.safetensors"}, 400, "--draft-head NAME=SOURCE"),
-    ({"name": "draft-head", "head": "~/.cache/argen/draft-heads/x.safetensors"}, 400, "must name one of"),
-    ({"name": "draft-head", "head": "tiny-random"}, 400, "must name one of"),
-    ({"name": "draft-head", "head": 5}, 400, "must name one of"),
-    ({"name": "draft-head", "head": ["h"]}, 400, "must name one of"),
-    ({"name": "draft-head", "head": None}, 400, "must name one of"),
-    ({"name": "draft-head", "width": 10**6}, 400, "option width of strategy 'draft-head' is 1000000, but this server allows at most 8"),
-    ({"name": "draft-head", "max_nodes": 10**9}, 400, "max_nodes"),
-    ({"name": "draft-head", "max_draft": 4096}, 400, "max_draft"),
-    ({"name": "draft-head", "width": 0}, 400, "width must be an integer >= 1"),
-    ({"name": "draft-head", "width": 2.5}, 400, "must be an integer"),
-    ({"name": "draft-head", "max_nodes": float("nan")}, 400, "max_nodes"),
-    ({"name": "draft-head", "adaptive": "yes"}, 400, "true or false"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "spec, status, words",
+    [
+        ({"name": "draft-head", "head": "cached"}, 400, "must name one of this server's head models ('h')"),
+        ({"name": "draft-head", "head": "/tmp/x.safetensors"}, 400, "--draft-head NAME=SOURCE"),
+        ({"name": "draft-head", "head": "~/.cache/argen/draft-heads/x.safetensors"}, 400, "must name one of"),
+        ({"name": "draft-head", "head": "tiny-random"}, 400, "must name one of"),
+        ({"name": "draft-head", "head": 5}, 400, "must name one of"),
+        ({"name": "draft-head", "head": ["h"]}, 400, "must name one of"),
+        ({"name": "draft-head", "head": None}, 400, "must name one of"),
+        (
+            {"name": "draft-head", "width": 10**6},
+            400,
+            "option width of strategy 'draft-head' is 1000000, but this server allows at most 8",
+        ),
+        ({"name": "draft-head", "max_nodes": 10**9}, 400, "max_nodes"),
+        ({"name": "draft-head", "max_draft": 4096}, 400, "max_draft"),
+        ({"name": "draft-head", "width": 0}, 400, "width must be an integer >= 1"),
+        ({"name": "draft-head", "width": 2.5}, 400, "must be an integer"),
+        ({"name": "draft-head", "max_nodes": float("nan")}, 400, "max_nodes"),
+        ({"name": "draft-head", "adaptive": "yes"}, 400, "true or false"),
+    ],
+)
 def test_hostile_draft_head_options_get_400_and_nothing_is_loaded(head_server, tiny, spec, status, words):
     before = dict(tiny.runtime.memo.get(LoadedHeads).by_path)
     r = post(head_server, spec)

@@ -48,16 +48,22 @@ def test_method_names_and_default_budgets():
         parse_methods(" , ")
     assert METHODS["pyramidkv"].beside == "prefix-kv" and not METHODS["pyramidkv"].decoding
     assert METHODS["snapkv"].beside == "snapkv" and METHODS["merging"].beside == "kvmerger" and METHODS["h2o"].eager
-    assert [(m.bits, m.beside, m.row) for m in parse_methods("kv-quant-8,kv-quant-4")] == [(8, "kv-quant", "kv-quant"),
-                                                                                            (4, "kv-quant", "kv-quant")]  # fmt: skip
-    configs = [parse_config("ffn-skip:threshold=0.9"),
-               parse_config('{"method": "kvmerger", "options": {"press": {"name": "kvmerger", "budget": 0.35}}}'),
-               parse_config('{"method": "streaming-llm", "options": {"press": "streaming-llm"}}'),
-               parse_config('{"method": "kvmerger", "options": {"press": {"name": "kvmerger", "budget": 0.35}}}')]  # fmt: skip
+    assert [(m.bits, m.beside, m.row) for m in parse_methods("kv-quant-8,kv-quant-4")] == [
+        (8, "kv-quant", "kv-quant"),
+        (4, "kv-quant", "kv-quant"),
+    ]
+    configs = [
+        parse_config("ffn-skip:threshold=0.9"),
+        parse_config('{"method": "kvmerger", "options": {"press": {"name": "kvmerger", "budget": 0.35}}}'),
+        parse_config('{"method": "streaming-llm", "options": {"press": "streaming-llm"}}'),
+        parse_config('{"method": "kvmerger", "options": {"press": {"name": "kvmerger", "budget": 0.35}}}'),
+    ]
     assert press_budgets(configs) == [0.35, 0.5]  # a press named without a budget keeps argen's default 0.5
     assert press_budgets(configs[:1]) == [0.5, 0.35, 0.2, 0.1]
-    quantizing = [parse_config('{"method": "kv-quant", "options": {"press": {"name": "kv-quant", "bits": 4}}}'),
-                  parse_config('{"method": "gear", "options": {"press": "gear"}}')]  # fmt: skip
+    quantizing = [
+        parse_config('{"method": "kv-quant", "options": {"press": {"name": "kv-quant", "bits": 4}}}'),
+        parse_config('{"method": "gear", "options": {"press": "gear"}}'),
+    ]
     assert press_budgets(quantizing) == [0.5, 0.35, 0.2, 0.1]  # no budget of their own: not argen's default 0.5
     assert press_budgets(quantizing + configs[1:2]) == [0.35]
 
@@ -65,9 +71,11 @@ def test_method_names_and_default_budgets():
 def test_quantized_methods_run_once_whatever_the_budgets():
     configs = drift_kvpress.peer_configs(parse_methods("snapkv,kv-quant-8,kv-quant-4"), [0.5, 0.2])
     assert [(c.label, c.row_method, c.setting, c.budget) for c in configs] == [
-        ("kvpress snapkv 0.5", "kvpress snapkv", "0.5", 0.5), ("kvpress snapkv 0.2", "kvpress snapkv", "0.2", 0.2),
+        ("kvpress snapkv 0.5", "kvpress snapkv", "0.5", 0.5),
+        ("kvpress snapkv 0.2", "kvpress snapkv", "0.2", 0.2),
         ("kvpress kv-quant 8-bit", "kvpress kv-quant", "8-bit", None),
-        ("kvpress kv-quant 4-bit", "kvpress kv-quant", "4-bit", None)]  # fmt: skip
+        ("kvpress kv-quant 4-bit", "kvpress kv-quant", "4-bit", None),
+    ]
     info = drift_kvpress.settings(configs)
     assert info["budgets"] == [0.5, 0.2] and info["methods"]["kv-quant-4"]["beside"] == "kv-quant"
     assert info["quantized_cache"]["residual_length"] == kvpress_peer.RESIDUAL
@@ -86,8 +94,9 @@ def test_missing_kvpress_says_how_to_install(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "kvpress", None)  # import kvpress raises ImportError
     with pytest.raises(ArgenError, match=r"pip install 'argen\[kvpress\]'.*transformers<5.3"):
         kvpress_peer.import_kvpress()
-    code = main(["drift", "--model", "tiny-random", "--kvpress", "streaming-llm", "--out", str(tmp_path),
-                 "--allow-dirty"])  # fmt: skip
+    code = main(
+        ["drift", "--model", "tiny-random", "--kvpress", "streaming-llm", "--out", str(tmp_path), "--allow-dirty"]
+    )
     assert code == 2 and not (tmp_path / "report.md").exists()
 
 
@@ -134,14 +143,34 @@ def test_peer_rows_compare_with_argen_exact_and_with_hf_under_the_same_scorer(ti
 
 
 def test_kvpress_rows_sit_beside_argen_rows_of_the_same_method():
-    rows = [{"method": m, "category": c} for m in ("exact", "streaming-llm", "kvmerger", "kv-quant", NO_PRESS,
-                                                     "kvpress kv-quant", "kvpress snapkv", "kvpress merging",
-                                                     "kvpress streaming-llm") for c in ("rag", "all")]  # fmt: skip
+    rows = [
+        {"method": m, "category": c}
+        for m in (
+            "exact",
+            "streaming-llm",
+            "kvmerger",
+            "kv-quant",
+            NO_PRESS,
+            "kvpress kv-quant",
+            "kvpress snapkv",
+            "kvpress merging",
+            "kvpress streaming-llm",
+        )
+        for c in ("rag", "all")
+    ]
     order = [(r["method"], r["category"]) for r in arrange(rows)]
     methods = list(dict.fromkeys(m for m, _ in order))
-    assert methods == ["exact", NO_PRESS, "streaming-llm", "kvpress streaming-llm", "kvmerger", "kvpress merging",
-                       "kv-quant", "kvpress kv-quant",
-                       "kvpress snapkv"]  # snapkv sits beside h2o, which did not run: at the end  # fmt: skip
+    assert methods == [
+        "exact",
+        NO_PRESS,
+        "streaming-llm",
+        "kvpress streaming-llm",
+        "kvmerger",
+        "kvpress merging",
+        "kv-quant",
+        "kvpress kv-quant",
+        "kvpress snapkv",
+    ]  # snapkv sits beside h2o, which did not run: at the end
     assert order[:2] == [("exact", "rag"), ("exact", "all")]
 
 
@@ -168,20 +197,61 @@ def test_drift_bench_with_a_fake_peer_writes_kvpress_rows(tiny, tmp_path, monkey
     monkeypatch.setattr(kvpress_peer, "import_quanto", lambda: None)
     monkeypatch.setattr(kvpress_peer, "kvpress_version", lambda package="kvpress": "9.9.9")
     questions = tmp_path / "q.jsonl"
-    questions.write_text(json.dumps({"question_id": 1, "category": "summarization",
-                                     "turns": ["Summarize: Alice Smith met Bob Jones in Paris in 2019."]}) + "\n")  # fmt: skip
+    questions.write_text(
+        json.dumps(
+            {
+                "question_id": 1,
+                "category": "summarization",
+                "turns": ["Summarize: Alice Smith met Bob Jones in Paris in 2019."],
+            }
+        )
+        + "\n"
+    )
     out = tmp_path / "out"
-    press = '{"method": "streaming-llm", "setting": "0.5", "options": {"press": {"name": "streaming-llm", "budget": 0.5}}}'
+    press = (
+        '{"method": "streaming-llm", "setting": "0.5", "options": {"press": {"name": "streaming-llm", "budget": 0.5}}}'
+    )
     quant = '{"method": "kv-quant", "setting": "4-bit", "options": {"press": {"name": "kv-quant", "bits": 4}}}'
-    code = main(["drift", "--model", "tiny-random", "--questions", str(questions), "--limit", "1",
-                 "--categories", "summarization", "--long-lengths", "", "--max-new-tokens", "6", "--ignore-eos", "--config", press,
-                 "--config", quant, "--kvpress", "streaming-llm,h2o,kv-quant-8,kv-quant-4", "--out", str(out),
-                 "--allow-dirty"])  # fmt: skip
+    code = main(
+        [
+            "drift",
+            "--model",
+            "tiny-random",
+            "--questions",
+            str(questions),
+            "--limit",
+            "1",
+            "--categories",
+            "summarization",
+            "--long-lengths",
+            "",
+            "--max-new-tokens",
+            "6",
+            "--ignore-eos",
+            "--config",
+            press,
+            "--config",
+            quant,
+            "--kvpress",
+            "streaming-llm,h2o,kv-quant-8,kv-quant-4",
+            "--out",
+            str(out),
+            "--allow-dirty",
+        ]
+    )
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     labels = list(dict.fromkeys(r["label"] for r in results["summary"]))
-    assert labels == ["exact", NO_PRESS, "streaming-llm 0.5", "kvpress streaming-llm 0.5", "kv-quant 4-bit",
-                      "kvpress kv-quant 8-bit", "kvpress kv-quant 4-bit", "kvpress h2o 0.5"]  # fmt: skip
+    assert labels == [
+        "exact",
+        NO_PRESS,
+        "streaming-llm 0.5",
+        "kvpress streaming-llm 0.5",
+        "kv-quant 4-bit",
+        "kvpress kv-quant 8-bit",
+        "kvpress kv-quant 4-bit",
+        "kvpress h2o 0.5",
+    ]
     assert results["settings"]["kvpress"]["budgets"] == [0.5]  # the press configurations' budgets (kv-quant: none)
     assert results["settings"]["kvpress"]["methods"]["h2o"]["attention"] == "eager"
     assert results["settings"]["kvpress"]["quantized_cache"]["optimum_quanto"] == "9.9.9"
@@ -231,11 +301,15 @@ def test_quantized_cache_holds_packed_codes_scales_and_the_fp32_residual(monkeyp
     prompt = torch.randint(0, 256, (120,), generator=torch.Generator().manual_seed(3)).tolist()
     reference = peer.reference(prompt, 24, ignore_eos=True)
     layers, heads, dim, positions = 4, 2, 16, 120 + 23  # the last token is never fed
-    assert kvpress_peer.quant_group(model.config) == dim and reference.kv_bytes == layers * 2 * heads * positions * dim * 4
+    assert (
+        kvpress_peer.quant_group(model.config) == dim and reference.kv_bytes == layers * 2 * heads * positions * dim * 4
+    )
     fp, quantized = 7, positions - 7  # the prompt, then 16 tokens in two flushes of 8; 7 in the residual
     for bits, meta in ((8, 4), (4, 8), (2, 8)):  # fp32 scale (8-bit: symmetric), and shift for 4 and 2 bits
         run = peer.run(prompt, METHODS[f"kv-quant-{bits}"], None, 24, ignore_eos=True)
-        codes = heads * quantized * dim * bits // 8 + heads * quantized * meta  # per tensor: packed codes, meta per group
+        codes = (
+            heads * quantized * dim * bits // 8 + heads * quantized * meta
+        )  # per tensor: packed codes, meta per group
         assert run.kv_bytes == layers * 2 * (codes + heads * fp * dim * 4), bits
         assert run.kv_bytes < reference.kv_bytes and len(run.token_ids) == 24
         assert run.press == f"QuantizedCache(quanto, {bits}-bit), no press"

@@ -12,14 +12,40 @@ from argen.strategies import make_strategy
 
 GUIDE = "tiny-random@1"
 POS, NEG = "good and kind: ", "bad, cruel!\n"
-WORDS = ["apple", "river", "stone", "cloud", "music", "paper", "glass", "tiger", "winter", "coffee", "lamp", "ocean",
-         "violin", "desert", "candle", "forest", "mirror", "rocket", "garden", "thunder"]  # fmt: skip
+WORDS = [
+    "apple",
+    "river",
+    "stone",
+    "cloud",
+    "music",
+    "paper",
+    "glass",
+    "tiger",
+    "winter",
+    "coffee",
+    "lamp",
+    "ocean",
+    "violin",
+    "desert",
+    "candle",
+    "forest",
+    "mirror",
+    "rocket",
+    "garden",
+    "thunder",
+]
 PROMPTS = [f"Prompt {i}: {w}" for i, w in enumerate(WORDS)]
 
 
 def spec(omega: float, guide=GUIDE, rule="gedi") -> dict:
-    return {"name": "guided", "guide_model": guide, "omega": omega, "positive_prefix": POS, "negative_prefix": NEG,
-            "rule": rule}  # fmt: skip
+    return {
+        "name": "guided",
+        "guide_model": guide,
+        "omega": omega,
+        "positive_prefix": POS,
+        "negative_prefix": NEG,
+        "rule": rule,
+    }
 
 
 @pytest.mark.parametrize("options", [dict(), dict(temperature=0.9, top_p=0.95, seed=4, repetition_penalty=1.2)])
@@ -60,7 +86,8 @@ def test_counterfactual_of_a_guided_output(tiny):
     cf = tiny.counterfactual(out, {6: 90})
     assert cf.token_ids == tiny.generate("steer", intervene={6: 90}, **options).token_ids
     assert cf.extras["guided"]["class_log_prob"] == pytest.approx(
-        tiny.generate("steer", intervene={6: 90}, **options).extras["guided"]["class_log_prob"], abs=1e-4)
+        tiny.generate("steer", intervene={6: 90}, **options).extras["guided"]["class_log_prob"], abs=1e-4
+    )
 
 
 def test_guide_object_forms(tiny):
@@ -70,8 +97,17 @@ def test_guide_object_forms(tiny):
         assert tiny.generate("forms", max_new_tokens=8, strategy=spec(3.0, obj)).token_ids == by_name.token_ids
 
 
-@pytest.mark.parametrize("bad", [{"omega": -1}, {"omega": "x"}, {"positive_prefix": ""}, {"negative_prefix": 3},
-                                 {"guide_model": 12}, {"rule": "nope"}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"omega": -1},
+        {"omega": "x"},
+        {"positive_prefix": ""},
+        {"negative_prefix": 3},
+        {"guide_model": 12},
+        {"rule": "nope"},
+    ],
+)
 def test_bad_options(bad):
     with pytest.raises(InvalidRequestError):
         make_strategy(spec(1.0) | bad)

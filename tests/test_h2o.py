@@ -124,5 +124,7 @@ def test_a_pressed_cache_alive_at_exit_does_not_abort_the_interpreter():
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-c", EXIT_WITH_A_PRESSED_CACHE], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", EXIT_WITH_A_PRESSED_CACHE], capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, f"exit code {done.returncode}: {done.stderr[-600:]}"

@@ -52,8 +52,13 @@ def _function_imports(path: Path) -> list[tuple[int, str]]:
         if not isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef):
             continue
         for node in ast.walk(fn):
-            names = [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else \
-                [a.name for a in node.names] if isinstance(node, ast.Import) else []  # fmt: skip
+            names = (
+                [node.module or ""]
+                if isinstance(node, ast.ImportFrom) and not node.level
+                else [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else []
+            )
             if not any(name == "argen" or name.startswith("argen.") for name in names):
                 continue
             line, above = lines[node.lineno - 1], lines[node.lineno - 2].strip()
@@ -62,8 +67,7 @@ def _function_imports(path: Path) -> list[tuple[int, str]]:
     return found
 
 
-@pytest.mark.parametrize("path", sorted(SRC.rglob("*.py")),
-                         ids=lambda p: str(p.relative_to(SRC)))  # fmt: skip
+@pytest.mark.parametrize("path", sorted(SRC.rglob("*.py")), ids=lambda p: str(p.relative_to(SRC)))
 def test_argen_imports_inside_functions_say_why(path):
     """Guards against hidden imports: an argen import inside a function needs a comment on its line
     or the line above saying why (an optional dependency, start-up cost, a circle it avoids)."""

@@ -39,8 +39,9 @@ def isas() -> list[str]:
 
 def run(lib, mm: QuantMatmul, x: torch.Tensor, threads: int) -> torch.Tensor:
     y = torch.empty(x.shape[0], mm.out_features)
-    lib.lib.argen_qmatmul(ctypes.byref(mm.struct), threads, x.data_ptr(), x.shape[0], x.shape[1], y.data_ptr(),
-                          mm.out_features)  # fmt: skip
+    lib.lib.argen_qmatmul(
+        ctypes.byref(mm.struct), threads, x.data_ptr(), x.shape[0], x.shape[1], y.data_ptr(), mm.out_features
+    )
     return y
 
 
@@ -157,7 +158,9 @@ def test_a8_kernel_is_the_product_with_rounded_activations(isa, fmt):
             min_terms = m[None] * (dx.double() * sq)[:, None]
             want = (scale_terms + min_terms).sum(-1) + mm.bias.double()
             n_ops = k // 32 + 4
-            bound = n_ops * U / (1 - n_ops * U) * ((scale_terms.abs() + min_terms.abs()).sum(-1) + mm.bias.double().abs())
+            bound = (
+                n_ops * U / (1 - n_ops * U) * ((scale_terms.abs() + min_terms.abs()).sum(-1) + mm.bias.double().abs())
+            )
             y = run(lib, mm, x, threads=2)
             assert ((y.double() - want).abs() <= bound).all(), (n, k, rows)
 
@@ -209,8 +212,11 @@ def test_portable_builds_give_the_native_builds_bits():
     operations are the same IEEE operations per lane): at width 8 against AVX2, at width 16 against
     AVX-512 where the CPU has it. So on machines without AVX-512 the width-16 portable build runs the
     AVX-512 kernels' arithmetic, checked by the tests above."""
-    pairs = {"avx2": [("scalar", "avx2")], "avx512": [("scalar", "avx2"), ("scalar16", "avx512")],
-             "avx512vnni": [("scalar", "avx2"), ("scalar16", "avx512"), ("scalar16", "avx512vnni")]}
+    pairs = {
+        "avx2": [("scalar", "avx2")],
+        "avx512": [("scalar", "avx2"), ("scalar16", "avx512")],
+        "avx512vnni": [("scalar", "avx2"), ("scalar16", "avx512"), ("scalar16", "avx512vnni")],
+    }
     pairs = pairs.get(kernels.pick_isa(), [])
     if not pairs:
         pytest.skip("no AVX2 here: the portable build is the only one")
@@ -264,8 +270,11 @@ def test_quant_weight_rows_and_cat_move_whole_rows():
 # -- the fused forward ---------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", params=[(fmt, build) for fmt in ("q4_1", "q8_0") for build in ("native", "scalar16")],
-                ids=lambda p: "-".join(p))  # fmt: skip
+@pytest.fixture(
+    scope="module",
+    params=[(fmt, build) for fmt in ("q4_1", "q8_0") for build in ("native", "scalar16")],
+    ids=lambda p: "-".join(p),
+)
 def tiny_q(request):
     """The tiny model quantized, on this CPU's kernels and on the portable build at AVX-512's width
     (whose arithmetic is the AVX-512 build's: so the fused forward's AVX-512 path is checked here too)."""
@@ -345,8 +354,9 @@ def test_fused_forward_is_batch_invariant(tiny_q):
     for row, feeds in zip(batch, [[ids[:n], ids[n:-1]], [other[:-1]]]):
         for feed in feeds:
             forward(rt, feed, list(range(row.lengths[0], row.lengths[0] + len(feed))), row)
-    _, hidden = rt.forward(torch.tensor([[ids[-1]], [other[-1]]]), torch.tensor([[len(ids) - 1], [len(other) - 1]]),
-                           batch)  # fmt: skip
+    _, hidden = rt.forward(
+        torch.tensor([[ids[-1]], [other[-1]]]), torch.tensor([[len(ids) - 1], [len(other) - 1]]), batch
+    )
     assert torch.equal(hidden[0, 0], alone[-1])
 
 

@@ -41,7 +41,8 @@ def check_logprobs(gen, result, params: dict, tol: float = TOL) -> None:
         assert len(record.top) == k
         values, top_ids = logp.topk(k)
         assert [t for t, _ in record.top] == top_ids.tolist() or torch.allclose(
-            torch.tensor([v for _, v in record.top]), values, atol=tol)  # a tie may order ids either way
+            torch.tensor([v for _, v in record.top]), values, atol=tol
+        )  # a tie may order ids either way
         assert all(abs(v - logp[t].item()) < tol for t, v in record.top)
 
 
@@ -110,8 +111,13 @@ def test_speculative_strategies_record_what_plain_records(tiny_q8, tiny, samplin
     prompt = "abc abc abc abc abc"
     common = {"max_new_tokens": 30, "ignore_eos": True, "logprobs": 4, **sampling}
     plain = tiny_q8.generate(prompt, **common)
-    strategies = [Oracle(plain.token_ids, tree=True), Oracle(plain.token_ids, wrong_every=3), "prompt-lookup", "ngram",
-                  "jacobi"]  # fmt: skip
+    strategies = [
+        Oracle(plain.token_ids, tree=True),
+        Oracle(plain.token_ids, wrong_every=3),
+        "prompt-lookup",
+        "ngram",
+        "jacobi",
+    ]
     if not sampling:
         strategies += ["layer-skip", {"name": "draft-model", "draft": "tiny-random"}]
     accepted = 0
@@ -166,8 +172,9 @@ def test_search_strategies_refuse_logprobs(tiny):
 
 def test_prompt_logprobs_are_log_softmax_of_the_raw_logits(tiny):
     prompts = ["Score this prompt, please.", "Another, longer prompt to score: " * 3, "Q"]
-    results = tiny.generate(prompts, chat=False, prompt_logprobs=3, max_new_tokens=0, temperature=0.5,
-                            repetition_penalty=1.5)  # the processors do not touch the prompt's records
+    results = tiny.generate(
+        prompts, chat=False, prompt_logprobs=3, max_new_tokens=0, temperature=0.5, repetition_penalty=1.5
+    )  # the processors do not touch the prompt's records
     for result in results:
         assert result.token_ids == [] and result.finish_reason == "length" and result.text == ""
         check_prompt_logprobs(tiny, result, 3)

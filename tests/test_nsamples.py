@@ -39,18 +39,23 @@ def test_n_samples_have_their_own_seeds_and_each_replays_alone(tiny, strategy):
     assert tiny.runtime.kv_pool().held == 0, "a fork's blocks were not given back"
 
 
-@pytest.mark.parametrize("strategy, temperature", [
-    ("contrastive", 0.0),  # reads the prompt's hidden states in start(): the forks share them
-    ({"name": "guided", "guide_model": "tiny-random@2"}, 1.0),  # a guide model's caches, one set per sample
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "strategy, temperature",
+    [
+        ("contrastive", 0.0),  # reads the prompt's hidden states in start(): the forks share them
+        ({"name": "guided", "guide_model": "tiny-random@2"}, 1.0),  # a guide model's caches, one set per sample
+    ],
+)
 def test_strategies_with_state_of_their_own_fork_too(tiny, strategy, temperature):
     options = dict(chat=False, temperature=temperature, max_new_tokens=6, strategy=strategy)
     results = tiny.generate(PROMPT, n=2, seed=20, **options)
     assert tiny.generate(PROMPT, seed=21, **options).token_ids == results[1].token_ids
     set_prompt = argen.SetPrompt(prefix="Films:\n", members=["Alien\n", "Heat\n"], suffix="Best:")
     results = tiny.generate(set_prompt, n=2, seed=20, chat=False, temperature=1.0, max_new_tokens=6)
-    assert tiny.generate(set_prompt, seed=21, chat=False, temperature=1.0, max_new_tokens=6).token_ids == \
-        results[1].token_ids  # fmt: skip
+    assert (
+        tiny.generate(set_prompt, seed=21, chat=False, temperature=1.0, max_new_tokens=6).token_ids
+        == results[1].token_ids
+    )
 
 
 def test_the_prompt_is_prefilled_once(tiny, monkeypatch):
@@ -76,8 +81,10 @@ def test_the_prompt_is_prefilled_once(tiny, monkeypatch):
 
 def test_greedy_samples_are_identical_and_shapes_follow_n(tiny):
     two = tiny.generate(PROMPT, n=2, chat=False, max_new_tokens=12)
-    assert len(two) == 2 and two[0].token_ids == two[1].token_ids == tiny.generate(PROMPT, chat=False,
-                                                                                    max_new_tokens=12).token_ids
+    assert (
+        len(two) == 2
+        and two[0].token_ids == two[1].token_ids == tiny.generate(PROMPT, chat=False, max_new_tokens=12).token_ids
+    )
     assert two[1].seed == two[0].seed + 1
     one = tiny.generate(PROMPT, n=1, chat=False, max_new_tokens=4)
     assert isinstance(one, list) and len(one) == 1  # n given: a list, whatever n is
@@ -143,8 +150,14 @@ def client(url: str) -> openai.OpenAI:
 def test_n_choices_through_the_openai_client_each_replayable(server, tiny):
     url, _ = server
     c = client(url)
-    ask = dict(model=MODEL, prompt=PROMPT, max_tokens=16, temperature=1.0, seed=40,
-               extra_body={"return_token_ids": True, "ignore_eos": True})  # fmt: skip
+    ask = dict(
+        model=MODEL,
+        prompt=PROMPT,
+        max_tokens=16,
+        temperature=1.0,
+        seed=40,
+        extra_body={"return_token_ids": True, "ignore_eos": True},
+    )
     out = c.completions.create(n=3, **ask)
     assert [ch.index for ch in out.choices] == [0, 1, 2] and [ch.seed for ch in out.choices] == [40, 41, 42]
     want = tiny.generate(PROMPT, n=3, seed=40, chat=False, temperature=1.0, max_new_tokens=16, ignore_eos=True)
@@ -163,25 +176,31 @@ def test_n_choices_through_the_openai_client_each_replayable(server, tiny):
     chat = c.chat.completions.create(model=MODEL, messages=messages, n=2, max_tokens=10, temperature=1.0, seed=7)
     want = tiny.generate(messages, n=2, seed=7, temperature=1.0, max_new_tokens=10)
     assert [ch.message.content for ch in chat.choices] == [r.text for r in want] and chat.choices[1].seed == 8
-    chunks = list(c.chat.completions.create(model=MODEL, messages=messages, n=2, max_tokens=10, temperature=1.0,
-                                            seed=7, stream=True))  # fmt: skip
+    chunks = list(
+        c.chat.completions.create(
+            model=MODEL, messages=messages, n=2, max_tokens=10, temperature=1.0, seed=7, stream=True
+        )
+    )
     for r in want:
         mine = [k.choices[0] for k in chunks if k.choices[0].index == r.sample_index]
         assert mine[0].delta.role == "assistant" and "".join(k.delta.content or "" for k in mine) == r.text
 
 
-@pytest.mark.parametrize("body, status, param, words", [
-    ({"n": 10**9}, 400, "n", "at most 8 samples"),  # the server's max_batch (8) is below the limit (16)
-    ({"n": 10**30}, 400, "n", "at most 8 samples"),
-    ({"n": 0}, 422, "n", "greater than or equal to 1"),
-    ({"n": -3}, 422, "n", "greater than or equal to 1"),
-    ({"n": "4"}, 422, "n", "valid integer"),
-    ({"n": 2.5}, 422, "n", "valid integer"),
-    ({"n": True}, 422, "n", "valid integer"),
-    ({"n": 8, "max_tokens": 100}, 400, "max_tokens", "8 x 100 = 800"),
-    ({"n": 4, "max_tokens": 129}, 400, "max_tokens", "at most 512 per request"),
-    ({"n": 2, "seed": 2**63 - 1}, 400, "seed", "seed + n - 1"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "body, status, param, words",
+    [
+        ({"n": 10**9}, 400, "n", "at most 8 samples"),  # the server's max_batch (8) is below the limit (16)
+        ({"n": 10**30}, 400, "n", "at most 8 samples"),
+        ({"n": 0}, 422, "n", "greater than or equal to 1"),
+        ({"n": -3}, 422, "n", "greater than or equal to 1"),
+        ({"n": "4"}, 422, "n", "valid integer"),
+        ({"n": 2.5}, 422, "n", "valid integer"),
+        ({"n": True}, 422, "n", "valid integer"),
+        ({"n": 8, "max_tokens": 100}, 400, "max_tokens", "8 x 100 = 800"),
+        ({"n": 4, "max_tokens": 129}, 400, "max_tokens", "at most 512 per request"),
+        ({"n": 2, "seed": 2**63 - 1}, 400, "seed", "seed + n - 1"),
+    ],
+)
 def test_hostile_n(server, body, status, param, words):
     url, _ = server
     r = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "hi", **body}, timeout=30)
@@ -191,8 +210,9 @@ def test_hostile_n(server, body, status, param, words):
 
 def test_default_max_tokens_shrinks_with_n_and_the_schema_shows_the_cap(server):
     url, _ = server
-    out = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "hi", "n": 8, "ignore_eos": True},
-                     timeout=120).json()  # fmt: skip
+    out = httpx.post(
+        f"{url}/v1/completions", json={"model": MODEL, "prompt": "hi", "n": 8, "ignore_eos": True}, timeout=120
+    ).json()
     assert out["usage"]["completion_tokens"] == 8 * 64  # 64 each, not the default 256: 512 (the limit) in all
     schema = httpx.get(f"{url}/openapi.json").json()["components"]["schemas"]
     assert schema["CompletionRequest"]["properties"]["n"]["maximum"] == 8
@@ -203,8 +223,15 @@ def test_a_client_leaving_mid_stream_frees_all_its_samples():
     with running_server(gen, max_batch=4, max_queue=0) as (url, _):
         c = client(url)
         before = httpx.get(f"{url}/metrics").text
-        stream = c.completions.create(model=MODEL, prompt="long", n=4, max_tokens=500, temperature=1.0, stream=True,
-                                      extra_body={"ignore_eos": True})  # fmt: skip
+        stream = c.completions.create(
+            model=MODEL,
+            prompt="long",
+            n=4,
+            max_tokens=500,
+            temperature=1.0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
         for _, _chunk in zip(range(6), stream):
             pass
         stream.close()

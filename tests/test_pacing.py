@@ -38,8 +38,9 @@ def simulate(pacer: PrefillPacer, own: float, chunk: float, chunks: int, gap: fl
     return waited, own_total
 
 
-@pytest.mark.parametrize("slowdown, own, chunk", [(1.5, 0.012, 0.7), (2.0, 0.012, 0.7), (1.5, 0.05, 0.02),
-                                                  (1.2, 0.03, 1.3)])  # fmt: skip
+@pytest.mark.parametrize(
+    "slowdown, own, chunk", [(1.5, 0.012, 0.7), (2.0, 0.012, 0.7), (1.5, 0.05, 0.02), (1.2, 0.03, 1.3)]
+)
 @pytest.mark.parametrize("gap", [0.0, 0.01])
 def test_the_others_are_slowed_by_at_most_the_bound_and_one_chunk(slowdown, own, chunk, gap):
     """Bug it guards against: a pacer that lets a long chunk run every round (the 0.2 s -> 67 s
@@ -95,14 +96,19 @@ def test_a_held_back_prompt_waits_for_the_others_and_changes_no_output(tiny):
     after the decoder is done); a short prompt is never held back; the outputs are those of running
     each alone (chunk boundaries do not move)."""
     long_prompt = [(7 * i) % 200 + 1 for i in range(600)]
-    requests = lambda: {0: _request(tiny, "decoding", 24), 1: _request(tiny, long_prompt, 4),  # noqa: E731
-                        2: _request(tiny, "short one", 4)}  # fmt: skip
-    paced, first = _run(DecodeBatch(tiny.engine, token_budget=1024, prefill_chunk=128, prefix_caching=False,
-                                    pacer=Refusing()), requests())  # fmt: skip
+
+    def requests():
+        return {0: _request(tiny, "decoding", 24), 1: _request(tiny, long_prompt, 4), 2: _request(tiny, "short one", 4)}
+
+    paced, first = _run(
+        DecodeBatch(tiny.engine, token_budget=1024, prefill_chunk=128, prefix_caching=False, pacer=Refusing()),
+        requests(),
+    )
     assert first[1] > 24, "the long prompt ran while another sequence was decoding"
     assert first[2] <= 2, "the short prompt was held back"
-    plain, first_unpaced = _run(DecodeBatch(tiny.engine, token_budget=1024, prefill_chunk=128, prefix_caching=False),
-                                requests())  # fmt: skip
+    plain, first_unpaced = _run(
+        DecodeBatch(tiny.engine, token_budget=1024, prefill_chunk=128, prefix_caching=False), requests()
+    )
     assert first_unpaced[1] <= 6  # the control: unpaced, its 5 chunks run at once beside the decoder
     assert paced == plain
     for index, request in requests().items():

@@ -83,8 +83,11 @@ FEEDS = [1, 1, 2, 3, 8, PACKED_MAX_ROWS, 1, 33, 64, 80, FUSED_MAX, FUSED_MAX + 1
 
 
 def long_prompt(gen) -> list[int]:
-    text = " ".join(f"Item {i}: the committee reviewed section {i * 7 % 13} of the report and noted"
-                    f" {i * 3 % 11} open questions about its budget." for i in range(56))  # fmt: skip
+    text = " ".join(
+        f"Item {i}: the committee reviewed section {i * 7 % 13} of the report and noted"
+        f" {i * 3 % 11} open questions about its budget."
+        for i in range(56)
+    )
     ids = gen.encode("Summarize the following notes.\n" + text)
     assert len(ids) > sum(FEEDS) + FUSED_MAX  # the prefill before the feeds is longer than the fused forward takes
     return ids

@@ -73,10 +73,14 @@ def prefilled(gen, prompt: list[int]):
 
 def feed(gen, cache, tokens: list[int], start: int, one_by_one: bool) -> torch.Tensor:
     if one_by_one:
-        outs = [gen.runtime.forward_packed([Segment(cache, [t], [start + j], None, 1)])[0].logits[-1]
-                for j, t in enumerate(tokens)]  # fmt: skip
+        outs = [
+            gen.runtime.forward_packed([Segment(cache, [t], [start + j], None, 1)])[0].logits[-1]
+            for j, t in enumerate(tokens)
+        ]
         return torch.stack(outs)
-    return gen.runtime.forward_packed([Segment(cache, tokens, list(range(start, start + len(tokens))), None, None)])[0].logits
+    return gen.runtime.forward_packed([Segment(cache, tokens, list(range(start, start + len(tokens))), None, None)])[
+        0
+    ].logits
 
 
 def test_attention_over_a_front_is_attention_over_the_slots_it_holds(tiny):
@@ -90,7 +94,9 @@ def test_attention_over_a_front_is_attention_over_the_slots_it_holds(tiny):
     blocks, front = prefilled(tiny, prompt), prefilled(tiny, prompt)
     k, v = blocks.gathered()
     blocks.rewrite(0, k[:, :, kept], v[:, :, kept])
-    front.press_into_front([k[i][:, kept] for i in range(info.n_layers)], [v[i][:, kept] for i in range(info.n_layers)], None)
+    front.press_into_front(
+        [k[i][:, kept] for i in range(info.n_layers)], [v[i][:, kept] for i in range(info.n_layers)], None
+    )
     assert front.offset == len(kept) and front.blocks == [] and front.layer_front is not None
     want = feed(tiny, blocks, new, 40, one_by_one=False)
     assert torch.allclose(feed(tiny, front, new, 40, one_by_one=False), want, atol=1e-5)
@@ -98,8 +104,9 @@ def test_attention_over_a_front_is_attention_over_the_slots_it_holds(tiny):
     per_layer = [kept[: 5 + 2 * i] + [39] for i in range(info.n_layers)]  # 6, 8, .. slots
     masked, stepped = prefilled(tiny, prompt), prefilled(tiny, prompt)
     for cache in (masked, stepped):
-        cache.press_into_front([k[i][:, p] for i, p in enumerate(per_layer)],
-                               [v[i][:, p] for i, p in enumerate(per_layer)], None)  # fmt: skip
+        cache.press_into_front(
+            [k[i][:, p] for i, p in enumerate(per_layer)], [v[i][:, p] for i, p in enumerate(per_layer)], None
+        )
         assert cache.layer_front.lengths == [len(p) for p in per_layer]
     got = feed(tiny, masked, new, 40, one_by_one=False)
     assert torch.allclose(got, feed(tiny, stepped, new, 40, one_by_one=True), atol=1e-4)  # rows: 3 vs 1
@@ -163,7 +170,8 @@ def test_a_press_keeps_each_heads_best_scored_positions_by_hf_eager_attention(ti
             assert len(heavy) == counts[i]
             worst_kept, best_dropped = scores[i, h, heavy].min(), scores[i, h, dropped].max()
             assert worst_kept >= best_dropped - 2e-4, (  # (2e-4: argen's record and HF's differ by 1e-4)
-                f"layer {i} head {h} kept a position scored {worst_kept:.4f} and dropped one scored {best_dropped:.4f}")
+                f"layer {i} head {h} kept a position scored {worst_kept:.4f} and dropped one scored {best_dropped:.4f}"
+            )
     cache.free()
     plain.free()
 
@@ -186,10 +194,13 @@ def test_on_the_engine_the_layers_keep_their_own_counts(tiny):
     assert r.stats.kv_bytes_held == blocks * pool.bytes_per_block()
 
 
-@pytest.mark.parametrize("spec, words", [
-    ({"name": "prefix-kv", "heavy": -0.1}, "heavy must be a finite number in [0, 1]"),
-    ({"name": "prefix-kv", "per_head": True}, "unknown option(s) per_head"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "spec, words",
+    [
+        ({"name": "prefix-kv", "heavy": -0.1}, "heavy must be a finite number in [0, 1]"),
+        ({"name": "prefix-kv", "per_head": True}, "unknown option(s) per_head"),
+    ],
+)
 def test_bad_prefix_kv_options(spec, words):
     from argen.errors import InvalidRequestError
 

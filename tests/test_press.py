@@ -46,9 +46,12 @@ def test_presses_compose_with_strategies(tiny, strategy):
     base, *pressed = run_together(tiny, strategy, [None, *one, *low], 24)
     for spec, results in zip(one + low, pressed, strict=True):
         for prompt, r in zip(PROMPTS, results, strict=True):
-            defaults = {"h2o": {"heavy": 0.5, "per_head": True}, "prefix-kv": {"heavy": 0.5},
-                        "snapkv": {"window_size": 32, "kernel": 7},
-                        "kvmerger": {"sinks": 4, "recent": 16}}.get(spec["name"], {"sinks": 4})  # fmt: skip
+            defaults = {
+                "h2o": {"heavy": 0.5, "per_head": True},
+                "prefix-kv": {"heavy": 0.5},
+                "snapkv": {"window_size": 32, "kernel": 7},
+                "kvmerger": {"sinks": 4, "recent": 16},
+            }.get(spec["name"], {"sinks": 4})
             defaults["chunk"] = PRESS_CHUNK
             assert r.extras["replay"]["press"] == spec | defaults
             if spec["budget"] == 1.0:
@@ -224,8 +227,11 @@ def test_admission_reserves_the_pressed_worst_case(tiny):
     prompt = [(5 * i) % 200 + 3 for i in range(400)]
     params = SamplingParams(max_new_tokens=60, **GREEDY)
     plain = Request(prompt, params, make_strategy("plain"))
-    pressed = [Request(prompt, params, make_strategy(s), press=make_press({"name": name, "budget": 0.5}))
-               for name in BUDGETED for s in ("plain", {"name": "prompt-lookup", "max_draft": 4})]  # fmt: skip
+    pressed = [
+        Request(prompt, params, make_strategy(s), press=make_press({"name": name, "budget": 0.5}))
+        for name in BUDGETED
+        for s in ("plain", {"name": "prompt-lookup", "max_draft": 4})
+    ]
     batch = DecodeBatch(tiny.engine, prefill_chunk=64)
     # 400 + 60 positions, 29 blocks; pressed to half, chunk by chunk: about half as many (prefix-kv:
     # two blocks more, its front's rounding per layer and a block filled before each press).
@@ -287,7 +293,9 @@ def test_a_server_admits_more_pressed_sequences(tiny):
     unpressed = batch.blocks_needed(Request(prompt, params, make_strategy("plain")))
     for budget, at_least in [(0.5, 1.8), (0.35, 2.0)]:
         for name in BUDGETED:
-            request = Request(prompt, params, make_strategy("plain"), press=make_press({"name": name, "budget": budget}))
+            request = Request(
+                prompt, params, make_strategy("plain"), press=make_press({"name": name, "budget": budget})
+            )
             # prefix-kv's two blocks more: 102 / 57 = 1.79 at 0.5.
             assert unpressed / batch.blocks_needed(request) >= at_least - 0.05 * (name == "prefix-kv")
 
@@ -297,35 +305,38 @@ def test_presses_need_the_paged_cache(tiny_gpt2):
         tiny_gpt2.generate("hi", max_new_tokens=2, press="kvmerger")
 
 
-@pytest.mark.parametrize("spec, words", [
-    ({"name": "streaming-llm", "budget": 0}, "budget must be more than 0"),
-    ({"name": "streaming-llm", "budget": -1}, "budget must be a finite number in [0, 1]"),
-    ({"name": "kvmerger", "budget": 1e9}, "budget must be a finite number in [0, 1]"),
-    ({"name": "kvmerger", "budget": float("nan")}, "finite number"),
-    ({"name": "kvmerger", "budget": "half"}, "finite number"),
-    ({"name": "kvmerger", "recent": -3}, "recent must be a whole number"),
-    ({"name": "streaming-llm", "sinks": 2.5}, "sinks must be a whole number"),
-    ({"name": "streaming-llm", "window": 8}, "unknown option(s) window"),
-    ({"name": "pyramidkv"}, "unknown press 'pyramidkv'"),
-    ({"name": "snapkv", "window_size": 0}, "window_size must be a whole number of queries from 1 to 1024"),
-    ({"name": "snapkv", "window_size": 10**9}, "window_size must be a whole number of queries from 1 to 1024"),
-    ({"name": "snapkv", "kernel": 4}, "kernel must be an odd whole number from 1 to 63"),
-    ({"name": "snapkv", "kernel": 1.0}, "kernel must be an odd whole number"),
-    ({"name": "prefix-kv", "heavy": 2}, "heavy must be a finite number in [0, 1]"),
-    ({"name": "h2o", "heavy": 1.5}, "heavy must be a finite number in [0, 1]"),
-    ({"name": "h2o", "per_head": "yes"}, "per_head must be true or false"),
-    ({"name": "kv-quant", "bits": 3}, "bits must be one of 2, 4, 8"),
-    ({"name": "h2o", "chunk": 8}, "chunk must be 0 (the whole prompt, then one press) or 16 to 8192"),
-    ({"name": "streaming-llm", "chunk": 10**6}, "chunk must be 0"),
-    ({"name": "kv-quant", "bits": True}, "bits must be one of 2, 4, 8"),
-    ({"name": "kv-quant", "budget": 0.5}, "unknown option(s) budget"),
-    ({"name": "gear", "rank": 65}, "rank must be a whole number from 0 to 64"),
-    ({"name": "gear", "rank": -1}, "rank must be a whole number"),
-    ({"name": "gear", "outliers": 0.9}, "outliers must be a finite number in [0, 0.5]"),
-    ({"name": "gear", "outliers": float("inf")}, "outliers must be a finite number"),
-    ({"budget": 0.5}, "a press is a name"),
-    (5, "a press is a name"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "spec, words",
+    [
+        ({"name": "streaming-llm", "budget": 0}, "budget must be more than 0"),
+        ({"name": "streaming-llm", "budget": -1}, "budget must be a finite number in [0, 1]"),
+        ({"name": "kvmerger", "budget": 1e9}, "budget must be a finite number in [0, 1]"),
+        ({"name": "kvmerger", "budget": float("nan")}, "finite number"),
+        ({"name": "kvmerger", "budget": "half"}, "finite number"),
+        ({"name": "kvmerger", "recent": -3}, "recent must be a whole number"),
+        ({"name": "streaming-llm", "sinks": 2.5}, "sinks must be a whole number"),
+        ({"name": "streaming-llm", "window": 8}, "unknown option(s) window"),
+        ({"name": "pyramidkv"}, "unknown press 'pyramidkv'"),
+        ({"name": "snapkv", "window_size": 0}, "window_size must be a whole number of queries from 1 to 1024"),
+        ({"name": "snapkv", "window_size": 10**9}, "window_size must be a whole number of queries from 1 to 1024"),
+        ({"name": "snapkv", "kernel": 4}, "kernel must be an odd whole number from 1 to 63"),
+        ({"name": "snapkv", "kernel": 1.0}, "kernel must be an odd whole number"),
+        ({"name": "prefix-kv", "heavy": 2}, "heavy must be a finite number in [0, 1]"),
+        ({"name": "h2o", "heavy": 1.5}, "heavy must be a finite number in [0, 1]"),
+        ({"name": "h2o", "per_head": "yes"}, "per_head must be true or false"),
+        ({"name": "kv-quant", "bits": 3}, "bits must be one of 2, 4, 8"),
+        ({"name": "h2o", "chunk": 8}, "chunk must be 0 (the whole prompt, then one press) or 16 to 8192"),
+        ({"name": "streaming-llm", "chunk": 10**6}, "chunk must be 0"),
+        ({"name": "kv-quant", "bits": True}, "bits must be one of 2, 4, 8"),
+        ({"name": "kv-quant", "budget": 0.5}, "unknown option(s) budget"),
+        ({"name": "gear", "rank": 65}, "rank must be a whole number from 0 to 64"),
+        ({"name": "gear", "rank": -1}, "rank must be a whole number"),
+        ({"name": "gear", "outliers": 0.9}, "outliers must be a finite number in [0, 0.5]"),
+        ({"name": "gear", "outliers": float("inf")}, "outliers must be a finite number"),
+        ({"budget": 0.5}, "a press is a name"),
+        (5, "a press is a name"),
+    ],
+)
 def test_bad_press_specs(tiny, spec, words):
     with pytest.raises(InvalidRequestError, match=words.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
         tiny.generate("hi", max_new_tokens=2, press=spec)

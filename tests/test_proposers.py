@@ -77,8 +77,14 @@ def test_deterministic_drafts_sample_exactly_what_plain_samples(looping, spec):
     computed exactly in test_distribution.py.)"""
     accepted = rejected = 0
     for seed in range(12):
-        params = dict(max_new_tokens=40, temperature=(0.8, 1.2)[seed % 2], top_k=(0, 20)[seed // 2 % 2],
-                      top_p=(1.0, 0.9)[seed // 4 % 2], seed=seed, ignore_eos=True)  # fmt: skip
+        params = dict(
+            max_new_tokens=40,
+            temperature=(0.8, 1.2)[seed % 2],
+            top_k=(0, 20)[seed // 2 % 2],
+            top_p=(1.0, 0.9)[seed // 4 % 2],
+            seed=seed,
+            ignore_eos=True,
+        )
         plain = looping.generate("hello", **params)
         out = looping.generate("hello", strategy=spec | {"adaptive": False}, **params)
         assert out.token_ids == plain.token_ids, params
@@ -108,8 +114,15 @@ def test_ngram_table_counts_at_least_trigrams():
 
 def test_layer_skip_calibration_picks_valid_blocks_and_caches_them(tmp_path, monkeypatch):
     monkeypatch.setenv("ARGEN_CACHE_DIR", str(tmp_path))
-    gen = Generator(LoadedModel("t", LlamaRuntime(tiny_models.tiny_llama(3).config, tiny_models.tiny_llama(3).state_dict()),
-                                tiny_models.byte_tokenizer(), None, {258}))  # fmt: skip
+    gen = Generator(
+        LoadedModel(
+            "t",
+            LlamaRuntime(tiny_models.tiny_llama(3).config, tiny_models.tiny_llama(3).state_dict()),
+            tiny_models.byte_tokenizer(),
+            None,
+            {258},
+        )
+    )
     from argen.strategies.speculative.adaptive import CostModel
 
     blocks = skip_calibration.skipped_blocks(gen.runtime, CostModel.for_runtime(gen.runtime), 4)
@@ -126,8 +139,15 @@ def test_jacobi_back_off_carries_over_to_the_next_request():
     from argen.strategies.speculative.jacobi import MIN_BACKOFF, JacobiLearnt
 
     model = tiny_models.tiny_llama(0)
-    gen = Generator(LoadedModel("tiny-fresh", LlamaRuntime(model.config, model.state_dict()),
-                                tiny_models.byte_tokenizer(), lambda: model, {258}))  # fmt: skip
+    gen = Generator(
+        LoadedModel(
+            "tiny-fresh",
+            LlamaRuntime(model.config, model.state_dict()),
+            tiny_models.byte_tokenizer(),
+            lambda: model,
+            {258},
+        )
+    )
     plain = gen.generate("abc abc", max_new_tokens=40, ignore_eos=True)
     first = gen.generate("abc abc", max_new_tokens=40, ignore_eos=True, strategy="jacobi")
     assert first.stats.draft_tokens_proposed > 0  # a fresh runtime tries lookahead at the first step

@@ -71,8 +71,11 @@ def test_the_bench_refuses_a_dirty_tree_before_measuring(monkeypatch, tmp_path):
 def test_this_checkout_is_recorded():
     state = git_state()
     assert state["git_commit"] == git(REPO, "rev-parse", "--short", "HEAD").strip()
-    code_changes = [line for line in git(REPO, "status", "--porcelain", "--untracked-files=all").splitlines()
-                    if not (line[3:].startswith("benchmarks/") and not line.endswith(".py"))]  # fmt: skip
+    code_changes = [
+        line
+        for line in git(REPO, "status", "--porcelain", "--untracked-files=all").splitlines()
+        if not (line[3:].startswith("benchmarks/") and not line.endswith(".py"))
+    ]
     assert state["git_dirty"] is bool(code_changes)
 
 
@@ -83,5 +86,12 @@ def test_paths_are_written_relative_to_the_repository():
     outside = Path(REPO.anchor) / "argen-test-outside" / "out"
     assert portable_path(outside) == "<outside>/out"  # nothing of this machine's layout
     assert portable_path("bench-out") == "bench-out"
-    argv = [str(REPO.parent / "venv" / "bin" / "argen"), "bench", "--out", str(REPO / "benchmarks" / "x"), "--limit", "3"]
+    argv = [
+        str(REPO.parent / "venv" / "bin" / "argen"),
+        "bench",
+        "--out",
+        str(REPO / "benchmarks" / "x"),
+        "--limit",
+        "3",
+    ]
     assert portable_argv(argv) == ["argen", "bench", "--out", os.path.join("benchmarks", "x"), "--limit", "3"]

@@ -63,9 +63,12 @@ def test_bytes_are_the_stored_tensors(tiny, codec):
     cache.quantize_front(3 * GROUP, **codec)
     bits, rank, k = codec["bits"], codec.get("rank", 0), round(codec.get("outliers", 0) * GROUP * D)
     groups = L * H * 3
-    expected = {"codes": 2 * groups * GROUP * D * bits // 8,
-                "scales": groups * 2 * 2 * D + groups * GROUP * 2 * 2,  # keys per channel, values per token
-                "low_rank": 2 * groups * (GROUP * rank + rank * D) * 2, "outliers": 2 * groups * k * (2 + 2)}  # fmt: skip
+    expected = {
+        "codes": 2 * groups * GROUP * D * bits // 8,
+        "scales": groups * 2 * 2 * D + groups * GROUP * 2 * 2,  # keys per channel, values per token
+        "low_rank": 2 * groups * (GROUP * rank + rank * D) * 2,
+        "outliers": 2 * groups * k * (2 + 2),
+    }
     assert cache.quantized.nbytes_by_part() == expected
     assert cache.offset == 3 * GROUP and cache.lengths[0] == 200 and len(cache.blocks) == 1  # 8 positions in blocks
     assert cache.held_bytes == pool.bytes_per_block() + sum(expected.values())
@@ -101,8 +104,12 @@ def test_attention_reads_the_quantized_front(tiny):
 def test_quantizing_presses_compose_with_strategies(tiny, strategy):
     """While no group is older than `recent`, a quantizing press changes nothing (token-identical);
     with recent 0 every whole group is quantized, and the outputs are valid."""
-    specs = [{"name": "kv-quant", "bits": 8, "recent": 4096}, {"name": "gear", "recent": 4096},
-             {"name": "kv-quant", "bits": 4}, {"name": "gear", "bits": 2}]  # fmt: skip
+    specs = [
+        {"name": "kv-quant", "bits": 8, "recent": 4096},
+        {"name": "gear", "recent": 4096},
+        {"name": "kv-quant", "bits": 4},
+        {"name": "gear", "bits": 2},
+    ]
     requests = []
     for press in [None, *specs]:
         requests += tiny._requests(PROMPTS, False, strategy, {"max_new_tokens": 24, **GREEDY}, press=press)

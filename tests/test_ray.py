@@ -55,8 +55,15 @@ def test_serve_replicas_answer_the_openai_client(cluster, tiny):
     from argen.api import ModelSpec
     from argen.distributed import serve_replicas
 
-    url = serve_replicas(ModelSpec("tiny-random"), {"model_id": "tiny-random"}, replicas=2, host="127.0.0.1",
-                         port=_free_port(), replica_cpus=0.5, block=False)  # fmt: skip
+    url = serve_replicas(
+        ModelSpec("tiny-random"),
+        {"model_id": "tiny-random"},
+        replicas=2,
+        host="127.0.0.1",
+        port=_free_port(),
+        replica_cpus=0.5,
+        block=False,
+    )
     status = serve.status().applications["argen"].deployments["argen"]
     assert status.replica_states.get("RUNNING") == 2
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
@@ -65,8 +72,9 @@ def test_serve_replicas_answer_the_openai_client(cluster, tiny):
     for _ in range(4):  # the proxy spreads them over both replicas; every one answers the same
         reply = client.chat.completions.create(model="tiny-random", messages=messages, max_tokens=5, temperature=0)
         assert reply.choices[0].message.content == want.text and reply.usage.completion_tokens == 5
-    chunks = client.chat.completions.create(model="tiny-random", messages=messages, max_tokens=5, temperature=0,
-                                            stream=True)  # fmt: skip
+    chunks = client.chat.completions.create(
+        model="tiny-random", messages=messages, max_tokens=5, temperature=0, stream=True
+    )
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want.text
     with pytest.raises(openai.BadRequestError, match="max_tokens"):  # the app's own checks, through the proxy
         client.completions.create(model="tiny-random", prompt="abc", max_tokens=10**6)

@@ -62,8 +62,10 @@ def table(name: str, header_start: str) -> list[list[str]]:
 def foundation() -> list[str]:
     plain = rows("foundation")[("all", "plain")]
     first30 = rows("foundation-first30")[("all", "plain")]
-    return [f"({plain['identical']}/{plain['n']} token-identical; argen plain {f2(plain['ratio_vs_hf'])}× HF overall)",
-            f"({first30['identical']}/{first30['n']} token-identical, {f2(first30['ratio_vs_hf'])}× HF)"]  # fmt: skip
+    return [
+        f"({plain['identical']}/{plain['n']} token-identical; argen plain {f2(plain['ratio_vs_hf'])}× HF overall)",
+        f"({first30['identical']}/{first30['n']} token-identical, {f2(first30['ratio_vs_hf'])}× HF)",
+    ]
 
 
 def speculative() -> list[str]:
@@ -74,8 +76,10 @@ def speculative() -> list[str]:
     skip_plain = sum(rec["systems"]["layer-skip"]["tokens_per_forward"] == 1.0 for rec in records)
     jacobi_more = sum(rec["systems"]["jacobi"]["tokens_per_forward"] > 1.0 for rec in records)
     sp = {s: f2(r[("all", s)]["speedup_vs_plain"]) for s in ("ngram", "prompt-lookup", "layer-skip", "jacobi")}
-    best = {c: f2(max(row["speedup_vs_plain"] for (cat, _), row in r.items() if cat == c and row["speedup_vs_plain"]))
-            for c in ("translation", "summarization", "math_reasoning", "rag", "mt_bench", "qa")}  # fmt: skip
+    best = {
+        c: f2(max(row["speedup_vs_plain"] for (cat, _), row in r.items() if cat == c and row["speedup_vs_plain"]))
+        for c in ("translation", "summarization", "math_reasoning", "rag", "mt_bench", "qa")
+    }
     assert best["summarization"] == best["math_reasoning"]
     return [
         f"{sum(row['identical'] for row in exact)}/{sum(row['n'] for row in exact)} exact outputs token-identical, no near-ties",
@@ -86,7 +90,7 @@ def speculative() -> list[str]:
         f"Best per category: translation {best['translation']}×, summarization and math reasoning "
         f"{best['summarization']}×, rag {best['rag']}×, mt_bench {best['mt_bench']}×, qa {best['qa']}×",
         f"argen plain is {f2(r[('all', 'plain')]['ratio_vs_hf'])}× HF `generate()`",
-    ]  # fmt: skip
+    ]
 
 
 def speculative_2threads() -> list[str]:
@@ -103,16 +107,18 @@ def speculative_2threads() -> list[str]:
         f"{f2(r[('all', 'prompt-lookup')]['speedup_vs_plain'])}× (prompt-lookup); HF prompt lookup "
         f"{span([r[(c, 'hf-prompt-lookup:10')]['ratio_vs_hf'] for c in ('summarization', 'rag')])}× over HF "
         f"`generate()`; argen plain {f2(r[('all', 'plain')]['ratio_vs_hf'])}× HF.",
-    ]  # fmt: skip
+    ]
 
 
 def jacobi_backoff() -> list[str]:
     r, before = rows("jacobi-backoff"), rows("speculative")
     cats = [c for (c, s) in r if s == "jacobi" and c != "all"]
     j = r[("all", "jacobi")]
-    return [f"{j['identical']}/{j['n']} identical; jacobi {f2(j['speedup_vs_plain'])}× plain overall, "
-            f"{span([r[(c, 'jacobi')]['speedup_vs_plain'] for c in cats])}× per category (it was "
-            f"{span([before[(c, 'jacobi')]['speedup_vs_plain'] for c in cats])}×)."]  # fmt: skip
+    return [
+        f"{j['identical']}/{j['n']} identical; jacobi {f2(j['speedup_vs_plain'])}× plain overall, "
+        f"{span([r[(c, 'jacobi')]['speedup_vs_plain'] for c in cats])}× per category (it was "
+        f"{span([before[(c, 'jacobi')]['speedup_vs_plain'] for c in cats])}×)."
+    ]
 
 
 def control() -> list[str]:
@@ -129,23 +135,27 @@ def control() -> list[str]:
         f"(one prefill, then {s['counterfactual']['passes_per_token']:.1f} pass per token), every replay without "
         f"intervention was identical ({s['replay']['identical']}), and set prompts decoded at "
         f"{f2(s['set-prompt']['speed_vs_baseline'])}× plain",
-    ]  # fmt: skip
+    ]
 
 
 def serving() -> list[str]:
     d = results("serving")
     seq, conc = d["sequential"], d["concurrent"]
     assert d["identical_outputs"] == d["clients"]
-    return [f"{conc['throughput_tok_s']:.1f} new tokens/s together against {seq['throughput_tok_s']:.1f} one after "
-            f"another ({d['speedup']:.1f}×), outputs token-identical; time to first token p50 goes from "
-            f"{seq['ttft_p50_s']:.1f} s to {conc['ttft_p50_s']:.1f} s"]  # fmt: skip
+    return [
+        f"{conc['throughput_tok_s']:.1f} new tokens/s together against {seq['throughput_tok_s']:.1f} one after "
+        f"another ({d['speedup']:.1f}×), outputs token-identical; time to first token p50 goes from "
+        f"{seq['ttft_p50_s']:.1f} s to {conc['ttft_p50_s']:.1f} s"
+    ]
 
 
 def pass_cost() -> list[str]:
     ms = {int(r[0]): (float(r[1]), float(r[2])) for r in table("pass_cost", "| tokens fed")}
     timings = ", ".join(f"{n} token{'s' if n > 1 else ''} {ms[n][0]:.0f} → {ms[n][1]:.0f} ms" for n in (1, 2, 4, 8))
-    return [f"feeding 2–8 tokens cost {span([ms[n][0] / ms[1][0] for n in (2, 4, 8)], '.1f')}× feeding one",
-            f"{timings}. Even so, 8 tokens cost about {ms[8][1] / ms[1][1]:.1f}× one"]  # fmt: skip
+    return [
+        f"feeding 2–8 tokens cost {span([ms[n][0] / ms[1][0] for n in (2, 4, 8)], '.1f')}× feeding one",
+        f"{timings}. Even so, 8 tokens cost about {ms[8][1] / ms[1][1]:.1f}× one",
+    ]
 
 
 def draft_ceiling() -> list[str]:
@@ -175,15 +185,18 @@ def draft_ceiling() -> list[str]:
         f"{f2(col('rag', 'copy anywhere', 5))}×",
         f"Their adaptive sizing gets {span([col('summarization', d, 6) for d in drafters])}× with prefill on "
         f"summarization and {span([col('all', d, 6) for d in drafters])}× overall on the fast path",
-    ]  # fmt: skip
+    ]
 
 
 def layer_skip() -> list[str]:
     agreement = {int(r[0]): r[1] for r in table("layer_skip", "| blocks skipped")}
-    shares = re.search(r"One block is ([\d.]+)% \(attention\) or ([\d.]+)% \(FFN\)",
-                       (BENCH / "layer_skip" / "report.md").read_text()).groups()  # fmt: skip
-    return [f"agreement falls fast: {agreement[1]} with one block skipped, {agreement[4]} with four, {agreement[8]} "
-            f"with eight, while a block is only {shares[0]}% (attention) or {shares[1]}% (FFN) of the body's weights"]  # fmt: skip
+    shares = re.search(
+        r"One block is ([\d.]+)% \(attention\) or ([\d.]+)% \(FFN\)", (BENCH / "layer_skip" / "report.md").read_text()
+    ).groups()
+    return [
+        f"agreement falls fast: {agreement[1]} with one block skipped, {agreement[4]} with four, {agreement[8]} "
+        f"with eight, while a block is only {shares[0]}% (attention) or {shares[1]}% (FFN) of the body's weights"
+    ]
 
 
 def fast_path() -> list[str]:
@@ -191,14 +204,16 @@ def fast_path() -> list[str]:
     exact, peer = r["plain"], r["llama.cpp"]
     x_hf = {row[0]: row for row in table("fast_path/decode", "| category       |   n | HF tok/s")}["all"]
     cost = {int(row[0]): row for row in table("fast_path", "| tokens fed")}
-    return [f"the default path decodes at {exact[1]} tok/s against llama.cpp's {peer[1]} ({exact[3]}×) and prefills "
-            f"{exact[4]}× faster, with output identical to fp32 on {exact[6]} questions, where "
-            f"llama.cpp's output leaves fp32's after {peer[7]} tokens on average",
-            f"Wall time with the prompt included, over all {x_hf[1]} questions: HF `generate()` {x_hf[2]} tok/s; argen "
-            f"`exact` {x_hf[3]}×, argen fp32 {x_hf[4]}×, llama.cpp {x_hf[5]}× that",
-            f"16 rows cost {float(cost[16][2]):.1f}× one on the exact path (MKL's fp32 GEMM takes {cost[16][3]} ms for "
-            f"the same 16 rows, against the exact path's {cost[16][1]}). A plain step got "
-            f"{float(cost[1][3]) / float(cost[1][1]):.1f}× cheaper"]  # fmt: skip
+    return [
+        f"the default path decodes at {exact[1]} tok/s against llama.cpp's {peer[1]} ({exact[3]}×) and prefills "
+        f"{exact[4]}× faster, with output identical to fp32 on {exact[6]} questions, where "
+        f"llama.cpp's output leaves fp32's after {peer[7]} tokens on average",
+        f"Wall time with the prompt included, over all {x_hf[1]} questions: HF `generate()` {x_hf[2]} tok/s; argen "
+        f"`exact` {x_hf[3]}×, argen fp32 {x_hf[4]}×, llama.cpp {x_hf[5]}× that",
+        f"16 rows cost {float(cost[16][2]):.1f}× one on the exact path (MKL's fp32 GEMM takes {cost[16][3]} ms for "
+        f"the same 16 rows, against the exact path's {cost[16][1]}). A plain step got "
+        f"{float(cost[1][3]) / float(cost[1][1]):.1f}× cheaper",
+    ]
 
 
 def speculative_fast() -> list[str]:
@@ -209,10 +224,12 @@ def speculative_fast() -> list[str]:
     cats = [c for c, s in r if c != "all" and s == "plain"]
     best = [max(r[(c, s)]["speedup_vs_plain"] for s in ("prompt-lookup", "ngram", "jacobi")) for c in cats]
     worst = min(r[(c, s)]["speedup_vs_plain"] for c in cats for s in ("prompt-lookup", "ngram", "jacobi"))
-    return [f"ngram {x[('all', 'ngram')]}× and prompt-lookup {x[('all', 'prompt-lookup')]}× over fast plain overall, "
-            f"{x[('summarization', 'ngram')]}× and {x[('summarization', 'prompt-lookup')]}× on summarization, jacobi "
-            f"{x[('all', 'jacobi')]}×; {identical}/{outputs} outputs identical to HF",
-            f"No strategy falls below {f2(worst)}× plain in any category; the best per category is {span(best)}×"]  # fmt: skip
+    return [
+        f"ngram {x[('all', 'ngram')]}× and prompt-lookup {x[('all', 'prompt-lookup')]}× over fast plain overall, "
+        f"{x[('summarization', 'ngram')]}× and {x[('summarization', 'prompt-lookup')]}× on summarization, jacobi "
+        f"{x[('all', 'jacobi')]}×; {identical}/{outputs} outputs identical to HF",
+        f"No strategy falls below {f2(worst)}× plain in any category; the best per category is {span(best)}×",
+    ]
 
 
 def serving_cases() -> list[str]:
@@ -222,13 +239,15 @@ def serving_cases() -> list[str]:
     b = results("serving/burst")
     chunked, whole = b["configs"]["chunked prefill"], b["configs"]["whole prompts at once"]
     p99 = chunked["by_kind"]["short"]["ttft_p99_s"], whole["by_kind"]["short"]["ttft_p99_s"]
-    return [f"prompt tokens computed {on['prompt_tokens_computed']:.0f} with prefix caching against "
-            f"{off['prompt_tokens_computed']:.0f} without ({on['prompt_tokens_computed'] / off['prompt_tokens_computed']:.3f}), "
-            f"time to first token p50 {ttft[0]:.2f} s against {ttft[1]:.2f} s ({ttft[1] / ttft[0]:.2f}× better), outputs "
-            f"identical {sp['identical_outputs']}/{sp['requests']}",
-            f"short requests' time to first token p99 is {p99[0]:.1f} s against {p99[1]:.1f} s with whole prompts "
-            f"({p99[1] / p99[0]:.1f}× better), at {chunked['throughput_tok_s'] / whole['throughput_tok_s']:.2f} of the decode "
-            f"throughput, outputs identical {b['identical_outputs']}/{b['requests']}"]  # fmt: skip
+    return [
+        f"prompt tokens computed {on['prompt_tokens_computed']:.0f} with prefix caching against "
+        f"{off['prompt_tokens_computed']:.0f} without ({on['prompt_tokens_computed'] / off['prompt_tokens_computed']:.3f}), "
+        f"time to first token p50 {ttft[0]:.2f} s against {ttft[1]:.2f} s ({ttft[1] / ttft[0]:.2f}× better), outputs "
+        f"identical {sp['identical_outputs']}/{sp['requests']}",
+        f"short requests' time to first token p99 is {p99[0]:.1f} s against {p99[1]:.1f} s with whole prompts "
+        f"({p99[1] / p99[0]:.1f}× better), at {chunked['throughput_tok_s'] / whole['throughput_tok_s']:.2f} of the decode "
+        f"throughput, outputs identical {b['identical_outputs']}/{b['requests']}",
+    ]
 
 
 def serving_longer() -> list[str]:
@@ -240,35 +259,48 @@ def serving_longer() -> list[str]:
         ttft = off["by_kind"]["all"]["ttft_p50_s"] / on["by_kind"]["all"]["ttft_p50_s"]
         block_prefix = d["prefix_tokens"] // 16 * 16  # the system prompt's full blocks, computed once
         own = (on["prompt_tokens_computed"] - block_prefix) / d["requests"]  # computed per request
-        ratio[chars] = (on["prompt_tokens_computed"] / off["prompt_tokens_computed"], ttft, own, block_prefix, d["requests"])
+        ratio[chars] = (
+            on["prompt_tokens_computed"] / off["prompt_tokens_computed"],
+            ttft,
+            own,
+            block_prefix,
+            d["requests"],
+        )
     n, prefix = ratio[60][4], ratio[60][3]
     under = next(t for t in range(1, 1000) if (prefix + n * t) / (n * (prefix + t)) >= 1 / 8)  # an eighth of the work
     b = results("serving/burst-256")
     chunked, whole = b["configs"]["chunked prefill"], b["configs"]["whole prompts at once"]
     p99 = chunked["by_kind"]["short"]["ttft_p99_s"], whole["by_kind"]["short"]["ttft_p99_s"]
-    return [f"under 100 characters {ratio[100][0]:.3f} of the prompt tokens and {ratio[100][1]:.2f}× better time to first "
-            f"token ([report](../benchmarks/serving/shared-prefix-100/report.md)), under 400 characters {ratio[400][0]:.3f} "
-            f"and {ratio[400][1]:.2f}×",
-            f"the system prompt's {prefix // 16} full blocks ({prefix} tokens) once",
-            f"{ratio[60][2]:.0f}, {ratio[100][2]:.0f} and {ratio[400][2]:.0f} tokens a request on average here). Below "
-            f"1/8 of the work therefore needs a request's own part under {under} tokens",
-            f"the p99 was {p99[0]:.1f} s against {p99[1]:.1f} s ({p99[1] / p99[0]:.1f}×), but at "
-            f"{chunked['throughput_tok_s'] / whole['throughput_tok_s']:.2f} of the throughput"]  # fmt: skip
+    return [
+        f"under 100 characters {ratio[100][0]:.3f} of the prompt tokens and {ratio[100][1]:.2f}× better time to first "
+        f"token ([report](../benchmarks/serving/shared-prefix-100/report.md)), under 400 characters {ratio[400][0]:.3f} "
+        f"and {ratio[400][1]:.2f}×",
+        f"the system prompt's {prefix // 16} full blocks ({prefix} tokens) once",
+        f"{ratio[60][2]:.0f}, {ratio[100][2]:.0f} and {ratio[400][2]:.0f} tokens a request on average here). Below "
+        f"1/8 of the work therefore needs a request's own part under {under} tokens",
+        f"the p99 was {p99[0]:.1f} s against {p99[1]:.1f} s ({p99[1] / p99[0]:.1f}×), but at "
+        f"{chunked['throughput_tok_s'] / whole['throughput_tok_s']:.2f} of the throughput",
+    ]
 
 
 def drift_goals() -> list[str]:
     """The goals' derived figures: a share of the bytes, the per-prompt spread, the capacity gain."""
     all_rows = {r[0]: r for r in table("drift", "| configuration") if r[1] == "all"}
     gear, exact, quant8 = all_rows["gear 4-bit r4 s2%"], all_rows["exact"], all_rows["kv-quant 8-bit"]
-    gaps = [rec["nll"] - rec["nll_exact"] for rec in results("drift")["records"]
-            if rec["label"] in ("snapkv 0.5", "kvpress snapkv 0.5")]  # fmt: skip
+    gaps = [
+        rec["nll"] - rec["nll_exact"]
+        for rec in results("drift")["records"]
+        if rec["label"] in ("snapkv 0.5", "kvpress snapkv 0.5")
+    ]
     c = results("serving/press-capacity")["configs"]
     minus = lambda v: f"{v:+.3f}".replace("-", "−")  # noqa: E731
-    return [f"yes ({gear[4]} of {exact[4]} MB, {100 * float(gear[4]) / float(exact[4]):.1f}%)",
-            f"at {100 * float(quant8[4]) / float(exact[4]):.1f}% of the bytes",
-            f"per-prompt gaps run from {minus(min(gaps))} to {minus(max(gaps))} (results.json)",
-            f"hold {c['streaming-llm 0.35']['sequences_vs_no_press']:.2f}× the concurrent 1,500-token sequences in the same "
-            f"KV blocks (streaming-llm 0.35; {c['streaming-llm 0.5']['sequences_vs_no_press']:.2f}× at 0.5"]  # fmt: skip
+    return [
+        f"yes ({gear[4]} of {exact[4]} MB, {100 * float(gear[4]) / float(exact[4]):.1f}%)",
+        f"at {100 * float(quant8[4]) / float(exact[4]):.1f}% of the bytes",
+        f"per-prompt gaps run from {minus(min(gaps))} to {minus(max(gaps))} (results.json)",
+        f"hold {c['streaming-llm 0.35']['sequences_vs_no_press']:.2f}× the concurrent 1,500-token sequences in the same "
+        f"KV blocks (streaming-llm 0.35; {c['streaming-llm 0.5']['sequences_vs_no_press']:.2f}× at 0.5",
+    ]
 
 
 def press_capacity() -> list[str]:
@@ -276,12 +308,14 @@ def press_capacity() -> list[str]:
     r = results("serving/press-capacity")
     c = list(r["configs"].values())
     assert len(c) == 3, f"press-capacity: three configurations expected (no press, two budgets), got {len(c)}"
-    return [f"the most sequences the server held at once: {c[0]['peak_sequences']:.0f} without a press, "
-            f"{c[1]['peak_sequences']:.0f} at budget {c[1]['press']['budget']:g} ({c[1]['sequences_vs_no_press']:.2f}×) and "
-            f"{c[2]['peak_sequences']:.0f} at {c[2]['press']['budget']:g} ({c[2]['sequences_vs_no_press']:.2f}×), in "
-            f"{r['kv_blocks']} KV blocks; the most blocks held at once {c[0]['peak_blocks']:.0f}, {c[1]['peak_blocks']:.0f} "
-            f"and {c[2]['peak_blocks']:.0f}; wall time {c[0]['wall_s']:.0f} s, {c[1]['wall_s']:.0f} s and "
-            f"{c[2]['wall_s']:.0f} s"]  # fmt: skip
+    return [
+        f"the most sequences the server held at once: {c[0]['peak_sequences']:.0f} without a press, "
+        f"{c[1]['peak_sequences']:.0f} at budget {c[1]['press']['budget']:g} ({c[1]['sequences_vs_no_press']:.2f}×) and "
+        f"{c[2]['peak_sequences']:.0f} at {c[2]['press']['budget']:g} ({c[2]['sequences_vs_no_press']:.2f}×), in "
+        f"{r['kv_blocks']} KV blocks; the most blocks held at once {c[0]['peak_blocks']:.0f}, {c[1]['peak_blocks']:.0f} "
+        f"and {c[2]['peak_blocks']:.0f}; wall time {c[0]['wall_s']:.0f} s, {c[1]['wall_s']:.0f} s and "
+        f"{c[2]['wall_s']:.0f} s"
+    ]
 
 
 def structured() -> list[str]:
@@ -289,31 +323,53 @@ def structured() -> list[str]:
     us = {name: r[3].split(" / ") for name, r in engines.items()}
     compile_ms = {name: r[2].split(" / ")[0] for name, r in engines.items()}
     plain = next(r for r in table("structured", "| strategy |") if r[0] == "plain")
-    return [f"llguidance {us['llguidance'][0]} / {us['llguidance'][1]} µs, xgrammar {us['xgrammar'][0]} / "
-            f"{us['xgrammar'][1]} µs, outlines-core {us['outlines-core'][0]} / {us['outlines-core'][1]} µs; compiling a "
-            f"schema (median) {compile_ms['llguidance']} ms, {compile_ms['xgrammar']} ms, {compile_ms['outlines-core']} ms",
-            f"takes {plain[2]} ms a token against {plain[3]} ms unconstrained, the mask {plain[6]} of it"]  # fmt: skip
+    return [
+        f"llguidance {us['llguidance'][0]} / {us['llguidance'][1]} µs, xgrammar {us['xgrammar'][0]} / "
+        f"{us['xgrammar'][1]} µs, outlines-core {us['outlines-core'][0]} / {us['outlines-core'][1]} µs; compiling a "
+        f"schema (median) {compile_ms['llguidance']} ms, {compile_ms['xgrammar']} ms, {compile_ms['outlines-core']} ms",
+        f"takes {plain[2]} ms a token against {plain[3]} ms unconstrained, the mask {plain[6]} of it",
+    ]
 
 
 def drift(name: str = "drift") -> list[str]:
     """Every configuration's mean row of a drift report, as the drift page's table has it (the per-layer
     report's table leaves out its exact rows, which the main table has)."""
-    return [f"| {r[0]} | {r[3]} | {r[4]} | {r[6]} | {r[7]} | {r[10]} |" for r in table(name, "| configuration")
-            if r[1] == "all" and (name == "drift" or r[0] not in ("exact", "kvpress none"))]  # fmt: skip
+    return [
+        f"| {r[0]} | {r[3]} | {r[4]} | {r[6]} | {r[7]} | {r[10]} |"
+        for r in table(name, "| configuration")
+        if r[1] == "all" and (name == "drift" or r[0] not in ("exact", "kvpress none"))
+    ]
 
 
-CLAIMS = {"press-capacity": press_capacity, "serving-longer": serving_longer, "drift-goals": drift_goals, "structured": structured, "drift": drift,
-          "drift-per-layer": lambda: drift("drift-per-layer"), "fast_path": fast_path, "serving_cases": serving_cases, "speculative-fast": speculative_fast, "foundation": foundation, "speculative": speculative, "speculative-2threads": speculative_2threads,
-          "jacobi-backoff": jacobi_backoff, "control": control, "serving": serving, "pass_cost": pass_cost,
-          "draft_ceiling": draft_ceiling, "layer_skip": layer_skip}  # fmt: skip
+CLAIMS = {
+    "press-capacity": press_capacity,
+    "serving-longer": serving_longer,
+    "drift-goals": drift_goals,
+    "structured": structured,
+    "drift": drift,
+    "drift-per-layer": lambda: drift("drift-per-layer"),
+    "fast_path": fast_path,
+    "serving_cases": serving_cases,
+    "speculative-fast": speculative_fast,
+    "foundation": foundation,
+    "speculative": speculative,
+    "speculative-2threads": speculative_2threads,
+    "jacobi-backoff": jacobi_backoff,
+    "control": control,
+    "serving": serving,
+    "pass_cost": pass_cost,
+    "draft_ceiling": draft_ceiling,
+    "layer_skip": layer_skip,
+}
 
 
 @pytest.mark.parametrize("name", CLAIMS)
 def test_readme_quotes_the_committed_report(name):
     for sentence in CLAIMS[name]():
         sentence = " ".join(sentence.split())
-        assert any(sentence in text for text in TEXT.values()), \
-            f"a page (README.md or docs/) should say, as benchmarks/{name}/ does: {sentence}"  # fmt: skip
+        assert any(sentence in text for text in TEXT.values()), (
+            f"a page (README.md or docs/) should say, as benchmarks/{name}/ does: {sentence}"
+        )
 
 
 def test_control_a_changed_figure_is_caught(monkeypatch):
@@ -336,8 +392,11 @@ def test_every_report_names_its_commit_and_no_machine_path():
         assert found, f"{report.relative_to(ROOT)} has no 'Provenance: commit ...' line"
         if history.returncode == 0 and history.stdout:  # a checkout with history: the commit must be in it
             assert any(c.startswith(found.group(1)) for c in history.stdout.split()), f"{report}: unknown commit"
-        machine = json.loads((report.parent / "results.json").read_text()).get("machine", {}) \
-            if (report.parent / "results.json").is_file() else {}  # fmt: skip
+        machine = (
+            json.loads((report.parent / "results.json").read_text()).get("machine", {})
+            if (report.parent / "results.json").is_file()
+            else {}
+        )
         if machine:
             assert machine["git_commit"] == found.group(1) and "git_dirty" in machine, report
     for path in sorted(BENCH.rglob("*")):
@@ -374,8 +433,13 @@ def test_every_table_row_and_prose_figure_is_its_reports():
     assert not problems, "the pages quote figures their reports do not hold:\n" + "\n".join(problems)
     rows = [q for q in found if q.cells is not None]
     tables = {q.reports[-1].name for q in rows}
-    assert {"benchmarks/fast_path/decode", "benchmarks/fast_path/quant-paths", "benchmarks/fast_path",
-            "benchmarks/drift", "benchmarks/drift-per-layer"} <= tables, tables  # fmt: skip
+    assert {
+        "benchmarks/fast_path/decode",
+        "benchmarks/fast_path/quant-paths",
+        "benchmarks/fast_path",
+        "benchmarks/drift",
+        "benchmarks/drift-per-layer",
+    } <= tables, tables
     assert len(rows) >= 90 and sum(len(q.checked) for q in rows) >= 450
     readme = [q for q in rows if q.page == "README.md"]
     assert len(readme) >= 9 and sum(len(q.checked) for q in readme) >= 20, "README's strategies table is checked"
@@ -402,7 +466,9 @@ def test_control_any_table_figure_changed_by_one_digit_is_caught():
             for m in NUMBER.finditer(cell):
                 cells = list(q.cells)
                 cells[i] = cell[: m.start()] + bump(m.group()) + cell[m.end() :]
-                assert check(dataclasses.replace(q, cells=cells)), f"{q.page}:{q.line}: {m.group()} -> {bump(m.group())}"
+                assert check(dataclasses.replace(q, cells=cells)), (
+                    f"{q.page}:{q.line}: {m.group()} -> {bump(m.group())}"
+                )
                 changed += 1
     assert changed >= 450
     h2o = {label: q for q in found if q.cells is not None and (label := q.cells[0]) in ("h2o 0.5", "h2o 0.35")}
@@ -423,7 +489,9 @@ def test_control_a_prose_figure_no_report_holds_is_caught():
     for q in prose:
         for at, figure in measured(q.text):
             end = NUMBER.match(q.text, at).end()
-            assert check(dataclasses.replace(q, text=q.text[:at] + "987.654" + q.text[end:])), f"{q.page}:{q.line}: {figure}"
+            assert check(dataclasses.replace(q, text=q.text[:at] + "987.654" + q.text[end:])), (
+                f"{q.page}:{q.line}: {figure}"
+            )
             figures_checked += 1
     assert len(prose) >= 5 and figures_checked >= 70
 
@@ -435,9 +503,11 @@ def test_control_a_cited_report_that_is_missing_fails(tmp_path, monkeypatch):
     (tmp_path / "benchmarks" / "half").mkdir(parents=True)
     (tmp_path / "benchmarks" / "half" / "results.json").write_text("{}")
     page = tmp_path / "page.md"
-    page.write_text("# A page\n\nMeasured (`benchmarks/gone/report.md`), 12.5 tok/s.\n\n"
-                    "More (`benchmarks/half/`):\n\n| x | tok/s |\n|---|--:|\n| a | 3.25 |\n\n"
-                    "A docs page's link ([report](../benchmarks/gone-too/report.md)): 4.5 tok/s.\n")  # fmt: skip
+    page.write_text(
+        "# A page\n\nMeasured (`benchmarks/gone/report.md`), 12.5 tok/s.\n\n"
+        "More (`benchmarks/half/`):\n\n| x | tok/s |\n|---|--:|\n| a | 3.25 |\n\n"
+        "A docs page's link ([report](../benchmarks/gone-too/report.md)): 4.5 tok/s.\n"
+    )
     problems, _ = check_page(page, tmp_path)
     assert any("benchmarks/gone/report.md, which does not exist" in p for p in problems), problems
     assert any("benchmarks/half/, whose folder has no report.md" in p for p in problems), problems

@@ -49,7 +49,9 @@ def references(real, questions):
 
 
 def test_plain_greedy_identical_to_hf_generate(real, references):
-    near_ties = sum(check_same_as_plain_and_hf(real.model.hf_model, ids, plain, plain, hf) for ids, hf, plain in references)
+    near_ties = sum(
+        check_same_as_plain_and_hf(real.model.hf_model, ids, plain, plain, hf) for ids, hf, plain in references
+    )
     assert near_ties <= 2
 
 
@@ -57,7 +59,9 @@ def test_control_a_real_divergence_fails_the_check(real, references):
     """The check above, on HF's own output with one token swapped for the runner-up where the
     top-2 logits are far apart, must fail."""
     ids, hf, _ = references[0]
-    at = next(i for i in range(len(hf)) if (v := top2_at(real.model.hf_model, ids, hf[:i])[1])[0] - v[1] > 10 * NEAR_TIE)
+    at = next(
+        i for i in range(len(hf)) if (v := top2_at(real.model.hf_model, ids, hf[:i])[1])[0] - v[1] > 10 * NEAR_TIE
+    )
     swapped = hf[:at] + [top2_at(real.model.hf_model, ids, hf[:at])[0][1]] + hf[at + 1 :]
     with pytest.raises(AssertionError, match="not at a near-tie"):
         check_same_as_plain_and_hf(real.model.hf_model, ids, swapped, hf, hf)
@@ -73,7 +77,9 @@ def test_every_proposer_matches_plain_and_hf_with_drafts_accepted_and_rejected(r
         s = out.stats
         accepted_on += s.draft_tokens_accepted >= 1
         rejected += s.draft_tokens_proposed - s.draft_tokens_accepted
-    assert accepted_on >= len(references) / 2, f"{name} accepted a draft token on only {accepted_on} of {len(references)}"
+    assert accepted_on >= len(references) / 2, (
+        f"{name} accepted a draft token on only {accepted_on} of {len(references)}"
+    )
     assert rejected > 0 and near_ties <= 2
 
 
@@ -92,6 +98,8 @@ def test_the_exact_path_decodes_as_fp32_token_for_token(real, questions):
         reference = fp32.generate(ids, max_new_tokens=N_TOKENS).token_ids
         near_ties += assert_same_or_near_tie(real.model.hf_model, ids, exact, reference)
     assert near_ties <= 1
+
+
 @pytest.fixture(scope="module")
 def real_head(real):
     """A head distilled from the default model: the cached default recipe's if `argen distill-draft`

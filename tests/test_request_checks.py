@@ -20,33 +20,54 @@ NAN, INF = float("nan"), float("inf")
 def fresh_tiny() -> Generator:
     """tiny-random on a runtime of its own: no memo (jacobi's back-off, cost model) from other tests."""
     model = tiny_models.tiny_llama(0)
-    return Generator(LoadedModel("tiny-fresh", LlamaRuntime(model.config, model.state_dict()),
-                                 tiny_models.byte_tokenizer(), lambda: model, {258}))  # fmt: skip
+    return Generator(
+        LoadedModel(
+            "tiny-fresh",
+            LlamaRuntime(model.config, model.state_dict()),
+            tiny_models.byte_tokenizer(),
+            lambda: model,
+            {258},
+        )
+    )
 
 
-@pytest.mark.parametrize("spec, words", [
-    ({"name": "guided", "omega": NAN}, "omega of strategy 'guided' must be a finite number"),
-    ({"name": "guided", "omega": INF}, "must be a finite number"),
-    ({"name": "guided", "omega": 1e9}, "omega must be a finite number in [0, 1000]"),
-    ({"name": "ngram", "explore": NAN}, "explore of strategy 'ngram' must be a finite number"),
-    ({"name": "ngram", "explore": -INF}, "must be a finite number"),
-    ({"name": "beam", "length_penalty": NAN}, "length_penalty of strategy 'beam' must be a finite number"),
-    ({"name": "beam", "length_penalty": 1e308}, "length_penalty must be a finite number in [-20, 20]"),
-    ({"name": "beam", "length_penalty": 10**400}, "must be a finite number"),
-    ({"name": "beam", "early_stopping": 1}, "early_stopping must be true, false or 'never'"),
-    ({"name": "contrastive", "alpha": NAN}, "must be a finite number"),
-    ({"name": "draft-model", "draft": 5}, "draft must be a model source"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "spec, words",
+    [
+        ({"name": "guided", "omega": NAN}, "omega of strategy 'guided' must be a finite number"),
+        ({"name": "guided", "omega": INF}, "must be a finite number"),
+        ({"name": "guided", "omega": 1e9}, "omega must be a finite number in [0, 1000]"),
+        ({"name": "ngram", "explore": NAN}, "explore of strategy 'ngram' must be a finite number"),
+        ({"name": "ngram", "explore": -INF}, "must be a finite number"),
+        ({"name": "beam", "length_penalty": NAN}, "length_penalty of strategy 'beam' must be a finite number"),
+        ({"name": "beam", "length_penalty": 1e308}, "length_penalty must be a finite number in [-20, 20]"),
+        ({"name": "beam", "length_penalty": 10**400}, "must be a finite number"),
+        ({"name": "beam", "early_stopping": 1}, "early_stopping must be true, false or 'never'"),
+        ({"name": "contrastive", "alpha": NAN}, "must be a finite number"),
+        ({"name": "draft-model", "draft": 5}, "draft must be a model source"),
+    ],
+)
 def test_strategy_numbers_must_be_finite_and_objects_the_right_kind(spec, words):
     with pytest.raises(InvalidRequestError) as info:
         make_strategy(spec)
     assert words in str(info.value)
 
 
-@pytest.mark.parametrize("field, value", [
-    ("temperature", NAN), ("temperature", INF), ("top_p", NAN), ("min_p", NAN), ("repetition_penalty", INF),
-    ("repetition_penalty", NAN), ("temperature", "hot"), ("max_new_tokens", True), ("top_k", 2.5), ("stop", 3),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("temperature", NAN),
+        ("temperature", INF),
+        ("top_p", NAN),
+        ("min_p", NAN),
+        ("repetition_penalty", INF),
+        ("repetition_penalty", NAN),
+        ("temperature", "hot"),
+        ("max_new_tokens", True),
+        ("top_k", 2.5),
+        ("stop", 3),
+    ],
+)
 def test_sampling_parameters_must_be_finite_numbers_of_the_right_type(field, value):
     with pytest.raises(InvalidRequestError, match=f"invalid sampling parameter: {field}"):
         SamplingParams(**{field: value})
@@ -110,22 +131,26 @@ def test_jacobi_at_the_end_of_the_context_on_a_fresh_runtime_and_after_back_off(
     assert first.stats.draft_tokens_proposed == second.stats.draft_tokens_proposed > 0
 
 
-@pytest.mark.parametrize("spec", [
-    {"name": "prompt-lookup", "max_draft": 16, "adaptive": False},
-    {"name": "ngram", "max_draft": 16, "max_nodes": 64, "width": 8, "adaptive": False},
-    {"name": "jacobi", "window": 16, "ngram": 8, "candidates": 8, "adaptive": False},
-    {"name": "layer-skip", "max_draft": 16, "skip_layers": [1], "adaptive": False},
-    {"name": "draft-model", "draft": "tiny-random", "max_draft": 16, "num_drafts": 8, "adaptive": False},
-    {"name": "contrastive", "top_k": 64},
-    {"name": "beam", "num_beams": 16},
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"name": "prompt-lookup", "max_draft": 16, "adaptive": False},
+        {"name": "ngram", "max_draft": 16, "max_nodes": 64, "width": 8, "adaptive": False},
+        {"name": "jacobi", "window": 16, "ngram": 8, "candidates": 8, "adaptive": False},
+        {"name": "layer-skip", "max_draft": 16, "skip_layers": [1], "adaptive": False},
+        {"name": "draft-model", "draft": "tiny-random", "max_draft": 16, "num_drafts": 8, "adaptive": False},
+        {"name": "contrastive", "top_k": 64},
+        {"name": "beam", "num_beams": 16},
+    ],
+)
 def test_every_strategy_fits_the_cache_up_to_the_last_position(tiny, spec):
     """Each strategy with wide options, on a prompt that leaves 24 positions of the context, under
     sampling where it may sample: no overflow, every position used."""
     prompt = [(3 * i) % 97 + 30 for i in range(2048 - 24)]
     sampled = spec["name"] not in ("contrastive", "beam")
-    out = tiny.generate(prompt, strategy=spec, max_new_tokens=24, ignore_eos=True,
-                        temperature=0.9 if sampled else 0.0, seed=1)  # fmt: skip
+    out = tiny.generate(
+        prompt, strategy=spec, max_new_tokens=24, ignore_eos=True, temperature=0.9 if sampled else 0.0, seed=1
+    )
     assert len(out.token_ids) == 24 or spec["name"] == "beam"
 
 
@@ -135,8 +160,9 @@ def test_beam_search_takes_one_forward_pass_per_round(tiny):
     whole output in one event."""
     from argen.engine import DecodeBatch, Event, Request
 
-    request = Request(tiny.encode("Beam me up"), SamplingParams(max_new_tokens=12),
-                      make_strategy({"name": "beam", "num_beams": 3}))  # fmt: skip
+    request = Request(
+        tiny.encode("Beam me up"), SamplingParams(max_new_tokens=12), make_strategy({"name": "beam", "num_beams": 3})
+    )
     batch = DecodeBatch(tiny.engine)
     seq = batch.admit(0, request)
     rounds, events = 0, []
@@ -148,5 +174,3 @@ def test_beam_search_takes_one_forward_pass_per_round(tiny):
     assert rounds > 2 and len(events) == 1 and events[0].token_ids
     whole = tiny.generate("Beam me up", strategy={"name": "beam", "num_beams": 3}, max_new_tokens=12)
     assert events[0].token_ids == whole.token_ids
-
-

@@ -37,8 +37,10 @@ def test_incremental_decode_matches_hf_on_default_model(real):
     ids = real.encode("Name three primary colours.")
     cache = real.runtime.new_cache(1, len(ids))
     real.runtime.forward(torch.tensor([ids[:-6]]), torch.arange(len(ids) - 6)[None], cache, num_logits=0)
-    steps = [real.runtime.forward(torch.tensor([[t]]), torch.tensor([[p]]), cache)[0][0, -1]
-             for p, t in enumerate(ids[-6:], start=len(ids) - 6)]  # fmt: skip
+    steps = [
+        real.runtime.forward(torch.tensor([[t]]), torch.tensor([[p]]), cache)[0][0, -1]
+        for p, t in enumerate(ids[-6:], start=len(ids) - 6)
+    ]
     assert (torch.stack(steps) - hf_logits(real, ids)[-6:]).abs().max() < 1e-4
 
 
@@ -93,8 +95,12 @@ def test_plan_skips_layers(tiny):
     cache = rt.new_cache(1, 64)
     full, _ = rt.forward(torch.tensor([ids]), torch.arange(len(ids))[None], cache, plan=Plan.full(n_layers))
     assert torch.equal(full, full_logits(tiny, ids).unsqueeze(0))
-    skipped, _ = rt.forward(torch.tensor([ids]), torch.arange(len(ids))[None], rt.new_cache(1, 64),
-                            plan=Plan.skipping(n_layers, layers=[1], ffn_only=[2]))  # fmt: skip
+    skipped, _ = rt.forward(
+        torch.tensor([ids]),
+        torch.arange(len(ids))[None],
+        rt.new_cache(1, 64),
+        plan=Plan.skipping(n_layers, layers=[1], ffn_only=[2]),
+    )
     assert not torch.allclose(full, skipped)
     # Skipping everything leaves the embeddings untouched but for the final norm and head.
     none = Plan((False,) * n_layers, (False,) * n_layers)
@@ -130,8 +136,12 @@ def test_packed_segments_of_any_length_match_running_alone(tiny):
     caches = rt.new_cache(3, 128)
     for (head, _), cache in zip(feeds, caches):
         rt.forward(torch.tensor([head]), torch.arange(len(head))[None], cache, num_logits=0)
-    outs = rt.forward_packed([Segment(c, tail, list(range(len(head), len(head) + len(tail))), None, None)
-                              for (head, tail), c in zip(feeds, caches)])  # fmt: skip
+    outs = rt.forward_packed(
+        [
+            Segment(c, tail, list(range(len(head), len(head) + len(tail))), None, None)
+            for (head, tail), c in zip(feeds, caches)
+        ]
+    )
     for (head, tail), out in zip(feeds, outs):
         alone = full_logits(tiny, head + tail)[-len(tail) :]
         assert out.logits.shape == alone.shape and (out.logits - alone).abs().max() < 1e-4

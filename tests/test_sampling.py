@@ -49,9 +49,15 @@ def logits(tiny) -> torch.Tensor:
 
 @pytest.mark.parametrize(
     "t, top_k, top_p, min_p",
-    [(1.0, 0, 1.0, 0.0), (0.7, 0, 1.0, 0.0), (1.0, 12, 1.0, 0.0), (1.3, 0, 0.8, 0.0), (1.0, 0, 1.0, 0.1),
-     (0.9, 40, 0.9, 0.02)],
-)  # fmt: skip
+    [
+        (1.0, 0, 1.0, 0.0),
+        (0.7, 0, 1.0, 0.0),
+        (1.0, 12, 1.0, 0.0),
+        (1.3, 0, 0.8, 0.0),
+        (1.0, 0, 1.0, 0.1),
+        (0.9, 40, 0.9, 0.02),
+    ],
+)
 def test_sampler_draws_from_filtered_softmax(logits, t, top_k, top_p, min_p):
     expected = reference_distribution(logits, t, top_k, top_p, min_p)
     n = 12000
@@ -99,12 +105,17 @@ def test_top_p_and_min_p_draw_exactly_the_filtered_softmax_at_every_boundary(log
     chi-square test above let a top-p off-by-one through at p = 0.8."""
     expected = reference_distribution(logits, t, 0, 1.0, 0.0)
     top_ps, min_ps = boundaries(expected)
-    cases = [{"top_p": p} for p in top_ps] + [{"min_p": m} for m in min_ps] + [
-        {"top_k": 12, "top_p": top_ps[2]}, {"top_p": top_ps[3], "min_p": min_ps[1]}]  # fmt: skip
+    cases = (
+        [{"top_p": p} for p in top_ps]
+        + [{"min_p": m} for m in min_ps]
+        + [{"top_k": 12, "top_p": top_ps[2]}, {"top_p": top_ps[3], "min_p": min_ps[1]}]
+    )
     for case in cases:
         want = reference_distribution(logits, t, case.get("top_k", 0), case.get("top_p", 1.0), case.get("min_p", 0.0))
         got = exact_draw(logits, temperature=t, **case)
-        assert (got > 0).sum() == (want > 0).sum(), f"{case}: kept {(got > 0).sum()} tokens, should keep {(want > 0).sum()}"
+        assert (got > 0).sum() == (want > 0).sum(), (
+            f"{case}: kept {(got > 0).sum()} tokens, should keep {(want > 0).sum()}"
+        )
         assert np.abs(got - want).max() < 1e-6, case
 
 
@@ -153,8 +164,9 @@ def test_a_temperature_below_the_floor_is_greedy(tiny, t):
     -9999 (a 200 with garbage). Below GREEDY_BELOW it is greedy: the same tokens, finite log-probs."""
     assert SamplingParams(temperature=t).greedy and not SamplingParams(temperature=GREEDY_BELOW).greedy
     greedy = tiny.generate("The river", chat=False, max_new_tokens=12, logprobs=3, ignore_eos=True)
-    tiny_t = tiny.generate("The river", chat=False, max_new_tokens=12, logprobs=3, ignore_eos=True, temperature=t,
-                           seed=5)  # fmt: skip
+    tiny_t = tiny.generate(
+        "The river", chat=False, max_new_tokens=12, logprobs=3, ignore_eos=True, temperature=t, seed=5
+    )
     assert tiny_t.token_ids == greedy.token_ids
     assert [r.logprob for r in tiny_t.logprobs] == [r.logprob for r in greedy.logprobs]
     assert all(math.isfinite(r.logprob) and math.isfinite(v) for r in tiny_t.logprobs for _, v in r.top)
@@ -170,10 +182,23 @@ def test_repetition_penalty_matches_hf(logits):
 
 
 @pytest.mark.parametrize(
-    "bad", [{"temperature": -1}, {"top_p": 0}, {"top_p": 1.5}, {"top_k": -2}, {"min_p": 1.0},
-            {"max_new_tokens": -1}, {"repetition_penalty": 0}, {"seed": -1}, {"stop": [""]}, {"logprobs": -1},
-            {"logprobs": 21}, {"logprobs": True}, {"logprobs": 2.0}],
-)  # fmt: skip
+    "bad",
+    [
+        {"temperature": -1},
+        {"top_p": 0},
+        {"top_p": 1.5},
+        {"top_k": -2},
+        {"min_p": 1.0},
+        {"max_new_tokens": -1},
+        {"repetition_penalty": 0},
+        {"seed": -1},
+        {"stop": [""]},
+        {"logprobs": -1},
+        {"logprobs": 21},
+        {"logprobs": True},
+        {"logprobs": 2.0},
+    ],
+)
 def test_invalid_parameters_are_rejected_with_a_reason(bad):
     with pytest.raises(InvalidRequestError, match="invalid sampling parameter"):
         SamplingParams(**bad)
@@ -188,10 +213,20 @@ def test_logit_bias_bans_and_forces_tokens(tiny):
     assert forced.token_ids == [77] * 5
 
 
-@pytest.mark.parametrize("bias, words", [
-    ({"x": 1}, "token ids"), ({"²": 1}, "token ids"), ({"٣": 1}, "token ids"), ({-1: 1}, "token ids"), ({5: 101}, "[-100, 100]"), ({5: float("nan")}, "[-100, 100]"),
-    ({5: "1"}, "[-100, 100]"), ({i: 1 for i in range(1025)}, "at most 1024"), ([5], "map token ids"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "bias, words",
+    [
+        ({"x": 1}, "token ids"),
+        ({"²": 1}, "token ids"),
+        ({"٣": 1}, "token ids"),
+        ({-1: 1}, "token ids"),
+        ({5: 101}, "[-100, 100]"),
+        ({5: float("nan")}, "[-100, 100]"),
+        ({5: "1"}, "[-100, 100]"),
+        ({i: 1 for i in range(1025)}, "at most 1024"),
+        ([5], "map token ids"),
+    ],
+)
 def test_logit_bias_is_checked(bias, words):
     with pytest.raises(InvalidRequestError, match=re.escape(words)):
         SamplingParams(logit_bias=bias)
@@ -225,8 +260,9 @@ def test_presence_and_frequency_penalties_follow_openai_over_the_output_only(tin
     model's logits penalized by hand over the output alone. A prompt of repeated tokens would change
     the choices if the prompt counted."""
     prompt = tiny.encode("aaaa bbbb aaaa", chat=False)
-    out = tiny.generate(prompt, max_new_tokens=24, ignore_eos=True, presence_penalty=presence,
-                        frequency_penalty=frequency).token_ids  # fmt: skip
+    out = tiny.generate(
+        prompt, max_new_tokens=24, ignore_eos=True, presence_penalty=presence, frequency_penalty=frequency
+    ).token_ids
     plain = tiny.generate(prompt, max_new_tokens=24, ignore_eos=True).token_ids
     assert out != plain  # the penalties changed something
     with torch.inference_mode():
@@ -243,7 +279,9 @@ def test_the_sampler_penalizes_the_context_after_the_prompt_as_openai_defines():
     logits = torch.randn(50, generator=gen)
     prompt, output = [3, 3, 3, 7, 9, 9], [3, 7, 7, 7, 12, 3, 40]
     for presence, frequency in [(2.0, 0.0), (0.0, -1.5), (0.7, 0.9)]:
-        sampler = Sampler(SamplingParams(presence_penalty=presence, frequency_penalty=frequency), prompt_len=len(prompt))
+        sampler = Sampler(
+            SamplingParams(presence_penalty=presence, frequency_penalty=frequency), prompt_len=len(prompt)
+        )
         got = sampler.process(logits, prompt + output)
         assert torch.allclose(got.double(), openai_penalized(logits, output, presence, frequency), atol=1e-6)
 
@@ -263,9 +301,16 @@ def test_a_verifier_under_penalties_decides_what_plain_decides(tiny, tree, penal
     assert out.token_ids == plain.token_ids and out.stats.draft_tokens_accepted > 10
 
 
-@pytest.mark.parametrize("strategy", ["prompt-lookup", "ngram", {"name": "jacobi", "adaptive": False},
-                                      {"name": "layer-skip", "skip_layers": [1], "adaptive": False},
-                                      {"name": "draft-model", "draft": "tiny-random", "adaptive": False}])  # fmt: skip
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        "prompt-lookup",
+        "ngram",
+        {"name": "jacobi", "adaptive": False},
+        {"name": "layer-skip", "skip_layers": [1], "adaptive": False},
+        {"name": "draft-model", "draft": "tiny-random", "adaptive": False},
+    ],
+)
 def test_exact_strategies_under_penalties_equal_plain_under_them(tiny, strategy):
     options = dict(chat=False, max_new_tokens=40, ignore_eos=True, presence_penalty=-1.5, frequency_penalty=0.2)
     prompt = "abc abc abc the abc abc abc the abc"
@@ -274,8 +319,15 @@ def test_exact_strategies_under_penalties_equal_plain_under_them(tiny, strategy)
     assert tiny.generate(prompt, strategy=strategy, **options).token_ids == plain
 
 
-@pytest.mark.parametrize("bad", [{"presence_penalty": 2.01}, {"frequency_penalty": -2.5},
-                                 {"presence_penalty": float("nan")}, {"frequency_penalty": "1"}])  # fmt: skip
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"presence_penalty": 2.01},
+        {"frequency_penalty": -2.5},
+        {"presence_penalty": float("nan")},
+        {"frequency_penalty": "1"},
+    ],
+)
 def test_penalties_are_bounded_as_openai_bounds_them(bad):
     with pytest.raises(InvalidRequestError, match=r"\[-2, 2\]"):
         SamplingParams(**bad)

@@ -16,8 +16,9 @@ from argen.strategies import make_strategy
 
 
 def _request(tiny, text: str, n: int = 1, new: int = 8) -> Request:
-    return Request(tiny.encode(text, chat=False), SamplingParams(max_new_tokens=new, temperature=0), make_strategy("plain"),
-                   n=n)  # fmt: skip
+    return Request(
+        tiny.encode(text, chat=False), SamplingParams(max_new_tokens=new, temperature=0), make_strategy("plain"), n=n
+    )
 
 
 def _queue(tiny, ns: list[int], kv_blocks: int | None = None, cap: int | None = 4) -> Scheduler:
@@ -83,8 +84,13 @@ def _bodies() -> list[dict]:
     """24 completions: prompts of 1 to ~90 tokens, 2 to 14 new tokens, some sampled, some with n > 1."""
     bodies = []
     for i in range(24):
-        body = {"model": "tiny-random", "prompt": f"request {i}: " + "the mill by the river " * (i % 7) * 2,
-                "max_tokens": 2 + (5 * i) % 13, "ignore_eos": True, "temperature": 0}  # fmt: skip
+        body = {
+            "model": "tiny-random",
+            "prompt": f"request {i}: " + "the mill by the river " * (i % 7) * 2,
+            "max_tokens": 2 + (5 * i) % 13,
+            "ignore_eos": True,
+            "temperature": 0,
+        }
         if i % 5 == 1:
             body |= {"temperature": 0.8, "seed": i}
         if i % 6 == 2:

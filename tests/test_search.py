@@ -83,9 +83,18 @@ def test_beam_matches_hf_generate(tiny, eos, num_beams, length_penalty, early_st
         ids = tiny.encode(prompt)
         ours = run(tiny, prompt, spec, eos, max_new_tokens=n)
         with torch.inference_mode():
-            out = hf.generate(torch.tensor([ids]), num_beams=num_beams, length_penalty=length_penalty,
-                              early_stopping=early_stopping, max_new_tokens=n, do_sample=False, pad_token_id=256,
-                              eos_token_id=sorted(eos), output_scores=True, return_dict_in_generate=True)  # fmt: skip
+            out = hf.generate(
+                torch.tensor([ids]),
+                num_beams=num_beams,
+                length_penalty=length_penalty,
+                early_stopping=early_stopping,
+                max_new_tokens=n,
+                do_sample=False,
+                pad_token_id=256,
+                eos_token_id=sorted(eos),
+                output_scores=True,
+                return_dict_in_generate=True,
+            )
         theirs = out.sequences[0, len(ids) :].tolist()
         theirs = next((theirs[: i + 1] for i, t in enumerate(theirs) if t in eos), theirs)
         assert ours.token_ids == theirs, prompt

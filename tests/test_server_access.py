@@ -29,10 +29,12 @@ def gen():
 def test_api_key_is_required_except_on_health(gen):
     with running_server(gen, api_key=KEY) as (url, _):
         body = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
-        for headers, message in [({}, "You didn't provide an API key"),
-                                 ({"Authorization": "Bearer wrong"}, "Incorrect API key provided"),
-                                 ({"Authorization": "Basic " + KEY}, "You didn't provide an API key"),
-                                 ({"Authorization": "Bearer \u00e9".encode()}, "Incorrect API key")]:  # fmt: skip
+        for headers, message in [
+            ({}, "You didn't provide an API key"),
+            ({"Authorization": "Bearer wrong"}, "Incorrect API key provided"),
+            ({"Authorization": "Basic " + KEY}, "You didn't provide an API key"),
+            ({"Authorization": "Bearer \u00e9".encode()}, "Incorrect API key"),
+        ]:
             r = httpx.post(f"{url}/v1/completions", json=body, headers=headers)
             assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
             error = r.json()["error"]
@@ -68,16 +70,20 @@ def test_allowed_hosts(gen):
 
 # -- CORS (issue 24) ---------------------------------------------------------------------------
 ORIGIN = "https://app.example.com"
-PREFLIGHT = {"Origin": ORIGIN, "Access-Control-Request-Method": "POST",
-             "Access-Control-Request-Headers": "authorization, content-type"}  # fmt: skip
+PREFLIGHT = {
+    "Origin": ORIGIN,
+    "Access-Control-Request-Method": "POST",
+    "Access-Control-Request-Headers": "authorization, content-type",
+}
 
 
 def test_cors_is_off_unless_origins_are_allowed(gen):
     with running_server(gen) as (url, _):
         r = httpx.options(f"{url}/v1/completions", headers=PREFLIGHT)
         assert "access-control-allow-origin" not in r.headers and r.status_code >= 400
-        r = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2},
-                       headers={"Origin": ORIGIN})  # fmt: skip
+        r = httpx.post(
+            f"{url}/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2}, headers={"Origin": ORIGIN}
+        )
         assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
 
 
@@ -178,8 +184,9 @@ def test_repeated_log_lines_are_rate_limited():
     limiter = RateLimit(per_interval=3, interval=0.3)
 
     def record(i: int) -> logging.LogRecord:
-        return logging.LogRecord("asyncio", logging.ERROR, __file__, 1,
-                                 f"socket.accept() out of system resource\nsocket: fd={i}", None, None)  # fmt: skip
+        return logging.LogRecord(
+            "asyncio", logging.ERROR, __file__, 1, f"socket.accept() out of system resource\nsocket: fd={i}", None, None
+        )
 
     passed = [r for r in (record(i) for i in range(1000)) if limiter.filter(r)]
     assert len(passed) == 3
@@ -189,17 +196,20 @@ def test_repeated_log_lines_are_rate_limited():
 
 
 # -- the serve command -------------------------------------------------------------------------
-@pytest.mark.parametrize("argv, words", [
-    (["serve", "--limit", "num_beams"], "--limit takes NAME=VALUE"),
-    (["serve", "--limit", "num_beams=0"], "--limit takes NAME=VALUE"),
-    (["serve", "--limit", "beams=4"], "unknown limit 'beams'; limits: num_beams"),
-    (["serve", "--max-body-bytes", "10"], "--max-body-bytes must be >= 1024"),
-    (["serve", "--request-timeout", "0"], "--request-timeout must be > 0"),
-    (["serve", "--api-key", " "], "--api-key (or ARGEN_API_KEY) is empty"),
-    (["serve", "--prefill-slowdown", "1"], "--prefill-slowdown must be more than 1"),
-    (["serve", "--model", MODEL, "--draft-model", "nosource"], "--draft-model takes NAME=SOURCE"),
-    (["serve", "--model", MODEL, "--guide-model", f"{MODEL}=tiny-random@1"], "the name 'tiny-random' is taken"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["serve", "--limit", "num_beams"], "--limit takes NAME=VALUE"),
+        (["serve", "--limit", "num_beams=0"], "--limit takes NAME=VALUE"),
+        (["serve", "--limit", "beams=4"], "unknown limit 'beams'; limits: num_beams"),
+        (["serve", "--max-body-bytes", "10"], "--max-body-bytes must be >= 1024"),
+        (["serve", "--request-timeout", "0"], "--request-timeout must be > 0"),
+        (["serve", "--api-key", " "], "--api-key (or ARGEN_API_KEY) is empty"),
+        (["serve", "--prefill-slowdown", "1"], "--prefill-slowdown must be more than 1"),
+        (["serve", "--model", MODEL, "--draft-model", "nosource"], "--draft-model takes NAME=SOURCE"),
+        (["serve", "--model", MODEL, "--guide-model", f"{MODEL}=tiny-random@1"], "the name 'tiny-random' is taken"),
+    ],
+)
 def test_serve_options_are_checked(capsys, monkeypatch, argv, words):
     from argen.cli import main
 

@@ -23,8 +23,13 @@ def _burst(url: str, n: int, press: dict | None = None) -> str:
     codes: list[int] = []
 
     def one(i: int) -> None:
-        body = {"model": "tiny-random", "prompt": PROMPT + str(i), "max_tokens": NEW, "temperature": 0,
-                "ignore_eos": True} | ({"press": press} if press else {})  # fmt: skip
+        body = {
+            "model": "tiny-random",
+            "prompt": PROMPT + str(i),
+            "max_tokens": NEW,
+            "temperature": 0,
+            "ignore_eos": True,
+        } | ({"press": press} if press else {})
         barrier.wait()
         codes.append(httpx.post(f"{url}/v1/completions", json=body, timeout=120).status_code)
 
@@ -41,8 +46,12 @@ def _blocks(tiny, press=None) -> int:
     """The admission's worst case for one of the burst's requests (the server's 512-token chunks)."""
     from argen.cache.press import make_press
 
-    request = Request(tiny.encode(PROMPT + "0", chat=False), SamplingParams(max_new_tokens=NEW, temperature=0),
-                      make_strategy("plain"), press=make_press(press) if press else None)  # fmt: skip
+    request = Request(
+        tiny.encode(PROMPT + "0", chat=False),
+        SamplingParams(max_new_tokens=NEW, temperature=0),
+        make_strategy("plain"),
+        press=make_press(press) if press else None,
+    )
     return DecodeBatch(tiny.engine, prefill_chunk=512).blocks_needed(request)
 
 

@@ -53,8 +53,9 @@ def assert_4xx(response: httpx.Response, status: int, param: str | None, words: 
 
 # -- 1. a list of prompts -------------------------------------------------------------------------
 def test_a_list_of_prompts_gives_n_choices_each_numbered_as_openai(url, tiny):
-    out = client(url).completions.create(model=MODEL, prompt=PROMPTS, max_tokens=6, n=2, temperature=0.9, seed=11,
-                                         extra_body={"return_token_ids": True})  # fmt: skip
+    out = client(url).completions.create(
+        model=MODEL, prompt=PROMPTS, max_tokens=6, n=2, temperature=0.9, seed=11, extra_body={"return_token_ids": True}
+    )
     assert [c.index for c in out.choices] == list(range(6))
     for i, prompt in enumerate(PROMPTS):  # choice i x n + j is sample j of prompt i, as alone
         want = tiny.generate(prompt, chat=False, max_new_tokens=6, n=2, temperature=0.9, seed=11)
@@ -108,8 +109,9 @@ def test_a_list_scored_as_lm_eval_scores_it_equals_one_prompt_at_a_time(url):
 
 def test_every_prompt_of_a_list_follows_the_response_format(url):
     fmt = {"type": "regex", "regex": r"[0-9]{3}-[a-z]{2}"}
-    out = client(url).completions.create(model=MODEL, prompt=PROMPTS, max_tokens=12, temperature=1.0, seed=3,
-                                         extra_body={"response_format": fmt})  # fmt: skip
+    out = client(url).completions.create(
+        model=MODEL, prompt=PROMPTS, max_tokens=12, temperature=1.0, seed=3, extra_body={"response_format": fmt}
+    )
     assert len(out.choices) == 3 and all(re.fullmatch(fmt["regex"], c.text) for c in out.choices)
 
 
@@ -117,8 +119,9 @@ def test_the_prompts_of_a_list_decode_in_one_batch(tiny):
     """Each prompt is admitted as a request, and they are queued together: four prompts on a server
     of four slots run as four sequences at once."""
     with running_server(tiny, max_batch=4) as (base, _):
-        client(base).completions.create(model=MODEL, prompt=PROMPTS + ["one more"], max_tokens=40, temperature=0,
-                                        extra_body={"ignore_eos": True})  # fmt: skip
+        client(base).completions.create(
+            model=MODEL, prompt=PROMPTS + ["one more"], max_tokens=40, temperature=0, extra_body={"ignore_eos": True}
+        )
         text = httpx.get(f"{base}/metrics").text
         assert metric(text, "argen_running_sequences_peak") == 4
         assert metric(text, "argen_requests_total", endpoint="completions", outcome="length") == 4
@@ -143,16 +146,19 @@ def test_a_list_that_does_not_fit_the_queue_is_refused_whole(tiny):
         busy.join(60)
 
 
-@pytest.mark.parametrize("body, status, param, words", [
-    ({"prompt": []}, 400, "prompt", "empty"),
-    ({"prompt": ["a"] * 65}, 422, "prompt", "at most 64"),
-    ({"prompt": [[1, 2]] * 65}, 422, "prompt", "at most 64"),
-    ({"prompt": ["ok", "x" * 2100]}, 400, "prompt", "prompt 1 has 2100 tokens"),
-    ({"prompt": [[1], [10**6]]}, 400, "prompt", "outside the vocabulary"),
-    ({"prompt": [[1], []]}, 400, "prompt", "prompt 1 is empty"),
-    ({"prompt": ["a", "b", "c"], "max_tokens": 200, "n": 1}, 400, "max_tokens", "3 prompts x n x max_tokens"),
-    ({"prompt": ["a", ["b"]]}, 422, "prompt", ""),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "body, status, param, words",
+    [
+        ({"prompt": []}, 400, "prompt", "empty"),
+        ({"prompt": ["a"] * 65}, 422, "prompt", "at most 64"),
+        ({"prompt": [[1, 2]] * 65}, 422, "prompt", "at most 64"),
+        ({"prompt": ["ok", "x" * 2100]}, 400, "prompt", "prompt 1 has 2100 tokens"),
+        ({"prompt": [[1], [10**6]]}, 400, "prompt", "outside the vocabulary"),
+        ({"prompt": [[1], []]}, 400, "prompt", "prompt 1 is empty"),
+        ({"prompt": ["a", "b", "c"], "max_tokens": 200, "n": 1}, 400, "max_tokens", "3 prompts x n x max_tokens"),
+        ({"prompt": ["a", ["b"]]}, 422, "prompt", ""),
+    ],
+)
 def test_hostile_prompt_lists_are_4xx(url, body, status, param, words):
     assert_4xx(post(url, body), status, param, words)
 
@@ -162,38 +168,55 @@ def test_many_stop_strings_as_lm_eval_sends_them(url, tiny):
     full = tiny.generate("Stop here", chat=False, max_new_tokens=30, ignore_eos=True).text
     i = next(i for i in range(3, len(full) - 1) if full[i].isprintable() and full[i] not in full[:i])
     stops = [f"never{k}" for k in range(31)] + [full[i]]
-    out = client(url).completions.create(model=MODEL, prompt="Stop here", max_tokens=30, temperature=0, stop=stops,
-                                         extra_body={"ignore_eos": True})  # fmt: skip
+    out = client(url).completions.create(
+        model=MODEL, prompt="Stop here", max_tokens=30, temperature=0, stop=stops, extra_body={"ignore_eos": True}
+    )
     assert out.choices[0].text == full[:i] and out.choices[0].finish_reason == "stop"
 
 
 def test_vllm_stop_fields_mean_what_the_python_api_means(url, tiny):
     plain = tiny.generate("Hello there", chat=False, max_new_tokens=20, ignore_eos=True)
     stop = next(t for t in plain.token_ids[3:] if len(tiny.tokenizer.decode([t])) == 1)
-    cases = [{"stop_token_ids": [stop]}, {"stop_token_ids": [stop], "include_stop_str_in_output": True},
-             {"min_tokens": 4, "logit_bias": {"258": 100}}, {"skip_special_tokens": False, "logit_bias": {"257": 100}},
-             {"stop": [tiny.tokenizer.decode([stop])], "include_stop_str_in_output": True}]  # fmt: skip
+    cases = [
+        {"stop_token_ids": [stop]},
+        {"stop_token_ids": [stop], "include_stop_str_in_output": True},
+        {"min_tokens": 4, "logit_bias": {"258": 100}},
+        {"skip_special_tokens": False, "logit_bias": {"257": 100}},
+        {"stop": [tiny.tokenizer.decode([stop])], "include_stop_str_in_output": True},
+    ]
     for fields in cases:
         api = {**fields, "logit_bias": {int(k): v for k, v in fields.get("logit_bias", {}).items()}}
         want = tiny.generate("Hello there", chat=False, max_new_tokens=20, ignore_eos="min_tokens" not in fields, **api)
-        out = client(url).completions.create(model=MODEL, prompt="Hello there", max_tokens=20, temperature=0,
-                                             extra_body={"return_token_ids": True, "ignore_eos": "min_tokens" not in fields,
-                                                         **fields})  # fmt: skip
+        out = client(url).completions.create(
+            model=MODEL,
+            prompt="Hello there",
+            max_tokens=20,
+            temperature=0,
+            extra_body={"return_token_ids": True, "ignore_eos": "min_tokens" not in fields, **fields},
+        )
         assert (out.choices[0].text, out.choices[0].token_ids) == (want.text, want.token_ids), fields
 
 
-@pytest.mark.parametrize("body, status, param, words", [
-    ({"stop": ["s"] * 33}, 422, "stop", ""), ({"stop": "x" * 257}, 422, "stop", ""),
-    ({"stop": ["ok", "x" * 257]}, 422, "stop", ""), ({"stop": [""]}, 422, "stop", ""),
-    ({"stop_token_ids": [10**6]}, 400, "stop_token_ids", "outside the vocabulary"),
-    ({"stop_token_ids": [-1]}, 422, "stop_token_ids", ""), ({"stop_token_ids": [1] * 257}, 422, "stop_token_ids", ""),
-    ({"stop_token_ids": ["1"]}, 422, "stop_token_ids", ""), ({"stop_token_ids": [True]}, 422, "stop_token_ids", ""),
-    ({"min_tokens": 50, "max_tokens": 10}, 400, "min_tokens", "max_new_tokens"),
-    ({"min_tokens": -1}, 422, "min_tokens", ""), ({"min_tokens": "3"}, 422, "min_tokens", ""),
-    ({"min_tokens": 2, "response_format": {"type": "json_object"}}, 400, "min_tokens", "grammar"),
-    ({"include_stop_str_in_output": "yes"}, 422, "include_stop_str_in_output", ""),
-    ({"skip_special_tokens": 0}, 422, "skip_special_tokens", ""),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "body, status, param, words",
+    [
+        ({"stop": ["s"] * 33}, 422, "stop", ""),
+        ({"stop": "x" * 257}, 422, "stop", ""),
+        ({"stop": ["ok", "x" * 257]}, 422, "stop", ""),
+        ({"stop": [""]}, 422, "stop", ""),
+        ({"stop_token_ids": [10**6]}, 400, "stop_token_ids", "outside the vocabulary"),
+        ({"stop_token_ids": [-1]}, 422, "stop_token_ids", ""),
+        ({"stop_token_ids": [1] * 257}, 422, "stop_token_ids", ""),
+        ({"stop_token_ids": ["1"]}, 422, "stop_token_ids", ""),
+        ({"stop_token_ids": [True]}, 422, "stop_token_ids", ""),
+        ({"min_tokens": 50, "max_tokens": 10}, 400, "min_tokens", "max_new_tokens"),
+        ({"min_tokens": -1}, 422, "min_tokens", ""),
+        ({"min_tokens": "3"}, 422, "min_tokens", ""),
+        ({"min_tokens": 2, "response_format": {"type": "json_object"}}, 400, "min_tokens", "grammar"),
+        ({"include_stop_str_in_output": "yes"}, 422, "include_stop_str_in_output", ""),
+        ({"skip_special_tokens": 0}, 422, "skip_special_tokens", ""),
+    ],
+)
 def test_hostile_stop_fields_are_4xx(url, body, status, param, words):
     assert_4xx(post(url, {"prompt": "hi", "max_tokens": 10, **body}), status, param, words)
 
@@ -202,7 +225,9 @@ def test_hostile_stop_fields_are_4xx(url, body, status, param, words):
 def test_tokenize_and_detokenize_as_generation_tokenizes(url, tiny):
     text = "Hello there, tokens."
     r = post(url, {"prompt": text, "return_token_strs": True}, "tokenize").json()
-    assert r["tokens"] == tiny.encode(text, chat=False) and r["count"] == len(r["tokens"]) and r["max_model_len"] == 2048
+    assert (
+        r["tokens"] == tiny.encode(text, chat=False) and r["count"] == len(r["tokens"]) and r["max_model_len"] == 2048
+    )
     assert r["token_strs"] == tiny.tokenizer.convert_ids_to_tokens(r["tokens"])
     assert post(url, {"tokens": r["tokens"]}, "detokenize").json() == {"prompt": text}
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
@@ -231,24 +256,42 @@ def test_models_retrieve(url):
     assert info.value.body["code"] == "model_not_found" and MODEL in info.value.body["message"]
 
 
-@pytest.mark.parametrize("path, body, status, param, words", [
-    ("tokenize", {}, 400, "prompt", "either prompt"),
-    ("tokenize", {"prompt": "a", "messages": [{"role": "user", "content": "b"}]}, 400, "prompt", "either prompt"),
-    ("tokenize", {"prompt": "x" * 30000}, 400, "prompt", "more than any 2048-token context"),
-    ("tokenize", {"prompt": "a", "model": "other"}, 404, "model", "not served here"),
-    ("tokenize", '{"prompt": "\\ud800"}', 400, "prompt", "not valid Unicode"),
-    ("tokenize", {"messages": [{"role": "user", "content": "b"}], "add_special_tokens": True}, 400,
-     "add_special_tokens", "chat template"),
-    ("tokenize", {"messages": [{"role": "user", "content": "b"}], "chat_template": "{{ 7 * 7 }}"}, 422,
-     "chat_template", "unknown field"),
-    ("tokenize", {"messages": [{"role": "user", "content": "b"}], "chat_template_kwargs": {"tokenize": False}},
-     400, "chat_template_kwargs", "not a template variable"),
-    ("detokenize", {"tokens": [1] * 2049}, 400, "tokens", "context"),
-    ("detokenize", {"tokens": [10**6]}, 400, "tokens", "outside the vocabulary"),
-    ("detokenize", {"tokens": [-1]}, 422, "tokens", ""),
-    ("detokenize", {"tokens": [2**70]}, 400, "tokens", "outside the vocabulary"),
-    ("detokenize", {"tokens": "1 2"}, 422, "tokens", ""),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "path, body, status, param, words",
+    [
+        ("tokenize", {}, 400, "prompt", "either prompt"),
+        ("tokenize", {"prompt": "a", "messages": [{"role": "user", "content": "b"}]}, 400, "prompt", "either prompt"),
+        ("tokenize", {"prompt": "x" * 30000}, 400, "prompt", "more than any 2048-token context"),
+        ("tokenize", {"prompt": "a", "model": "other"}, 404, "model", "not served here"),
+        ("tokenize", '{"prompt": "\\ud800"}', 400, "prompt", "not valid Unicode"),
+        (
+            "tokenize",
+            {"messages": [{"role": "user", "content": "b"}], "add_special_tokens": True},
+            400,
+            "add_special_tokens",
+            "chat template",
+        ),
+        (
+            "tokenize",
+            {"messages": [{"role": "user", "content": "b"}], "chat_template": "{{ 7 * 7 }}"},
+            422,
+            "chat_template",
+            "unknown field",
+        ),
+        (
+            "tokenize",
+            {"messages": [{"role": "user", "content": "b"}], "chat_template_kwargs": {"tokenize": False}},
+            400,
+            "chat_template_kwargs",
+            "not a template variable",
+        ),
+        ("detokenize", {"tokens": [1] * 2049}, 400, "tokens", "context"),
+        ("detokenize", {"tokens": [10**6]}, 400, "tokens", "outside the vocabulary"),
+        ("detokenize", {"tokens": [-1]}, 422, "tokens", ""),
+        ("detokenize", {"tokens": [2**70]}, 400, "tokens", "outside the vocabulary"),
+        ("detokenize", {"tokens": "1 2"}, 422, "tokens", ""),
+    ],
+)
 def test_hostile_tokenizer_requests_are_4xx(url, path, body, status, param, words):
     if isinstance(body, str):  # raw JSON (a lone surrogate, which httpx will not encode)
         r = httpx.post(f"{url}/{path}", content=body, headers={"content-type": "application/json"}, timeout=60)
@@ -260,16 +303,27 @@ def test_hostile_tokenizer_requests_are_4xx(url, path, body, status, param, word
 # -- 4. presence and frequency penalties ----------------------------------------------------------
 def test_penalties_through_the_client_equal_the_python_api(url, tiny):
     want = tiny.generate("abc abc", chat=False, max_new_tokens=16, presence_penalty=2.0, frequency_penalty=2.0)
-    out = client(url).completions.create(model=MODEL, prompt="abc abc", max_tokens=16, temperature=0,
-                                         presence_penalty=2.0, frequency_penalty=2.0,
-                                         extra_body={"return_token_ids": True})  # fmt: skip
+    out = client(url).completions.create(
+        model=MODEL,
+        prompt="abc abc",
+        max_tokens=16,
+        temperature=0,
+        presence_penalty=2.0,
+        frequency_penalty=2.0,
+        extra_body={"return_token_ids": True},
+    )
     assert out.choices[0].token_ids == want.token_ids
     assert want.token_ids != tiny.generate("abc abc", chat=False, max_new_tokens=16).token_ids
 
 
-@pytest.mark.parametrize("body, param", [({"presence_penalty": 2.5}, "presence_penalty"),
-                                         ({"frequency_penalty": -2.01}, "frequency_penalty"),
-                                         ({"presence_penalty": "1"}, "presence_penalty")])  # fmt: skip
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+        ({"frequency_penalty": -2.01}, "frequency_penalty"),
+        ({"presence_penalty": "1"}, "presence_penalty"),
+    ],
+)
 def test_penalties_out_of_openais_range_are_422(url, body, param):
     assert_4xx(post(url, {"prompt": "hi", **body}), 422, param)
 
@@ -280,22 +334,39 @@ MESSAGES = [{"role": "user", "content": "Say something."}]
 
 def test_fields_clients_send_are_accepted(url, tiny):
     want = tiny.generate(MESSAGES, max_new_tokens=6)
-    out = client(url).chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=6, temperature=0, store=False,
-                                              metadata={"run": "7", "who": "test"}, user="u-1", service_tier="auto",
-                                              reasoning_effort="low")  # fmt: skip
+    out = client(url).chat.completions.create(
+        model=MODEL,
+        messages=MESSAGES,
+        max_tokens=6,
+        temperature=0,
+        store=False,
+        metadata={"run": "7", "who": "test"},
+        user="u-1",
+        service_tier="auto",
+        reasoning_effort="low",
+    )
     assert out.choices[0].message.content == want.text
     done = client(url).completions.create(model=MODEL, prompt="hi", max_tokens=2, user="u-2")
     assert done.usage.completion_tokens == 2
 
 
-@pytest.mark.parametrize("body, param", [
-    ({"metadata": {f"k{i}": "v" for i in range(17)}}, "metadata"), ({"metadata": {"k" * 65: "v"}}, "metadata"),
-    ({"metadata": {"k": "v" * 513}}, "metadata"), ({"metadata": {"k": 1}}, "metadata"),
-    ({"user": "u" * 257}, "user"), ({"service_tier": "gold"}, "service_tier"), ({"store": "yes"}, "store"),
-    ({"reasoning_effort": "extreme"}, "reasoning_effort"), ({"chat_template_kwargs": []}, "chat_template_kwargs"),
-    ({"prompt_logprobs": 21}, "prompt_logprobs"), ({"stream_options": {"continuous_usage_stats": 1}}, "stream_options"),
-    ({"totally_unknown": 1}, "totally_unknown"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"metadata": {f"k{i}": "v" for i in range(17)}}, "metadata"),
+        ({"metadata": {"k" * 65: "v"}}, "metadata"),
+        ({"metadata": {"k": "v" * 513}}, "metadata"),
+        ({"metadata": {"k": 1}}, "metadata"),
+        ({"user": "u" * 257}, "user"),
+        ({"service_tier": "gold"}, "service_tier"),
+        ({"store": "yes"}, "store"),
+        ({"reasoning_effort": "extreme"}, "reasoning_effort"),
+        ({"chat_template_kwargs": []}, "chat_template_kwargs"),
+        ({"prompt_logprobs": 21}, "prompt_logprobs"),
+        ({"stream_options": {"continuous_usage_stats": 1}}, "stream_options"),
+        ({"totally_unknown": 1}, "totally_unknown"),
+    ],
+)
 def test_hostile_client_fields_are_422(url, body, param):
     assert_4xx(post(url, {"messages": MESSAGES, **body}, "v1/chat/completions"), 422, param)
 
@@ -305,9 +376,13 @@ def test_continue_final_message_continues_a_partial_assistant_message(url, tiny)
     ids = tiny.encode_chat(partial, add_generation_prompt=False, continue_final_message=True)
     assert tiny.tokenizer.decode(ids).endswith("Here is")  # open: no end-of-turn after it
     want = tiny.generate(ids, max_new_tokens=8)
-    out = client(url).chat.completions.create(model=MODEL, messages=partial, max_tokens=8, temperature=0,
-                                              extra_body={"continue_final_message": True,
-                                                          "add_generation_prompt": False})  # fmt: skip
+    out = client(url).chat.completions.create(
+        model=MODEL,
+        messages=partial,
+        max_tokens=8,
+        temperature=0,
+        extra_body={"continue_final_message": True, "add_generation_prompt": False},
+    )
     assert out.choices[0].message.content == want.text and out.usage.prompt_tokens == len(ids)
     no_prompt = post(url, {"messages": MESSAGES, "add_generation_prompt": False}, "tokenize").json()["count"]
     assert no_prompt < post(url, {"messages": MESSAGES}, "tokenize").json()["count"]
@@ -317,8 +392,9 @@ def test_continue_final_message_continues_a_partial_assistant_message(url, tiny)
 
 def test_chat_template_kwargs_reach_the_template():
     gen = argen.load("tiny-random")
-    gen.tokenizer.chat_template = ("{{ greeting | default('Hello') }}: {% for m in messages %}{{ m['content'] }}"
-                                   "{% endfor %}")  # fmt: skip
+    gen.tokenizer.chat_template = (
+        "{{ greeting | default('Hello') }}: {% for m in messages %}{{ m['content'] }}{% endfor %}"
+    )
     with running_server(gen) as (base, _):
         plain = post(base, {"messages": MESSAGES}, "tokenize").json()["tokens"]
         kwargs = {"chat_template_kwargs": {"greeting": "Bonjour"}}
@@ -328,12 +404,19 @@ def test_chat_template_kwargs_reach_the_template():
         assert out.usage.prompt_tokens == len(greeted)
 
 
-@pytest.mark.parametrize("kwargs, words", [
-    ({"tokenize": False}, "'tokenize' is not a template variable"), ({"chat_template": "{{ 1 }}"}, "chat_template"),
-    ({"messages": []}, "'messages'"), ({"add_generation_prompt": False}, "add_generation_prompt"),
-    ({"bad-name": 1}, "'bad-name'"), ({f"v{i}": 1 for i in range(17)}, "at most 16"),
-    ({"v": "x" * 5000}, "4096 characters"), ({"v": [[[[[[[[[1]]]]]]]]]}, "nested at most 8 deep"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"tokenize": False}, "'tokenize' is not a template variable"),
+        ({"chat_template": "{{ 1 }}"}, "chat_template"),
+        ({"messages": []}, "'messages'"),
+        ({"add_generation_prompt": False}, "add_generation_prompt"),
+        ({"bad-name": 1}, "'bad-name'"),
+        ({f"v{i}": 1 for i in range(17)}, "at most 16"),
+        ({"v": "x" * 5000}, "4096 characters"),
+        ({"v": [[[[[[[[[1]]]]]]]]]}, "nested at most 8 deep"),
+    ],
+)
 def test_hostile_chat_template_kwargs_are_400(url, kwargs, words):
     r = post(url, {"messages": MESSAGES, "chat_template_kwargs": kwargs}, "v1/chat/completions")
     assert_4xx(r, 400, "chat_template_kwargs", words)
@@ -359,8 +442,11 @@ def test_prompt_logprobs_as_vllm_returns_them(url, tiny):
 
 def test_continuous_usage_stats_put_the_usage_so_far_on_every_chunk(url):
     options = {"include_usage": True, "continuous_usage_stats": True}
-    chunks = list(client(url).chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=8, temperature=0,
-                                                      stream=True, stream_options=options))  # fmt: skip
+    chunks = list(
+        client(url).chat.completions.create(
+            model=MODEL, messages=MESSAGES, max_tokens=8, temperature=0, stream=True, stream_options=options
+        )
+    )
     assert all(c.usage is not None for c in chunks)
     done = [c.usage.completion_tokens for c in chunks]
     assert done == sorted(done) and done[-1] == chunks[-1].usage.completion_tokens == 8
@@ -370,16 +456,27 @@ def test_continuous_usage_stats_put_the_usage_so_far_on_every_chunk(url):
 
 
 # -- 6. tools ----------------------------------------------------------------------------------
-WEATHER = {"type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]}}, "required": ["city"],
-           "additionalProperties": False}  # fmt: skip
-TOOLS = [{"type": "function", "function": {"name": "get_time", "description": "The time now"}},
-         {"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}}]  # fmt: skip
+WEATHER = {
+    "type": "object",
+    "properties": {"city": {"enum": ["Paris", "Oslo"]}},
+    "required": ["city"],
+    "additionalProperties": False,
+}
+TOOLS = [
+    {"type": "function", "function": {"name": "get_time", "description": "The time now"}},
+    {"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}},
+]
 
 
 def test_a_function_without_parameters_takes_no_arguments(url):
     for tool in (TOOLS[0], {"type": "function", "function": {"name": "get_time", "parameters": {}}}):
-        out = client(url).chat.completions.create(model=MODEL, messages=MESSAGES, tools=[tool], max_tokens=40,
-                                                  tool_choice={"type": "function", "function": {"name": "get_time"}})  # fmt: skip
+        out = client(url).chat.completions.create(
+            model=MODEL,
+            messages=MESSAGES,
+            tools=[tool],
+            max_tokens=40,
+            tool_choice={"type": "function", "function": {"name": "get_time"}},
+        )
         (call,) = out.choices[0].message.tool_calls
         assert call.function.name == "get_time" and json.loads(call.function.arguments) == {}
         assert out.choices[0].finish_reason == "tool_calls"
@@ -388,8 +485,16 @@ def test_a_function_without_parameters_takes_no_arguments(url):
 def test_required_with_parallel_tool_calls_may_call_several(url):
     counts = set()
     for seed in range(6):
-        out = client(url).chat.completions.create(model=MODEL, messages=MESSAGES, tools=TOOLS, tool_choice="required",
-                                                  parallel_tool_calls=True, max_tokens=200, temperature=1.0, seed=seed)  # fmt: skip
+        out = client(url).chat.completions.create(
+            model=MODEL,
+            messages=MESSAGES,
+            tools=TOOLS,
+            tool_choice="required",
+            parallel_tool_calls=True,
+            max_tokens=200,
+            temperature=1.0,
+            seed=seed,
+        )
         calls = out.choices[0].message.tool_calls
         assert out.choices[0].finish_reason == "tool_calls" and 1 <= len(calls) <= 8
         for call in calls:
@@ -397,8 +502,16 @@ def test_required_with_parallel_tool_calls_may_call_several(url):
             jsonschema.validate(json.loads(call.function.arguments), schema)
         counts.add(len(calls))
     assert max(counts) > 1  # several calls happen
-    one = client(url).chat.completions.create(model=MODEL, messages=MESSAGES, tools=TOOLS, tool_choice="required",
-                                              parallel_tool_calls=False, max_tokens=200, temperature=1.0, seed=0)  # fmt: skip
+    one = client(url).chat.completions.create(
+        model=MODEL,
+        messages=MESSAGES,
+        tools=TOOLS,
+        tool_choice="required",
+        parallel_tool_calls=False,
+        max_tokens=200,
+        temperature=1.0,
+        seed=0,
+    )
     assert len(one.choices[0].message.tool_calls) == 1
 
 
@@ -408,16 +521,31 @@ def test_the_default_model_calls_a_function_without_parameters_and_stops(real):
     default model wrote keys until max_tokens, with no tool call."""
     with running_server(real) as (base, _):
         c = client(base)
-        out = c.chat.completions.create(model=real.name, messages=[{"role": "user", "content": "What time is it?"}],
-                                        tools=TOOLS, max_tokens=60, temperature=0,
-                                        tool_choice={"type": "function", "function": {"name": "get_time"}})  # fmt: skip
+        out = c.chat.completions.create(
+            model=real.name,
+            messages=[{"role": "user", "content": "What time is it?"}],
+            tools=TOOLS,
+            max_tokens=60,
+            temperature=0,
+            tool_choice={"type": "function", "function": {"name": "get_time"}},
+        )
         choice = out.choices[0]
-        assert choice.finish_reason == "tool_calls" and json.loads(choice.message.tool_calls[0].function.arguments) == {}
+        assert (
+            choice.finish_reason == "tool_calls" and json.loads(choice.message.tool_calls[0].function.arguments) == {}
+        )
         ask = [{"role": "user", "content": "What is the weather in Paris and in Oslo?"}]
         counts = []
         for seed in range(4):
-            out = c.chat.completions.create(model=real.name, messages=ask, tools=TOOLS, tool_choice="required",
-                                            parallel_tool_calls=True, max_tokens=150, temperature=0.7, seed=seed)  # fmt: skip
+            out = c.chat.completions.create(
+                model=real.name,
+                messages=ask,
+                tools=TOOLS,
+                tool_choice="required",
+                parallel_tool_calls=True,
+                max_tokens=150,
+                temperature=0.7,
+                seed=seed,
+            )
             calls = out.choices[0].message.tool_calls
             assert out.choices[0].finish_reason == "tool_calls" and calls
             counts.append(len(calls))

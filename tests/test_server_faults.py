@@ -62,8 +62,14 @@ def test_the_gauges_empty_when_every_client_has_left(server):
     """Bug: the scheduler returned before updating its gauges when cancellations emptied the batch,
     so /metrics kept showing the departed sequences and their KV blocks."""
     url, _ = server
-    body = {"model": MODEL, "prompt": "long " * 40, "max_tokens": 1500, "ignore_eos": True, "stream": True,
-            "strategy": "test-slow"}  # fmt: skip
+    body = {
+        "model": MODEL,
+        "prompt": "long " * 40,
+        "max_tokens": 1500,
+        "ignore_eos": True,
+        "stream": True,
+        "strategy": "test-slow",
+    }
     register(Slow)
     try:
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
@@ -102,7 +108,6 @@ def test_an_out_of_vocabulary_logit_bias_names_logit_bias(server):
     assert error["param"] == "logit_bias"
 
 
-
 def test_a_flood_of_chat_messages_is_refused_before_tokenizing(server, monkeypatch):
     """Bug: 20,000 empty messages were templated and tokenized (100k tokens, 4 s of a worker) before
     their 400. Now the count is capped, and the templated text's length is checked before tokenizing."""
@@ -136,8 +141,11 @@ def patterns(n: int, nested: bool = False) -> dict:
     bound does not see them there; the sandbox's deadline stops it)."""
     if not nested:
         return {"allOf": [{"type": "string", "pattern": f".*a{i}.*"} for i in range(n)]}
-    return {"$defs": {f"p{i}": {"type": "string", "pattern": f".*a{i}.*"} for i in range(n)}, "type": "object",
-            "properties": {"x": {"allOf": [{"$ref": f"#/$defs/p{i}"} for i in range(n)]}}}  # fmt: skip
+    return {
+        "$defs": {f"p{i}": {"type": "string", "pattern": f".*a{i}.*"} for i in range(n)},
+        "type": "object",
+        "properties": {"x": {"allOf": [{"$ref": f"#/$defs/p{i}"} for i in range(n)]}},
+    }
 
 
 def sandbox(srv):
@@ -152,8 +160,13 @@ def rss_mb(pid: int) -> float:
 def test_an_allof_of_200_patterns_is_refused_at_once(server):
     """Bug: this 9 KB schema ran for 20 minutes (RSS 0.6 -> 10.4 GB) and kept on after the client left."""
     url, _ = server
-    error = refused(url, {"prompt": "Hi", "response_format": json_schema(patterns(200))}, 400,
-                    "allOf combines 200 regexes", "at most 8")  # fmt: skip
+    error = refused(
+        url,
+        {"prompt": "Hi", "response_format": json_schema(patterns(200))},
+        400,
+        "allOf combines 200 regexes",
+        "at most 8",
+    )
     assert error["param"] == "response_format" and "a0" not in error["message"]
 
 
@@ -162,8 +175,12 @@ def test_a_costly_grammar_the_static_bound_misses_is_killed_at_its_deadline(serv
     Past the static bound (patterns behind $refs), the sandbox's child is killed at its deadline;
     the answer quotes nothing of the grammar, and the children are back, small."""
     url, srv = server
-    error = refused(url, {"prompt": "Hi", "response_format": json_schema(patterns(16, nested=True))}, 400,
-                    "takes longer than 2 s to compile")  # fmt: skip
+    error = refused(
+        url,
+        {"prompt": "Hi", "response_format": json_schema(patterns(16, nested=True))},
+        400,
+        "takes longer than 2 s to compile",
+    )
     assert error["param"] == "response_format" and "a0" not in error["message"] and "$defs" not in error["message"]
     deadline = time.monotonic() + LIVE_S
     while len(pids := sandbox(srv).pids()) < sandbox(srv).workers:
@@ -177,8 +194,12 @@ def test_a_grammar_past_the_memory_cap_is_killed(tiny):
 
     grammars = GrammarSandbox(tiny.engine.grammars, memory_mb=48)
     with running_server(tiny, grammars=grammars) as (url, _):
-        error = refused(url, {"prompt": "Hi", "response_format": json_schema(patterns(13, nested=True))}, 400,
-                        "takes more than 48 MB to compile")  # fmt: skip
+        error = refused(
+            url,
+            {"prompt": "Hi", "response_format": json_schema(patterns(13, nested=True))},
+            400,
+            "takes more than 48 MB to compile",
+        )
     assert error["param"] == "response_format"
 
 
@@ -187,8 +208,9 @@ def test_concurrent_costly_grammars_leave_the_others_served(server):
     client for 86 s. Now they run in the sandbox (2 at a time, the rest 429 after a 1 s wait), and a
     plain client is served meanwhile."""
     url, _ = server
-    body = json.dumps({"model": MODEL, "prompt": "Hi", "max_tokens": 4,
-                       "response_format": json_schema(patterns(16, nested=True))}).encode()  # fmt: skip
+    body = json.dumps(
+        {"model": MODEL, "prompt": "Hi", "max_tokens": 4, "response_format": json_schema(patterns(16, nested=True))}
+    ).encode()
     answers: list[tuple[int, float]] = []
 
     def attack() -> None:
@@ -217,8 +239,13 @@ def test_a_huge_alternation_is_refused_before_it_is_queued(server):
     alternation = " | ".join(f'"w{i}"' for i in range(9000))
     counts = {"endpoint": "completions", "outcome": "rejected_400"}
     before = metric(httpx.get(f"{url}/metrics").text, "argen_requests_total", **counts)
-    error = refused(url, {"prompt": "Hi", "response_format": {"type": "grammar", "grammar": f"start: {alternation}"}},
-                    400, "response_format: the grammar is not valid", "max is 2000")  # fmt: skip
+    error = refused(
+        url,
+        {"prompt": "Hi", "response_format": {"type": "grammar", "grammar": f"start: {alternation}"}},
+        400,
+        "response_format: the grammar is not valid",
+        "max is 2000",
+    )
     assert error["param"] == "response_format" and "w1" not in error["message"]
     after = metric(httpx.get(f"{url}/metrics").text, "argen_requests_total", **counts)
     assert after - before == 1, "the request was queued (rejected_400 counts those refused before the queue)"
@@ -231,8 +258,11 @@ def test_a_grammar_limit_met_while_decoding_names_the_grammar(server, tiny):
     url, _ = server
     alternation = " | ".join(f'"w{i}"' for i in range(9000))
     b = tiny.tokenizer.encode("b", add_special_tokens=False)[0]
-    body = {"prompt": "Hi", "response_format": {"type": "grammar", "grammar": f'start: "a" | "b" x\nx: {alternation}'},
-            "logit_bias": {str(b): 100}}  # fmt: skip
+    body = {
+        "prompt": "Hi",
+        "response_format": {"type": "grammar", "grammar": f'start: "a" | "b" x\nx: {alternation}'},
+        "logit_bias": {str(b): 100},
+    }
     error = refused(url, body, 400, "response_format: the grammar went past a limit", "max is 2000")
     assert error["param"] == "response_format"
 
@@ -244,10 +274,16 @@ def test_a_long_scored_prompt_leaves_the_others_served(server):
     it is prefilled (its chunks are paced), and the long one completes."""
     url, _ = server
     long_done: list[httpx.Response] = []
-    body = {"model": MODEL, "prompt": [(7 * i) % 250 + 1 for i in range(2040)], "echo": True, "logprobs": 20,
-            "max_tokens": 1}  # fmt: skip
-    thread = threading.Thread(target=lambda: long_done.append(httpx.post(f"{url}/v1/completions", json=body,
-                                                                         timeout=120)))  # fmt: skip
+    body = {
+        "model": MODEL,
+        "prompt": [(7 * i) % 250 + 1 for i in range(2040)],
+        "echo": True,
+        "logprobs": 20,
+        "max_tokens": 1,
+    }
+    thread = threading.Thread(
+        target=lambda: long_done.append(httpx.post(f"{url}/v1/completions", json=body, timeout=120))
+    )
     thread.start()
     time.sleep(0.05)
     for _ in range(4):

@@ -71,11 +71,13 @@ def test_named_companions_work_and_match_the_python_api(server, tiny):
     url, _ = server
     for spec, source_spec in [
         ({"name": "draft-model", "draft": "small"}, {"name": "draft-model", "draft": "tiny-random@1"}),
-        ({"name": "guided", "guide_model": "g", "omega": 2.0}, {"name": "guided", "guide_model": "tiny-random@2",
-                                                                  "omega": 2.0}),
+        (
+            {"name": "guided", "guide_model": "g", "omega": 2.0},
+            {"name": "guided", "guide_model": "tiny-random@2", "omega": 2.0},
+        ),
         ({"name": "guided", "omega": 2.0}, {"name": "guided", "guide_model": "tiny-random@2", "omega": 2.0}),
         ({"name": "draft-model", "draft": MODEL}, {"name": "draft-model", "draft": tiny}),
-    ]:  # fmt: skip
+    ]:
         r = post(url, strategy(spec, max_tokens=12, return_token_ids=True))
         assert r.status_code == 200, r.text
         want = tiny.generate("Hello", chat=False, max_new_tokens=12, strategy=source_spec)
@@ -84,10 +86,25 @@ def test_named_companions_work_and_match_the_python_api(server, tiny):
 
 def companion_attempts(model_dir: Path) -> list[dict]:
     parent = str(model_dir.parent)
-    values = [str(model_dir), f"{parent}/./secret-model", f"{parent}//secret-model", "~/secret-model",
-              "/nonexistent/x.gguf", "default", "tiny-random@3", "tiny-random@1", "../secret-model", 5, None, ["small"]]
-    return ([{"name": "draft-model", "draft": v} for v in values] + [{"name": "draft-model"}]
-            + [{"name": "guided", "guide_model": v} for v in values])  # fmt: skip
+    values = [
+        str(model_dir),
+        f"{parent}/./secret-model",
+        f"{parent}//secret-model",
+        "~/secret-model",
+        "/nonexistent/x.gguf",
+        "default",
+        "tiny-random@3",
+        "tiny-random@1",
+        "../secret-model",
+        5,
+        None,
+        ["small"],
+    ]
+    return (
+        [{"name": "draft-model", "draft": v} for v in values]
+        + [{"name": "draft-model"}]
+        + [{"name": "guided", "guide_model": v} for v in values]
+    )
 
 
 def test_a_client_cannot_make_the_server_load_anything(server, model_dir):
@@ -98,8 +115,12 @@ def test_a_client_cannot_make_the_server_load_anything(server, model_dir):
     before = dict(loading._SHARED)
     for spec in companion_attempts(model_dir):
         started = time.perf_counter()
-        error = assert_error(post(url, strategy(spec)), 400, "must name one of this server's",
-                             "--draft-model" if spec["name"] == "draft-model" else "--guide-model")  # fmt: skip
+        error = assert_error(
+            post(url, strategy(spec)),
+            400,
+            "must name one of this server's",
+            "--draft-model" if spec["name"] == "draft-model" else "--guide-model",
+        )
         assert time.perf_counter() - started < 5, "the server did some work for it"
         message = error["message"]
         for secret in (str(model_dir.parent), "secret-model", HOME, "~", str(sources.cache_dir()), "gguf"):
@@ -109,19 +130,25 @@ def test_a_client_cannot_make_the_server_load_anything(server, model_dir):
 
 
 # -- bounded work ------------------------------------------------------------------------------
-@pytest.mark.parametrize("spec, words", [
-    ({"name": "ngram", "max_n": 10**7}, "option max_n of strategy 'ngram' is 10000000, but this server allows at most 8"),
-    ({"name": "beam", "num_beams": 2000}, "allows at most 8"),
-    ({"name": "beam", "num_beams": 10**6}, "num_beams"),
-    ({"name": "beam", "num_beams": 500000}, "num_beams"),
-    ({"name": "jacobi", "window": 10**9}, "option window of strategy 'jacobi'"),
-    ({"name": "draft-model", "draft": "small", "num_drafts": 24, "adaptive": False}, "num_drafts"),
-    ({"name": "jacobi", "window": 60, "candidates": 10, "adaptive": False}, "window"),
-    ({"name": "contrastive", "top_k": 5000}, "top_k"),
-    ({"name": "prompt-lookup", "max_ngram": 10**6}, "max_ngram"),
-    ({"name": "guided", "guide_model": "g", "positive_prefix": "p" * 100_000}, "positive_prefix"),
-    ({"name": "layer-skip", "skip_layers": [1] * 10_000}, "skip_layers"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "spec, words",
+    [
+        (
+            {"name": "ngram", "max_n": 10**7},
+            "option max_n of strategy 'ngram' is 10000000, but this server allows at most 8",
+        ),
+        ({"name": "beam", "num_beams": 2000}, "allows at most 8"),
+        ({"name": "beam", "num_beams": 10**6}, "num_beams"),
+        ({"name": "beam", "num_beams": 500000}, "num_beams"),
+        ({"name": "jacobi", "window": 10**9}, "option window of strategy 'jacobi'"),
+        ({"name": "draft-model", "draft": "small", "num_drafts": 24, "adaptive": False}, "num_drafts"),
+        ({"name": "jacobi", "window": 60, "candidates": 10, "adaptive": False}, "window"),
+        ({"name": "contrastive", "top_k": 5000}, "top_k"),
+        ({"name": "prompt-lookup", "max_ngram": 10**6}, "max_ngram"),
+        ({"name": "guided", "guide_model": "g", "positive_prefix": "p" * 100_000}, "positive_prefix"),
+        ({"name": "layer-skip", "skip_layers": [1] * 10_000}, "skip_layers"),
+    ],
+)
 def test_work_scaling_options_are_capped(server, spec, words):
     url, _ = server
     error = assert_error(post(url, strategy(spec)), 400, words, "this server allows at most")
@@ -134,11 +161,27 @@ def test_the_kv_overflow_reproductions_run_when_the_limits_allow_them():
     companions = Companions.load(gen, MODEL, ["small=tiny-random@1"])
     limits = Limits.parse(["num_drafts=24", "window=60", "candidates=10"])
     with running_server(gen, companions=companions, limits=limits) as (url, _):
-        r = post(url, {"prompt": "Once upon a time", "max_tokens": 64, "temperature": 0.8, "seed": 1,
-                       "strategy": {"name": "draft-model", "draft": "small", "num_drafts": 24, "adaptive": False}})  # fmt: skip
+        r = post(
+            url,
+            {
+                "prompt": "Once upon a time",
+                "max_tokens": 64,
+                "temperature": 0.8,
+                "seed": 1,
+                "strategy": {"name": "draft-model", "draft": "small", "num_drafts": 24, "adaptive": False},
+            },
+        )
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] > 0, r.text
-        r = post(url, {"prompt": "abc abc abc abc " * 20, "max_tokens": 200, "temperature": 0, "ignore_eos": True,
-                       "strategy": {"name": "jacobi", "window": 60, "candidates": 10, "adaptive": False}})  # fmt: skip
+        r = post(
+            url,
+            {
+                "prompt": "abc abc abc abc " * 20,
+                "max_tokens": 200,
+                "temperature": 0,
+                "ignore_eos": True,
+                "strategy": {"name": "jacobi", "window": 60, "candidates": 10, "adaptive": False},
+            },
+        )
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 200, r.text
 
 
@@ -158,7 +201,11 @@ def test_non_adaptive_jacobi_at_the_end_of_the_context_on_a_fresh_server():
 
 # -- 4xx, not 5xx, for bad input ---------------------------------------------------------------
 NAN_CASES = [
-    (b'"strategy": {"name": "guided", "guide_model": "g", "omega": NaN}', 400, "omega of strategy 'guided' must be a finite number"),
+    (
+        b'"strategy": {"name": "guided", "guide_model": "g", "omega": NaN}',
+        400,
+        "omega of strategy 'guided' must be a finite number",
+    ),
     (b'"strategy": {"name": "guided", "guide_model": "g", "omega": Infinity}', 400, "finite number"),
     (b'"strategy": {"name": "ngram", "explore": NaN}', 400, "explore of strategy 'ngram' must be a finite number"),
     (b'"strategy": {"name": "beam", "length_penalty": NaN}', 400, "length_penalty"),
@@ -171,7 +218,7 @@ NAN_CASES = [
     (b'"temperature": NaN', 422, "temperature: Input should be a finite number"),
     (b'"top_p": -Infinity', 422, "top_p"),
     (b'"min_p": NaN', 422, "min_p"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("field, status, words", NAN_CASES)
@@ -190,10 +237,22 @@ PRESS_CASES = [
     (b'"press": {"name": "kvmerger", "budget": NaN}', 400, "budget must be a finite number"),
     (b'"press": {"name": "kvmerger", "budget": Infinity}', 400, "budget must be a finite number"),
     (b'"press": {"name": "kvmerger", "budget": "0.5"}', 400, "budget must be a finite number"),
-    (b'"press": {"name": "pyramidkv", "budget": 0.5}', 400, "unknown press 'pyramidkv'; valid presses: gear, h2o, kv-quant"),
-    (b'"press": {"name": "snapkv", "window_size": 100000}', 400, "window_size must be a whole number of queries from 1 to 1024"),
+    (
+        b'"press": {"name": "pyramidkv", "budget": 0.5}',
+        400,
+        "unknown press 'pyramidkv'; valid presses: gear, h2o, kv-quant",
+    ),
+    (
+        b'"press": {"name": "snapkv", "window_size": 100000}',
+        400,
+        "window_size must be a whole number of queries from 1 to 1024",
+    ),
     (b'"press": {"name": "snapkv", "kernel": 9999}', 400, "kernel must be an odd whole number"),
-    (b'"press": {"name": "snapkv", "window_size": 1024}', 400, "option window_size of press 'snapkv' is 1024, but this server"),
+    (
+        b'"press": {"name": "snapkv", "window_size": 1024}',
+        400,
+        "option window_size of press 'snapkv' is 1024, but this server",
+    ),
     (b'"press": {"name": "prefix-kv", "heavy": "all"}', 400, "heavy must be a finite number"),
     (b'"press": {"name": "h2o", "heavy": -0.1}', 400, "heavy must be a finite number in [0, 1]"),
     (b'"press": {"name": "h2o", "per_head": "no"}', 400, "per_head must be true or false"),
@@ -212,7 +271,7 @@ PRESS_CASES = [
     (b'"press": {"budget": 0.5}', 422, "press"),
     (b'"press": 0.5', 422, "press"),
     (b'"press": ["kvmerger"]', 422, "press"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("field, status, words", PRESS_CASES)
@@ -233,11 +292,19 @@ def test_a_press_over_http_matches_the_python_api(server, tiny):
     assert r.json()["choices"][0]["token_ids"] == want.token_ids
 
 
-@pytest.mark.parametrize("fields, param", [
-    ({"stream": "yes"}, "stream"), ({"max_tokens": "8"}, "max_tokens"), ({"max_tokens": True}, "max_tokens"),
-    ({"prompt": [True, False]}, "prompt"), ({"ignore_eos": 1}, "ignore_eos"), ({"seed": "7"}, "seed"),
-    ({"temperature": "0.5"}, "temperature"), ({"stop": ["s"] * 33}, "stop"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "fields, param",
+    [
+        ({"stream": "yes"}, "stream"),
+        ({"max_tokens": "8"}, "max_tokens"),
+        ({"max_tokens": True}, "max_tokens"),
+        ({"prompt": [True, False]}, "prompt"),
+        ({"ignore_eos": 1}, "ignore_eos"),
+        ({"seed": "7"}, "seed"),
+        ({"temperature": "0.5"}, "temperature"),
+        ({"stop": ["s"] * 33}, "stop"),
+    ],
+)
 def test_strict_types(server, fields, param):
     url, _ = server
     error = assert_error(post(url, {"prompt": "Hi"} | fields), 422, "invalid request")
@@ -250,28 +317,44 @@ def test_a_json_integer_is_still_a_number(server):
     assert r.status_code == 200, r.text
 
 
-@pytest.mark.parametrize("body, path, param", [
-    ({"prompt": "a\ud800b"}, "completions", "prompt"),
-    ({"prompt": ["a\udfffb"]}, "completions", "prompt"),
-    ({"messages": [{"role": "user", "content": "a\ud800b"}]}, "chat/completions", "messages"),
-    ({"prompt": "ok", "stop": ["\ud800"]}, "completions", "stop"),
-    ({"prompt": "ok", "strategy": {"name": "guided", "guide_model": "g", "positive_prefix": "\udc00"}}, "completions", "strategy"),
-    ({"prompt": "ok", "strategy": {"name": "plain", "\ud800": 1}}, "completions", "strategy"),
-    ({"prompt": "ok", "user": "\ud800"}, "completions", "user"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "body, path, param",
+    [
+        ({"prompt": "a\ud800b"}, "completions", "prompt"),
+        ({"prompt": ["a\udfffb"]}, "completions", "prompt"),
+        ({"messages": [{"role": "user", "content": "a\ud800b"}]}, "chat/completions", "messages"),
+        ({"prompt": "ok", "stop": ["\ud800"]}, "completions", "stop"),
+        (
+            {"prompt": "ok", "strategy": {"name": "guided", "guide_model": "g", "positive_prefix": "\udc00"}},
+            "completions",
+            "strategy",
+        ),
+        ({"prompt": "ok", "strategy": {"name": "plain", "\ud800": 1}}, "completions", "strategy"),
+        ({"prompt": "ok", "user": "\ud800"}, "completions", "user"),
+    ],
+)
 def test_lone_surrogates_are_4xx(server, body, path, param):
     """A 400 naming the field; or a 422 where the schema's own string checks see it first."""
     url, _ = server
     r = post(url, body, path)
-    error = assert_error(r, 400, "not valid Unicode") if r.status_code == 400 else assert_error(
-        r, 422, "unable to parse raw data as a unicode string")  # fmt: skip
+    error = (
+        assert_error(r, 400, "not valid Unicode")
+        if r.status_code == 400
+        else assert_error(r, 422, "unable to parse raw data as a unicode string")
+    )
     assert error["param"] == param
 
 
 def test_other_500s_from_issue_13_are_400s(server):
     url, _ = server
-    assert_error(post(url, strategy({"name": "beam", "length_penalty": 1e308})), 400, "length_penalty must be a finite number in [-20, 20]")
-    assert_error(post(url, strategy({"name": "draft-model", "draft": 5})), 400, "must name one of this server's draft models")
+    assert_error(
+        post(url, strategy({"name": "beam", "length_penalty": 1e308})),
+        400,
+        "length_penalty must be a finite number in [-20, 20]",
+    )
+    assert_error(
+        post(url, strategy({"name": "draft-model", "draft": 5})), 400, "must name one of this server's draft models"
+    )
     assert_error(post(url, strategy({"name": "beam"}, temperature=0.7)), 400, "use temperature 0")
     long_prefix = {"name": "guided", "guide_model": "g", "positive_prefix": "p" * 1900}
     assert_error(post(url, strategy(long_prefix, max_tokens=200)), 400, "shorten positive_prefix")
@@ -280,29 +363,44 @@ def test_other_500s_from_issue_13_are_400s(server):
 def test_oversized_bodies_and_prompts_are_refused_cheaply(server):
     url, _ = server
     started = time.perf_counter()
-    error = assert_error(post(url, {"prompt": "x" * 20_000_000}), 413, "larger than this server's limit of 2097152 bytes")
+    error = assert_error(
+        post(url, {"prompt": "x" * 20_000_000}), 413, "larger than this server's limit of 2097152 bytes"
+    )
     assert error["code"] == "body_too_large" and time.perf_counter() - started < 10
-    for body, path in [({"prompt": "y" * 1_900_000}, "completions"),
-                       ({"messages": [{"role": "user", "content": "z" * 200_000}] * 9}, "chat/completions")]:  # fmt: skip
+    for body, path in [
+        ({"prompt": "y" * 1_900_000}, "completions"),
+        ({"messages": [{"role": "user", "content": "z" * 200_000}] * 9}, "chat/completions"),
+    ]:
         error = assert_error(post(url, body, path), 400, "more than any 2048-token context can hold")
         assert error["code"] == "context_length_exceeded"
     assert httpx.get(f"{url}/health").status_code == 200
 
 
-@pytest.mark.parametrize("body, path, status, param", [
-    ({"prompt": "Hi", "logprobs": -1}, "completions", 422, "logprobs"),
-    ({"prompt": "Hi", "logprobs": 10**30}, "completions", 422, "logprobs"),
-    ({"prompt": "Hi", "logprobs": 21}, "completions", 422, "logprobs"),
-    ({"prompt": "Hi", "logprobs": True}, "completions", 422, "logprobs"),
-    ({"prompt": "Hi", "echo": "yes"}, "completions", 422, "echo"),
-    ({"prompt": "Hi", "max_tokens": -1, "echo": True}, "completions", 422, "max_tokens"),
-    ({"messages": [{"role": "user", "content": "Hi"}], "logprobs": True, "top_logprobs": 10**9}, "chat/completions",
-     422, "top_logprobs"),
-    ({"messages": [{"role": "user", "content": "Hi"}], "logprobs": 1}, "chat/completions", 422, "logprobs"),
-    ({"messages": [{"role": "user", "content": "Hi"}], "logprobs": True, "top_logprobs": -1}, "chat/completions",
-     422, "top_logprobs"),
-    ({"prompt": "x" * 2100, "echo": True, "logprobs": 20, "max_tokens": 0}, "completions", 400, "prompt"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "body, path, status, param",
+    [
+        ({"prompt": "Hi", "logprobs": -1}, "completions", 422, "logprobs"),
+        ({"prompt": "Hi", "logprobs": 10**30}, "completions", 422, "logprobs"),
+        ({"prompt": "Hi", "logprobs": 21}, "completions", 422, "logprobs"),
+        ({"prompt": "Hi", "logprobs": True}, "completions", 422, "logprobs"),
+        ({"prompt": "Hi", "echo": "yes"}, "completions", 422, "echo"),
+        ({"prompt": "Hi", "max_tokens": -1, "echo": True}, "completions", 422, "max_tokens"),
+        (
+            {"messages": [{"role": "user", "content": "Hi"}], "logprobs": True, "top_logprobs": 10**9},
+            "chat/completions",
+            422,
+            "top_logprobs",
+        ),
+        ({"messages": [{"role": "user", "content": "Hi"}], "logprobs": 1}, "chat/completions", 422, "logprobs"),
+        (
+            {"messages": [{"role": "user", "content": "Hi"}], "logprobs": True, "top_logprobs": -1},
+            "chat/completions",
+            422,
+            "top_logprobs",
+        ),
+        ({"prompt": "x" * 2100, "echo": True, "logprobs": 20, "max_tokens": 0}, "completions", 400, "prompt"),
+    ],
+)
 def test_hostile_logprobs_requests_are_4xx(server, body, path, status, param):
     url, _ = server
     error = assert_error(post(url, body, path), status)
@@ -372,8 +470,9 @@ def hostile_requests(url: str) -> list[tuple[dict | bytes, str]]:
     ]
     cases += [(b'{"model": "tiny-random", "prompt": "Hi", ' + field + b"}", "completions") for field, _, _ in NAN_CASES]
     # Pre-encode: the client's own JSON encoding is not the server's time.
-    return [(json.dumps({"model": MODEL, "max_tokens": 8, **b}).encode() if isinstance(b, dict) else b, p)
-            for b, p in cases]  # fmt: skip
+    return [
+        (json.dumps({"model": MODEL, "max_tokens": 8, **b}).encode() if isinstance(b, dict) else b, p) for b, p in cases
+    ]
 
 
 def test_hostile_requests_do_not_stall_a_plain_one():
@@ -385,12 +484,28 @@ def test_hostile_requests_do_not_stall_a_plain_one():
     seconds."""
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(Path(argen.__file__).parents[1]), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "argen.cli", "serve", "--model", MODEL, "--port", str(port),
-                             "--draft-model", "small=tiny-random@1", "--log-level", "error"], env=env)  # fmt: skip
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "argen.cli",
+            "serve",
+            "--model",
+            MODEL,
+            "--port",
+            str(port),
+            "--draft-model",
+            "small=tiny-random@1",
+            "--log-level",
+            "error",
+        ],
+        env=env,
+    )
     url = f"http://127.0.0.1:{port}"
     headers = {"content-type": "application/json"}
-    plain = json.dumps({"model": MODEL, "prompt": "Hello there", "max_tokens": 16, "temperature": 0,
-                        "ignore_eos": True}).encode()  # fmt: skip
+    plain = json.dumps(
+        {"model": MODEL, "prompt": "Hello there", "max_tokens": 16, "temperature": 0, "ignore_eos": True}
+    ).encode()
     try:
         _wait_healthy(url, proc)
         statuses: list[int] = []
@@ -417,7 +532,10 @@ def test_hostile_requests_do_not_stall_a_plain_one():
                 thread.join(60)
         assert len(statuses) == len(busy) and all(400 <= s < 500 for s in statuses), sorted(set(statuses))
         assert {413, 400, 422} <= set(statuses)
-        assert statistics.median(busy) <= 2 * statistics.median(idle), (statistics.median(busy), statistics.median(idle))
+        assert statistics.median(busy) <= 2 * statistics.median(idle), (
+            statistics.median(busy),
+            statistics.median(idle),
+        )
     finally:
         proc.terminate()
         proc.wait(60)

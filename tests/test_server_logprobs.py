@@ -70,8 +70,15 @@ def test_echo_scores_the_prompt_as_lm_eval_asks(url, tiny):
 def test_chat_logprobs_in_openai_shape_through_the_client(url, tiny):
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=60)
     messages = [{"role": "user", "content": "Hi"}]
-    out = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0, logprobs=True,
-                                         top_logprobs=2, extra_body={"ignore_eos": True})  # fmt: skip
+    out = client.chat.completions.create(
+        model=MODEL,
+        messages=messages,
+        max_tokens=6,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+        extra_body={"ignore_eos": True},
+    )
     want = tiny.generate(messages, max_new_tokens=6, logprobs=2, ignore_eos=True)
     content = out.choices[0].logprobs.content
     assert [c.logprob for c in content] == pytest.approx([r.logprob for r in want.logprobs], abs=1e-4)
@@ -96,25 +103,58 @@ def test_streamed_chunks_carry_their_tokens_logprobs(url):
     first = echoed[0]["choices"][0]
     assert first["text"] == PROMPT and first["logprobs"]["token_logprobs"][0] is None
     assert echoed[1]["choices"][0]["logprobs"]["text_offset"][0] == len(PROMPT)
-    chat_body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5, "temperature": 0, "logprobs": True,
-                 "ignore_eos": True}  # fmt: skip
+    chat_body = {
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 5,
+        "temperature": 0,
+        "logprobs": True,
+        "ignore_eos": True,
+    }
     whole_chat = post(url, chat_body, "chat/completions").json()["choices"][0]["logprobs"]["content"]
-    streamed = [c for chunk in sse(url, chat_body, "chat/completions") if (lp := chunk["choices"][0].get("logprobs"))
-                for c in lp["content"]]  # fmt: skip
+    streamed = [
+        c
+        for chunk in sse(url, chat_body, "chat/completions")
+        if (lp := chunk["choices"][0].get("logprobs"))
+        for c in lp["content"]
+    ]
     assert streamed == whole_chat and len(streamed) == 5
 
 
-@pytest.mark.parametrize("path, body, param, words", [
-    ("completions", {"prompt": "hi", "max_tokens": 0}, "max_tokens", "0 is for scoring a prompt"),
-    ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "max_tokens",
-     "ask for at least 1"),
-    ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs",
-     "needs logprobs: true"),
-    ("completions", {"prompt": "hi", "logprobs": 1, "temperature": 0, "strategy": "beam"}, "strategy",
-     "does not report log-probs"),
-    ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "temperature": 0,
-                          "strategy": "contrastive"}, "strategy", "does not report log-probs"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "path, body, param, words",
+    [
+        ("completions", {"prompt": "hi", "max_tokens": 0}, "max_tokens", "0 is for scoring a prompt"),
+        (
+            "chat/completions",
+            {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0},
+            "max_tokens",
+            "ask for at least 1",
+        ),
+        (
+            "chat/completions",
+            {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2},
+            "top_logprobs",
+            "needs logprobs: true",
+        ),
+        (
+            "completions",
+            {"prompt": "hi", "logprobs": 1, "temperature": 0, "strategy": "beam"},
+            "strategy",
+            "does not report log-probs",
+        ),
+        (
+            "chat/completions",
+            {
+                "messages": [{"role": "user", "content": "hi"}],
+                "logprobs": True,
+                "temperature": 0,
+                "strategy": "contrastive",
+            },
+            "strategy",
+            "does not report log-probs",
+        ),
+    ],
+)
 def test_what_cannot_be_scored_is_a_400(url, path, body, param, words):
     r = post(url, body, path)
     error = r.json()["error"]

@@ -69,16 +69,51 @@ NAN_JSON = "application/vnd.argen-nan+json"  # FastAPI reads any +json body as J
 NON_FINITE = {"NaN": float("nan"), "Infinity": float("inf"), "-Infinity": float("-inf")}
 # A stand-in for a non-finite number, {"non-finite": "NaN"}: an object, so that hypothesis-jsonschema
 # cannot fold it into the string alternative (an enum of strings would be, and then rarely drawn).
-STAND_IN = {"type": "object", "required": ["non-finite"], "additionalProperties": False,
-            "properties": {"non-finite": {"enum": list(NON_FINITE)}}}  # fmt: skip
-SAMPLING_FIELDS = ["temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "max_tokens",
-                   "max_completion_tokens", "presence_penalty", "frequency_penalty", "n", "stream", "ignore_eos",
-                   "return_token_ids", "logprobs", "top_logprobs", "echo", "stop_token_ids", "min_tokens",
-                   "include_stop_str_in_output", "skip_special_tokens", "prompt_logprobs", "add_generation_prompt",
-                   "continue_final_message", "store", "service_tier"]  # fmt: skip
-ANY_VALUE = {"anyOf": [{"type": "integer"}, {"type": "number"}, {"type": "string", "maxLength": 20},
-                       {"type": "boolean"}, STAND_IN, {"type": "null"},
-                       {"type": "array", "items": {"type": "integer"}, "maxItems": 4}]}  # fmt: skip
+STAND_IN = {
+    "type": "object",
+    "required": ["non-finite"],
+    "additionalProperties": False,
+    "properties": {"non-finite": {"enum": list(NON_FINITE)}},
+}
+SAMPLING_FIELDS = [
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "seed",
+    "max_tokens",
+    "max_completion_tokens",
+    "presence_penalty",
+    "frequency_penalty",
+    "n",
+    "stream",
+    "ignore_eos",
+    "return_token_ids",
+    "logprobs",
+    "top_logprobs",
+    "echo",
+    "stop_token_ids",
+    "min_tokens",
+    "include_stop_str_in_output",
+    "skip_special_tokens",
+    "prompt_logprobs",
+    "add_generation_prompt",
+    "continue_final_message",
+    "store",
+    "service_tier",
+]
+ANY_VALUE = {
+    "anyOf": [
+        {"type": "integer"},
+        {"type": "number"},
+        {"type": "string", "maxLength": 20},
+        {"type": "boolean"},
+        STAND_IN,
+        {"type": "null"},
+        {"type": "array", "items": {"type": "integer"}, "maxItems": 4},
+    ]
+}
 COMPANIONS = {"enum": ["small", "g", "tiny-random", "default", "/etc/passwd", "~/x.gguf"]}
 
 
@@ -100,11 +135,19 @@ def widened(schema: dict, sampling: bool) -> dict:
     """The schema with strategy objects per strategy (every option of any JSON type, or NaN and
     Infinity) and, if `sampling`, the sampling fields open to strings and non-finite numbers."""
     schema = copy.deepcopy(schema)
-    strategies = [{"type": "object", "required": ["name"], "additionalProperties": False,
-                   "properties": {"name": {"const": name}} | {
-                       option: {"anyOf": [ANY_VALUE, COMPANIONS]} if option in cls.companion_options else ANY_VALUE
-                       for option in strategy_options(cls)}}
-                  for name, cls in REGISTRY.items()]  # fmt: skip
+    strategies = [
+        {
+            "type": "object",
+            "required": ["name"],
+            "additionalProperties": False,
+            "properties": {"name": {"const": name}}
+            | {
+                option: {"anyOf": [ANY_VALUE, COMPANIONS]} if option in cls.companion_options else ANY_VALUE
+                for option in strategy_options(cls)
+            },
+        }
+        for name, cls in REGISTRY.items()
+    ]
     for name in ("CompletionRequest", "ChatCompletionRequest"):
         properties = schema["components"]["schemas"][name]["properties"]
         if sampling:

@@ -17,13 +17,25 @@ from server_helpers import running_server
 from argen.server import protocol as p
 from argen.server.tools import ToolMode, calls_from_output
 
-WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
-                                            "unit": {"enum": ["C", "F"]}},
-           "required": ["city", "unit"], "additionalProperties": False}  # fmt: skip
-TIME = {"type": "object", "properties": {"zone": {"enum": ["UTC", "CET", "PST"]}}, "required": ["zone"],
-        "additionalProperties": False}  # fmt: skip
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city", "parameters": WEATHER}},
-         {"type": "function", "function": {"name": "get_time", "parameters": TIME}}]  # fmt: skip
+WEATHER = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "maxLength": 12}, "unit": {"enum": ["C", "F"]}},
+    "required": ["city", "unit"],
+    "additionalProperties": False,
+}
+TIME = {
+    "type": "object",
+    "properties": {"zone": {"enum": ["UTC", "CET", "PST"]}},
+    "required": ["zone"],
+    "additionalProperties": False,
+}
+TOOLS = [
+    {
+        "type": "function",
+        "function": {"name": "get_weather", "description": "Weather in a city", "parameters": WEATHER},
+    },
+    {"type": "function", "function": {"name": "get_time", "parameters": TIME}},
+]
 MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
@@ -37,8 +49,9 @@ def test_json_schema_output_validates(server):
     _, client, model = server
     fmt = {"type": "json_schema", "json_schema": {"name": "weather", "schema": WEATHER}}
     for seed in range(3):
-        out = client.chat.completions.create(model=model, messages=MESSAGES, response_format=fmt, max_tokens=80,
-                                             temperature=1.0, seed=seed)  # fmt: skip
+        out = client.chat.completions.create(
+            model=model, messages=MESSAGES, response_format=fmt, max_tokens=80, temperature=1.0, seed=seed
+        )
         choice = out.choices[0]
         assert choice.finish_reason == "stop"
         jsonschema.validate(json.loads(choice.message.content), WEATHER)
@@ -46,15 +59,24 @@ def test_json_schema_output_validates(server):
 
 def test_regex_extension_on_completions(server):
     _, client, model = server
-    out = client.completions.create(model=model, prompt="Call me at", max_tokens=20,
-                                    extra_body={"response_format": {"type": "regex", "regex": r"\d{3}-\d{4}"}})  # fmt: skip
+    out = client.completions.create(
+        model=model,
+        prompt="Call me at",
+        max_tokens=20,
+        extra_body={"response_format": {"type": "regex", "regex": r"\d{3}-\d{4}"}},
+    )
     assert re.fullmatch(r"\d{3}-\d{4}", out.choices[0].text)
 
 
 def test_named_tool_choice_gives_a_valid_call(server):
     _, client, model = server
-    out = client.chat.completions.create(model=model, messages=MESSAGES, tools=TOOLS, max_tokens=80,
-                                         tool_choice={"type": "function", "function": {"name": "get_weather"}})  # fmt: skip
+    out = client.chat.completions.create(
+        model=model,
+        messages=MESSAGES,
+        tools=TOOLS,
+        max_tokens=80,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+    )
     choice = out.choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.content is None
     (call,) = choice.message.tool_calls
@@ -65,8 +87,15 @@ def test_named_tool_choice_gives_a_valid_call(server):
 def test_required_tool_choice_calls_one_of_the_tools(server):
     _, client, model = server
     for seed in range(3):
-        out = client.chat.completions.create(model=model, messages=MESSAGES, tools=TOOLS, tool_choice="required",
-                                             max_tokens=100, temperature=1.0, seed=seed)  # fmt: skip
+        out = client.chat.completions.create(
+            model=model,
+            messages=MESSAGES,
+            tools=TOOLS,
+            tool_choice="required",
+            max_tokens=100,
+            temperature=1.0,
+            seed=seed,
+        )
         (call,) = out.choices[0].message.tool_calls
         schema = {"get_weather": WEATHER, "get_time": TIME}[call.function.name]
         jsonschema.validate(json.loads(call.function.arguments), schema)
@@ -74,8 +103,14 @@ def test_required_tool_choice_calls_one_of_the_tools(server):
 
 def test_streamed_tool_call(server):
     _, client, model = server
-    stream = client.chat.completions.create(model=model, messages=MESSAGES, tools=TOOLS, stream=True, max_tokens=80,
-                                            tool_choice={"type": "function", "function": {"name": "get_time"}})  # fmt: skip
+    stream = client.chat.completions.create(
+        model=model,
+        messages=MESSAGES,
+        tools=TOOLS,
+        stream=True,
+        max_tokens=80,
+        tool_choice={"type": "function", "function": {"name": "get_time"}},
+    )
     calls, finish = [], None
     for chunk in stream:
         for choice in chunk.choices:
@@ -87,23 +122,41 @@ def test_streamed_tool_call(server):
 
 def test_the_tools_reach_the_prompt_and_a_tool_result_can_be_sent_back(server):
     _, client, model = server
-    first = client.chat.completions.create(model=model, messages=MESSAGES, tools=TOOLS, max_tokens=60,
-                                           tool_choice={"type": "function", "function": {"name": "get_weather"}})  # fmt: skip
+    first = client.chat.completions.create(
+        model=model,
+        messages=MESSAGES,
+        tools=TOOLS,
+        max_tokens=60,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+    )
     call = first.choices[0].message.tool_calls[0]
-    history = MESSAGES + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
-                          {"role": "tool", "tool_call_id": call.id, "content": '{"temp": 21}'}]  # fmt: skip
-    out = client.chat.completions.create(model=model, messages=history, tools=TOOLS, max_tokens=8, extra_body={"return_token_ids": True})
+    history = MESSAGES + [
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": '{"temp": 21}'},
+    ]
+    out = client.chat.completions.create(
+        model=model, messages=history, tools=TOOLS, max_tokens=8, extra_body={"return_token_ids": True}
+    )
     assert out.choices[0].finish_reason in ("stop", "length")
 
 
-@pytest.mark.parametrize("text, want", [
-    ('<tool_call>{"name": "get_time", "arguments": {"zone": "UTC"}}</tool_call>', (None, [("get_time", {"zone": "UTC"})])),
-    ('Sure. <tool_call>{"name": "get_time", "arguments": {}}</tool_call>', ("Sure.", [("get_time", {})])),
-    ('{"name": "get_weather", "arguments": {"city": "Oslo"}}', (None, [("get_weather", {"city": "Oslo"})])),
-    ('<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>', ('<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>', [])),
-    ("Just text.", ("Just text.", [])),
-    ("<tool_call>{not json}</tool_call>", ("<tool_call>{not json}</tool_call>", [])),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "text, want",
+    [
+        (
+            '<tool_call>{"name": "get_time", "arguments": {"zone": "UTC"}}</tool_call>',
+            (None, [("get_time", {"zone": "UTC"})]),
+        ),
+        ('Sure. <tool_call>{"name": "get_time", "arguments": {}}</tool_call>', ("Sure.", [("get_time", {})])),
+        ('{"name": "get_weather", "arguments": {"city": "Oslo"}}', (None, [("get_weather", {"city": "Oslo"})])),
+        (
+            '<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>',
+            ('<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>', []),
+        ),
+        ("Just text.", ("Just text.", [])),
+        ("<tool_call>{not json}</tool_call>", ("<tool_call>{not json}</tool_call>", [])),
+    ],
+)
 def test_auto_mode_parses_calls_only_to_the_given_tools(text, want):
     content, calls = calls_from_output(text, ToolMode(("get_time", "get_weather")))
     assert (content, [(c.function.name, json.loads(c.function.arguments)) for c in calls]) == want
@@ -113,23 +166,53 @@ def post(url: str, body: dict) -> httpx.Response:
     return httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
 
 
-@pytest.mark.parametrize("extra, status, param", [
-    ({"response_format": {"type": "grammar", "grammar": "start: ("}}, 400, "response_format"),
-    ({"response_format": {"type": "regex", "regex": "a" * 100_001}}, 400, "response_format"),
-    ({"response_format": {"type": "regex"}}, 400, "response_format"),
-    ({"response_format": {"type": "yaml"}}, 422, None),
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "../../etc", "schema": {}}}}, 422, None),
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "minProperties": "x"}}}}, 400, "response_format"),
-    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "rm"}}}, 400, "tool_choice"),
-    ({"tool_choice": "required"}, 400, "tool_choice"),
-    ({"tools": TOOLS + TOOLS[:1]}, 400, "tools"),
-    ({"tools": [TOOLS[0]] * 129}, 422, None),
-    ({"tools": [{"type": "function", "function": {"name": "a b"}}]}, 422, None),
-    ({"tools": [{"type": "code_interpreter"}]}, 422, None),
-    ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, 400, "response_format"),
-    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"a": {"pattern": "(" * 50}}}}}],
-      "tool_choice": "required"}, 400, "response_format"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "extra, status, param",
+    [
+        ({"response_format": {"type": "grammar", "grammar": "start: ("}}, 400, "response_format"),
+        ({"response_format": {"type": "regex", "regex": "a" * 100_001}}, 400, "response_format"),
+        ({"response_format": {"type": "regex"}}, 400, "response_format"),
+        ({"response_format": {"type": "yaml"}}, 422, None),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "../../etc", "schema": {}}}}, 422, None),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {"type": "object", "minProperties": "x"}},
+                }
+            },
+            400,
+            "response_format",
+        ),
+        ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "rm"}}}, 400, "tool_choice"),
+        ({"tool_choice": "required"}, 400, "tool_choice"),
+        ({"tools": TOOLS + TOOLS[:1]}, 400, "tools"),
+        ({"tools": [TOOLS[0]] * 129}, 422, None),
+        ({"tools": [{"type": "function", "function": {"name": "a b"}}]}, 422, None),
+        ({"tools": [{"type": "code_interpreter"}]}, 422, None),
+        (
+            {"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}},
+            400,
+            "response_format",
+        ),
+        (
+            {
+                "tools": [
+                    {
+                        "type": "function",
+                        "function": {
+                            "name": "f",
+                            "parameters": {"type": "object", "properties": {"a": {"pattern": "(" * 50}}},
+                        },
+                    }
+                ],
+                "tool_choice": "required",
+            },
+            400,
+            "response_format",
+        ),
+    ],
+)
 def test_bad_formats_and_tools_are_4xx_and_the_server_goes_on(server, extra, status, param):
     url, client, model = server
     response = post(url, {"model": model, "messages": MESSAGES, "max_tokens": 8} | extra)

@@ -23,7 +23,9 @@ def float64_twin(gen) -> SimpleNamespace:
     """The same weights in a float64 native runtime: there float rounding is far below any tolerance, so a
     layout that is not canonicalised must agree to ~1e-12, which only the mask can make true."""
     hf = gen.model.hf_model
-    return SimpleNamespace(runtime=LlamaRuntime(hf.config, hf.state_dict(), dtype=torch.float64), tokenizer=gen.tokenizer)
+    return SimpleNamespace(
+        runtime=LlamaRuntime(hf.config, hf.state_dict(), dtype=torch.float64), tokenizer=gen.tokenizer
+    )
 
 
 def layouts(gen, members, canonical: bool, chat: bool = True):
@@ -34,8 +36,9 @@ def test_layout_positions_and_mask(tiny):
     sp = SetPrompt(prefix="ab", members=["xyz", "q"], suffix="!")
     lay = set_prompt_layout(tiny.tokenizer, sp, chat=False)
     # canonical order sorts the members by their ids: "q" < "xyz" in the byte tokenizer
-    assert lay.ids == tiny.encode("ab", chat=False) + tiny.encode("q", chat=False) + tiny.encode("xyz", chat=False) + \
-        tiny.encode("!", chat=False)
+    assert lay.ids == tiny.encode("ab", chat=False) + tiny.encode("q", chat=False) + tiny.encode(
+        "xyz", chat=False
+    ) + tiny.encode("!", chat=False)
     assert lay.positions == [0, 1, 2, 2, 3, 4, 5]
     m = lay.mask
     assert m[2, :3].tolist() == [True, True, True] and not m[3:6, 2].any()  # "q" is invisible to "xyz"
@@ -52,18 +55,27 @@ def test_order_independent_on_tiny(tiny, chat):
     twin = float64_twin(tiny)
     check_order_independent(twin.runtime, layouts(tiny, MEMBERS, canonical=False, chat=chat), atol=1e-9)
     # The same members as plain text do depend on their order: the mask is what removes it.
-    plain = [tiny.encode("Here is a list:" + "".join(p) + " Which is the sweetest?")
-             for p in itertools.permutations(MEMBERS)]
-    logits = [next_logits(tiny.runtime, argen.setprompt.PromptLayout(ids, list(range(len(ids))),
-                                                            torch.ones(len(ids), len(ids), dtype=torch.bool).tril()))
-              for ids in plain]  # fmt: skip
+    plain = [
+        tiny.encode("Here is a list:" + "".join(p) + " Which is the sweetest?") for p in itertools.permutations(MEMBERS)
+    ]
+    logits = [
+        next_logits(
+            tiny.runtime,
+            argen.setprompt.PromptLayout(
+                ids, list(range(len(ids))), torch.ones(len(ids), len(ids), dtype=torch.bool).tril()
+            ),
+        )
+        for ids in plain
+    ]
     assert not all(torch.allclose(logits[0], x, atol=1e-3) for x in logits)
 
 
 def test_generation_is_order_independent(tiny, tiny_gpt2):
     for gen in (tiny, tiny_gpt2):
-        outs = [gen.generate(SetPrompt("Fruit:", list(p), " Pick one."), max_new_tokens=12, temperature=0.9, seed=3)
-                for p in itertools.permutations(MEMBERS)]  # fmt: skip
+        outs = [
+            gen.generate(SetPrompt("Fruit:", list(p), " Pick one."), max_new_tokens=12, temperature=0.9, seed=3)
+            for p in itertools.permutations(MEMBERS)
+        ]
         assert all(o.token_ids == outs[0].token_ids for o in outs)
         assert outs[0].prompt_ids == gen.encode(SetPrompt("Fruit:", MEMBERS, " Pick one."))
 
@@ -89,8 +101,17 @@ def test_json_forms(tmp_path, tiny):
     assert len(batch) == 2
 
 
-@pytest.mark.parametrize("bad", ['{"set_prompt": {"members": []}}', '{"members": ["a", ""]}', '{"members": "ab"}',
-                                 '{"prefix": "x", "members": ["a"], "extra": 1}', "{not json", "/no/such/file.json"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        '{"set_prompt": {"members": []}}',
+        '{"members": ["a", ""]}',
+        '{"members": "ab"}',
+        '{"prefix": "x", "members": ["a"], "extra": 1}',
+        "{not json",
+        "/no/such/file.json",
+    ],
+)
 def test_bad_json(bad):
     with pytest.raises(InvalidRequestError):
         SetPrompt.from_json(bad)
@@ -131,11 +152,20 @@ def test_identical_logits_for_every_permutation_on_the_default_model(real):
     check_order_independent(twin.runtime, loose64, atol=1e-5)
     assert (next_logits(twin.runtime, loose64[0]) - exact[0].double()).abs().max().item() <= 1e-3
     # Plain concatenation of the same members is order dependent: the mask is what removes the order.
-    concat = [next_logits(twin.runtime, argen.setprompt.PromptLayout(ids, list(range(len(ids))),
-                                                             torch.ones(len(ids), len(ids), dtype=torch.bool).tril()))
-              for ids in (real.encode("Here is a list:" + " ".join(p) + " Which is the sweetest?")
-                          for p in (members, members[::-1]))]  # fmt: skip
+    concat = [
+        next_logits(
+            twin.runtime,
+            argen.setprompt.PromptLayout(
+                ids, list(range(len(ids))), torch.ones(len(ids), len(ids), dtype=torch.bool).tril()
+            ),
+        )
+        for ids in (
+            real.encode("Here is a list:" + " ".join(p) + " Which is the sweetest?") for p in (members, members[::-1])
+        )
+    ]
     assert (concat[0] - concat[1]).abs().max().item() > 1e-2
-    outs = {tuple(real.generate(SetPrompt("Facts:", list(p), " Which fact is about food?"),
-                                max_new_tokens=12).token_ids) for p in itertools.permutations(members)}  # fmt: skip
+    outs = {
+        tuple(real.generate(SetPrompt("Facts:", list(p), " Which fact is about food?"), max_new_tokens=12).token_ids)
+        for p in itertools.permutations(members)
+    }
     assert len(outs) == 1

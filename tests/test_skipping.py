@@ -70,14 +70,17 @@ def test_skip_decode_invariant_raises_on_a_rising_schedule(tiny):
         _run(tiny, _Rising(min_layers=1), PROMPTS[:1], n=8)
 
 
-@pytest.mark.parametrize("options, message", [
-    ({"min_layers": 3, "max_layers": 2}, "must not exceed max_layers"),
-    ({"levels": 1}, "levels must be"),
-    ({"levels": 10**9}, "levels must be"),
-    ({"decay_tokens": 0}, "decay_tokens must be"),
-    ({"min_layers": 2.5}, "min_layers must be"),
-    ({"min_layers": True}, "min_layers must be"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"min_layers": 3, "max_layers": 2}, "must not exceed max_layers"),
+        ({"levels": 1}, "levels must be"),
+        ({"levels": 10**9}, "levels must be"),
+        ({"decay_tokens": 0}, "decay_tokens must be"),
+        ({"min_layers": 2.5}, "min_layers must be"),
+        ({"min_layers": True}, "min_layers must be"),
+    ],
+)
 def test_skip_decode_options_are_checked(options, message):
     with pytest.raises(InvalidRequestError, match=message):
         make_strategy({"name": "skip-decode", **options})
@@ -123,12 +126,15 @@ def test_ffn_skip_choice_respects_threshold_and_cap():
     assert FFNSkip(threshold=0.999).choose(cos, 4) is None
 
 
-@pytest.mark.parametrize("options, message", [
-    ({"threshold": float("nan")}, "finite number"),
-    ({"measure_tokens": 0}, "measure_tokens must be"),
-    ({"measure_tokens": 10**6}, "measure_tokens must be"),
-    ({"max_skip": 1.5}, "max_skip"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"threshold": float("nan")}, "finite number"),
+        ({"measure_tokens": 0}, "measure_tokens must be"),
+        ({"measure_tokens": 10**6}, "measure_tokens must be"),
+        ({"max_skip": 1.5}, "max_skip"),
+    ],
+)
 def test_ffn_skip_options_are_checked(options, message):
     with pytest.raises(InvalidRequestError, match=message):
         make_strategy({"name": "ffn-skip", **options})
@@ -142,9 +148,10 @@ def test_runtime_ffn_cos_statistic(tiny):
     caches = [runtime.new_cache(1, 32) for _ in range(3)]
     try:
         alone = runtime.forward_packed([Segment(caches[0], [5, 6, 7], [0, 1, 2], None, 1, True)])[0]
-        both = runtime.forward_packed([Segment(caches[1], [5, 6, 7], [0, 1, 2], None, 1, True),
-                                       Segment(caches[2], [9, 9], [0, 1], None, 1)],
-                                      Plan.skipping(runtime.info.n_layers, ffn_only=[2]))  # fmt: skip
+        both = runtime.forward_packed(
+            [Segment(caches[1], [5, 6, 7], [0, 1, 2], None, 1, True), Segment(caches[2], [9, 9], [0, 1], None, 1)],
+            Plan.skipping(runtime.info.n_layers, ffn_only=[2]),
+        )
         assert alone.ffn_cos.shape == (3, runtime.info.n_layers) and both[1].ffn_cos is None
         assert torch.allclose(alone.ffn_cos[:, :2], both[0].ffn_cos[:, :2], atol=1e-5)
         assert (both[0].ffn_cos[:, 2] == 1).all() and (alone.ffn_cos[:, 2] < 1).all()
@@ -191,15 +198,38 @@ def test_drift_bench_runs_on_the_tiny_model(tmp_path, monkeypatch):
     from benchmarks.__main__ import main
 
     questions = tmp_path / "q.jsonl"
-    rows = [("summarization", "Summarize: Alice Smith met Bob Jones in Paris in 2019. They founded Acme in Oslo."),
-            ("rag", "Context: The Nile is 6650 km long. Question: how long is the Nile?")]  # fmt: skip
-    questions.write_text("".join(json.dumps({"question_id": i, "category": c, "turns": [p]}) + "\n"
-                                 for i, (c, p) in enumerate(rows)))  # fmt: skip
+    rows = [
+        ("summarization", "Summarize: Alice Smith met Bob Jones in Paris in 2019. They founded Acme in Oslo."),
+        ("rag", "Context: The Nile is 6650 km long. Question: how long is the Nile?"),
+    ]
+    questions.write_text(
+        "".join(json.dumps({"question_id": i, "category": c, "turns": [p]}) + "\n" for i, (c, p) in enumerate(rows))
+    )
     out = tmp_path / "out"
-    code = main(["drift", "--model", "tiny-random", "--questions", str(questions), "--limit", "1",
-                 "--long-lengths", "60", "--max-new-tokens", "8", "--ignore-eos", "--config", "ffn-skip:threshold=0.5",
-                 "--config", '{"method": "skip-decode", "setting": "1 layer", "strategy": {"name": "skip-decode", '
-                 '"min_layers": 1, "decay_tokens": 1}}', "--out", str(out), "--allow-dirty"])  # fmt: skip
+    code = main(
+        [
+            "drift",
+            "--model",
+            "tiny-random",
+            "--questions",
+            str(questions),
+            "--limit",
+            "1",
+            "--long-lengths",
+            "60",
+            "--max-new-tokens",
+            "8",
+            "--ignore-eos",
+            "--config",
+            "ffn-skip:threshold=0.5",
+            "--config",
+            '{"method": "skip-decode", "setting": "1 layer", "strategy": {"name": "skip-decode", '
+            '"min_layers": 1, "decay_tokens": 1}}',
+            "--out",
+            str(out),
+            "--allow-dirty",
+        ]
+    )
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     assert {r["category"] for r in results["records"]} == {"summarization", "rag", "long-context"}
@@ -217,10 +247,12 @@ def test_real_model_skipping_runs_on_the_fused_path(real):
     measuring passes through torch's, on real weights: both run, skip, and keep the first tokens."""
     prompts = ["What is the capital of France?"]
     plain = real.generate(prompts, max_new_tokens=6, temperature=0)
-    skip = real.generate(prompts, strategy={"name": "skip-decode", "min_layers": 24, "decay_tokens": 6},
-                         max_new_tokens=6, temperature=0)  # fmt: skip
-    ffn = real.generate(prompts, strategy={"name": "ffn-skip", "threshold": 0.97, "measure_tokens": 2},
-                        max_new_tokens=6, temperature=0)  # fmt: skip
+    skip = real.generate(
+        prompts, strategy={"name": "skip-decode", "min_layers": 24, "decay_tokens": 6}, max_new_tokens=6, temperature=0
+    )
+    ffn = real.generate(
+        prompts, strategy={"name": "ffn-skip", "threshold": 0.97, "measure_tokens": 2}, max_new_tokens=6, temperature=0
+    )
     for p, s, f in zip(plain, skip, ffn):
         assert s.extras["skip_decode"]["mean_layers"] < 30 and f.extras["ffn_skip"]["skipped_ffn_blocks"] > 0
         assert s.token_ids[:2] == p.token_ids[:2] and f.token_ids[:2] == p.token_ids[:2]

@@ -84,8 +84,12 @@ def test_snapkv_keeps_each_heads_pooled_best_and_the_window(tiny):
 
 def test_snapkv_on_the_engine_differs_from_h2o_and_forks_its_window(tiny):
     prompt = [(11 * i) % 251 + 3 for i in range(300)]
-    outs = {name: tiny.generate(prompt, max_new_tokens=20, press={"name": name, "budget": 0.3, "chunk": 0},
-                                **GREEDY).token_ids for name in ("snapkv", "h2o")}  # fmt: skip
+    outs = {
+        name: tiny.generate(
+            prompt, max_new_tokens=20, press={"name": name, "budget": 0.3, "chunk": 0}, **GREEDY
+        ).token_ids
+        for name in ("snapkv", "h2o")
+    }
     assert outs["snapkv"] != outs["h2o"]
     results = tiny.generate(prompt, n=2, max_new_tokens=16, temperature=0.8, seed=4, press="snapkv")
     again = tiny.generate(prompt, max_new_tokens=16, temperature=0.8, seed=results[1].seed, press="snapkv")

@@ -46,8 +46,13 @@ def test_speculative_sampling_reproduces_plain_sampling_for_the_same_seed(tiny):
     exact distributions are in test_distribution.py."""
     accepted = rejected = 0
     for seed in range(12):
-        params = dict(max_new_tokens=30, temperature=(1.0, 0.7, 1.4)[seed % 3], top_k=(0, 40)[seed % 2],
-                      top_p=(1.0, 0.9)[seed // 6], seed=seed)  # fmt: skip
+        params = dict(
+            max_new_tokens=30,
+            temperature=(1.0, 0.7, 1.4)[seed % 3],
+            top_k=(0, 40)[seed % 2],
+            top_p=(1.0, 0.9)[seed // 6],
+            seed=seed,
+        )
         plain = tiny.generate("Sample", **params)
         out = tiny.generate("Sample", strategy=Oracle(plain.token_ids, tree=True), **params)
         assert out.token_ids == plain.token_ids, params

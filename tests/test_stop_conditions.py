@@ -42,8 +42,9 @@ def test_stop_token_ids_end_the_output_at_the_token_which_stays_in_the_ids_but_n
     out = tiny.generate(PROMPT, chat=False, max_new_tokens=24, ignore_eos=True, stop_token_ids=[stop])
     assert out.token_ids == plain.token_ids[: i + 1] and out.finish_reason == "stop"
     assert out.text == tiny.tokenizer.decode(plain.token_ids[:i], skip_special_tokens=True)
-    kept = tiny.generate(PROMPT, chat=False, max_new_tokens=24, ignore_eos=True, stop_token_ids=[stop],
-                         include_stop_str_in_output=True)  # fmt: skip
+    kept = tiny.generate(
+        PROMPT, chat=False, max_new_tokens=24, ignore_eos=True, stop_token_ids=[stop], include_stop_str_in_output=True
+    )
     assert kept.token_ids == out.token_ids and kept.text == out.text + tiny.tokenizer.decode([stop])
     assert streamed(tiny, max_new_tokens=24, ignore_eos=True, stop_token_ids=[stop]) == (out.text, out.token_ids)
 
@@ -52,11 +53,14 @@ def test_include_stop_str_in_output_keeps_the_stop_string(tiny, plain):
     i = printable_index(tiny, plain.token_ids)
     stop = tiny.tokenizer.decode([plain.token_ids[i]])
     cut = tiny.generate(PROMPT, chat=False, max_new_tokens=24, ignore_eos=True, stop=[stop])
-    kept = tiny.generate(PROMPT, chat=False, max_new_tokens=24, ignore_eos=True, stop=[stop],
-                         include_stop_str_in_output=True)  # fmt: skip
+    kept = tiny.generate(
+        PROMPT, chat=False, max_new_tokens=24, ignore_eos=True, stop=[stop], include_stop_str_in_output=True
+    )
     assert kept.text == cut.text + stop and kept.token_ids == cut.token_ids and kept.finish_reason == "stop"
     assert streamed(tiny, max_new_tokens=24, ignore_eos=True, stop=[stop], include_stop_str_in_output=True) == (
-        kept.text, kept.token_ids)
+        kept.text,
+        kept.token_ids,
+    )
 
 
 def test_min_tokens_bans_eos_and_stop_token_ids_until_that_many_tokens(tiny):
@@ -67,8 +71,9 @@ def test_min_tokens_bans_eos_and_stop_token_ids_until_that_many_tokens(tiny):
     out = tiny.generate(PROMPT, chat=False, max_new_tokens=8, logit_bias=bias, min_tokens=3)
     assert len(out.token_ids) == 4 and out.token_ids[-1] == EOS and EOS not in out.token_ids[:3]
     assert out.finish_reason == "stop"
-    stopper = tiny.generate(PROMPT, chat=False, max_new_tokens=8, logit_bias={77: 100}, stop_token_ids=[77],
-                            min_tokens=2, ignore_eos=True)  # fmt: skip
+    stopper = tiny.generate(
+        PROMPT, chat=False, max_new_tokens=8, logit_bias={77: 100}, stop_token_ids=[77], min_tokens=2, ignore_eos=True
+    )
     assert len(stopper.token_ids) == 3 and stopper.token_ids[-1] == 77 and 77 not in stopper.token_ids[:2]
     assert streamed(tiny, max_new_tokens=8, logit_bias=bias, min_tokens=3) == (out.text, out.token_ids)
 
@@ -97,18 +102,31 @@ def test_skip_special_tokens_false_shows_them_in_the_text(tiny):
     # EOS ends the output: its text is left out unless include_stop_str_in_output, as vLLM does
     ended = tiny.generate(PROMPT, chat=False, max_new_tokens=3, logit_bias={EOS: 100}, skip_special_tokens=False)
     assert ended.token_ids == [EOS] and ended.text == ""
-    kept = tiny.generate(PROMPT, chat=False, max_new_tokens=3, logit_bias={EOS: 100}, skip_special_tokens=False,
-                         include_stop_str_in_output=True)  # fmt: skip
+    kept = tiny.generate(
+        PROMPT,
+        chat=False,
+        max_new_tokens=3,
+        logit_bias={EOS: 100},
+        skip_special_tokens=False,
+        include_stop_str_in_output=True,
+    )
     assert kept.text == "<|im_end|>"
 
 
-@pytest.mark.parametrize("bad, words", [
-    ({"min_tokens": 5, "max_new_tokens": 4}, "min_tokens"), ({"min_tokens": -1}, "min_tokens"),
-    ({"min_tokens": 1.5}, "min_tokens"), ({"stop_token_ids": [-1]}, "stop_token_ids"),
-    ({"stop_token_ids": [True]}, "stop_token_ids"), ({"stop_token_ids": 5}, "stop_token_ids"),
-    ({"min_tokens": 2, "response_format": {"type": "json_object"}}, "min_tokens cannot"),
-    ({"skip_special_tokens": "no"}, "skip_special_tokens"), ({"include_stop_str_in_output": 1}, "include_stop"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "bad, words",
+    [
+        ({"min_tokens": 5, "max_new_tokens": 4}, "min_tokens"),
+        ({"min_tokens": -1}, "min_tokens"),
+        ({"min_tokens": 1.5}, "min_tokens"),
+        ({"stop_token_ids": [-1]}, "stop_token_ids"),
+        ({"stop_token_ids": [True]}, "stop_token_ids"),
+        ({"stop_token_ids": 5}, "stop_token_ids"),
+        ({"min_tokens": 2, "response_format": {"type": "json_object"}}, "min_tokens cannot"),
+        ({"skip_special_tokens": "no"}, "skip_special_tokens"),
+        ({"include_stop_str_in_output": 1}, "include_stop"),
+    ],
+)
 def test_bad_values_are_refused_with_a_reason(bad, words):
     with pytest.raises(InvalidRequestError, match=words):
         SamplingParams(**bad)

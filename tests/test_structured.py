@@ -74,25 +74,37 @@ class ForbiddenDrafts(Speculative):
 def test_a_draft_the_grammar_forbids_is_rejected(tiny):
     fmt = {"type": "regex", "regex": "[0-9]{12}"}
     plain = tiny.generate("x", max_new_tokens=12, response_format=fmt, ignore_eos=True)
-    out = tiny.generate("x", max_new_tokens=12, response_format=fmt, ignore_eos=True,
-                        strategy=ForbiddenDrafts(tiny.tokenizer.convert_tokens_to_ids("z")))  # fmt: skip
+    out = tiny.generate(
+        "x",
+        max_new_tokens=12,
+        response_format=fmt,
+        ignore_eos=True,
+        strategy=ForbiddenDrafts(tiny.tokenizer.convert_tokens_to_ids("z")),
+    )
     assert out.token_ids == plain.token_ids and re.fullmatch("[0-9]{12}", out.text)
     assert out.stats.draft_tokens_proposed > 0 and out.stats.draft_tokens_accepted == 0
 
 
 def test_beam_search_masks_every_beam(tiny):
-    out = tiny.generate("hi", max_new_tokens=16, strategy={"name": "beam", "num_beams": 4},
-                        response_format={"type": "regex", "regex": "(cat|dog|bird)( (cat|dog|bird)){0,3}"})  # fmt: skip
+    out = tiny.generate(
+        "hi",
+        max_new_tokens=16,
+        strategy={"name": "beam", "num_beams": 4},
+        response_format={"type": "regex", "regex": "(cat|dog|bird)( (cat|dog|bird)){0,3}"},
+    )
     assert re.fullmatch("(cat|dog|bird)( (cat|dog|bird)){0,3}", out.text), out.text
 
 
-@pytest.mark.parametrize("fmt, message", [
-    ({"type": "grammar", "grammar": "start: ("}, "grammar is not valid"),
-    ({"type": "regex", "regex": ""}, "non-empty string"),
-    ({"type": "json_schema", "json_schema": {"name": "x", "schema": []}}, "json_schema needs"),
-    ({"type": "xml"}, "type is one of"),
-    ({"type": "regex", "regex": "a" * 200_001}, "at most"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "fmt, message",
+    [
+        ({"type": "grammar", "grammar": "start: ("}, "grammar is not valid"),
+        ({"type": "regex", "regex": ""}, "non-empty string"),
+        ({"type": "json_schema", "json_schema": {"name": "x", "schema": []}}, "json_schema needs"),
+        ({"type": "xml"}, "type is one of"),
+        ({"type": "regex", "regex": "a" * 200_001}, "at most"),
+    ],
+)
 def test_bad_formats_are_refused_with_a_message(tiny, fmt, message):
     with pytest.raises(InvalidRequestError, match=message):
         tiny.generate("x", max_new_tokens=4, response_format=fmt)
@@ -108,8 +120,9 @@ def test_mask_time_is_recorded(tiny):
     assert out.stats.grammar_masks == 8 and out.stats.grammar_mask_seconds > 0
 
 
-@pytest.mark.parametrize("press", [{"name": "streaming-llm", "budget": 0.3}, {"name": "kvmerger", "budget": 0.3}],
-                         ids=lambda p: p["name"])  # fmt: skip
+@pytest.mark.parametrize(
+    "press", [{"name": "streaming-llm", "budget": 0.3}, {"name": "kvmerger", "budget": 0.3}], ids=lambda p: p["name"]
+)
 def test_a_press_and_a_grammar_compose(tiny, press):
     """A press changes the model's view of the context, not the tokens the grammar follows."""
     prompt = "word " * 60

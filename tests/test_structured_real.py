@@ -34,10 +34,17 @@ def response_format(schema: dict) -> dict:
 
 def run(real, draft, name: str, options: dict) -> list:
     """All 20 cases in one batch (one packed forward pass a round)."""
-    spec = {"name": "plain"} if name == "plain" else PROPOSERS[name] | ({"draft": draft} if name == "draft-model" else {})
-    requests = [Request(real.encode(c["prompt"]),
-                        SamplingParams(max_new_tokens=MAX_TOKENS, response_format=response_format(c["schema"]), **options),
-                        make_strategy(dict(spec))) for c in CASES]  # fmt: skip
+    spec = (
+        {"name": "plain"} if name == "plain" else PROPOSERS[name] | ({"draft": draft} if name == "draft-model" else {})
+    )
+    requests = [
+        Request(
+            real.encode(c["prompt"]),
+            SamplingParams(max_new_tokens=MAX_TOKENS, response_format=response_format(c["schema"]), **options),
+            make_strategy(dict(spec)),
+        )
+        for c in CASES
+    ]
     return real.engine.run(requests)
 
 
@@ -56,7 +63,9 @@ def masked_gap(real, case: dict, prompt_ids: list[int], prefix: list[int]) -> fl
     """The top-2 logit gap of Hugging Face's model after prompt + prefix, under the schema's mask."""
     with torch.inference_mode():
         logits = real.model.hf_model(torch.tensor([prompt_ids + prefix])).logits[0, -1]
-    request = Request(prompt_ids, SamplingParams(response_format=response_format(case["schema"])), make_strategy("plain"))
+    request = Request(
+        prompt_ids, SamplingParams(response_format=response_format(case["schema"])), make_strategy("plain")
+    )
     real.engine.validate(request)
     top = real.engine.constraint(request).apply(logits, prompt_ids + prefix).topk(2).values
     return float(top[0] - top[1])

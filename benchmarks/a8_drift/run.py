@@ -30,9 +30,13 @@ from benchmarks.harness.provenance import describe, provenance, repo_root, scrip
 TEXTS = ("README.md", "ARCHITECTURE.md", "src/argen/models/quant.py")
 TOKENS = 256
 FEED = 16
-PROMPTS = ("Write a Python function that reverses a linked list.", "Summarize the causes of the First World War.",
-           "What is the capital of Australia, and why is it not Sydney?", "Translate 'good morning' into French, "
-           "Spanish and German.", "Explain how a hash table handles collisions.")  # fmt: skip
+PROMPTS = (
+    "Write a Python function that reverses a linked list.",
+    "Summarize the causes of the First World War.",
+    "What is the capital of Australia, and why is it not Sydney?",
+    "Translate 'good morning' into French, Spanish and German.",
+    "Explain how a hash table handles collisions.",
+)
 NEW = 64
 
 
@@ -79,8 +83,15 @@ def main() -> None:
 
     gens = {q: argen.load("default", quant=q) for q in ("none", "exact", "exact-a8")}
     gguf = sources.gguf_file(sources.parse_source("default"))
-    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=1024, n_threads=args.threads, n_threads_batch=args.threads,
-                          n_batch=512, logits_all=True, verbose=False)  # fmt: skip
+    llm = llama_cpp.Llama(
+        model_path=str(gguf),
+        n_ctx=1024,
+        n_threads=args.threads,
+        n_threads_batch=args.threads,
+        n_batch=512,
+        logits_all=True,
+        verbose=False,
+    )
     tok = gens["none"]
     root = repo_root() or Path.cwd()
     texts = [tok.encode((root / name).read_text(), chat=False)[: args.tokens] for name in TEXTS]
@@ -88,8 +99,11 @@ def main() -> None:
     stats = {s: {"max": 0.0, "kl": [], "top1": []} for s in systems}
     for ids in texts:
         ref = argen_logits(gens["none"], ids)
-        got = {"exact": argen_logits(gens["exact"], ids), "exact-a8": argen_logits(gens["exact-a8"], ids),
-               "llama.cpp": llama_logits(llm, ids)}  # fmt: skip
+        got = {
+            "exact": argen_logits(gens["exact"], ids),
+            "exact-a8": argen_logits(gens["exact-a8"], ids),
+            "llama.cpp": llama_logits(llm, ids),
+        }
         logp = ref.log_softmax(-1)
         for s, logits in got.items():
             st = stats[s]
@@ -106,13 +120,19 @@ def main() -> None:
 
     machine = provenance(state)
     print("# Drift of the a8 path (8-bit activations) and of llama.cpp from fp32 (default model)\n")
-    print(f"```\npython benchmarks/a8_drift/run.py --tokens {args.tokens} --prompts {args.prompts} "
-          "> benchmarks/a8_drift/report.md\n```\n")
+    print(
+        f"```\npython benchmarks/a8_drift/run.py --tokens {args.tokens} --prompts {args.prompts} "
+        "> benchmarks/a8_drift/report.md\n```\n"
+    )
     print(describe(machine) + "\n")
-    print(f"CPU: {kernels.describe_cpu()}; torch {machine['torch']}, llama-cpp-python {llama_cpp.__version__}, "
-          f"{args.threads} threads.\n")  # fmt: skip
-    print(f"## Teacher-forced logits against fp32 (`--quant none`), {len(texts)} texts x {args.tokens} tokens "
-          f"({', '.join(TEXTS)}), argen fed {FEED} tokens a pass\n")  # fmt: skip
+    print(
+        f"CPU: {kernels.describe_cpu()}; torch {machine['torch']}, llama-cpp-python {llama_cpp.__version__}, "
+        f"{args.threads} threads.\n"
+    )
+    print(
+        f"## Teacher-forced logits against fp32 (`--quant none`), {len(texts)} texts x {args.tokens} tokens "
+        f"({', '.join(TEXTS)}), argen fed {FEED} tokens a pass\n"
+    )
     print("| system | max abs logit difference | mean KL(fp32 ‖ system), nats | top-1 = fp32's |")
     print("| :-- | --: | --: | --: |")
     for s, st in stats.items():

@@ -46,11 +46,19 @@ ROWS = [
     ("digits-ar", "speculative k=4", {"name": "speculative", "k": 4}),
     ("digits-ar", "speculative k=8", {"name": "speculative", "k": 8}),
     *[("digits-ar", f"jacobi window={w}", {"name": "jacobi", "window": w}) for w in (4, 16, 64)],
-    *[("digits-ar", f"lantern k=8 δ={d} n={n}", {"name": "lantern", "k": 8, "delta": d, "neighbours": n})
-      for d, n in ((0.1, 2), (0.2, 2), (0.4, 4))],
+    *[
+        ("digits-ar", f"lantern k=8 δ={d} n={n}", {"name": "lantern", "k": 8, "delta": d, "neighbours": n})
+        for d, n in ((0.1, 2), (0.2, 2), (0.4, 4))
+    ],
     ("digits-diffusion", "plain (1 pixel/pass)", {"name": "plain"}),
-    *[("digits-diffusion", f"confidence τ={t}", {"name": "confidence", "threshold": t}) for t in (0.9, 0.7, 0.5, 0.3, 0.1)],
-    *[("digits-diffusion", f"confidence τ={t} rows", {"name": "confidence", "threshold": t, "block": 8}) for t in (0.7, 0.5, 0.3)],
+    *[
+        ("digits-diffusion", f"confidence τ={t}", {"name": "confidence", "threshold": t})
+        for t in (0.9, 0.7, 0.5, 0.3, 0.1)
+    ],
+    *[
+        ("digits-diffusion", f"confidence τ={t} rows", {"name": "confidence", "threshold": t, "block": 8})
+        for t in (0.7, 0.5, 0.3)
+    ],
 ]
 
 
@@ -67,8 +75,12 @@ def main() -> int:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata()
         model = training.load_file(path)
-        train_info[name] = {"train_seconds": float(meta["train_seconds"]), "held_out_loss": training.held_out_loss(model),
-                            "parameters": sum(p.numel() for p in model.parameters()), "steps": training.RECIPES[name].steps}  # fmt: skip
+        train_info[name] = {
+            "train_seconds": float(meta["train_seconds"]),
+            "held_out_loss": training.held_out_loss(model),
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "steps": training.RECIPES[name].steps,
+        }
     classifier()  # fitted once, outside the timed rows
     held, train_ref = real_reference()
     results = []
@@ -80,23 +92,47 @@ def main() -> int:
         name, label, spec = row
         out = gens[name].generate_images_with_stats(labels, strategy=spec, seed=1)
         q = quality(out.images, labels)
-        results.append({"model": name, "strategy": label, "spec": spec, "passes": float(out.target_passes.mean()),
-                        "draft_passes": float(out.draft_passes.mean()), "ms_per_image": 1000 * out.seconds / args.images,
-                        "accuracy": q.accuracy, "frechet": q.frechet, "n": q.n, "nearest_l1": q.nearest_l1})  # fmt: skip
+        results.append(
+            {
+                "model": name,
+                "strategy": label,
+                "spec": spec,
+                "passes": float(out.target_passes.mean()),
+                "draft_passes": float(out.draft_passes.mean()),
+                "ms_per_image": 1000 * out.seconds / args.images,
+                "accuracy": q.accuracy,
+                "frechet": q.frechet,
+                "n": q.n,
+                "nearest_l1": q.nearest_l1,
+            }
+        )
         grid = out.images[:20]
-        slug = f"{name}-{label}".translate(str.maketrans({" ": "_", "=": "", "(": "", ")": "", "/": "-", "δ": "d", "τ": "t"}))
+        slug = f"{name}-{label}".translate(
+            str.maketrans({" ": "_", "=": "", "(": "", ")": "", "/": "-", "δ": "d", "τ": "t"})
+        )
         save_grid(grid, HERE / "grids" / f"{slug}.png", labels[:20])
         results[-1]["grid"] = f"grids/{slug}.png"
         print(f"{name:17s} {label:22s} passes {results[-1]['passes']:5.1f}  acc {q.accuracy:.3f}  fd {q.frechet:.2f}")
     plain_ms = {r["model"]: r["ms_per_image"] for r in results if r["spec"]["name"] == "plain"}
     for r in results:
         r["x_plain"] = plain_ms[r["model"]] / r["ms_per_image"]
-    env = {"cpu": cpu_name(), "threads": args.threads, "torch": torch.__version__, "python": platform.python_version(),
-           "commit": commit, "dirty": dirty, "images": args.images, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}  # fmt: skip
-    reference = {"held_out": {"accuracy": held.accuracy, "frechet": held.frechet, "n": held.n, "nearest_l1": held.nearest_l1},
-                 "train_sample": {"accuracy": train_ref.accuracy, "frechet": train_ref.frechet, "n": train_ref.n}}  # fmt: skip
-    (HERE / "results.json").write_text(json.dumps({"env": env, "training": train_info, "reference": reference,
-                                                   "rows": results}, indent=1) + "\n")  # fmt: skip
+    env = {
+        "cpu": cpu_name(),
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "commit": commit,
+        "dirty": dirty,
+        "images": args.images,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    reference = {
+        "held_out": {"accuracy": held.accuracy, "frechet": held.frechet, "n": held.n, "nearest_l1": held.nearest_l1},
+        "train_sample": {"accuracy": train_ref.accuracy, "frechet": train_ref.frechet, "n": train_ref.n},
+    }
+    (HERE / "results.json").write_text(
+        json.dumps({"env": env, "training": train_info, "reference": reference, "rows": results}, indent=1) + "\n"
+    )
     plot(results)
     write_report(env, train_info, reference, results)
     return 0
@@ -119,7 +155,11 @@ def plot(results: list[dict]) -> None:
         ax1.plot(xs, [100 * r["accuracy"] for r in rows], "o-", label=label)
         ax2.plot(xs, [r["frechet"] for r in rows], "o-", label=label)
     ax1.set(xlabel="target passes per image", ylabel="classifier accuracy (%)", title="accuracy vs passes")
-    ax2.set(xlabel="target passes per image", ylabel="Fréchet distance (classifier features)", title="Fréchet distance vs passes")
+    ax2.set(
+        xlabel="target passes per image",
+        ylabel="Fréchet distance (classifier features)",
+        title="Fréchet distance vs passes",
+    )
     ax1.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(HERE / "quality.png", dpi=100)
@@ -130,70 +170,113 @@ def checks(results: list[dict]) -> list[str]:
     """The issue's figures of merit, computed from the rows (so the text cannot drift from the table)."""
     row = {(r["model"], r["strategy"]): r for r in results}
     ar, diff = row[("digits-ar", "plain")], row[("digits-diffusion", "plain (1 pixel/pass)")]
-    out = [f"- Plain sampling accuracy: digits-ar {100 * ar['accuracy']:.1f} %, digits-diffusion "
-           f"{100 * diff['accuracy']:.1f} % over {ar['n']} images each (target: >= 90 %)."]  # fmt: skip
+    out = [
+        f"- Plain sampling accuracy: digits-ar {100 * ar['accuracy']:.1f} %, digits-diffusion "
+        f"{100 * diff['accuracy']:.1f} % over {ar['n']} images each (target: >= 90 %)."
+    ]
     conf = [r for r in results if r["spec"]["name"] == "confidence" and r["passes"] <= 0.4 * ar["passes"]]
     ok = [r for r in conf if r["accuracy"] >= diff["accuracy"] - 0.03]
     for r in ok:
-        out.append(f"- Confidence unmasking at {r['strategy']}: {r['passes']:.1f} passes/image = "
-                   f"{r['passes'] / ar['passes']:.2f} of the AR model's {ar['passes']:.0f} (target <= 0.4), accuracy "
-                   f"{100 * r['accuracy']:.1f} % vs {100 * diff['accuracy']:.1f} % one pixel a pass "
-                   f"({100 * (r['accuracy'] - diff['accuracy']):+.1f} points; target within 3), Fréchet "
-                   f"{r['frechet']:.2f} vs {diff['frechet']:.2f}.")  # fmt: skip
+        out.append(
+            f"- Confidence unmasking at {r['strategy']}: {r['passes']:.1f} passes/image = "
+            f"{r['passes'] / ar['passes']:.2f} of the AR model's {ar['passes']:.0f} (target <= 0.4), accuracy "
+            f"{100 * r['accuracy']:.1f} % vs {100 * diff['accuracy']:.1f} % one pixel a pass "
+            f"({100 * (r['accuracy'] - diff['accuracy']):+.1f} points; target within 3), Fréchet "
+            f"{r['frechet']:.2f} vs {diff['frechet']:.2f}."
+        )
     if not ok:
         out.append("- Confidence unmasking: NO row reaches <= 0.4 of the AR passes within 3 accuracy points.")
     spec = row[("digits-ar", "speculative k=8")]
     for r in results:
         if r["spec"]["name"] == "lantern":
-            out.append(f"- {r['strategy']}: {spec['passes'] / r['passes']:.2f}x fewer target passes than exact "
-                       f"speculative k=8 ({r['passes']:.1f} vs {spec['passes']:.1f}; target >= 1.5x), accuracy "
-                       f"{100 * (r['accuracy'] - spec['accuracy']):+.1f} points, Fréchet {r['frechet'] - spec['frechet']:+.2f}.")  # fmt: skip
+            out.append(
+                f"- {r['strategy']}: {spec['passes'] / r['passes']:.2f}x fewer target passes than exact "
+                f"speculative k=8 ({r['passes']:.1f} vs {spec['passes']:.1f}; target >= 1.5x), accuracy "
+                f"{100 * (r['accuracy'] - spec['accuracy']):+.1f} points, Fréchet {r['frechet'] - spec['frechet']:+.2f}."
+            )
     for r in results:
         if r["spec"]["name"] == "jacobi":
-            out.append(f"- {r['strategy']} (exact, no draft model): {r['passes']:.1f} target passes/image, "
-                       f"{ar['passes'] / r['passes']:.1f}x fewer than plain, {spec['passes'] / r['passes']:.2f}x fewer "
-                       "than speculative k=8.")  # fmt: skip
+            out.append(
+                f"- {r['strategy']} (exact, no draft model): {r['passes']:.1f} target passes/image, "
+                f"{ar['passes'] / r['passes']:.1f}x fewer than plain, {spec['passes'] / r['passes']:.2f}x fewer "
+                "than speculative k=8."
+            )
     p, n = ar["accuracy"], ar["n"]
-    out.append(f"- Sampling noise: at {100 * p:.0f} % over {n} images an accuracy's 95 % interval is about "
-               f"±{196 * (p * (1 - p) / n) ** 0.5:.1f} points, so exact strategies differing from plain by that much "
-               "are noise (their distribution is the target's: tests/test_digits.py).")  # fmt: skip
+    out.append(
+        f"- Sampling noise: at {100 * p:.0f} % over {n} images an accuracy's 95 % interval is about "
+        f"±{196 * (p * (1 - p) / n) ** 0.5:.1f} points, so exact strategies differing from plain by that much "
+        "are noise (their distribution is the target's: tests/test_digits.py)."
+    )
     return out
 
 
 def write_report(env: dict, train_info: dict, reference: dict, results: list[dict]) -> None:
-    command = "python benchmarks/digits/run.py" + (f" --threads {env['threads']}" if env["threads"] != 2 else "") + (
-        f" --images {env['images']}" if env["images"] != 500 else "")
-    lines = ["# Digits: image-token models and their decoders", "", "```", command, "```", "",
-             f"Provenance: commit {env['commit']}{' (dirty tree)' if env['dirty'] else ', clean tree'}, {env['date']}. "
-             f"CPU: {env['cpu']}, torch {env['torch']} on {env['threads']} threads, python {env['python']}. "
-             f"{env['images']} images per row (labels 0..9 in turn, seed 1). How it is measured: the docstring of `run.py`.",
-             "", "## Models (trained here, `python -m argen.images.training`, one thread each)", "",
-             "| model | parameters | steps | train s | held-out loss (nats/pixel) |", "| --- | --: | --: | --: | --: |"]  # fmt: skip
+    command = (
+        "python benchmarks/digits/run.py"
+        + (f" --threads {env['threads']}" if env["threads"] != 2 else "")
+        + (f" --images {env['images']}" if env["images"] != 500 else "")
+    )
+    lines = [
+        "# Digits: image-token models and their decoders",
+        "",
+        "```",
+        command,
+        "```",
+        "",
+        f"Provenance: commit {env['commit']}{' (dirty tree)' if env['dirty'] else ', clean tree'}, {env['date']}. "
+        f"CPU: {env['cpu']}, torch {env['torch']} on {env['threads']} threads, python {env['python']}. "
+        f"{env['images']} images per row (labels 0..9 in turn, seed 1). How it is measured: the docstring of `run.py`.",
+        "",
+        "## Models (trained here, `python -m argen.images.training`, one thread each)",
+        "",
+        "| model | parameters | steps | train s | held-out loss (nats/pixel) |",
+        "| --- | --: | --: | --: | --: |",
+    ]
     for name, t in train_info.items():
-        lines.append(f"| {name} | {t['parameters']:,} | {t['steps']} | {t['train_seconds']:.0f} | {t['held_out_loss']:.3f} |")
+        lines.append(
+            f"| {name} | {t['parameters']:,} | {t['steps']} | {t['train_seconds']:.0f} | {t['held_out_loss']:.3f} |"
+        )
     total = sum(t["train_seconds"] for t in train_info.values())
-    lines += ["", f"All three: {total:.0f} s of training (times as recorded in the cached files when they were trained).",
-              "", "## Passes, time and quality", "",
-              "passes: forward passes of the target model per image (draft: of the draft model); ×plain: the plain row's "
-              "wall time of the same model divided by this row's, same process; NN L1: median L1 distance (grey levels) "
-              "of an image to its nearest training image (a model that copied its training set would score ~0; the "
-              "held-out real images are the reference).", "",
-              "| model | strategy | passes/image | draft passes/image | ms/image | ×plain | accuracy % | Fréchet | NN L1 |",
-              "| --- | --- | --: | --: | --: | --: | --: | --: | --: |"]  # fmt: skip
+    lines += [
+        "",
+        f"All three: {total:.0f} s of training (times as recorded in the cached files when they were trained).",
+        "",
+        "## Passes, time and quality",
+        "",
+        "passes: forward passes of the target model per image (draft: of the draft model); ×plain: the plain row's "
+        "wall time of the same model divided by this row's, same process; NN L1: median L1 distance (grey levels) "
+        "of an image to its nearest training image (a model that copied its training set would score ~0; the "
+        "held-out real images are the reference).",
+        "",
+        "| model | strategy | passes/image | draft passes/image | ms/image | ×plain | accuracy % | Fréchet | NN L1 |",
+        "| --- | --- | --: | --: | --: | --: | --: | --: | --: |",
+    ]
     h, t = reference["held_out"], reference["train_sample"]
-    lines.append(f"| real held-out images | (reference) | | | | | {100 * h['accuracy']:.1f} | 0 (itself) | {h['nearest_l1']:.0f} |")
-    lines.append(f"| real training images ({t['n']}) | (Fréchet floor) | | | | | {100 * t['accuracy']:.1f} | {t['frechet']:.2f} | |")
+    lines.append(
+        f"| real held-out images | (reference) | | | | | {100 * h['accuracy']:.1f} | 0 (itself) | {h['nearest_l1']:.0f} |"
+    )
+    lines.append(
+        f"| real training images ({t['n']}) | (Fréchet floor) | | | | | {100 * t['accuracy']:.1f} | {t['frechet']:.2f} | |"
+    )
     for r in results:
-        lines.append(f"| {r['model']} | {r['strategy']} | {r['passes']:.1f} | {r['draft_passes']:.1f} | {r['ms_per_image']:.2f} | "
-                     f"{r['x_plain']:.2f} | {100 * r['accuracy']:.1f} | {r['frechet']:.2f} | {r['nearest_l1']:.0f} |")  # fmt: skip
-    lines += ["", "![quality against passes](quality.png)", "",
-              "Reading the quality columns: the accuracy is the classifier's verdict on each image alone; at low "
-              "thresholds confidence unmasking draws most pixels in one pass, each from its own distribution given "
-              "the label, which keeps the classifier's verdict but not the joint structure: the Fréchet distance "
-              "(and the distance to the nearest training image) shows that cost. The Fréchet reference is the "
-              f"{h['n']} held-out images, so a sample of real training images of the same size sits at "
-              f"{t['frechet']:.2f}: models below that are at the metric's noise floor.", "",
-              "## The issue's acceptance checks, from the table", ""]  # fmt: skip
+        lines.append(
+            f"| {r['model']} | {r['strategy']} | {r['passes']:.1f} | {r['draft_passes']:.1f} | {r['ms_per_image']:.2f} | "
+            f"{r['x_plain']:.2f} | {100 * r['accuracy']:.1f} | {r['frechet']:.2f} | {r['nearest_l1']:.0f} |"
+        )
+    lines += [
+        "",
+        "![quality against passes](quality.png)",
+        "",
+        "Reading the quality columns: the accuracy is the classifier's verdict on each image alone; at low "
+        "thresholds confidence unmasking draws most pixels in one pass, each from its own distribution given "
+        "the label, which keeps the classifier's verdict but not the joint structure: the Fréchet distance "
+        "(and the distance to the nearest training image) shows that cost. The Fréchet reference is the "
+        f"{h['n']} held-out images, so a sample of real training images of the same size sits at "
+        f"{t['frechet']:.2f}: models below that are at the metric's noise floor.",
+        "",
+        "## The issue's acceptance checks, from the table",
+        "",
+    ]
     lines += checks(results)
     lines += ["", "## Samples (first 20 images of each row)", ""]
     for r in results:

@@ -42,8 +42,15 @@ def features(runtime, prompt: list[int], output: list[int]) -> torch.Tensor:
     return hidden[0]
 
 
-def replay_head(strategy: DraftHead, prompt: list[int], output: list[int], feats: torch.Tensor, cost: CostModel,
-                head_seconds: float, oracle: bool = False) -> tuple[int, float, int]:  # fmt: skip
+def replay_head(
+    strategy: DraftHead,
+    prompt: list[int],
+    output: list[int],
+    feats: torch.Tensor,
+    cost: CostModel,
+    head_seconds: float,
+    oracle: bool = False,
+) -> tuple[int, float, int]:
     """(target passes, seconds, head passes) for `strategy` producing `output` after `prompt`."""
     cost = frozen(cost)
     charged, passes, head_passes = [0.0], [0], [0, 0]  # head passes: all, this step's
@@ -79,10 +86,19 @@ def replay_head(strategy: DraftHead, prompt: list[int], output: list[int], feats
 
     runtime = SimpleNamespace(memo=SimpleNamespace(cost_model=cost), device="cpu")
     cache = SimpleNamespace(max_len=len(prompt) + len(output) + 1, lengths=[len(prompt) - 1])
-    state = DecodeState(runtime=runtime, cache=cache, sampler=None, tokens=list(prompt), prompt_len=len(prompt),
-                        max_new_tokens=len(output), prompt_hidden=feats[: len(prompt) - 1])  # fmt: skip
-    with mock.patch.object(speculative_base, "score_and_verify", oracle_verify), \
-            mock.patch.object(DraftHead, "_head_seconds", lambda self, m, rows: head_seconds):  # fmt: skip
+    state = DecodeState(
+        runtime=runtime,
+        cache=cache,
+        sampler=None,
+        tokens=list(prompt),
+        prompt_len=len(prompt),
+        max_new_tokens=len(output),
+        prompt_hidden=feats[: len(prompt) - 1],
+    )
+    with (
+        mock.patch.object(speculative_base, "score_and_verify", oracle_verify),
+        mock.patch.object(DraftHead, "_head_seconds", lambda self, m, rows: head_seconds),
+    ):
         strategy.start(state)
         while state.n_generated < len(output):
             step = strategy.step(state)
@@ -90,8 +106,9 @@ def replay_head(strategy: DraftHead, prompt: list[int], output: list[int], feats
             try:
                 while True:
                     feed = step.send(outs) if outs is not None else next(step)
-                    segment = Segment(feed.cache, feed.tokens, feed.positions, feed.mask, feed.num_logits,
-                                      features=feed.features)  # fmt: skip
+                    segment = Segment(
+                        feed.cache, feed.tokens, feed.positions, feed.mask, feed.num_logits, features=feed.features
+                    )
                     outs = feed.runtime.forward_packed([segment])[0]
                     head_passes[0] += 1
                     head_passes[1] += 1

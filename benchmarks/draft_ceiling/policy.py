@@ -56,8 +56,14 @@ def replay_policy(strategy: Speculative, prompt: list[int], output: list[int], c
     # `CostModel.for_runtime` finds the cost model in the runtime's memo; the oracle needs no model.
     runtime = SimpleNamespace(memo=SimpleNamespace(cost_model=cost), device="cpu")
     cache = SimpleNamespace(max_len=len(prompt) + len(output) + 1, lengths=[len(prompt) - 1])
-    state = DecodeState(runtime=runtime, cache=cache, sampler=None, tokens=list(prompt), prompt_len=len(prompt),
-                        max_new_tokens=len(output))  # fmt: skip
+    state = DecodeState(
+        runtime=runtime,
+        cache=cache,
+        sampler=None,
+        tokens=list(prompt),
+        prompt_len=len(prompt),
+        max_new_tokens=len(output),
+    )
     with mock.patch.object(speculative_base, "score_and_verify", oracle_verify):
         strategy.start(state)
         while state.n_generated < len(output):

@@ -147,8 +147,11 @@ def replay(prompt: list[int], output: list[int], accepts: Callable, cost: CostMo
     return passes, seconds
 
 
-DRAFTERS = {"prompt-lookup": prompt_lookup_accepts, "trigram chain": trigram_chain_accepts,
-            "copy anywhere": copy_anywhere_accepts}  # fmt: skip
+DRAFTERS = {
+    "prompt-lookup": prompt_lookup_accepts,
+    "trigram chain": trigram_chain_accepts,
+    "copy anywhere": copy_anywhere_accepts,
+}
 # The argen strategy each drafter bounds ("copy anywhere" bounds them all and is no strategy).
 STRATEGY_OF = {"prompt-lookup": "prompt-lookup", "trigram chain": "ngram", HEAD: HEAD}
 
@@ -175,8 +178,10 @@ def main() -> None:
     for record in results["records"]:
         prompt = gen.encode(questions[record["question_id"]].prompt, chat=True)
         if len(prompt) != record["prompt_tokens"]:
-            raise SystemExit(f"question {record['question_id']}: prompt re-encodes to {len(prompt)} tokens, "
-                             f"the run had {record['prompt_tokens']}")  # fmt: skip
+            raise SystemExit(
+                f"question {record['question_id']}: prompt re-encodes to {len(prompt)} tokens, "
+                f"the run had {record['prompt_tokens']}"
+            )
         runs.append((record["category"], prompt, record["systems"]["plain"]["token_ids"]))
     costs = {threads: measured_costs(gen.runtime, threads) for threads in (1, 2)}
     prefill = measured_prefill(gen.runtime, 1)
@@ -208,8 +213,18 @@ def main() -> None:
             if row[1] > best.get(category, ("", 0))[1]:
                 best[category] = row
     weights = f"the model's `quant={gen.quant}` path, argen kernels {kernels.pick_isa()}"
-    write_report(table, policy, categories, costs, prefill, best, results["summary"], provenance(state) | {"weights": weights},
-                 head_info, head_summary)  # fmt: skip
+    write_report(
+        table,
+        policy,
+        categories,
+        costs,
+        prefill,
+        best,
+        results["summary"],
+        provenance(state) | {"weights": weights},
+        head_info,
+        head_summary,
+    )
     write_chart(table, policy, categories, best)
 
 
@@ -221,25 +236,42 @@ def run_head(runtime, head, runs, costs, prefill, table, policy) -> dict:
 
     torch.set_num_threads(1)
     feats = [features(runtime, prompt, output) for _, prompt, output in runs]
-    everything = torch.cat([head.vocab, torch.tensor([t for t in range(runtime.info.vocab_size)
-                                                      if t not in set(head.vocab.tolist())], dtype=torch.long)])  # fmt: skip
+    everything = torch.cat(
+        [
+            head.vocab,
+            torch.tensor(
+                [t for t in range(runtime.info.vocab_size) if t not in set(head.vocab.tolist())], dtype=torch.long
+            ),
+        ]
+    )
     full = DraftHeadRuntime(head.weights, everything, runtime, head.meta)
     width = head_strategy(head, False).width
-    info = {"meta": head.meta, "subset": len(head.vocab), "vocab": runtime.info.vocab_size, "width": width,
-            "seconds": {}, "full_seconds": {}, "head_passes": {}}  # fmt: skip
+    info = {
+        "meta": head.meta,
+        "subset": len(head.vocab),
+        "vocab": runtime.info.vocab_size,
+        "width": width,
+        "seconds": {},
+        "full_seconds": {},
+        "head_passes": {},
+    }
     for threads, cost in costs.items():
         torch.set_num_threads(threads)
         seconds = head_pass_seconds(head, width)
         info["seconds"][threads] = {rows: head_pass_seconds(head, rows) for rows in (1, width)}
         info["full_seconds"][threads] = {rows: head_pass_seconds(full, rows) for rows in (1, width)}
-        replayed = [replay_head(head_strategy(head, oracle=True), prompt, output, f, cost, seconds, oracle=True)
-                    for (_, prompt, output), f in zip(runs, feats, strict=True)]  # fmt: skip
+        replayed = [
+            replay_head(head_strategy(head, oracle=True), prompt, output, f, cost, seconds, oracle=True)
+            for (_, prompt, output), f in zip(runs, feats, strict=True)
+        ]
         rows = summarize(runs, [(p, s) for p, s, _ in replayed], cost, prefill if threads == 1 else None)
         for c, row in rows.items():
             table[(HEAD, c, threads)] = row
         if threads == 1:
-            replayed = [replay_head(head_strategy(head, oracle=False), prompt, output, f, cost, seconds)
-                        for (_, prompt, output), f in zip(runs, feats, strict=True)]  # fmt: skip
+            replayed = [
+                replay_head(head_strategy(head, oracle=False), prompt, output, f, cost, seconds)
+                for (_, prompt, output), f in zip(runs, feats, strict=True)
+            ]
             for c, row in summarize(runs, [(p, s) for p, s, _ in replayed], cost, prefill).items():
                 policy[(HEAD, c)] = row
             tokens = sum(len(output) for _, _, output in runs)
@@ -247,8 +279,9 @@ def run_head(runtime, head, runs, costs, prefill, table, policy) -> dict:
     return info
 
 
-def summarize(runs, replayed: list[tuple[int, float]], cost: CostModel,
-              prefill: Callable[[int], float] | None) -> dict[str, tuple[float, float, float]]:  # fmt: skip
+def summarize(
+    runs, replayed: list[tuple[int, float]], cost: CostModel, prefill: Callable[[int], float] | None
+) -> dict[str, tuple[float, float, float]]:
     """Per category and "all", from each question's replayed (passes, seconds): (tokens per pass,
     x plain decoding, x plain with prefill). The last is the geometric mean over questions of
     (prefill + plain decode) / (prefill + replayed decode), as the bench averages; nan without `prefill`."""
@@ -260,8 +293,10 @@ def summarize(runs, replayed: list[tuple[int, float]], cost: CostModel,
             t = sums.setdefault(c, [0, 0, 0.0, []])
             t[0], t[1], t[2] = t[0] + len(output), t[1] + passes, t[2] + seconds
             t[3].append(np.log((fixed + plain) / (fixed + seconds)))
-    return {c: (tokens / passes, tokens * cost(1) / seconds, float(np.exp(np.mean(logs))))
-            for c, (tokens, passes, seconds, logs) in sums.items()}  # fmt: skip
+    return {
+        c: (tokens / passes, tokens * cost(1) / seconds, float(np.exp(np.mean(logs))))
+        for c, (tokens, passes, seconds, logs) in sums.items()
+    }
 
 
 def drafters(table) -> list[str]:
@@ -269,32 +304,62 @@ def drafters(table) -> list[str]:
     return list(DRAFTERS) + ([HEAD] if any(key[0] == HEAD for key in table) else [])
 
 
-def write_report(table, policy, categories, costs, prefill, best, summary: dict, machine: dict, head_info: dict | None,
-                 head_summary: dict | None) -> None:  # fmt: skip
+def write_report(
+    table,
+    policy,
+    categories,
+    costs,
+    prefill,
+    best,
+    summary: dict,
+    machine: dict,
+    head_info: dict | None,
+    head_summary: dict | None,
+) -> None:
     names = drafters(table)
-    lines = ["# A ceiling for exact speculative decoding on this machine", "",
-             "```", "python benchmarks/draft_ceiling/run.py", "```", "", describe(machine), "",
-             f"torch {machine['torch']}, transformers {machine['transformers']}, python {machine['python']}, "
-             f"{machine['cpu_model']}, {machine['cpu_count']} CPUs, {machine['weights']}. How it is computed: the "
-             "docstring of `run.py`. Inputs: the plain greedy outputs of `benchmarks/speculative/` "
-             "(120 Spec-Bench questions, 128 tokens).", "",
-             "## Measured pass cost (argen's `CostModel`, median of 5 calibrations), ms", "",
-             "| threads | head per row | " + " | ".join(f"{b} tok" for b in BUCKETS[:8]) + " |",
-             "| --: | --: | " + " | ".join("--:" for _ in BUCKETS[:8]) + " |"]  # fmt: skip
+    lines = [
+        "# A ceiling for exact speculative decoding on this machine",
+        "",
+        "```",
+        "python benchmarks/draft_ceiling/run.py",
+        "```",
+        "",
+        describe(machine),
+        "",
+        f"torch {machine['torch']}, transformers {machine['transformers']}, python {machine['python']}, "
+        f"{machine['cpu_model']}, {machine['cpu_count']} CPUs, {machine['weights']}. How it is computed: the "
+        "docstring of `run.py`. Inputs: the plain greedy outputs of `benchmarks/speculative/` "
+        "(120 Spec-Bench questions, 128 tokens).",
+        "",
+        "## Measured pass cost (argen's `CostModel`, median of 5 calibrations), ms",
+        "",
+        "| threads | head per row | " + " | ".join(f"{b} tok" for b in BUCKETS[:8]) + " |",
+        "| --: | --: | " + " | ".join("--:" for _ in BUCKETS[:8]) + " |",
+    ]
     for threads, cost in costs.items():
-        lines.append(f"| {threads} | {cost.head_seconds * 1e3:.1f} | "
-                     + " | ".join(f"{cost.seconds[b] * 1e3:.1f}" for b in BUCKETS[:8]) + " |")  # fmt: skip
+        lines.append(
+            f"| {threads} | {cost.head_seconds * 1e3:.1f} | "
+            + " | ".join(f"{cost.seconds[b] * 1e3:.1f}" for b in BUCKETS[:8])
+            + " |"
+        )
     if head_info:
         lines += head_section(head_info, costs)
-    lines += ["", "## Ceiling: speed-up over plain decoding with drafts sized knowing the future", "",
-              "tok/pass: tokens per target pass; ×plain: decode time of plain ÷ decode time of the replay. "
-              "`measured` is argen's best strategy ×plain in `benchmarks/speculative/` (one thread, wall "
-              "time with prefill)" + (" and `benchmarks/speculative-head/` (the fast path, two threads)" if head_summary
-                                      else "") + f". Targets (issue 25): {', '.join(f'{c} {v}' for c, v in TARGETS.items())}, "
-              "every category 1.0.", "",
-              "| category | target | measured | " + " | ".join(
-                  f"{n} tok/pass | {n} ×plain 1 thr | {n} ×plain 2 thr" for n in names) + " |",
-              "| --- | --: | --: | " + " | ".join("--: | --: | --:" for _ in names) + " |"]  # fmt: skip
+    lines += [
+        "",
+        "## Ceiling: speed-up over plain decoding with drafts sized knowing the future",
+        "",
+        "tok/pass: tokens per target pass; ×plain: decode time of plain ÷ decode time of the replay. "
+        "`measured` is argen's best strategy ×plain in `benchmarks/speculative/` (one thread, wall "
+        "time with prefill)"
+        + (" and `benchmarks/speculative-head/` (the fast path, two threads)" if head_summary else "")
+        + f". Targets (issue 25): {', '.join(f'{c} {v}' for c, v in TARGETS.items())}, "
+        "every category 1.0.",
+        "",
+        "| category | target | measured | "
+        + " | ".join(f"{n} tok/pass | {n} ×plain 1 thr | {n} ×plain 2 thr" for n in names)
+        + " |",
+        "| --- | --: | --: | " + " | ".join("--: | --: | --:" for _ in names) + " |",
+    ]
     for c in categories:
         cells = [f"{table[(n, c, 1)][0]:.2f} | {table[(n, c, 1)][1]:.2f} | {table[(n, c, 2)][1]:.2f}" for n in names]
         target = f"{TARGETS.get(c, 1.0):.2f}"
@@ -303,24 +368,32 @@ def write_report(table, policy, categories, costs, prefill, best, summary: dict,
     measured = {(row["system"], row["category"]): row for row in summary["rows"]}
     if head_summary:
         measured |= {(row["system"], row["category"]): row for row in head_summary["rows"] if row["system"] == HEAD}
-    lines += ["", "## argen's drafting policy beside the ceiling, and the prefill (one thread)", "",
-              "Prefill, from the same runtime: " + ", ".join(f"{n} tokens {prefill(n) * 1e3:.0f} ms" for n in PREFILL_LENGTHS)
-              + f"; one plain decoding step costs {costs[1](1) * 1e3:.0f} ms. `oracle`: the drafter sized knowing the "
-              "future (the table above). `policy`: the argen strategy it bounds, with its own adaptive sizing "
-              "(`policy.py`, `head.py`). `measured`: that strategy in the committed bench (wall time; "
-              "`benchmarks/speculative/`: one thread, two processes side by side; draft-head: "
-              "`benchmarks/speculative-head/`, two threads).",
-              "", "| category | drafter | strategy | oracle tok/pass | policy tok/pass | measured tok/pass | oracle ×plain | "
-              "policy ×plain | oracle ×plain with prefill | policy ×plain with prefill | measured ×plain |",
-              "| --- | --- | --- | --: | --: | --: | --: | --: | --: | --: | --: |"]  # fmt: skip
+    lines += [
+        "",
+        "## argen's drafting policy beside the ceiling, and the prefill (one thread)",
+        "",
+        "Prefill, from the same runtime: "
+        + ", ".join(f"{n} tokens {prefill(n) * 1e3:.0f} ms" for n in PREFILL_LENGTHS)
+        + f"; one plain decoding step costs {costs[1](1) * 1e3:.0f} ms. `oracle`: the drafter sized knowing the "
+        "future (the table above). `policy`: the argen strategy it bounds, with its own adaptive sizing "
+        "(`policy.py`, `head.py`). `measured`: that strategy in the committed bench (wall time; "
+        "`benchmarks/speculative/`: one thread, two processes side by side; draft-head: "
+        "`benchmarks/speculative-head/`, two threads).",
+        "",
+        "| category | drafter | strategy | oracle tok/pass | policy tok/pass | measured tok/pass | oracle ×plain | "
+        "policy ×plain | oracle ×plain with prefill | policy ×plain with prefill | measured ×plain |",
+        "| --- | --- | --- | --: | --: | --: | --: | --: | --: | --: | --: |",
+    ]
     for c in categories:
         for name in names:
             strategy = STRATEGY_OF.get(name)  # copy anywhere is a bound only: nothing to replay or measure
             o, p, m = table[(name, c, 1)], policy.get((name, c)), measured.get((strategy, c))
             p = [f"{v:.2f}" for v in p] if p else ["—"] * 3
             m = [f"{m['tokens_per_forward']:.2f}", f"{m['speedup_vs_plain']:.2f}"] if m else ["—"] * 2
-            lines.append(f"| {c} | {name} | {strategy or '—'} | {o[0]:.2f} | {p[0]} | {m[0]} | {o[1]:.2f} | {p[1]} | "
-                         f"{o[2]:.2f} | {p[2]} | {m[1]} |")  # fmt: skip
+            lines.append(
+                f"| {c} | {name} | {strategy or '—'} | {o[0]:.2f} | {p[0]} | {m[0]} | {o[1]:.2f} | {p[1]} | "
+                f"{o[2]:.2f} | {p[2]} | {m[1]} |"
+            )
     (HERE / "report.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -331,23 +404,31 @@ def head_section(info: dict, costs) -> list[str]:
     recipe = meta["recipe"]
     held = meta.get("held_out", {})
     agree = ", ".join(f"{held[f'top1_{s}']:.2f} at depth {s}" for s in range(1, 10) if f"top1_{s}" in held)
-    lines = ["", "## The learned draft head", "",
-             f"`{Path(meta['path']).name}`: distilled by `argen distill-draft` ({recipe['prompts']} prompts x "
-             f"{recipe['max_new_tokens']} tokens, {recipe['epochs']} epochs, {meta['seconds'] / 60:.0f} min on "
-             f"{meta['threads']} threads); {meta['response_tokens']} response tokens; the subset's "
-             f"{info['subset']} tokens (of {info['vocab']}) hold {meta['vocab_coverage']:.1%} of them. Held-out top-1 "
-             f"agreement with the target (within the subset): {agree}. The policy replay ran "
-             f"{info['head_passes']:.2f} head passes per output token.", "",
-             f"Head pass cost, ms (median of 5; `{info['width']}` rows = one tree level), scoring the frequency-ranked "
-             "subset (FR-Spec) or the whole vocabulary, beside a one-token target pass:", "",
-             "| threads | subset, 1 row | subset, " + f"{info['width']} rows | whole vocabulary, 1 row | whole vocabulary, "
-             f"{info['width']} rows | target pass, 1 token | subset {info['width']} rows ÷ target pass |",
-             "| --: | --: | --: | --: | --: | --: | --: |"]  # fmt: skip
+    lines = [
+        "",
+        "## The learned draft head",
+        "",
+        f"`{Path(meta['path']).name}`: distilled by `argen distill-draft` ({recipe['prompts']} prompts x "
+        f"{recipe['max_new_tokens']} tokens, {recipe['epochs']} epochs, {meta['seconds'] / 60:.0f} min on "
+        f"{meta['threads']} threads); {meta['response_tokens']} response tokens; the subset's "
+        f"{info['subset']} tokens (of {info['vocab']}) hold {meta['vocab_coverage']:.1%} of them. Held-out top-1 "
+        f"agreement with the target (within the subset): {agree}. The policy replay ran "
+        f"{info['head_passes']:.2f} head passes per output token.",
+        "",
+        f"Head pass cost, ms (median of 5; `{info['width']}` rows = one tree level), scoring the frequency-ranked "
+        "subset (FR-Spec) or the whole vocabulary, beside a one-token target pass:",
+        "",
+        "| threads | subset, 1 row | subset, " + f"{info['width']} rows | whole vocabulary, 1 row | whole vocabulary, "
+        f"{info['width']} rows | target pass, 1 token | subset {info['width']} rows ÷ target pass |",
+        "| --: | --: | --: | --: | --: | --: | --: |",
+    ]
     for threads, cost in costs.items():
         sub, full = info["seconds"][threads], info["full_seconds"][threads]
         w = info["width"]
-        lines.append(f"| {threads} | {sub[1] * 1e3:.2f} | {sub[w] * 1e3:.2f} | {full[1] * 1e3:.2f} | {full[w] * 1e3:.2f} | "
-                     f"{cost(1) * 1e3:.2f} | {sub[w] / cost(1):.2f} |")  # fmt: skip
+        lines.append(
+            f"| {threads} | {sub[1] * 1e3:.2f} | {sub[w] * 1e3:.2f} | {full[1] * 1e3:.2f} | {full[w] * 1e3:.2f} | "
+            f"{cost(1) * 1e3:.2f} | {sub[w] / cost(1):.2f} |"
+        )
     return lines
 
 
@@ -366,8 +447,10 @@ def write_chart(table, policy, categories, best) -> None:
         bars_right.append((f"{name}, oracle", [table[(name, c, 1)][2] for c in categories]))
         if name in STRATEGY_OF:
             bars_right.append((f"{STRATEGY_OF[name]}, policy", [policy[(name, c)][2] for c in categories]))
-    panels = ((left, bars_left, "decoding only: drafts sized knowing the future"),
-              (right, bars_right, "with prefill, 1 thread: knowing the future vs argen's policy"))  # fmt: skip
+    panels = (
+        (left, bars_left, "decoding only: drafts sized knowing the future"),
+        (right, bars_right, "with prefill, 1 thread: knowing the future vs argen's policy"),
+    )
     measured = [(i, best[c][1]) for i, c in enumerate(categories) if c in best]
     for ax, bars, title in panels:
         width = 0.8 / len(bars)
@@ -376,8 +459,14 @@ def write_chart(table, policy, categories, best) -> None:
         for i, c in enumerate(categories):
             if c in TARGETS:
                 ax.hlines(TARGETS[c], i - 0.45, i + 0.45, colors="black", linestyles="dashed")
-        ax.scatter([i for i, _ in measured], [v for _, v in measured], marker="x", color="black", zorder=3,
-                   label="measured best, 1 thr (with prefill)")  # fmt: skip
+        ax.scatter(
+            [i for i, _ in measured],
+            [v for _, v in measured],
+            marker="x",
+            color="black",
+            zorder=3,
+            label="measured best, 1 thr (with prefill)",
+        )
         ax.axhline(1.0, color="grey", linewidth=0.8)
         ax.set_xticks(range(len(categories)), categories, fontsize=8)
         ax.set_title(title, fontsize=10)

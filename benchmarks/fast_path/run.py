@@ -63,16 +63,27 @@ def pass_ms(gen, ids: list[int], rows: int, reps: int = 15) -> float:
 
 
 def main() -> None:
-    args, state = script_args(__doc__, threads=2, add=lambda parser: parser.add_argument(
-        "--no-llama-cpp", action="store_true", help="leave the llama.cpp peer out"))  # fmt: skip
+    args, state = script_args(
+        __doc__,
+        threads=2,
+        add=lambda parser: parser.add_argument(
+            "--no-llama-cpp", action="store_true", help="leave the llama.cpp peer out"
+        ),
+    )
     systems = {"argen exact": argen.load("default", quant="exact"), "argen fp32": argen.load("default", quant="none")}
     fast = systems["argen exact"]
     llm = None
     if not args.no_llama_cpp:
         import llama_cpp
 
-        llm = llama_cpp.Llama(model_path=str(sources.default_gguf_path()), n_ctx=4096, n_threads=args.threads,
-                              n_threads_batch=args.threads, n_batch=512, verbose=False)  # fmt: skip
+        llm = llama_cpp.Llama(
+            model_path=str(sources.default_gguf_path()),
+            n_ctx=4096,
+            n_threads=args.threads,
+            n_threads_batch=args.threads,
+            n_batch=512,
+            verbose=False,
+        )
     text = "Summarize the following notes about the history of Rome and its provinces. " * 200
     all_ids = fast.encode(text, chat=False)
     prefill: dict[int, dict[str, float]] = {}
@@ -92,12 +103,18 @@ def main() -> None:
     print(f"# CPU fast path: prefill and pass cost (default model, {args.threads} threads)\n")
     print(f"```\npython benchmarks/fast_path/run.py --threads {args.threads} > benchmarks/fast_path/report.md\n```\n")
     print(describe(machine) + "\n")
-    print(f"torch {machine['torch']}, transformers {machine['transformers']}, python {machine['python']}; "
-          f"CPU: {machine['cpu_model']}; argen kernels: {kernels.pick_isa()}"
-          + (f"; llama-cpp-python {llama_cpp.__version__}" if llm is not None else "") + ".\n")  # fmt: skip
-    print("Resident weight bytes: " + ", ".join(f"{name} {g.runtime.weight_bytes / 1e6:.1f} MB" for name, g in systems.items())
-          + (f", llama.cpp {llama_cpp.llama_model_size(llm.model) / 1e6:.1f} MB" if llm is not None else "")
-          + f"; the GGUF file {sources.default_gguf_path().stat().st_size / 1e6:.1f} MB.\n")  # fmt: skip
+    print(
+        f"torch {machine['torch']}, transformers {machine['transformers']}, python {machine['python']}; "
+        f"CPU: {machine['cpu_model']}; argen kernels: {kernels.pick_isa()}"
+        + (f"; llama-cpp-python {llama_cpp.__version__}" if llm is not None else "")
+        + ".\n"
+    )
+    print(
+        "Resident weight bytes: "
+        + ", ".join(f"{name} {g.runtime.weight_bytes / 1e6:.1f} MB" for name, g in systems.items())
+        + (f", llama.cpp {llama_cpp.llama_model_size(llm.model) / 1e6:.1f} MB" if llm is not None else "")
+        + f"; the GGUF file {sources.default_gguf_path().stat().st_size / 1e6:.1f} MB.\n"
+    )
     names = list(prefill[LENGTHS[0]])
     print("## Prefill, tokens/s (median of 3)\n")
     print("| prompt tokens | " + " | ".join(names) + " | argen exact ÷ llama.cpp |")

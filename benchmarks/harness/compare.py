@@ -41,51 +41,107 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", default="default", help="model to load (as for `argen generate`); default: %(default)s"
     )
-    parser.add_argument("--questions", metavar="FILE", default=None,
-                        help="questions JSONL (question_id, category, turns); default: "
-                             "shared/benchmarks/spec_bench/question.jsonl found in the current directory's parents")  # fmt: skip
+    parser.add_argument(
+        "--questions",
+        metavar="FILE",
+        default=None,
+        help="questions JSONL (question_id, category, turns); default: "
+        "shared/benchmarks/spec_bench/question.jsonl found in the current directory's parents",
+    )
     parser.add_argument("--categories", metavar="A,B", type=_csv, default=None, help="only these categories")
     parser.add_argument("--limit", metavar="N", type=int, default=None, help="at most N questions per category")
-    parser.add_argument("--group-mt-bench", action="store_true",
-                        help="count MT-bench's eight categories (10 questions each) as one, mt_bench, as "
-                             "Spec-Bench's tables do; --limit then samples all eight round-robin")  # fmt: skip
+    parser.add_argument(
+        "--group-mt-bench",
+        action="store_true",
+        help="count MT-bench's eight categories (10 questions each) as one, mt_bench, as "
+        "Spec-Bench's tables do; --limit then samples all eight round-robin",
+    )
     parser.add_argument("--max-new-tokens", metavar="N", type=int, default=128, help="default: %(default)s")
-    parser.add_argument("--strategies", metavar="S,S", type=_csv, default=["plain"],
-                        help="argen strategies to measure, comma-separated; each `name` or "
-                             "`name:key=value:key=value`; default: plain")  # fmt: skip
-    parser.add_argument("--dtypes", "--dtype", metavar="D,D", type=_csv, default=["float32"],
-                        help="float32 always runs; each extra dtype (e.g. bfloat16) loads a second argen model "
-                             "and measures its plain decoding against float32 plain; default: float32")  # fmt: skip
-    parser.add_argument("--quant", default="auto",
-                        help="how the model's weights are held (as `argen generate --quant`); default: %(default)s")
-    parser.add_argument("--quants", metavar="Q,Q", type=_csv, default=[],
-                        help="each extra quant path (e.g. none,exact) loads a second argen model and measures its "
-                             "plain decoding; default: none")  # fmt: skip
-    parser.add_argument("--systems", metavar="S,S", type=_csv, default=[],
-                        help="optional peers on the same weights: llama-cpp (llama-cpp-python on the same GGUF "
-                             "file, same threads; `pip install llama-cpp-python`); default: none")  # fmt: skip
-    parser.add_argument("--reference", default="hf",
-                        help="the system whose tokens argen's systems and the peers are compared with: hf (HF "
-                             "generate(), fp32) or an argen system's name, e.g. plain@none (argen fp32); "
-                             "default: %(default)s")  # fmt: skip
-    parser.add_argument("--hf-prompt-lookup", metavar="N", type=int, default=0,
-                        help="also run HF generate(prompt_lookup_num_tokens=N) as a second peer; 0: off")  # fmt: skip
-    parser.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
-                        help="one short untimed generation per system first (default: on)")  # fmt: skip
-    parser.add_argument("--threads", metavar="N", type=int, default=0,
-                        help="torch CPU threads for every system (0: torch's default); on a CPU shared with "
-                             "other work, 1 avoids threads waiting on each other")  # fmt: skip
+    parser.add_argument(
+        "--strategies",
+        metavar="S,S",
+        type=_csv,
+        default=["plain"],
+        help="argen strategies to measure, comma-separated; each `name` or `name:key=value:key=value`; default: plain",
+    )
+    parser.add_argument(
+        "--dtypes",
+        "--dtype",
+        metavar="D,D",
+        type=_csv,
+        default=["float32"],
+        help="float32 always runs; each extra dtype (e.g. bfloat16) loads a second argen model "
+        "and measures its plain decoding against float32 plain; default: float32",
+    )
+    parser.add_argument(
+        "--quant",
+        default="auto",
+        help="how the model's weights are held (as `argen generate --quant`); default: %(default)s",
+    )
+    parser.add_argument(
+        "--quants",
+        metavar="Q,Q",
+        type=_csv,
+        default=[],
+        help="each extra quant path (e.g. none,exact) loads a second argen model and measures its "
+        "plain decoding; default: none",
+    )
+    parser.add_argument(
+        "--systems",
+        metavar="S,S",
+        type=_csv,
+        default=[],
+        help="optional peers on the same weights: llama-cpp (llama-cpp-python on the same GGUF "
+        "file, same threads; `pip install llama-cpp-python`); default: none",
+    )
+    parser.add_argument(
+        "--reference",
+        default="hf",
+        help="the system whose tokens argen's systems and the peers are compared with: hf (HF "
+        "generate(), fp32) or an argen system's name, e.g. plain@none (argen fp32); "
+        "default: %(default)s",
+    )
+    parser.add_argument(
+        "--hf-prompt-lookup",
+        metavar="N",
+        type=int,
+        default=0,
+        help="also run HF generate(prompt_lookup_num_tokens=N) as a second peer; 0: off",
+    )
+    parser.add_argument(
+        "--warmup",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="one short untimed generation per system first (default: on)",
+    )
+    parser.add_argument(
+        "--threads",
+        metavar="N",
+        type=int,
+        default=0,
+        help="torch CPU threads for every system (0: torch's default); on a CPU shared with "
+        "other work, 1 avoids threads waiting on each other",
+    )
     parser.add_argument("--out", metavar="DIR", default=DEFAULT_OUT, help="output directory; default: %(default)s")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    parser.add_argument("--allow-dirty", action="store_true",
-                        help="write the report even though the working tree has uncommitted changes (it is "
-                             "recorded as dirty); by default a report must be reproducible from its commit")  # fmt: skip
-    parser.add_argument("--merge", metavar="DIR", nargs="+", default=None,
-                        help="write one report (to --out) from finished runs over disjoint questions, e.g. "
-                             "categories split over processes; nothing is measured")  # fmt: skip
+    parser.add_argument(
+        "--allow-dirty",
+        action="store_true",
+        help="write the report even though the working tree has uncommitted changes (it is "
+        "recorded as dirty); by default a report must be reproducible from its commit",
+    )
+    parser.add_argument(
+        "--merge",
+        metavar="DIR",
+        nargs="+",
+        default=None,
+        help="write one report (to --out) from finished runs over disjoint questions, e.g. "
+        "categories split over processes; nothing is measured",
+    )
     control = parser.add_argument_group("control strategies (counterfactual, set prompt, guided; see bench/control.py)")
-    control.add_argument("--control", action="store_true",
-                         help="measure the control strategies instead of comparing with HF generate()")  # fmt: skip
+    control.add_argument(
+        "--control", action="store_true", help="measure the control strategies instead of comparing with HF generate()"
+    )
     control.add_argument("--guide-model", default=None, help="guide for the guided rows (default: --model)")
     control.add_argument("--omega", type=float, default=20.0, help="guidance weight of the guided row (default: 20)")
 
@@ -148,7 +204,6 @@ def build_systems(args, generator, specs: list[dict], extra_dtypes: list[str]):
         other = load(args.model, quant=quant)
         systems.append(ArgenSystem(other, {"name": "plain"}, reference=HF, suffix=f"@{other.quant}"))
     if "llama-cpp" in getattr(args, "systems", []):
-
         gguf_file = sources.gguf_file(sources.parse_source(args.model))
         if gguf_file is None:
             raise ArgenError("--systems llama-cpp runs llama.cpp on the model's GGUF file; this model has none")
@@ -207,8 +262,11 @@ def _run(args: argparse.Namespace) -> int:
     generator = load(args.model, quant=getattr(args, "quant", "auto"))
     systems, hf_model = build_systems(args, generator, specs, extra_dtypes)
     n_categories = len({q.category for q in questions})
-    print(f"{PROG}: {len(questions)} questions in {n_categories} categories × {len(systems)} systems "
-          f"({', '.join(s.name for s in systems)}), up to {args.max_new_tokens} new tokens", file=sys.stderr)  # fmt: skip
+    print(
+        f"{PROG}: {len(questions)} questions in {n_categories} categories × {len(systems)} systems "
+        f"({', '.join(s.name for s in systems)}), up to {args.max_new_tokens} new tokens",
+        file=sys.stderr,
+    )
 
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "records.partial.jsonl"  # per-question records as they finish; removed at the end
@@ -225,15 +283,37 @@ def _run(args: argparse.Namespace) -> int:
     )
     described = [s.describe() for s in systems]
     summary = report.summarize(records, described)
-    settings = {"model": args.model, "questions": portable_path(questions_path.resolve()), "questions_count": len(questions),
-                "categories": {c: sum(q.category == c for q in questions) for c in dict.fromkeys(q.category for q in questions)},
-                "limit": args.limit, "group_mt_bench": args.group_mt_bench,
-                "max_new_tokens": args.max_new_tokens, "strategies": specs, "dtypes": ["float32", *extra_dtypes],
-                "hf_prompt_lookup": args.hf_prompt_lookup, "warmup": args.warmup, "threads": torch.get_num_threads(),
-                "quant": generator.quant, "quants": getattr(args, "quants", []), "peers": getattr(args, "systems", []),
-                "greedy": True, "batch_size": 1}  # fmt: skip
-    paths = report.write_all(out, command_line(args), portable_argv(sys.argv), machine_info(args.git_state), settings,
-                             described, records, summary)  # fmt: skip
+    settings = {
+        "model": args.model,
+        "questions": portable_path(questions_path.resolve()),
+        "questions_count": len(questions),
+        "categories": {
+            c: sum(q.category == c for q in questions) for c in dict.fromkeys(q.category for q in questions)
+        },
+        "limit": args.limit,
+        "group_mt_bench": args.group_mt_bench,
+        "max_new_tokens": args.max_new_tokens,
+        "strategies": specs,
+        "dtypes": ["float32", *extra_dtypes],
+        "hf_prompt_lookup": args.hf_prompt_lookup,
+        "warmup": args.warmup,
+        "threads": torch.get_num_threads(),
+        "quant": generator.quant,
+        "quants": getattr(args, "quants", []),
+        "peers": getattr(args, "systems", []),
+        "greedy": True,
+        "batch_size": 1,
+    }
+    paths = report.write_all(
+        out,
+        command_line(args),
+        portable_argv(sys.argv),
+        machine_info(args.git_state),
+        settings,
+        described,
+        records,
+        summary,
+    )
     log_path.unlink(missing_ok=True)
     report.print_summary(summary, records)
     print(f"\n{PROG}: report written to {paths['markdown']} (also {paths['json'].name}, {paths['chart'].name})")
@@ -244,8 +324,9 @@ __all__ = ["add_arguments", "command_line", "main", "run"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_arguments(parser)
     args = parser.parse_args(argv)
     try:

@@ -70,11 +70,15 @@ def parse_config(text: str) -> LossyConfig:
             raise ArgenError(f"--config {text!r} is not valid JSON: {exc}") from exc
         unknown = set(item) - {"method", "setting", "strategy", "options"}
         if unknown or not isinstance(item.get("options", {}), dict):
-            raise ArgenError("a JSON --config has method, setting, strategy (a name or spec) and options (a dict of "
-                             f"generate options, e.g. a press); got {text!r}")  # fmt: skip
+            raise ArgenError(
+                "a JSON --config has method, setting, strategy (a name or spec) and options (a dict of "
+                f"generate options, e.g. a press); got {text!r}"
+            )
         strategy = item.get("strategy", "plain")
         name = strategy if isinstance(strategy, str) else strategy.get("name", "plain")
-        return LossyConfig(str(item.get("method", name)), str(item.get("setting", "")), strategy, item.get("options", {}))
+        return LossyConfig(
+            str(item.get("method", name)), str(item.get("setting", "")), strategy, item.get("options", {})
+        )
     spec = parse_strategy(text)
     setting = ",".join(f"{k}={v}" for k, v in spec.items() if k != "name")
     return LossyConfig(spec["name"], setting, spec)
@@ -83,8 +87,10 @@ def parse_config(text: str) -> LossyConfig:
 def default_configs(n_layers: int, max_new_tokens: int) -> list[LossyConfig]:
     """Four settings per built-in lossy strategy (distinct ones: a tiny model may have fewer); SkipDecode
     ramps down over the whole output."""
-    configs = [parse_config(f"skip-decode:min_layers={m}:decay_tokens={max_new_tokens}")
-               for m in dict.fromkeys(max(1, round(n_layers * f)) for f in SKIP_FRACTIONS)]  # fmt: skip
+    configs = [
+        parse_config(f"skip-decode:min_layers={m}:decay_tokens={max_new_tokens}")
+        for m in dict.fromkeys(max(1, round(n_layers * f)) for f in SKIP_FRACTIONS)
+    ]
     return configs + [parse_config(f"ffn-skip:threshold={t}") for t in FFN_THRESHOLDS]
 
 
@@ -111,13 +117,22 @@ def build_cases(args, questions, count_tokens) -> list[Case]:
     cases = [Case(str(q.question_id), q.category, q.prompt) for q in picked]
     articles = [q.prompt.removeprefix("Summarize:").strip() for q in questions if q.category == "summarization"]
     if args.long_lengths and not articles:
-        raise ArgenError("the long-context case builds its prompts from the summarization articles; the questions "
-                         "file has none (pass --long-lengths '' to leave it out)")  # fmt: skip
+        raise ArgenError(
+            "the long-context case builds its prompts from the summarization articles; the questions "
+            "file has none (pass --long-lengths '' to leave it out)"
+        )
     return cases + long_context_cases(articles, count_tokens, args.long_lengths)
 
 
-def measure(generator, cases: list[Case], configs: list[LossyConfig], max_new_tokens: int, ignore_eos: bool,
-            progress=None, peer=None) -> list[dict]:  # fmt: skip
+def measure(
+    generator,
+    cases: list[Case],
+    configs: list[LossyConfig],
+    max_new_tokens: int,
+    ignore_eos: bool,
+    progress=None,
+    peer=None,
+) -> list[dict]:
     """Every configuration on every case (batch 1, greedy), each beside the exact output of the same
     prompt; the configurations' order alternates per case (slow drift of the machine's load).
     `peer(case, prompt, exact, scorer, exact_nll, reverse)` adds a peer's records for the case."""
@@ -129,8 +144,14 @@ def measure(generator, cases: list[Case], configs: list[LossyConfig], max_new_to
         order = [0, *(range(1, len(every)) if n % 2 == 0 else range(len(every) - 1, 0, -1))]
         runs: dict[int, object] = {}
         for i in order:
-            runs[i] = generator.generate(prompt, strategy=every[i].strategy, max_new_tokens=max_new_tokens,
-                                         temperature=0, ignore_eos=ignore_eos, **every[i].options)  # fmt: skip
+            runs[i] = generator.generate(
+                prompt,
+                strategy=every[i].strategy,
+                max_new_tokens=max_new_tokens,
+                temperature=0,
+                ignore_eos=ignore_eos,
+                **every[i].options,
+            )
         exact = runs[0]
         with NLLScorer(runtime, prompt) as scorer:
             exact_nll = mean_nll(scorer.score(exact.token_ids))
@@ -139,16 +160,26 @@ def measure(generator, cases: list[Case], configs: list[LossyConfig], max_new_to
                 same = agreement(exact.token_ids, result.token_ids)
                 s = result.stats
                 decode_s = s.wall_seconds - s.prefill_seconds
-                records.append({
-                    "case": case.case_id, "category": case.category, "prompt_tokens": len(prompt),
-                    "method": config.method, "setting": config.setting, "label": config.label,
-                    "new_tokens": s.new_tokens, "tok_s": s.new_tokens / decode_s if decode_s > 0 else None,
-                    "kv_bytes": getattr(s, "kv_bytes_held", None) or s.peak_kv_bytes, "peak_kv_bytes": s.peak_kv_bytes,
-                    "first_divergence": same.first_divergence, "token_agreement": same.token_agreement,
-                    "nll_exact": exact_nll, "nll": exact_nll if i == 0 else mean_nll(scorer.score(result.token_ids)),
-                    "answer_recall": answer_recall(exact.text, result.text, case.source) if case.source else None,
-                    "extras": {k: v for k, v in result.extras.items() if k != "replay"},
-                })  # fmt: skip
+                records.append(
+                    {
+                        "case": case.case_id,
+                        "category": case.category,
+                        "prompt_tokens": len(prompt),
+                        "method": config.method,
+                        "setting": config.setting,
+                        "label": config.label,
+                        "new_tokens": s.new_tokens,
+                        "tok_s": s.new_tokens / decode_s if decode_s > 0 else None,
+                        "kv_bytes": getattr(s, "kv_bytes_held", None) or s.peak_kv_bytes,
+                        "peak_kv_bytes": s.peak_kv_bytes,
+                        "first_divergence": same.first_divergence,
+                        "token_agreement": same.token_agreement,
+                        "nll_exact": exact_nll,
+                        "nll": exact_nll if i == 0 else mean_nll(scorer.score(result.token_ids)),
+                        "answer_recall": answer_recall(exact.text, result.text, case.source) if case.source else None,
+                        "extras": {k: v for k, v in result.extras.items() if k != "replay"},
+                    }
+                )
             if peer is not None:
                 records += peer(case, prompt, exact, scorer, exact_nll, n % 2 == 1)
         if progress:
@@ -166,10 +197,25 @@ def summarize(records: list[dict]) -> list[dict]:
             group = [r for r in records if r["label"] == label and category in ("all", r["category"])]
             if not group:
                 continue
-            row = {"label": label, "method": group[0]["method"], "setting": group[0]["setting"], "category": category,
-                   "cases": len(group)}  # fmt: skip
-            for key in ("tok_s", "kv_bytes", "peak_kv_bytes", "first_divergence", "token_agreement", "nll_exact", "nll",
-                        "answer_recall", "first_divergence_hf", "token_agreement_hf"):  # fmt: skip
+            row = {
+                "label": label,
+                "method": group[0]["method"],
+                "setting": group[0]["setting"],
+                "category": category,
+                "cases": len(group),
+            }
+            for key in (
+                "tok_s",
+                "kv_bytes",
+                "peak_kv_bytes",
+                "first_divergence",
+                "token_agreement",
+                "nll_exact",
+                "nll",
+                "answer_recall",
+                "first_divergence_hf",
+                "token_agreement_hf",
+            ):
                 row[key] = mean([r.get(key) for r in group])
             row["nll_gap"] = None if row["nll"] is None or row["nll_exact"] is None else row["nll"] - row["nll_exact"]
             rows.append(row)
@@ -181,36 +227,75 @@ def _f(value, spec: str) -> str:
 
 
 def render(command: str, machine: dict, settings: dict, rows: list[dict], notes: list[str] = ()) -> str:
-    header = ["configuration", "category", "cases", "tok/s", "KV MB held", "KV MB peak", "first divergence",
-              "token agreement", "NLL exact", "NLL lossy", "NLL gap", "answer recall"]  # fmt: skip
-    table = [[r["label"], r["category"], str(r["cases"]), _f(r["tok_s"], ".1f"), _f(r["kv_bytes"] and r["kv_bytes"] / 1e6, ".2f"),
-              _f(r["peak_kv_bytes"] and r["peak_kv_bytes"] / 1e6, ".2f"), _f(r["first_divergence"], ".1f"),
-              _f(r["token_agreement"], ".3f"), _f(r["nll_exact"], ".3f"), _f(r["nll"], ".3f"), _f(r["nll_gap"], "+.3f"),
-              _f(r["answer_recall"], ".2f")] for r in rows]  # fmt: skip
-    return "\n".join([
-        "# argen drift: lossy options against exact decoding", "", "```", command, "```", "",
-        f"Model `{settings['model']}`, greedy, batch 1, up to {settings['max_new_tokens']} new tokens"
-        f"{' (EOS ignored)' if settings['ignore_eos'] else ''}; {settings['cases']} prompts: categories "
-        f"{', '.join(settings['categories'])} (first turn, chat template) and long-context prompts of "
-        f"{', '.join(map(str, settings['long_lengths'])) or 'no'} tokens (numbered Spec-Bench articles, a question about "
-        "the middle one). Every configuration runs beside plain greedy decoding (`exact`) on the same prompt.", "",
-        describe(machine), "",
-        "Machine: " + ", ".join(f"{k} {v}" for k, v in machine.items() if k != "dirty_files") + ".", "",
-        markdown_table(header, table, text_columns=2), "",
-        "![agreement and NLL gap against KV bytes and tok/s](drift.png)", "",
-        "- tok/s: new tokens ÷ decoding seconds (the prefill left out). KV MB held: what the request's cache "
-        "held at the end (a press reports it; otherwise the peak); peak: the most it held at once "
-        "(`Result.stats.peak_kv_bytes`).",
-        "- first divergence: tokens equal to the exact output before the first difference; token agreement: "
-        "positions with the same token ÷ the longer output.",
-        "- NLL: mean negative log-likelihood per token that the full model (no skipping, no press) assigns to "
-        "the continuation, teacher-forced; gap: lossy − exact (greedy output is not the most likely sequence, so "
-        "a gap may be slightly negative).",
-        "- answer recall (long-context only): the share of the exact answer's names and numbers (found in the "
-        "article asked about) that the lossy answer also contains.",
-        "- Compute skipping (skip-decode, ffn-skip) holds the same KV bytes as exact decoding: every position "
-        "keeps its slot in every layer (SkipDecode's skipped layers leave theirs unwritten, never read).", *notes, "",
-    ])  # fmt: skip
+    header = [
+        "configuration",
+        "category",
+        "cases",
+        "tok/s",
+        "KV MB held",
+        "KV MB peak",
+        "first divergence",
+        "token agreement",
+        "NLL exact",
+        "NLL lossy",
+        "NLL gap",
+        "answer recall",
+    ]
+    table = [
+        [
+            r["label"],
+            r["category"],
+            str(r["cases"]),
+            _f(r["tok_s"], ".1f"),
+            _f(r["kv_bytes"] and r["kv_bytes"] / 1e6, ".2f"),
+            _f(r["peak_kv_bytes"] and r["peak_kv_bytes"] / 1e6, ".2f"),
+            _f(r["first_divergence"], ".1f"),
+            _f(r["token_agreement"], ".3f"),
+            _f(r["nll_exact"], ".3f"),
+            _f(r["nll"], ".3f"),
+            _f(r["nll_gap"], "+.3f"),
+            _f(r["answer_recall"], ".2f"),
+        ]
+        for r in rows
+    ]
+    return "\n".join(
+        [
+            "# argen drift: lossy options against exact decoding",
+            "",
+            "```",
+            command,
+            "```",
+            "",
+            f"Model `{settings['model']}`, greedy, batch 1, up to {settings['max_new_tokens']} new tokens"
+            f"{' (EOS ignored)' if settings['ignore_eos'] else ''}; {settings['cases']} prompts: categories "
+            f"{', '.join(settings['categories'])} (first turn, chat template) and long-context prompts of "
+            f"{', '.join(map(str, settings['long_lengths'])) or 'no'} tokens (numbered Spec-Bench articles, a question about "
+            "the middle one). Every configuration runs beside plain greedy decoding (`exact`) on the same prompt.",
+            "",
+            describe(machine),
+            "",
+            "Machine: " + ", ".join(f"{k} {v}" for k, v in machine.items() if k != "dirty_files") + ".",
+            "",
+            markdown_table(header, table, text_columns=2),
+            "",
+            "![agreement and NLL gap against KV bytes and tok/s](drift.png)",
+            "",
+            "- tok/s: new tokens ÷ decoding seconds (the prefill left out). KV MB held: what the request's cache "
+            "held at the end (a press reports it; otherwise the peak); peak: the most it held at once "
+            "(`Result.stats.peak_kv_bytes`).",
+            "- first divergence: tokens equal to the exact output before the first difference; token agreement: "
+            "positions with the same token ÷ the longer output.",
+            "- NLL: mean negative log-likelihood per token that the full model (no skipping, no press) assigns to "
+            "the continuation, teacher-forced; gap: lossy − exact (greedy output is not the most likely sequence, so "
+            "a gap may be slightly negative).",
+            "- answer recall (long-context only): the share of the exact answer's names and numbers (found in the "
+            "article asked about) that the lossy answer also contains.",
+            "- Compute skipping (skip-decode, ffn-skip) holds the same KV bytes as exact decoding: every position "
+            "keeps its slot in every layer (SkipDecode's skipped layers leave theirs unwritten, never read).",
+            *notes,
+            "",
+        ]
+    )
 
 
 def _style(method: str, families: list[str]) -> dict:
@@ -222,7 +307,12 @@ def _style(method: str, families: list[str]) -> dict:
         return {"marker": "*", "color": color, "linestyle": "none", "markersize": 10}
     if home != method:  # a marker per kvpress method: two may sit beside one argen method (snapkv, h2o)
         marker = "^v<>sDp"[list(kvpress_peer.ROWS).index(method.split()[-1]) % 7] if home != EXACT else "^"
-        return {"marker": marker, "color": color, "markerfacecolor": "none", "linestyle": "--" if home != EXACT else "none"}
+        return {
+            "marker": marker,
+            "color": color,
+            "markerfacecolor": "none",
+            "linestyle": "--" if home != EXACT else "none",
+        }
     return {"marker": "o", "color": color}
 
 
@@ -235,15 +325,26 @@ def plot(rows: list[dict], path: Path) -> None:
     families = list(dict.fromkeys(beside(m) or m for m in methods))
     fig = Figure(figsize=(11, 8), layout="constrained")
     FigureCanvasAgg(fig)
-    panels = [("kv_bytes", "token_agreement"), ("kv_bytes", "nll_gap"), ("tok_s", "token_agreement"),
-              ("tok_s", "nll_gap")]  # fmt: skip
-    names = {"kv_bytes": "KV MB held (mean per request)", "tok_s": "decode tok/s", "token_agreement":
-             "token agreement with exact", "nll_gap": "NLL gap (lossy − exact, nats/token)"}  # fmt: skip
+    panels = [
+        ("kv_bytes", "token_agreement"),
+        ("kv_bytes", "nll_gap"),
+        ("tok_s", "token_agreement"),
+        ("tok_s", "nll_gap"),
+    ]
+    names = {
+        "kv_bytes": "KV MB held (mean per request)",
+        "tok_s": "decode tok/s",
+        "token_agreement": "token agreement with exact",
+        "nll_gap": "NLL gap (lossy − exact, nats/token)",
+    }
     for index, (x, y) in enumerate(panels):
         ax = fig.add_subplot(2, 2, index + 1)
         for method in methods:
-            points = [(r[x] / (1e6 if x == "kv_bytes" else 1), r[y], r["setting"]) for r in rows
-                      if r["method"] == method and r[x] is not None and r[y] is not None]  # fmt: skip
+            points = [
+                (r[x] / (1e6 if x == "kv_bytes" else 1), r[y], r["setting"])
+                for r in rows
+                if r["method"] == method and r[x] is not None and r[y] is not None
+            ]
             if not points:
                 continue
             style = _style(method, families)
@@ -262,31 +363,54 @@ def plot(rows: list[dict], path: Path) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="default", help="model to load; default: %(default)s")
     parser.add_argument("--questions", metavar="FILE", default=None, help="Spec-Bench question.jsonl (default: found)")
-    parser.add_argument("--categories", metavar="A,B", default="summarization,rag",
-                        help="Spec-Bench categories; default: %(default)s")  # fmt: skip
-    parser.add_argument("--limit", metavar="N", type=int, default=10, help="questions per category; default: %(default)s")
-    parser.add_argument("--long-lengths", metavar="N,N", default="2000,4000,6000",
-                        help="token lengths of the long-context prompts ('' for none); default: %(default)s")  # fmt: skip
-    parser.add_argument("--config", metavar="SPEC", action="append", default=None,
-                        help="a lossy configuration, repeatable: `name:key=value` (a strategy) or JSON "
-                             '{"method", "setting", "strategy", "options": {generate options, e.g. a press}}; '
-                             "default: skip-decode and ffn-skip at four settings each")  # fmt: skip
-    parser.add_argument("--kvpress", metavar="A,B", default=None,
-                        help="NVIDIA kvpress's presses to run beside argen's on the same weights: "
-                             f"{', '.join(m for m in kvpress_peer.METHODS if not kvpress_peer.METHODS[m].quantized)};"
-                             " and transformers' quantized KV cache (optimum-quanto) beside argen's kv-quant: "
-                             f"{', '.join(m for m in kvpress_peer.METHODS if kvpress_peer.METHODS[m].quantized)} "
-                             "(one row each, no budget). Needs `pip install 'argen[kvpress]'`, in an environment "
-                             "of its own: docs/lossy-and-drift.md")  # fmt: skip
-    parser.add_argument("--kvpress-budgets", metavar="B,B", default=None,
-                        help="fractions of positions kept for the kvpress press rows (kv-quant-N rows have none); "
-                             "default: the budgets of the press configurations (--config), else 0.5,0.35,0.2,0.1")  # fmt: skip
+    parser.add_argument(
+        "--categories", metavar="A,B", default="summarization,rag", help="Spec-Bench categories; default: %(default)s"
+    )
+    parser.add_argument(
+        "--limit", metavar="N", type=int, default=10, help="questions per category; default: %(default)s"
+    )
+    parser.add_argument(
+        "--long-lengths",
+        metavar="N,N",
+        default="2000,4000,6000",
+        help="token lengths of the long-context prompts ('' for none); default: %(default)s",
+    )
+    parser.add_argument(
+        "--config",
+        metavar="SPEC",
+        action="append",
+        default=None,
+        help="a lossy configuration, repeatable: `name:key=value` (a strategy) or JSON "
+        '{"method", "setting", "strategy", "options": {generate options, e.g. a press}}; '
+        "default: skip-decode and ffn-skip at four settings each",
+    )
+    parser.add_argument(
+        "--kvpress",
+        metavar="A,B",
+        default=None,
+        help="NVIDIA kvpress's presses to run beside argen's on the same weights: "
+        f"{', '.join(m for m in kvpress_peer.METHODS if not kvpress_peer.METHODS[m].quantized)};"
+        " and transformers' quantized KV cache (optimum-quanto) beside argen's kv-quant: "
+        f"{', '.join(m for m in kvpress_peer.METHODS if kvpress_peer.METHODS[m].quantized)} "
+        "(one row each, no budget). Needs `pip install 'argen[kvpress]'`, in an environment "
+        "of its own: docs/lossy-and-drift.md",
+    )
+    parser.add_argument(
+        "--kvpress-budgets",
+        metavar="B,B",
+        default=None,
+        help="fractions of positions kept for the kvpress press rows (kv-quant-N rows have none); "
+        "default: the budgets of the press configurations (--config), else 0.5,0.35,0.2,0.1",
+    )
     parser.add_argument("--max-new-tokens", metavar="N", type=int, default=128, help="default: %(default)s")
     parser.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
     parser.add_argument("--threads", metavar="N", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--out", metavar="DIR", default="benchmarks/drift", help="default: %(default)s")
-    parser.add_argument("--allow-dirty", action="store_true",
-                        help="write the report from a working tree with uncommitted changes (recorded as dirty)")
+    parser.add_argument(
+        "--allow-dirty",
+        action="store_true",
+        help="write the report from a working tree with uncommitted changes (recorded as dirty)",
+    )
 
 
 def _ints(text: str) -> list[int]:
@@ -317,14 +441,23 @@ def run(args: argparse.Namespace) -> int:
     try:
         questions_path = Path(args.questions) if args.questions else find_questions_file()
         generator = load(args.model)
-        configs = [parse_config(c) for c in args.config] if args.config else default_configs(
-            generator.model.runtime.info.n_layers, args.max_new_tokens)  # fmt: skip
+        configs = (
+            [parse_config(c) for c in args.config]
+            if args.config
+            else default_configs(generator.model.runtime.info.n_layers, args.max_new_tokens)
+        )
         context = generator.model.runtime.info.max_positions - args.max_new_tokens - 64
         if any(n > context for n in args.long_lengths):
-            raise ArgenError(f"--long-lengths: this model's context leaves room for prompts of at most {context} tokens")
+            raise ArgenError(
+                f"--long-lengths: this model's context leaves room for prompts of at most {context} tokens"
+            )
         cases = build_cases(args, read_questions(questions_path), lambda text: len(generator.encode(text, chat=False)))
-        peer_configs = drift_kvpress.peer_configs(methods, drift_kvpress.parse_budgets(args.kvpress_budgets) if
-                                                  args.kvpress_budgets else drift_kvpress.press_budgets(configs))  # fmt: skip
+        peer_configs = drift_kvpress.peer_configs(
+            methods,
+            drift_kvpress.parse_budgets(args.kvpress_budgets)
+            if args.kvpress_budgets
+            else drift_kvpress.press_budgets(configs),
+        )
         peer = None
         if peer_configs:
             hf = kvpress_peer.KVPressPeer(generator.model.hf_model, generator.model.eos_ids)
@@ -334,31 +467,68 @@ def run(args: argparse.Namespace) -> int:
                 return generator.tokenizer.decode(ids, skip_special_tokens=True)
 
             def peer(case, prompt, exact, scorer, exact_nll, reverse):
-                return drift_kvpress.peer_records(hf, text, case, prompt, exact, scorer, exact_nll,
-                                                  peer_configs, args.max_new_tokens, args.ignore_eos, reverse)  # fmt: skip
+                return drift_kvpress.peer_records(
+                    hf,
+                    text,
+                    case,
+                    prompt,
+                    exact,
+                    scorer,
+                    exact_nll,
+                    peer_configs,
+                    args.max_new_tokens,
+                    args.ignore_eos,
+                    reverse,
+                )
 
-        print(f"{PROG}: {len(cases)} prompts × {len(configs) + 1} configurations"
-              f"{f' + {len(peer_configs) + 1} kvpress' if peer_configs else ''}", file=sys.stderr)  # fmt: skip
+        print(
+            f"{PROG}: {len(cases)} prompts × {len(configs) + 1} configurations"
+            f"{f' + {len(peer_configs) + 1} kvpress' if peer_configs else ''}",
+            file=sys.stderr,
+        )
 
         def progress(done: int, total: int) -> None:
             print(f"  {done}/{total} prompts", file=sys.stderr)
 
         records = measure(generator, cases, configs, args.max_new_tokens, args.ignore_eos, progress, peer)
-        command = shlex.join([*PROG.split(), "--model", args.model, "--categories", ",".join(args.categories),
-                              "--limit", str(args.limit), "--long-lengths", ",".join(map(str, args.long_lengths)),
-                              *[x for c in (args.config or []) for x in ("--config", c)],
-                              *(["--kvpress", ",".join(m.name for m in methods)] if methods else []),
-                              *(["--kvpress-budgets", args.kvpress_budgets] if methods and args.kvpress_budgets else []),
-                              "--max-new-tokens",
-                              str(args.max_new_tokens), *(["--ignore-eos"] if args.ignore_eos else []),
-                              *(["--threads", str(args.threads)] if args.threads else []),
-                              *(["--questions", portable_path(args.questions)] if args.questions else []),
-                              "--out", portable_path(args.out)])  # fmt: skip
+        command = shlex.join(
+            [
+                *PROG.split(),
+                "--model",
+                args.model,
+                "--categories",
+                ",".join(args.categories),
+                "--limit",
+                str(args.limit),
+                "--long-lengths",
+                ",".join(map(str, args.long_lengths)),
+                *[x for c in (args.config or []) for x in ("--config", c)],
+                *(["--kvpress", ",".join(m.name for m in methods)] if methods else []),
+                *(["--kvpress-budgets", args.kvpress_budgets] if methods and args.kvpress_budgets else []),
+                "--max-new-tokens",
+                str(args.max_new_tokens),
+                *(["--ignore-eos"] if args.ignore_eos else []),
+                *(["--threads", str(args.threads)] if args.threads else []),
+                *(["--questions", portable_path(args.questions)] if args.questions else []),
+                "--out",
+                portable_path(args.out),
+            ]
+        )
         machine = machine_info(state)
-        settings = {"model": args.model, "max_new_tokens": args.max_new_tokens, "ignore_eos": args.ignore_eos,
-                    "categories": args.categories, "limit": args.limit, "long_lengths": args.long_lengths,
-                    "cases": len(cases), "configs": [asdict(c) for c in configs], "threads": torch.get_num_threads(),
-                    "quant": generator.quant, "greedy": True, "batch_size": 1}  # fmt: skip
+        settings = {
+            "model": args.model,
+            "max_new_tokens": args.max_new_tokens,
+            "ignore_eos": args.ignore_eos,
+            "categories": args.categories,
+            "limit": args.limit,
+            "long_lengths": args.long_lengths,
+            "cases": len(cases),
+            "configs": [asdict(c) for c in configs],
+            "threads": torch.get_num_threads(),
+            "quant": generator.quant,
+            "greedy": True,
+            "batch_size": 1,
+        }
         notes = []
         if peer_configs:
             machine["kvpress"] = kvpress_peer.kvpress_version()
@@ -369,8 +539,14 @@ def run(args: argparse.Namespace) -> int:
     rows = drift_kvpress.arrange(summarize(records))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = {"command": command, "argv": portable_argv(sys.argv), "machine": machine, "settings": settings,
-               "summary": rows, "records": records}  # fmt: skip
+    results = {
+        "command": command,
+        "argv": portable_argv(sys.argv),
+        "machine": machine,
+        "settings": settings,
+        "summary": rows,
+        "records": records,
+    }
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
     (out / "report.md").write_text(render(command, machine, settings, rows, notes), encoding="utf-8")
     plot(rows, out / "drift.png")
@@ -379,8 +555,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_arguments(parser)
     try:
         return run(parser.parse_args(argv))

@@ -50,7 +50,9 @@ def parse_budgets(text: str) -> list[float]:
     try:
         budgets = [float(x) for x in text.split(",") if x.strip()]
     except ValueError as exc:
-        raise ArgenError(f"--kvpress-budgets takes fractions kept separated by commas (e.g. 0.5,0.2); got {text!r}") from exc
+        raise ArgenError(
+            f"--kvpress-budgets takes fractions kept separated by commas (e.g. 0.5,0.2); got {text!r}"
+        ) from exc
     if not budgets:
         raise ArgenError("--kvpress-budgets needs at least one budget, e.g. 0.5")
     for budget in budgets:
@@ -78,36 +80,96 @@ def peer_configs(methods: list[PeerMethod], budgets: list[float]) -> list[PeerCo
     return [c for m in methods for c in ([PeerConfig(m, None)] if m.quantized else [PeerConfig(m, b) for b in budgets])]
 
 
-def _record(case, prompt_len: int, method: str, setting: str, label: str, run: PeerRun, text: str, exact, scorer,
-            exact_nll, reference: PeerRun | None) -> dict:  # fmt: skip
+def _record(
+    case,
+    prompt_len: int,
+    method: str,
+    setting: str,
+    label: str,
+    run: PeerRun,
+    text: str,
+    exact,
+    scorer,
+    exact_nll,
+    reference: PeerRun | None,
+) -> dict:
     same = agreement(exact.token_ids, run.token_ids)
     hf = agreement(reference.token_ids, run.token_ids) if reference is not None else None
     return {
-        "case": case.case_id, "category": case.category, "prompt_tokens": prompt_len, "peer": PEER,
-        "method": method, "setting": setting, "label": label, "new_tokens": len(run.token_ids), "tok_s": run.tok_s,
-        "kv_bytes": run.kv_bytes, "peak_kv_bytes": run.peak_kv_bytes, "first_divergence": same.first_divergence,
-        "token_agreement": same.token_agreement, "nll_exact": exact_nll, "nll": mean_nll(scorer.score(run.token_ids)),
+        "case": case.case_id,
+        "category": case.category,
+        "prompt_tokens": prompt_len,
+        "peer": PEER,
+        "method": method,
+        "setting": setting,
+        "label": label,
+        "new_tokens": len(run.token_ids),
+        "tok_s": run.tok_s,
+        "kv_bytes": run.kv_bytes,
+        "peak_kv_bytes": run.peak_kv_bytes,
+        "first_divergence": same.first_divergence,
+        "token_agreement": same.token_agreement,
+        "nll_exact": exact_nll,
+        "nll": mean_nll(scorer.score(run.token_ids)),
         "answer_recall": answer_recall(exact.text, text, case.source) if case.source else None,
-        "first_divergence_hf": hf and hf.first_divergence, "token_agreement_hf": hf and hf.token_agreement,
+        "first_divergence_hf": hf and hf.first_divergence,
+        "token_agreement_hf": hf and hf.token_agreement,
         "hf_equals_exact": run.token_ids == exact.token_ids if reference is None else None,
         "extras": {"press": run.press, "seconds": run.seconds, "prefill_seconds": run.prefill_seconds},
-    }  # fmt: skip
+    }
 
 
-def peer_records(peer: KVPressPeer, decode, case, prompt: list[int], exact, scorer, exact_nll, configs: list[PeerConfig],
-                 max_new_tokens: int, ignore_eos: bool, reverse: bool = False) -> list[dict]:  # fmt: skip
+def peer_records(
+    peer: KVPressPeer,
+    decode,
+    case,
+    prompt: list[int],
+    exact,
+    scorer,
+    exact_nll,
+    configs: list[PeerConfig],
+    max_new_tokens: int,
+    ignore_eos: bool,
+    reverse: bool = False,
+) -> list[dict]:
     """The `kvpress none` row and one row per kvpress configuration for one prompt (`exact`: argen's
     exact Result for it; `decode`: token ids -> text). `reverse` runs the configurations in the
     opposite order (the bench alternates per prompt against slow drift of the machine's load)."""
     reference = peer.reference(prompt, max_new_tokens, ignore_eos)
-    records = [_record(case, len(prompt), NO_PRESS, "", NO_PRESS, reference, decode(reference.token_ids), exact,
-                       scorer, exact_nll, None)]  # fmt: skip
+    records = [
+        _record(
+            case,
+            len(prompt),
+            NO_PRESS,
+            "",
+            NO_PRESS,
+            reference,
+            decode(reference.token_ids),
+            exact,
+            scorer,
+            exact_nll,
+            None,
+        )
+    ]
     runs = {}
     for i in (reversed if reverse else list)(range(len(configs))):
         runs[i] = peer.run(prompt, configs[i].method, configs[i].budget, max_new_tokens, ignore_eos)
     for i, config in enumerate(configs):
-        records.append(_record(case, len(prompt), config.row_method, config.setting, config.label, runs[i],
-                               decode(runs[i].token_ids), exact, scorer, exact_nll, reference))  # fmt: skip
+        records.append(
+            _record(
+                case,
+                len(prompt),
+                config.row_method,
+                config.setting,
+                config.label,
+                runs[i],
+                decode(runs[i].token_ids),
+                exact,
+                scorer,
+                exact_nll,
+                reference,
+            )
+        )
     return records
 
 
@@ -144,14 +206,29 @@ def settings(configs: list[PeerConfig]) -> dict:
     from benchmarks.harness.kvpress_peer import DECODE_INTERVAL, QUANT_GROUP, RESIDUAL, kvpress_version
 
     methods = list(dict.fromkeys(c.method for c in configs))
-    info = {"version": kvpress_version(), "budgets": list(dict.fromkeys(c.budget for c in configs if c.budget is not None)),
-            "decode_interval": DECODE_INTERVAL,
-            "methods": {m.name: {"press": m.press_name, "pressed": _pressed(m), "beside": m.beside,
-                                 "attention": "eager" if m.eager else "sdpa"} for m in methods}}  # fmt: skip
+    info = {
+        "version": kvpress_version(),
+        "budgets": list(dict.fromkeys(c.budget for c in configs if c.budget is not None)),
+        "decode_interval": DECODE_INTERVAL,
+        "methods": {
+            m.name: {
+                "press": m.press_name,
+                "pressed": _pressed(m),
+                "beside": m.beside,
+                "attention": "eager" if m.eager else "sdpa",
+            }
+            for m in methods
+        },
+    }
     if any(m.quantized for m in methods):
-        info["quantized_cache"] = {"backend": "quanto", "optimum_quanto": kvpress_version("optimum-quanto"),
-                                   "axis_key": 0, "axis_value": 0, "q_group_size": QUANT_GROUP,
-                                   "residual_length": RESIDUAL}  # fmt: skip
+        info["quantized_cache"] = {
+            "backend": "quanto",
+            "optimum_quanto": kvpress_version("optimum-quanto"),
+            "axis_key": 0,
+            "axis_value": 0,
+            "q_group_size": QUANT_GROUP,
+            "residual_length": RESIDUAL,
+        }
     return info
 
 
@@ -169,16 +246,23 @@ def hf_agreement(records: list[dict]) -> dict:
 
 def describe(info: dict, agree: dict, quant: str) -> list[str]:
     """The report's notes on the kvpress rows."""
-    methods = "; ".join(f"`{name}`: {m['press']} ({m['pressed']}, {m['attention']} attention)"
-                        for name, m in info["methods"].items() if m["beside"] != "kv-quant")  # fmt: skip
-    pressed = [
-        f"- kvpress rows (`kvpress METHOD BUDGET`): NVIDIA kvpress {info['version']} on the Hugging Face model with the "
-        f"same weights in fp32 (argen's rows: quant `{quant}`), compression_ratio = 1 − budget, greedy "
-        "in kvpress's own loop (one pass over the whole prompt, pressed after each attention layer, then one token "
-        f"per pass). {methods}. Pressed while decoding: the cache is pressed back to the budget of the positions seen "
-        f"every {info['decode_interval']} steps (`CompressionRatioDecodingPress`); prefill only: it grows by one "
-        "position per new token.",
-    ] if methods else []  # fmt: skip
+    methods = "; ".join(
+        f"`{name}`: {m['press']} ({m['pressed']}, {m['attention']} attention)"
+        for name, m in info["methods"].items()
+        if m["beside"] != "kv-quant"
+    )
+    pressed = (
+        [
+            f"- kvpress rows (`kvpress METHOD BUDGET`): NVIDIA kvpress {info['version']} on the Hugging Face model with the "
+            f"same weights in fp32 (argen's rows: quant `{quant}`), compression_ratio = 1 − budget, greedy "
+            "in kvpress's own loop (one pass over the whole prompt, pressed after each attention layer, then one token "
+            f"per pass). {methods}. Pressed while decoding: the cache is pressed back to the budget of the positions seen "
+            f"every {info['decode_interval']} steps (`CompressionRatioDecodingPress`); prefill only: it grows by one "
+            "position per new token.",
+        ]
+        if methods
+        else []
+    )
     quantized = [_quantized_note(info)] if "quantized_cache" in info else []
     return [
         *pressed,
@@ -191,7 +275,7 @@ def describe(info: dict, agree: dict, quant: str) -> list[str]:
         "(before the press's hook) and after each pass; peak includes a layer's whole prompt before it is pressed "
         "(argen prefills a pressed prompt in chunks of 128 positions).",
         *quantized,
-    ]  # fmt: skip
+    ]
 
 
 def _quantized_note(info: dict) -> str:

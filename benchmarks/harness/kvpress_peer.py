@@ -97,16 +97,19 @@ class PeerMethod:
 # One table: --kvpress names -> kvpress presses. SnapKV's scorer (and PyramidKV's, SnapKV's with
 # per-layer budgets) needs more than 64 queries in view, which a decoding step never has, and kvpress's merge-on-evict press works on the prefill only
 # (its decoding merger, CAMPress, keeps a fixed count, not a fraction): those two press the prompt.
-METHODS = {m.name: m for m in (
-    PeerMethod("streaming-llm", "streaming-llm", "StreamingLLMPress"),
-    PeerMethod("h2o", "h2o", "ObservedAttentionPress", eager=True),
-    PeerMethod("snapkv", "snapkv", "SnapKVPress", decoding=False),
-    PeerMethod("pyramidkv", "prefix-kv", "PyramidKVPress", decoding=False),  # per-layer budgets, a pyramid
-    PeerMethod("knorm", "knorm", "KnormPress"),
-    PeerMethod("expected-attention", "expected-attention", "ExpectedAttentionPress"),
-    PeerMethod("merging", "kvmerger", "SnapKVPress", wrapper="MergingPress", decoding=False),
-    *(PeerMethod(f"kv-quant-{bits}", "kv-quant", bits=bits) for bits in (8, 4, 2)),
-)}  # fmt: skip
+METHODS = {
+    m.name: m
+    for m in (
+        PeerMethod("streaming-llm", "streaming-llm", "StreamingLLMPress"),
+        PeerMethod("h2o", "h2o", "ObservedAttentionPress", eager=True),
+        PeerMethod("snapkv", "snapkv", "SnapKVPress", decoding=False),
+        PeerMethod("pyramidkv", "prefix-kv", "PyramidKVPress", decoding=False),  # per-layer budgets, a pyramid
+        PeerMethod("knorm", "knorm", "KnormPress"),
+        PeerMethod("expected-attention", "expected-attention", "ExpectedAttentionPress"),
+        PeerMethod("merging", "kvmerger", "SnapKVPress", wrapper="MergingPress", decoding=False),
+        *(PeerMethod(f"kv-quant-{bits}", "kv-quant", bits=bits) for bits in (8, 4, 2)),
+    )
+}
 ROWS = {m.row: m for m in METHODS.values()}  # a row's method -> a method of that row (all sit beside the same)
 
 
@@ -122,8 +125,7 @@ def parse_methods(text: str) -> list[PeerMethod]:
     unknown = [n for n in names if n not in METHODS]
     if unknown or not names:
         what = f"unknown method {', '.join(map(repr, unknown))}" if unknown else "no method"
-        raise ArgenError(f"--kvpress: {what}; it takes names from {', '.join(METHODS)} (comma-separated); "
-                         f"got {text!r}")  # fmt: skip
+        raise ArgenError(f"--kvpress: {what}; it takes names from {', '.join(METHODS)} (comma-separated); got {text!r}")
     return [METHODS[n] for n in dict.fromkeys(names)]
 
 
@@ -131,9 +133,11 @@ def import_kvpress():
     try:
         import kvpress
     except ImportError as exc:
-        raise ArgenError(f"--kvpress needs NVIDIA kvpress, which is not importable here ({exc}). Install it with "
-                         f"`{INSTALL}` in an environment of its own: kvpress 0.5.5 needs transformers<5.3 "
-                         "(docs/lossy-and-drift.md, kvpress beside argen's presses)") from exc  # fmt: skip
+        raise ArgenError(
+            f"--kvpress needs NVIDIA kvpress, which is not importable here ({exc}). Install it with "
+            f"`{INSTALL}` in an environment of its own: kvpress 0.5.5 needs transformers<5.3 "
+            "(docs/lossy-and-drift.md, kvpress beside argen's presses)"
+        ) from exc
     return kvpress
 
 
@@ -141,9 +145,11 @@ def import_quanto():
     try:
         quanto = importlib.import_module("optimum.quanto")
     except ImportError as exc:
-        raise ArgenError(f"--kvpress kv-quant-N needs optimum-quanto (transformers' QuantizedCache backend), which is "
-                         f"not importable here ({exc}). Install it with `{INSTALL}` in the kvpress environment "
-                         "(docs/lossy-and-drift.md, kvpress beside argen's presses)") from exc  # fmt: skip
+        raise ArgenError(
+            f"--kvpress kv-quant-N needs optimum-quanto (transformers' QuantizedCache backend), which is "
+            f"not importable here ({exc}). Install it with `{INSTALL}` in the kvpress environment "
+            "(docs/lossy-and-drift.md, kvpress beside argen's presses)"
+        ) from exc
     return quanto
 
 
@@ -167,8 +173,9 @@ def build_press(method: PeerMethod, budget: float):
         prefill = getattr(kvpress, method.wrapper)(press=prefill)
     if not method.decoding:
         return prefill
-    decoding = kvpress.CompressionRatioDecodingPress(base_press=scorer(), target_compression_ratio=ratio,
-                                                     compression_interval=DECODE_INTERVAL)  # fmt: skip
+    decoding = kvpress.CompressionRatioDecodingPress(
+        base_press=scorer(), target_compression_ratio=ratio, compression_interval=DECODE_INTERVAL
+    )
     return kvpress.PrefillDecodingPress(prefilling_press=prefill, decoding_press=decoding)
 
 
@@ -203,8 +210,11 @@ def held_bytes(value) -> int:
 def cache_bytes(cache) -> int:
     """Bytes of every key and value tensor the cache holds, quantized or not (a layer not written
     yet holds none)."""
-    return sum(held_bytes(getattr(layer, name, None)) for layer in getattr(cache, "layers", [])
-               for name in ("keys", "values", "_quantized_keys", "_quantized_values"))  # fmt: skip
+    return sum(
+        held_bytes(getattr(layer, name, None))
+        for layer in getattr(cache, "layers", [])
+        for name in ("keys", "values", "_quantized_keys", "_quantized_values")
+    )
 
 
 def quant_group(config) -> int:
@@ -225,8 +235,9 @@ def quantized_cache(config, bits: int):
     if bits == 8:
         layer = _qint8_layer_class()
         return Cache(layers=[layer(8, 0, 0, group, RESIDUAL) for _ in range(config.num_hidden_layers)])
-    return QuantizedCache("quanto", config, nbits=bits, axis_key=0, axis_value=0, q_group_size=group,
-                          residual_length=RESIDUAL)  # fmt: skip
+    return QuantizedCache(
+        "quanto", config, nbits=bits, axis_key=0, axis_value=0, q_group_size=group, residual_length=RESIDUAL
+    )
 
 
 @functools.cache
@@ -286,21 +297,24 @@ class KVPressPeer:
         the tokens end with the EOS token where one stopped the run."""
         return self._decode(prompt, max_new_tokens, ignore_eos, None, "none")
 
-    def run(self, prompt: list[int], method: PeerMethod, budget: float | None, max_new_tokens: int,
-            ignore_eos: bool = False) -> PeerRun:  # fmt: skip
+    def run(
+        self, prompt: list[int], method: PeerMethod, budget: float | None, max_new_tokens: int, ignore_eos: bool = False
+    ) -> PeerRun:
         """`method` at `budget` (a quantized method has none: every position is kept)."""
         if method.quantized:
             cache = quantized_cache(self.model.config, method.bits)
-            return self._decode(prompt, max_new_tokens, ignore_eos, None, f"{method.press_name}, no press",
-                                cache=cache)  # fmt: skip
+            return self._decode(prompt, max_new_tokens, ignore_eos, None, f"{method.press_name}, no press", cache=cache)
         press = build_press(method, budget)
         when = "prefill and decoding" if method.decoding else "prefill only"
         try:
-            return self._decode(prompt, max_new_tokens, ignore_eos, press, f"{method.press_name}, {when}",
-                                eager=method.eager)  # fmt: skip
+            return self._decode(
+                prompt, max_new_tokens, ignore_eos, press, f"{method.press_name}, {when}", eager=method.eager
+            )
         except AssertionError as exc:  # kvpress checks its inputs with asserts (e.g. SnapKV: > 64 prompt tokens)
-            raise ArgenError(f"kvpress {method.name} ({method.press_name}) at budget {budget} failed on a "
-                             f"{len(prompt)}-token prompt: {exc}") from exc  # fmt: skip
+            raise ArgenError(
+                f"kvpress {method.name} ({method.press_name}) at budget {budget} failed on a "
+                f"{len(prompt)}-token prompt: {exc}"
+            ) from exc
 
     @contextlib.contextmanager
     def _attention(self, eager: bool):
@@ -315,8 +329,16 @@ class KVPressPeer:
                 self.model.set_attn_implementation(before)
 
     @torch.inference_mode()
-    def _decode(self, prompt: list[int], max_new_tokens: int, ignore_eos: bool, press, description: str,
-                eager: bool = False, cache=None) -> PeerRun:  # fmt: skip
+    def _decode(
+        self,
+        prompt: list[int],
+        max_new_tokens: int,
+        ignore_eos: bool,
+        press,
+        description: str,
+        eager: bool = False,
+        cache=None,
+    ) -> PeerRun:
         from transformers import DynamicCache
 
         if not prompt or max_new_tokens < 1:

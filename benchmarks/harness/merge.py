@@ -36,17 +36,23 @@ def merge(directories: list[Path], out: Path, allow_dirty: bool = False) -> dict
     for directory, part in zip(directories[1:], parts[1:]):
         for key in SAME:
             if part["settings"].get(key) != first["settings"].get(key):
-                raise ArgenError(f"cannot merge {directory}: its {key} is {part['settings'].get(key)!r}, "
-                                 f"not {first['settings'].get(key)!r} as in {directories[0]}")  # fmt: skip
+                raise ArgenError(
+                    f"cannot merge {directory}: its {key} is {part['settings'].get(key)!r}, "
+                    f"not {first['settings'].get(key)!r} as in {directories[0]}"
+                )
         if [s["name"] for s in part["systems"]] != [s["name"] for s in first["systems"]]:
             raise ArgenError(f"cannot merge {directory}: it ran other systems than {directories[0]}")
         if part["machine"].get("git_commit") != first["machine"].get("git_commit"):
-            raise ArgenError(f"cannot merge {directory}: it was measured at commit {part['machine'].get('git_commit')}, "
-                             f"{directories[0]} at {first['machine'].get('git_commit')}")  # fmt: skip
+            raise ArgenError(
+                f"cannot merge {directory}: it was measured at commit {part['machine'].get('git_commit')}, "
+                f"{directories[0]} at {first['machine'].get('git_commit')}"
+            )
     unclean = [str(d) for d, p in zip(directories, parts) if p["machine"].get("git_dirty") is not False]
     if unclean and not allow_dirty:
-        raise ArgenError(f"{', '.join(unclean)}: measured from a working tree with uncommitted changes (or not "
-                         "recorded); pass --allow-dirty to merge them anyway, recorded as dirty")  # fmt: skip
+        raise ArgenError(
+            f"{', '.join(unclean)}: measured from a working tree with uncommitted changes (or not "
+            "recorded); pass --allow-dirty to merge them anyway, recorded as dirty"
+        )
     seen: set[tuple] = set()
     records = []
     for directory, part in zip(directories, parts):
@@ -60,12 +66,23 @@ def merge(directories: list[Path], out: Path, allow_dirty: bool = False) -> dict
     for part in parts:
         for category, n in part["settings"]["categories"].items():
             categories[category] = categories.get(category, 0) + n
-    settings = first["settings"] | {"questions_count": len(records), "categories": categories,
-                                    "merged_from": [portable_path(Path(d).resolve()) for d in directories]}  # fmt: skip
+    settings = first["settings"] | {
+        "questions_count": len(records),
+        "categories": categories,
+        "merged_from": [portable_path(Path(d).resolve()) for d in directories],
+    }
     systems = first["systems"]
     summary = report.summarize(records, systems)
-    merge_command = portable_command([*PROG.split(), "--merge", *(str(Path(d).resolve()) for d in directories),
-                                      "--out", str(out.resolve()), *(["--allow-dirty"] if allow_dirty else [])])  # fmt: skip
+    merge_command = portable_command(
+        [
+            *PROG.split(),
+            "--merge",
+            *(str(Path(d).resolve()) for d in directories),
+            "--out",
+            str(out.resolve()),
+            *(["--allow-dirty"] if allow_dirty else []),
+        ]
+    )
     command = "\n".join([*(p["command"] for p in parts), merge_command])
     machine = first["machine"] | {"merged_runs": len(parts)}
     if unclean:

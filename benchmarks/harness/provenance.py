@@ -85,8 +85,9 @@ def machine_info(state: dict | None = None) -> dict:
     return provenance(state) | {"cpu": describe_cpu()}
 
 
-def script_args(doc: str | None, *, threads: int | None = None, argv: list[str] | None = None,
-                root: Path | None = None, add=None) -> tuple[argparse.Namespace, dict]:  # fmt: skip
+def script_args(
+    doc: str | None, *, threads: int | None = None, argv: list[str] | None = None, root: Path | None = None, add=None
+) -> tuple[argparse.Namespace, dict]:
     """The preamble every `benchmarks/*/run.py` shares: a parser described by the first line of the
     script's docstring with `--allow-dirty` (and `--threads N` when `threads` is its default; torch
     is set to it), `add(parser)` for the script's own options; then the git state, refused when
@@ -94,7 +95,9 @@ def script_args(doc: str | None, *, threads: int | None = None, argv: list[str] 
     parser = argparse.ArgumentParser(description=(doc or "").strip().split("\n\n")[0])
     if threads is not None:
         parser.add_argument("--threads", type=int, default=threads, help="torch threads (default: %(default)s)")
-    parser.add_argument("--allow-dirty", action="store_true", help="run from a tree with uncommitted changes (recorded)")
+    parser.add_argument(
+        "--allow-dirty", action="store_true", help="run from a tree with uncommitted changes (recorded)"
+    )
     if add is not None:
         add(parser)
     args = parser.parse_args(argv)
@@ -111,8 +114,10 @@ def require_clean(state: dict, allow_dirty: bool) -> None:
     """Refuse to measure for a report that could not be reproduced from its commit."""
     if state["git_dirty"] and not allow_dirty:
         files = ", ".join(state["dirty_files"][:5]) + (" ..." if len(state["dirty_files"]) > 5 else "")
-        raise ArgenError(f"the working tree has uncommitted changes ({files}): a report from it could not be "
-                         "reproduced from its commit; commit them, or pass --allow-dirty to record them as dirty")  # fmt: skip
+        raise ArgenError(
+            f"the working tree has uncommitted changes ({files}): a report from it could not be "
+            "reproduced from its commit; commit them, or pass --allow-dirty to record them as dirty"
+        )
 
 
 def describe(state: dict) -> str:
@@ -122,8 +127,10 @@ def describe(state: dict) -> str:
     if state.get("git_dirty") is None:
         return f"Provenance: commit {state['git_commit']}, working tree state not recorded."
     if state["git_dirty"]:
-        return (f"Provenance: commit {state['git_commit']} **with uncommitted changes** "
-                f"({', '.join(state['dirty_files'])}): not reproducible from the commit alone.")  # fmt: skip
+        return (
+            f"Provenance: commit {state['git_commit']} **with uncommitted changes** "
+            f"({', '.join(state['dirty_files'])}): not reproducible from the commit alone."
+        )
     return f"Provenance: commit {state['git_commit']}, clean working tree."
 
 

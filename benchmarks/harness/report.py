@@ -37,8 +37,14 @@ def summarize(records: list[dict], systems: list[dict]) -> dict:
         group = [r for r in records if category in (ALL, r["category"])]
         for system in systems:
             rows.append(_row(category, system, group, baseline))
-    return {"reference": HF, "baseline": baseline, "near_tie_threshold": NEAR_TIE,
-            "categories": [*categories, ALL], "systems": names, "rows": rows}  # fmt: skip
+    return {
+        "reference": HF,
+        "baseline": baseline,
+        "near_tie_threshold": NEAR_TIE,
+        "categories": [*categories, ALL],
+        "systems": names,
+        "rows": rows,
+    }
 
 
 def _row(category: str, system: dict, group: list[dict], baseline: str | None) -> dict:
@@ -54,7 +60,7 @@ def _row(category: str, system: dict, group: list[dict], baseline: str | None) -
         "tokens_per_s": mean([x["tokens_per_s"] for x in runs]),
         "ratio_vs_hf": geomean([r["systems"][name]["tokens_per_s"] / r["systems"][HF]["tokens_per_s"] for r in group])
         if name != HF
-        else None,  # fmt: skip
+        else None,
         "speedup_vs_plain": None,
         "tokens_per_forward": mean([x["tokens_per_forward"] for x in runs]),
         "reference": system["reference"],
@@ -162,30 +168,60 @@ def fast_path_table(summary: dict) -> str | None:
         judged = r["reference"] is not None
         cells = [r["system"], _fmt(r["decode_tokens_per_s"], ".1f"), _fmt(r["prefill_tokens_per_s"], ".0f")]
         if peer:
-            ratio = [None if not (r[k] and peer[k]) else r[k] / peer[k] for k in ("decode_tokens_per_s",
-                                                                                  "prefill_tokens_per_s")]  # fmt: skip
+            ratio = [
+                None if not (r[k] and peer[k]) else r[k] / peer[k]
+                for k in ("decode_tokens_per_s", "prefill_tokens_per_s")
+            ]
             cells += [_fmt(ratio[0]), _fmt(ratio[1])]
-        cells += [r["reference"] or "—", f"{r['identical']}/{r['n']}" if judged else "ref",
-                  _fmt(r.get("tokens_before_divergence"), ".1f"), _fmt(r.get("agreement"), ".1%"),
-                  _fmt(r.get("nll_gap"), "+.4f"), _fmt(r["weight_bytes"] and r["weight_bytes"] / 1e6, ".0f")]  # fmt: skip
+        cells += [
+            r["reference"] or "—",
+            f"{r['identical']}/{r['n']}" if judged else "ref",
+            _fmt(r.get("tokens_before_divergence"), ".1f"),
+            _fmt(r.get("agreement"), ".1%"),
+            _fmt(r.get("nll_gap"), "+.4f"),
+            _fmt(r["weight_bytes"] and r["weight_bytes"] / 1e6, ".0f"),
+        ]
         lines.append(cells)
     return markdown_table(header, lines)
 
 
 def detail_table(summary: dict) -> str:
     """Rows: (category, system); every measured figure."""
-    header = ["category", "system", "n", "new tok", "tok/s", "×HF", "×plain", "tok/fwd", "identical",
-              "vs", "near-ties", "real div.", "agreement"]  # fmt: skip
+    header = [
+        "category",
+        "system",
+        "n",
+        "new tok",
+        "tok/s",
+        "×HF",
+        "×plain",
+        "tok/fwd",
+        "identical",
+        "vs",
+        "near-ties",
+        "real div.",
+        "agreement",
+    ]
     rows = []
     for r in summary["rows"]:
         judged = r["reference"] is not None
-        rows.append([
-            r["category"], r["system"], str(r["n"]), _fmt(r["new_tokens"], ".1f"), _fmt(r["tokens_per_s"], ".1f"),
-            _fmt(r["ratio_vs_hf"]), _fmt(r["speedup_vs_plain"]), _fmt(r["tokens_per_forward"]),
-            f"{r['identical']}/{r['n']}" if judged else "ref", r["reference"] or "—",
-            str(r["near_ties"]) if judged else "—", _fmt(r.get("real_divergences"), "d"),
-            _fmt(r.get("agreement"), ".1%"),
-        ])  # fmt: skip
+        rows.append(
+            [
+                r["category"],
+                r["system"],
+                str(r["n"]),
+                _fmt(r["new_tokens"], ".1f"),
+                _fmt(r["tokens_per_s"], ".1f"),
+                _fmt(r["ratio_vs_hf"]),
+                _fmt(r["speedup_vs_plain"]),
+                _fmt(r["tokens_per_forward"]),
+                f"{r['identical']}/{r['n']}" if judged else "ref",
+                r["reference"] or "—",
+                str(r["near_ties"]) if judged else "—",
+                _fmt(r.get("real_divergences"), "d"),
+                _fmt(r.get("agreement"), ".1%"),
+            ]
+        )
     return markdown_table(header, rows, text_columns=2)
 
 
@@ -241,13 +277,19 @@ def render_markdown(command: str, machine: dict, settings: dict, summary: dict, 
         "",
     ]
     if settings.get("merged_from"):
-        parts += [f"Merged from {len(settings['merged_from'])} runs over disjoint questions (the commands above, "
-                  "one process each); every ratio is still taken within one process, per question.", ""]  # fmt: skip
+        parts += [
+            f"Merged from {len(settings['merged_from'])} runs over disjoint questions (the commands above, "
+            "one process each); every ratio is still taken within one process, per question.",
+            "",
+        ]
     short = {c: n for c, n in settings["categories"].items() if settings["limit"] and n < settings["limit"]}
     if short:
         listed = ", ".join(f"{c} {n}" for c, n in short.items())
-        parts += [f"`--limit {settings['limit']}` is per category; these categories have fewer questions and use "
-                  f"all of them: {listed}.", ""]  # fmt: skip
+        parts += [
+            f"`--limit {settings['limit']}` is per category; these categories have fewer questions and use "
+            f"all of them: {listed}.",
+            "",
+        ]
     parts += [
         "## Speed relative to Hugging Face `generate()`",
         "",
@@ -258,20 +300,30 @@ def render_markdown(command: str, machine: dict, settings: dict, summary: dict, 
     ]
     fast = fast_path_table(summary)
     if fast:
-        parts += ["## Decode and prefill speed, fidelity and weight memory", "",
-                  "All questions. **decode tok/s**: new tokens ÷ the seconds after the prompt is processed; "
-                  "**prefill tok/s**: prompt tokens ÷ the seconds to process them (argen: its prefill; llama.cpp: "
-                  "until its first token); mean over questions. **tokens before divergence** (mean) and "
-                  "**agreement** against the system named in **vs**; **NLL gap**: the fp32 reference model's mean "
-                  "negative log-likelihood per token of this system's output minus that of the **vs** system's "
-                  "output (0 when identical; positive: the reference model finds this output less likely). "
-                  "**weights MB**: the weights the system holds in memory.", "",
-                  fast, ""]  # fmt: skip
+        parts += [
+            "## Decode and prefill speed, fidelity and weight memory",
+            "",
+            "All questions. **decode tok/s**: new tokens ÷ the seconds after the prompt is processed; "
+            "**prefill tok/s**: prompt tokens ÷ the seconds to process them (argen: its prefill; llama.cpp: "
+            "until its first token); mean over questions. **tokens before divergence** (mean) and "
+            "**agreement** against the system named in **vs**; **NLL gap**: the fp32 reference model's mean "
+            "negative log-likelihood per token of this system's output minus that of the **vs** system's "
+            "output (0 when identical; positive: the reference model finds this output less likely). "
+            "**weights MB**: the weights the system holds in memory.",
+            "",
+            fast,
+            "",
+        ]
     speedups = speedup_table(summary)
     if speedups:
-        parts += ["## Speed-up over each engine's own plain decoding", "",
-                  "argen strategies ÷ argen `plain`; other Hugging Face systems ÷ HF `generate()`.", "",
-                  speedups, ""]  # fmt: skip
+        parts += [
+            "## Speed-up over each engine's own plain decoding",
+            "",
+            "argen strategies ÷ argen `plain`; other Hugging Face systems ÷ HF `generate()`.",
+            "",
+            speedups,
+            "",
+        ]
     parts += [
         "## Every category and system",
         "",
@@ -341,12 +393,27 @@ def write_chart(summary: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def write_all(out: Path, command: str, argv: list[str], machine: dict, settings: dict, systems: list[dict],
-              records: list[dict], summary: dict) -> dict[str, Path]:  # fmt: skip
+def write_all(
+    out: Path,
+    command: str,
+    argv: list[str],
+    machine: dict,
+    settings: dict,
+    systems: list[dict],
+    records: list[dict],
+    summary: dict,
+) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "results.json", "markdown": out / "report.md", "chart": out / "chart.png"}
-    results = {"command": command, "argv": argv, "machine": machine, "settings": settings, "systems": systems,
-               "summary": summary, "records": records}  # fmt: skip
+    results = {
+        "command": command,
+        "argv": argv,
+        "machine": machine,
+        "settings": settings,
+        "systems": systems,
+        "summary": summary,
+        "records": records,
+    }
     paths["json"].write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
     paths["markdown"].write_text(render_markdown(command, machine, settings, summary, records), encoding="utf-8")
     write_chart(summary, paths["chart"])

@@ -108,8 +108,13 @@ def judge(question: Question, ids: list[int], order, systems, outputs: dict, tie
             elif position is not None:
                 row["divergence"] = {"position": position, "near_tie": None}
         rows[system.name] = row
-    return {"question_id": question.question_id, "category": question.category, "prompt_tokens": len(ids),
-            "order": [s.name for s in order], "systems": rows}  # fmt: skip
+    return {
+        "question_id": question.question_id,
+        "category": question.category,
+        "prompt_tokens": len(ids),
+        "order": [s.name for s in order],
+        "systems": rows,
+    }
 
 
 def _nll_gap(model, ids: list[int], tokens: list[int], ref: list[int]) -> float | None:

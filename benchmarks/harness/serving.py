@@ -38,9 +38,17 @@ PROG = "python -m benchmarks serving"
 
 def _stream_one(url: str, model: str, prompt: str, max_tokens: int, strategy: str = "plain") -> dict:
     """One streaming chat request; client-side timings (perf_counter) and the token ids."""
-    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-            "temperature": 0, "stream": True, "ignore_eos": True, "return_token_ids": True,
-            "stream_options": {"include_usage": True}, "strategy": strategy}  # fmt: skip
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "ignore_eos": True,
+        "return_token_ids": True,
+        "stream_options": {"include_usage": True},
+        "strategy": strategy,
+    }
     return stream_request(url, "/v1/chat/completions", body)
 
 
@@ -59,10 +67,17 @@ def _summary(runs: list[dict], wall: float) -> dict:
     lat = np.array([r["latency_s"] for r in runs])
     ttft = np.array([r["ttft_s"] for r in runs])
     tokens = sum(r["completion_tokens"] for r in runs)
-    return {"requests": len(runs), "completion_tokens": tokens, "wall_s": wall, "throughput_tok_s": tokens / wall,
-            "latency_p50_s": float(np.percentile(lat, 50)), "latency_p99_s": float(np.percentile(lat, 99)),
-            "ttft_p50_s": float(np.percentile(ttft, 50)), "ttft_p99_s": float(np.percentile(ttft, 99)),
-            "latency_mean_s": float(lat.mean())}  # fmt: skip
+    return {
+        "requests": len(runs),
+        "completion_tokens": tokens,
+        "wall_s": wall,
+        "throughput_tok_s": tokens / wall,
+        "latency_p50_s": float(np.percentile(lat, 50)),
+        "latency_p99_s": float(np.percentile(lat, 99)),
+        "ttft_p50_s": float(np.percentile(ttft, 50)),
+        "ttft_p99_s": float(np.percentile(ttft, 99)),
+        "latency_mean_s": float(lat.mean()),
+    }
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -84,9 +99,13 @@ def _run(args: argparse.Namespace) -> dict:
             results = run_capacity(gen, args.model, all_questions, args)
         else:
             results = run_case(args.case, gen, args.model, all_questions, args)
-        return results | {"command": args.command, "model": args.model, "threads": args.threads,
-                          "max_tokens": args.max_tokens,
-                          "machine": machine_info(getattr(args, "git_state", None)) | {"load_average": os.getloadavg()}}
+        return results | {
+            "command": args.command,
+            "model": args.model,
+            "threads": args.threads,
+            "max_tokens": args.max_tokens,
+            "machine": machine_info(getattr(args, "git_state", None)) | {"load_average": os.getloadavg()},
+        }
     questions = select_questions(all_questions)[: args.clients]
     server = make_server(gen, "127.0.0.1", 0, max_batch=args.clients, log_level="warning", model_id=args.model)
     thread = threading.Thread(target=server.run, daemon=True)
@@ -121,18 +140,30 @@ def _run(args: argparse.Namespace) -> dict:
         thread.join(60)
     steps = after["argen_batch_size_count"] - before["argen_batch_size_count"]
     results = {
-        "command": args.command, "model": args.model, "clients": len(questions), "max_tokens": args.max_tokens,
-        "threads": args.threads, "strategy": args.strategy, "case": "concurrency",
+        "command": args.command,
+        "model": args.model,
+        "clients": len(questions),
+        "max_tokens": args.max_tokens,
+        "threads": args.threads,
+        "strategy": args.strategy,
+        "case": "concurrency",
         "machine": machine_info(getattr(args, "git_state", None)) | {"load_average": os.getloadavg()},
-        "sequential": _summary(sequential, seq_wall), "concurrent": _summary(concurrent, conc_wall),
+        "sequential": _summary(sequential, seq_wall),
+        "concurrent": _summary(concurrent, conc_wall),
         "concurrent_mean_batch": (after["argen_batch_size_sum"] - before["argen_batch_size_sum"]) / steps,
         "concurrent_steps": steps,
         "identical_outputs": sum(a["token_ids"] == b["token_ids"] for a, b in zip(sequential, concurrent)),
-        "requests": [{"question_id": q.question_id, "category": q.category, "prompt_tokens": s["prompt_tokens"],
-                      "sequential": {k: s[k] for k in ("latency_s", "ttft_s", "completion_tokens")},
-                      "concurrent": {k: c[k] for k in ("latency_s", "ttft_s", "completion_tokens")}}
-                     for q, s, c in zip(questions, sequential, concurrent)],
-    }  # fmt: skip
+        "requests": [
+            {
+                "question_id": q.question_id,
+                "category": q.category,
+                "prompt_tokens": s["prompt_tokens"],
+                "sequential": {k: s[k] for k in ("latency_s", "ttft_s", "completion_tokens")},
+                "concurrent": {k: c[k] for k in ("latency_s", "ttft_s", "completion_tokens")},
+            }
+            for q, s, c in zip(questions, sequential, concurrent)
+        ],
+    }
     results["speedup"] = results["concurrent"]["throughput_tok_s"] / results["sequential"]["throughput_tok_s"]
     return results
 
@@ -146,17 +177,33 @@ def write_report(results: dict, out: Path) -> None:
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     _plot(results, out / "latency.png")
     s, c = results["sequential"], results["concurrent"]
-    machine = ", ".join(f"{k} {' / '.join(f'{x:.2f}' for x in v) if isinstance(v, (list, tuple)) else v}"
-                        for k, v in results["machine"].items() if k != "dirty_files")  # fmt: skip
-    rows = [("total throughput (new tok/s)", "throughput_tok_s", "{:.1f}"), ("wall time (s)", "wall_s", "{:.1f}"),
-            ("latency p50 (s)", "latency_p50_s", "{:.2f}"), ("latency p99 (s)", "latency_p99_s", "{:.2f}"),
-            ("time to first token p50 (s)", "ttft_p50_s", "{:.2f}"),
-            ("time to first token p99 (s)", "ttft_p99_s", "{:.2f}")]  # fmt: skip
+    machine = ", ".join(
+        f"{k} {' / '.join(f'{x:.2f}' for x in v) if isinstance(v, (list, tuple)) else v}"
+        for k, v in results["machine"].items()
+        if k != "dirty_files"
+    )
+    rows = [
+        ("total throughput (new tok/s)", "throughput_tok_s", "{:.1f}"),
+        ("wall time (s)", "wall_s", "{:.1f}"),
+        ("latency p50 (s)", "latency_p50_s", "{:.2f}"),
+        ("latency p99 (s)", "latency_p99_s", "{:.2f}"),
+        ("time to first token p50 (s)", "ttft_p50_s", "{:.2f}"),
+        ("time to first token p99 (s)", "ttft_p99_s", "{:.2f}"),
+    ]
     table = ["| | one after another | all at once |", "|---|--:|--:|"]
     table += [f"| {label} | {fmt.format(s[key])} | {fmt.format(c[key])} |" for label, key, fmt in rows]
     n = results["clients"]
-    step = {mode: float(np.mean([(r[mode]["latency_s"] - r[mode]["ttft_s"]) / max(1, r[mode]["completion_tokens"] - 1)
-                                 for r in results["requests"]])) for mode in ("sequential", "concurrent")}  # fmt: skip
+    step = {
+        mode: float(
+            np.mean(
+                [
+                    (r[mode]["latency_s"] - r[mode]["ttft_s"]) / max(1, r[mode]["completion_tokens"] - 1)
+                    for r in results["requests"]
+                ]
+            )
+        )
+        for mode in ("sequential", "concurrent")
+    }
     text = f"""# argen serve: continuous batching
 
 ```
@@ -210,8 +257,12 @@ def _plot(results: dict, path: Path) -> None:
     for ax, key, title in zip(axes, ("latency_s", "ttft_s"), ("latency", "time to first token")):
         for mode in ("sequential", "concurrent"):
             values = np.sort([r[mode][key] for r in results["requests"]])
-            ax.step(values, np.arange(1, len(values) + 1) / len(values), where="post",
-                    label="one after another" if mode == "sequential" else "all at once")  # fmt: skip
+            ax.step(
+                values,
+                np.arange(1, len(values) + 1) / len(values),
+                where="post",
+                label="one after another" if mode == "sequential" else "all at once",
+            )
         ax.set_xlabel("seconds")
         ax.set_ylabel("fraction of requests")
         ax.set_title(title)
@@ -224,51 +275,93 @@ def _plot(results: dict, path: Path) -> None:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="default")
-    parser.add_argument("--case", default="concurrency",
-                        choices=["concurrency", "shared-prefix", "burst", "multi-turn", "press-capacity"],
-                        help="concurrency: N requests one after another, then at once (default); the others compare "
-                             "two server configurations on the same requests (see benchmarks/harness/serving_cases.py)")
+    parser.add_argument(
+        "--case",
+        default="concurrency",
+        choices=["concurrency", "shared-prefix", "burst", "multi-turn", "press-capacity"],
+        help="concurrency: N requests one after another, then at once (default); the others compare "
+        "two server configurations on the same requests (see benchmarks/harness/serving_cases.py)",
+    )
     parser.add_argument("--strategy", default="plain", help="concurrency: each request's strategy (default: plain)")
     parser.add_argument("--prefix-tokens", type=int, default=500, help="shared-prefix: system prompt tokens")
-    parser.add_argument("--question-chars", type=int, default=400,
-                        help="shared-prefix: the questions after the system prompt are the first Spec-Bench prompts "
-                             "shorter than this many characters (default: %(default)s)")
-    parser.add_argument("--prefill-chunk", type=int, default=None,
-                        help="the cases' first configuration: prefill chunk size (default: the server's)")
-    parser.add_argument("--step-tokens", type=int, default=None,
-                        help="the cases' first configuration: tokens per scheduler step (default: the server's)")
+    parser.add_argument(
+        "--question-chars",
+        type=int,
+        default=400,
+        help="shared-prefix: the questions after the system prompt are the first Spec-Bench prompts "
+        "shorter than this many characters (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=None,
+        help="the cases' first configuration: prefill chunk size (default: the server's)",
+    )
+    parser.add_argument(
+        "--step-tokens",
+        type=int,
+        default=None,
+        help="the cases' first configuration: tokens per scheduler step (default: the server's)",
+    )
     parser.add_argument("--long", type=int, default=8, help="burst: long prompts (default: %(default)s)")
-    parser.add_argument("--long-tokens", type=int, default=1500,
-                        help="burst, press-capacity: tokens per long prompt (default: %(default)s)")
-    parser.add_argument("--kv-blocks", type=int, default=None,
-                        help="press-capacity: the servers' KV memory in blocks of 16 positions (default: --fit times "
-                             "one unpressed request's worst case)")
-    parser.add_argument("--fit", type=int, default=5,
-                        help="press-capacity: unpressed requests the default --kv-blocks holds (default: %(default)s)")
+    parser.add_argument(
+        "--long-tokens",
+        type=int,
+        default=1500,
+        help="burst, press-capacity: tokens per long prompt (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--kv-blocks",
+        type=int,
+        default=None,
+        help="press-capacity: the servers' KV memory in blocks of 16 positions (default: --fit times "
+        "one unpressed request's worst case)",
+    )
+    parser.add_argument(
+        "--fit",
+        type=int,
+        default=5,
+        help="press-capacity: unpressed requests the default --kv-blocks holds (default: %(default)s)",
+    )
     parser.add_argument("--press", default="streaming-llm", help="press-capacity: the press (default: %(default)s)")
-    parser.add_argument("--budgets", default="0.5,0.35",
-                        help="press-capacity: the press's budgets, comma-separated (default: %(default)s)")
+    parser.add_argument(
+        "--budgets",
+        default="0.5,0.35",
+        help="press-capacity: the press's budgets, comma-separated (default: %(default)s)",
+    )
     parser.add_argument("--turns", type=int, default=4, help="multi-turn: turns per chat (default: %(default)s)")
-    parser.add_argument("--gap", type=float, default=0.25,
-                        help="seconds between requests that arrive one by one (shared-prefix, burst)")
-    parser.add_argument("--clients", type=int, default=16, help="requests, and concurrent clients (default: %(default)s)")
+    parser.add_argument(
+        "--gap", type=float, default=0.25, help="seconds between requests that arrive one by one (shared-prefix, burst)"
+    )
+    parser.add_argument(
+        "--clients", type=int, default=16, help="requests, and concurrent clients (default: %(default)s)"
+    )
     parser.add_argument("--max-tokens", type=int, default=64, help="new tokens per request (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
     parser.add_argument("--questions", help="Spec-Bench question.jsonl (default: found next to the project)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/serving"))
-    parser.add_argument("--allow-dirty", action="store_true",
-                        help="write the report even though the working tree has uncommitted changes (recorded)")
+    parser.add_argument(
+        "--allow-dirty",
+        action="store_true",
+        help="write the report even though the working tree has uncommitted changes (recorded)",
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
-    if args.clients < 1 or args.max_tokens < 1 or args.threads < 1 or args.fit < 1 or (
-            args.kv_blocks is not None and args.kv_blocks < 1):
+    if (
+        args.clients < 1
+        or args.max_tokens < 1
+        or args.threads < 1
+        or args.fit < 1
+        or (args.kv_blocks is not None and args.kv_blocks < 1)
+    ):
         parser.error("--clients, --max-tokens, --threads, --fit and --kv-blocks must be >= 1")
     args.git_state = git_state()
     require_clean(args.git_state, args.allow_dirty)
@@ -276,8 +369,11 @@ def main(argv: list[str] | None = None) -> int:
     results = run(args)
     write_report(results, args.out)
     if "speedup" in results:
-        print(f"{results['speedup']:.2f}x: {results['concurrent']['throughput_tok_s']:.1f} vs "
-              f"{results['sequential']['throughput_tok_s']:.1f} tok/s", file=sys.stderr)  # fmt: skip
+        print(
+            f"{results['speedup']:.2f}x: {results['concurrent']['throughput_tok_s']:.1f} vs "
+            f"{results['sequential']['throughput_tok_s']:.1f} tok/s",
+            file=sys.stderr,
+        )
     print(f"report in {args.out}/report.md", file=sys.stderr)
     return 0
 

@@ -43,6 +43,7 @@ QUESTION = "\n\nSummarize the text above."
 
 class Timeline(MetricsPoller):
     """Polls /metrics while a configuration runs: (seconds since start, sequences running, blocks held)."""
+
     def __init__(self, url: str, every: float = 0.25) -> None:
         super().__init__(url, every)
         self.points: list[tuple[float, float, float]] = []
@@ -59,54 +60,84 @@ def configurations(args) -> list[tuple[str, dict | None]]:
 def prompts(gen, questions, args) -> list[list[dict]]:
     """Each client's chat messages: a numbered long text (starting at a different article; the number
     keeps prompts distinct when there are more clients than articles) and the question."""
-    return [[{"role": "user", "content": f"Text {i + 1}.\n\n"
-              + long_text(questions, gen.tokenizer, args.long_tokens, start=i) + QUESTION}]
-            for i in range(args.clients)]  # fmt: skip
+    return [
+        [
+            {
+                "role": "user",
+                "content": f"Text {i + 1}.\n\n"
+                + long_text(questions, gen.tokenizer, args.long_tokens, start=i)
+                + QUESTION,
+            }
+        ]
+        for i in range(args.clients)
+    ]
 
 
 def reserved_blocks(gen, messages: list[list[dict]], args, press: dict | None) -> int:
     """The most KV blocks the admission reserves for one of these requests (its worst case)."""
     batch = DecodeBatch(gen.engine, prefill_chunk=args.prefill_chunk or PREFILL_CHUNK)
     params = SamplingParams(max_new_tokens=args.max_tokens, temperature=0, ignore_eos=True)
-    return max(batch.blocks_needed(Request(gen.encode(m), params, make_strategy("plain"),
-                                           press=make_press(press) if press else None)) for m in messages)  # fmt: skip
+    return max(
+        batch.blocks_needed(
+            Request(gen.encode(m), params, make_strategy("plain"), press=make_press(press) if press else None)
+        )
+        for m in messages
+    )
 
 
 def run_capacity(gen, model_id: str, questions, args) -> dict:
     messages = prompts(gen, questions, args)
     unpressed = reserved_blocks(gen, messages, args, None)
     kv_blocks = args.fit * unpressed if args.kv_blocks is None else args.kv_blocks
-    scheduling = {k: v for k, v in (("prefill_chunk", args.prefill_chunk), ("step_tokens", args.step_tokens))
-                  if v is not None}  # the server's defaults unless given  # fmt: skip
-    out = {"case": "press-capacity", "clients": args.clients, "long_tokens": args.long_tokens, "kv_blocks": kv_blocks,
-           "fit": args.fit if args.kv_blocks is None else None, "press": args.press, "prefill_chunk": args.prefill_chunk,
-           "step_tokens": args.step_tokens, "block_bytes": gen.runtime.kv_pool().bytes_per_block(),
-           "prompt_tokens": [len(gen.encode(m)) for m in messages], "configs": {}}  # fmt: skip
+    scheduling = {
+        k: v for k, v in (("prefill_chunk", args.prefill_chunk), ("step_tokens", args.step_tokens)) if v is not None
+    }  # the server's defaults unless given
+    out = {
+        "case": "press-capacity",
+        "clients": args.clients,
+        "long_tokens": args.long_tokens,
+        "kv_blocks": kv_blocks,
+        "fit": args.fit if args.kv_blocks is None else None,
+        "press": args.press,
+        "prefill_chunk": args.prefill_chunk,
+        "step_tokens": args.step_tokens,
+        "block_bytes": gen.runtime.kv_pool().bytes_per_block(),
+        "prompt_tokens": [len(gen.encode(m)) for m in messages],
+        "configs": {},
+    }
     for label, press in configurations(args):
         gen.runtime.kv_pool().drop_cached()
         reserve = reserved_blocks(gen, messages, args, press)
         # max_batch is no limit here: only the KV memory decides how many run at once.
-        with running_server(gen, model_id, max_batch=max(args.clients, 32), prefix_caching=False, kv_blocks=kv_blocks,
-                            **scheduling) as url:  # fmt: skip
+        with running_server(
+            gen, model_id, max_batch=max(args.clients, 32), prefix_caching=False, kv_blocks=kv_blocks, **scheduling
+        ) as url:
             chat_once(url, model_id, [{"role": "user", "content": "Hello!"}], 4)  # warm-up, not measured
             with Timeline(url) as timeline:
                 t0 = time.perf_counter()
-                runs = concurrently([lambda m=m, p=press: chat_once(url, model_id, m, args.max_tokens, press=p)
-                                     for m in messages])  # fmt: skip
+                runs = concurrently(
+                    [lambda m=m, p=press: chat_once(url, model_id, m, args.max_tokens, press=p) for m in messages]
+                )
                 wall = time.perf_counter() - t0
             after = metrics(url)
         tokens = sum(r["completion_tokens"] for r in runs)
         out["configs"][label] = {
-            "press": press, "reserved_blocks": reserve, "fit_by_admission": kv_blocks // reserve,
-            "peak_sequences": after["argen_running_sequences_peak"], "peak_blocks": after["argen_kv_blocks_held_peak"],
-            "kv_blocks_limit": after["argen_kv_blocks_limit"], "wall_s": wall, "completion_tokens": tokens,
-            "throughput_tok_s": tokens / wall, "ttft_p50_s": percentile([r["ttft_s"] for r in runs], 50),
+            "press": press,
+            "reserved_blocks": reserve,
+            "fit_by_admission": kv_blocks // reserve,
+            "peak_sequences": after["argen_running_sequences_peak"],
+            "peak_blocks": after["argen_kv_blocks_held_peak"],
+            "kv_blocks_limit": after["argen_kv_blocks_limit"],
+            "wall_s": wall,
+            "completion_tokens": tokens,
+            "throughput_tok_s": tokens / wall,
+            "ttft_p50_s": percentile([r["ttft_s"] for r in runs], 50),
             "ttft_p99_s": percentile([r["ttft_s"] for r in runs], 99),
             "latency_p50_s": percentile([r["latency_s"] for r in runs], 50),
             "latency_p99_s": percentile([r["latency_s"] for r in runs], 99),
             "timeline": [[round(t, 2), s, b] for t, s, b in timeline.points],
             "runs": [{k: v for k, v in r.items() if k != "token_ids"} | {"tokens": r["token_ids"]} for r in runs],
-        }  # fmt: skip
+        }
     base = out["configs"]["no press"]
     for config in out["configs"].values():
         config["sequences_vs_no_press"] = config["peak_sequences"] / base["peak_sequences"]
@@ -133,8 +164,11 @@ def write_capacity_report(results: dict, out) -> None:
     row("wall time (s)", "wall_s", "{:.1f}")
     row("throughput (new tok/s)", "throughput_tok_s", "{:.1f}")
     for name, key in (("time to first token", "ttft"), ("latency", "latency")):
-        rows.append(f"| {name} p50 / p99 (s) | " + " | ".join(
-            f"{configs[c][key + '_p50_s']:.1f} / {configs[c][key + '_p99_s']:.1f}" for c in labels) + " |")  # fmt: skip
+        rows.append(
+            f"| {name} p50 / p99 (s) | "
+            + " | ".join(f"{configs[c][key + '_p50_s']:.1f} / {configs[c][key + '_p99_s']:.1f}" for c in labels)
+            + " |"
+        )
     row("greedy token agreement with no press", "token_agreement", "{:.2f}")
     row("tokens before the first divergence (mean)", "first_divergence", "{:.1f}")
     prompt = results["prompt_tokens"]

@@ -107,14 +107,29 @@ class KVSampler(MetricsPoller):
         return held / used
 
 
-def chat_once(url: str, model: str, messages: list[dict], max_tokens: int, delay: float = 0.0,
-              strategy: str = "plain", press: dict | None = None) -> dict:  # fmt: skip
+def chat_once(
+    url: str,
+    model: str,
+    messages: list[dict],
+    max_tokens: int,
+    delay: float = 0.0,
+    strategy: str = "plain",
+    press: dict | None = None,
+) -> dict:
     """One streaming chat request after `delay` seconds (with a KV-cache press if given); client-side
     timings and the token ids."""
     time.sleep(delay)
-    body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "ignore_eos": True, "return_token_ids": True, "stream_options": {"include_usage": True},
-            "strategy": strategy} | ({"press": press} if press else {})  # fmt: skip
+    body = {
+        "model": model,
+        "messages": messages,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "ignore_eos": True,
+        "return_token_ids": True,
+        "stream_options": {"include_usage": True},
+        "strategy": strategy,
+    } | ({"press": press} if press else {})
     return stream_request(url, "/v1/chat/completions", body)
 
 
@@ -149,19 +164,33 @@ def long_text(questions: list[Question], tokenizer, n_tokens: int, start: int = 
 
 
 def _configs(case: str, args) -> list[tuple[str, dict]]:
-    scheduling = {k: v for k, v in (("prefill_chunk", args.prefill_chunk), ("step_tokens", args.step_tokens))
-                  if v is not None}  # the server's defaults unless given  # fmt: skip
+    scheduling = {
+        k: v for k, v in (("prefill_chunk", args.prefill_chunk), ("step_tokens", args.step_tokens)) if v is not None
+    }  # the server's defaults unless given
     if case == "burst":
-        return [("chunked prefill", scheduling), ("whole prompts at once", {"prefill_chunk": None, "step_tokens": None})]
+        return [
+            ("chunked prefill", scheduling),
+            ("whole prompts at once", {"prefill_chunk": None, "step_tokens": None}),
+        ]
     return [("prefix caching", scheduling), ("no prefix caching", scheduling | {"prefix_caching": False})]
 
 
 def run_case(case: str, gen, model_id: str, questions: list[Question], args) -> dict:
     """Both configurations of `case` in turn (a warm-up request each first); per configuration its
     measured figures; and whether the outputs agree."""
-    out = {"case": case, "configs": {}, "prefix_tokens": args.prefix_tokens, "gap": args.gap, "long": args.long,
-           "long_tokens": args.long_tokens, "turns": args.turns, "clients": args.clients,
-           "question_chars": args.question_chars, "prefill_chunk": args.prefill_chunk, "step_tokens": args.step_tokens}
+    out = {
+        "case": case,
+        "configs": {},
+        "prefix_tokens": args.prefix_tokens,
+        "gap": args.gap,
+        "long": args.long,
+        "long_tokens": args.long_tokens,
+        "turns": args.turns,
+        "clients": args.clients,
+        "question_chars": args.question_chars,
+        "prefill_chunk": args.prefill_chunk,
+        "step_tokens": args.step_tokens,
+    }
     for label, options in _configs(case, args):
         if gen.runtime.capabilities.paged_kv:  # each configuration starts from a cold prefix cache
             gen.runtime.kv_pool().drop_cached()
@@ -177,12 +206,16 @@ def run_case(case: str, gen, model_id: str, questions: list[Question], args) -> 
                 wall = time.perf_counter() - t0
             after = metrics(url)
         computed = (after["argen_prompt_tokens_total"] - before["argen_prompt_tokens_total"]) - (
-            after["argen_prompt_tokens_cached_total"] - before["argen_prompt_tokens_cached_total"])
-        out["configs"][label] = summarize(runs, wall) | {"prompt_tokens_computed": computed,
-                                                           "kv_held_over_used": kv.over_run,
-                                                           "kv_held_over_used_at_peak": kv.at_peak}  # fmt: skip
-        out["configs"][label]["runs"] = [{k: v for k, v in r.items() if k != "token_ids"} | {"tokens": r["token_ids"]}
-                                         for r in runs]  # fmt: skip
+            after["argen_prompt_tokens_cached_total"] - before["argen_prompt_tokens_cached_total"]
+        )
+        out["configs"][label] = summarize(runs, wall) | {
+            "prompt_tokens_computed": computed,
+            "kv_held_over_used": kv.over_run,
+            "kv_held_over_used_at_peak": kv.at_peak,
+        }
+        out["configs"][label]["runs"] = [
+            {k: v for k, v in r.items() if k != "token_ids"} | {"tokens": r["token_ids"]} for r in runs
+        ]
     first, second = list(out["configs"].values())
     out["identical_outputs"] = sum(a["tokens"] == b["tokens"] for a, b in zip(first["runs"], second["runs"]))
     out["requests"] = len(first["runs"])
@@ -194,9 +227,12 @@ def summarize(runs: list[dict], wall: float) -> dict:
     groups = {}
     for kind in sorted({r.get("kind", "all") for r in runs}):
         chosen = [r for r in runs if r.get("kind", "all") == kind]
-        groups[kind] = {"n": len(chosen), "ttft_p50_s": percentile([r["ttft_s"] for r in chosen], 50),
-                        "ttft_p99_s": percentile([r["ttft_s"] for r in chosen], 99),
-                        "latency_p50_s": percentile([r["latency_s"] for r in chosen], 50)}  # fmt: skip
+        groups[kind] = {
+            "n": len(chosen),
+            "ttft_p50_s": percentile([r["ttft_s"] for r in chosen], 50),
+            "ttft_p99_s": percentile([r["ttft_s"] for r in chosen], 99),
+            "latency_p50_s": percentile([r["latency_s"] for r in chosen], 50),
+        }
     return {"wall_s": wall, "completion_tokens": tokens, "throughput_tok_s": tokens / wall, "by_kind": groups}
 
 
@@ -205,9 +241,16 @@ def shared_prefix(url, model, tokenizer, questions, args) -> list[dict]:
     """N different questions behind one long system prompt, sent a little apart (as users do)."""
     system = long_text(questions, tokenizer, args.prefix_tokens)
     short = [q for q in questions if len(q.prompt) < args.question_chars][: args.clients]
-    calls = [lambda q=q, i=i: chat_once(url, model, [{"role": "system", "content": system},
-                                                     {"role": "user", "content": q.prompt}], args.max_tokens,
-                                        delay=i * args.gap) for i, q in enumerate(short)]  # fmt: skip
+    calls = [
+        lambda q=q, i=i: chat_once(
+            url,
+            model,
+            [{"role": "system", "content": system}, {"role": "user", "content": q.prompt}],
+            args.max_tokens,
+            delay=i * args.gap,
+        )
+        for i, q in enumerate(short)
+    ]
     return concurrently(calls)
 
 
@@ -216,11 +259,20 @@ def burst(url, model, tokenizer, questions, args) -> list[dict]:
     while they are prefilled."""
     longs = [long_text(questions, tokenizer, args.long_tokens, start=i) for i in range(args.long)]
     short = [q for q in questions if len(q.prompt) < 300][: args.clients]
-    calls = [lambda t=t: chat_once(url, model, [{"role": "user", "content": t + "\n\nSummarize the text above."}],
-                                   args.max_tokens) | {"kind": "long"} for t in longs]  # fmt: skip
-    calls += [lambda q=q, i=i: chat_once(url, model, [{"role": "user", "content": q.prompt}], args.max_tokens,
-                                         delay=args.gap * (i + 1)) | {"kind": "short"}
-              for i, q in enumerate(short)]  # fmt: skip
+    calls = [
+        lambda t=t: (
+            chat_once(url, model, [{"role": "user", "content": t + "\n\nSummarize the text above."}], args.max_tokens)
+            | {"kind": "long"}
+        )
+        for t in longs
+    ]
+    calls += [
+        lambda q=q, i=i: (
+            chat_once(url, model, [{"role": "user", "content": q.prompt}], args.max_tokens, delay=args.gap * (i + 1))
+            | {"kind": "short"}
+        )
+        for i, q in enumerate(short)
+    ]
     return concurrently(calls)
 
 
@@ -234,8 +286,9 @@ def multi_turn(url, model, tokenizer, questions, args) -> list[dict]:
         for turn in range(args.turns):
             messages.append({"role": "user", "content": first.prompt if turn == 0 else follow[turn % len(follow)]})
             run = chat_once(url, model, messages, args.max_tokens) | {"kind": f"turn {turn + 1}"}
-            messages.append({"role": "assistant", "content": tokenizer.decode(run["token_ids"],
-                                                                              skip_special_tokens=True)})
+            messages.append(
+                {"role": "assistant", "content": tokenizer.decode(run["token_ids"], skip_special_tokens=True)}
+            )
             runs.append(run)
         return runs
 
@@ -266,5 +319,13 @@ def stream_request(url: str, path: str, body: dict) -> dict:
                     ids += choice["token_ids"]
             usage = chunk.get("usage") or usage
     done = time.perf_counter()
-    return {"sent": sent, "first_token": first, "done": done, "latency_s": done - sent, "ttft_s": first - sent,
-            "token_ids": ids, "completion_tokens": len(ids), "prompt_tokens": usage["prompt_tokens"]}  # fmt: skip
+    return {
+        "sent": sent,
+        "first_token": first,
+        "done": done,
+        "latency_s": done - sent,
+        "ttft_s": first - sent,
+        "token_ids": ids,
+        "completion_tokens": len(ids),
+        "prompt_tokens": usage["prompt_tokens"],
+    }

@@ -46,8 +46,13 @@ class System:
         raise NotImplementedError
 
     def describe(self) -> dict:
-        return {"name": self.name, "kind": self.kind, "dtype": self.dtype, "exact": self.exact,
-                "reference": self.reference}  # fmt: skip
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "dtype": self.dtype,
+            "exact": self.exact,
+            "reference": self.reference,
+        }
 
 
 class HFSystem(System):
@@ -66,8 +71,12 @@ class HFSystem(System):
         self.dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
 
     def generate_kwargs(self, max_new_tokens: int) -> dict:
-        kwargs = dict(do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=self.pad_token_id,
-                      eos_token_id=sorted(self.eos_ids))  # fmt: skip
+        kwargs = dict(
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=self.pad_token_id,
+            eos_token_id=sorted(self.eos_ids),
+        )
         if self.prompt_lookup:
             kwargs["prompt_lookup_num_tokens"] = self.prompt_lookup
         return kwargs
@@ -92,8 +101,9 @@ class ArgenSystem(System):
 
     kind = "argen"
 
-    def __init__(self, generator, spec: dict, dtype: str = "float32", reference: str | None = HF,
-                 suffix: str = "") -> None:  # fmt: skip
+    def __init__(
+        self, generator, spec: dict, dtype: str = "float32", reference: str | None = HF, suffix: str = ""
+    ) -> None:
         self.generator = generator
         self.spec = dict(spec)
         self.dtype = dtype
@@ -102,7 +112,11 @@ class ArgenSystem(System):
         self.reference = reference
         # A lossy strategy, or any strategy at a lower precision or a second quantization, is compared
         # but not judged. The "exact" quant path keeps the model's own weights, so it is judged.
-        self.exact = REGISTRY[spec["name"]].exact and dtype == "float32" and getattr(generator, "quant", "none") in ("none", "exact")
+        self.exact = (
+            REGISTRY[spec["name"]].exact
+            and dtype == "float32"
+            and getattr(generator, "quant", "none") in ("none", "exact")
+        )
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int) -> Output:
         t0 = time.perf_counter()
@@ -111,8 +125,14 @@ class ArgenSystem(System):
         if result.prompt_ids != list(prompt_ids):
             raise RuntimeError(f"argen changed the prompt ids ({len(prompt_ids)} -> {len(result.prompt_ids)})")
         stats = result.stats
-        return Output(list(result.token_ids), seconds, len(result.token_ids), stats.tokens_per_forward,
-                      result.finish_reason, stats.prefill_seconds)  # fmt: skip
+        return Output(
+            list(result.token_ids),
+            seconds,
+            len(result.token_ids),
+            stats.tokens_per_forward,
+            result.finish_reason,
+            stats.prefill_seconds,
+        )
 
     def describe(self) -> dict:
         weights = self.generator.runtime.weight_bytes
@@ -128,16 +148,25 @@ class LlamaCppSystem(System):
     kind = "llama.cpp"
     exact = False
 
-    def __init__(self, gguf_file, threads: int, eos_ids: set[int], reference: str | None = HF,
-                 n_ctx: int = 4096) -> None:  # fmt: skip
+    def __init__(
+        self, gguf_file, threads: int, eos_ids: set[int], reference: str | None = HF, n_ctx: int = 4096
+    ) -> None:
         try:
             import llama_cpp
         except ImportError as exc:
-            raise ArgenError("--systems llama-cpp needs llama-cpp-python: `pip install llama-cpp-python` (it builds "
-                             "llama.cpp from source, about 5 minutes)") from exc  # fmt: skip
+            raise ArgenError(
+                "--systems llama-cpp needs llama-cpp-python: `pip install llama-cpp-python` (it builds "
+                "llama.cpp from source, about 5 minutes)"
+            ) from exc
         self.version = llama_cpp.__version__
-        self.llm = llama_cpp.Llama(model_path=str(gguf_file), n_ctx=n_ctx, n_threads=threads,
-                                   n_threads_batch=threads, n_batch=512, verbose=False)  # fmt: skip
+        self.llm = llama_cpp.Llama(
+            model_path=str(gguf_file),
+            n_ctx=n_ctx,
+            n_threads=threads,
+            n_threads_batch=threads,
+            n_batch=512,
+            verbose=False,
+        )
         self.eos_ids, self.reference, self.threads = set(eos_ids), reference, threads
         self.name = "llama.cpp"
         self.weight_bytes = int(llama_cpp.llama_model_size(self.llm.model))
@@ -148,17 +177,22 @@ class LlamaCppSystem(System):
         out: list[int] = []
         t0 = time.perf_counter()
         first = None
-        for token in self.llm.generate(list(prompt_ids), temp=0.0, top_k=1, top_p=1.0, min_p=0.0,
-                                       repeat_penalty=1.0, reset=True):  # fmt: skip
+        for token in self.llm.generate(
+            list(prompt_ids), temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0, reset=True
+        ):
             if first is None:
                 first = time.perf_counter()
             out.append(int(token))
             if token in self.eos_ids or len(out) >= max_new_tokens:
                 break
         seconds = time.perf_counter() - t0
-        return Output(out, seconds, len(out), None, "stop" if out and out[-1] in self.eos_ids else "length",
-                      (first or t0) - t0)  # fmt: skip
+        return Output(
+            out, seconds, len(out), None, "stop" if out and out[-1] in self.eos_ids else "length", (first or t0) - t0
+        )
 
     def describe(self) -> dict:
-        return super().describe() | {"llama_cpp_python": self.version, "threads": self.threads,
-                                     "weight_bytes": self.weight_bytes}  # fmt: skip
+        return super().describe() | {
+            "llama_cpp_python": self.version,
+            "threads": self.threads,
+            "weight_bytes": self.weight_bytes,
+        }

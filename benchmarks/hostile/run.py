@@ -49,9 +49,24 @@ class Server:
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-        self.proc = subprocess.Popen([sys.executable, "-m", "argen.cli", "serve", "--model", MODEL, "--port",
-                                      str(self.port), "--log-level", "error", "--allowed-origins", ORIGIN, *extra],
-                                     env=env)  # fmt: skip
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "argen.cli",
+                "serve",
+                "--model",
+                MODEL,
+                "--port",
+                str(self.port),
+                "--log-level",
+                "error",
+                "--allowed-origins",
+                ORIGIN,
+                *extra,
+            ],
+            env=env,
+        )
         deadline = time.monotonic() + 600
         while True:
             assert self.proc.poll() is None and time.monotonic() < deadline, "the server did not start"
@@ -137,8 +152,11 @@ def _schema(schema: dict) -> dict:
 def _patterns(n: int, nested: bool) -> dict:
     if not nested:
         return {"allOf": [{"type": "string", "pattern": f".*a{i}.*"} for i in range(n)]}
-    return {"$defs": {f"p{i}": {"type": "string", "pattern": f".*a{i}.*"} for i in range(n)}, "type": "object",
-            "properties": {"x": {"allOf": [{"$ref": f"#/$defs/p{i}"} for i in range(n)]}}}  # fmt: skip
+    return {
+        "$defs": {f"p{i}": {"type": "string", "pattern": f".*a{i}.*"} for i in range(n)},
+        "type": "object",
+        "properties": {"x": {"allOf": [{"$ref": f"#/$defs/p{i}"} for i in range(n)]}},
+    }
 
 
 def _error(r: httpx.Response) -> str:
@@ -223,8 +241,14 @@ def logit_bias_oov(url):
 
 
 def cors_preflight(url):
-    r = httpx.options(f"{url}/v1/completions", headers={"Origin": ORIGIN, "Access-Control-Request-Method": "POST",
-                                                          "Access-Control-Request-Headers": "content-type"})  # fmt: skip
+    r = httpx.options(
+        f"{url}/v1/completions",
+        headers={
+            "Origin": ORIGIN,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type",
+        },
+    )
     return str(r.status_code), f"allow-origin {r.headers.get('access-control-allow-origin')}"
 
 
@@ -261,47 +285,77 @@ def run_cases(server: Server, cases: list) -> list[dict]:
         if callable(note):
             note = note()
         during = steady.during(started, ended)
-        row = {"item": item, "case": what, "status": status, "seconds": round(ended - started, 2), "note": note,
-               "idle_s": round(idle, 3), "steady_s": round(statistics.median(during), 3), "steady_n": len(during),
-               "steady_mean_s": round(statistics.mean(during), 3), "steady_max_s": round(max(during), 3),
-               "ratio": round(statistics.median(during) / idle, 2),
-               "mean_ratio": round(statistics.mean(during) / idle, 2),
-               "rss_before_mb": round(rss_before), "rss_after_mb": round(server.rss_mb()), "served": served}  # fmt: skip
+        row = {
+            "item": item,
+            "case": what,
+            "status": status,
+            "seconds": round(ended - started, 2),
+            "note": note,
+            "idle_s": round(idle, 3),
+            "steady_s": round(statistics.median(during), 3),
+            "steady_n": len(during),
+            "steady_mean_s": round(statistics.mean(during), 3),
+            "steady_max_s": round(max(during), 3),
+            "ratio": round(statistics.median(during) / idle, 2),
+            "mean_ratio": round(statistics.mean(during) / idle, 2),
+            "rss_before_mb": round(rss_before),
+            "rss_after_mb": round(server.rss_mb()),
+            "served": served,
+        }
         print(json.dumps(row), file=sys.stderr)
         rows.append(row)
     return rows
 
 
 def report(out: Path, prov: dict, command: str, rows: list[dict], unpaced: list[dict], baseline: float) -> str:
-    lines = ["# argen serve: hostile clients and faults (issue 24)", "", "```", command, "```", "",
-             f"Provenance: commit {prov['git_commit']}{' (dirty: ' + ', '.join(prov['dirty_files']) + ')' if prov['git_dirty'] else ', clean working tree'}; "
-             f"CPU: {prov['cpu_model']} ({prov['cpu_count']} cores); torch {prov['torch']}; {prov['date']}.", "",
-             f"The server: `argen serve --model default` (defaults: `--prefill-slowdown 1.5`, 512-token chunks, "
-             f"grammar sandbox 2 s / 1024 MB / 2 at a time). Steady client: a 16-token greedy completion, back to "
-             f"back; *idle* is its median latency just before each case, *during* its median over the requests "
-             f"that overlapped the case. Memory: the server's resident set plus its grammar children; baseline "
-             f"after warm-up (one long prompt first, so the KV blocks a long prompt touches are in it): "
-             f"{baseline:.0f} MB.", "",
-             "| item | case | status | answered in (s) | note | steady idle (s) | steady during: median / mean / "
-             "max (s) | ratio: median / mean | steady requests | RSS before → after (MB) |",
-             "|---|---|---|--:|---|--:|--:|--:|--:|--:|"]  # fmt: skip
+    lines = [
+        "# argen serve: hostile clients and faults (issue 24)",
+        "",
+        "```",
+        command,
+        "```",
+        "",
+        f"Provenance: commit {prov['git_commit']}{' (dirty: ' + ', '.join(prov['dirty_files']) + ')' if prov['git_dirty'] else ', clean working tree'}; "
+        f"CPU: {prov['cpu_model']} ({prov['cpu_count']} cores); torch {prov['torch']}; {prov['date']}.",
+        "",
+        f"The server: `argen serve --model default` (defaults: `--prefill-slowdown 1.5`, 512-token chunks, "
+        f"grammar sandbox 2 s / 1024 MB / 2 at a time). Steady client: a 16-token greedy completion, back to "
+        f"back; *idle* is its median latency just before each case, *during* its median over the requests "
+        f"that overlapped the case. Memory: the server's resident set plus its grammar children; baseline "
+        f"after warm-up (one long prompt first, so the KV blocks a long prompt touches are in it): "
+        f"{baseline:.0f} MB.",
+        "",
+        "| item | case | status | answered in (s) | note | steady idle (s) | steady during: median / mean / "
+        "max (s) | ratio: median / mean | steady requests | RSS before → after (MB) |",
+        "|---|---|---|--:|---|--:|--:|--:|--:|--:|",
+    ]
     for r in rows:
-        lines.append(f"| {r['item']} | {r['case']} | {r['status']} | {r['seconds']} | {r['note']} | {r['idle_s']} | "
-                     f"{r['steady_s']} / {r['steady_mean_s']} / {r['steady_max_s']} | {r['ratio']} / "
-                     f"{r['mean_ratio']} | {r['steady_n']} | {r['rss_before_mb']} → {r['rss_after_mb']} |")  # fmt: skip
+        lines.append(
+            f"| {r['item']} | {r['case']} | {r['status']} | {r['seconds']} | {r['note']} | {r['idle_s']} | "
+            f"{r['steady_s']} / {r['steady_mean_s']} / {r['steady_max_s']} | {r['ratio']} / "
+            f"{r['mean_ratio']} | {r['steady_n']} | {r['rss_before_mb']} → {r['rss_after_mb']} |"
+        )
     if unpaced:
-        lines += ["", "The long-prompt cases again on a server with `--prefill-slowdown 0` (no pacing, as before):", "",
-                  "| case | status | answered in (s) | steady idle (s) | steady during: median / mean / max (s) | "
-                  "ratio: median / mean | steady requests |",
-                  "|---|---|--:|--:|--:|--:|--:|"]  # fmt: skip
+        lines += [
+            "",
+            "The long-prompt cases again on a server with `--prefill-slowdown 0` (no pacing, as before):",
+            "",
+            "| case | status | answered in (s) | steady idle (s) | steady during: median / mean / max (s) | "
+            "ratio: median / mean | steady requests |",
+            "|---|---|--:|--:|--:|--:|--:|",
+        ]
         for r in unpaced:
-            lines.append(f"| {r['case']} | {r['status']} | {r['seconds']} | {r['idle_s']} | {r['steady_s']} / "
-                         f"{r['steady_mean_s']} / {r['steady_max_s']} | {r['ratio']} / {r['mean_ratio']} | "
-                         f"{r['steady_n']} |")  # fmt: skip
+            lines.append(
+                f"| {r['case']} | {r['status']} | {r['seconds']} | {r['idle_s']} | {r['steady_s']} / "
+                f"{r['steady_mean_s']} / {r['steady_max_s']} | {r['ratio']} / {r['mean_ratio']} | "
+                f"{r['steady_n']} |"
+            )
     text = "\n".join(lines) + "\n"
     (out / "report.md").write_text(text)
-    (out / "results.json").write_text(json.dumps({"provenance": prov, "baseline_rss_mb": baseline, "cases": rows,
-                                                  "unpaced": unpaced}, indent=1) + "\n")  # fmt: skip
+    (out / "results.json").write_text(
+        json.dumps({"provenance": prov, "baseline_rss_mb": baseline, "cases": rows, "unpaced": unpaced}, indent=1)
+        + "\n"
+    )
     return text
 
 

@@ -70,8 +70,18 @@ def matmul_calls(runtime, rows: int, threads: int):
     mms.append(runtime.lm_head)
     xs = {m.in_features: torch.randn(rows, m.in_features) for m in mms}
     ys = {m.out_features: torch.empty(rows, m.out_features) for m in mms}
-    args = [(ctypes.byref(m.struct), threads, xs[m.in_features].data_ptr(), rows, m.in_features,
-             ys[m.out_features].data_ptr(), m.out_features) for m in mms]  # fmt: skip
+    args = [
+        (
+            ctypes.byref(m.struct),
+            threads,
+            xs[m.in_features].data_ptr(),
+            rows,
+            m.in_features,
+            ys[m.out_features].data_ptr(),
+            m.out_features,
+        )
+        for m in mms
+    ]
     flops = 2 * rows * sum(m.in_features * m.out_features for m in mms)
 
     def run() -> None:
@@ -128,12 +138,16 @@ def main() -> None:
             for rows in ROWS:
                 run, flops = matmul_calls(gen.runtime, rows, threads)
                 kernel[path, threads, rows] = flops / best_seconds(run, 9, clock_for(threads)) / 1e9
-    ids = gens["exact"].encode("Summarize the following notes about the history of Rome and its provinces. " * 40,
-                               chat=False)[:252]  # fmt: skip
-    cost = {(path, t, rows): pass_seconds(gen, ids, rows, t) for path, gen in gens.items() for t in counts
-            for rows in ROWS}  # fmt: skip
+    ids = gens["exact"].encode(
+        "Summarize the following notes about the history of Rome and its provinces. " * 40, chat=False
+    )[:252]
+    cost = {
+        (path, t, rows): pass_seconds(gen, ids, rows, t) for path, gen in gens.items() for t in counts for rows in ROWS
+    }
     gguf = sources.gguf_file(sources.parse_source("default"))
-    prompt = gens["exact"].encode("Write a Python function that reads a CSV file and returns its rows. " * 3, chat=False)
+    prompt = gens["exact"].encode(
+        "Write a Python function that reads a CSV file and returns its rows. " * 3, chat=False
+    )
     steps = {}
     for t in counts:
         llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=1024, n_threads=t, n_threads_batch=t, verbose=False)
@@ -143,45 +157,62 @@ def main() -> None:
 
     machine = provenance(state)
     t = args.threads
-    print(f"# Matmul kernels against the FMA peak, pass cost by rows, decode step against llama.cpp "
-          f"(default model, 1 and {t} threads)\n")  # fmt: skip
+    print(
+        f"# Matmul kernels against the FMA peak, pass cost by rows, decode step against llama.cpp "
+        f"(default model, 1 and {t} threads)\n"
+    )
     print(f"```\npython benchmarks/kernel_peak/run.py --threads {t} > benchmarks/kernel_peak/report.md\n```\n")
     print(describe(machine) + "\n")
-    print(f"CPU: {kernels.describe_cpu()}; vector width {lib.width} floats; torch {machine['torch']}, "
-          f"python {machine['python']}, llama-cpp-python {llama_cpp.__version__}.\n")  # fmt: skip
-    print("One thread: the calling thread's CPU time; several: the wall clock (noisy where the cores are "
-          "shared; read the ratios).\n")  # fmt: skip
+    print(
+        f"CPU: {kernels.describe_cpu()}; vector width {lib.width} floats; torch {machine['torch']}, "
+        f"python {machine['python']}, llama-cpp-python {llama_cpp.__version__}.\n"
+    )
+    print(
+        "One thread: the calling thread's CPU time; several: the wall clock (noisy where the cores are "
+        "shared; read the ratios).\n"
+    )
     print("## FMA peak (`argen_fma_peak`, GFLOP/s over each thread's CPU time, best of 5)\n")
     print("| threads | GFLOP/s | per thread |\n| --: | --: | --: |")
     for threads, peak in peaks.items():
         print(f"| {threads} | {peak:.1f} | {peak / threads:.1f} |")
-    print(f"\n## Matmuls of one pass: GFLOP/s by activation rows (body 120 x Q4_1 + head Q8_0, "
-          f"{one_row_flops / 2e6:.1f} M multiply-adds per row; a8: integer multiply-adds, counted the same)\n")
+    print(
+        f"\n## Matmuls of one pass: GFLOP/s by activation rows (body 120 x Q4_1 + head Q8_0, "
+        f"{one_row_flops / 2e6:.1f} M multiply-adds per row; a8: integer multiply-adds, counted the same)\n"
+    )
     head = " | ".join(f"{p} {th} thr GFLOP/s | % of peak" for p in PATHS for th in counts)
     print(f"| rows | {head} |\n| --: |" + " --: | --: |" * len(PATHS) * len(counts))
     for rows in ROWS:
-        cells = [f"{kernel[p, th, rows]:.1f} | {100 * kernel[p, th, rows] / peaks[th]:.0f}%" for p in PATHS
-                 for th in counts]  # fmt: skip
+        cells = [
+            f"{kernel[p, th, rows]:.1f} | {100 * kernel[p, th, rows] / peaks[th]:.0f}%" for p in PATHS for th in counts
+        ]
         print(f"| {rows} | " + " | ".join(cells) + " |")
     print("\n## One forward pass with every fed token's logits, ms (after a 252-token prefill, best of 9)\n")
-    print("Lowest ratio at the peak: the pass's matmuls at the FMA peak over the measured one-row exact pass, "
-          "rows x F / (peak x t1): no fp32 kernel can make the ratio lower without making one row slower.\n")
+    print(
+        "Lowest ratio at the peak: the pass's matmuls at the FMA peak over the measured one-row exact pass, "
+        "rows x F / (peak x t1): no fp32 kernel can make the ratio lower without making one row slower.\n"
+    )
     for th in counts:
         print(f"### {th} thread{'s' * (th > 1)}\n")
-        print("| rows | exact ms | ÷ its 1-row pass | exact-a8 ms | ÷ its 1-row pass | lowest exact ratio at the peak |")
+        print(
+            "| rows | exact ms | ÷ its 1-row pass | exact-a8 ms | ÷ its 1-row pass | lowest exact ratio at the peak |"
+        )
         print("| --: | --: | --: | --: | --: | --: |")
         for rows in ROWS:
             ex, a8 = cost["exact", th, rows], cost["exact-a8", th, rows]
             floor = one_row_flops * rows / (peaks[th] * 1e9) / cost["exact", th, 1]
-            print(f"| {rows} | {ex * 1e3:.1f} | {ex / cost['exact', th, 1]:.2f} | {a8 * 1e3:.1f} | "
-                  f"{a8 / cost['exact-a8', th, 1]:.2f} | {floor:.2f} |")  # fmt: skip
+            print(
+                f"| {rows} | {ex * 1e3:.1f} | {ex / cost['exact', th, 1]:.2f} | {a8 * 1e3:.1f} | "
+                f"{a8 / cost['exact-a8', th, 1]:.2f} | {floor:.2f} |"
+            )
         print()
     print("## One-row decode step against llama.cpp (same GGUF, interleaved, median of 40 steps)\n")
     print("| threads | exact ms | exact-a8 ms | llama.cpp ms | llama.cpp ÷ exact | llama.cpp ÷ exact-a8 |")
     print("| --: | --: | --: | --: | --: | --: |")
     for th, s in steps.items():
-        print(f"| {th} | {s['exact'] * 1e3:.2f} | {s['exact-a8'] * 1e3:.2f} | {s['llama.cpp'] * 1e3:.2f} | "
-              f"{s['llama.cpp'] / s['exact']:.2f} | {s['llama.cpp'] / s['exact-a8']:.2f} |")  # fmt: skip
+        print(
+            f"| {th} | {s['exact'] * 1e3:.2f} | {s['exact-a8'] * 1e3:.2f} | {s['llama.cpp'] * 1e3:.2f} | "
+            f"{s['llama.cpp'] / s['exact']:.2f} | {s['llama.cpp'] / s['exact-a8']:.2f} |"
+        )
 
 
 if __name__ == "__main__":

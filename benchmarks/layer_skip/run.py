@@ -54,17 +54,28 @@ def main() -> None:
         agree = (_logits(runtime, eval_ids, plan_skipping(n_layers, skipped)).argmax(-1) == eval_reference).float()
         rows.append((m, agree.mean().item(), sum(block_bytes(runtime, b) for b in skipped) / body, skipped))
     shares = sorted({round(100 * block_bytes(runtime, (kind, 1)) / body, 2) for kind in ("attn", "ffn")})
-    lines = ["# Layer-skip: how well the default model agrees with itself with blocks skipped", "",
-             "```", "python benchmarks/layer_skip/run.py", "```", "", describe(provenance(state)), "",
-             f"SmolLM2-135M ({n_layers} layers), float32. Ranking: damage on {rank_ids.shape[1]} tokens of the "
-             f"first calibration text; agreement: {eval_ids.numel()} tokens of the {len(samples)} calibration "
-             f"texts ({length} each). One block is {shares[0]}% (attention) or {shares[1]}% (FFN) of the body's "
-             "weights.", "",
-             "| blocks skipped | agreement with the full model's argmax | share of body weights skipped | blocks |",
-             "| --: | --: | --: | --- |"]  # fmt: skip
+    lines = [
+        "# Layer-skip: how well the default model agrees with itself with blocks skipped",
+        "",
+        "```",
+        "python benchmarks/layer_skip/run.py",
+        "```",
+        "",
+        describe(provenance(state)),
+        "",
+        f"SmolLM2-135M ({n_layers} layers), float32. Ranking: damage on {rank_ids.shape[1]} tokens of the "
+        f"first calibration text; agreement: {eval_ids.numel()} tokens of the {len(samples)} calibration "
+        f"texts ({length} each). One block is {shares[0]}% (attention) or {shares[1]}% (FFN) of the body's "
+        "weights.",
+        "",
+        "| blocks skipped | agreement with the full model's argmax | share of body weights skipped | blocks |",
+        "| --: | --: | --: | --- |",
+    ]
     for m, agreement, share, skipped in rows:
-        lines.append(f"| {m} | {agreement:.2f} | {100 * share:.1f}% | {', '.join(f'{k}{i}' for k, i in skipped[:8])}"
-                     f"{' ...' if m > 8 else ''} |")  # fmt: skip
+        lines.append(
+            f"| {m} | {agreement:.2f} | {100 * share:.1f}% | {', '.join(f'{k}{i}' for k, i in skipped[:8])}"
+            f"{' ...' if m > 8 else ''} |"
+        )
     (HERE / "report.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

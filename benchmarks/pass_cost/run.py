@@ -53,8 +53,10 @@ def main() -> None:
     print("```\npython benchmarks/pass_cost/run.py > benchmarks/pass_cost/report.md\n```\n")
     machine = provenance(state)
     print(describe(machine) + "\n")
-    print(f"Prompt {len(ids)} tokens, torch {machine['torch']}, transformers {machine['transformers']}, "
-          f"python {machine['python']}, {machine['cpu_model']}.\n")
+    print(
+        f"Prompt {len(ids)} tokens, torch {machine['torch']}, transformers {machine['transformers']}, "
+        f"python {machine['python']}, {machine['cpu_model']}.\n"
+    )
     print("| tokens fed | F.linear ms | Matmul ms | Matmul ÷ its 1-token pass |")
     print("| --: | --: | --: | --: |")
     for rows, (linear, ours) in results.items():

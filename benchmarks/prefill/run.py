@@ -65,8 +65,14 @@ def main() -> None:
     text = "Summarize the following notes about the history of Rome and its provinces. " * 60
     ids_all = gen.encode(text, chat=False)
     gguf = sources.gguf_file(sources.parse_source("default"))
-    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=1024, n_threads=args.threads, n_threads_batch=args.threads,
-                          n_batch=512, verbose=False)  # fmt: skip
+    llm = llama_cpp.Llama(
+        model_path=str(gguf),
+        n_ctx=1024,
+        n_threads=args.threads,
+        n_threads_batch=args.threads,
+        n_batch=512,
+        verbose=False,
+    )
     rows = []
     for n in LENGTHS:
         ids = ids_all[:n]
@@ -81,18 +87,24 @@ def main() -> None:
     llm.close()
 
     machine = provenance(state)
-    print(f"# Prefill: argen's fused forward against its torch path and llama.cpp, by prompt length "
-          f"(default model, {args.threads} thread{'s' * (args.threads > 1)})\n")  # fmt: skip
+    print(
+        f"# Prefill: argen's fused forward against its torch path and llama.cpp, by prompt length "
+        f"(default model, {args.threads} thread{'s' * (args.threads > 1)})\n"
+    )
     print(f"```\npython benchmarks/prefill/run.py --threads {args.threads} > benchmarks/prefill/report.md\n```\n")
     print(describe(machine) + "\n")
-    print(f"CPU: {kernels.describe_cpu()}; torch {machine['torch']}, llama-cpp-python {llama_cpp.__version__}. "
-          f"Routing now: feeds up to {llama.FUSED_MAX_NEW_TOKENS} tokens take the fused forward.\n")  # fmt: skip
+    print(
+        f"CPU: {kernels.describe_cpu()}; torch {machine['torch']}, llama-cpp-python {llama_cpp.__version__}. "
+        f"Routing now: feeds up to {llama.FUSED_MAX_NEW_TOKENS} tokens take the fused forward.\n"
+    )
     print(f"Best of {REPS}, interleaved; ms of one prefill into an empty cache with the last token's logits.\n")
     print("| tokens | fused ms | torch ms | llama.cpp ms | torch ÷ fused | llama.cpp ÷ fused | fused tok/s |")
     print("| --: | --: | --: | --: | --: | --: | --: |")
     for n, t in rows:
-        print(f"| {n} | {t['fused'] * 1e3:.1f} | {t['torch'] * 1e3:.1f} | {t['llama.cpp'] * 1e3:.1f} | "
-              f"{t['torch'] / t['fused']:.2f} | {t['llama.cpp'] / t['fused']:.2f} | {n / t['fused']:.0f} |")  # fmt: skip
+        print(
+            f"| {n} | {t['fused'] * 1e3:.1f} | {t['torch'] * 1e3:.1f} | {t['llama.cpp'] * 1e3:.1f} | "
+            f"{t['torch'] / t['fused']:.2f} | {t['llama.cpp'] / t['fused']:.2f} | {n / t['fused']:.0f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -128,10 +128,20 @@ def engine_rows(gen, answers: list[list[int]]) -> list[dict]:
                 ok = engine.step(matcher, token) and ok
                 per_token.append(time.perf_counter() - started)
             accepted += ok
-        rows.append({"engine": f"{cls.name} {engine.version}", "setup_s": setup, "compile_ms": 1e3 * statistics.median(compile_s),
-                     "compile_max_ms": 1e3 * max(compile_s), "median_us": 1e6 * statistics.median(per_token),
-                     "mean_us": 1e6 * statistics.mean(per_token), "p99_us": 1e6 * percentile(per_token, 0.99),
-                     "accepted": accepted, "rollback": cls.rollback, "bounded": cls.bounded})  # fmt: skip
+        rows.append(
+            {
+                "engine": f"{cls.name} {engine.version}",
+                "setup_s": setup,
+                "compile_ms": 1e3 * statistics.median(compile_s),
+                "compile_max_ms": 1e3 * max(compile_s),
+                "median_us": 1e6 * statistics.median(per_token),
+                "mean_us": 1e6 * statistics.mean(per_token),
+                "p99_us": 1e6 * percentile(per_token, 0.99),
+                "accepted": accepted,
+                "rollback": cls.rollback,
+                "bounded": cls.bounded,
+            }
+        )
     return rows
 
 
@@ -141,48 +151,74 @@ def argen_rows(gen) -> tuple[list[dict], list[list[int]]]:
         tokens = masks = 0
         seconds = mask_seconds = free_seconds = passes = 0.0
         for case in CASES:
-            out = gen.generate(case["prompt"], strategy=strategy, max_new_tokens=MAX_TOKENS, response_format=fmt(case["schema"]))
+            out = gen.generate(
+                case["prompt"], strategy=strategy, max_new_tokens=MAX_TOKENS, response_format=fmt(case["schema"])
+            )
             if strategy == "plain":  # the engines follow the answer, its end-of-sequence token aside
                 answers.append([t for t in out.token_ids if t not in gen.model.eos_ids])
                 free = gen.generate(case["prompt"], max_new_tokens=len(out.token_ids), ignore_eos=True)
                 free_seconds += free.stats.wall_seconds - free.stats.prefill_seconds
             s = out.stats
             tokens, seconds = tokens + s.new_tokens, seconds + s.wall_seconds - s.prefill_seconds
-            masks, mask_seconds, passes = masks + s.grammar_masks, mask_seconds + s.grammar_mask_seconds, passes + s.forward_passes - s.prefill_passes
-        rows.append({"strategy": strategy, "tokens": tokens, "ms_per_token": 1e3 * seconds / tokens,
-                     "free_ms_per_token": 1e3 * free_seconds / tokens if strategy == "plain" else None,
-                     "mask_us": 1e6 * mask_seconds / masks, "masks_per_token": masks / tokens,
-                     "mask_share": mask_seconds / seconds, "tokens_per_pass": tokens / passes})  # fmt: skip
+            masks, mask_seconds, passes = (
+                masks + s.grammar_masks,
+                mask_seconds + s.grammar_mask_seconds,
+                passes + s.forward_passes - s.prefill_passes,
+            )
+        rows.append(
+            {
+                "strategy": strategy,
+                "tokens": tokens,
+                "ms_per_token": 1e3 * seconds / tokens,
+                "free_ms_per_token": 1e3 * free_seconds / tokens if strategy == "plain" else None,
+                "mask_us": 1e6 * mask_seconds / masks,
+                "masks_per_token": masks / tokens,
+                "mask_share": mask_seconds / seconds,
+                "tokens_per_pass": tokens / passes,
+            }
+        )
     return rows, answers
 
 
 def main() -> None:
     args, state = script_args(__doc__, threads=2)
     gen = argen.load("default")
-    gen.generate(CASES[0]["prompt"], max_new_tokens=8, response_format=fmt(CASES[0]["schema"]))  # warm: kernels, tokenizer
+    gen.generate(
+        CASES[0]["prompt"], max_new_tokens=8, response_format=fmt(CASES[0]["schema"])
+    )  # warm: kernels, tokenizer
     ours, answers = argen_rows(gen)
     engines = engine_rows(gen, answers)
     machine = provenance(state)
     print(f"# Structured output: grammar engines and argen's cost per token (default model, {args.threads} threads)\n")
     print(f"```\npython benchmarks/structured/run.py --threads {args.threads} > benchmarks/structured/report.md\n```\n")
     print(describe(machine) + "\n")
-    print(f"torch {machine['torch']}, transformers {machine['transformers']}, python {machine['python']}; "
-          f"CPU: {machine['cpu_model']}; argen kernels: {kernels.pick_isa()}; vocabulary {gen.runtime.info.vocab_size} tokens; "
-          f"{len(CASES)} JSON schemas (tests/data/schemas.json), {sum(map(len, answers))} answer tokens.\n")  # fmt: skip
+    print(
+        f"torch {machine['torch']}, transformers {machine['transformers']}, python {machine['python']}; "
+        f"CPU: {machine['cpu_model']}; argen kernels: {kernels.pick_isa()}; vocabulary {gen.runtime.info.vocab_size} tokens; "
+        f"{len(CASES)} JSON schemas (tests/data/schemas.json), {sum(map(len, answers))} answer tokens.\n"
+    )
     print("## Grammar engines: the next-token mask and consuming the token, per token\n")
-    print("| engine | tokenizer setup s | compile ms (median / max) | µs per token (median / mean / p99) | answers accepted | rollback | work bounded per token |")
+    print(
+        "| engine | tokenizer setup s | compile ms (median / max) | µs per token (median / mean / p99) | answers accepted | rollback | work bounded per token |"
+    )
     print("| --- | --: | --: | --: | --: | --- | --- |")
     for r in engines:
-        print(f"| {r['engine']} | {r['setup_s']:.2f} | {r['compile_ms']:.1f} / {r['compile_max_ms']:.1f} | "
-              f"{r['median_us']:.0f} / {r['mean_us']:.0f} / {r['p99_us']:.0f} | {r['accepted']}/{len(CASES)} | "
-              f"{r['rollback']} | {r['bounded']} |")  # fmt: skip
+        print(
+            f"| {r['engine']} | {r['setup_s']:.2f} | {r['compile_ms']:.1f} / {r['compile_max_ms']:.1f} | "
+            f"{r['median_us']:.0f} / {r['mean_us']:.0f} / {r['p99_us']:.0f} | {r['accepted']}/{len(CASES)} | "
+            f"{r['rollback']} | {r['bounded']} |"
+        )
     print("\n## argen under a JSON schema, batch 1, greedy (decode only, prefill excluded)\n")
-    print("| strategy | answer tokens | ms per token | same tokens unconstrained, ms per token | grammar mask µs | masks per token | mask share of decode | tokens per pass |")
+    print(
+        "| strategy | answer tokens | ms per token | same tokens unconstrained, ms per token | grammar mask µs | masks per token | mask share of decode | tokens per pass |"
+    )
     print("| --- | --: | --: | --: | --: | --: | --: | --: |")
     for r in ours:
         free = f"{r['free_ms_per_token']:.2f}" if r["free_ms_per_token"] is not None else "—"
-        print(f"| {r['strategy']} | {r['tokens']} | {r['ms_per_token']:.2f} | {free} | {r['mask_us']:.0f} | "
-              f"{r['masks_per_token']:.2f} | {100 * r['mask_share']:.1f}% | {r['tokens_per_pass']:.2f} |")  # fmt: skip
+        print(
+            f"| {r['strategy']} | {r['tokens']} | {r['ms_per_token']:.2f} | {free} | {r['mask_us']:.0f} | "
+            f"{r['masks_per_token']:.2f} | {100 * r['mask_share']:.1f}% | {r['tokens_per_pass']:.2f} |"
+        )
 
 
 if __name__ == "__main__":

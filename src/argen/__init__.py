@@ -8,6 +8,18 @@ from argen.setprompt import SetPrompt
 from argen.strategies import REGISTRY as STRATEGIES
 from argen.strategies import Strategy
 
-__all__ = ["STRATEGIES", "ArgenError", "Event", "Generator", "InvalidRequestError", "ModelNotFoundError",
-           "Result", "SamplingParams", "SetPrompt", "Stats", "Strategy", "load"]  # fmt: skip
+__all__ = [
+    "STRATEGIES",
+    "ArgenError",
+    "Event",
+    "Generator",
+    "InvalidRequestError",
+    "ModelNotFoundError",
+    "Result",
+    "SamplingParams",
+    "SetPrompt",
+    "Stats",
+    "Strategy",
+    "load",
+]
 __version__ = "0.1.0"

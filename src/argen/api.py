@@ -56,15 +56,32 @@ class Generator:
     def _chat_ids(self, messages: list[dict]) -> list[int]:
         return self.encode_chat(messages)
 
-    def encode_chat(self, messages: list[dict], *, add_generation_prompt: bool = True,
-                    continue_final_message: bool = False, template_kwargs: dict | None = None) -> list[int]:  # fmt: skip
+    def encode_chat(
+        self,
+        messages: list[dict],
+        *,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        template_kwargs: dict | None = None,
+    ) -> list[int]:
         """Token ids of a conversation through the model's chat template (`chat_text`, then `chat_ids`)."""
-        return self.chat_ids(self.chat_text(messages, add_generation_prompt=add_generation_prompt,
-                                            continue_final_message=continue_final_message,
-                                            template_kwargs=template_kwargs))  # fmt: skip
+        return self.chat_ids(
+            self.chat_text(
+                messages,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
+                template_kwargs=template_kwargs,
+            )
+        )
 
-    def chat_text(self, messages: list[dict], *, add_generation_prompt: bool = True,
-                  continue_final_message: bool = False, template_kwargs: dict | None = None) -> str:  # fmt: skip
+    def chat_text(
+        self,
+        messages: list[dict],
+        *,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        template_kwargs: dict | None = None,
+    ) -> str:
         """The chat template applied to `messages`: the text `encode_chat` tokenizes (a server checks its
         length before that work). `add_generation_prompt` opens the assistant's turn;
         `continue_final_message` leaves the last message (an assistant's, partial) open so the output
@@ -72,19 +89,34 @@ class Generator:
         if not getattr(self.tokenizer, "chat_template", None):
             raise InvalidRequestError(f"model {self.name!r} has no chat template; pass chat=False (--no-chat)")
         if add_generation_prompt and continue_final_message:
-            raise InvalidRequestError("continue_final_message continues the last message; it cannot also open a new "
-                                      "turn (set add_generation_prompt to false)")  # fmt: skip
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                                  continue_final_message=continue_final_message, tokenize=False,
-                                                  **(template_kwargs or {}))  # fmt: skip
+            raise InvalidRequestError(
+                "continue_final_message continues the last message; it cannot also open a new "
+                "turn (set add_generation_prompt to false)"
+            )
+        return self.tokenizer.apply_chat_template(
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+            tokenize=False,
+            **(template_kwargs or {}),
+        )
 
     def chat_ids(self, text: str) -> list[int]:
         """Token ids of a templated conversation (`chat_text`): the template wrote the special tokens,
         so none are added (as transformers' `apply_chat_template(tokenize=True)` does)."""
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def _requests(self, prompts: list, chat: bool, strategy, options: dict, intervene=None,
-                  n: int | None = None, prompt_logprobs: int | None = None, press=None) -> list[Request]:  # fmt: skip
+    def _requests(
+        self,
+        prompts: list,
+        chat: bool,
+        strategy,
+        options: dict,
+        intervene=None,
+        n: int | None = None,
+        prompt_logprobs: int | None = None,
+        press=None,
+    ) -> list[Request]:
         unknown = sorted(set(options) - SAMPLING_FIELDS)
         if unknown:
             raise InvalidRequestError(
@@ -96,9 +128,19 @@ class Generator:
             params = SamplingParams(**options)
             layout = self.encode_layout(prompt, chat)
             made = self.prepare_strategy(strategy)
-            requests.append(Request(layout.ids, params, made, layout.positions, layout.mask, forced=forced,
-                                    n=1 if n is None else n, prompt_logprobs=prompt_logprobs,
-                                    press=make_press(press)))  # fmt: skip
+            requests.append(
+                Request(
+                    layout.ids,
+                    params,
+                    made,
+                    layout.positions,
+                    layout.mask,
+                    forced=forced,
+                    n=1 if n is None else n,
+                    prompt_logprobs=prompt_logprobs,
+                    press=make_press(press),
+                )
+            )
         return requests
 
     def prepare_strategy(self, spec) -> Strategy:
@@ -111,9 +153,10 @@ class Generator:
     @staticmethod
     def _as_batch(prompt) -> tuple[list, bool]:
         single = isinstance(prompt, (str, SetPrompt, dict)) or (
-            isinstance(prompt, list) and prompt and all(isinstance(x, (int, dict)) and not is_set_prompt(x)
-                                                        for x in prompt)
-        )  # fmt: skip
+            isinstance(prompt, list)
+            and prompt
+            and all(isinstance(x, (int, dict)) and not is_set_prompt(x) for x in prompt)
+        )
         if single:
             return [prompt], False
         if isinstance(prompt, (list, tuple)) and prompt:
@@ -121,9 +164,18 @@ class Generator:
         raise InvalidRequestError("give a prompt string or a non-empty list of prompts")
 
     # -- generation ----------------------------------------------------------------------------
-    def generate(self, prompt, *, strategy="plain", chat: bool = True, intervene: dict[int, int] | None = None,
-                 n: int | None = None, prompt_logprobs: int | None = None, press=None,
-                 **options) -> Result | list[Result] | list[list[Result]]:  # fmt: skip
+    def generate(
+        self,
+        prompt,
+        *,
+        strategy="plain",
+        chat: bool = True,
+        intervene: dict[int, int] | None = None,
+        n: int | None = None,
+        prompt_logprobs: int | None = None,
+        press=None,
+        **options,
+    ) -> Result | list[Result] | list[list[Result]]:
         """Generate for one prompt (returns a Result) or a list of prompts (returns a list).
         Options are SamplingParams fields: max_new_tokens, temperature, top_k, top_p, min_p,
         repetition_penalty, presence_penalty, frequency_penalty, seed, stop, stop_token_ids, min_tokens,
@@ -150,8 +202,18 @@ class Generator:
         every other position (Gumbel-max SCM); no intervention reproduces `result`. See counterfactual.py."""
         return counterfactual(self, result, intervene, **overrides)
 
-    def stream(self, prompt, *, strategy="plain", chat: bool = True, intervene: dict[int, int] | None = None,
-               n: int | None = None, prompt_logprobs: int | None = None, press=None, **options) -> Stream:  # fmt: skip
+    def stream(
+        self,
+        prompt,
+        *,
+        strategy="plain",
+        chat: bool = True,
+        intervene: dict[int, int] | None = None,
+        n: int | None = None,
+        prompt_logprobs: int | None = None,
+        press=None,
+        **options,
+    ) -> Stream:
         """Events (token ids and text delta) for one prompt as they are generated; the last one
         has a finish_reason, and the returned Stream's `.result` holds the Result afterwards. With
         `n`, the n samples' Events come interleaved, each with its `sample_index` (each sample ends
@@ -188,8 +250,9 @@ class Stream:
             close()
 
 
-def load(model: str = "default", *, runtime: str = "auto", device: str = "cpu", dtype="float32",
-         quant: str = "auto") -> Generator | ImageGenerator:  # fmt: skip
+def load(
+    model: str = "default", *, runtime: str = "auto", device: str = "cpu", dtype="float32", quant: str = "auto"
+) -> Generator | ImageGenerator:
     """Load a model: "default" (bundled SmolLM2-135M-Instruct), a Hugging Face directory, a .gguf
     file, or "tiny-random" / "tiny-random-gpt2" (tiny random models for tests). `quant` picks how
     the native runtime holds the weights on CPU: "auto" (a GGUF's own quantized blocks when argen's

@@ -30,8 +30,15 @@ HELP = """commands:
 class ChatSession:
     """A conversation: the messages so far, and how replies are generated."""
 
-    def __init__(self, gen, *, system: str | None = None, strategy: str | dict = "plain", options: dict | None = None,
-                 stats: bool = False) -> None:  # fmt: skip
+    def __init__(
+        self,
+        gen,
+        *,
+        system: str | None = None,
+        strategy: str | dict = "plain",
+        options: dict | None = None,
+        stats: bool = False,
+    ) -> None:
         self.gen, self.system, self.strategy, self.stats = gen, system, strategy, stats
         self.options = {"max_new_tokens": DEFAULT_MAX_NEW_TOKENS, **(options or {})}
         self.turns: list[dict] = []  # user and assistant messages, without the system prompt
@@ -66,8 +73,10 @@ class ChatSession:
             out.write("\n")
             if self.stats:
                 s = stream.result.stats
-                err.write(f"[{s.new_tokens} tokens, {s.tokens_per_s:.1f} tok/s, {s.forward_passes} passes, "
-                          f"finish: {stream.result.finish_reason}]\n")  # fmt: skip
+                err.write(
+                    f"[{s.new_tokens} tokens, {s.tokens_per_s:.1f} tok/s, {s.forward_passes} passes, "
+                    f"finish: {stream.result.finish_reason}]\n"
+                )
 
     def _stream(self, err: TextIO):
         """The reply's Stream, dropping the oldest turns while the conversation and a full reply
@@ -77,8 +86,10 @@ class ChatSession:
         try:
             alone = ([{"role": "system", "content": self.system}] if self.system else []) + self.turns[-1:]
             if (n := len(self.gen.encode(alone))) >= context:  # no dropping makes it fit: keep the history
-                raise InvalidRequestError(f"the message is {n} tokens with the chat template, and the model's context "
-                                          f"is {context}; shorten it")  # fmt: skip
+                raise InvalidRequestError(
+                    f"the message is {n} tokens with the chat template, and the model's context "
+                    f"is {context}; shorten it"
+                )
             while len(self.turns) > 1 and len(self.gen.encode(self.messages())) + room > context:
                 del self.turns[:2]  # the oldest user message and its reply
                 err.write("[dropped the oldest turn: the conversation no longer fits the model's context]\n")
@@ -119,7 +130,7 @@ class ChatSession:
             spec = json.loads(arg) if arg.startswith("{") else arg
             self.gen.prepare_strategy(spec)  # checked now, not at the next reply
         except (ValueError, TypeError) as exc:  # InvalidRequestError and JSONDecodeError are ValueErrors
-            err.write(f"error: {exc}; /strategy takes a name or a JSON object with a \"name\"\n")
+            err.write(f'error: {exc}; /strategy takes a name or a JSON object with a "name"\n')
             return
         self.strategy = spec
         err.write(f"[strategy: {json.dumps(spec)}]\n")
@@ -158,4 +169,3 @@ def reader(interactive: bool) -> Callable[[str], str]:
         return line.rstrip("\n")
 
     return read
-

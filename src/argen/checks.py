@@ -22,7 +22,10 @@ def number_option(name: str, value, low: float | None = None, high: float | None
     """The option as a float, or a ValueError saying which finite range it must lie in."""
     number = finite_number(value)
     if number is None or (low is not None and number < low) or (high is not None and number > high):
-        bounds = f" in [{low:g}, {high:g}]" if low is not None and high is not None else (
-            f" >= {low:g}" if low is not None else f" <= {high:g}" if high is not None else "")  # fmt: skip
+        bounds = (
+            f" in [{low:g}, {high:g}]"
+            if low is not None and high is not None
+            else (f" >= {low:g}" if low is not None else f" <= {high:g}" if high is not None else "")
+        )
         raise ValueError(f"{name} must be a finite number{bounds}{hint}; got {value!r}")
     return number

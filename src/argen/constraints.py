@@ -57,14 +57,19 @@ def grammar_of(response_format: dict | None) -> str | None:
         spec = response_format.get("json_schema")
         schema = spec.get("schema", {}) if isinstance(spec, dict) else None
         if not isinstance(schema, dict) or isinstance(schema, bool):
-            raise InvalidRequestError('response_format json_schema needs {"json_schema": {"name": ..., "schema": {...}}}')
+            raise InvalidRequestError(
+                'response_format json_schema needs {"json_schema": {"name": ..., "schema": {...}}}'
+            )
     else:
         text = response_format.get(kind)
         if not isinstance(text, str) or not text:
             raise InvalidRequestError(f'response_format of type {kind} needs a non-empty string "{kind}"')
         _check_size(kind, len(text))
-        return llguidance.LLMatcher.grammar_from_regex(text) if kind == "regex" else \
-            llguidance.LLMatcher.grammar_from_lark(text)  # fmt: skip
+        return (
+            llguidance.LLMatcher.grammar_from_regex(text)
+            if kind == "regex"
+            else llguidance.LLMatcher.grammar_from_lark(text)
+        )
     _check_size("json_schema", len(json.dumps(schema)))
     _check_intersections(schema)
     try:
@@ -97,9 +102,11 @@ def _check_intersections(schema: Any) -> None:
         if isinstance(node, dict):
             count += sum(1 for key in _PATTERN_KEYS if key in node)
             if "allOf" in node and count > MAX_ALLOF_PATTERNS:
-                raise InvalidRequestError(f"response_format: an allOf combines {count} regexes (pattern, format, "
-                                          f"patternProperties); at most {MAX_ALLOF_PATTERNS}: their intersection "
-                                          "costs time exponential in their number")  # fmt: skip
+                raise InvalidRequestError(
+                    f"response_format: an allOf combines {count} regexes (pattern, format, "
+                    f"patternProperties); at most {MAX_ALLOF_PATTERNS}: their intersection "
+                    "costs time exponential in their number"
+                )
         counts.append(count)
 
 
@@ -194,12 +201,16 @@ class Constraint:
             if real and not self.matcher.consume_token(token):
                 error = self.matcher.get_error()
                 if "doesn't satisfy the grammar" not in error:  # llguidance's words for a forbidden token
-                    raise InvalidRequestError(f"response_format: the grammar went past a limit of the grammar "
-                                              f"engine at output token {len(self.consumed)}: {describe(error)}")  # fmt: skip
+                    raise InvalidRequestError(
+                        f"response_format: the grammar went past a limit of the grammar "
+                        f"engine at output token {len(self.consumed)}: {describe(error)}"
+                    )
                 # A token the grammar forbids got into the output (a forced token of a counterfactual,
                 # or a replayed prefix): nothing after it can be constrained.
-                raise InvalidRequestError(f"the output breaks the response_format grammar at output token "
-                                          f"{len(self.consumed)} (id {token}): {describe(error)}")  # fmt: skip
+                raise InvalidRequestError(
+                    f"the output breaks the response_format grammar at output token "
+                    f"{len(self.consumed)} (id {token}): {describe(error)}"
+                )
             self.consumed.append(token)
             self.real.append(real)
 

@@ -31,14 +31,20 @@ def check_interventions(intervene: dict, n_tokens: int | None, vocab_size: int) 
             limit = f"0..{n_tokens - 1}" if n_tokens else "within the output"
             raise InvalidRequestError(f"intervention position {pos!r} must be an output position ({limit})")
         if not isinstance(tok, int) or not 0 <= tok < vocab_size:
-            raise InvalidRequestError(f"intervention token {tok!r} at position {pos} must be a token id in "
-                                      f"0..{vocab_size - 1}")  # fmt: skip
+            raise InvalidRequestError(
+                f"intervention token {tok!r} at position {pos} must be a token id in 0..{vocab_size - 1}"
+            )
         checked[pos] = tok
     return checked
 
 
-def counterfactual_request(result: Result, intervene: dict[int, int] | None, vocab_size: int,
-                           make: Callable[[object], Strategy] = make_strategy, **overrides) -> Request:  # fmt: skip
+def counterfactual_request(
+    result: Result,
+    intervene: dict[int, int] | None,
+    vocab_size: int,
+    make: Callable[[object], Strategy] = make_strategy,
+    **overrides,
+) -> Request:
     """The replay as a Request the engine runs; `make` builds its strategy from the recorded spec (the
     API's `prepare_strategy`, which resolves a draft or guide model the record names)."""
     replay = result.extras.get("replay")
@@ -47,8 +53,10 @@ def counterfactual_request(result: Result, intervene: dict[int, int] | None, voc
     if replay.get("press") is not None and replay["press"]["budget"] < 1:
         # The replay prefills the output prefix in one pass, so a press would compress another cache
         # than the original run's: the replay would not reproduce it.
-        raise InvalidRequestError("a counterfactual replays an unpressed cache; this Result was generated with a "
-                                  "KV-cache press below budget 1: generate it again without press")  # fmt: skip
+        raise InvalidRequestError(
+            "a counterfactual replays an unpressed cache; this Result was generated with a "
+            "KV-cache press below budget 1: generate it again without press"
+        )
     strategy = overrides.pop("strategy", replay["strategy"])
     params = SamplingParams(**(replay["params"] | overrides))
     intervene = check_interventions(intervene or {}, len(result.token_ids), vocab_size)
@@ -60,10 +68,19 @@ def counterfactual_request(result: Result, intervene: dict[int, int] | None, voc
         first = min(intervene)
         prefix = list(result.token_ids[:first]) + [intervene[first]]
         if len(prefix) > params.max_new_tokens:
-            raise InvalidRequestError(f"intervention at position {first} is past max_new_tokens "
-                                      f"({params.max_new_tokens}); raise max_new_tokens")  # fmt: skip
-    return Request(list(result.prompt_ids), params, make(strategy), replay.get("prompt_positions"),
-                   replay.get("prompt_mask"), output_prefix=prefix, forced=forced or None)  # fmt: skip
+            raise InvalidRequestError(
+                f"intervention at position {first} is past max_new_tokens "
+                f"({params.max_new_tokens}); raise max_new_tokens"
+            )
+    return Request(
+        list(result.prompt_ids),
+        params,
+        make(strategy),
+        replay.get("prompt_positions"),
+        replay.get("prompt_mask"),
+        output_prefix=prefix,
+        forced=forced or None,
+    )
 
 
 def counterfactual(generator, result: Result, intervene: dict[int, int] | None = None, **overrides) -> Result:
@@ -72,6 +89,7 @@ def counterfactual(generator, result: Result, intervene: dict[int, int] | None =
     recorded sampling options (e.g. max_new_tokens) or the strategy (`strategy=...`); changing the
     temperature or the strategy changes the causal model, so the answer is no longer a counterfactual
     of the same model. Cost: one prefill of prompt + output[:t] + [v], then plain decoding."""
-    request = counterfactual_request(result, intervene, generator.runtime.info.vocab_size,
-                                     generator.prepare_strategy, **overrides)  # fmt: skip
+    request = counterfactual_request(
+        result, intervene, generator.runtime.info.vocab_size, generator.prepare_strategy, **overrides
+    )
     return generator.engine.run([request])[0]

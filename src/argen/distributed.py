@@ -42,8 +42,9 @@ def connect(address: str | None) -> bool:
     if ray.is_initialized():
         return False
     try:
-        ray.init(address=None if address in (None, "auto") else address, logging_level=logging.WARNING,
-                 log_to_driver=False)  # fmt: skip
+        ray.init(
+            address=None if address in (None, "auto") else address, logging_level=logging.WARNING, log_to_driver=False
+        )
     except (ConnectionError, ValueError, RuntimeError) as exc:
         raise ArgenError(f"cannot connect to the Ray cluster at {address!r}: {exc}") from exc
     return True
@@ -67,8 +68,11 @@ class MetricsHub:
 def metrics_hub():
     """The cluster's MetricsHub (made by the first caller)."""
     ray = require_ray()
-    return ray.remote(num_cpus=0)(MetricsHub).options(name=METRICS_HUB, namespace=HUB_NAMESPACE,
-                                                       get_if_exists=True).remote()  # fmt: skip
+    return (
+        ray.remote(num_cpus=0)(MetricsHub)
+        .options(name=METRICS_HUB, namespace=HUB_NAMESPACE, get_if_exists=True)
+        .remote()
+    )
 
 
 def publish_replica_metrics(app, replica: str, hub) -> None:
@@ -112,9 +116,19 @@ class ReplicaApp:
         return app
 
 
-def serve_replicas(model: ModelSpec, app_options: dict, *, replicas: int, host: str, port: int,
-                   address: str | None = None, replica_cpus: float = 1, replica_gpus: float = 0,
-                   companions: tuple[list, ...] = ([], []), block: bool = True) -> str:  # fmt: skip
+def serve_replicas(
+    model: ModelSpec,
+    app_options: dict,
+    *,
+    replicas: int,
+    host: str,
+    port: int,
+    address: str | None = None,
+    replica_cpus: float = 1,
+    replica_gpus: float = 0,
+    companions: tuple[list, ...] = ([], []),
+    block: bool = True,
+) -> str:
     """Serve `replicas` copies of the argen app (`create_app(gen, **app_options)`, each replica loading
     `model` itself) behind Ray Serve's HTTP proxy at host:port; returns the base URL. `block`: wait
     until Ctrl-C, then shut Ray Serve down."""
@@ -126,8 +140,9 @@ def serve_replicas(model: ModelSpec, app_options: dict, *, replicas: int, host: 
     _hub = metrics_hub()
     serve.start(http_options={"host": host, "port": port}, logging_config={"log_level": "WARNING"})
     ingress = serve.ingress()(ReplicaApp)
-    deployment = serve.deployment(name="argen", num_replicas=replicas,
-                                  ray_actor_options={"num_cpus": replica_cpus, "num_gpus": replica_gpus})(ingress)  # fmt: skip
+    deployment = serve.deployment(
+        name="argen", num_replicas=replicas, ray_actor_options={"num_cpus": replica_cpus, "num_gpus": replica_gpus}
+    )(ingress)
     serve.run(deployment.bind(model, app_options, companions), name="argen", route_prefix="/")
     url = f"http://{host}:{port}"
     if not block:

@@ -23,9 +23,15 @@ from typing import BinaryIO
 
 # llguidance's work bounds for one grammar (its defaults, made explicit: a server takes grammars from
 # clients it does not trust). verbose_errors=False keeps the parser's state out of its messages.
-LIMITS = {"max_items_in_row": 2000, "initial_lexer_fuel": 1_000_000, "step_lexer_fuel": 200_000,
-          "step_max_items": 50_000, "max_grammar_size": 500_000, "max_lexer_states": 250_000,
-          "verbose_errors": False}  # fmt: skip
+LIMITS = {
+    "max_items_in_row": 2000,
+    "initial_lexer_fuel": 1_000_000,
+    "step_lexer_fuel": 200_000,
+    "step_max_items": 50_000,
+    "max_grammar_size": 500_000,
+    "max_lexer_states": 250_000,
+    "verbose_errors": False,
+}
 _QUOTED = re.compile(r'"[^"\n]*"|\'[^\'\n]*\'|/[^/\n]*/|`[^`\n]*`')
 
 

@@ -37,8 +37,10 @@ def check_top(value, name: str) -> None:
     if value is None:
         return
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_TOP_LOGPROBS:
-        raise InvalidRequestError(f"{name} must be null (off) or an integer in 0..{MAX_TOP_LOGPROBS} (how many "
-                                  f"alternatives to list per token; 0: the chosen token's log-prob only)")  # fmt: skip
+        raise InvalidRequestError(
+            f"{name} must be null (off) or an integer in 0..{MAX_TOP_LOGPROBS} (how many "
+            f"alternatives to list per token; 0: the chosen token's log-prob only)"
+        )
 
 
 def _top(logp: torch.Tensor, k: int) -> list[list[tuple[int, float]]]:
@@ -64,8 +66,10 @@ def rows_logprobs(logits: torch.Tensor, next_tokens: list[int], k: int) -> list[
     logp = torch.log_softmax(logits[:n].float(), dim=-1)
     chosen = logp.gather(-1, torch.tensor(next_tokens, device=logp.device)[:, None])
     ranks = ((logp > chosen).sum(-1) + 1).tolist()
-    return [TokenLogprob(t, lp, top, rank) for t, lp, top, rank
-            in zip(next_tokens, chosen[:, 0].tolist(), _top(logp, k), ranks, strict=True)]  # fmt: skip
+    return [
+        TokenLogprob(t, lp, top, rank)
+        for t, lp, top, rank in zip(next_tokens, chosen[:, 0].tolist(), _top(logp, k), ranks, strict=True)
+    ]
 
 
 def prompt_logprobs(head, hidden: torch.Tensor, next_tokens: list[int], k: int) -> list[TokenLogprob]:

@@ -51,5 +51,12 @@ def divergence(model, prompt_ids: list[int], tokens: list[int], reference: list[
     ids, values = top2_at(model, prompt_ids, reference[:position])
     mine = tokens[position] if position < len(tokens) else None
     theirs = reference[position] if position < len(reference) else None
-    return {"position": position, "token": mine, "reference_token": theirs, "top2": ids, "top2_logits": values,
-            "gap": values[0] - values[1], "near_tie": is_near_tie(ids, values, mine, theirs)}  # fmt: skip
+    return {
+        "position": position,
+        "token": mine,
+        "reference_token": theirs,
+        "top2": ids,
+        "top2_logits": values,
+        "gap": values[0] - values[1],
+        "near_tie": is_near_tie(ids, values, mine, theirs),
+    }

@@ -77,32 +77,59 @@ class SamplingParams:
         grammar_of(self.response_format)  # the checks that need no tokenizer (the Engine does the rest)
         # Numbers must be finite (NaN fails every comparison; infinity would pass some); each check
         # is a function so that a value of the wrong type fails its own check, not with a TypeError.
-        temperature, top_p, min_p, penalty, presence, frequency = (finite_number(getattr(self, f)) for f in FLOAT_FIELDS)
+        temperature, top_p, min_p, penalty, presence, frequency = (
+            finite_number(getattr(self, f)) for f in FLOAT_FIELDS
+        )
         checks = [
-            (lambda: _integer(self.max_new_tokens) and self.max_new_tokens >= 0,
-             "max_new_tokens must be an integer >= 0 (0: score the prompt only)"),
-            (lambda: temperature is not None and temperature >= 0,
-             f"temperature must be a finite number >= 0 (0, or below {GREEDY_BELOW:g}, means greedy)"),
+            (
+                lambda: _integer(self.max_new_tokens) and self.max_new_tokens >= 0,
+                "max_new_tokens must be an integer >= 0 (0: score the prompt only)",
+            ),
+            (
+                lambda: temperature is not None and temperature >= 0,
+                f"temperature must be a finite number >= 0 (0, or below {GREEDY_BELOW:g}, means greedy)",
+            ),
             (lambda: _integer(self.top_k) and self.top_k >= 0, "top_k must be an integer >= 0 (0 turns it off)"),
             (lambda: top_p is not None and 0 < top_p <= 1, "top_p must be a number in (0, 1]"),
             (lambda: min_p is not None and 0 <= min_p < 1, "min_p must be a number in [0, 1)"),
-            (lambda: penalty is not None and penalty > 0, "repetition_penalty must be a finite number > 0 (1 turns it off)"),
+            (
+                lambda: penalty is not None and penalty > 0,
+                "repetition_penalty must be a finite number > 0 (1 turns it off)",
+            ),
             (lambda: self.seed is None or (_integer(self.seed) and self.seed >= 0), "seed must be an integer >= 0"),
-            (lambda: isinstance(self.stop, list) and all(isinstance(s, str) and s for s in self.stop),
-             "stop must be a list of non-empty strings"),
-            (lambda: presence is not None and -PENALTY_MAX <= presence <= PENALTY_MAX,
-             f"presence_penalty must be a number in [-{PENALTY_MAX:g}, {PENALTY_MAX:g}] (0 turns it off)"),
-            (lambda: frequency is not None and -PENALTY_MAX <= frequency <= PENALTY_MAX,
-             f"frequency_penalty must be a number in [-{PENALTY_MAX:g}, {PENALTY_MAX:g}] (0 turns it off)"),
-            (lambda: isinstance(self.stop_token_ids, list) and all(_integer(t) and t >= 0 for t in self.stop_token_ids),
-             "stop_token_ids must be a list of token ids (integers >= 0)"),
-            (lambda: _integer(self.min_tokens) and 0 <= self.min_tokens <= self.max_new_tokens,
-             "min_tokens must be an integer in [0, max_new_tokens]"),
-            (lambda: self.min_tokens == 0 or self.response_format is None,
-             "min_tokens cannot be combined with a response_format: the grammar decides where the output ends"),
-            (lambda: all(isinstance(getattr(self, f), bool) for f in ("include_stop_str_in_output", "skip_special_tokens")),
-             "include_stop_str_in_output and skip_special_tokens must be true or false"),
-        ]  # fmt: skip
+            (
+                lambda: isinstance(self.stop, list) and all(isinstance(s, str) and s for s in self.stop),
+                "stop must be a list of non-empty strings",
+            ),
+            (
+                lambda: presence is not None and -PENALTY_MAX <= presence <= PENALTY_MAX,
+                f"presence_penalty must be a number in [-{PENALTY_MAX:g}, {PENALTY_MAX:g}] (0 turns it off)",
+            ),
+            (
+                lambda: frequency is not None and -PENALTY_MAX <= frequency <= PENALTY_MAX,
+                f"frequency_penalty must be a number in [-{PENALTY_MAX:g}, {PENALTY_MAX:g}] (0 turns it off)",
+            ),
+            (
+                lambda: (
+                    isinstance(self.stop_token_ids, list) and all(_integer(t) and t >= 0 for t in self.stop_token_ids)
+                ),
+                "stop_token_ids must be a list of token ids (integers >= 0)",
+            ),
+            (
+                lambda: _integer(self.min_tokens) and 0 <= self.min_tokens <= self.max_new_tokens,
+                "min_tokens must be an integer in [0, max_new_tokens]",
+            ),
+            (
+                lambda: self.min_tokens == 0 or self.response_format is None,
+                "min_tokens cannot be combined with a response_format: the grammar decides where the output ends",
+            ),
+            (
+                lambda: all(
+                    isinstance(getattr(self, f), bool) for f in ("include_stop_str_in_output", "skip_special_tokens")
+                ),
+                "include_stop_str_in_output and skip_special_tokens must be true or false",
+            ),
+        ]
         for ok, message in checks:
             if not ok():
                 raise InvalidRequestError(f"invalid sampling parameter: {message}")
@@ -124,8 +151,9 @@ def checked_logit_bias(bias) -> dict[int, float]:
     if not isinstance(bias, dict):
         raise InvalidRequestError("invalid sampling parameter: logit_bias must map token ids to numbers")
     if len(bias) > LOGIT_BIAS_ENTRIES:
-        raise InvalidRequestError(f"invalid sampling parameter: logit_bias may bias at most {LOGIT_BIAS_ENTRIES} tokens; "
-                                  f"got {len(bias)}")  # fmt: skip
+        raise InvalidRequestError(
+            f"invalid sampling parameter: logit_bias may bias at most {LOGIT_BIAS_ENTRIES} tokens; got {len(bias)}"
+        )
     out = {}
     for key, value in bias.items():
         # ASCII digits only: str.isdigit() also accepts '²' and other digits int() refuses.
@@ -133,11 +161,14 @@ def checked_logit_bias(bias) -> dict[int, float]:
         token = key if _integer(key) else int(key) if decimal else None
         number = finite_number(value)
         if token is None or token < 0:
-            raise InvalidRequestError(f"invalid sampling parameter: logit_bias keys must be token ids (integers >= 0); "
-                                      f"got {str(key)[:20]!r}")  # fmt: skip
+            raise InvalidRequestError(
+                f"invalid sampling parameter: logit_bias keys must be token ids (integers >= 0); got {str(key)[:20]!r}"
+            )
         if number is None or not -LOGIT_BIAS_MAX <= number <= LOGIT_BIAS_MAX:
-            raise InvalidRequestError(f"invalid sampling parameter: logit_bias values must be numbers in "
-                                      f"[-{LOGIT_BIAS_MAX:g}, {LOGIT_BIAS_MAX:g}]; token {token} has {str(value)[:20]}")  # fmt: skip
+            raise InvalidRequestError(
+                f"invalid sampling parameter: logit_bias values must be numbers in "
+                f"[-{LOGIT_BIAS_MAX:g}, {LOGIT_BIAS_MAX:g}]; token {token} has {str(value)[:20]}"
+            )
         out[token] = float(number)
     return out
 
@@ -159,7 +190,9 @@ def apply_penalties(logits: torch.Tensor, output: Sequence[int], presence: float
     if not output:
         return logits
     ids, counts = torch.tensor(list(output), dtype=torch.long).unique(return_counts=True)
-    return logits.float().index_add(-1, ids.to(logits.device), (-(counts * frequency + presence)).float().to(logits.device))
+    return logits.float().index_add(
+        -1, ids.to(logits.device), (-(counts * frequency + presence)).float().to(logits.device)
+    )
 
 
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -206,9 +239,15 @@ class Sampler:
     causal model. The token at such a position is v whatever the logits and the noise; every other
     position keeps its own noise, so the rest of the output is the counterfactual one."""
 
-    def __init__(self, params: SamplingParams, forced: dict[int, int] | None = None,
-                 constraint: Constraint | None = None, *, prompt_len: int = 0,
-                 eos_ids: Sequence[int] = ()) -> None:  # fmt: skip
+    def __init__(
+        self,
+        params: SamplingParams,
+        forced: dict[int, int] | None = None,
+        constraint: Constraint | None = None,
+        *,
+        prompt_len: int = 0,
+        eos_ids: Sequence[int] = (),
+    ) -> None:
         """`prompt_len`: how many tokens of a context are the prompt (the penalties and min_tokens count
         the rest); `eos_ids`: the ids that end the output, banned with stop_token_ids until min_tokens."""
         self.params = params

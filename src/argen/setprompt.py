@@ -62,10 +62,14 @@ class SetPrompt:
         if isinstance(data, dict) and "set_prompt" in data:
             data = data["set_prompt"]
         if not isinstance(data, dict):
-            raise InvalidRequestError('a set prompt is {"set_prompt": {"prefix": ..., "members": [...], "suffix": ...}}')
+            raise InvalidRequestError(
+                'a set prompt is {"set_prompt": {"prefix": ..., "members": [...], "suffix": ...}}'
+            )
         unknown = sorted(set(data) - {"prefix", "members", "suffix"})
         if unknown:
-            raise InvalidRequestError(f"unknown set prompt field(s) {', '.join(unknown)}; valid: prefix, members, suffix")
+            raise InvalidRequestError(
+                f"unknown set prompt field(s) {', '.join(unknown)}; valid: prefix, members, suffix"
+            )
         return cls(data.get("prefix", ""), data.get("members", ()), data.get("suffix", ""))
 
     def to_json(self) -> dict:
@@ -92,8 +96,9 @@ def _tokens(tokenizer, text: str, special: bool = False) -> list[int]:
 def _chat_parts(tokenizer) -> tuple[str, str]:
     if not getattr(tokenizer, "chat_template", None):
         raise InvalidRequestError("this model has no chat template; pass chat=False (--no-chat) for a set prompt")
-    text = tokenizer.apply_chat_template([{"role": "user", "content": _PLACEHOLDER}], add_generation_prompt=True,
-                                         tokenize=False)  # fmt: skip
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": _PLACEHOLDER}], add_generation_prompt=True, tokenize=False
+    )
     if text.count(_PLACEHOLDER) != 1:
         raise InvalidRequestError("cannot place a set prompt in this model's chat template; pass chat=False")
     head, tail = text.split(_PLACEHOLDER)
@@ -112,8 +117,10 @@ def set_prompt_layout(tokenizer, prompt: SetPrompt, chat: bool = True, canonical
         suffix = _tokens(tokenizer, prompt.suffix)
         if not suffix:
             # Generation starts from the last prompt token, which sees everything: it must not be a member.
-            raise InvalidRequestError("a set prompt without the chat template needs a non-empty suffix "
-                                      "(e.g. a newline); generation continues after it")  # fmt: skip
+            raise InvalidRequestError(
+                "a set prompt without the chat template needs a non-empty suffix "
+                "(e.g. a newline); generation continues after it"
+            )
     members = [_tokens(tokenizer, m) for m in prompt.members]
     if canonical:
         members.sort()

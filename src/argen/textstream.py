@@ -22,8 +22,9 @@ def _decode_stream(tokenizer, skip_special_tokens: bool = True):
 
 
 class TextStream:
-    def __init__(self, tokenizer, stop: list[str], *, skip_special_tokens: bool = True,
-                 include_stop: bool = False) -> None:  # fmt: skip
+    def __init__(
+        self, tokenizer, stop: list[str], *, skip_special_tokens: bool = True, include_stop: bool = False
+    ) -> None:
         self.tokenizer = tokenizer
         self.stop = stop
         self.skip_special_tokens, self.include_stop = skip_special_tokens, include_stop

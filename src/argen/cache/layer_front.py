@@ -24,8 +24,9 @@ import torch
 
 
 class LayerFront:
-    def __init__(self, pool, keys: list[torch.Tensor], values: list[torch.Tensor],
-                 scores: list[torch.Tensor] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, pool, keys: list[torch.Tensor], values: list[torch.Tensor], scores: list[torch.Tensor] | None = None
+    ) -> None:
         """Write each layer's keys and values [kv heads, length_l, head dim] into freshly allocated blocks."""
         self.pool = pool
         size, n_layers = pool.block_size, len(keys)
@@ -44,7 +45,9 @@ class LayerFront:
             for store, x in ((pool.k, k), (pool.v, v)):
                 padded = x.new_zeros(x.shape[0], u * size, x.shape[2])
                 padded[:, : x.shape[1]] = x
-                store[self.unit_layer[-1], :, self.unit_block[-1]] = padded.view(x.shape[0], u, size, -1).transpose(0, 1)
+                store[self.unit_layer[-1], :, self.unit_block[-1]] = padded.view(x.shape[0], u, size, -1).transpose(
+                    0, 1
+                )
         self.scores = scores
 
     @property

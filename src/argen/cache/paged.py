@@ -43,8 +43,16 @@ class KVCacheFull(RuntimeError):
 
 
 class BlockPool:
-    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, max_blocks: int, block_size: int = BLOCK_SIZE,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:  # fmt: skip
+    def __init__(
+        self,
+        n_layers: int,
+        n_kv_heads: int,
+        head_dim: int,
+        max_blocks: int,
+        block_size: int = BLOCK_SIZE,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
         shape = (n_layers, n_kv_heads, max_blocks, block_size, head_dim)
         self.k = torch.empty(shape, dtype=dtype, device=device)
         self.v = torch.empty(shape, dtype=dtype, device=device)
@@ -86,8 +94,10 @@ class BlockPool:
             block, _ = self.evictable.popitem(last=False)  # the least recently used cached block
             del self.by_hash[self.hash_of.pop(block)]
         else:
-            raise KVCacheFull(f"the KV cache is full: all {self.max_blocks} blocks of {self.block_size} positions "
-                              "are held by running sequences")  # fmt: skip
+            raise KVCacheFull(
+                f"the KV cache is full: all {self.max_blocks} blocks of {self.block_size} positions "
+                "are held by running sequences"
+            )
         self.refs[block] = 1
         self.peak_held = max(self.peak_held, self.held)
         return block
@@ -218,8 +228,10 @@ class SeqKV:
             raise ValueError(f"cannot truncate a cache of length {self.lengths[0]} to {n}")
         if n < self.offset:
             if n:
-                raise ValueError(f"cannot truncate to {n} positions: the first {self.offset} are pressed into a front "
-                                 "(quantized, or a length per layer)")
+                raise ValueError(
+                    f"cannot truncate to {n} positions: the first {self.offset} are pressed into a front "
+                    "(quantized, or a length per layer)"
+                )
             if self.layer_front is not None:
                 self.layer_front.release()
             self.front = None  # freeing the whole cache
@@ -319,8 +331,9 @@ class SeqKV:
         self.hashes.clear()  # block i no longer holds positions i * size ..: nothing more is registered
         self.peak_front_bytes = max(self.peak_front_bytes, self.held_bytes)
 
-    def press_into_front(self, keys: list[torch.Tensor], values: list[torch.Tensor],
-                         scores: list[torch.Tensor] | None) -> None:  # fmt: skip
+    def press_into_front(
+        self, keys: list[torch.Tensor], values: list[torch.Tensor], scores: list[torch.Tensor] | None
+    ) -> None:
         """Replace everything the cache holds with a LayerFront of these keys and values per layer
         [kv heads, length_l, head dim] (copies: the blocks they came from go back to the pool first);
         the cache then holds the front's mean length, and new positions go to blocks after it."""

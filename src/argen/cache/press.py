@@ -31,8 +31,22 @@ from argen.cache.press_base import PRESS_CHUNK, Press, _count, read
 from argen.cache.press_quant import GEAR, KVQuant
 from argen.errors import InvalidRequestError
 
-__all__ = ["GEAR", "H2O", "PRESSES", "PRESS_CHUNK", "KVMerger", "KVQuant", "Press", "PrefixKV", "QueryWindow",
-           "SnapKV", "StreamingLLM", "allot", "make_press", "press_options"]
+__all__ = [
+    "GEAR",
+    "H2O",
+    "PRESSES",
+    "PRESS_CHUNK",
+    "KVMerger",
+    "KVQuant",
+    "Press",
+    "PrefixKV",
+    "QueryWindow",
+    "SnapKV",
+    "StreamingLLM",
+    "allot",
+    "make_press",
+    "press_options",
+]
 
 
 class StreamingLLM(Press):
@@ -93,12 +107,12 @@ class KVMerger(Press):
         tail = list(range(length - recent, length))
         tk, tv = read(cache, tail) if tail else (k[:, :, :0], v[:, :, :0])
         # Sets before `first` are single positions, unchanged: the rewrite starts at the first merged one.
-        return (sinks + first, torch.cat([merged_k[:, :, first:], tk], 2),
-                torch.cat([merged_v[:, :, first:], tv], 2))  # fmt: skip
+        return (sinks + first, torch.cat([merged_k[:, :, first:], tk], 2), torch.cat([merged_v[:, :, first:], tv], 2))
 
 
-def _merge(k: torch.Tensor, v: torch.Tensor, unit: torch.Tensor, set_of: torch.Tensor,
-           n_sets: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def _merge(
+    k: torch.Tensor, v: torch.Tensor, unit: torch.Tensor, set_of: torch.Tensor, n_sets: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Each set's keys and values [L, H, n_sets, D], Gaussian-kernel weighted around its pivot: the
     member whose key is closest by cosine to the set's mean key (averaged over layers and heads; the
     first such member on a tie). A set of one keeps its key and value exactly."""
@@ -123,8 +137,10 @@ def _merge(k: torch.Tensor, v: torch.Tensor, unit: torch.Tensor, set_of: torch.T
     merged_v = zeros(L, H, n_sets, D).index_add_(2, set_of, weight * v)
     return merged_k.to(dtype), merged_v.to(dtype)
 
-PRESSES: dict[str, type[Press]] = {cls.name: cls for cls in (StreamingLLM, KVMerger, H2O, SnapKV, PrefixKV, KVQuant,
-                                                             GEAR)}
+
+PRESSES: dict[str, type[Press]] = {
+    cls.name: cls for cls in (StreamingLLM, KVMerger, H2O, SnapKV, PrefixKV, KVQuant, GEAR)
+}
 
 
 def press_options(cls: type[Press]) -> dict[str, object]:
@@ -155,4 +171,3 @@ def make_press(spec) -> Press | None:
         return cls(**options)
     except (TypeError, ValueError) as exc:
         raise InvalidRequestError(f"bad option for press {name!r}: {exc}") from exc
-

@@ -42,8 +42,9 @@ class H2O(_ByAttention):
     name = "h2o"
     paper = "Zhang et al. 2023, arXiv:2306.14048"
 
-    def __init__(self, budget: float = 0.5, heavy: float = 0.5, per_head: bool = True,
-                 chunk: int = PRESS_CHUNK) -> None:  # fmt: skip
+    def __init__(
+        self, budget: float = 0.5, heavy: float = 0.5, per_head: bool = True, chunk: int = PRESS_CHUNK
+    ) -> None:
         super().__init__(budget, heavy, chunk)
         if not isinstance(per_head, bool):
             raise ValueError(f"per_head must be true or false; got {per_head!r}")
@@ -109,8 +110,9 @@ class SnapKV(Press):
         scores = cache.window.scores(k, length)[..., : length - recent]  # [layers, kv heads, candidates]
         if self.kernel > 1:
             pad = self.kernel // 2
-            scores = torch.nn.functional.avg_pool1d(scores.flatten(0, 1)[:, None], self.kernel, 1, pad,
-                                                    count_include_pad=False)[:, 0].view(scores.shape)  # fmt: skip
+            scores = torch.nn.functional.avg_pool1d(
+                scores.flatten(0, 1)[:, None], self.kernel, 1, pad, count_include_pad=False
+            )[:, 0].view(scores.shape)
         heavy = scores.topk(target - recent, dim=-1).indices.sort(-1).values
         tail = torch.arange(length - recent, length).expand(*heavy.shape[:2], -1)
         keep_slots(cache, torch.cat([heavy, tail], -1))
@@ -198,7 +200,9 @@ class PrefixKV(_ByAttention):
             return 0
         attention = cache.attention
         if attention is None or attention.dim() != 3 or attention.shape[-1] != length - offset:
-            raise RuntimeError("prefix-kv needs the attention its cache received: call prepare(cache) before the prefill")
+            raise RuntimeError(
+                "prefix-kv needs the attention its cache received: call prepare(cache) before the prefill"
+            )
         target = self.target(n)
         block_k, block_v = read(cache, list(range(offset, length)))
         front = cache.layer_front

@@ -50,6 +50,7 @@ class Press:
         """The most positions a pressed sequence may hold at once: during the prefill (a chunk on top of
         a pressed prefix), or during a step (`growth` positions on top of a cache pressed to at most its
         target's blocks) with `total` positions seen at most. The admission reserves this."""
+
         def ceil_blocks(n: int) -> int:
             return -(-self.target(n) // block_size) * block_size
 
@@ -82,11 +83,13 @@ class Press:
     def spec(self) -> dict:
         return {"name": self.name, **self.options()}
 
+
 def read(cache, positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys and values [layers, heads, len(positions), dim] at these cache positions (copies)."""
     slots = cache.slots_of(torch.tensor(positions, dtype=torch.long))
     size = cache.pool.block_size
     return cache.pool.k[:, :, slots // size, slots % size], cache.pool.v[:, :, slots // size, slots % size]
+
 
 def keep_slots(cache, kept: torch.Tensor) -> None:
     """Rewrite `cache` to hold, in each layer and kv head, the slots `kept` [layers, kv heads, target]
@@ -115,8 +118,10 @@ def _bits(value) -> int:
 
 def _chunk(value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not (value == 0 or 16 <= value <= 8192):
-        raise ValueError(f"chunk must be 0 (the whole prompt, then one press) or 16 to 8192 prompt positions "
-                         f"per pressed prefill chunk; got {value!r}")  # fmt: skip
+        raise ValueError(
+            f"chunk must be 0 (the whole prompt, then one press) or 16 to 8192 prompt positions "
+            f"per pressed prefill chunk; got {value!r}"
+        )
     return value
 
 

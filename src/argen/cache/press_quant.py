@@ -62,4 +62,3 @@ class GEAR(KVQuant):
 
     def codec(self) -> dict:
         return {"bits": self.bits, "rank": self.rank, "outliers": self.outliers}
-

@@ -87,8 +87,12 @@ class Part:
         def size(*ts: torch.Tensor) -> int:
             return sum(t.numel() * t.element_size() for t in ts)
 
-        return {"codes": size(self.codes), "scales": size(self.scale, self.lo), "low_rank": size(self.a, self.b),
-                "outliers": size(self.where, self.value)}  # fmt: skip
+        return {
+            "codes": size(self.codes),
+            "scales": size(self.scale, self.lo),
+            "low_rank": size(self.a, self.b),
+            "outliers": size(self.where, self.value),
+        }
 
 
 def compress_part(x: torch.Tensor, bits: int, per_channel: bool, rank: int, outliers: float) -> Part:
@@ -135,6 +139,7 @@ class QuantizedKV:
 
     def extend(self, other: QuantizedKV) -> QuantizedKV:
         """A new store: this one's groups, then other's."""
+
         def cat(a: Part, b: Part) -> Part:
             return Part(*(torch.cat([getattr(a, f.name), getattr(b, f.name)], 2) for f in fields(Part)))
 
@@ -145,4 +150,6 @@ def compress(k: torch.Tensor, v: torch.Tensor, bits: int, rank: int = 0, outlier
     """Keys and values [L, H, m, D] (m a multiple of GROUP) -> their compressed store."""
     if bits not in BITS:
         raise ValueError(f"bits must be one of {BITS}; got {bits!r}")
-    return QuantizedKV(bits, compress_part(k, bits, True, rank, outliers), compress_part(v, bits, False, rank, outliers))
+    return QuantizedKV(
+        bits, compress_part(k, bits, True, rank, outliers), compress_part(v, bits, False, rank, outliers)
+    )

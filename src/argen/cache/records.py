@@ -11,8 +11,9 @@ import math
 import torch
 
 
-def attention_received(q: torch.Tensor, keys: torch.Tensor, attn_mask: torch.Tensor | None,
-                       is_causal: bool) -> torch.Tensor:  # fmt: skip
+def attention_received(
+    q: torch.Tensor, keys: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool
+) -> torch.Tensor:
     """The attention weights each key receives from the queries q [n, heads, D], summed over the queries
     and over the query heads that share a kv head [kv heads, keys] (the weights SDPA computes and does
     not return; keys [kv heads, keys, D], GQA)."""

@@ -28,8 +28,12 @@ __all__ = ["build_parser", "main"]
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog=PROG, description="One engine for autoregressive generation.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,chat,batch,models,bench,serve,distill-draft}",
-                                parser_class=Parser)  # fmt: skip
+    sub = parser.add_subparsers(
+        dest="command",
+        required=True,
+        metavar="{generate,chat,batch,models,bench,serve,distill-draft}",
+        parser_class=Parser,
+    )
     for add in (add_generate, add_chat, add_batch, add_models, add_bench, add_serve, add_distill):
         add(sub)
     return parser

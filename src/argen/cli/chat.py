@@ -13,8 +13,11 @@ from argen.strategies import make_strategy
 
 
 def add_chat(sub) -> None:
-    p = sub.add_parser("chat", help="chat with a model in the terminal (streaming; /help for commands)",
-                       description="Chat with a model over its chat template, replies streamed.")  # fmt: skip
+    p = sub.add_parser(
+        "chat",
+        help="chat with a model in the terminal (streaming; /help for commands)",
+        description="Chat with a model over its chat template, replies streamed.",
+    )
     add_model_options(p)
     add_sampling_options(p, f"greedy, at most {DEFAULT_MAX_NEW_TOKENS} new tokens a reply, strategy plain")
     p.add_argument("--system", help="system prompt")

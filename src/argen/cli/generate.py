@@ -22,26 +22,59 @@ def add_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate a completion for a prompt", description="Generate a completion.")
     p.add_argument("prompt", nargs="?", help="the prompt text (sent as a user chat message unless --no-chat)")
     add_model_options(p)
-    add_sampling_options(p, "SamplingParams' defaults", {"max_new_tokens": 128, "temperature": 0.0, "strategy": "plain"},
-                         seed_help="sampling seed; a random one is drawn and reported if omitted")  # fmt: skip
-    p.add_argument("--n", type=int, default=1, help="samples of the prompt, prefilled once; sample i uses seed + i "
-                   "(default: %(default)s)")  # fmt: skip
-    p.add_argument("--logprobs", type=int, metavar="K",
-                   help="show each generated token's log-prob and its K likeliest alternatives (0-20), on stderr")
-    p.add_argument("--logit-bias", action="append", default=[], metavar="TOKEN=BIAS",
-                   help="add BIAS (-100..100) to TOKEN's logit (a token id, or text that is one token); repeatable")
+    add_sampling_options(
+        p,
+        "SamplingParams' defaults",
+        {"max_new_tokens": 128, "temperature": 0.0, "strategy": "plain"},
+        seed_help="sampling seed; a random one is drawn and reported if omitted",
+    )
+    p.add_argument(
+        "--n",
+        type=int,
+        default=1,
+        help="samples of the prompt, prefilled once; sample i uses seed + i (default: %(default)s)",
+    )
+    p.add_argument(
+        "--logprobs",
+        type=int,
+        metavar="K",
+        help="show each generated token's log-prob and its K likeliest alternatives (0-20), on stderr",
+    )
+    p.add_argument(
+        "--logit-bias",
+        action="append",
+        default=[],
+        metavar="TOKEN=BIAS",
+        help="add BIAS (-100..100) to TOKEN's logit (a token id, or text that is one token); repeatable",
+    )
     p.add_argument("--presence-penalty", type=float, help="OpenAI's, -2..2, over the generated tokens")
     p.add_argument("--frequency-penalty", type=float, help="OpenAI's, -2..2, over the generated tokens")
-    p.add_argument("--press", help="KV-cache press (streaming-llm, kvmerger, h2o, snapkv, prefix-kv, kv-quant, gear; see 'argen models'); default: none")
-    p.add_argument("--press-opt", action="append", default=[], metavar="KEY=VALUE",
-                   help="press option (repeatable), e.g. budget=0.5 (the fraction of positions kept)")  # fmt: skip
+    p.add_argument(
+        "--press",
+        help="KV-cache press (streaming-llm, kvmerger, h2o, snapkv, prefix-kv, kv-quant, gear; see 'argen models'); default: none",
+    )
+    p.add_argument(
+        "--press-opt",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="press option (repeatable), e.g. budget=0.5 (the fraction of positions kept)",
+    )
     p.add_argument("--no-chat", action="store_true", help="feed the prompt as raw text, without the chat template")
-    p.add_argument("--set-prompt-json", metavar="FILE_OR_JSON",
-                   help='instead of PROMPT: {"set_prompt": {"prefix": ..., "members": [...], "suffix": ...}}, '
-                        "members seen as an unordered set (set-based prompting)")  # fmt: skip
-    p.add_argument("--intervene", action="append", default=[], metavar="POS=TOKEN",
-                   help="counterfactual: force output token POS (0-based) to TOKEN (a token id, or text that is "
-                        "one token), same sampling noise everywhere else; repeatable")  # fmt: skip
+    p.add_argument(
+        "--set-prompt-json",
+        metavar="FILE_OR_JSON",
+        help='instead of PROMPT: {"set_prompt": {"prefix": ..., "members": [...], "suffix": ...}}, '
+        "members seen as an unordered set (set-based prompting)",
+    )
+    p.add_argument(
+        "--intervene",
+        action="append",
+        default=[],
+        metavar="POS=TOKEN",
+        help="counterfactual: force output token POS (0-based) to TOKEN (a token id, or text that is "
+        "one token), same sampling noise everywhere else; repeatable",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object (text, token ids, stats) instead")
     images = p.add_argument_group("image models (--model digits-ar, digits-diffusion)")
     images.add_argument("--labels", help="comma-separated class labels, one image each, e.g. 0,1,2")
@@ -50,7 +83,9 @@ def add_generate(sub) -> None:
     fmt.add_argument("--json-schema", metavar="FILE", help="the output is JSON valid under the schema in FILE")
     fmt.add_argument("--json-object", action="store_true", help="the output is a JSON object")
     fmt.add_argument("--regex", metavar="RE", help="the output matches the regular expression RE")
-    fmt.add_argument("--grammar", metavar="FILE", help="the output follows the Lark grammar in FILE (llguidance's dialect)")
+    fmt.add_argument(
+        "--grammar", metavar="FILE", help="the output follows the Lark grammar in FILE (llguidance's dialect)"
+    )
     p.set_defaults(handler=generate)
 
 
@@ -105,7 +140,9 @@ def parse_logit_bias(pairs: list[str], tokenizer=None) -> dict[int, float]:
         elif tokenizer is not None:
             ids = tokenizer(token, add_special_tokens=False)["input_ids"]
             if len(ids) != 1:
-                raise ArgenError(f"--logit-bias {pair!r}: {token!r} is {len(ids)} tokens ({ids}); give one token or its id")
+                raise ArgenError(
+                    f"--logit-bias {pair!r}: {token!r} is {len(ids)} tokens ({ids}); give one token or its id"
+                )
             bias[ids[0]] = number
     return bias
 
@@ -128,8 +165,12 @@ def _prompt(args: argparse.Namespace) -> str | SetPrompt:
 
 def _options(args: argparse.Namespace) -> dict[str, object]:
     """SamplingParams fields the user set, generate's own included; the rest keep SamplingParams' defaults."""
-    extra = {"response_format": response_format(args), "logprobs": args.logprobs,
-             "presence_penalty": args.presence_penalty, "frequency_penalty": args.frequency_penalty}  # fmt: skip
+    extra = {
+        "response_format": response_format(args),
+        "logprobs": args.logprobs,
+        "presence_penalty": args.presence_penalty,
+        "frequency_penalty": args.frequency_penalty,
+    }
     return sampling_options(args) | {k: v for k, v in extra.items() if v is not None}
 
 
@@ -170,7 +211,9 @@ def generate(args: argparse.Namespace) -> int:
             print(json.dumps(dicts if n else dicts[0]))
             return 0
         for r in results:
-            print(f"--- sample {r.sample_index} (seed {r.seed}, {len(r.token_ids)} tokens, finish: {r.finish_reason}) ---")
+            print(
+                f"--- sample {r.sample_index} (seed {r.seed}, {len(r.token_ids)} tokens, finish: {r.finish_reason}) ---"
+            )
             print(r.text)
             if r.logprobs is not None:
                 print(f"[sample {r.sample_index}]", file=sys.stderr)
@@ -187,6 +230,8 @@ def generate(args: argparse.Namespace) -> int:
         print_logprobs(result, gen.tokenizer, sys.stderr)
     if result is not None:
         s = result.stats
-        print(f"[{s.new_tokens} tokens, {s.tokens_per_s:.1f} tok/s, finish: {result.finish_reason}, "
-              f"seed: {result.seed}]", file=sys.stderr)  # fmt: skip
+        print(
+            f"[{s.new_tokens} tokens, {s.tokens_per_s:.1f} tok/s, finish: {result.finish_reason}, seed: {result.seed}]",
+            file=sys.stderr,
+        )
     return 0

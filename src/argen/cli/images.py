@@ -30,6 +30,10 @@ def generate_images(model: str, labels_text: str | None, strategy: dict, *, seed
             print(f"label {label}:")
             print("\n".join(" ".join(f"{v:2d}" for v in row) for row in image))
     passes = result.target_passes.mean()
-    print(f"[{len(labels)} images, {passes:.1f} passes/image, {result.seconds:.2f} s, seed: {result.seed}"
-          + (f", written to {out}" if out else "") + "]", file=sys.stderr)  # fmt: skip
+    print(
+        f"[{len(labels)} images, {passes:.1f} passes/image, {result.seconds:.2f} s, seed: {result.seed}"
+        + (f", written to {out}" if out else "")
+        + "]",
+        file=sys.stderr,
+    )
     return 0

@@ -28,7 +28,9 @@ def models(args: argparse.Namespace) -> int:
         kind = "exact" if cls.exact else "lossy"
         opts = ", ".join(f"{k}={v!r}" for k, v in strategy_options(cls).items()) or "no options"
         print(f"  {name:<26} {kind}; {opts}")
-    print("\nKV-cache presses (--press NAME, options with --press-opt KEY=VALUE; lossy below budget 1, quantizing ones always):")
+    print(
+        "\nKV-cache presses (--press NAME, options with --press-opt KEY=VALUE; lossy below budget 1, quantizing ones always):"
+    )
     for name, cls in sorted(PRESSES.items()):
         opts = ", ".join(f"{k}={v!r}" for k, v in press_options(cls).items())
         print(f"  {name:<26} {opts} ({cls.paper})")

@@ -24,10 +24,14 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runtime", default="auto", choices=("auto", "native", "hf"))
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    p.add_argument("--quant", default="auto", choices=QUANTS,
-                   help="how the weights are held on CPU: auto (a GGUF's own quantized blocks where argen's kernels "
-                        "build, else fp32), exact (those blocks, fp32 activations), none (fp32), q8_0/q4_1/q4_0 "
-                        "(quantize fp32 weights at load) (default: %(default)s)")  # fmt: skip
+    p.add_argument(
+        "--quant",
+        default="auto",
+        choices=QUANTS,
+        help="how the weights are held on CPU: auto (a GGUF's own quantized blocks where argen's kernels "
+        "build, else fp32), exact (those blocks, fp32 activations), none (fp32), q8_0/q4_1/q4_0 "
+        "(quantize fp32 weights at load) (default: %(default)s)",
+    )
 
 
 def model_spec(args: argparse.Namespace) -> ModelSpec:
@@ -38,8 +42,9 @@ def model_spec(args: argparse.Namespace) -> ModelSpec:
 SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "stop")
 
 
-def add_sampling_options(p: argparse.ArgumentParser, unset: str, defaults: Mapping[str, object] = {},
-                         seed_help: str = "sampling seed") -> None:  # fmt: skip
+def add_sampling_options(
+    p: argparse.ArgumentParser, unset: str, defaults: Mapping[str, object] = {}, seed_help: str = "sampling seed"
+) -> None:
     """The sampling options (unset: None, unless `defaults` gives one, which the help then shows) and
     the strategy; `unset` says in the help what an unset option means."""
     g = p.add_argument_group("sampling", f"unset options: {unset}")
@@ -47,20 +52,31 @@ def add_sampling_options(p: argparse.ArgumentParser, unset: str, defaults: Mappi
     def shown(help: str, name: str) -> str:
         return f"{help} (default: %(default)s)" if name in defaults else help
 
-    g.add_argument("--max-new-tokens", type=int, default=defaults.get("max_new_tokens"),
-                   help=shown("new tokens at most", "max_new_tokens"))  # fmt: skip
-    g.add_argument("--temperature", type=float, default=defaults.get("temperature"),
-                   help=shown("0 means greedy", "temperature"))  # fmt: skip
+    g.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=defaults.get("max_new_tokens"),
+        help=shown("new tokens at most", "max_new_tokens"),
+    )
+    g.add_argument(
+        "--temperature", type=float, default=defaults.get("temperature"), help=shown("0 means greedy", "temperature")
+    )
     g.add_argument("--top-p", type=float)
     g.add_argument("--top-k", type=int)
     g.add_argument("--min-p", type=float)
     g.add_argument("--repetition-penalty", type=float)
     g.add_argument("--seed", type=int, help=seed_help)
     g.add_argument("--stop", action="append", default=None, metavar="STR", help="stop string (repeatable)")
-    g.add_argument("--strategy", default=defaults.get("strategy"),
-                   help=shown("decoding strategy; see 'argen models'", "strategy"))  # fmt: skip
-    g.add_argument("--strategy-opt", action="append", default=[], metavar="KEY=VALUE",
-                   help="strategy option (repeatable); VALUE is read as JSON, else as a string")  # fmt: skip
+    g.add_argument(
+        "--strategy", default=defaults.get("strategy"), help=shown("decoding strategy; see 'argen models'", "strategy")
+    )
+    g.add_argument(
+        "--strategy-opt",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="strategy option (repeatable); VALUE is read as JSON, else as a string",
+    )
 
 
 def sampling_options(args: argparse.Namespace) -> dict[str, object]:
@@ -97,16 +113,32 @@ def strategy_spec(args: argparse.Namespace) -> str | dict | None:
 
 # -- the scheduler (argen serve, argen batch) --------------------------------------------------
 def add_scheduler_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-batch", type=int, default=32,
-                   help="sequences decoding at once: a request's n samples take n (default: %(default)s)")
-    p.add_argument("--prefill-chunk", type=int, default=512,
-                   help="prefill long prompts in chunks of this many tokens beside the others' decode steps; 0: "
-                        "each prompt whole (default: %(default)s)")  # fmt: skip
-    p.add_argument("--step-tokens", type=int, default=1024,
-                   help="tokens one scheduler step may run, decode rows and prefill chunks together; 0: no budget "
-                        "(default: %(default)s)")  # fmt: skip
-    p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
-                   help="compute every prompt in full instead of reusing the blocks of a prefix seen before")
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        default=32,
+        help="sequences decoding at once: a request's n samples take n (default: %(default)s)",
+    )
+    p.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=512,
+        help="prefill long prompts in chunks of this many tokens beside the others' decode steps; 0: "
+        "each prompt whole (default: %(default)s)",
+    )
+    p.add_argument(
+        "--step-tokens",
+        type=int,
+        default=1024,
+        help="tokens one scheduler step may run, decode rows and prefill chunks together; 0: no budget "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--no-prefix-caching",
+        dest="prefix_caching",
+        action="store_false",
+        help="compute every prompt in full instead of reusing the blocks of a prefix seen before",
+    )
 
 
 def check_scheduler_options(args: argparse.Namespace) -> None:
@@ -118,27 +150,49 @@ def check_scheduler_options(args: argparse.Namespace) -> None:
 
 def scheduler_options(args: argparse.Namespace) -> dict[str, object]:
     """The scheduler's keyword arguments (JobRunner's, create_app's): 0 means off (None)."""
-    return {"max_batch": args.max_batch, "prefill_chunk": args.prefill_chunk or None,
-            "step_tokens": args.step_tokens or None, "prefix_caching": args.prefix_caching}  # fmt: skip
+    return {
+        "max_batch": args.max_batch,
+        "prefill_chunk": args.prefill_chunk or None,
+        "step_tokens": args.step_tokens or None,
+        "prefix_caching": args.prefix_caching,
+    }
 
 
 # -- what requests may ask for (argen serve, argen batch) --------------------------------------
 def add_request_policy_options(p: argparse.ArgumentParser, asker: str) -> None:
     """The companion models requests may name and the caps on their options; `asker`: who names
     them in the help ("requests", "lines")."""
-    p.add_argument("--draft-model", action="append", default=[], metavar="NAME=SOURCE",
-                   help=f"a draft model {asker} may name (strategy draft-model, option draft=NAME); loaded at start; "
-                        "repeatable. The served model is always available under its --model name")  # fmt: skip
-    p.add_argument("--guide-model", action="append", default=[], metavar="NAME=SOURCE",
-                   help=f"a guide model {asker} may name (strategy guided, option guide_model=NAME); loaded at "
-                        "start; repeatable")  # fmt: skip
-    p.add_argument("--draft-head", action="append", default=[], metavar="NAME=SOURCE",
-                   help=f"a draft head {asker} may name (strategy draft-head, option head=NAME; the first one when "
-                        "none is named): SOURCE is 'cached' (the head `argen distill-draft` cached for --model) or a "
-                        "head file; loaded at start; repeatable")  # fmt: skip
-    p.add_argument("--limit", action="append", default=[], metavar="NAME=VALUE",
-                   help="raise or lower a cap on a strategy option, e.g. num_beams=16, or on n (repeatable; see "
-                        "SECURITY.md)")  # fmt: skip
+    p.add_argument(
+        "--draft-model",
+        action="append",
+        default=[],
+        metavar="NAME=SOURCE",
+        help=f"a draft model {asker} may name (strategy draft-model, option draft=NAME); loaded at start; "
+        "repeatable. The served model is always available under its --model name",
+    )
+    p.add_argument(
+        "--guide-model",
+        action="append",
+        default=[],
+        metavar="NAME=SOURCE",
+        help=f"a guide model {asker} may name (strategy guided, option guide_model=NAME); loaded at start; repeatable",
+    )
+    p.add_argument(
+        "--draft-head",
+        action="append",
+        default=[],
+        metavar="NAME=SOURCE",
+        help=f"a draft head {asker} may name (strategy draft-head, option head=NAME; the first one when "
+        "none is named): SOURCE is 'cached' (the head `argen distill-draft` cached for --model) or a "
+        "head file; loaded at start; repeatable",
+    )
+    p.add_argument(
+        "--limit",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="raise or lower a cap on a strategy option, e.g. num_beams=16, or on n (repeatable; see SECURITY.md)",
+    )
 
 
 def limits(args: argparse.Namespace) -> Limits:

@@ -22,50 +22,103 @@ from argen.errors import ArgenError
 
 
 def add_serve(sub) -> None:
-    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
-                       description="Serve a model over an OpenAI-compatible HTTP API with continuous batching.")  # fmt: skip
+    p = sub.add_parser(
+        "serve",
+        help="serve a model over an OpenAI-compatible HTTP API",
+        description="Serve a model over an OpenAI-compatible HTTP API with continuous batching.",
+    )
     add_model_options(p)
     p.add_argument("--host", default="127.0.0.1", help="default: %(default)s")
     p.add_argument("--port", type=int, default=8000, help="default: %(default)s")
     add_scheduler_options(p)
-    p.add_argument("--max-queue", type=int, default=128,
-                   help="requests waiting for a slot before new ones get 429 (default: %(default)s)")  # fmt: skip
-    p.add_argument("--max-tokens", type=int, default=None,
-                   help="largest max_tokens a request may ask for (default: the model's context)")  # fmt: skip
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=128,
+        help="requests waiting for a slot before new ones get 429 (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=None,
+        help="largest max_tokens a request may ask for (default: the model's context)",
+    )
     add_request_policy_options(p, "requests")
-    p.add_argument("--api-key", default=os.environ.get("ARGEN_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on every route but /health and the API description "
-                        "(default: $ARGEN_API_KEY, which keeps the key out of the process list; none: open)")  # fmt: skip
-    p.add_argument("--allowed-host", action="append", default=[], metavar="HOST",
-                   help="accept only requests whose Host header is one of these (repeatable; '*.example.com' "
-                        "patterns work); default: any")  # fmt: skip
-    p.add_argument("--allowed-origins", action="append", default=[], metavar="ORIGIN",
-                   help="let web pages from this origin (e.g. https://app.example.com; '*' for any) call the API "
-                        "from a browser (CORS; repeatable); the API key is still needed; default: none")  # fmt: skip
-    p.add_argument("--max-body-bytes", type=int, default=None,
-                   help="larger request bodies get 413 (default: 2 MiB, 2097152)")
-    p.add_argument("--max-connections", type=int, default=512,
-                   help="open connections at most; one more closes the longest-idle one (default: %(default)s)")
-    p.add_argument("--timeout-keep-alive", type=float, default=5.0,
-                   help="seconds an idle connection stays open (default: %(default)s)")
-    p.add_argument("--request-timeout", type=float, default=30.0,
-                   help="seconds a request's head and body may take to arrive (default: %(default)s)")
-    p.add_argument("--prefill-slowdown", type=float, default=1.5,
-                   help="while a long prompt is prefilled, the other requests run at least 1/S as fast as without "
-                        "it, on average (its chunks of more than 64 tokens wait their turn); 0: they never wait "
-                        "(default: %(default)s)")  # fmt: skip
-    p.add_argument("--kv-blocks", type=int, default=None,
-                   help="KV-cache blocks (16 positions each) the running requests may hold: a request is admitted "
-                        "when its worst case fits beside the others' (default: the whole KV memory)")  # fmt: skip
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("ARGEN_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on every route but /health and the API description "
+        "(default: $ARGEN_API_KEY, which keeps the key out of the process list; none: open)",
+    )
+    p.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="HOST",
+        help="accept only requests whose Host header is one of these (repeatable; '*.example.com' "
+        "patterns work); default: any",
+    )
+    p.add_argument(
+        "--allowed-origins",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="let web pages from this origin (e.g. https://app.example.com; '*' for any) call the API "
+        "from a browser (CORS; repeatable); the API key is still needed; default: none",
+    )
+    p.add_argument(
+        "--max-body-bytes", type=int, default=None, help="larger request bodies get 413 (default: 2 MiB, 2097152)"
+    )
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=512,
+        help="open connections at most; one more closes the longest-idle one (default: %(default)s)",
+    )
+    p.add_argument(
+        "--timeout-keep-alive",
+        type=float,
+        default=5.0,
+        help="seconds an idle connection stays open (default: %(default)s)",
+    )
+    p.add_argument(
+        "--request-timeout",
+        type=float,
+        default=30.0,
+        help="seconds a request's head and body may take to arrive (default: %(default)s)",
+    )
+    p.add_argument(
+        "--prefill-slowdown",
+        type=float,
+        default=1.5,
+        help="while a long prompt is prefilled, the other requests run at least 1/S as fast as without "
+        "it, on average (its chunks of more than 64 tokens wait their turn); 0: they never wait "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--kv-blocks",
+        type=int,
+        default=None,
+        help="KV-cache blocks (16 positions each) the running requests may hold: a request is admitted "
+        "when its worst case fits beside the others' (default: the whole KV memory)",
+    )
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     r = p.add_argument_group("Ray Serve (pip install 'argen[ray]')")
-    r.add_argument("--replicas", type=int, default=0,
-                   help="serve N replicas of the app (each its own model and scheduler) through Ray Serve, behind "
-                        "one endpoint at --host/--port; the connection options above are then Ray's proxy's "
-                        "(default: no Ray)")  # fmt: skip
-    r.add_argument("--ray", default="auto", metavar="ADDRESS",
-                   help="the Ray cluster for --replicas: an address, 'auto' ($RAY_ADDRESS or one on this machine, "
-                        "else a new one here) or 'local' (default: %(default)s)")  # fmt: skip
+    r.add_argument(
+        "--replicas",
+        type=int,
+        default=0,
+        help="serve N replicas of the app (each its own model and scheduler) through Ray Serve, behind "
+        "one endpoint at --host/--port; the connection options above are then Ray's proxy's "
+        "(default: no Ray)",
+    )
+    r.add_argument(
+        "--ray",
+        default="auto",
+        metavar="ADDRESS",
+        help="the Ray cluster for --replicas: an address, 'auto' ($RAY_ADDRESS or one on this machine, "
+        "else a new one here) or 'local' (default: %(default)s)",
+    )
     r.add_argument("--replica-cpus", type=float, default=1, help="CPUs per replica (default: %(default)s)")
     r.add_argument("--replica-gpus", type=float, default=0, help="GPUs per replica (default: %(default)s)")
     p.set_defaults(handler=serve_command)
@@ -97,11 +150,19 @@ def app_options(args: argparse.Namespace) -> dict:
     """`create_app`'s keyword arguments from the options (plain values: they travel to Ray replicas)."""
     from argen.server.guards import DEFAULT_MAX_BODY_BYTES  # start-up cost: see the top of this module
 
-    return {"model_id": args.model, **scheduler_options(args), "max_queue": args.max_queue,
-            "max_tokens_limit": args.max_tokens, "limits": limits(args), "api_key": args.api_key,
-            "allowed_hosts": args.allowed_host or None, "allowed_origins": args.allowed_origins or None,
-            "max_body_bytes": args.max_body_bytes or DEFAULT_MAX_BODY_BYTES, "kv_blocks": args.kv_blocks,
-            "prefill_slowdown": args.prefill_slowdown or None}  # fmt: skip
+    return {
+        "model_id": args.model,
+        **scheduler_options(args),
+        "max_queue": args.max_queue,
+        "max_tokens_limit": args.max_tokens,
+        "limits": limits(args),
+        "api_key": args.api_key,
+        "allowed_hosts": args.allowed_host or None,
+        "allowed_origins": args.allowed_origins or None,
+        "max_body_bytes": args.max_body_bytes or DEFAULT_MAX_BODY_BYTES,
+        "kv_blocks": args.kv_blocks,
+        "prefill_slowdown": args.prefill_slowdown or None,
+    }
 
 
 def serve_command(args: argparse.Namespace) -> int:
@@ -111,15 +172,31 @@ def serve_command(args: argparse.Namespace) -> int:
         from argen.distributed import require_ray, serve_replicas  # start-up cost: see the top of this module
 
         require_ray()
-        serve_replicas(model_spec(args), options, replicas=args.replicas, host=args.host, port=args.port,
-                       address=args.ray, replica_cpus=args.replica_cpus, replica_gpus=args.replica_gpus,
-                       companions=(list(args.draft_model), list(args.guide_model), list(args.draft_head)))  # fmt: skip
+        serve_replicas(
+            model_spec(args),
+            options,
+            replicas=args.replicas,
+            host=args.host,
+            port=args.port,
+            address=args.ray,
+            replica_cpus=args.replica_cpus,
+            replica_gpus=args.replica_gpus,
+            companions=(list(args.draft_model), list(args.guide_model), list(args.draft_head)),
+        )
         return 0
     from argen.server.companions import Companions  # start-up cost: see the top of this module
     from argen.server.serve import serve  # start-up cost, as above
 
     gen = model_spec(args).load()
     companions = Companions.load(gen, args.model, args.draft_model, args.guide_model, args.draft_head)
-    return serve(gen, args.host, args.port, log_level=args.log_level, companions=companions,
-                 max_connections=args.max_connections, timeout_keep_alive=args.timeout_keep_alive,
-                 request_timeout=args.request_timeout, **options)  # fmt: skip
+    return serve(
+        gen,
+        args.host,
+        args.port,
+        log_level=args.log_level,
+        companions=companions,
+        max_connections=args.max_connections,
+        timeout_keep_alive=args.timeout_keep_alive,
+        request_timeout=args.request_timeout,
+        **options,
+    )

@@ -48,9 +48,15 @@ class DecodeBatch:
     """Sequences decoding together. `admit` adds a request (its prefill runs in the coming rounds),
     `step` runs one round, `remove` drops sequences (cancelled by a client)."""
 
-    def __init__(self, engine, token_budget: int | None = None, prefill_chunk: int | None = None,
-                 prefix_caching: bool = True, kv_blocks: int | None = None,
-                 pacer: PrefillPacer | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        engine,
+        token_budget: int | None = None,
+        prefill_chunk: int | None = None,
+        prefix_caching: bool = True,
+        kv_blocks: int | None = None,
+        pacer: PrefillPacer | None = None,
+    ) -> None:
         """`token_budget`: tokens per round, decode feeds first (None: no limit); `prefill_chunk`:
         prompt tokens per prefill pass (None: a whole prompt at once); `prefix_caching`: reuse cached
         blocks of prompts that start the same way (paged runtimes); `kv_blocks`: the KV blocks the
@@ -90,9 +96,12 @@ class DecodeBatch:
         # strategy whose output is one step), or a prefill chunk on top of a pressed prefix. Presses
         # rewrite the prompt's blocks, so a request's forks share none of them for sure.
         growth = budget + slack if request.strategy.whole_output_in_one_step else max(1, slack)
-        chunk = chunk_size(request, self.prefill_chunk) if request.press.chunk else None  # chunk 0: the whole prompt, then a press
-        pressed = request.press.worst_positions(prefill, len(request.prompt_ids) + budget - 1, chunk,
-                                                growth, pool.block_size)  # fmt: skip
+        chunk = (
+            chunk_size(request, self.prefill_chunk) if request.press.chunk else None
+        )  # chunk 0: the whole prompt, then a press
+        pressed = request.press.worst_positions(
+            prefill, len(request.prompt_ids) + budget - 1, chunk, growth, pool.block_size
+        )
         return -(-min(positions, pressed) // pool.block_size), 0
 
     def slots(self) -> int:
@@ -124,8 +133,9 @@ class DecodeBatch:
         cache = runtime.new_cache(1, len(prompt) + budget + request.strategy.kv_slack())
         if request.press is not None:
             request.press.prepare(cache)
-        sampler = Sampler(request.params, request.forced, engine.constraint(request), prompt_len=len(prompt),
-                          eos_ids=engine.eos_ids)  # fmt: skip
+        sampler = Sampler(
+            request.params, request.forced, engine.constraint(request), prompt_len=len(prompt), eos_ids=engine.eos_ids
+        )
         state = DecodeState(runtime, cache, sampler, list(prompt), len(prompt), budget)
         positions, mask = self._layout(request, state)
         seq = Sequence(index, request, state, engine.tokenizer, engine.eos_ids, positions, mask)
@@ -288,9 +298,14 @@ class DecodeBatch:
         budget 1: it rewrites the blocks (they no longer hold the tokens' own keys), and it runs after
         each prefill chunk, at fixed positions; taking a cached prefix of any length would press it
         elsewhere, and the output would depend on what other requests left in the cache."""
-        return (self.prefix_caching and isinstance(seq.state.cache, SeqKV) and seq.prefill_mask is None
-                and not seq.strategy.needs_prompt_hidden and seq.prompt_logprobs is None
-                and (seq.request.press is None or not seq.request.press.changes_cache))  # fmt: skip
+        return (
+            self.prefix_caching
+            and isinstance(seq.state.cache, SeqKV)
+            and seq.prefill_mask is None
+            and not seq.strategy.needs_prompt_hidden
+            and seq.prompt_logprobs is None
+            and (seq.request.press is None or not seq.request.press.changes_cache)
+        )
 
     def _prefilled(self, seq: Sequence, out: RoundOutput) -> None:
         """The prompt is in the cache: fork it into the request's n samples (the prompt is prefilled
@@ -372,4 +387,3 @@ class DecodeBatch:
 
 def _segment(feed: Feed) -> Segment:
     return Segment(feed.cache, feed.tokens, feed.positions, feed.mask, feed.num_logits, feed.ffn_cos, feed.features)
-

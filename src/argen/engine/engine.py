@@ -55,12 +55,15 @@ class Engine:
             raise InvalidRequestError("the prompt plus the replayed output fills the model's context")
         check_top(request.prompt_logprobs, "prompt_logprobs")
         if request.prompt_logprobs is not None and request.prompt_positions is not None:
-            raise InvalidRequestError("prompt_logprobs needs an ordinary prompt (token i after token i - 1), "
-                                      "not a set prompt's layout")  # fmt: skip
+            raise InvalidRequestError(
+                "prompt_logprobs needs an ordinary prompt (token i after token i - 1), not a set prompt's layout"
+            )
         request.strategy.check(self.runtime, n, request.params)
         if request.press is not None and not self.runtime.capabilities.paged_kv:
-            raise InvalidRequestError(f"press {request.press.name!r} rewrites the paged KV cache, which needs the native "
-                                      "runtime (load the model with runtime='native'; Llama-family models only)")  # fmt: skip
+            raise InvalidRequestError(
+                f"press {request.press.name!r} rewrites the paged KV cache, which needs the native "
+                "runtime (load the model with runtime='native'; Llama-family models only)"
+            )
         request.grammar = grammar_of(request.params.response_format)
         if request.grammar is not None and compile_grammar:
             # A list of prompts shares one grammar: the last one compiled is reused (each sequence copies it).

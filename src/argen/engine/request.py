@@ -107,9 +107,11 @@ class Result:
     prompt_logprobs: list[TokenLogprob | None] | None = None
 
     def as_dict(self) -> dict:
-        extra = {name: [r.as_dict() if r else None for r in records]
-                 for name, records in (("logprobs", self.logprobs), ("prompt_logprobs", self.prompt_logprobs))
-                 if records is not None}  # fmt: skip
+        extra = {
+            name: [r.as_dict() if r else None for r in records]
+            for name, records in (("logprobs", self.logprobs), ("prompt_logprobs", self.prompt_logprobs))
+            if records is not None
+        }
         return {
             "text": self.text,
             "token_ids": self.token_ids,

@@ -69,7 +69,9 @@ class Scheduler:
         slots = batch.slots()
         while self.waiting:
             head = self.waiting[0].request
-            fits = (self.max_sequences is None or slots + head.n <= self.max_sequences) and batch.can_admit(head, blocks)
+            fits = (self.max_sequences is None or slots + head.n <= self.max_sequences) and batch.can_admit(
+                head, blocks
+            )
             if not fits and (len(batch) or taken):  # alone, it runs even if larger than the limits
                 break
             slots += head.n

@@ -27,16 +27,28 @@ class Emit:
 
 
 class Sequence:
-    def __init__(self, index: int, request: Request, state: DecodeState, tokenizer, eos_ids: set[int],
-                 prefill_positions: list[int], prefill_mask: torch.Tensor | None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        index: int,
+        request: Request,
+        state: DecodeState,
+        tokenizer,
+        eos_ids: set[int],
+        prefill_positions: list[int],
+        prefill_mask: torch.Tensor | None,
+    ) -> None:
         self.index, self.request, self.state = index, request, state
         self.sample_index = 0  # which of the request's n samples (forks made after the prefill: 1 .. n-1)
         self.strategy: Strategy = request.strategy  # a fork runs a copy of its own
         self.reserved = 0  # worst-case KV blocks counted for this sequence (set by the DecodeBatch)
         self._tokenizer = tokenizer
         params = request.params
-        self.text = TextStream(tokenizer, params.stop, skip_special_tokens=params.skip_special_tokens,
-                               include_stop=params.include_stop_str_in_output)  # fmt: skip
+        self.text = TextStream(
+            tokenizer,
+            params.stop,
+            skip_special_tokens=params.skip_special_tokens,
+            include_stop=params.include_stop_str_in_output,
+        )
         self.eos_ids = set() if params.ignore_eos else eos_ids
         self.ends = self.eos_ids | set(params.stop_token_ids)  # the ids that end the output
         self.finish_reason: str | None = None
@@ -65,12 +77,22 @@ class Sequence:
         params = dataclasses.replace(state.sampler.params, seed=request.params.seed + sample_index)
         constraint = None if state.sampler.constraint is None else state.sampler.constraint.fork()
         sampler = Sampler(params, request.forced, constraint, prompt_len=state.sampler.prompt_len, eos_ids=self.eos_ids)
-        forked = DecodeState(state.runtime, state.cache.fork(), sampler, list(state.tokens),
-                             state.prompt_len, state.max_new_tokens, state.position_shift, kv_evicted=state.kv_evicted,
-                             eos_ids=state.eos_ids,
-                             prompt_hidden=state.prompt_hidden, batch_size=state.batch_size)  # fmt: skip
-        other = Sequence(self.index, request, forked, self._tokenizer, self.eos_ids, self.prefill_positions,
-                         self.prefill_mask)  # fmt: skip
+        forked = DecodeState(
+            state.runtime,
+            state.cache.fork(),
+            sampler,
+            list(state.tokens),
+            state.prompt_len,
+            state.max_new_tokens,
+            state.position_shift,
+            kv_evicted=state.kv_evicted,
+            eos_ids=state.eos_ids,
+            prompt_hidden=state.prompt_hidden,
+            batch_size=state.batch_size,
+        )
+        other = Sequence(
+            self.index, request, forked, self._tokenizer, self.eos_ids, self.prefill_positions, self.prefill_mask
+        )
         other.sample_index, other.strategy = sample_index, copy.copy(self.strategy)
         other.started, other.prefilled = self.started, self.prefilled
         other.prompt_logprobs = self.prompt_logprobs  # each sample's first Event carries them
@@ -149,8 +171,9 @@ class Sequence:
             self.finish_reason = "stop"
         if self.finish_reason is not None:
             delta += self.text.flush()
-        event = Event(self.index, new_ids, delta, self.finish_reason, self.sample_index,
-                      self._logprobs(first, len(new_ids)))  # fmt: skip
+        event = Event(
+            self.index, new_ids, delta, self.finish_reason, self.sample_index, self._logprobs(first, len(new_ids))
+        )
         if not self.prompt_records_sent:
             event.prompt_logprobs, self.prompt_records_sent = self.prompt_logprobs, True
         return event
@@ -185,16 +208,32 @@ class Sequence:
             "press": None if r.press is None else r.press.spec(),
         }
         if r.press is not None:
-            state.extras["press"] = {**r.press.spec(), "evicted_positions": state.kv_evicted,
-                                     "kept_positions": state.cache.lengths[0]}  # fmt: skip
+            state.extras["press"] = {
+                **r.press.spec(),
+                "evicted_positions": state.kv_evicted,
+                "kept_positions": state.cache.lengths[0],
+            }
             if (quantized := getattr(state.cache, "quantized", None)) is not None:  # its bytes, part by part
-                state.extras["press"] |= {"quantized_positions": quantized.positions,
-                                          "quantized_bytes": quantized.nbytes_by_part()}  # fmt: skip
+                state.extras["press"] |= {
+                    "quantized_positions": quantized.positions,
+                    "quantized_bytes": quantized.nbytes_by_part(),
+                }
             if (front := getattr(state.cache, "layer_front", None)) is not None:  # what each layer kept
                 state.extras["press"]["layer_positions"] = list(front.lengths)
-        return Result(self.text.text, state.output, list(r.prompt_ids), self.finish_reason or "length", s,
-                      params.seed, strategy.name, state.extras, self.index, self.sample_index,
-                      self._logprobs(0, state.n_generated), self.prompt_logprobs)  # fmt: skip
+        return Result(
+            self.text.text,
+            state.output,
+            list(r.prompt_ids),
+            self.finish_reason or "length",
+            s,
+            params.seed,
+            strategy.name,
+            state.extras,
+            self.index,
+            self.sample_index,
+            self._logprobs(0, state.n_generated),
+            self.prompt_logprobs,
+        )
 
     def release(self) -> None:
         """Give back every cache the request holds (its own, a draft model's, beams' forks)."""

@@ -109,8 +109,15 @@ def grey_level_order(levels: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def ar_speculative(target, draft, labels: torch.Tensor, gen: torch.Generator, k: int = 4,
-                   temperature: float = 1.0, relax: Lantern | None = None) -> Decoded:  # fmt: skip
+def ar_speculative(
+    target,
+    draft,
+    labels: torch.Tensor,
+    gen: torch.Generator,
+    k: int = 4,
+    temperature: float = 1.0,
+    relax: Lantern | None = None,
+) -> Decoded:
     b, d, v = len(labels), target.n_pixels, target.n_levels
     x = torch.zeros(b, d, dtype=torch.long)
     n = torch.zeros(b, dtype=torch.long)  # pixels decoded per image
@@ -173,8 +180,7 @@ def ar_speculative(target, draft, labels: torch.Tensor, gen: torch.Generator, k:
 
 
 @torch.no_grad()
-def ar_jacobi(model, labels: torch.Tensor, gen: torch.Generator, window: int = 16,
-              temperature: float = 1.0) -> Decoded:  # fmt: skip
+def ar_jacobi(model, labels: torch.Tensor, gen: torch.Generator, window: int = 16, temperature: float = 1.0) -> Decoded:
     b, d, v = len(labels), model.n_pixels, model.n_levels
     q = torch.full((b, d, v), 1.0 / v, dtype=torch.double)  # each guess's proposal distribution
     x = _draw(q, gen)
@@ -237,8 +243,9 @@ def diffusion_plain(model, labels: torch.Tensor, gen: torch.Generator, temperatu
 
 
 @torch.no_grad()
-def diffusion_confidence(model, labels: torch.Tensor, gen: torch.Generator, threshold: float = 0.9,
-                         temperature: float = 1.0, block: int = 0) -> Decoded:  # fmt: skip
+def diffusion_confidence(
+    model, labels: torch.Tensor, gen: torch.Generator, threshold: float = 0.9, temperature: float = 1.0, block: int = 0
+) -> Decoded:
     b, d, mask = len(labels), model.n_pixels, model.n_levels
     x = torch.full((b, d), mask, dtype=torch.long)
     tp = torch.zeros(b, dtype=torch.long)

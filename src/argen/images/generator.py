@@ -22,9 +22,14 @@ STRATEGIES: dict[str, tuple[str, dict[str, tuple[float, float, float]]]] = {
     "plain": ("any", {"temperature": (1.0, 0.05, 10.0)}),
     "speculative": ("ar", {"k": (4, 1, 16), "temperature": (1.0, 0.05, 10.0)}),
     "jacobi": ("ar", {"window": (16, 1, 64), "temperature": (1.0, 0.05, 10.0)}),
-    "lantern": ("ar", {"k": (4, 1, 16), "delta": (0.1, 0.0, 1.0), "neighbours": (2, 1, 16),
-                       "temperature": (1.0, 0.05, 10.0)}),
-    "confidence": ("diffusion", {"threshold": (0.9, 0.0, 1.0), "block": (0, 0, 4096), "temperature": (1.0, 0.05, 10.0)}),
+    "lantern": (
+        "ar",
+        {"k": (4, 1, 16), "delta": (0.1, 0.0, 1.0), "neighbours": (2, 1, 16), "temperature": (1.0, 0.05, 10.0)},
+    ),
+    "confidence": (
+        "diffusion",
+        {"threshold": (0.9, 0.0, 1.0), "block": (0, 0, 4096), "temperature": (1.0, 0.05, 10.0)},
+    ),
 }
 INTEGER_OPTIONS = {"k", "neighbours", "block", "window"}
 
@@ -77,8 +82,9 @@ class ImageGenerator:
         self.latent_order = decoding.grey_level_order(model.n_levels) if latent_order is None else latent_order
 
     @classmethod
-    def from_modules(cls, model, kind: str, draft=None, name: str = "custom",
-                     latent_order: torch.Tensor | None = None) -> ImageGenerator:  # fmt: skip
+    def from_modules(
+        cls, model, kind: str, draft=None, name: str = "custom", latent_order: torch.Tensor | None = None
+    ) -> ImageGenerator:
         """Plug in a model of one's own (and a draft for "speculative" / "lantern"): its contract is
         checked first. `latent_order` (n_levels, n_levels - 1): each token's others, nearest first in the
         model's latent (codebook) space, for LANTERN; by default tokens are grey levels (nearest level)."""
@@ -129,9 +135,15 @@ class ImageGenerator:
         d = self.model.n_pixels
         side = int(round(d**0.5))
         shape = (len(lab), side, side) if side * side == d else (len(lab), d)
-        return ImageResult(tokens.reshape(shape), lab.numpy(), torch.cat([p.target_passes for p in parts]).numpy(),
-                           torch.cat([p.draft_passes for p in parts]).numpy(), seconds, seed,
-                           {"name": name, **options})  # fmt: skip
+        return ImageResult(
+            tokens.reshape(shape),
+            lab.numpy(),
+            torch.cat([p.target_passes for p in parts]).numpy(),
+            torch.cat([p.draft_passes for p in parts]).numpy(),
+            seconds,
+            seed,
+            {"name": name, **options},
+        )
 
     def _decode(self, name: str, options: dict, labels: torch.Tensor, gen: torch.Generator) -> decoding.Decoded:
         if self.kind == "ar":

@@ -69,8 +69,9 @@ def quality(images: np.ndarray, labels: np.ndarray) -> Quality:
     clf = classifier()
     accuracy = float((clf.predict(images / 16.0) == np.asarray(labels)).mean())
     reference = features(load_split().test_x)
-    return Quality(accuracy, frechet(features(images), reference), len(images),
-                   float(np.median(nearest_training_l1(images))))
+    return Quality(
+        accuracy, frechet(features(images), reference), len(images), float(np.median(nearest_training_l1(images)))
+    )
 
 
 def real_reference(seed: int = 0) -> tuple[Quality, Quality]:

@@ -47,8 +47,9 @@ RECIPES: dict[str, Recipe] = {
 
 
 def recipe_key(recipe: Recipe, seed: int) -> str:
-    blob = json.dumps({"recipe": asdict(recipe), "seed": seed, "split": [HELD_OUT, SPLIT_SEED], "format": FORMAT},
-                      sort_keys=True)  # fmt: skip
+    blob = json.dumps(
+        {"recipe": asdict(recipe), "seed": seed, "split": [HELD_OUT, SPLIT_SEED], "format": FORMAT}, sort_keys=True
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -123,8 +124,12 @@ def save(model, recipe: Recipe, seed: int, path: Path, seconds: float) -> None:
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"recipe": json.dumps(asdict(recipe)), "seed": str(seed), "train_seconds": f"{seconds:.1f}",
-            "threads": str(torch.get_num_threads())}  # fmt: skip
+    meta = {
+        "recipe": json.dumps(asdict(recipe)),
+        "seed": str(seed),
+        "train_seconds": f"{seconds:.1f}",
+        "threads": str(torch.get_num_threads()),
+    }
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     # Mask buffers are rebuilt from the config; only parameters are stored.
     save_file({k: v.contiguous() for k, v in model.state_dict().items() if not k.endswith("mask")}, tmp, metadata=meta)
@@ -165,8 +170,10 @@ def pretrained(name: str, seed: int = 0, progress: bool = True, recipe: Recipe |
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m argen.images.training",
-                                description="Train the digits image models into argen's cache (skips cached ones).")  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="python -m argen.images.training",
+        description="Train the digits image models into argen's cache (skips cached ones).",
+    )
     p.add_argument("names", nargs="*", default=list(RECIPES), help=f"default: all ({', '.join(RECIPES)})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps-scale", type=float, default=1.0, help="multiply every recipe's steps (quick trials)")
@@ -177,8 +184,10 @@ def main(argv: list[str] | None = None) -> int:
             recipe = replace(recipe, steps=max(1, round(recipe.steps * args.steps_scale)))
         start = time.perf_counter()
         model = pretrained(name, args.seed, recipe=recipe)
-        print(f"{name}: held-out loss {held_out_loss(model):.4f} nats/pixel, "
-              f"{time.perf_counter() - start:.1f} s (trained on one thread)")  # fmt: skip
+        print(
+            f"{name}: held-out loss {held_out_loss(model):.4f} nats/pixel, "
+            f"{time.perf_counter() - start:.1f} s (trained on one thread)"
+        )
     return 0
 
 

@@ -61,13 +61,26 @@ def plan(in_path: Path, out_path: Path, fill: dict, chat: bool) -> tuple[list[Jo
     return todo, Summary(total=len(jobs), skipped=len(jobs) - len(todo))
 
 
-def run_job(todo: list[Job], out_path: Path, summary: Summary, execute: Executor, *, progress: bool | None = None,
-            on_line: Callable[[dict], None] | None = None) -> Summary:  # fmt: skip
+def run_job(
+    todo: list[Job],
+    out_path: Path,
+    summary: Summary,
+    execute: Executor,
+    *,
+    progress: bool | None = None,
+    on_line: Callable[[dict], None] | None = None,
+) -> Summary:
     """Run `todo` with `execute`, appending to OUT in order. `progress`: None shows the bar on a
     terminal only. `on_line` sees each line once written (tests use it to interrupt a job)."""
     start = time.perf_counter()
-    bar = tqdm(total=len(todo), unit="req", desc="batch", disable=(not sys.stderr.isatty()) if progress is None
-               else not progress, file=sys.stderr, dynamic_ncols=True)  # fmt: skip
+    bar = tqdm(
+        total=len(todo),
+        unit="req",
+        desc="batch",
+        disable=(not sys.stderr.isatty()) if progress is None else not progress,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
 
     def on_tokens(n: int) -> None:
         summary.tokens += n
@@ -81,8 +94,9 @@ def run_job(todo: list[Job], out_path: Path, summary: Summary, execute: Executor
                     summary.errors += written["error"] is not None
                     bar.update(1)
                     elapsed = time.perf_counter() - start
-                    bar.set_postfix_str(f"{summary.tokens / max(elapsed, 1e-9):.1f} tok/s, {summary.errors} errors",
-                                        refresh=False)  # fmt: skip
+                    bar.set_postfix_str(
+                        f"{summary.tokens / max(elapsed, 1e-9):.1f} tok/s, {summary.errors} errors", refresh=False
+                    )
                     if on_line is not None:
                         on_line(written)
     finally:
@@ -96,5 +110,7 @@ def describe(summary: Summary, out_path: Path) -> str:
         return f"[nothing to do: all {summary.total} requests are in {out_path} already]"
     rate = summary.tokens / summary.seconds if summary.seconds > 0 else 0.0
     skipped = f", {summary.skipped} already there" if summary.skipped else ""
-    return (f"[{summary.written} lines written to {out_path} ({summary.errors} errors){skipped}; "
-            f"{summary.tokens} tokens in {summary.seconds:.1f} s, {rate:.1f} tok/s]")  # fmt: skip
+    return (
+        f"[{summary.written} lines written to {out_path} ({summary.errors} errors){skipped}; "
+        f"{summary.tokens} tokens in {summary.seconds:.1f} s, {rate:.1f} tok/s]"
+    )

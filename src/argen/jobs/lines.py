@@ -58,18 +58,30 @@ def parse_line(text: str, line: int, index: int, fill: dict, chat: bool) -> Job:
     if isinstance(value, str):
         value = {"prompt": value}
     if not isinstance(value, dict):
-        return Job(index, line, default_id, error=_line_error(
-            f"line {line} is a JSON {type(value).__name__}; give an object (OpenAI batch line or {{\"prompt\": ...}}) "
-            "or a string"))  # fmt: skip
+        return Job(
+            index,
+            line,
+            default_id,
+            error=_line_error(
+                f'line {line} is a JSON {type(value).__name__}; give an object (OpenAI batch line or {{"prompt": ...}}) '
+                "or a string"
+            ),
+        )
     custom_id = value.get("custom_id", default_id)
     if not isinstance(custom_id, str) or not custom_id:
         return Job(index, line, default_id, error=_line_error(f"line {line}: custom_id must be a non-empty string"))
     if "body" in value or "url" in value:
         return _openai_line(value, line, index, custom_id, fill)
     if set(value) - {"prompt", "custom_id"} or not isinstance(value.get("prompt"), str):
-        return Job(index, line, custom_id, error=_line_error(
-            f"line {line} is neither an OpenAI batch line (custom_id, method, url, body) nor a plain prompt "
-            f"({{\"prompt\": \"text\"}} with an optional custom_id); it has keys {sorted(value)}"))  # fmt: skip
+        return Job(
+            index,
+            line,
+            custom_id,
+            error=_line_error(
+                f"line {line} is neither an OpenAI batch line (custom_id, method, url, body) nor a plain prompt "
+                f'({{"prompt": "text"}} with an optional custom_id); it has keys {sorted(value)}'
+            ),
+        )
     prompt, plain_body = value["prompt"], {"temperature": 0.0, **fill}
     if chat:
         return Job(index, line, custom_id, "chat", {**plain_body, "messages": [{"role": "user", "content": prompt}]})
@@ -105,9 +117,13 @@ def read_jobs(path: Path, fill: dict, chat: bool = True) -> list[Job]:
             continue
         job = parse_line(raw, number, len(jobs), fill, chat)
         if job.custom_id in first_seen and job.error is None:
-            job.body, job.error = None, _line_error(
-                f"line {number}: custom_id {job.custom_id!r} was already used on line {first_seen[job.custom_id]}; "
-                "custom_ids must be unique")  # fmt: skip
+            job.body, job.error = (
+                None,
+                _line_error(
+                    f"line {number}: custom_id {job.custom_id!r} was already used on line {first_seen[job.custom_id]}; "
+                    "custom_ids must be unique"
+                ),
+            )
         first_seen.setdefault(job.custom_id, number)
         jobs.append(job)
     return jobs
@@ -153,7 +169,9 @@ def done_ids(path: Path) -> set[str]:
         try:
             custom_id = json.loads(raw)["custom_id"]
         except (ValueError, KeyError, TypeError):
-            raise ArgenError(f"line {number} of the output file {str(path)!r} is not an argen batch output line; "
-                             "give another OUT, or delete it to start over") from None  # fmt: skip
+            raise ArgenError(
+                f"line {number} of the output file {str(path)!r} is not an argen batch output line; "
+                "give another OUT, or delete it to start over"
+            ) from None
         done.add(custom_id)
     return done

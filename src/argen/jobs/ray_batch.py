@@ -40,15 +40,19 @@ class _Worker:
         self.runner = make_runner(options)
 
     def __call__(self, batch: dict) -> dict:
-        jobs = [Job(int(index), int(line), str(cid), str(endpoint), json.loads(body))
-                for index, line, cid, endpoint, body in zip(batch["index"], batch["line"], batch["custom_id"],
-                                                            batch["endpoint"], batch["body"])]  # fmt: skip
+        jobs = [
+            Job(int(index), int(line), str(cid), str(endpoint), json.loads(body))
+            for index, line, cid, endpoint, body in zip(
+                batch["index"], batch["line"], batch["custom_id"], batch["endpoint"], batch["body"]
+            )
+        ]
         done = sorted(((job.index, json.dumps(out)) for job, out in self.runner.run(jobs)))
         return {"index": [index for index, _ in done], "out": [out for _, out in done]}
 
 
-def ray_executor(cluster: RayOptions,
-                 options: RunnerOptions) -> Callable[[list[Job], Callable[[int], None]], Iterator[tuple[Job, dict]]]:  # fmt: skip
+def ray_executor(
+    cluster: RayOptions, options: RunnerOptions
+) -> Callable[[list[Job], Callable[[int], None]], Iterator[tuple[Job, dict]]]:
     ray = require_ray()
     started = connect(cluster.address)
     workers = cluster.workers or max(1, sum(1 for node in ray.nodes() if node.get("Alive")))
@@ -63,8 +67,15 @@ def ray_executor(cluster: RayOptions,
                 if job.error is not None:  # not a request: no model needed to say so
                     yield job, error_line(job, job.error)
                 else:
-                    requests.append({"index": job.index, "line": job.line, "custom_id": job.custom_id,
-                                     "endpoint": job.endpoint, "body": json.dumps(job.body)})  # fmt: skip
+                    requests.append(
+                        {
+                            "index": job.index,
+                            "line": job.line,
+                            "custom_id": job.custom_id,
+                            "endpoint": job.endpoint,
+                            "body": json.dumps(job.body),
+                        }
+                    )
             if not requests:
                 return
             per_call = min(cluster.rows_per_call, math.ceil(len(requests) / workers))  # every worker gets a share
@@ -74,9 +85,15 @@ def ray_executor(cluster: RayOptions,
             context.print_on_execution_start = False
             logging.getLogger("ray.data").setLevel(logging.WARNING)  # its INFO lines would break the bar
             ds = ray.data.from_items(requests, override_num_blocks=math.ceil(len(requests) / per_call))
-            ds = ds.map_batches(_Worker, fn_constructor_kwargs={"options": options}, batch_size=per_call,
-                                compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cluster.worker_cpus,
-                                num_gpus=cluster.worker_gpus or None, batch_format="numpy")  # fmt: skip
+            ds = ds.map_batches(
+                _Worker,
+                fn_constructor_kwargs={"options": options},
+                batch_size=per_call,
+                compute=ray.data.ActorPoolStrategy(size=workers),
+                num_cpus=cluster.worker_cpus,
+                num_gpus=cluster.worker_gpus or None,
+                batch_format="numpy",
+            )
             for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
                 for index, out in zip(batch["index"], batch["out"]):
                     line = json.loads(str(out))

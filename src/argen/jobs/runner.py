@@ -31,12 +31,14 @@ log = logging.getLogger("argen.batch")
 BODIES: dict[str, type[BaseModel]] = {"chat": p.ChatCompletionRequest, "completions": p.CompletionRequest}
 
 
-def make_policy(gen: Generator, model_id: str, limits: Limits | None = None,
-                companions: Companions | None = None) -> Policy:  # fmt: skip
+def make_policy(
+    gen: Generator, model_id: str, limits: Limits | None = None, companions: Companions | None = None
+) -> Policy:
     """What a batch line may ask for: the same policy `create_app` builds for the server."""
     context = gen.runtime.info.max_positions
-    return Policy(model_id, context, limits or Limits(), companions or Companions(model_id, gen.model),
-                  max_prompt_chars(gen))  # fmt: skip
+    return Policy(
+        model_id, context, limits or Limits(), companions or Companions(model_id, gen.model), max_prompt_chars(gen)
+    )
 
 
 @dataclass(frozen=True)
@@ -59,16 +61,29 @@ class RunnerOptions:
 def make_runner(options: RunnerOptions) -> JobRunner:
     """A JobRunner over a freshly loaded model (in this process or a Ray worker)."""
     gen = options.model.load()
-    companions = Companions.load(gen, options.model_id, list(options.draft_models), list(options.guide_models),
-                                 list(options.draft_heads))  # fmt: skip
-    return JobRunner(gen, make_policy(gen, options.model_id, options.limits, companions), max_batch=options.max_batch,
-                     prefill_chunk=options.prefill_chunk, step_tokens=options.step_tokens,
-                     prefix_caching=options.prefix_caching)  # fmt: skip
+    companions = Companions.load(
+        gen, options.model_id, list(options.draft_models), list(options.guide_models), list(options.draft_heads)
+    )
+    return JobRunner(
+        gen,
+        make_policy(gen, options.model_id, options.limits, companions),
+        max_batch=options.max_batch,
+        prefill_chunk=options.prefill_chunk,
+        step_tokens=options.step_tokens,
+        prefix_caching=options.prefix_caching,
+    )
 
 
 class JobRunner:
-    def __init__(self, gen: Generator, policy: Policy, max_batch: int = 32, prefill_chunk: int | None = PREFILL_CHUNK,
-                 step_tokens: int | None = STEP_TOKENS, prefix_caching: bool = True) -> None:  # fmt: skip
+    def __init__(
+        self,
+        gen: Generator,
+        policy: Policy,
+        max_batch: int = 32,
+        prefill_chunk: int | None = PREFILL_CHUNK,
+        step_tokens: int | None = STEP_TOKENS,
+        prefix_caching: bool = True,
+    ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
         self.gen, self.policy, self.max_batch = gen, policy, max_batch
@@ -86,8 +101,12 @@ class JobRunner:
             message, param = validation_message(exc.errors(include_url=False, include_context=False))
             return APIError(422, message, param=param, code="invalid_body")
         if body.stream:
-            return APIError(400, "stream is not supported in a batch line; leave it out (or false)", param="stream",
-                            code="unsupported_parameter")  # fmt: skip
+            return APIError(
+                400,
+                "stream is not supported in a batch line; leave it out (or false)",
+                param="stream",
+                code="unsupported_parameter",
+            )
         try:
             return build_request(self.gen, body, self.policy), body
         except APIError as exc:
@@ -98,8 +117,12 @@ class JobRunner:
 
     def run(self, jobs: Iterable[Job], on_tokens: Callable[[int], None] | None = None) -> Iterator[tuple[Job, dict]]:
         """(job, output line) for every job, as each finishes. `on_tokens(n)`: n tokens were generated."""
-        batch = DecodeBatch(self.gen.engine, token_budget=self.step_tokens, prefill_chunk=self.prefill_chunk,
-                            prefix_caching=self.prefix_caching)  # fmt: skip
+        batch = DecodeBatch(
+            self.gen.engine,
+            token_budget=self.step_tokens,
+            prefill_chunk=self.prefill_chunk,
+            prefix_caching=self.prefix_caching,
+        )
         scheduler = Scheduler(batch, max_sequences=self.max_batch)  # the server's admission
         running: dict[int, tuple[Job, BaseModel, Request]] = {}
         finished: dict[int, list[Result]] = {}  # samples done of requests with n > 1
@@ -158,5 +181,6 @@ class JobRunner:
 
     def response_body(self, job: Job, body: BaseModel, request: Request, results: list[Result]) -> dict:
         """The body the server would answer (its `shape_of`, so the two never drift apart)."""
-        return shape_of(job.endpoint, self.policy.model_id, self.gen, body, [request], self.tokens,
-                        [job.index]).response(results)  # fmt: skip
+        return shape_of(
+            job.endpoint, self.policy.model_id, self.gen, body, [request], self.tokens, [job.index]
+        ).response(results)

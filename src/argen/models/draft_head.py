@@ -55,8 +55,9 @@ class HeadConfig:
         """The target's own layer shape (a smaller FFN if asked)."""
         info = target.info
         inter = target.config.intermediate_size
-        return cls(info.hidden_size, info.n_heads, info.n_kv_heads, info.head_dim, intermediate_size or inter,
-                   target.eps)  # fmt: skip
+        return cls(
+            info.hidden_size, info.n_heads, info.n_kv_heads, info.head_dim, intermediate_size or inter, target.eps
+        )
 
 
 def unroll_mask(n: int, step: int) -> torch.Tensor:
@@ -118,10 +119,14 @@ class HeadWeights(nn.Module):
     def _split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         c = self.config
         q, k, v = self.qkv(rms_norm(x, self.attn_norm, c.rms_eps)).split(
-            [c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.n_kv_heads * c.head_dim], -1)
+            [c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.n_kv_heads * c.head_dim], -1
+        )
         shape = x.shape[:-1]
-        return (q.view(*shape, c.n_heads, c.head_dim), k.view(*shape, c.n_kv_heads, c.head_dim),
-                v.view(*shape, c.n_kv_heads, c.head_dim))  # fmt: skip
+        return (
+            q.view(*shape, c.n_heads, c.head_dim),
+            k.view(*shape, c.n_kv_heads, c.head_dim),
+            v.view(*shape, c.n_kv_heads, c.head_dim),
+        )
 
     def _finish(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         c = self.config
@@ -130,8 +135,9 @@ class HeadWeights(nn.Module):
         x = x + self.down(F.silu(gate) * up)
         return rms_norm(x, self.norm, c.rms_eps)
 
-    def unrolled(self, emb: torch.Tensor, feats: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                 steps: int, first: int = 0) -> list[torch.Tensor]:  # fmt: skip
+    def unrolled(
+        self, emb: torch.Tensor, feats: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, steps: int, first: int = 0
+    ) -> list[torch.Tensor]:
         """Training forward over whole sequences: `emb` [B, n, H] the embeddings of t_{i+1}, `feats`
         [B, n, H] the target's features f_i, `cos`/`sin` [n, D] (positions 0..n-1). Returns each step's
         predictions [B, n, H] (entry i: f^_{i+1}). Step 1 reads the target's features; step s reads
@@ -156,8 +162,12 @@ class HeadWeights(nn.Module):
             full = unroll_mask(n, step)[first:]
             mask = torch.cat([full[:, :n]] + [full[:, (e - 1) * n + first : e * n] for e in range(2, step + 1)], 1)
             attn = F.scaled_dot_product_attention(
-                q.transpose(1, 2), torch.cat(keys, 1).transpose(1, 2), torch.cat(values, 1).transpose(1, 2),
-                attn_mask=mask, enable_gqa=c.n_kv_heads != c.n_heads)  # fmt: skip
+                q.transpose(1, 2),
+                torch.cat(keys, 1).transpose(1, 2),
+                torch.cat(values, 1).transpose(1, 2),
+                attn_mask=mask,
+                enable_gqa=c.n_kv_heads != c.n_heads,
+            )
             out = self._finish(x, attn.transpose(1, 2).reshape(b, n - first, c.n_heads * c.head_dim))
             if first:
                 out = torch.cat([out.new_zeros(b, first, out.shape[-1]), out], 1)
@@ -202,23 +212,29 @@ class DraftHeadRuntime:
     the predicted features f^. A mask may be [T, T] (among the new tokens) or [T, cached + T]
     (the cached positions too: a tree grown depth by depth in the head's cache)."""
 
-    def __init__(self, weights: HeadWeights, vocab: torch.Tensor, target, meta: dict | None = None,
-                 quant: str | None = "auto") -> None:  # fmt: skip
+    def __init__(
+        self, weights: HeadWeights, vocab: torch.Tensor, target, meta: dict | None = None, quant: str | None = "auto"
+    ) -> None:
         """`quant`: "q8_0" runs the head's matrices as Q8_0 blocks on argen's kernels (a quarter of the
         bytes to read per pass), None in fp32; "auto": Q8_0 when the target itself runs on the quantized
         fast path. A draft is a guess, so its precision changes what is accepted, never the output."""
         if not target.capabilities.paged_kv or not hasattr(target, "embed_tokens"):
-            raise ArgenError("a draft head needs the target on argen's native runtime (Llama-family models); load "
-                             "it with runtime='native'")  # fmt: skip
+            raise ArgenError(
+                "a draft head needs the target on argen's native runtime (Llama-family models); load "
+                "it with runtime='native'"
+            )
         c = weights.config
         self.config, self.weights, self.meta = c, weights.eval(), dict(meta or {})
         self.target = target
         self.vocab = vocab.to(torch.long)
         self.device, self.dtype = target.device, torch.float32
         info = target.info
-        self.info = ModelInfo(1, c.n_heads, c.n_kv_heads, c.head_dim, c.hidden_size, info.vocab_size, info.max_positions)
-        self.capabilities = Capabilities(paged_kv=True, layer_plans=False, kernels="torch", input_features=True,
-                                         cache_masks=True)  # fmt: skip
+        self.info = ModelInfo(
+            1, c.n_heads, c.n_kv_heads, c.head_dim, c.hidden_size, info.vocab_size, info.max_positions
+        )
+        self.capabilities = Capabilities(
+            paged_kv=True, layer_plans=False, kernels="torch", input_features=True, cache_masks=True
+        )
         self.memo = RuntimeMemo()
         w = {k: v.detach().float().contiguous() for k, v in weights.state_dict().items()}
         if quant == "auto":
@@ -254,8 +270,16 @@ class DraftHeadRuntime:
 
     # -- passes --------------------------------------------------------------------------------
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache, mask=None, plan=None,
-                num_logits: int | None = None, features: torch.Tensor | None = None):  # fmt: skip
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        cache,
+        mask=None,
+        plan=None,
+        num_logits: int | None = None,
+        features: torch.Tensor | None = None,
+    ):
         """ModelRuntime.forward for one sequence ([1, T] tokens and positions, `features` [1, T, H])."""
         if features is None:
             raise ArgenError("a draft head's pass needs input features (the target's hidden states)")
@@ -277,7 +301,9 @@ class DraftHeadRuntime:
         positions = torch.cat([torch.as_tensor(s.positions, dtype=torch.long).reshape(-1) for s in segments])
         feats = torch.cat([s.features.reshape(-1, c.hidden_size).to(self.dtype) for s in segments])
         emb = self.target.embed_tokens(tokens[None])[0].to(self.dtype)
-        x = self.fc(torch.cat([rms_norm(emb, self.emb_norm, c.rms_eps), rms_norm(feats, self.feat_norm, c.rms_eps)], -1))
+        x = self.fc(
+            torch.cat([rms_norm(emb, self.emb_norm, c.rms_eps), rms_norm(feats, self.feat_norm, c.rms_eps)], -1)
+        )
         n_rows = x.shape[0]
         h = rms_norm(x, self.attn_norm, c.rms_eps)
         q, k, v = self.qkv(h).split([c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.n_kv_heads * c.head_dim], -1)
@@ -295,9 +321,15 @@ class DraftHeadRuntime:
             table = torch.tensor(seg.cache.blocks, dtype=torch.long)
             keys = pool.k[0][:, table].flatten(1, 2)[:, : start + n]
             values = pool.v[0][:, table].flatten(1, 2)[:, : start + n]
-            outs.append(F.scaled_dot_product_attention(
-                q[row : row + n].transpose(0, 1)[None], keys[None], values[None], attn_mask=self._mask(seg, start),
-                enable_gqa=c.n_kv_heads != c.n_heads)[0].transpose(0, 1))  # fmt: skip
+            outs.append(
+                F.scaled_dot_product_attention(
+                    q[row : row + n].transpose(0, 1)[None],
+                    keys[None],
+                    values[None],
+                    attn_mask=self._mask(seg, start),
+                    enable_gqa=c.n_kv_heads != c.n_heads,
+                )[0].transpose(0, 1)
+            )
             row += n
         x = x + self.o(torch.cat(outs).reshape(n_rows, c.n_heads * c.head_dim))
         gate, up = self.gate_up(rms_norm(x, self.ffn_norm, c.rms_eps)).chunk(2, -1)
@@ -335,12 +367,19 @@ class DraftHeadRuntime:
             cache = self.new_cache(1, context + rows)
             ids = torch.arange(context + rows)[None] % self.info.vocab_size
             feats = torch.zeros(1, context + rows, self.config.hidden_size)
-            self.forward(ids[:, :context], torch.arange(context)[None], cache, num_logits=0, features=feats[:, :context])
+            self.forward(
+                ids[:, :context], torch.arange(context)[None], cache, num_logits=0, features=feats[:, :context]
+            )
             times = []
             for _ in range(3):
                 start = time.perf_counter()
-                self.forward(ids[:, context:], torch.arange(context, context + rows)[None], cache, num_logits=rows,
-                             features=feats[:, context:])  # fmt: skip
+                self.forward(
+                    ids[:, context:],
+                    torch.arange(context, context + rows)[None],
+                    cache,
+                    num_logits=rows,
+                    features=feats[:, context:],
+                )
                 times.append(time.perf_counter() - start)
                 cache.truncate(context)
             cache.free()
@@ -382,10 +421,14 @@ def read_head(path: Path) -> tuple[HeadWeights, torch.Tensor, dict]:
             meta = json.loads((f.metadata() or {})["argen_draft_head"])
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
     except (OSError, KeyError, ValueError) as exc:
-        raise ArgenError(f"{path} is not a draft head argen wrote ({exc}); make one with `argen distill-draft`") from exc
+        raise ArgenError(
+            f"{path} is not a draft head argen wrote ({exc}); make one with `argen distill-draft`"
+        ) from exc
     if meta.get("format") != FORMAT:
-        raise ArgenError(f"{path} is a draft head of format {meta.get('format')}, and this argen reads format {FORMAT}; "
-                         "run `argen distill-draft` again")  # fmt: skip
+        raise ArgenError(
+            f"{path} is a draft head of format {meta.get('format')}, and this argen reads format {FORMAT}; "
+            "run `argen distill-draft` again"
+        )
     weights = HeadWeights(HeadConfig(**meta["config"]))
     vocab = tensors.pop("vocab")
     weights.load_state_dict(tensors)

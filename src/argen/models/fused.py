@@ -33,9 +33,20 @@ class FusedForward:
             s.qkv, s.o, s.gate_up, s.down = layer.qkv.struct, layer.o.struct, layer.gate_up.struct, layer.down.struct
         self.layers = structs  # kept alive: the model struct points into it
         inter = layers[0].gate_up.out_features // 2
-        self.model = ModelStruct(info.n_layers, info.n_heads, info.n_kv_heads, info.head_dim, info.hidden_size, inter,
-                                 runtime.eps, 0, runtime.cos.data_ptr(), runtime.sin.data_ptr(),
-                                 runtime.norm.data_ptr(), structs)  # fmt: skip
+        self.model = ModelStruct(
+            info.n_layers,
+            info.n_heads,
+            info.n_kv_heads,
+            info.head_dim,
+            info.hidden_size,
+            inter,
+            runtime.eps,
+            0,
+            runtime.cos.data_ptr(),
+            runtime.sin.data_ptr(),
+            runtime.norm.data_ptr(),
+            structs,
+        )
         self.hidden = info.hidden_size
 
     def __call__(self, x: torch.Tensor, positions: torch.Tensor, segments, starts: list[int], plan) -> torch.Tensor:
@@ -67,12 +78,25 @@ class FusedForward:
             attn, ffn = (torch.tensor(flags, dtype=torch.uint8) for flags in (plan.attn, plan.ffn))
         where = torch.tensor(mask_at, dtype=torch.int64)
         status = self.lib.lib.argen_forward(
-            ctypes.byref(self.model), torch.get_num_threads(), len(segments), cu.data_ptr(), x.data_ptr(),
-            out.data_ptr(), pos.data_ptr(), start.data_ptr(), flat_tables.data_ptr(), table_cu.data_ptr(),
-            pool.block_size, k.data_ptr(), pool.v.data_ptr(), strides.data_ptr(),
-            None if mask is None else mask.data_ptr(), where.data_ptr(),
-            None if attn is None else attn.data_ptr(), None if ffn is None else ffn.data_ptr(),
-        )  # fmt: skip
+            ctypes.byref(self.model),
+            torch.get_num_threads(),
+            len(segments),
+            cu.data_ptr(),
+            x.data_ptr(),
+            out.data_ptr(),
+            pos.data_ptr(),
+            start.data_ptr(),
+            flat_tables.data_ptr(),
+            table_cu.data_ptr(),
+            pool.block_size,
+            k.data_ptr(),
+            pool.v.data_ptr(),
+            strides.data_ptr(),
+            None if mask is None else mask.data_ptr(),
+            where.data_ptr(),
+            None if attn is None else attn.data_ptr(),
+            None if ffn is None else ffn.data_ptr(),
+        )
         if status != 0:
             raise MemoryError("the fused CPU forward could not allocate its buffers")
         return out

@@ -17,12 +17,22 @@ from argen.models.sources import gguf_reader
 
 log = logging.getLogger("argen.models")
 
-_GLOBAL = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-           "output.weight": "lm_head.weight"}  # fmt: skip
-_LAYER = {"attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
-          "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-          "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-          "ffn_down": "mlp.down_proj"}  # fmt: skip
+_GLOBAL = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_LAYER = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
 # Bytes per block of 32 weights, and where the codes start: [d fp16][m fp16 (Q4_1)][codes].
 _BLOCKS = {"Q4_0": ("q4_0", 18, 2), "Q4_1": ("q4_1", 20, 4), "Q8_0": ("q8_0", 34, 2)}
 
@@ -86,7 +96,8 @@ def read_gguf(path: Path, config) -> dict[str, torch.Tensor | QuantWeight]:
             value = value.rows(order) if isinstance(value, QuantWeight) else value[order].contiguous()
         state[name] = value
     if converted:
-        log.info("%s: %s tensors have no argen kernel; they are dequantized to fp32", path.name,
-                 ", ".join(sorted(converted)))  # fmt: skip
+        log.info(
+            "%s: %s tensors have no argen kernel; they are dequantized to fp32", path.name, ", ".join(sorted(converted))
+        )
     del reader
     return state

@@ -122,8 +122,17 @@ class HFRuntime:
         if plan is not None and not plan.is_full:
             raise ValueError("layer plans (layer skipping) need the native runtime")
         if isinstance(cache, list):  # several sequences: one after another
-            outs = [self.forward(tokens[r : r + 1], positions[r : r + 1], c, None if mask is None else
-                                 (mask if mask.dim() == 2 else mask[r]), plan, num_logits) for r, c in enumerate(cache)]
+            outs = [
+                self.forward(
+                    tokens[r : r + 1],
+                    positions[r : r + 1],
+                    c,
+                    None if mask is None else (mask if mask.dim() == 2 else mask[r]),
+                    plan,
+                    num_logits,
+                )
+                for r, c in enumerate(cache)
+            ]
             logits = None if num_logits == 0 else torch.cat([o[0] for o in outs])
             return logits, torch.cat([o[1] for o in outs])
         n_new = tokens.shape[1]

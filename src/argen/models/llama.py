@@ -69,8 +69,15 @@ def rope_tables(config, n_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
 class LlamaRuntime:
     """`forward(tokens, positions, cache, mask, plan)` over a Llama-family decoder."""
 
-    def __init__(self, config, state_dict: dict[str, torch.Tensor], device="cpu", dtype=torch.float32,
-                 kv_memory: int = DEFAULT_KV_MEMORY, act8: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        config,
+        state_dict: dict[str, torch.Tensor],
+        device="cpu",
+        dtype=torch.float32,
+        kv_memory: int = DEFAULT_KV_MEMORY,
+        act8: bool = False,
+    ):
         """act8: quantized weights multiply activations rounded to 8 bits (the "-a8" paths)."""
         arch = getattr(config, "model_type", None)
         if arch not in SUPPORTED_ARCHITECTURES:
@@ -114,8 +121,10 @@ class LlamaRuntime:
             self.layers.append(
                 _Layer(
                     attn_norm=w(p + "input_layernorm.weight"),
-                    qkv=linear([p + f"self_attn.{x}_proj.weight" for x in "qkv"],
-                               torch.cat(biases) if biases[0] is not None else None),
+                    qkv=linear(
+                        [p + f"self_attn.{x}_proj.weight" for x in "qkv"],
+                        torch.cat(biases) if biases[0] is not None else None,
+                    ),
                     o=linear([p + "self_attn.o_proj.weight"]),
                     ffn_norm=w(p + "post_attention_layernorm.weight"),
                     gate_up=linear([p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]),
@@ -158,8 +167,9 @@ class LlamaRuntime:
             per_block = 2 * info.n_layers * info.n_kv_heads * BLOCK_SIZE * info.head_dim * self.dtype.itemsize
             # At most `kv_memory`, and no more than 64 full-context sequences could use.
             blocks = max(8, min(self.kv_memory // per_block, 64 * -(-info.max_positions // BLOCK_SIZE)))
-            self.pool = BlockPool(info.n_layers, info.n_kv_heads, info.head_dim, blocks, BLOCK_SIZE, self.dtype,
-                                  self.device)  # fmt: skip
+            self.pool = BlockPool(
+                info.n_layers, info.n_kv_heads, info.head_dim, blocks, BLOCK_SIZE, self.dtype, self.device
+            )
         return self.pool
 
     def new_cache(self, batch_size: int = 1, max_len: int | None = None) -> SeqKV | list[SeqKV]:
@@ -255,8 +265,15 @@ class LlamaRuntime:
             outs[i] = SegmentOut(self.head(h[n - k :]) if k else None, h, self._passes, cos)
         self._passes += 1
 
-    def _forward_torch(self, x: torch.Tensor, positions: torch.Tensor, segments: list[Segment], starts: list[int],
-                       plan: Plan | None, ffn_cos: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    def _forward_torch(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        segments: list[Segment],
+        starts: list[int],
+        plan: Plan | None,
+        ffn_cos: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The pass in torch ops: matmuls over every segment's rows at once, attention per segment over
         its own keys (gathered from its blocks), with the same SDPA call a lone sequence makes. With
         `ffn_cos`, also cos(x, x + ffn(x)) per row and layer [N, n_layers] (1 where the FFN is skipped)."""
@@ -300,9 +317,16 @@ class LlamaRuntime:
                         seg.cache.observe(i, attention_received(q[row : row + n], keys, mask, is_causal))
                     if seg.cache.window is not None:
                         seg.cache.window.add(i, q[row : row + n], n_keys - n)
-                    outs.append(F.scaled_dot_product_attention(
-                        q[row : row + n].transpose(0, 1)[None], keys[None], values[None], attn_mask=mask,
-                        is_causal=is_causal, enable_gqa=gqa)[0].transpose(0, 1))  # fmt: skip
+                    outs.append(
+                        F.scaled_dot_product_attention(
+                            q[row : row + n].transpose(0, 1)[None],
+                            keys[None],
+                            values[None],
+                            attn_mask=mask,
+                            is_causal=is_causal,
+                            enable_gqa=gqa,
+                        )[0].transpose(0, 1)
+                    )
                     row += n
                 x = x + layer.o(torch.cat(outs).reshape(n_rows, self.q_size))
             if plan is None or plan.ffn[i]:
@@ -346,8 +370,10 @@ class LlamaRuntime:
 
     def weight_digest(self) -> bytes:
         """A few bytes that identify these weights and their format (calibration caches key on them)."""
-        return self.embed_tokens(torch.arange(2)[None]).float().numpy().tobytes() + \
-            self.layers[len(self.layers) // 2].down.digest_bytes()
+        return (
+            self.embed_tokens(torch.arange(2)[None]).float().numpy().tobytes()
+            + self.layers[len(self.layers) // 2].down.digest_bytes()
+        )
 
     @torch.inference_mode()
     def head(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -18,8 +18,14 @@ from argen.models.llama import SUPPORTED_ARCHITECTURES, LlamaRuntime
 from argen.models.quant import QK, quantize
 from argen.models.quant_paths import QUANTS, split_quant
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 RUNTIMES = ("auto", "native", "hf")
 
 
@@ -86,8 +92,9 @@ def _make_runtime(hf_model, runtime: str, device: torch.device, dtype: torch.dty
     return HFRuntime(hf_model.to(device=device, dtype=dtype))
 
 
-def resolve_quant(quant: str, gguf_file: Path | None, runtime: str, arch: str | None, device: torch.device,
-                  dtype: torch.dtype) -> str:
+def resolve_quant(
+    quant: str, gguf_file: Path | None, runtime: str, arch: str | None, device: torch.device, dtype: torch.dtype
+) -> str:
     """The weight path for this load: "auto" resolved, and any path this model or machine cannot
     take refused with what to do instead."""
     if quant not in QUANTS:
@@ -99,19 +106,26 @@ def resolve_quant(quant: str, gguf_file: Path | None, runtime: str, arch: str | 
     if quant == "none":
         return quant
     if not fits:
-        raise ArgenError(f"quant={quant!r} needs the native runtime (llama, mistral, qwen2) on the CPU in float32; "
-                         "use quant='none' for this model, device or dtype")  # fmt: skip
+        raise ArgenError(
+            f"quant={quant!r} needs the native runtime (llama, mistral, qwen2) on the CPU in float32; "
+            "use quant='none' for this model, device or dtype"
+        )
     if split_quant(quant)[0] == "exact" and gguf_file is None:
-        raise ArgenError(f"quant={quant!r} keeps a GGUF file's own quantized weights, and this model is not a GGUF "
-                         "file; use quant='none', or 'q8_0' / 'q4_1' to quantize it")  # fmt: skip
+        raise ArgenError(
+            f"quant={quant!r} keeps a GGUF file's own quantized weights, and this model is not a GGUF "
+            "file; use quant='none', or 'q8_0' / 'q4_1' to quantize it"
+        )
     if kernels.library() is None:
-        raise ArgenError(f"quant={quant!r} needs argen's CPU kernels, which need a C compiler (gcc or clang); "
-                         "install one or use quant='none'")  # fmt: skip
+        raise ArgenError(
+            f"quant={quant!r} needs argen's CPU kernels, which need a C compiler (gcc or clang); "
+            "install one or use quant='none'"
+        )
     return quant
 
 
-def load_model(name: str = "default", runtime: str = "auto", device: str = "cpu", dtype="float32",
-               quant: str = "auto") -> LoadedModel:  # fmt: skip
+def load_model(
+    name: str = "default", runtime: str = "auto", device: str = "cpu", dtype="float32", quant: str = "auto"
+) -> LoadedModel:
     if runtime not in RUNTIMES:
         raise ArgenError(f"unknown runtime {runtime!r}; use one of {', '.join(RUNTIMES)}")
     torch_device, torch_dtype = parse_device(device), parse_dtype(dtype)
@@ -122,8 +136,9 @@ def load_model(name: str = "default", runtime: str = "auto", device: str = "cpu"
         tokenizer = tiny.byte_tokenizer()
         quant = resolve_quant(quant, None, runtime, hf_model.config.model_type, torch_device, torch_dtype)
         run = _make_runtime(hf_model, runtime, torch_device, torch_dtype, quant)
-        return LoadedModel(name, run, tokenizer, lambda: factory(source.seed), _eos_ids(tokenizer, hf_model.config),
-                           quant)  # fmt: skip
+        return LoadedModel(
+            name, run, tokenizer, lambda: factory(source.seed), _eos_ids(tokenizer, hf_model.config), quant
+        )
     directory = sources.local_dir(source)
     gguf_file = sources.gguf_file(source)
     from transformers import AutoConfig
@@ -135,20 +150,28 @@ def load_model(name: str = "default", runtime: str = "auto", device: str = "cpu"
         # The file's own blocks: the fp32 copy in the cache is never read (it is for the HF reference).
         tokenizer = _load_tokenizer(directory)
         run = LlamaRuntime(config, read_gguf(gguf_file, config), device=torch_device, dtype=torch_dtype, act8=act8)
-        return LoadedModel(name, run, tokenizer, lambda: _load_hf_dir(directory)[0], _eos_ids(tokenizer, config),
-                           quant)  # fmt: skip
+        return LoadedModel(name, run, tokenizer, lambda: _load_hf_dir(directory)[0], _eos_ids(tokenizer, config), quant)
     hf_model, tokenizer = _load_hf_dir(directory)
     run = _make_runtime(hf_model, runtime, torch_device, torch_dtype, quant)
     keep = hf_model if isinstance(run, HFRuntime) else None
     # The HF copy is dropped after conversion (it doubles memory) and re-read only if asked for.
-    return LoadedModel(name, run, tokenizer, (lambda: keep) if keep else (lambda: _load_hf_dir(directory)[0]),
-                       _eos_ids(tokenizer, hf_model.config), quant)  # fmt: skip
+    return LoadedModel(
+        name,
+        run,
+        tokenizer,
+        (lambda: keep) if keep else (lambda: _load_hf_dir(directory)[0]),
+        _eos_ids(tokenizer, hf_model.config),
+        quant,
+    )
 
 
 def _quantizable(name: str, value: torch.Tensor) -> bool:
     """Matrices of the decoder and the vocabulary matrix, when their input size is whole blocks."""
-    return value.dim() == 2 and value.shape[1] % QK == 0 and (name.endswith("proj.weight") or "embed" in name
-                                                                or name.startswith("lm_head"))  # fmt: skip
+    return (
+        value.dim() == 2
+        and value.shape[1] % QK == 0
+        and (name.endswith("proj.weight") or "embed" in name or name.startswith("lm_head"))
+    )
 
 
 def _load_tokenizer(directory: Path):

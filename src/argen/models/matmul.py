@@ -31,8 +31,12 @@ def _onednn_pack(weight: torch.Tensor) -> torch.Tensor | None:
         return torch.ops.mkldnn._reorder_linear_weight(weight, 8)  # 8: the batch-size hint for verification
     except (AttributeError, RuntimeError) as e:  # a torch build without the op: F.linear is still right
         # Said, not silent: verification passes of 2-16 rows then cost F.linear's repacking.
-        log.warning("oneDNN weight packing unavailable (%s: %s); 2-%d-row passes use F.linear",
-                    type(e).__name__, e, PACKED_MAX_ROWS)  # fmt: skip
+        log.warning(
+            "oneDNN weight packing unavailable (%s: %s); 2-%d-row passes use F.linear",
+            type(e).__name__,
+            e,
+            PACKED_MAX_ROWS,
+        )
         return None
 
 
@@ -55,8 +59,11 @@ class Matmul:
 
     def tensors(self) -> list[torch.Tensor]:
         """What this layer holds in memory (the packed copy included)."""
-        return [t for t in (self.weight_t if self.packed is not None else self.weight, self.packed, self.bias)
-                if t is not None]
+        return [
+            t
+            for t in (self.weight_t if self.packed is not None else self.weight, self.packed, self.bias)
+            if t is not None
+        ]
 
     def digest_bytes(self) -> bytes:
         """A few bytes that identify the weight (calibration caches key on them)."""

@@ -54,8 +54,12 @@ class QuantWeight:
 
     def rows(self, index) -> QuantWeight:
         """The weight's rows `index` (a permutation or a selection): whole rows move, blocks unchanged."""
-        return replace(self, qs=self.qs[index].contiguous(), d=self.d[index].contiguous(),
-                       m=None if self.m is None else self.m[index].contiguous())  # fmt: skip
+        return replace(
+            self,
+            qs=self.qs[index].contiguous(),
+            d=self.d[index].contiguous(),
+            m=None if self.m is None else self.m[index].contiguous(),
+        )
 
     @staticmethod
     def cat(weights: list[QuantWeight]) -> QuantWeight:
@@ -196,8 +200,7 @@ def unpack(packed: torch.Tensor, fmt: str, n: int, k: int, width: int, chunk: in
     else:
         q = torch.stack([codes & 0x0F, codes >> 4], dim=-1).reshape(n, nb, QK)  # columns 2p, 2p + 1
     gguf = q[..., : QK // 2] | (q[..., QK // 2 :] << 4)
-    return QuantWeight(fmt, gguf.reshape(n, k // 2).contiguous(), d.contiguous(),
-                       None if m is None else m.contiguous())  # fmt: skip
+    return QuantWeight(fmt, gguf.reshape(n, k // 2).contiguous(), d.contiguous(), None if m is None else m.contiguous())
 
 
 _local = threading.local()
@@ -216,8 +219,13 @@ class QuantMatmul:
     """`x @ W^T (+ bias)` for a QuantWeight W [N, K], fp32 activations and accumulation. Holds W
     packed for the kernels (`pack`), not the QuantWeight it was made from."""
 
-    def __init__(self, weight: QuantWeight, bias: torch.Tensor | None = None, lib: KernelLibrary | None = None,
-                 act8: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        weight: QuantWeight,
+        bias: torch.Tensor | None = None,
+        lib: KernelLibrary | None = None,
+        act8: bool = False,
+    ):
         """act8: the "a8" path, activations rounded to 8 bits per block of 32 in the products (as
         llama.cpp computes; lossy), else fp32 activations (the weights' exact products)."""
         self.bias, self.act8 = bias, act8
@@ -228,9 +236,16 @@ class QuantMatmul:
         self.out_features, self.in_features = weight.shape
         self.width, self.chunk = self.lib.width, self.lib.chunk
         self.packed = pack(weight, self.width, self.chunk, act8)
-        self.struct = QWeightStruct(FORMATS[weight.fmt], self.width, self.out_features, self.in_features,
-                                    self.packed.data_ptr(), None if bias is None else bias.data_ptr(),
-                                    int(act8), 0)  # fmt: skip
+        self.struct = QWeightStruct(
+            FORMATS[weight.fmt],
+            self.width,
+            self.out_features,
+            self.in_features,
+            self.packed.data_ptr(),
+            None if bias is None else bias.data_ptr(),
+            int(act8),
+            0,
+        )
 
     @property
     def qweight(self) -> QuantWeight:
@@ -272,6 +287,7 @@ class QuantMatmul:
         if flat.dtype != torch.float32 or not flat.is_contiguous():
             flat = flat.float().contiguous()
         y = torch.empty(rows, n)
-        self.lib.lib.argen_qmatmul(ctypes.byref(self.struct), torch.get_num_threads(), flat.data_ptr(), rows, k,
-                                   y.data_ptr(), n)  # fmt: skip
+        self.lib.lib.argen_qmatmul(
+            ctypes.byref(self.struct), torch.get_num_threads(), flat.data_ptr(), rows, k, y.data_ptr(), n
+        )
         return y.view(*x.shape[:-1], n)

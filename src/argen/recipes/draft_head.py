@@ -57,19 +57,31 @@ class LoadedHeads:
 class Recipe:
     """Every setting that changes the head (the cache key hashes them all)."""
 
-    seed: int = field(default=0, metadata={"help": "seeds the prompts, the sampled responses, the initialisation and the batch order"})
+    seed: int = field(
+        default=0, metadata={"help": "seeds the prompts, the sampled responses, the initialisation and the batch order"}
+    )
     prompts: int = field(default=512, metadata={"help": "prompts the target answers (the training sequences)"})
     max_new_tokens: int = field(default=128, metadata={"help": "tokens per response"})
-    sampled: float = field(default=0.25, metadata={"help": "share of responses sampled at `temperature` (the rest greedy)"})
+    sampled: float = field(
+        default=0.25, metadata={"help": "share of responses sampled at `temperature` (the rest greedy)"}
+    )
     temperature: float = field(default=0.8, metadata={"help": "temperature of the sampled responses"})
-    vocab: int = field(default=8192, metadata={"help": "tokens the head scores (FR-Spec: the most frequent in the data)"})
+    vocab: int = field(
+        default=8192, metadata={"help": "tokens the head scores (FR-Spec: the most frequent in the data)"}
+    )
     epochs: int = field(default=6, metadata={"help": "passes over the training sequences"})
-    unroll: int = field(default=3, metadata={"help": "training-time test steps (step s reads the head's own predictions)"})
+    unroll: int = field(
+        default=3, metadata={"help": "training-time test steps (step s reads the head's own predictions)"}
+    )
     lr: float = field(default=3e-3, metadata={"help": "peak learning rate (AdamW, warmup then cosine)"})
     batch_tokens: int = field(default=512, metadata={"help": "tokens per training batch"})
     intermediate: int = field(default=0, metadata={"help": "the head's FFN width (0: the target's)"})
-    reg_weight: float = field(default=0.1, metadata={"help": "weight of the feature regression beside the cross-entropy"})
-    init: str = field(default="random", metadata={"help": "random, or last-layer: the head's layer starts as the target's last"})
+    reg_weight: float = field(
+        default=0.1, metadata={"help": "weight of the feature regression beside the cross-entropy"}
+    )
+    init: str = field(
+        default="random", metadata={"help": "random, or last-layer: the head's layer starts as the target's last"}
+    )
 
     def key(self) -> str:
         return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
@@ -112,10 +124,16 @@ def load_draft_head(runtime, source=None, model_name: str = "the model") -> Draf
         if not path.is_file():
             others = cached_heads(runtime)
             if len(others) != 1:
-                listed = f" ({len(others)} heads with other recipes are cached: {', '.join(p.name for p in others)}; " \
-                         "pass head=PATH)" if others else ""  # fmt: skip
-                raise ArgenError(f"no draft head is cached for {model_name}{listed}; run `argen distill-draft --model "
-                                 f"{model_name}` once (over half an hour on 2 cores; it caches one beside the model)")  # fmt: skip
+                listed = (
+                    f" ({len(others)} heads with other recipes are cached: {', '.join(p.name for p in others)}; "
+                    "pass head=PATH)"
+                    if others
+                    else ""
+                )
+                raise ArgenError(
+                    f"no draft head is cached for {model_name}{listed}; run `argen distill-draft --model "
+                    f"{model_name}` once (over half an hour on 2 cores; it caches one beside the model)"
+                )
             path = others[0]
     elif isinstance(source, str | Path):
         path = Path(source).expanduser()
@@ -128,9 +146,11 @@ def load_draft_head(runtime, source=None, model_name: str = "the model") -> Draf
     if key not in loaded:
         weights, vocab, meta = read_head(path)
         if meta.get("fingerprint") != fingerprint(runtime):
-            raise ArgenError(f"the draft head {path.name} was distilled from another model ({meta.get('model')!r}, "
-                             f"fingerprint {meta.get('fingerprint')}), not {model_name} ({fingerprint(runtime)}); "
-                             f"run `argen distill-draft --model {model_name}`")  # fmt: skip
+            raise ArgenError(
+                f"the draft head {path.name} was distilled from another model ({meta.get('model')!r}, "
+                f"fingerprint {meta.get('fingerprint')}), not {model_name} ({fingerprint(runtime)}); "
+                f"run `argen distill-draft --model {model_name}`"
+            )
         loaded[key] = DraftHeadRuntime(weights, vocab, runtime, meta | {"path": key})
     return loaded[key]
 
@@ -171,8 +191,9 @@ def data_path(runtime, encoded: list[list[int]], recipe: Recipe) -> Path:
     return cache_dir() / "draft-data" / f"{fingerprint(runtime)}-{digest}.pt"
 
 
-def generate_data(gen, prompts: list[tuple[str, str]], recipe: Recipe, batch: int = 32, progress: bool = True,
-                  cache: bool = False) -> list[Example]:  # fmt: skip
+def generate_data(
+    gen, prompts: list[tuple[str, str]], recipe: Recipe, batch: int = 32, progress: bool = True, cache: bool = False
+) -> list[Example]:
     """The target's responses to `prompts`, `batch` of them decoding together through the Engine
     (similar prompt lengths together), with every feature recorded. With `cache`, the data is kept
     under the cache directory (`draft-data/`, deletable), so that training the same model again with
@@ -184,20 +205,23 @@ def generate_data(gen, prompts: list[tuple[str, str]], recipe: Recipe, batch: in
     if store is not None and store.is_file():
         return [Example(ids, n, features.float(), kind) for ids, n, features, kind in torch.load(store)]
     examples: list[Example | None] = [None] * len(prompts)
-    bar = tqdm(total=len(prompts), desc="distill-draft: target answers", unit="prompt", disable=not progress,
-               file=sys.stderr)  # fmt: skip
+    bar = tqdm(
+        total=len(prompts), desc="distill-draft: target answers", unit="prompt", disable=not progress, file=sys.stderr
+    )
     for sampled in (False, True):
         chosen = [i for i in range(len(prompts)) if is_sampled(i, recipe.sampled) == sampled]
         chosen.sort(key=lambda i: (len(encoded[i]), i))
         for start in range(0, len(chosen), batch):
             group = chosen[start : start + batch]
             options = {"temperature": recipe.temperature, "seed": recipe.seed + start} if sampled else {}
-            results = gen.generate([encoded[i] for i in group], strategy=Recorder(), max_new_tokens=recipe.max_new_tokens,
-                                   **options)  # fmt: skip
+            results = gen.generate(
+                [encoded[i] for i in group], strategy=Recorder(), max_new_tokens=recipe.max_new_tokens, **options
+            )
             for i, result in zip(group, results, strict=True):
                 features = torch.cat(result.extras["features"])
-                examples[i] = Example(list(result.prompt_ids) + list(result.token_ids), len(result.prompt_ids),
-                                      features, prompts[i][0])  # fmt: skip
+                examples[i] = Example(
+                    list(result.prompt_ids) + list(result.token_ids), len(result.prompt_ids), features, prompts[i][0]
+                )
             bar.update(len(group))
     bar.close()
     if store is not None:
@@ -320,12 +344,15 @@ def new_head(target, recipe: Recipe) -> HeadWeights:
     config = HeadConfig.like(target, recipe.intermediate or None)
     layer = target.layers[-1] if recipe.init == "last-layer" else None
     if layer is not None and config != HeadConfig.like(target):
-        raise ArgenError("init last-layer copies the target's last layer, so the head must have its shape (intermediate 0)")
+        raise ArgenError(
+            "init last-layer copies the target's last layer, so the head must have its shape (intermediate 0)"
+        )
     return HeadWeights(config).reset(generator, target.norm, layer)
 
 
-def train(trainer: Trainer, weights: HeadWeights, examples: list[Example], recipe: Recipe,
-          progress: bool = True) -> list[dict[str, float]]:  # fmt: skip
+def train(
+    trainer: Trainer, weights: HeadWeights, examples: list[Example], recipe: Recipe, progress: bool = True
+) -> list[dict[str, float]]:
     """`recipe.epochs` passes over `examples` in a seeded order; returns the metrics of each epoch."""
     from tqdm import tqdm
 
@@ -358,8 +385,9 @@ def train(trainer: Trainer, weights: HeadWeights, examples: list[Example], recip
 
 
 # -- the whole recipe ----------------------------------------------------------------------------
-def distill(gen, recipe: Recipe = Recipe(), batch: int = 32, progress: bool = True, path: Path | None = None,
-            corpus=None) -> Path:  # fmt: skip
+def distill(
+    gen, recipe: Recipe = Recipe(), batch: int = 32, progress: bool = True, path: Path | None = None, corpus=None
+) -> Path:
     """Run the recipe on `gen`'s model and save the head (to the cache, unless `path`); returns where."""
     recipe.check()
     runtime = gen.runtime
@@ -380,12 +408,25 @@ def distill(gen, recipe: Recipe = Recipe(), batch: int = 32, progress: bool = Tr
     log = train(trainer, weights, training, recipe, progress)
     evaluation = trainer.evaluate(weights, held_out, recipe.batch_tokens) if held_out else {}
     seconds = time.perf_counter() - started
-    meta = {"model": gen.name, "fingerprint": fingerprint(runtime), "recipe": asdict(recipe), "recipe_key": recipe.key(),
-            "sequences": len(examples), "tokens": sum(len(e.ids) for e in examples), "response_tokens": len(response),
-            "vocab_coverage": covered, "epochs": log, "held_out": evaluation, "data_seconds": data_seconds,
-            "train_seconds": seconds - data_seconds, "seconds": seconds, "cpu_seconds": time.process_time() - cpu_started,
-            "threads": torch.get_num_threads(),
-            "cpu": describe_cpu(), "torch": torch.__version__}  # fmt: skip
+    meta = {
+        "model": gen.name,
+        "fingerprint": fingerprint(runtime),
+        "recipe": asdict(recipe),
+        "recipe_key": recipe.key(),
+        "sequences": len(examples),
+        "tokens": sum(len(e.ids) for e in examples),
+        "response_tokens": len(response),
+        "vocab_coverage": covered,
+        "epochs": log,
+        "held_out": evaluation,
+        "data_seconds": data_seconds,
+        "train_seconds": seconds - data_seconds,
+        "seconds": seconds,
+        "cpu_seconds": time.process_time() - cpu_started,
+        "threads": torch.get_num_threads(),
+        "cpu": describe_cpu(),
+        "torch": torch.__version__,
+    }
     out = path or head_path(runtime, recipe)
     save_head(out, weights, vocab, meta)
     runtime.memo.get(LoadedHeads).by_path.pop(str(out.resolve()), None)  # a re-distilled head replaces the loaded one

@@ -26,16 +26,47 @@ MAX_PASSAGE_CHARS = 1400  # about 350 tokens: a summarization prompt stays a sho
 MIN_PASSAGE_CHARS = 200
 MAN_LANGUAGES = {"de": "German", "fr": "French", "es": "Spanish"}
 # roff escapes that man pages use for letters (groff's names), and the rest of roff to strip
-_ROFF_CHARS = {"(:a": "ä", "(:o": "ö", "(:u": "ü", "(:A": "Ä", "(:O": "Ö", "(:U": "Ü", "(ss": "ß", "('e": "é",
-               "(`e": "è", "(^e": "ê", "('a": "á", "(`a": "à", "(^a": "â", "(,c": "ç", "('o": "ó", "('i": "í",
-               "(~n": "ñ", "('u": "ú", "(^o": "ô", "(^i": "î", "(^u": "û", "(aq": "'", "(lq": '"', "(rq": '"',
-               "(em": "—", "(en": "–", "(bu": "•", "(oq": "'", "(cq": "'", "(Fo": "«", "(Fc": "»"}  # fmt: skip
+_ROFF_CHARS = {
+    "(:a": "ä",
+    "(:o": "ö",
+    "(:u": "ü",
+    "(:A": "Ä",
+    "(:O": "Ö",
+    "(:U": "Ü",
+    "(ss": "ß",
+    "('e": "é",
+    "(`e": "è",
+    "(^e": "ê",
+    "('a": "á",
+    "(`a": "à",
+    "(^a": "â",
+    "(,c": "ç",
+    "('o": "ó",
+    "('i": "í",
+    "(~n": "ñ",
+    "('u": "ú",
+    "(^o": "ô",
+    "(^i": "î",
+    "(^u": "û",
+    "(aq": "'",
+    "(lq": '"',
+    "(rq": '"',
+    "(em": "—",
+    "(en": "–",
+    "(bu": "•",
+    "(oq": "'",
+    "(cq": "'",
+    "(Fo": "«",
+    "(Fc": "»",
+}
 
 
 @dataclass
 class Corpus:
     prose: list[str] = field(default_factory=list)  # documentation paragraphs (English)
-    functions: list[tuple[str, str, str]] = field(default_factory=list)  # (qualified name, first docstring line, source)
+    functions: list[tuple[str, str, str]] = field(
+        default_factory=list
+    )  # (qualified name, first docstring line, source)
     topics: list[str] = field(default_factory=list)  # one-line descriptions: a package's summary, a man page's NAME
     foreign: list[tuple[str, str]] = field(default_factory=list)  # (language, sentence) from translated man pages
 
@@ -73,7 +104,9 @@ def _passages(paragraphs: list[str]) -> list[str]:
 def _stdlib(corpus: Corpus, limit_files: int) -> None:
     root = Path(sysconfig.get_paths()["stdlib"])
     skip = ("test", "tests", "idlelib", "lib2to3", "site-packages", "turtledemo", "ensurepip", "config-")
-    files = sorted(p for p in root.rglob("*.py") if not any(part.startswith(skip) for part in p.relative_to(root).parts))
+    files = sorted(
+        p for p in root.rglob("*.py") if not any(part.startswith(skip) for part in p.relative_to(root).parts)
+    )
     for path in files[:limit_files]:
         try:
             source = path.read_text(encoding="utf-8")
@@ -122,7 +155,9 @@ def _docs(corpus: Corpus, root: Path, limit_files: int) -> None:
         return
     names = re.compile(r"^README(\.(md|txt|rst))?(\.gz)?$", re.IGNORECASE)
     files = []
-    for package in sorted(root.iterdir()):  # a README or two per package: one package's release notes would crowd out the rest
+    for package in sorted(
+        root.iterdir()
+    ):  # a README or two per package: one package's release notes would crowd out the rest
         if package.is_dir():
             files += sorted(p for p in package.iterdir() if p.is_file() and names.match(p.name))[:2]
     for path in files[:limit_files]:
@@ -161,8 +196,13 @@ def _man(corpus: Corpus, root: Path, limit_files: int) -> None:
             name = next((p for p in paras if " - " in p and len(p) < 160), None)
             if name and name.isascii():
                 corpus.topics.append(name.replace(" - ", ", the command to ", 1))
-            corpus.prose += _passages([p[:MAX_PASSAGE_CHARS] for p in paras if len(p) >= MIN_PASSAGE_CHARS // 2
-                                       and p.isascii() and not any(ch in p for ch in "\\<>{}|=")])  # fmt: skip
+            corpus.prose += _passages(
+                [
+                    p[:MAX_PASSAGE_CHARS]
+                    for p in paras
+                    if len(p) >= MIN_PASSAGE_CHARS // 2 and p.isascii() and not any(ch in p for ch in "\\<>{}|=")
+                ]
+            )
     for lang, language in MAN_LANGUAGES.items():
         directory = root / lang
         if not directory.is_dir():
@@ -195,12 +235,20 @@ def local_corpus(limit_files: int = 400) -> Corpus:
 
 
 # -- tasks -------------------------------------------------------------------------------------
-QUESTIONS = ["What is the main point of this text?", "What problem does this solve, and for whom?",
-             "Which steps does the text describe, in order?", "What would a beginner find confusing here, and why?",
-             "List the key terms in the text and explain each in one sentence."]  # fmt: skip
-WRITING = ["Write a short blog post about {}.", "Explain {} to a high-school student.",
-           "Write an email to a colleague recommending {}.", "Give three pros and three cons of {}.",
-           "Write a short story in which someone relies on {}."]  # fmt: skip
+QUESTIONS = [
+    "What is the main point of this text?",
+    "What problem does this solve, and for whom?",
+    "Which steps does the text describe, in order?",
+    "What would a beginner find confusing here, and why?",
+    "List the key terms in the text and explain each in one sentence.",
+]
+WRITING = [
+    "Write a short blog post about {}.",
+    "Explain {} to a high-school student.",
+    "Write an email to a colleague recommending {}.",
+    "Give three pros and three cons of {}.",
+    "Write a short story in which someone relies on {}.",
+]
 ITEMS = ["apples", "books", "tickets", "bottles", "chairs", "pencils", "boxes", "plants"]
 NAMES = ["Ana", "Ben", "Chen", "Dara", "Emil", "Fatima", "Goran", "Hana", "Ivan", "Jia"]
 
@@ -208,13 +256,15 @@ NAMES = ["Ana", "Ben", "Chen", "Dara", "Emil", "Fatima", "Goran", "Hana", "Ivan"
 def _math(rng: random.Random) -> str:
     a, b, c, d = rng.randint(3, 60), rng.randint(2, 25), rng.randint(2, 12), rng.randint(1, 9)
     name, item, other = rng.choice(NAMES), rng.choice(ITEMS), rng.choice(NAMES)
-    return rng.choice([
-        f"{name} has {a} {item}. {name} buys {b} more every week for {c} weeks, then gives {d} to {other}. How many {item} does {name} have now?",
-        f"A shop sells {item} for ${b} each. {name} buys {a} of them and pays with ${a * b + rng.randint(1, 50)}. How much change does {name} get?",
-        f"{name} reads {b} pages a day. The book has {a * c} pages. After {c} days, what fraction of the book is left?",
-        f"A train travels {a * 10} km in {d + 1} hours, then {b * 10} km in {c} hours. What is its average speed for the whole trip?",
-        f"{name} and {other} share {a * (d + 1)} {item} in the ratio {d}:1. How many does each get?",
-    ])  # fmt: skip
+    return rng.choice(
+        [
+            f"{name} has {a} {item}. {name} buys {b} more every week for {c} weeks, then gives {d} to {other}. How many {item} does {name} have now?",
+            f"A shop sells {item} for ${b} each. {name} buys {a} of them and pays with ${a * b + rng.randint(1, 50)}. How much change does {name} get?",
+            f"{name} reads {b} pages a day. The book has {a * c} pages. After {c} days, what fraction of the book is left?",
+            f"A train travels {a * 10} km in {d + 1} hours, then {b * 10} km in {c} hours. What is its average speed for the whole trip?",
+            f"{name} and {other} share {a * (d + 1)} {item} in the ratio {d}:1. How many does each get?",
+        ]
+    )
 
 
 KINDS = ("summarize", "translate", "answer", "passage", "continue", "explain code", "write code", "write", "math")
@@ -224,19 +274,29 @@ def build_prompts(corpus: Corpus, n: int, seed: int) -> list[tuple[str, str]]:
     """`n` (kind, prompt) pairs, the kinds in turn (a kind whose source text is missing here is left out)."""
     rng = random.Random(seed)
     available = {
-        "summarize": bool(corpus.prose), "passage": bool(corpus.prose), "continue": bool(corpus.prose),
-        "translate": bool(corpus.foreign), "answer": bool(corpus.topics or corpus.functions),
-        "explain code": bool(corpus.functions), "write code": bool(corpus.functions), "write": bool(corpus.topics),
+        "summarize": bool(corpus.prose),
+        "passage": bool(corpus.prose),
+        "continue": bool(corpus.prose),
+        "translate": bool(corpus.foreign),
+        "answer": bool(corpus.topics or corpus.functions),
+        "explain code": bool(corpus.functions),
+        "write code": bool(corpus.functions),
+        "write": bool(corpus.topics),
         "math": True,
-    }  # fmt: skip
+    }
     kinds = [k for k in KINDS if available[k]]
     prompts = []
     for i in range(n):
         kind = kinds[i % len(kinds)]
         if kind == "summarize":
             text = rng.choice(corpus.prose)
-            prompt = rng.choice(["Summarize: {}", "Summarize the following text in a few sentences.\n\n{}",
-                                 "Write a short summary of this documentation:\n\n{}"]).format(text)  # fmt: skip
+            prompt = rng.choice(
+                [
+                    "Summarize: {}",
+                    "Summarize the following text in a few sentences.\n\n{}",
+                    "Write a short summary of this documentation:\n\n{}",
+                ]
+            ).format(text)
         elif kind == "passage":
             prompt = f"{rng.choice(corpus.prose)}\n\n{rng.choice(QUESTIONS)}"
         elif kind == "continue":

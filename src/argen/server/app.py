@@ -34,14 +34,26 @@ from argen.server.scheduler import PREFILL_CHUNK, STEP_TOKENS, Scheduler
 from argen.server.state import ServerState, endpoint_of
 
 
-def create_app(gen: Generator, *, model_id: str | None = None, max_batch: int = 32, max_queue: int = 128,
-               max_tokens_limit: int | None = None, limits: Limits | None = None,
-               companions: Companions | None = None, api_key: str | None = None,
-               allowed_hosts: list[str] | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-               prefill_chunk: int | None = PREFILL_CHUNK, step_tokens: int | None = STEP_TOKENS,
-               prefix_caching: bool = True, kv_blocks: int | None = None,
-               allowed_origins: list[str] | None = None, grammars: GrammarSandbox | None = None,
-               prefill_slowdown: float | None = PREFILL_SLOWDOWN) -> FastAPI:  # fmt: skip
+def create_app(
+    gen: Generator,
+    *,
+    model_id: str | None = None,
+    max_batch: int = 32,
+    max_queue: int = 128,
+    max_tokens_limit: int | None = None,
+    limits: Limits | None = None,
+    companions: Companions | None = None,
+    api_key: str | None = None,
+    allowed_hosts: list[str] | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    prefill_chunk: int | None = PREFILL_CHUNK,
+    step_tokens: int | None = STEP_TOKENS,
+    prefix_caching: bool = True,
+    kv_blocks: int | None = None,
+    allowed_origins: list[str] | None = None,
+    grammars: GrammarSandbox | None = None,
+    prefill_slowdown: float | None = PREFILL_SLOWDOWN,
+) -> FastAPI:
     """A FastAPI app serving `gen`. Its scheduler thread starts with the app (or on the first
     request) and, at shutdown, finishes the requests in flight before it stops. `companions` are
     the draft and guide models requests may name (default: only the served model itself),
@@ -52,15 +64,39 @@ def create_app(gen: Generator, *, model_id: str | None = None, max_batch: int = 
     model_id = model_id or gen.name
     context = gen.runtime.info.max_positions
     limit = min(max_tokens_limit or context, context)
-    policy = Policy(model_id, limit, limits or Limits(), companions or Companions(model_id, gen.model),
-                    max_prompt_chars(gen), max_batch=max_batch)  # fmt: skip
+    policy = Policy(
+        model_id,
+        limit,
+        limits or Limits(),
+        companions or Companions(model_id, gen.model),
+        max_prompt_chars(gen),
+        max_batch=max_batch,
+    )
     metrics = Metrics()
-    scheduler = Scheduler(gen.engine, metrics, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk,
-                          step_tokens=step_tokens, prefix_caching=prefix_caching, kv_blocks=kv_blocks,
-                          prefill_slowdown=prefill_slowdown)  # fmt: skip
-    served = ServerState(gen, model_id, policy, scheduler, metrics, grammars or GrammarSandbox(gen.engine.grammars),
-                         Tokens(gen.tokenizer), p.ModelCard(id=model_id, created=p.now(), context_length=context),
-                         tokenization.tokenizer_info(gen), max_batch=max_batch, max_queue=max_queue)  # fmt: skip
+    scheduler = Scheduler(
+        gen.engine,
+        metrics,
+        max_batch=max_batch,
+        max_queue=max_queue,
+        prefill_chunk=prefill_chunk,
+        step_tokens=step_tokens,
+        prefix_caching=prefix_caching,
+        kv_blocks=kv_blocks,
+        prefill_slowdown=prefill_slowdown,
+    )
+    served = ServerState(
+        gen,
+        model_id,
+        policy,
+        scheduler,
+        metrics,
+        grammars or GrammarSandbox(gen.engine.grammars),
+        Tokens(gen.tokenizer),
+        p.ModelCard(id=model_id, created=p.now(), context_length=context),
+        tokenization.tokenizer_info(gen),
+        max_batch=max_batch,
+        max_queue=max_queue,
+    )
     # sse-starlette would cut every stream on SIGTERM; we drain them instead (uvicorn waits for them).
     AppStatus.disable_automatic_graceful_drain()
 
@@ -72,15 +108,25 @@ def create_app(gen: Generator, *, model_id: str | None = None, max_batch: int = 
         served.grammars.close()
         await asyncio.to_thread(scheduler.stop)
 
-    app = FastAPI(title="argen", version=argen.__version__,
-                  description="OpenAI-compatible API over argen, with continuous batching.", lifespan=lifespan)  # fmt: skip
+    app = FastAPI(
+        title="argen",
+        version=argen.__version__,
+        description="OpenAI-compatible API over argen, with continuous batching.",
+        lifespan=lifespan,
+    )
     app.state.served = served
     app.state.scheduler, app.state.metrics, app.state.generator = scheduler, metrics, gen
     app.state.grammars = served.grammars
     # What /metrics shows: this server's registry (a Ray Serve replica swaps in every replica's, distributed.py).
     app.state.render_metrics = metrics.render
-    _add_middleware(app, metrics, api_key=api_key, allowed_hosts=allowed_hosts, allowed_origins=allowed_origins,
-                    max_body_bytes=max_body_bytes)  # fmt: skip
+    _add_middleware(
+        app,
+        metrics,
+        api_key=api_key,
+        allowed_hosts=allowed_hosts,
+        allowed_origins=allowed_origins,
+        max_body_bytes=max_body_bytes,
+    )
     for exc_class, handler in HANDLERS.items():
         app.add_exception_handler(exc_class, handler)
     for router in (generation.router, models.router, tokenizer.router, monitoring.router):
@@ -89,8 +135,15 @@ def create_app(gen: Generator, *, model_id: str | None = None, max_batch: int = 
     return app
 
 
-def _add_middleware(app: FastAPI, metrics: Metrics, *, api_key: str | None, allowed_hosts: list[str] | None,
-                    allowed_origins: list[str] | None, max_body_bytes: int) -> None:  # fmt: skip
+def _add_middleware(
+    app: FastAPI,
+    metrics: Metrics,
+    *,
+    api_key: str | None,
+    allowed_hosts: list[str] | None,
+    allowed_origins: list[str] | None,
+    max_body_bytes: int,
+) -> None:
     """Added innermost first: Host, CORS, then the API key, then the body's size."""
 
     def rejected(path: str, status: int) -> None:
@@ -102,8 +155,13 @@ def _add_middleware(app: FastAPI, metrics: Metrics, *, api_key: str | None, allo
     if allowed_origins:
         # Outside the key check: a browser's preflight (OPTIONS) carries no key, and its answer gives
         # nothing away; the request that follows still needs the key.
-        app.add_middleware(CORSMiddleware, allow_origins=allowed_origins, allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type"], max_age=600)  # fmt: skip
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=allowed_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+            max_age=600,
+        )
     if allowed_hosts:
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)
 

@@ -32,8 +32,9 @@ class Companions:
     models: dict[str, dict[str, object]] = field(default_factory=lambda: {"draft": {}, "guide": {}, "head": {}})
 
     @classmethod
-    def load(cls, gen: Generator, served_id: str, drafts: list[str] = (), guides: list[str] = (),
-             heads: list[str] = ()) -> Companions:  # fmt: skip
+    def load(
+        cls, gen: Generator, served_id: str, drafts: list[str] = (), guides: list[str] = (), heads: list[str] = ()
+    ) -> Companions:
         """Load every `NAME=SOURCE` (once per canonical source, on the base model's device and dtype; a
         head's SOURCE is `cached`, the head `argen distill-draft` cached for the served model, or a file)."""
         found = cls(served_id, gen.model)
@@ -72,9 +73,12 @@ class Companions:
                 options[option] = next(iter(self.models[kind]), self.served_id)  # the first guide, else itself
             if option not in options and kind == "head":
                 if not self.models[kind]:
-                    raise bad_request(f"strategy {strategy_cls.name!r} needs a draft head distilled from the served "
-                                      "model, and this server has none loaded; its operator adds one at start with "
-                                      "--draft-head NAME=cached (after `argen distill-draft`)", "strategy")  # fmt: skip
+                    raise bad_request(
+                        f"strategy {strategy_cls.name!r} needs a draft head distilled from the served "
+                        "model, and this server has none loaded; its operator adds one at start with "
+                        "--draft-head NAME=cached (after `argen distill-draft`)",
+                        "strategy",
+                    )
                 options[option] = next(iter(self.models[kind]))  # the first head
             value = options.get(option)
             choices = ", ".join(repr(n) for n in self.names(kind))

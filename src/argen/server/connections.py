@@ -87,10 +87,20 @@ class GuardedH11Protocol(H11Protocol):
             oldest.transport.close()
             return
         log.warning("%d connections open, all busy: refused a new one (--max-connections)", len(self.connections) - 1)
-        body = json.dumps({"error": {"message": "the server has too many open connections; retry later",
-                                     "type": "service_unavailable", "param": None, "code": "too_many_connections"}})  # fmt: skip
-        head = (f"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
-                "connection: close\r\nretry-after: 1\r\n\r\n")  # fmt: skip
+        body = json.dumps(
+            {
+                "error": {
+                    "message": "the server has too many open connections; retry later",
+                    "type": "service_unavailable",
+                    "param": None,
+                    "code": "too_many_connections",
+                }
+            }
+        )
+        head = (
+            f"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+            "connection: close\r\nretry-after: 1\r\n\r\n"
+        )
         self.transport.write((head + body).encode())
         self.transport.close()
 
@@ -98,8 +108,11 @@ class GuardedH11Protocol(H11Protocol):
 def guarded_protocol(request_timeout: float, max_connections: int) -> type[GuardedH11Protocol]:
     """The protocol class for one server (its settings are class attributes: uvicorn makes the
     instances)."""
-    return type("GuardedH11Protocol", (GuardedH11Protocol,),
-                {"request_timeout": request_timeout, "max_connections": max_connections})  # fmt: skip
+    return type(
+        "GuardedH11Protocol",
+        (GuardedH11Protocol,),
+        {"request_timeout": request_timeout, "max_connections": max_connections},
+    )
 
 
 def connection_cap(wanted: int) -> int:

@@ -24,13 +24,16 @@ STATUS_TYPES = {
 # The error statuses as the OpenAPI description documents them (each route lists those it answers).
 ERROR_RESPONSES = {
     status: {"model": p.ErrorResponse, "description": text}
-    for status, text in [(400, "a parameter is invalid or unsupported (the message says which)"),
-                         (401, "the API key is missing or wrong (only when the server has one)"),
-                         (404, "the model is not served here"), (413, "the body is larger than the server's limit"),
-                         (422, "the body does not match the schema"),
-                         (429, "the queue is full; retry after Retry-After seconds"),
-                         (503, "the server is shutting down")]
-}  # fmt: skip
+    for status, text in [
+        (400, "a parameter is invalid or unsupported (the message says which)"),
+        (401, "the API key is missing or wrong (only when the server has one)"),
+        (404, "the model is not served here"),
+        (413, "the body is larger than the server's limit"),
+        (422, "the body does not match the schema"),
+        (429, "the queue is full; retry after Retry-After seconds"),
+        (503, "the server is shutting down"),
+    ]
+}
 
 
 class ErrorJSON(JSONResponse):
@@ -42,8 +45,16 @@ class ErrorJSON(JSONResponse):
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 type: str | None = None, headers: dict[str, str] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        type: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
         self.type = type or STATUS_TYPES.get(status, "invalid_request_error")
@@ -77,4 +88,3 @@ def validation_message(errors: list[dict]) -> tuple[str, str | None]:
             parts.append(f"{where or 'body'}: {err.get('msg')}")
     more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
     return "invalid request: " + "; ".join(parts) + more, param
-

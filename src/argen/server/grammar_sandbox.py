@@ -57,8 +57,12 @@ class _Child:
 
     def __init__(self, setup: bytes) -> None:
         # -I: no user site, no PYTHONPATH, no current directory: the script needs llguidance only.
-        self.proc = subprocess.Popen([sys.executable, "-I", str(SCRIPT)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)  # fmt: skip
+        self.proc = subprocess.Popen(
+            [sys.executable, "-I", str(SCRIPT)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
         self.ready = False
         # The setup (the tokenizer, MBs) fills the pipe until the child starts reading: sent from a
         # thread of its own, so that replacing a killed child never holds up an answer.
@@ -135,8 +139,14 @@ class GrammarSandbox:
     """Compiles each request's grammar (sets `Request.matcher`) within `seconds` and `memory_mb`,
     at most `workers` at once, or answers the client 400 (the grammar) or 429 (too many at once)."""
 
-    def __init__(self, compiler: GrammarCompiler, *, workers: int = GRAMMAR_WORKERS, seconds: float = GRAMMAR_SECONDS,
-                 memory_mb: int = GRAMMAR_MEMORY_MB) -> None:  # fmt: skip
+    def __init__(
+        self,
+        compiler: GrammarCompiler,
+        *,
+        workers: int = GRAMMAR_WORKERS,
+        seconds: float = GRAMMAR_SECONDS,
+        memory_mb: int = GRAMMAR_MEMORY_MB,
+    ) -> None:
         if workers < 1 or seconds <= 0 or memory_mb < 1:
             raise ValueError("grammar workers, seconds and memory must be positive")
         self.compiler, self.workers, self.seconds, self.memory_mb = compiler, workers, seconds, memory_mb
@@ -190,17 +200,27 @@ class GrammarSandbox:
     # -- in the sandbox's threads ----------------------------------------------------------------
     def _spawn(self) -> None:
         if self._setup is None:
-            self._setup = _frame({"tokenizer": self.compiler.tokenizer_json(), "vocab_size": self.compiler.vocab_size,
-                                  "eos": self.compiler.ll_eos, "limits": grammar_check.LIMITS,
-                                  "memory_bytes": self.memory_mb << 20})  # fmt: skip
+            self._setup = _frame(
+                {
+                    "tokenizer": self.compiler.tokenizer_json(),
+                    "vocab_size": self.compiler.vocab_size,
+                    "eos": self.compiler.ll_eos,
+                    "limits": grammar_check.LIMITS,
+                    "memory_bytes": self.memory_mb << 20,
+                }
+            )
         self._idle.put(_Child(self._setup))
 
     def _compile(self, grammar: str, queued: float):
         waited = time.monotonic() - queued
         if waited > GRAMMAR_WAIT_SECONDS:
-            raise APIError(429, f"the server is compiling as many grammars as it can ({self.workers} at once); this "
-                           f"one waited {waited:.1f} s. Retry shortly", code="grammar_busy",
-                           headers={"Retry-After": "1"})  # fmt: skip
+            raise APIError(
+                429,
+                f"the server is compiling as many grammars as it can ({self.workers} at once); this "
+                f"one waited {waited:.1f} s. Retry shortly",
+                code="grammar_busy",
+                headers={"Retry-After": "1"},
+            )
         for _ in range(2):  # a child that failed before it took the grammar is replaced, once
             child = self._idle.get()
             try:
@@ -218,5 +238,7 @@ class GrammarSandbox:
 
     def _too_costly(self, reason: str) -> str:
         cost = f"longer than {self.seconds:g} s" if reason == "deadline" else f"more than {self.memory_mb} MB"
-        return (f"response_format: the grammar takes {cost} to compile; simplify it (fewer alternatives, nested "
-                "repetitions and combined patterns)")
+        return (
+            f"response_format: the grammar takes {cost} to compile; simplify it (fewer alternatives, nested "
+            "repetitions and combined patterns)"
+        )

@@ -43,8 +43,11 @@ class APIKey:
         if bearer and hmac.compare_digest(given.strip(), self.key):
             return await self.app(scope, receive, send)
         self.rejected(scope["path"], 401)
-        message = ("Incorrect API key provided" if bearer else
-                   "You didn't provide an API key; send it as the header 'Authorization: Bearer KEY'")  # fmt: skip
+        message = (
+            "Incorrect API key provided"
+            if bearer
+            else "You didn't provide an API key; send it as the header 'Authorization: Bearer KEY'"
+        )
         error = APIError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
         await error.response()(scope, receive, send)
 
@@ -79,9 +82,13 @@ class BodyLimit:
 
     async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
         self.rejected(scope["path"], 413)
-        error = APIError(413, f"the request body is larger than this server's limit of {self.max_bytes} bytes; "
-                         "send less (a prompt that long would not fit the context anyway)", code="body_too_large",
-                         headers={"Connection": "close"})  # fmt: skip
+        error = APIError(
+            413,
+            f"the request body is larger than this server's limit of {self.max_bytes} bytes; "
+            "send less (a prompt that long would not fit the context anyway)",
+            code="body_too_large",
+            headers={"Connection": "close"},
+        )
         await error.response()(scope, receive, send)
 
 

@@ -26,10 +26,16 @@ async def invalid_body(request: HTTPRequest, exc: RequestValidationError):
 
 
 async def http_error(request: HTTPRequest, exc: StarletteHTTPException):
-    message = {404: f"no route {request.method} {request.url.path}; see /docs for the API",
-               405: f"{request.method} is not allowed on {request.url.path}; see /docs"}.get(exc.status_code, str(exc.detail))  # fmt: skip
-    return APIError(exc.status_code, message, code="not_found" if exc.status_code == 404 else None,
-                    headers=getattr(exc, "headers", None)).response()  # fmt: skip
+    message = {
+        404: f"no route {request.method} {request.url.path}; see /docs for the API",
+        405: f"{request.method} is not allowed on {request.url.path}; see /docs",
+    }.get(exc.status_code, str(exc.detail))
+    return APIError(
+        exc.status_code,
+        message,
+        code="not_found" if exc.status_code == 404 else None,
+        headers=getattr(exc, "headers", None),
+    ).response()
 
 
 async def internal_error(request: HTTPRequest, exc: Exception):
@@ -37,5 +43,9 @@ async def internal_error(request: HTTPRequest, exc: Exception):
     return APIError(500, f"internal error: {exc!r}", code="internal_error").response()
 
 
-HANDLERS = {APIError: api_error, RequestValidationError: invalid_body, StarletteHTTPException: http_error,
-            Exception: internal_error}  # fmt: skip
+HANDLERS = {
+    APIError: api_error,
+    RequestValidationError: invalid_body,
+    StarletteHTTPException: http_error,
+    Exception: internal_error,
+}

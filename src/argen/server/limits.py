@@ -20,12 +20,18 @@ from argen.strategies import Strategy, strategy_options
 OPTION_LIMITS: dict[str, tuple[int, str]] = {
     "num_beams": (8, "beam, conditional-beam: beams, each a KV-cache row in every forward pass"),
     "loop_ngram": (16, "conditional-beam: the n-gram that may not repeat, checked over each beam's output every step"),
-    "max_draft": (16, "prompt-lookup, ngram, layer-skip, draft-model: draft tokens per verification pass; draft-head: "
-                      "the draft tree's depth (a head pass a level)"),
+    "max_draft": (
+        16,
+        "prompt-lookup, ngram, layer-skip, draft-model: draft tokens per verification pass; draft-head: "
+        "the draft tree's depth (a head pass a level)",
+    ),
     "num_drafts": (4, "draft-model: chains drafted per step under sampling"),
     "max_nodes": (32, "ngram, draft-head: draft-tree nodes per verification pass"),
-    "width": (8, "ngram: continuations tried per tree node; draft-head: children per node and nodes grown per level "
-                 "(the rows of each head pass)"),
+    "width": (
+        8,
+        "ngram: continuations tried per tree node; draft-head: children per node and nodes grown per level "
+        "(the rows of each head pass)",
+    ),
     "max_n": (8, "ngram: the longest n-gram counted (table work per token)"),
     "max_ngram": (8, "prompt-lookup: the longest n-gram matched (search work per step)"),
     "window": (8, "jacobi: guesses iterated per pass"),
@@ -46,8 +52,11 @@ PRESS_LIMITS: dict[str, tuple[int, str]] = {
 }
 # Caps on request fields that multiply a request's work, changed the same way (`--limit n=32`).
 REQUEST_LIMITS: dict[str, tuple[int, str]] = {
-    "n": (16, "samples per request: each is a sequence of the batch (a slot of --max-batch) with its own KV cache "
-              "past the shared prompt; n x max_tokens must also be within --max-tokens"),
+    "n": (
+        16,
+        "samples per request: each is a sequence of the batch (a slot of --max-batch) with its own KV cache "
+        "past the shared prompt; n x max_tokens must also be within --max-tokens",
+    ),
 }
 
 
@@ -67,8 +76,10 @@ class Limits:
             name, sep, raw = pair.partition("=")
             name = name.strip()
             if name not in OPTION_LIMITS and name not in PRESS_LIMITS and name not in REQUEST_LIMITS:
-                raise ArgenError(f"--limit {pair!r}: unknown limit {name!r}; limits: "
-                                 f"{', '.join([*OPTION_LIMITS, *PRESS_LIMITS, *REQUEST_LIMITS])}")  # fmt: skip
+                raise ArgenError(
+                    f"--limit {pair!r}: unknown limit {name!r}; limits: "
+                    f"{', '.join([*OPTION_LIMITS, *PRESS_LIMITS, *REQUEST_LIMITS])}"
+                )
             if not sep or not raw.strip().isdigit() or int(raw) < 1:
                 raise ArgenError(f"--limit takes NAME=VALUE with a whole number >= 1 (e.g. num_beams=16); got {pair!r}")
             options[name] = int(raw)
@@ -87,12 +98,16 @@ class Limits:
             if cap is None or name not in given or isinstance(value, bool) or value is None:
                 continue
             if isinstance(value, int) and value > cap:
-                return (f"option {name} of strategy {strategy.name!r} is {value}, but this server allows at most {cap} "
-                        f"({OPTION_LIMITS[name][1]}); ask for {cap} or less")  # fmt: skip
+                return (
+                    f"option {name} of strategy {strategy.name!r} is {value}, but this server allows at most {cap} "
+                    f"({OPTION_LIMITS[name][1]}); ask for {cap} or less"
+                )
             if isinstance(value, str | list | tuple) and len(value) > cap:
                 unit = "characters" if isinstance(value, str) else "entries"
-                return (f"option {name} of strategy {strategy.name!r} has {len(value)} {unit}, but this server allows at "
-                        f"most {cap}; shorten it")  # fmt: skip
+                return (
+                    f"option {name} of strategy {strategy.name!r} has {len(value)} {unit}, but this server allows at "
+                    f"most {cap}; shorten it"
+                )
         return None
 
     def check_press(self, press: Press) -> str | None:
@@ -100,6 +115,8 @@ class Limits:
         for name, value in press.options().items():
             cap = self.options.get(name) if name in PRESS_LIMITS else None
             if cap is not None and isinstance(value, int) and value > cap:
-                return (f"option {name} of press {press.name!r} is {value}, but this server allows at most {cap} "
-                        f"({PRESS_LIMITS[name][1]}); ask for {cap} or less")  # fmt: skip
+                return (
+                    f"option {name} of press {press.name!r} is {value}, but this server allows at most {cap} "
+                    f"({PRESS_LIMITS[name][1]}); ask for {cap} or less"
+                )
         return None

@@ -83,8 +83,9 @@ class Offsets:
         return out
 
 
-def completion_logprobs(tokens: Tokens, ids: list[int], records: list[TokenLogprob | None],
-                        offsets: Offsets) -> p.CompletionLogprobs:  # fmt: skip
+def completion_logprobs(
+    tokens: Tokens, ids: list[int], records: list[TokenLogprob | None], offsets: Offsets
+) -> p.CompletionLogprobs:
     """The legacy object for `ids` (a record None: null, as the prompt's first token). top_logprobs
     holds the k alternatives and the chosen token, as OpenAI's does."""
     tops: list[dict[str, float] | None] = []
@@ -108,16 +109,24 @@ def chat_logprobs(tokens: Tokens, records: list[TokenLogprob | None]) -> p.ChatL
     def entry(token: int, value: float) -> dict:
         return {"token": tokens.text(token), "logprob": _finite(value), "bytes": tokens.bytes(token)}
 
-    content = [p.TokenLogprob(**entry(r.token, r.logprob), top_logprobs=[p.TopLogprob(**entry(t, v)) for t, v in r.top])
-               for r in records if r is not None]  # fmt: skip
+    content = [
+        p.TokenLogprob(**entry(r.token, r.logprob), top_logprobs=[p.TopLogprob(**entry(t, v)) for t, v in r.top])
+        for r in records
+        if r is not None
+    ]
     return p.ChatLogprobs(content=content)
 
 
 def prompt_logprob_entry(tokens: Tokens, record: TokenLogprob, k: int) -> dict[str, p.PromptLogprob]:
     """vLLM's entry for one prompt token: {token id: {logprob, rank, decoded_token}}, the prompt's own
     token first, then its k likeliest alternatives (ranks 1..k)."""
-    entry = {str(record.token): p.PromptLogprob(logprob=_finite(record.logprob), rank=record.rank,
-                                                decoded_token=tokens.text(record.token))}  # fmt: skip
+    entry = {
+        str(record.token): p.PromptLogprob(
+            logprob=_finite(record.logprob), rank=record.rank, decoded_token=tokens.text(record.token)
+        )
+    }
     for rank, (token, value) in enumerate(record.top[:k], start=1):
-        entry.setdefault(str(token), p.PromptLogprob(logprob=_finite(value), rank=rank, decoded_token=tokens.text(token)))
+        entry.setdefault(
+            str(token), p.PromptLogprob(logprob=_finite(value), rank=rank, decoded_token=tokens.text(token))
+        )
     return entry

@@ -14,40 +14,71 @@ BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 128)
 class Metrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
-        self.requests = Counter("argen_requests", "Generation requests by endpoint and outcome (stop, length, "
-                                "cancelled, error: one per prompt of a list; rejected_4xx code: one per HTTP request)",
-                                ["endpoint", "outcome"],
-                                registry=r)  # fmt: skip
+        self.requests = Counter(
+            "argen_requests",
+            "Generation requests by endpoint and outcome (stop, length, "
+            "cancelled, error: one per prompt of a list; rejected_4xx code: one per HTTP request)",
+            ["endpoint", "outcome"],
+            registry=r,
+        )
         self.prompt_tokens = Counter("argen_prompt_tokens", "Prompt tokens of admitted requests", registry=r)
-        self.cached_prompt_tokens = Counter("argen_prompt_tokens_cached", "Prompt tokens whose keys and values "
-                                            "came from the prefix cache (not computed)", registry=r)  # fmt: skip
+        self.cached_prompt_tokens = Counter(
+            "argen_prompt_tokens_cached",
+            "Prompt tokens whose keys and values came from the prefix cache (not computed)",
+            registry=r,
+        )
         self.generation_tokens = Counter("argen_generation_tokens", "Tokens generated", registry=r)
-        self.kv_bytes_held = Gauge("argen_kv_bytes_held", "KV-cache bytes held by running sequences (whole "
-                                   "blocks; blocks shared by several count once)", registry=r)  # fmt: skip
-        self.kv_bytes_used = Gauge("argen_kv_bytes_used", "KV-cache bytes the running sequences' lengths need",
-                                   registry=r)  # fmt: skip
-        self.kv_blocks_held = Gauge("argen_kv_blocks_held", "KV-cache blocks (16 positions) held by running "
-                                    "sequences", registry=r)  # fmt: skip
-        self.kv_blocks_held_peak = Gauge("argen_kv_blocks_held_peak", "Most KV-cache blocks held at once since the "
-                                         "server started (inside steps too)", registry=r)  # fmt: skip
-        self.kv_blocks_limit = Gauge("argen_kv_blocks_limit", "KV-cache blocks the admitted requests' worst cases "
-                                     "may add up to (--kv-blocks, or the whole KV memory)", registry=r)  # fmt: skip
+        self.kv_bytes_held = Gauge(
+            "argen_kv_bytes_held",
+            "KV-cache bytes held by running sequences (whole blocks; blocks shared by several count once)",
+            registry=r,
+        )
+        self.kv_bytes_used = Gauge(
+            "argen_kv_bytes_used", "KV-cache bytes the running sequences' lengths need", registry=r
+        )
+        self.kv_blocks_held = Gauge(
+            "argen_kv_blocks_held", "KV-cache blocks (16 positions) held by running sequences", registry=r
+        )
+        self.kv_blocks_held_peak = Gauge(
+            "argen_kv_blocks_held_peak",
+            "Most KV-cache blocks held at once since the server started (inside steps too)",
+            registry=r,
+        )
+        self.kv_blocks_limit = Gauge(
+            "argen_kv_blocks_limit",
+            "KV-cache blocks the admitted requests' worst cases may add up to (--kv-blocks, or the whole KV memory)",
+            registry=r,
+        )
         self.waiting = Gauge("argen_queue_depth", "Requests waiting to join the running batch", registry=r)
         self.running = Gauge("argen_running_requests", "Requests in the running batch", registry=r)
-        self.sequences = Gauge("argen_running_sequences", "Sequences in the running batch (prefilling or "
-                               "decoding; a request of n samples counts n once forked)", registry=r)  # fmt: skip
-        self.sequences_peak = Gauge("argen_running_sequences_peak", "Most sequences in the running batch at once "
-                                    "since the server started", registry=r)  # fmt: skip
-        self.batch_size = Histogram("argen_batch_size", "Sequences per scheduler step", buckets=BATCH_BUCKETS,
-                                    registry=r)  # fmt: skip
-        self.step_seconds = Histogram("argen_step_seconds", "Wall time of one scheduler step (all sequences)",
-                                      buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
-        self.queue_seconds = Histogram("argen_queue_seconds", "Time from arrival to admission (prefill start)",
-                                       buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
-        self.ttft_seconds = Histogram("argen_time_to_first_token_seconds", "Time from arrival to the first token",
-                                      buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
-        self.latency_seconds = Histogram("argen_request_latency_seconds", "Time from arrival to the last token",
-                                         buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
+        self.sequences = Gauge(
+            "argen_running_sequences",
+            "Sequences in the running batch (prefilling or decoding; a request of n samples counts n once forked)",
+            registry=r,
+        )
+        self.sequences_peak = Gauge(
+            "argen_running_sequences_peak",
+            "Most sequences in the running batch at once since the server started",
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "argen_batch_size", "Sequences per scheduler step", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.step_seconds = Histogram(
+            "argen_step_seconds", "Wall time of one scheduler step (all sequences)", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.queue_seconds = Histogram(
+            "argen_queue_seconds", "Time from arrival to admission (prefill start)", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.ttft_seconds = Histogram(
+            "argen_time_to_first_token_seconds",
+            "Time from arrival to the first token",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.latency_seconds = Histogram(
+            "argen_request_latency_seconds", "Time from arrival to the last token", buckets=LATENCY_BUCKETS, registry=r
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -50,8 +50,9 @@ def max_prompt_chars(gen: Generator) -> int:
     return gen.runtime.info.max_positions * max(1, longest)
 
 
-def build_request(gen: Generator, body: CompletionRequest | ChatCompletionRequest, policy: Policy,
-                  compile_grammar: bool = True) -> Request:  # fmt: skip
+def build_request(
+    gen: Generator, body: CompletionRequest | ChatCompletionRequest, policy: Policy, compile_grammar: bool = True
+) -> Request:
     """The Request of a body that holds one prompt (a list of several: a 400 naming `prompt`)."""
     requests = build_requests(gen, body, policy, compile_grammar=compile_grammar)
     if len(requests) != 1:
@@ -59,15 +60,20 @@ def build_request(gen: Generator, body: CompletionRequest | ChatCompletionReques
     return requests[0]
 
 
-def build_requests(gen: Generator, body: CompletionRequest | ChatCompletionRequest, policy: Policy,
-                   compile_grammar: bool = True) -> list[Request]:  # fmt: skip
+def build_requests(
+    gen: Generator, body: CompletionRequest | ChatCompletionRequest, policy: Policy, compile_grammar: bool = True
+) -> list[Request]:
     """One Request per prompt (a completions body may hold a list of them), every one checked: the
     whole body is refused if any prompt is. `compile_grammar=False` leaves the grammar (if any) to be
     compiled by the caller: the server's grammar sandbox."""
     _check_text(body)
     if body.model != policy.model_id:
-        raise APIError(404, f"model {body.model!r} is not served here; this server serves {policy.model_id!r} "
-                       "(GET /v1/models)", param="model", code="model_not_found")  # fmt: skip
+        raise APIError(
+            404,
+            f"model {body.model!r} is not served here; this server serves {policy.model_id!r} (GET /v1/models)",
+            param="model",
+            code="model_not_found",
+        )
     _check_unsupported(body)
     prompts = _prompts_ids(gen, body, policy.max_chars)
     context = gen.runtime.info.max_positions
@@ -77,26 +83,37 @@ def build_requests(gen: Generator, body: CompletionRequest | ChatCompletionReque
         if not prompt_ids:
             raise bad_request(f"the {which} is empty once tokenized; give at least one token", where)
         if len(prompt_ids) >= context:
-            raise bad_request(f"the {which} has {len(prompt_ids)} tokens but the model's context is {context} tokens; "
-                              f"shorten it to at most {context - 1} tokens", where, code="context_length_exceeded")  # fmt: skip
+            raise bad_request(
+                f"the {which} has {len(prompt_ids)} tokens but the model's context is {context} tokens; "
+                f"shorten it to at most {context - 1} tokens",
+                where,
+                code="context_length_exceeded",
+            )
     asked = body.max_tokens
     if isinstance(body, ChatCompletionRequest) and body.max_completion_tokens is not None:
         asked = body.max_completion_tokens
     if asked is not None and asked > policy.max_tokens:
-        raise bad_request(f"max_tokens is {asked} but this server allows at most {policy.max_tokens}; ask for fewer",
-                          "max_tokens")  # fmt: skip
+        raise bad_request(
+            f"max_tokens is {asked} but this server allows at most {policy.max_tokens}; ask for fewer", "max_tokens"
+        )
     echo = isinstance(body, CompletionRequest) and body.echo
     if asked == 0 and not echo:
-        raise bad_request("max_tokens 0 generates nothing; ask for at least 1 (0 is for scoring a prompt: "
-                          "/v1/completions with echo: true and logprobs)", "max_tokens")  # fmt: skip
+        raise bad_request(
+            "max_tokens 0 generates nothing; ask for at least 1 (0 is for scoring a prompt: "
+            "/v1/completions with echo: true and logprobs)",
+            "max_tokens",
+        )
     longest = max(map(len, prompts))
     room = context - longest
     _check_n(body, asked, policy, len(prompts))
     if asked is not None and asked > room:
         which = where if len(prompts) == 1 else f"longest {where}"
-        raise bad_request(f"the model's context is {context} tokens and the {which} uses {longest}, so "
-                          f"max_tokens can be at most {room}; you asked for {asked}", "max_tokens",
-                          code="context_length_exceeded")  # fmt: skip
+        raise bad_request(
+            f"the model's context is {context} tokens and the {which} uses {longest}, so "
+            f"max_tokens can be at most {room}; you asked for {asked}",
+            "max_tokens",
+            code="context_length_exceeded",
+        )
     default = min(DEFAULT_MAX_TOKENS, policy.max_tokens // (body.n * len(prompts)), room)
     # echo + logprobs: the prompt's tokens are scored too (their logits computed in the prefill), as
     # with prompt_logprobs (vLLM's); one scoring serves both, with the most alternatives either asks for.
@@ -109,8 +126,14 @@ def build_requests(gen: Generator, body: CompletionRequest | ChatCompletionReque
             strategy.check(gen.runtime, len(prompt_ids), params)
         except InvalidRequestError as exc:
             raise bad_request(str(exc), "strategy") from exc
-        request = Request(prompt_ids, params, strategy, n=body.n, prompt_logprobs=max(scored, default=None),
-                          press=_press(body, policy))  # fmt: skip
+        request = Request(
+            prompt_ids,
+            params,
+            strategy,
+            n=body.n,
+            prompt_logprobs=max(scored, default=None),
+            press=_press(body, policy),
+        )
         try:
             gen.engine.validate(request, compile_grammar=compile_grammar)
         except InvalidRequestError as exc:
@@ -130,18 +153,31 @@ def _sampling_params(body, max_new_tokens: int) -> SamplingParams:
     """The body's SamplingParams (a 400 naming the field a check refuses)."""
     try:
         return SamplingParams(
-            max_new_tokens=max_new_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-            min_p=body.min_p, repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
-            frequency_penalty=body.frequency_penalty, seed=body.seed, ignore_eos=body.ignore_eos,
+            max_new_tokens=max_new_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            top_k=body.top_k,
+            min_p=body.min_p,
+            repetition_penalty=body.repetition_penalty,
+            presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty,
+            seed=body.seed,
+            ignore_eos=body.ignore_eos,
             stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or []),
-            stop_token_ids=list(body.stop_token_ids or []), min_tokens=body.min_tokens,
-            include_stop_str_in_output=body.include_stop_str_in_output, skip_special_tokens=body.skip_special_tokens,
-            logit_bias=_logit_bias(body), logprobs=_logprobs(body), response_format=_response_format(body),
-        )  # fmt: skip
+            stop_token_ids=list(body.stop_token_ids or []),
+            min_tokens=body.min_tokens,
+            include_stop_str_in_output=body.include_stop_str_in_output,
+            skip_special_tokens=body.skip_special_tokens,
+            logit_bias=_logit_bias(body),
+            logprobs=_logprobs(body),
+            response_format=_response_format(body),
+        )
     except InvalidRequestError as exc:
         named = re.match(r"invalid sampling parameter: (\w+)", str(exc))
         param = {"max_new_tokens": "max_tokens"}.get(named[1], named[1]) if named else None
-        raise bad_request(str(exc), "response_format" if "response_format" in str(exc) and not named else param) from exc
+        raise bad_request(
+            str(exc), "response_format" if "response_format" in str(exc) and not named else param
+        ) from exc
 
 
 def _check_n(body, asked: int | None, policy: Policy, prompts: int = 1) -> None:
@@ -150,18 +186,26 @@ def _check_n(body, asked: int | None, policy: Policy, prompts: int = 1) -> None:
     samples together), and every sample's seed (seed + i) must be one a client can send back."""
     cap = min(policy.limits.max_n, policy.max_batch)
     if body.n > cap:
-        raise bad_request(f"n is {body.n} but this server allows at most {cap} samples per request; ask for fewer "
-                          "(or send several requests)", "n", code="limit_exceeded")  # fmt: skip
+        raise bad_request(
+            f"n is {body.n} but this server allows at most {cap} samples per request; ask for fewer "
+            "(or send several requests)",
+            "n",
+            code="limit_exceeded",
+        )
     total = prompts * body.n * (asked or 1)
     if total > policy.max_tokens:
         count = f"{prompts} prompts x " if prompts > 1 else ""
-        raise bad_request(f"{count}n x max_tokens is {count}{body.n} x {asked or 1} = {total} new tokens, but this "
-                          f"server allows at most {policy.max_tokens} per request, all prompts and samples together; "
-                          "ask for fewer prompts, samples or tokens", "max_tokens" if asked else "n",
-                          code="limit_exceeded")  # fmt: skip
+        raise bad_request(
+            f"{count}n x max_tokens is {count}{body.n} x {asked or 1} = {total} new tokens, but this "
+            f"server allows at most {policy.max_tokens} per request, all prompts and samples together; "
+            "ask for fewer prompts, samples or tokens",
+            "max_tokens" if asked else "n",
+            code="limit_exceeded",
+        )
     if body.seed is not None and body.seed + body.n - 1 > SEED_MAX:
-        raise bad_request(f"sample i gets seed + i, so seed + n - 1 must be at most {SEED_MAX}; use a smaller seed",
-                          "seed")  # fmt: skip
+        raise bad_request(
+            f"sample i gets seed + i, so seed + n - 1 must be at most {SEED_MAX}; use a smaller seed", "seed"
+        )
 
 
 def _response_format(body) -> dict | None:
@@ -175,12 +219,17 @@ def _response_format(body) -> dict | None:
 def _strategy(gen: Generator, body, policy: Policy):
     """The strategy, its companion models named (not loaded: the server loaded them at start),
     its options within the server's limits, prepared (guided: its tokenizer checked)."""
-    spec = body.strategy if isinstance(body.strategy, str) else {"name": body.strategy.name, **body.strategy.model_extra}
+    spec = (
+        body.strategy if isinstance(body.strategy, str) else {"name": body.strategy.name, **body.strategy.model_extra}
+    )
     spec = {"name": spec} if isinstance(spec, str) else spec
     try:
         cls = REGISTRY.get(spec["name"])
         if cls is not None and cls.companion_options:
-            spec = {"name": spec["name"], **policy.companions.resolve(cls, {k: v for k, v in spec.items() if k != "name"})}
+            spec = {
+                "name": spec["name"],
+                **policy.companions.resolve(cls, {k: v for k, v in spec.items() if k != "name"}),
+            }
         strategy = make_strategy(spec)
         if (over := policy.limits.check(strategy)) is not None:
             raise bad_request(over, "strategy", code="limit_exceeded")
@@ -210,9 +259,12 @@ def _check_text(body: BaseModel) -> None:
     allows) break the tokenizer and any message that quotes them: a 400 naming the field."""
     for name, value in body.model_dump().items():
         if (index := _bad_text(value)) is not None:
-            raise bad_request(f"{name} holds text that is not valid Unicode (a lone surrogate such as \\ud800, "
-                              f"{index}); send UTF-8 text, or surrogates only in valid pairs", name,
-                              code="invalid_text")  # fmt: skip
+            raise bad_request(
+                f"{name} holds text that is not valid Unicode (a lone surrogate such as \\ud800, "
+                f"{index}); send UTF-8 text, or surrogates only in valid pairs",
+                name,
+                code="invalid_text",
+            )
 
 
 def _bad_text(value) -> str | None:
@@ -245,9 +297,12 @@ def _logit_bias(body) -> dict[int, float]:
 def _check_unsupported(body) -> None:
     """OpenAI fields argen does not implement: accepted only at their neutral values."""
     checks = [
-        (not (body.stream and body.prompt_logprobs is not None), "prompt_logprobs",
-         "prompt_logprobs cannot be streamed (as vLLM); leave out stream or prompt_logprobs"),
-    ]  # fmt: skip
+        (
+            not (body.stream and body.prompt_logprobs is not None),
+            "prompt_logprobs",
+            "prompt_logprobs cannot be streamed (as vLLM); leave out stream or prompt_logprobs",
+        ),
+    ]
     if isinstance(body, CompletionRequest):
         checks += [
             (body.suffix is None, "suffix", "suffix is not supported; leave it out"),
@@ -268,8 +323,12 @@ def _logprobs(body) -> int | None:
 
 
 def _too_long(where: str, chars: int, max_chars: int, context: int) -> APIError:
-    return bad_request(f"the {where} has {chars} characters, more than any {context}-token context can hold "
-                       f"(at most {max_chars}); shorten it", where, code="context_length_exceeded")  # fmt: skip
+    return bad_request(
+        f"the {where} has {chars} characters, more than any {context}-token context can hold "
+        f"(at most {max_chars}); shorten it",
+        where,
+        code="context_length_exceeded",
+    )
 
 
 def _messages(gen: Generator, body: ChatCompletionRequest) -> list[dict]:
@@ -279,8 +338,10 @@ def _messages(gen: Generator, body: ChatCompletionRequest) -> list[dict]:
     for m in body.messages:
         text = m.content if isinstance(m.content, str) or m.content is None else "".join(p.text for p in m.content)
         if m.tool_calls:
-            text = (text or "") + "".join(f'<tool_call>{{"name": {json.dumps(c.function.name)}, "arguments": '
-                                          f"{c.function.arguments}}}</tool_call>" for c in m.tool_calls)  # fmt: skip
+            text = (text or "") + "".join(
+                f'<tool_call>{{"name": {json.dumps(c.function.name)}, "arguments": {c.function.arguments}}}</tool_call>'
+                for c in m.tool_calls
+            )
         messages.append({"role": "system" if m.role == "developer" else m.role, "content": text or ""})
     if tool_mode(body) is not None:
         described = tools.describe(body.tools)
@@ -313,17 +374,30 @@ def _template_kwargs(kwargs: dict | None) -> dict:
     from transformers import PreTrainedTokenizerBase
 
     reserved = set(inspect.signature(PreTrainedTokenizerBase.apply_chat_template).parameters) | {
-        "messages", "tools", "documents", "add_generation_prompt", "continue_final_message"}  # fmt: skip
-    if (len(kwargs) > TEMPLATE_KWARGS or _depth(kwargs, TEMPLATE_KWARGS_DEPTH) > TEMPLATE_KWARGS_DEPTH
-            or len(json.dumps(kwargs)) > TEMPLATE_KWARGS_CHARS):  # fmt: skip
-        raise bad_request(f"chat_template_kwargs may hold at most {TEMPLATE_KWARGS} variables, {TEMPLATE_KWARGS_CHARS} "
-                          f"characters of JSON in all, nested at most {TEMPLATE_KWARGS_DEPTH} deep; send less",
-                          "chat_template_kwargs")  # fmt: skip
+        "messages",
+        "tools",
+        "documents",
+        "add_generation_prompt",
+        "continue_final_message",
+    }
+    if (
+        len(kwargs) > TEMPLATE_KWARGS
+        or _depth(kwargs, TEMPLATE_KWARGS_DEPTH) > TEMPLATE_KWARGS_DEPTH
+        or len(json.dumps(kwargs)) > TEMPLATE_KWARGS_CHARS
+    ):
+        raise bad_request(
+            f"chat_template_kwargs may hold at most {TEMPLATE_KWARGS} variables, {TEMPLATE_KWARGS_CHARS} "
+            f"characters of JSON in all, nested at most {TEMPLATE_KWARGS_DEPTH} deep; send less",
+            "chat_template_kwargs",
+        )
     for name in kwargs:
         if not TEMPLATE_NAME.match(name) or name in reserved:
-            raise bad_request(f"chat_template_kwargs: {name[:64]!r} is not a template variable a request may set (names "
-                              "are identifiers of at most 64 characters, not the template's own arguments such as "
-                              "tokenize or chat_template)", "chat_template_kwargs")  # fmt: skip
+            raise bad_request(
+                f"chat_template_kwargs: {name[:64]!r} is not a template variable a request may set (names "
+                "are identifiers of at most 64 characters, not the template's own arguments such as "
+                "tokenize or chat_template)",
+                "chat_template_kwargs",
+            )
     return kwargs
 
 
@@ -339,15 +413,21 @@ def _prompt_ids(gen: Generator, body, max_chars: int, prompt=None) -> list[int]:
     context = gen.runtime.info.max_positions
     if isinstance(body, ChatCompletionRequest):
         if len(body.messages) > MAX_MESSAGES:  # each costs template work and tokens, even when empty
-            raise bad_request(f"messages holds {len(body.messages)} messages; at most {MAX_MESSAGES}", "messages",
-                              code="context_length_exceeded")  # fmt: skip
+            raise bad_request(
+                f"messages holds {len(body.messages)} messages; at most {MAX_MESSAGES}",
+                "messages",
+                code="context_length_exceeded",
+            )
         messages = _messages(gen, body)
         if (chars := sum(len(m["content"]) for m in messages)) > max_chars:
             raise _too_long("messages", chars, max_chars, context)
         try:
-            text = gen.chat_text(messages, add_generation_prompt=body.add_generation_prompt,
-                                 continue_final_message=body.continue_final_message,
-                                 template_kwargs=_template_kwargs(body.chat_template_kwargs))  # fmt: skip
+            text = gen.chat_text(
+                messages,
+                add_generation_prompt=body.add_generation_prompt,
+                continue_final_message=body.continue_final_message,
+                template_kwargs=_template_kwargs(body.chat_template_kwargs),
+            )
         except APIError:
             raise
         except InvalidRequestError as exc:
@@ -355,9 +435,13 @@ def _prompt_ids(gen: Generator, body, max_chars: int, prompt=None) -> list[int]:
         except Exception as exc:  # a chat template may reject a conversation (e.g. roles out of order)
             raise bad_request(f"the model's chat template rejected the messages: {exc}", "messages") from exc
         if len(text) > max_chars:  # the template's own text counts too, and it is checked before tokenizing
-            raise bad_request(f"the messages, with the chat template around each, have {len(text)} characters, more "
-                              f"than any {context}-token context can hold (at most {max_chars}); send fewer or "
-                              "shorter messages", "messages", code="context_length_exceeded")  # fmt: skip
+            raise bad_request(
+                f"the messages, with the chat template around each, have {len(text)} characters, more "
+                f"than any {context}-token context can hold (at most {max_chars}); send fewer or "
+                "shorter messages",
+                "messages",
+                code="context_length_exceeded",
+            )
         return gen.chat_ids(text)
     if isinstance(prompt, list):
         return list(prompt)

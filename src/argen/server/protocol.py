@@ -132,40 +132,57 @@ class _Sampling(_Body):
 
     model: str = Field(description="the served model's id (GET /v1/models)")
     max_tokens: Annotated[int, Field(ge=0)] | None = Field(
-        None, description="new tokens at most (default 256, capped by the context); over the server's limit: 400; "
-                          "0 only with echo (prompt scoring)"
+        None,
+        description="new tokens at most (default 256, capped by the context); over the server's limit: 400; "
+        "0 only with echo (prompt scoring)",
     )
     temperature: Annotated[float, Field(ge=0, le=2)] = Field(1.0, description="0 (or below 1e-5) means greedy")
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
     n: Annotated[int, Field(ge=1)] = Field(
-        1, description="samples of the prompt (choices 0..n-1, the prompt prefilled once); sample i uses seed + i, "
-                       "returned as the choice's seed; at most the server's limit, and n x max_tokens at most its "
-                       "max_tokens limit")
+        1,
+        description="samples of the prompt (choices 0..n-1, the prompt prefilled once); sample i uses seed + i, "
+        "returned as the choice's seed; at most the server's limit, and n x max_tokens at most its "
+        "max_tokens limit",
+    )
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None = Field(
-        None, description=f"a string, or a list of at most {MAX_STOP} (each 1-{MAX_STOP_CHARS} characters): the output "
-                          "ends before the first one it holds")
+        None,
+        description=f"a string, or a list of at most {MAX_STOP} (each 1-{MAX_STOP_CHARS} characters): the output "
+        "ends before the first one it holds",
+    )
     seed: Annotated[int, Field(ge=0, le=SEED_MAX)] | None = None
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] = Field(
-        0.0, description="subtracted from the logit of every token the output already holds (OpenAI's)")
+        0.0, description="subtracted from the logit of every token the output already holds (OpenAI's)"
+    )
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] = Field(
-        0.0, description="subtracted from a token's logit once per time the output already holds it (OpenAI's)")
+        0.0, description="subtracted from a token's logit once per time the output already holds it (OpenAI's)"
+    )
     stop_token_ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = Field(
-        None, description="vLLM's: the output also ends at any of these token ids (kept in token_ids, their text left "
-                          "out unless include_stop_str_in_output)")
+        None,
+        description="vLLM's: the output also ends at any of these token ids (kept in token_ids, their text left "
+        "out unless include_stop_str_in_output)",
+    )
     min_tokens: Annotated[int, Field(ge=0)] = Field(
-        0, description="vLLM's: until this many tokens are out, EOS and stop_token_ids are banned and stop strings are "
-                       "not looked for; at most max_tokens")
-    include_stop_str_in_output: bool = Field(False, description="vLLM's: the text keeps the stop string or stop token "
-                                                                "that ended it")
+        0,
+        description="vLLM's: until this many tokens are out, EOS and stop_token_ids are banned and stop strings are "
+        "not looked for; at most max_tokens",
+    )
+    include_stop_str_in_output: bool = Field(
+        False, description="vLLM's: the text keeps the stop string or stop token that ended it"
+    )
     skip_special_tokens: bool = Field(True, description="vLLM's: false shows special tokens in the text")
     prompt_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = Field(
-        None, description="vLLM's: each prompt token's log-prob under the model (the first null), with this many "
-                          "alternatives, as {token id: {logprob, rank, decoded_token}}; not with stream")
+        None,
+        description="vLLM's: each prompt token's log-prob under the model (the first null), with this many "
+        "alternatives, as {token id: {logprob, rank, decoded_token}}; not with stream",
+    )
     logit_bias: dict[str, float] | None = Field(
-        None, description=f"token id (a decimal string) -> a number in [-100, 100] added to its logit before sampling; "
-                          f"at most {LOGIT_BIAS_ENTRIES} tokens", json_schema_extra={"maxProperties": LOGIT_BIAS_ENTRIES})
+        None,
+        description=f"token id (a decimal string) -> a number in [-100, 100] added to its logit before sampling; "
+        f"at most {LOGIT_BIAS_ENTRIES} tokens",
+        json_schema_extra={"maxProperties": LOGIT_BIAS_ENTRIES},
+    )
     user: Annotated[str, Field(max_length=MAX_ID_CHARS)] | None = Field(None, description="accepted and ignored")
     # argen extensions
     top_k: Annotated[int, Field(ge=0)] = Field(0, description="argen extension: 0 turns it off")
@@ -177,23 +194,35 @@ class _Sampling(_Body):
         description='argen extension: a decoding strategy, a name or {"name": ..., option: value, ...}',
     )
     press: str | PressSpec | None = Field(
-        None, description='argen extension: a KV-cache press, a name or {"name": ..., "budget": fraction kept, ...}',
+        None,
+        description='argen extension: a KV-cache press, a name or {"name": ..., "budget": fraction kept, ...}',
     )
     return_token_ids: bool = Field(False, description="argen extension: add token ids to the choices")
     response_format: ResponseFormat | None = Field(
-        None, description="structured output: json_object, json_schema, or (argen extensions) regex, grammar")
+        None, description="structured output: json_object, json_schema, or (argen extensions) regex, grammar"
+    )
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)] | list[int] | Annotated[
-        list[list[int]], Field(min_length=1, max_length=MAX_PROMPTS)] = Field(
+    prompt: (
+        str
+        | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)]
+        | list[int]
+        | Annotated[list[list[int]], Field(min_length=1, max_length=MAX_PROMPTS)]
+    ) = Field(
         description=f"a prompt, text (tokenized as it is, no chat template) or token ids, or a list of at most "
-                    f"{MAX_PROMPTS} prompts (choice i x n + j is sample j of prompt i)")
-    echo: bool = Field(False, description="the text starts with the prompt (and with logprobs, so do the logprobs: "
-                                          "the prompt tokens' under the model, the first one null)")
+        f"{MAX_PROMPTS} prompts (choice i x n + j is sample j of prompt i)"
+    )
+    echo: bool = Field(
+        False,
+        description="the text starts with the prompt (and with logprobs, so do the logprobs: "
+        "the prompt tokens' under the model, the first one null)",
+    )
     logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = Field(
-        None, description="each token's log-prob, with this many most likely alternatives in top_logprobs (plus "
-                          "the chosen token)")
+        None,
+        description="each token's log-prob, with this many most likely alternatives in top_logprobs (plus "
+        "the chosen token)",
+    )
     suffix: str | None = Field(None, description="not supported: only null", json_schema_extra={"type": "null"})
     best_of: int | None = Field(None, description="not supported: only null or 1", json_schema_extra=ONLY_1)
 
@@ -207,30 +236,47 @@ class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
-        None, description='"auto" when tools are given (calls parsed from the output), "required" or a named '
-                          "function (the output constrained to a call)")
+        None,
+        description='"auto" when tools are given (calls parsed from the output), "required" or a named '
+        "function (the output constrained to a call)",
+    )
     parallel_tool_calls: bool | None = Field(
-        None, description=f'with tool_choice "required": true lets the output be several calls (up to '
-                          f"{MAX_PARALLEL_CALLS}); otherwise one")
+        None,
+        description=f'with tool_choice "required": true lets the output be several calls (up to '
+        f"{MAX_PARALLEL_CALLS}); otherwise one",
+    )
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = Field(None, description="same as max_tokens")
     logprobs: bool = Field(False, description="each output token's log-prob in choices[].logprobs.content")
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = Field(
-        None, description="with logprobs: this many most likely alternatives per token")
+        None, description="with logprobs: this many most likely alternatives per token"
+    )
     add_generation_prompt: bool = Field(True, description="the chat template opens the assistant's turn")
     continue_final_message: bool = Field(
-        False, description="the last message (an assistant's, partial) is continued, not closed; not with "
-                           "add_generation_prompt")
+        False,
+        description="the last message (an assistant's, partial) is continued, not closed; not with "
+        "add_generation_prompt",
+    )
     chat_template_kwargs: dict[str, Any] | None = Field(
-        None, description="variables for the chat template (e.g. enable_thinking), bounded: see SECURITY.md")
+        None, description="variables for the chat template (e.g. enable_thinking), bounded: see SECURITY.md"
+    )
     # Accepted and ignored (SECURITY.md says what each would mean and why it has none here)
     store: bool | None = Field(None, description="ignored: argen stores nothing")
-    metadata: Annotated[dict[Annotated[str, Field(max_length=METADATA_KEY_CHARS)],
-                             Annotated[str, Field(max_length=METADATA_VALUE_CHARS)]],
-                        Field(max_length=METADATA_ENTRIES)] | None = Field(None, description="ignored")
+    metadata: (
+        Annotated[
+            dict[
+                Annotated[str, Field(max_length=METADATA_KEY_CHARS)],
+                Annotated[str, Field(max_length=METADATA_VALUE_CHARS)],
+            ],
+            Field(max_length=METADATA_ENTRIES),
+        ]
+        | None
+    ) = Field(None, description="ignored")
     service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = Field(
-        None, description="ignored: one tier")
+        None, description="ignored: one tier"
+    )
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = Field(
-        None, description="ignored: the model does not reason apart from its answer")
+        None, description="ignored: the model does not reason apart from its answer"
+    )
 
 
 class TokenizeRequest(_Body):
@@ -240,8 +286,11 @@ class TokenizeRequest(_Body):
     model: str | None = Field(None, description="the served model's id, if given")
     prompt: str | None = None
     messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
-    add_special_tokens: bool | None = Field(None, description="prompt: add the tokenizer's special tokens (default "
-                                                              "true); messages: only false (the template adds them)")
+    add_special_tokens: bool | None = Field(
+        None,
+        description="prompt: add the tokenizer's special tokens (default "
+        "true); messages: only false (the template adds them)",
+    )
     return_token_strs: bool = Field(False, description="also each token's string")
     add_generation_prompt: bool = True
     continue_final_message: bool = False

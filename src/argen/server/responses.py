@@ -24,23 +24,37 @@ def _prompt_texts(gen: Generator, body, built: list[Request]) -> list[str] | Non
     """Each prompt as the text of an `echo` completion: as sent, or decoded from its token ids."""
     if not getattr(body, "echo", False):
         return None
-    sent = body.prompt if isinstance(body.prompt, list) and body.prompt and not isinstance(body.prompt[0], int) \
-        else [body.prompt]  # fmt: skip
-    return [prompt if isinstance(prompt, str) else gen.tokenizer.decode(request.prompt_ids, skip_special_tokens=True)
-            for prompt, request in zip(sent, built, strict=True)]  # fmt: skip
+    sent = (
+        body.prompt
+        if isinstance(body.prompt, list) and body.prompt and not isinstance(body.prompt[0], int)
+        else [body.prompt]
+    )
+    return [
+        prompt if isinstance(prompt, str) else gen.tokenizer.decode(request.prompt_ids, skip_special_tokens=True)
+        for prompt, request in zip(sent, built, strict=True)
+    ]
 
 
-def shape_of(endpoint: str, model_id: str, gen: Generator, body, built: list[Request], tokens: Tokens,
-             indices: list[int]) -> Shape:  # fmt: skip
+def shape_of(
+    endpoint: str, model_id: str, gen: Generator, body, built: list[Request], tokens: Tokens, indices: list[int]
+) -> Shape:
     """How the responses to `body` look; `indices`: each prompt's index in the batch (its Events' and
     Results' `index`)."""
     params = built[0].params
-    return Shape(endpoint, model_id, body.return_token_ids, [r.params.seed for r in built],
-                  tokens if params.logprobs is not None or body.prompt_logprobs is not None else None,
-                  _prompt_texts(gen, body, built), [r.prompt_ids for r in built],
-                  tool_mode(body) if endpoint == "chat" else None, n=body.n, indices=indices,
-                  echo_logprobs=getattr(body, "logprobs", None) if getattr(body, "echo", False) else None,
-                  prompt_logprobs=body.prompt_logprobs)  # fmt: skip
+    return Shape(
+        endpoint,
+        model_id,
+        body.return_token_ids,
+        [r.params.seed for r in built],
+        tokens if params.logprobs is not None or body.prompt_logprobs is not None else None,
+        _prompt_texts(gen, body, built),
+        [r.prompt_ids for r in built],
+        tool_mode(body) if endpoint == "chat" else None,
+        n=body.n,
+        indices=indices,
+        echo_logprobs=getattr(body, "logprobs", None) if getattr(body, "echo", False) else None,
+        prompt_logprobs=body.prompt_logprobs,
+    )
 
 
 def _finish(reason: str | None, calls: list) -> str | None:
@@ -50,8 +64,10 @@ def _finish(reason: str | None, calls: list) -> str | None:
 
 def _top(records, k: int | None) -> list:
     """Log-prob records with at most k alternatives each (one scoring serves asks for different k)."""
-    return [r if r is None or k is None or len(r.top) <= k else TokenLogprob(r.token, r.logprob, r.top[:k], r.rank)
-            for r in records]  # fmt: skip
+    return [
+        r if r is None or k is None or len(r.top) <= k else TokenLogprob(r.token, r.logprob, r.top[:k], r.rank)
+        for r in records
+    ]
 
 
 class UsageCounter:
@@ -64,8 +80,11 @@ class UsageCounter:
         self.completion_tokens += len(event.token_ids)
 
     def usage(self) -> p.Usage:
-        return p.Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
-                       total_tokens=self.prompt_tokens + self.completion_tokens)  # fmt: skip
+        return p.Usage(
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            total_tokens=self.prompt_tokens + self.completion_tokens,
+        )
 
 
 class Shape:
@@ -77,10 +96,22 @@ class Shape:
     carry it; none: one prompt); `echo_logprobs` / `prompt_logprobs`: the alternatives per prompt
     token each shape shows."""
 
-    def __init__(self, endpoint: str, model_id: str, token_ids: bool, seed: int | list[int], tokens: Tokens | None = None,
-                 echo: list[str] | None = None, prompt_ids: list[list[int]] | None = None,
-                 tools: ToolMode | None = None, *, n: int = 1, indices: list[int] | None = None,
-                 echo_logprobs: int | None = None, prompt_logprobs: int | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        endpoint: str,
+        model_id: str,
+        token_ids: bool,
+        seed: int | list[int],
+        tokens: Tokens | None = None,
+        echo: list[str] | None = None,
+        prompt_ids: list[list[int]] | None = None,
+        tools: ToolMode | None = None,
+        *,
+        n: int = 1,
+        indices: list[int] | None = None,
+        echo_logprobs: int | None = None,
+        prompt_logprobs: int | None = None,
+    ) -> None:
         self.chat, self.model, self.token_ids = endpoint == "chat", model_id, token_ids
         self.seeds = [seed] if isinstance(seed, int) else seed  # each prompt's (sample j: its seed + j)
         self.tools, self.n = tools, n
@@ -117,8 +148,15 @@ class Shape:
             self._offsets[index] = self.tokens.offsets(len(echo or ""))
         return self._offsets[index]
 
-    def _logprobs(self, ids: list[int], records, index: int = 0, prompt_ids: list[int] | None = None,
-                  prompt_records=None, echo: str | None = None):  # fmt: skip
+    def _logprobs(
+        self,
+        ids: list[int],
+        records,
+        index: int = 0,
+        prompt_ids: list[int] | None = None,
+        prompt_records=None,
+        echo: str | None = None,
+    ):
         """Log-probs of `ids` in the endpoint's shape (None if not asked for); with `prompt_ids`, the
         echoed prompt's come first (a fresh offset count from 0)."""
         if self.tokens is None or records is None:
@@ -126,9 +164,12 @@ class Shape:
         if self.chat:
             return chat_logprobs(self.tokens, records)
         if prompt_ids is not None:
-            return completion_logprobs(self.tokens, prompt_ids + ids,
-                                       _top(prompt_records, self.echo_logprobs) + list(records),
-                                       self.tokens.offsets())  # fmt: skip
+            return completion_logprobs(
+                self.tokens,
+                prompt_ids + ids,
+                _top(prompt_records, self.echo_logprobs) + list(records),
+                self.tokens.offsets(),
+            )
         return completion_logprobs(self.tokens, ids, records, self.offsets(index, echo))
 
     def _prompt_logprobs(self, records) -> p.PromptLogprobs | None:
@@ -154,20 +195,47 @@ class Shape:
                 scored = self.echo_logprobs is not None and echo is not None
                 logprobs = None
                 if result.logprobs is not None or scored:
-                    logprobs = self._logprobs(result.token_ids, result.logprobs or [], index,
-                                              result.prompt_ids if scored else None, result.prompt_logprobs, echo)  # fmt: skip
-                choices.append(p.CompletionChoice(text=(echo or "") + result.text, logprobs=logprobs,
-                                                  prompt_logprobs=self._prompt_logprobs(result.prompt_logprobs),
-                                                  **common))  # fmt: skip
+                    logprobs = self._logprobs(
+                        result.token_ids,
+                        result.logprobs or [],
+                        index,
+                        result.prompt_ids if scored else None,
+                        result.prompt_logprobs,
+                        echo,
+                    )
+                choices.append(
+                    p.CompletionChoice(
+                        text=(echo or "") + result.text,
+                        logprobs=logprobs,
+                        prompt_logprobs=self._prompt_logprobs(result.prompt_logprobs),
+                        **common,
+                    )
+                )
         if self.chat:
-            return p.dump(p.ChatCompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices,
-                                                   usage=self.usage(results),
-                                                   prompt_logprobs=self._prompt_logprobs(results[0].prompt_logprobs)))  # fmt: skip
-        return p.dump(p.CompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices,
-                                           usage=self.usage(results)))  # fmt: skip
+            return p.dump(
+                p.ChatCompletionResponse(
+                    id=self.id,
+                    created=self.created,
+                    model=self.model,
+                    choices=choices,
+                    usage=self.usage(results),
+                    prompt_logprobs=self._prompt_logprobs(results[0].prompt_logprobs),
+                )
+            )
+        return p.dump(
+            p.CompletionResponse(
+                id=self.id, created=self.created, model=self.model, choices=choices, usage=self.usage(results)
+            )
+        )
 
-    def chunk(self, content, finish_reason: str | None, ids: list[int] | None, event: Event | int = 0,
-              usage: UsageCounter | None = None) -> dict:  # fmt: skip
+    def chunk(
+        self,
+        content,
+        finish_reason: str | None,
+        ids: list[int] | None,
+        event: Event | int = 0,
+        usage: UsageCounter | None = None,
+    ) -> dict:
         """A stream chunk of one choice (an Event's, or choice `event` if an int); its last one (with
         the finish_reason) carries its seed."""
         index = event if isinstance(event, int) else self.choice(event)
@@ -179,11 +247,13 @@ class Shape:
         now = None if usage is None else usage.usage()
         if self.chat:
             choice = p.ChatChunkChoice(delta=content, **common)
-            return p.dump(p.ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[choice],
-                                                usage=now))  # fmt: skip
+            return p.dump(
+                p.ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[choice], usage=now)
+            )
         choice = p.CompletionChoice(text=content, **common)
-        return p.dump(p.CompletionResponse(id=self.id, created=self.created, model=self.model, choices=[choice],
-                                           usage=now))  # fmt: skip
+        return p.dump(
+            p.CompletionResponse(id=self.id, created=self.created, model=self.model, choices=[choice], usage=now)
+        )
 
     def echo_chunk(self, first: Event, usage: UsageCounter | None = None) -> dict | None:
         """A choice's first chunk with echo: the prompt's text (and its tokens' log-probs, from the
@@ -194,19 +264,35 @@ class Shape:
         self._echoed.add(index)
         logprobs = None
         if self.tokens is not None and first.prompt_logprobs is not None and self.echo_logprobs is not None:
-            logprobs = completion_logprobs(self.tokens, self.prompt_ids[self._prompt(first)],
-                                           _top(first.prompt_logprobs, self.echo_logprobs), self.tokens.offsets())  # fmt: skip
+            logprobs = completion_logprobs(
+                self.tokens,
+                self.prompt_ids[self._prompt(first)],
+                _top(first.prompt_logprobs, self.echo_logprobs),
+                self.tokens.offsets(),
+            )
         choice = p.CompletionChoice(index=index, text=echo, finish_reason=None, logprobs=logprobs)
-        return p.dump(p.CompletionResponse(id=self.id, created=self.created, model=self.model, choices=[choice],
-                                           usage=None if usage is None else usage.usage()))  # fmt: skip
+        return p.dump(
+            p.CompletionResponse(
+                id=self.id,
+                created=self.created,
+                model=self.model,
+                choices=[choice],
+                usage=None if usage is None else usage.usage(),
+            )
+        )
 
     def tool_chunk(self, events: list[Event], usage: UsageCounter | None = None) -> dict:
         """A choice's whole output under tools, as one chunk: its content and tool calls."""
         content, calls = calls_from_output("".join(e.text for e in events), self.tools)
         deltas = [p.ToolCallDelta(index=i, **call.model_dump()) for i, call in enumerate(calls)]
         ids = [t for e in events for t in e.token_ids] if self.token_ids else None
-        return self.chunk(p.Delta(content=content, tool_calls=deltas or None), _finish(events[-1].finish_reason, calls),
-                          ids, self.choice(events[-1]), usage)  # fmt: skip
+        return self.chunk(
+            p.Delta(content=content, tool_calls=deltas or None),
+            _finish(events[-1].finish_reason, calls),
+            ids,
+            self.choice(events[-1]),
+            usage,
+        )
 
     def usage_chunk(self, results: list[Result]) -> dict:
         cls = p.ChatCompletionChunk if self.chat else p.CompletionResponse

@@ -30,6 +30,8 @@ from argen.errors import ArgenError
 from argen.server.metrics import Metrics
 
 log = logging.getLogger("argen.server")
+
+
 class QueueFull(Exception):
     pass
 
@@ -56,10 +58,18 @@ class Ticket:
 
 
 class Scheduler:
-    def __init__(self, engine: Engine, metrics: Metrics, max_batch: int = 32, max_queue: int = 128,
-                 prefill_chunk: int | None = PREFILL_CHUNK, step_tokens: int | None = STEP_TOKENS,
-                 prefix_caching: bool = True, kv_blocks: int | None = None,
-                 prefill_slowdown: float | None = PREFILL_SLOWDOWN) -> None:  # fmt: skip
+    def __init__(
+        self,
+        engine: Engine,
+        metrics: Metrics,
+        max_batch: int = 32,
+        max_queue: int = 128,
+        prefill_chunk: int | None = PREFILL_CHUNK,
+        step_tokens: int | None = STEP_TOKENS,
+        prefix_caching: bool = True,
+        kv_blocks: int | None = None,
+        prefill_slowdown: float | None = PREFILL_SLOWDOWN,
+    ) -> None:
         """`prefill_chunk` / `step_tokens` None: whole prompts, no per-round limit (no chunked prefill);
         `kv_blocks`: KV blocks the running requests' worst cases may add up to (None: the whole pool);
         `prefill_slowdown`: long prefill chunks wait while they would slow the others more than this
@@ -83,8 +93,14 @@ class Scheduler:
         self.step_seconds = 0.0  # moving average, for Retry-After
 
     def _new_batch(self) -> DecodeBatch:
-        return DecodeBatch(self.engine, token_budget=self.step_tokens, prefill_chunk=self.prefill_chunk,
-                           prefix_caching=self.prefix_caching, kv_blocks=self.kv_blocks, pacer=self.pacer)  # fmt: skip
+        return DecodeBatch(
+            self.engine,
+            token_budget=self.step_tokens,
+            prefill_chunk=self.prefill_chunk,
+            prefix_caching=self.prefix_caching,
+            kv_blocks=self.kv_blocks,
+            pacer=self.pacer,
+        )
 
     @property
     def batch(self) -> DecodeBatch:

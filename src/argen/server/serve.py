@@ -47,16 +47,32 @@ class DrainingServer(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
-def make_server(gen: Generator, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "info",
-                max_connections: int = 512, timeout_keep_alive: float = 5.0, request_timeout: float = 30.0,
-                **app_options) -> DrainingServer:  # fmt: skip
+def make_server(
+    gen: Generator,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    log_level: str = "info",
+    max_connections: int = 512,
+    timeout_keep_alive: float = 5.0,
+    request_timeout: float = 30.0,
+    **app_options,
+) -> DrainingServer:
     """A uvicorn server for `create_app(gen, **app_options)`: at most `max_connections` open
     connections (fewer if the open-files limit says so), idle ones closed after
     `timeout_keep_alive` seconds, each request given `request_timeout` seconds to arrive."""
     app = create_app(gen, **app_options)
     protocol = guarded_protocol(request_timeout, connection_cap(max_connections))
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on", http=protocol,
-                            timeout_keep_alive=timeout_keep_alive, h11_max_incomplete_event_size=MAX_HEAD_BYTES)  # fmt: skip
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        lifespan="on",
+        http=protocol,
+        timeout_keep_alive=timeout_keep_alive,
+        h11_max_incomplete_event_size=MAX_HEAD_BYTES,
+    )
     rate_limit_logs()  # after uvicorn.Config, which configures the logging
     return DrainingServer(config, app.state.scheduler)
 

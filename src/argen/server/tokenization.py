@@ -16,8 +16,12 @@ from argen.server.params import Policy, _check_text, _prompt_ids
 
 def _check_model(model: str | None, policy: Policy) -> None:
     if model is not None and model != policy.model_id:
-        raise APIError(404, f"model {model!r} is not served here; this server serves {policy.model_id!r} "
-                       "(GET /v1/models)", param="model", code="model_not_found")  # fmt: skip
+        raise APIError(
+            404,
+            f"model {model!r} is not served here; this server serves {policy.model_id!r} (GET /v1/models)",
+            param="model",
+            code="model_not_found",
+        )
 
 
 def tokenize(gen: Generator, body: p.TokenizeRequest, policy: Policy) -> p.TokenizeResponse:
@@ -28,18 +32,29 @@ def tokenize(gen: Generator, body: p.TokenizeRequest, policy: Policy) -> p.Token
         raise bad_request("give either prompt (text) or messages (a conversation), one of the two", "prompt")
     if body.messages is not None:
         if body.add_special_tokens:
-            raise bad_request("add_special_tokens is for a prompt; the chat template adds the special tokens of "
-                              "messages (leave it out or false)", "add_special_tokens")  # fmt: skip
+            raise bad_request(
+                "add_special_tokens is for a prompt; the chat template adds the special tokens of "
+                "messages (leave it out or false)",
+                "add_special_tokens",
+            )
         chat = p.ChatCompletionRequest.model_construct(
-            model=policy.model_id, messages=body.messages, tools=body.tools, chat_template_kwargs=body.chat_template_kwargs,
-            add_generation_prompt=body.add_generation_prompt, continue_final_message=body.continue_final_message)  # fmt: skip
+            model=policy.model_id,
+            messages=body.messages,
+            tools=body.tools,
+            chat_template_kwargs=body.chat_template_kwargs,
+            add_generation_prompt=body.add_generation_prompt,
+            continue_final_message=body.continue_final_message,
+        )
         ids = _prompt_ids(gen, chat, policy.max_chars)
     else:  # as /v1/completions tokenizes a text prompt (special tokens added unless asked not to)
         context = gen.runtime.info.max_positions
         if len(body.prompt) > policy.max_chars:
-            raise bad_request(f"the prompt has {len(body.prompt)} characters, more than any {context}-token context "
-                              f"can hold (at most {policy.max_chars}); shorten it", "prompt",
-                              code="context_length_exceeded")  # fmt: skip
+            raise bad_request(
+                f"the prompt has {len(body.prompt)} characters, more than any {context}-token context "
+                f"can hold (at most {policy.max_chars}); shorten it",
+                "prompt",
+                code="context_length_exceeded",
+            )
         ids = gen.tokenizer(body.prompt, add_special_tokens=body.add_special_tokens is not False)["input_ids"]
     strs = gen.tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
     return p.TokenizeResponse(count=len(ids), max_model_len=gen.runtime.info.max_positions, tokens=ids, token_strs=strs)
@@ -50,8 +65,12 @@ def detokenize(gen: Generator, body: p.DetokenizeRequest, policy: Policy) -> p.D
     _check_model(body.model, policy)
     context, vocab = gen.runtime.info.max_positions, gen.runtime.info.vocab_size
     if len(body.tokens) > context:
-        raise bad_request(f"tokens holds {len(body.tokens)} ids, more than the model's context ({context}); send at "
-                          "most that many at a time", "tokens", code="context_length_exceeded")  # fmt: skip
+        raise bad_request(
+            f"tokens holds {len(body.tokens)} ids, more than the model's context ({context}); send at "
+            "most that many at a time",
+            "tokens",
+            code="context_length_exceeded",
+        )
     if bad := [t for t in body.tokens if t >= vocab]:
         raise bad_request(f"token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})", "tokens")
     return p.DetokenizeResponse(prompt=gen.tokenizer.decode(body.tokens))

@@ -60,14 +60,19 @@ def tool_mode(body: p.ChatCompletionRequest) -> ToolMode | None:
         return None
     if isinstance(choice, p.NamedToolChoice):
         if choice.function.name not in names:
-            raise bad_request(f"tool_choice names {choice.function.name!r}, which is not among the tools "
-                              f"({', '.join(names)})", "tool_choice")  # fmt: skip
+            raise bad_request(
+                f"tool_choice names {choice.function.name!r}, which is not among the tools ({', '.join(names)})",
+                "tool_choice",
+            )
         mode = ToolMode(names, forced=choice.function.name)
     else:
-        mode = ToolMode(names, required=choice == "required", parallel=choice == "required" and bool(body.parallel_tool_calls))
+        mode = ToolMode(
+            names, required=choice == "required", parallel=choice == "required" and bool(body.parallel_tool_calls)
+        )
     if body.response_format is not None and body.response_format.type != "text" and not mode.auto:
-        raise bad_request("a tool_choice that forces a call fixes the output's format; leave response_format out",
-                          "response_format")  # fmt: skip
+        raise bad_request(
+            "a tool_choice that forces a call fixes the output's format; leave response_format out", "response_format"
+        )
     return mode
 
 
@@ -77,9 +82,17 @@ def response_format(body: p.ChatCompletionRequest, mode: ToolMode) -> dict | Non
     if mode.forced is not None:
         schema = params[mode.forced]
     elif mode.required:
-        schema = {"anyOf": [{"type": "object", "properties": {"name": {"const": name}, "arguments": parameters},
-                             "required": ["name", "arguments"], "additionalProperties": False}
-                            for name, parameters in params.items()]}  # fmt: skip
+        schema = {
+            "anyOf": [
+                {
+                    "type": "object",
+                    "properties": {"name": {"const": name}, "arguments": parameters},
+                    "required": ["name", "arguments"],
+                    "additionalProperties": False,
+                }
+                for name, parameters in params.items()
+            ]
+        }
         if mode.parallel:
             schema = {"type": "array", "items": schema, "minItems": 1, "maxItems": p.MAX_PARALLEL_CALLS}
     else:
@@ -94,10 +107,14 @@ def parameters(function: p.FunctionDef) -> dict:
 
 def describe(tools: list[p.Tool]) -> str:
     """The tools, told to a model whose chat template does not render them."""
-    listed = "\n".join(json.dumps(t.function.model_dump(exclude_none=True, by_alias=True) | {
-        "parameters": parameters(t.function)}) for t in tools)  # fmt: skip
-    return ("You can call these functions. To call one, answer with "
-            '<tool_call>{"name": <function name>, "arguments": <arguments as JSON>}</tool_call>.\n' + listed)
+    listed = "\n".join(
+        json.dumps(t.function.model_dump(exclude_none=True, by_alias=True) | {"parameters": parameters(t.function)})
+        for t in tools
+    )
+    return (
+        "You can call these functions. To call one, answer with "
+        '<tool_call>{"name": <function name>, "arguments": <arguments as JSON>}</tool_call>.\n' + listed
+    )
 
 
 def calls_from_output(text: str, mode: ToolMode) -> tuple[str | None, list[p.ToolCall]]:

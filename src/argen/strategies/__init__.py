@@ -21,8 +21,21 @@ def register(cls: type[Strategy]) -> type[Strategy]:
     return cls
 
 
-for _cls in (Plain, PromptLookup, NGram, Jacobi, LayerSkip, DraftModel, DraftHead, Beam, ConditionalBeam, Contrastive,
-             Guided, SkipDecode, FFNSkip):  # fmt: skip
+for _cls in (
+    Plain,
+    PromptLookup,
+    NGram,
+    Jacobi,
+    LayerSkip,
+    DraftModel,
+    DraftHead,
+    Beam,
+    ConditionalBeam,
+    Contrastive,
+    Guided,
+    SkipDecode,
+    FFNSkip,
+):
     register(_cls)
 
 

@@ -103,8 +103,15 @@ class DecodeState:
         first = start_index + self.position_shift
         return list(range(first, first + n))
 
-    def feed(self, tokens: list[int], *, mask=None, plan: Plan | None = None, num_logits: int | None = 0,
-             positions: list[int] | None = None) -> Feed:  # fmt: skip
+    def feed(
+        self,
+        tokens: list[int],
+        *,
+        mask=None,
+        plan: Plan | None = None,
+        num_logits: int | None = 0,
+        positions: list[int] | None = None,
+    ) -> Feed:
         """A feed of tokens that follow what the sequence's own cache holds."""
         if positions is None:
             positions = self.positions(self.cache.lengths[0], len(tokens))
@@ -176,4 +183,3 @@ class Strategy:
 
     def options(self) -> dict:
         return {k: v for k, v in vars(self).items() if not k.startswith("_")}
-

@@ -53,8 +53,12 @@ class GuidePair:
     def prefill(self, sequences: list[list[int]], n_scored: int) -> list[Feed]:
         """Feeds of all but each sequence's last token, with logits for the last `n_scored` of them
         (the generated tokens' predictions, for the class scores)."""
-        return [Feed(seq[:-1], list(range(len(seq) - 1)), num_logits=n_scored, cache=cache, runtime=self.runtime,
-                     draft=True) for seq, cache in zip(sequences, self.caches, strict=True)]  # fmt: skip
+        return [
+            Feed(
+                seq[:-1], list(range(len(seq) - 1)), num_logits=n_scored, cache=cache, runtime=self.runtime, draft=True
+            )
+            for seq, cache in zip(sequences, self.caches, strict=True)
+        ]
 
     @staticmethod
     def scored(outs: list[SegmentOut], n_scored: int) -> torch.Tensor:
@@ -65,8 +69,10 @@ class GuidePair:
 
     def step(self) -> list[Feed]:
         """Feeds of the pending tokens, whose logits are the next-token predictions."""
-        return [Feed([t], [c.lengths[0]], num_logits=1, cache=c, runtime=self.runtime, draft=True)
-                for t, c in zip(self.pending, self.caches, strict=True)]  # fmt: skip
+        return [
+            Feed([t], [c.lengths[0]], num_logits=1, cache=c, runtime=self.runtime, draft=True)
+            for t, c in zip(self.pending, self.caches, strict=True)
+        ]
 
     @staticmethod
     def log_probs(outs: list[SegmentOut]) -> torch.Tensor:
@@ -89,9 +95,14 @@ class Guided(Strategy):
     exact = False
     companion_options = {"guide_model": "guide"}
 
-    def __init__(self, guide_model="default", omega: float = 20.0,
-                 positive_prefix: str = "The following text is cheerful and positive:\n",
-                 negative_prefix: str = "The following text is gloomy and negative:\n", rule: str = "gedi") -> None:  # fmt: skip
+    def __init__(
+        self,
+        guide_model="default",
+        omega: float = 20.0,
+        positive_prefix: str = "The following text is cheerful and positive:\n",
+        negative_prefix: str = "The following text is gloomy and negative:\n",
+        rule: str = "gedi",
+    ) -> None:
         omega = number_option("omega", omega, 0, OMEGA_MAX, " (0 is plain decoding; GeDi uses about 20)")
         if rule not in RULES:
             raise ValueError(f"rule must be one of {', '.join(RULES)}; got {rule!r}")
@@ -99,8 +110,9 @@ class Guided(Strategy):
             if not isinstance(text, str) or not text:
                 raise ValueError(f"{label} must be a non-empty string (the guide's control prefix)")
         if not is_companion(guide_model):
-            raise ValueError("guide_model must be a model source (e.g. 'default', 'tiny-random@1'), a LoadedModel "
-                             "or a Generator")  # fmt: skip
+            raise ValueError(
+                "guide_model must be a model source (e.g. 'default', 'tiny-random@1'), a LoadedModel or a Generator"
+            )
         self.guide_model, self.omega = guide_model, omega
         self.positive_prefix, self.negative_prefix = positive_prefix, negative_prefix
         self.rule = rule
@@ -118,8 +130,10 @@ class Guided(Strategy):
         runtime = base.runtime
         guide = (companions or {}).get("guide_model")
         if not isinstance(guide, LoadedModel):  # a bare runtime has no tokenizer to read the prefixes with
-            raise InvalidRequestError("guided decoding needs its guide as a model with a tokenizer (a model source, "
-                                      "a LoadedModel or a Generator), resolved by the API or the server")  # fmt: skip
+            raise InvalidRequestError(
+                "guided decoding needs its guide as a model with a tokenizer (a model source, "
+                "a LoadedModel or a Generator), resolved by the API or the server"
+            )
         self._guide = guide
         if guide.runtime.info.vocab_size != runtime.info.vocab_size:
             raise InvalidRequestError(
@@ -128,8 +142,10 @@ class Guided(Strategy):
             )
         probe = [tok(PROBE, add_special_tokens=False)["input_ids"] for tok in (base.tokenizer, guide.tokenizer)]
         if probe[0] != probe[1]:
-            raise InvalidRequestError("the guide model's tokenizer splits text differently from the base model's; "
-                                      "guided decoding needs two models that share a tokenizer")  # fmt: skip
+            raise InvalidRequestError(
+                "the guide model's tokenizer splits text differently from the base model's; "
+                "guided decoding needs two models that share a tokenizer"
+            )
 
     def check(self, runtime, prompt_len: int, params) -> None:
         if self._guide is not None:  # else never resolved: start() says so
@@ -146,7 +162,9 @@ class Guided(Strategy):
 
     def control_ids(self) -> list[list[int]]:
         tok = self._guide.tokenizer
-        return [list(tok(p, add_special_tokens=True)["input_ids"]) for p in (self.positive_prefix, self.negative_prefix)]
+        return [
+            list(tok(p, add_special_tokens=True)["input_ids"]) for p in (self.positive_prefix, self.negative_prefix)
+        ]
 
     def _sums(self, scored: torch.Tensor, output: list[int]) -> torch.Tensor:
         """Summed log-likelihoods [2] of the output tokens under the two control prefixes."""

@@ -35,8 +35,7 @@ HEADERS = [HERE / "cpu_kernels.h", HERE / "cpu_simd.h"]
 # The kernels are written once against cpu_simd.h's vector layer; each build supplies it at a width.
 ISA_FLAGS = {
     # AVX-512 with VNNI: the a8 path's dot products in one instruction (the fp32 kernels are the same).
-    "avx512vnni": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mavx2", "-mfma",
-                   "-mf16c"],  # fmt: skip
+    "avx512vnni": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mavx2", "-mfma", "-mf16c"],
     "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"],
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
     "scalar": [],  # portable C (GCC vectors) at AVX2's width: the fallback on other CPUs
@@ -45,7 +44,16 @@ ISA_FLAGS = {
 }
 # -ffp-contract=off: the kernels spell out every fused multiply-add; the compiler must not add its own.
 # -Wl,--no-undefined: a missing symbol fails the build, not the first load.
-BASE_FLAGS = ["-O3", "-std=gnu11", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off", "-Wno-psabi", "-Wl,--no-undefined"]
+BASE_FLAGS = [
+    "-O3",
+    "-std=gnu11",
+    "-shared",
+    "-fPIC",
+    "-fopenmp",
+    "-ffp-contract=off",
+    "-Wno-psabi",
+    "-Wl,--no-undefined",
+]
 
 
 @functools.lru_cache(maxsize=1)
@@ -82,7 +90,13 @@ ISA_NEEDS = {
     "scalar16": frozenset(),
 }
 # What each build's argen_isa() calls itself (the portable builds share one name).
-ISA_NAMES = {"avx512vnni": "avx512vnni", "avx512": "avx512", "avx2": "avx2", "scalar": "portable", "scalar16": "portable"}
+ISA_NAMES = {
+    "avx512vnni": "avx512vnni",
+    "avx512": "avx512",
+    "avx2": "avx2",
+    "scalar": "portable",
+    "scalar16": "portable",
+}
 
 
 def missing_features(isa: str, flags: frozenset[str] | None = None) -> list[str]:
@@ -191,8 +205,10 @@ def library(isa: str | None = None) -> KernelLibrary | None:
 def _library(isa: str) -> KernelLibrary | None:
     cc = _compiler()
     if cc is None:
-        log.warning("no C compiler found (cc, gcc, clang or $CC): argen's quantized CPU kernels are off, "
-                    "weights stay in fp32; install gcc to enable them")  # fmt: skip
+        log.warning(
+            "no C compiler found (cc, gcc, clang or $CC): argen's quantized CPU kernels are off, "
+            "weights stay in fp32; install gcc to enable them"
+        )
         return None
     try:
         path = compile_kernels(isa, cc)
@@ -207,23 +223,41 @@ def _library(isa: str) -> KernelLibrary | None:
 class QWeightStruct(ctypes.Structure):
     """cpu_kernels.h's argen_qweight."""
 
-    _fields_ = [("fmt", ctypes.c_int32), ("width", ctypes.c_int32), ("n", ctypes.c_int64), ("k", ctypes.c_int64),
-                ("data", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("act8", ctypes.c_int32),
-                ("pad", ctypes.c_int32)]  # fmt: skip
+    _fields_ = [
+        ("fmt", ctypes.c_int32),
+        ("width", ctypes.c_int32),
+        ("n", ctypes.c_int64),
+        ("k", ctypes.c_int64),
+        ("data", ctypes.c_void_p),
+        ("bias", ctypes.c_void_p),
+        ("act8", ctypes.c_int32),
+        ("pad", ctypes.c_int32),
+    ]
 
 
 class LayerStruct(ctypes.Structure):
     """cpu_forward.c's argen_layer."""
 
-    _fields_ = [("attn_norm", ctypes.c_void_p), ("ffn_norm", ctypes.c_void_p), ("qkv", QWeightStruct),
-                ("o", QWeightStruct), ("gate_up", QWeightStruct), ("down", QWeightStruct)]  # fmt: skip
+    _fields_ = [
+        ("attn_norm", ctypes.c_void_p),
+        ("ffn_norm", ctypes.c_void_p),
+        ("qkv", QWeightStruct),
+        ("o", QWeightStruct),
+        ("gate_up", QWeightStruct),
+        ("down", QWeightStruct),
+    ]
 
 
 class ModelStruct(ctypes.Structure):
     """cpu_forward.c's argen_model."""
 
-    _fields_ = [(name, ctypes.c_int32) for name in ("n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden",
-                                                     "inter")] + [  # fmt: skip
-        ("eps", ctypes.c_float), ("pad", ctypes.c_int32), ("rope_cos", ctypes.c_void_p),
-        ("rope_sin", ctypes.c_void_p), ("final_norm", ctypes.c_void_p), ("layers", ctypes.POINTER(LayerStruct)),
+    _fields_ = [
+        (name, ctypes.c_int32) for name in ("n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden", "inter")
+    ] + [
+        ("eps", ctypes.c_float),
+        ("pad", ctypes.c_int32),
+        ("rope_cos", ctypes.c_void_p),
+        ("rope_sin", ctypes.c_void_p),
+        ("final_norm", ctypes.c_void_p),
+        ("layers", ctypes.POINTER(LayerStruct)),
     ]

@@ -23,17 +23,26 @@ from argen.server.state import Served, ServerState
 
 DISCONNECT_POLL_S = 0.5
 SSE_EVENT = {  # one server-sent event of a stream
-    "type": "object", "required": ["data"],
-    "properties": {"data": {"type": "string", "description": "a JSON chunk (chat.completion.chunk or text_completion; "
-                            "an error object if generation fails), or [DONE] at the end"}},
-}  # fmt: skip
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "data": {
+            "type": "string",
+            "description": "a JSON chunk (chat.completion.chunk or text_completion; "
+            "an error object if generation fails), or [DONE] at the end",
+        }
+    },
+}
 router = APIRouter()
 
 
 def completion_responses(model) -> dict:
-    ok = {"model": model, "description": "the completion, or with stream=true server-sent events "
-          "(one JSON chunk per `data:` line, then `data: [DONE]`)",
-          "content": {"text/event-stream": {"schema": SSE_EVENT}}}  # fmt: skip
+    ok = {
+        "model": model,
+        "description": "the completion, or with stream=true server-sent events "
+        "(one JSON chunk per `data:` line, then `data: [DONE]`)",
+        "content": {"text/event-stream": {"schema": SSE_EVENT}},
+    }
     return {200: ok, **ERROR_RESPONSES}
 
 
@@ -56,9 +65,13 @@ async def generate(body, request: HTTPRequest, endpoint: str, served: ServerStat
         # Tokenizing (and the chat template) is CPU work: off the event loop.
         built = await asyncio.to_thread(build_requests, served.gen, body, served.policy, compile_grammar=False)
         if len(built) > max_batch + max_queue:  # would never fit, however long the client waits
-            raise APIError(400, f"prompt holds {len(built)} prompts but this server holds at most "
-                           f"{max_batch + max_queue} requests at once (running and waiting); send fewer at a time",
-                           param="prompt", code="limit_exceeded")  # fmt: skip
+            raise APIError(
+                400,
+                f"prompt holds {len(built)} prompts but this server holds at most "
+                f"{max_batch + max_queue} requests at once (running and waiting); send fewer at a time",
+                param="prompt",
+                code="limit_exceeded",
+            )
         await served.grammars.compile(built[0])  # a client's grammar: in a child first, bounded (grammar_sandbox.py)
         for other in built[1:]:  # one body, one response_format: its prompts share the compiled grammar
             other.matcher = built[0].matcher
@@ -69,17 +82,25 @@ async def generate(body, request: HTTPRequest, endpoint: str, served: ServerStat
     except QueueFull:
         metrics.requests.labels(endpoint, "rejected_429").inc()
         wait = scheduler.retry_after()
-        raise APIError(429, f"the server is busy ({max_batch} sequences running, {max_queue} waiting); "
-                       f"retry in {wait} s", code="queue_full", headers={"Retry-After": str(wait)}) from None  # fmt: skip
+        raise APIError(
+            429,
+            f"the server is busy ({max_batch} sequences running, {max_queue} waiting); retry in {wait} s",
+            code="queue_full",
+            headers={"Retry-After": str(wait)},
+        ) from None
     except Draining:
         metrics.requests.labels(endpoint, "rejected_503").inc()
-        raise APIError(503, "the server is shutting down and takes no new requests; retry elsewhere or later",
-                       code="shutting_down") from None  # fmt: skip
+        raise APIError(
+            503, "the server is shutting down and takes no new requests; retry elsewhere or later", code="shutting_down"
+        ) from None
     shape = shape_of(endpoint, served.model_id, served.gen, body, built, served.tokens, [t.id for t in tickets])
     if body.stream:
-        return EventSourceResponse(stream(scheduler, tickets, shape, body.stream_options or p.StreamOptions()), sep="\n")
+        return EventSourceResponse(
+            stream(scheduler, tickets, shape, body.stream_options or p.StreamOptions()), sep="\n"
+        )
     results = await collect(scheduler, tickets, request)
     return JSONResponse(shape.response(results))
+
 
 async def collect(scheduler: Scheduler, tickets: list[Ticket], request: HTTPRequest) -> list[Result]:
     """Wait for every prompt's n Results (they share one queue); a client that hangs up cancels the
@@ -110,9 +131,11 @@ async def collect(scheduler: Scheduler, tickets: list[Ticket], request: HTTPRequ
         cancel(scheduler, tickets)
         raise
 
+
 def cancel(scheduler: Scheduler, tickets: list[Ticket]) -> None:
     for ticket in tickets:
         scheduler.cancel(ticket)
+
 
 async def stream(scheduler: Scheduler, tickets: list[Ticket], shape: Shape, options: p.StreamOptions):
     """Server-sent events; if the client disconnects, sse-starlette cancels this generator and

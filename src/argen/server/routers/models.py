@@ -19,6 +19,10 @@ async def models(served: Served) -> p.ModelList:
 @router.get("/v1/models/{name:path}", response_model=p.ModelCard, responses={404: ERROR_RESPONSES[404]})
 async def model(name: str, served: Served) -> p.ModelCard:
     if name != served.model_id:
-        raise APIError(404, f"the model {name[:200]!r} does not exist here; this server serves {served.model_id!r}",
-                       param="model", code="model_not_found")  # fmt: skip
+        raise APIError(
+            404,
+            f"the model {name[:200]!r} does not exist here; this server serves {served.model_id!r}",
+            param="model",
+            code="model_not_found",
+        )
     return served.card

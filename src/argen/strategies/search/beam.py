@@ -38,8 +38,13 @@ LENGTH_PENALTY_MAX = 20.0  # scores divide by length ** length_penalty, which mu
 def _check_common(num_beams: int, length_penalty: float, early_stopping) -> None:
     if not isinstance(num_beams, int) or num_beams < 1:
         raise ValueError("num_beams must be an integer >= 1")
-    number_option("length_penalty", length_penalty, -LENGTH_PENALTY_MAX, LENGTH_PENALTY_MAX,
-                  " (0: sum of log-probs; 1: mean log-prob per token)")  # fmt: skip
+    number_option(
+        "length_penalty",
+        length_penalty,
+        -LENGTH_PENALTY_MAX,
+        LENGTH_PENALTY_MAX,
+        " (0: sum of log-probs; 1: mean log-prob per token)",
+    )
     if not (isinstance(early_stopping, bool) or early_stopping == "never"):  # 1 is not True here
         raise ValueError("early_stopping must be true, false or 'never'")
 
@@ -53,8 +58,10 @@ def refuse_logprobs(params, name: str) -> None:
     # The search ranks whole hypotheses (or candidates by a score that is not a probability): no token
     # is drawn from a distribution whose log-prob could be reported.
     if params.logprobs is not None:
-        raise InvalidRequestError(f"{name} does not report log-probs (its tokens are not drawn from one "
-                                  "distribution); leave logprobs out, or use plain or a speculative strategy")  # fmt: skip
+        raise InvalidRequestError(
+            f"{name} does not report log-probs (its tokens are not drawn from one "
+            "distribution); leave logprobs out, or use plain or a speculative strategy"
+        )
 
 
 class Beam(Strategy):
@@ -169,8 +176,14 @@ class ConditionalBeam(Beam):
 
     name = "conditional-beam"
 
-    def __init__(self, num_beams: int = 4, length_penalty: float = 1.0, early_stopping: bool | str = True,
-                 min_length: int = 1, loop_ngram: int = 4) -> None:  # fmt: skip
+    def __init__(
+        self,
+        num_beams: int = 4,
+        length_penalty: float = 1.0,
+        early_stopping: bool | str = True,
+        min_length: int = 1,
+        loop_ngram: int = 4,
+    ) -> None:
         super().__init__(num_beams, length_penalty, early_stopping)
         if not isinstance(min_length, int) or min_length < 0:
             raise ValueError("min_length must be an integer >= 0 (output tokens required before EOS)")

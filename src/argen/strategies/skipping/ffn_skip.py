@@ -39,18 +39,25 @@ class FFNSkip(Strategy):
     name = "ffn-skip"
     exact = False
 
-    def __init__(self, threshold: float = 0.98, measure_tokens: int = 4, check_every: int = 32,
-                 max_skip: float = 0.25) -> None:  # fmt: skip
+    def __init__(
+        self, threshold: float = 0.98, measure_tokens: int = 4, check_every: int = 32, max_skip: float = 0.25
+    ) -> None:
         if not isinstance(threshold, int | float) or isinstance(threshold, bool) or math.isnan(threshold):
             raise ValueError(f"threshold must be a number (a cosine; above 1 never skips); got {threshold!r}")
-        for name, value, low, high in (("measure_tokens", measure_tokens, 1, MAX_MEASURE_TOKENS),
-                                       ("check_every", check_every, 1, 1 << 20)):  # fmt: skip
+        for name, value, low, high in (
+            ("measure_tokens", measure_tokens, 1, MAX_MEASURE_TOKENS),
+            ("check_every", check_every, 1, 1 << 20),
+        ):
             if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
                 raise ValueError(f"{name} must be a whole number from {low} to {high}; got {value!r}")
         if not isinstance(max_skip, int | float) or isinstance(max_skip, bool) or not 0 <= max_skip <= 1:
             raise ValueError(f"max_skip is the largest fraction of FFN blocks skipped, from 0 to 1; got {max_skip!r}")
         self.threshold, self.measure_tokens, self.check_every, self.max_skip = (
-            float(threshold), measure_tokens, check_every, float(max_skip))  # fmt: skip
+            float(threshold),
+            measure_tokens,
+            check_every,
+            float(max_skip),
+        )
 
     @property
     def skips(self) -> bool:
@@ -58,8 +65,10 @@ class FFNSkip(Strategy):
 
     def check(self, runtime, prompt_len: int, params) -> None:
         if self.skips and not (runtime.capabilities.layer_plans and runtime.capabilities.ffn_stats):
-            raise InvalidRequestError("ffn-skip needs a runtime that can skip FFN blocks and measure them (the native "
-                                      "runtime, Llama-family models); use another strategy")  # fmt: skip
+            raise InvalidRequestError(
+                "ffn-skip needs a runtime that can skip FFN blocks and measure them (the native "
+                "runtime, Llama-family models); use another strategy"
+            )
 
     def start(self, state: DecodeState) -> None:
         state.memo = FFNSkipMemo()

@@ -35,9 +35,11 @@ def check_nested(skipped_before: set[int], plan: Plan, index: int) -> None:
     values at the earlier position were never computed, and attention would read garbage."""
     stale = sorted(i for i in skipped_before if plan.attn[i])
     if stale:
-        raise RuntimeError(f"SkipDecode invariant broken at output position {index}: layer(s) {stale} would run, but an "
-                           "earlier position skipped them (their keys/values there were never computed); the "
-                           "schedule of layers per position must not increase")  # fmt: skip
+        raise RuntimeError(
+            f"SkipDecode invariant broken at output position {index}: layer(s) {stale} would run, but an "
+            "earlier position skipped them (their keys/values there were never computed); the "
+            "schedule of layers per position must not increase"
+        )
 
 
 @dataclass
@@ -50,8 +52,14 @@ class SkipDecode(Strategy):
     name = "skip-decode"
     exact = False
 
-    def __init__(self, min_layers: int | None = None, max_layers: int | None = None, decay_tokens: int = 128,
-                 levels: int = 4, keep_bottom: int = 1) -> None:  # fmt: skip
+    def __init__(
+        self,
+        min_layers: int | None = None,
+        max_layers: int | None = None,
+        decay_tokens: int = 128,
+        levels: int = 4,
+        keep_bottom: int = 1,
+    ) -> None:
         _whole("min_layers", min_layers, 1)
         _whole("max_layers", max_layers, 1)
         _whole("decay_tokens", decay_tokens, 1)
@@ -59,8 +67,10 @@ class SkipDecode(Strategy):
         if not isinstance(levels, int) or isinstance(levels, bool) or not 2 <= levels <= MAX_LEVELS:
             raise ValueError(f"levels must be a whole number from 2 to {MAX_LEVELS}; got {levels!r}")
         if min_layers is not None and max_layers is not None and min_layers > max_layers:
-            raise ValueError(f"min_layers ({min_layers}) must not exceed max_layers ({max_layers}): the number of "
-                             "layers per position may only decrease along the output")  # fmt: skip
+            raise ValueError(
+                f"min_layers ({min_layers}) must not exceed max_layers ({max_layers}): the number of "
+                "layers per position may only decrease along the output"
+            )
         self.min_layers, self.max_layers, self.decay_tokens = min_layers, max_layers, decay_tokens
         self.levels, self.keep_bottom = levels, keep_bottom
 
@@ -71,15 +81,19 @@ class SkipDecode(Strategy):
 
     def check(self, runtime, prompt_len: int, params) -> None:
         if not runtime.capabilities.layer_plans:
-            raise InvalidRequestError("skip-decode needs the native runtime (Llama-family models); use another strategy")
+            raise InvalidRequestError(
+                "skip-decode needs the native runtime (Llama-family models); use another strategy"
+            )
         n = runtime.info.n_layers
         for name, value in (("min_layers", self.min_layers), ("max_layers", self.max_layers)):
             if value is not None and value > n:
                 raise InvalidRequestError(f"{name} is {value}, but the model has {n} layers; give at most {n}")
         low, _ = self._bounds(n)
         if self.keep_bottom > low:
-            raise InvalidRequestError(f"keep_bottom ({self.keep_bottom}) must not exceed min_layers ({low}): the kept "
-                                      "bottom layers always run")  # fmt: skip
+            raise InvalidRequestError(
+                f"keep_bottom ({self.keep_bottom}) must not exceed min_layers ({low}): the kept "
+                "bottom layers always run"
+            )
 
     def layers_at(self, index: int, n_layers: int) -> int:
         """Layers run for output position `index`: the linear ramp from max to min over decay_tokens,

@@ -45,8 +45,9 @@ class CostModel:
             times = []
             for _ in range(3):
                 start = time.perf_counter()
-                runtime.forward(ids[:, context : context + t], torch.arange(context, context + t)[None], cache,
-                                num_logits=0)  # fmt: skip
+                runtime.forward(
+                    ids[:, context : context + t], torch.arange(context, context + t)[None], cache, num_logits=0
+                )
                 times.append(time.perf_counter() - start)
                 cache.truncate(context)
             out.append(sorted(times)[1])
@@ -139,8 +140,9 @@ def best_tree_size(path_probs: list[float], cost: CostModel, draft_seconds: floa
     return best_tree(path_probs, cost, draft_seconds, batch)[0]
 
 
-def best_tree(path_probs: list[float], cost: CostModel, draft_seconds: float = 0.0, batch: int = 1,
-              fixed_seconds: float = 0.0) -> tuple[int, float]:  # fmt: skip
+def best_tree(
+    path_probs: list[float], cost: CostModel, draft_seconds: float = 0.0, batch: int = 1, fixed_seconds: float = 0.0
+) -> tuple[int, float]:
     """`best_tree_size` and the rate it reaches (tokens per second), for drafting that also costs
     `fixed_seconds` whatever the number of nodes (a tree grown level by level: one drafter pass a
     level). n = 0 is a plain step, which costs no drafting."""

@@ -83,7 +83,9 @@ class Speculative(Strategy):
             return (yield from self._proposed(state, limit)), False
         if self.cheap_drafts:
             tree = yield from self._proposed(state, limit)
-            return tree.limited(memo.length.choose(max(tree.depths(), default=0), tree.key, state.batch_size)), len(tree) > 0
+            return tree.limited(memo.length.choose(max(tree.depths(), default=0), tree.key, state.batch_size)), len(
+                tree
+            ) > 0
         k = memo.length.choose(limit, batch=state.batch_size)
         t0 = time.perf_counter()
         tree = yield from self._proposed(state, k)

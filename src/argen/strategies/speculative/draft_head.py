@@ -43,8 +43,10 @@ from argen.strategies.speculative.ngram import _subtree
 from argen.strategies.speculative.tree import DraftTree
 
 CALIBRATION_DECAY = 0.95  # forgetting of the accepted-vs-predicted calibration
-NO_HEAD = ("strategy 'draft-head' needs a draft head distilled from this model: run `argen distill-draft --model "
-           "MODEL` once (it caches the head beside the model), then ask for draft-head again")  # fmt: skip
+NO_HEAD = (
+    "strategy 'draft-head' needs a draft head distilled from this model: run `argen distill-draft --model "
+    "MODEL` once (it caches the head beside the model), then ask for draft-head again"
+)
 
 
 @dataclass
@@ -64,12 +66,15 @@ class DraftHead(Speculative):
     sizes_own_drafts = True
     needs_prompt_hidden = True  # the head's first catch-up reads the prompt's features
 
-    def __init__(self, head: object = None, max_draft: int = 6, max_nodes: int = 16, width: int = 4,
-                 adaptive: bool = True) -> None:  # fmt: skip
+    def __init__(
+        self, head: object = None, max_draft: int = 6, max_nodes: int = 16, width: int = 4, adaptive: bool = True
+    ) -> None:
         super().__init__(max_draft, adaptive)
         if not (head is None or isinstance(head, str | Path | DraftHeadRuntime)):
-            raise ValueError("head must be a draft head file, 'cached' (the head `argen distill-draft` cached for the "
-                             f"model) or a loaded head; got {type(head).__name__}")  # fmt: skip
+            raise ValueError(
+                "head must be a draft head file, 'cached' (the head `argen distill-draft` cached for the "
+                f"model) or a loaded head; got {type(head).__name__}"
+            )
         for option, value in (("max_nodes", max_nodes), ("width", width)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{option} must be an integer >= 1")
@@ -97,8 +102,10 @@ class DraftHead(Speculative):
         if self._head is None:
             raise InvalidRequestError(NO_HEAD)
         if self._head.target is not runtime:
-            raise InvalidRequestError("this draft head was loaded for another model than the one decoding; load the "
-                                      "head of the model you decode with")  # fmt: skip
+            raise InvalidRequestError(
+                "this draft head was loaded for another model than the one decoding; load the "
+                "head of the model you decode with"
+            )
 
     def start(self, state: DecodeState) -> None:
         super().start(state)
@@ -132,14 +139,28 @@ class DraftHead(Speculative):
         m = state.memo
         m.node_q = []
         committed = m.cache.lengths[0]
-        pending = len(state.tokens) - 1  # the pending token's index; the head holds entries 0..pending-1 after the catch-up
+        pending = (
+            len(state.tokens) - 1
+        )  # the pending token's index; the head holds entries 0..pending-1 after the catch-up
         if committed + len(m.features) != pending:
             raise RuntimeError(f"draft head out of step: {committed} entries + {len(m.features)} new != {pending}")
         if len(m.features) == 0:
             return DraftTree()  # a one-token prompt: nothing to predict from until the first verification
         vocab, width = m.head.vocab, self.width
-        out = yield from self._timed(state, Feed(state.tokens[committed + 1 :], list(range(committed, pending)), None,
-                                                 None, 1, m.cache, m.head, True, features=m.features))  # fmt: skip
+        out = yield from self._timed(
+            state,
+            Feed(
+                state.tokens[committed + 1 :],
+                list(range(committed, pending)),
+                None,
+                None,
+                1,
+                m.cache,
+                m.head,
+                True,
+                features=m.features,
+            ),
+        )
         m.features = m.features[:0]
         alpha = m.calibration[0] / m.calibration[1]
         tree, probs, q_of = DraftTree(), [], []
@@ -162,13 +183,19 @@ class DraftHead(Speculative):
             candidates = children
             if self.adaptive:
                 order = sorted(range(len(tree)), key=lambda i: (-probs[i], depth_of[i], i))
-                n, rate = best_tree([probs[i] for i in order], m.cost, batch=state.batch_size,
-                                    fixed_seconds=depth * self._head_seconds(m, width))  # fmt: skip
+                n, rate = best_tree(
+                    [probs[i] for i in order],
+                    m.cost,
+                    batch=state.batch_size,
+                    fixed_seconds=depth * self._head_seconds(m, width),
+                )
                 if depth > 1 and rate <= best[1]:
                     break  # this level does not pay for its head pass
                 best = (n, rate, depth)
                 kept = set(order[:n])
-                candidates = [node for node in children if node in kept]  # a node not worth verifying has no children that are
+                candidates = [
+                    node for node in children if node in kept
+                ]  # a node not worth verifying has no children that are
                 if not candidates:
                     break
             if depth == k:
@@ -186,9 +213,20 @@ class DraftHead(Speculative):
                     mask[r, pending + e] = other in ancestors
                 mask[r, pending + len(fed) + r] = True
             parents_feature = torch.stack([feature_of[tree.parents[node]] for node in grow])
-            grown = yield from self._timed(state, Feed([tree.tokens[node] for node in grow], [pending + depth - 1] * len(grow),
-                                                       mask, None, len(grow), m.cache, m.head, True,
-                                                       features=parents_feature))  # fmt: skip
+            grown = yield from self._timed(
+                state,
+                Feed(
+                    [tree.tokens[node] for node in grow],
+                    [pending + depth - 1] * len(grow),
+                    mask,
+                    None,
+                    len(grow),
+                    m.cache,
+                    m.head,
+                    True,
+                    features=parents_feature,
+                ),
+            )
             fed += grow
             level = [(node, grown.hidden[r], grown.logits[r]) for r, node in enumerate(grow)]
         m.cache.truncate(pending)
@@ -213,11 +251,16 @@ class DraftHead(Speculative):
                 predicted += q
                 hits += node in accepted
         if predicted:
-            m.calibration = [CALIBRATION_DECAY * m.calibration[0] + hits, CALIBRATION_DECAY * m.calibration[1] + predicted]
+            m.calibration = [
+                CALIBRATION_DECAY * m.calibration[0] + hits,
+                CALIBRATION_DECAY * m.calibration[1] + predicted,
+            ]
 
 
 def _best_nodes(probs: list[float], depth_of: list[int], max_depth: int, n: int) -> list[int]:
     """The n most probable nodes at most `max_depth` deep, in tree order (a node's path probability
     never exceeds its parent's, and ties go parent first, so the set keeps every node's parent)."""
-    order = sorted((i for i in range(len(probs)) if depth_of[i] <= max_depth), key=lambda i: (-probs[i], depth_of[i], i))
+    order = sorted(
+        (i for i in range(len(probs)) if depth_of[i] <= max_depth), key=lambda i: (-probs[i], depth_of[i], i)
+    )
     return sorted(order[:n])

@@ -38,8 +38,10 @@ class DraftModel(Speculative):
         if draft is None:
             raise ValueError("give the draft model: draft=SOURCE (a model source such as a directory or 'tiny-random')")
         if not is_companion(draft):
-            raise ValueError("draft must be a model source (e.g. 'tiny-random@1' or a directory), a Generator, a "
-                             f"LoadedModel or a runtime; got {type(draft).__name__}")  # fmt: skip
+            raise ValueError(
+                "draft must be a model source (e.g. 'tiny-random@1' or a directory), a Generator, a "
+                f"LoadedModel or a runtime; got {type(draft).__name__}"
+            )
         if not isinstance(num_drafts, int) or num_drafts < 1:
             raise ValueError("num_drafts must be an integer >= 1")
         self.draft, self.num_drafts = draft, num_drafts
@@ -88,8 +90,9 @@ class DraftModel(Speculative):
         chains = 1 if state.sampler.params.greedy else self.num_drafts
         tree = DraftTree()
         for chain in range(chains):
-            drafts, probs = yield from draw_chain(state, k, lambda token: self._feed(m, [token]), chain=chain,
-                                                  first_logits=first)  # fmt: skip
+            drafts, probs = yield from draw_chain(
+                state, k, lambda token: self._feed(m, [token]), chain=chain, first_logits=first
+            )
             m.cache.truncate(base)  # every chain starts from the same prefix
             parent = -1
             for depth, token in enumerate(drafts):

@@ -20,8 +20,9 @@ from argen.strategies.speculative.tree import DraftTree
 DRAFT_STREAM = 7919  # noise streams for drafts; the target's own sampling uses stream 0
 
 
-def draw_chain(state: DecodeState, k: int, feed: Callable[[int], Feed], chain: int = 0,
-               first_logits: torch.Tensor | None = None) -> Generator[Feed, SegmentOut, tuple[list[int], list]]:  # fmt: skip
+def draw_chain(
+    state: DecodeState, k: int, feed: Callable[[int], Feed], chain: int = 0, first_logits: torch.Tensor | None = None
+) -> Generator[Feed, SegmentOut, tuple[list[int], list]]:
     """k draft tokens after `state.tokens` (a generator: yields the drafter's feeds). `feed(token)` is
     the drafter's feed of the next token, whose last logits are for the position after it;
     `first_logits`, if given, are the drafter's logits after the pending token already (so the

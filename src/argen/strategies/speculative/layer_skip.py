@@ -33,8 +33,13 @@ class LayerSkip(Speculative):
     Memo = LayerSkipMemo
     name = "layer-skip"
 
-    def __init__(self, max_draft: int = 6, skip_layers: list[int] | None = None, skip_ffn: list[int] | None = None,
-                 adaptive: bool = True) -> None:  # fmt: skip
+    def __init__(
+        self,
+        max_draft: int = 6,
+        skip_layers: list[int] | None = None,
+        skip_ffn: list[int] | None = None,
+        adaptive: bool = True,
+    ) -> None:
         super().__init__(max_draft, adaptive)
         for option in (skip_layers, skip_ffn):
             if option is not None and not all(isinstance(i, int) and i >= 0 for i in option):

@@ -74,9 +74,15 @@ class NGram(Speculative):
     sizes_own_drafts = True
 
     def __init__(
-        self, max_draft: int = 8, max_nodes: int = 16, width: int = 3, min_n: int = 3, max_n: int = 4,
-        explore: float = 0.3, adaptive: bool = True,
-    ) -> None:  # fmt: skip
+        self,
+        max_draft: int = 8,
+        max_nodes: int = 16,
+        width: int = 3,
+        min_n: int = 3,
+        max_n: int = 4,
+        explore: float = 0.3,
+        adaptive: bool = True,
+    ) -> None:
         super().__init__(max_draft, adaptive)
         if not 3 <= min_n <= max_n:
             raise ValueError("need 3 <= min_n <= max_n (drafts are conditioned on at least two tokens)")
@@ -124,8 +130,17 @@ class NGram(Speculative):
                 node = tree.add(token, parent)
                 keys.append((used, token, prob))
                 probs.append(path_prob * value)
-                heapq.heappush(heap, (-path_prob * priority, tie, node, depth + 1,
-                                      list(context[-(self.max_n - 1) :]) + [token], path_prob * value))  # fmt: skip
+                heapq.heappush(
+                    heap,
+                    (
+                        -path_prob * priority,
+                        tie,
+                        node,
+                        depth + 1,
+                        list(context[-(self.max_n - 1) :]) + [token],
+                        path_prob * value,
+                    ),
+                )
                 tie += 1
         if m.cost is not None:  # adaptive
             # Keep the best nodes (by acceptance estimate; parents score at least their children).

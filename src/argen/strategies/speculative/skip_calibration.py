@@ -91,8 +91,10 @@ def calibrate(runtime, cost, max_draft: int, rank_tokens: int = 48, eval_tokens:
     length = min(eval_tokens, min(len(s) for s in samples))
     eval_ids = torch.tensor([s[:length] for s in samples])
     eval_reference = _logits(runtime, eval_ids, None).argmax(-1)
-    body_bytes = sum(block_bytes(runtime, b) for b in candidates + [("attn", 0), ("ffn", 0)] +
-                     [("attn", n_layers - 1), ("ffn", n_layers - 1)])  # fmt: skip
+    body_bytes = sum(
+        block_bytes(runtime, b)
+        for b in candidates + [("attn", 0), ("ffn", 0)] + [("attn", n_layers - 1), ("ffn", n_layers - 1)]
+    )
     best: list[Block] = []
     best_speed = 1.0 / cost(1)
     for m in range(2, int(0.75 * len(order)) + 1, 2):
