@@ -37,7 +37,7 @@ def run(real, draft, name: str, options: dict) -> list:
     spec = {"name": "plain"} if name == "plain" else PROPOSERS[name] | ({"draft": draft} if name == "draft-model" else {})
     requests = [Request(real.encode(c["prompt"]),
                         SamplingParams(max_new_tokens=MAX_TOKENS, response_format=response_format(c["schema"]), **options),
-                        make_strategy(dict(spec))) for c in CASES]  # fmt: skip
+                        real.prepare_strategy(dict(spec))) for c in CASES]  # fmt: skip
     return real.engine.run(requests)
 
 
