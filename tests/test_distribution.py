@@ -22,13 +22,16 @@ import torch
 from exact import Enumerator, assert_same_distribution, check_keys
 from scipy.stats import norm
 
+import argen.strategies.speculative.draft_head as draft_head
 import argen.strategies.speculative.draft_model as draft_model
 import argen.strategies.speculative.drafting as drafting
 import argen.strategies.speculative.verify as verify
 from argen.api import Generator
+from argen.models.draft_head import DraftHeadRuntime
 from argen.models.llama import LlamaRuntime
 from argen.models.loading import LoadedModel
 from argen.models.tiny import byte_tokenizer, tiny_llama
+from argen.recipes.draft_head import Recipe, new_head
 from argen.sampling import gumbel_noise, position_seed, uniform
 
 V = 3  # vocabulary: small enough to enumerate every draw, large enough for a residual to matter
@@ -54,6 +57,13 @@ def target() -> Generator:
 @pytest.fixture(scope="module")
 def drafter() -> Generator:
     return tiny_v(1)  # another model: its q differs from the target's p, so drafts are also rejected
+
+
+@pytest.fixture(scope="module")
+def head(target) -> DraftHeadRuntime:
+    """A draft head for the target (seeded, untrained: its top-2 trees hold the target's token often,
+    not always), scoring all three tokens."""
+    return DraftHeadRuntime(new_head(target.runtime, Recipe()), torch.arange(V), target.runtime)
 
 
 def reference(gen: Generator, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
@@ -109,9 +119,12 @@ def check_exact(gen: Generator, spec, **params):
     return dist
 
 
-def specs(drafter: Generator) -> dict[str, tuple[dict, dict]]:
+def specs(drafter: Generator, head=None) -> dict[str, tuple[dict, dict]]:
     fixed = {"adaptive": False}  # the adaptive controllers time passes: a path would not replay
     return {
+        "draft-head": ({"name": "draft-head", "head": head, "max_draft": 2, "width": 2} | fixed, {}),
+        "draft-head top-k": ({"name": "draft-head", "head": head, "max_draft": 2, "width": 2} | fixed,
+                             {"temperature": 0.7, "top_k": 2}),  # fmt: skip
         "plain": ({"name": "plain"}, {}),
         "prompt-lookup": ({"name": "prompt-lookup", "max_draft": 2} | fixed, {}),
         "ngram": ({"name": "ngram", "max_draft": 2} | fixed, {}),
@@ -142,12 +155,12 @@ def specs(drafter: Generator) -> dict[str, tuple[dict, dict]]:
 
 CASES = ["plain", "prompt-lookup", "ngram", "jacobi", "layer-skip", "draft-model", "draft-model top-k", "multi-draft",
          "multi-draft tree", "multi-draft pair", "plain top-p", "prompt-lookup top-p", "draft-model top-p", "plain min-p",
-         "draft-model min-p"]  # fmt: skip
+         "draft-model min-p", "draft-head", "draft-head top-k"]  # fmt: skip
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_output_distribution_is_exactly_plain_sampling(target, drafter, case):
-    spec, params = specs(drafter)[case]
+def test_output_distribution_is_exactly_plain_sampling(target, drafter, head, case):
+    spec, params = specs(drafter, head)[case]
     dist = check_exact(target, spec, **params)
     if not case.startswith("plain"):  # both verifier branches carry weight, so both were checked
         assert dist.expected["accepted"] > 0.05 and dist.expected["rejected"] > 0.05, dist.expected
@@ -205,6 +218,23 @@ def test_control_a_drafter_that_misreports_q_fails_the_check(target, drafter, mo
 
     monkeypatch.setattr(draft_model, "draw_chain", misreporting)
     spec, params = specs(drafter)["draft-model top-k"]
+    with pytest.raises(AssertionError, match="should be"):
+        check_exact(target, spec, **params)
+
+
+def test_control_top_k_drafts_verified_as_samples_of_the_heads_q_fail_the_check(target, drafter, head, monkeypatch):
+    """The draft head's tree holds its top tokens, not draws from a distribution q: a tree that
+    reported a q to the verifier (here uniform) would be judged by the rule for sampled drafts,
+    which is then wrong."""
+    propose = draft_head.DraftHead.propose
+
+    def with_q(self, state, k):
+        tree = yield from propose(self, state, k)
+        tree.draft_probs = [torch.full((V,), 1 / V) for _ in tree.tokens] if len(tree) else None
+        return tree
+
+    monkeypatch.setattr(draft_head.DraftHead, "propose", with_q)
+    spec, params = specs(drafter, head)["draft-head"]
     with pytest.raises(AssertionError, match="should be"):
         check_exact(target, spec, **params)
 

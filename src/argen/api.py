@@ -11,6 +11,7 @@ from argen.engine import Engine, Event, Request, Result
 from argen.errors import InvalidRequestError
 from argen.images import ImageGenerator, is_image_model, load_image_model
 from argen.models import LoadedModel, load_model, shared_model
+from argen.recipes.draft_head import load_draft_head
 from argen.sampling import SamplingParams
 from argen.setprompt import PromptLayout, SetPrompt, is_set_prompt, set_prompt_layout
 from argen.strategies import Strategy, make_strategy
@@ -223,7 +224,9 @@ def companion_models(strategy: Strategy, base: LoadedModel) -> dict[str, object]
     runtime, found = base.runtime, {}
     for option, kind in type(strategy).companion_options.items():
         value = vars(strategy).get(option)
-        if isinstance(value, Generator):
+        if kind == "head":  # a draft head distilled from the base model: cached, a file, or loaded already
+            value = load_draft_head(runtime, value, base.name)
+        elif isinstance(value, Generator):
             value = value.model
         elif isinstance(value, str):
             # A guide in the base model's dtype; a draft in shared_model's float32 (as before this moved here).

@@ -98,7 +98,7 @@ class ReplicaApp:
     The app is built in the replica (`__serve_build_asgi_app__`), so the model is loaded there, never
     pickled from the driver. Its /metrics shows every replica's series (`publish_replica_metrics`)."""
 
-    def __init__(self, model: ModelSpec, app_options: dict, companions: tuple[list, list]) -> None:
+    def __init__(self, model: ModelSpec, app_options: dict, companions: tuple[list, ...]) -> None:
         self.model, self.app_options, self.companions = model, app_options, companions
 
     def __serve_build_asgi_app__(self):
@@ -114,7 +114,7 @@ class ReplicaApp:
 
 def serve_replicas(model: ModelSpec, app_options: dict, *, replicas: int, host: str, port: int,
                    address: str | None = None, replica_cpus: float = 1, replica_gpus: float = 0,
-                   companions: tuple[list, list] = ([], []), block: bool = True) -> str:  # fmt: skip
+                   companions: tuple[list, ...] = ([], []), block: bool = True) -> str:  # fmt: skip
     """Serve `replicas` copies of the argen app (`create_app(gen, **app_options)`, each replica loading
     `model` itself) behind Ray Serve's HTTP proxy at host:port; returns the base URL. `block`: wait
     until Ctrl-C, then shut Ray Serve down."""

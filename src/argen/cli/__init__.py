@@ -1,6 +1,7 @@
-"""The `argen` command line: `generate`, `chat`, `batch`, `models`, `bench` and `serve`, one module
-each; the options several of them take are defined once in `options.py`, which also converts them
-into the typed values the library takes (no argparse Namespace leaves this package).
+"""The `argen` command line: `generate`, `chat`, `batch`, `models`, `bench`, `serve` and
+`distill-draft`, one module each; the options several of them take are defined once in
+`options.py`, which also converts them into the typed values the library takes (no argparse
+Namespace leaves this package).
 
 Errors caused by the user's input are printed as one line, `argen: error: ...`, with exit code 2;
 a traceback means a bug. Only the completion (or its JSON) goes to stdout, each of `--n` samples
@@ -15,6 +16,7 @@ import argparse
 from argen.cli.batch import add_batch
 from argen.cli.bench import add_bench
 from argen.cli.chat import add_chat
+from argen.cli.distill import add_distill
 from argen.cli.generate import add_generate
 from argen.cli.models import add_models
 from argen.cli.parser import PROG, Parser, print_error
@@ -26,9 +28,9 @@ __all__ = ["build_parser", "main"]
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog=PROG, description="One engine for autoregressive generation.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,chat,batch,models,bench,serve}",
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,chat,batch,models,bench,serve,distill-draft}",
                                 parser_class=Parser)  # fmt: skip
-    for add in (add_generate, add_chat, add_batch, add_models, add_bench, add_serve):
+    for add in (add_generate, add_chat, add_batch, add_models, add_bench, add_serve, add_distill):
         add(sub)
     return parser
 

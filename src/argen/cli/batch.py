@@ -84,6 +84,7 @@ def batch_job(args: argparse.Namespace) -> BatchJob:
         raise ArgenError("--workers and --rows-per-call must be >= 1")
     runner = RunnerOptions(model_spec(args), args.model_id or args.model, **scheduler_options(args),
                            draft_models=tuple(args.draft_model), guide_models=tuple(args.guide_model),
+                           draft_heads=tuple(args.draft_head),
                            limits=limits(args))  # fmt: skip
     ray = None
     if args.ray is not None:

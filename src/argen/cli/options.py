@@ -132,6 +132,10 @@ def add_request_policy_options(p: argparse.ArgumentParser, asker: str) -> None:
     p.add_argument("--guide-model", action="append", default=[], metavar="NAME=SOURCE",
                    help=f"a guide model {asker} may name (strategy guided, option guide_model=NAME); loaded at "
                         "start; repeatable")  # fmt: skip
+    p.add_argument("--draft-head", action="append", default=[], metavar="NAME=SOURCE",
+                   help=f"a draft head {asker} may name (strategy draft-head, option head=NAME; the first one when "
+                        "none is named): SOURCE is 'cached' (the head `argen distill-draft` cached for --model) or a "
+                        "head file; loaded at start; repeatable")  # fmt: skip
     p.add_argument("--limit", action="append", default=[], metavar="NAME=VALUE",
                    help="raise or lower a cap on a strategy option, e.g. num_beams=16, or on n (repeatable; see "
                         "SECURITY.md)")  # fmt: skip

@@ -113,13 +113,13 @@ def serve_command(args: argparse.Namespace) -> int:
         require_ray()
         serve_replicas(model_spec(args), options, replicas=args.replicas, host=args.host, port=args.port,
                        address=args.ray, replica_cpus=args.replica_cpus, replica_gpus=args.replica_gpus,
-                       companions=(list(args.draft_model), list(args.guide_model)))  # fmt: skip
+                       companions=(list(args.draft_model), list(args.guide_model), list(args.draft_head)))  # fmt: skip
         return 0
     from argen.server.companions import Companions  # start-up cost: see the top of this module
     from argen.server.serve import serve  # start-up cost, as above
 
     gen = model_spec(args).load()
-    companions = Companions.load(gen, args.model, args.draft_model, args.guide_model)
+    companions = Companions.load(gen, args.model, args.draft_model, args.guide_model, args.draft_head)
     return serve(gen, args.host, args.port, log_level=args.log_level, companions=companions,
                  max_connections=args.max_connections, timeout_keep_alive=args.timeout_keep_alive,
                  request_timeout=args.request_timeout, **options)  # fmt: skip

@@ -371,5 +371,5 @@ class DecodeBatch:
 
 
 def _segment(feed: Feed) -> Segment:
-    return Segment(feed.cache, feed.tokens, feed.positions, feed.mask, feed.num_logits, feed.ffn_cos)
+    return Segment(feed.cache, feed.tokens, feed.positions, feed.mask, feed.num_logits, feed.ffn_cos, feed.features)
 

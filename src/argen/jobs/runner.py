@@ -42,7 +42,7 @@ def make_policy(gen: Generator, model_id: str, limits: Limits | None = None,
 @dataclass(frozen=True)
 class RunnerOptions:
     """What a JobRunner is made from, plain values (they travel to Ray workers, which load the model
-    themselves). `draft_models` / `guide_models`: `NAME=SOURCE` companions lines may name."""
+    themselves). `draft_models` / `guide_models` / `draft_heads`: `NAME=SOURCE` companions lines may name."""
 
     model: ModelSpec
     model_id: str
@@ -52,13 +52,15 @@ class RunnerOptions:
     prefix_caching: bool = True
     draft_models: tuple[str, ...] = ()
     guide_models: tuple[str, ...] = ()
+    draft_heads: tuple[str, ...] = ()
     limits: Limits = field(default_factory=Limits)
 
 
 def make_runner(options: RunnerOptions) -> JobRunner:
     """A JobRunner over a freshly loaded model (in this process or a Ray worker)."""
     gen = options.model.load()
-    companions = Companions.load(gen, options.model_id, list(options.draft_models), list(options.guide_models))
+    companions = Companions.load(gen, options.model_id, list(options.draft_models), list(options.guide_models),
+                                 list(options.draft_heads))  # fmt: skip
     return JobRunner(gen, make_policy(gen, options.model_id, options.limits, companions), max_batch=options.max_batch,
                      prefill_chunk=options.prefill_chunk, step_tokens=options.step_tokens,
                      prefix_caching=options.prefix_caching)  # fmt: skip

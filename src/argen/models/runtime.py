@@ -44,8 +44,10 @@ class Plan:
 class Segment:
     """New tokens of one sequence for a packed forward pass: the pass writes their keys/values into
     `cache` after what it holds. `mask` [T, T] says which new tokens each new token sees (None:
-    causal); every new token sees the whole cached prefix. `num_logits`: logits for the last that many
-    tokens (None: all, 0: none)."""
+    causal); every new token sees the whole cached prefix, unless the runtime declares `cache_masks`
+    and the mask is [T, cached + T] (then it says which cached positions each sees too: a draft tree
+    grown depth by depth in a draft head's cache). `num_logits`: logits for the last that many tokens
+    (None: all, 0: none)."""
 
     cache: KVCache
     tokens: list[int] | torch.Tensor
@@ -55,6 +57,9 @@ class Segment:
     # Opt-in: also return, per token and layer, the cosine similarity of the FFN block's input and
     # output residual streams (FFN-SkipLLM's trigger). Runtimes that declare `ffn_stats` support it.
     ffn_cos: bool = False
+    # [T, H]: what a feature-level drafter reads beside each token (a draft head: the target's hidden
+    # states, or its own predictions); runtimes that declare `input_features` need it, others ignore it.
+    features: torch.Tensor | None = None
 
 
 @dataclass
@@ -85,6 +90,8 @@ class Capabilities:
     layer_plans: bool  # a Plan may skip attention / FFN sub-blocks (layer-skip drafts)
     kernels: str = "torch"  # which kernels run the weights (for reports)
     ffn_stats: bool = False  # segments may ask for per-layer FFN input/output similarity (Segment.ffn_cos)
+    input_features: bool = False  # segments carry input features beside their tokens (Segment.features)
+    cache_masks: bool = False  # a segment's mask may cover the cached positions too ([T, cached + T])
 
 
 @dataclass

@@ -1,12 +1,15 @@
 """Companion models over HTTP: the operator's choice, not the client's.
 
-`draft-model` and `guided` take a second model (option `draft`, `guide_model`). The Python API and
-the CLI take a model source there (a path, `default`, `tiny-random@1`), loading it on first use.
+`draft-model` and `guided` take a second model (option `draft`, `guide_model`), and `draft-head` a
+draft head distilled from the served model (option `head`). The Python API and the CLI take a model
+source or a head file there (a path, `default`, `tiny-random@1`, `cached`), loading it on first use.
 A server must not: a source would let any client make it read any model file on its disk, run a
 download, fill memory, and probe the filesystem through the error messages. So `argen serve`
-loads the draft and guide models it is given at start (`--draft-model NAME=SOURCE`,
-`--guide-model NAME=SOURCE`), and a request names one of them; the served model itself is
-available under its id. Any other value is a 400 that names the choices and echoes nothing.
+loads the draft and guide models and draft heads it is given at start (`--draft-model NAME=SOURCE`,
+`--guide-model NAME=SOURCE`, `--draft-head NAME=SOURCE`), and a request names one of them; the
+served model itself is available under its id as a draft or guide model. Any other value is a 400
+that names the choices and echoes nothing. A request for `draft-head` that names no head gets the
+first one loaded, and a 400 that says so when the server has none.
 """
 
 from __future__ import annotations
@@ -16,29 +19,36 @@ from dataclasses import dataclass, field
 from argen.api import Generator
 from argen.errors import ArgenError
 from argen.models import LoadedModel, shared_model
+from argen.recipes.draft_head import load_draft_head
 from argen.server.errors import bad_request
 
-FLAGS = {"draft": "--draft-model", "guide": "--guide-model"}
+FLAGS = {"draft": "--draft-model", "guide": "--guide-model", "head": "--draft-head"}
 
 
 @dataclass
 class Companions:
     served_id: str
     served: LoadedModel
-    models: dict[str, dict[str, LoadedModel]] = field(default_factory=lambda: {"draft": {}, "guide": {}})
+    models: dict[str, dict[str, object]] = field(default_factory=lambda: {"draft": {}, "guide": {}, "head": {}})
 
     @classmethod
-    def load(cls, gen: Generator, served_id: str, drafts: list[str] = (), guides: list[str] = ()) -> Companions:
-        """Load every `NAME=SOURCE` (once per canonical source, on the base model's device and dtype)."""
+    def load(cls, gen: Generator, served_id: str, drafts: list[str] = (), guides: list[str] = (),
+             heads: list[str] = ()) -> Companions:  # fmt: skip
+        """Load every `NAME=SOURCE` (once per canonical source, on the base model's device and dtype; a
+        head's SOURCE is `cached`, the head `argen distill-draft` cached for the served model, or a file)."""
         found = cls(served_id, gen.model)
         runtime = gen.runtime
-        for kind, pairs in (("draft", drafts), ("guide", guides)):
+        for kind, pairs in (("draft", drafts), ("guide", guides), ("head", heads)):
             for pair in pairs:
                 name, sep, source = (part.strip() for part in pair.partition("="))
                 if not sep or not name or not source:
-                    raise ArgenError(f"{FLAGS[kind]} takes NAME=SOURCE (e.g. small=path/to/model); got {pair!r}")
+                    example = "default=cached" if kind == "head" else "small=path/to/model"
+                    raise ArgenError(f"{FLAGS[kind]} takes NAME=SOURCE (e.g. {example}); got {pair!r}")
                 if name == served_id or name in found.models[kind]:
                     raise ArgenError(f"{FLAGS[kind]} {pair!r}: the name {name!r} is taken; give each model its own")
+                if kind == "head":
+                    found.models[kind][name] = load_draft_head(runtime, source, served_id)
+                    continue
                 model = shared_model(source, device=str(runtime.device), dtype=runtime.dtype)
                 if model.runtime.info.vocab_size != runtime.info.vocab_size:
                     raise ArgenError(
@@ -49,7 +59,9 @@ class Companions:
         return found
 
     def names(self, kind: str) -> list[str]:
-        return list(self.models[kind]) + [self.served_id]
+        """What a request may name: the loaded companions of that kind, and the served model itself
+        as a draft or guide model (a model is no draft head of itself)."""
+        return list(self.models[kind]) + ([] if kind == "head" else [self.served_id])
 
     def resolve(self, strategy_cls, options: dict) -> dict:
         """`options` with every companion name replaced by its loaded model; a 400 for anything else
@@ -58,6 +70,12 @@ class Companions:
         for option, kind in strategy_cls.companion_options.items():
             if option not in options and kind == "guide":
                 options[option] = next(iter(self.models[kind]), self.served_id)  # the first guide, else itself
+            if option not in options and kind == "head":
+                if not self.models[kind]:
+                    raise bad_request(f"strategy {strategy_cls.name!r} needs a draft head distilled from the served "
+                                      "model, and this server has none loaded; its operator adds one at start with "
+                                      "--draft-head NAME=cached (after `argen distill-draft`)", "strategy")  # fmt: skip
+                options[option] = next(iter(self.models[kind]))  # the first head
             value = options.get(option)
             choices = ", ".join(repr(n) for n in self.names(kind))
             if not isinstance(value, str) or value not in self.names(kind):
@@ -68,5 +86,5 @@ class Companions:
                     f"the operator adds models with {FLAGS[kind]} NAME=SOURCE",
                     "strategy",
                 )
-            options[option] = self.served if value == self.served_id else self.models[kind][value]
+            options[option] = self.served if value == self.served_id and kind != "head" else self.models[kind][value]
         return options

@@ -20,10 +20,12 @@ from argen.strategies import Strategy, strategy_options
 OPTION_LIMITS: dict[str, tuple[int, str]] = {
     "num_beams": (8, "beam, conditional-beam: beams, each a KV-cache row in every forward pass"),
     "loop_ngram": (16, "conditional-beam: the n-gram that may not repeat, checked over each beam's output every step"),
-    "max_draft": (16, "prompt-lookup, ngram, layer-skip, draft-model: draft tokens per verification pass"),
+    "max_draft": (16, "prompt-lookup, ngram, layer-skip, draft-model: draft tokens per verification pass; draft-head: "
+                      "the draft tree's depth (a head pass a level)"),
     "num_drafts": (4, "draft-model: chains drafted per step under sampling"),
-    "max_nodes": (32, "ngram: draft-tree nodes per verification pass"),
-    "width": (8, "ngram: continuations tried per tree node"),
+    "max_nodes": (32, "ngram, draft-head: draft-tree nodes per verification pass"),
+    "width": (8, "ngram: continuations tried per tree node; draft-head: children per node and nodes grown per level "
+                 "(the rows of each head pass)"),
     "max_n": (8, "ngram: the longest n-gram counted (table work per token)"),
     "max_ngram": (8, "prompt-lookup: the longest n-gram matched (search work per step)"),
     "window": (8, "jacobi: guesses iterated per pass"),

@@ -11,7 +11,7 @@ from argen.strategies.guided import Guided
 from argen.strategies.plain import Plain
 from argen.strategies.search import Beam, ConditionalBeam, Contrastive
 from argen.strategies.skipping import FFNSkip, SkipDecode
-from argen.strategies.speculative import DraftModel, Jacobi, LayerSkip, NGram, PromptLookup
+from argen.strategies.speculative import DraftHead, DraftModel, Jacobi, LayerSkip, NGram, PromptLookup
 
 REGISTRY: dict[str, type[Strategy]] = {}
 
@@ -21,8 +21,8 @@ def register(cls: type[Strategy]) -> type[Strategy]:
     return cls
 
 
-for _cls in (Plain, PromptLookup, NGram, Jacobi, LayerSkip, DraftModel, Beam, ConditionalBeam, Contrastive, Guided,
-             SkipDecode, FFNSkip):  # fmt: skip
+for _cls in (Plain, PromptLookup, NGram, Jacobi, LayerSkip, DraftModel, DraftHead, Beam, ConditionalBeam, Contrastive,
+             Guided, SkipDecode, FFNSkip):  # fmt: skip
     register(_cls)
 
 

@@ -45,7 +45,8 @@ class Feed:
     `draft`: the pass drafts or guides (a partial plan, a draft or guide model), and is counted as a
     draft pass rather than a target pass (lossy strategies that emit a partial plan's tokens set it
     False). `ffn_cos`: also return per-layer FFN input/output similarity (`SegmentOut.ffn_cos`;
-    runtimes whose capabilities declare `ffn_stats`)."""
+    runtimes whose capabilities declare `ffn_stats`). `features` [T, H]: input features beside the
+    tokens, for a runtime that reads them (a draft head, `Segment.features`)."""
 
     tokens: list[int]
     positions: list[int] | None = None
@@ -56,6 +57,7 @@ class Feed:
     runtime: Any = None
     draft: bool = False
     ffn_cos: bool = False
+    features: torch.Tensor | None = None
 
 
 Feeds = Feed | list[Feed]

@@ -136,11 +136,19 @@ def best_tree_size(path_probs: list[float], cost: CostModel, draft_seconds: floa
     accepted (the product of the acceptance estimates along their path). Keep the first n nodes
     that maximise expected tokens per second, (1 + sum of their probabilities) / cost(1 + n); n = 0
     (a plain step) when no draft pays for its verification."""
+    return best_tree(path_probs, cost, draft_seconds, batch)[0]
+
+
+def best_tree(path_probs: list[float], cost: CostModel, draft_seconds: float = 0.0, batch: int = 1,
+              fixed_seconds: float = 0.0) -> tuple[int, float]:  # fmt: skip
+    """`best_tree_size` and the rate it reaches (tokens per second), for drafting that also costs
+    `fixed_seconds` whatever the number of nodes (a tree grown level by level: one drafter pass a
+    level). n = 0 is a plain step, which costs no drafting."""
     best_n, best_rate = 0, 1.0 / cost.shared(1, batch=batch)
     expected = 1.0
     for n, p in enumerate(path_probs, start=1):
         expected += p
-        rate = expected / (cost.shared(1 + n, rows=expected, batch=batch) + n * draft_seconds)
+        rate = expected / (cost.shared(1 + n, rows=expected, batch=batch) + n * draft_seconds + fixed_seconds)
         if rate > best_rate:
             best_n, best_rate = n, rate
-    return best_n
+    return best_n, best_rate
