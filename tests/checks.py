@@ -9,11 +9,10 @@ import itertools
 import torch
 
 import argen.setprompt
-from argen.engine import DecodeBatch, Event, Request, Result
+from argen.engine import DecodeBatch, Event, Failure, Request, Result
 from argen.neartie import divergence, first_difference
 from argen.sampling import Sampler, SamplingParams, gumbel_noise
 from argen.setprompt import PromptLayout, SetPrompt
-from argen.strategies import make_strategy
 
 
 def check_greedy_identical(gen, prompt, strategy, max_new_tokens: int = 40) -> Result:
@@ -33,14 +32,17 @@ def check_cache_matches_prefill(gen, prompt, strategy, max_new_tokens: int = 40,
     differs from a one-pass prefill by ~3e-5). Returns the number of draft tokens accepted. The
     request runs in the Engine's decode loop, round by round; the cache is looked at whenever a step
     has just emitted its tokens (the next step's feeds are asked for, not yet run)."""
-    strategy = make_strategy(strategy) if not hasattr(strategy, "step") else strategy
+    strategy = gen.prepare_strategy(strategy)  # companions (a draft model) resolved, as generate does
     request = Request(
         gen.encode(prompt), SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True, **params), strategy
     )
     batch = DecodeBatch(gen.engine, prefix_caching=False)
     seq = batch.admit(0, request)
     while batch:
-        emitted = any(isinstance(item, Event) and item.token_ids for item in batch.step())
+        items = batch.step()
+        failed = [item for item in items if isinstance(item, Failure)]
+        assert not failed, f"the request failed: {failed[0].error!r}"
+        emitted = any(isinstance(item, Event) and item.token_ids for item in items)
         if not emitted or seq.finish_reason is not None:
             continue
         cache, tokens = seq.state.cache, seq.state.tokens

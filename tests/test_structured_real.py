@@ -41,7 +41,7 @@ def run(real, draft, name: str, options: dict) -> list:
         Request(
             real.encode(c["prompt"]),
             SamplingParams(max_new_tokens=MAX_TOKENS, response_format=response_format(c["schema"]), **options),
-            make_strategy(dict(spec)),
+            real.prepare_strategy(dict(spec)),
         )
         for c in CASES
     ]

@@ -261,11 +261,12 @@ CASES = [  # (issue item, what, function, served: a 200 is its right answer)
     ("4", "a stream cut after 4 events, then /metrics", disconnect, True),
     ("6", "8,191-token prompt", long_prompt, True),
     ("6", "echo + logprobs 20 on 8,000 tokens", echo_logprobs, True),
+    ("6", "the same echo + logprobs again (memory: nothing more)", echo_logprobs, True),
     ("7", "20,000 empty chat messages", messages_20000, False),
     ("8", "out-of-vocabulary logit_bias key", logit_bias_oov, False),
     ("8", "CORS preflight (--allowed-origins)", cors_preflight, True),
 ]
-LONG = {"8,191-token prompt", "echo + logprobs 20 on 8,000 tokens"}
+LONG = {"8,191-token prompt", "echo + logprobs 20 on 8,000 tokens"}  # (the repeat is a memory check only)
 
 
 def run_cases(server: Server, cases: list) -> list[dict]:
@@ -350,6 +351,11 @@ def report(out: Path, prov: dict, command: str, rows: list[dict], unpaced: list[
                 f"{r['steady_mean_s']} / {r['steady_max_s']} | {r['ratio']} / {r['mean_ratio']} | "
                 f"{r['steady_n']} |"
             )
+    final = rows[-1]["rss_after_mb"]
+    lines += [
+        "",
+        f"Memory after the last case: {final} MB against the {baseline:.0f} MB baseline ({final - baseline:+.0f} MB).",
+    ]
     text = "\n".join(lines) + "\n"
     (out / "report.md").write_text(text)
     (out / "results.json").write_text(
