@@ -70,6 +70,9 @@ def test_control_a_real_divergence_fails_the_check(real, references):
 @pytest.mark.parametrize("name", PROPOSERS)
 def test_every_proposer_matches_plain_and_hf_with_drafts_accepted_and_rejected(real, references, draft, name):
     spec = PROPOSERS[name] | ({"draft": draft} if name == "draft-model" else {})
+    # The draft model (the default minus six layers) makes a step cost about five plain ones: one
+    # question per category keeps the suite within its time.
+    references = references[::2] if name == "draft-model" else references
     accepted_on, rejected, near_ties = 0, 0, 0
     for ids, hf, plain in references:
         out = real.generate(ids, max_new_tokens=N_TOKENS, strategy=spec)
@@ -121,7 +124,7 @@ def real_head(real):
 def test_draft_head_matches_plain_and_hf_with_drafts_accepted_and_rejected(real, references, real_head):
     spec = {"name": "draft-head", "head": real_head, "adaptive": False}
     accepted_on, rejected, near_ties = 0, 0, 0
-    for ids, hf, plain in references:
+    for ids, hf, plain in references[::2]:  # one question per category (each runs twice: fixed and adaptive)
         out = real.generate(ids, max_new_tokens=N_TOKENS, strategy=spec)
         near_ties += check_same_as_plain_and_hf(real.model.hf_model, ids, out.token_ids, plain, hf)
         s = out.stats
@@ -130,7 +133,7 @@ def test_draft_head_matches_plain_and_hf_with_drafts_accepted_and_rejected(real,
         adaptive = real.generate(ids, max_new_tokens=N_TOKENS, strategy={"name": "draft-head", "head": real_head})
         assert adaptive.token_ids == out.token_ids
     # The tiny head's drafts are mostly rejected: what matters is that both verdicts occur on real weights.
-    assert accepted_on >= 2, f"draft-head accepted a draft token on only {accepted_on} of {len(references)}"
+    assert accepted_on >= 2, f"draft-head accepted a draft token on only {accepted_on} of 6 questions"
     assert rejected > 0 and near_ties <= 2
 
 
