@@ -154,6 +154,7 @@ def load_model(
     if weights == "exact":
         # The file's own blocks: the fp32 copy in the cache is never read (it is for the HF reference).
         tokenizer = _load_tokenizer(directory)
+        assert gguf_file is not None  # resolve_quant refuses "exact" without a GGUF file
         run = LlamaRuntime(config, read_gguf(gguf_file, config), device=torch_device, dtype=torch_dtype, act8=act8)
         return LoadedModel(name, run, tokenizer, lambda: _load_hf_dir(directory)[0], _eos_ids(tokenizer, config), quant)
     hf_model, tokenizer = _load_hf_dir(directory)
