@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import cast
 
 from argen.cache.press import make_press
 from argen.counterfactual import check_interventions, counterfactual
 from argen.engine import Engine, Event, Request, Result
-from argen.errors import InvalidRequestError
+from argen.errors import ArgenError, InvalidRequestError
 from argen.images import ImageGenerator, is_image_model, load_image_model
 from argen.models import LoadedModel, load_model, shared_model
 from argen.recipes.draft_head import load_draft_head
@@ -278,6 +279,16 @@ class ModelSpec:
 
     def load(self) -> Generator | ImageGenerator:
         return load(self.source, runtime=self.runtime, device=self.device, dtype=self.dtype, quant=self.quant)
+
+    def load_text(self) -> Generator:
+        """`load` for what takes a text model (chat, serve, batch, distill, the bench): an image model is
+        refused before anything is loaded (it has no tokenizer, no chat, no OpenAI endpoints)."""
+        if is_image_model(self.source):
+            raise ArgenError(
+                f"{self.source!r} is an image model: draw it with `argen generate --model {self.source} --labels ...`;"
+                " this command takes a text model"
+            )
+        return cast(Generator, self.load())  # a text model: an image one was refused above
 
 
 def companion_models(strategy: Strategy, base: LoadedModel) -> dict[str, object]:

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 from typing import Any, cast
 
-from argen.api import Generator
 from argen.cache.press import make_press
 from argen.cli.images import generate_images
 from argen.cli.options import add_model_options, add_sampling_options, model_spec, parse_options, sampling_options
@@ -199,8 +198,7 @@ def generate(args: argparse.Namespace) -> int:
     if args.n < 1:
         raise ArgenError(f"--n must be >= 1 (samples of the prompt); got {args.n}")
 
-    # Image models returned above: this model is a text one.
-    gen = cast(Generator, model_spec(args).load())
+    gen = model_spec(args).load_text()
     chat = not args.no_chat
     intervene = parse_interventions(args.intervene, gen.tokenizer) or None
     if args.logit_bias:
