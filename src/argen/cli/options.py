@@ -148,7 +148,7 @@ def check_scheduler_options(args: argparse.Namespace) -> None:
         raise ArgenError("--prefill-chunk and --step-tokens must be >= 0 (0: off)")
 
 
-def scheduler_options(args: argparse.Namespace) -> dict[str, object]:
+def scheduler_options(args: argparse.Namespace) -> dict[str, Any]:
     """The scheduler's keyword arguments (JobRunner's, create_app's): 0 means off (None)."""
     return {
         "max_batch": args.max_batch,

@@ -24,7 +24,7 @@ STATUS_TYPES = {
 }
 
 # The error statuses as the OpenAPI description documents them (each route lists those it answers).
-ERROR_RESPONSES = {
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": p.ErrorResponse, "description": text}
     for status, text in [
         (400, "a parameter is invalid or unsupported (the message says which)"),
