@@ -94,13 +94,14 @@ class Generator:
                 "continue_final_message continues the last message; it cannot also open a new "
                 "turn (set add_generation_prompt to false)"
             )
-        return self.tokenizer.apply_chat_template(
+        text = self.tokenizer.apply_chat_template(
             messages,
             add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message,
             tokenize=False,
             **(template_kwargs or {}),
         )
+        return cast(str, text)  # tokenize=False: the template's text (transformers types every return shape)
 
     def chat_ids(self, text: str) -> list[int]:
         """Token ids of a templated conversation (`chat_text`): the template wrote the special tokens,
@@ -195,7 +196,8 @@ class Generator:
         requests = self._requests(prompts, chat, strategy, options, intervene, n, prompt_logprobs, press)
         results = self.engine.run(requests)
         if n is not None:
-            results = [[r for r in results if r.index == i] for i in range(len(prompts))]
+            grouped = [[r for r in results if r.index == i] for i in range(len(prompts))]
+            return grouped if batched else grouped[0]
         return results if batched else results[0]
 
     def counterfactual(self, result: Result, intervene: dict[int, int] | None = None, **overrides) -> Result:

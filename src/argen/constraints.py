@@ -215,7 +215,7 @@ class Constraint:
             self.consumed.append(token)
             self.real.append(real)
 
-    def allowed(self, context: list[int]) -> torch.Tensor:
+    def allowed(self, context: Sequence[int]) -> torch.Tensor:
         """A bool tensor over the vocabulary: which tokens may follow `context`."""
         self._follow(list(context[self.prompt_len :]))
         started = time.perf_counter()
