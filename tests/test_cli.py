@@ -58,6 +58,8 @@ def test_no_chat_feeds_raw_text(capsys):
         ["generate", "hi", *TINY, "--max-new-tokens", "abc"],
         ["generate", "hi", *TINY, "--bogus"],
         [],
+        ["chat", "--model", "digits-ar"],
+        ["serve", "--model", "digits-ar"],
     ],
     ids=[
         "bad-model",
@@ -69,6 +71,8 @@ def test_no_chat_feeds_raw_text(capsys):
         "not-an-int",
         "unknown-flag",
         "no-command",
+        "chat-image-model",  # was an AttributeError traceback (the image generator has no tokenizer)
+        "serve-image-model",
     ],
 )
 def test_errors_are_one_line(capsys, argv):

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import cast
 
 from argen.cache.press import make_press
 from argen.counterfactual import check_interventions, counterfactual
 from argen.engine import Engine, Event, Request, Result
-from argen.errors import InvalidRequestError
+from argen.errors import ArgenError, InvalidRequestError
 from argen.images import ImageGenerator, is_image_model, load_image_model
 from argen.models import LoadedModel, load_model, shared_model
 from argen.recipes.draft_head import load_draft_head
@@ -93,13 +94,14 @@ class Generator:
                 "continue_final_message continues the last message; it cannot also open a new "
                 "turn (set add_generation_prompt to false)"
             )
-        return self.tokenizer.apply_chat_template(
+        text = self.tokenizer.apply_chat_template(
             messages,
             add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message,
             tokenize=False,
             **(template_kwargs or {}),
         )
+        return cast(str, text)  # tokenize=False: the template's text (transformers types every return shape)
 
     def chat_ids(self, text: str) -> list[int]:
         """Token ids of a templated conversation (`chat_text`): the template wrote the special tokens,
@@ -194,7 +196,8 @@ class Generator:
         requests = self._requests(prompts, chat, strategy, options, intervene, n, prompt_logprobs, press)
         results = self.engine.run(requests)
         if n is not None:
-            results = [[r for r in results if r.index == i] for i in range(len(prompts))]
+            grouped = [[r for r in results if r.index == i] for i in range(len(prompts))]
+            return grouped if batched else grouped[0]
         return results if batched else results[0]
 
     def counterfactual(self, result: Result, intervene: dict[int, int] | None = None, **overrides) -> Result:
@@ -278,6 +281,16 @@ class ModelSpec:
 
     def load(self) -> Generator | ImageGenerator:
         return load(self.source, runtime=self.runtime, device=self.device, dtype=self.dtype, quant=self.quant)
+
+    def load_text(self) -> Generator:
+        """`load` for what takes a text model (chat, serve, batch, distill, the bench): an image model is
+        refused before anything is loaded (it has no tokenizer, no chat, no OpenAI endpoints)."""
+        if is_image_model(self.source):
+            raise ArgenError(
+                f"{self.source!r} is an image model: draw it with `argen generate --model {self.source} --labels ...`;"
+                " this command takes a text model"
+            )
+        return cast(Generator, self.load())  # a text model: an image one was refused above
 
 
 def companion_models(strategy: Strategy, base: LoadedModel) -> dict[str, object]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -214,7 +215,7 @@ class Constraint:
             self.consumed.append(token)
             self.real.append(real)
 
-    def allowed(self, context: list[int]) -> torch.Tensor:
+    def allowed(self, context: Sequence[int]) -> torch.Tensor:
         """A bool tensor over the vocabulary: which tokens may follow `context`."""
         self._follow(list(context[self.prompt_len :]))
         started = time.perf_counter()
@@ -226,7 +227,7 @@ class Constraint:
             raise InvalidRequestError(f"response_format: the grammar failed: {describe(self.matcher.get_error())}")
         return allowed
 
-    def apply(self, logits: torch.Tensor, context: list[int]) -> torch.Tensor:
+    def apply(self, logits: torch.Tensor, context: Sequence[int]) -> torch.Tensor:
         """`logits` with every token the grammar forbids after `context` set to -inf."""
         allowed = self.allowed(context).to(logits.device)
         n = min(len(allowed), logits.shape[-1])

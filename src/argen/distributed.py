@@ -108,7 +108,7 @@ class ReplicaApp:
     def __serve_build_asgi_app__(self):
         from ray import serve
 
-        gen = self.model.load()
+        gen = self.model.load_text()
         model_id = self.app_options.get("model_id") or self.model.source
         companions = Companions.load(gen, model_id, *self.companions)
         app = create_app(gen, companions=companions, **self.app_options)

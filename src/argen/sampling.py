@@ -10,7 +10,7 @@ token 0) and sampling could differ from the argmax only at a near-exact tie.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -246,7 +246,7 @@ class Sampler:
         constraint: Constraint | None = None,
         *,
         prompt_len: int = 0,
-        eos_ids: Sequence[int] = (),
+        eos_ids: Collection[int] = (),
     ) -> None:
         """`prompt_len`: how many tokens of a context are the prompt (the penalties and min_tokens count
         the rest); `eos_ids`: the ids that end the output, banned with stop_token_ids until min_tokens."""
@@ -306,6 +306,7 @@ class Sampler:
             return self.forced[position]
         if self.params.greedy:
             return int(processed.argmax(-1))
+        assert self.params.seed is not None  # SamplingParams.validate() drew one
         noise = gumbel_noise(self.params.seed, position, processed.shape[-1], processed.device)
         return int((processed + noise).argmax(-1))
 

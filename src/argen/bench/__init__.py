@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 import argen
+from argen.api import ModelSpec
 from argen.bench.questions import Question, bench_questions, select_questions
 from argen.errors import ArgenError
 from argen.models.kernels import describe_cpu
@@ -307,7 +308,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     try:
         print(f"argen bench: loading {args.model!r}", file=sys.stderr)
-        generator = argen.load(args.model, quant=args.quant, dtype=args.dtype)
+        generator = ModelSpec(args.model, quant=args.quant, dtype=args.dtype).load_text()
         print(
             f"argen bench: {len(questions)} prompts × {len(specs)} strategies ({', '.join(labels)}), up to "
             f"{args.max_new_tokens} new tokens",

@@ -47,13 +47,29 @@ class KVCache(Protocol):
     def peak_bytes(self) -> int: ...
 
 
+class Front(Protocol):
+    """Positions before a paged cache's `offset`, pressed (cache/quant.py QuantizedKV, cache/layer_front.py LayerFront)."""
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer i's keys and values [kv heads, length_i, head dim]."""
+        ...
+
+
+class QueryRecord(Protocol):
+    """The newest queries a pass feeds, per layer (SnapKV's QueryWindow, cache/press_attention.py)."""
+
+    def add(self, layer: int, q: torch.Tensor, first_slot: int) -> None: ...
+
+    def fork(self) -> QueryRecord: ...
+
+
 class PagedKV(KVCache, Protocol):
     """A paged cache (cache/paged.py SeqKV), as the native runtime reads it in a forward pass."""
 
     blocks: list[int]  # the block table: position p is in blocks[(p - offset) // block_size]
-    front: object | None  # positions before `offset`, pressed (QuantizedKV or LayerFront)
+    front: Front | None  # positions before `offset`, pressed (QuantizedKV or LayerFront)
     attention: torch.Tensor | None  # [layers, kv heads, positions]: attention each key received
-    window: object | None  # SnapKV's QueryWindow: the newest queries fed, per layer
+    window: QueryRecord | None  # SnapKV's QueryWindow: the newest queries fed, per layer
 
     @property
     def offset(self) -> int:
@@ -62,6 +78,10 @@ class PagedKV(KVCache, Protocol):
     @property
     def needs_own_pass(self) -> bool:
         """Whether a pass must read a front or write records (the fused C forward does neither)."""
+
+    def slots(self, start: int, n: int) -> torch.Tensor:
+        """The pool slots of positions start..start+n (block * block_size + offset in the block)."""
+        ...
 
     def observe(self, layer: int, received: torch.Tensor) -> None:
         """Add the attention the keys received from a pass's queries in `layer` (attention records)."""

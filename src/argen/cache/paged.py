@@ -32,6 +32,7 @@ from collections import OrderedDict
 
 import torch
 
+from argen.cache.kv import QueryRecord
 from argen.cache.layer_front import LayerFront
 from argen.cache.quant import QuantizedKV, compress
 
@@ -172,7 +173,7 @@ class SeqKV:
         self.attention: torch.Tensor | None = None
         # SnapKV's observation window (cache/press_attention.py QueryWindow): the newest queries fed,
         # added by the forward pass; None: not observed.
-        self.window = None
+        self.window: QueryRecord | None = None
 
     @property
     def offset(self) -> int:

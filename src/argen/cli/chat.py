@@ -33,7 +33,7 @@ def chat(args: argparse.Namespace) -> int:
         make_strategy(strategy)
     except ValueError as exc:
         raise ArgenError(str(exc)) from exc
-    gen = model_spec(args).load()
+    gen = model_spec(args).load_text()
     if not getattr(gen.tokenizer, "chat_template", None):
         raise ArgenError(f"model {args.model!r} has no chat template; use 'argen generate --no-chat' instead")
     session = ChatSession(gen, system=args.system, strategy=strategy, options=options, stats=args.stats)

@@ -53,7 +53,7 @@ def distill_command(args: argparse.Namespace) -> int:
         )
     if args.threads:
         torch.set_num_threads(args.threads)
-    gen = model_spec(args).load()
+    gen = model_spec(args).load_text()
     target = Path(args.out) if args.out else head_path(gen.runtime, recipe)
     if target.is_file() and not args.force:
         print(

@@ -7,10 +7,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any, cast
 
 from argen.cache.press import make_press
 from argen.cli.images import generate_images
 from argen.cli.options import add_model_options, add_sampling_options, model_spec, parse_options, sampling_options
+from argen.engine import Result
 from argen.errors import ArgenError
 from argen.images import is_image_model
 from argen.sampling import SamplingParams
@@ -163,7 +165,7 @@ def _prompt(args: argparse.Namespace) -> str | SetPrompt:
     return args.prompt if args.set_prompt_json is None else SetPrompt.from_json(args.set_prompt_json)
 
 
-def _options(args: argparse.Namespace) -> dict[str, object]:
+def _options(args: argparse.Namespace) -> dict[str, Any]:
     """SamplingParams fields the user set, generate's own included; the rest keep SamplingParams' defaults."""
     extra = {
         "response_format": response_format(args),
@@ -196,7 +198,7 @@ def generate(args: argparse.Namespace) -> int:
     if args.n < 1:
         raise ArgenError(f"--n must be >= 1 (samples of the prompt); got {args.n}")
 
-    gen = model_spec(args).load()
+    gen = model_spec(args).load_text()
     chat = not args.no_chat
     intervene = parse_interventions(args.intervene, gen.tokenizer) or None
     if args.logit_bias:
@@ -204,7 +206,8 @@ def generate(args: argparse.Namespace) -> int:
     if args.json or args.n > 1:
         n = args.n if args.n > 1 else None
         result = gen.generate(prompt, strategy=strategy, chat=chat, intervene=intervene, press=press, n=n, **options)
-        results = result if n else [result]
+        # One prompt: n Results with n, else one Result.
+        results = cast(list[Result], result) if n else [cast(Result, result)]
         if args.json:
             extra = {"intervene": intervene} if intervene else {}
             dicts = [r.as_dict() | extra for r in results]
@@ -225,13 +228,13 @@ def generate(args: argparse.Namespace) -> int:
         sys.stdout.write(event.text)
         sys.stdout.flush()
     sys.stdout.write("\n")
-    result = stream.result
-    if result is not None and result.logprobs is not None:
-        print_logprobs(result, gen.tokenizer, sys.stderr)
-    if result is not None:
-        s = result.stats
+    final = cast("Result | None", stream.result)  # one prompt without n: one Result
+    if final is not None and final.logprobs is not None:
+        print_logprobs(final, gen.tokenizer, sys.stderr)
+    if final is not None:
+        s = final.stats
         print(
-            f"[{s.new_tokens} tokens, {s.tokens_per_s:.1f} tok/s, finish: {result.finish_reason}, seed: {result.seed}]",
+            f"[{s.new_tokens} tokens, {s.tokens_per_s:.1f} tok/s, finish: {final.finish_reason}, seed: {final.seed}]",
             file=sys.stderr,
         )
     return 0

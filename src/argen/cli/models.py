@@ -31,7 +31,7 @@ def models(args: argparse.Namespace) -> int:
     print(
         "\nKV-cache presses (--press NAME, options with --press-opt KEY=VALUE; lossy below budget 1, quantizing ones always):"
     )
-    for name, cls in sorted(PRESSES.items()):
-        opts = ", ".join(f"{k}={v!r}" for k, v in press_options(cls).items())
-        print(f"  {name:<26} {opts} ({cls.paper})")
+    for name, press in sorted(PRESSES.items()):
+        opts = ", ".join(f"{k}={v!r}" for k, v in press_options(press).items())
+        print(f"  {name:<26} {opts} ({press.paper})")
     return 0

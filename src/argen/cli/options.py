@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from argen.api import ModelSpec
 from argen.errors import ArgenError
@@ -79,7 +79,7 @@ def add_sampling_options(
     )
 
 
-def sampling_options(args: argparse.Namespace) -> dict[str, object]:
+def sampling_options(args: argparse.Namespace) -> dict[str, Any]:
     """The SamplingParams fields the user set (the rest keep SamplingParams' defaults)."""
     return {name: value for name in SAMPLING_FIELDS if (value := getattr(args, name)) is not None}
 
@@ -148,7 +148,7 @@ def check_scheduler_options(args: argparse.Namespace) -> None:
         raise ArgenError("--prefill-chunk and --step-tokens must be >= 0 (0: off)")
 
 
-def scheduler_options(args: argparse.Namespace) -> dict[str, object]:
+def scheduler_options(args: argparse.Namespace) -> dict[str, Any]:
     """The scheduler's keyword arguments (JobRunner's, create_app's): 0 means off (None)."""
     return {
         "max_batch": args.max_batch,

@@ -187,7 +187,7 @@ def serve_command(args: argparse.Namespace) -> int:
     from argen.server.companions import Companions  # start-up cost: see the top of this module
     from argen.server.serve import serve  # start-up cost, as above
 
-    gen = model_spec(args).load()
+    gen = model_spec(args).load_text()
     companions = Companions.load(gen, args.model, args.draft_model, args.guide_model, args.draft_head)
     return serve(
         gen,

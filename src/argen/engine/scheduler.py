@@ -65,7 +65,8 @@ class Scheduler:
         """Pop the requests that join the batch now, head first: each while a slot for each of its
         samples and KV memory for its worst case (beside the running ones' and those taken before it)
         are free. The head never jumps the line: when it waits, everyone behind it waits."""
-        batch, taken, blocks = self.batch, [], 0
+        batch, blocks = self.batch, 0
+        taken: list[Waiting] = []
         slots = batch.slots()
         while self.waiting:
             head = self.waiting[0].request

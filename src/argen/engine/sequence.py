@@ -74,6 +74,7 @@ class Sequence:
         `start`), and a Sampler seeded with the request's seed + sample_index, so each sample replays
         alone from its own seed."""
         state, request = self.state, self.request
+        assert request.params.seed is not None  # SamplingParams.validate() drew one
         params = dataclasses.replace(state.sampler.params, seed=request.params.seed + sample_index)
         constraint = None if state.sampler.constraint is None else state.sampler.constraint.fork()
         sampler = Sampler(params, request.forced, constraint, prompt_len=state.sampler.prompt_len, eos_ids=self.eos_ids)
@@ -197,6 +198,7 @@ class Sequence:
         if (constraint := state.sampler.constraint) is not None:
             s.grammar_masks, s.grammar_mask_seconds = constraint.masks, constraint.mask_seconds
         strategy, params = self.strategy, state.sampler.params  # a fork's own seed
+        assert params.seed is not None  # SamplingParams.validate() drew one
         # Everything a replay needs: the noise is a function of (seed, output position), so the seed,
         # the sampling parameters, the strategy and the prompt layout record it completely.
         state.extras["replay"] = {

@@ -20,6 +20,7 @@ The models trained here are MLPs because they train in a minute on two cores: MA
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -45,6 +46,8 @@ class ModelConfig:
 
 class MaskedLinear(nn.Linear):
     """A linear layer whose weight is multiplied by a fixed 0/1 mask (MADE's autoregressive wiring)."""
+
+    mask: torch.Tensor  # a buffer
 
     def __init__(self, mask: torch.Tensor) -> None:
         super().__init__(mask.shape[1], mask.shape[0])
@@ -135,7 +138,8 @@ def check_model(model: nn.Module, kind: str, batch: int = 3, seed: int = 0) -> N
     for attr in ("n_pixels", "n_levels", "n_classes"):
         if not isinstance(getattr(model, attr, None), int):
             raise ArgenError(f"an image model needs an integer attribute {attr!r}")
-    d, v, c = model.n_pixels, model.n_levels, model.n_classes
+    # Integers, checked just above (nn.Module's typing sees any attribute as a tensor or module).
+    d, v, c = (cast(int, getattr(model, attr)) for attr in ("n_pixels", "n_levels", "n_classes"))
     g = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, c, (batch,), generator=g)
     pixels = torch.randint(0, v, (batch, d), generator=g)

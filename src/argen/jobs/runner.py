@@ -12,8 +12,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import cast
 
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from argen.api import Generator, ModelSpec
 from argen.engine import DecodeBatch, Event, Failure, Request, Result
@@ -28,7 +29,8 @@ from argen.server.params import Policy, build_request, max_prompt_chars
 from argen.server.responses import generation_error, shape_of
 
 log = logging.getLogger("argen.batch")
-BODIES: dict[str, type[BaseModel]] = {"chat": p.ChatCompletionRequest, "completions": p.CompletionRequest}
+Body = p.ChatCompletionRequest | p.CompletionRequest
+BODIES: dict[str, type[Body]] = {"chat": p.ChatCompletionRequest, "completions": p.CompletionRequest}
 
 
 def make_policy(
@@ -60,7 +62,7 @@ class RunnerOptions:
 
 def make_runner(options: RunnerOptions) -> JobRunner:
     """A JobRunner over a freshly loaded model (in this process or a Ray worker)."""
-    gen = options.model.load()
+    gen = options.model.load_text()
     companions = Companions.load(
         gen, options.model_id, list(options.draft_models), list(options.guide_models), list(options.draft_heads)
     )
@@ -91,7 +93,7 @@ class JobRunner:
         self.generated = 0  # requests admitted to the decode loop (resume tests count them)
         self.tokens = Tokens(gen.tokenizer)  # token texts, for log-probs
 
-    def build(self, job: Job) -> tuple[Request, BaseModel] | APIError:
+    def build(self, job: Job) -> tuple[Request, Body] | APIError:
         """The job's Request and parsed body, or the error the server would answer."""
         if job.error is not None:
             return job.error
@@ -124,7 +126,7 @@ class JobRunner:
             prefix_caching=self.prefix_caching,
         )
         scheduler = Scheduler(batch, max_sequences=self.max_batch)  # the server's admission
-        running: dict[int, tuple[Job, BaseModel, Request]] = {}
+        running: dict[int, tuple[Job, Body, Request]] = {}
         finished: dict[int, list[Result]] = {}  # samples done of requests with n > 1
         pending = iter(jobs)
         exhausted = False
@@ -149,7 +151,7 @@ class JobRunner:
                     if not taken:
                         break
                     for entry in taken:
-                        job, body = entry.owner
+                        job, body = cast(tuple[Job, Body], entry.owner)  # the owner this loop gave it
                         try:
                             scheduler.admit(entry)
                         except Exception as exc:
@@ -179,7 +181,7 @@ class JobRunner:
         finally:
             batch.remove(list(batch.sequences))
 
-    def response_body(self, job: Job, body: BaseModel, request: Request, results: list[Result]) -> dict:
+    def response_body(self, job: Job, body: Body, request: Request, results: list[Result]) -> dict:
         """The body the server would answer (its `shape_of`, so the two never drift apart)."""
         return shape_of(
             job.endpoint, self.policy.model_id, self.gen, body, [request], self.tokens, [job.index]

@@ -8,10 +8,12 @@ from a Hugging Face state dict, so its logits can be checked against the HF mode
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 
+from argen.cache.kv import PagedKV
 from argen.cache.paged import BLOCK_SIZE, BlockPool, SeqKV
 from argen.cache.records import attention_received
 from argen.models.fused import MAX_NEW_TOKENS as FUSED_MAX_NEW_TOKENS
@@ -31,6 +33,11 @@ TORCH_PACKED_MAX_NEW_TOKENS = 32
 
 
 Linear = Matmul | QuantMatmul
+
+
+def _paged(seg: Segment) -> PagedKV:
+    # The native runtime's caches are paged (SeqKV from its pool, new_cache).
+    return cast(PagedKV, seg.cache)
 
 
 @dataclass
@@ -72,7 +79,7 @@ class LlamaRuntime:
     def __init__(
         self,
         config,
-        state_dict: dict[str, torch.Tensor],
+        state_dict: dict[str, torch.Tensor | QuantWeight],
         device="cpu",
         dtype=torch.float32,
         kv_memory: int = DEFAULT_KV_MEMORY,
@@ -110,8 +117,9 @@ class LlamaRuntime:
         def linear(names: list[str], bias: torch.Tensor | None = None) -> Linear:
             """One fused linear layer: block-quantized if every part is (same format), else dense."""
             parts = [state_dict[n] for n in names]
-            if all(isinstance(x, QuantWeight) for x in parts) and len({x.fmt for x in parts}) == 1:
-                return QuantMatmul(QuantWeight.cat(parts), bias, act8=act8)
+            quantized = [x for x in parts if isinstance(x, QuantWeight)]
+            if len(quantized) == len(parts) and len({x.fmt for x in quantized}) == 1:
+                return QuantMatmul(QuantWeight.cat(quantized), bias, act8=act8)
             return Matmul(torch.cat([w(n) for n in names]), bias)
 
         self.layers: list[_Layer] = []
@@ -123,7 +131,8 @@ class LlamaRuntime:
                     attn_norm=w(p + "input_layernorm.weight"),
                     qkv=linear(
                         [p + f"self_attn.{x}_proj.weight" for x in "qkv"],
-                        torch.cat(biases) if biases[0] is not None else None,
+                        # q, k and v have biases together or not at all (Qwen2 has them)
+                        torch.cat(cast(list[torch.Tensor], biases)) if biases[0] is not None else None,
                     ),
                     o=linear([p + "self_attn.o_proj.weight"]),
                     ffn_norm=w(p + "post_attention_layernorm.weight"),
@@ -142,8 +151,8 @@ class LlamaRuntime:
         # from the head's packed blocks when the weights are tied (one copy of the matrix in memory).
         self.embed_q: QuantMatmul | QuantWeight | None = None
         if isinstance(embed, QuantWeight):
-            tied = head == "model.embed_tokens.weight" and isinstance(self.lm_head, QuantMatmul)
-            self.embed_q = self.lm_head if tied else embed
+            tied = head == "model.embed_tokens.weight"
+            self.embed_q = self.lm_head if tied and isinstance(self.lm_head, QuantMatmul) else embed
         self.embed = None if self.embed_q is not None else w("model.embed_tokens.weight")
         cos, sin = rope_tables(config, self.info.max_positions)
         self.cos, self.sin = cos.to(self.device, dtype).contiguous(), sin.to(self.device, dtype).contiguous()
@@ -195,7 +204,8 @@ class LlamaRuntime:
         segments = [Segment(caches[r], tokens[r], positions[r], masks[r], num_logits) for r in range(len(caches))]
         outs = self.forward_packed(segments, plan)
         hidden = torch.stack([o.hidden for o in outs])
-        logits = None if num_logits == 0 else torch.stack([o.logits for o in outs])
+        # Each segment returns logits unless num_logits is 0.
+        logits = None if num_logits == 0 else torch.stack([cast(torch.Tensor, o.logits) for o in outs])
         return logits, hidden
 
     @torch.inference_mode()
@@ -212,7 +222,7 @@ class LlamaRuntime:
         # or observe the attention their keys receive (H2O) or their queries (SnapKV) share a torch pass
         # of their own (the fused C forward does none of these), so the others keep the fused path's
         # batch invariance.
-        own = [bool(seg.ffn_cos) or seg.cache.needs_own_pass for seg in segments]
+        own = [bool(seg.ffn_cos) or _paged(seg).needs_own_pass for seg in segments]
         short = [i for i, seg in enumerate(segments) if len(seg.tokens) <= limit and not own[i]]
         measured = [i for i, seg in enumerate(segments) if len(seg.tokens) <= limit and own[i]]
         long = [i for i in range(len(segments)) if i not in set(short) | set(measured)]
@@ -250,6 +260,7 @@ class LlamaRuntime:
         x = self.embed_tokens(tokens[None])[0]  # [N, H]
         ffn_cos = None
         if fused:
+            assert self.fused is not None  # `fused` is asked for only when the fused forward exists
             hidden = self.fused(x, positions, segments, starts, plan)
         else:
             want = any(seg.ffn_cos for seg in segments)
@@ -278,10 +289,11 @@ class LlamaRuntime:
         its own keys (gathered from its blocks), with the same SDPA call a lone sequence makes. With
         `ffn_cos`, also cos(x, x + ffn(x)) per row and layer [N, n_layers] (1 where the FFN is skipped)."""
         info, pool = self.info, self.pool
+        assert pool is not None  # the segments' caches were made from it (kv_pool)
         n_rows = x.shape[0]
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # [N, 1, D]
         size = pool.block_size
-        slots = torch.cat([seg.cache.slots(start, len(seg.tokens)) for seg, start in zip(segments, starts)])
+        slots = torch.cat([_paged(seg).slots(start, len(seg.tokens)) for seg, start in zip(segments, starts)])
         blocks, offsets = slots // size, slots % size
         plans = [self._attention_plan(seg, start) for seg, start in zip(segments, starts)]
         gqa = info.n_kv_heads != info.n_heads
@@ -298,25 +310,25 @@ class LlamaRuntime:
                 pool.v[i][:, blocks, offsets] = v.view(n_rows, info.n_kv_heads, info.head_dim).transpose(0, 1)
                 outs, row = [], 0
                 for seg, (n_keys, attn_mask, is_causal) in zip(segments, plans):
-                    n = len(seg.tokens)
-                    table = torch.tensor(seg.cache.blocks, dtype=torch.long, device=self.device)
-                    held = n_keys - seg.cache.offset  # the positions in blocks; a pressed front comes first
+                    n, cache = len(seg.tokens), _paged(seg)
+                    table = torch.tensor(cache.blocks, dtype=torch.long, device=self.device)
+                    held = n_keys - cache.offset  # the positions in blocks; a pressed front comes first
                     keys = pool.k[i][:, table].flatten(1, 2)[:, :held]  # [kv heads, keys, D]
                     values = pool.v[i][:, table].flatten(1, 2)[:, :held]
                     mask = attn_mask
-                    if seg.cache.front is not None:
-                        front_k, front_v = seg.cache.front.layer(i)
+                    if cache.front is not None:
+                        front_k, front_v = cache.front.layer(i)
                         keys = torch.cat([front_k.to(keys.dtype), keys], 1)
                         values = torch.cat([front_v.to(values.dtype), values], 1)
-                        if mask is not None and front_k.shape[1] != seg.cache.offset:
+                        if mask is not None and front_k.shape[1] != cache.offset:
                             # This layer's front is not `offset` long (a per-layer press): every new query
                             # sees all of it (it is all in their past), then the mask's columns for the blocks.
                             seen = torch.ones(n, front_k.shape[1], dtype=torch.bool, device=self.device)
-                            mask = torch.cat([seen, mask[:, seg.cache.offset :]], 1)
-                    if seg.cache.attention is not None:
-                        seg.cache.observe(i, attention_received(q[row : row + n], keys, mask, is_causal))
-                    if seg.cache.window is not None:
-                        seg.cache.window.add(i, q[row : row + n], n_keys - n)
+                            mask = torch.cat([seen, mask[:, cache.offset :]], 1)
+                    if cache.attention is not None:
+                        cache.observe(i, attention_received(q[row : row + n], keys, mask, is_causal))
+                    if cache.window is not None:
+                        cache.window.add(i, q[row : row + n], n_keys - n)
                     outs.append(
                         F.scaled_dot_product_attention(
                             q[row : row + n].transpose(0, 1)[None],
@@ -355,6 +367,7 @@ class LlamaRuntime:
         """Input embeddings [B, T, H] for token ids [B, T]."""
         if self.embed_q is not None:
             return self.embed_q.embedding(tokens).to(self.dtype)
+        assert self.embed is not None  # set whenever embed_q is not
         return F.embedding(tokens, self.embed)
 
     @property

@@ -6,6 +6,7 @@ import threading
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -17,6 +18,10 @@ from argen.models.hf import HFRuntime
 from argen.models.llama import SUPPORTED_ARCHITECTURES, LlamaRuntime
 from argen.models.quant import QK, quantize
 from argen.models.quant_paths import QUANTS, split_quant
+from argen.models.runtime import ModelRuntime
+
+if TYPE_CHECKING:  # transformers is imported where a model is loaded (start-up cost)
+    from transformers import PreTrainedTokenizerBase
 
 DTYPES = {
     "float32": torch.float32,
@@ -50,8 +55,8 @@ def parse_device(device: str) -> torch.device:
 @dataclass
 class LoadedModel:
     name: str
-    runtime: object
-    tokenizer: object
+    runtime: ModelRuntime
+    tokenizer: PreTrainedTokenizerBase
     hf_model_loader: object  # () -> a Hugging Face model with the same weights, for parity and the bench peer
     eos_ids: set[int]
     quant: str = "none"  # the weight path the runtime uses (see QUANTS); never "auto"
@@ -149,6 +154,7 @@ def load_model(
     if weights == "exact":
         # The file's own blocks: the fp32 copy in the cache is never read (it is for the HF reference).
         tokenizer = _load_tokenizer(directory)
+        assert gguf_file is not None  # resolve_quant refuses "exact" without a GGUF file
         run = LlamaRuntime(config, read_gguf(gguf_file, config), device=torch_device, dtype=torch_dtype, act8=act8)
         return LoadedModel(name, run, tokenizer, lambda: _load_hf_dir(directory)[0], _eos_ids(tokenizer, config), quant)
     hf_model, tokenizer = _load_hf_dir(directory)

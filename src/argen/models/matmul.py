@@ -50,11 +50,11 @@ class Matmul:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         self.bias = bias
         self.packed = _onednn_pack(weight)
+        self.weight_t: torch.Tensor | None = None  # [in, out] contiguous, beside the oneDNN packing
         if self.packed is not None:
             self.weight_t = weight.t().contiguous()
             self.weight = self.weight_t.t()  # a view: the weight is stored once, transposed
         else:
-            self.weight_t = None
             self.weight = weight
 
     def tensors(self) -> list[torch.Tensor]:
@@ -74,6 +74,7 @@ class Matmul:
         if self.packed is None or rows > PACKED_MAX_ROWS:
             return F.linear(x, self.weight, self.bias)
         if rows == 1:
+            assert self.weight_t is not None  # kept whenever the packing is
             y = x @ self.weight_t
             return y if self.bias is None else y + self.bias
         flat = x.reshape(rows, x.shape[-1])

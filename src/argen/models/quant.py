@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import threading
 from dataclasses import dataclass, replace
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -69,7 +70,8 @@ class QuantWeight:
         fmt = weights[0].fmt
         if any(w.fmt != fmt for w in weights):
             raise ValueError("cannot fuse weights of different formats: " + ", ".join(w.fmt for w in weights))
-        m = None if fmt != "q4_1" else torch.cat([w.m for w in weights])
+        # Q4_1 blocks carry their mins (m), the other formats none.
+        m = None if fmt != "q4_1" else torch.cat([cast(torch.Tensor, w.m) for w in weights])
         return QuantWeight(fmt, torch.cat([w.qs for w in weights]), torch.cat([w.d for w in weights]), m)
 
     def dequantize(self, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -86,6 +88,7 @@ class QuantWeight:
         q = torch.cat([q & 0x0F, q >> 4], dim=-1).float()  # byte j: weight j (low nibble), j + 16 (high)
         if self.fmt == "q4_0":
             return ((q - 8) * d).view(n, k)
+        assert self.m is not None  # Q4_1 blocks carry their mins
         return (q * d + self.m.float()[..., None]).view(n, k)  # d * q is exact: one rounding, as fma
 
     def embedding(self, ids: torch.Tensor) -> torch.Tensor:
@@ -161,7 +164,9 @@ def pack(weight: QuantWeight, width: int, chunk: int, act8: bool = False) -> tor
     if weight.fmt != "q8_0":
         low, high = (codes[..., 0::2], codes[..., 1::2]) if not act8 else (codes[..., :16], codes[..., 16:])
         codes = low | (high << 4)
-    parts = [weight.d.reshape(n, nb, 1, 1)] + ([weight.m.reshape(n, nb, 1, 1)] if weight.fmt == "q4_1" else [])
+    # Q4_1 blocks carry their mins (m), the other formats none.
+    mins = [cast(torch.Tensor, weight.m).reshape(n, nb, 1, 1)] if weight.fmt == "q4_1" else []
+    parts = [weight.d.reshape(n, nb, 1, 1)] + mins
     parts.append(codes.reshape(n, nb, segments, per_row))
     out = []
     for part in parts:
@@ -229,9 +234,10 @@ class QuantMatmul:
         """act8: the "a8" path, activations rounded to 8 bits per block of 32 in the products (as
         llama.cpp computes; lossy), else fp32 activations (the weights' exact products)."""
         self.bias, self.act8 = bias, act8
-        self.lib = lib or library()
-        if self.lib is None:
+        found = lib or library()
+        if found is None:
             raise RuntimeError("QuantMatmul needs argen's CPU kernels (a C compiler); use quant='none'")
+        self.lib = found
         self.fmt = weight.fmt
         self.out_features, self.in_features = weight.shape
         self.width, self.chunk = self.lib.width, self.lib.chunk

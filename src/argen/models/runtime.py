@@ -117,7 +117,11 @@ class ModelRuntime(Protocol):
     dtype: torch.dtype
     capabilities: Capabilities
     memo: RuntimeMemo
-    weight_bytes: int  # the weights held in memory (quantized blocks at their stored size)
+
+    @property
+    def weight_bytes(self) -> int:
+        """The weights held in memory (quantized blocks at their stored size)."""
+        ...
 
     def new_cache(self, batch_size: int = 1, max_len: int | None = None): ...
 

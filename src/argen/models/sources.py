@@ -245,7 +245,7 @@ def dequantized_dir(gguf: Path, name: str) -> Path:
         raise ModelNotFoundError(f"could not load GGUF file {str(gguf)!r}: {exc}") from exc
     partial = out.with_name(out.name + ".partial")
     # The weights are now plain fp32; drop the GGUF quantizer so transformers will save them.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]  # nn.Module's typing sees any attribute as a tensor or module
     if hasattr(model.config, "quantization_config"):
         delattr(model.config, "quantization_config")
     model.save_pretrained(partial)

@@ -7,6 +7,8 @@ Weights are drawn with a larger spread than usual so that greedy decoding has cl
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 CHATML_TEMPLATE = (
@@ -51,7 +53,7 @@ def _init(model, seed: int, std: float):
 def tiny_llama(seed: int = 0, **overrides):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    params = dict(
+    params: dict[str, Any] = dict(
         vocab_size=VOCAB_SIZE,
         hidden_size=64,
         intermediate_size=128,

@@ -170,7 +170,8 @@ def _docs(corpus: Corpus, root: Path, limit_files: int) -> None:
 def roff_text(text: str) -> list[str]:
     """The running text of a man page's roff source, one paragraph per item (macros, fonts and
     escapes removed; a rough reading that keeps the prose)."""
-    paragraphs, current = [], []
+    paragraphs: list[str] = []
+    current: list[str] = []
     for line in text.splitlines():
         if line.startswith((".", "'")):
             if line[1:3] in ("PP", "SH", "TP", "SS", "IP", "P ", "LP", "sp") or line.strip() in (".P", ".PP", ".LP"):

@@ -14,6 +14,7 @@ first one loaded, and a 400 that says so when the server has none.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from argen.api import Generator
@@ -33,7 +34,12 @@ class Companions:
 
     @classmethod
     def load(
-        cls, gen: Generator, served_id: str, drafts: list[str] = (), guides: list[str] = (), heads: list[str] = ()
+        cls,
+        gen: Generator,
+        served_id: str,
+        drafts: Sequence[str] = (),
+        guides: Sequence[str] = (),
+        heads: Sequence[str] = (),
     ) -> Companions:
         """Load every `NAME=SOURCE` (once per canonical source, on the base model's device and dtype; a
         head's SOURCE is `cached`, the head `argen distill-draft` cached for the served model, or a file)."""

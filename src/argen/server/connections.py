@@ -19,6 +19,7 @@ every real client. This protocol subclass adds, per connection:
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import resource
@@ -33,9 +34,9 @@ class GuardedH11Protocol(H11Protocol):
     request_timeout: float = 30.0
     max_connections: int = 512
 
-    def connection_made(self, transport) -> None:  # type: ignore[override]
+    def connection_made(self, transport) -> None:
         super().connection_made(transport)
-        self._deadline = None
+        self._deadline: asyncio.TimerHandle | None = None
         self._arm_deadline()
         self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
         if len(self.connections) > self.max_connections:
@@ -64,8 +65,9 @@ class GuardedH11Protocol(H11Protocol):
         self._deadline = self.loop.call_later(self.request_timeout, self._too_slow)
 
     def _disarm_deadline(self) -> None:
-        if getattr(self, "_deadline", None) is not None:
-            self._deadline.cancel()
+        deadline = getattr(self, "_deadline", None)  # None before connection_made
+        if deadline is not None:
+            deadline.cancel()
             self._deadline = None
 
     def _too_slow(self) -> None:

@@ -4,6 +4,8 @@ a message that says what to fix."""
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from fastapi.responses import JSONResponse
 
@@ -22,7 +24,7 @@ STATUS_TYPES = {
 }
 
 # The error statuses as the OpenAPI description documents them (each route lists those it answers).
-ERROR_RESPONSES = {
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": p.ErrorResponse, "description": text}
     for status, text in [
         (400, "a parameter is invalid or unsupported (the message says which)"),
@@ -71,7 +73,7 @@ def bad_request(message: str, param: str | None = None, code: str = "invalid_val
     return APIError(400, message, param=param, code=code)
 
 
-def validation_message(errors: list[dict]) -> tuple[str, str | None]:
+def validation_message(errors: Sequence[Mapping[str, Any]]) -> tuple[str, str | None]:
     """One readable line from pydantic's errors, and the first offending parameter."""
     parts, param = [], None
     for err in errors[:5]:

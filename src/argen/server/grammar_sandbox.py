@@ -74,6 +74,7 @@ class _Child:
             self._send(frame)
 
     def _send(self, frame: bytes) -> None:
+        assert self.proc.stdin is not None  # Popen(stdin=PIPE)
         try:
             self.proc.stdin.write(frame)
             self.proc.stdin.flush()
@@ -82,6 +83,7 @@ class _Child:
             raise _Killed("gone") from None
 
     def _receive(self, deadline: float) -> dict:
+        assert self.proc.stdout is not None  # Popen(stdout=PIPE)
         try:
             fd = self.proc.stdout.fileno()
         except ValueError:  # closed: the child is gone (its setup failed)
@@ -126,6 +128,7 @@ class _Child:
             self.proc.kill()
         self.proc.wait()
         for stream in (self.proc.stdin, self.proc.stdout):
+            assert stream is not None  # Popen(stdin=PIPE, stdout=PIPE)
             with contextlib.suppress(OSError):
                 stream.close()
 

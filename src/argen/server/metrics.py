@@ -5,6 +5,7 @@ thread-safe)."""
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
@@ -98,7 +99,7 @@ def merge_by_replica(texts: dict[str, bytes]) -> bytes:
     """Several servers' /metrics (Prometheus text, by replica id) as one, each series labelled with
     its `replica`: a scrape through a load balancer sees every replica, and `sum without (replica)`
     aggregates them."""
-    families: dict[str, object] = {}
+    families: dict[str, Metric] = {}
     for replica, text in sorted(texts.items()):
         for family in text_string_to_metric_families(text.decode()):
             merged = families.setdefault(family.name, family)

@@ -249,6 +249,7 @@ def _press(body, policy: Policy) -> Press | None:
         press = make_press(spec)
     except InvalidRequestError as exc:
         raise bad_request(str(exc), "press") from exc
+    assert press is not None  # make_press gives None only for no spec
     if (over := policy.limits.check_press(press)) is not None:
         raise bad_request(over, "press", code="limit_exceeded")
     return press
@@ -344,6 +345,7 @@ def _messages(gen: Generator, body: ChatCompletionRequest) -> list[dict]:
             )
         messages.append({"role": "system" if m.role == "developer" else m.role, "content": text or ""})
     if tool_mode(body) is not None:
+        assert body.tools is not None  # a tool mode needs tools
         described = tools.describe(body.tools)
         if messages[0]["role"] == "system":
             messages[0]["content"] += "\n\n" + described

@@ -13,6 +13,7 @@ import uuid
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic.json_schema import JsonDict
 
 from argen.logprobs import MAX_TOP_LOGPROBS
 from argen.sampling import LOGIT_BIAS_ENTRIES
@@ -20,7 +21,7 @@ from argen.sampling import LOGIT_BIAS_ENTRIES
 SEED_MAX = 2**63 - 1
 # What the schema advertises for OpenAI fields argen does not implement. The models still accept any
 # value of the field's type, so that a value out of range gets a 400 saying what to do instead.
-ONLY_1 = {"minimum": 1, "maximum": 1}
+ONLY_1: JsonDict = {"minimum": 1, "maximum": 1}
 
 
 STRICT = ConfigDict(strict=True, allow_inf_nan=False)

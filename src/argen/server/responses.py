@@ -4,6 +4,8 @@ so the two never drift apart); `generation_error` is the APIError a failed gener
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 from argen.api import Generator
 from argen.engine import Event, Request, Result
 from argen.errors import ArgenError
@@ -30,9 +32,14 @@ def _prompt_texts(gen: Generator, body, built: list[Request]) -> list[str] | Non
         else [body.prompt]
     )
     return [
-        prompt if isinstance(prompt, str) else gen.tokenizer.decode(request.prompt_ids, skip_special_tokens=True)
+        prompt if isinstance(prompt, str) else _decoded(gen, request.prompt_ids)
         for prompt, request in zip(sent, built, strict=True)
     ]
+
+
+def _decoded(gen: Generator, ids: list[int]) -> str:
+    # A list of ids decodes to one string (transformers types decode for a batch too).
+    return cast(str, gen.tokenizer.decode(ids, skip_special_tokens=True))
 
 
 def shape_of(
@@ -45,7 +52,7 @@ def shape_of(
         endpoint,
         model_id,
         body.return_token_ids,
-        [r.params.seed for r in built],
+        [cast(int, r.params.seed) for r in built],  # SamplingParams.validate() drew any missing seed
         tokens if params.logprobs is not None or body.prompt_logprobs is not None else None,
         _prompt_texts(gen, body, built),
         [r.prompt_ids for r in built],
@@ -144,6 +151,7 @@ class Shape:
 
     def offsets(self, index: int, echo: str | None):
         """Streaming: where choice `index`'s next output token starts in its text (after the echo)."""
+        assert self.tokens is not None  # only called for log-probs, which come with `tokens`
         if index not in self._offsets:
             self._offsets[index] = self.tokens.offsets(len(echo or ""))
         return self._offsets[index]
@@ -176,20 +184,24 @@ class Shape:
         """vLLM's prompt_logprobs: per prompt token (the first null), the token and the k likeliest."""
         if self.prompt_logprobs is None or records is None:
             return None
+        assert self.tokens is not None  # shape_of passes `tokens` whenever prompt_logprobs is asked for
         return [None if r is None else prompt_logprob_entry(self.tokens, r, self.prompt_logprobs) for r in records]
 
     def response(self, results: list[Result]) -> dict:
-        choices = []
+        chat_choices: list[p.ChatChoice] = []
+        completion_choices: list[p.CompletionChoice] = []
         for result in sorted(results, key=self.choice):
             index = self.choice(result)
             ids = result.token_ids if self.token_ids else None
-            common = dict(index=index, finish_reason=result.finish_reason, token_ids=ids, seed=result.seed)
+            common: dict[str, Any] = dict(
+                index=index, finish_reason=result.finish_reason, token_ids=ids, seed=result.seed
+            )
             if self.chat:
                 logprobs = self._logprobs(result.token_ids, result.logprobs)
                 content, calls = (result.text, []) if self.tools is None else calls_from_output(result.text, self.tools)
                 common["finish_reason"] = _finish(result.finish_reason, calls)
                 message = p.AssistantMessage(content=content, tool_calls=calls or None)
-                choices.append(p.ChatChoice(message=message, logprobs=logprobs, **common))
+                chat_choices.append(p.ChatChoice(message=message, logprobs=logprobs, **common))
             else:
                 echo = self._echo(result)
                 scored = self.echo_logprobs is not None and echo is not None
@@ -203,7 +215,7 @@ class Shape:
                         result.prompt_logprobs,
                         echo,
                     )
-                choices.append(
+                completion_choices.append(
                     p.CompletionChoice(
                         text=(echo or "") + result.text,
                         logprobs=logprobs,
@@ -217,14 +229,18 @@ class Shape:
                     id=self.id,
                     created=self.created,
                     model=self.model,
-                    choices=choices,
+                    choices=chat_choices,
                     usage=self.usage(results),
                     prompt_logprobs=self._prompt_logprobs(results[0].prompt_logprobs),
                 )
             )
         return p.dump(
             p.CompletionResponse(
-                id=self.id, created=self.created, model=self.model, choices=choices, usage=self.usage(results)
+                id=self.id,
+                created=self.created,
+                model=self.model,
+                choices=completion_choices,
+                usage=self.usage(results),
             )
         )
 
@@ -243,12 +259,16 @@ class Shape:
         if not isinstance(event, int):
             logprobs = self._logprobs(event.token_ids, event.logprobs, index, echo=self._echo(event))
         seed = None if finish_reason is None else self.seeds[index // self.n] + index % self.n
-        common = dict(index=index, finish_reason=finish_reason, token_ids=ids, seed=seed, logprobs=logprobs)
+        common: dict[str, Any] = dict(
+            index=index, finish_reason=finish_reason, token_ids=ids, seed=seed, logprobs=logprobs
+        )
         now = None if usage is None else usage.usage()
         if self.chat:
-            choice = p.ChatChunkChoice(delta=content, **common)
+            chat_choice = p.ChatChunkChoice(delta=content, **common)
             return p.dump(
-                p.ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[choice], usage=now)
+                p.ChatCompletionChunk(
+                    id=self.id, created=self.created, model=self.model, choices=[chat_choice], usage=now
+                )
             )
         choice = p.CompletionChoice(text=content, **common)
         return p.dump(
@@ -283,6 +303,7 @@ class Shape:
 
     def tool_chunk(self, events: list[Event], usage: UsageCounter | None = None) -> dict:
         """A choice's whole output under tools, as one chunk: its content and tool calls."""
+        assert self.tools is not None  # called only for a chat with tools in play
         content, calls = calls_from_output("".join(e.text for e in events), self.tools)
         deltas = [p.ToolCallDelta(index=i, **call.model_dump()) for i, call in enumerate(calls)]
         ids = [t for e in events for t in e.token_ids] if self.token_ids else None

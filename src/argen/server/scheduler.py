@@ -21,6 +21,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import cast
 
 from argen.engine import DecodeBatch, Engine, Event, Failure, Request, Result
 from argen.engine.pacing import PREFILL_SLOWDOWN, PrefillPacer
@@ -129,7 +130,8 @@ class Scheduler:
         (QueueFull); they wait in line next to each other, so they are admitted and batched together.
         Their tickets share one queue."""
         self.start()
-        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[object] = asyncio.Queue()
         with self._cond:
             if self.draining:
                 raise Draining()
@@ -179,7 +181,8 @@ class Scheduler:
                     self._cond.wait()
                 if not self._waiting and not self._running:
                     return
-                admit = [entry.owner for entry in self.admission.take()]  # the engine's one admission
+                # The engine's one admission; the server's entries carry their Ticket.
+                admit = [cast(Ticket, entry.owner) for entry in self.admission.take()]
                 self.metrics.waiting.set(len(self._waiting))
             try:
                 self._iteration(admit)
@@ -201,19 +204,19 @@ class Scheduler:
 
     def _iteration(self, admit: list[Ticket]) -> None:
         self._drop_cancelled()
-        for ticket in admit:
-            if ticket.cancelled:
-                self._count(ticket, "cancelled")
+        for admitted in admit:
+            if admitted.cancelled:
+                self._count(admitted, "cancelled")
                 continue
-            self.metrics.queue_seconds.observe(time.perf_counter() - ticket.arrived)
-            self._running[ticket.id] = ticket
+            self.metrics.queue_seconds.observe(time.perf_counter() - admitted.arrived)
+            self._running[admitted.id] = admitted
             try:
-                self.admission.admit(Waiting(ticket.id, ticket.request))
+                self.admission.admit(Waiting(admitted.id, admitted.request))
             except Exception as exc:
-                _log_failure(ticket, exc, "at admission")
-                self._finish(ticket, exc, "error")
+                _log_failure(admitted, exc, "at admission")
+                self._finish(admitted, exc, "error")
                 continue
-            self.metrics.prompt_tokens.inc(len(ticket.request.prompt_ids))
+            self.metrics.prompt_tokens.inc(len(admitted.request.prompt_ids))
         self.metrics.running.set(len(self._running))
         if not len(self.batch):
             self._count_sequences()  # the batch emptied (cancelled, failed): the gauges say so too

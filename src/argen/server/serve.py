@@ -70,7 +70,8 @@ def make_server(
         log_level=log_level,
         lifespan="on",
         http=protocol,
-        timeout_keep_alive=timeout_keep_alive,
+        # uvicorn types it int; a float works (it is a delay given to asyncio's call_later)
+        timeout_keep_alive=timeout_keep_alive,  # type: ignore[arg-type]
         h11_max_incomplete_event_size=MAX_HEAD_BYTES,
     )
     rate_limit_logs()  # after uvicorn.Config, which configures the logging

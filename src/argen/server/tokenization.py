@@ -8,6 +8,8 @@ context. /tokenizer_info names the tokenizer's special tokens and chat template,
 
 from __future__ import annotations
 
+from typing import cast
+
 from argen.api import Generator
 from argen.server import protocol as p
 from argen.server.errors import APIError, bad_request
@@ -47,6 +49,7 @@ def tokenize(gen: Generator, body: p.TokenizeRequest, policy: Policy) -> p.Token
         )
         ids = _prompt_ids(gen, chat, policy.max_chars)
     else:  # as /v1/completions tokenizes a text prompt (special tokens added unless asked not to)
+        assert body.prompt is not None  # exactly one of prompt and messages (checked above)
         context = gen.runtime.info.max_positions
         if len(body.prompt) > policy.max_chars:
             raise bad_request(
@@ -56,7 +59,8 @@ def tokenize(gen: Generator, body: p.TokenizeRequest, policy: Policy) -> p.Token
                 code="context_length_exceeded",
             )
         ids = gen.tokenizer(body.prompt, add_special_tokens=body.add_special_tokens is not False)["input_ids"]
-    strs = gen.tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
+    # A list of ids gives a list of token strings (transformers types the one-id case too).
+    strs = cast(list[str], gen.tokenizer.convert_ids_to_tokens(ids)) if body.return_token_strs else None
     return p.TokenizeResponse(count=len(ids), max_model_len=gen.runtime.info.max_positions, tokens=ids, token_strs=strs)
 
 
@@ -73,7 +77,8 @@ def detokenize(gen: Generator, body: p.DetokenizeRequest, policy: Policy) -> p.D
         )
     if bad := [t for t in body.tokens if t >= vocab]:
         raise bad_request(f"token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})", "tokens")
-    return p.DetokenizeResponse(prompt=gen.tokenizer.decode(body.tokens))
+    # A list of ids decodes to one string (transformers types decode for a batch too).
+    return p.DetokenizeResponse(prompt=cast(str, gen.tokenizer.decode(body.tokens)))
 
 
 def tokenizer_info(gen: Generator) -> dict:

@@ -18,8 +18,12 @@ router = APIRouter()
 @router.get("/health", response_model=p.Health, responses={503: {"model": p.Health}})
 async def health(served: Served) -> JSONResponse:
     scheduler = served.scheduler
-    status = "draining" if scheduler.draining else "ok"
-    body = p.Health(status=status, model=served.model_id, running=scheduler.n_running, waiting=scheduler.n_waiting)
+    body = p.Health(
+        status="draining" if scheduler.draining else "ok",
+        model=served.model_id,
+        running=scheduler.n_running,
+        waiting=scheduler.n_waiting,
+    )
     return JSONResponse(p.dump(body), status_code=503 if scheduler.draining else 200)
 
 
