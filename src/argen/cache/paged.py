@@ -146,6 +146,13 @@ class BlockPool:
         self.v[:, :, dst] = self.v[:, :, src]
 
 
+def new_caches(pool: BlockPool, max_len: int, batch_size: int = 1) -> SeqKV | list[SeqKV]:
+    """`batch_size` empty sequences in `pool` of at most `max_len` positions each (one: the SeqKV
+    itself): what a paged runtime's `new_cache` hands out."""
+    caches = [SeqKV(pool, max_len) for _ in range(batch_size)]
+    return caches[0] if batch_size == 1 else caches
+
+
 def block_hash(previous: bytes, tokens: list[int], positions: list[int]) -> bytes:
     """The prefix-cache key of a full block: it stands for every token and position before it."""
     data = previous + b"|" + ",".join(map(str, tokens)).encode() + b"|" + ",".join(map(str, positions)).encode()

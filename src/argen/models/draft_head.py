@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from argen.cache.paged import BLOCK_SIZE, BlockPool, SeqKV
+from argen.cache.paged import BLOCK_SIZE, BlockPool, SeqKV, new_caches
 from argen.errors import ArgenError
 from argen.models.llama import rms_norm, rotate_half
 from argen.models.matmul import Matmul
@@ -264,9 +264,7 @@ class DraftHeadRuntime:
         return self.pool
 
     def new_cache(self, batch_size: int = 1, max_len: int | None = None) -> SeqKV | list[SeqKV]:
-        pool, max_len = self.kv_pool(), max_len or self.info.max_positions
-        caches = [SeqKV(pool, max_len) for _ in range(batch_size)]
-        return caches[0] if batch_size == 1 else caches
+        return new_caches(self.kv_pool(), max_len or self.info.max_positions, batch_size)
 
     # -- passes --------------------------------------------------------------------------------
     @torch.inference_mode()

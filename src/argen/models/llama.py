@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from argen.cache.kv import PagedKV
-from argen.cache.paged import BLOCK_SIZE, BlockPool, SeqKV
+from argen.cache.paged import BLOCK_SIZE, BlockPool, SeqKV, new_caches
 from argen.cache.records import attention_received
 from argen.models.fused import MAX_NEW_TOKENS as FUSED_MAX_NEW_TOKENS
 from argen.models.fused import MAX_ROWS as FUSED_MAX_ROWS
@@ -183,9 +183,7 @@ class LlamaRuntime:
 
     def new_cache(self, batch_size: int = 1, max_len: int | None = None) -> SeqKV | list[SeqKV]:
         """An empty cache of at most `max_len` positions (one sequence), or a list of `batch_size`."""
-        pool, max_len = self.kv_pool(), max_len or self.info.max_positions
-        caches = [SeqKV(pool, max_len) for _ in range(batch_size)]
-        return caches[0] if batch_size == 1 else caches
+        return new_caches(self.kv_pool(), max_len or self.info.max_positions, batch_size)
 
     # -- forward passes --------------------------------------------------------------------------
     @torch.inference_mode()
