@@ -7,7 +7,8 @@ latency (a 16-token greedy completion, back to back) while idle, then sends each
 the steady client runs. For each case: the hostile request's status and time, the steady client's
 median latency during the case against its median just before (idle, measured again before every
 case so that load from elsewhere on the machine hits both alike), and the server's resident memory
-(the server process plus its grammar children) before and after. The acceptance (issue 24): every
+(the server process plus its grammar children) before and after, each taken once the server has been
+idle for a moment (an idle server gives freed heap back: argen/server/memory.py). The acceptance (issue 24): every
 case answered 4xx (or served) within 5 s, unless it is a long prompt that is served; the steady
 client at most 2x its idle latency; the memory back at its baseline. `--compare-unpaced` runs the
 long-prompt cases again on a server with `--prefill-slowdown 0` (no pacing: the behaviour before).
@@ -32,6 +33,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT / "src"), str(ROOT)]  # this checkout's argen, and the `benchmarks` package
 
+from argen.server.memory import TRIM_AFTER_IDLE_S
 from benchmarks.harness.provenance import provenance, script_args
 
 MODEL = "default"
@@ -269,11 +271,17 @@ CASES = [  # (issue item, what, function, served: a 200 is its right answer)
 LONG = {"8,191-token prompt", "echo + logprobs 20 on 8,000 tokens"}  # (the repeat is a memory check only)
 
 
+def idle_rss(server: Server) -> float:
+    """The server's memory once it has been idle long enough to trim its heap (as it does between bursts)."""
+    time.sleep(TRIM_AFTER_IDLE_S + 1.0)
+    return server.rss_mb()
+
+
 def run_cases(server: Server, cases: list) -> list[dict]:
     rows = []
     for item, what, case, served in cases:
         idle = idle_latency(server.url)
-        rss_before = server.rss_mb()
+        rss_before = idle_rss(server)
         steady = Steady(server.url)
         while steady.alive and not steady.samples:
             time.sleep(0.05)
@@ -300,7 +308,7 @@ def run_cases(server: Server, cases: list) -> list[dict]:
             "ratio": round(statistics.median(during) / idle, 2),
             "mean_ratio": round(statistics.mean(during) / idle, 2),
             "rss_before_mb": round(rss_before),
-            "rss_after_mb": round(server.rss_mb()),
+            "rss_after_mb": round(idle_rss(server)),
             "served": served,
         }
         print(json.dumps(row), file=sys.stderr)
@@ -322,8 +330,9 @@ def report(out: Path, prov: dict, command: str, rows: list[dict], unpaced: list[
         f"The server: `argen serve --model default` (defaults: `--prefill-slowdown 1.5`, 512-token chunks, "
         f"grammar sandbox 2 s / 1024 MB / 2 at a time). Steady client: a 16-token greedy completion, back to "
         f"back; *idle* is its median latency just before each case, *during* its median over the requests "
-        f"that overlapped the case. Memory: the server's resident set plus its grammar children; baseline "
-        f"after warm-up (one long prompt first, so the KV blocks a long prompt touches are in it): "
+        f"that overlapped the case. Memory: the server's resident set plus its grammar children, "
+        f"read once the server has been idle {TRIM_AFTER_IDLE_S + 1:.0f} s (it gives freed heap back after "
+        f"{TRIM_AFTER_IDLE_S:.0f} s idle); baseline after warm-up (one long prompt first, so the KV blocks a long prompt touches are in it): "
         f"{baseline:.0f} MB.",
         "",
         "| item | case | status | answered in (s) | note | steady idle (s) | steady during: median / mean / "
@@ -377,7 +386,7 @@ def main() -> None:
     try:
         long_prompt(server.url, step=11)  # warm-up: the KV blocks a long prompt needs are then in the baseline
         idle_latency(server.url)
-        baseline = server.rss_mb()
+        baseline = idle_rss(server)
         rows = run_cases(server, CASES)
     finally:
         server.stop()

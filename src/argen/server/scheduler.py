@@ -28,6 +28,7 @@ from argen.engine.pacing import PREFILL_SLOWDOWN, PrefillPacer
 from argen.engine.scheduler import PREFILL_CHUNK, STEP_TOKENS, Waiting
 from argen.engine.scheduler import Scheduler as Admission
 from argen.errors import ArgenError
+from argen.server.memory import TRIM_AFTER_IDLE_S, release_free_memory
 from argen.server.metrics import Metrics
 
 log = logging.getLogger("argen.server")
@@ -175,15 +176,23 @@ class Scheduler:
 
     # -- the worker thread ---------------------------------------------------------------------
     def _loop(self) -> None:
+        trimmed = True  # nothing to give back before the first request
         while True:
             with self._cond:
                 while not self._waiting and not self._running and not self._stop:
-                    self._cond.wait()
+                    if not self._cond.wait(None if trimmed else TRIM_AFTER_IDLE_S):
+                        break  # idle for a moment since the last request: trim, below
                 if not self._waiting and not self._running:
-                    return
-                # The engine's one admission; the server's entries carry their Ticket.
-                admit = [cast(Ticket, entry.owner) for entry in self.admission.take()]
-                self.metrics.waiting.set(len(self._waiting))
+                    if self._stop:
+                        return
+                    admit = None
+                else:
+                    admit = self._admit()
+            if admit is None:  # outside the lock: a request may arrive meanwhile
+                release_free_memory()
+                trimmed = True
+                continue
+            trimmed = False
             try:
                 self._iteration(admit)
             except Exception:  # a bug in the loop itself: fail what is running, keep serving
@@ -192,6 +201,12 @@ class Scheduler:
                     self._finish(ticket, RuntimeError("internal error in the scheduler"), "error")
                 self.admission.batch = self._new_batch()  # the requests in line keep their places
             self._rest()
+
+    def _admit(self) -> list[Ticket]:
+        # The engine's one admission; the server's entries carry their Ticket.
+        admit = [cast(Ticket, entry.owner) for entry in self.admission.take()]
+        self.metrics.waiting.set(len(self._waiting))
+        return admit
 
     def _rest(self) -> None:
         """A long prompt held back for a moment with nothing else to run (engine/pacing.py): wait until
