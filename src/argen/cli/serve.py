@@ -16,6 +16,7 @@ from argen.cli.options import (
     scheduler_options,
 )
 from argen.errors import ArgenError
+from argen.images import IMAGE_MODELS, load_image_model
 
 # The server's modules (FastAPI, uvicorn, Ray Serve) are imported by the handlers below, not here:
 # every `argen` command builds this parser, and only `argen serve` should pay for loading them.
@@ -102,6 +103,15 @@ def add_serve(sub) -> None:
         help="KV-cache blocks (16 positions each) the running requests may hold: a request is admitted "
         "when its worst case fits beside the others' (default: the whole KV memory)",
     )
+    p.add_argument(
+        "--image-model",
+        action="append",
+        default=[],
+        choices=sorted(IMAGE_MODELS),
+        metavar="NAME",
+        help="also serve this image-token model at /v1/images/generations (repeatable; trained and cached on "
+        f"first use: {', '.join(sorted(IMAGE_MODELS))})",
+    )
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     r = p.add_argument_group("Ray Serve (pip install 'argen[ray]')")
     r.add_argument(
@@ -144,6 +154,8 @@ def check(args: argparse.Namespace) -> None:
         raise ArgenError("--api-key (or ARGEN_API_KEY) is empty; give a key, or unset it to serve without one")
     if args.replicas < 0 or args.replica_cpus < 0 or args.replica_gpus < 0:
         raise ArgenError("--replicas, --replica-cpus and --replica-gpus must be >= 0")
+    if args.replicas and args.image_model:
+        raise ArgenError("--image-model is served by one server process; leave out --replicas to serve images")
 
 
 def app_options(args: argparse.Namespace) -> dict:
@@ -189,12 +201,14 @@ def serve_command(args: argparse.Namespace) -> int:
 
     gen = model_spec(args).load_text()
     companions = Companions.load(gen, args.model, args.draft_model, args.guide_model, args.draft_head)
+    image_models = {name: load_image_model(name) for name in dict.fromkeys(args.image_model)}
     return serve(
         gen,
         args.host,
         args.port,
         log_level=args.log_level,
         companions=companions,
+        image_models=image_models,
         max_connections=args.max_connections,
         timeout_keep_alive=args.timeout_keep_alive,
         request_timeout=args.request_timeout,

@@ -107,6 +107,17 @@ class ImageGenerator:
             raise InvalidRequestError(f"every label must be an integer class in 0..{c - 1}; got {values!r}")
         return torch.tensor([int(v) for v in values], dtype=torch.long)
 
+    def check_request(self, labels, strategy="plain", seed: int | None = None) -> tuple[torch.Tensor, str, dict]:
+        """The labels as a tensor, the strategy's name and options, after every check a request gets
+        (InvalidRequestError says what is wrong): what a server runs before queueing one."""
+        lab = self._labels(labels)
+        name, options = parse_strategy(strategy, self.kind)
+        if name in ("speculative", "lantern") and self.draft is None:
+            raise InvalidRequestError(f"model {self.name!r} has no draft model for speculative sampling")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
+            raise InvalidRequestError(f"seed must be a non-negative integer; got {seed!r}")
+        return lab, name, options
+
     def generate_images(self, labels, *, strategy="plain", seed: int | None = None) -> np.ndarray:
         """Images of shape (n, 8, 8), integers 0..16, one per label; see `generate_images_with_stats`."""
         return self.generate_images_with_stats(labels, strategy=strategy, seed=seed).images
@@ -119,14 +130,9 @@ class ImageGenerator:
         Fast-dLLM threshold decoding: {"name": "confidence", "threshold": 0.9}, and "block": 8 for
         row-by-row semi-autoregressive blocks); every strategy takes
         "temperature". The same seed and labels give the same images."""
-        lab = self._labels(labels)
-        name, options = parse_strategy(strategy, self.kind)
-        if name in ("speculative", "lantern") and self.draft is None:
-            raise InvalidRequestError(f"model {self.name!r} has no draft model for speculative sampling")
+        lab, name, options = self.check_request(labels, strategy, seed)
         if seed is None:
             seed = secrets.randbelow(2**31)
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-            raise InvalidRequestError(f"seed must be a non-negative integer; got {seed!r}")
         gen = torch.Generator().manual_seed(seed)
         start = time.perf_counter()
         parts = [self._decode(name, options, lab[i : i + CHUNK], gen) for i in range(0, len(lab), CHUNK)]

@@ -19,6 +19,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 import argen
 from argen.api import Generator
 from argen.engine.pacing import PREFILL_SLOWDOWN
+from argen.images import ImageGenerator
 from argen.server import protocol as p
 from argen.server import tokenization
 from argen.server.companions import Companions
@@ -29,7 +30,7 @@ from argen.server.limits import Limits
 from argen.server.logprob_shape import Tokens
 from argen.server.metrics import Metrics
 from argen.server.params import Policy, max_prompt_chars
-from argen.server.routers import generation, models, monitoring, tokenizer
+from argen.server.routers import generation, images, models, monitoring, tokenizer
 from argen.server.scheduler import PREFILL_CHUNK, STEP_TOKENS, Scheduler
 from argen.server.state import ServerState, endpoint_of
 
@@ -53,6 +54,7 @@ def create_app(
     allowed_origins: list[str] | None = None,
     grammars: GrammarSandbox | None = None,
     prefill_slowdown: float | None = PREFILL_SLOWDOWN,
+    image_models: dict[str, ImageGenerator] | None = None,
 ) -> FastAPI:
     """A FastAPI app serving `gen`. Its scheduler thread starts with the app (or on the first
     request) and, at shutdown, finishes the requests in flight before it stops. `companions` are
@@ -60,7 +62,8 @@ def create_app(
     `limits` cap the strategy options, `api_key` (if any) is required on every route but /health
     and the API description, `allowed_hosts` (if any) are the Host names accepted, `allowed_origins`
     (if any) the web origins whose pages may call the API from a browser (CORS), `grammars` where
-    clients' grammars are compiled first (default: a GrammarSandbox with its default bounds)."""
+    clients' grammars are compiled first (default: a GrammarSandbox with its default bounds),
+    `image_models` the image-token models /v1/images/generations serves, by id (argen.images)."""
     model_id = model_id or gen.name
     context = gen.runtime.info.max_positions
     limit = min(max_tokens_limit or context, context)
@@ -96,6 +99,7 @@ def create_app(
         tokenization.tokenizer_info(gen),
         max_batch=max_batch,
         max_queue=max_queue,
+        image_models=dict(image_models or {}),
     )
     # sse-starlette would cut every stream on SIGTERM; we drain them instead (uvicorn waits for them).
     AppStatus.disable_automatic_graceful_drain()
@@ -129,7 +133,7 @@ def create_app(
     )
     for exc_class, handler in HANDLERS.items():
         app.add_exception_handler(exc_class, handler)
-    for router in (generation.router, models.router, tokenizer.router, monitoring.router):
+    for router in (generation.router, images.router, models.router, tokenizer.router, monitoring.router):
         app.include_router(router)
     app.openapi = _openapi(app, served, limit)
     return app

@@ -482,3 +482,50 @@ def dump(model: BaseModel) -> dict[str, Any]:
         if "delta" in choice:
             choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
     return data
+
+
+# -- /v1/images/generations (OpenAI's images API, for the image-token models: argen.images) --------
+MAX_IMAGES = 16  # images in one request (labels x n): one request's work stays a fraction of a second
+
+
+class ImageGenerationRequest(_Body):
+    """OpenAI's image request, for the digits models: `prompt` names the class ("7"), or argen's
+    `labels` gives one class per image; `n` images of each. `strategy` is the image decoder
+    (GET /v1/models lists the served image models; their strategies: docs/images.md)."""
+
+    model: str = Field(max_length=MAX_ID_CHARS, description="a served image model's id (GET /v1/models)")
+    prompt: str | None = Field(None, max_length=64, description="the class of the images, as its digits: '7'")
+    labels: list[Annotated[int, Field(ge=0, le=1_000_000)]] | None = Field(
+        None, min_length=1, max_length=MAX_IMAGES, description="argen: one class per image (instead of prompt)"
+    )
+    n: Annotated[int, Field(ge=1, le=MAX_IMAGES)] = 1
+    seed: Annotated[int, Field(ge=0, le=SEED_MAX)] | None = None
+    strategy: str | StrategySpec | None = Field(None, description="argen: the image decoder and its options")
+    response_format: Literal["b64_json", "pixels"] = Field(
+        "b64_json", description="b64_json: a PNG each; pixels (argen): the grey levels as rows of integers"
+    )
+    size: str | None = Field(None, max_length=16, description="accepted only as the model's own size, e.g. '8x8'")
+    user: str | None = Field(None, max_length=MAX_ID_CHARS, description="accepted and ignored")
+
+
+class ImageData(BaseModel):
+    b64_json: str | None = None
+    pixels: list[list[int]] | None = None  # argen: grey levels 0..levels-1, one list per row
+    label: int  # argen: the class the image was asked for
+    revised_prompt: None = None
+
+
+class ImageStats(BaseModel):
+    """argen: what decoding the request's images cost."""
+
+    strategy: dict[str, Any]
+    seed: int
+    target_passes_per_image: float
+    draft_passes_per_image: float
+    seconds: float
+
+
+class ImagesResponse(BaseModel):
+    created: int
+    data: list[ImageData]
+    argen: ImageStats

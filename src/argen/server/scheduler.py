@@ -28,6 +28,7 @@ from argen.engine.pacing import PREFILL_SLOWDOWN, PrefillPacer
 from argen.engine.scheduler import PREFILL_CHUNK, STEP_TOKENS, Waiting
 from argen.engine.scheduler import Scheduler as Admission
 from argen.errors import ArgenError
+from argen.server.images import ImageTicket
 from argen.server.memory import TRIM_AFTER_IDLE_S, release_free_memory
 from argen.server.metrics import Metrics
 
@@ -87,6 +88,7 @@ class Scheduler:
         self.peak_sequences = 0
         self.admission = Admission(self._new_batch(), max_sequences=self.max_batch)
         self._running: dict[int, Ticket] = {}
+        self._images: deque[ImageTicket] = deque()  # image requests, run one between rounds (images.py)
         self._cond = threading.Condition()
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
@@ -146,6 +148,26 @@ class Scheduler:
             self._cond.notify()
         return tickets
 
+    def submit_images(self, ticket: ImageTicket) -> None:
+        """Queue an image request (images.py); it counts against max_queue like a waiting request."""
+        self.start()
+        with self._cond:
+            if self.draining:
+                raise Draining()
+            if len(self._images) + len(self._waiting) >= self.max_queue + max(0, self.max_batch - len(self._running)):
+                raise QueueFull()
+            self._images.append(ticket)
+            self._cond.notify()
+
+    def _run_image(self, ticket: ImageTicket) -> None:
+        if ticket.cancelled or ticket.future.done():
+            self.metrics.requests.labels("images", "cancelled").inc()
+            return
+        self.metrics.queue_seconds.observe(time.perf_counter() - ticket.arrived)
+        outcome = ticket.run()
+        self.metrics.latency_seconds.observe(time.perf_counter() - ticket.arrived)
+        self.metrics.requests.labels("images", outcome).inc()
+
     def cancel(self, ticket: Ticket) -> None:
         """The client went away: the sequence leaves the batch at the next step."""
         if not ticket.done:
@@ -178,21 +200,25 @@ class Scheduler:
     def _loop(self) -> None:
         trimmed = True  # nothing to give back before the first request
         while True:
+            image: ImageTicket | None = None
             with self._cond:
-                while not self._waiting and not self._running and not self._stop:
+                while self._idle() and not self._stop:
                     if not self._cond.wait(None if trimmed else TRIM_AFTER_IDLE_S):
                         break  # idle for a moment since the last request: trim, below
-                if not self._waiting and not self._running:
+                if self._idle():
                     if self._stop:
                         return
                     admit = None
                 else:
                     admit = self._admit()
+                    image = self._images.popleft() if self._images else None
             if admit is None:  # outside the lock: a request may arrive meanwhile
                 release_free_memory()
                 trimmed = True
                 continue
             trimmed = False
+            if image is not None:
+                self._run_image(image)
             try:
                 self._iteration(admit)
             except Exception:  # a bug in the loop itself: fail what is running, keep serving
@@ -201,6 +227,9 @@ class Scheduler:
                     self._finish(ticket, RuntimeError("internal error in the scheduler"), "error")
                 self.admission.batch = self._new_batch()  # the requests in line keep their places
             self._rest()
+
+    def _idle(self) -> bool:
+        return not self._waiting and not self._running and not self._images
 
     def _admit(self) -> list[Ticket]:
         # The engine's one admission; the server's entries carry their Ticket.
@@ -214,7 +243,7 @@ class Scheduler:
         until = self.batch.held_until
         if until is not None:
             with self._cond:
-                if not self._waiting and not self._stop:
+                if not self._waiting and not self._images and not self._stop:
                     self._cond.wait(max(0.0, until - time.perf_counter()))
 
     def _iteration(self, admit: list[Ticket]) -> None:

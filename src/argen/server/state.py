@@ -3,13 +3,14 @@ the `Served` dependency (FastAPI's way to give module-level routers their app's 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends
 from fastapi import Request as HTTPRequest
 
 from argen.api import Generator
+from argen.images import ImageGenerator
 from argen.server import protocol as p
 from argen.server.grammar_sandbox import GrammarSandbox
 from argen.server.logprob_shape import Tokens
@@ -31,6 +32,7 @@ class ServerState:
     tokenizer_info: dict
     max_batch: int
     max_queue: int
+    image_models: dict[str, ImageGenerator] = field(default_factory=dict)  # /v1/images/generations
 
 
 def served(request: HTTPRequest) -> ServerState:

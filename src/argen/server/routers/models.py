@@ -1,4 +1,4 @@
-"""/v1/models: the one model this server serves."""
+"""/v1/models: the text model this server serves, and the image models (/v1/images/generations)."""
 
 from __future__ import annotations
 
@@ -13,11 +13,17 @@ router = APIRouter()
 
 @router.get("/v1/models", response_model=p.ModelList)
 async def models(served: Served) -> p.ModelList:
-    return p.ModelList(data=[served.card])
+    return p.ModelList(data=[served.card, *(_image_card(name, served) for name in served.image_models)])
+
+
+def _image_card(name: str, served) -> p.ModelCard:
+    return p.ModelCard(id=name, created=served.card.created, context_length=served.image_models[name].model.n_pixels)
 
 
 @router.get("/v1/models/{name:path}", response_model=p.ModelCard, responses={404: ERROR_RESPONSES[404]})
 async def model(name: str, served: Served) -> p.ModelCard:
+    if name in served.image_models:
+        return _image_card(name, served)
     if name != served.model_id:
         raise APIError(
             404,

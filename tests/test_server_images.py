@@ -1,0 +1,161 @@
+"""/v1/images/generations (server/images.py, routers/images.py): the digits image-token models over
+HTTP, decoded by the server's worker between text rounds. Tiny random models (no training), so the
+file runs in seconds; what the real models draw is measured in benchmarks/digits/."""
+
+from __future__ import annotations
+
+import base64
+import threading
+import zlib
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from server_helpers import metric, running_server
+
+from argen.images import ImageGenerator
+from argen.images.models import ModelConfig, build
+from argen.server import images as server_images
+from argen.server import protocol as p
+
+
+def _random(kind: str, hidden: int, seed: int, direct: bool = True):
+    torch.manual_seed(seed)
+    return build(ModelConfig(kind, hidden=hidden, layers=1, dropout=0.0, direct=direct))
+
+
+@pytest.fixture(scope="module")
+def image_models() -> dict[str, ImageGenerator]:
+    ar = ImageGenerator.from_modules(
+        _random("ar", 32, 0), "ar", draft=_random("ar", 8, 1, direct=False), name="digits-ar"
+    )
+    diffusion = ImageGenerator.from_modules(_random("diffusion", 32, 2), "diffusion", name="digits-diffusion")
+    return {"digits-ar": ar, "digits-diffusion": diffusion}
+
+
+@pytest.fixture(scope="module")
+def server(tiny, image_models):
+    with running_server(tiny, image_models=image_models, max_queue=8) as (url, _):
+        yield url
+
+
+def _post(url: str, body: dict, timeout: float = 60) -> httpx.Response:
+    return httpx.post(f"{url}/v1/images/generations", json=body, timeout=timeout)
+
+
+def _png_pixels(data: bytes) -> np.ndarray:
+    """Decode the server's PNG (8-bit greyscale, filter 0 rows) by the PNG spec, independently of png()."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    chunks, at = {}, 8
+    while at < len(data):
+        length = int.from_bytes(data[at : at + 4], "big")
+        kind, body = data[at + 4 : at + 8], data[at + 8 : at + 8 + length]
+        assert zlib.crc32(kind + body) == int.from_bytes(data[at + 8 + length : at + 12 + length], "big")
+        chunks[kind] = body
+        at += 12 + length
+    width, height = int.from_bytes(chunks[b"IHDR"][:4], "big"), int.from_bytes(chunks[b"IHDR"][4:8], "big")
+    assert chunks[b"IHDR"][8:10] == b"\x08\x00" and b"IEND" in chunks  # 8-bit greyscale
+    raw = np.frombuffer(zlib.decompress(chunks[b"IDAT"]), dtype=np.uint8).reshape(height, width + 1)
+    assert (raw[:, 0] == 0).all()
+    return raw[:, 1:]
+
+
+def test_pngs_and_pixels_are_the_images_the_python_api_draws(server, image_models):
+    """The same labels, strategy and seed give the API's images, as PNGs (grey level * 255/16) and as
+    pixels. Fails if the server reorders images, drops the seed, or scales the PNG otherwise."""
+    body = {"model": "digits-ar", "labels": [3, 1, 4], "n": 2, "seed": 11, "strategy": {"name": "speculative", "k": 3}}
+    want = image_models["digits-ar"].generate_images_with_stats(
+        [3, 3, 1, 1, 4, 4], strategy={"name": "speculative", "k": 3}, seed=11
+    )
+    pngs = _post(server, body)
+    assert pngs.status_code == 200, pngs.text
+    out = pngs.json()
+    assert [d["label"] for d in out["data"]] == [3, 3, 1, 1, 4, 4]
+    for image, d in zip(want.images, out["data"]):
+        assert np.array_equal(_png_pixels(base64.b64decode(d["b64_json"])), np.round(image * 255 / 16))
+    assert out["argen"]["seed"] == 11 and out["argen"]["strategy"]["k"] == 3
+    assert out["argen"]["target_passes_per_image"] == pytest.approx(float(np.mean(want.target_passes)))
+    pixels = _post(server, {**body, "response_format": "pixels"}).json()
+    assert np.array_equal(np.array([d["pixels"] for d in pixels["data"]]), want.images)
+
+
+def test_a_prompt_names_the_class_and_diffusion_runs_too(server):
+    out = _post(server, {"model": "digits-diffusion", "prompt": "7", "n": 3, "seed": 1, "strategy": "confidence"})
+    assert out.status_code == 200, out.text
+    assert [d["label"] for d in out.json()["data"]] == [7, 7, 7]
+    unseeded = _post(server, {"model": "digits-ar", "prompt": "2", "response_format": "pixels"}).json()
+    image = np.array(unseeded["data"][0]["pixels"])
+    assert image.shape == (8, 8) and 0 <= image.min() <= image.max() <= 16 and unseeded["argen"]["seed"] >= 0
+
+
+@pytest.mark.parametrize(
+    "body, status, says",
+    [
+        ({"model": "digits-var", "prompt": "1"}, 404, "not served here"),
+        ({"model": "/etc/passwd", "prompt": "1"}, 404, "not served here"),
+        ({"model": "tiny-random", "prompt": "1"}, 404, "not served here"),  # the text model is not an image model
+        ({"model": "digits-ar", "prompt": "a cat"}, 400, "by its number"),
+        ({"model": "digits-ar", "prompt": "١"}, 400, "by its number"),  # an Arabic-Indic digit is not ASCII
+        ({"model": "digits-ar", "prompt": "10"}, 400, "0..9"),
+        ({"model": "digits-ar"}, 400, "prompt"),
+        ({"model": "digits-ar", "prompt": "1", "labels": [1]}, 400, "not both"),
+        ({"model": "digits-ar", "labels": [1] * 5, "n": 4}, 400, "at most 16"),
+        ({"model": "digits-ar", "prompt": "1", "n": 17}, 422, "n"),
+        ({"model": "digits-ar", "labels": [1] * 17}, 422, "labels"),
+        ({"model": "digits-ar", "labels": [-1]}, 422, "labels"),
+        ({"model": "digits-ar", "prompt": "1", "size": "1024x1024"}, 400, "8x8"),
+        ({"model": "digits-ar", "prompt": "1", "strategy": "confidence"}, 400, "does not run on a ar"),
+        ({"model": "digits-ar", "prompt": "1", "strategy": {"name": "jacobi", "window": 10**9}}, 400, "window"),
+        ({"model": "digits-ar", "prompt": "1", "strategy": {"name": "plain", "path": "/etc"}}, 400, "unknown option"),
+        ({"model": "digits-ar", "prompt": "1", "seed": -1}, 422, "seed"),
+        ({"model": "digits-ar", "prompt": "1", "seed": "7"}, 422, "seed"),
+        ({"model": "digits-ar", "prompt": "1", "response_format": "url"}, 422, "response_format"),
+        ({"model": "digits-ar", "prompt": "1", "quality": "hd"}, 422, "quality"),
+    ],
+)
+def test_hostile_and_mistaken_bodies_get_4xx_that_say_what_to_do(server, body, status, says):
+    r = _post(server, body)
+    assert r.status_code == status, r.text
+    assert says in r.text
+
+
+def test_images_and_text_share_the_worker_and_both_finish(server, image_models):
+    """Text completions and image requests sent together all succeed, and the request counters
+    count the images under their own endpoint label."""
+    before = metric(httpx.get(f"{server}/metrics").text, "argen_requests_total", endpoint="images", outcome="done")
+    results: list[int] = []
+
+    def text() -> None:
+        r = httpx.post(
+            f"{server}/v1/completions", json={"model": "tiny-random", "prompt": "Hi", "max_tokens": 8}, timeout=60
+        )
+        results.append(r.status_code)
+
+    def image(seed: int) -> None:
+        results.append(_post(server, {"model": "digits-ar", "prompt": "5", "n": 4, "seed": seed}).status_code)
+
+    threads = [threading.Thread(target=text) for _ in range(4)] + [
+        threading.Thread(target=image, args=(s,)) for s in range(4)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert results == [200] * 8
+    after = metric(httpx.get(f"{server}/metrics").text, "argen_requests_total", endpoint="images", outcome="done")
+    assert after - before == 4
+
+
+def test_models_lists_the_image_models(server):
+    ids = [m["id"] for m in httpx.get(f"{server}/v1/models").json()["data"]]
+    assert ids == ["tiny-random", "digits-ar", "digits-diffusion"]
+    assert httpx.get(f"{server}/v1/models/digits-ar").json()["context_length"] == 64
+
+
+def test_png_control_a_wrong_scale_is_caught():
+    """The PNG check above is not vacuous: a PNG of the raw levels (no 255/16 scaling) differs."""
+    image = np.arange(64).reshape(8, 8) % 17
+    assert np.array_equal(_png_pixels(server_images.png(image, 17)), np.round(image * 255 / 16))
+    assert not np.array_equal(_png_pixels(server_images.png(image, 256)), np.round(image * 255 / 16))
+    assert p.MAX_IMAGES == 16
