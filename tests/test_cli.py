@@ -155,6 +155,7 @@ def test_models_lists_sources_cache_and_strategies(capsys):
     assert "tiny-random" in out and "default" in out and "plain" in out
     assert "delete" in out and err == ""
     assert "kvmerger" in out and "streaming-llm" in out and "budget=0.5" in out
+    assert "digits-ar " in out and "digits-diffusion" in out and "k=4 [1, 16]" in out  # the image models too
 
 
 def test_bench_is_delegated_to_the_bench_package(capsys, monkeypatch):
