@@ -8,9 +8,13 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 import argen
+from argen.api import Generator
+from argen.models import tiny as tiny_models
 from argen.models.llama import LlamaRuntime
+from argen.models.loading import LoadedModel
 
 DROPPED = range(12, 18)  # the draft model: the default model without these layers
 SPEC_BENCH = Path(__file__).resolve().parents[1].parent / "shared" / "benchmarks" / "spec_bench" / "question.jsonl"
@@ -24,6 +28,18 @@ def tiny():
 @pytest.fixture(scope="session")
 def tiny_gpt2():
     return argen.load("tiny-random-gpt2")
+
+
+@pytest.fixture(scope="session")
+def looping():
+    """tiny-random with every attention output zeroed: the next token depends on the current one
+    only, so greedy decoding enters a cycle that lookup drafts then predict."""
+    model = tiny_models.tiny_llama(0)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+    runtime = LlamaRuntime(model.config, model.state_dict())
+    return Generator(LoadedModel("tiny-looping", runtime, tiny_models.byte_tokenizer(), lambda: model, {258}))
 
 
 @pytest.fixture(scope="session")

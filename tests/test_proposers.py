@@ -7,7 +7,6 @@ proposer is in test_distribution.py), and a cache that holds exactly what a fres
 from __future__ import annotations
 
 import pytest
-import torch
 from checks import check_cache_matches_prefill, check_greedy_identical
 
 from argen.api import Generator
@@ -26,18 +25,6 @@ STRATEGIES = [
     {"name": "draft-model", "draft": "tiny-random@1", "num_drafts": 3},
 ]
 IDS = ["prompt-lookup", "ngram", "jacobi", "layer-skip", "draft-model", "multi-draft"]
-
-
-@pytest.fixture(scope="module")
-def looping():
-    """tiny-random with every attention output zeroed: the next token depends on the current one
-    only, so greedy decoding enters a cycle that lookup drafts then predict."""
-    model = tiny_models.tiny_llama(0)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.o_proj.weight.zero_()
-    runtime = LlamaRuntime(model.config, model.state_dict())
-    return Generator(LoadedModel("tiny-looping", runtime, tiny_models.byte_tokenizer(), lambda: model, {258}))
 
 
 @pytest.mark.parametrize("adaptive", [True, False])

@@ -179,11 +179,13 @@ class Constraint:
         self.real: list[bool] = []  # whether the matcher took each one (not past its end)
         self.mask_seconds = 0.0  # time spent computing masks (the bench reports it per token)
         self.masks = 0
+        self.single_choice: set[int] = set()  # output positions where the grammar allowed one token
 
     def fork(self) -> Constraint:
         """An independent copy in the same state (a request's other samples, n > 1)."""
         other = Constraint(self.matcher.deep_copy(), self.prompt_len, self.vocab_size)
         other.consumed, other.real = list(self.consumed), list(self.real)
+        other.single_choice = set(self.single_choice)
         return other
 
     def _follow(self, output: list[int]) -> None:
@@ -223,6 +225,8 @@ class Constraint:
         allowed = torch.from_numpy(np.unpackbits(bits, bitorder="little")[: self.vocab_size].astype(bool))
         self.mask_seconds += time.perf_counter() - started
         self.masks += 1
+        if int(allowed.sum()) == 1:  # the grammar leaves one choice: the token's origin is "grammar"
+            self.single_choice.add(len(context) - self.prompt_len)
         if self.matcher.is_error():
             raise InvalidRequestError(f"response_format: the grammar failed: {describe(self.matcher.get_error())}")
         return allowed

@@ -329,7 +329,8 @@ class DecodeBatch:
 
     def _start(self, seq: Sequence, out: RoundOutput) -> None:
         if seq.request.output_prefix:  # emitted before any step, as generated output
-            event = seq.accept(list(seq.request.output_prefix))
+            prefix = list(seq.request.output_prefix)
+            event = seq.accept(prefix, ["replayed"] * len(prefix))
             out.items.append(event)
             if seq.finish_reason is not None:
                 out.items.append(seq.result())
@@ -348,7 +349,7 @@ class DecodeBatch:
         try:
             value = next(seq.driver) if outs is None else seq.driver.send(outs)
             while isinstance(value, Emit):
-                event = seq.accept(value.tokens)
+                event = seq.accept(value.tokens, value.origins)
                 if event.token_ids or event.text or event.finish_reason or event.prompt_logprobs:
                     out.items.append(event)
                 if seq.finish_reason is not None:

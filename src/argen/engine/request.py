@@ -76,6 +76,18 @@ class Stats:
         }
 
 
+# Where a token of the output came from (Event.origins, Result.origins): the decode loop reads it off
+# the strategy's counters around each step (engine/sequence.py).
+ORIGINS = {
+    "step": "decided by a forward pass of its own (plain decoding, search, a lossy strategy's step)",
+    "draft": "proposed by the strategy's drafter and accepted by the verification pass",
+    "verify": "chosen by a verification pass after the drafts it accepted (the bonus or the correction)",
+    "grammar": "the only token the response_format's grammar allowed",
+    "forced": "set by the request (a counterfactual intervention), not drawn",
+    "replayed": "a replay's output prefix: prefilled, not decided by this call",
+}
+
+
 @dataclass
 class Event:
     index: int  # which request of the batch
@@ -86,6 +98,7 @@ class Event:
     logprobs: list[TokenLogprob | None] | None = None  # one per token id, when the request asked for them
     # The request's first Event carries the prompt's records (Request.prompt_logprobs), first one None.
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    origins: list[str] | None = None  # where each token came from (ORIGINS), one per token id
 
 
 @dataclass
@@ -105,6 +118,7 @@ class Result:
     logprobs: list[TokenLogprob | None] | None = None
     # With Request.prompt_logprobs: one per prompt token, the first None (nothing predicts it).
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    origins: list[str] = field(default_factory=list)  # one per output token (ORIGINS)
 
     def as_dict(self) -> dict:
         extra = {

@@ -18,12 +18,23 @@ from argen.textstream import TextStream
 
 
 class Emit:
-    """Yielded by a sequence's driver between feeds: tokens for the Engine to accept."""
+    """Yielded by a sequence's driver between feeds: a step's tokens for the Engine to accept, and
+    where each came from (request.ORIGINS)."""
 
-    __slots__ = ("tokens",)
+    __slots__ = ("tokens", "origins")
 
-    def __init__(self, tokens: list[int]) -> None:
-        self.tokens = tokens
+    def __init__(self, tokens: list[int], origins: list[str]) -> None:
+        self.tokens, self.origins = tokens, origins
+
+
+def step_origins(n: int, accepted: int, verified: bool) -> list[str]:
+    """The origins of a step's n tokens from its counters: a step that verified drafts emits the
+    accepted drafts first, then the token the verification pass chose; any other step decided its
+    tokens by its own passes."""
+    if not verified:
+        return ["step"] * n
+    accepted = min(accepted, n)
+    return ["draft"] * accepted + ["verify"] * (n - accepted)
 
 
 class Sequence:
@@ -66,6 +77,7 @@ class Sequence:
         # Prompt scoring: records of prompt tokens 1.. filled as the prefill chunks return their logits.
         self.prompt_logprobs: list | None = None if request.prompt_logprobs is None else [None]
         self.prompt_records_sent = self.prompt_logprobs is None  # they go with the first Event
+        self.origins: list[str] = []  # where each decoded output token came from (request.ORIGINS)
 
     def fork(self, sample_index: int) -> Sequence:
         """Sample `sample_index` of the request, made once the prompt is prefilled: a copy-on-write fork
@@ -144,14 +156,18 @@ class Sequence:
         state.prompt_hidden = None
         self.stats.prefill_seconds = time.perf_counter() - self.started
         self.stats.prefill_passes = state.counters.forward_passes
+        counters = state.counters
         while self.finish_reason is None:
             self.press()
+            accepted, proposed = counters.draft_accepted, counters.draft_proposed
             tokens = yield from strategy.step(state)
-            yield Emit(tokens)
+            verified = counters.draft_proposed > proposed
+            yield Emit(tokens, step_origins(len(tokens), counters.draft_accepted - accepted, verified))
 
-    def accept(self, new_ids: list[int]) -> Event:
+    def accept(self, new_ids: list[int], origins: list[str] | None = None) -> Event:
         """Append a step's tokens, cut at EOS or a stop token id / max tokens / a stop string, and make
-        the event. Nothing ends the output before min_tokens tokens (but max tokens)."""
+        the event. Nothing ends the output before min_tokens tokens (but max tokens). `origins`: the
+        Emit's, one per token (default: "step")."""
         state, params = self.state, self.request.params
         first = state.n_generated  # output position of new_ids[0]
         new_ids = new_ids[: state.remaining]
@@ -172,12 +188,34 @@ class Sequence:
             self.finish_reason = "stop"
         if self.finish_reason is not None:
             delta += self.text.flush()
+        kept = self._origins(first, len(new_ids), origins)
+        self.origins += kept
         event = Event(
-            self.index, new_ids, delta, self.finish_reason, self.sample_index, self._logprobs(first, len(new_ids))
+            self.index,
+            new_ids,
+            delta,
+            self.finish_reason,
+            self.sample_index,
+            self._logprobs(first, len(new_ids)),
+            origins=kept,
         )
         if not self.prompt_records_sent:
             event.prompt_logprobs, self.prompt_records_sent = self.prompt_logprobs, True
         return event
+
+    def _origins(self, first: int, n: int, origins: list[str] | None) -> list[str]:
+        """The origins of output positions first..first + n - 1 (cuts only ever drop a step's last
+        tokens, so the step's first n), with what the sampler knows on top: a forced token, a grammar
+        that allowed only one."""
+        out = list(origins[:n]) if origins is not None else ["step"] * n
+        sampler = self.state.sampler
+        single = sampler.constraint.single_choice if sampler.constraint is not None else ()
+        for i in range(n):
+            if first + i in sampler.forced:
+                out[i] = "forced"
+            elif first + i in single:
+                out[i] = "grammar"
+        return out
 
     def _logprobs(self, first: int, n: int) -> list | None:
         """The sampler's records of output positions first..first + n - 1 (None if not asked for)."""
@@ -235,6 +273,7 @@ class Sequence:
             self.sample_index,
             self._logprobs(0, state.n_generated),
             self.prompt_logprobs,
+            list(self.origins),
         )
 
     def release(self) -> None:

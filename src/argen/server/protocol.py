@@ -199,6 +199,12 @@ class _Sampling(_Body):
         description='argen extension: a KV-cache press, a name or {"name": ..., "budget": fraction kept, ...}',
     )
     return_token_ids: bool = Field(False, description="argen extension: add token ids to the choices")
+    return_origins: bool = Field(
+        False,
+        description="argen extension: add each token's origin (token_origins: step, draft, verify, grammar, "
+        "forced, replayed) and the decode statistics (stats: passes, drafts accepted, tokens/s) to the choices; "
+        "a stream sends each choice's stats in a chunk of its own (argen_stats) when it finishes",
+    )
     response_format: ResponseFormat | None = Field(
         None, description="structured output: json_object, json_schema, or (argen extensions) regex, grammar"
     )
@@ -359,6 +365,8 @@ class CompletionChoice(BaseModel):
     token_ids: list[int] | None = None
     seed: int | None = None  # argen extension: this choice's seed, to replay it alone
     prompt_logprobs: PromptLogprobs | None = None  # vLLM's
+    token_origins: list[str] | None = None  # argen extension (return_origins): each token's origin
+    stats: dict[str, Any] | None = None  # argen extension (return_origins): how the choice was decoded
 
 
 class CompletionResponse(BaseModel):
@@ -368,6 +376,7 @@ class CompletionResponse(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
+    argen_stats: dict[str, Any] | None = None  # argen extension: a finished choice's stats (a stream's)
 
 
 class AssistantMessage(BaseModel):
@@ -397,6 +406,8 @@ class ChatChoice(BaseModel):
     finish_reason: Literal["stop", "length", "tool_calls"]
     token_ids: list[int] | None = None
     seed: int | None = None  # argen extension: this choice's seed, to replay it alone
+    token_origins: list[str] | None = None  # argen extension (return_origins): each token's origin
+    stats: dict[str, Any] | None = None  # argen extension (return_origins): how the choice was decoded
 
 
 class ChatCompletionResponse(BaseModel):
@@ -426,6 +437,7 @@ class ChatChunkChoice(BaseModel):
     finish_reason: Literal["stop", "length", "tool_calls"] | None = None
     token_ids: list[int] | None = None
     seed: int | None = None  # argen extension: this choice's seed, to replay it alone
+    token_origins: list[str] | None = None  # argen extension (return_origins): each token's origin
 
 
 class ChatCompletionChunk(BaseModel):
@@ -435,6 +447,7 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
+    argen_stats: dict[str, Any] | None = None  # argen extension: a finished choice's stats
 
 
 class ModelCard(BaseModel):
@@ -471,10 +484,11 @@ class Health(BaseModel):
 def dump(model: BaseModel) -> dict[str, Any]:
     """JSON-ready dict without the argen-only fields nobody asked for (token_ids: None)."""
     data = model.model_dump(mode="json")
-    if data.get("prompt_logprobs", 0) is None:
-        del data["prompt_logprobs"]
+    for extension in ("prompt_logprobs", "argen_stats"):
+        if extension in data and data[extension] is None:
+            del data[extension]
     for choice in data.get("choices", []):
-        for extension in ("token_ids", "seed", "prompt_logprobs"):
+        for extension in ("token_ids", "seed", "prompt_logprobs", "token_origins", "stats"):
             if choice.get(extension) is None:
                 choice.pop(extension, None)
         if "message" in choice and choice["message"].get("tool_calls") is None:

@@ -61,7 +61,13 @@ def shape_of(
         indices=indices,
         echo_logprobs=getattr(body, "logprobs", None) if getattr(body, "echo", False) else None,
         prompt_logprobs=body.prompt_logprobs,
+        origins=body.return_origins,
     )
+
+
+def stats_of(result: Result) -> dict[str, Any]:
+    """What return_origins shows of how a choice was decoded: engine/request.py's Stats, and the strategy."""
+    return {"strategy": result.strategy} | result.stats.as_dict()
 
 
 def _finish(reason: str | None, calls: list) -> str | None:
@@ -101,7 +107,7 @@ class Shape:
     text, which its completions start with; `prompt_ids`: each prompt's ids; `tools`: how a chat output
     becomes tool calls (server/tools.py); `indices`: each prompt's batch index (Events and Results
     carry it; none: one prompt); `echo_logprobs` / `prompt_logprobs`: the alternatives per prompt
-    token each shape shows."""
+    token each shape shows; `origins`: each token's origin and each choice's stats (return_origins)."""
 
     def __init__(
         self,
@@ -118,8 +124,10 @@ class Shape:
         indices: list[int] | None = None,
         echo_logprobs: int | None = None,
         prompt_logprobs: int | None = None,
+        origins: bool = False,
     ) -> None:
         self.chat, self.model, self.token_ids = endpoint == "chat", model_id, token_ids
+        self.origins = origins
         self.seeds = [seed] if isinstance(seed, int) else seed  # each prompt's (sample j: its seed + j)
         self.tools, self.n = tools, n
         self.id, self.created = p.new_id("chatcmpl" if self.chat else "cmpl"), p.now()
@@ -196,6 +204,8 @@ class Shape:
             common: dict[str, Any] = dict(
                 index=index, finish_reason=result.finish_reason, token_ids=ids, seed=result.seed
             )
+            if self.origins:
+                common |= dict(token_origins=result.origins, stats=stats_of(result))
             if self.chat:
                 logprobs = self._logprobs(result.token_ids, result.logprobs)
                 content, calls = (result.text, []) if self.tools is None else calls_from_output(result.text, self.tools)
@@ -251,9 +261,10 @@ class Shape:
         ids: list[int] | None,
         event: Event | int = 0,
         usage: UsageCounter | None = None,
+        origins: list[str] | None = None,
     ) -> dict:
         """A stream chunk of one choice (an Event's, or choice `event` if an int); its last one (with
-        the finish_reason) carries its seed."""
+        the finish_reason) carries its seed. `origins`: its tokens' (default: the Event's)."""
         index = event if isinstance(event, int) else self.choice(event)
         logprobs = None
         if not isinstance(event, int):
@@ -262,6 +273,8 @@ class Shape:
         common: dict[str, Any] = dict(
             index=index, finish_reason=finish_reason, token_ids=ids, seed=seed, logprobs=logprobs
         )
+        if self.origins:
+            common["token_origins"] = origins if origins is not None else getattr(event, "origins", None)
         now = None if usage is None else usage.usage()
         if self.chat:
             chat_choice = p.ChatChunkChoice(delta=content, **common)
@@ -313,7 +326,14 @@ class Shape:
             ids,
             self.choice(events[-1]),
             usage,
+            [o for e in events for o in e.origins or []],
         )
+
+    def stats_chunk(self, result: Result) -> dict:
+        """return_origins, streaming: a finished choice's stats, in a chunk without choices."""
+        cls = p.ChatCompletionChunk if self.chat else p.CompletionResponse
+        stats = {"index": self.choice(result)} | stats_of(result)
+        return p.dump(cls(id=self.id, created=self.created, model=self.model, choices=[], argen_stats=stats))
 
     def usage_chunk(self, results: list[Result]) -> dict:
         cls = p.ChatCompletionChunk if self.chat else p.CompletionResponse

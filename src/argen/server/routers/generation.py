@@ -163,11 +163,19 @@ async def stream(scheduler: Scheduler, tickets: list[Ticket], shape: Shape, opti
                 if (echoed := shape.echo_chunk(item, usage)) is not None:  # the prompt first (and its log-probs)
                     yield json.dumps(echoed)
                 ids = item.token_ids if shape.token_ids else None
-                if item.text or ids or item.finish_reason or (shape.tokens and item.token_ids) or usage:
+                if (
+                    item.text
+                    or ids
+                    or item.finish_reason
+                    or ((shape.tokens or shape.origins) and item.token_ids)
+                    or usage
+                ):
                     content = p.Delta(content=item.text) if shape.chat else item.text
                     yield json.dumps(shape.chunk(content, item.finish_reason, ids, item, usage))
             elif isinstance(item, Result):
                 results.append(item)
+                if shape.origins:
+                    yield json.dumps(shape.stats_chunk(item))
                 if len(results) < expected:
                     continue
                 finished = True
