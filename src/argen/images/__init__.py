@@ -17,6 +17,7 @@ IMAGE_MODELS: dict[str, tuple[str, str | None]] = {
     "digits-ar": ("ar", "digits-ar-draft"),
     "digits-ar-draft": ("ar", None),
     "digits-diffusion": ("diffusion", None),
+    "digits-block-diffusion": ("block", None),
 }
 
 
