@@ -308,3 +308,10 @@ def test_training_is_deterministic_and_load_works(tmp_path, monkeypatch):
         assert torch.equal(x, y)
     images = gen.generate_images([1, 2], strategy={"name": "dkv", "threshold": 0.7}, seed=1)
     assert images.shape == (2, 8, 8)
+    from argen.cli import main
+
+    out = tmp_path / "grid.png"
+    argv = ["generate", "--model", "digits-block-diffusion", "--labels", "0,1", "--out", str(out), "--seed", "1"]
+    assert main([*argv, "--strategy", "subblock", "--strategy-opt", "sub_block=2"]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main([*argv, "--strategy", "subblock", "--strategy-opt", "reuse=2"]) != 0  # bounded: refused

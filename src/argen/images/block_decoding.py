@@ -24,6 +24,8 @@ pixels of the current block, or with `sub_block` > 0 of its first sub-block that
 
 `BlockDecoded.tokens_computed`: per image, the token positions run through the model over the whole
 decode (queries and commits; for "none" the whole prefix each pass): the compute a cache saves.
+In a batch, the images whose pass queries fewer slots than another's are padded to the same count
+(by repeating a slot): the padding is computed, shows in the wall time, and is not counted here.
 """
 
 from __future__ import annotations

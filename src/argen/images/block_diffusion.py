@@ -248,9 +248,12 @@ def check_block_model(model: nn.Module, batch: int = 2, seed: int = 0) -> None:
             changed[:, cut:] = (changed[:, cut:] + 1) % (v + 1)
             if cut and not torch.allclose(model(labels, changed)[:, :cut], out[:, :cut], atol=1e-5):
                 raise ArgenError("not block-causal: the logits of earlier blocks change with a later block")
-            state = model.new_state(batch)
+            if not (callable(getattr(model, "new_state", None)) and callable(getattr(model, "extend", None))):
+                raise ArgenError("a block-diffusion model needs the methods new_state and extend (the KV cache)")
+            cacher = cast(BlockDiffusionTransformer, model)  # the contract's methods, checked just above
+            state = cacher.new_state(batch)
             first = pixels[:, :bs]
-            cached = model.extend(state, first, torch.arange(bs)[None, :].expand(batch, -1), labels=labels)
+            cached = cacher.extend(state, first, torch.arange(bs)[None, :].expand(batch, -1), labels=labels)
             if not torch.allclose(cached, out[:, :bs], atol=1e-4):
                 raise ArgenError("the cached pass (extend) differs from the full recompute (forward)")
     finally:
