@@ -240,6 +240,20 @@ def test_subblock_cache_reuses_a_finished_sub_block_after_one_more_pass(reuse):
     assert (reused > 0) == reuse
 
 
+def test_a_sub_block_as_large_as_the_block_is_the_exact_block_cache():
+    """A sub-block of the whole block is reused only once the block is done: the images, passes and
+    tokens computed are those of the exact block cache (a request can ask for it: no error, no saving)."""
+    model = tiny_model()
+    runs = [
+        block_decoding.block_decode(
+            model, torch.arange(4), torch.Generator().manual_seed(7), threshold=THRESHOLD, cache=c, sub_block=s
+        )
+        for c, s in (("block", 0), ("subblock", 8), ("subblock", 64))
+    ]
+    for other in runs[1:]:
+        assert torch.equal(other.tokens, runs[0].tokens) and torch.equal(other.tokens_computed, runs[0].tokens_computed)
+
+
 def test_approximate_caches_compute_fewer_tokens_than_the_exact_one():
     model = tiny_model()
     labels = torch.arange(8)
@@ -274,7 +288,6 @@ def test_every_strategy_gives_images_in_range_and_replays_under_its_seed():
         ({"name": "blockwise", "cache": 2}, r"cache must be a number in \[0, 1\]"),
         ({"name": "blockwise", "threshold": 1.5}, r"threshold must be a number in \[0.0, 1.0\]"),
         ({"name": "subblock", "sub_block": 0}, r"sub_block must be a number in \[1, 64\]"),
-        ({"name": "subblock", "sub_block": 8}, "sub_block must be smaller than the model's block"),
         ({"name": "subblock", "reuse": 0.5}, "must be an integer"),
         ({"name": "dkv", "delay": 3}, "unknown option 'delay'"),
         ("confidence", "does not run on a block image model"),

@@ -20,7 +20,8 @@ parallel. Four ways to run the passes, `cache`:
 Which pixels a pass unmasks: with `threshold`, Fast-dLLM's rule (every eligible masked pixel whose
 most likely level has probability >= threshold, and at least the most confident one); with
 threshold None, one uniformly random eligible pixel (plain, one pixel a pass). Eligible: the masked
-pixels of the current block, or with `sub_block` > 0 of its first sub-block that has some.
+pixels of the current block, or with `sub_block` > 0 of its first sub-block that has some (a
+`sub_block` of the block's size or more is the whole block: nothing is reused before it is finished).
 
 `BlockDecoded.tokens_computed`: per image, the token positions run through the model over the whole
 decode (queries and commits; for "none" the whole prefix each pass): the compute a cache saves.
@@ -71,8 +72,6 @@ def block_decode(
     b, d, v, bs = len(labels), model.n_pixels, model.n_levels, model.block_size
     mask = v
     sub = sub_block if 0 < sub_block < bs else bs
-    if cache == "subblock" and sub >= bs:
-        raise InvalidRequestError(f"sub-block reuse needs a sub_block smaller than the block ({bs} pixels)")
     x = torch.full((b, d), mask, dtype=torch.long)
     passes = torch.zeros(b, dtype=torch.long)
     computed = torch.zeros(b, dtype=torch.long)
@@ -136,8 +135,6 @@ def decode_strategy(model, name: str, options: dict, labels: torch.Tensor, gen: 
         cache = "block" if options["cache"] else "none"
         return block_decode(model, labels, gen, threshold=options["threshold"], temperature=t, cache=cache)
     if name == "subblock":
-        if options["sub_block"] >= model.block_size:
-            raise InvalidRequestError(f"sub_block must be smaller than the model's block ({model.block_size} pixels)")
         cache = "subblock" if options["reuse"] else "block"
         return block_decode(
             model,
