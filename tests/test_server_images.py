@@ -15,6 +15,7 @@ import torch
 from server_helpers import metric, running_server
 
 from argen.images import ImageGenerator
+from argen.images.block_diffusion import BlockConfig, BlockDiffusionTransformer
 from argen.images.models import ModelConfig, build
 from argen.server import images as server_images
 from argen.server import protocol as p
@@ -31,7 +32,10 @@ def image_models() -> dict[str, ImageGenerator]:
         _random("ar", 32, 0), "ar", draft=_random("ar", 8, 1, direct=False), name="digits-ar"
     )
     diffusion = ImageGenerator.from_modules(_random("diffusion", 32, 2), "diffusion", name="digits-diffusion")
-    return {"digits-ar": ar, "digits-diffusion": diffusion}
+    torch.manual_seed(3)
+    block = BlockDiffusionTransformer(BlockConfig(width=16, layers=1, heads=2))
+    blocks = ImageGenerator.from_modules(block, "block", name="digits-block-diffusion")
+    return {"digits-ar": ar, "digits-diffusion": diffusion, "digits-block-diffusion": blocks}
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +88,8 @@ def test_a_prompt_names_the_class_and_diffusion_runs_too(server):
     out = _post(server, {"model": "digits-diffusion", "prompt": "7", "n": 3, "seed": 1, "strategy": "confidence"})
     assert out.status_code == 200, out.text
     assert [d["label"] for d in out.json()["data"]] == [7, 7, 7]
+    block = {"model": "digits-block-diffusion", "prompt": "3", "n": 2, "strategy": {"name": "dkv", "threshold": 0.5}}
+    assert _post(server, block).status_code == 200
     unseeded = _post(server, {"model": "digits-ar", "prompt": "2", "response_format": "pixels"}).json()
     image = np.array(unseeded["data"][0]["pixels"])
     assert image.shape == (8, 8) and 0 <= image.min() <= image.max() <= 16 and unseeded["argen"]["seed"] >= 0
@@ -149,7 +155,7 @@ def test_images_and_text_share_the_worker_and_both_finish(server, image_models):
 
 def test_models_lists_the_image_models(server):
     ids = [m["id"] for m in httpx.get(f"{server}/v1/models").json()["data"]]
-    assert ids == ["tiny-random", "digits-ar", "digits-diffusion"]
+    assert ids == ["tiny-random", "digits-ar", "digits-diffusion", "digits-block-diffusion"]
     assert httpx.get(f"{server}/v1/models/digits-ar").json()["context_length"] == 64
 
 

@@ -5,13 +5,18 @@
 (The committed report was run with --threads 1: the machine was shared, and two 2-thread processes
 on 2 cores slow each other down several-fold.)
 
-Loads digits-ar (with its draft digits-ar-draft) and digits-diffusion from argen's cache, training
+Loads digits-ar (with its draft digits-ar-draft), digits-diffusion and digits-block-diffusion from argen's cache, training
 any that is missing first (`python -m argen.images.training` does that alone; each model's training
 time is read back from its file). Generates `--images` images per row, labels 0..9 in turn, seed 1,
 and measures them with argen.images.quality: the accuracy of a classifier trained on the real training
 split (generated image classified as its requested label) and the Fréchet distance of that classifier's
 hidden features against the 300 held-out real images. Reference rows: the held-out real images
 themselves, and 300 real training images (the Fréchet distance sampling noise alone gives).
+
+digits-block-diffusion (a block-causal transformer, image rows as blocks) runs plain (one random pixel
+of the current row a pass), SDAR blockwise decoding with its exact block KV cache (and without a
+cache: "no cache", the same images), Fast-dLLM v2's sub-block reuse against its exact recompute, and
+dKV-Cache's delayed cache; its own table counts the token positions each computed.
 
 "rows": confidence unmasking in blocks of one image row, top to bottom (semi-autoregressive block
 decoding; the model itself is the same bidirectional one). Wall time is per image, batched 500 at a time, on `--threads` torch threads; `×plain` divides the
@@ -59,16 +64,30 @@ ROWS = [
         ("digits-diffusion", f"confidence τ={t} rows", {"name": "confidence", "threshold": t, "block": 8})
         for t in (0.7, 0.5, 0.3)
     ],
+    ("digits-block-diffusion", "plain (1 pixel/pass)", {"name": "plain"}),
+    *[
+        ("digits-block-diffusion", f"blockwise τ={t}", {"name": "blockwise", "threshold": t})
+        for t in (0.9, 0.7, 0.5, 0.3, 0.1)
+    ],
+    ("digits-block-diffusion", "blockwise τ=0.7 no cache", {"name": "blockwise", "threshold": 0.7, "cache": 0}),
+    *[
+        ("digits-block-diffusion", f"subblock τ={t} s=4 {'reuse' if r else 'recompute'}", spec)
+        for t in (0.7, 0.5)
+        for r in (0, 1)
+        for spec in [{"name": "subblock", "threshold": t, "sub_block": 4, "reuse": r}]
+    ],
+    *[("digits-block-diffusion", f"dkv τ={t}", {"name": "dkv", "threshold": t}) for t in (0.9, 0.7, 0.5)],
 ]
+BLOCK = "digits-block-diffusion"
 
 
 def main() -> int:
     args, state = script_args(__doc__, threads=2, add=lambda p: p.add_argument("--images", type=int, default=500))
     commit, dirty = state["git_commit"], state["git_dirty"]
     labels = np.arange(args.images) % 10
-    gens = {name: argen.load(name) for name in ("digits-ar", "digits-diffusion")}
+    gens = {name: argen.load(name) for name in ("digits-ar", "digits-diffusion", BLOCK)}
     train_info = {}
-    for name in ("digits-ar", "digits-ar-draft", "digits-diffusion"):
+    for name in ("digits-ar", "digits-ar-draft", "digits-diffusion", BLOCK):
         from safetensors import safe_open
 
         path = training.cached_path(name, training.RECIPES[name], 0)
@@ -106,6 +125,8 @@ def main() -> int:
                 "nearest_l1": q.nearest_l1,
             }
         )
+        if out.tokens_computed is not None:  # block diffusion: the positions the model computed
+            results[-1]["tokens_computed"] = float(out.tokens_computed.mean())
         grid = out.images[:20]
         slug = f"{name}-{label}".translate(
             str.maketrans({" ": "_", "=": "", "(": "", ")": "", "/": "-", "δ": "d", "τ": "t"})
@@ -148,6 +169,8 @@ def plot(results: list[dict]) -> None:
     curves: dict[str, list[dict]] = {}
     for r in results:
         blocks = " (row blocks)" if r["spec"].get("block") else ""
+        blocks += " (no cache)" if r["spec"].get("cache") == 0 else ""
+        blocks += {0: " (recompute)", 1: " (reuse)"}.get(r["spec"].get("reuse", -1), "")
         curves.setdefault(f"{r['model']} {r['spec']['name']}{blocks}", []).append(r)
     for label, rows in curves.items():
         rows = sorted(rows, key=lambda r: r["passes"])
@@ -201,12 +224,44 @@ def checks(results: list[dict]) -> list[str]:
                 f"{ar['passes'] / r['passes']:.1f}x fewer than plain, {spec['passes'] / r['passes']:.2f}x fewer "
                 "than speculative k=8."
             )
+    out += block_checks(row)
     p, n = ar["accuracy"], ar["n"]
     out.append(
         f"- Sampling noise: at {100 * p:.0f} % over {n} images an accuracy's 95 % interval is about "
         f"±{196 * (p * (1 - p) / n) ** 0.5:.1f} points, so exact strategies differing from plain by that much "
         "are noise (their distribution is the target's: tests/test_digits.py)."
     )
+    return out
+
+
+def block_checks(row: dict) -> list[str]:
+    """digits-block-diffusion: plain accuracy, and each cache against its exact peer (same τ)."""
+    plain = row[(BLOCK, "plain (1 pixel/pass)")]
+    out = [
+        f"- Plain sampling accuracy: {BLOCK} {100 * plain['accuracy']:.1f} % over {plain['n']} images (target: >= 90 %)."
+    ]
+
+    def versus(label: str, peer: str, what: str) -> None:
+        r, e = row[(BLOCK, label)], row[(BLOCK, peer)]
+        out.append(
+            f"- {what} ({label} vs {peer}): tokens computed/image {r['tokens_computed']:.0f} vs "
+            f"{e['tokens_computed']:.0f} ({e['tokens_computed'] / r['tokens_computed']:.2f}x fewer), passes "
+            f"{r['passes']:.1f} vs {e['passes']:.1f}, {e['ms_per_image'] / r['ms_per_image']:.2f}x faster (wall time), accuracy "
+            f"{100 * (r['accuracy'] - e['accuracy']):+.1f} points, Fréchet {r['frechet'] - e['frechet']:+.2f}."
+        )
+
+    versus("blockwise τ=0.7", "blockwise τ=0.7 no cache", "Exact block KV cache vs full recompute (same images)")
+    for t in (0.7, 0.5):
+        versus(f"subblock τ={t} s=4 reuse", f"subblock τ={t} s=4 recompute", "Sub-block KV reuse vs exact recompute")
+    for t in (0.9, 0.7, 0.5):
+        versus(f"dkv τ={t}", f"blockwise τ={t}", "Delayed KV cache vs exact block cache")
+    ar = row[("digits-ar", "plain")]
+    for r in row.values():
+        if r["model"] == BLOCK and r["spec"]["name"] == "blockwise" and r["spec"].get("cache", 1):
+            out.append(
+                f"- {r['strategy']}: {r['passes']:.1f} passes/image = {r['passes'] / ar['passes']:.2f} of the AR model's, "
+                f"accuracy {100 * (r['accuracy'] - plain['accuracy']):+.1f} points vs one pixel a pass."
+            )
     return out
 
 
@@ -239,7 +294,7 @@ def write_report(env: dict, train_info: dict, reference: dict, results: list[dic
     total = sum(t["train_seconds"] for t in train_info.values())
     lines += [
         "",
-        f"All three: {total:.0f} s of training (times as recorded in the cached files when they were trained).",
+        f"All {len(train_info)}: {total:.0f} s of training (times as recorded in the cached files when they were trained).",
         "",
         "## Passes, time and quality",
         "",
@@ -278,6 +333,24 @@ def write_report(env: dict, train_info: dict, reference: dict, results: list[dic
         "",
     ]
     lines += checks(results)
+    lines += [
+        "",
+        f"## {BLOCK}: what each cache computes",
+        "",
+        "tokens/image: token positions the model computed per image over the whole decode (queries, the label and "
+        "each finished block committed to the cache; without a cache the whole prefix every pass); per pass: "
+        "divided by the passes. ms/image as in the table above.",
+        "",
+        "| strategy | passes/image | tokens/image | tokens/pass | ms/image | accuracy % | Fréchet |",
+        "| --- | --: | --: | --: | --: | --: | --: |",
+    ]
+    for r in results:
+        if "tokens_computed" in r:
+            lines.append(
+                f"| {r['strategy']} | {r['passes']:.1f} | {r['tokens_computed']:.0f} | "
+                f"{r['tokens_computed'] / r['passes']:.1f} | {r['ms_per_image']:.2f} | {100 * r['accuracy']:.1f} | "
+                f"{r['frechet']:.2f} |"
+            )
     lines += ["", "## Samples (first 20 images of each row)", ""]
     for r in results:
         lines += [f"{r['model']}, {r['strategy']}:", "", f"![{r['model']} {r['strategy']}]({r['grid']})", ""]

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 from argen.errors import ArgenError, InvalidRequestError
-from argen.images import decoding
+from argen.images import block_decoding, decoding
+from argen.images.block_diffusion import check_block_model
 from argen.images.models import check_model
 
 MAX_IMAGES = 4096  # per call: bounds the work one request can ask for
@@ -30,8 +31,16 @@ STRATEGIES: dict[str, tuple[str, dict[str, tuple[float, float, float]]]] = {
         "diffusion",
         {"threshold": (0.9, 0.0, 1.0), "block": (0, 0, 4096), "temperature": (1.0, 0.05, 10.0)},
     ),
+    # Block diffusion (block_decoding.py): SDAR blockwise (cache 0: recompute all, 1: block KV cache),
+    # Fast-dLLM v2 sub-blocks (reuse 0: exact recompute, 1: finished sub-blocks' KV reused), dKV-Cache.
+    "blockwise": ("block", {"threshold": (0.9, 0.0, 1.0), "cache": (1, 0, 1), "temperature": (1.0, 0.05, 10.0)}),
+    "subblock": (
+        "block",
+        {"threshold": (0.9, 0.0, 1.0), "sub_block": (4, 1, 64), "reuse": (1, 0, 1), "temperature": (1.0, 0.05, 10.0)},
+    ),
+    "dkv": ("block", {"threshold": (0.9, 0.0, 1.0), "temperature": (1.0, 0.05, 10.0)}),
 }
-INTEGER_OPTIONS = {"k", "neighbours", "block", "window"}
+INTEGER_OPTIONS = {"k", "neighbours", "block", "window", "cache", "sub_block", "reuse"}
 
 
 @dataclass
@@ -43,6 +52,7 @@ class ImageResult:
     seconds: float
     seed: int
     strategy: dict
+    tokens_computed: np.ndarray | None = None  # (n,) token positions the model computed (block diffusion)
 
 
 def parse_strategy(spec, kind: str) -> tuple[str, dict]:
@@ -88,7 +98,10 @@ class ImageGenerator:
         """Plug in a model of one's own (and a draft for "speculative" / "lantern"): its contract is
         checked first. `latent_order` (n_levels, n_levels - 1): each token's others, nearest first in the
         model's latent (codebook) space, for LANTERN; by default tokens are grey levels (nearest level)."""
-        check_model(model, kind)
+        if kind == "block":
+            check_block_model(model)
+        else:
+            check_model(model, kind)
         if draft is not None:
             check_model(draft, "ar")
             if (draft.n_pixels, draft.n_levels, draft.n_classes) != (model.n_pixels, model.n_levels, model.n_classes):
@@ -149,9 +162,12 @@ class ImageGenerator:
             seconds,
             seed,
             {"name": name, **options},
+            computed(parts),
         )
 
     def _decode(self, name: str, options: dict, labels: torch.Tensor, gen: torch.Generator) -> decoding.Decoded:
+        if self.kind == "block":
+            return block_decoding.decode_strategy(self.model, name, options, labels, gen)
         if self.kind == "ar":
             if name == "speculative":
                 return decoding.ar_speculative(self.model, self.draft, labels, gen, **options)
@@ -165,6 +181,12 @@ class ImageGenerator:
         if name == "confidence":
             return decoding.diffusion_confidence(self.model, labels, gen, **options)
         return decoding.diffusion_plain(self.model, labels, gen, **options)
+
+
+def computed(parts: list[decoding.Decoded]) -> np.ndarray | None:
+    """The block decoders' tokens computed per image, or None (the other decoders do not count them)."""
+    counts = [p.tokens_computed for p in parts if isinstance(p, block_decoding.BlockDecoded)]
+    return torch.cat(counts).numpy() if len(counts) == len(parts) else None
 
 
 def save_grid(images: np.ndarray, path, labels=None, columns: int = 10, levels: int = 17) -> None:

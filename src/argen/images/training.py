@@ -23,6 +23,7 @@ import torch
 from torch.nn import functional as F
 
 from argen.errors import ArgenError
+from argen.images.block_diffusion import BlockConfig, BlockDiffusionTransformer, block_loss
 from argen.images.data import HELD_OUT, SPLIT_SEED, load_split
 from argen.images.models import ModelConfig, build
 from argen.models.sources import cache_dir
@@ -32,7 +33,7 @@ FORMAT = 1  # bump when the training code changes what a recipe produces
 
 @dataclass(frozen=True)
 class Recipe:
-    config: ModelConfig
+    config: ModelConfig | BlockConfig
     steps: int
     batch: int = 128
     lr: float = 2e-3
@@ -43,7 +44,16 @@ RECIPES: dict[str, Recipe] = {
     "digits-ar": Recipe(ModelConfig("ar", hidden=512, layers=2, dropout=0.2), steps=800),
     "digits-ar-draft": Recipe(ModelConfig("ar", hidden=64, layers=1, dropout=0.0, direct=False), steps=600),
     "digits-diffusion": Recipe(ModelConfig("diffusion", hidden=512, layers=3, dropout=0.1), steps=1000),
+    "digits-block-diffusion": Recipe(BlockConfig(width=64, layers=3, heads=4), steps=400, batch=64, lr=5e-3),
 }
+
+
+def build_model(config: ModelConfig | BlockConfig) -> torch.nn.Module:
+    return BlockDiffusionTransformer(config) if isinstance(config, BlockConfig) else build(config)
+
+
+def config_from(fields: dict) -> ModelConfig | BlockConfig:
+    return BlockConfig(**fields) if fields.get("kind") == "block" else ModelConfig(**fields)
 
 
 def recipe_key(recipe: Recipe, seed: int) -> str:
@@ -58,6 +68,8 @@ def cached_path(name: str, recipe: Recipe, seed: int) -> Path:
 
 
 def _loss(model, labels: torch.Tensor, pixels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    if model.kind == "block":
+        return block_loss(model, labels, pixels, gen)
     if model.kind == "ar":
         logits = model(labels, pixels)
         return F.cross_entropy(logits.reshape(-1, model.n_levels), pixels.reshape(-1))
@@ -91,7 +103,7 @@ def _train(recipe: Recipe, seed: int, progress: bool, desc: str) -> torch.nn.Mod
     y = torch.from_numpy(split.train_y)
     torch.manual_seed(seed)  # the weights' initialisation
     gen = torch.Generator().manual_seed(seed + 1)  # batches and masks
-    model = build(recipe.config)
+    model = build_model(recipe.config)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     # Linear warm-up over 5% of the steps, then cosine decay to zero.
@@ -143,8 +155,8 @@ def load_file(path: Path) -> torch.nn.Module:
 
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
-    config = ModelConfig(**json.loads(meta["recipe"])["config"])
-    model = build(config)
+    config = config_from(json.loads(meta["recipe"])["config"])
+    model = build_model(config)
     missing, unexpected = model.load_state_dict(load_tensors(str(path)), strict=False)
     if unexpected or any(not k.endswith("mask") for k in missing):
         raise ArgenError(f"{path} does not hold a {config.kind} model of its recipe; delete it to retrain")
