@@ -188,8 +188,8 @@ class Sequence:
             self.finish_reason = "stop"
         if self.finish_reason is not None:
             delta += self.text.flush()
-        kept = self._origins(first, len(new_ids), origins)
-        self.origins += kept
+        labels = self._origins(first, len(new_ids), origins)
+        self.origins += labels
         event = Event(
             self.index,
             new_ids,
@@ -197,7 +197,7 @@ class Sequence:
             self.finish_reason,
             self.sample_index,
             self._logprobs(first, len(new_ids)),
-            origins=kept,
+            origins=labels,
         )
         if not self.prompt_records_sent:
             event.prompt_logprobs, self.prompt_records_sent = self.prompt_logprobs, True
