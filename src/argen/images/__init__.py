@@ -1,9 +1,11 @@
 """Image-token models and their decoders, on handwritten digits trained here (issue 28).
 
-`argen.load("digits-ar")` / `argen.load("digits-diffusion")` return an `ImageGenerator` whose
+`argen.load("digits-ar")` / `"digits-diffusion"` / `"digits-var"` return an `ImageGenerator` whose
 `generate_images(labels=[...], strategy=..., seed=...)` gives (n, 8, 8) integer arrays in 0..16.
-Modules: data (the split), models (the model contract and the MLP models), training (train + cache),
-decoding (the strategies), quality (classifier accuracy and Fréchet distance), generator (the API).
+Modules: data (the split), models (the model contract and the MLP models), var (the next-scale model,
+its contract and decoders, ScaleKV's cache budgets), training (train + cache), decoding (the
+strategies), gsd (grouped speculative decoding's acceptance), quality (classifier accuracy and
+Fréchet distance), generator (the API).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ IMAGE_MODELS: dict[str, tuple[str, str | None]] = {
     "digits-ar": ("ar", "digits-ar-draft"),
     "digits-ar-draft": ("ar", None),
     "digits-diffusion": ("diffusion", None),
+    "digits-var": ("var", None),
 }
 
 
