@@ -44,7 +44,7 @@ RECIPES: dict[str, Recipe] = {
     "digits-ar": Recipe(ModelConfig("ar", hidden=512, layers=2, dropout=0.2), steps=800),
     "digits-ar-draft": Recipe(ModelConfig("ar", hidden=64, layers=1, dropout=0.0, direct=False), steps=600),
     "digits-diffusion": Recipe(ModelConfig("diffusion", hidden=512, layers=3, dropout=0.1), steps=1000),
-    "digits-var": Recipe(ModelConfig("var", hidden=96, layers=3, dropout=0.1), steps=500, batch=64, lr=3e-3),
+    "digits-var": Recipe(ModelConfig("var", hidden=96, layers=3, dropout=0.1), steps=1000, batch=64, lr=3e-3),
 }
 
 

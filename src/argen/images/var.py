@@ -10,8 +10,9 @@ VQ-VAE trained here first, for 21 coarse tokens. Unlike VAR's residual quantizer
 is the image itself (the coarse maps condition it, they are not summed into it).
 
 The model (`VarTransformer`): a small pre-LN transformer over the 85 positions. The inputs of scale
-k are the tokens of scale k-1 upsampled (nearest) to scale k's side, plus position, scale and class
-embeddings; the first scale's single input is the class token. Attention is block-causal: a position
+k are the embeddings of scale k-1's tokens interpolated (bilinear, as VAR interpolates its feature
+map) to scale k's side, plus position, scale and class embeddings; the first scale's single input is
+the class token, and the class is added again before every block. Attention is block-causal: a position
 of scale k attends to every position of scales <= k (bidirectional within its own scale). So
 `model(labels, tokens)` gives all scales' logits from ground truth in one pass (training), and
 decoding takes one pass per scale (4 per image): `step` feeds scale k's inputs, attends to the keys
@@ -66,15 +67,6 @@ def pyramid(pixels: torch.Tensor, sides: tuple[int, ...], levels: int = 17) -> t
     image = pixels.reshape(b, 1, top, top).double()
     maps = [F.adaptive_avg_pool2d(image, s).round().clamp(0, levels - 1).long().reshape(b, s * s) for s in sides]
     return torch.cat(maps, 1)
-
-
-def _upsample_index(sides: tuple[int, ...]) -> list[torch.Tensor]:
-    """For each scale k >= 1: for each of its positions, the index of its parent in scale k-1's map."""
-    out = []
-    for small, big in zip(sides, sides[1:]):
-        r, c = torch.meshgrid(torch.arange(big), torch.arange(big), indexing="ij")
-        out.append(((r * small // big) * small + c * small // big).reshape(-1))
-    return out
 
 
 class _Block(nn.Module):
@@ -169,7 +161,6 @@ class VarTransformer(nn.Module):
         self.norm = nn.LayerNorm(w)
         self.head = nn.Linear(w, config.n_levels)
         self.drop = nn.Dropout(config.dropout)
-        self.parents = _upsample_index(self.scales)
         scale_of = torch.cat([torch.full((n,), i) for i, n in enumerate(sizes)])
         self.register_buffer("scale_of", scale_of, persistent=False)
         # Block-causal: a position attends to every position of its own scale and the coarser ones.
@@ -178,9 +169,14 @@ class VarTransformer(nn.Module):
     def _inputs(self, labels: torch.Tensor, k: int, prev: torch.Tensor | None) -> torch.Tensor:
         """Scale k's input embeddings (b, side_k^2, w) from scale k-1's tokens (None for k = 0)."""
         lab = self.label(labels)[:, None, :]
-        start, n = self.starts[k], self.scales[k] ** 2
-        x = lab if prev is None else self.tok(prev[:, self.parents[k - 1]]) + lab
-        return x + self.pos[start : start + n] + self.scale_emb.weight[k]
+        start, side = self.starts[k], self.scales[k]
+        x = lab
+        if prev is not None:  # VAR's input: the previous map's embeddings, interpolated up (bilinear)
+            small = self.scales[k - 1]
+            maps = self.tok(prev).transpose(1, 2).reshape(len(prev), -1, small, small)
+            up = F.interpolate(maps, size=(side, side), mode="bilinear", align_corners=False)
+            x = up.flatten(2).transpose(1, 2) + lab
+        return x + self.pos[start : start + side * side] + self.scale_emb.weight[k]
 
     def forward(self, labels: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Teacher forcing: tokens (b, 85), every scale's map coarse first -> logits (b, 85, n_levels)."""
