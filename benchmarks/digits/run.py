@@ -17,6 +17,11 @@ digits-block-diffusion (a block-causal transformer, image rows as blocks) runs p
 of the current row a pass), SDAR blockwise decoding with its exact block KV cache (and without a
 cache: "no cache", the same images), Fast-dLLM v2's sub-block reuse against its exact recompute, and
 dKV-Cache's delayed cache; its own table counts the token positions each computed.
+digits-var (next-scale, 4 passes per image): "scalekv budget=B" keeps at most B cached entries per layer
+(of the 21 the coarse scales make) after each pass; "1 drafter 21": the layer that attends most to
+earlier scales keeps all 21 (ScaleKV's drafter), the others B. "gsd ... group=G gap=P": grouped
+speculative decoding on digits-ar with its draft (argen/images/gsd.py; gap=1.0: no probability filter). digits-var's held-out loss is
+per token of its 85 (all four maps), not per pixel.
 
 "rows": confidence unmasking in blocks of one image row, top to bottom (semi-autoregressive block
 decoding; the model itself is the same bidirectional one). Wall time is per image, batched 500 at a time, on `--threads` torch threads; `×plain` divides the
@@ -77,6 +82,17 @@ ROWS = [
         for spec in [{"name": "subblock", "threshold": t, "sub_block": 4, "reuse": r}]
     ],
     *[("digits-block-diffusion", f"dkv τ={t}", {"name": "dkv", "threshold": t}) for t in (0.9, 0.7, 0.5)],
+    *[
+        ("digits-ar", f"gsd k=8 group={g} gap={p}", {"name": "gsd", "k": 8, "group": g, "p_gap": p})
+        for g, p in ((2, 1.0), (3, 1.0), (3, 0.1), (5, 1.0), (9, 1.0))
+    ],
+    ("digits-var", "plain (1 pass/scale)", {"name": "plain"}),
+    *[("digits-var", f"scalekv budget={b}", {"name": "scalekv", "budget": b}) for b in (16, 8, 4, 2, 1)],
+    (
+        "digits-var",
+        "scalekv budget=1, 1 drafter 21",
+        {"name": "scalekv", "budget": 1, "drafters": 1, "drafter_budget": 21},
+    ),
 ]
 BLOCK = "digits-block-diffusion"
 
@@ -85,9 +101,9 @@ def main() -> int:
     args, state = script_args(__doc__, threads=2, add=lambda p: p.add_argument("--images", type=int, default=500))
     commit, dirty = state["git_commit"], state["git_dirty"]
     labels = np.arange(args.images) % 10
-    gens = {name: argen.load(name) for name in ("digits-ar", "digits-diffusion", BLOCK)}
+    gens = {name: argen.load(name) for name in ("digits-ar", "digits-diffusion", BLOCK, "digits-var")}
     train_info = {}
-    for name in ("digits-ar", "digits-ar-draft", "digits-diffusion", BLOCK):
+    for name in ("digits-ar", "digits-ar-draft", "digits-diffusion", BLOCK, "digits-var"):
         from safetensors import safe_open
 
         path = training.cached_path(name, training.RECIPES[name], 0)
@@ -223,6 +239,28 @@ def checks(results: list[dict]) -> list[str]:
                 f"- {r['strategy']} (exact, no draft model): {r['passes']:.1f} target passes/image, "
                 f"{ar['passes'] / r['passes']:.1f}x fewer than plain, {spec['passes'] / r['passes']:.2f}x fewer "
                 "than speculative k=8."
+            )
+    for r in results:
+        if r["spec"]["name"] == "gsd":
+            out.append(
+                f"- {r['strategy']} (lossy): {spec['passes'] / r['passes']:.2f}x fewer target passes than exact "
+                f"speculative k=8 ({r['passes']:.1f} vs {spec['passes']:.1f}), accuracy "
+                f"{100 * (r['accuracy'] - spec['accuracy']):+.1f} points, Fréchet {r['frechet'] - spec['frechet']:+.2f}."
+            )
+    var = row[("digits-var", "plain (1 pass/scale)")]
+    out.append(
+        f"- digits-var plain: {100 * var['accuracy']:.1f} % accuracy over {var['n']} images (target: >= 90 %), "
+        f"Fréchet {var['frechet']:.2f}, {var['passes']:.0f} passes/image."
+    )
+    for r in results:
+        if r["spec"]["name"] == "scalekv":
+            kept = {min(r["spec"]["budget"], 21)}
+            if r["spec"].get("drafters"):  # ScaleKV's drafter layers keep their own budget
+                kept.add(min(r["spec"]["drafter_budget"], 21))
+            out.append(
+                f"- digits-var {r['strategy']}: {' or '.join(map(str, sorted(kept)))} of the 21 coarse-scale cache entries "
+                f"per layer kept for the last scale; accuracy {100 * (r['accuracy'] - var['accuracy']):+.1f} points, "
+                f"Fréchet {r['frechet'] - var['frechet']:+.2f} vs the full cache."
             )
     out += block_checks(row)
     p, n = ar["accuracy"], ar["n"]

@@ -1,12 +1,13 @@
 """Image-token models and their decoders, on handwritten digits trained here (issue 28).
 
-`argen.load("digits-ar")` / `argen.load("digits-diffusion")` / `argen.load("digits-block-diffusion")`
-return an `ImageGenerator` whose `generate_images(labels=[...], strategy=..., seed=...)` gives
-(n, 8, 8) integer arrays in 0..16. Modules: data (the split), models (the model contract and the MLP
-models), block_diffusion (the block-causal transformer with its KV cache, and its contract), training
-(train + cache), decoding (the strategies), block_decoding (the block model's cached decoders: SDAR
-blockwise, Fast-dLLM v2 sub-blocks, dKV-Cache), quality (classifier accuracy and Fréchet distance),
-generator (the API).
+`argen.load("digits-ar")` / `"digits-diffusion"` / `"digits-block-diffusion"` / `"digits-var"` return an
+`ImageGenerator` whose `generate_images(labels=[...], strategy=..., seed=...)` gives (n, 8, 8) integer
+arrays in 0..16. Modules: data (the split), models (the model contract and the MLP models),
+block_diffusion (the block-causal transformer with its KV cache, and its contract), var (the
+next-scale model, its contract and decoders, ScaleKV's cache budgets), training (train + cache),
+decoding (the strategies), block_decoding (the block model's cached decoders: SDAR blockwise,
+Fast-dLLM v2 sub-blocks, dKV-Cache), gsd (grouped speculative decoding's acceptance), quality
+(classifier accuracy and Fréchet distance), generator (the API).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ IMAGE_MODELS: dict[str, tuple[str, str | None]] = {
     "digits-ar-draft": ("ar", None),
     "digits-diffusion": ("diffusion", None),
     "digits-block-diffusion": ("block", None),
+    "digits-var": ("var", None),
 }
 
 

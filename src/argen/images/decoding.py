@@ -10,7 +10,8 @@ AR models:
   draft proposes up to k pixels, the target scores them in one pass, pixel j is kept with probability
   min(1, p/q) and the first rejected one is resampled from norm(max(p - q, 0)); when all are kept a
   bonus pixel is drawn from p. The output distribution is exactly the target's (tests/test_digits.py).
-  With `relax` (a `Lantern`), LANTERN's relaxed acceptance (Jang et al., ICLR 2025): lossy.
+  With `relax` (a `Lantern`), LANTERN's relaxed acceptance (Jang et al., ICLR 2025): lossy; with a
+  `gsd.Grouped`, grouped speculative decoding (So et al., ICCV 2025): lossy.
 - `ar_jacobi`: speculative Jacobi decoding (Teng et al. 2024), no draft model: every undecided pixel
   holds a guess with the distribution q it was drawn from (uniform at first); each pass scores the
   whole image, keeps guesses in order with probability min(1, p/q) as speculative sampling does,
@@ -29,6 +30,7 @@ Masked-diffusion models:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -72,6 +74,16 @@ def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return torch.where(total > 0, r / total.clamp(min=1e-300), p)
 
 
+class Acceptance(Protocol):
+    """A relaxed acceptance rule for `ar_speculative`: judge(p, q, tok) -> (the target's mass and the
+    draft's mass that decide min(1, p/q) for each row's draft token, and the tokens the resampling
+    after a rejection excludes, or None for plain norm(max(p - q, 0))). `Lantern` here, gsd.Grouped."""
+
+    def judge(
+        self, p: torch.Tensor, q: torch.Tensor, tok: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]: ...
+
+
 @dataclass(frozen=True)
 class Lantern:
     """LANTERN's relaxed acceptance: a draft token x is kept with probability min(1, p~(x)/q(x)), where
@@ -88,6 +100,14 @@ class Lantern:
     order: torch.Tensor
     delta: float = 0.1
     neighbours: int = 2
+
+    def judge(
+        self, p: torch.Tensor, q: torch.Tensor, tok: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(p~(tok), q(tok), the tokens the resampling excludes: tok and its lenders) for rows (A, V)."""
+        p_tok, excluded = self.relaxed(p, tok)
+        excluded[torch.arange(len(tok)), tok] = True
+        return p_tok, q.gather(1, tok[:, None]).squeeze(1), excluded
 
     def relaxed(self, p: torch.Tensor, tok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(p~(tok) per row, the lending neighbours as a (rows, V) bool mask) for rows p (A, V)."""
@@ -116,7 +136,7 @@ def ar_speculative(
     gen: torch.Generator,
     k: int = 4,
     temperature: float = 1.0,
-    relax: Lantern | None = None,
+    relax: Acceptance | None = None,
 ) -> Decoded:
     b, d, v = len(labels), target.n_pixels, target.n_levels
     x = torch.zeros(b, d, dtype=torch.long)
@@ -151,11 +171,10 @@ def ar_speculative(
                 break
             pos = torch.clamp(na + j, max=d - 1)
             tok = xa[rows, pos]
-            p_tok, excluded = ps[rows, j, tok], None
+            p_tok, q_tok, excluded = ps[rows, j, tok], qs[rows, j, tok], None
             if relax is not None:
-                p_tok, excluded = relax.relaxed(ps[:, j], tok)
-                excluded[rows, tok] = True
-            keep = torch.rand(len(a), generator=gen, dtype=torch.double) < accept_probability(p_tok, qs[rows, j, tok])
+                p_tok, q_tok, excluded = relax.judge(ps[:, j], qs[:, j], tok)
+            keep = torch.rand(len(a), generator=gen, dtype=torch.double) < accept_probability(p_tok, q_tok)
             kept, rejected = live & keep, live & ~keep
             p_left = ps[:, j] if excluded is None else ps[:, j].masked_fill(excluded, 0.0)
             res = residual(p_left, qs[:, j])

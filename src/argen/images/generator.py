@@ -1,4 +1,4 @@
-"""`ImageGenerator`: what `argen.load("digits-ar")` (or "digits-diffusion") returns, and the way to plug
+"""`ImageGenerator`: what `argen.load("digits-ar")` (or "digits-diffusion", "digits-var") returns, and the way to plug
 in a model of one's own (`ImageGenerator.from_modules`)."""
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ import numpy as np
 import torch
 
 from argen.errors import ArgenError, InvalidRequestError
-from argen.images import block_decoding, decoding
+from argen.images import block_decoding, decoding, var
 from argen.images.block_diffusion import check_block_model
+from argen.images.gsd import Grouped
 from argen.images.models import check_model
 
 MAX_IMAGES = 4096  # per call: bounds the work one request can ask for
@@ -39,8 +40,30 @@ STRATEGIES: dict[str, tuple[str, dict[str, tuple[float, float, float]]]] = {
         {"threshold": (0.9, 0.0, 1.0), "sub_block": (4, 1, 64), "reuse": (1, 0, 1), "temperature": (1.0, 0.05, 10.0)},
     ),
     "dkv": ("block", {"threshold": (0.9, 0.0, 1.0), "temperature": (1.0, 0.05, 10.0)}),
+    "gsd": ("ar", {"k": (4, 1, 16), "group": (3, 1, 16), "p_gap": (1.0, 0.0, 1.0), "temperature": (1.0, 0.05, 10.0)}),
+    "scalekv": (
+        "var",
+        {
+            "budget": (8, 1, 4096),
+            "drafters": (0, 0, 64),
+            "drafter_budget": (4096, 1, 4096),
+            "temperature": (1.0, 0.05, 10.0),
+        },
+    ),
 }
-INTEGER_OPTIONS = {"k", "neighbours", "block", "window", "cache", "sub_block", "reuse"}
+INTEGER_OPTIONS = {
+    "k",
+    "neighbours",
+    "block",
+    "window",
+    "cache",
+    "sub_block",
+    "reuse",
+    "group",
+    "budget",
+    "drafters",
+    "drafter_budget",
+}
 
 
 @dataclass
@@ -95,9 +118,9 @@ class ImageGenerator:
     def from_modules(
         cls, model, kind: str, draft=None, name: str = "custom", latent_order: torch.Tensor | None = None
     ) -> ImageGenerator:
-        """Plug in a model of one's own (and a draft for "speculative" / "lantern"): its contract is
+        """Plug in a model of one's own (and a draft for "speculative" / "lantern" / "gsd"): its contract is
         checked first. `latent_order` (n_levels, n_levels - 1): each token's others, nearest first in the
-        model's latent (codebook) space, for LANTERN; by default tokens are grey levels (nearest level)."""
+        model's latent (codebook) space, for LANTERN and GSD; by default tokens are grey levels (nearest level)."""
         if kind == "block":
             check_block_model(model)
         else:
@@ -109,7 +132,7 @@ class ImageGenerator:
         model.eval()
         if draft is not None:
             draft.eval()
-        return cls(name, model, kind, draft)
+        return cls(name, model, kind, draft, latent_order)
 
     def _labels(self, labels) -> torch.Tensor:
         values = list(labels) if not isinstance(labels, int) else [labels]
@@ -125,7 +148,7 @@ class ImageGenerator:
         (InvalidRequestError says what is wrong): what a server runs before queueing one."""
         lab = self._labels(labels)
         name, options = parse_strategy(strategy, self.kind)
-        if name in ("speculative", "lantern") and self.draft is None:
+        if name in ("speculative", "lantern", "gsd") and self.draft is None:
             raise InvalidRequestError(f"model {self.name!r} has no draft model for speculative sampling")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
             raise InvalidRequestError(f"seed must be a non-negative integer; got {seed!r}")
@@ -139,7 +162,10 @@ class ImageGenerator:
         """Images for `labels` (class ids) with `strategy`: "plain" (one pixel a pass), "speculative"
         (AR model with its draft: {"name": "speculative", "k": 4}), "lantern" (speculative with LANTERN's
         relaxed acceptance, lossy: {"name": "lantern", "k": 4, "delta": 0.1, "neighbours": 2}), "jacobi"
-        (speculative Jacobi decoding, exact, no draft: {"name": "jacobi", "window": 16}), "confidence" (diffusion model,
+        (speculative Jacobi decoding, exact, no draft: {"name": "jacobi", "window": 16}), "gsd" (grouped
+        speculative decoding, lossy: {"name": "gsd", "k": 4, "group": 3, "p_gap": 1.0}), on a next-scale
+        ("var") model "plain" (one pass per scale) and "scalekv" (per-layer cache budgets, lossy:
+        {"name": "scalekv", "budget": 8, "drafters": 1, "drafter_budget": 21}), "confidence" (diffusion model,
         Fast-dLLM threshold decoding: {"name": "confidence", "threshold": 0.9}, and "block": 8 for
         row-by-row semi-autoregressive blocks); every strategy takes
         "temperature". The same seed and labels give the same images."""
@@ -168,7 +194,18 @@ class ImageGenerator:
     def _decode(self, name: str, options: dict, labels: torch.Tensor, gen: torch.Generator) -> decoding.Decoded:
         if self.kind == "block":
             return block_decoding.decode_strategy(self.model, name, options, labels, gen)
+        if self.kind == "var":
+            budgets = None
+            if name == "scalekv":
+                budgets = var.layer_budgets(
+                    self.model, options["budget"], options["drafters"], options["drafter_budget"]
+                )
+            return var.var_decode(self.model, labels, gen, options["temperature"], budgets)[0]
         if self.kind == "ar":
+            if name == "gsd":
+                rest = {key: v for key, v in options.items() if key not in ("group", "p_gap")}
+                relax = Grouped(self.latent_order, options["group"], options["p_gap"])
+                return decoding.ar_speculative(self.model, self.draft, labels, gen, relax=relax, **rest)
             if name == "speculative":
                 return decoding.ar_speculative(self.model, self.draft, labels, gen, **options)
             if name == "jacobi":

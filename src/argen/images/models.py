@@ -27,11 +27,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from argen.errors import ArgenError
+from argen.images.var import VarTransformer, check_var_model
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    kind: str  # "ar" | "diffusion"
+    kind: str  # "ar" | "diffusion" | "var"
     hidden: int = 512
     layers: int = 2
     n_pixels: int = 64
@@ -129,12 +130,16 @@ def build(config: ModelConfig) -> nn.Module:
         return MadeAR(config)
     if config.kind == "diffusion":
         return DiffusionMLP(config)
-    raise ArgenError(f"unknown image model kind {config.kind!r}; valid: ar, diffusion")
+    if config.kind == "var":
+        return VarTransformer(config)
+    raise ArgenError(f"unknown image model kind {config.kind!r}; valid: ar, diffusion, var")
 
 
 def check_model(model: nn.Module, kind: str, batch: int = 3, seed: int = 0) -> None:
     """Check that `model` keeps the contract the decoders rely on (module docstring); raise an error that
     names the broken part. For an AR model: changing pixel t must not change the logits of pixels <= t."""
+    if kind == "var":
+        return check_var_model(model)  # next-scale models keep their own contract (var.py)
     for attr in ("n_pixels", "n_levels", "n_classes"):
         if not isinstance(getattr(model, attr, None), int):
             raise ArgenError(f"an image model needs an integer attribute {attr!r}")

@@ -28,6 +28,7 @@ from argen.errors import ArgenError
 from argen.images.block_diffusion import BlockConfig, BlockDiffusionTransformer, block_loss
 from argen.images.data import HELD_OUT, SPLIT_SEED, load_split
 from argen.images.models import ModelConfig, build
+from argen.images.var import var_loss
 from argen.models.sources import cache_dir
 
 FORMAT = 1  # bump when the training code changes what a recipe produces
@@ -47,6 +48,7 @@ RECIPES: dict[str, Recipe] = {
     "digits-ar-draft": Recipe(ModelConfig("ar", hidden=64, layers=1, dropout=0.0, direct=False), steps=600),
     "digits-diffusion": Recipe(ModelConfig("diffusion", hidden=512, layers=3, dropout=0.1), steps=1000),
     "digits-block-diffusion": Recipe(BlockConfig(width=64, layers=3, heads=4), steps=400, batch=64, lr=5e-3),
+    "digits-var": Recipe(ModelConfig("var", hidden=96, layers=3, dropout=0.1), steps=1000, batch=64, lr=3e-3),
 }
 
 
@@ -72,6 +74,8 @@ def cached_path(name: str, recipe: Recipe, seed: int) -> Path:
 def _loss(model, labels: torch.Tensor, pixels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     if model.kind == "block":
         return block_loss(model, labels, pixels, gen)
+    if model.kind == "var":
+        return var_loss(model, labels, pixels)
     if model.kind == "ar":
         logits = model(labels, pixels)
         return F.cross_entropy(logits.reshape(-1, model.n_levels), pixels.reshape(-1))
