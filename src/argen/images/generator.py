@@ -204,8 +204,8 @@ class ImageGenerator:
         if self.kind == "ar":
             if name == "gsd":
                 rest = {key: v for key, v in options.items() if key not in ("group", "p_gap")}
-                relax = Grouped(self.latent_order, options["group"], options["p_gap"])
-                return decoding.ar_speculative(self.model, self.draft, labels, gen, relax=relax, **rest)
+                grouped = Grouped(self.latent_order, options["group"], options["p_gap"])
+                return decoding.ar_speculative(self.model, self.draft, labels, gen, relax=grouped, **rest)
             if name == "speculative":
                 return decoding.ar_speculative(self.model, self.draft, labels, gen, **options)
             if name == "jacobi":

@@ -97,10 +97,10 @@ class _Block(nn.Module):
     def step(self, x: torch.Tensor, layer: LayerCache) -> torch.Tensor:
         """The new scale's positions x: attend to the cached entries and to each other; cache their own."""
         q, k, v = self._split(x)
-        layer.append(k, v)
-        weights = torch.softmax((q @ layer.keys.transpose(-1, -2)) / math.sqrt(q.shape[-1]), -1)
+        keys, values = layer.append(k, v)
+        weights = torch.softmax((q @ keys.transpose(-1, -2)) / math.sqrt(q.shape[-1]), -1)
         layer.attention = weights  # (b, heads, new, cached): what ScaleKV scores entries by
-        return self._merge(x, weights @ layer.values)
+        return self._merge(x, weights @ values)
 
 
 @dataclass
@@ -109,9 +109,12 @@ class LayerCache:
     values: torch.Tensor | None = None
     attention: torch.Tensor | None = None  # the last step's attention weights (b, heads, new, entries)
 
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.keys = k if self.keys is None else torch.cat([self.keys, k], 2)
-        self.values = v if self.values is None else torch.cat([self.values, v], 2)
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cache the new entries; every entry's keys and values now."""
+        keys = k if self.keys is None else torch.cat([self.keys, k], 2)
+        values = v if self.values is None else torch.cat([self.values, v], 2)
+        self.keys, self.values = keys, values
+        return keys, values
 
     @property
     def entries(self) -> int:
@@ -120,12 +123,13 @@ class LayerCache:
     def keep(self, budget: int) -> None:
         """ScaleKV / SnapKV: keep the `budget` entries (per image and head) that the last step's queries
         attended to most, in their original order."""
-        if self.keys is None or self.attention is None or self.entries <= budget:
+        keys, values = self.keys, self.values
+        if keys is None or values is None or self.attention is None or self.entries <= budget:
             return
         score = self.attention.sum(2)  # (b, heads, entries): attention received from the current scale
         idx = score.topk(budget, -1).indices.sort(-1).values[..., None]
-        self.keys = self.keys.gather(2, idx.expand(-1, -1, -1, self.keys.shape[-1]))
-        self.values = self.values.gather(2, idx.expand(-1, -1, -1, self.values.shape[-1]))
+        self.keys = keys.gather(2, idx.expand(-1, -1, -1, keys.shape[-1]))
+        self.values = values.gather(2, idx.expand(-1, -1, -1, values.shape[-1]))
 
 
 @dataclass
@@ -201,6 +205,7 @@ class VarTransformer(nn.Module):
         x = self._inputs(labels, cache.scale, prev)
         lab = self.label_blocks(labels).reshape(len(labels), len(self.blocks), 1, -1)
         for i, (block, layer) in enumerate(zip(self.blocks, cache.layers)):
+            assert isinstance(block, _Block)  # (ModuleList's items are typed Module)
             x = block.step(x + lab[:, i], layer)
         cache.scale += 1
         return self.head(self.norm(x))
@@ -307,6 +312,7 @@ def var_decode(
             for layer, b in zip(cache.layers, budgets):
                 layer.keep(b)
     n = len(labels)
+    assert prev is not None  # every model has at least one scale
     return Decoded(prev, torch.full((n,), len(model.scales)), torch.zeros(n, dtype=torch.long)), held
 
 
