@@ -100,10 +100,17 @@ def _chat(driver, url: str, screenshot: Path, key: str | None = None) -> None:
     assert len(drafts) == int(accepted)  # greedy, 64 tokens: no draft cut by max_tokens here
     assert driver.execute_script("return document.querySelector('.output').innerText.length") > 0
 
-    drafts[0].click()  # focus shows the token's details
+    # Keyboard: an answer takes the focus, the arrow keys walk its tokens, each shows its details.
+    output = lookup.find_element(By.CSS_SELECTOR, ".output")
+    output.send_keys(Keys.ARROW_RIGHT, Keys.ARROW_RIGHT)
+    focused = driver.switch_to.active_element
+    assert focused == lookup.find_elements(By.CSS_SELECTOR, ".output .tok")[1]
     wait.until(ec.visibility_of_element_located((By.ID, "tip")))
+    assert "log-prob" in driver.find_element(By.ID, "tip").text
+    assert focused.get_attribute("aria-describedby") == "tip"
+    driver.execute_script("arguments[0].focus()", drafts[0])
     tip = driver.find_element(By.ID, "tip").text
-    assert "draft" in tip and "log-prob" in tip
+    assert "draft: proposed by the strategy's drafter" in tip and "log-prob" in tip
     driver.save_screenshot(str(screenshot))
     assert screenshot.stat().st_size > 10_000
     # Nothing was fetched from anywhere but this server, and nothing broke (a CSP violation is logged).

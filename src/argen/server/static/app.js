@@ -432,7 +432,8 @@ function hideTip(span) {
 
 const conversation = $("conversation");
 conversation.addEventListener("mouseover", (e) => e.target.classList.contains("tok") && showTip(e.target));
-conversation.addEventListener("mouseout", (e) => e.target.classList.contains("tok") && hideTip(e.target));
+conversation.addEventListener("mouseout", (e) => e.target.classList.contains("tok") && e.target !== document.activeElement && hideTip(e.target));
+conversation.addEventListener("click", (e) => e.target.classList.contains("tok") && e.target.focus()); // details stay
 conversation.addEventListener("focusin", (e) => e.target.classList.contains("tok") && showTip(e.target));
 conversation.addEventListener("focusout", (e) => e.target.classList.contains("tok") && hideTip(e.target));
 // Arrow keys walk the tokens of an answer (Tab moves between answers, not through every token).
