@@ -123,8 +123,20 @@ def _chat(driver, url: str, screenshot: Path, key: str | None = None) -> None:
 
 
 def test_the_page_streams_and_shows_where_tokens_came_from(browser, looping, artifacts):
+    from selenium.webdriver.common.by import By  # optional dependency (the `test` extra)
+    from selenium.webdriver.support.ui import WebDriverWait  # optional dependency, as above
+
     with running_server(looping) as (url, _):
         _chat(browser, url, artifacts / "web-page.png")
+        # Regenerate with n=2: the last answer is replaced by two samples per strategy.
+        n = browser.find_element(By.ID, "n")
+        n.clear()
+        n.send_keys("2")
+        browser.find_element(By.ID, "regenerate").click()
+        WebDriverWait(browser, 20).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".stats.final")) == 4)
+        assert len(browser.find_elements(By.CSS_SELECTOR, ".turn.user")) == 1
+        assert len(browser.find_elements(By.CSS_SELECTOR, ".turn.assistant")) == 1
+        assert len(browser.find_elements(By.CSS_SELECTOR, ".column .output")) == 4
 
 
 def test_the_page_behind_an_api_key(browser, looping, artifacts):
