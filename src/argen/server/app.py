@@ -30,7 +30,7 @@ from argen.server.limits import Limits
 from argen.server.logprob_shape import Tokens
 from argen.server.metrics import Metrics
 from argen.server.params import Policy, max_prompt_chars
-from argen.server.routers import generation, images, models, monitoring, tokenizer
+from argen.server.routers import generation, images, models, monitoring, strategies, tokenizer, web
 from argen.server.scheduler import PREFILL_CHUNK, STEP_TOKENS, Scheduler
 from argen.server.state import ServerState, endpoint_of
 
@@ -59,8 +59,8 @@ def create_app(
     """A FastAPI app serving `gen`. Its scheduler thread starts with the app (or on the first
     request) and, at shutdown, finishes the requests in flight before it stops. `companions` are
     the draft and guide models requests may name (default: only the served model itself),
-    `limits` cap the strategy options, `api_key` (if any) is required on every route but /health
-    and the API description, `allowed_hosts` (if any) are the Host names accepted, `allowed_origins`
+    `limits` cap the strategy options, `api_key` (if any) is required on every route but /health,
+    the API description and the web page's own files (`/`, `/static/...`: the page's API calls need it), `allowed_hosts` (if any) are the Host names accepted, `allowed_origins`
     (if any) the web origins whose pages may call the API from a browser (CORS), `grammars` where
     clients' grammars are compiled first (default: a GrammarSandbox with its default bounds),
     `image_models` the image-token models /v1/images/generations serves, by id (argen.images)."""
@@ -133,7 +133,15 @@ def create_app(
     )
     for exc_class, handler in HANDLERS.items():
         app.add_exception_handler(exc_class, handler)
-    for router in (generation.router, images.router, models.router, tokenizer.router, monitoring.router):
+    for router in (
+        generation.router,
+        images.router,
+        models.router,
+        strategies.router,
+        tokenizer.router,
+        monitoring.router,
+        web.router,
+    ):
         app.include_router(router)
     app.openapi = _openapi(app, served, limit)
     return app

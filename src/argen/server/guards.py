@@ -14,8 +14,11 @@ from collections.abc import Callable
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from argen.server.errors import APIError
+from argen.server.page import PAGE_PATHS
 
-OPEN_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+# Exact paths (never prefixes): the web page's are its fixed files (server/page.py), so no other path
+# under /static/ is open.
+OPEN_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}) | PAGE_PATHS
 DEFAULT_MAX_BODY_BYTES = 2 * 1024 * 1024
 
 Rejected = Callable[[str, int], None]  # (path, status): counts the rejection
@@ -29,7 +32,8 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
 
 
 class APIKey:
-    """Every route but /health and the API's own description (/docs, /openapi.json) needs
+    """Every route but /health, the API's own description (/docs, /openapi.json) and the web page's
+    files (`/`, `/static/NAME`: what anyone who can reach the port could read in the wheel) needs
     `Authorization: Bearer KEY`; the key is compared in constant time."""
 
     def __init__(self, app: ASGIApp, key: str, rejected: Rejected) -> None:

@@ -543,3 +543,41 @@ class ImagesResponse(BaseModel):
     created: int
     data: list[ImageData]
     argen: ImageStats
+
+
+class OptionInfo(BaseModel):
+    """One option of a strategy or a press (GET /v1/argen/strategies)."""
+
+    name: str
+    type: Literal["integer", "number", "boolean", "string", "model", "other"]
+    default: Any = None
+    maximum: int | None = None  # this server's cap on the value (an integer option), from --limit
+    max_length: int | None = None  # this server's cap on the length (a string or list option)
+    choices: list[str] | None = None  # the model names a companion option may take on this server
+
+
+class StrategyInfo(BaseModel):
+    name: str
+    exact: bool  # reproduces plain decoding (greedy: token for token; sampling: in distribution)
+    description: str
+    options: list[OptionInfo]
+
+
+class PressInfo(BaseModel):
+    name: str
+    description: str
+    options: list[OptionInfo]
+
+
+class StrategyList(BaseModel):
+    """What this server offers and allows: its strategies and KV-cache presses with their options,
+    defaults and caps, the request-wide caps, and what each token origin (return_origins) means."""
+
+    object: Literal["argen.strategies"] = "argen.strategies"
+    model: str
+    strategies: list[StrategyInfo]
+    presses: list[PressInfo]
+    max_tokens: int
+    max_n: int
+    max_top_logprobs: int
+    origins: dict[str, str]
