@@ -159,7 +159,8 @@ class GrammarCompiler:
 
         matcher = llguidance.LLMatcher(self.ll_tokenizer, grammar, log_level=0, limits=limits())
         eos = self.ll_eos
-        if (error := first_error(matcher, eos if isinstance(eos, list) else [eos])) is not None:
+        eos_ids = eos if isinstance(eos, list) else [] if eos is None else [eos]
+        if (error := first_error(matcher, eos_ids)) is not None:
             raise InvalidRequestError(f"response_format: the grammar is not valid: {describe(error)}")
         return matcher
 

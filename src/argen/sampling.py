@@ -306,9 +306,14 @@ class Sampler:
             return self.forced[position]
         if self.params.greedy:
             return int(processed.argmax(-1))
-        assert self.params.seed is not None  # SamplingParams.validate() drew one
-        noise = gumbel_noise(self.params.seed, position, processed.shape[-1], processed.device)
+        noise = gumbel_noise(self.seed, position, processed.shape[-1], processed.device)
         return int((processed + noise).argmax(-1))
+
+    @property
+    def seed(self) -> int:
+        """The seed of the noise (sampled requests: SamplingParams.validate() drew one if none was given)."""
+        assert self.params.seed is not None, "a sampled request's seed is drawn by SamplingParams.validate()"
+        return self.params.seed
 
     def sample(self, logits: torch.Tensor, context: Sequence[int], position: int) -> int:
         return self.choose(self.process(logits, context), position)

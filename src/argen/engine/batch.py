@@ -30,7 +30,6 @@ from argen.engine.request import Event, Failure, Request, Result
 from argen.engine.scheduler import RoundPlan, chunk_size, plan_round
 from argen.engine.sequence import Emit, Sequence
 from argen.logprobs import prompt_logprobs
-from argen.models.runtime import Segment
 from argen.sampling import Sampler
 from argen.strategies import DecodeState
 from argen.strategies.base import Feed
@@ -229,8 +228,8 @@ class DecodeBatch:
         """Every feed of the plan, grouped by (runtime, layer plan): one packed pass each. Returns each
         sequence's rows (by feed index; -1: its prefill chunk) and the error of each whose pass failed."""
         groups: dict[tuple, list[tuple[Sequence, int | None, Feed]]] = defaultdict(list)
-        for seq in plan.decode:
-            for i, feed in enumerate(seq.waiting):
+        for seq, waiting in plan.decode:
+            for i, feed in enumerate(waiting):
                 groups[(id(feed.runtime), feed.plan)].append((seq, i, feed))
         for seq, feed in plan.prefill:
             groups[(id(feed.runtime), None)].append((seq, None, feed))
@@ -239,14 +238,14 @@ class DecodeBatch:
         for members in groups.values():
             feeds = [feed for _, _, feed in members]
             try:
-                results = feeds[0].runtime.forward_packed([_segment(f) for f in feeds], feeds[0].plan)
+                results = feeds[0].runtime.forward_packed([f.segment() for f in feeds], feeds[0].plan)
             except Exception as exc:  # a failing pass fails the sequences in it, not the others
                 for seq, _, _ in members:
                     failed.setdefault(id(seq), exc)
                 continue
             counted = set()
-            for (seq, i, feed), result in zip(members, results, strict=True):
-                rows[id(seq)][-1 if i is None else i] = result
+            for (seq, index, feed), result in zip(members, results, strict=True):
+                rows[id(seq)][-1 if index is None else index] = result
                 # Passes are counted here, and only here: each forward pass a sequence had rows in,
                 # as a target pass, or a draft pass for its drafting / guiding feeds.
                 if (id(seq), feed.draft, result.pass_index) not in counted:
@@ -264,12 +263,12 @@ class DecodeBatch:
                 self._fail(seq, failed[id(seq)], out)
             else:
                 self._chunk_done(seq, feed, rows[id(seq)][-1], out)
-        for seq in plan.decode:
+        for seq, waiting in plan.decode:
             if id(seq) in failed:
                 self._fail(seq, failed[id(seq)], out)
                 continue
             seq.note_kv()  # before the step's cleanup (rejected drafts, dropped forks) gives blocks back
-            got = [rows[id(seq)][i] for i in range(len(seq.waiting))]
+            got = [rows[id(seq)][i] for i in range(len(waiting))]
             self._advance(seq, got[0] if seq.waiting_single else got, out)
         for seq, _ in plan.prefill:
             seq.note_kv()
@@ -277,15 +276,17 @@ class DecodeBatch:
     def _chunk_done(self, seq: Sequence, feed: Feed, row, out: RoundOutput) -> None:
         """A prefill chunk is in the cache: score its prompt tokens, keep its hidden states, register its
         full blocks for prompts that start the same way, press it; the last one starts the sequence."""
-        if seq.prompt_logprobs is not None:  # row i predicts prompt token prefilled + i + 1
+        k = seq.request.prompt_logprobs  # set, and then seq.prompt_logprobs too, or neither
+        if seq.prompt_logprobs is not None and k is not None:  # row i predicts prompt token prefilled + i + 1
             n_prompt, start = len(seq.request.prompt_ids), seq.prefilled
             targets = seq.fed[start + 1 : min(start + 1 + len(feed.tokens), n_prompt)]
-            seq.prompt_logprobs += prompt_logprobs(feed.runtime.head, row.hidden, targets, seq.request.prompt_logprobs)
+            seq.prompt_logprobs += prompt_logprobs(feed.runtime.head, row.hidden, targets, k)
         seq.prefilled += len(feed.tokens)
         if seq.strategy.needs_prompt_hidden:
             seq.prompt_hidden.append(row.hidden)
-        if self.cacheable(seq):  # the full blocks computed so far, for others with the same prompt
-            seq.state.cache.register_prefix(seq.fed[: seq.prefilled], seq.prefill_positions)
+        cache = self.prefix_cache(seq)
+        if cache is not None:  # the full blocks computed so far, for others with the same prompt
+            cache.register_prefix(seq.fed[: seq.prefilled], seq.prefill_positions)
         press = seq.request.press  # compresses the prompt chunk by chunk: the prefill's peak stays low
         if press is not None and (press.chunk or seq.to_prefill == 0):  # chunk 0: once, at the end
             seq.note_kv()  # the peak is before the press
@@ -293,19 +294,21 @@ class DecodeBatch:
         if seq.to_prefill == 0:
             self._prefilled(seq, out)
 
-    def cacheable(self, seq: Sequence) -> bool:
-        """Whether the sequence shares prompt blocks with others (prefix caching). Not under a press below
+    def prefix_cache(self, seq: Sequence) -> SeqKV | None:
+        """The sequence's cache if it shares prompt blocks with others (prefix caching), else None. Not
+        under a press below
         budget 1: it rewrites the blocks (they no longer hold the tokens' own keys), and it runs after
         each prefill chunk, at fixed positions; taking a cached prefix of any length would press it
         elsewhere, and the output would depend on what other requests left in the cache."""
-        return (
+        cache = seq.state.cache
+        cacheable = (
             self.prefix_caching
-            and isinstance(seq.state.cache, SeqKV)
             and seq.prefill_mask is None
             and not seq.strategy.needs_prompt_hidden
             and seq.prompt_logprobs is None
             and (seq.request.press is None or not seq.request.press.changes_cache)
         )
+        return cache if cacheable and isinstance(cache, SeqKV) else None
 
     def _prefilled(self, seq: Sequence, out: RoundOutput) -> None:
         """The prompt is in the cache: fork it into the request's n samples (the prompt is prefilled
@@ -346,8 +349,10 @@ class DecodeBatch:
     def _advance(self, seq: Sequence, outs, out: RoundOutput) -> None:
         """Run the sequence's driver on `outs` until it asks for feeds again (or finishes)."""
         seq.waiting = None
+        driver = seq.driver
+        assert driver is not None, "a sequence advances once its prefill is done"
         try:
-            value = next(seq.driver) if outs is None else seq.driver.send(outs)
+            value = next(driver) if outs is None else driver.send(outs)
             while isinstance(value, Emit):
                 event = seq.accept(value.tokens, value.origins)
                 if event.token_ids or event.text or event.finish_reason or event.prompt_logprobs:
@@ -355,7 +360,7 @@ class DecodeBatch:
                 if seq.finish_reason is not None:
                     self._finish(seq, out)
                     return
-                value = next(seq.driver)
+                value = next(driver)
         except StopIteration:
             self._finish(seq, out)
             return
@@ -363,7 +368,7 @@ class DecodeBatch:
             self._fail(seq, exc, out)
             return
         seq.waiting_single = isinstance(value, Feed)
-        feeds = [value] if seq.waiting_single else list(value)
+        feeds = [value] if isinstance(value, Feed) else list(value)
         for feed in feeds:  # a feed names its cache and runtime; a strategy's own by default
             feed.cache = feed.cache if feed.cache is not None else seq.state.cache
             feed.runtime = feed.runtime if feed.runtime is not None else seq.state.runtime
@@ -374,17 +379,14 @@ class DecodeBatch:
 
     def _finish(self, seq: Sequence, out: RoundOutput) -> None:
         state = seq.state
-        if self.cacheable(seq) and not state.position_shift:
+        cache = self.prefix_cache(seq)
+        if cache is not None and not state.position_shift:
             # Blocks of the whole conversation so far, for the next turn's prefix (a chat resends it).
-            length = state.cache.lengths[0]
-            state.cache.register_prefix(state.tokens[:length], list(range(length)))
+            length = cache.lengths[0]
+            cache.register_prefix(state.tokens[:length], list(range(length)))
         out.items.append(seq.result())
         out.done.append(seq)
 
     def _fail(self, seq: Sequence, exc: Exception, out: RoundOutput) -> None:
         out.items.append(Failure(seq.index, exc))
         out.done.append(seq)
-
-
-def _segment(feed: Feed) -> Segment:
-    return Segment(feed.cache, feed.tokens, feed.positions, feed.mask, feed.num_logits, feed.ffn_cos, feed.features)

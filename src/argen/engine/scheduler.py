@@ -97,11 +97,12 @@ class Scheduler:
 # -- the round's plan ----------------------------------------------------------------------------
 @dataclass
 class RoundPlan:
-    """What one round runs (vLLM v1's SchedulerOutput): the sequences whose feeds are decode work, the
-    prefill chunks, and for the pacer whether a long chunk runs and whether others share the round."""
+    """What one round runs (vLLM v1's SchedulerOutput): the sequences whose feeds are decode work (with
+    those feeds), the prefill chunks, and for the pacer whether a long chunk runs and whether others
+    share the round."""
 
     started: float
-    decode: list[Sequence] = field(default_factory=list)
+    decode: list[tuple[Sequence, list[Feed]]] = field(default_factory=list)
     prefill: list[tuple[Sequence, Feed]] = field(default_factory=list)
     long_chunks: bool = False
     others: bool = False
@@ -127,8 +128,8 @@ def plan_round(batch: DecodeBatch, started: float) -> RoundPlan:
     active). Prompts that start alike are not computed twice: a sequence first takes the blocks others
     registered, and waits a round rather than compute a chunk another sequence is computing now.
     Sets `batch.held_until` when the only work, a long chunk, is held for a moment."""
-    plan = RoundPlan(started, [s for s in batch.sequences if s.waiting is not None])
-    decode_tokens = sum(len(f.tokens) for s in plan.decode for f in s.waiting)
+    plan = RoundPlan(started, [(s, s.waiting) for s in batch.sequences if s.waiting is not None])
+    decode_tokens = sum(len(f.tokens) for _, feeds in plan.decode for f in feeds)
     waiting = sorted((s for s in batch.sequences if s.prefilling and s.to_prefill > 0), key=lambda s: s.to_prefill)
     budget = None if batch.token_budget is None else batch.token_budget - decode_tokens
     pacer = batch.pacer
@@ -137,8 +138,9 @@ def plan_round(batch: DecodeBatch, started: float) -> RoundPlan:
     hold = pacer is not None and pacer.holds(plan.others, started)
     computing = set()
     for seq in waiting:
-        if batch.cacheable(seq):
-            attached = seq.state.cache.attach_prefix(seq.fed[:-1], seq.prefill_positions[:-1])
+        cache = batch.prefix_cache(seq)
+        if cache is not None:
+            attached = cache.attach_prefix(seq.fed[:-1], seq.prefill_positions[:-1])
             seq.stats.cached_prompt_tokens += attached - seq.prefilled
             seq.prefilled = attached
             if seq.to_prefill == 0:
@@ -151,14 +153,15 @@ def plan_round(batch: DecodeBatch, started: float) -> RoundPlan:
             continue
         is_long = pacer is not None and pacer.paced(n)
         if is_long and hold:  # the others have lost their share to long chunks: this one waits
+            assert pacer is not None  # a long chunk is one the pacer paces
             if not plan.others:
                 batch.held_until = pacer.resume_at()
             continue
-        if batch.cacheable(seq):
+        if cache is not None:
             # Another sequence computing the same first block of this chunk this round (a shared
             # prefix, however the two continue) will register it at the round's end: wait a round
             # and take it, rather than compute it twice.
-            key = tuple(seq.fed[: min(end, start + seq.state.cache.pool.block_size)])
+            key = tuple(seq.fed[: min(end, start + cache.pool.block_size)])
             if key in computing:
                 continue
             computing.add(key)

@@ -14,6 +14,7 @@ from argen.cache.paged import SeqKV
 from argen.engine.request import Event, Request, Result, Stats
 from argen.sampling import Sampler
 from argen.strategies import DecodeState, Strategy
+from argen.strategies.base import Feed, Feeds, Outs
 from argen.textstream import TextStream
 
 
@@ -70,8 +71,8 @@ class Sequence:
         self.prefill_positions, self.prefill_mask = prefill_positions, prefill_mask
         self.prefilled = 0  # tokens of fed[:-1] in the cache
         self.prompt_hidden: list[torch.Tensor] = []
-        self.driver: Generator | None = None  # start + steps, once the prefill is done
-        self.waiting: list | None = None  # the feeds the driver yielded and awaits outputs for
+        self.driver: Generator[Feeds | Emit, Outs, None] | None = None  # start + steps, once the prefill is done
+        self.waiting: list[Feed] | None = None  # the feeds the driver yielded and awaits outputs for
         self.waiting_single = False  # whether it yielded one Feed (not a list)
         self.peak_kv_bytes = 0
         # Prompt scoring: records of prompt tokens 1.. filled as the prefill chunks return their logits.
@@ -147,7 +148,7 @@ class Sequence:
     def to_prefill(self) -> int:
         return len(self.fed) - 1 - self.prefilled
 
-    def drive(self) -> Generator:
+    def drive(self) -> Generator[Feeds | Emit, Outs, None]:
         """The strategy's start, then its steps, each step's tokens handed out as an Emit."""
         strategy, state = self.strategy, self.state
         started = strategy.start(state)

@@ -84,7 +84,9 @@ def ray_executor(
             context.enable_progress_bars = False  # the job has its own
             context.print_on_execution_start = False
             logging.getLogger("ray.data").setLevel(logging.WARNING)  # its INFO lines would break the bar
-            ds = ray.data.from_items(requests, override_num_blocks=math.ceil(len(requests) / per_call))
+            ds: ray.data.Dataset = ray.data.from_items(
+                requests, override_num_blocks=math.ceil(len(requests) / per_call)
+            )
             ds = ds.map_batches(
                 _Worker,
                 fn_constructor_kwargs={"options": options},

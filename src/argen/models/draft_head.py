@@ -289,15 +289,19 @@ class DraftHeadRuntime:
         if plan is not None and not plan.is_full:
             raise ArgenError("a draft head has one layer and runs it whole; it takes no layer plan")
         c, pool = self.config, self.kv_pool()
-        starts = []
+        starts, caches, features = [], [], []
         for seg in segments:
             if seg.features is None or len(seg.features) != len(seg.tokens):
                 raise ArgenError("each draft-head segment needs one input feature per token (Segment.features)")
+            if not isinstance(seg.cache, SeqKV):
+                raise ArgenError("a draft head runs its own paged caches (DraftHeadRuntime.new_cache)")
             starts.append(seg.cache.lengths[0])
             seg.cache.reserve(len(seg.tokens))
+            caches.append(seg.cache)
+            features.append(seg.features)
         tokens = torch.cat([torch.as_tensor(s.tokens, dtype=torch.long).reshape(-1) for s in segments])
         positions = torch.cat([torch.as_tensor(s.positions, dtype=torch.long).reshape(-1) for s in segments])
-        feats = torch.cat([s.features.reshape(-1, c.hidden_size).to(self.dtype) for s in segments])
+        feats = torch.cat([f.reshape(-1, c.hidden_size).to(self.dtype) for f in features])
         emb = self.target.embed_tokens(tokens[None])[0].to(self.dtype)
         x = self.fc(
             torch.cat([rms_norm(emb, self.emb_norm, c.rms_eps), rms_norm(feats, self.feat_norm, c.rms_eps)], -1)
@@ -309,14 +313,14 @@ class DraftHeadRuntime:
         q = q.view(n_rows, c.n_heads, c.head_dim)
         k = k.view(n_rows, c.n_kv_heads, c.head_dim)
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-        slots = torch.cat([s.cache.slots(start, len(s.tokens)) for s, start in zip(segments, starts)])
+        slots = torch.cat([cache.slots(start, len(s.tokens)) for s, cache, start in zip(segments, caches, starts)])
         blocks, offsets = slots // pool.block_size, slots % pool.block_size
         pool.k[0][:, blocks, offsets] = k.transpose(0, 1)
         pool.v[0][:, blocks, offsets] = v.view(n_rows, c.n_kv_heads, c.head_dim).transpose(0, 1)
         outs, row = [], 0
-        for seg, start in zip(segments, starts):
+        for seg, cache, start in zip(segments, caches, starts):
             n = len(seg.tokens)
-            table = torch.tensor(seg.cache.blocks, dtype=torch.long)
+            table = torch.tensor(cache.blocks, dtype=torch.long)
             keys = pool.k[0][:, table].flatten(1, 2)[:, : start + n]
             values = pool.v[0][:, table].flatten(1, 2)[:, : start + n]
             outs.append(
@@ -363,6 +367,7 @@ class DraftHeadRuntime:
         if rows not in table:
             context = 64
             cache = self.new_cache(1, context + rows)
+            assert isinstance(cache, SeqKV)  # one sequence: the cache itself, not a list
             ids = torch.arange(context + rows)[None] % self.info.vocab_size
             feats = torch.zeros(1, context + rows, self.config.hidden_size)
             self.forward(

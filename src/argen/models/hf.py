@@ -7,6 +7,7 @@ the model as a 4D additive attention mask; layer plans need the native runtime.
 from __future__ import annotations
 
 import copy
+from typing import cast
 
 import torch
 
@@ -44,8 +45,14 @@ class HFCache:
 
     @torch.inference_mode()  # DynamicCache tensors are inference tensors: edit them in that mode
     def move_slots(self, src: list[int], dst_start: int, row: int = 0) -> None:
+        from transformers.cache_utils import CacheLayerMixin
+
         index = torch.tensor(src)
         for layer in self.dynamic.layers:
+            if not isinstance(layer, CacheLayerMixin):  # a linear-attention state has no key per position
+                raise ValueError(f"cannot move positions in a {type(layer).__name__}; decode this model plainly")
+            if layer.keys is None or layer.values is None:
+                continue  # a layer that holds nothing yet
             for t in (layer.keys, layer.values):
                 t[:, :, dst_start : dst_start + len(src)] = t[:, :, index.to(t.device)]
 
@@ -105,6 +112,8 @@ class HFRuntime:
         for index, seg in enumerate(segments):
             tokens = torch.as_tensor(seg.tokens, dtype=torch.long).reshape(1, -1)
             positions = torch.as_tensor(seg.positions, dtype=torch.long).reshape(1, -1)
+            if not isinstance(seg.cache, HFCache):
+                raise TypeError(f"a Hugging Face runtime runs its own caches (HFCache), not {type(seg.cache).__name__}")
             logits, hidden = self.forward(tokens, positions, seg.cache, seg.mask, plan, seg.num_logits)
             outs.append(SegmentOut(None if logits is None else logits[0], hidden[0], index))
         return outs
@@ -133,7 +142,8 @@ class HFRuntime:
                 )
                 for r, c in enumerate(cache)
             ]
-            logits = None if num_logits == 0 else torch.cat([o[0] for o in outs])
+            # Logits for every row unless none were asked for.
+            logits = None if num_logits == 0 else torch.cat([cast(torch.Tensor, o[0]) for o in outs])
             return logits, torch.cat([o[1] for o in outs])
         n_new = tokens.shape[1]
         cache.reserve(n_new)

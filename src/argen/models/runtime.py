@@ -70,6 +70,18 @@ class SegmentOut:
     # [T, n_layers]: cos(x, x + ffn(x)) per token and layer when the segment asked (1.0 where skipped)
     ffn_cos: torch.Tensor | None = None
 
+    def requested_logits(self) -> torch.Tensor:
+        """`logits`, of a segment that asked for some (num_logits other than 0)."""
+        if self.logits is None:
+            raise ValueError("this segment asked for no logits (num_logits=0)")
+        return self.logits
+
+    def requested_ffn_cos(self) -> torch.Tensor:
+        """`ffn_cos`, of a segment that asked for it (Segment.ffn_cos)."""
+        if self.ffn_cos is None:
+            raise ValueError("this segment did not ask for FFN similarities (ffn_cos=False)")
+        return self.ffn_cos
+
 
 @dataclass(frozen=True)
 class ModelInfo:

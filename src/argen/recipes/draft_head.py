@@ -36,9 +36,10 @@ import torch.nn.functional as F
 from argen.errors import ArgenError
 from argen.models.draft_head import DraftHeadRuntime, HeadConfig, HeadWeights, head_rows_dense, read_head, save_head
 from argen.models.kernels import describe_cpu
+from argen.models.llama import LlamaRuntime
 from argen.models.sources import cache_dir
 from argen.recipes.local_text import build_prompts, local_corpus
-from argen.strategies.base import DecodeState, Step
+from argen.strategies.base import DecodeState, Step, run
 from argen.strategies.plain import Plain
 from argen.strategies.speculative.skip_calibration import fingerprint
 
@@ -166,9 +167,9 @@ class Recorder(Plain):
         state.extras["features"] = [state.prompt_hidden]
 
     def step(self, state: DecodeState) -> Step:
-        out = yield state.feed([state.tokens[-1]], num_logits=1)
+        out = yield from run(state.feed([state.tokens[-1]], num_logits=1))
         state.extras["features"].append(out.hidden)
-        return [state.sample(out.logits[-1], state.n_generated)]
+        return [state.sample(out.requested_logits()[-1], state.n_generated)]
 
 
 @dataclass
@@ -204,7 +205,7 @@ def generate_data(
     store = data_path(gen.runtime, encoded, recipe) if cache else None
     if store is not None and store.is_file():
         return [Example(ids, n, features.float(), kind) for ids, n, features, kind in torch.load(store)]
-    examples: list[Example | None] = [None] * len(prompts)
+    examples: dict[int, Example] = {}  # by prompt: the greedy ones first, then the sampled ones
     bar = tqdm(
         total=len(prompts), desc="distill-draft: target answers", unit="prompt", disable=not progress, file=sys.stderr
     )
@@ -224,12 +225,13 @@ def generate_data(
                 )
             bar.update(len(group))
     bar.close()
+    ordered = [examples[i] for i in range(len(prompts))]  # every prompt is greedy or sampled
     if store is not None:
         store.parent.mkdir(parents=True, exist_ok=True)
         partial = store.with_name(store.name + ".partial")
-        torch.save([(e.ids, e.prompt_len, e.features.half(), e.kind) for e in examples], partial)
+        torch.save([(e.ids, e.prompt_len, e.features.half(), e.kind) for e in ordered], partial)
         partial.replace(store)
-    return examples  # type: ignore[return-value]
+    return ordered
 
 
 def ranked_vocab(examples: list[Example], vocab_size: int) -> torch.Tensor:
@@ -267,7 +269,8 @@ def make_batch(examples: list[Example]) -> Batch:
 def batches(examples: list[Example], batch_tokens: int) -> list[list[Example]]:
     """Examples of similar lengths together, at most `batch_tokens` tokens (padded) a batch."""
     ordered = sorted(examples, key=lambda e: len(e.ids))
-    out, current = [], []
+    out: list[list[Example]] = []
+    current: list[Example] = []
     for e in ordered:
         if current and len(e.ids) * (len(current) + 1) > batch_tokens:
             out.append(current)
@@ -282,7 +285,7 @@ def batches(examples: list[Example], batch_tokens: int) -> list[list[Example]]:
 class Trainer:
     """The frozen parts of the target a head is trained against, and the loss."""
 
-    target: object
+    target: LlamaRuntime
     vocab: torch.Tensor  # the subset's token ids, ranked
     unroll: int
     reg_weight: float
@@ -391,7 +394,7 @@ def distill(
     """Run the recipe on `gen`'s model and save the head (to the cache, unless `path`); returns where."""
     recipe.check()
     runtime = gen.runtime
-    if not isinstance(getattr(runtime, "layers", None), list):
+    if not isinstance(runtime, LlamaRuntime):
         raise ArgenError("argen distill-draft needs the model on argen's native runtime (Llama-family models)")
     started, cpu_started = time.perf_counter(), time.process_time()
     corpus = corpus if corpus is not None else local_corpus()

@@ -8,8 +8,8 @@ key (401), a body too large (413). Routes only parse, check and translate (see t
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from sse_starlette.sse import AppStatus
@@ -112,7 +112,9 @@ def create_app(
         served.grammars.close()
         await asyncio.to_thread(scheduler.stop)
 
-    app = FastAPI(
+    app = ArgenAPI(
+        served,
+        limit,
         title="argen",
         version=argen.__version__,
         description="OpenAI-compatible API over argen, with continuous batching.",
@@ -143,7 +145,6 @@ def create_app(
         web.router,
     ):
         app.include_router(router)
-    app.openapi = _openapi(app, served, limit)
     return app
 
 
@@ -178,13 +179,18 @@ def _add_middleware(
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)
 
 
-def _openapi(app: FastAPI, served: ServerState, limit: int) -> Callable[[], dict]:
-    """The generated schema (cached by FastAPI), plus what only this server knows: the model id and
-    the max_tokens limit."""
-    original = app.openapi
+class ArgenAPI(FastAPI):
+    """The FastAPI app whose OpenAPI description adds what only this server knows: the model id and
+    the max_tokens limit. (FastAPI's guide replaces `app.openapi` on the instance; overriding the
+    method does the same in a way a type checker can follow.)"""
 
-    def openapi() -> dict:
-        schema = original()
+    def __init__(self, served: ServerState, max_tokens: int, **options: Any) -> None:
+        super().__init__(**options)
+        self._served, self._max_tokens = served, max_tokens
+
+    def openapi(self) -> dict[str, Any]:
+        schema = super().openapi()  # generated once, then cached by FastAPI
+        served, limit = self._served, self._max_tokens
         for name in ("CompletionRequest", "ChatCompletionRequest"):
             properties = schema["components"]["schemas"][name]["properties"]
             properties["model"]["enum"] = [served.model_id]
@@ -193,5 +199,3 @@ def _openapi(app: FastAPI, served: ServerState, limit: int) -> Callable[[], dict
                     properties[field]["anyOf"][0]["maximum"] = limit
             properties["n"]["maximum"] = min(served.policy.limits.max_n, served.max_batch, limit)
         return schema
-
-    return openapi

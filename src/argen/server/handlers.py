@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 
 from fastapi import Request as HTTPRequest
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
 
 from argen.server.errors import APIError, validation_message
 from argen.server.state import endpoint_of
@@ -43,7 +45,8 @@ async def internal_error(request: HTTPRequest, exc: Exception):
     return APIError(500, f"internal error: {exc!r}", code="internal_error").response()
 
 
-HANDLERS = {
+# Each handler takes the request and an exception of its key's class.
+HANDLERS: dict[type[Exception], Callable[..., Awaitable[Response]]] = {
     APIError: api_error,
     RequestValidationError: invalid_body,
     StarletteHTTPException: http_error,

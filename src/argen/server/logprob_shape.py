@@ -69,15 +69,16 @@ class Offsets:
 
         self.tokenizer, self.at = tokenizer, base
         fast = isinstance(tokenizer, PreTrainedTokenizerFast)
-        self._stream = DecodeStream(skip_special_tokens=True) if fast else None
-        self._backend = tokenizer.backend_tokenizer if fast else None
+        # A fast tokenizer's incremental decoder and its backend (None: a slow tokenizer).
+        self._stream = (DecodeStream(skip_special_tokens=True), tokenizer.backend_tokenizer) if fast else None
 
     def take(self, tokens: list[int]) -> list[int]:
         out = []
         for token in tokens:
             out.append(self.at)
             if self._stream is not None:
-                self.at += len(self._stream.step(self._backend, token) or "")
+                stream, backend = self._stream
+                self.at += len(stream.step(backend, token) or "")
             else:  # a slow tokenizer: each token's own text
                 self.at += len(self.tokenizer.decode([token], skip_special_tokens=True))
         return out

@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 import torch
 
 from argen.cache.kv import KVCache
-from argen.models.runtime import Plan, SegmentOut
+from argen.models.runtime import Plan, Segment, SegmentOut
 from argen.sampling import Sampler
 
 
@@ -59,10 +59,35 @@ class Feed:
     ffn_cos: bool = False
     features: torch.Tensor | None = None
 
+    def segment(self) -> Segment:
+        """What a runtime's `forward_packed` runs, once the feed names its cache and positions (the
+        Engine fills in a strategy's own)."""
+        if self.cache is None or self.positions is None:
+            raise ValueError("a feed runs once its cache and positions are set (the Engine fills them in)")
+        return Segment(self.cache, self.tokens, self.positions, self.mask, self.num_logits, self.ffn_cos, self.features)
+
 
 Feeds = Feed | list[Feed]
 Outs = SegmentOut | list[SegmentOut]
 Step = Generator[Feeds, Outs, list[int]]
+Start = Generator[Feeds, Outs, None]
+
+
+# The Engine answers a Feed with one SegmentOut and a list of feeds with a list of them (in order); a
+# generator's send type cannot say which, so strategies yield through these two and get the type
+# they asked for (the check is the Engine's contract, never expected to fail).
+def run(feed: Feed) -> Generator[Feeds, Outs, SegmentOut]:
+    """`out = yield from run(feed)`: the output of one feed."""
+    out = yield feed
+    assert isinstance(out, SegmentOut), "a Feed is answered by one SegmentOut"
+    return out
+
+
+def run_all(feeds: list[Feed]) -> Generator[Feeds, Outs, list[SegmentOut]]:
+    """`outs = yield from run_all(feeds)`: the outputs of feeds run in the same round, in order."""
+    outs = yield feeds
+    assert isinstance(outs, list), "a list of feeds is answered by a list of SegmentOuts"
+    return outs
 
 
 @dataclass
@@ -174,7 +199,7 @@ class Strategy:
         verified, contrastive candidates). The Engine allots them, so no step overflows."""
         return 0
 
-    def start(self, state: DecodeState) -> Generator[Feeds, Outs, None] | None:
+    def start(self, state: DecodeState) -> Start | None:
         """Called once the prompt is in the cache: sets up `state.memo`. May be a generator that
         yields feeds (e.g. a first pass, a guide model reading its prefixes)."""
 

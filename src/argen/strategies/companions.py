@@ -9,7 +9,7 @@ so that a strategy can refuse a wrong one when it is made.
 from __future__ import annotations
 
 from argen.errors import InvalidRequestError
-from argen.models import LoadedModel
+from argen.models import LoadedModel, ModelRuntime
 from argen.models.hf import HFRuntime
 from argen.models.llama import LlamaRuntime
 
@@ -23,7 +23,7 @@ def is_companion(obj) -> bool:
     )
 
 
-def companion_runtime(model) -> object:
+def companion_runtime(model) -> ModelRuntime:
     """The runtime of a resolved companion (a LoadedModel, or a runtime given as it is)."""
     return model.runtime if isinstance(model, LoadedModel) else model
 

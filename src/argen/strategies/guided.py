@@ -22,7 +22,6 @@ the base model's (in the same packed pass when the guide is the base model), cou
 
 from __future__ import annotations
 
-from collections.abc import Generator
 from dataclasses import dataclass
 
 import torch
@@ -31,8 +30,8 @@ import torch.nn.functional as F
 from argen.checks import number_option
 from argen.errors import InvalidRequestError
 from argen.models import LoadedModel
-from argen.models.runtime import Segment, SegmentOut
-from argen.strategies.base import DecodeState, Feed, Step, Strategy
+from argen.models.runtime import SegmentOut
+from argen.strategies.base import DecodeState, Feed, Start, Step, Strategy, run_all
 from argen.strategies.companions import is_companion, unresolved
 
 RULES = ("gedi", "genarm")
@@ -65,7 +64,7 @@ class GuidePair:
         """The log-probs [2, n_scored, V] the prefill feeds returned."""
         if not n_scored:
             return torch.empty(2, 0, 0)
-        return torch.stack([F.log_softmax(o.logits.float(), -1) for o in outs])
+        return torch.stack([F.log_softmax(o.requested_logits().float(), -1) for o in outs])
 
     def step(self) -> list[Feed]:
         """Feeds of the pending tokens, whose logits are the next-token predictions."""
@@ -76,7 +75,7 @@ class GuidePair:
 
     @staticmethod
     def log_probs(outs: list[SegmentOut]) -> torch.Tensor:
-        return F.log_softmax(torch.stack([o.logits[-1] for o in outs]).float(), -1)  # [2, V]
+        return F.log_softmax(torch.stack([o.requested_logits()[-1] for o in outs]).float(), -1)  # [2, V]
 
 
 def class_log_prob(sums: torch.Tensor, n_tokens: int) -> torch.Tensor:
@@ -116,7 +115,7 @@ class Guided(Strategy):
         self.guide_model, self.omega = guide_model, omega
         self.positive_prefix, self.negative_prefix = positive_prefix, negative_prefix
         self.rule = rule
-        self._guide = None
+        self._guide: LoadedModel | None = None  # resolved by the API or the server: prepare()
 
     def options(self) -> dict:
         guide = self.guide_model  # a loaded model is recorded by its name
@@ -147,12 +146,19 @@ class Guided(Strategy):
                 "guided decoding needs two models that share a tokenizer"
             )
 
+    @property
+    def guide(self) -> LoadedModel:
+        """The guide model `prepare` was given."""
+        if self._guide is None:
+            raise unresolved(self.name, "guide_model")
+        return self._guide
+
     def check(self, runtime, prompt_len: int, params) -> None:
         if self._guide is not None:  # else never resolved: start() says so
             self._check_room(min(params.max_new_tokens, runtime.info.max_positions - prompt_len))
 
     def _check_room(self, new: int) -> None:
-        context = self._guide.runtime.info.max_positions
+        context = self.guide.runtime.info.max_positions
         longest = max(len(ids) for ids in self.control_ids())
         if longest + new > context:
             raise InvalidRequestError(
@@ -161,7 +167,7 @@ class Guided(Strategy):
             )
 
     def control_ids(self) -> list[list[int]]:
-        tok = self._guide.tokenizer
+        tok = self.guide.tokenizer
         return [
             list(tok(p, add_special_tokens=True)["input_ids"]) for p in (self.positive_prefix, self.negative_prefix)
         ]
@@ -176,27 +182,25 @@ class Guided(Strategy):
     def class_log_prob(self, output: list[int]) -> float:
         """The guide's log P(positive | output) for a finished output (call `prepare` first). A
         measurement of a finished text, not a request's step: it runs on the guide directly."""
-        runtime = self._guide.runtime
+        runtime = self.guide.runtime
         sequences = [c + list(output) for c in self.control_ids()]
         caches = [runtime.new_cache(1, len(s)) for s in sequences]
         pair = GuidePair(runtime, caches, sequences)
         feeds = pair.prefill(sequences, len(output))
-        outs = runtime.forward_packed([Segment(f.cache, f.tokens, f.positions, None, f.num_logits) for f in feeds])
+        outs = runtime.forward_packed([f.segment() for f in feeds])
         for cache in caches:
             cache.free()
         return float(class_log_prob(self._sums(pair.scored(outs, len(output)), output), len(output)))
 
-    def start(self, state: DecodeState) -> Generator[list[Feed], list[SegmentOut], None]:
-        if self._guide is None:
-            raise unresolved(self.name, "guide_model")
-        self._check_room(state.max_new_tokens)
+    def start(self, state: DecodeState) -> Start:
+        self._check_room(state.max_new_tokens)  # raises if no guide was resolved
         # A counterfactual replay starts with part of the output already there: the guide reads it too.
         output = state.output
         sequences = [c + list(output) for c in self.control_ids()]
-        runtime = self._guide.runtime
+        runtime = self.guide.runtime
         room = max(len(s) for s in sequences) + state.max_new_tokens + 2
         pair = GuidePair(runtime, [state.new_cache(runtime, room) for _ in sequences], sequences)
-        outs = yield pair.prefill(sequences, len(output))
+        outs = yield from run_all(pair.prefill(sequences, len(output)))
         sums = self._sums(pair.scored(outs, len(output)), output)
         state.memo = GuidedMemo(pair, sums.to(state.runtime.device))
         state.extras["guided"] = {"class_log_prob": float(class_log_prob(sums, state.n_generated))}
@@ -205,8 +209,8 @@ class Guided(Strategy):
     def step(self, state: DecodeState) -> Step:
         m = state.memo
         # The base model's pass and the guide's two rows, in the same round.
-        outs = yield [state.feed([state.tokens[-1]], num_logits=1), *m.pair.step()]
-        base = outs[0].logits[-1].float()
+        outs = yield from run_all([state.feed([state.tokens[-1]], num_logits=1), *m.pair.step()])
+        base = outs[0].requested_logits()[-1].float()
         guide = m.pair.log_probs(outs[1:]).to(base.device)  # [2, V]
         index = state.n_generated
         scores = class_log_prob(m.sums[:, None] + guide, index + 1)  # per candidate token

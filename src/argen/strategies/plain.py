@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from argen.strategies.base import DecodeState, Step, Strategy
+from argen.strategies.base import DecodeState, Step, Strategy, run
 
 
 class Plain(Strategy):
     name = "plain"
 
     def step(self, state: DecodeState) -> Step:
-        out = yield state.feed([state.tokens[-1]], num_logits=1)
-        return [state.sample(out.logits[-1], state.n_generated)]
+        out = yield from run(state.feed([state.tokens[-1]], num_logits=1))
+        return [state.sample(out.requested_logits()[-1], state.n_generated)]

@@ -252,8 +252,12 @@ class ModelStruct(ctypes.Structure):
     """cpu_forward.c's argen_model."""
 
     _fields_ = [
-        (name, ctypes.c_int32) for name in ("n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden", "inter")
-    ] + [
+        ("n_layers", ctypes.c_int32),
+        ("n_heads", ctypes.c_int32),
+        ("n_kv_heads", ctypes.c_int32),
+        ("head_dim", ctypes.c_int32),
+        ("hidden", ctypes.c_int32),
+        ("inter", ctypes.c_int32),
         ("eps", ctypes.c_float),
         ("pad", ctypes.c_int32),
         ("rope_cos", ctypes.c_void_p),

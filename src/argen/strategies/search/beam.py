@@ -26,8 +26,7 @@ import torch
 
 from argen.checks import number_option
 from argen.errors import InvalidRequestError
-from argen.models.runtime import SegmentOut
-from argen.strategies.base import DecodeState, Feed, Step, Strategy
+from argen.strategies.base import DecodeState, Feed, Feeds, Outs, Step, Strategy, run_all
 
 NEG = -1.0e9  # HF's "impossible" score: finite, so sums and comparisons stay well defined
 
@@ -95,7 +94,7 @@ class Beam(Strategy):
         state.extras.update(beam_score=score, beam_logprob=logprob)
         return tokens
 
-    def search(self, state: DecodeState) -> Generator[list[Feed], list[SegmentOut], tuple[list[int], float, float]]:
+    def search(self, state: DecodeState) -> Generator[Feeds, Outs, tuple[list[int], float, float]]:
         """The best hypothesis (output tokens, sum of log-probs, score). Each beam is a fork of the
         prompt's cache (copy-on-write: beams share every block until they write into it)."""
         n_beams = self.num_beams
@@ -111,8 +110,10 @@ class Beam(Strategy):
         improvable = True
         for cur in range(limit):
             position = [start + cur + state.position_shift]
-            outs = yield [Feed([pending[b]], position, num_logits=1, cache=c) for b, c in enumerate(caches)]
-            logits = torch.stack([o.logits[-1] for o in outs]).expand(n_beams, -1)
+            outs = yield from run_all(
+                [Feed([pending[b]], position, num_logits=1, cache=c) for b, c in enumerate(caches)]
+            )
+            logits = torch.stack([o.requested_logits()[-1] for o in outs]).expand(n_beams, -1)
             logp = self._log_probs(state, logits, outputs)
             total = (logp + scores[:, None]).reshape(-1)
             top, index = total.topk(min(keep, total.numel()))

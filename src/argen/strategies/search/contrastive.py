@@ -16,15 +16,13 @@ as the root of the next step's tree), as the pending-token convention requires.
 
 from __future__ import annotations
 
-from collections.abc import Generator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from argen.checks import number_option
-from argen.models.runtime import SegmentOut
-from argen.strategies.base import DecodeState, Feed, Step, Strategy
+from argen.strategies.base import DecodeState, Start, Step, Strategy, run
 from argen.strategies.search.beam import refuse_logprobs, require_greedy
 
 
@@ -62,15 +60,15 @@ class Contrastive(Strategy):
         # A step feeds the pending token and the top_k candidates after the sequence.
         return 1 + self.top_k
 
-    def start(self, state: DecodeState) -> Generator[Feed, SegmentOut, None]:
+    def start(self, state: DecodeState) -> Start:
         cache = state.cache
         # The pending (last prompt) token's logits and hidden state; then drop its keys/values again.
         length = cache.lengths[0]
-        out = yield state.feed([state.tokens[-1]], num_logits=1)
+        out = yield from run(state.feed([state.tokens[-1]], num_logits=1))
         cache.truncate(length)
         prompt_hidden = state.prompt_hidden if state.prompt_hidden is not None else out.hidden[:0]
         # history: hidden states [N, H] of the tokens so far; logits: the pending token's next-token logits
-        state.memo = ContrastiveMemo(torch.cat([prompt_hidden, out.hidden]).float(), out.logits[-1])
+        state.memo = ContrastiveMemo(torch.cat([prompt_hidden, out.hidden]).float(), out.requested_logits()[-1])
 
     def step(self, state: DecodeState) -> Step:
         m = state.memo
@@ -86,12 +84,12 @@ class Contrastive(Strategy):
         mask = torch.eye(k + 1, dtype=torch.bool)
         mask[:, 0] = True  # every candidate sees the pending token, and itself
         # Logits for the candidates only: the pending token's are already known (m.logits).
-        out = yield state.feed([state.tokens[-1]] + candidates, mask=mask, positions=positions, num_logits=k)
+        out = yield from run(state.feed([state.tokens[-1]] + candidates, mask=mask, positions=positions, num_logits=k))
         cand_hidden = out.hidden[1:].float()
         scores = contrastive_scores(top_p, degeneration_penalty(cand_hidden, m.history).to(top_p.device), self.alpha)
         scores = scores.masked_fill(~allowed.to(scores.device), float("-inf"))
         best = int(scores.argmax())
         state.cache.truncate(start + 1)  # keep the pending token; the winner becomes the next pending one
         m.history = torch.cat([m.history, cand_hidden[best : best + 1]])
-        m.logits = out.logits[best]
+        m.logits = out.requested_logits()[best]
         return [candidates[best]]

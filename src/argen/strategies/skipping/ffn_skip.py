@@ -20,7 +20,7 @@ import torch
 
 from argen.errors import InvalidRequestError
 from argen.models.runtime import Plan
-from argen.strategies.base import DecodeState, Step, Strategy
+from argen.strategies.base import DecodeState, Step, Strategy, run
 
 MAX_MEASURE_TOKENS = 64
 
@@ -82,8 +82,8 @@ class FFNSkip(Strategy):
 
     def step(self, state: DecodeState) -> Step:
         if not self.skips:
-            out = yield state.feed([state.tokens[-1]], num_logits=1)
-            return [state.sample(out.logits[-1], state.n_generated)]
+            out = yield from run(state.feed([state.tokens[-1]], num_logits=1))
+            return [state.sample(out.requested_logits()[-1], state.n_generated)]
         m, n_layers = state.memo, state.runtime.info.n_layers
         measuring = not m.decided or m.since >= self.check_every
         if measuring:
@@ -92,9 +92,9 @@ class FFNSkip(Strategy):
         else:
             feed = state.feed([state.tokens[-1]], plan=m.plan, num_logits=1)  # plan None: nothing to skip
             feed.draft = False  # the partial model's token is the output: a target pass, not a draft
-        out = yield feed
+        out = yield from run(feed)
         if measuring:
-            m.cos.append(out.ffn_cos[-1])
+            m.cos.append(out.requested_ffn_cos()[-1])
             if len(m.cos) >= self.measure_tokens:
                 m.plan, m.decided = self.choose(torch.stack(m.cos), n_layers), True
                 m.cos, m.since, m.checks = [], 0, m.checks + 1
@@ -102,4 +102,4 @@ class FFNSkip(Strategy):
             m.since += 1
             m.skipped_blocks += 0 if m.plan is None else n_layers - sum(m.plan.ffn)
         state.extras["ffn_skip"] = {"skipped_ffn_blocks": m.skipped_blocks, "checks": m.checks, "n_layers": n_layers}
-        return [state.sample(out.logits[-1], state.n_generated)]
+        return [state.sample(out.requested_logits()[-1], state.n_generated)]

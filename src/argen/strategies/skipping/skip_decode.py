@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from argen.errors import InvalidRequestError
 from argen.models.runtime import Plan
-from argen.strategies.base import DecodeState, Step, Strategy
+from argen.strategies.base import DecodeState, Step, Strategy, run
 
 MAX_LEVELS = 16
 
@@ -123,7 +123,7 @@ class SkipDecode(Strategy):
             check_nested(m.skipped, Plan.full(n_layers), index)
         feed = state.feed([state.tokens[-1]], plan=plan, num_logits=1)
         feed.draft = False  # the partial model's token is the output: a target pass, not a draft
-        out = yield feed
+        out = yield from run(feed)
         m.layers_run += n_layers if plan is None else sum(plan.attn)
         state.extras["skip_decode"] = {"mean_layers": m.layers_run / (index + 1), "n_layers": n_layers}
-        return [state.sample(out.logits[-1], index)]
+        return [state.sample(out.requested_logits()[-1], index)]

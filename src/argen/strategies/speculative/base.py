@@ -55,9 +55,9 @@ class Speculative(Strategy):
 
     def start(self, state: DecodeState) -> None:
         cost = CostModel.for_runtime(state.runtime) if self.adaptive else None
-        # The chain-length controller; tree proposers that size their own drafts need none.
-        chains = self.adaptive and not self.sizes_own_drafts
-        state.memo = self.Memo(cost=cost, length=DraftLength(self.max_draft, cost) if chains else None)
+        # The chain-length controller (adaptive only); tree proposers that size their own drafts need none.
+        length = DraftLength(self.max_draft, cost) if cost is not None and not self.sizes_own_drafts else None
+        state.memo = self.Memo(cost=cost, length=length)
 
     def propose(self, state: DecodeState, k: int) -> DraftTree | Generator[Feeds, Outs, DraftTree]:
         """A draft tree at most k deep; costly proposers (a partial plan, a draft model) are generators

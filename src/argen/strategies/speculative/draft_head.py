@@ -36,7 +36,7 @@ import torch
 from argen.errors import InvalidRequestError
 from argen.models.draft_head import DraftHeadRuntime
 from argen.models.runtime import SegmentOut
-from argen.strategies.base import DecodeState, Feed
+from argen.strategies.base import DecodeState, Feed, Feeds, Outs, run
 from argen.strategies.speculative.adaptive import best_tree
 from argen.strategies.speculative.base import Speculative, SpeculativeMemo
 from argen.strategies.speculative.ngram import _subtree
@@ -121,10 +121,10 @@ class DraftHead(Speculative):
     def _head_seconds(self, m, rows: int) -> float:
         return m.head_seconds if m.head_seconds is not None else m.head.pass_seconds(rows)
 
-    def _timed(self, state: DecodeState, feed: Feed) -> Generator[Feed, SegmentOut, SegmentOut]:
+    def _timed(self, state: DecodeState, feed: Feed) -> Generator[Feeds, Outs, SegmentOut]:
         m = state.memo
         start = time.perf_counter()
-        out = yield feed
+        out = yield from run(feed)
         seconds = time.perf_counter() - start
         record = state.extras["draft_head"]
         record["head_passes"] += 1
@@ -135,7 +135,7 @@ class DraftHead(Speculative):
             m.head_seconds = seconds if m.head_seconds is None else 0.8 * m.head_seconds + 0.2 * seconds
         return out
 
-    def propose(self, state: DecodeState, k: int) -> Generator[Feed, SegmentOut, DraftTree]:
+    def propose(self, state: DecodeState, k: int) -> Generator[Feeds, Outs, DraftTree]:
         m = state.memo
         m.node_q = []
         committed = m.cache.lengths[0]
@@ -163,10 +163,12 @@ class DraftHead(Speculative):
         )
         m.features = m.features[:0]
         alpha = m.calibration[0] / m.calibration[1]
-        tree, probs, q_of = DraftTree(), [], []
+        tree = DraftTree()
+        probs: list[float] = []  # each node's path probability (calibrated)
+        q_of: list[float] = []  # each node's probability under the head
         depth_of: list[int] = []
         # Nodes whose children are scored next: (tree node or -1, predicted feature after it, logits of its children).
-        level = [(-1, out.hidden[-1], out.logits[-1])]
+        level = [(-1, out.hidden[-1], out.requested_logits()[-1])]
         fed: list[int] = []  # tree nodes whose entries follow the committed ones in the head's cache, in order
         best = (0, 0.0, 0)  # (nodes kept, rate, depth)
         for depth in range(1, k + 1):
@@ -228,7 +230,7 @@ class DraftHead(Speculative):
                 ),
             )
             fed += grow
-            level = [(node, grown.hidden[r], grown.logits[r]) for r, node in enumerate(grow)]
+            level = [(node, grown.hidden[r], grown.requested_logits()[r]) for r, node in enumerate(grow)]
         m.cache.truncate(pending)
         n, depth = (best[0], best[2]) if self.adaptive else (self.max_nodes, k)
         keep = _best_nodes(probs, depth_of, depth, min(n, self.max_nodes))

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 from argen.cache.kv import KVCache
 from argen.errors import InvalidRequestError
-from argen.models.runtime import SegmentOut
-from argen.strategies.base import DecodeState, Feed
+from argen.models.runtime import ModelRuntime
+from argen.strategies.base import DecodeState, Feed, Feeds, Outs, run
 from argen.strategies.companions import companion_runtime, is_companion, unresolved
 from argen.strategies.speculative.base import Speculative, SpeculativeMemo
 from argen.strategies.speculative.drafting import draw_chain
@@ -24,7 +24,7 @@ from argen.strategies.speculative.tree import DraftTree
 
 @dataclass
 class DraftModelMemo(SpeculativeMemo):
-    runtime: object = None  # the draft model's runtime
+    runtime: ModelRuntime | None = None  # the draft model's runtime
     cache: KVCache | None = None  # the draft's cache: a prefix of the sequence
 
 
@@ -45,7 +45,7 @@ class DraftModel(Speculative):
         if not isinstance(num_drafts, int) or num_drafts < 1:
             raise ValueError("num_drafts must be an integer >= 1")
         self.draft, self.num_drafts = draft, num_drafts
-        self._draft_runtime = None  # resolved by the API or the server: prepare()
+        self._draft_runtime: ModelRuntime | None = None  # resolved by the API or the server: prepare()
 
     def options(self) -> dict:
         draft = self.draft  # a loaded model is recorded by its name
@@ -81,11 +81,11 @@ class DraftModel(Speculative):
         start = m.cache.lengths[0]
         return Feed(list(tokens), list(range(start, start + len(tokens))), None, None, 1, m.cache, m.runtime, True)
 
-    def propose(self, state: DecodeState, k: int) -> Generator[Feed, SegmentOut, DraftTree]:
+    def propose(self, state: DecodeState, k: int) -> Generator[Feeds, Outs, DraftTree]:
         m = state.memo
         # Catch up: the draft cache holds a prefix of the sequence; feed the rest, pending included.
-        out = yield self._feed(m, state.tokens[m.cache.lengths[0] :])
-        first = out.logits[-1]
+        out = yield from run(self._feed(m, state.tokens[m.cache.lengths[0] :]))
+        first = out.requested_logits()[-1]
         base = m.cache.lengths[0]
         chains = 1 if state.sampler.params.greedy else self.num_drafts
         tree = DraftTree()

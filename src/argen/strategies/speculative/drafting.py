@@ -12,9 +12,8 @@ from collections.abc import Callable, Generator
 
 import torch
 
-from argen.models.runtime import SegmentOut
 from argen.sampling import gumbel_noise
-from argen.strategies.base import DecodeState, Feed
+from argen.strategies.base import DecodeState, Feed, Feeds, Outs, run
 from argen.strategies.speculative.tree import DraftTree
 
 DRAFT_STREAM = 7919  # noise streams for drafts; the target's own sampling uses stream 0
@@ -22,7 +21,7 @@ DRAFT_STREAM = 7919  # noise streams for drafts; the target's own sampling uses 
 
 def draw_chain(
     state: DecodeState, k: int, feed: Callable[[int], Feed], chain: int = 0, first_logits: torch.Tensor | None = None
-) -> Generator[Feed, SegmentOut, tuple[list[int], list]]:
+) -> Generator[Feeds, Outs, tuple[list[int], list]]:
     """k draft tokens after `state.tokens` (a generator: yields the drafter's feeds). `feed(token)` is
     the drafter's feed of the next token, whose last logits are for the position after it;
     `first_logits`, if given, are the drafter's logits after the pending token already (so the
@@ -33,15 +32,15 @@ def draw_chain(
     logits = first_logits
     for j in range(k):
         if logits is None:
-            out = yield feed(state.tokens[-1] if j == 0 else drafts[-1])
-            logits = out.logits[-1]
+            out = yield from run(feed(state.tokens[-1] if j == 0 else drafts[-1]))
+            logits = out.requested_logits()[-1]
         index = state.n_generated + j
         processed = sampler.process(logits, state.tokens + drafts)
         if sampler.params.greedy:
             token = int(processed.argmax())
         else:
             q = processed.softmax(-1)
-            noise = gumbel_noise(sampler.params.seed, index, q.shape[-1], q.device, stream=DRAFT_STREAM + chain)
+            noise = gumbel_noise(sampler.seed, index, q.shape[-1], q.device, stream=DRAFT_STREAM + chain)
             token = int((processed + noise).argmax())
             probs.append(q)
         drafts.append(token)

@@ -14,8 +14,8 @@ from collections.abc import Generator
 from dataclasses import dataclass, field
 
 from argen.errors import InvalidRequestError
-from argen.models.runtime import Plan, SegmentOut
-from argen.strategies.base import DecodeState, Feed
+from argen.models.runtime import Plan
+from argen.strategies.base import DecodeState, Feeds, Outs
 from argen.strategies.speculative.adaptive import CostModel
 from argen.strategies.speculative.base import Speculative, SpeculativeMemo
 from argen.strategies.speculative.drafting import chain_tree, draw_chain
@@ -68,7 +68,7 @@ class LayerSkip(Speculative):
         m.plan = plan_skipping(n_layers, m.blocks)
         state.extras["layer_skip"] = {"skipped_blocks": m.blocks}
 
-    def propose(self, state: DecodeState, k: int) -> Generator[Feed, SegmentOut, DraftTree]:
+    def propose(self, state: DecodeState, k: int) -> Generator[Feeds, Outs, DraftTree]:
         m = state.memo
         if not m.blocks or k == 0:
             return DraftTree()  # calibration found no skip set that pays: plain decoding

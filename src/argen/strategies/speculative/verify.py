@@ -20,10 +20,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from argen.models.runtime import SegmentOut
 from argen.neartie import gap_is_near_tie
 from argen.sampling import gumbel_noise, uniform
-from argen.strategies.base import DecodeState, Feed
+from argen.strategies.base import DecodeState, Feeds, Outs, run
 from argen.strategies.speculative.tree import DraftTree
 
 
@@ -79,7 +78,8 @@ def verify(state: DecodeState, tree: DraftTree, row_logits: Callable[[int], torc
     pending root, row i + 1 node i). Only the rows on the walked path are asked for."""
     sampler = state.sampler
     greedy = sampler.params.greedy
-    node, row, path = -1, 0, []
+    node, row = -1, 0
+    path: list[int] = []  # the accepted nodes so far
     while True:
         index = state.n_generated + len(path)  # output position of the token being decided
         context = state.tokens + [tree.tokens[i] for i in path]
@@ -96,7 +96,7 @@ def verify(state: DecodeState, tree: DraftTree, row_logits: Callable[[int], torc
         else:
             p = processed.softmax(-1)
             q = tree.draft_probs[kids[0]]  # siblings share q(. | path)
-            chosen, token = spectr_select(p, q, [tree.tokens[c] for c in kids], sampler.params.seed, index)
+            chosen, token = spectr_select(p, q, [tree.tokens[c] for c in kids], sampler.seed, index)
             sampler.record(processed, index, token)  # decided here, not by choose
             nxt = None if chosen is None else kids[chosen]
         if nxt is None:
@@ -105,7 +105,7 @@ def verify(state: DecodeState, tree: DraftTree, row_logits: Callable[[int], torc
         node, row = nxt, nxt + 1
 
 
-def score_and_verify(state: DecodeState, tree: DraftTree) -> Generator[Feed, SegmentOut, Verdict]:
+def score_and_verify(state: DecodeState, tree: DraftTree) -> Generator[Feeds, Outs, Verdict]:
     """One target pass over pending + tree (yielded as a feed), then accept and fix up the cache so
     that it holds everything but the new pending (bonus) token."""
     start = state.cache.lengths[0]
@@ -114,7 +114,7 @@ def score_and_verify(state: DecodeState, tree: DraftTree) -> Generator[Feed, Seg
     mask = None if tree.is_chain else tree.attention_mask()
     # Hidden states for every node, logits only for the rows the walk reaches: a rejected draft
     # then costs its share of the transformer body but not the vocabulary projection.
-    out = yield state.feed([state.tokens[-1]] + tree.tokens, mask=mask, positions=positions, num_logits=0)
+    out = yield from run(state.feed([state.tokens[-1]] + tree.tokens, mask=mask, positions=positions, num_logits=0))
     hidden = out.hidden
     verdict = verify(state, tree, lambda row: state.runtime.head(hidden[row]))
     verdict.hidden = hidden
