@@ -67,3 +67,13 @@ def test_a_grammar_s_only_choice_and_a_forced_token_are_marked(tiny):
     forced = tiny.generate(REPEAT, chat=False, max_new_tokens=6, ignore_eos=True, intervene={2: 65})
     assert forced.origins[2] == "forced" and forced.token_ids[2] == 65
     assert forced.origins.count("forced") == 1
+
+
+def test_a_step_right_after_a_press_evicted_context_is_marked(tiny):
+    """streaming-llm at half the positions evicts as the output grows: the steps that ran right after
+    an eviction say "press"; without a press none does. Fails if the loop ignores what press() removed."""
+    prompt, options = "hello world " * 40, {"chat": False, "max_new_tokens": 40, "ignore_eos": True}
+    pressed = tiny.generate(prompt, press={"name": "streaming-llm", "budget": 0.5}, **options)
+    assert pressed.extras["press"]["evicted_positions"] > 0
+    assert 0 < pressed.origins.count("press") < len(pressed.origins)
+    assert "press" not in tiny.generate(prompt, **options).origins

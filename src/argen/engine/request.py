@@ -85,6 +85,7 @@ ORIGINS = {
     "grammar": "the only token the response_format's grammar allowed",
     "forced": "set by the request (a counterfactual intervention), not drawn",
     "replayed": "a replay's output prefix: prefilled, not decided by this call",
+    "press": "decided by a pass right after the request's KV-cache press evicted context",
 }
 
 

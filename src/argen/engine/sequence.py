@@ -128,17 +128,18 @@ class Sequence:
             held += sum(quantized.values())  # a fork shares its parent's store until either grows it
         return held
 
-    def press(self) -> None:
+    def press(self) -> int:
         """Run the request's KV-cache press if it is due (between steps and after prefill chunks, never
         inside a step). What it removes shifts the positions of the tokens that follow, so each keeps its
-        true position (token i at i + position_shift)."""
+        true position (token i at i + position_shift). Returns the positions it removed."""
         press, state = self.request.press, self.state
         if press is None:
-            return
+            return 0
         n = state.cache.lengths[0] + state.kv_evicted  # positions seen: the pending token is not in the cache
         removed = press.apply(state.cache, n)
         state.kv_evicted += removed
         state.position_shift += removed
+        return removed
 
     @property
     def prefilling(self) -> bool:
@@ -159,11 +160,14 @@ class Sequence:
         self.stats.prefill_passes = state.counters.forward_passes
         counters = state.counters
         while self.finish_reason is None:
-            self.press()
+            pressed = self.press() > 0
             accepted, proposed = counters.draft_accepted, counters.draft_proposed
             tokens = yield from strategy.step(state)
             verified = counters.draft_proposed > proposed
-            yield Emit(tokens, step_origins(len(tokens), counters.draft_accepted - accepted, verified))
+            origins = step_origins(len(tokens), counters.draft_accepted - accepted, verified)
+            if pressed:  # this step's own pass ran on the context the press just shortened
+                origins = ["press" if o in ("step", "verify") else o for o in origins]
+            yield Emit(tokens, origins)
 
     def accept(self, new_ids: list[int], origins: list[str] | None = None) -> Event:
         """Append a step's tokens, cut at EOS or a stop token id / max tokens / a stop string, and make

@@ -202,7 +202,7 @@ class _Sampling(_Body):
     return_origins: bool = Field(
         False,
         description="argen extension: add each token's origin (token_origins: step, draft, verify, grammar, "
-        "forced, replayed) and the decode statistics (stats: passes, drafts accepted, tokens/s) to the choices; "
+        "forced, replayed, press) and the decode statistics (stats: passes, drafts accepted, tokens/s) to the choices; "
         "a stream sends each choice's stats in a chunk of its own (argen_stats) when it finishes",
     )
     response_format: ResponseFormat | None = Field(

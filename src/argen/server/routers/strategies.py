@@ -69,7 +69,7 @@ def _options(cls, defaults: dict, capped: dict, served: ServerState) -> list[p.O
         out.append(
             p.OptionInfo(
                 name=name,
-                type=kind,  # type: ignore[arg-type]
+                type=kind,
                 default=default,
                 maximum=cap if numeric else None,
                 max_length=None if numeric else cap,
