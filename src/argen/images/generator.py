@@ -12,7 +12,6 @@ import torch
 
 from argen.errors import ArgenError, InvalidRequestError
 from argen.images import block_decoding, decoding, var
-from argen.images.block_diffusion import check_block_model
 from argen.images.gsd import Grouped
 from argen.images.models import check_model
 
@@ -121,10 +120,7 @@ class ImageGenerator:
         """Plug in a model of one's own (and a draft for "speculative" / "lantern" / "gsd"): its contract is
         checked first. `latent_order` (n_levels, n_levels - 1): each token's others, nearest first in the
         model's latent (codebook) space, for LANTERN and GSD; by default tokens are grey levels (nearest level)."""
-        if kind == "block":
-            check_block_model(model)
-        else:
-            check_model(model, kind)
+        check_model(model, kind)
         if draft is not None:
             check_model(draft, "ar")
             if (draft.n_pixels, draft.n_levels, draft.n_classes) != (model.n_pixels, model.n_levels, model.n_classes):

@@ -27,6 +27,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from argen.errors import ArgenError
+from argen.images.block_diffusion import check_block_model
 from argen.images.var import VarTransformer, check_var_model
 
 
@@ -140,6 +141,8 @@ def check_model(model: nn.Module, kind: str, batch: int = 3, seed: int = 0) -> N
     names the broken part. For an AR model: changing pixel t must not change the logits of pixels <= t."""
     if kind == "var":
         return check_var_model(model)  # next-scale models keep their own contract (var.py)
+    if kind == "block":
+        return check_block_model(model)  # so do block-diffusion models (block_diffusion.py)
     for attr in ("n_pixels", "n_levels", "n_classes"):
         if not isinstance(getattr(model, attr, None), int):
             raise ArgenError(f"an image model needs an integer attribute {attr!r}")
