@@ -117,9 +117,11 @@ def test_a_wrong_shift_changes_the_output(tiny, monkeypatch):
     spec = {"name": "streaming-llm", "budget": 0.3}
     right = tiny.generate(PROMPTS[1], max_new_tokens=30, press=spec, **GREEDY).token_ids
 
-    def unshifted(self: Sequence) -> None:
+    def unshifted(self: Sequence) -> int:
         state = self.state
-        state.kv_evicted += self.request.press.apply(state.cache, state.cache.lengths[0] + state.kv_evicted)
+        removed = self.request.press.apply(state.cache, state.cache.lengths[0] + state.kv_evicted)
+        state.kv_evicted += removed
+        return removed
 
     monkeypatch.setattr(Sequence, "press", unshifted)
     assert tiny.generate(PROMPTS[1], max_new_tokens=30, press=spec, **GREEDY).token_ids != right
