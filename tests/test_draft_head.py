@@ -15,10 +15,7 @@ from checks import check_cache_matches_prefill, check_greedy_identical
 import argen
 from argen.api import Generator
 from argen.errors import ArgenError, InvalidRequestError
-from argen.models import tiny as tiny_models
 from argen.models.draft_head import DraftHeadRuntime, read_head
-from argen.models.llama import LlamaRuntime
-from argen.models.loading import LoadedModel
 from argen.models.runtime import Segment
 from argen.recipes import draft_head as recipe_module
 from argen.recipes.draft_head import (
@@ -45,18 +42,6 @@ TINY = Recipe(prompts=8, max_new_tokens=24, vocab=256, epochs=6, batch_tokens=20
 def tiny_head(gen: Generator, path, recipe: Recipe = TINY) -> DraftHeadRuntime:
     distill(gen, recipe, progress=False, path=path, corpus=CORPUS)
     return load_draft_head(gen.runtime, path)
-
-
-@pytest.fixture(scope="module")
-def looping() -> Generator:
-    """tiny-random with every attention output zeroed: the next token depends on the current one
-    only, a map a head learns in seconds (so its drafts are accepted, and the tests see both)."""
-    model = tiny_models.tiny_llama(0)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.o_proj.weight.zero_()
-    runtime = LlamaRuntime(model.config, model.state_dict())
-    return Generator(LoadedModel("tiny-looping", runtime, tiny_models.byte_tokenizer(), lambda: model, {258}))
 
 
 @pytest.fixture(scope="module")
