@@ -1,5 +1,5 @@
 """Decoders for the block-diffusion model (block_diffusion.py's contract), batched over images: steps
-that yield after each pass, with per-image randomness, as decoding.py's.
+that yield before each pass, with per-image randomness, as decoding.py's.
 
 Blocks (image rows) are decoded in order; within the current block, masked pixels are unmasked in
 parallel. Four ways to run the passes, `cache`:
@@ -89,6 +89,7 @@ def block_decode(
             if len(a) == 0:
                 break
             m = cur[a] == mask
+            yield
             if state is None:
                 logits = model(labels[a], x[a, :hi])[:, lo:]
                 computed[a] += 1 + hi
@@ -126,7 +127,6 @@ def block_decode(
             elif cache == "subblock":
                 left = torch.zeros(len(a), int(slot_sub[-1]) + 1, dtype=torch.long).index_add_(1, slot_sub, m.long())
                 cached[a] |= (left == 0)[:, slot_sub]  # sub-blocks finished before this pass
-            yield
     return BlockDecoded(x, passes, torch.zeros(b, dtype=torch.long), computed)
 
 

@@ -1,7 +1,8 @@
 """Decoders for the image-token models (models.py's contract), batched over images.
 
-Every decoder is a generator (`Steps`) that yields after each forward pass of the target model (for
-speculative sampling: after each round's verifying pass) and returns a `Decoded`: the tokens and, per
+Every decoder is a generator (`Steps`) that yields before each forward pass of the target model (for
+speculative sampling: before each round of drafts and their verifying pass), so that after a first
+`next` each `next` runs one pass, the last one ending the decode; it returns a `Decoded`: the tokens and, per
 image, the forward passes of the target model (and of the draft) that the image took part in, the
 figure the benchmarks compare. `run(steps)` drives one to its end (the Python API); the engine's decode
 loop advances an image batch one step a round beside the text rows (engine/images.py).
@@ -37,8 +38,8 @@ Masked-diffusion models:
 from __future__ import annotations
 
 from collections.abc import Generator, Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, fields
+from typing import Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -50,11 +51,16 @@ class Decoded:
     target_passes: torch.Tensor  # (batch,) forward passes of the target each image was in
     draft_passes: torch.Tensor  # (batch,) forward passes of the draft (0 without one)
 
+    def rows(self, start: int, end: int) -> Decoded:
+        """Images start..end-1 of the batch (every per-image field sliced)."""
+        return type(self)(**{f.name: getattr(self, f.name)[start:end] for f in fields(self)})
 
-Steps = Generator[None, None, Decoded]  # a decode: yields after each target pass, returns the images
+
+T = TypeVar("T")
+Steps = Generator[None, None, Decoded]  # a decode: yields before each target pass, returns the images
 
 
-def run(steps: Generator):
+def run(steps: Generator[None, None, T]) -> T:
     """Drive a decode (`Steps`) to its end and return what it returns."""
     while True:
         try:
@@ -102,8 +108,8 @@ def ar_plain(model, labels: torch.Tensor, gens: Sequence[torch.Generator], tempe
     b, d = len(labels), model.n_pixels
     x = torch.zeros(b, d, dtype=torch.long)
     for t in range(d):
-        x[:, t] = _draw(_probs(model, labels, x, temperature)[:, t], gens)
         yield
+        x[:, t] = _draw(_probs(model, labels, x, temperature)[:, t], gens)
     return Decoded(x, torch.full((b,), d), torch.zeros(b, dtype=torch.long))
 
 
@@ -190,6 +196,7 @@ def ar_speculative(
     tp = torch.zeros(b, dtype=torch.long)
     dp = torch.zeros(b, dtype=torch.long)
     while bool((n < d).any()):
+        yield
         a = (n < d).nonzero().squeeze(1)
         la, xa, na, ga = labels[a], x[a].clone(), n[a], pick(gens, a)
         rows = torch.arange(len(a))
@@ -238,7 +245,6 @@ def ar_speculative(
         # Pixels past the committed ones are scratch: clear them (a causal model ignores them anyway).
         xa[torch.arange(d)[None, :] >= n[a][:, None]] = 0
         x[a] = xa
-        yield
     return Decoded(x, tp, dp)
 
 
@@ -261,6 +267,7 @@ def ar_jacobi(
     tp = torch.zeros(b, dtype=torch.long)
     positions = torch.arange(d)
     while bool((n < d).any()):
+        yield
         a = (n < d).nonzero().squeeze(1)
         xa, qa, na, ga = x[a], q[a], n[a], pick(gens, a)
         rows = torch.arange(len(a))
@@ -292,7 +299,6 @@ def ar_jacobi(
         redo = positions[None, :] >= n[a][:, None]
         x[a] = torch.where(redo, _draw(p, ga), xa)
         q[a] = next_proposals(redo, p, qa)
-        yield
     return Decoded(x, tp, torch.zeros(b, dtype=torch.long))
 
 
@@ -307,10 +313,10 @@ def diffusion_plain(model, labels: torch.Tensor, gens: Sequence[torch.Generator]
     x = torch.full((b, d), mask, dtype=torch.long)
     rows = torch.arange(b)
     for _ in range(d):
+        yield
         scores = uniforms(gens, (d,)).masked_fill(x != mask, -1.0)
         pos = scores.argmax(-1)  # a uniformly random masked pixel per image
         x[rows, pos] = _draw(_probs(model, labels, x, temperature)[rows, pos], gens)
-        yield
     return Decoded(x, torch.full((b,), d), torch.zeros(b, dtype=torch.long))
 
 
@@ -328,6 +334,7 @@ def diffusion_confidence(
     tp = torch.zeros(b, dtype=torch.long)
     block_of = torch.arange(d) // block if block > 0 else torch.zeros(d, dtype=torch.long)
     while bool((x == mask).any()):
+        yield
         a = (x == mask).any(-1).nonzero().squeeze(1)
         xa = x[a]
         probs = _probs(model, labels[a], xa, temperature)
@@ -341,5 +348,4 @@ def diffusion_confidence(
         chosen[torch.arange(len(a)), best] = True  # at least one pixel a pass
         tok = _draw(probs, pick(gens, a))
         x[a] = torch.where(chosen, tok, xa)
-        yield
     return Decoded(x, tp, torch.zeros(b, dtype=torch.long))

@@ -310,13 +310,13 @@ def var_decode(
     prev = None
     held = 0.0
     for k in range(len(model.scales)):
+        yield
         if k == len(model.scales) - 1:
             held = sum(layer.entries for layer in cache.layers) / max(1, len(cache.layers))
         prev = _draw(_probs_step(model, labels, prev, cache, temperature), gens)
         if budgets is not None and k < len(model.scales) - 1:
             for layer, b in zip(cache.layers, budgets):
                 layer.keep(b)
-        yield
     n = len(labels)
     assert prev is not None  # every model has at least one scale
     return Decoded(prev, torch.full((n,), len(model.scales)), torch.zeros(n, dtype=torch.long)), held

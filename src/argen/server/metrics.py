@@ -65,6 +65,12 @@ class Metrics:
         self.batch_size = Histogram(
             "argen_batch_size", "Sequences per scheduler step", buckets=BATCH_BUCKETS, registry=r
         )
+        self.image_batch_rows = Histogram(
+            "argen_image_batch_rows",
+            "Images decoded in the batch each image request finished in (its own and other requests')",
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
         self.step_seconds = Histogram(
             "argen_step_seconds", "Wall time of one scheduler step (all sequences)", buckets=LATENCY_BUCKETS, registry=r
         )
