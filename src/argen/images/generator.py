@@ -167,7 +167,8 @@ class ImageGenerator:
         {"name": "scalekv", "budget": 8, "drafters": 1, "drafter_budget": 21}), "confidence" (diffusion model,
         Fast-dLLM threshold decoding: {"name": "confidence", "threshold": 0.9}, and "block": 8 for
         row-by-row semi-autoregressive blocks); every strategy takes
-        "temperature". The same seed and labels give the same images."""
+        "temperature". Image i draws from its own generator, from (seed, i): the same seed gives it the
+        same pixels for its label, whatever the other labels are (decoding.row_generators)."""
         lab, name, options = self.check_request(labels, strategy, seed)
         if seed is None:
             seed = secrets.randbelow(2**31)
