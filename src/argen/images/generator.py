@@ -150,7 +150,7 @@ class ImageGenerator:
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
             raise InvalidRequestError(f"seed must be a non-negative integer; got {seed!r}")
         if name == "scalekv":  # drafters beyond the model's layers: said now, not midway through a batch
-            var.layer_budgets(self.model, options["budget"], options["drafters"], options["drafter_budget"])
+            var.check_drafters(self.model, options["drafters"])
         return lab, name, options
 
     def generate_images(self, labels, *, strategy="plain", seed: int | None = None) -> np.ndarray:

@@ -281,12 +281,18 @@ def history_share(model) -> torch.Tensor:
     return _HISTORY[model]
 
 
-def layer_budgets(model, budget: int, drafters: int, drafter_budget: int) -> list[int]:
-    """Each layer's cache budget: the `drafters` layers with the largest history share get
-    drafter_budget, the others (refiners) budget."""
+def check_drafters(model, drafters: int) -> int:
+    """The model's layers, after checking that `drafters` of them can be drafters."""
     n = len(model.new_cache().layers)
     if drafters > n:
         raise InvalidRequestError(f"drafters must be at most the model's {n} layers; got {drafters}")
+    return n
+
+
+def layer_budgets(model, budget: int, drafters: int, drafter_budget: int) -> list[int]:
+    """Each layer's cache budget: the `drafters` layers with the largest history share get
+    drafter_budget, the others (refiners) budget."""
+    n = check_drafters(model, drafters)
     roles = [budget] * n
     if drafters:
         for i in history_share(model).topk(drafters).indices.tolist():
