@@ -14,7 +14,7 @@ import torch
 
 import argen
 from argen.errors import ArgenError, InvalidRequestError
-from argen.images import ImageGenerator, block_decoding, training
+from argen.images import ImageGenerator, block_decoding, decoding, training
 from argen.images.block_diffusion import BlockConfig, BlockDiffusionTransformer, check_block_model
 from argen.images.models import ModelConfig, build
 
@@ -109,8 +109,10 @@ def test_decoding_with_the_block_cache_equals_decoding_without_one():
     model = tiny_model()
     labels = torch.arange(6)
     runs = {
-        cache: block_decoding.block_decode(
-            model, labels, torch.Generator().manual_seed(2), threshold=THRESHOLD, cache=cache
+        cache: decoding.run(
+            block_decoding.block_decode(
+                model, labels, decoding.row_generators(2, len(labels)), threshold=THRESHOLD, cache=cache
+            )
         )
         for cache in ("none", "block")
     }
@@ -150,7 +152,9 @@ def test_one_pixel_a_pass_commits_each_block_before_the_next():
     image's block. Bugs guarded: a block committed while it still holds masked pixels, a pass that queries
     two blocks at once, a block started before the one before it is done."""
     model = Recorder(tiny_model(scale=1.0))
-    out = block_decoding.block_decode(model, torch.arange(3), torch.Generator().manual_seed(0), threshold=1.0)
+    out = decoding.run(
+        block_decoding.block_decode(model, torch.arange(3), decoding.row_generators(0, 3), threshold=1.0)
+    )
     assert out.target_passes.tolist() == [64] * 3
     assert len(model.calls) == 64
     for i, (_, rows, positions, commit, _) in enumerate(model.calls):
@@ -169,13 +173,15 @@ def test_the_pass_and_token_counts_are_the_passes_the_model_ran(cache):
     block (thresholds differ per image, so they leave the batch at different passes)."""
     model = Recorder(tiny_model())
     labels = torch.arange(5)
-    out = block_decoding.block_decode(
-        model,
-        labels,
-        torch.Generator().manual_seed(3),
-        threshold=THRESHOLD,
-        cache=cache,
-        sub_block=4 if cache == "subblock" else 0,
+    out = decoding.run(
+        block_decoding.block_decode(
+            model,
+            labels,
+            decoding.row_generators(3, len(labels)),
+            threshold=THRESHOLD,
+            cache=cache,
+            sub_block=4 if cache == "subblock" else 0,
+        )
     )
     assert sum(rows for _, rows, *_ in model.calls) == int(out.target_passes.sum())
     assert len({rows for _, rows, *_ in model.calls}) > 1  # images left blocks at different passes
@@ -193,13 +199,15 @@ def test_the_pass_and_token_counts_are_the_passes_the_model_ran(cache):
 def _passes(cache: str, sub_block: int = 0) -> list[tuple[int, dict[int, int]]]:
     """For each cached pass over one image: (its block, {slot queried: the pixel it held, 17 if masked})."""
     model = Recorder(tiny_model())
-    out = block_decoding.block_decode(
-        model,
-        torch.tensor([4]),
-        torch.Generator().manual_seed(5),
-        threshold=THRESHOLD,
-        cache=cache,
-        sub_block=sub_block,
+    out = decoding.run(
+        block_decoding.block_decode(
+            model,
+            torch.tensor([4]),
+            decoding.row_generators(5, len(torch.tensor([4]))),
+            threshold=THRESHOLD,
+            cache=cache,
+            sub_block=sub_block,
+        )
     )
     assert out.target_passes.item() < 64  # several pixels a pass somewhere: the caches have work to do
     return [(int(p[0, 0]) // 8, dict(zip((p[0] % 8).tolist(), q[0].tolist()))) for _, _, p, _, q in model.calls]
@@ -245,8 +253,15 @@ def test_a_sub_block_as_large_as_the_block_is_the_exact_block_cache():
     tokens computed are those of the exact block cache (a request can ask for it: no error, no saving)."""
     model = tiny_model()
     runs = [
-        block_decoding.block_decode(
-            model, torch.arange(4), torch.Generator().manual_seed(7), threshold=THRESHOLD, cache=c, sub_block=s
+        decoding.run(
+            block_decoding.block_decode(
+                model,
+                torch.arange(4),
+                decoding.row_generators(7, 4),
+                threshold=THRESHOLD,
+                cache=c,
+                sub_block=s,
+            )
         )
         for c, s in (("block", 0), ("subblock", 8), ("subblock", 64))
     ]
@@ -259,8 +274,10 @@ def test_approximate_caches_compute_fewer_tokens_than_the_exact_one():
     labels = torch.arange(8)
 
     def computed(cache, sub_block=0):
-        gen = torch.Generator().manual_seed(6)
-        out = block_decoding.block_decode(model, labels, gen, threshold=THRESHOLD, cache=cache, sub_block=sub_block)
+        gens = decoding.row_generators(6, len(labels))
+        out = decoding.run(
+            block_decoding.block_decode(model, labels, gens, threshold=THRESHOLD, cache=cache, sub_block=sub_block)
+        )
         assert out.tokens.max() <= 16  # no mask left
         return out.tokens_computed.double().mean() / out.target_passes.double().mean()  # per pass
 

@@ -142,7 +142,7 @@ def chi_square_p(samples: torch.Tensor, joint: dict[tuple, float]) -> tuple[floa
 def speculative_samples(k: int, seed: int = 0) -> tuple[torch.Tensor, dict, decoding.Decoded]:
     target, draft = sharp_made(2, 1.5), sharp_made(12, 1.5)
     labels = torch.zeros(N_SAMPLES, dtype=torch.long)
-    out = decoding.ar_speculative(target, draft, labels, torch.Generator().manual_seed(seed), k=k)
+    out = decoding.run(decoding.ar_speculative(target, draft, labels, decoding.row_generators(seed, len(labels)), k=k))
     return out.tokens, exact_joint(target, 0), out
 
 
@@ -173,8 +173,13 @@ def test_speculative_jacobi_decoding_keeps_the_target_distribution():
     target = sharp_made(2, 1.5)
     joint = exact_joint(target, 0)
     for window in (1, 3):
-        out = decoding.ar_jacobi(
-            target, torch.zeros(N_SAMPLES, dtype=torch.long), torch.Generator().manual_seed(1), window=window
+        out = decoding.run(
+            decoding.ar_jacobi(
+                target,
+                torch.zeros(N_SAMPLES, dtype=torch.long),
+                decoding.row_generators(1, N_SAMPLES),
+                window=window,
+            )
         )
         stat, p = chi_square_p(out.tokens, joint)
         assert p > ALPHA, f"window={window}: Jacobi output differs from the target's distribution (chi2={stat:.1f})"
@@ -190,8 +195,13 @@ def test_control_jacobi_with_a_misrecorded_proposal_fails(monkeypatch, broken):
         monkeypatch.setattr(decoding, "accept_probability", lambda p, q: torch.clamp(1.3 * p / q, max=1.0))
     else:
         monkeypatch.setattr(decoding, "next_proposals", lambda redo, p, q: q)  # guesses judged against stale q
-    out = decoding.ar_jacobi(
-        target, torch.zeros(N_SAMPLES, dtype=torch.long), torch.Generator().manual_seed(1), window=3
+    out = decoding.run(
+        decoding.ar_jacobi(
+            target,
+            torch.zeros(N_SAMPLES, dtype=torch.long),
+            decoding.row_generators(1, N_SAMPLES),
+            window=3,
+        )
     )
     assert chi_square_p(out.tokens, exact_joint(target, 0))[1] < ALPHA
 
@@ -199,7 +209,13 @@ def test_control_jacobi_with_a_misrecorded_proposal_fails(monkeypatch, broken):
 def test_control_the_draft_distribution_fails_the_distribution_test():
     """The control: the draft's own samples (what accepting every draft token gives) are rejected."""
     target, draft = sharp_made(2, 1.5), sharp_made(12, 1.5)
-    samples = decoding.ar_plain(draft, torch.zeros(N_SAMPLES, dtype=torch.long), torch.Generator().manual_seed(0))
+    samples = decoding.run(
+        decoding.ar_plain(
+            draft,
+            torch.zeros(N_SAMPLES, dtype=torch.long),
+            decoding.row_generators(0, N_SAMPLES),
+        )
+    )
     assert chi_square_p(samples.tokens, exact_joint(target, 0))[1] < ALPHA
 
 
@@ -218,7 +234,7 @@ def test_control_a_biased_rule_fails_the_distribution_test(monkeypatch, broken):
 def test_speculative_passes_shrink_with_a_draft_equal_to_the_target():
     """With the target as its own draft every token is kept: ceil(64 / (k + 1)) target passes."""
     model = build(ModelConfig("ar", hidden=16, layers=1, dropout=0.0)).eval()
-    out = decoding.ar_speculative(model, model, torch.arange(4), torch.Generator().manual_seed(0), k=3)
+    out = decoding.run(decoding.ar_speculative(model, model, torch.arange(4), decoding.row_generators(0, 4), k=3))
     assert out.target_passes.tolist() == [16] * 4 and out.draft_passes.tolist() == [48] * 4
 
 
@@ -231,7 +247,9 @@ def test_lantern_with_delta_zero_is_exact_speculative_sampling_and_relaxing_save
     labels = torch.zeros(4000, dtype=torch.long)
 
     def run(relax):
-        return decoding.ar_speculative(target, draft, labels, torch.Generator().manual_seed(5), k=2, relax=relax)
+        return decoding.run(
+            decoding.ar_speculative(target, draft, labels, decoding.row_generators(5, len(labels)), k=2, relax=relax)
+        )
 
     exact = run(None)
     order = decoding.grey_level_order(3)
@@ -254,12 +272,18 @@ def test_lantern_neighbourhood_stops_at_delta():
 def test_confidence_decoding_spans_one_pass_to_one_pixel_a_pass():
     model = build(ModelConfig("diffusion", hidden=16, layers=2)).eval()
     labels = torch.arange(5)
-    every = decoding.diffusion_confidence(model, labels, torch.Generator().manual_seed(0), threshold=0.0)
+    every = decoding.run(
+        decoding.diffusion_confidence(model, labels, decoding.row_generators(0, len(labels)), threshold=0.0)
+    )
     assert every.target_passes.tolist() == [1] * 5
-    one = decoding.diffusion_confidence(model, labels, torch.Generator().manual_seed(0), threshold=1.0)
+    one = decoding.run(
+        decoding.diffusion_confidence(model, labels, decoding.row_generators(0, len(labels)), threshold=1.0)
+    )
     assert one.target_passes.tolist() == [64] * 5
-    plain = decoding.diffusion_plain(model, labels, torch.Generator().manual_seed(0))
-    rows = decoding.diffusion_confidence(model, labels, torch.Generator().manual_seed(0), threshold=0.0, block=8)
+    plain = decoding.run(decoding.diffusion_plain(model, labels, decoding.row_generators(0, len(labels))))
+    rows = decoding.run(
+        decoding.diffusion_confidence(model, labels, decoding.row_generators(0, len(labels)), threshold=0.0, block=8)
+    )
     assert rows.target_passes.tolist() == [8] * 5  # blocks of one row: one pass per row
     for out in (every, one, plain, rows):
         assert out.tokens.min() >= 0 and out.tokens.max() <= 16  # no mask token left
@@ -393,7 +417,11 @@ def test_blocks_are_decoded_in_order():
             seen.append((pixels != 17).clone())
             return torch.randn(len(labels), 64, 17, generator=torch.Generator().manual_seed(len(seen)))
 
-    decoding.diffusion_confidence(Recorder(), torch.arange(3), torch.Generator().manual_seed(0), threshold=0.3, block=8)
+    decoding.run(
+        decoding.diffusion_confidence(
+            Recorder(), torch.arange(3), decoding.row_generators(0, 3), threshold=0.3, block=8
+        )
+    )
     for done in seen:
         rows = done.reshape(-1, 8, 8).all(-1)  # (images, rows) fully decoded
         started = done.reshape(-1, 8, 8).any(-1)

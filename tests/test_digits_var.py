@@ -99,9 +99,9 @@ def test_scalekv_with_a_budget_above_the_cache_is_plain_decoding():
 def test_scalekv_keeps_the_budget_and_the_most_attended_entries():
     model = tiny_var(layers=2)
     labels = torch.arange(6)
-    _, held = var.var_decode(model, labels, torch.Generator().manual_seed(0), budgets=[3, 7])
+    _, held = decoding.run(var.var_decode(model, labels, decoding.row_generators(0, len(labels)), budgets=[3, 7]))
     assert held == (3 + 7) / 2
-    _, held = var.var_decode(model, labels, torch.Generator().manual_seed(0))
+    _, held = decoding.run(var.var_decode(model, labels, decoding.row_generators(0, len(labels))))
     assert held == 21
     layer = var.LayerCache(torch.arange(5.0).reshape(1, 1, 5, 1), torch.arange(5.0).reshape(1, 1, 5, 1))
     layer.attention = torch.tensor([0.1, 0.5, 0.05, 0.3, 0.05]).reshape(1, 1, 1, 5)
@@ -129,7 +129,9 @@ def test_gsd_with_groups_of_one_is_exact_speculative_sampling_draw_for_draw():
     order = decoding.grey_level_order(3)
 
     def run(relax):
-        return decoding.ar_speculative(target, draft, labels, torch.Generator().manual_seed(5), k=2, relax=relax)
+        return decoding.run(
+            decoding.ar_speculative(target, draft, labels, decoding.row_generators(5, len(labels)), k=2, relax=relax)
+        )
 
     exact = run(None)
     one = run(Grouped(order, group=1))
@@ -145,10 +147,16 @@ def test_gsd_with_groups_of_one_keeps_the_target_distribution():
     joint = exact_joint(target, 0)
     labels = torch.zeros(20_000, dtype=torch.long)
     order = decoding.grey_level_order(3)
-    one = decoding.ar_speculative(target, draft, labels, torch.Generator().manual_seed(9), k=3, relax=Grouped(order, 1))
+    one = decoding.run(
+        decoding.ar_speculative(
+            target, draft, labels, decoding.row_generators(9, len(labels)), k=3, relax=Grouped(order, 1)
+        )
+    )
     assert chi_square_p(one.tokens, joint)[1] > 1e-3
-    three = decoding.ar_speculative(
-        target, draft, labels, torch.Generator().manual_seed(9), k=3, relax=Grouped(order, 3)
+    three = decoding.run(
+        decoding.ar_speculative(
+            target, draft, labels, decoding.row_generators(9, len(labels)), k=3, relax=Grouped(order, 3)
+        )
     )
     assert chi_square_p(three.tokens, joint)[1] < 1e-3
 

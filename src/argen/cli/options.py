@@ -117,7 +117,8 @@ def add_scheduler_options(p: argparse.ArgumentParser) -> None:
         "--max-batch",
         type=int,
         default=32,
-        help="sequences decoding at once: a request's n samples take n (default: %(default)s)",
+        help="rows decoding at once: a request's n samples take n, an image request's images one each "
+        "(default: %(default)s)",
     )
     p.add_argument(
         "--prefill-chunk",

@@ -12,6 +12,9 @@ Each `step()` is a round, plan -> run -> apply:
    until it yields feeds again; the tokens its step returns become Events, and a finished
    sequence a Result (a RoundOutput).
 
+5. `_step_images`: every image batch (images.py: image requests, their images as rows) runs one
+   forward pass of its image model; a finished one hands back each request's ImagesDone.
+
 Who joins the batch is the Scheduler's decision too (scheduler.py); `generate`, `stream`, the
 server and `argen batch` all run this loop; a single request is a batch of one.
 """
@@ -25,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from argen.cache.paged import SeqKV
+from argen.engine.images import ImageBatch, ImageRequest, ImagesDone
 from argen.engine.pacing import PrefillPacer
 from argen.engine.request import Event, Failure, Request, Result
 from argen.engine.scheduler import RoundPlan, chunk_size, plan_round
@@ -39,13 +43,14 @@ from argen.strategies.base import Feed
 class RoundOutput:
     """What a round hands back (`items`: Events, Results, Failures) and the sequences it ended."""
 
-    items: list[Event | Result | Failure] = field(default_factory=list)
+    items: list[Event | Result | Failure | ImagesDone] = field(default_factory=list)
     done: list[Sequence] = field(default_factory=list)
 
 
 class DecodeBatch:
-    """Sequences decoding together. `admit` adds a request (its prefill runs in the coming rounds),
-    `step` runs one round, `remove` drops sequences (cancelled by a client)."""
+    """Sequences decoding together, and image batches beside them (images.py). `admit` adds a request
+    (its prefill runs in the coming rounds), `step` runs one round, `remove` drops sequences (cancelled
+    by a client), `drop_images` image requests."""
 
     def __init__(
         self,
@@ -68,15 +73,23 @@ class DecodeBatch:
         # may run (the caller may wait until then rather than run empty rounds).
         self.held_until: float | None = None
         self.sequences: list[Sequence] = []
+        self.images: list[ImageBatch] = []  # image requests' rows, one batch per key (images.py)
         self.reserved_blocks = 0  # worst-case KV blocks of the sequences admitted (see can_admit)
 
     def __len__(self) -> int:
-        return len(self.sequences)
+        """Rows running: sequences and images."""
+        return len(self.sequences) + self.image_rows()
+
+    def image_rows(self) -> int:
+        return sum(b.rows for b in self.images)
 
     # -- admission ---------------------------------------------------------------------------------
-    def blocks_needed(self, request: Request) -> int:
+    def blocks_needed(self, request: Request | ImageRequest) -> int:
         """KV blocks the request may hold at most: its whole sequence plus its strategy's slack, and for
-        n > 1 samples, n - 1 forks that share the prompt's full blocks and may each fill the rest."""
+        n > 1 samples, n - 1 forks that share the prompt's full blocks and may each fill the rest. An
+        image request none: the image decoders keep their own small state, outside the KV pool."""
+        if isinstance(request, ImageRequest):
+            return 0
         whole, shared = self._blocks(request)
         return whole + (request.n - 1) * (whole - shared)
 
@@ -105,10 +118,11 @@ class DecodeBatch:
 
     def slots(self) -> int:
         """Sequences running, a request not yet forked into its n samples counted as n (the scheduler's
-        `max_sequences` counts these)."""
-        return sum(s.request.n if s.prefilling and s.sample_index == 0 else 1 for s in self.sequences)
+        `max_sequences` counts these), and image rows (one per image)."""
+        running = sum(s.request.n if s.prefilling and s.sample_index == 0 else 1 for s in self.sequences)
+        return running + self.image_rows()
 
-    def can_admit(self, request: Request, pending_blocks: int = 0) -> bool:
+    def can_admit(self, request: Request | ImageRequest, pending_blocks: int = 0) -> bool:
         """Whether the request's worst case fits beside the admitted sequences' worst cases (and
         `pending_blocks` about to be admitted), so that an admitted request never runs out of KV
         memory midway."""
@@ -124,7 +138,9 @@ class DecodeBatch:
             return None
         return pool.max_blocks if self.kv_blocks is None else min(self.kv_blocks, pool.max_blocks)
 
-    def admit(self, index: int, request: Request) -> Sequence:
+    def admit(self, index: int, request: Request | ImageRequest) -> Sequence | ImageBatch:
+        if isinstance(request, ImageRequest):
+            return self._admit_images(index, request)
         engine = self.engine
         engine.validate(request)
         runtime, prompt = engine.runtime, request.prompt_ids
@@ -143,6 +159,25 @@ class DecodeBatch:
         self.reserved_blocks += seq.reserved
         self.sequences.append(seq)
         return seq
+
+    def _admit_images(self, index: int, request: ImageRequest) -> ImageBatch:
+        """The request's images join the batch of its key that has not started yet (those admitted in
+        the same round), or start one."""
+        if request.checked is None:
+            request.check()
+        key = request.key()
+        batch = next((b for b in self.images if b.key == key and b.steps is None), None)
+        if batch is None:
+            batch = ImageBatch(key)
+            self.images.append(batch)
+        batch.add(index, request)
+        return batch
+
+    def drop_images(self, indices: set[int]) -> None:
+        """Image requests cancelled by their clients (ImageBatch.drop); a batch left empty goes."""
+        for batch in self.images:
+            batch.drop(indices)
+        self.images = [b for b in self.images if b.members]
 
     @staticmethod
     def _layout(request: Request, state: DecodeState) -> tuple[list[int], torch.Tensor | None]:
@@ -196,9 +231,10 @@ class DecodeBatch:
         return runtime.kv_pool() if runtime.capabilities.paged_kv else None
 
     # -- one round: plan -> run -> apply -------------------------------------------------------------
-    def step(self) -> list[Event | Result | Failure]:
+    def step(self) -> list[Event | Result | Failure | ImagesDone]:
         """One round: an Event for each sequence that produced tokens, a Result for each that
-        finished, a Failure for each that raised (one sequence's error never stops the others)."""
+        finished, a Failure for each that raised (one sequence's error never stops the others), an
+        ImagesDone for each image request whose batch finished."""
         out = RoundOutput()
         self.held_until = None
         plan_started = time.perf_counter()
@@ -210,10 +246,26 @@ class DecodeBatch:
         rows, failed = self._run(plan)
         self._apply(plan, rows, failed, out)
         self.remove(out.done)
+        self._step_images(out)
         if self.pacer is not None:
             ended = time.perf_counter()
             self.pacer.record(ended - plan.started, plan.long_chunks, plan.others, ended)
         return out.items
+
+    def _step_images(self, out: RoundOutput) -> None:
+        """One pass of every image batch; a finished one leaves with its requests' ImagesDone, a failing
+        one with a Failure for each of its requests (their checks ran before admission, so this is a bug
+        or the model's own error, not one request's fault)."""
+        for batch in list(self.images):
+            try:
+                done = batch.step()
+            except Exception as exc:
+                out.items.extend(Failure(index, exc) for index, _ in batch.members)
+                self.images.remove(batch)
+                continue
+            if done:
+                out.items.extend(done)
+                self.images.remove(batch)
 
     def _advance_idle(self, out: RoundOutput) -> None:
         """Every decoding sequence between feeds asks its strategy for the next ones."""

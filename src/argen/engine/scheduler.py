@@ -5,7 +5,9 @@ prefill chunks each round runs.
   batch has a slot for each of its n samples (`max_sequences` counts sequences: a request of n
   samples takes n, since each is a row of every pass and a cache of its own) and KV memory for its
   worst case (`DecodeBatch.blocks_needed`); else it and everyone behind it wait. A lone request
-  larger than the limits runs by itself rather than never. `generate` / `stream` (engine.py), the
+  larger than the limits runs by itself rather than never. An image request (images.py) waits in
+  the same line and joins by the same rule: its images are its rows (`n`), it needs no KV blocks.
+  `generate` / `stream` (engine.py), the
   server (server/scheduler.py: its thread, queues and metrics) and `argen batch` (jobs/runner.py)
   all admit through it.
 - The round's plan (`plan_round`): decode feeds first, then prefill chunks under the token budget,
@@ -20,6 +22,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from argen.engine.images import ImageBatch, ImageRequest
 from argen.engine.request import Request
 from argen.strategies.base import Feed
 
@@ -43,7 +46,7 @@ class Waiting:
     handle on it (the server's Ticket, a batch job)."""
 
     index: int
-    request: Request
+    request: Request | ImageRequest
     owner: object = None
 
 
@@ -80,7 +83,7 @@ class Scheduler:
             taken.append(self.waiting.popleft())
         return taken
 
-    def admit(self, entry: Waiting) -> Sequence:
+    def admit(self, entry: Waiting) -> Sequence | ImageBatch:
         """Start a taken request in the batch (raises what `Engine.validate` raises)."""
         return self.batch.admit(entry.index, entry.request)
 

@@ -1,4 +1,5 @@
-"""Decoders for the block-diffusion model (block_diffusion.py's contract), batched over images.
+"""Decoders for the block-diffusion model (block_diffusion.py's contract), batched over images: steps
+that yield before each pass, with per-image randomness, as decoding.py's.
 
 Blocks (image rows) are decoded in order; within the current block, masked pixels are unmasked in
 parallel. Four ways to run the passes, `cache`:
@@ -31,12 +32,13 @@ In a batch, the images whose pass queries fewer slots than another's are padded 
 
 from __future__ import annotations
 
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from argen.errors import InvalidRequestError
-from argen.images.decoding import Decoded, _draw
+from argen.images.decoding import Decoded, _draw, pick, uniforms
 
 CACHES = ("none", "block", "subblock", "delayed")
 
@@ -60,13 +62,13 @@ def _needed_first(need: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def block_decode(
     model,
     labels: torch.Tensor,
-    gen: torch.Generator,
+    gens: Sequence[torch.Generator],
     *,
     threshold: float | None = 0.9,
     temperature: float = 1.0,
     cache: str = "block",
     sub_block: int = 0,
-) -> BlockDecoded:
+) -> Generator[None, None, BlockDecoded]:
     if cache not in CACHES:
         raise InvalidRequestError(f"unknown block cache {cache!r}; valid: {', '.join(CACHES)}")
     b, d, v, bs = len(labels), model.n_pixels, model.n_levels, model.block_size
@@ -87,6 +89,7 @@ def block_decode(
             if len(a) == 0:
                 break
             m = cur[a] == mask
+            yield
             if state is None:
                 logits = model(labels[a], x[a, :hi])[:, lo:]
                 computed[a] += 1 + hi
@@ -108,16 +111,16 @@ def block_decode(
             probs = torch.softmax(logits.double() / temperature, -1)
             current = torch.where(m, slot_sub[None, :], bs).min(-1).values  # first sub-block with masked pixels
             eligible = m & (slot_sub[None, :] == current[:, None])
-            rows = torch.arange(len(a))
+            rows, ga = torch.arange(len(a)), pick(gens, a)
             if threshold is None:
-                pick = torch.rand(len(a), bs, generator=gen).masked_fill(~eligible, -1.0).argmax(-1)
+                one = uniforms(ga, (bs,)).masked_fill(~eligible, -1.0).argmax(-1)
                 chosen = torch.zeros_like(eligible)
-                chosen[rows, pick] = True
+                chosen[rows, one] = True
             else:
                 conf = probs.max(-1).values.masked_fill(~eligible, -1.0)
                 chosen = eligible & (conf >= threshold)
                 chosen[rows, conf.argmax(-1)] = True  # at least one pixel a pass
-            x[a, lo:hi] = torch.where(chosen, _draw(probs, gen), cur[a])
+            x[a, lo:hi] = torch.where(chosen, _draw(probs, ga), cur[a])
             # What this pass computed from final pixels, reusable from the next pass on.
             if cache == "delayed":
                 cached[a] |= ~m  # queried with its value (decoded before this pass)
@@ -127,24 +130,26 @@ def block_decode(
     return BlockDecoded(x, passes, torch.zeros(b, dtype=torch.long), computed)
 
 
-def decode_strategy(model, name: str, options: dict, labels: torch.Tensor, gen: torch.Generator) -> BlockDecoded:
+def decode_strategy(
+    model, name: str, options: dict, labels: torch.Tensor, gens: Sequence[torch.Generator]
+) -> Generator[None, None, BlockDecoded]:
     """generator.py's strategies on a block-diffusion model: "plain" (one random pixel of the current
     block a pass, block cache), "blockwise", "subblock", "dkv" (options already bounded there)."""
     t = options["temperature"]
     if name == "blockwise":
         cache = "block" if options["cache"] else "none"
-        return block_decode(model, labels, gen, threshold=options["threshold"], temperature=t, cache=cache)
+        return block_decode(model, labels, gens, threshold=options["threshold"], temperature=t, cache=cache)
     if name == "subblock":
         cache = "subblock" if options["reuse"] else "block"
         return block_decode(
             model,
             labels,
-            gen,
+            gens,
             threshold=options["threshold"],
             temperature=t,
             cache=cache,
             sub_block=options["sub_block"],
         )
     if name == "dkv":
-        return block_decode(model, labels, gen, threshold=options["threshold"], temperature=t, cache="delayed")
-    return block_decode(model, labels, gen, threshold=None, temperature=t, cache="block")
+        return block_decode(model, labels, gens, threshold=options["threshold"], temperature=t, cache="delayed")
+    return block_decode(model, labels, gens, threshold=None, temperature=t, cache="block")

@@ -1,8 +1,16 @@
 """Decoders for the image-token models (models.py's contract), batched over images.
 
-Every decoder returns a `Decoded`: the tokens and, per image, the forward passes of the target model
-(and of the draft) that the image took part in, the figure the benchmarks compare. Randomness comes
-from one `torch.Generator`, so a seed replays a call (for the same labels in the same order).
+Every decoder is a generator (`Steps`) that yields before each forward pass of the target model (for
+speculative sampling: before each round of drafts and their verifying pass), so that after a first
+`next` each `next` runs one pass, the last one ending the decode; it returns a `Decoded`: the tokens and, per
+image, the forward passes of the target model (and of the draft) that the image took part in, the
+figure the benchmarks compare. `run(steps)` drives one to its end (the Python API); the engine's decode
+loop advances an image batch one step a round beside the text rows (engine/images.py).
+
+Randomness is per row: image row i draws only from its own `torch.Generator` (`gens[i]`; a request's
+are `row_generators(seed, n)`, one per image, from (seed, image index)), and only while it has
+something to draw. So an image's pixels depend on its own label and generator, never on which other
+rows share its batch or where it sits in it: requests of different clients can be decoded together.
 
 AR models:
 - `ar_plain`: one pixel a pass, n_pixels passes.
@@ -29,9 +37,11 @@ Masked-diffusion models:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass, fields
+from typing import Protocol, TypeVar
 
+import numpy as np
 import torch
 
 
@@ -41,23 +51,65 @@ class Decoded:
     target_passes: torch.Tensor  # (batch,) forward passes of the target each image was in
     draft_passes: torch.Tensor  # (batch,) forward passes of the draft (0 without one)
 
+    def rows(self, start: int, end: int) -> Decoded:
+        """Images start..end-1 of the batch (every per-image field sliced)."""
+        return type(self)(**{f.name: getattr(self, f.name)[start:end] for f in fields(self)})
+
+
+T = TypeVar("T")
+Steps = Generator[None, None, Decoded]  # a decode: yields before each target pass, returns the images
+
+
+def run(steps: Generator[None, None, T]) -> T:
+    """Drive a decode (`Steps`) to its end and return what it returns."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+def row_generators(seed: int, rows: int) -> list[torch.Generator]:
+    """One generator per image of a request: image i's from (seed, i), mixed by numpy's SeedSequence
+    (so neighbouring seeds or images give unrelated streams)."""
+    states = (np.random.SeedSequence([seed, i]).generate_state(1, np.uint64)[0] for i in range(rows))
+    return [torch.Generator().manual_seed(int(state)) for state in states]
+
+
+def pick(gens: Sequence[torch.Generator], which: torch.Tensor) -> list[torch.Generator]:
+    """The generators of the rows `which` selects (a bool mask or indices)."""
+    index = which.nonzero().squeeze(1) if which.dtype == torch.bool else which
+    return [gens[i] for i in index.tolist()]
+
+
+def uniforms(gens: Sequence[torch.Generator], shape: tuple[int, ...] = ()) -> torch.Tensor:
+    """(len(gens), *shape) uniforms in [0, 1), row i from gens[i]."""
+    if not gens:
+        return torch.zeros(0, *shape, dtype=torch.double)
+    return torch.stack([torch.rand(shape, generator=g, dtype=torch.double) for g in gens])
+
 
 def _probs(model, labels: torch.Tensor, pixels: torch.Tensor, temperature: float) -> torch.Tensor:
     return torch.softmax(model(labels, pixels).double() / temperature, -1)
 
 
-def _draw(probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """One level per row of `probs` (..., V)."""
-    flat = probs.reshape(-1, probs.shape[-1])
-    return torch.multinomial(flat, 1, generator=gen).reshape(probs.shape[:-1])
+def _draw(probs: torch.Tensor, gens: Sequence[torch.Generator]) -> torch.Tensor:
+    """One level per distribution of `probs` (rows, ..., V), row i's drawn with gens[i], by inverse
+    CDF sampling: the first level whose cumulative probability exceeds u * total. Hand-written because
+    torch.multinomial draws a whole tensor from one generator, and each row needs its own."""
+    u = uniforms(gens, tuple(probs.shape[1:-1]))
+    cdf = probs.cumsum(-1)
+    target = (u * cdf[..., -1]).unsqueeze(-1)
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
 
 
 @torch.no_grad()
-def ar_plain(model, labels: torch.Tensor, gen: torch.Generator, temperature: float = 1.0) -> Decoded:
+def ar_plain(model, labels: torch.Tensor, gens: Sequence[torch.Generator], temperature: float = 1.0) -> Steps:
     b, d = len(labels), model.n_pixels
     x = torch.zeros(b, d, dtype=torch.long)
     for t in range(d):
-        x[:, t] = _draw(_probs(model, labels, x, temperature)[:, t], gen)
+        yield
+        x[:, t] = _draw(_probs(model, labels, x, temperature)[:, t], gens)
     return Decoded(x, torch.full((b,), d), torch.zeros(b, dtype=torch.long))
 
 
@@ -133,19 +185,20 @@ def ar_speculative(
     target,
     draft,
     labels: torch.Tensor,
-    gen: torch.Generator,
+    gens: Sequence[torch.Generator],
     k: int = 4,
     temperature: float = 1.0,
     relax: Acceptance | None = None,
-) -> Decoded:
+) -> Steps:
     b, d, v = len(labels), target.n_pixels, target.n_levels
     x = torch.zeros(b, d, dtype=torch.long)
     n = torch.zeros(b, dtype=torch.long)  # pixels decoded per image
     tp = torch.zeros(b, dtype=torch.long)
     dp = torch.zeros(b, dtype=torch.long)
     while bool((n < d).any()):
+        yield
         a = (n < d).nonzero().squeeze(1)
-        la, xa, na = labels[a], x[a].clone(), n[a]
+        la, xa, na, ga = labels[a], x[a].clone(), n[a], pick(gens, a)
         rows = torch.arange(len(a))
         kk = torch.clamp(d - na, max=k)  # drafts this round (>= 1)
         qs = torch.zeros(len(a), k, v, dtype=torch.double)
@@ -155,8 +208,7 @@ def ar_speculative(
                 break
             pos = torch.clamp(na + j, max=d - 1)
             q = _probs(draft, la, xa, temperature)[rows, pos]
-            tok = _draw(q, gen)
-            xa[rows[live], pos[live]] = tok[live]
+            xa[rows[live], pos[live]] = _draw(q[live], pick(ga, live))  # only rows still drafting draw
             qs[:, j] = q
             dp[a[live]] += 1
         p_all = _probs(target, la, xa, temperature)
@@ -174,22 +226,20 @@ def ar_speculative(
             p_tok, q_tok, excluded = ps[rows, j, tok], qs[rows, j, tok], None
             if relax is not None:
                 p_tok, q_tok, excluded = relax.judge(ps[:, j], qs[:, j], tok)
-            keep = torch.rand(len(a), generator=gen, dtype=torch.double) < accept_probability(p_tok, q_tok)
+            keep = coins(ga, live) < accept_probability(p_tok, q_tok)
             kept, rejected = live & keep, live & ~keep
             p_left = ps[:, j] if excluded is None else ps[:, j].masked_fill(excluded, 0.0)
             res = residual(p_left, qs[:, j])
             if excluded is not None:  # nothing left outside the neighbourhood: fall back to p
                 res = torch.where(res.sum(-1, keepdim=True) > 0, res, ps[:, j])
-            fresh = _draw(res, gen)
-            xa[rows[rejected], pos[rejected]] = fresh[rejected]
+            xa[rows[rejected], pos[rejected]] = _draw(res[rejected], pick(ga, rejected))
             made += live.long()  # a kept draft or its resampled replacement
             going = kept
         # All drafts kept: a bonus pixel from the target's pass, where one is left.
         bonus = going & (na + kk < d)
         if bool(bonus.any()):
             pos = torch.clamp(na + kk, max=d - 1)
-            fresh = _draw(ps[rows, kk.clamp(max=k)], gen)
-            xa[rows[bonus], pos[bonus]] = fresh[bonus]
+            xa[rows[bonus], pos[bonus]] = _draw(ps[rows, kk.clamp(max=k)][bonus], pick(ga, bonus))
             made += bonus.long()
         n[a] = na + made
         # Pixels past the committed ones are scratch: clear them (a causal model ignores them anyway).
@@ -198,17 +248,28 @@ def ar_speculative(
     return Decoded(x, tp, dp)
 
 
+def coins(gens: Sequence[torch.Generator], live: torch.Tensor) -> torch.Tensor:
+    """One uniform per row, drawn only for the `live` rows (the others get 1.0: never below an
+    acceptance probability), so a row's draws do not depend on how long the other rows go on."""
+    out = torch.ones(len(live), dtype=torch.double)
+    out[live] = uniforms(pick(gens, live))
+    return out
+
+
 @torch.no_grad()
-def ar_jacobi(model, labels: torch.Tensor, gen: torch.Generator, window: int = 16, temperature: float = 1.0) -> Decoded:
+def ar_jacobi(
+    model, labels: torch.Tensor, gens: Sequence[torch.Generator], window: int = 16, temperature: float = 1.0
+) -> Steps:
     b, d, v = len(labels), model.n_pixels, model.n_levels
     q = torch.full((b, d, v), 1.0 / v, dtype=torch.double)  # each guess's proposal distribution
-    x = _draw(q, gen)
+    x = _draw(q, gens)
     n = torch.zeros(b, dtype=torch.long)
     tp = torch.zeros(b, dtype=torch.long)
     positions = torch.arange(d)
     while bool((n < d).any()):
+        yield
         a = (n < d).nonzero().squeeze(1)
-        xa, qa, na = x[a], q[a], n[a]
+        xa, qa, na, ga = x[a], q[a], n[a], pick(gens, a)
         rows = torch.arange(len(a))
         p = _probs(model, labels[a], xa, temperature)
         tp[a] += 1
@@ -221,25 +282,22 @@ def ar_jacobi(model, labels: torch.Tensor, gen: torch.Generator, window: int = 1
                 break
             pos = torch.clamp(na + j, max=d - 1)
             tok = xa[rows, pos]
-            keep = torch.rand(len(a), generator=gen, dtype=torch.double) < accept_probability(
-                p[rows, pos, tok], qa[rows, pos, tok]
-            )
+            keep = coins(ga, live) < accept_probability(p[rows, pos, tok], qa[rows, pos, tok])
             kept, rejected = live & keep, live & ~keep
-            fresh = _draw(residual(p[rows, pos], qa[rows, pos]), gen)
-            xa[rows[rejected], pos[rejected]] = fresh[rejected]
+            fresh = _draw(residual(p[rows, pos], qa[rows, pos])[rejected], pick(ga, rejected))
+            xa[rows[rejected], pos[rejected]] = fresh
             made += live.long()
             going = kept
         # Every judged guess kept: this pass's conditional at the next pixel is exact, so draw it too.
         bonus = going & (na + span < d)
         if bool(bonus.any()):
             pos = torch.clamp(na + span, max=d - 1)
-            fresh = _draw(p[rows, pos], gen)
-            xa[rows[bonus], pos[bonus]] = fresh[bonus]
+            xa[rows[bonus], pos[bonus]] = _draw(p[rows, pos][bonus], pick(ga, bonus))
             made += bonus.long()
         n[a] = na + made
         # Later guesses: redrawn from this pass's conditionals, which become their proposals.
         redo = positions[None, :] >= n[a][:, None]
-        x[a] = torch.where(redo, _draw(p, gen), xa)
+        x[a] = torch.where(redo, _draw(p, ga), xa)
         q[a] = next_proposals(redo, p, qa)
     return Decoded(x, tp, torch.zeros(b, dtype=torch.long))
 
@@ -250,26 +308,33 @@ def next_proposals(redo: torch.Tensor, p: torch.Tensor, q: torch.Tensor) -> torc
 
 
 @torch.no_grad()
-def diffusion_plain(model, labels: torch.Tensor, gen: torch.Generator, temperature: float = 1.0) -> Decoded:
+def diffusion_plain(model, labels: torch.Tensor, gens: Sequence[torch.Generator], temperature: float = 1.0) -> Steps:
     b, d, mask = len(labels), model.n_pixels, model.n_levels
     x = torch.full((b, d), mask, dtype=torch.long)
     rows = torch.arange(b)
     for _ in range(d):
-        scores = torch.rand(b, d, generator=gen).masked_fill(x != mask, -1.0)
+        yield
+        scores = uniforms(gens, (d,)).masked_fill(x != mask, -1.0)
         pos = scores.argmax(-1)  # a uniformly random masked pixel per image
-        x[rows, pos] = _draw(_probs(model, labels, x, temperature)[rows, pos], gen)
+        x[rows, pos] = _draw(_probs(model, labels, x, temperature)[rows, pos], gens)
     return Decoded(x, torch.full((b,), d), torch.zeros(b, dtype=torch.long))
 
 
 @torch.no_grad()
 def diffusion_confidence(
-    model, labels: torch.Tensor, gen: torch.Generator, threshold: float = 0.9, temperature: float = 1.0, block: int = 0
-) -> Decoded:
+    model,
+    labels: torch.Tensor,
+    gens: Sequence[torch.Generator],
+    threshold: float = 0.9,
+    temperature: float = 1.0,
+    block: int = 0,
+) -> Steps:
     b, d, mask = len(labels), model.n_pixels, model.n_levels
     x = torch.full((b, d), mask, dtype=torch.long)
     tp = torch.zeros(b, dtype=torch.long)
     block_of = torch.arange(d) // block if block > 0 else torch.zeros(d, dtype=torch.long)
     while bool((x == mask).any()):
+        yield
         a = (x == mask).any(-1).nonzero().squeeze(1)
         xa = x[a]
         probs = _probs(model, labels[a], xa, temperature)
@@ -281,6 +346,6 @@ def diffusion_confidence(
         chosen = masked & (conf >= threshold)
         best = conf.argmax(-1)
         chosen[torch.arange(len(a)), best] = True  # at least one pixel a pass
-        tok = _draw(probs, gen)
+        tok = _draw(probs, pick(gens, a))
         x[a] = torch.where(chosen, tok, xa)
     return Decoded(x, tp, torch.zeros(b, dtype=torch.long))

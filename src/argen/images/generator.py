@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -148,6 +149,8 @@ class ImageGenerator:
             raise InvalidRequestError(f"model {self.name!r} has no draft model for speculative sampling")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
             raise InvalidRequestError(f"seed must be a non-negative integer; got {seed!r}")
+        if name == "scalekv":  # drafters beyond the model's layers: said now, not midway through a batch
+            var.check_drafters(self.model, options["drafters"])
         return lab, name, options
 
     def generate_images(self, labels, *, strategy="plain", seed: int | None = None) -> np.ndarray:
@@ -164,21 +167,30 @@ class ImageGenerator:
         {"name": "scalekv", "budget": 8, "drafters": 1, "drafter_budget": 21}), "confidence" (diffusion model,
         Fast-dLLM threshold decoding: {"name": "confidence", "threshold": 0.9}, and "block": 8 for
         row-by-row semi-autoregressive blocks); every strategy takes
-        "temperature". The same seed and labels give the same images."""
+        "temperature". Image i draws from its own generator, from (seed, i): the same seed gives it the
+        same pixels for its label, whatever the other labels are (decoding.row_generators)."""
         lab, name, options = self.check_request(labels, strategy, seed)
         if seed is None:
             seed = secrets.randbelow(2**31)
-        gen = torch.Generator().manual_seed(seed)
+        gens = decoding.row_generators(seed, len(lab))
         start = time.perf_counter()
-        parts = [self._decode(name, options, lab[i : i + CHUNK], gen) for i in range(0, len(lab), CHUNK)]
-        seconds = time.perf_counter() - start
+        parts = [
+            decoding.run(self.decode(name, options, lab[i : i + CHUNK], gens[i : i + CHUNK]))
+            for i in range(0, len(lab), CHUNK)
+        ]
+        return self.result(parts, lab, time.perf_counter() - start, seed, name, options)
+
+    def result(
+        self, parts: list[decoding.Decoded], labels: torch.Tensor, seconds: float, seed: int, name: str, options: dict
+    ) -> ImageResult:
+        """One request's ImageResult from its decoded rows (in `parts`, in order)."""
         tokens = torch.cat([p.tokens for p in parts]).numpy()
         d = self.model.n_pixels
         side = int(round(d**0.5))
-        shape = (len(lab), side, side) if side * side == d else (len(lab), d)
+        shape = (len(labels), side, side) if side * side == d else (len(labels), d)
         return ImageResult(
             tokens.reshape(shape),
-            lab.numpy(),
+            labels.numpy(),
             torch.cat([p.target_passes for p in parts]).numpy(),
             torch.cat([p.draft_passes for p in parts]).numpy(),
             seconds,
@@ -187,33 +199,41 @@ class ImageGenerator:
             computed(parts),
         )
 
-    def _decode(self, name: str, options: dict, labels: torch.Tensor, gen: torch.Generator) -> decoding.Decoded:
+    def decode(self, name: str, options: dict, labels: torch.Tensor, gens: Sequence[torch.Generator]) -> decoding.Steps:
+        """The strategy's decode of `labels` (a checked strategy: `check_request`), row i drawing with
+        gens[i], as steps (one a forward pass: decoding.py); `decoding.run` drives it to its images."""
         if self.kind == "block":
-            return block_decoding.decode_strategy(self.model, name, options, labels, gen)
+            return block_decoding.decode_strategy(self.model, name, options, labels, gens)
         if self.kind == "var":
             budgets = None
             if name == "scalekv":
                 budgets = var.layer_budgets(
                     self.model, options["budget"], options["drafters"], options["drafter_budget"]
                 )
-            return var.var_decode(self.model, labels, gen, options["temperature"], budgets)[0]
+            return _decoded_only(var.var_decode(self.model, labels, gens, options["temperature"], budgets))
         if self.kind == "ar":
             if name == "gsd":
                 rest = {key: v for key, v in options.items() if key not in ("group", "p_gap")}
                 grouped = Grouped(self.latent_order, options["group"], options["p_gap"])
-                return decoding.ar_speculative(self.model, self.draft, labels, gen, relax=grouped, **rest)
+                return decoding.ar_speculative(self.model, self.draft, labels, gens, relax=grouped, **rest)
             if name == "speculative":
-                return decoding.ar_speculative(self.model, self.draft, labels, gen, **options)
+                return decoding.ar_speculative(self.model, self.draft, labels, gens, **options)
             if name == "jacobi":
-                return decoding.ar_jacobi(self.model, labels, gen, **options)
+                return decoding.ar_jacobi(self.model, labels, gens, **options)
             if name == "lantern":
                 rest = {key: v for key, v in options.items() if key not in ("delta", "neighbours")}
                 relax = decoding.Lantern(self.latent_order, options["delta"], options["neighbours"])
-                return decoding.ar_speculative(self.model, self.draft, labels, gen, relax=relax, **rest)
-            return decoding.ar_plain(self.model, labels, gen, **options)
+                return decoding.ar_speculative(self.model, self.draft, labels, gens, relax=relax, **rest)
+            return decoding.ar_plain(self.model, labels, gens, **options)
         if name == "confidence":
-            return decoding.diffusion_confidence(self.model, labels, gen, **options)
-        return decoding.diffusion_plain(self.model, labels, gen, **options)
+            return decoding.diffusion_confidence(self.model, labels, gens, **options)
+        return decoding.diffusion_plain(self.model, labels, gens, **options)
+
+
+def _decoded_only(steps) -> decoding.Steps:
+    """var_decode's steps, returning its images without the cache figure."""
+    decoded, _ = yield from steps
+    return decoded
 
 
 def computed(parts: list[decoding.Decoded]) -> np.ndarray | None:

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 import weakref
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -44,7 +45,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from argen.errors import ArgenError, InvalidRequestError
-from argen.images.decoding import Decoded, _draw
+from argen.images.decoding import Decoded, _draw, row_generators
 
 if TYPE_CHECKING:
     from argen.images.models import ModelConfig
@@ -271,21 +272,27 @@ def history_share(model) -> torch.Tensor:
     if model not in _HISTORY:
         labels = torch.arange(model.n_classes)
         cache = model.new_cache()
-        gen = torch.Generator().manual_seed(0)
+        gens = row_generators(0, len(labels))
         prev = None
         for _ in model.scales:
-            prev = _draw(torch.softmax(model.step(labels, prev, cache).double(), -1), gen)
+            prev = _draw(torch.softmax(model.step(labels, prev, cache).double(), -1), gens)
         last = model.scales[-1] ** 2
         _HISTORY[model] = torch.stack([layer.attention[..., :-last].sum(-1).mean() for layer in cache.layers])
     return _HISTORY[model]
 
 
-def layer_budgets(model, budget: int, drafters: int, drafter_budget: int) -> list[int]:
-    """Each layer's cache budget: the `drafters` layers with the largest history share get
-    drafter_budget, the others (refiners) budget."""
+def check_drafters(model, drafters: int) -> int:
+    """The model's layers, after checking that `drafters` of them can be drafters."""
     n = len(model.new_cache().layers)
     if drafters > n:
         raise InvalidRequestError(f"drafters must be at most the model's {n} layers; got {drafters}")
+    return n
+
+
+def layer_budgets(model, budget: int, drafters: int, drafter_budget: int) -> list[int]:
+    """Each layer's cache budget: the `drafters` layers with the largest history share get
+    drafter_budget, the others (refiners) budget."""
+    n = check_drafters(model, drafters)
     roles = [budget] * n
     if drafters:
         for i in history_share(model).topk(drafters).indices.tolist():
@@ -295,19 +302,24 @@ def layer_budgets(model, budget: int, drafters: int, drafter_budget: int) -> lis
 
 @torch.no_grad()
 def var_decode(
-    model, labels: torch.Tensor, gen: torch.Generator, temperature: float = 1.0, budgets: list[int] | None = None
-) -> tuple[Decoded, float]:
-    """One pass per scale, every token of a scale drawn at once from its distribution. With `budgets`
-    (one per layer, a `VarCache` model only), each layer keeps at most that many cached entries after
-    every pass (ScaleKV). Returns the decode and the mean cached entries per layer that the last pass
-    attended to besides its own scale."""
+    model,
+    labels: torch.Tensor,
+    gens: Sequence[torch.Generator],
+    temperature: float = 1.0,
+    budgets: list[int] | None = None,
+) -> Generator[None, None, tuple[Decoded, float]]:
+    """One pass per scale (a step each, as decoding.py's decoders), every token of a scale drawn at once
+    from its distribution, image i's with gens[i]. With `budgets` (one per layer, a `VarCache` model
+    only), each layer keeps at most that many cached entries after every pass (ScaleKV). Returns the
+    decode and the mean cached entries per layer that the last pass attended to besides its own scale."""
     cache = model.new_cache()
     prev = None
     held = 0.0
     for k in range(len(model.scales)):
+        yield
         if k == len(model.scales) - 1:
             held = sum(layer.entries for layer in cache.layers) / max(1, len(cache.layers))
-        prev = _draw(_probs_step(model, labels, prev, cache, temperature), gen)
+        prev = _draw(_probs_step(model, labels, prev, cache, temperature), gens)
         if budgets is not None and k < len(model.scales) - 1:
             for layer, b in zip(cache.layers, budgets):
                 layer.keep(b)

@@ -157,7 +157,7 @@ class JobRunner:
                         except Exception as exc:
                             yield job, error_line(job, generation_error(exc))
                             continue
-                        running[job.index] = (job, body, entry.request)
+                        running[job.index] = (job, body, cast(Request, entry.request))  # jobs are text
                         self.generated += 1
                 if not running:
                     return

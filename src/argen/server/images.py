@@ -1,66 +1,21 @@
-"""/v1/images/generations' work: a request's images as one `ImageTicket` that the server's worker
-runs between decode rounds (scheduler.py), and the PNG each image is sent as.
-
-A request's images (labels x n, at most protocol.MAX_IMAGES) are decoded together in one batch by
-`ImageGenerator.generate_images_with_stats`, under the request's seed, so the same request gives
-the same images whatever else the server is doing. Requests of different clients run one after
-another, never in one batch: the image decoders draw their randomness per batch, and a request's
-images must not depend on who else asked at the same time.
+"""/v1/images/generations' body and response: the images' classes from the body, the size check, and
+the PNG each image is sent as. The images themselves are decoded in the engine's loop
+(engine/images.py: an `ImageRequest` in the server's one line, its images rows of an image batch
+that may hold other clients' images too); each image draws from its own generator seeded from
+(the request's seed, its index), so the same request gives the same images whoever else is asking.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import struct
-import time
 import zlib
-from dataclasses import dataclass, field
 
 import numpy as np
 
-from argen.images import ImageGenerator
 from argen.images.generator import ImageResult
 from argen.server import protocol as p
 from argen.server.errors import APIError
-
-
-@dataclass(eq=False)
-class ImageTicket:
-    """One image request in the server's worker: what to decode, and where the result goes."""
-
-    gen: ImageGenerator
-    labels: list[int]
-    strategy: object
-    seed: int | None
-    loop: asyncio.AbstractEventLoop
-    future: asyncio.Future
-    arrived: float = field(default_factory=time.perf_counter)
-    cancelled: bool = False
-
-    def run(self) -> str:
-        """Decode (in the worker thread) and hand the result or the error to the waiting route; the
-        outcome for the request counter ("done" or "error")."""
-        try:
-            outcome: ImageResult | Exception = self.gen.generate_images_with_stats(
-                self.labels, strategy=self.strategy, seed=self.seed
-            )
-        except Exception as exc:  # the route turns it into the client's 400 (or a 500 for a bug)
-            outcome = exc
-        try:
-            self.loop.call_soon_threadsafe(_settle, self.future, outcome)
-        except RuntimeError:  # the event loop is gone (server stopped): nobody is listening
-            self.cancelled = True
-        return "error" if isinstance(outcome, Exception) else "done"
-
-
-def _settle(future: asyncio.Future, outcome: ImageResult | Exception) -> None:
-    if future.done():  # the client went away meanwhile
-        return
-    if isinstance(outcome, Exception):
-        future.set_exception(outcome)
-    else:
-        future.set_result(outcome)
 
 
 def labels_of(body: p.ImageGenerationRequest, n_classes: int) -> list[int]:

@@ -54,7 +54,8 @@ class Metrics:
         self.running = Gauge("argen_running_requests", "Requests in the running batch", registry=r)
         self.sequences = Gauge(
             "argen_running_sequences",
-            "Sequences in the running batch (prefilling or decoding; a request of n samples counts n once forked)",
+            "Rows in the running batch: sequences (prefilling or decoding; a request of n samples counts n once "
+            "forked) and images of image requests",
             registry=r,
         )
         self.sequences_peak = Gauge(
@@ -63,7 +64,13 @@ class Metrics:
             registry=r,
         )
         self.batch_size = Histogram(
-            "argen_batch_size", "Sequences per scheduler step", buckets=BATCH_BUCKETS, registry=r
+            "argen_batch_size", "Rows (sequences and images) per scheduler step", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.image_batch_rows = Histogram(
+            "argen_image_batch_rows",
+            "Images decoded in the batch each image request finished in (its own and other requests')",
+            buckets=BATCH_BUCKETS,
+            registry=r,
         )
         self.step_seconds = Histogram(
             "argen_step_seconds", "Wall time of one scheduler step (all sequences)", buckets=LATENCY_BUCKETS, registry=r

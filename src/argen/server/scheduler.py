@@ -9,7 +9,10 @@ under the round's token budget (shortest prompt first), a long prompt's chunks p
 others run at least 1/prefill_slowdown as fast as alone (engine/pacing.py). Every token event is handed to its request's
 asyncio queue with `call_soon_threadsafe`, so the HTTP side never blocks on the model and the model
 never waits for a slow client. Requests join and leave between steps (Orca-style iteration-level
-scheduling: the temporal fusion of decode steps across in-flight requests).
+scheduling: the temporal fusion of decode steps across in-flight requests). Image requests
+(/v1/images/generations: engine/images.py) take the same path: the same line, the same --max-batch
+(an image is a row), one pass of each image batch a round beside the text rows, and compatible
+requests admitted together decode as one batch.
 """
 
 from __future__ import annotations
@@ -23,12 +26,11 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import cast
 
-from argen.engine import DecodeBatch, Engine, Event, Failure, Request, Result
+from argen.engine import DecodeBatch, Engine, Event, Failure, ImageRequest, ImagesDone, Request, Result
 from argen.engine.pacing import PREFILL_SLOWDOWN, PrefillPacer
 from argen.engine.scheduler import PREFILL_CHUNK, STEP_TOKENS, Waiting
 from argen.engine.scheduler import Scheduler as Admission
 from argen.errors import ArgenError
-from argen.server.images import ImageTicket
 from argen.server.memory import TRIM_AFTER_IDLE_S, release_free_memory
 from argen.server.metrics import Metrics
 
@@ -46,10 +48,10 @@ class Draining(Exception):
 @dataclass(eq=False)
 class Ticket:
     """One request's passage through the scheduler; its queue receives Events, then a Result per
-    sample (n in all), or an exception."""
+    sample (n in all), or an exception; for an image request, its ImagesDone or an exception."""
 
     id: int
-    request: Request
+    request: Request | ImageRequest
     loop: asyncio.AbstractEventLoop
     endpoint: str
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
@@ -88,7 +90,6 @@ class Scheduler:
         self.peak_sequences = 0
         self.admission = Admission(self._new_batch(), max_sequences=self.max_batch)
         self._running: dict[int, Ticket] = {}
-        self._images: deque[ImageTicket] = deque()  # image requests, run one between rounds (images.py)
         self._cond = threading.Condition()
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
@@ -128,7 +129,7 @@ class Scheduler:
     def submit(self, request: Request, endpoint: str) -> Ticket:
         return self.submit_all([request], endpoint)[0]
 
-    def submit_all(self, requests: list[Request], endpoint: str) -> list[Ticket]:
+    def submit_all(self, requests: list[Request] | list[ImageRequest], endpoint: str) -> list[Ticket]:
         """Queue the requests of one HTTP request (a list of prompts: one each) together, all or none
         (QueueFull); they wait in line next to each other, so they are admitted and batched together.
         Their tickets share one queue."""
@@ -141,32 +142,16 @@ class Scheduler:
             # At most max_batch requests run (each takes at least one of the max_batch sequence slots).
             if len(self._running) + len(self._waiting) + len(requests) > self.max_batch + self.max_queue:
                 raise QueueFull()  # every slot is taken and max_queue requests already wait for one
-            tickets = [Ticket(next(self._ids), request, loop, endpoint, queue, left=request.n) for request in requests]
+            # An image request ends with one ImagesDone whatever its n (its images): left=1.
+            tickets = [
+                Ticket(next(self._ids), r, loop, endpoint, queue, left=1 if isinstance(r, ImageRequest) else r.n)
+                for r in requests
+            ]
             for ticket in tickets:
                 self.admission.add(Waiting(ticket.id, ticket.request, ticket))
             self.metrics.waiting.set(len(self._waiting))
             self._cond.notify()
         return tickets
-
-    def submit_images(self, ticket: ImageTicket) -> None:
-        """Queue an image request (images.py); it counts against max_queue like a waiting request."""
-        self.start()
-        with self._cond:
-            if self.draining:
-                raise Draining()
-            if len(self._images) + len(self._waiting) >= self.max_queue + max(0, self.max_batch - len(self._running)):
-                raise QueueFull()
-            self._images.append(ticket)
-            self._cond.notify()
-
-    def _run_image(self, ticket: ImageTicket) -> None:
-        if ticket.cancelled or ticket.future.done():
-            self.metrics.requests.labels("images", "cancelled").inc()
-            return
-        self.metrics.queue_seconds.observe(time.perf_counter() - ticket.arrived)
-        outcome = ticket.run()
-        self.metrics.latency_seconds.observe(time.perf_counter() - ticket.arrived)
-        self.metrics.requests.labels("images", outcome).inc()
 
     def cancel(self, ticket: Ticket) -> None:
         """The client went away: the sequence leaves the batch at the next step."""
@@ -200,7 +185,6 @@ class Scheduler:
     def _loop(self) -> None:
         trimmed = True  # nothing to give back before the first request
         while True:
-            image: ImageTicket | None = None
             with self._cond:
                 while self._idle() and not self._stop:
                     if not self._cond.wait(None if trimmed else TRIM_AFTER_IDLE_S):
@@ -211,14 +195,11 @@ class Scheduler:
                     admit = None
                 else:
                     admit = self._admit()
-                    image = self._images.popleft() if self._images else None
             if admit is None:  # outside the lock: a request may arrive meanwhile
                 release_free_memory()
                 trimmed = True
                 continue
             trimmed = False
-            if image is not None:
-                self._run_image(image)
             try:
                 self._iteration(admit)
             except Exception:  # a bug in the loop itself: fail what is running, keep serving
@@ -229,7 +210,7 @@ class Scheduler:
             self._rest()
 
     def _idle(self) -> bool:
-        return not self._waiting and not self._running and not self._images
+        return not self._waiting and not self._running
 
     def _admit(self) -> list[Ticket]:
         # The engine's one admission; the server's entries carry their Ticket.
@@ -243,7 +224,7 @@ class Scheduler:
         until = self.batch.held_until
         if until is not None:
             with self._cond:
-                if not self._waiting and not self._images and not self._stop:
+                if not self._waiting and not self._stop:
                     self._cond.wait(max(0.0, until - time.perf_counter()))
 
     def _iteration(self, admit: list[Ticket]) -> None:
@@ -260,7 +241,8 @@ class Scheduler:
                 _log_failure(admitted, exc, "at admission")
                 self._finish(admitted, exc, "error")
                 continue
-            self.metrics.prompt_tokens.inc(len(admitted.request.prompt_ids))
+            if isinstance(admitted.request, Request):
+                self.metrics.prompt_tokens.inc(len(admitted.request.prompt_ids))
         self.metrics.running.set(len(self._running))
         if not len(self.batch):
             self._count_sequences()  # the batch emptied (cancelled, failed): the gauges say so too
@@ -295,6 +277,10 @@ class Scheduler:
                     continue
                 self.metrics.latency_seconds.observe(time.perf_counter() - ticket.arrived)
                 self._finish(ticket, item, item.finish_reason)
+            elif isinstance(item, ImagesDone):
+                self.metrics.image_batch_rows.observe(item.batch_rows)
+                self.metrics.latency_seconds.observe(time.perf_counter() - ticket.arrived)
+                self._finish(ticket, item, "done")
             elif isinstance(item, Failure):
                 _log_failure(ticket, item.error, "while decoding")
                 self._finish(ticket, item.error, "error")
@@ -322,11 +308,12 @@ class Scheduler:
             return
         ids = {t.id for t in gone}
         self.batch.remove([s for s in self.batch.sequences if s.index in ids])
+        self.batch.drop_images(ids)
         for ticket in gone:
             del self._running[ticket.id]
             self._count(ticket, "cancelled")
 
-    def _finish(self, ticket: Ticket, item: Result | Exception, outcome: str) -> None:
+    def _finish(self, ticket: Ticket, item: Result | ImagesDone | Exception, outcome: str) -> None:
         self._running.pop(ticket.id, None)
         if isinstance(item, Exception):
             self.batch.remove([s for s in self.batch.sequences if s.index == ticket.id])

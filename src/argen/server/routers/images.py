@@ -1,7 +1,8 @@
 """/v1/images/generations: OpenAI's images API over the image-token models the operator serves
-(`argen serve --image-model digits-ar`). The body is checked here (every 400 before queueing), the
-server's worker decodes the request's images between text rounds (server/images.py), and a client
-that hangs up before its turn is dropped from the line."""
+(`argen serve --image-model digits-ar`). The body is checked here (every 400 before queueing); the
+request waits in the server's one line beside text requests and its images are decoded in the
+engine's loop, as rows of an image batch (engine/images.py); a client that hangs up is dropped (from
+the line, or its images' result is not sent)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ import asyncio
 from fastapi import APIRouter
 from fastapi import Request as HTTPRequest
 
+from argen.engine import ImageRequest, ImagesDone
 from argen.errors import ArgenError
 from argen.server import protocol as p
 from argen.server.errors import ERROR_RESPONSES, APIError
-from argen.server.images import ImageTicket, check_size, labels_of, response
+from argen.server.images import check_size, labels_of, response
 from argen.server.scheduler import Draining, QueueFull
 from argen.server.state import Served
 
@@ -38,13 +40,12 @@ async def generate_images(body: p.ImageGenerationRequest, request: HTTPRequest, 
         labels = labels_of(body, gen.model.n_classes)
         strategy = body.strategy.model_dump() if isinstance(body.strategy, p.StrategySpec) else body.strategy
         strategy = strategy or "plain"
+        images = ImageRequest(gen, labels, strategy, body.seed)
         try:  # the decoder's own checks (strategy, options, seed), before the request waits in line
-            gen.check_request(labels, strategy, body.seed)
+            images.check()
         except ArgenError as exc:
             raise APIError(400, str(exc), param="strategy") from None
-        loop = asyncio.get_running_loop()
-        ticket = ImageTicket(gen, labels, strategy, body.seed, loop, loop.create_future())
-        scheduler.submit_images(ticket)
+        (ticket,) = scheduler.submit_all([images], "images")
     except APIError as exc:
         metrics.requests.labels("images", f"rejected_{exc.status}").inc()
         raise
@@ -59,13 +60,14 @@ async def generate_images(body: p.ImageGenerationRequest, request: HTTPRequest, 
         raise APIError(503, "the server is shutting down and takes no new requests", code="shutting_down") from None
     while True:
         try:
-            result = await asyncio.wait_for(asyncio.shield(ticket.future), DISCONNECT_POLL_S)
+            item = await asyncio.wait_for(ticket.queue.get(), DISCONNECT_POLL_S)
             break
         except asyncio.TimeoutError:
             if await request.is_disconnected():
-                ticket.cancelled = True
-                ticket.future.cancel()
+                scheduler.cancel(ticket)
                 raise APIError(499, "client closed the request", code="client_closed") from None
-        except ArgenError as exc:  # checked above, so a surprise; still the client's request
-            raise APIError(400, str(exc), param="strategy") from None
-    return response(result, body, gen.model.n_levels)
+    if isinstance(item, ArgenError):  # checked above, so a surprise; still the client's request
+        raise APIError(400, str(item), param="strategy")
+    if not isinstance(item, ImagesDone):
+        raise item if isinstance(item, Exception) else RuntimeError(f"unexpected item {item!r}")
+    return response(item.result, body, gen.model.n_levels)
