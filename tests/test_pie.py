@@ -184,3 +184,30 @@ def test_edit_spec_of_the_command_line():
     assert PromptEdit.parse("0:3=a=b").text == "a=b"
     with pytest.raises(InvalidRequestError, match="START:END=TEXT"):
         PromptEdit.parse("5-9=abc")
+
+
+CODE = "def area(width, height):\n    return width * height\n\n" * 6  # 300 bytes: 300 tokens of tiny's tokenizer
+
+
+def test_the_command_line_edit_matches_the_python_api(capsys, tiny):
+    from argen.cli import main  # the CLI, here only
+
+    edit = "50:54=w * h + 0"
+    code = main(["generate", CODE, "--model", "tiny-random", "--no-chat", "--max-new-tokens", "8", "--edit", edit])
+    out, err = capsys.readouterr()
+    assert code == 0 and "edit:" in err and "after it moved" in err
+    tiny.generate(CODE, chat=False, max_new_tokens=1, cache_prompt=True)
+    api = tiny.generate(CODE, chat=False, max_new_tokens=8, edit=PromptEdit.parse(edit))
+    assert api.stats.edit_moved_tokens > 200
+    assert out == api.text + "\n"
+
+
+@pytest.mark.parametrize(
+    "edit, words", [("5-9=x", "START:END=TEXT"), ("10:900=x", "outside the previous prompt"), ("9:5=", "outside")]
+)
+def test_bad_command_line_edits_are_one_line(capsys, edit, words):
+    from argen.cli import main  # the CLI, here only
+
+    code = main(["generate", CODE, "--model", "tiny-random", "--no-chat", "--edit", edit])
+    _, err = capsys.readouterr()
+    assert code != 0 and words in err and len(err.strip().splitlines()) == 1
