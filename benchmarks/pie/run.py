@@ -169,15 +169,15 @@ def report(rows: list[dict], args, state: dict) -> None:
         f"{statistics.mean(r['prefix_saved'] for r in rows):.1%})."
     )
     print(
-        f"- Time to first token, full re-prefill ÷ PIE: geometric mean {statistics.geometric_mean(speedups):.1f}x, "
-        f"least {min(speedups):.1f}x (full re-prefill ÷ prefix caching alone: geometric mean "
-        f"{statistics.geometric_mean(prefix_speedups):.1f}x)."
+        f"- Time to first token, full re-prefill ÷ PIE: geometric mean {statistics.geometric_mean(speedups):.1f}×, "
+        f"least {min(speedups):.1f}× (full re-prefill ÷ prefix caching alone: geometric mean "
+        f"{statistics.geometric_mean(prefix_speedups):.1f}×)."
     )
     print(
-        f"- Agreement of the {GREEDY_TOKENS} greedy tokens with the full re-prefill's: {exact} of {len(rows)} "
+        f"- Agreement of the {GREEDY_TOKENS} greedy tokens with the full re-prefill's: {exact}/{len(rows)} "
         f"identical; share of positions equal, mean {statistics.mean(r['same'] for r in rows):.0%}; first "
         f"divergence, median {statistics.median(r['first'] for r in rows):.0f} tokens. (Prefix caching alone: "
-        f"{sum(r['prefix_same'] for r in rows)} of {len(rows)} identical; it is exact up to rounding.)"
+        f"{sum(r['prefix_same'] for r in rows)}/{len(rows)} identical; it is exact up to rounding.)"
     )
     fallbacks = [r for r in rows if r["fallback"]]
     if fallbacks:
