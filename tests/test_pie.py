@@ -211,3 +211,34 @@ def test_bad_command_line_edits_are_one_line(capsys, edit, words):
     code = main(["generate", CODE, "--model", "tiny-random", "--no-chat", "--edit", edit])
     _, err = capsys.readouterr()
     assert code != 0 and words in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.real
+def test_on_the_default_model_the_moved_keys_are_its_cached_keys_unrotated_and_rotated_anew(real):
+    """The default model's runtime (its fused C forward for short feeds) stores keys rotated by HF's
+    RoPE tables: PIE's keys are the previous prompt's cached keys with R(old position) removed and
+    R(new position) applied, computed here from HF's tables (`rope_tables`), key by key.
+    Bug it caught, put in by hand: `rotate_keys` rotating by the first moved key's new position
+    (`self.cos[start]`) rather than by the shift."""
+    from argen.cache.paged import SeqKV
+    from argen.models.llama import rope_tables
+
+    prompt = real.encode(CODE * 8, chat=False)[:400]
+    real.runtime.kv_pool().drop_cached()
+    cache_prompt(real, prompt)
+    source = SeqKV(real.runtime.kv_pool(), len(prompt))
+    held = source.attach_prefix(prompt, list(range(len(prompt))))
+    cached, _ = source.gathered()
+    source.free()
+    edit = PromptEdit(150, 160, tokens=tuple(prompt[20:37]))  # 7 positions later
+    batch, seq = prefilled(real, prompt, edit)
+    moved = seq.stats.edit_moved_tokens
+    assert moved == min(held - 160, len(prompt) + 7 - 1 - 167) >= 200  # up to the pending last token
+    keys, _ = seq.state.cache.gathered()
+    cos, sin = rope_tables(real.runtime.config, 1024)
+    old, new = torch.arange(160, 160 + moved), torch.arange(167, 167 + moved)
+    k = cached[:, :, 160 : 160 + moved].double()
+    unrotated = k * cos[old].double() - rotate_half(k) * sin[old].double()  # R(-p): the inverse rotation
+    want = unrotated * cos[new].double() + rotate_half(unrotated) * sin[new].double()
+    torch.testing.assert_close(keys[:, :, 167 : 167 + moved], want.float(), atol=2e-4, rtol=1e-4)
+    batch.remove(list(batch.sequences))
