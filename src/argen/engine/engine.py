@@ -94,6 +94,7 @@ class Engine:
             self.validate(request)
         # No prefix caching here: reused blocks were computed in other chunks than a fresh prefill
         # computes them, which changes the last bits (and so can flip a near-tie); the server uses it.
+        # A request that asks (Request.cache_prompt, or a prompt edit: edit_of) shares blocks anyway.
         scheduler = Scheduler(DecodeBatch(self, prefix_caching=False))  # no sequence cap: the KV memory's
         for i, request in enumerate(requests):
             scheduler.add(Waiting(i, request))
