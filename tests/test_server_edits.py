@@ -117,3 +117,14 @@ def test_chat_takes_no_edit(served):
     client, _ = served
     body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "edit": {"start": 0, "end": 1}}
     assert client.post("/v1/chat/completions", json=body).status_code == 422
+
+
+def test_a_prompt_of_token_ids_is_edited_by_token_ids(served):
+    client, _ = served
+    ids = [(5 * i + 7) % 250 + 3 for i in range(120)]
+    assert complete(client, prompt=ids).status_code == 200
+    response = complete(client, prompt=ids, edit={"start": 40, "end": 42, "tokens": [9, 9, 9]})
+    assert response.status_code == 200, response.text
+    assert response.json()["argen_edit"]["moved_tokens"] == 112 - 42
+    bad = complete(client, prompt=ids, edit={"start": 40, "end": 42, "tokens": [10**6]})
+    assert bad.status_code == 400 and "outside the vocabulary" in bad.text
