@@ -3,6 +3,7 @@
 from argen.api import Generator, load
 from argen.engine import Event, Result, Stats
 from argen.errors import ArgenError, InvalidRequestError, ModelNotFoundError
+from argen.prompt_edit import PromptEdit
 from argen.sampling import SamplingParams
 from argen.setprompt import SetPrompt
 from argen.strategies import REGISTRY as STRATEGIES
@@ -15,6 +16,7 @@ __all__ = [
     "Generator",
     "InvalidRequestError",
     "ModelNotFoundError",
+    "PromptEdit",
     "Result",
     "SamplingParams",
     "SetPrompt",

@@ -12,6 +12,7 @@ from argen.engine import Engine, Event, Request, Result
 from argen.errors import ArgenError, InvalidRequestError
 from argen.images import ImageGenerator, is_image_model, load_image_model
 from argen.models import LoadedModel, load_model, shared_model
+from argen.prompt_edit import PromptEdit
 from argen.recipes.draft_head import load_draft_head
 from argen.sampling import SamplingParams
 from argen.setprompt import PromptLayout, SetPrompt, is_set_prompt, set_prompt_layout
@@ -118,6 +119,8 @@ class Generator:
         n: int | None = None,
         prompt_logprobs: int | None = None,
         press=None,
+        edit=None,
+        cache_prompt: bool = False,
     ) -> list[Request]:
         unknown = sorted(set(options) - SAMPLING_FIELDS)
         if unknown:
@@ -126,6 +129,12 @@ class Generator:
             )
         forced = check_interventions(intervene, None, self.runtime.info.vocab_size) if intervene else None
         requests = []
+        edit_of = None
+        if edit is not None:
+            if len(prompts) != 1:
+                raise InvalidRequestError("an edit applies to one previous prompt; give one prompt")
+            edit_of = self.encode(prompts[0], chat)
+            prompts = [PromptEdit.of(edit).apply(prompts[0])]
         for prompt in prompts:
             params = SamplingParams(**options)
             layout = self.encode_layout(prompt, chat)
@@ -141,6 +150,8 @@ class Generator:
                     n=1 if n is None else n,
                     prompt_logprobs=prompt_logprobs,
                     press=make_press(press),
+                    edit_of=edit_of,
+                    cache_prompt=cache_prompt,
                 )
             )
         return requests
@@ -176,6 +187,8 @@ class Generator:
         n: int | None = None,
         prompt_logprobs: int | None = None,
         press=None,
+        edit=None,
+        cache_prompt: bool = False,
         **options,
     ) -> Result | list[Result] | list[list[Result]]:
         """Generate for one prompt (returns a Result) or a list of prompts (returns a list).
@@ -191,9 +204,17 @@ class Generator:
         `seed + i` (`Result.seed`), so `generate(prompt, seed=result.seed)` replays it alone. Greedy
         decoding gives n identical samples. `press`: a KV-cache press (a name, or a dict with "name" and
         its options, e.g. {"name": "kvmerger", "budget": 0.5}; see cache/press.py) that compresses the
-        cache to a fraction of the positions, after the prefill and as the output grows."""
+        cache to a fraction of the positions, after the prefill and as the output grows.
+        `edit` (a `PromptEdit` or {"start", "end", "text"}): generate for `prompt` edited (characters
+        [start, end) replaced by text; token ids for a prompt of ids), reusing `prompt`'s cached keys
+        after the edit, rotated to their new positions, instead of computing them (PIE; lossy, see
+        cache/pie.py): `prompt` must have run before with `cache_prompt=True` (else the edited prompt is
+        prefilled in full and `Result.stats.edit_fallback` says why). `cache_prompt`: register this
+        prompt's blocks in the runtime's prefix cache for a later edit."""
         prompts, batched = self._as_batch(prompt)
-        requests = self._requests(prompts, chat, strategy, options, intervene, n, prompt_logprobs, press)
+        requests = self._requests(
+            prompts, chat, strategy, options, intervene, n, prompt_logprobs, press, edit, cache_prompt
+        )
         results = self.engine.run(requests)
         if n is not None:
             grouped = [[r for r in results if r.index == i] for i in range(len(prompts))]
@@ -215,6 +236,8 @@ class Generator:
         n: int | None = None,
         prompt_logprobs: int | None = None,
         press=None,
+        edit=None,
+        cache_prompt: bool = False,
         **options,
     ) -> Stream:
         """Events (token ids and text delta) for one prompt as they are generated; the last one
@@ -224,7 +247,9 @@ class Generator:
         prompts, batched = self._as_batch(prompt)
         if batched:
             raise InvalidRequestError("stream() takes one prompt; call it once per prompt")
-        requests = self._requests(prompts, chat, strategy, options, intervene, n, prompt_logprobs, press)
+        requests = self._requests(
+            prompts, chat, strategy, options, intervene, n, prompt_logprobs, press, edit, cache_prompt
+        )
         return Stream(self.engine.stream(requests), n is not None)
 
 

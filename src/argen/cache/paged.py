@@ -247,7 +247,9 @@ class SeqKV:
             self.attention = self.attention[..., : n - self.offset]
         self.lengths[0] = n
         keep = -(-(n - self.offset) // self.pool.block_size)
-        for block in self.blocks[keep:]:
+        # Last block first (as vLLM frees): a cached prefix is evicted from its end, so what stays
+        # cached is still a prefix that a later request (or a prompt edit) can take.
+        for block in reversed(self.blocks[keep:]):
             self.pool.release(block)
         del self.blocks[keep:]
         del self.hashes[n // self.pool.block_size :]
@@ -276,6 +278,21 @@ class SeqKV:
         if self.attention is not None:
             at = dst_start - self.offset
             self.attention[..., at : at + len(src)] = self.attention[..., torch.tensor(src) - self.offset].clone()
+
+    def append_from(self, source: SeqKV, start: int, n: int) -> None:
+        """Append `source`'s positions start .. start + n - 1 (both caches in one pool; a prompt edit
+        moves the keys after the edit this way, then rotates them: cache/pie.py)."""
+        if source.pool is not self.pool:
+            raise ValueError("both caches must be in one pool")
+        if n <= 0:
+            return
+        first = self.lengths[0]
+        self.reserve(n)
+        size = self.pool.block_size
+        src, dst = source.slots(start, n), self.slots(first, n)
+        for t in (self.pool.k, self.pool.v):
+            t[:, :, dst // size, dst % size] = t[:, :, src // size, src % size]
+        self.lengths[0] = first + n
 
     def rewrite(self, first: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Replace positions `first` .. with `k`, `v` [layers, kv heads, m, head dim]: the cache then

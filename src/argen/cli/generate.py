@@ -15,6 +15,7 @@ from argen.cli.options import add_model_options, add_sampling_options, model_spe
 from argen.engine import Result
 from argen.errors import ArgenError
 from argen.images import is_image_model
+from argen.prompt_edit import PromptEdit
 from argen.sampling import SamplingParams
 from argen.setprompt import SetPrompt
 from argen.strategies import make_strategy
@@ -76,6 +77,13 @@ def add_generate(sub) -> None:
         metavar="POS=TOKEN",
         help="counterfactual: force output token POS (0-based) to TOKEN (a token id, or text that is "
         "one token), same sampling noise everywhere else; repeatable",
+    )
+    p.add_argument(
+        "--edit",
+        metavar="START:END=TEXT",
+        help="generate for PROMPT with characters START..END-1 replaced by TEXT (5:5=x inserts, 5:9= deletes): "
+        "PROMPT is prefilled first, then the edited prompt reuses its keys after the edit, moved to their new "
+        "positions (PIE: lossy; the share of the prefill reused goes to stderr)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object (text, token ids, stats) instead")
     images = p.add_argument_group("image models (--model digits-ar, digits-diffusion)")
@@ -197,12 +205,21 @@ def generate(args: argparse.Namespace) -> int:
         raise ArgenError(str(exc)) from exc
     if args.n < 1:
         raise ArgenError(f"--n must be >= 1 (samples of the prompt); got {args.n}")
+    edit = None
+    if args.edit is not None:
+        if not isinstance(prompt, str):
+            raise ArgenError("--edit edits a PROMPT's text, not a --set-prompt-json")
+        edit = PromptEdit.parse(args.edit)
+        edit.apply(prompt)  # a span outside the prompt is refused before the model loads
 
     gen = model_spec(args).load_text()
     chat = not args.no_chat
     intervene = parse_interventions(args.intervene, gen.tokenizer) or None
     if args.logit_bias:
         options["logit_bias"] = parse_logit_bias(args.logit_bias, gen.tokenizer)
+    if edit is not None:  # the previous prompt's keys in the prefix cache, for the edit to reuse
+        options |= {"edit": edit}
+        gen.generate(prompt, chat=chat, max_new_tokens=1, cache_prompt=True)
     if args.json or args.n > 1:
         n = args.n if args.n > 1 else None
         result = gen.generate(prompt, strategy=strategy, chat=chat, intervene=intervene, press=press, n=n, **options)
@@ -237,4 +254,15 @@ def generate(args: argparse.Namespace) -> int:
             f"[{s.new_tokens} tokens, {s.tokens_per_s:.1f} tok/s, finish: {final.finish_reason}, seed: {final.seed}]",
             file=sys.stderr,
         )
+        if edit is not None:
+            print(f"[{edit_summary(s)}]", file=sys.stderr)
     return 0
+
+
+def edit_summary(s) -> str:
+    """What a prompt edit reused of the prefill (Stats of its Result)."""
+    line = (
+        f"edit: {s.prefill_saved:.0%} of the prompt's prefill reused ({s.cached_prompt_tokens} positions before "
+        f"the edit from the prefix cache, {s.edit_moved_tokens} after it moved), prefill {s.prefill_seconds:.2f} s"
+    )
+    return line + (f"; {s.edit_fallback}" if s.edit_fallback else "")

@@ -28,11 +28,12 @@ from dataclasses import dataclass, field
 import torch
 
 from argen.cache.paged import SeqKV
+from argen.cache.pie import plan_splice
 from argen.engine.images import ImageBatch, ImageRequest, ImagesDone
 from argen.engine.pacing import PrefillPacer
 from argen.engine.request import Event, Failure, Request, Result
 from argen.engine.scheduler import RoundPlan, chunk_size, plan_round
-from argen.engine.sequence import Emit, Sequence
+from argen.engine.sequence import Emit, PendingEdit, Sequence
 from argen.logprobs import prompt_logprobs
 from argen.sampling import Sampler
 from argen.strategies import DecodeState
@@ -91,7 +92,10 @@ class DecodeBatch:
         if isinstance(request, ImageRequest):
             return 0
         whole, shared = self._blocks(request)
-        return whole + (request.n - 1) * (whole - shared)
+        pool = self._pool()
+        # A prompt edit holds the previous prompt's cached blocks from admission until its splice.
+        source = -(-len(request.edit_of) // pool.block_size) if request.edit_of and pool is not None else 0
+        return whole + (request.n - 1) * (whole - shared) + source
 
     def _blocks(self, request: Request) -> tuple[int, int]:
         """(blocks of one sequence's worst case, full blocks of its prefill: never written again, so
@@ -158,6 +162,8 @@ class DecodeBatch:
         seq.reserved = self.blocks_needed(request)  # the forks' share moves to them when they are made
         self.reserved_blocks += seq.reserved
         self.sequences.append(seq)
+        if request.edit_of is not None:
+            self._plan_edit(seq)
         return seq
 
     def _admit_images(self, index: int, request: ImageRequest) -> ImageBatch:
@@ -178,6 +184,52 @@ class DecodeBatch:
         for batch in self.images:
             batch.drop(indices)
         self.images = [b for b in self.images if b.members]
+
+    # -- prompt edits (PIE, cache/pie.py) ------------------------------------------------------------
+    def _plan_edit(self, seq: Sequence) -> None:
+        """At admission: take the previous prompt's cached blocks (held until the splice, so they cannot
+        be evicted meanwhile) and plan which of its positions move; or say in the stats why the edited
+        prompt is prefilled as any prompt is (with what the prefix cache holds of its start)."""
+        request, stats = seq.request, seq.stats
+        assert request.edit_of is not None  # called for edit requests only
+        cache = self.prefix_cache(seq)
+        if cache is None or not self.engine.runtime.capabilities.key_rotation:
+            stats.edit_fallback = (
+                "this request cannot share cached prompt blocks (its strategy needs the prompt's hidden "
+                "states, or the runtime's cache is not paged with movable keys): prefilled in full"
+            )
+            return
+        old, end = list(request.edit_of), len(seq.fed) - 1  # end: the positions a prefill computes
+        splice = plan_splice(old, list(request.prompt_ids))
+        if splice.new_end >= end:  # the edit is at the very end: the prefix cache holds everything before it
+            return
+        source = SeqKV(cache.pool, len(old))
+        held = source.attach_prefix(old, list(range(len(old))))
+        moved = min(held - splice.old_end, end - splice.new_end)
+        if moved <= 0:
+            source.free()
+            stats.edit_fallback = (
+                "the previous prompt's keys after the edit are not in the prefix cache (evicted, or never "
+                "computed): the edited prompt was prefilled from the edit on"
+            )
+            return
+        seq.edit = PendingEdit(splice, source, moved)
+
+    def splice_edit(self, seq: Sequence) -> None:
+        """Once the prefill reaches the edit's end: append the previous prompt's keys and values of the
+        positions after the edit, rotated to their new positions, instead of computing them."""
+        edit = seq.edit
+        if edit is None or seq.prefilled < edit.splice.new_end:
+            return
+        seq.edit = None
+        if seq.prefilled == edit.splice.new_end:  # more: the edited prompt itself was cached; nothing to move
+            cache, splice = seq.state.cache, edit.splice
+            cache.append_from(edit.source, splice.old_end, edit.moved)
+            self.engine.runtime.rotate_keys(cache, splice.new_end, edit.moved, splice.shift)
+            seq.prefilled += edit.moved
+            seq.stats.edit_moved_tokens = edit.moved
+            seq.spliced = True
+        edit.source.free()
 
     @staticmethod
     def _layout(request: Request, state: DecodeState) -> tuple[list[int], torch.Tensor | None]:
@@ -353,8 +405,10 @@ class DecodeBatch:
         each prefill chunk, at fixed positions; taking a cached prefix of any length would press it
         elsewhere, and the output would depend on what other requests left in the cache."""
         cache = seq.state.cache
+        request = seq.request
         cacheable = (
-            self.prefix_caching
+            (self.prefix_caching or request.cache_prompt or request.edit_of is not None)
+            and not seq.spliced  # moved keys are not the edited prompt's own: never registered as such
             and seq.prefill_mask is None
             and not seq.strategy.needs_prompt_hidden
             and seq.prompt_logprobs is None

@@ -58,6 +58,8 @@ class Engine:
             raise InvalidRequestError(
                 "prompt_logprobs needs an ordinary prompt (token i after token i - 1), not a set prompt's layout"
             )
+        if request.edit_of is not None:
+            self._check_edit(request)
         request.strategy.check(self.runtime, n, request.params)
         if request.press is not None and not self.runtime.capabilities.paged_kv:
             raise InvalidRequestError(
@@ -92,6 +94,7 @@ class Engine:
             self.validate(request)
         # No prefix caching here: reused blocks were computed in other chunks than a fresh prefill
         # computes them, which changes the last bits (and so can flip a near-tie); the server uses it.
+        # A request that asks (Request.cache_prompt, or a prompt edit: edit_of) shares blocks anyway.
         scheduler = Scheduler(DecodeBatch(self, prefix_caching=False))  # no sequence cap: the KV memory's
         for i, request in enumerate(requests):
             scheduler.add(Waiting(i, request))
@@ -105,6 +108,28 @@ class Engine:
                     yield item
         finally:
             scheduler.batch.remove(list(scheduler.batch.sequences))
+
+    def _check_edit(self, request: Request) -> None:
+        """A prompt edit (PIE) edits an ordinary prompt whose prefill is all prompt tokens."""
+        old, vocab = request.edit_of or [], self.runtime.info.vocab_size
+        if not old or len(old) >= self.runtime.info.max_positions:
+            raise InvalidRequestError(
+                "edit_of (the previous prompt's ids) must be non-empty and shorter than the context"
+            )
+        if any(not (isinstance(t, int) and 0 <= t < vocab) for t in old):
+            raise InvalidRequestError(f"edit_of holds token ids outside the vocabulary (0..{vocab - 1})")
+        clash = [
+            name
+            for name, used in (
+                ("a set prompt's layout", request.prompt_positions is not None),
+                ("a replayed output prefix", bool(request.output_prefix)),
+                ("prompt_logprobs (every prompt token's logits are computed)", request.prompt_logprobs is not None),
+                ("a KV-cache press (it rewrites the cached blocks)", request.press is not None),
+            )
+            if used
+        ]
+        if clash:
+            raise InvalidRequestError(f"a prompt edit cannot be combined with {', '.join(clash)}")
 
     def run(self, requests: list[Request]) -> list[Result]:
         results = [item for item in self.stream(requests) if isinstance(item, Result)]

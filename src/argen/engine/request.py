@@ -34,6 +34,12 @@ class Request:
     prompt_logprobs: int | None = None
     # A KV-cache press (cache/press.py) compressing this request's cache; None: the cache holds everything.
     press: Press | None = None
+    # Prompt edits (PIE, cache/pie.py): `edit_of` is the previous prompt's ids, of which this prompt is an
+    # edit; its cached keys after the edit move to their new positions instead of being computed again.
+    # `cache_prompt`: this request takes and registers prefix-cache blocks even in a batch that does not
+    # share prompts (`generate`), so that a later edit finds them (an edit request does so too).
+    edit_of: list[int] | None = None
+    cache_prompt: bool = False
     # Set by Engine.validate: a request is checked once, wherever it enters (API, server, batch).
     validated: bool = field(default=False, repr=False, compare=False)
     grammar: str | None = field(default=None, repr=False, compare=False)  # its response_format, as llguidance's
@@ -56,6 +62,10 @@ class Stats:
     peak_kv_bytes: int = 0
     kv_bytes_held: int = 0  # KV bytes the request held when it finished (blocks and quantized stores)
     cached_prompt_tokens: int = 0  # prompt tokens whose keys/values came from the prefix cache
+    # A prompt edit (Request.edit_of): prompt tokens whose cached keys moved to their new positions rather
+    # than being computed (lossy: cache/pie.py), and why none moved when the edit could not use the cache.
+    edit_moved_tokens: int = 0
+    edit_fallback: str = ""
     grammar_masks: int = 0  # structured output: masks computed (one per token decided, drafts' included)
     grammar_mask_seconds: float = 0.0
 
@@ -68,6 +78,13 @@ class Stats:
         """New tokens per target forward pass after the prefill (1.0 for plain decoding)."""
         decode_passes = self.forward_passes - self.prefill_passes
         return self.new_tokens / decode_passes if decode_passes > 0 else float(self.new_tokens)
+
+    @property
+    def prefill_saved(self) -> float:
+        """The share of the prompt's prefill (all but the pending last token) not computed: taken from
+        the prefix cache or moved by a prompt edit."""
+        total = self.prompt_tokens - 1
+        return (self.cached_prompt_tokens + self.edit_moved_tokens) / total if total > 0 else 0.0
 
     def as_dict(self) -> dict:
         return asdict(self) | {

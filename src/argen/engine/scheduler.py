@@ -146,11 +146,15 @@ def plan_round(batch: DecodeBatch, started: float) -> RoundPlan:
             attached = cache.attach_prefix(seq.fed[:-1], seq.prefill_positions[:-1])
             seq.stats.cached_prompt_tokens += attached - seq.prefilled
             seq.prefilled = attached
-            if seq.to_prefill == 0:
-                continue  # all there now: the sequence starts next round
+        batch.splice_edit(seq)  # a prompt edit whose prefill reached the edit's end: the rest moves in
+        if seq.to_prefill == 0:
+            continue  # all there now: the sequence starts next round
+        cache = batch.prefix_cache(seq)  # none once an edit's moved keys are in
         start, end = seq.prefilled, len(seq.fed) - 1
         if chunk := chunk_size(seq.request, batch.prefill_chunk):
             end = min(end, (start // chunk + 1) * chunk)
+        if seq.edit is not None:  # a prompt edit's chunks stop at the edit's end, where the moved keys go
+            end = min(end, seq.edit.splice.new_end)
         n = end - start
         if budget is not None and plan.prefill and n > budget:
             continue

@@ -11,6 +11,7 @@ from collections.abc import Generator
 import torch
 
 from argen.cache.paged import SeqKV
+from argen.cache.pie import EditSplice
 from argen.engine.request import Event, Request, Result, Stats
 from argen.sampling import Sampler
 from argen.strategies import DecodeState, Strategy
@@ -36,6 +37,16 @@ def step_origins(n: int, accepted: int, verified: bool) -> list[str]:
         return ["step"] * n
     accepted = min(accepted, n)
     return ["draft"] * accepted + ["verify"] * (n - accepted)
+
+
+@dataclasses.dataclass
+class PendingEdit:
+    """A prompt edit's splice, waiting for the prefill to reach the edit's end: `source` holds the
+    previous prompt's cached blocks, of which `moved` positions from `splice.old_end` on move in."""
+
+    splice: EditSplice
+    source: SeqKV
+    moved: int
 
 
 class Sequence:
@@ -79,6 +90,8 @@ class Sequence:
         self.prompt_logprobs: list | None = None if request.prompt_logprobs is None else [None]
         self.prompt_records_sent = self.prompt_logprobs is None  # they go with the first Event
         self.origins: list[str] = []  # where each decoded output token came from (request.ORIGINS)
+        self.edit: PendingEdit | None = None  # a prompt edit not yet spliced in (engine/batch.py)
+        self.spliced = False  # whether a prompt edit's moved keys are in the cache
 
     def fork(self, sample_index: int) -> Sequence:
         """Sample `sample_index` of the request, made once the prompt is prefilled: a copy-on-write fork
@@ -109,6 +122,7 @@ class Sequence:
         )
         other.sample_index, other.strategy = sample_index, copy.copy(self.strategy)
         other.started, other.prefilled = self.started, self.prefilled
+        other.spliced = self.spliced  # a fork holds the moved keys too: never registered
         other.prompt_logprobs = self.prompt_logprobs  # each sample's first Event carries them
         return other
 
@@ -285,3 +299,6 @@ class Sequence:
         """Give back every cache the request holds (its own, a draft model's, beams' forks)."""
         for cache in [self.state.cache, *self.state.caches]:
             cache.free()
+        if self.edit is not None:  # a prompt edit that never reached its splice
+            self.edit.source.free()
+            self.edit = None

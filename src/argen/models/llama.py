@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from argen.cache.kv import PagedKV
 from argen.cache.paged import BLOCK_SIZE, BlockPool, SeqKV, new_caches
+from argen.cache.pie import rerotate, rotate_half
 from argen.cache.records import attention_received
 from argen.models.fused import MAX_NEW_TOKENS as FUSED_MAX_NEW_TOKENS
 from argen.models.fused import MAX_ROWS as FUSED_MAX_ROWS
@@ -55,11 +56,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 def rope_tables(config, n_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,7 +161,9 @@ class LlamaRuntime:
         self.pool: BlockPool | None = None
         kernels = f"argen {self.fused.lib.isa} block kernels" if self.fused is not None else "torch"
         kernels += ", 8-bit activations" if act8 and self.fused is not None else ""
-        self.capabilities = Capabilities(paged_kv=True, layer_plans=True, kernels=kernels, ffn_stats=True)
+        self.capabilities = Capabilities(
+            paged_kv=True, layer_plans=True, kernels=kernels, ffn_stats=True, key_rotation=True
+        )
         self.memo = RuntimeMemo()
 
     # -- KV memory -----------------------------------------------------------------------------
@@ -184,6 +182,22 @@ class LlamaRuntime:
     def new_cache(self, batch_size: int = 1, max_len: int | None = None) -> SeqKV | list[SeqKV]:
         """An empty cache of at most `max_len` positions (one sequence), or a list of `batch_size`."""
         return new_caches(self.kv_pool(), max_len or self.info.max_positions, batch_size)
+
+    @torch.inference_mode()
+    def rotate_keys(self, cache: SeqKV, start: int, n: int, shift: int) -> None:
+        """Move the cached keys of positions start .. start + n - 1 by `shift` positions (a prompt edit,
+        cache/pie.py): each is multiplied by R(shift), in place. Both paths (torch and the fused C
+        forward) store keys rotated by these tables, so one rotation serves both."""
+        if n <= 0 or shift == 0:
+            return
+        scale = self.cos[0, 0]  # the tables hold cos, sin times the rope type's attention scaling
+        cos = self.cos[abs(shift)] / scale
+        sin = self.sin[abs(shift)] / scale * (1 if shift > 0 else -1)  # R(-d): sin(-x) = -sin(x)
+        pool, size = self.kv_pool(), BLOCK_SIZE
+        slots = cache.slots(start, n)
+        blocks, offsets = slots // size, slots % size
+        for i in range(self.info.n_layers):
+            pool.k[i][:, blocks, offsets] = rerotate(pool.k[i][:, blocks, offsets], cos, sin)
 
     # -- forward passes --------------------------------------------------------------------------
     @torch.inference_mode()

@@ -104,6 +104,7 @@ class Capabilities:
     ffn_stats: bool = False  # segments may ask for per-layer FFN input/output similarity (Segment.ffn_cos)
     input_features: bool = False  # segments carry input features beside their tokens (Segment.features)
     cache_masks: bool = False  # a segment's mask may cover the cached positions too ([T, cached + T])
+    key_rotation: bool = False  # `rotate_keys(cache, start, n, shift)`: cached RoPE keys moved (prompt edits)
 
 
 @dataclass

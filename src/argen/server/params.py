@@ -17,9 +17,11 @@ from argen.api import Generator
 from argen.cache.press import Press, make_press
 from argen.engine import Request
 from argen.errors import InvalidRequestError
+from argen.prompt_edit import PromptEdit
 from argen.sampling import SamplingParams, checked_logit_bias
 from argen.server import tools
 from argen.server.companions import Companions
+from argen.server.edits import ServedPrompts
 from argen.server.errors import APIError, bad_request
 from argen.server.limits import Limits
 from argen.server.protocol import SEED_MAX, ChatCompletionRequest, CompletionRequest
@@ -61,11 +63,16 @@ def build_request(
 
 
 def build_requests(
-    gen: Generator, body: CompletionRequest | ChatCompletionRequest, policy: Policy, compile_grammar: bool = True
+    gen: Generator,
+    body: CompletionRequest | ChatCompletionRequest,
+    policy: Policy,
+    compile_grammar: bool = True,
+    served: ServedPrompts | None = None,
 ) -> list[Request]:
     """One Request per prompt (a completions body may hold a list of them), every one checked: the
     whole body is refused if any prompt is. `compile_grammar=False` leaves the grammar (if any) to be
-    compiled by the caller: the server's grammar sandbox."""
+    compiled by the caller: the server's grammar sandbox. `served`: the prompts an `edit` may name
+    (None: edits are not taken, as in batch jobs)."""
     _check_text(body)
     if body.model != policy.model_id:
         raise APIError(
@@ -76,6 +83,9 @@ def build_requests(
         )
     _check_unsupported(body)
     prompts = _prompts_ids(gen, body, policy.max_chars)
+    edit_of = None
+    if isinstance(body, CompletionRequest) and body.edit is not None:
+        edit_of, prompts = prompts[0], [_edited_ids(gen, body, policy.max_chars, prompts, served)]
     context = gen.runtime.info.max_positions
     where = "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
     for i, prompt_ids in enumerate(prompts):
@@ -133,6 +143,7 @@ def build_requests(
             n=body.n,
             prompt_logprobs=max(scored, default=None),
             press=_press(body, policy),
+            edit_of=edit_of,
         )
         try:
             gen.engine.validate(request, compile_grammar=compile_grammar)
@@ -140,6 +151,38 @@ def build_requests(
             raise bad_request(str(exc), _param_of(str(exc), where)) from exc
         requests.append(request)
     return requests
+
+
+def _edited_ids(
+    gen: Generator, body: CompletionRequest, max_chars: int, prompts: list[list[int]], served: ServedPrompts | None
+) -> list[int]:
+    """The token ids of `body.prompt` edited by `body.edit`, once the edit is known to name one prompt
+    this server served."""
+    edit = body.edit
+    assert edit is not None  # called for a body with an edit
+    if served is None:
+        raise bad_request("prompt edits are taken by the server's /v1/completions only", "edit")
+    if len(prompts) != 1 or not isinstance(body.prompt, str) and not all(isinstance(t, int) for t in body.prompt):
+        raise bad_request("an edit applies to one prompt (text or token ids), not a list of prompts", "edit")
+    if body.echo or body.prompt_logprobs is not None:
+        raise bad_request("an edit cannot be combined with echo or prompt_logprobs", "edit")
+    if prompts[0] not in served:
+        raise bad_request(
+            f"edit: this server has not served this prompt (it remembers the last {served.limit} it served); "
+            "send it once without edit, then edit it",
+            "edit",
+            code="unknown_prompt",
+        )
+    tokens = None if edit.tokens is None else tuple(edit.tokens)
+    try:
+        new = PromptEdit(edit.start, edit.end, edit.text, tokens).apply(body.prompt)
+    except InvalidRequestError as exc:
+        raise bad_request(str(exc), "edit") from exc
+    if isinstance(new, list):
+        return new
+    if len(new) > max_chars:
+        raise _too_long("prompt", len(new), max_chars, gen.runtime.info.max_positions)
+    return gen.encode(new, chat=False) if new else []
 
 
 def _param_of(message: str, where: str) -> str:

@@ -31,6 +31,9 @@ MAX_STOP, MAX_STOP_CHARS = 32, 256
 MAX_STOP_TOKEN_IDS = 256
 MAX_PROMPTS = 64  # prompts in one /v1/completions request (each is admitted as a request of its own)
 MAX_ID_CHARS = 256  # `user`: an end-user id, accepted and ignored
+# A prompt edit (`edit`, argen's extension): the replacement's size (the edited prompt must still fit
+# the context, checked as any prompt is) and the span's ends (checked against the prompt once known).
+MAX_EDIT_CHARS, MAX_EDIT_TOKENS, MAX_EDIT_OFFSET = 65_536, 16_384, 2**31 - 1
 # `metadata` (accepted, ignored, never stored), bounded as OpenAI bounds it
 METADATA_ENTRIES, METADATA_KEY_CHARS, METADATA_VALUE_CHARS = 16, 64, 512
 
@@ -210,6 +213,25 @@ class _Sampling(_Body):
     )
 
 
+class PromptEditBody(_Body):
+    """Characters (token ids, for a prompt of ids) [start, end) of `prompt` replaced by `text` (`tokens`)."""
+
+    start: Annotated[int, Field(ge=0, le=MAX_EDIT_OFFSET)]
+    end: Annotated[int, Field(ge=0, le=MAX_EDIT_OFFSET)]
+    text: Annotated[str, Field(max_length=MAX_EDIT_CHARS)] = ""
+    tokens: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=MAX_EDIT_TOKENS)] | None = None
+
+
+class EditReport(BaseModel):
+    """What a prompt edit reused of its prefill (argen extension)."""
+
+    prompt_tokens: int
+    cached_tokens: int = Field(description="positions before the edit taken from the prefix cache")
+    moved_tokens: int = Field(description="positions after the edit whose cached keys moved (PIE), not computed")
+    prefill_saved: float = Field(description="the share of the prefill not computed")
+    fallback: str | None = Field(description="why nothing moved, when the previous prompt's blocks were not cached")
+
+
 class CompletionRequest(_Sampling):
     prompt: (
         str
@@ -232,6 +254,13 @@ class CompletionRequest(_Sampling):
     )
     suffix: str | None = Field(None, description="not supported: only null", json_schema_extra={"type": "null"})
     best_of: int | None = Field(None, description="not supported: only null or 1", json_schema_extra=ONLY_1)
+    edit: PromptEditBody | None = Field(
+        None,
+        description="argen extension (PIE): `prompt` is one this server served before, and the completion is "
+        "for it edited; its cached keys after the edit are reused, moved to their new positions, instead of "
+        "being computed (lossy: they keep the old prompt's context). `argen_edit` in the response says what "
+        "was reused, or why nothing was (the previous prompt's blocks evicted: a full prefill)",
+    )
 
 
 class TextPart(_Body):
@@ -377,6 +406,7 @@ class CompletionResponse(BaseModel):
     choices: list[CompletionChoice]
     usage: Usage | None = None
     argen_stats: dict[str, Any] | None = None  # argen extension: a finished choice's stats (a stream's)
+    argen_edit: EditReport | None = None  # argen extension: what a prompt edit reused
 
 
 class AssistantMessage(BaseModel):
@@ -484,7 +514,7 @@ class Health(BaseModel):
 def dump(model: BaseModel) -> dict[str, Any]:
     """JSON-ready dict without the argen-only fields nobody asked for (token_ids: None)."""
     data = model.model_dump(mode="json")
-    for extension in ("prompt_logprobs", "argen_stats"):
+    for extension in ("prompt_logprobs", "argen_stats", "argen_edit"):
         if extension in data and data[extension] is None:
             del data[extension]
     for choice in data.get("choices", []):

@@ -62,6 +62,19 @@ def shape_of(
         echo_logprobs=getattr(body, "logprobs", None) if getattr(body, "echo", False) else None,
         prompt_logprobs=body.prompt_logprobs,
         origins=body.return_origins,
+        edit=getattr(body, "edit", None) is not None,
+    )
+
+
+def edit_report(result: Result) -> p.EditReport:
+    """What a prompt edit reused of its prefill (engine/request.py's Stats)."""
+    s = result.stats
+    return p.EditReport(
+        prompt_tokens=s.prompt_tokens,
+        cached_tokens=s.cached_prompt_tokens,
+        moved_tokens=s.edit_moved_tokens,
+        prefill_saved=round(s.prefill_saved, 4),
+        fallback=s.edit_fallback or None,
     )
 
 
@@ -125,9 +138,10 @@ class Shape:
         echo_logprobs: int | None = None,
         prompt_logprobs: int | None = None,
         origins: bool = False,
+        edit: bool = False,
     ) -> None:
         self.chat, self.model, self.token_ids = endpoint == "chat", model_id, token_ids
-        self.origins = origins
+        self.origins, self.edit = origins, edit
         self.seeds = [seed] if isinstance(seed, int) else seed  # each prompt's (sample j: its seed + j)
         self.tools, self.n = tools, n
         self.id, self.created = p.new_id("chatcmpl" if self.chat else "cmpl"), p.now()
@@ -251,6 +265,7 @@ class Shape:
                 model=self.model,
                 choices=completion_choices,
                 usage=self.usage(results),
+                argen_edit=edit_report(results[0]) if self.edit else None,
             )
         )
 
@@ -334,6 +349,14 @@ class Shape:
         cls = p.ChatCompletionChunk if self.chat else p.CompletionResponse
         stats = {"index": self.choice(result)} | stats_of(result)
         return p.dump(cls(id=self.id, created=self.created, model=self.model, choices=[], argen_stats=stats))
+
+    def edit_chunk(self, result: Result) -> dict:
+        """A prompt edit, streaming: what it reused, in a chunk without choices (after the last token)."""
+        return p.dump(
+            p.CompletionResponse(
+                id=self.id, created=self.created, model=self.model, choices=[], argen_edit=edit_report(result)
+            )
+        )
 
     def usage_chunk(self, results: list[Result]) -> dict:
         cls = p.ChatCompletionChunk if self.chat else p.CompletionResponse

@@ -12,6 +12,7 @@ from fastapi import Request as HTTPRequest
 from argen.api import Generator
 from argen.images import ImageGenerator
 from argen.server import protocol as p
+from argen.server.edits import ServedPrompts
 from argen.server.grammar_sandbox import GrammarSandbox
 from argen.server.logprob_shape import Tokens
 from argen.server.metrics import Metrics
@@ -33,6 +34,7 @@ class ServerState:
     max_batch: int
     max_queue: int
     image_models: dict[str, ImageGenerator] = field(default_factory=dict)  # /v1/images/generations
+    prompts: ServedPrompts = field(default_factory=ServedPrompts)  # what a prompt edit may name
 
 
 def served(request: HTTPRequest) -> ServerState:

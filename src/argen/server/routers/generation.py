@@ -63,7 +63,9 @@ async def generate(body, request: HTTPRequest, endpoint: str, served: ServerStat
         if scheduler.draining:
             raise Draining()
         # Tokenizing (and the chat template) is CPU work: off the event loop.
-        built = await asyncio.to_thread(build_requests, served.gen, body, served.policy, compile_grammar=False)
+        built = await asyncio.to_thread(
+            build_requests, served.gen, body, served.policy, compile_grammar=False, served=served.prompts
+        )
         if len(built) > max_batch + max_queue:  # would never fit, however long the client waits
             raise APIError(
                 400,
@@ -76,6 +78,8 @@ async def generate(body, request: HTTPRequest, endpoint: str, served: ServerStat
         for other in built[1:]:  # one body, one response_format: its prompts share the compiled grammar
             other.matcher = built[0].matcher
         tickets = scheduler.submit_all(built, endpoint)  # a list of prompts: one ticket each, batched together
+        for made in built:  # a later request may edit these (server/edits.py)
+            served.prompts.add(made.prompt_ids)
     except APIError as exc:
         metrics.requests.labels(endpoint, f"rejected_{exc.status}").inc()
         raise
@@ -179,6 +183,8 @@ async def stream(scheduler: Scheduler, tickets: list[Ticket], shape: Shape, opti
                 if len(results) < expected:
                     continue
                 finished = True
+                if shape.edit:
+                    yield json.dumps(shape.edit_chunk(results[0]))
                 if options.include_usage:
                     yield json.dumps(shape.usage_chunk(results))
                 break
