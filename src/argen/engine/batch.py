@@ -224,6 +224,7 @@ class DecodeBatch:
         seq.edit = None
         if seq.prefilled == edit.splice.new_end:  # more: the edited prompt itself was cached; nothing to move
             cache, splice = seq.state.cache, edit.splice
+            assert isinstance(cache, SeqKV)  # an edit is planned only for a paged cache (prefix_cache)
             cache.append_from(edit.source, splice.old_end, edit.moved)
             self.engine.runtime.rotate_keys(cache, splice.new_end, edit.moved, splice.shift)
             seq.prefilled += edit.moved
