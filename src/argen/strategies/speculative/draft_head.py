@@ -15,7 +15,7 @@ Each step:
 3. Size (adaptive): the nodes are cut to the count that maximises expected tokens per second under
    the measured pass costs (`adaptive.best_tree`: the verification pass over 1 + n tokens and one
    head pass per level); a level that does not raise that rate ends the growth, and with no node
-   worth verifying the step is a plain one.
+   worth verifying the step is a plain one, after which the head rests a few steps (MAX_REST).
 4. Verify with the shared tree verifier; the head's cache is cut back to the confirmed sequence, and
    the target's hidden states of the root and the accepted path wait for the next catch-up.
 
@@ -43,6 +43,11 @@ from argen.strategies.speculative.ngram import _subtree
 from argen.strategies.speculative.tree import DraftTree
 
 CALIBRATION_DECAY = 0.95  # forgetting of the accepted-vs-predicted calibration
+# After a step whose sizing kept no node, the head rests 1, 2, 4, 8 steps (doubling while it keeps
+# finding nothing worth verifying, back to 0 once it does): where drafting does not pay, the head pass
+# (a seventh of a target pass on SmolLM2 at one thread) is no longer paid every step. The features it
+# skipped are read in the next catch-up, one pass for all of them. Exactness does not depend on it.
+MAX_REST = 8
 NO_HEAD = (
     "strategy 'draft-head' needs a draft head distilled from this model: run `argen distill-draft --model "
     "MODEL` once (it caches the head beside the model), then ask for draft-head again"
@@ -57,6 +62,8 @@ class DraftHeadMemo(SpeculativeMemo):
     calibration: list[float] = field(default_factory=lambda: [1.0, 1.0])  # decayed (accepted, predicted)
     head_seconds: float | None = None  # per head pass, measured (a prior from the head's own timing until then)
     node_q: list[float] = field(default_factory=list)  # this step's nodes: the head's probability given the parent
+    rest: int = 0  # steps the head still skips (adaptive: after steps with no node worth verifying)
+    rested: int = 0  # the length of the last rest (doubles up to MAX_REST while drafts do not pay)
 
 
 class DraftHead(Speculative):
@@ -146,6 +153,9 @@ class DraftHead(Speculative):
             raise RuntimeError(f"draft head out of step: {committed} entries + {len(m.features)} new != {pending}")
         if len(m.features) == 0:
             return DraftTree()  # a one-token prompt: nothing to predict from until the first verification
+        if m.rest:
+            m.rest -= 1
+            return DraftTree()  # resting: the features wait for the next catch-up
         vocab, width = m.head.vocab, self.width
         out = yield from self._timed(
             state,
@@ -232,6 +242,9 @@ class DraftHead(Speculative):
             fed += grow
             level = [(node, grown.hidden[r], grown.requested_logits()[r]) for r, node in enumerate(grow)]
         m.cache.truncate(pending)
+        if self.adaptive:
+            m.rested = 0 if best[0] else min(MAX_REST, 2 * m.rested or 1)
+            m.rest = m.rested
         n, depth = (best[0], best[2]) if self.adaptive else (self.max_nodes, k)
         keep = _best_nodes(probs, depth_of, depth, min(n, self.max_nodes))
         m.node_q = [q_of[i] for i in keep]
