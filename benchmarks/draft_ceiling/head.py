@@ -25,7 +25,8 @@ from unittest import mock
 import torch
 from policy import frozen
 
-from argen.models.runtime import Segment
+from argen.models.draft_head import HeadPassSeconds
+from argen.models.runtime import RuntimeMemo, Segment
 from argen.strategies.base import DecodeState
 from argen.strategies.speculative import base as speculative_base
 from argen.strategies.speculative.adaptive import CostModel
@@ -84,7 +85,9 @@ def replay_head(
         return verdict
         yield  # never reached: a generator like the real verifier, which yields its feed
 
-    runtime = SimpleNamespace(memo=SimpleNamespace(cost_model=cost), device="cpu")
+    memo = RuntimeMemo()
+    memo.learnt[CostModel] = cost  # what CostModel.for_runtime finds
+    runtime = SimpleNamespace(memo=memo, device="cpu")
     cache = SimpleNamespace(max_len=len(prompt) + len(output) + 1, lengths=[len(prompt) - 1])
     state = DecodeState(
         runtime=runtime,
@@ -127,7 +130,7 @@ def head_pass_seconds(head, rows: int, repeats: int = 5) -> float:
     """A head pass over `rows` tokens: the median of `repeats` fresh calibrations (`pass_seconds`)."""
     times = []
     for _ in range(repeats):
-        head.memo.cost_model = None
+        head.memo.learnt.pop(HeadPassSeconds, None)  # measure afresh
         times.append(head.pass_seconds(rows))
     return statistics.median(times)
 

@@ -16,6 +16,7 @@ import copy
 from types import SimpleNamespace
 from unittest import mock
 
+from argen.models.runtime import RuntimeMemo
 from argen.strategies.base import DecodeState
 from argen.strategies.speculative import base as speculative_base
 from argen.strategies.speculative.adaptive import CostModel
@@ -54,7 +55,9 @@ def replay_policy(strategy: Speculative, prompt: list[int], output: list[int], c
         yield  # never reached: a generator like the real verifier, which yields its feed
 
     # `CostModel.for_runtime` finds the cost model in the runtime's memo; the oracle needs no model.
-    runtime = SimpleNamespace(memo=SimpleNamespace(cost_model=cost), device="cpu")
+    memo = RuntimeMemo()
+    memo.learnt[CostModel] = cost  # what CostModel.for_runtime finds
+    runtime = SimpleNamespace(memo=memo, device="cpu")
     cache = SimpleNamespace(max_len=len(prompt) + len(output) + 1, lengths=[len(prompt) - 1])
     state = DecodeState(
         runtime=runtime,
