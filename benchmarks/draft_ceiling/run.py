@@ -196,6 +196,8 @@ def main() -> None:
     # (drafter, category) -> summary of the strategy it bounds, replayed with its own sizing (one thread)
     policy: dict[tuple[str, str], tuple[float, float, float]] = {}
     for name, strategy in STRATEGY_OF.items():
+        if strategy not in STRATEGIES:
+            continue  # draft-head's policy is replayed with its features (run_head)
         replayed = [replay_policy(STRATEGIES[strategy](), prompt, output, costs[1]) for _, prompt, output in runs]
         for c, row in summarize(runs, replayed, costs[1], prefill).items():
             policy[(name, c)] = row
