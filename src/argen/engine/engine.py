@@ -59,6 +59,7 @@ class Engine:
                 "prompt_logprobs needs an ordinary prompt (token i after token i - 1), not a set prompt's layout"
             )
         request.strategy.check(self.runtime, n, request.params)
+        request.strategy.check_samples(request.n)
         if request.press is not None and not self.runtime.capabilities.paged_kv:
             raise InvalidRequestError(
                 f"press {request.press.name!r} rewrites the paged KV cache, which needs the native "

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel
 
-from argen.api import Generator
+from argen.api import Generator, token_ngrams
 from argen.cache.press import Press, make_press
 from argen.engine import Request
 from argen.errors import InvalidRequestError
@@ -234,7 +234,9 @@ def _strategy(gen: Generator, body, policy: Policy):
         if (over := policy.limits.check(strategy)) is not None:
             raise bad_request(over, "strategy", code="limit_exceeded")
         # The companions Companions.resolve put in the options: the operator's loaded models, never a source.
-        strategy.prepare(gen.model, {option: vars(strategy)[option] for option in type(strategy).companion_options})
+        companions = {option: vars(strategy)[option] for option in type(strategy).companion_options}
+        # The n-gram tables of the machine's text (superposed decoding): the server's, never a client's file.
+        strategy.prepare(gen.model, companions | token_ngrams(strategy, gen.model))
     except InvalidRequestError as exc:
         raise bad_request(str(exc), "strategy") from exc
     return strategy
