@@ -117,6 +117,7 @@ def _lookup(keys: np.ndarray, values: np.ndarray, key: np.uint64) -> int:
 
 
 _LOADED: dict[str, TokenNGrams] = {}
+_BY_TOKENIZER: dict[int, tuple[object, TokenNGrams]] = {}  # the tokenizer held, so its id is not reused
 
 
 def ngram_path(tokenizer, vocab_size: int) -> Path:
@@ -131,8 +132,12 @@ def ngram_path(tokenizer, vocab_size: int) -> Path:
 def local_ngrams(tokenizer, vocab_size: int) -> TokenNGrams:
     """The n-gram tables of this machine's text for `tokenizer`: from memory, the cache, or built now
     (and cached). Order MAX_ORDER, or less where a 64-bit key holds fewer tokens of this vocabulary."""
+    known = _BY_TOKENIZER.get(id(tokenizer))
+    if known is not None and known[0] is tokenizer:  # hashing a vocabulary costs more than a decode step
+        return known[1]
     path = ngram_path(tokenizer, vocab_size)
     if str(path) in _LOADED:
+        _BY_TOKENIZER[id(tokenizer)] = (tokenizer, _LOADED[str(path)])
         return _LOADED[str(path)]
     if path.exists():
         tables = TokenNGrams.load(path)
@@ -141,6 +146,7 @@ def local_ngrams(tokenizer, vocab_size: int) -> TokenNGrams:
         path.parent.mkdir(parents=True, exist_ok=True)
         tables.save(path)
     _LOADED[str(path)] = tables
+    _BY_TOKENIZER[id(tokenizer)] = (tokenizer, tables)
     return tables
 
 

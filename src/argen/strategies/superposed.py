@@ -23,6 +23,7 @@ superposition is its own token's embedding, times 1.0: plain greedy decoding, to
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 
@@ -73,8 +74,8 @@ def expand(
             if lp == float("-inf"):
                 continue  # banned by the sampler's processors
             if weight > 0 and ngram is not None:
-                mixed = (1 - weight) * float(torch.tensor(lp, dtype=torch.float64).exp()) + weight * ngram(i, tok)
-                lp = float(torch.tensor(mixed, dtype=torch.float64).log())
+                mixed = (1 - weight) * math.exp(lp) + weight * ngram(i, tok)
+                lp = math.log(mixed) if mixed > 0 else float("-inf")
             candidates.append((i, tok, draft.score + lp))
     order = sorted(range(len(candidates)), key=lambda c: -candidates[c][2])  # stable: ties keep their order
     return [candidates[c] for c in order[:k]]
