@@ -177,6 +177,22 @@ def test_hostile_superposed_options_are_4xx(server, spec, fields, words):
     assert_error(post(url, body), 400, *words)
 
 
+def test_a_client_cannot_make_the_server_build_ngram_tables(server, tmp_path, monkeypatch):
+    """The n-gram tables take minutes to build (the whole local corpus): a server without them cached
+    answers a 400 at once that says how its operator builds them, and builds nothing. (A server that
+    built them per request ran the corpus reader in several request threads at once: 500s.)"""
+    from argen.recipes import token_ngrams
+
+    monkeypatch.setenv("ARGEN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(token_ngrams, "_BY_TOKENIZER", {})
+    monkeypatch.setattr(token_ngrams, "_LOADED", {})
+    url, _ = server
+    started = time.perf_counter()
+    body = {"prompt": "Hello", "temperature": 0, "n": 2, "strategy": {"name": "superposed"}}
+    assert_error(post(url, body), 400, "none built", "ngram_weight 0", "argen generate --strategy superposed")
+    assert time.perf_counter() - started < 5 and not list(tmp_path.rglob("*"))
+
+
 def test_superposed_over_http_matches_the_python_api(server, tiny):
     """n = 3 outputs from one request, on /v1/completions and chat, equal to the Python API's."""
     url, _ = server

@@ -313,10 +313,11 @@ def companion_models(strategy: Strategy, base: LoadedModel) -> dict[str, object]
     return found | token_ngrams(strategy, base)
 
 
-def token_ngrams(strategy: Strategy, base: LoadedModel) -> dict[str, object]:
+def token_ngrams(strategy: Strategy, base: LoadedModel, build: bool = True) -> dict[str, object]:
     """{"ngrams": the n-gram tables of this machine's text} for a strategy that interpolates with them
-    (superposed decoding; built on first use and cached, recipes/token_ngrams.py), else {}. Not loaded
-    when the strategy's ngram_weight is 0."""
+    (superposed decoding; recipes/token_ngrams.py), else {}; not loaded when its ngram_weight is 0.
+    `build`: build them now if the cache lacks them (minutes, once); a server passes False and gets {}."""
     if not type(strategy).needs_token_ngrams or not vars(strategy).get("ngram_weight"):
         return {}
-    return {"ngrams": local_ngrams(base.tokenizer, base.runtime.info.vocab_size)}
+    tables = local_ngrams(base.tokenizer, base.runtime.info.vocab_size, build)
+    return {} if tables is None else {"ngrams": tables}

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,6 +117,7 @@ def _lookup(keys: np.ndarray, values: np.ndarray, key: np.uint64) -> int:
     return int(values[i]) if i < len(keys) and keys[i] == key else 0
 
 
+_BUILDING = threading.Lock()
 _LOADED: dict[str, TokenNGrams] = {}
 _BY_TOKENIZER: dict[int, tuple[object, TokenNGrams]] = {}  # the tokenizer held, so its id is not reused
 
@@ -129,9 +131,17 @@ def ngram_path(tokenizer, vocab_size: int) -> Path:
     return cache_dir() / "ngrams" / f"local-{key}.npz"
 
 
-def local_ngrams(tokenizer, vocab_size: int) -> TokenNGrams:
+def local_ngrams(tokenizer, vocab_size: int, build: bool = True) -> TokenNGrams | None:
     """The n-gram tables of this machine's text for `tokenizer`: from memory, the cache, or built now
-    (and cached). Order MAX_ORDER, or less where a 64-bit key holds fewer tokens of this vocabulary."""
+    (and cached; None instead when `build` is False and they are not cached). Order MAX_ORDER, or less
+    where a 64-bit key holds fewer tokens of this vocabulary. One build at a time (the lock): threads
+    asking together wait for it, and `ast.parse` (the corpus reads Python sources) is not safe to run
+    in several threads at once on CPython 3.11."""
+    with _BUILDING:
+        return _local_ngrams(tokenizer, vocab_size, build)
+
+
+def _local_ngrams(tokenizer, vocab_size: int, build: bool) -> TokenNGrams | None:
     known = _BY_TOKENIZER.get(id(tokenizer))
     if known is not None and known[0] is tokenizer:  # hashing a vocabulary costs more than a decode step
         return known[1]
@@ -141,6 +151,8 @@ def local_ngrams(tokenizer, vocab_size: int) -> TokenNGrams:
         return _LOADED[str(path)]
     if path.exists():
         tables = TokenNGrams.load(path)
+    elif not build:
+        return None
     else:
         tables = build_local_ngrams(tokenizer, vocab_size)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -235,8 +235,17 @@ def _strategy(gen: Generator, body, policy: Policy):
             raise bad_request(over, "strategy", code="limit_exceeded")
         # The companions Companions.resolve put in the options: the operator's loaded models, never a source.
         companions = {option: vars(strategy)[option] for option in type(strategy).companion_options}
-        # The n-gram tables of the machine's text (superposed decoding): the server's, never a client's file.
-        strategy.prepare(gen.model, companions | token_ngrams(strategy, gen.model))
+        # The n-gram tables of the machine's text (superposed decoding): the server's, never a client's file,
+        # and never built for a client (minutes of work): read from the cache, where a command put them.
+        ngrams = token_ngrams(strategy, gen.model, build=False)
+        if type(strategy).needs_token_ngrams and vars(strategy).get("ngram_weight") and not ngrams:
+            raise bad_request(
+                f"strategy {strategy.name!r} interpolates with n-gram tables of the server machine's text, and "
+                "this server has none built for its model; ask with ngram_weight 0, or its operator builds them "
+                "once with `argen generate --strategy superposed --n 2 hi` (same model)",
+                "strategy",
+            )
+        strategy.prepare(gen.model, companions | ngrams)
     except InvalidRequestError as exc:
         raise bad_request(str(exc), "strategy") from exc
     return strategy
