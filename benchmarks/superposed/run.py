@@ -1,6 +1,8 @@
 """Superposed decoding against k independent samples: wall time for k outputs, and their quality.
 
-    taskset -c 1 python benchmarks/superposed/run.py --threads 1 > benchmarks/superposed/report.md
+    python benchmarks/superposed/run.py --threads 1 > benchmarks/superposed/report.md
+
+(run pinned to one core on a shared machine: `taskset -c 1` before it.)
 
 For each Spec-Bench question (the first of each category, round-robin) and each k, the same prompt
 gets k outputs two ways, interleaved in one process: `superposed` (n=k, its default n-gram weight,
@@ -98,10 +100,7 @@ def main() -> None:
     machine = provenance(state)
     threads = f"{args.threads} thread{'s' * (args.threads > 1)}"
     print(f"# Superposed decoding against k independent samples (default model, {threads})\n")
-    print(
-        f"```\ntaskset -c 1 python benchmarks/superposed/run.py --threads {args.threads} "
-        "> benchmarks/superposed/report.md\n```\n"
-    )
+    print(f"```\npython benchmarks/superposed/run.py --threads {args.threads} > benchmarks/superposed/report.md\n```\n")
     print(describe(machine) + "\n")
     print(
         f"CPU: {kernels.describe_cpu()}; torch {machine['torch']}; model {gen.name} ({gen.runtime.capabilities.kernels}).\n"
