@@ -279,3 +279,13 @@ def test_logit_bias_takes_ids_and_one_token_texts(capsys, tiny):
 def test_bad_sampling_flags_are_one_line(capsys, argv, words):
     code, out, err = run_cli(capsys, *GREEDY, "--no-chat", *argv)
     assert code == 2 and out == "" and err.count("\n") == 1 and words in err, err
+
+
+def test_superposed_gives_n_outputs_from_the_command_line(capsys, tiny):
+    argv = [*TINY, "--max-new-tokens", "6", "--no-chat", "--strategy", "superposed", "--strategy-opt", "ngram_weight=0"]
+    code, out, _ = run_cli(capsys, "generate", "Hello there", *argv, "--n", "3", "--json")
+    spec = {"name": "superposed", "ngram_weight": 0}
+    want = tiny.generate("Hello there", chat=False, max_new_tokens=6, strategy=spec, n=3)
+    assert code == 0 and [r["token_ids"] for r in json.loads(out)] == [w.token_ids for w in want]
+    code, _, err = run_cli(capsys, "generate", "Hello there", *argv, "--strategy-opt", "ngram_order=50")
+    assert code == 2 and "ngram_order must be an integer in 1..4" in err

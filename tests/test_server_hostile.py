@@ -155,6 +155,59 @@ def test_work_scaling_options_are_capped(server, spec, words):
     assert error["code"] == "limit_exceeded" and error["param"] == "strategy"
 
 
+SUPERPOSED_HOSTILE = [
+    ({"name": "superposed", "k": 10**6}, {"n": 2}, ("k (drafts kept) must be an integer in 0..64",)),
+    ({"name": "superposed", "k": 40}, {"n": 2}, ("option k of strategy 'superposed' is 40", "at most 16")),
+    ({"name": "superposed", "ngram_weight": -1}, {"n": 2}, ("ngram_weight must be a finite number in [0, 0.99]",)),
+    ({"name": "superposed", "ngram_weight": 1e308}, {"n": 2}, ("ngram_weight",)),
+    ({"name": "superposed", "ngram_order": 50}, {"n": 2}, ("ngram_order must be an integer in 1..4",)),
+    ({"name": "superposed", "ngram_order": 2.5}, {"n": 2}, ("ngram_order", "an integer")),
+    ({"name": "superposed", "k": 2, "ngram_weight": 0}, {"n": 4}, ("k (2) must be at least n (4)",)),
+    ({"name": "superposed", "ngram_weight": 0}, {"n": 2, "temperature": 0.7}, ("temperature 0",)),
+    ({"name": "superposed", "ngram_weight": 0}, {"n": 2, "logprobs": 2}, ("log-probs",)),
+]
+
+
+@pytest.mark.parametrize("spec, fields, words", SUPERPOSED_HOSTILE)
+def test_hostile_superposed_options_are_4xx(server, spec, fields, words):
+    """Superposed decoding's options over HTTP: drafts, a negative or huge n-gram weight, an n-gram
+    order past the tables', fewer drafts than samples: a 400 naming the option, before any work."""
+    url, _ = server
+    body = {"prompt": "Hello", "temperature": 0, "strategy": spec, **fields}
+    assert_error(post(url, body), 400, *words)
+
+
+def test_a_client_cannot_make_the_server_build_ngram_tables(server, tmp_path, monkeypatch):
+    """The n-gram tables take minutes to build (the whole local corpus): a server without them cached
+    answers a 400 at once that says how its operator builds them, and builds nothing. (A server that
+    built them per request ran the corpus reader in several request threads at once: 500s.)"""
+    from argen.recipes import token_ngrams
+
+    monkeypatch.setenv("ARGEN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(token_ngrams, "_BY_TOKENIZER", {})
+    monkeypatch.setattr(token_ngrams, "_LOADED", {})
+    url, _ = server
+    started = time.perf_counter()
+    body = {"prompt": "Hello", "temperature": 0, "n": 2, "strategy": {"name": "superposed"}}
+    assert_error(post(url, body), 400, "none built", "ngram_weight 0", "argen generate --strategy superposed")
+    assert time.perf_counter() - started < 5 and not list(tmp_path.rglob("*"))
+
+
+def test_superposed_over_http_matches_the_python_api(server, tiny):
+    """n = 3 outputs from one request, on /v1/completions and chat, equal to the Python API's."""
+    url, _ = server
+    spec = {"name": "superposed", "ngram_weight": 0}
+    want = [r.token_ids for r in tiny.generate("Hello", chat=False, max_new_tokens=8, strategy=spec, n=3)]
+    r = post(url, {"prompt": "Hello", "temperature": 0, "n": 3, "strategy": spec, "return_token_ids": True})
+    assert r.status_code == 200, r.text
+    assert [c["token_ids"] for c in sorted(r.json()["choices"], key=lambda c: c["index"])] == want
+    messages = [{"role": "user", "content": "Hello"}]
+    r = post(url, {"messages": messages, "temperature": 0, "n": 3, "strategy": spec}, "chat/completions")
+    assert r.status_code == 200, r.text
+    texts = [c["message"]["content"] for c in sorted(r.json()["choices"], key=lambda c: c["index"])]
+    assert texts == [x.text for x in tiny.generate(messages, max_new_tokens=8, strategy=spec, n=3)]
+
+
 def test_the_kv_overflow_reproductions_run_when_the_limits_allow_them():
     """Issue 13's KV-cache overflows (500s) with the limits raised to let them in: they now fit."""
     gen = argen.load(MODEL)

@@ -14,6 +14,7 @@ from argen.images import ImageGenerator, is_image_model, load_image_model
 from argen.models import LoadedModel, load_model, shared_model
 from argen.prompt_edit import PromptEdit
 from argen.recipes.draft_head import load_draft_head
+from argen.recipes.token_ngrams import local_ngrams
 from argen.sampling import SamplingParams
 from argen.setprompt import PromptLayout, SetPrompt, is_set_prompt, set_prompt_layout
 from argen.strategies import Strategy, make_strategy
@@ -334,4 +335,14 @@ def companion_models(strategy: Strategy, base: LoadedModel) -> dict[str, object]
             dtype = runtime.dtype if kind == "guide" else "float32"
             value = shared_model(value, device=str(runtime.device), dtype=dtype)
         found[option] = value
-    return found
+    return found | token_ngrams(strategy, base)
+
+
+def token_ngrams(strategy: Strategy, base: LoadedModel, build: bool = True) -> dict[str, object]:
+    """{"ngrams": the n-gram tables of this machine's text} for a strategy that interpolates with them
+    (superposed decoding; recipes/token_ngrams.py), else {}; not loaded when its ngram_weight is 0.
+    `build`: build them now if the cache lacks them (minutes, once); a server passes False and gets {}."""
+    if not type(strategy).needs_token_ngrams or not vars(strategy).get("ngram_weight"):
+        return {}
+    tables = local_ngrams(base.tokenizer, base.runtime.info.vocab_size, build)
+    return {} if tables is None else {"ngrams": tables}

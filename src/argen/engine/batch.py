@@ -425,6 +425,8 @@ class DecodeBatch:
             state.prompt_hidden = torch.cat(seq.prompt_hidden)
             seq.prompt_hidden = []
         samples = [seq]
+        if seq.strategy.samples_together:  # sample 0 decides them all; the others read it here
+            state.samples = {"n": seq.request.n}
         if seq.request.n > 1:
             # Made here and only here: forks are born prefilled and never come back to this method.
             whole, _ = self._blocks(seq.request)

@@ -61,6 +61,7 @@ class Engine:
         if request.edit_of is not None:
             self._check_edit(request)
         request.strategy.check(self.runtime, n, request.params)
+        request.strategy.check_samples(request.n)
         if request.press is not None and not self.runtime.capabilities.paged_kv:
             raise InvalidRequestError(
                 f"press {request.press.name!r} rewrites the paged KV cache, which needs the native "

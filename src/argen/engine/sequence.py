@@ -116,6 +116,8 @@ class Sequence:
             eos_ids=state.eos_ids,
             prompt_hidden=state.prompt_hidden,
             batch_size=state.batch_size,
+            sample_index=sample_index,
+            samples=state.samples,
         )
         other = Sequence(
             self.index, request, forked, self._tokenizer, self.eos_ids, self.prefill_positions, self.prefill_mask

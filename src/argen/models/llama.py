@@ -162,7 +162,7 @@ class LlamaRuntime:
         kernels = f"argen {self.fused.lib.isa} block kernels" if self.fused is not None else "torch"
         kernels += ", 8-bit activations" if act8 and self.fused is not None else ""
         self.capabilities = Capabilities(
-            paged_kv=True, layer_plans=True, kernels=kernels, ffn_stats=True, key_rotation=True
+            paged_kv=True, layer_plans=True, kernels=kernels, ffn_stats=True, key_rotation=True, input_embeds=True
         )
         self.memo = RuntimeMemo()
 
@@ -272,6 +272,12 @@ class LlamaRuntime:
         tokens = torch.cat([torch.as_tensor(seg.tokens, dtype=torch.long).reshape(-1) for seg in segments])
         positions = torch.cat([torch.as_tensor(seg.positions, dtype=torch.long).reshape(-1) for seg in segments])
         x = self.embed_tokens(tokens[None])[0]  # [N, H]
+        if any(seg.embeds is not None for seg in segments):  # given embeddings replace their tokens' rows
+            offset = 0
+            for seg in segments:
+                if seg.embeds is not None:
+                    x[offset : offset + len(seg.tokens)] = seg.embeds.to(x.dtype)
+                offset += len(seg.tokens)
         ffn_cos = None
         if fused:
             assert self.fused is not None  # `fused` is asked for only when the fused forward exists

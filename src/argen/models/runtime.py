@@ -60,6 +60,9 @@ class Segment:
     # [T, H]: what a feature-level drafter reads beside each token (a draft head: the target's hidden
     # states, or its own predictions); runtimes that declare `input_features` need it, others ignore it.
     features: torch.Tensor | None = None
+    # [T, H]: input embeddings that replace the tokens' own (superposed decoding feeds a weighted sum
+    # of several tokens' embeddings); runtimes that declare `input_embeds` read it.
+    embeds: torch.Tensor | None = None
 
 
 @dataclass
@@ -105,6 +108,9 @@ class Capabilities:
     input_features: bool = False  # segments carry input features beside their tokens (Segment.features)
     cache_masks: bool = False  # a segment's mask may cover the cached positions too ([T, cached + T])
     key_rotation: bool = False  # `rotate_keys(cache, start, n, shift)`: cached RoPE keys moved (prompt edits)
+    # Segments may carry input embeddings in place of their tokens' (Segment.embeds), and the runtime
+    # has `embed_tokens(ids [B, T]) -> [B, T, H]` to compute them.
+    input_embeds: bool = False
 
 
 @dataclass

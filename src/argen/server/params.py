@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel
 
-from argen.api import Generator
+from argen.api import Generator, token_ngrams
 from argen.cache.press import Press, make_press
 from argen.engine import Request
 from argen.errors import InvalidRequestError
@@ -277,7 +277,18 @@ def _strategy(gen: Generator, body, policy: Policy):
         if (over := policy.limits.check(strategy)) is not None:
             raise bad_request(over, "strategy", code="limit_exceeded")
         # The companions Companions.resolve put in the options: the operator's loaded models, never a source.
-        strategy.prepare(gen.model, {option: vars(strategy)[option] for option in type(strategy).companion_options})
+        companions = {option: vars(strategy)[option] for option in type(strategy).companion_options}
+        # The n-gram tables of the machine's text (superposed decoding): the server's, never a client's file,
+        # and never built for a client (minutes of work): read from the cache, where a command put them.
+        ngrams = token_ngrams(strategy, gen.model, build=False)
+        if type(strategy).needs_token_ngrams and vars(strategy).get("ngram_weight") and not ngrams:
+            raise bad_request(
+                f"strategy {strategy.name!r} interpolates with n-gram tables of the server machine's text, and "
+                "this server has none built for its model; ask with ngram_weight 0, or its operator builds them "
+                "once with `argen generate --strategy superposed --n 2 hi` (same model)",
+                "strategy",
+            )
+        strategy.prepare(gen.model, companions | ngrams)
     except InvalidRequestError as exc:
         raise bad_request(str(exc), "strategy") from exc
     return strategy

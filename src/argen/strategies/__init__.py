@@ -12,6 +12,7 @@ from argen.strategies.plain import Plain
 from argen.strategies.search import Beam, ConditionalBeam, Contrastive
 from argen.strategies.skipping import FFNSkip, SkipDecode
 from argen.strategies.speculative import DraftHead, DraftModel, Jacobi, LayerSkip, NGram, PromptLookup
+from argen.strategies.superposed import Superposed
 
 REGISTRY: dict[str, type[Strategy]] = {}
 
@@ -35,6 +36,7 @@ for _cls in (
     Guided,
     SkipDecode,
     FFNSkip,
+    Superposed,
 ):
     register(_cls)
 

@@ -58,13 +58,23 @@ class Feed:
     draft: bool = False
     ffn_cos: bool = False
     features: torch.Tensor | None = None
+    embeds: torch.Tensor | None = None  # [T, H] input embeddings in place of the tokens' (Segment.embeds)
 
     def segment(self) -> Segment:
         """What a runtime's `forward_packed` runs, once the feed names its cache and positions (the
         Engine fills in a strategy's own)."""
         if self.cache is None or self.positions is None:
             raise ValueError("a feed runs once its cache and positions are set (the Engine fills them in)")
-        return Segment(self.cache, self.tokens, self.positions, self.mask, self.num_logits, self.ffn_cos, self.features)
+        return Segment(
+            self.cache,
+            self.tokens,
+            self.positions,
+            self.mask,
+            self.num_logits,
+            self.ffn_cos,
+            self.features,
+            self.embeds,
+        )
 
 
 Feeds = Feed | list[Feed]
@@ -111,6 +121,10 @@ class DecodeState:
     # Sequences decoding in the engine's round (set by the engine): this sequence's feeds share a
     # forward pass with theirs, which changes what a draft costs (see speculative/adaptive.py).
     batch_size: int = 1
+    sample_index: int = 0  # which of the request's n samples this sequence is
+    # Shared by the n samples of a request whose strategy decides them together (Strategy.samples_together):
+    # one dict, set by the engine after the prefill ({"n": n}); None for other strategies.
+    samples: dict | None = None
 
     @property
     def n_generated(self) -> int:
@@ -183,6 +197,12 @@ class Strategy:
     # Whether the whole output comes from one step (beam search): a KV-cache press, which runs between
     # steps (cache/press.py), then compresses the prompt only, and the cache grows by the whole output.
     whole_output_in_one_step: ClassVar[bool] = False
+    # Whether the request's n samples are decided together, by sample 0's step (superposed decoding):
+    # the engine gives them one shared `DecodeState.samples` dict, and the others wait on it.
+    samples_together: ClassVar[bool] = False
+    # Whether `prepare` takes the n-gram tables of this machine's text (companions["ngrams"],
+    # recipes/token_ngrams.py), which the API and the server resolve as they do companion models.
+    needs_token_ngrams: ClassVar[bool] = False
 
     def prepare(self, base, companions: dict | None = None) -> None:
         """Called by the API and the server with the base LoadedModel before a request is built, and the
@@ -193,6 +213,10 @@ class Strategy:
         """Raise InvalidRequestError if this request (`prompt_len` tokens, SamplingParams `params`)
         cannot run on `runtime`. The Engine calls it when it validates a request, before any work
         (the server: before the request is queued)."""
+
+    def check_samples(self, n: int) -> None:
+        """Raise InvalidRequestError if the strategy cannot give `n` samples of one prompt (the Engine
+        calls it with `check`)."""
 
     def kv_slack(self) -> int:
         """KV-cache positions a step may use beyond prompt + max_new_tokens (a draft tree being
