@@ -69,7 +69,7 @@ def test_blend_one_top_one_reproduces_the_stored_continuation(tiny, token_store,
 
 
 def test_index_search_equals_exact_search(tiny):
-    """Bug it caught when put in by hand: the index built over unnormalised keys with the L2 metric."""
+    """Bug it caught when put in by hand: the faiss index built with the L2 metric (not inner product)."""
     torch.manual_seed(0)
     keys = torch.nn.functional.normalize(torch.randn(600, 32), dim=-1)
     store = GroundingStore(keys, torch.zeros(600, 1, dtype=torch.long), torch.ones(600, 1), "x")
@@ -157,7 +157,7 @@ def post(url: str, spec, prompt=PROMPT, **fields):
     ],
 )
 def test_hostile_caad_options_get_400_and_nothing_is_loaded(store_server, tiny, spec, words):
-    """Bug it caught when put in by hand: the server handing the store option to load_store as a path."""
+    """Bug it caught when put in by hand: the server's name check skipped for stores (a path passed on)."""
     before = dict(tiny.runtime.memo.get(LoadedStores).by_path)
     r = post(store_server, spec)
     assert r.status_code == 400, r.text
@@ -169,7 +169,8 @@ def test_hostile_caad_options_get_400_and_nothing_is_loaded(store_server, tiny, 
 
 
 def test_eight_concurrent_caad_requests_equal_each_alone(store_server, tiny, token_store):
-    """Bug it caught when put in by hand: per-request retrieval state kept on the strategy class (shared)."""
+    """Bug it caught when put in by hand: the retrieved-distribution buffer kept on the (shared) store and
+    not zeroed between steps, so one request's retrievals leak into the others'."""
     prompts = [PROMPT, "Hello there", "One two", PROMPT + " jumps", "A", "Zebra crossing", "Foxes", "Dogs bark"]
     spec = {"name": "caad", "store": "refs", "blend": 0.5, "top_n": 4}
     alone = [

@@ -54,7 +54,11 @@ def caad_store_command(args: argparse.Namespace) -> int:
     gen = model_spec(args).load_text()
     started = time.perf_counter()
     store = build_store(
-        gen.runtime, (gen.encode(t, chat=False) for t in texts), values=args.values, top_k=args.top_k, progress=args.progress
+        gen.runtime,
+        (gen.encode(t, chat=False) for t in texts),
+        values=args.values,
+        top_k=args.top_k,
+        progress=args.progress,
     )
     path = store.save(Path(args.out))
     print(
