@@ -6,7 +6,7 @@ caad at a few blend weights, and caad's per-token decode cost against plain (def
 References: the first PASSAGES prose passages of this machine's text (recipes/local_text.py), each
 cut to HEAD + TAIL tokens. The store (`build_store`, as `argen caad-store` builds it) holds every
 passage's first HEAD tokens; the TAIL tokens are held back. NLL: each tail teacher-forced after its
-head, one forward pass per passage; at each tail position the strategy's own `blended` turns the
+head, one forward pass per passage (shared by every row); at each tail position the strategy's own `blended` turns the
 model's logits and final hidden state into caad's distribution (what a caad step samples from under
 the same prefix). Cost: greedy decoding of GEN tokens after each of COST_PROMPTS heads, plain and
 caad interleaved in one process, CPU time of the calling thread (one thread), as a ratio.
@@ -30,7 +30,7 @@ from argen.recipes.local_text import local_corpus
 from argen.strategies.caad import CAAD
 from benchmarks.harness.provenance import describe, provenance, script_args
 
-PASSAGES = 60
+PASSAGES = 40
 HEAD, TAIL = 64, 32
 BLENDS = (0.1, 0.25, 0.5)
 TOP_N, TEMPERATURE = 8, 0.1
@@ -38,18 +38,23 @@ COST_PROMPTS, GEN = 4, 32
 
 
 @torch.inference_mode()
-def tail_nll(runtime, tokens: list[int], strategy: CAAD | None) -> float:
-    """Summed NLL of tokens[HEAD:] given what precedes each."""
+def tail_pass(runtime, tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """(logits, final hidden states, targets) at the positions that predict tokens[HEAD:]: one pass."""
     cache = runtime.new_cache(1, len(tokens))
     logits, hidden = runtime.forward(torch.tensor([tokens]), torch.arange(len(tokens))[None], cache)
     for c in cache if isinstance(cache, list) else [cache]:
         c.free()
+    return logits[0, HEAD - 1 : -1].float(), hidden[0, HEAD - 1 : -1], tokens[HEAD:]
+
+
+def tail_nll(passes, strategy: CAAD | None) -> float:
+    """Summed NLL of every held-back token given what precedes it."""
     total = 0.0
-    for i in range(HEAD - 1, len(tokens) - 1):
-        row = logits[0, i].float()
-        if strategy is not None:
-            row = strategy.blended(row, hidden[0, i])
-        total -= torch.log_softmax(row, dim=-1)[tokens[i + 1]].item()
+    for logits, hidden, targets in passes:
+        for row, h, target in zip(logits, hidden, targets, strict=True):
+            if strategy is not None:
+                row = strategy.blended(row, h)
+            total -= torch.log_softmax(row, dim=-1)[target].item()
     return total
 
 
@@ -85,12 +90,13 @@ def main() -> None:
     print("| decoding | store values | blend | mean NLL / token | vs plain |")
     print("|---|---|---:|---:|---:|")
     n_tokens = len(passages) * TAIL
-    plain = sum(tail_nll(runtime, p, None) for p in passages) / n_tokens
+    passes = [tail_pass(runtime, p) for p in passages]
+    plain = tail_nll(passes, None) / n_tokens
     print(f"| plain | - | - | {plain:.3f} | 1.000 |")
     for values, store in stores.items():
         for blend in BLENDS:
             s = CAAD(store, top_n=TOP_N, blend=blend, temperature=TEMPERATURE)
-            nll = sum(tail_nll(runtime, p, s) for p in passages) / n_tokens
+            nll = tail_nll(passes, s) / n_tokens
             print(f"| caad | {values} | {blend} | {nll:.3f} | {nll / plain:.3f} |")
 
     # Per-token cost: interleaved, CPU time of this thread.
