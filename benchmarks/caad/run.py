@@ -30,7 +30,7 @@ from argen.recipes.local_text import local_corpus
 from argen.strategies.caad import CAAD
 from benchmarks.harness.provenance import describe, provenance, script_args
 
-PASSAGES = 40
+PASSAGES = 24
 HEAD, TAIL = 64, 32
 BLENDS = (0.1, 0.25, 0.5)
 TOP_N, TEMPERATURE = 8, 0.1
