@@ -13,6 +13,7 @@ from argen.errors import ArgenError, InvalidRequestError
 from argen.images import ImageGenerator, is_image_model, load_image_model
 from argen.models import LoadedModel, load_model, shared_model
 from argen.prompt_edit import PromptEdit
+from argen.recipes.caad_store import load_store
 from argen.recipes.draft_head import load_draft_head
 from argen.recipes.token_ngrams import local_ngrams
 from argen.sampling import SamplingParams
@@ -328,6 +329,8 @@ def companion_models(strategy: Strategy, base: LoadedModel) -> dict[str, object]
         value = vars(strategy).get(option)
         if kind == "head":  # a draft head distilled from the base model: cached, a file, or loaded already
             value = load_draft_head(runtime, value, base.name)
+        elif kind == "store":  # a CAAD grounding store built from the base model: a file, or loaded already
+            value = None if value is None else load_store(runtime, value)
         elif isinstance(value, Generator):
             value = value.model
         elif isinstance(value, str):

@@ -188,6 +188,14 @@ def add_request_policy_options(p: argparse.ArgumentParser, asker: str) -> None:
         "head file; loaded at start; repeatable",
     )
     p.add_argument(
+        "--caad-store",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help=f"a CAAD grounding store {asker} may name (strategy caad, option store=NAME; the first one when "
+        "none is named): a file `argen caad-store` built for --model; loaded at start; repeatable",
+    )
+    p.add_argument(
         "--limit",
         action="append",
         default=[],

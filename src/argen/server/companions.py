@@ -1,15 +1,17 @@
 """Companion models over HTTP: the operator's choice, not the client's.
 
-`draft-model` and `guided` take a second model (option `draft`, `guide_model`), and `draft-head` a
-draft head distilled from the served model (option `head`). The Python API and the CLI take a model
-source or a head file there (a path, `default`, `tiny-random@1`, `cached`), loading it on first use.
+`draft-model` and `guided` take a second model (option `draft`, `guide_model`), `draft-head` a
+draft head distilled from the served model (option `head`), and `caad` a grounding store built from
+the served model (option `store`). The Python API and the CLI take a model source or a head or
+store file there (a path, `default`, `tiny-random@1`, `cached`), loading it on first use.
 A server must not: a source would let any client make it read any model file on its disk, run a
 download, fill memory, and probe the filesystem through the error messages. So `argen serve`
-loads the draft and guide models and draft heads it is given at start (`--draft-model NAME=SOURCE`,
-`--guide-model NAME=SOURCE`, `--draft-head NAME=SOURCE`), and a request names one of them; the
-served model itself is available under its id as a draft or guide model. Any other value is a 400
-that names the choices and echoes nothing. A request for `draft-head` that names no head gets the
-first one loaded, and a 400 that says so when the server has none.
+loads the draft and guide models, draft heads and stores it is given at start (`--draft-model
+NAME=SOURCE`, `--guide-model NAME=SOURCE`, `--draft-head NAME=SOURCE`, `--caad-store NAME=PATH`),
+and a request names one of them; the served model itself is available under its id as a draft or
+guide model. Any other value is a 400 that names the choices and echoes nothing. A request for
+`draft-head` (`caad`) that names no head (store) gets the first one loaded, and a 400 that says so
+when the server has none.
 """
 
 from __future__ import annotations
@@ -20,17 +22,20 @@ from dataclasses import dataclass, field
 from argen.api import Generator
 from argen.errors import ArgenError
 from argen.models import LoadedModel, shared_model
+from argen.recipes.caad_store import load_store
 from argen.recipes.draft_head import load_draft_head
 from argen.server.errors import bad_request
 
-FLAGS = {"draft": "--draft-model", "guide": "--guide-model", "head": "--draft-head"}
+FLAGS = {"draft": "--draft-model", "guide": "--guide-model", "head": "--draft-head", "store": "--caad-store"}
 
 
 @dataclass
 class Companions:
     served_id: str
     served: LoadedModel
-    models: dict[str, dict[str, object]] = field(default_factory=lambda: {"draft": {}, "guide": {}, "head": {}})
+    models: dict[str, dict[str, object]] = field(
+        default_factory=lambda: {"draft": {}, "guide": {}, "head": {}, "store": {}}
+    )
 
     @classmethod
     def load(
@@ -40,21 +45,25 @@ class Companions:
         drafts: Sequence[str] = (),
         guides: Sequence[str] = (),
         heads: Sequence[str] = (),
+        stores: Sequence[str] = (),
     ) -> Companions:
         """Load every `NAME=SOURCE` (once per canonical source, on the base model's device and dtype; a
         head's SOURCE is `cached`, the head `argen distill-draft` cached for the served model, or a file)."""
         found = cls(served_id, gen.model)
         runtime = gen.runtime
-        for kind, pairs in (("draft", drafts), ("guide", guides), ("head", heads)):
+        for kind, pairs in (("draft", drafts), ("guide", guides), ("head", heads), ("store", stores)):
             for pair in pairs:
                 name, sep, source = (part.strip() for part in pair.partition("="))
                 if not sep or not name or not source:
-                    example = "default=cached" if kind == "head" else "small=path/to/model"
+                    example = {"head": "default=cached", "store": "docs=path/to/store"}.get(kind, "small=path/to/model")
                     raise ArgenError(f"{FLAGS[kind]} takes NAME=SOURCE (e.g. {example}); got {pair!r}")
                 if name == served_id or name in found.models[kind]:
                     raise ArgenError(f"{FLAGS[kind]} {pair!r}: the name {name!r} is taken; give each model its own")
                 if kind == "head":
                     found.models[kind][name] = load_draft_head(runtime, source, served_id)
+                    continue
+                if kind == "store":
+                    found.models[kind][name] = load_store(runtime, source)
                     continue
                 model = shared_model(source, device=str(runtime.device), dtype=runtime.dtype)
                 if model.runtime.info.vocab_size != runtime.info.vocab_size:
@@ -68,7 +77,7 @@ class Companions:
     def names(self, kind: str) -> list[str]:
         """What a request may name: the loaded companions of that kind, and the served model itself
         as a draft or guide model (a model is no draft head of itself)."""
-        return list(self.models[kind]) + ([] if kind == "head" else [self.served_id])
+        return list(self.models[kind]) + ([] if kind in ("head", "store") else [self.served_id])
 
     def resolve(self, strategy_cls, options: dict) -> dict:
         """`options` with every companion name replaced by its loaded model; a 400 for anything else
@@ -86,6 +95,15 @@ class Companions:
                         "strategy",
                     )
                 options[option] = next(iter(self.models[kind]))  # the first head
+            if option not in options and kind == "store":
+                if not self.models[kind]:
+                    raise bad_request(
+                        f"strategy {strategy_cls.name!r} needs a grounding store, and this server has none "
+                        "loaded; its operator adds one at start with --caad-store NAME=PATH (after "
+                        "`argen caad-store`)",
+                        "strategy",
+                    )
+                options[option] = next(iter(self.models[kind]))  # the first store
             value = options.get(option)
             choices = ", ".join(repr(n) for n in self.names(kind))
             if not isinstance(value, str) or value not in self.names(kind):
@@ -96,5 +114,7 @@ class Companions:
                     f"the operator adds models with {FLAGS[kind]} NAME=SOURCE",
                     "strategy",
                 )
-            options[option] = self.served if value == self.served_id and kind != "head" else self.models[kind][value]
+            options[option] = (
+                self.served if value == self.served_id and kind in ("draft", "guide") else self.models[kind][value]
+            )
         return options

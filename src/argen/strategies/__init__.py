@@ -7,6 +7,7 @@ import inspect
 from argen.checks import finite_number
 from argen.errors import InvalidRequestError
 from argen.strategies.base import DecodeState, Strategy
+from argen.strategies.caad import CAAD
 from argen.strategies.guided import Guided
 from argen.strategies.plain import Plain
 from argen.strategies.search import Beam, ConditionalBeam, Contrastive
@@ -37,6 +38,7 @@ for _cls in (
     SkipDecode,
     FFNSkip,
     Superposed,
+    CAAD,
 ):
     register(_cls)
 
