@@ -1,7 +1,9 @@
 """CAAD (strategy caad): NLL of held-back reference continuations under plain decoding and under
 caad at a few blend weights, and caad's per-token decode cost against plain (default model).
 
-    taskset -c 1 python benchmarks/caad/run.py --threads 1 > benchmarks/caad/report.md
+    python benchmarks/caad/run.py --threads 1 > benchmarks/caad/report.md
+
+(run pinned to one core with `taskset -c 1` on a shared machine)
 
 References: the first PASSAGES prose passages of this machine's text (recipes/local_text.py), each
 cut to HEAD + TAIL tokens. The store (`build_store`, as `argen caad-store` builds it) holds every
@@ -75,7 +77,7 @@ def main() -> None:
 
     p = provenance(state)
     print("# CAAD: NLL of held-back reference continuations, and per-token cost\n")
-    print(f"Command: `taskset -c 1 python benchmarks/caad/run.py --threads {args.threads}`\n")
+    print(f"```\npython benchmarks/caad/run.py --threads {args.threads} > benchmarks/caad/report.md\n```\n")
     print(describe(state) + "\n")
     print(
         f"CPU: {p['cpu_model']} ({p['cpu_count']} CPUs); torch {p['torch']}, {args.threads} thread(s); {p['date']}.\n"
