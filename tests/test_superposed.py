@@ -157,13 +157,18 @@ def test_options_are_checked(tiny):
         tiny.generate("x", chat=False, strategy={"name": "superposed", "ngram_weight": 0}, n=2, temperature=0.7)
 
 
-def test_eight_concurrent_requests_equal_each_alone(tiny):
+@pytest.mark.real
+def test_eight_concurrent_requests_equal_each_alone(real):
     """The scheduler packs eight requests' superposed passes (and their waiting samples) together;
-    every request's four outputs are what it gets alone."""
+    every request's four outputs are what it gets alone. On the default model: its fused kernels give
+    a row the same bits whatever shares its pass (tests/test_kernels.py). The tiny model's torch path
+    does not (plain's log-probs differ by ~1e-5 between a batch and alone), and superposed ranks all
+    k x k candidates from one distribution, so their scores tie closely enough for such rounding to
+    flip one at two threads: there this test failed on a near-tie, not on the scheduler."""
     spec = {"name": "superposed", "ngram_weight": 0}
     prompts = [f"request {i}: " + "the cat sat on the mat. " * (1 + i % 3) for i in range(8)]
     alone = [
-        [r.token_ids for r in tiny.generate(p, chat=False, max_new_tokens=12, strategy=spec, n=4)] for p in prompts
+        [r.token_ids for r in real.generate(p, chat=False, max_new_tokens=12, strategy=spec, n=4)] for p in prompts
     ]
-    together = tiny.generate(prompts, chat=False, max_new_tokens=12, strategy=spec, n=4)
+    together = real.generate(prompts, chat=False, max_new_tokens=12, strategy=spec, n=4)
     assert [[r.token_ids for r in group] for group in together] == alone
