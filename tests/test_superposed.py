@@ -164,7 +164,9 @@ def test_eight_concurrent_requests_equal_each_alone(real):
     a row the same bits whatever shares its pass (tests/test_kernels.py). The tiny model's torch path
     does not (plain's log-probs differ by ~1e-5 between a batch and alone), and superposed ranks all
     k x k candidates from one distribution, so their scores tie closely enough for such rounding to
-    flip one at two threads: there this test failed on a near-tie, not on the scheduler."""
+    flip one at two threads: there this test failed on a near-tie, not on the scheduler. Bug it
+    guards against (seen failing here): one samples record shared by every request, so a request's
+    waiting samples read another request's drafts."""
     spec = {"name": "superposed", "ngram_weight": 0}
     prompts = [f"request {i}: " + "the cat sat on the mat. " * (1 + i % 3) for i in range(8)]
     alone = [
