@@ -29,6 +29,16 @@ from argen.server.errors import bad_request
 FLAGS = {"draft": "--draft-model", "guide": "--guide-model", "head": "--draft-head", "store": "--caad-store"}
 
 
+# Companions only the operator loads (a client never names a source): what a request that needs one
+# is told when none is loaded.
+OPERATOR_LOADS = {
+    "head": "needs a draft head distilled from the served model, and this server has none loaded; its "
+    "operator adds one at start with --draft-head NAME=cached (after `argen distill-draft`)",
+    "store": "needs a grounding store, and this server has none loaded; its operator adds one at start "
+    "with --caad-store NAME=PATH (after `argen caad-store`)",
+}
+
+
 @dataclass
 class Companions:
     served_id: str
@@ -86,24 +96,10 @@ class Companions:
         for option, kind in strategy_cls.companion_options.items():
             if option not in options and kind == "guide":
                 options[option] = next(iter(self.models[kind]), self.served_id)  # the first guide, else itself
-            if option not in options and kind == "head":
+            if option not in options and kind in OPERATOR_LOADS:
                 if not self.models[kind]:
-                    raise bad_request(
-                        f"strategy {strategy_cls.name!r} needs a draft head distilled from the served "
-                        "model, and this server has none loaded; its operator adds one at start with "
-                        "--draft-head NAME=cached (after `argen distill-draft`)",
-                        "strategy",
-                    )
-                options[option] = next(iter(self.models[kind]))  # the first head
-            if option not in options and kind == "store":
-                if not self.models[kind]:
-                    raise bad_request(
-                        f"strategy {strategy_cls.name!r} needs a grounding store, and this server has none "
-                        "loaded; its operator adds one at start with --caad-store NAME=PATH (after "
-                        "`argen caad-store`)",
-                        "strategy",
-                    )
-                options[option] = next(iter(self.models[kind]))  # the first store
+                    raise bad_request(f"strategy {strategy_cls.name!r} {OPERATOR_LOADS[kind]}", "strategy")
+                options[option] = next(iter(self.models[kind]))  # the first one loaded
             value = options.get(option)
             choices = ", ".join(repr(n) for n in self.names(kind))
             if not isinstance(value, str) or value not in self.names(kind):
