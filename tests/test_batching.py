@@ -48,6 +48,19 @@ def test_blocks_are_taken_as_needed_and_given_back_on_truncate():
     assert pool.held == 0 and len(pool.free) == pool.max_blocks
 
 
+def test_a_pool_made_under_inference_mode_can_be_edited_outside_it():
+    """The first pass to need a runtime's pool may run under inference mode (building a CAAD store);
+    strategies then edit the cache in place outside it (move_slots after a verified draft tree).
+    Seen failing when BlockPool allocated its tensors in whatever mode its caller ran: the draft-head
+    tests failed with "Inplace update to inference tensor" after the CAAD tests on the shared model."""
+    with torch.inference_mode():
+        pool = _pool()
+    cache = SeqKV(pool, max_len=20)
+    _write(cache, 3, 1.0)
+    cache.move_slots([2], 1)
+    assert _keys(cache).tolist() == [1.0, 1.0, 1.0]
+
+
 def test_fork_shares_blocks_until_a_write_copies_them():
     pool = _pool()
     a = SeqKV(pool, max_len=20)

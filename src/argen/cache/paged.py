@@ -55,8 +55,11 @@ class BlockPool:
         device: torch.device | str = "cpu",
     ) -> None:
         shape = (n_layers, n_kv_heads, max_blocks, block_size, head_dim)
-        self.k = torch.empty(shape, dtype=dtype, device=device)
-        self.v = torch.empty(shape, dtype=dtype, device=device)
+        # Never inference tensors, even when the first pass to need the pool runs under inference
+        # mode (a store build): strategies edit the cache in place outside it (move_slots).
+        with torch.inference_mode(False):
+            self.k = torch.empty(shape, dtype=dtype, device=device)
+            self.v = torch.empty(shape, dtype=dtype, device=device)
         self.block_size, self.max_blocks = block_size, max_blocks
         self.refs = [0] * max_blocks
         self.free = list(range(max_blocks - 1, -1, -1))  # a stack: low block ids first
