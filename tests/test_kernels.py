@@ -468,3 +468,12 @@ def test_exact_mode_holds_the_ggufs_own_weights(real):
     forward(rt, ids[:-6], list(range(len(ids) - 6)), cache)  # prefill on torch's path
     got, _ = forward(rt, ids[-6:], list(range(len(ids) - 6, len(ids))), cache)  # a 6-token fused pass
     assert (got[0] - want[-6:]).abs().max() < 1e-4
+
+
+def test_the_cpu_is_named_with_its_family_and_model():
+    """Reports name the CPU; a VM's /proc/cpuinfo may say only "AMD EPYC", so the family and model
+    numbers go with it (seen failing when only the model name line was read)."""
+    info = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 1\nmodel name\t: AMD EPYC\n\n"
+    info += "processor\t: 1\ncpu family\t: 99\nmodel\t\t: 9\nmodel name\t: other\n"
+    assert kernels.cpu_name_in(info, "x86_64") == "AMD EPYC (family 25, model 1)"
+    assert kernels.cpu_name_in("", "x86_64") == "x86_64"

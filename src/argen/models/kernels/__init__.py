@@ -70,13 +70,29 @@ def cpu_flags() -> frozenset[str]:
 
 @functools.lru_cache(maxsize=1)
 def cpu_name() -> str:
+    """The CPU's model name with its family and model numbers (see `cpu_name_in`)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        text = ""
+    return cpu_name_in(text, platform.processor() or platform.machine())
+
+
+def cpu_name_in(cpuinfo: str, fallback: str) -> str:
+    """The first processor's model name in /proc/cpuinfo text, with its family and model numbers: a
+    VM may show only "AMD EPYC", and the numbers still tell the generation (family 25 is Zen 3/4)."""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if not sep:
+            if fields:
+                break  # the first processor's block ends at its first empty line
+            continue
+        fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name") or fallback
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']}, model {fields['model']})"
+    return name
 
 
 # The CPU features (as /proc/cpuinfo names them) each instruction set's kernels need, best first
