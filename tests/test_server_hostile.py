@@ -238,6 +238,21 @@ def test_the_kv_overflow_reproductions_run_when_the_limits_allow_them():
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 200, r.text
 
 
+def test_a_lowered_limit_fits_the_defaults_a_client_did_not_send(tiny):
+    """An operator lowers `--limit max_draft=4`: a request naming only prompt-lookup (default
+    max_draft 8) runs with max_draft 4, and equals the Python API's greedy output; sending 8 is still
+    refused. Seen failing when the cap was checked against the defaults too (a 400 for a value the
+    client never sent)."""
+    gen = argen.load(MODEL)
+    with running_server(gen, limits=Limits.parse(["max_draft=4"])) as (url, _):
+        r = post(url, {"prompt": "abc abc abc", "max_tokens": 8, "temperature": 0, "strategy": "prompt-lookup"})
+        assert r.status_code == 200, r.text
+        want = tiny.generate("abc abc abc", chat=False, max_new_tokens=8).text
+        assert r.json()["choices"][0]["text"] == want
+        r = post(url, {"prompt": "abc", "max_tokens": 8, "strategy": {"name": "prompt-lookup", "max_draft": 8}})
+        assert_error(r, 400, "max_draft", "at most 4")
+
+
 def test_non_adaptive_jacobi_at_the_end_of_the_context_on_a_fresh_server():
     """The 1,990-token prompt with max_tokens 58 failed on a fresh server (and passed after an
     adaptive jacobi request had run): now it fits either way and matches plain decoding."""

@@ -91,6 +91,19 @@ class Limits:
         """The most samples (`n`) one request may ask for."""
         return self.options["n"]
 
+    def fit_defaults(self, cls: type[Strategy], options: dict) -> dict:
+        """`options` with each capped option the client left out, whose default is over this server's cap
+        (an operator who lowered `--limit max_draft=4`), set to the cap: a request that names only the
+        strategy runs within the limits rather than being refused for a value it never sent."""
+        fitted = dict(options)
+        for name, default in strategy_options(cls).items():
+            cap = self.options.get(name) if name in OPTION_LIMITS else None
+            if cap is None or name in fitted or isinstance(default, bool) or not isinstance(default, int):
+                continue
+            if default > cap:
+                fitted[name] = cap
+        return fitted
+
     def check(self, strategy: Strategy) -> str | None:
         """What is over a cap in `strategy`'s options (a message saying what to ask for), or None."""
         given = strategy_options(type(strategy))  # constructor options, not derived attributes

@@ -273,6 +273,11 @@ def _strategy(gen: Generator, body, policy: Policy):
                 "name": spec["name"],
                 **policy.companions.resolve(cls, {k: v for k, v in spec.items() if k != "name"}),
             }
+        if cls is not None:
+            spec = {
+                "name": spec["name"],
+                **policy.limits.fit_defaults(cls, {k: v for k, v in spec.items() if k != "name"}),
+            }
         strategy = make_strategy(spec)
         if (over := policy.limits.check(strategy)) is not None:
             raise bad_request(over, "strategy", code="limit_exceeded")
