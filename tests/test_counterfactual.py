@@ -108,6 +108,19 @@ def test_bad_interventions(tiny, original, intervene):
         tiny.counterfactual(original, intervene)
 
 
+@pytest.mark.parametrize(
+    "strategy", ["beam", "conditional-beam", "contrastive", {"name": "superposed", "ngram_weight": 0}]
+)
+def test_a_search_that_picks_its_own_tokens_refuses_an_intervention(tiny, strategy):
+    """Beams, contrastive and superposed decoding choose tokens by their own scores, not through the
+    sampler that holds a forced token: an intervention is refused, never dropped. Seen failing before
+    the Engine checked (beam returned token 2 as 53, not the forced 77, and said nothing)."""
+    with pytest.raises(InvalidRequestError, match="forced token"):
+        tiny.generate("Hello there", chat=False, max_new_tokens=6, strategy=strategy, intervene={2: 77}, temperature=0)
+    plain = tiny.generate("Hello there", chat=False, max_new_tokens=6, intervene={2: 77}, temperature=0)
+    assert plain.token_ids[2] == 77
+
+
 def test_result_without_record(tiny, original):
     bare = argen.Result(original.text, original.token_ids, original.prompt_ids, "length", original.stats, 11, "plain")
     with pytest.raises(InvalidRequestError, match="replay record"):

@@ -60,6 +60,11 @@ class Engine:
             )
         if request.edit_of is not None:
             self._check_edit(request)
+        if (request.forced or request.output_prefix) and not request.strategy.takes_forced_tokens:
+            raise InvalidRequestError(
+                f"strategy {request.strategy.name!r} picks its tokens by its own search, so it cannot keep a forced "
+                "token (an intervention or a counterfactual replay); use a strategy that samples, such as plain"
+            )
         request.strategy.check(self.runtime, n, request.params)
         request.strategy.check_samples(request.n)
         if request.press is not None and not self.runtime.capabilities.paged_kv:

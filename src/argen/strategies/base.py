@@ -203,6 +203,10 @@ class Strategy:
     # Whether `prepare` takes the n-gram tables of this machine's text (companions["ngrams"],
     # recipes/token_ngrams.py), which the API and the server resolve as they do companion models.
     needs_token_ngrams: ClassVar[bool] = False
+    # Whether the strategy draws its tokens through the request's sampler, which holds a forced token
+    # (a counterfactual intervention or a replayed prefix): searches that pick their own tokens do not,
+    # and the Engine refuses such a request rather than drop what was forced.
+    takes_forced_tokens: ClassVar[bool] = True
 
     def prepare(self, base, companions: dict | None = None) -> None:
         """Called by the API and the server with the base LoadedModel before a request is built, and the

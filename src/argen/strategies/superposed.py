@@ -86,6 +86,7 @@ class Superposed(Strategy):
     exact = False
     whole_output_in_one_step = True
     samples_together = True
+    takes_forced_tokens = False  # the k drafts are kept by their scores, not drawn by the sampler
     needs_token_ngrams = True
 
     def __init__(self, k: int = 0, ngram_weight: float = 0.1, ngram_order: int = 3) -> None:

@@ -67,6 +67,7 @@ class Beam(Strategy):
     name = "beam"
     exact = False
     whole_output_in_one_step = True
+    takes_forced_tokens = False  # the beams are scored and kept by the search, not drawn by the sampler
 
     def __init__(self, num_beams: int = 4, length_penalty: float = 1.0, early_stopping: bool | str = True) -> None:
         _check_common(num_beams, length_penalty, early_stopping)

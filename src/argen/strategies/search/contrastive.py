@@ -45,6 +45,7 @@ class Contrastive(Strategy):
     name = "contrastive"
     exact = False
     needs_prompt_hidden = True
+    takes_forced_tokens = False  # it picks its own candidate, not the sampler's token
 
     def __init__(self, top_k: int = 4, alpha: float = 0.6) -> None:
         if not isinstance(top_k, int) or top_k < 1:
