@@ -39,6 +39,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -60,11 +61,11 @@ class Recipe:
 
     seed: int = field(default=0, metadata={"help": "seeds the choice of texts and the batch order"})
     layers: int = field(default=8, metadata={"help": "decoder layers kept: the large model's first K"})
-    steps: int = field(default=200, metadata={"help": "training steps (0: the plain cut)"})
-    lr: float = field(default=3e-4, metadata={"help": "peak learning rate (AdamW, warmup then cosine)"})
-    sequences: int = field(default=320, metadata={"help": "text windows the large model reads (the training data)"})
+    steps: int = field(default=120, metadata={"help": "training steps (0: the plain cut)"})
+    lr: float = field(default=5e-4, metadata={"help": "peak learning rate (AdamW, warmup then cosine)"})
+    sequences: int = field(default=240, metadata={"help": "text windows the large model reads (the training data)"})
     seq_len: int = field(default=128, metadata={"help": "tokens per window"})
-    batch: int = field(default=8, metadata={"help": "windows per training step"})
+    batch: int = field(default=4, metadata={"help": "windows per training step"})
     top_k: int = field(default=64, metadata={"help": "teacher probabilities kept per token (the loss's support)"})
     train_layers: int = field(default=0, metadata={"help": "the last N kept layers learn (0: all of them)"})
 
@@ -398,13 +399,14 @@ def distill(
     path: Path | None = None,
     corpus=None,
 ) -> Path:
-    """Cut `model` to `recipe.layers` layers, distil it to `model` on local text (or `corpus`, a local_text.Corpus), and
-    save it (to the cache, unless `path`); returns the directory."""
+    """Cut `model` to `recipe.layers` layers, distil it to `model` on local text (or `corpus`, a
+    local_text.Corpus), and save it (to the cache, unless `path`); returns the directory."""
     recipe.check()
     runtime = model.runtime
     started, cpu_started = time.perf_counter(), time.process_time()
     torch.manual_seed(recipe.seed)  # nothing here draws from it, but a library might
-    student = cut_model(model.hf_model_loader(), recipe.layers)  # not .hf_model: no copy kept
+    loader: Any = model.hf_model_loader  # not .hf_model: the LoadedModel keeps no fp32 copy after this
+    student = cut_model(loader(), recipe.layers)
     data = None
     losses: list[float] = []
     kl_before = kl_after = None
@@ -442,29 +444,3 @@ def distill(
     runtime.memo.get(LoadedSmallModels).by_path.pop(str(out.resolve()), None)  # a remade one replaces the loaded
     return out
 
-
-def heldout_nll(model: LoadedModel, texts: list[str], seq_len: int, n: int) -> tuple[float, int]:
-    """Mean next-token NLL (nats) of `model` over `n` windows of the held-out `texts` (every position
-    after the first in each window), and the number of tokens scored."""
-    held = [t for t in texts if is_held_out(t)]
-    separator = model.tokenizer.eos_token_id if model.tokenizer.eos_token_id is not None else 0
-    ids = windows(model.tokenizer, held, n, seq_len, 0, separator)
-    total, count = 0.0, 0
-    for row in ids.split(8):
-        logprobs = model_logits(model.runtime, row).log_softmax(-1)
-        picked = logprobs[:, :-1].gather(-1, row[:, 1:, None]).squeeze(-1)
-        total -= picked.sum().item()
-        count += picked.numel()
-    return total / count, count
-
-
-__all__ = [
-    "RECIPE_FIELDS",
-    "LoadedSmallModels",
-    "Recipe",
-    "cached_small_models",
-    "cut_model",
-    "distill",
-    "load_small_model",
-    "small_model_path",
-]
