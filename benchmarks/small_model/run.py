@@ -116,7 +116,7 @@ def main() -> None:
     print(
         f"The large model ({large_layers} layers) runs on `{gen.quant}` weights (its GGUF's Q4_1 blocks); the "
         f"cut and the small model ({recipe['layers']} layers) on `{small.quant}` (their fp32 weights quantized "
-        "to Q4_1 at load), the same fused kernels.\n"
+        "at load; `matching_quant` says why not Q4_1), the same fused kernels.\n"
     )
     print("## Recipe\n")
     print("| setting | value |\n| --- | --: |")
