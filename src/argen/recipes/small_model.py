@@ -116,8 +116,9 @@ def matching_quant(runtime) -> str:
     small model's fp32 weights quantized at load to Q8_0, so both run argen's fused quantized forward
     ("-a8" follows too). Not Q4_1: distillation moves the kept layers' weights by less than half a
     Q4_1 step, so re-quantizing them to Q4_1 snaps most of them back onto the large model's grid and
-    undoes the training (measured on the default model, 4 windows of docs/strategies.md: NLL 7.95 in fp32 and Q8_0, 18.7
-    in Q4_1, the plain cut's 22.1). A large model on dense weights gets dense weights ("none")."""
+    undoes the training (measured on the default model, 4 windows of docs/strategies.md: NLL 7.95
+    in fp32 and in Q8_0, 18.7 in Q4_1, the plain cut's 22.1). A large model on dense weights gets
+    dense weights ("none")."""
     layers = getattr(runtime, "layers", None)
     qkv = getattr(layers[0], "qkv", None) if layers else None
     if isinstance(qkv, QuantMatmul):
