@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from argen.cli.options import add_model_options, model_spec
+from argen.cli.options import add_model_options, add_recipe_options, model_spec, recipe_of
 from argen.errors import ArgenError
 from argen.recipes.draft_head import RECIPE_FIELDS, Recipe, distill, head_path
 
@@ -25,14 +25,7 @@ def add_distill(sub) -> None:
         "the recipe); strategy draft-head then finds it.",
     )
     add_model_options(p)
-    recipe = p.add_argument_group("the recipe (each setting is part of the cache key)")
-    for f in RECIPE_FIELDS:
-        recipe.add_argument(
-            "--" + f.name.replace("_", "-"),
-            type=type(f.default),
-            default=f.default,
-            help=f.metadata["help"] + " (default: %(default)s)",
-        )
+    add_recipe_options(p, RECIPE_FIELDS)
     p.add_argument("--batch", type=int, default=32, help="prompts the model answers together (default: %(default)s)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--out", metavar="FILE", help="write the head here instead of the cache")
@@ -42,8 +35,7 @@ def add_distill(sub) -> None:
 
 
 def distill_command(args: argparse.Namespace) -> int:
-    recipe = Recipe(**{f.name: getattr(args, f.name) for f in RECIPE_FIELDS})
-    recipe.check()
+    recipe = recipe_of(args, Recipe, RECIPE_FIELDS)
     if args.batch < 1 or args.threads < 0:
         raise ArgenError("--batch must be >= 1 and --threads >= 0")
     if args.runtime == "hf":

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from argen.cli.options import add_model_options, model_spec
+from argen.cli.options import add_model_options, add_recipe_options, model_spec, recipe_of
 from argen.errors import ArgenError
 from argen.recipes.small_model import META_FILE, RECIPE_FIELDS, Recipe, distill, small_model_path
 
@@ -25,14 +25,7 @@ def add_distill_small(sub) -> None:
         "model's fingerprint and the recipe); strategies bild and fs-gen then find it.",
     )
     add_model_options(p)
-    recipe = p.add_argument_group("the recipe (each setting is part of the cache key)")
-    for f in RECIPE_FIELDS:
-        recipe.add_argument(
-            "--" + f.name.replace("_", "-"),
-            type=type(f.default),
-            default=f.default,
-            help=f.metadata["help"] + " (default: %(default)s)",
-        )
+    add_recipe_options(p, RECIPE_FIELDS)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--out", metavar="DIR", help="write the small model here instead of the cache")
     p.add_argument("--force", action="store_true", help="make it again even if this model and recipe are cached")
@@ -41,8 +34,7 @@ def add_distill_small(sub) -> None:
 
 
 def distill_small_command(args: argparse.Namespace) -> int:
-    recipe = Recipe(**{f.name: getattr(args, f.name) for f in RECIPE_FIELDS})
-    recipe.check()
+    recipe = recipe_of(args, Recipe, RECIPE_FIELDS)
     if args.threads < 0:
         raise ArgenError("--threads must be >= 0")
     if args.threads:

@@ -34,6 +34,26 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_recipe_options(p: argparse.ArgumentParser, fields) -> None:
+    """A training recipe's settings (dataclass fields with a `help` in their metadata) as options, in a
+    group that says each is part of the cache key (`argen distill-draft`, `argen distill-small`)."""
+    recipe = p.add_argument_group("the recipe (each setting is part of the cache key)")
+    for f in fields:
+        recipe.add_argument(
+            "--" + f.name.replace("_", "-"),
+            type=type(f.default),
+            default=f.default,
+            help=f.metadata["help"] + " (default: %(default)s)",
+        )
+
+
+def recipe_of(args: argparse.Namespace, recipe_cls, fields):
+    """The recipe the options of `add_recipe_options` gave, checked."""
+    recipe = recipe_cls(**{f.name: getattr(args, f.name) for f in fields})
+    recipe.check()
+    return recipe
+
+
 def model_spec(args: argparse.Namespace) -> ModelSpec:
     return ModelSpec(args.model, runtime=args.runtime, device=args.device, dtype=args.dtype, quant=args.quant)
 

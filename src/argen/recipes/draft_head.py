@@ -38,6 +38,7 @@ from argen.models.draft_head import DraftHeadRuntime, HeadConfig, HeadWeights, h
 from argen.models.kernels import describe_cpu
 from argen.models.llama import LlamaRuntime
 from argen.models.sources import cache_dir
+from argen.recipes.cached import Artifact, find_cached
 from argen.recipes.local_text import build_prompts, local_corpus
 from argen.strategies.base import DecodeState, Step, run
 from argen.strategies.plain import Plain
@@ -114,34 +115,25 @@ def cached_heads(runtime) -> list[Path]:
     return sorted((cache_dir() / "draft-heads").glob(f"{fingerprint(runtime)}-*.safetensors"))
 
 
+HEAD = Artifact(
+    "draft head",
+    "heads",
+    "draft head file",
+    "pass head=PATH",
+    "argen distill-draft",
+    "over half an hour on 2 cores",
+    present=Path.is_file,
+    exists=Path.is_file,
+)
+
+
 def load_draft_head(runtime, source=None, model_name: str = "the model") -> DraftHeadRuntime:
     """The draft head for `runtime`: `source` None or "cached" is the head `argen distill-draft` cached
     for this model with the default recipe (or the only one cached for it); a path is a head file.
     Loaded once per runtime (its memo). A head distilled from other weights is refused."""
     if isinstance(source, DraftHeadRuntime):
         return source
-    if source is None or source == "cached":
-        path = head_path(runtime, Recipe())
-        if not path.is_file():
-            others = cached_heads(runtime)
-            if len(others) != 1:
-                listed = (
-                    f" ({len(others)} heads with other recipes are cached: {', '.join(p.name for p in others)}; "
-                    "pass head=PATH)"
-                    if others
-                    else ""
-                )
-                raise ArgenError(
-                    f"no draft head is cached for {model_name}{listed}; run `argen distill-draft --model "
-                    f"{model_name}` once (over half an hour on 2 cores; it caches one beside the model)"
-                )
-            path = others[0]
-    elif isinstance(source, str | Path):
-        path = Path(source).expanduser()
-        if not path.is_file():
-            raise ArgenError(f"draft head file {str(path)!r} does not exist; make one with `argen distill-draft`")
-    else:
-        raise ArgenError(f"a draft head is a path to a head file or 'cached'; got {type(source).__name__}")
+    path = find_cached(source, head_path(runtime, Recipe()), lambda: cached_heads(runtime), HEAD, model_name)
     key = str(path.resolve())
     loaded = runtime.memo.get(LoadedHeads).by_path
     if key not in loaded:

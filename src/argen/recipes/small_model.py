@@ -48,6 +48,7 @@ from argen.models.kernels import describe_cpu
 from argen.models.loading import LoadedModel, load_model
 from argen.models.quant import QuantMatmul
 from argen.models.sources import cache_dir
+from argen.recipes.cached import Artifact, find_cached
 from argen.strategies.speculative.skip_calibration import fingerprint
 
 META_FILE = "argen-small-model.json"
@@ -134,6 +135,18 @@ class LoadedSmallModels:
     by_path: dict[str, LoadedModel] = field(default_factory=dict)
 
 
+SMALL = Artifact(
+    "small model",
+    "small models",
+    "small model directory",
+    "pass the directory",
+    "argen distill-small",
+    DOCUMENTED_TIME,
+    present=lambda path: (path / META_FILE).is_file(),
+    exists=Path.is_dir,
+)
+
+
 def load_small_model(runtime, source=None, model_name: str = "the model") -> LoadedModel:
     """The small model for `runtime`: `source` None or "cached" is the one `argen distill-small`
     cached for this model with the default recipe (or the only one cached for it); a path is a small
@@ -141,28 +154,9 @@ def load_small_model(runtime, source=None, model_name: str = "the model") -> Loa
     on (`matching_quant`). A small model made from other weights is refused."""
     if isinstance(source, LoadedModel):
         return source
-    if source is None or source == "cached":
-        path = small_model_path(runtime, Recipe())
-        if not (path / META_FILE).is_file():
-            others = cached_small_models(runtime)
-            if len(others) != 1:
-                listed = (
-                    f" ({len(others)} small models with other recipes are cached: "
-                    f"{', '.join(p.name for p in others)}; pass the directory)"
-                    if others
-                    else ""
-                )
-                raise ArgenError(
-                    f"no small model is cached for {model_name}{listed}; run `argen distill-small --model "
-                    f"{model_name}` once ({DOCUMENTED_TIME}; it caches one beside the model)"
-                )
-            path = others[0]
-    elif isinstance(source, str | Path):
-        path = Path(source).expanduser()
-        if not path.is_dir():
-            raise ArgenError(f"small model directory {str(path)!r} does not exist; make one with `argen distill-small`")
-    else:
-        raise ArgenError(f"a small model is a directory or 'cached'; got {type(source).__name__}")
+    path = find_cached(
+        source, small_model_path(runtime, Recipe()), lambda: cached_small_models(runtime), SMALL, model_name
+    )
     key = str(path.resolve())
     loaded = runtime.memo.get(LoadedSmallModels).by_path
     if key not in loaded:
