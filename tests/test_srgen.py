@@ -13,7 +13,7 @@ import torch
 
 from argen.errors import InvalidRequestError
 from argen.strategies import make_strategy
-from argen.strategies.srgen import float_head, reflect
+from argen.strategies.srgen import SRGen, float_head, reflect
 
 PROMPT = "The quick brown fox"
 N = 12
@@ -27,7 +27,7 @@ def srgen(**options) -> dict:
 def test_never_firing_is_plain_greedy(tiny, options):
     """A threshold above log(V) never fires, and steps=0 never optimises: plain greedy, token for
     token. Bugs it caught when put in by hand: the threshold compared the wrong way (fires below it);
-    Adam run for steps + 1 steps (one step at steps=0)."""
+    Adam run for steps + 1 steps with the steps=0 guard gone (one step at steps=0)."""
     assert options["entropy_threshold"] > math.log(tiny.runtime.info.vocab_size) or options["steps"] == 0
     want = tiny.generate(PROMPT, chat=False, max_new_tokens=N, temperature=0)
     got = tiny.generate(PROMPT, chat=False, max_new_tokens=N, temperature=0, strategy=srgen(**options))
@@ -109,9 +109,8 @@ def teacher_forced_entropies(gen, prompt_ids: list[int], output: list[int]) -> l
 
 def test_it_fires_exactly_where_the_plain_entropy_exceeds_the_threshold(tiny):
     """The recorded positions are those of the output whose model entropy (teacher-forced, plain
-    logits) exceeds the threshold, every trigger lowers the loss, and the first trigger changes the
-    token there... or not; the positions are the invariant. Bugs it caught when put in by hand: the
-    position recorded one token late (n_generated + 1); the entropy read off the corrected logits."""
+    logits) exceeds the threshold, and no trigger raises its loss. Bug it caught when put in by hand:
+    the position recorded one token late (n_generated + 1)."""
     plain = tiny.generate(PROMPT, chat=False, max_new_tokens=N, temperature=0)
     entropies = teacher_forced_entropies(tiny, plain.prompt_ids, plain.token_ids)
     threshold = sorted(entropies)[len(entropies) // 2] - 1e-3  # about half of the plain steps fire
@@ -230,9 +229,10 @@ def test_eight_concurrent_requests_equal_each_alone(real):
     """Eight srgen requests decoded in one batch give each its own output and triggers, as alone. On
     the default model, whose fused kernels give a row the same bits whatever shares its pass (the tiny
     model's torch path differs by ~1e-5 between a batch and a lone row, enough to move a trigger's
-    threshold test or a near-tie). Bug it caught when put in by hand: the context window kept on the
-    strategy object (shared by every request) instead of the request's memo."""
-    spec = srgen(entropy_threshold=1.5, steps=2, prefix_window=8)
+    threshold test or a near-tie). The eight share one SRGen object, as a Python caller may pass it. Bug
+    it caught when put in by hand: the context window kept on the strategy object (shared by every
+    request) instead of the request's memo."""
+    spec = SRGen(entropy_threshold=1.5, steps=2, prefix_window=8)  # one object: every request's options
     prompts = [f"Question {i}: what is {3 * i + 4} + {i + 9}? Answer:" for i in range(8)]
     alone = [real.generate(p, chat=False, max_new_tokens=10, temperature=0, strategy=spec) for p in prompts]
     together = real.generate(prompts, chat=False, max_new_tokens=10, temperature=0, strategy=spec)
