@@ -198,9 +198,9 @@ class SRGen(Strategy):
         self,
         entropy_threshold: float = 2.0,
         steps: int = 3,
-        lr: float = 0.05,
+        lr: float = 0.02,
         prefix_window: int = 32,
-        entropy_weight: float = 0.1,
+        entropy_weight: float = 0.05,
         max_triggers: int = 256,
     ) -> None:
         self.entropy_threshold = number_option("entropy_threshold", entropy_threshold, 0, 1e6, " (nats)")
