@@ -41,6 +41,8 @@ OPTION_LIMITS: dict[str, tuple[int, str]] = {
     "skip_layers": (64, "layer-skip: entries of the list"),
     "skip_ffn": (64, "layer-skip: entries of the list"),
     "k": (16, "superposed: drafts kept, each scored against k candidates a step (the pass stays one row)"),
+    "steps": (8, "srgen: Adam steps per trigger (two vocabulary-projection GEMVs and a window softmax each)"),
+    "prefix_window": (64, "srgen: context rows of a trigger's loss (vocabulary-projection rows per trigger)"),
     "positive_prefix": (2000, "guided: characters of the control prefix the guide reads"),
     "negative_prefix": (2000, "guided: characters of the control prefix the guide reads"),
 }

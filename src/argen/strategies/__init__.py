@@ -13,6 +13,7 @@ from argen.strategies.plain import Plain
 from argen.strategies.search import Beam, ConditionalBeam, Contrastive
 from argen.strategies.skipping import FFNSkip, SkipDecode
 from argen.strategies.speculative import DraftHead, DraftModel, Jacobi, LayerSkip, NGram, PromptLookup
+from argen.strategies.srgen import SRGen
 from argen.strategies.superposed import Superposed
 
 REGISTRY: dict[str, type[Strategy]] = {}
@@ -39,6 +40,7 @@ for _cls in (
     FFNSkip,
     Superposed,
     CAAD,
+    SRGen,
 ):
     register(_cls)
 
