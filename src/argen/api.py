@@ -333,12 +333,21 @@ def companion_models(strategy: Strategy, base: LoadedModel) -> dict[str, object]
             value = None if value is None else load_store(runtime, value)
         elif isinstance(value, Generator):
             value = value.model
+        elif kind == "small" and value in (None, "cached"):  # the small model distilled from the base model
+            value = cached_small_model(runtime, base.name)
         elif isinstance(value, str):
             # A guide in the base model's dtype; a draft in shared_model's float32 (as before this moved here).
             dtype = runtime.dtype if kind == "guide" else "float32"
             value = shared_model(value, device=str(runtime.device), dtype=dtype)
         found[option] = value
     return found | token_ngrams(strategy, base)
+
+
+def cached_small_model(runtime, model_name: str) -> LoadedModel:
+    """The small model `argen distill-small` cached for the model of `runtime` (strategies bild, fs-gen)."""
+    from argen.recipes.small_model import load_small_model  # TEMP until branch small merges
+
+    return load_small_model(runtime, None, model_name)
 
 
 def token_ngrams(strategy: Strategy, base: LoadedModel, build: bool = True) -> dict[str, object]:
