@@ -40,6 +40,7 @@ OPTION_LIMITS: dict[str, tuple[int, str]] = {
     "top_k": (16, "contrastive: candidates fed per step"),
     "skip_layers": (64, "layer-skip: entries of the list"),
     "skip_ffn": (64, "layer-skip: entries of the list"),
+    "max_pending": (16, "bild: small-model tokens the large model checks in one pass (its rows)"),
     "k": (16, "superposed: drafts kept, each scored against k candidates a step (the pass stays one row)"),
     "positive_prefix": (2000, "guided: characters of the control prefix the guide reads"),
     "negative_prefix": (2000, "guided: characters of the control prefix the guide reads"),
