@@ -1,5 +1,5 @@
 """The `argen` command line: `generate`, `chat`, `batch`, `models`, `bench`, `serve`,
-`distill-draft` and `caad-store`, one module each; the options several of them take are defined once in
+`distill-draft`, `distill-small` and `caad-store`, one module each; the options several of them take are defined once in
 `options.py`, which also converts them into the typed values the library takes (no argparse
 Namespace leaves this package).
 
@@ -18,6 +18,7 @@ from argen.cli.bench import add_bench
 from argen.cli.caad import add_caad_store
 from argen.cli.chat import add_chat
 from argen.cli.distill import add_distill
+from argen.cli.distill_small import add_distill_small
 from argen.cli.generate import add_generate
 from argen.cli.models import add_models
 from argen.cli.parser import PROG, Parser, print_error
@@ -32,10 +33,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(
         dest="command",
         required=True,
-        metavar="{generate,chat,batch,models,bench,serve,distill-draft,caad-store}",
+        metavar="{generate,chat,batch,models,bench,serve,distill-draft,distill-small,caad-store}",
         parser_class=Parser,
     )
-    for add in (add_generate, add_chat, add_batch, add_models, add_bench, add_serve, add_distill, add_caad_store):
+    for add in (
+        add_generate,
+        add_chat,
+        add_batch,
+        add_models,
+        add_bench,
+        add_serve,
+        add_distill,
+        add_distill_small,
+        add_caad_store,
+    ):
         add(sub)
     return parser
 
