@@ -279,3 +279,31 @@ def test_eight_concurrent_requests_equal_each_alone(real, real_small):
         choice = r.json()["choices"][0]
         assert choice["token_ids"] == want.token_ids
         assert choice["stats"]["strategy_record"] == want.extras["bild"]
+
+
+def test_the_default_small_model_is_the_one_distill_small_cached(tiny, tmp_path, monkeypatch):
+    """small="cached" (the default): a clear error naming the command while none is cached; after
+    `argen distill-small`, the API and a server's `--small-model NAME=cached` both run that model (with
+    the small model deciding every token: its greedy output)."""
+    from argen.cli import main
+    from argen.errors import ArgenError
+    from argen.recipes.local_text import Corpus
+    from argen.recipes.small_model import Recipe, load_small_model, small_model_path
+    from argen.server.companions import Companions
+
+    monkeypatch.setenv("ARGEN_CACHE_DIR", str(tmp_path / "cache"))
+    prose = [f"line {i}: the cat sat on the mat and looked at the {i} birds." for i in range(40)]
+    corpus = Corpus(prose=prose, functions=[("m.f", "Return one.", "def f():\n    return 1\n")], foreign=[])
+    monkeypatch.setattr("argen.recipes.local_text.local_corpus", lambda *a, **k: corpus)
+    with pytest.raises(ArgenError, match="argen distill-small --model tiny-random"):
+        run(tiny, "bild")
+    args = ["distill-small", "--model", "tiny-random", "--no-progress", "--layers", "2", "--steps", "2"]
+    assert main([*args, "--sequences", "8", "--seq-len", "32", "--batch", "4", "--top-k", "16"]) == 0
+    path = small_model_path(tiny.runtime, Recipe(layers=2, steps=2, sequences=8, seq_len=32, batch=4, top_k=16))
+    distilled = load_small_model(tiny.runtime, path)
+    want = greedy_by_hand(distilled.hf_model, tiny.encode(PROMPT, chat=False), N)
+    spec = {"name": "bild", "fallback": 0.0, "rollback": 1000.0}
+    assert run(tiny, spec).token_ids == want
+    assert run(tiny, spec | {"small": str(path)}).token_ids == want
+    companions = Companions.load(tiny, "tiny-random", smalls=["s=cached"])
+    assert companions.models["small"]["s"] is distilled

@@ -443,4 +443,3 @@ def distill(
     save_small_model(student, model.tokenizer, out, meta)
     runtime.memo.get(LoadedSmallModels).by_path.pop(str(out.resolve()), None)  # a remade one replaces the loaded
     return out
-

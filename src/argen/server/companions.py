@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from argen.api import Generator, cached_small_model
+from argen.api import Generator, small_model
 from argen.errors import ArgenError
 from argen.models import LoadedModel, shared_model
 from argen.recipes.caad_store import load_store
@@ -87,8 +87,8 @@ class Companions:
                 if kind == "store":
                     found.models[kind][name] = load_store(runtime, source)
                     continue
-                if kind == "small" and source == "cached":
-                    model = cached_small_model(runtime, served_id)
+                if kind == "small":
+                    model = small_model(runtime, source, served_id)
                 else:
                     model = shared_model(source, device=str(runtime.device), dtype=runtime.dtype)
                 if model.runtime.info.vocab_size != runtime.info.vocab_size:
