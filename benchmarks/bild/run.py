@@ -161,7 +161,7 @@ def report(args, state, questions, results, small_model, small_nll_of_large) -> 
     info = small_model.runtime.info
     large_nll = results["large (plain)"]["nll"]
     print(
-        f"Large model: the default model (SmolLM2-135M-Instruct). Small model: `{small_model.name}`, the default "
+        f"Large model: the default model (SmolLM2-135M-Instruct). Small model: `{Path(small_model.name).name}`, the default "
         f"small model `argen distill-small` cached ({info.n_layers} layers: the large model cut to its first "
         f"{info.n_layers} and self-distilled). {len(questions)} held-out Spec-Bench questions (the first of each of "
         f"the first {len(questions)} categories, first turn, chat template), {GEN} greedy tokens each at most: "
@@ -183,7 +183,7 @@ def report(args, state, questions, results, small_model, small_nll_of_large) -> 
     for name, r in results.items():
         print(
             f"| {name} | {r['large_share']:.3f} | {r['prefix_agreement']:.3f} | {r['exact']:.2f} | {r['nll']:.3f} "
-            f"| {r['tokens_per_s']:.1f} | {r['speed_ratio']:.2f}x |"
+            f"| {r['tokens_per_s']:.1f} | {r['speed_ratio']:.2f}× |"
         )
     print(
         f"\nBiLD rows: `bild FALLBACK ROLLBACK` (max_pending {MAX_PENDING}; rollback 1000: never). FS-GEN rows: "
