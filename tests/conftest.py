@@ -68,3 +68,20 @@ def draft(real) -> LlamaRuntime:
         }
     config.num_hidden_layers = len(kept)
     return LlamaRuntime(config, state)
+
+
+@pytest.fixture(scope="session")
+def real_small(real) -> LoadedModel:
+    """A small model with the default model's tokenizer for bild and fs-gen: the default model cut to
+    its first 8 of 30 layers (not distilled: the tests need its vocabulary, not its quality)."""
+    hf = real.model.hf_model
+    config = copy.deepcopy(hf.config)
+    config.num_hidden_layers = 8
+    state = {
+        k: v
+        for k, v in hf.state_dict().items()
+        if not k.startswith("model.layers.") or int(k.split(".")[2]) < config.num_hidden_layers
+    }
+    return LoadedModel(
+        "default-first-8", LlamaRuntime(config, state), real.tokenizer, lambda: None, set(real.model.eos_ids)
+    )

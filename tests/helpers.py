@@ -85,3 +85,17 @@ class Oracle(Speculative):
         for token in draft:
             parent = t.add(token, parent)
         return t
+
+
+def all_logits(hf_model, ids: list[int]) -> torch.Tensor:
+    """A Hugging Face model's next-token logits [len(ids), V] after each prefix of `ids`, from scratch."""
+    with torch.inference_mode():
+        return hf_model(torch.tensor([ids])).logits[0].float()
+
+
+def greedy_by_hand(hf_model, prompt_ids: list[int], n: int) -> list[int]:
+    """Plain greedy decoding, written out: each token the argmax after the whole sequence so far."""
+    seq = list(prompt_ids)
+    for _ in range(n):
+        seq.append(int(all_logits(hf_model, seq)[-1].argmax()))
+    return seq[len(prompt_ids) :]

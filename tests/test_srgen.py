@@ -196,10 +196,14 @@ def post(url: str, spec, prompt=PROMPT, **fields):
 
 def test_the_server_runs_srgen(server, tiny):
     spec = srgen(entropy_threshold=0.0, steps=2, prefix_window=8)
-    r = post(server, spec, return_token_ids=True)
+    r = post(server, spec, return_token_ids=True, return_origins=True)
     assert r.status_code == 200, r.text
     want = tiny.generate(PROMPT, chat=False, max_new_tokens=N, temperature=0, strategy=spec)
-    assert r.json()["choices"][0]["token_ids"] == want.token_ids
+    choice = r.json()["choices"][0]
+    assert choice["token_ids"] == want.token_ids
+    # Where it fired reaches the client too (return_origins stats), as in the Python Result.
+    record = choice["stats"]["strategy_record"]
+    assert record["positions"] == want.extras["srgen"]["positions"] and record["triggers"] == N
 
 
 @pytest.mark.parametrize(

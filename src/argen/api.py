@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import cast
 
 from argen.cache.press import make_press
@@ -15,6 +16,8 @@ from argen.models import LoadedModel, load_model, shared_model
 from argen.prompt_edit import PromptEdit
 from argen.recipes.caad_store import load_store
 from argen.recipes.draft_head import load_draft_head
+from argen.recipes.small_model import META_FILE as SMALL_META
+from argen.recipes.small_model import load_small_model
 from argen.recipes.token_ngrams import local_ngrams
 from argen.sampling import SamplingParams
 from argen.setprompt import PromptLayout, SetPrompt, is_set_prompt, set_prompt_layout
@@ -333,12 +336,25 @@ def companion_models(strategy: Strategy, base: LoadedModel) -> dict[str, object]
             value = None if value is None else load_store(runtime, value)
         elif isinstance(value, Generator):
             value = value.model
+        elif kind == "small" and (
+            value is None or isinstance(value, str)
+        ):  # distilled from the base model, or a source
+            value = small_model(runtime, value, base.name)
         elif isinstance(value, str):
             # A guide in the base model's dtype; a draft in shared_model's float32 (as before this moved here).
             dtype = runtime.dtype if kind == "guide" else "float32"
             value = shared_model(value, device=str(runtime.device), dtype=dtype)
         found[option] = value
     return found | token_ngrams(strategy, base)
+
+
+def small_model(runtime, source, model_name: str) -> LoadedModel:
+    """The small model of strategies bild and fs-gen: None or "cached" is the one `argen distill-small`
+    cached for the model of `runtime`, a directory it made is loaded as it loads them (on the large
+    model's weight path, its origin checked), any other source as a draft model is."""
+    if source is None or source == "cached" or (isinstance(source, str) and Path(source, SMALL_META).is_file()):
+        return load_small_model(runtime, source, model_name)
+    return shared_model(source, device=str(runtime.device), dtype=runtime.dtype)
 
 
 def token_ngrams(strategy: Strategy, base: LoadedModel, build: bool = True) -> dict[str, object]:

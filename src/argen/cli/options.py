@@ -216,6 +216,15 @@ def add_request_policy_options(p: argparse.ArgumentParser, asker: str) -> None:
         "none is named): a file `argen caad-store` built for --model; loaded at start; repeatable",
     )
     p.add_argument(
+        "--small-model",
+        action="append",
+        default=[],
+        metavar="NAME=SOURCE",
+        help=f"a small model {asker} may name (strategies bild, fs-gen, option small=NAME; the first one when "
+        "none is named): SOURCE is 'cached' (the small model `argen distill-small` cached for --model) or a "
+        "model with --model's tokenizer; loaded at start; repeatable",
+    )
+    p.add_argument(
         "--limit",
         action="append",
         default=[],

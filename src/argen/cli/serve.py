@@ -193,14 +193,22 @@ def serve_command(args: argparse.Namespace) -> int:
             address=args.ray,
             replica_cpus=args.replica_cpus,
             replica_gpus=args.replica_gpus,
-            companions=(list(args.draft_model), list(args.guide_model), list(args.draft_head), list(args.caad_store)),
+            companions=(
+                list(args.draft_model),
+                list(args.guide_model),
+                list(args.draft_head),
+                list(args.caad_store),
+                list(args.small_model),
+            ),
         )
         return 0
     from argen.server.companions import Companions  # start-up cost: see the top of this module
     from argen.server.serve import serve  # start-up cost, as above
 
     gen = model_spec(args).load_text()
-    companions = Companions.load(gen, args.model, args.draft_model, args.guide_model, args.draft_head, args.caad_store)
+    companions = Companions.load(
+        gen, args.model, args.draft_model, args.guide_model, args.draft_head, args.caad_store, args.small_model
+    )
     image_models = {name: load_image_model(name) for name in dict.fromkeys(args.image_model)}
     return serve(
         gen,

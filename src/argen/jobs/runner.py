@@ -46,7 +46,7 @@ def make_policy(
 @dataclass(frozen=True)
 class RunnerOptions:
     """What a JobRunner is made from, plain values (they travel to Ray workers, which load the model
-    themselves). `draft_models` / `guide_models` / `draft_heads`: `NAME=SOURCE` companions lines may name."""
+    themselves). `draft_models` / `guide_models` / `draft_heads` / `small_models`: `NAME=SOURCE` companions lines may name."""
 
     model: ModelSpec
     model_id: str
@@ -57,6 +57,7 @@ class RunnerOptions:
     draft_models: tuple[str, ...] = ()
     guide_models: tuple[str, ...] = ()
     draft_heads: tuple[str, ...] = ()
+    small_models: tuple[str, ...] = ()
     limits: Limits = field(default_factory=Limits)
 
 
@@ -64,7 +65,12 @@ def make_runner(options: RunnerOptions) -> JobRunner:
     """A JobRunner over a freshly loaded model (in this process or a Ray worker)."""
     gen = options.model.load_text()
     companions = Companions.load(
-        gen, options.model_id, list(options.draft_models), list(options.guide_models), list(options.draft_heads)
+        gen,
+        options.model_id,
+        list(options.draft_models),
+        list(options.guide_models),
+        list(options.draft_heads),
+        smalls=list(options.small_models),
     )
     return JobRunner(
         gen,

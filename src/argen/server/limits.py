@@ -40,6 +40,7 @@ OPTION_LIMITS: dict[str, tuple[int, str]] = {
     "top_k": (16, "contrastive: candidates fed per step"),
     "skip_layers": (64, "layer-skip: entries of the list"),
     "skip_ffn": (64, "layer-skip: entries of the list"),
+    "max_pending": (16, "bild: small-model tokens the large model checks in one pass (its rows)"),
     "k": (16, "superposed: drafts kept, each scored against k candidates a step (the pass stays one row)"),
     "steps": (8, "srgen: Adam steps per trigger (two vocabulary-projection GEMVs and a window softmax each)"),
     "prefix_window": (64, "srgen: context rows of a trigger's loss (vocabulary-projection rows per trigger)"),

@@ -205,7 +205,8 @@ class _Sampling(_Body):
     return_origins: bool = Field(
         False,
         description="argen extension: add each token's origin (token_origins: step, draft, verify, grammar, "
-        "forced, replayed, press) and the decode statistics (stats: passes, drafts accepted, tokens/s) to the choices; "
+        "forced, replayed, press) and the decode statistics (stats: passes, drafts accepted, tokens/s; bild and fs-gen: "
+        "strategy_record, the large model's share) to the choices; "
         "a stream sends each choice's stats in a chunk of its own (argen_stats) when it finishes",
     )
     response_format: ResponseFormat | None = Field(

@@ -78,9 +78,15 @@ def edit_report(result: Result) -> p.EditReport:
     )
 
 
+# Strategies whose per-request record (Result.extras[name], numbers only) a choice's stats show.
+RECORDED_STRATEGIES = ("bild", "fs-gen", "srgen")
+
+
 def stats_of(result: Result) -> dict[str, Any]:
-    """What return_origins shows of how a choice was decoded: engine/request.py's Stats, and the strategy."""
-    return {"strategy": result.strategy} | result.stats.as_dict()
+    """What return_origins shows of how a choice was decoded: engine/request.py's Stats, and the strategy
+    (with its record, for those that keep one: the large model's share of a small-and-large pair, where srgen fired)."""
+    record = result.extras.get(result.strategy) if result.strategy in RECORDED_STRATEGIES else None
+    return {"strategy": result.strategy} | result.stats.as_dict() | ({"strategy_record": record} if record else {})
 
 
 def _finish(reason: str | None, calls: list) -> str | None:

@@ -7,7 +7,9 @@ import inspect
 from argen.checks import finite_number
 from argen.errors import InvalidRequestError
 from argen.strategies.base import DecodeState, Strategy
+from argen.strategies.bild import BiLD
 from argen.strategies.caad import CAAD
+from argen.strategies.fs_gen import FSGen
 from argen.strategies.guided import Guided
 from argen.strategies.plain import Plain
 from argen.strategies.search import Beam, ConditionalBeam, Contrastive
@@ -41,6 +43,8 @@ for _cls in (
     Superposed,
     CAAD,
     SRGen,
+    BiLD,
+    FSGen,
 ):
     register(_cls)
 
