@@ -8,15 +8,13 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import small_large_helpers
 import torch
 from helpers import all_logits, greedy_by_hand
+from small_large_helpers import PROMPT, SMALL, N, post, run
 
 import argen
 from argen.errors import InvalidRequestError
-
-PROMPT = "The quick brown fox"
-N = 24
-SMALL = "tiny-random@1"
 
 
 @pytest.fixture(scope="module")
@@ -26,10 +24,6 @@ def small():
 
 def bild(gen, small, **options) -> dict:
     return {"name": "bild", "small": small, **options}
-
-
-def run(gen, spec, **fields):
-    return gen.generate(PROMPT, chat=False, max_new_tokens=N, temperature=0, ignore_eos=True, strategy=spec, **fields)
 
 
 def bild_by_hand(large, small, prompt: list[int], n: int, fallback: float, rollback: float, max_pending: int):
@@ -178,25 +172,8 @@ def test_the_cli_runs_bild_end_to_end(capsys):
 # -- the server: small models are the operator's choice ---------------------------------------------
 @pytest.fixture(scope="module")
 def small_server(tiny):
-    from server_helpers import running_server
-
-    from argen.server.companions import Companions
-
-    companions = Companions.load(tiny, "tiny-random", smalls=[f"s={SMALL}"])
-    with running_server(tiny, companions=companions) as (url, _):
+    with small_large_helpers.small_server(tiny) as url:
         yield url
-
-
-def post(url: str, spec, prompt=PROMPT, **fields):
-    import httpx
-
-    body = {"model": "tiny-random", "prompt": prompt, "max_tokens": N, "temperature": 0, "ignore_eos": True}
-    return httpx.post(
-        f"{url}/v1/completions",
-        content=json.dumps(body | {"strategy": spec, **fields}).encode(),
-        headers={"content-type": "application/json"},
-        timeout=120,
-    )
 
 
 def test_the_server_runs_a_named_small_model_as_the_api_does(small_server, tiny, small):

@@ -9,24 +9,18 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import small_large_helpers
 import torch
 from helpers import all_logits, greedy_by_hand
+from small_large_helpers import PROMPT, SMALL, N, post, run
 
 import argen
 from argen.errors import InvalidRequestError
-
-PROMPT = "The quick brown fox"
-N = 24
-SMALL = "tiny-random@1"
 
 
 @pytest.fixture(scope="module")
 def small():
     return argen.load(SMALL)
-
-
-def run(gen, spec, **fields):
-    return gen.generate(PROMPT, chat=False, max_new_tokens=N, temperature=0, ignore_eos=True, strategy=spec, **fields)
 
 
 def fs_gen_by_hand(large, small, prompt: list[int], n: int, criterion: str, threshold: float) -> tuple[list[int], int]:
@@ -128,25 +122,8 @@ def test_the_cli_runs_fs_gen_end_to_end(capsys):
 # -- the server ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def small_server(tiny):
-    from server_helpers import running_server
-
-    from argen.server.companions import Companions
-
-    companions = Companions.load(tiny, "tiny-random", smalls=[f"s={SMALL}"])
-    with running_server(tiny, companions=companions) as (url, _):
+    with small_large_helpers.small_server(tiny) as url:
         yield url
-
-
-def post(url: str, spec, prompt=PROMPT, **fields):
-    import httpx
-
-    body = {"model": "tiny-random", "prompt": prompt, "max_tokens": N, "temperature": 0, "ignore_eos": True}
-    return httpx.post(
-        f"{url}/v1/completions",
-        content=json.dumps(body | {"strategy": spec, **fields}).encode(),
-        headers={"content-type": "application/json"},
-        timeout=120,
-    )
 
 
 def test_the_server_runs_fs_gen_as_the_api_does(small_server, tiny, small):
