@@ -52,7 +52,7 @@ from argen.strategies.speculative.skip_calibration import fingerprint
 
 META_FILE = "argen-small-model.json"
 HELD_OUT = 10  # a text whose hash is 0 mod 10 is never trained on (the held-out NLL reads them)
-DOCUMENTED_TIME = "about 15 minutes on one core"  # the default recipe, measured: benchmarks/small_model
+DOCUMENTED_TIME = "about 9 CPU minutes on one core"  # the default recipe, measured: benchmarks/small_model
 
 
 @dataclass(frozen=True)
@@ -111,14 +111,18 @@ def read_meta(path: Path) -> dict:
 
 
 def matching_quant(runtime) -> str:
-    """The weight path the large model runs on, for the small one: the same kernels. A large model
-    on GGUF-exact blocks (the default: Q4_1) gets its small model's fp32 weights quantized at load to
-    that format ("exact" -> "q4_1"), so both run argen's fused quantized forward; "-a8" follows too.
-    A large model on dense weights gets dense weights ("none")."""
+    """The weight path for the small model: the large model's kind of kernels. A large model on
+    quantized blocks (the default: its GGUF's Q4_1 layers, Q8_0 vocabulary matrix, "exact") gets its
+    small model's fp32 weights quantized at load to Q8_0, so both run argen's fused quantized forward
+    ("-a8" follows too). Not Q4_1: distillation moves the kept layers' weights by less than half a
+    Q4_1 step, so re-quantizing them to Q4_1 snaps most of them back onto the large model's grid and
+    undoes the training (measured on the default model, 4 windows of docs/strategies.md: NLL 7.95
+    in fp32 and in Q8_0, 18.7 in Q4_1, the plain cut's 22.1). A large model on dense weights gets
+    dense weights ("none")."""
     layers = getattr(runtime, "layers", None)
     qkv = getattr(layers[0], "qkv", None) if layers else None
     if isinstance(qkv, QuantMatmul):
-        return qkv.fmt + ("-a8" if qkv.act8 else "")
+        return "q8_0" + ("-a8" if qkv.act8 else "")
     return "none"
 
 
