@@ -63,14 +63,19 @@ def expand(
 ) -> list[tuple[int, int | None, float]]:
     """The k best of the k x k candidates: (parent draft, token or None for a finished draft that stays,
     score), best first (ties: the earlier parent, then the model's order). `logp` [k, V]: each draft's
-    log-probabilities from the superposed pass; `ngram(i, token)`: P_ngram(token | draft i)."""
+    log-probabilities from the superposed pass, or [1, V]: one row every draft shares (no processor
+    read a draft's own tokens); `ngram(i, token)`: P_ngram(token | draft i)."""
     candidates: list[tuple[int, int | None, float]] = []
+    tops: dict[int, tuple[list[float], list[int]]] = {}  # row -> its top k (a shared row: once)
     for i, draft in enumerate(drafts):
         if draft.done:
             candidates.append((i, None, draft.score))
             continue
-        top = logp[i].topk(min(k, logp.shape[-1]))
-        for lp, tok in zip(top.values.tolist(), top.indices.tolist(), strict=True):
+        row = i if logp.shape[0] > 1 else 0
+        if row not in tops:
+            top = logp[row].topk(min(k, logp.shape[-1]))
+            tops[row] = (top.values.tolist(), top.indices.tolist())
+        for lp, tok in zip(*tops[row], strict=True):
             if lp == float("-inf"):
                 continue  # banned by the sampler's processors
             if weight > 0 and ngram is not None:
@@ -181,7 +186,11 @@ class Superposed(Strategy):
 
     def _log_probs(self, state: DecodeState, logits: torch.Tensor, drafts: list[Draft]) -> torch.Tensor:
         """Each draft's log-probabilities [k, V] from the pass's logits, after the sampler's processors
-        (repetition penalty, bans, logit bias) on that draft's own context."""
+        (repetition penalty, bans, logit bias) on that draft's own context; [1, V] when no processor
+        reads the context's tokens (the drafts are equally long, so min_tokens treats them alike)."""
+        p = state.sampler.params
+        if p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty:
+            return torch.log_softmax(state.sampler.process(logits, state.tokens + drafts[0].tokens)[None], dim=-1)
         rows = [state.sampler.process(logits, state.tokens + d.tokens) for d in drafts]
         return torch.log_softmax(torch.stack(rows).float(), dim=-1)
 
