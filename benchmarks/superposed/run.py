@@ -109,8 +109,9 @@ def main() -> None:
         f"{len(questions)} Spec-Bench questions (the first of each category), {args.max_new_tokens} tokens per output "
         "(ignore_eos), chat template. `superposed`: n=k, its defaults (k drafts = n, n-gram weight 0.1, "
         "order 3, tables of this machine's text). `sampled`: plain sampling, n=k (one prefill, k rows a step), "
-        "temperature 1 (no top-p). Interleaved per question; seconds are the calling thread's CPU time for "
-        "the k outputs, prefill included.\n"
+        "temperature 1 (no top-p). Interleaved per question; seconds are "
+        + ("the calling thread's CPU time" if args.threads == 1 else "wall-clock time")
+        + " for the k outputs, prefill included.\n"
     )
     print(
         "| k | system | s per prompt (mean) | ÷ sampled, whole request | ÷ sampled, after the prefill "
