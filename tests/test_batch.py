@@ -140,6 +140,25 @@ def test_a_line_means_what_the_same_http_request_means(tmp_path, tiny):
         assert got[key]["object"] == http[key]["object"]
 
 
+def test_a_line_may_name_a_caad_store_the_command_loaded(tmp_path, tiny):
+    """`argen batch --caad-store NAME=PATH`: a line's caad request gets the store and decodes as the
+    Python API does with it. Seen failing when batch parsed --caad-store but never handed it to the
+    runner (the line got a 400: this server has none loaded)."""
+    from argen.recipes.caad_store import build_store
+
+    store = tmp_path / "refs.caad"
+    build_store(tiny.runtime, [tiny.encode("the cat sat on the mat " * 4, chat=False)], values="tokens").save(store)
+    spec = {"name": "caad", "blend": 1.0, "top_n": 1}
+    line = {"custom_id": "c", "method": "POST", "url": "/v1/completions"}
+    line["body"] = {"model": "tiny-random", "prompt": "the cat", "max_tokens": 6, "temperature": 0, "strategy": spec}
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text(json.dumps(line) + "\n")
+    run_batch(batch_args(inp, out, "--caad-store", f"refs={store}"))
+    body = read_lines(out)[0]["response"]["body"]
+    want = tiny.generate("the cat", chat=False, max_new_tokens=6, temperature=0, strategy=spec | {"store": str(store)})
+    assert body["choices"][0]["text"] == want.text, body
+
+
 def test_bad_lines_become_error_lines(tmp_path):
     ok = {"model": "tiny-random", "prompt": "abc", "max_tokens": 2}
     raw = [

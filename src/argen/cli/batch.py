@@ -117,6 +117,7 @@ def batch_job(args: argparse.Namespace) -> BatchJob:
         draft_models=tuple(args.draft_model),
         guide_models=tuple(args.guide_model),
         draft_heads=tuple(args.draft_head),
+        caad_stores=tuple(args.caad_store),
         small_models=tuple(args.small_model),
         limits=limits(args),
     )

@@ -46,7 +46,8 @@ def make_policy(
 @dataclass(frozen=True)
 class RunnerOptions:
     """What a JobRunner is made from, plain values (they travel to Ray workers, which load the model
-    themselves). `draft_models` / `guide_models` / `draft_heads` / `small_models`: `NAME=SOURCE` companions lines may name."""
+    themselves). `draft_models` / `guide_models` / `draft_heads` / `caad_stores` / `small_models`: `NAME=SOURCE`
+    companions lines may name."""
 
     model: ModelSpec
     model_id: str
@@ -57,6 +58,7 @@ class RunnerOptions:
     draft_models: tuple[str, ...] = ()
     guide_models: tuple[str, ...] = ()
     draft_heads: tuple[str, ...] = ()
+    caad_stores: tuple[str, ...] = ()
     small_models: tuple[str, ...] = ()
     limits: Limits = field(default_factory=Limits)
 
@@ -70,7 +72,8 @@ def make_runner(options: RunnerOptions) -> JobRunner:
         list(options.draft_models),
         list(options.guide_models),
         list(options.draft_heads),
-        smalls=list(options.small_models),
+        list(options.caad_stores),
+        list(options.small_models),
     )
     return JobRunner(
         gen,
