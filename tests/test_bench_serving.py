@@ -42,6 +42,9 @@ def test_serving_benchmark_writes_its_report(tmp_path):
         assert results[mode]["completion_tokens"] == 18 and results[mode]["throughput_tok_s"] > 0
         assert results[mode]["ttft_p50_s"] <= results[mode]["latency_p50_s"]
     assert results["identical_outputs"] == 3 and results["concurrent_mean_batch"] >= 1
+    assert results["quant"] == "auto" and results["prefill_slowdown"] > 0
+    cached = results["cached_prompt_tokens"]
+    assert 0 <= cached["concurrent"] < results["prompt_tokens"] and 0 <= cached["sequential"] < results["prompt_tokens"]
     assert (out / "latency.png").stat().st_size > 0
     report = (out / "report.md").read_text()
     assert "python -m benchmarks serving --model tiny-random" in report and "one after another" in report

@@ -26,6 +26,7 @@ import numpy as np
 
 import argen
 from argen.bench.questions import read_questions, select_questions
+from argen.engine.pacing import PREFILL_SLOWDOWN
 from argen.server.serve import make_server
 from benchmarks.harness.provenance import describe, git_state, machine_info, portable_command, require_clean
 from benchmarks.harness.serving_capacity import run_capacity, write_capacity_report
@@ -52,12 +53,15 @@ def _stream_one(url: str, model: str, prompt: str, max_tokens: int, strategy: st
     return stream_request(url, "/v1/chat/completions", body)
 
 
+CACHED = "argen_prompt_tokens_cached_total"
+
+
 def _metrics(url: str) -> dict[str, float]:
     import httpx
 
     out = {}
     for line in httpx.get(f"{url}/metrics").text.splitlines():
-        if line.startswith(("argen_batch_size_sum", "argen_batch_size_count")):
+        if line.startswith(("argen_batch_size_sum", "argen_batch_size_count", "argen_prompt_tokens_cached_total")):
             name, value = line.split()
             out[name] = float(value)
     return out
@@ -93,7 +97,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def _run(args: argparse.Namespace) -> dict:
     all_questions = read_questions(args.questions or find_questions_file())
-    gen = argen.load(args.model)
+    gen = argen.load(args.model, quant=args.quant)
     if args.case != "concurrency":
         if args.case == "press-capacity":
             results = run_capacity(gen, args.model, all_questions, args)
@@ -107,7 +111,15 @@ def _run(args: argparse.Namespace) -> dict:
             "machine": machine_info(getattr(args, "git_state", None)) | {"load_average": os.getloadavg()},
         }
     questions = select_questions(all_questions)[: args.clients]
-    server = make_server(gen, "127.0.0.1", 0, max_batch=args.clients, log_level="warning", model_id=args.model)
+    server = make_server(
+        gen,
+        "127.0.0.1",
+        0,
+        max_batch=args.clients,
+        log_level="warning",
+        model_id=args.model,
+        prefill_slowdown=args.prefill_slowdown or None,
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
@@ -116,10 +128,16 @@ def _run(args: argparse.Namespace) -> dict:
     try:
         _stream_one(url, args.model, "Hello!", 4, args.strategy)  # warm-up (first-call allocations), not measured
         print(f"sequential: {len(questions)} requests one after another", file=sys.stderr)
+        start = _metrics(url)
         t0 = time.perf_counter()
         sequential = [_stream_one(url, args.model, q.prompt, args.max_tokens, args.strategy) for q in questions]
         seq_wall = time.perf_counter() - t0
         print(f"concurrent: {len(questions)} requests at once", file=sys.stderr)
+        # The server is idle: a cold prefix cache, so that the concurrent requests prefill their prompts
+        # as the sequential ones did (else their prompts' blocks, kept or not by the pool's eviction
+        # rule, decide the comparison).
+        if gen.runtime.capabilities.paged_kv:
+            gen.runtime.kv_pool().drop_cached()
         before = _metrics(url)
         concurrent: list = [None] * len(questions)
         barrier = threading.Barrier(len(questions))
@@ -142,6 +160,8 @@ def _run(args: argparse.Namespace) -> dict:
     results = {
         "command": args.command,
         "model": args.model,
+        "quant": args.quant,
+        "prefill_slowdown": args.prefill_slowdown,
         "clients": len(questions),
         "max_tokens": args.max_tokens,
         "threads": args.threads,
@@ -152,6 +172,11 @@ def _run(args: argparse.Namespace) -> dict:
         "concurrent": _summary(concurrent, conc_wall),
         "concurrent_mean_batch": (after["argen_batch_size_sum"] - before["argen_batch_size_sum"]) / steps,
         "concurrent_steps": steps,
+        "prompt_tokens": sum(r["prompt_tokens"] for r in sequential),
+        "cached_prompt_tokens": {
+            "sequential": before.get(CACHED, 0.0) - start.get(CACHED, 0.0),
+            "concurrent": after.get(CACHED, 0.0) - before.get(CACHED, 0.0),
+        },
         "identical_outputs": sum(a["token_ids"] == b["token_ids"] for a, b in zip(sequential, concurrent)),
         "requests": [
             {
@@ -193,6 +218,7 @@ def write_report(results: dict, out: Path) -> None:
     table = ["| | one after another | all at once |", "|---|--:|--:|"]
     table += [f"| {label} | {fmt.format(s[key])} | {fmt.format(c[key])} |" for label, key, fmt in rows]
     n = results["clients"]
+    cached = results.get("cached_prompt_tokens", {})
     step = {
         mode: float(
             np.mean(
@@ -212,9 +238,10 @@ def write_report(results: dict, out: Path) -> None:
 
 {describe(results["machine"])}
 
-Model `{results["model"]}`, {n} different Spec-Bench first-turn prompts (the first of each category,
+Model `{results["model"]}` (weights `{results.get("quant", "auto")}`), {n} different Spec-Bench first-turn prompts (the first of each category,
 round-robin; chat endpoint, streaming), greedy, exactly {results["max_tokens"]} new tokens each
-(`ignore_eos`, so both runs generate the same number of tokens), {results["threads"]} torch threads.
+(`ignore_eos`, so both runs generate the same number of tokens), {results["threads"]} torch threads,
+{pacing(results.get("prefill_slowdown", PREFILL_SLOWDOWN))}.
 The server runs in the benchmark's process on a loopback port; the clients are threads with
 `httpx`. First the {n} requests one after another, then all {n} at once (released together).
 
@@ -229,6 +256,9 @@ the {s["throughput_tok_s"]:.1f} tokens/s of the same requests sent one after ano
   that runs one request at a time would wait up to the whole {s["wall_s"]:.0f} s.
 - While all {n} ran, a scheduler step decoded {results["concurrent_mean_batch"]:.1f} sequences on average
   ({results["concurrent_steps"]:.0f} steps).
+- Prompt tokens whose keys came from the prefix cache, of {results.get("prompt_tokens", 0)} in each run:
+  {cached.get("sequential", 0):.0f} one after another, {cached.get("concurrent", 0):.0f} all at once (the prefix
+  cache is emptied between the two runs, so both prefill the same prompts).
 - Concurrent outputs token-identical to the sequential ones: {results["identical_outputs"]}/{n}.
 - A decode step (time between a request's first and last token over its tokens − 1, mean over
   requests) took {step["sequential"] * 1000:.0f} ms for one sequence and {step["concurrent"] * 1000:.0f} ms for {n} together:
@@ -279,6 +309,16 @@ def make_parser() -> argparse.ArgumentParser:
         prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", default="default")
+    parser.add_argument(
+        "--prefill-slowdown",
+        type=float,
+        default=PREFILL_SLOWDOWN,
+        help="concurrency: the server's pacing of long prefill chunks, as `argen serve --prefill-slowdown` "
+        "(0: unpaced; default: %(default)s)",
+    )
+    parser.add_argument(
+        "--quant", default="auto", help="the model's weight path, as `argen serve --quant` (default: %(default)s)"
+    )
     parser.add_argument(
         "--case",
         default="concurrency",
@@ -350,6 +390,12 @@ def make_parser() -> argparse.ArgumentParser:
         help="write the report even though the working tree has uncommitted changes (recorded)",
     )
     return parser
+
+
+def pacing(slowdown: float) -> str:
+    if not slowdown:
+        return "long prefill chunks unpaced (`--prefill-slowdown 0`)"
+    return f"long prefill chunks paced to slow the others at most {slowdown:g}x (`--prefill-slowdown {slowdown:g}`)"
 
 
 def main(argv: list[str] | None = None) -> int:
