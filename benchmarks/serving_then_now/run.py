@@ -1,6 +1,6 @@
 """The server's throughput now against an older commit's, on the same machine (issue 25's server target).
 
-    python benchmarks/serving_then_now/run.py --old 98c7c00 --threads 2 > benchmarks/serving_then_now/report.md
+    python benchmarks/serving_then_now/run.py --old 98c7c00 --threads 2 --repeats 3 > benchmarks/serving_then_now/report.md
 
 Runs the serving benchmark (`python -m benchmarks serving`: N Spec-Bench prompts one after another, then
 all N at once) on `--old` (a git worktree of that commit, its own harness `argen.bench.serving`) and on
@@ -47,21 +47,36 @@ def run_new(quant: str, common: list[str], slowdown: float, out: Path, allow_dir
     return json.loads((out / "results.json").read_text())
 
 
-def row(label: str, weights: str, r: dict, base: float) -> str:
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median all-at-once throughput (of an odd number; the lower middle of an even)."""
+    ordered = sorted(runs, key=lambda r: r["concurrent"]["throughput_tok_s"])
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def row(label: str, weights: str, runs: list[dict], base: list[dict]) -> str:
+    r = median_run(runs)
     c, s = r["concurrent"], r["sequential"]
     cached = r.get("cached_prompt_tokens", {}).get("concurrent")
+    # each repeat's ratio to the old run of the same round (they ran back to back)
+    ratios = sorted(
+        x["concurrent"]["throughput_tok_s"] / b["concurrent"]["throughput_tok_s"] for x, b in zip(runs, base)
+    )
+    spread = f"{ratios[0]:.2f}–{ratios[-1]:.2f}" if len(ratios) > 1 else "—"
+    all_tps = ", ".join(f"{x['concurrent']['throughput_tok_s']:.1f}" for x in runs)
     return (
-        f"| {label} | `{weights}` | {c['throughput_tok_s']:.1f} | {c['throughput_tok_s'] / base:.2f} | "
-        f"{s['throughput_tok_s']:.1f} | {c['wall_s']:.1f} | {c['ttft_p50_s']:.2f} | {c['latency_p99_s']:.2f} | "
+        f"| {label} | `{weights}` | {c['throughput_tok_s']:.1f} | "
+        f"{c['throughput_tok_s'] / median_run(base)['concurrent']['throughput_tok_s']:.2f} | {spread} | {all_tps} | "
+        f"{s['throughput_tok_s']:.1f} | {c['ttft_p50_s']:.2f} | {c['latency_p99_s']:.2f} | "
         f"{r['concurrent_mean_batch']:.1f} | {'—' if cached is None else f'{cached:.0f}'} | "
-        f"{r['identical_outputs']}/{r['clients']} |"
+        f"{min(x['identical_outputs'] for x in runs)}/{r['clients']} |"
     )
 
 
 def options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--old", default="98c7c00", help="the commit to compare with (default: %(default)s)")
     parser.add_argument("--quants", default="exact,exact-a8", help="this checkout's weight paths, comma-separated")
-    parser.add_argument("--slowdowns", default="1.5,0", help="the servers' --prefill-slowdown values (0: unpaced)")
+    parser.add_argument("--slowdowns", default="1.5", help="the servers' --prefill-slowdown values (0: unpaced)")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of (old, each path); medians reported")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--questions", default=str(ROOT.parent / "shared/benchmarks/spec_bench/question.jsonl"))
@@ -82,12 +97,13 @@ def main() -> int:
         try:
             for slowdown in (float(s) for s in args.slowdowns.split(",")):
                 tag = f"s{slowdown:g}"
-                old_r = run_old(worktree, common, slowdown, Path(tmp) / f"old-{tag}")
-                new = {
-                    q: run_new(q, common, slowdown, Path(tmp) / f"{q}-{tag}", args.allow_dirty)
-                    for q in args.quants.split(",")
-                }
-                base = old_r["concurrent"]["throughput_tok_s"]
+                quants = args.quants.split(",")
+                old_runs: list[dict] = []
+                new: dict[str, list[dict]] = {q: [] for q in quants}
+                for rep in range(args.repeats):  # one round: the old server, then each path, back to back
+                    old_runs.append(run_old(worktree, common, slowdown, Path(tmp) / f"old-{tag}-{rep}"))
+                    for q in quants:
+                        new[q].append(run_new(q, common, slowdown, Path(tmp) / f"{q}-{tag}-{rep}", args.allow_dirty))
                 pacing = (
                     "unpaced (`--prefill-slowdown 0`)"
                     if not slowdown
@@ -96,11 +112,12 @@ def main() -> int:
                 lines = [
                     f"### Long prefills {pacing}",
                     "",
-                    "| server | weights | all at once tok/s | × old | one after another tok/s | all at once wall s | "
-                    "time to first token p50 s | latency p99 s | mean batch | prompt tokens from cache | identical |",
-                    "| :-- | :-- | --: | --: | --: | --: | --: | --: | --: | --: | --: |",
-                    row(f"{old_commit} (old)", "exact", old_r, base),
-                    *(row(f"{state['git_commit']} (now)", q, r, base) for q, r in new.items()),
+                    "| server | weights | all at once tok/s | × old | × old per round | every round tok/s | "
+                    "one after another tok/s | time to first token p50 s | latency p99 s | mean batch | "
+                    "prompt tokens from cache | identical |",
+                    "| :-- | :-- | --: | --: | --: | :-- | --: | --: | --: | --: | --: | --: |",
+                    row(f"{old_commit} (old)", "exact", old_runs, old_runs),
+                    *(row(f"{state['git_commit']} (now)", q, runs, old_runs) for q, runs in new.items()),
                     "",
                 ]
                 sections.append("\n".join(lines))
@@ -115,9 +132,11 @@ def main() -> int:
         f"CPU: {machine.get('cpu')}; {args.threads} torch threads. Model `default`, {args.clients} different "
         f"Spec-Bench first-turn prompts, greedy, exactly {args.max_tokens} new tokens each (`ignore_eos`), the "
         "serving benchmark's two phases (one after another, then all at once), the prefix cache emptied "
-        "between them. Old: the commit before the many-row kernels of issue 25 (it has no `exact-a8`). Each "
-        "row is one run in its own process, one after the other; × old: all-at-once throughput over the "
-        "old server's in the same table.\n"
+        "between them. Old: the commit before the many-row kernels of issue 25 (it has no `exact-a8`). Every "
+        "run is its own process; a round runs the old server, then each path, back to back; "
+        f"{args.repeats} rounds. A row shows the run with the median all-at-once throughput (its other "
+        "columns are that run's); × old: that median over the old server's median; × old per round: the "
+        "least and most of each round's ratio to the old run of the same round.\n"
     )
     print("\n".join(sections))
     return 0
