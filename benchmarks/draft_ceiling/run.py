@@ -25,9 +25,9 @@ Drafters:
   their measured cost. Skipped, with a note, when no head is cached.
 
 Pass costs are argen's own `CostModel` (the one adaptive drafting uses), the median of five
-calibrations at one and at two threads. Writes `report.md` and `ceiling.png` here.
+calibrations at one and at two threads. Writes `report.md` and `ceiling.png` here (`--out DIR`: there).
 
-Two more views, at one thread, put the ceiling beside what argen measures:
+Two more views, at one thread (`--view-threads 2`: at two), put the ceiling beside what argen measures:
 - `argen's policy`: the real `prompt-lookup`, `ngram` and `draft-head` strategies replayed against
   the same outputs and costs, with an oracle verifier (`policy.py`, `head.py`): what their adaptive
   draft sizing gets out of the same drafts when it must guess how much of each draft will be accepted.
@@ -62,7 +62,7 @@ from argen.models import kernels
 from argen.recipes.draft_head import load_draft_head
 from argen.strategies.speculative.adaptive import BUCKETS, CostModel
 from argen.strategies.speculative.prompt_lookup import find_match
-from benchmarks.harness.provenance import describe, provenance, script_args
+from benchmarks.harness.provenance import describe, portable_command, provenance, script_args
 from benchmarks.harness.specbench import find_questions_file
 
 HERE = Path(__file__).parent
@@ -73,6 +73,20 @@ CAP = 16  # the most draft tokens a step may verify (ngram's default tree holds 
 TARGETS = {"summarization": 1.8, "all": 1.5}  # issue 25's (and every category >= 1.0)
 HEAD = "draft-head"
 PREFILL_LENGTHS = (32, 128, 512, 1400)  # Spec-Bench prompts here are 39..1376 tokens
+
+
+THREADS = {1: "one thread", 2: "two threads"}
+
+
+def options(parser) -> None:
+    parser.add_argument(
+        "--view-threads",
+        type=int,
+        choices=(1, 2),
+        default=1,
+        help="threads of the policy and with-prefill view (default: %(default)s)",
+    )
+    parser.add_argument("--out", default=str(HERE), help="where report.md and ceiling.png go (default: here)")
 
 
 def measured_costs(runtime, threads: int) -> CostModel:
@@ -170,7 +184,9 @@ def measured_best(summary: dict) -> dict[str, tuple[str, float]]:
 
 
 def main() -> None:
-    _, state = script_args(__doc__)
+    args, state = script_args(__doc__, add=options)
+    view, out = args.view_threads, Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     results = json.loads(RESULTS.read_text())
     gen = argen.load("default")
     questions = {q.question_id: q for q in group_mt_bench(read_questions(find_questions_file()))}
@@ -184,22 +200,22 @@ def main() -> None:
             )
         runs.append((record["category"], prompt, record["systems"]["plain"]["token_ids"]))
     costs = {threads: measured_costs(gen.runtime, threads) for threads in (1, 2)}
-    prefill = measured_prefill(gen.runtime, 1)
+    prefill = measured_prefill(gen.runtime, view)
     categories = list(dict.fromkeys(c for c, _, _ in runs)) + ["all"]
     # (drafter, category, threads) -> summary of the future-knowing replay
     table: dict[tuple[str, str, int], tuple[float, float, float]] = {}
     for name, accepts in DRAFTERS.items():
         for threads, cost in costs.items():
             replayed = [replay(prompt, output, accepts, cost) for _, prompt, output in runs]
-            for c, row in summarize(runs, replayed, cost, prefill if threads == 1 else None).items():
+            for c, row in summarize(runs, replayed, cost, prefill if threads == view else None).items():
                 table[(name, c, threads)] = row
-    # (drafter, category) -> summary of the strategy it bounds, replayed with its own sizing (one thread)
+    # (drafter, category) -> summary of the strategy it bounds, replayed with its own sizing (`view` threads)
     policy: dict[tuple[str, str], tuple[float, float, float]] = {}
     for name, strategy in STRATEGY_OF.items():
         if strategy not in STRATEGIES:
             continue  # draft-head's policy is replayed with its features (run_head)
-        replayed = [replay_policy(STRATEGIES[strategy](), prompt, output, costs[1]) for _, prompt, output in runs]
-        for c, row in summarize(runs, replayed, costs[1], prefill).items():
+        replayed = [replay_policy(STRATEGIES[strategy](), prompt, output, costs[view]) for _, prompt, output in runs]
+        for c, row in summarize(runs, replayed, costs[view], prefill).items():
             policy[(name, c)] = row
     head_info = None
     try:
@@ -207,7 +223,7 @@ def main() -> None:
     except ArgenError as exc:
         print(f"draft_ceiling: no draft-head rows ({exc})")
     else:
-        head_info = run_head(gen.runtime, head, runs, costs, prefill, table, policy)
+        head_info = run_head(gen.runtime, head, runs, costs, prefill, table, policy, view)
     best = measured_best(results["summary"])
     head_summary = json.loads(HEAD_RESULTS.read_text())["summary"] if HEAD_RESULTS.is_file() else None
     if head_summary:
@@ -226,12 +242,15 @@ def main() -> None:
         provenance(state) | {"weights": weights},
         head_info,
         head_summary,
+        view,
+        out,
+        portable_command(["python", "benchmarks/draft_ceiling/run.py", *sys.argv[1:]]),
     )
-    write_chart(table, policy, categories, best)
+    write_chart(table, policy, categories, best, view, out)
 
 
-def run_head(runtime, head, runs, costs, prefill, table, policy) -> dict:
-    """The learned head's rows: its oracle replay at each thread count and its policy at one thread
+def run_head(runtime, head, runs, costs, prefill, table, policy, view: int = 1) -> dict:
+    """The learned head's rows: its oracle replay at each thread count and its policy at `view` threads
     (`head.py`), from the target's teacher-forced features of each question; and what a head pass
     costs, scoring the frequency-ranked subset and the whole vocabulary (FR-Spec)."""
     from argen.models.draft_head import DraftHeadRuntime
@@ -266,10 +285,10 @@ def run_head(runtime, head, runs, costs, prefill, table, policy) -> dict:
             replay_head(head_strategy(head, oracle=True), prompt, output, f, cost, seconds, oracle=True)
             for (_, prompt, output), f in zip(runs, feats, strict=True)
         ]
-        rows = summarize(runs, [(p, s) for p, s, _ in replayed], cost, prefill if threads == 1 else None)
+        rows = summarize(runs, [(p, s) for p, s, _ in replayed], cost, prefill if threads == view else None)
         for c, row in rows.items():
             table[(HEAD, c, threads)] = row
-        if threads == 1:
+        if threads == view:
             replayed = [
                 replay_head(head_strategy(head, oracle=False), prompt, output, f, cost, seconds)
                 for (_, prompt, output), f in zip(runs, feats, strict=True)
@@ -317,13 +336,16 @@ def write_report(
     machine: dict,
     head_info: dict | None,
     head_summary: dict | None,
+    view: int = 1,
+    out: Path = HERE,
+    command: str = "python benchmarks/draft_ceiling/run.py",
 ) -> None:
     names = drafters(table)
     lines = [
         "# A ceiling for exact speculative decoding on this machine",
         "",
         "```",
-        "python benchmarks/draft_ceiling/run.py",
+        command,
         "```",
         "",
         describe(machine),
@@ -372,11 +394,11 @@ def write_report(
         measured |= {(row["system"], row["category"]): row for row in head_summary["rows"] if row["system"] == HEAD}
     lines += [
         "",
-        "## argen's drafting policy beside the ceiling, and the prefill (one thread)",
+        f"## argen's drafting policy beside the ceiling, and the prefill ({THREADS[view]})",
         "",
         "Prefill, from the same runtime: "
         + ", ".join(f"{n} tokens {prefill(n) * 1e3:.0f} ms" for n in PREFILL_LENGTHS)
-        + f"; one plain decoding step costs {costs[1](1) * 1e3:.0f} ms. `oracle`: the drafter sized knowing the "
+        + f"; one plain decoding step costs {costs[view](1) * 1e3:.0f} ms. `oracle`: the drafter sized knowing the "
         "future (the table above). `policy`: the argen strategy it bounds, with its own adaptive sizing "
         "(`policy.py`, `head.py`). `measured`: that strategy in the committed bench (wall time; "
         "`benchmarks/speculative/`: one thread, two processes side by side; draft-head: "
@@ -389,14 +411,14 @@ def write_report(
     for c in categories:
         for name in names:
             strategy = STRATEGY_OF.get(name)  # copy anywhere is a bound only: nothing to replay or measure
-            o, p, m = table[(name, c, 1)], policy.get((name, c)), measured.get((strategy, c))
+            o, p, m = table[(name, c, view)], policy.get((name, c)), measured.get((strategy, c))
             p = [f"{v:.2f}" for v in p] if p else ["—"] * 3
             m = [f"{m['tokens_per_forward']:.2f}", f"{m['speedup_vs_plain']:.2f}"] if m else ["—"] * 2
             lines.append(
                 f"| {c} | {name} | {strategy or '—'} | {o[0]:.2f} | {p[0]} | {m[0]} | {o[1]:.2f} | {p[1]} | "
                 f"{o[2]:.2f} | {p[2]} | {m[1]} |"
             )
-    (HERE / "report.md").write_text("\n".join(lines) + "\n")
+    (out / "report.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
@@ -434,8 +456,8 @@ def head_section(info: dict, costs) -> list[str]:
     return lines
 
 
-def write_chart(table, policy, categories, best) -> None:
-    """Left: the decode-only ceiling of each drafter. Right: wall time with prefill at one thread,
+def write_chart(table, policy, categories, best, view: int = 1, out: Path = HERE) -> None:
+    """Left: the decode-only ceiling of each drafter. Right: wall time with prefill at `view` threads,
     the ceiling against argen's policy replayed and against the bench."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -446,12 +468,12 @@ def write_chart(table, policy, categories, best) -> None:
     bars_left = [(f"{n}, {t} thr", [table[(n, c, t)][1] for c in categories]) for n in drafters(table) for t in (1, 2)]
     bars_right = []
     for name in drafters(table):
-        bars_right.append((f"{name}, oracle", [table[(name, c, 1)][2] for c in categories]))
+        bars_right.append((f"{name}, oracle", [table[(name, c, view)][2] for c in categories]))
         if name in STRATEGY_OF:
             bars_right.append((f"{STRATEGY_OF[name]}, policy", [policy[(name, c)][2] for c in categories]))
     panels = (
         (left, bars_left, "decoding only: drafts sized knowing the future"),
-        (right, bars_right, "with prefill, 1 thread: knowing the future vs argen's policy"),
+        (right, bars_right, f"with prefill, {THREADS[view]}: knowing the future vs argen's policy"),
     )
     measured = [(i, best[c][1]) for i, c in enumerate(categories) if c in best]
     for ax, bars, title in panels:
@@ -467,7 +489,7 @@ def write_chart(table, policy, categories, best) -> None:
             marker="x",
             color="black",
             zorder=3,
-            label="measured best, 1 thr (with prefill)",
+            label="measured best (with prefill)",
         )
         ax.axhline(1.0, color="grey", linewidth=0.8)
         ax.set_xticks(range(len(categories)), categories, fontsize=8)
@@ -476,7 +498,7 @@ def write_chart(table, policy, categories, best) -> None:
     left.set_ylabel("× plain decoding (dashed: issue targets)")
     fig.suptitle("Exact speculative decoding on this CPU: how far drafts could go, and how far argen gets")
     fig.tight_layout()
-    fig.savefig(HERE / "ceiling.png", dpi=110)
+    fig.savefig(out / "ceiling.png", dpi=110)
 
 
 if __name__ == "__main__":

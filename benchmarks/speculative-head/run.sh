@@ -5,12 +5,14 @@
 #
 # 1. the draft head for the default model (`argen distill-draft`, the default recipe; returns at
 #    once when it is cached: ~/.cache/argen/draft-heads/);
-# 2. Spec-Bench on the fast path (the harness: pip install -e ".[bench]"), 30 questions x 128 tokens, every exact strategy beside fast plain,
+# 2. Spec-Bench on the fast path (the harness: pip install -e ".[bench]"), 30 questions x 128 tokens, every
+#    exact strategy beside fast plain and llama.cpp on the same GGUF (pip install llama-cpp-python),
 #    outputs judged against plain (writes report.md, results.json, chart.png here);
-# 3. the draft ceiling re-run with the head's rows (benchmarks/draft_ceiling/report.md).
+# 3. the draft ceiling re-run with the head's rows and these measured figures, its policy and prefill
+#    view at two threads (benchmarks/draft_ceiling/avx2-two-threads/report.md).
 set -e
 argen distill-draft --model default --threads 2
 python -m benchmarks compare --model default --limit 5 --group-mt-bench --max-new-tokens 128 \
     --strategies plain,prompt-lookup,ngram,draft-head --dtypes float32 --hf-prompt-lookup 0 \
-    --threads 2 --reference plain --warmup --out benchmarks/speculative-head
-python benchmarks/draft_ceiling/run.py
+    --systems llama-cpp --threads 2 --reference plain --warmup --out benchmarks/speculative-head
+python benchmarks/draft_ceiling/run.py --view-threads 2 --out benchmarks/draft_ceiling/avx2-two-threads
