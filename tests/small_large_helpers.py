@@ -1,5 +1,5 @@
 """What the bild and fs-gen tests share: the prompt, the small model, a server with it loaded, a post,
-the command line run against plain decoding, and a hostile option's 400."""
+a request served as the API runs it, the command line against the API, and a hostile option's 400."""
 
 from __future__ import annotations
 
@@ -39,6 +39,18 @@ def post(url: str, spec, prompt=PROMPT, **fields):
         headers={"content-type": "application/json"},
         timeout=120,
     )
+
+
+def assert_served_as_the_api(url: str, gen, small, spec: dict) -> None:
+    """A request naming the loaded small model `s`, and one naming none (the first loaded), get the
+    API's tokens and record (return_origins stats) for `spec` with `small`."""
+    want = run(gen, spec | {"small": small})
+    for named in ({"small": "s"}, {}):
+        r = post(url, spec | named, return_token_ids=True, return_origins=True)
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        assert choice["token_ids"] == want.token_ids
+        assert choice["stats"]["strategy_record"] == want.extras[spec["name"]]
 
 
 def assert_refused(url: str, spec, words: str) -> None:

@@ -9,7 +9,13 @@ import pytest
 import small_large_helpers
 import torch
 from helpers import all_logits, greedy_by_hand
-from small_large_helpers import PROMPT, SMALL, N, assert_cli_runs_as_the_api, assert_refused, post, run
+from small_large_helpers import (
+    PROMPT,
+    SMALL,
+    N,
+    post,
+    run,
+)
 
 import argen
 from argen.errors import InvalidRequestError
@@ -158,7 +164,7 @@ def test_a_small_model_with_another_vocabulary_is_refused(tiny):
 def test_the_cli_runs_bild_end_to_end(tiny, small, capsys):
     """Seen failing with the command line dropping every strategy option but `small` (the old check, under
     options where the large model decides every token, passed with them dropped: plain's tokens either way)."""
-    assert_cli_runs_as_the_api(tiny, small, "bild", {"fallback": 0.0, "rollback": 1000.0}, capsys)
+    small_large_helpers.assert_cli_runs_as_the_api(tiny, small, "bild", {"fallback": 0.0, "rollback": 1000.0}, capsys)
 
 
 # -- the server: small models are the operator's choice ---------------------------------------------
@@ -170,14 +176,9 @@ def small_server(tiny):
 
 def test_the_server_runs_a_named_small_model_as_the_api_does(small_server, tiny, small):
     """A request names a loaded small model (or names none: the first); its stats carry the record."""
-    spec = {"name": "bild", "fallback": 0.2, "rollback": 8.0}
-    want = run(tiny, spec | {"small": small})
-    for named in ({"small": "s"}, {}):
-        r = post(small_server, spec | named, return_token_ids=True, return_origins=True)
-        assert r.status_code == 200, r.text
-        choice = r.json()["choices"][0]
-        assert choice["token_ids"] == want.token_ids
-        assert choice["stats"]["strategy_record"] == want.extras["bild"]
+    small_large_helpers.assert_served_as_the_api(
+        small_server, tiny, small, {"name": "bild", "fallback": 0.2, "rollback": 8.0}
+    )
 
 
 @pytest.mark.parametrize(
@@ -196,7 +197,7 @@ def test_the_server_runs_a_named_small_model_as_the_api_does(small_server, tiny,
     ],
 )
 def test_hostile_bild_options_get_400(small_server, spec, words):
-    assert_refused(small_server, spec, words)
+    small_large_helpers.assert_refused(small_server, spec, words)
 
 
 def test_a_server_without_a_small_model_names_the_operator_flag(tiny):

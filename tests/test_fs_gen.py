@@ -9,7 +9,12 @@ import pytest
 import small_large_helpers
 import torch
 from helpers import all_logits, greedy_by_hand
-from small_large_helpers import PROMPT, SMALL, N, assert_cli_runs_as_the_api, assert_refused, post, run
+from small_large_helpers import (
+    PROMPT,
+    SMALL,
+    N,
+    run,
+)
 
 import argen
 from argen.errors import InvalidRequestError
@@ -107,7 +112,7 @@ def test_bad_options_are_refused_in_the_api(tiny, options, words):
 def test_the_cli_runs_fs_gen_end_to_end(tiny, small, capsys):
     """Seen failing with the command line dropping every strategy option but `small` (the old check, under
     options where the large model decides every token, passed with them dropped: plain's tokens either way)."""
-    assert_cli_runs_as_the_api(tiny, small, "fs-gen", {"threshold": 20.0}, capsys)
+    small_large_helpers.assert_cli_runs_as_the_api(tiny, small, "fs-gen", {"threshold": 20.0}, capsys)
 
 
 # -- the server ----------------------------------------------------------------------------------
@@ -118,13 +123,9 @@ def small_server(tiny):
 
 
 def test_the_server_runs_fs_gen_as_the_api_does(small_server, tiny, small):
-    spec = {"name": "fs-gen", "criterion": "margin", "threshold": 0.2}
-    want = run(tiny, spec | {"small": small})
-    r = post(small_server, spec, return_token_ids=True, return_origins=True)
-    assert r.status_code == 200, r.text
-    choice = r.json()["choices"][0]
-    assert choice["token_ids"] == want.token_ids
-    assert choice["stats"]["strategy_record"] == want.extras["fs-gen"]
+    small_large_helpers.assert_served_as_the_api(
+        small_server, tiny, small, {"name": "fs-gen", "criterion": "margin", "threshold": 0.2}
+    )
 
 
 @pytest.mark.parametrize(
@@ -140,4 +141,4 @@ def test_the_server_runs_fs_gen_as_the_api_does(small_server, tiny, small):
     ],
 )
 def test_hostile_fs_gen_options_get_400(small_server, spec, words):
-    assert_refused(small_server, spec, words)
+    small_large_helpers.assert_refused(small_server, spec, words)
