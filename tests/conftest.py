@@ -48,6 +48,15 @@ def real():
 
 
 @pytest.fixture(scope="session")
+def real_fp32():
+    """The default model's weights dequantized to fp32 (`quant="none"`, torch's path): the reference of
+    the parity, log-prob and exact-path tests, loaded once per session."""
+    gen = argen.load("default", quant="none")
+    assert gen.quant == "none"
+    return gen
+
+
+@pytest.fixture(scope="session")
 def spec_bench_questions() -> list[dict]:
     assert SPEC_BENCH.is_file(), f"Spec-Bench questions not found at {SPEC_BENCH}"
     return [json.loads(line) for line in SPEC_BENCH.read_text().splitlines() if line.strip()]

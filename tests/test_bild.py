@@ -1,17 +1,21 @@
 """Strategy bild (Big Little Decoder): its bounds against plain greedy decoding of each model written
 out here, its policies against a hand-written BiLD that recomputes everything (no caches), sampling,
-options over the API, the CLI and HTTP, and the scheduler (8 concurrent = each alone, real)."""
+options over the API, the CLI and HTTP. Eight concurrent requests = each alone, on the default model:
+tests/test_concurrent_real.py."""
 
 from __future__ import annotations
-
-import json
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import small_large_helpers
 import torch
 from helpers import all_logits, greedy_by_hand
-from small_large_helpers import PROMPT, SMALL, N, post, run
+from small_large_helpers import (
+    PROMPT,
+    SMALL,
+    N,
+    post,
+    run,
+)
 
 import argen
 from argen.errors import InvalidRequestError
@@ -157,16 +161,10 @@ def test_a_small_model_with_another_vocabulary_is_refused(tiny):
         tiny.generate(PROMPT, chat=False, max_new_tokens=2, strategy={"name": "bild", "small": other})
 
 
-def test_the_cli_runs_bild_end_to_end(capsys):
-    from argen.cli import main
-
-    argv = ["generate", PROMPT, "--model", "tiny-random", "--no-chat", "--max-new-tokens", "12", "--json"]
-    assert (
-        main([*argv, "--strategy", "bild", "--strategy-opt", f"small={SMALL}", "--strategy-opt", "fallback=1.0"]) == 0
-    )
-    got = json.loads(capsys.readouterr().out)
-    assert main(argv) == 0
-    assert got["strategy"] == "bild" and got["token_ids"] == json.loads(capsys.readouterr().out)["token_ids"]
+def test_the_cli_runs_bild_end_to_end(tiny, small, capsys):
+    """Seen failing with the command line dropping every strategy option but `small` (the old check, under
+    options where the large model decides every token, passed with them dropped: plain's tokens either way)."""
+    small_large_helpers.assert_cli_runs_as_the_api(tiny, small, "bild", {"fallback": 0.0, "rollback": 1000.0}, capsys)
 
 
 # -- the server: small models are the operator's choice ---------------------------------------------
@@ -178,14 +176,9 @@ def small_server(tiny):
 
 def test_the_server_runs_a_named_small_model_as_the_api_does(small_server, tiny, small):
     """A request names a loaded small model (or names none: the first); its stats carry the record."""
-    spec = {"name": "bild", "fallback": 0.2, "rollback": 8.0}
-    want = run(tiny, spec | {"small": small})
-    for named in ({"small": "s"}, {}):
-        r = post(small_server, spec | named, return_token_ids=True, return_origins=True)
-        assert r.status_code == 200, r.text
-        choice = r.json()["choices"][0]
-        assert choice["token_ids"] == want.token_ids
-        assert choice["stats"]["strategy_record"] == want.extras["bild"]
+    small_large_helpers.assert_served_as_the_api(
+        small_server, tiny, small, {"name": "bild", "fallback": 0.2, "rollback": 8.0}
+    )
 
 
 @pytest.mark.parametrize(
@@ -204,11 +197,7 @@ def test_the_server_runs_a_named_small_model_as_the_api_does(small_server, tiny,
     ],
 )
 def test_hostile_bild_options_get_400(small_server, spec, words):
-    r = post(small_server, spec)
-    assert r.status_code == 400, r.text
-    message = r.json()["error"]["message"]
-    assert words in message
-    assert "/tmp" not in message
+    small_large_helpers.assert_refused(small_server, spec, words)
 
 
 def test_a_server_without_a_small_model_names_the_operator_flag(tiny):
@@ -220,42 +209,6 @@ def test_a_server_without_a_small_model_names_the_operator_flag(tiny):
         r = post(url, {"name": "bild"})
     assert r.status_code == 400, r.text
     assert "--small-model NAME=cached" in r.json()["error"]["message"]
-
-
-@pytest.mark.real
-def test_eight_concurrent_requests_equal_each_alone(real, real_small):
-    """The scheduler packs eight requests' small-model and large-model passes into shared rounds; each
-    request's output and record are what it gets alone. On the default model (fused kernels: a row's
-    bits do not depend on its batch), with its first 8 layers as the small model. Bug it guards
-    against (seen failing when put in by hand): one record dict shared by every request (reset by each
-    start), so concurrent requests count each other's passes."""
-    from server_helpers import running_server
-
-    from argen.server.companions import Companions
-
-    spec = {"name": "bild", "fallback": 0.4, "rollback": 3.0, "max_pending": 6}
-    prompts = [f"Question {i}: what is {i} plus {i + 3}? Answer briefly." for i in range(8)]
-    alone = [
-        real.generate(p, chat=False, max_new_tokens=16, temperature=0, strategy=spec | {"small": real_small})
-        for p in prompts
-    ]
-    assert 0 < sum(r.extras["bild"]["large_share"] for r in alone) < 8  # both models decide tokens
-    companions = Companions("default", real.model)
-    companions.models["small"]["s"] = real_small
-    with running_server(real, companions=companions) as (url, _), ThreadPoolExecutor(8) as pool:
-        bodies = [
-            {"model": "default", "prompt": p, "max_tokens": 16, "temperature": 0, "strategy": spec}
-            | {"return_token_ids": True, "return_origins": True}
-            for p in prompts
-        ]
-        import httpx
-
-        responses = list(pool.map(lambda b: httpx.post(f"{url}/v1/completions", json=b, timeout=300), bodies))
-    for r, want in zip(responses, alone, strict=True):
-        assert r.status_code == 200, r.text
-        choice = r.json()["choices"][0]
-        assert choice["token_ids"] == want.token_ids
-        assert choice["stats"]["strategy_record"] == want.extras["bild"]
 
 
 def test_the_default_small_model_is_the_one_distill_small_cached(tiny, tmp_path, monkeypatch):

@@ -109,6 +109,10 @@ def test_training_is_deterministic_from_the_seed(tiny, tmp_path):
     assert torch.equal(vocab_a, vocab_b)
     assert not torch.equal(a.fc.weight, c.fc.weight)
     assert meta_a["recipe"]["seed"] == 0 and meta_a["sequences"] == 4
+    # The run's record (recipes/cached.py's run_meta), which the documented recipe times quote.
+    assert meta_a["threads"] == torch.get_num_threads() and meta_a["torch"] == torch.__version__ and meta_a["cpu"]
+    assert meta_a["data_seconds"] + meta_a["train_seconds"] == pytest.approx(meta_a["seconds"])
+    assert meta_a["cpu_seconds"] > 0
 
 
 # -- the cache ----------------------------------------------------------------------------------

@@ -12,7 +12,6 @@ import pytest
 import torch
 from server_helpers import metric, running_server
 
-import argen
 from argen.models import sources
 
 pytestmark = pytest.mark.real
@@ -20,24 +19,17 @@ TOL = 1e-4
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "Water boils at a temperature of"]
 
 
-@pytest.fixture(scope="module")
-def fp32():
-    gen = argen.load("default", quant="none")
-    assert gen.quant == "none"
-    return gen
-
-
 def hf_log_softmax(gen, ids: list[int]) -> torch.Tensor:
     with torch.inference_mode():
         return torch.log_softmax(gen.model.hf_model(torch.tensor([ids])).logits[0].float(), -1)
 
 
-def test_logprobs_equal_hf_log_softmax(fp32):
-    results = fp32.generate(PROMPTS, chat=False, max_new_tokens=10, logprobs=5, prompt_logprobs=5)
+def test_logprobs_equal_hf_log_softmax(real_fp32):
+    results = real_fp32.generate(PROMPTS, chat=False, max_new_tokens=10, logprobs=5, prompt_logprobs=5)
     worst = 0.0
     for result in results:
         ids = result.prompt_ids + result.token_ids
-        logp = hf_log_softmax(fp32, ids)
+        logp = hf_log_softmax(real_fp32, ids)
         n = len(result.prompt_ids)
         assert result.prompt_logprobs[0] is None and len(result.logprobs) == len(result.token_ids) > 0
         records = result.prompt_logprobs[1:] + result.logprobs
@@ -100,14 +92,14 @@ def run_lm_eval(model: str, model_args: dict, include: str, batch_size: int = 1)
 
 
 @pytest.fixture(scope="module")
-def task_dir(fp32, tmp_path_factory):
+def task_dir(real_fp32, tmp_path_factory):
     """The multiple-choice task, built offline (lm-eval cannot download datasets here), and the
     tokenizer for the `huggingface` backend."""
     tmp_path = tmp_path_factory.mktemp("lm_eval")
     data = tmp_path / "mc.jsonl"
     data.write_text("".join(json.dumps({"question": q, "choices": c, "answer": a}) + "\n" for q, c, a in QUESTIONS))
     (tmp_path / "argen_mc.yaml").write_text(TASK.format(data=data))
-    fp32.tokenizer.save_pretrained(tmp_path / "tokenizer")
+    real_fp32.tokenizer.save_pretrained(tmp_path / "tokenizer")
     return tmp_path
 
 
@@ -127,7 +119,7 @@ def hf_scores(task_dir):
 
 @pytest.mark.parametrize("backend, batch_size", [("huggingface", 1), ("remote", 4)])
 def test_lm_eval_local_completions_through_argen_serve_equals_its_hf_model(
-    fp32, task_dir, hf_scores, monkeypatch, backend, batch_size
+    real_fp32, task_dir, hf_scores, monkeypatch, backend, batch_size
 ):
     """lm-eval's `local-completions` scores the task through `argen serve` as its `hf` model does: one
     prompt a request with lm-eval's own tokenizer, and (the issue's acceptance) four prompts a request
@@ -147,13 +139,13 @@ def test_lm_eval_local_completions_through_argen_serve_equals_its_hf_model(
         lm_eval.utils.RemoteTokenizer, "encode", lambda self, text: encoded.append(text) or encode(self, text)
     )
     args = {
-        "model": fp32.name,
+        "model": real_fp32.name,
         "tokenizer_backend": backend,
         "tokenized_requests": True,
         "num_concurrent": 1,
         "max_retries": 1,
     } | ({"tokenizer": str(task_dir / "tokenizer")} if backend == "huggingface" else {})
-    with running_server(fp32) as (url, _):
+    with running_server(real_fp32) as (url, _):
         served = run_lm_eval(
             "local-completions", {"base_url": f"{url}/v1/completions", **args}, str(task_dir), batch_size
         )

@@ -16,7 +16,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import argen
 from argen.models import matmul
 from argen.models.fused import MAX_NEW_TOKENS as FUSED_MAX
 from argen.models.matmul import PACKED_MAX_ROWS, Matmul
@@ -109,24 +108,28 @@ def max_diff_per_feed(gen, ids: list[int], hf_logits: torch.Tensor) -> dict[str,
     return diffs
 
 
+@pytest.fixture(scope="module")
+def long_hf(real) -> tuple[list[int], torch.Tensor]:
+    """The long prompt and Hugging Face's logits at every position of it (one forward for the tests below)."""
+    ids = long_prompt(real)
+    with torch.inference_mode():
+        return ids, real.model.hf_model(torch.tensor([ids])).logits[0]
+
+
 @pytest.mark.real
 @pytest.mark.parametrize("quant", ["none", "exact"])
-def test_every_path_matches_hf_logits_on_a_long_prompt(real, quant):
-    gen = real if quant == real.quant else argen.load("default", quant=quant)
+def test_every_path_matches_hf_logits_on_a_long_prompt(real, real_fp32, long_hf, quant):
+    gen = {"exact": real, "none": real_fp32}[quant]
     assert gen.quant == quant
-    ids = long_prompt(gen)
-    with torch.inference_mode():
-        hf_logits = real.model.hf_model(torch.tensor([ids])).logits[0]
+    ids, hf_logits = long_hf
     diffs = max_diff_per_feed(gen, ids, hf_logits)
     assert max(diffs.values()) < TOLERANCE, diffs
 
 
 @pytest.mark.real
-def test_control_a_one_row_kernel_off_by_1e_5_fails_parity(real, monkeypatch):
-    gen = argen.load("default", quant="none")
-    ids = long_prompt(gen)
-    with torch.inference_mode():
-        hf_logits = real.model.hf_model(torch.tensor([ids])).logits[0]
+def test_control_a_one_row_kernel_off_by_1e_5_fails_parity(real_fp32, long_hf, monkeypatch):
+    gen = real_fp32
+    ids, hf_logits = long_hf
     real_call = Matmul.__call__
 
     def off(self, x):

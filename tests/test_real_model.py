@@ -9,7 +9,6 @@ from checks import check_same_as_plain_and_hf
 from conftest import SPEC_BENCH
 from helpers import PROPOSERS, assert_same_or_near_tie, hf_greedy
 
-import argen
 from argen.bench.questions import bench_questions
 from argen.neartie import NEAR_TIE, top2_at
 
@@ -86,19 +85,16 @@ def test_every_proposer_matches_plain_and_hf_with_drafts_accepted_and_rejected(r
     assert rejected > 0 and near_ties <= 2
 
 
-def test_the_exact_path_decodes_as_fp32_token_for_token(real, questions):
+def test_the_exact_path_decodes_as_fp32_token_for_token(real, real_fp32, references):
     """The default path (`quant="exact"`: the GGUF's blocks, C kernels) against `quant="none"` (the
     same weights dequantized to fp32, torch's path) on the 12 questions, 48 greedy tokens each:
     identical token for token, a divergence excused only by the one near-tie rule (`argen.neartie`,
     judged on HF's logits). The fast-path table (docs/fast-path.md) says 30/30; this is its test. Guards against
     any fidelity loss on the exact path (a scale, a block or a rounding that fp32 does not have)."""
-    fp32 = argen.load("default", quant="none")
-    assert real.quant == "exact" and fp32.quant == "none"
+    assert real.quant == "exact" and real_fp32.quant == "none"
     near_ties = 0
-    for q in questions:
-        ids = real.encode(q.prompt)
-        exact = real.generate(ids, max_new_tokens=N_TOKENS).token_ids
-        reference = fp32.generate(ids, max_new_tokens=N_TOKENS).token_ids
+    for ids, _, exact in references:  # the default path's greedy tokens, decoded there
+        reference = real_fp32.generate(ids, max_new_tokens=N_TOKENS).token_ids
         near_ties += assert_same_or_near_tie(real.model.hf_model, ids, exact, reference)
     assert near_ties <= 1
 

@@ -12,7 +12,7 @@ from exact import Enumerator
 from scipy.stats import chisquare
 
 from argen.errors import InvalidRequestError
-from argen.sampling import GREEDY_BELOW, Sampler, SamplingParams, apply_repetition_penalty
+from argen.sampling import GREEDY_BELOW, Sampler, SamplingParams, apply_repetition_penalty, entropy
 
 
 def reference_distribution(logits: torch.Tensor, t: float, top_k: int, top_p: float, min_p: float) -> np.ndarray:
@@ -156,6 +156,19 @@ def test_same_seed_same_sample_and_positions_differ(logits):
 
 def test_greedy_is_argmax(logits):
     assert Sampler(SamplingParams(temperature=0)).sample(logits, [], 0) == int(logits.argmax())
+
+
+def test_entropy_of_a_masked_vocabulary_is_that_of_the_tokens_left():
+    """Logits with -inf entries (a grammar mask, a filtered vocabulary): the entropy of the finite
+    ones alone, by hand sum -p log p over them; ln 3 for three equal ones. Seen failing with `.sum()`
+    in place of `.nansum()` (0 * -inf = nan made the whole entropy nan)."""
+    finite = torch.tensor([2.0, -1.0, 0.5, 3.0])
+    masked = torch.full((10,), float("-inf"))
+    masked[[1, 4, 6, 9]] = finite
+    p = torch.softmax(finite.double(), -1)
+    assert entropy(masked) == pytest.approx(float(-(p * p.log()).sum()), rel=1e-6)
+    assert entropy(torch.tensor([0.0, float("-inf"), 0.0, 0.0])) == pytest.approx(math.log(3), rel=1e-6)
+    assert entropy(torch.tensor([5.0, float("-inf")])) == 0.0  # one token left: certain
 
 
 @pytest.mark.parametrize("t", [1e-38, 1e-45, 5e-324, 1e-6])

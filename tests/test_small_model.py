@@ -139,7 +139,11 @@ def test_the_cache(tiny, tmp_path, monkeypatch, capsys):
     path = small_model_path(tiny.runtime, Recipe(layers=2, steps=3, sequences=8, seq_len=32, batch=4, top_k=16))
     assert made.out.strip() == str(path) and "written to" in made.err
     assert (path / "config.json").is_file() and (path / "model.safetensors").is_file()
-    assert read_meta(path)["fingerprint"] and read_meta(path)["recipe"]["steps"] == 3
+    meta = read_meta(path)
+    assert meta["fingerprint"] and meta["recipe"]["steps"] == 3
+    # The run's record (recipes/cached.py's run_meta), which the documented recipe time quotes.
+    assert meta["threads"] == torch.get_num_threads() and meta["torch"] == torch.__version__ and meta["cpu"]
+    assert meta["teacher_seconds"] + meta["train_seconds"] == pytest.approx(meta["seconds"]) and meta["cpu_seconds"] > 0
 
     small = load_small_model(tiny.runtime, "cached")  # the only one cached for this model
     assert small.runtime.info.n_layers == 2 and small.runtime.info.vocab_size == tiny.runtime.info.vocab_size

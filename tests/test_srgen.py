@@ -1,6 +1,7 @@
 """Strategy srgen (self-reflective generation at test time, strategies/srgen.py), against hand-written
 references: plain greedy where it never fires, the loss and Adam's steps written out by hand, the
-positions it fires at read off the model's own entropies."""
+positions it fires at read off the model's own entropies. Eight concurrent requests = each alone, on
+the default model: tests/test_concurrent_real.py."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 
 from argen.errors import InvalidRequestError
 from argen.strategies import make_strategy
-from argen.strategies.srgen import SRGen, float_head, reflect
+from argen.strategies.srgen import float_head, reflect
 
 PROMPT = "The quick brown fox"
 N = 12
@@ -226,23 +227,6 @@ def test_hostile_srgen_options_get_400(server, spec, words):
     r = post(server, spec)
     assert r.status_code == 400, r.text
     assert words in r.json()["error"]["message"]
-
-
-@pytest.mark.real
-def test_eight_concurrent_requests_equal_each_alone(real):
-    """Eight srgen requests decoded in one batch give each its own output and triggers, as alone. On
-    the default model, whose fused kernels give a row the same bits whatever shares its pass (the tiny
-    model's torch path differs by ~1e-5 between a batch and a lone row, enough to move a trigger's
-    threshold test or a near-tie). The eight share one SRGen object, as a Python caller may pass it. Bug
-    it caught when put in by hand: the context window kept on the strategy object (shared by every
-    request) instead of the request's memo."""
-    spec = SRGen(entropy_threshold=1.5, steps=2, prefix_window=8)  # one object: every request's options
-    prompts = [f"Question {i}: what is {3 * i + 4} + {i + 9}? Answer:" for i in range(8)]
-    alone = [real.generate(p, chat=False, max_new_tokens=10, temperature=0, strategy=spec) for p in prompts]
-    together = real.generate(prompts, chat=False, max_new_tokens=10, temperature=0, strategy=spec)
-    assert [r.token_ids for r in together] == [r.token_ids for r in alone]
-    assert [r.extras["srgen"]["positions"] for r in together] == [r.extras["srgen"]["positions"] for r in alone]
-    assert sum(r.extras["srgen"]["triggers"] for r in alone) > 0
 
 
 def test_concurrent_http_requests_equal_each_alone(server, tiny):

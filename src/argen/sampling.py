@@ -216,6 +216,14 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return logits
 
 
+def entropy(logits: torch.Tensor) -> float:
+    """The entropy (nats) of softmax(logits): how unsure a model is of its next token. A masked token
+    (logit -inf) has probability 0 and adds nothing; nansum skips its 0 * -inf = nan, which `.sum()`
+    would return for the whole row."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return float(-(logp.exp() * logp).nansum())
+
+
 def position_seed(seed: int, position: int, stream: int = 0) -> int:
     # A fixed mixing of (seed, position, stream): independent-looking streams, stable across runs.
     return (seed * 0x9E3779B1 + position * 0x85EBCA77 + stream * 0xC2B2AE3D) % (2**63 - 1)

@@ -2,16 +2,22 @@
 
 `argen distill-draft` (a draft head file) and `argen distill-small` (a small model's directory) cache
 what they make beside the model, keyed by its fingerprint and the recipe; a strategy's option then
-names it `cached` or by path. One resolver for both, so their messages and rules stay alike.
+names it `cached` or by path. One resolver for both, so their messages and rules stay alike; and
+what both write of the run that made an artifact (`run_meta`) and how a remade one replaces the copy
+loaded before (`forget_loaded`).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from argen.errors import ArgenError
+from argen.models.kernels import describe_cpu
 
 
 @dataclass(frozen=True)
@@ -53,3 +59,22 @@ def find_cached(source, default: Path, others: Callable[[], list[Path]], kind: A
             raise ArgenError(f"{kind.given_as} {str(path)!r} does not exist; make one with `{kind.command}`")
         return path
     raise ArgenError(f"a {kind.what} is a path to a {kind.given_as} or 'cached'; got {type(source).__name__}")
+
+
+def run_meta(started: float, cpu_started: float) -> dict:
+    """The tail of a recipe's metadata: the run's wall-clock and CPU seconds since `started`
+    (`time.perf_counter()`) and `cpu_started` (`time.process_time()`), and what they were measured
+    on (the documented recipe times quote them)."""
+    return {
+        "seconds": time.perf_counter() - started,
+        "cpu_seconds": time.process_time() - cpu_started,
+        "threads": torch.get_num_threads(),
+        "cpu": describe_cpu(),
+        "torch": torch.__version__,
+    }
+
+
+def forget_loaded(by_path: dict, path: Path) -> None:
+    """Drop the copy of `path` a runtime's memo holds (`by_path`, keyed by the resolved path as the
+    loaders key it): a remade artifact replaces it, so the next load reads the new one."""
+    by_path.pop(str(path.resolve()), None)

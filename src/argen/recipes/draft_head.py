@@ -35,10 +35,9 @@ import torch.nn.functional as F
 
 from argen.errors import ArgenError
 from argen.models.draft_head import DraftHeadRuntime, HeadConfig, HeadWeights, head_rows_dense, read_head, save_head
-from argen.models.kernels import describe_cpu
 from argen.models.llama import LlamaRuntime
 from argen.models.sources import cache_dir
-from argen.recipes.cached import Artifact, find_cached
+from argen.recipes.cached import Artifact, find_cached, forget_loaded, run_meta
 from argen.recipes.local_text import build_prompts, local_corpus
 from argen.strategies.base import DecodeState, Step, run
 from argen.strategies.plain import Plain
@@ -402,7 +401,7 @@ def distill(
     weights = new_head(runtime, recipe)
     log = train(trainer, weights, training, recipe, progress)
     evaluation = trainer.evaluate(weights, held_out, recipe.batch_tokens) if held_out else {}
-    seconds = time.perf_counter() - started
+    run = run_meta(started, cpu_started)
     meta = {
         "model": gen.name,
         "fingerprint": fingerprint(runtime),
@@ -415,14 +414,10 @@ def distill(
         "epochs": log,
         "held_out": evaluation,
         "data_seconds": data_seconds,
-        "train_seconds": seconds - data_seconds,
-        "seconds": seconds,
-        "cpu_seconds": time.process_time() - cpu_started,
-        "threads": torch.get_num_threads(),
-        "cpu": describe_cpu(),
-        "torch": torch.__version__,
+        "train_seconds": run["seconds"] - data_seconds,
+        **run,
     }
     out = path or head_path(runtime, recipe)
     save_head(out, weights, vocab, meta)
-    runtime.memo.get(LoadedHeads).by_path.pop(str(out.resolve()), None)  # a re-distilled head replaces the loaded one
+    forget_loaded(runtime.memo.get(LoadedHeads).by_path, out)
     return out

@@ -44,11 +44,10 @@ from typing import Any
 import torch
 
 from argen.errors import ArgenError
-from argen.models.kernels import describe_cpu
 from argen.models.loading import LoadedModel, load_model
 from argen.models.quant import QuantMatmul
 from argen.models.sources import cache_dir
-from argen.recipes.cached import Artifact, find_cached
+from argen.recipes.cached import Artifact, find_cached, forget_loaded, run_meta
 from argen.strategies.speculative.skip_calibration import fingerprint
 
 META_FILE = "argen-small-model.json"
@@ -419,7 +418,7 @@ def distill(
         kl_before = kl_to_teacher(student, probe)
         losses = train(student, data, recipe, progress)
         kl_after = kl_to_teacher(student, probe)
-    seconds = time.perf_counter() - started
+    run = run_meta(started, cpu_started)
     meta = {
         "model": model.name,
         "fingerprint": fingerprint(runtime),
@@ -430,14 +429,10 @@ def distill(
         "losses": [losses[i] for i in range(0, len(losses), max(1, len(losses) // 50))] + losses[-1:],
         "kl_first_batch": {"before": kl_before, "after": kl_after},
         "teacher_seconds": teacher_seconds,
-        "train_seconds": seconds - teacher_seconds,
-        "seconds": seconds,
-        "cpu_seconds": time.process_time() - cpu_started,
-        "threads": torch.get_num_threads(),
-        "cpu": describe_cpu(),
-        "torch": torch.__version__,
+        "train_seconds": run["seconds"] - teacher_seconds,
+        **run,
     }
     out = path or small_model_path(runtime, recipe)
     save_small_model(student, model.tokenizer, out, meta)
-    runtime.memo.get(LoadedSmallModels).by_path.pop(str(out.resolve()), None)  # a remade one replaces the loaded
+    forget_loaded(runtime.memo.get(LoadedSmallModels).by_path, out)
     return out

@@ -15,8 +15,9 @@ Lossy; `state.extras["fs-gen"]` records the collaborative tokens (`large_tokens`
 
 from __future__ import annotations
 
+from argen.sampling import entropy
 from argen.strategies.base import DecodeState, Step
-from argen.strategies.small_large import CACHED, SmallLarge, entropy, margin
+from argen.strategies.small_large import CACHED, SmallLarge, margin
 
 CRITERIA = ("entropy", "margin")
 MAX_ENTROPY = 20.0  # nats: above ln(vocabulary size) for any vocabulary under 480M tokens (no token asks)

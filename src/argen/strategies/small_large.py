@@ -133,12 +133,6 @@ def top_prob(logits: torch.Tensor) -> float:
     return float(torch.softmax(logits.float(), dim=-1).max())
 
 
-def entropy(logits: torch.Tensor) -> float:
-    """Entropy (nats) of the model's own next-token distribution."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return float(-(logp.exp() * logp).nansum())
-
-
 def margin(logits: torch.Tensor) -> float:
     """Top-1 minus top-2 probability of the model's own next-token distribution."""
     top = torch.softmax(logits.float(), dim=-1).topk(2).values

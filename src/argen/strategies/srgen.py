@@ -68,6 +68,7 @@ import torch.nn.functional as F
 
 from argen.checks import number_option
 from argen.errors import InvalidRequestError
+from argen.sampling import entropy
 from argen.strategies.base import DecodeState, Start, Step, Strategy, run
 
 MAX_STEPS = 16
@@ -183,12 +184,6 @@ def reflect(
             loss_after = float(reflection_loss(base, shift, target_ids, entropy_weight))
             logits = base[-1] + shift
     return Reflection(logits.detach(), loss_after if loss_before is None else loss_before, loss_after)
-
-
-def entropy(logits: torch.Tensor) -> float:
-    """The entropy (nats) of softmax(logits)."""
-    log_p = F.log_softmax(logits.float(), dim=-1)
-    return float(-(log_p.exp() * log_p).sum())
 
 
 @dataclass
