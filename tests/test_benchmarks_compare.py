@@ -285,7 +285,12 @@ def test_bench_quant_paths_and_a_llama_cpp_peer(tmp_path, questions_file, monkey
 
     from argen.models import sources
 
-    fake = SimpleNamespace(Llama=FakeLlama, __version__="0.0-fake", llama_model_size=lambda model: 1234)
+    fake = SimpleNamespace(
+        Llama=FakeLlama,
+        __version__="0.0-fake",
+        llama_model_size=lambda model: 1234,
+        llama_print_system_info=lambda: b"CPU : SSE3 = 1 | AVX2 = 1 | AVX512 = 0 | ",
+    )
     monkeypatch.setitem(sys.modules, "llama_cpp", fake)
     gguf = tmp_path / "model.gguf"
     monkeypatch.setattr(sources, "gguf_file", lambda source: gguf)
@@ -326,6 +331,7 @@ def test_bench_quant_paths_and_a_llama_cpp_peer(tmp_path, questions_file, monkey
         assert rows[name]["prefill_tokens_per_s"] > 0 and rows[name]["decode_tokens_per_s"] > 0
     assert rows["llama.cpp"]["weight_bytes"] == 1234
     assert "Decode and prefill speed" in (out / "report.md").read_text()
+    assert "llama.cpp build SSE3 AVX2." in (out / "report.md").read_text()  # the peer's ISA, named
     assert "--systems llama-cpp" in results["command"] and "--reference plain@none" in results["command"]
 
 

@@ -308,7 +308,7 @@ def _run(args: argparse.Namespace) -> int:
         out,
         command_line(args),
         portable_argv(sys.argv),
-        machine_info(args.git_state),
+        machine_info(args.git_state) | {f"{s.name} build": s.build for s in systems if isinstance(s, LlamaCppSystem)},
         settings,
         described,
         records,

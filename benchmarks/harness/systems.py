@@ -171,6 +171,11 @@ class LlamaCppSystem(System):
         self.name = "llama.cpp"
         self.weight_bytes = int(llama_cpp.llama_model_size(self.llm.model))
         self.dtype = "gguf"
+        # The instruction sets this llama.cpp was built for (its builds differ by the flags given)
+        info = llama_cpp.llama_print_system_info().decode()
+        self.build = " ".join(
+            f.split("=")[0].split(":")[-1].strip() for f in info.split("|") if f.strip().endswith("= 1")
+        )
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int) -> Output:
         self.llm.reset()  # no prefix reuse from the previous call
@@ -193,6 +198,7 @@ class LlamaCppSystem(System):
     def describe(self) -> dict:
         return super().describe() | {
             "llama_cpp_python": self.version,
+            "llama_cpp_build": self.build,
             "threads": self.threads,
             "weight_bytes": self.weight_bytes,
         }

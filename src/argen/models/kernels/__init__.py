@@ -132,7 +132,8 @@ def describe_cpu() -> str:
     """One line for reports: the CPU, the features that matter here, and the kernels' instruction set."""
     wanted = ["avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16"]
     have = [f for f in wanted if f in cpu_flags()]
-    return f"{cpu_name()} ({os.cpu_count()} CPUs; {' '.join(have) or 'no AVX2'}); argen kernels: {pick_isa()}"
+    isa = os.environ.get("ARGEN_KERNELS") or pick_isa()  # the build `library()` loads
+    return f"{cpu_name()} ({os.cpu_count()} CPUs; {' '.join(have) or 'no AVX2'}); argen kernels: {isa}"
 
 
 @dataclass
