@@ -171,11 +171,13 @@ class LlamaCppSystem(System):
         self.name = "llama.cpp"
         self.weight_bytes = int(llama_cpp.llama_model_size(self.llm.model))
         self.dtype = "gguf"
-        # The instruction sets this llama.cpp was built for (its builds differ by the flags given)
+        self.build = self.build_of(llama_cpp)
+
+    @staticmethod
+    def build_of(llama_cpp) -> str:
+        """The instruction sets this llama.cpp was built for (its builds differ by the flags given)."""
         info = llama_cpp.llama_print_system_info().decode()
-        self.build = " ".join(
-            f.split("=")[0].split(":")[-1].strip() for f in info.split("|") if f.strip().endswith("= 1")
-        )
+        return " ".join(f.split("=")[0].split(":")[-1].strip() for f in info.split("|") if f.strip().endswith("= 1"))
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int) -> Output:
         self.llm.reset()  # no prefix reuse from the previous call

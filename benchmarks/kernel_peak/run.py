@@ -2,6 +2,7 @@
 and a one-row decode step against llama.cpp on the same GGUF (the a8 path beside the exact one).
 
     python benchmarks/kernel_peak/run.py --threads 2 > benchmarks/kernel_peak/report.md
+    python benchmarks/kernel_peak/run.py --threads 2 --out benchmarks/kernel_peak/avx512/report.md
 
 FMA peak: `argen_fma_peak` (cpu_kernels.c), 12 independent fma chains per thread on vectors of the
 kernels' width, GFLOP/s per thread from each thread's CPU time (so other processes on the cores do
@@ -18,6 +19,7 @@ only ever adds time), median for the interleaved decode steps, whose ratio is th
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import statistics
 import sys
@@ -33,8 +35,10 @@ import argen
 from argen.models import kernels, sources
 from benchmarks.harness.passes import verify_pass
 from benchmarks.harness.provenance import describe, provenance, script_args
+from benchmarks.harness.systems import LlamaCppSystem
 
 ROWS = (1, 2, 4, 8, 16, 32)
+OUT_HELP = "write the report to this file (e.g. benchmarks/kernel_peak/avx512/report.md), not stdout"
 PATHS = ("exact", "exact-a8")
 
 
@@ -125,7 +129,16 @@ def decode_steps(gens: dict, llm, ids: list[int], threads: int, steps: int = 40)
 
 
 def main() -> None:
-    args, state = script_args(__doc__, threads=2)
+    args, state = script_args(__doc__, threads=2, add=lambda p: p.add_argument("--out", help=OUT_HELP))
+    if args.out:  # the report to a file (its command line says so) rather than to stdout
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.out, "w") as f, contextlib.redirect_stdout(f):
+            report(args, state)
+    else:
+        report(args, state)
+
+
+def report(args, state) -> None:
     import llama_cpp  # the peer (an optional dependency: `pip install llama-cpp-python`)
 
     gens = {path: argen.load("default", quant=path) for path in PATHS}
@@ -161,11 +174,13 @@ def main() -> None:
         f"# Matmul kernels against the FMA peak, pass cost by rows, decode step against llama.cpp "
         f"(default model, 1 and {t} threads)\n"
     )
-    print(f"```\npython benchmarks/kernel_peak/run.py --threads {t} > benchmarks/kernel_peak/report.md\n```\n")
+    target = f"--out {args.out}" if args.out else "> benchmarks/kernel_peak/report.md"
+    print(f"```\npython benchmarks/kernel_peak/run.py --threads {t} {target}\n```\n")
     print(describe(machine) + "\n")
     print(
         f"CPU: {kernels.describe_cpu()}; vector width {lib.width} floats; torch {machine['torch']}, "
-        f"python {machine['python']}, llama-cpp-python {llama_cpp.__version__}.\n"
+        f"python {machine['python']}, llama-cpp-python {llama_cpp.__version__} (built for "
+        f"{LlamaCppSystem.build_of(llama_cpp)}).\n"
     )
     print(
         "One thread: the calling thread's CPU time; several: the wall clock (noisy where the cores are "
