@@ -41,6 +41,8 @@ def parser_for(tool: str) -> argparse.ArgumentParser:
 
 def check(command: str) -> None:
     words = shlex.split(command.split(">")[0])  # a script's report goes to a file: not an argument
+    while words and re.fullmatch(r"[A-Z_]+=\S*", words[0]):  # an environment setting (ARGEN_KERNELS=avx2)
+        words.pop(0)
     if words[:3] == ["python", "-m", "benchmarks"]:
         assert words[3] in ("compare", "drift", "serving"), command
         parser_for(words[3]).parse_args(words[4:])

@@ -10,6 +10,7 @@ questions; `--control` measures the control strategies instead (control.py).
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -173,7 +174,8 @@ def command_line(args: argparse.Namespace) -> str:
     parts += ["--warmup" if args.warmup else "--no-warmup", "--out", portable_path(args.out)]
     if getattr(args, "allow_dirty", False):
         parts.append("--allow-dirty")
-    return shlex.join(parts)
+    kernels = os.environ.get("ARGEN_KERNELS")  # a kernel build other than this CPU's best, asked for
+    return ("ARGEN_KERNELS=" + shlex.quote(kernels) + " " if kernels else "") + shlex.join(parts)
 
 
 def _check(args: argparse.Namespace) -> None:
