@@ -33,11 +33,11 @@ from benchmarks.harness.provenance import describe, machine_info, portable_comma
 OLD_HARNESS = Path(__file__).with_name("old_harness.py")
 WHY_COLD = """Why the prefix cache is emptied between the phases: left alone, the old server kept every block of
 the sequential phase's prompts and served the concurrent phase's identical prompts from them (its
-time to first token, all 16 at once, was then about 1.5 s: no prefill), while today's pool takes a
-cached block before it writes fresh memory (issue 24: the resident set stays at what the requests
-held at once) and keeps only the last requests' blocks. The old harness's own figure (about 69
-tok/s at 2 threads on this CPU) is a decode-only figure for that reason, and comparing it with
-today's prefill-and-decode figure measured the caches, not the serving."""
+time to first token, all 16 at once, was then about 1.5 s on an AMD EPYC Zen 3: no prefill), while
+today's pool takes a cached block before it writes fresh memory (issue 24: the resident set stays at
+what the requests held at once) and keeps only the last requests' blocks. The old harness's own
+figure is a decode-only figure for that reason, and comparing it with today's prefill-and-decode
+figure measured the caches, not the serving."""
 
 
 def run_old(worktree: Path, common: list[str], slowdown: float, out: Path) -> dict:
