@@ -154,18 +154,16 @@ ARGEN_INLINE void block_tile(const int fmt, const int MT, const int NT, const in
 #undef X
 }
 
-/* One row's tile: NT1 groups, 32 weight rows per step at either width. One row is bound by loading
- * and dequantizing its weights, not by the FMA latency; measured on AMD Zen 4, one-row decode step:
- * AVX-512 14.2 ms with 4 groups (64 rows) against 10.8 with 2, AVX2 10.8 with 4 against 11.9 with 2
- * (1 thread). Override with -D to re-measure. */
-#ifndef NT1
-#define NT1 (VW >= 16 ? 2 : 4)
-#endif
-/* Tile shapes: MT activation rows x NT groups, by the rows left. From 2 rows, at least 8
- * independent accumulators to cover the FMA latency, few enough to stay in registers (16 on AVX2,
- * 32 on AVX-512). Tiles of EXPANDED rows or more read the activations from `xe` (see XB). */
+/* Tile shapes: MT activation rows x NT groups, by the rows left, few enough accumulators to stay
+ * in registers (16 on AVX2, 32 on AVX-512). Tiles of EXPANDED rows or more read the activations
+ * from `xe` (see XB). Many rows are bound by FMAs and want at least 8 accumulators for the FMA
+ * latency; few rows are bound by loading and dequantizing the weights, and there fewer groups a tile
+ * measured faster. On AMD Zen 4 (the kernels' matmuls, and the one-row decode step, interleaved in
+ * one process): AVX-512 one row 14.2 ms a step with 4 groups against 10.8 with 2; 2-3 rows 10-15%
+ * faster with 2 groups than 4; 4-7 rows 10-18% faster with 1 than 2. AVX2 one row 10.8 ms with 4
+ * groups against 11.9 with 2 (1 thread). Any tiling gives the same sums. */
 #if defined(ARGEN_SIMD_PORTABLE)
-/* Portable C: a few shapes (they compile slowly and run slowly anyway); any tiling gives the same sums. */
+/* Portable C: a few shapes (they compile slowly and run slowly anyway). */
 #define MT_MAX 4
 #define EXPANDED 3
 static inline int tile_groups(int mt) { return mt >= 3 ? 1 : 2; }
@@ -173,15 +171,14 @@ static inline int tile_groups(int mt) { return mt >= 3 ? 1 : 2; }
 #elif VW >= 16
 #define MT_MAX 16
 #define EXPANDED 8
-static inline int tile_groups(int mt) { return mt >= 8 ? 1 : mt >= 4 ? 2 : mt >= 2 ? 4 : NT1; }
+static inline int tile_groups(int mt) { return mt >= 4 ? 1 : 2; }
 #define SHAPES(X, F)                                                                                            \
     X(F, 16, 1) X(F, 15, 1) X(F, 14, 1) X(F, 13, 1) X(F, 12, 1) X(F, 11, 1) X(F, 10, 1) X(F, 9, 1) X(F, 8, 1)     \
-    X(F, 7, 2) X(F, 7, 1) X(F, 6, 2) X(F, 6, 1) X(F, 5, 2) X(F, 5, 1) X(F, 4, 2) X(F, 4, 1) X(F, 3, 4)         \
-    X(F, 3, 2) X(F, 3, 1) X(F, 2, 4) X(F, 2, 2) X(F, 2, 1) X(F, 1, 4) X(F, 1, 2) X(F, 1, 1)
+    X(F, 7, 1) X(F, 6, 1) X(F, 5, 1) X(F, 4, 1) X(F, 3, 2) X(F, 3, 1) X(F, 2, 2) X(F, 2, 1) X(F, 1, 2) X(F, 1, 1)
 #else
 #define MT_MAX 8
 #define EXPANDED 5
-static inline int tile_groups(int mt) { return mt >= 5 ? 1 : mt >= 3 ? 2 : mt >= 2 ? 4 : NT1; }
+static inline int tile_groups(int mt) { return mt >= 5 ? 1 : mt >= 3 ? 2 : 4; }
 #define SHAPES(X, F)                                                                                            \
     X(F, 8, 1) X(F, 7, 1) X(F, 6, 1) X(F, 5, 1) X(F, 4, 2) X(F, 4, 1) X(F, 3, 2) X(F, 3, 1) X(F, 2, 4)         \
     X(F, 2, 2) X(F, 2, 1) X(F, 1, 4) X(F, 1, 2) X(F, 1, 1)
