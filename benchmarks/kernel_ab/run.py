@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import statistics
 import subprocess
 import sys
@@ -118,9 +119,10 @@ def report(args, state) -> None:
     machine = provenance(state)
     target = f" --out {args.out}" if args.out else ""
     variants = " ".join(f"--variant {v}" for v in args.variant)
+    env = f"ARGEN_KERNELS={os.environ['ARGEN_KERNELS']} " if os.environ.get("ARGEN_KERNELS") else ""  # asked for
     print("# Kernel builds side by side (default model, interleaved in one process)\n")
     print(
-        f"```\npython benchmarks/kernel_ab/run.py {variants} --threads {args.threads} --rows {args.rows}{target}\n```\n"
+        f"```\n{env}python benchmarks/kernel_ab/run.py {variants} --threads {args.threads} --rows {args.rows}{target}\n```\n"
     )
     print(describe(machine) + "\n")
     print(f"CPU: {kernels.describe_cpu()}; compiled for {rt.fused.lib.isa}; torch {machine['torch']}.\n")
