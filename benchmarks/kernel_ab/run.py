@@ -61,6 +61,8 @@ def main() -> None:
         p.add_argument("--out", help="write the report to this file, not stdout")
 
     args, state = script_args(__doc__, threads=2, add=add)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w") if args.out else contextlib.nullcontext(sys.stdout) as f, contextlib.redirect_stdout(f):
         report(args, state)
 
