@@ -10,7 +10,6 @@ questions; `--control` measures the control strategies instead (control.py).
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import sys
 from pathlib import Path
@@ -24,7 +23,14 @@ from argen.errors import ArgenError
 from argen.models import sources
 from argen.models.loading import parse_dtype
 from benchmarks.harness import control, report, runner
-from benchmarks.harness.provenance import git_state, machine_info, portable_argv, portable_path, require_clean
+from benchmarks.harness.provenance import (
+    env_prefix,
+    git_state,
+    machine_info,
+    portable_argv,
+    portable_path,
+    require_clean,
+)
 from benchmarks.harness.specbench import find_questions_file
 from benchmarks.harness.systems import HF, ArgenSystem, HFSystem, LlamaCppSystem
 
@@ -174,8 +180,7 @@ def command_line(args: argparse.Namespace) -> str:
     parts += ["--warmup" if args.warmup else "--no-warmup", "--out", portable_path(args.out)]
     if getattr(args, "allow_dirty", False):
         parts.append("--allow-dirty")
-    kernels = os.environ.get("ARGEN_KERNELS")  # a kernel build other than this CPU's best, asked for
-    return ("ARGEN_KERNELS=" + shlex.quote(kernels) + " " if kernels else "") + shlex.join(parts)
+    return env_prefix() + shlex.join(parts)
 
 
 def _check(args: argparse.Namespace) -> None:

@@ -11,11 +11,13 @@ tree dirty: a run may rewrite the report it regenerates.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import platform
 import shlex
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 from argen.errors import ArgenError
@@ -150,6 +152,24 @@ def portable_argv(argv: list[str]) -> list[str]:
     if not argv:
         return []
     return [os.path.basename(argv[0]), *(portable_path(a) if os.path.isabs(a) else a for a in argv[1:])]
+
+
+def env_prefix() -> str:
+    """What a report's command line must start with to rerun it: `ARGEN_KERNELS=...` where a kernel
+    build other than this CPU's best was asked for, else nothing."""
+    kernels = os.environ.get("ARGEN_KERNELS")
+    return f"ARGEN_KERNELS={shlex.quote(kernels)} " if kernels else ""
+
+
+@contextlib.contextmanager
+def report_to(out: str | None) -> Iterator[None]:
+    """A script's printed report goes to the file `out` (its folder made), or to stdout if None."""
+    if out is None:
+        yield
+        return
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w") as f, contextlib.redirect_stdout(f):
+        yield
 
 
 def portable_command(parts: list[str]) -> str:

@@ -14,9 +14,7 @@ the given threads.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
-import os
 import statistics
 import subprocess
 import sys
@@ -31,14 +29,14 @@ sys.path.insert(0, str(ROOT))  # the repository root: the `benchmarks` package (
 
 import argen
 from argen.models import kernels
-from benchmarks.harness.provenance import describe, provenance, script_args
+from benchmarks.harness.provenance import describe, env_prefix, provenance, report_to, script_args
 from benchmarks.kernel_peak.run import matmul_calls
 
 KERNEL_DIR = "src/argen/models/kernels"
 
 
 def build(ref: str, flags: list[str], isa: str, out: Path) -> kernels.KernelLibrary:
-    """The kernels of commit `ref` compiled with `flags` for `isa`, loaded."""
+    """The kernels of commit `ref` compiled with `flags` for `isa` (as argen compiles its own), loaded."""
     src = out / "src"
     src.mkdir(parents=True)
     for f in kernels.SOURCES + kernels.HEADERS:
@@ -46,11 +44,10 @@ def build(ref: str, flags: list[str], isa: str, out: Path) -> kernels.KernelLibr
             ["git", "show", f"{ref}:{KERNEL_DIR}/{f.name}"], cwd=ROOT, capture_output=True, text=True, check=True
         ).stdout
         (src / f.name).write_text(text)
-    so = out / "libargen_cpu.so"
-    sources = [str(src / f.name) for f in kernels.SOURCES]
-    subprocess.run(
-        ["gcc", *kernels.BASE_FLAGS, *kernels.ISA_FLAGS[isa], *flags, "-o", str(so), *sources, "-lm"], check=True
-    )
+    cc = kernels._compiler()
+    if cc is None:
+        raise SystemExit("no C compiler found (cc, gcc, clang or $CC)")
+    so = kernels.build(isa, cc, out, [src / f.name for f in kernels.SOURCES], tuple(flags))
     return kernels.KernelLibrary(ctypes.CDLL(str(so)), isa, so)
 
 
@@ -61,9 +58,7 @@ def main() -> None:
         p.add_argument("--out", help="write the report to this file, not stdout")
 
     args, state = script_args(__doc__, threads=2, add=add)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w") if args.out else contextlib.nullcontext(sys.stdout) as f, contextlib.redirect_stdout(f):
+    with report_to(args.out):
         report(args, state)
 
 
@@ -121,10 +116,9 @@ def report(args, state) -> None:
     machine = provenance(state)
     target = f" --out {args.out}" if args.out else ""
     variants = " ".join(f"--variant {v}" for v in args.variant)
-    env = f"ARGEN_KERNELS={os.environ['ARGEN_KERNELS']} " if os.environ.get("ARGEN_KERNELS") else ""  # asked for
     print("# Kernel builds side by side (default model, interleaved in one process)\n")
     print(
-        f"```\n{env}python benchmarks/kernel_ab/run.py {variants} --threads {args.threads} --rows {args.rows}{target}\n```\n"
+        f"```\n{env_prefix()}python benchmarks/kernel_ab/run.py {variants} --threads {args.threads} --rows {args.rows}{target}\n```\n"
     )
     print(describe(machine) + "\n")
     print(f"CPU: {kernels.describe_cpu()}; compiled for {rt.fused.lib.isa}; torch {machine['torch']}.\n")

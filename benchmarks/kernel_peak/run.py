@@ -19,7 +19,6 @@ only ever adds time), median for the interleaved decode steps, whose ratio is th
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import statistics
 import sys
@@ -34,7 +33,7 @@ sys.path.insert(0, str(ROOT))  # the repository root: the `benchmarks` package (
 import argen
 from argen.models import kernels, sources
 from benchmarks.harness.passes import verify_pass
-from benchmarks.harness.provenance import describe, provenance, script_args
+from benchmarks.harness.provenance import describe, env_prefix, provenance, report_to, script_args
 from benchmarks.harness.systems import LlamaCppSystem
 
 ROWS = (1, 2, 4, 8, 16, 32)
@@ -130,11 +129,7 @@ def decode_steps(gens: dict, llm, ids: list[int], threads: int, steps: int = 40)
 
 def main() -> None:
     args, state = script_args(__doc__, threads=2, add=lambda p: p.add_argument("--out", help=OUT_HELP))
-    if args.out:  # the report to a file (its command line says so) rather than to stdout
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.out, "w") as f, contextlib.redirect_stdout(f):
-            report(args, state)
-    else:
+    with report_to(args.out):
         report(args, state)
 
 
@@ -175,7 +170,7 @@ def report(args, state) -> None:
         f"(default model, 1 and {t} threads)\n"
     )
     target = f"--out {args.out}" if args.out else "> benchmarks/kernel_peak/report.md"
-    print(f"```\npython benchmarks/kernel_peak/run.py --threads {t} {target}\n```\n")
+    print(f"```\n{env_prefix()}python benchmarks/kernel_peak/run.py --threads {t} {target}\n```\n")
     print(describe(machine) + "\n")
     print(
         f"CPU: {kernels.describe_cpu()}; vector width {lib.width} floats; torch {machine['torch']}, "

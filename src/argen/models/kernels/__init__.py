@@ -132,8 +132,7 @@ def describe_cpu() -> str:
     """One line for reports: the CPU, the features that matter here, and the kernels' instruction set."""
     wanted = ["avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16"]
     have = [f for f in wanted if f in cpu_flags()]
-    isa = os.environ.get("ARGEN_KERNELS") or pick_isa()  # the build `library()` loads
-    return f"{cpu_name()} ({os.cpu_count()} CPUs; {' '.join(have) or 'no AVX2'}); argen kernels: {isa}"
+    return f"{cpu_name()} ({os.cpu_count()} CPUs; {' '.join(have) or 'no AVX2'}); argen kernels: {chosen_isa()}"
 
 
 @dataclass
@@ -167,15 +166,16 @@ def _compiler() -> str | None:
     return None
 
 
-def build(isa: str, cc: str, out_dir: Path) -> Path:
-    """Compile the kernels for `isa` into `out_dir` (atomically: a crash leaves no half-written .so)."""
+def build(isa: str, cc: str, out_dir: Path, sources: list[Path] | None = None, flags: tuple[str, ...] = ()) -> Path:
+    """Compile the kernels for `isa` into `out_dir` (atomically: a crash leaves no half-written .so):
+    these SOURCES, or `sources` (another commit's, as benchmarks/kernel_ab compares), with extra `flags`."""
     out = out_dir / "libargen_cpu.so"
     if out.is_file():
         return out
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
         partial = Path(tmp) / out.name
-        cmd = [cc, *BASE_FLAGS, *ISA_FLAGS[isa], *map(str, SOURCES), "-o", str(partial), "-lm"]
+        cmd = [cc, *BASE_FLAGS, *ISA_FLAGS[isa], *flags, *map(str, sources or SOURCES), "-o", str(partial), "-lm"]
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(f"compiling argen's CPU kernels failed ({' '.join(cmd)}):\n{result.stderr[-2000:]}")
@@ -209,10 +209,15 @@ def compile_kernels(isa: str, cc: str | None = None) -> Path:
     return build(isa, cc, cache_dir() / "kernels" / f"{isa}-{key}")
 
 
+def chosen_isa() -> str:
+    """The build `library()` loads: $ARGEN_KERNELS if set, else this CPU's best."""
+    return os.environ.get("ARGEN_KERNELS") or pick_isa()
+
+
 def library(isa: str | None = None) -> KernelLibrary | None:
     """The compiled kernels for this CPU (or for `isa`, else $ARGEN_KERNELS: avx512vnni, avx512, avx2,
     scalar or scalar16, to compare builds), built on first use; None without a compiler."""
-    isa = isa or os.environ.get("ARGEN_KERNELS") or pick_isa()
+    isa = isa or chosen_isa()
     if isa not in ISA_FLAGS:
         raise ValueError(f"unknown kernel build {isa!r} (ARGEN_KERNELS?); use one of {', '.join(ISA_FLAGS)}")
     return _library(isa)
