@@ -1,6 +1,6 @@
 """The server's throughput now against an older commit's, on the same machine (issue 25's server target).
 
-    python benchmarks/serving_then_now/run.py --old 98c7c00 --threads 2 --repeats 3 > benchmarks/serving_then_now/report.md
+    python benchmarks/serving_then_now/run.py --old 98c7c00 --threads 2 --repeats 3 --out benchmarks/serving_then_now/report.md
 
 Runs the serving benchmark (`python -m benchmarks serving`: N Spec-Bench prompts one after another, then
 all N at once) on `--old` (a git worktree of that commit, its own harness `argen.bench.serving`) and on
@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # the benchmarks package, when run as a script
 
-from benchmarks.harness.provenance import describe, machine_info, portable_command, script_args  # noqa: E402
+from benchmarks.harness.provenance import describe, machine_info, portable_command, report_to, script_args  # noqa: E402
 
 OLD_HARNESS = Path(__file__).with_name("old_harness.py")
 WHY_COLD = """Why the prefix cache is emptied between the phases: left alone, the old server kept every block of
@@ -87,6 +87,7 @@ def options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--questions", default=str(ROOT.parent / "shared/benchmarks/spec_bench/question.jsonl"))
+    parser.add_argument("--out", help="where the report goes (default: stdout)")
 
 
 def main() -> int:
@@ -136,21 +137,22 @@ def main() -> int:
             )
     machine = machine_info(state)
     command = portable_command(["python", "benchmarks/serving_then_now/run.py", *sys.argv[1:]])
-    print(f"# The server now against {old_commit}: {args.clients} clients at once\n")
-    print(f"```\n{command} > benchmarks/serving_then_now/report.md\n```\n")
-    print(describe(state) + "\n")
-    print(
-        f"CPU: {machine.get('cpu')}; {args.threads} torch threads. Model `default`, {args.clients} different "
-        f"Spec-Bench first-turn prompts, greedy, exactly {args.max_tokens} new tokens each (`ignore_eos`), the "
-        "serving benchmark's two phases (one after another, then all at once), the prefix cache emptied "
-        "between them. Old: the commit before the many-row kernels of issue 25 (it has no `exact-a8`). Every "
-        "run is its own process; a round runs the old server, then each path, back to back; "
-        f"{args.repeats} rounds. A row shows the run with the median all-at-once throughput (its other "
-        "columns are that run's); × old: that median over the old server's median; × old per round: the "
-        "least and most of each round's ratio to the old run of the same round.\n"
-    )
-    print("\n".join(sections))
-    print(WHY_COLD)
+    with report_to(args.out):
+        print(f"# The server now against {old_commit}: {args.clients} clients at once\n")
+        print(f"```\n{command}\n```\n")
+        print(describe(state) + "\n")
+        print(
+            f"CPU: {machine.get('cpu')}; {args.threads} torch threads. Model `default`, {args.clients} different "
+            f"Spec-Bench first-turn prompts, greedy, exactly {args.max_tokens} new tokens each (`ignore_eos`), the "
+            "serving benchmark's two phases (one after another, then all at once), the prefix cache emptied "
+            "between them. Old: the commit before the many-row kernels of issue 25 (it has no `exact-a8`). Every "
+            "run is its own process; a round runs the old server, then each path, back to back; "
+            f"{args.repeats} rounds. A row shows the run with the median all-at-once throughput (its other "
+            "columns are that run's); × old: that median over the old server's median; × old per round: the "
+            "least and most of each round's ratio to the old run of the same round.\n"
+        )
+        print("\n".join(sections))
+        print(WHY_COLD)
     return 0
 
 
