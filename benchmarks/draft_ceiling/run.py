@@ -67,8 +67,8 @@ from benchmarks.harness.specbench import find_questions_file
 
 HERE = Path(__file__).parent
 RESULTS = HERE.parent / "speculative" / "results.json"
-# The Spec-Bench run of draft-head on the fast path (its `measured` figures), when it has been made.
-HEAD_RESULTS = HERE.parent / "speculative-head" / "results.json"
+# The Spec-Bench run of draft-head on the fast path (its `measured` figures), when it has been made:
+HEAD_RESULTS = "benchmarks/speculative-head"  # the default --measured
 CAP = 16  # the most draft tokens a step may verify (ngram's default tree holds 16 nodes)
 TARGETS = {"summarization": 1.8, "all": 1.5}  # issue 25's (and every category >= 1.0)
 HEAD = "draft-head"
@@ -87,6 +87,12 @@ def options(parser) -> None:
         help="threads of the policy and with-prefill view (default: %(default)s)",
     )
     parser.add_argument("--out", default=str(HERE), help="where report.md and ceiling.png go (default: here)")
+    parser.add_argument(
+        "--measured",
+        default=HEAD_RESULTS,
+        help="the fast-path Spec-Bench run (its results.json) beside the ceiling, with the draft head's "
+        "measured rows: a run on this machine (default: %(default)s)",
+    )
 
 
 def measured_costs(runtime, threads: int) -> CostModel:
@@ -225,7 +231,8 @@ def main() -> None:
     else:
         head_info = run_head(gen.runtime, head, runs, costs, prefill, table, policy, view)
     best = measured_best(results["summary"])
-    head_summary = json.loads(HEAD_RESULTS.read_text())["summary"] if HEAD_RESULTS.is_file() else None
+    head_results = ROOT / args.measured / "results.json"
+    head_summary = json.loads(head_results.read_text())["summary"] if head_results.is_file() else None
     if head_summary:
         for category, row in measured_best(head_summary).items():
             if row[1] > best.get(category, ("", 0))[1]:
@@ -242,6 +249,7 @@ def main() -> None:
         provenance(state) | {"weights": weights},
         head_info,
         head_summary,
+        args.measured.rstrip("/"),
         view,
         out,
         portable_command(["python", "benchmarks/draft_ceiling/run.py", *sys.argv[1:]]),
@@ -336,6 +344,7 @@ def write_report(
     machine: dict,
     head_info: dict | None,
     head_summary: dict | None,
+    head_run: str,
     view: int = 1,
     out: Path = HERE,
     command: str = "python benchmarks/draft_ceiling/run.py",
@@ -375,7 +384,7 @@ def write_report(
         "tok/pass: tokens per target pass; ×plain: decode time of plain ÷ decode time of the replay. "
         "`measured` is argen's best strategy ×plain in `benchmarks/speculative/` (one thread, wall "
         "time with prefill)"
-        + (" and `benchmarks/speculative-head/` (the fast path, two threads)" if head_summary else "")
+        + (f" and `{head_run}/` (the fast path, two threads)" if head_summary else "")
         + f". Targets (issue 25): {', '.join(f'{c} {v}' for c, v in TARGETS.items())}, "
         "every category 1.0.",
         "",
@@ -402,7 +411,7 @@ def write_report(
         "future (the table above). `policy`: the argen strategy it bounds, with its own adaptive sizing "
         "(`policy.py`, `head.py`). `measured`: that strategy in the committed bench (wall time; "
         "`benchmarks/speculative/`: one thread, two processes side by side; draft-head: "
-        "`benchmarks/speculative-head/`, two threads).",
+        f"`{head_run}/`, two threads).",
         "",
         "| category | drafter | strategy | oracle tok/pass | policy tok/pass | measured tok/pass | oracle ×plain | "
         "policy ×plain | oracle ×plain with prefill | policy ×plain with prefill | measured ×plain |",
