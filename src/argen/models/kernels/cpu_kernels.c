@@ -161,9 +161,9 @@ ARGEN_INLINE void block_tile(const int fmt, const int MT, const int NT, const in
  * measured faster. On AMD Zen 4 (the kernels' matmuls, and the one-row decode step, interleaved in
  * one process): AVX-512 one row 14.2 ms a step with 4 groups against 10.8 with 2; 2-3 rows 10-15%
  * faster with 2 groups than 4; 4-7 rows 10-18% faster with 1 than 2. AVX2 one row 10.8 ms with 4
- * groups against 11.9 with 2 (1 thread); 2 rows 6-7% faster with 2 groups than 4, 4 rows 4-6% with 1
- * than 2, 3 rows 20% slower with 1 than 2 (benchmarks/kernel_ab/avx2-tiles). Any tiling gives the
- * same sums. */
+ * groups against 11.9 with 2 (1 thread); 2 rows 6-7% faster with 2 groups than 4 and 4 rows 5-6% with 1
+ * than 2 (benchmarks/kernel_ab/avx2-tiles), while 3 rows ran 20% slower with 1 group than 2 (a trial
+ * build in the same harness). Any tiling gives the same sums. */
 #if defined(ARGEN_SIMD_PORTABLE)
 /* Portable C: a few shapes (they compile slowly and run slowly anyway). */
 #define MT_MAX 4
