@@ -182,8 +182,8 @@ static inline int tile_groups(int mt) { return mt >= 4 ? 1 : 2; }
 #define EXPANDED 5
 static inline int tile_groups(int mt) { return mt >= 4 ? 1 : mt >= 2 ? 2 : 4; }
 #define SHAPES(X, F)                                                                                            \
-    X(F, 8, 1) X(F, 7, 1) X(F, 6, 1) X(F, 5, 1) X(F, 4, 2) X(F, 4, 1) X(F, 3, 2) X(F, 3, 1) X(F, 2, 4)         \
-    X(F, 2, 2) X(F, 2, 1) X(F, 1, 4) X(F, 1, 2) X(F, 1, 1)
+    X(F, 8, 1) X(F, 7, 1) X(F, 6, 1) X(F, 5, 1) X(F, 4, 1) X(F, 3, 2) X(F, 3, 1) X(F, 2, 2) X(F, 2, 1)         \
+    X(F, 1, 4) X(F, 1, 2) X(F, 1, 1)
 #endif
 
 #define TILE_FN(F, MT, NT)                                                                                      \
