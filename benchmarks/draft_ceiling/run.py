@@ -61,7 +61,7 @@ from argen.models import kernels
 from argen.recipes.draft_head import Recipe, head_path, load_draft_head
 from argen.strategies.speculative.adaptive import BUCKETS, CostModel
 from argen.strategies.speculative.prompt_lookup import find_match
-from benchmarks.harness.provenance import describe, portable_command, provenance, script_args
+from benchmarks.harness.provenance import describe, provenance, rerun_command, script_args
 from benchmarks.harness.specbench import find_questions_file
 
 HERE = Path(__file__).parent
@@ -256,7 +256,7 @@ def main() -> None:
         args.measured.rstrip("/"),
         view,
         out,
-        portable_command(["python", "benchmarks/draft_ceiling/run.py", *sys.argv[1:]]),
+        rerun_command("benchmarks/draft_ceiling/run.py"),
     )
     write_chart(table, policy, categories, best, view, out)
 

@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))  # the repository root: the `benchmarks` package (
 
 import argen
 from argen.recipes.draft_head import Recipe, head_path, load_draft_head
-from benchmarks.harness.provenance import describe, portable_command, provenance, report_to, script_args
+from benchmarks.harness.provenance import describe, provenance, report_to, rerun_command, script_args
 
 
 def options(parser) -> None:
@@ -32,7 +32,7 @@ def main() -> None:
     head = load_draft_head(gen.runtime, None, "default")
     meta = head.meta
     recipe = meta["recipe"]
-    command = portable_command(["python", "benchmarks/draft_head/run.py", *sys.argv[1:]])
+    command = rerun_command("benchmarks/draft_head/run.py")
     with report_to(args.out):
         print("# The default model's draft head (`argen distill-draft`, the default recipe)\n")
         print(f"```\n{command}\n```\n")

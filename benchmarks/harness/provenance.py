@@ -17,6 +17,7 @@ import os
 import platform
 import shlex
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -174,3 +175,9 @@ def report_to(out: str | None) -> Iterator[None]:
 
 def portable_command(parts: list[str]) -> str:
     return shlex.join(portable_path(p) if os.path.isabs(p) else p for p in parts)
+
+
+def rerun_command(script: str) -> str:
+    """The command line that reruns this script as it was run (`script`: its path from the repository
+    root), with the `ARGEN_KERNELS` it ran under: the first line of its report."""
+    return env_prefix() + portable_command(["python", script, *sys.argv[1:]])

@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))  # the repository root: the `benchmarks` package (
 
 import argen
 from argen.models import kernels
-from benchmarks.harness.provenance import describe, env_prefix, provenance, report_to, script_args
+from benchmarks.harness.provenance import describe, provenance, report_to, rerun_command, script_args
 from benchmarks.kernel_peak.run import matmul_calls
 
 KERNEL_DIR = "src/argen/models/kernels"
@@ -114,12 +114,8 @@ def report(args, state) -> None:
                 cache.free()
                 steps[name, threads] = statistics.median(step_times[name]) * 1e3
     machine = provenance(state)
-    target = f" --out {args.out}" if args.out else ""
-    variants = " ".join(f"--variant {v}" for v in args.variant)
     print("# Kernel builds side by side (default model, interleaved in one process)\n")
-    print(
-        f"```\n{env_prefix()}python benchmarks/kernel_ab/run.py {variants} --threads {args.threads} --rows {args.rows}{target}\n```\n"
-    )
+    print(f"```\n{rerun_command('benchmarks/kernel_ab/run.py')}\n```\n")
     print(describe(machine) + "\n")
     print(f"CPU: {kernels.describe_cpu()}; compiled for {rt.fused.lib.isa}; torch {machine['torch']}.\n")
     first = args.variant[0]

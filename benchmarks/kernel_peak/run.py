@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))  # the repository root: the `benchmarks` package (
 import argen
 from argen.models import kernels, sources
 from benchmarks.harness.passes import verify_pass
-from benchmarks.harness.provenance import describe, env_prefix, provenance, report_to, script_args
+from benchmarks.harness.provenance import describe, provenance, report_to, rerun_command, script_args
 from benchmarks.harness.systems import LlamaCppSystem
 
 ROWS = (1, 2, 4, 8, 16, 32)
@@ -169,8 +169,8 @@ def report(args, state) -> None:
         f"# Matmul kernels against the FMA peak, pass cost by rows, decode step against llama.cpp "
         f"(default model, 1 and {t} threads)\n"
     )
-    target = f"--out {args.out}" if args.out else "> benchmarks/kernel_peak/report.md"
-    print(f"```\n{env_prefix()}python benchmarks/kernel_peak/run.py --threads {t} {target}\n```\n")
+    target = "" if args.out else " > benchmarks/kernel_peak/report.md"
+    print(f"```\n{rerun_command('benchmarks/kernel_peak/run.py')}{target}\n```\n")
     print(describe(machine) + "\n")
     print(
         f"CPU: {kernels.describe_cpu()}; vector width {lib.width} floats; torch {machine['torch']}, "

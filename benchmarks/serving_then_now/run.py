@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # the benchmarks package, when run as a script
 
-from benchmarks.harness.provenance import describe, machine_info, portable_command, report_to, script_args  # noqa: E402
+from benchmarks.harness.provenance import describe, machine_info, report_to, rerun_command, script_args  # noqa: E402
 
 OLD_HARNESS = Path(__file__).with_name("old_harness.py")
 WHY_COLD = """Why the prefix cache is emptied between the phases: left alone, the old server kept every block of
@@ -136,7 +136,7 @@ def main() -> int:
                 ["git", "worktree", "remove", "--force", str(worktree)], cwd=ROOT, check=False, stdout=sys.stderr
             )
     machine = machine_info(state)
-    command = portable_command(["python", "benchmarks/serving_then_now/run.py", *sys.argv[1:]])
+    command = rerun_command("benchmarks/serving_then_now/run.py")
     with report_to(args.out):
         print(f"# The server now against {old_commit}: {args.clients} clients at once\n")
         print(f"```\n{command}\n```\n")
